@@ -1,0 +1,48 @@
+// What the compile service is asked to build, and what one compile produces.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "schema/messages.h"
+#include "util/status.h"
+
+namespace gpuq::compile {
+
+struct CompileRequest {
+  std::string source;
+  std::string source_name = "kernel.cu";
+  std::vector<schema::NamedHeader> headers;
+  std::vector<std::string> options;           // checked by ValidateOptions
+  std::vector<std::string> name_expressions;  // C++ names to lower ("f<int>")
+  std::string arch;                           // "sm_90" (CUBIN+PTX) or "compute_90" (PTX)
+};
+
+struct LoweredName {
+  std::string expression, lowered;
+  bool operator==(const LoweredName&) const = default;
+};
+
+// The outcome of one NVRTC run inside the sandbox. A compile that NVRTC
+// rejects is an outcome (ok == false, code kCompileError or
+// kSandboxViolation, log set), not a Status error: it is deterministic and
+// is cached like a success.
+struct CompileOutput {
+  bool ok = false;
+  Code code = Code::kOk;
+  std::string log;
+  std::string ptx, cubin;
+  std::vector<LoweredName> lowered;
+  uint64_t nvrtc_us = 0;  // time inside nvrtcCompileProgram
+};
+
+// Rejects options that are not on the allowed list (compile_options.cc):
+// anything that names files (-I, --pre-include, --time, ...), sets the
+// architecture (the service does), or changes what is produced.
+Status ValidateOptions(const std::vector<std::string>& options);
+
+// "sm_90", "sm_90a", "sm_100f" or "compute_90".
+Status ValidateArch(const std::string& arch);
+
+}  // namespace gpuq::compile

@@ -1,0 +1,99 @@
+// The kernel cache: compiled kernels in one SQLite file (schema of
+// schema/kernel_cache.sql), shared safely by several processes.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "broker/compile/compile_request.h"
+#include "util/sha256.h"
+#include "util/sqlite.h"
+
+namespace gpuq::compile {
+
+struct CacheEntry {
+  Digest key{};
+  std::string arch;
+  std::string nvrtc_version;
+  bool ok = false;
+  Code code = Code::kOk;  // kOk, kCompileError or kSandboxViolation
+  std::string ptx, cubin, log;
+  std::vector<LoweredName> lowered;
+  uint64_t compile_us = 0;
+  int64_t created_ms = 0, last_used_ms = 0;
+  uint64_t hits = 0;
+
+  uint64_t Bytes() const { return ptx.size() + cubin.size() + log.size(); }
+  // The symbol to launch for `entry`: its lowered name when it was compiled as
+  // a name expression, else `entry` itself (an extern "C" name).
+  std::string Symbol(const std::string& entry) const;
+  // True when the PTX defines a kernel named `symbol`.
+  bool HasKernel(const std::string& symbol) const;
+};
+
+struct CacheStats {
+  uint64_t entries = 0, failed_entries = 0, bytes = 0, max_bytes = 0;
+  uint64_t hits = 0, misses = 0, evictions = 0;  // over the file's life
+};
+
+struct CacheOptions {
+  uint64_t max_bytes = 1ull << 30;  // LRU eviction above this
+};
+
+// Thread-safe (one connection behind a mutex). Several processes may open the
+// same file: SQLite's locking and BEGIN IMMEDIATE transactions keep it
+// consistent, and the `compiling` table keeps two processes from compiling
+// one key at once.
+class KernelCache {
+ public:
+  static StatusOr<std::unique_ptr<KernelCache>> Open(const std::string& path,
+                                                    CacheOptions options = {});
+
+  // nullopt on a miss. Counts a hit or a miss; a hit refreshes last_used.
+  StatusOr<std::optional<CacheEntry>> Lookup(const Digest& key);
+  // Refreshes last_used and adds `hits` for an entry served from memory.
+  Status Touch(const Digest& key, uint64_t hits);
+  // Inserts or replaces `entry`, then evicts least recently used entries
+  // (never this one) until the file's entries fit in max_bytes.
+  Status Insert(const CacheEntry& entry);
+
+  enum class Claim { kOwned, kBusy, kPresent };
+  // kOwned: the caller must compile the key and then Release() it. kBusy:
+  // another live process is compiling it. kPresent: it is in the cache.
+  // A claim older than `stale_after`, or whose owner process is gone, is
+  // taken over.
+  StatusOr<Claim> TryClaim(const Digest& key, std::chrono::milliseconds stale_after);
+  Status Release(const Digest& key);
+
+  StatusOr<CacheStats> Stats();
+  // Every entry's metadata, most recently used first (blobs left empty).
+  StatusOr<std::vector<CacheEntry>> List();
+  // Removes failed entries when `failed_only`, else entries unused since
+  // `unused_before_ms` (when set), then the least recently used until the
+  // rest fit in `max_bytes`. Returns how many were removed.
+  StatusOr<uint64_t> Prune(uint64_t max_bytes, std::optional<int64_t> unused_before_ms,
+                           bool failed_only);
+
+  const std::string& path() const { return path_; }
+  uint64_t max_bytes() const { return options_.max_bytes; }
+
+ private:
+  KernelCache(std::string path, CacheOptions options, sql::Db db)
+      : path_(std::move(path)), options_(options), db_(std::move(db)) {}
+  Status EvictLocked(uint64_t max_bytes, const Digest* keep, uint64_t* removed);
+  Status CountLocked(const char* counter, int64_t delta);
+
+  const std::string path_;
+  const CacheOptions options_;
+  std::mutex mu_;
+  sql::Db db_;  // GUARDED_BY(mu_)
+};
+
+int64_t NowMs();
+
+}  // namespace gpuq::compile

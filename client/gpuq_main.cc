@@ -1,0 +1,18 @@
+// gpuq: the command line client. `gpuq --help` lists the commands.
+#include <cstdio>
+
+#include "client/cli.h"
+
+int main(int argc, char** argv) {
+  CLI::App app{"gpuq: run CUDA kernels as queued jobs"};
+  app.require_subcommand(1);
+  gpuq::cli::Action action;
+  gpuq::cli::AddCompileCommands(app, &action);
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    int rc = app.exit(e);
+    return rc == 0 ? 0 : gpuq::cli::kExitUsage;
+  }
+  return action ? action() : gpuq::cli::kExitUsage;
+}

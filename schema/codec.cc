@@ -1,0 +1,1106 @@
+#include "schema/codec.h"
+
+#include <msgpack.hpp>
+
+#include <algorithm>
+#include <bit>
+#include <cmath>
+#include <cstring>
+#include <functional>
+#include <limits>
+#include <new>
+
+namespace gpuq::schema {
+
+// ---------------------------------------------------------------- names
+
+namespace {
+
+constexpr std::string_view kScalarNames[] = {"u8",  "i8",  "u16", "i16", "u32",
+                                             "i32", "u64", "i64", "f32", "f64"};
+constexpr size_t kScalarSizes[] = {1, 1, 2, 2, 4, 4, 8, 8, 4, 8};
+constexpr std::string_view kStateNames[] = {"queued", "dispatched", "done",
+                                            "failed", "canceled",   "expired"};
+constexpr std::string_view kClientOpNames[] = {"submit", "status", "result",
+                                               "cancel", "stats",  "devices"};
+constexpr std::string_view kReplyOpNames[] = {
+    "accepted", "error", "status", "result", "canceled", "stats", "devices"};
+constexpr std::string_view kWorkerOpNames[] = {"ready", "result", "heartbeat",
+                                               "disconnect"};
+constexpr std::string_view kBrokerOpNames[] = {"job", "heartbeat", "disconnect",
+                                               "error"};
+constexpr std::string_view kImageNames[] = {"none", "cubin", "ptx"};
+
+template <typename E, size_t N>
+bool Lookup(const std::string_view (&names)[N], std::string_view s, E* out) {
+  for (size_t i = 0; i < N; ++i) {
+    if (names[i] == s) {
+      *out = static_cast<E>(i);
+      return true;
+    }
+  }
+  return false;
+}
+
+}  // namespace
+
+std::string_view ScalarTypeName(ScalarType t) {
+  return kScalarNames[static_cast<size_t>(t)];
+}
+size_t ScalarSize(ScalarType t) { return kScalarSizes[static_cast<size_t>(t)]; }
+std::string_view JobStateName(JobState s) {
+  return kStateNames[static_cast<size_t>(s)];
+}
+bool IsTerminal(JobState s) {
+  return s != JobState::kQueued && s != JobState::kDispatched;
+}
+std::string_view ClientOpName(ClientOp op) {
+  return kClientOpNames[static_cast<size_t>(op)];
+}
+std::string_view ReplyOpName(ReplyOp op) {
+  return kReplyOpNames[static_cast<size_t>(op)];
+}
+std::string_view WorkerOpName(WorkerOp op) {
+  return kWorkerOpNames[static_cast<size_t>(op)];
+}
+std::string_view BrokerOpName(BrokerOp op) {
+  return kBrokerOpNames[static_cast<size_t>(op)];
+}
+
+Arg Arg::F32(float v) {
+  return Scalar(ScalarType::kF32, std::bit_cast<uint32_t>(v));
+}
+Arg Arg::F64(double v) {
+  return Scalar(ScalarType::kF64, std::bit_cast<uint64_t>(v));
+}
+
+std::string DeviceInfo::Arch() const {
+  return "sm_" + std::to_string(cc_major) + std::to_string(cc_minor);
+}
+
+Status CheckProtocolFrame(std::string_view frame, std::string_view expected) {
+  if (frame == expected) return Status::Ok();
+  auto slash = expected.find('/');
+  if (frame.substr(0, slash + 1) == expected.substr(0, slash + 1)) {
+    return Error(Code::kBadVersion, "protocol " + std::string(frame.substr(0, 32)) +
+                                        " is not supported; this peer speaks " +
+                                        std::string(expected));
+  }
+  return Error(Code::kMalformed, "first frame must name the protocol (" +
+                                     std::string(expected) + ")");
+}
+
+// ---------------------------------------------------------------- encoding
+
+namespace {
+
+using Packer = msgpack::packer<msgpack::sbuffer>;
+
+void PackStr(Packer& p, std::string_view s) {
+  p.pack_str(static_cast<uint32_t>(s.size()));
+  p.pack_str_body(s.data(), static_cast<uint32_t>(s.size()));
+}
+
+void PackDim3(Packer& p, const Dim3& d) {
+  p.pack_array(3);
+  p.pack_uint32(d.x);
+  p.pack_uint32(d.y);
+  p.pack_uint32(d.z);
+}
+
+void PackU32List(Packer& p, const std::vector<uint32_t>& v) {
+  p.pack_array(static_cast<uint32_t>(v.size()));
+  for (uint32_t x : v) p.pack_uint32(x);
+}
+
+// Counts the keys of a map before it is written: the msgpack map header needs
+// the count first. Each optional field is (present?, writer).
+class MapWriter {
+ public:
+  explicit MapWriter(Packer& p) : p_(p) {}
+  template <typename F>
+  MapWriter& Field(std::string_view key, bool present, F&& write) {
+    if (present) fields_.push_back({key, std::function<void()>(write)});
+    return *this;
+  }
+  void Write() {
+    p_.pack_map(static_cast<uint32_t>(fields_.size()));
+    for (auto& [k, w] : fields_) {
+      PackStr(p_, k);
+      w();
+    }
+  }
+
+ private:
+  Packer& p_;
+  std::vector<std::pair<std::string_view, std::function<void()>>> fields_;
+};
+
+void PackArg(Packer& p, const Arg& a) {
+  p.pack_array(2);
+  switch (a.kind) {
+    case ArgKind::kIn:
+      PackStr(p, "in");
+      p.pack_uint32(a.frame);
+      return;
+    case ArgKind::kInOut:
+      PackStr(p, "inout");
+      p.pack_uint32(a.frame);
+      return;
+    case ArgKind::kOut:
+      PackStr(p, "out");
+      p.pack_uint64(a.size);
+      return;
+    case ArgKind::kScalar:
+      break;
+  }
+  PackStr(p, ScalarTypeName(a.type));
+  switch (a.type) {
+    case ScalarType::kU8:
+    case ScalarType::kU16:
+    case ScalarType::kU32:
+    case ScalarType::kU64: {
+      uint64_t v = a.bits;
+      if (ScalarSize(a.type) < 8) v &= (uint64_t{1} << (8 * ScalarSize(a.type))) - 1;
+      p.pack_uint64(v);
+      return;
+    }
+    case ScalarType::kI8:
+      p.pack_int64(static_cast<int8_t>(a.bits));
+      return;
+    case ScalarType::kI16:
+      p.pack_int64(static_cast<int16_t>(a.bits));
+      return;
+    case ScalarType::kI32:
+      p.pack_int64(static_cast<int32_t>(a.bits));
+      return;
+    case ScalarType::kI64:
+      p.pack_int64(static_cast<int64_t>(a.bits));
+      return;
+    case ScalarType::kF32:
+      p.pack_float(std::bit_cast<float>(static_cast<uint32_t>(a.bits)));
+      return;
+    case ScalarType::kF64:
+      p.pack_double(std::bit_cast<double>(a.bits));
+      return;
+  }
+}
+
+void PackArgs(Packer& p, const std::vector<Arg>& args) {
+  p.pack_array(static_cast<uint32_t>(args.size()));
+  for (const Arg& a : args) PackArg(p, a);
+}
+
+void PackLaunchFields(MapWriter& w, Packer& p, const LaunchSpec& l) {
+  w.Field("grid", true, [&] { PackDim3(p, l.grid); })
+      .Field("block", true, [&] { PackDim3(p, l.block); })
+      .Field("shared", l.shared_bytes != 0, [&] { p.pack_uint32(l.shared_bytes); });
+}
+
+void PackJob(Packer& p, const JobSpec& j) {
+  MapWriter w(p);
+  w.Field("key", !j.key.empty(), [&] { PackStr(p, j.key); })
+      .Field("tenant", !j.tenant.empty(), [&] { PackStr(p, j.tenant); })
+      .Field("priority", j.priority != kDefaultPriority,
+             [&] { p.pack_uint32(j.priority); })
+      .Field("deadline_ms", j.deadline_ms != 0, [&] { p.pack_uint64(j.deadline_ms); })
+      .Field("limit_ms", j.time_limit_ms != 0, [&] { p.pack_uint64(j.time_limit_ms); })
+      .Field("src", true, [&] { PackStr(p, j.kernel.source); })
+      .Field("entry", true, [&] { PackStr(p, j.kernel.entry); })
+      .Field("expr", j.kernel.name_expression, [&] { p.pack_true(); })
+      .Field("opts", !j.kernel.options.empty(),
+             [&] {
+               p.pack_array(static_cast<uint32_t>(j.kernel.options.size()));
+               for (auto& o : j.kernel.options) PackStr(p, o);
+             })
+      .Field("headers", !j.kernel.headers.empty(), [&] {
+        p.pack_array(static_cast<uint32_t>(j.kernel.headers.size()));
+        for (auto& h : j.kernel.headers) {
+          p.pack_array(2);
+          PackStr(p, h.name);
+          PackStr(p, h.content);
+        }
+      });
+  PackLaunchFields(w, p, j.launch);
+  const Placement& pl = j.placement;
+  w.Field("args", true, [&] { PackArgs(p, j.args); })
+      .Field("place", pl != Placement{}, [&] {
+        MapWriter pw(p);
+        pw.Field("arch", !pl.arch.empty(), [&] { PackStr(p, pl.arch); })
+            .Field("gpu", !pl.gpu.empty(), [&] { PackStr(p, pl.gpu); })
+            .Field("min_free", pl.min_free_bytes != 0,
+                   [&] { p.pack_uint64(pl.min_free_bytes); })
+            .Write();
+      })
+      .Write();
+}
+
+void PackTiming(Packer& p, const Timing& t) {
+  p.pack_map(8);
+  PackStr(p, "queue");
+  p.pack_uint64(t.queue_us);
+  PackStr(p, "compile");
+  p.pack_uint64(t.compile_us);
+  PackStr(p, "load");
+  p.pack_uint64(t.load_us);
+  PackStr(p, "h2d");
+  p.pack_uint64(t.h2d_us);
+  PackStr(p, "kernel");
+  p.pack_uint64(t.kernel_us);
+  PackStr(p, "d2h");
+  p.pack_uint64(t.d2h_us);
+  PackStr(p, "total");
+  p.pack_uint64(t.total_us);
+  PackStr(p, "cache_hit");
+  t.cache_hit ? p.pack_true() : p.pack_false();
+}
+
+void PackDevice(Packer& p, const DeviceInfo& d) {
+  p.pack_map(15);
+  PackStr(p, "ordinal");
+  p.pack_uint32(d.ordinal);
+  PackStr(p, "name");
+  PackStr(p, d.name);
+  PackStr(p, "uuid");
+  PackStr(p, d.uuid);
+  PackStr(p, "cc");
+  p.pack_array(2);
+  p.pack_uint32(d.cc_major);
+  p.pack_uint32(d.cc_minor);
+  PackStr(p, "total_bytes");
+  p.pack_uint64(d.total_bytes);
+  PackStr(p, "free_bytes");
+  p.pack_uint64(d.free_bytes);
+  PackStr(p, "sms");
+  p.pack_uint32(d.sm_count);
+  PackStr(p, "clock_khz");
+  p.pack_uint32(d.clock_khz);
+  PackStr(p, "l2_bytes");
+  p.pack_uint32(d.l2_bytes);
+  PackStr(p, "managed");
+  d.managed_memory ? p.pack_true() : p.pack_false();
+  PackStr(p, "max_threads");
+  p.pack_uint32(d.max_threads_per_block);
+  PackStr(p, "max_block");
+  PackDim3(p, d.max_block);
+  PackStr(p, "max_grid");
+  PackDim3(p, d.max_grid);
+  PackStr(p, "max_shared");
+  p.pack_uint32(d.max_shared_per_block);
+  PackStr(p, "max_shared_optin");
+  p.pack_uint32(d.max_shared_optin);
+}
+
+std::string Take(msgpack::sbuffer& b) { return std::string(b.data(), b.size()); }
+
+}  // namespace
+
+std::string EncodeClientRequest(const ClientRequest& m) {
+  msgpack::sbuffer buf;
+  Packer p(buf);
+  bool has_id = m.op == ClientOp::kStatus || m.op == ClientOp::kResult ||
+                m.op == ClientOp::kCancel;
+  MapWriter w(p);
+  w.Field("op", true, [&] { PackStr(p, ClientOpName(m.op)); })
+      .Field("rid", true, [&] { p.pack_uint64(m.rid); })
+      .Field("id", has_id, [&] { p.pack_uint64(m.id); })
+      .Field("job", m.op == ClientOp::kSubmit, [&] { PackJob(p, m.job); })
+      .Write();
+  return Take(buf);
+}
+
+std::string EncodeClientReply(const ClientReply& m) {
+  msgpack::sbuffer buf;
+  Packer p(buf);
+  const ReplyOp op = m.op;
+  bool has_id = op == ReplyOp::kAccepted || op == ReplyOp::kStatus ||
+                op == ReplyOp::kResult || op == ReplyOp::kCanceled ||
+                (op == ReplyOp::kError && m.id != 0);
+  bool has_state =
+      op == ReplyOp::kStatus || op == ReplyOp::kResult || op == ReplyOp::kCanceled;
+  bool failed = op == ReplyOp::kError || m.code != Code::kOk;
+  bool has_run = op == ReplyOp::kStatus || op == ReplyOp::kResult;
+  MapWriter w(p);
+  w.Field("op", true, [&] { PackStr(p, ReplyOpName(op)); })
+      .Field("rid", true, [&] { p.pack_uint64(m.rid); })
+      .Field("id", has_id, [&] { p.pack_uint64(m.id); })
+      .Field("existing", op == ReplyOp::kAccepted && m.existing,
+             [&] { p.pack_true(); })
+      .Field("state", has_state, [&] { PackStr(p, JobStateName(m.state)); })
+      .Field("code", failed && (op == ReplyOp::kError || has_state),
+             [&] { PackStr(p, CodeName(m.code)); })
+      .Field("error", failed && (op == ReplyOp::kError || has_state),
+             [&] { PackStr(p, m.error); })
+      .Field("retry_after_ms", op == ReplyOp::kError && m.retry_after_ms != 0,
+             [&] { p.pack_uint64(m.retry_after_ms); })
+      .Field("attempts", has_run, [&] { p.pack_uint32(m.attempts); })
+      .Field("device", has_run && !m.device.empty(), [&] { PackStr(p, m.device); })
+      .Field("timing", op == ReplyOp::kResult, [&] { PackTiming(p, m.timing); })
+      .Field("outputs", op == ReplyOp::kResult, [&] { PackU32List(p, m.outputs); })
+      .Field("stats", op == ReplyOp::kStats,
+             [&] {
+               if (m.stats.empty()) {
+                 p.pack_map(0);
+               } else {
+                 buf.write(m.stats.data(), m.stats.size());
+               }
+             })
+      .Field("workers", op == ReplyOp::kDevices, [&] {
+        p.pack_array(static_cast<uint32_t>(m.workers.size()));
+        for (const WorkerView& v : m.workers) {
+          p.pack_map(5);
+          PackStr(p, "worker");
+          PackStr(p, v.worker);
+          PackStr(p, "device");
+          PackDevice(p, v.device);
+          PackStr(p, "slots");
+          p.pack_uint32(v.slots);
+          PackStr(p, "inflight");
+          p.pack_uint32(v.inflight);
+          PackStr(p, "heartbeat_age_ms");
+          p.pack_uint64(v.heartbeat_age_ms);
+        }
+      });
+  w.Write();
+  return Take(buf);
+}
+
+std::string EncodeWorkerMessage(const WorkerMessage& m) {
+  msgpack::sbuffer buf;
+  Packer p(buf);
+  MapWriter w(p);
+  w.Field("op", true, [&] { PackStr(p, WorkerOpName(m.op)); });
+  switch (m.op) {
+    case WorkerOp::kReady:
+      w.Field("worker", true, [&] { PackStr(p, m.worker); })
+          .Field("device", true, [&] { PackDevice(p, m.device); })
+          .Field("slots", true, [&] { p.pack_uint32(m.slots); })
+          .Field("module_slots", true, [&] { p.pack_uint32(m.module_slots); });
+      break;
+    case WorkerOp::kResult:
+      w.Field("id", true, [&] { p.pack_uint64(m.id); })
+          .Field("attempt", true, [&] { p.pack_uint32(m.attempt); })
+          .Field("state", true, [&] { PackStr(p, JobStateName(m.state)); })
+          .Field("code", m.code != Code::kOk, [&] { PackStr(p, CodeName(m.code)); })
+          .Field("error", m.code != Code::kOk, [&] { PackStr(p, m.error); })
+          .Field("timing", true, [&] { PackTiming(p, m.timing); })
+          .Field("outputs", true, [&] { PackU32List(p, m.outputs); });
+      break;
+    case WorkerOp::kHeartbeat:
+      w.Field("free_bytes", true, [&] { p.pack_uint64(m.free_bytes); })
+          .Field("inflight", true, [&] { p.pack_uint32(m.inflight); });
+      break;
+    case WorkerOp::kDisconnect:
+      w.Field("reason", true, [&] { PackStr(p, m.reason); });
+      break;
+  }
+  w.Write();
+  return Take(buf);
+}
+
+std::string EncodeBrokerMessage(const BrokerMessage& m) {
+  msgpack::sbuffer buf;
+  Packer p(buf);
+  MapWriter w(p);
+  w.Field("op", true, [&] { PackStr(p, BrokerOpName(m.op)); });
+  switch (m.op) {
+    case BrokerOp::kJob:
+      w.Field("id", true, [&] { p.pack_uint64(m.id); })
+          .Field("attempt", true, [&] { p.pack_uint32(m.attempt); })
+          .Field("module", true, [&] { PackStr(p, m.module); })
+          .Field("entry", true, [&] { PackStr(p, m.entry); })
+          .Field("image", m.image != ImageKind::kNone,
+                 [&] { PackStr(p, kImageNames[static_cast<size_t>(m.image)]); });
+      PackLaunchFields(w, p, m.launch);
+      w.Field("args", true, [&] { PackArgs(p, m.args); })
+          .Field("limit_ms", m.time_limit_ms != 0, [&] { p.pack_uint64(m.time_limit_ms); });
+      break;
+    case BrokerOp::kError:
+      w.Field("code", true, [&] { PackStr(p, CodeName(m.code)); })
+          .Field("error", true, [&] { PackStr(p, m.error); });
+      break;
+    case BrokerOp::kDisconnect:
+      w.Field("error", !m.error.empty(), [&] { PackStr(p, m.error); });
+      break;
+    case BrokerOp::kHeartbeat:
+      break;
+  }
+  w.Write();
+  return Take(buf);
+}
+
+// ---------------------------------------------------------------- decoding
+
+namespace {
+
+using msgpack::object;
+namespace mt = msgpack::type;
+
+Status Malformed(std::string_view field, std::string_view what) {
+  return Error(Code::kMalformed, "field '" + std::string(field) + "': " + std::string(what));
+}
+Status TooLarge(std::string_view field, uint64_t limit) {
+  return Error(Code::kTooLarge, "field '" + std::string(field) +
+                                    "' is over its limit of " + std::to_string(limit));
+}
+
+Status GetUint(const object& o, std::string_view field, uint64_t max, uint64_t* out) {
+  if (o.type != mt::POSITIVE_INTEGER) return Malformed(field, "expected an unsigned integer");
+  if (o.via.u64 > max) {
+    return Error(Code::kInvalid, "field '" + std::string(field) + "' is above " +
+                                     std::to_string(max));
+  }
+  *out = o.via.u64;
+  return Status::Ok();
+}
+
+template <typename T>
+Status GetU(const object& o, std::string_view field, T* out,
+            uint64_t max = std::numeric_limits<T>::max()) {
+  uint64_t v = 0;
+  GPUQ_RETURN_IF_ERROR(GetUint(o, field, max, &v));
+  *out = static_cast<T>(v);
+  return Status::Ok();
+}
+
+Status GetBool(const object& o, std::string_view field, bool* out) {
+  if (o.type != mt::BOOLEAN) return Malformed(field, "expected a boolean");
+  *out = o.via.boolean;
+  return Status::Ok();
+}
+
+Status GetStr(const object& o, std::string_view field, size_t max, std::string* out) {
+  if (o.type != mt::STR) return Malformed(field, "expected a string");
+  if (o.via.str.size > max) return TooLarge(field, max);
+  out->assign(o.via.str.ptr, o.via.str.size);
+  return Status::Ok();
+}
+
+std::string_view StrView(const object& o) {
+  return o.type == mt::STR ? std::string_view(o.via.str.ptr, o.via.str.size)
+                           : std::string_view();
+}
+
+Status GetArray(const object& o, std::string_view field, size_t max,
+                const msgpack::object_array** out) {
+  if (o.type != mt::ARRAY) return Malformed(field, "expected an array");
+  if (o.via.array.size > max) return TooLarge(field, max);
+  *out = &o.via.array;
+  return Status::Ok();
+}
+
+Status GetDim3(const object& o, std::string_view field, Dim3* out) {
+  const msgpack::object_array* a = nullptr;
+  GPUQ_RETURN_IF_ERROR(GetArray(o, field, 3, &a));
+  if (a->size != 3) return Malformed(field, "expected [x, y, z]");
+  GPUQ_RETURN_IF_ERROR(GetU(a->ptr[0], field, &out->x));
+  GPUQ_RETURN_IF_ERROR(GetU(a->ptr[1], field, &out->y));
+  return GetU(a->ptr[2], field, &out->z);
+}
+
+Status GetU32List(const object& o, std::string_view field, size_t max,
+                  std::vector<uint32_t>* out) {
+  const msgpack::object_array* a = nullptr;
+  GPUQ_RETURN_IF_ERROR(GetArray(o, field, max, &a));
+  out->resize(a->size);
+  for (uint32_t i = 0; i < a->size; ++i) {
+    GPUQ_RETURN_IF_ERROR(GetU(a->ptr[i], field, &(*out)[i]));
+  }
+  return Status::Ok();
+}
+
+template <typename E, size_t N>
+Status GetEnum(const object& o, std::string_view field,
+               const std::string_view (&names)[N], E* out) {
+  if (o.type != mt::STR) return Malformed(field, "expected a string");
+  if (!Lookup(names, StrView(o), out)) {
+    return Malformed(field, "unknown value '" + std::string(StrView(o).substr(0, 64)) + "'");
+  }
+  return Status::Ok();
+}
+
+Status GetCode(const object& o, std::string_view field, Code* out) {
+  if (o.type != mt::STR) return Malformed(field, "expected a string");
+  auto c = CodeFromName(StrView(o));
+  if (!c) return Malformed(field, "unknown error code");
+  *out = *c;
+  return Status::Ok();
+}
+
+// Walks a map's fields. `handle(key, value)` returns kNotFound for an unknown
+// key, which becomes kMalformed here; a key seen twice is malformed too.
+// `required` lists keys that must be present.
+template <typename F>
+Status ForEachField(const object& o, std::string_view what,
+                    const std::vector<std::string_view>& required, F&& handle) {
+  if (o.type != mt::MAP) return Malformed(what, "expected a map");
+  const auto& m = o.via.map;
+  for (uint32_t i = 0; i < m.size; ++i) {
+    if (m.ptr[i].key.type != mt::STR) return Malformed(what, "map keys must be strings");
+    std::string_view k = StrView(m.ptr[i].key);
+    for (uint32_t j = 0; j < i; ++j) {
+      if (StrView(m.ptr[j].key) == k) {
+        return Malformed(k, "appears twice in '" + std::string(what) + "'");
+      }
+    }
+    Status s = handle(k, m.ptr[i].val);
+    if (s.code() == Code::kNotFound) {
+      return Error(Code::kMalformed, "unknown field '" + std::string(k.substr(0, 64)) +
+                                         "' in '" + std::string(what) + "'");
+    }
+    GPUQ_RETURN_IF_ERROR(s);
+  }
+  for (std::string_view r : required) {
+    bool found = false;
+    for (uint32_t i = 0; i < m.size && !found; ++i) found = StrView(m.ptr[i].key) == r;
+    if (!found) return Malformed(r, "required in '" + std::string(what) + "'");
+  }
+  return Status::Ok();
+}
+
+const Status kUnknownField(Code::kNotFound, "");
+
+Status GetScalar(const object& v, ScalarType t, uint64_t* bits) {
+  std::string_view f = ScalarTypeName(t);
+  switch (t) {
+    case ScalarType::kF32:
+    case ScalarType::kF64: {
+      double d;
+      if (v.type == mt::FLOAT32 || v.type == mt::FLOAT64) {
+        d = v.via.f64;
+      } else if (v.type == mt::POSITIVE_INTEGER) {
+        d = static_cast<double>(v.via.u64);
+      } else if (v.type == mt::NEGATIVE_INTEGER) {
+        d = static_cast<double>(v.via.i64);
+      } else {
+        return Malformed(f, "expected a number");
+      }
+      *bits = t == ScalarType::kF32 ? std::bit_cast<uint32_t>(static_cast<float>(d))
+                                    : std::bit_cast<uint64_t>(d);
+      return Status::Ok();
+    }
+    default:
+      break;
+  }
+  const size_t bytes = ScalarSize(t);
+  const bool is_signed = t == ScalarType::kI8 || t == ScalarType::kI16 ||
+                         t == ScalarType::kI32 || t == ScalarType::kI64;
+  const uint64_t mask = bytes == 8 ? ~uint64_t{0} : (uint64_t{1} << (8 * bytes)) - 1;
+  if (v.type == mt::POSITIVE_INTEGER) {
+    uint64_t max = is_signed ? mask >> 1 : mask;
+    if (v.via.u64 > max) {
+      return Error(Code::kInvalid, "argument value out of range for " + std::string(f));
+    }
+    *bits = v.via.u64;
+    return Status::Ok();
+  }
+  if (v.type == mt::NEGATIVE_INTEGER) {
+    if (!is_signed) {
+      return Error(Code::kInvalid, "negative value for unsigned " + std::string(f));
+    }
+    int64_t min = bytes == 8 ? std::numeric_limits<int64_t>::min()
+                             : -(int64_t{1} << (8 * bytes - 1));
+    if (v.via.i64 < min) {
+      return Error(Code::kInvalid, "argument value out of range for " + std::string(f));
+    }
+    *bits = static_cast<uint64_t>(v.via.i64) & mask;
+    return Status::Ok();
+  }
+  return Malformed(f, "expected an integer");
+}
+
+Status GetArg(const object& o, const Limits& limits, Arg* out) {
+  const msgpack::object_array* a = nullptr;
+  GPUQ_RETURN_IF_ERROR(GetArray(o, "args", 2, &a));
+  if (a->size != 2 || a->ptr[0].type != mt::STR) {
+    return Malformed("args", "each argument is [type, value]");
+  }
+  std::string_view t = StrView(a->ptr[0]);
+  const object& v = a->ptr[1];
+  if (t == "in" || t == "inout") {
+    out->kind = t == "in" ? ArgKind::kIn : ArgKind::kInOut;
+    return GetU(v, "args", &out->frame);
+  }
+  if (t == "out") {
+    out->kind = ArgKind::kOut;
+    return GetUint(v, "args", limits.max_buffer_bytes, &out->size);
+  }
+  out->kind = ArgKind::kScalar;
+  if (!Lookup(kScalarNames, t, &out->type)) {
+    return Error(Code::kMalformed,
+                 "unknown argument type '" + std::string(t.substr(0, 32)) + "'");
+  }
+  return GetScalar(v, out->type, &out->bits);
+}
+
+Status GetArgs(const object& o, const Limits& limits, std::vector<Arg>* out) {
+  const msgpack::object_array* a = nullptr;
+  GPUQ_RETURN_IF_ERROR(GetArray(o, "args", limits.max_args, &a));
+  out->resize(a->size);
+  for (uint32_t i = 0; i < a->size; ++i) {
+    Status s = GetArg(a->ptr[i], limits, &(*out)[i]);
+    if (!s.ok()) return s.WithContext("argument " + std::to_string(i));
+  }
+  return Status::Ok();
+}
+
+Status GetLaunchField(std::string_view k, const object& v, LaunchSpec* l, bool* handled) {
+  *handled = true;
+  if (k == "grid") return GetDim3(v, k, &l->grid);
+  if (k == "block") return GetDim3(v, k, &l->block);
+  if (k == "shared") return GetU(v, k, &l->shared_bytes);
+  *handled = false;
+  return Status::Ok();
+}
+
+Status GetJob(const object& o, const Limits& limits, JobSpec* j) {
+  return ForEachField(o, "job", {"src", "entry", "grid", "block", "args"},
+                      [&](std::string_view k, const object& v) -> Status {
+    bool launch = false;
+    GPUQ_RETURN_IF_ERROR(GetLaunchField(k, v, &j->launch, &launch));
+    if (launch) return Status::Ok();
+    if (k == "key") return GetStr(v, k, limits.max_key_bytes, &j->key);
+    if (k == "tenant") return GetStr(v, k, limits.max_tenant_bytes, &j->tenant);
+    if (k == "priority") return GetU(v, k, &j->priority, kMaxPriority);
+    if (k == "deadline_ms") return GetU(v, k, &j->deadline_ms);
+    if (k == "limit_ms") return GetU(v, k, &j->time_limit_ms);
+    if (k == "src") return GetStr(v, k, limits.max_source_bytes, &j->kernel.source);
+    if (k == "entry") return GetStr(v, k, limits.max_name_bytes, &j->kernel.entry);
+    if (k == "expr") return GetBool(v, k, &j->kernel.name_expression);
+    if (k == "opts") {
+      const msgpack::object_array* a = nullptr;
+      GPUQ_RETURN_IF_ERROR(GetArray(v, k, limits.max_options, &a));
+      j->kernel.options.resize(a->size);
+      for (uint32_t i = 0; i < a->size; ++i) {
+        GPUQ_RETURN_IF_ERROR(
+            GetStr(a->ptr[i], k, limits.max_option_bytes, &j->kernel.options[i]));
+      }
+      return Status::Ok();
+    }
+    if (k == "headers") {
+      const msgpack::object_array* a = nullptr;
+      GPUQ_RETURN_IF_ERROR(GetArray(v, k, limits.max_headers, &a));
+      j->kernel.headers.resize(a->size);
+      for (uint32_t i = 0; i < a->size; ++i) {
+        const msgpack::object_array* h = nullptr;
+        GPUQ_RETURN_IF_ERROR(GetArray(a->ptr[i], k, 2, &h));
+        if (h->size != 2) return Malformed(k, "each header is [name, content]");
+        GPUQ_RETURN_IF_ERROR(
+            GetStr(h->ptr[0], k, limits.max_name_bytes, &j->kernel.headers[i].name));
+        GPUQ_RETURN_IF_ERROR(GetStr(h->ptr[1], k, limits.max_total_source_bytes,
+                                    &j->kernel.headers[i].content));
+      }
+      return Status::Ok();
+    }
+    if (k == "args") return GetArgs(v, limits, &j->args);
+    if (k == "place") {
+      return ForEachField(v, k, {}, [&](std::string_view pk, const object& pv) -> Status {
+        if (pk == "arch") return GetStr(pv, pk, 16, &j->placement.arch);
+        if (pk == "gpu") return GetStr(pv, pk, 64, &j->placement.gpu);
+        if (pk == "min_free") return GetU(pv, pk, &j->placement.min_free_bytes);
+        return kUnknownField;
+      });
+    }
+    return kUnknownField;
+  });
+}
+
+Status GetTiming(const object& o, Timing* t) {
+  return ForEachField(
+      o, "timing", {"queue", "compile", "load", "h2d", "kernel", "d2h", "total", "cache_hit"},
+      [&](std::string_view k, const object& v) -> Status {
+        if (k == "queue") return GetU(v, k, &t->queue_us);
+        if (k == "compile") return GetU(v, k, &t->compile_us);
+        if (k == "load") return GetU(v, k, &t->load_us);
+        if (k == "h2d") return GetU(v, k, &t->h2d_us);
+        if (k == "kernel") return GetU(v, k, &t->kernel_us);
+        if (k == "d2h") return GetU(v, k, &t->d2h_us);
+        if (k == "total") return GetU(v, k, &t->total_us);
+        if (k == "cache_hit") return GetBool(v, k, &t->cache_hit);
+        return kUnknownField;
+      });
+}
+
+Status GetDevice(const object& o, DeviceInfo* d) {
+  return ForEachField(
+      o, "device",
+      {"ordinal", "name", "uuid", "cc", "total_bytes", "free_bytes", "sms", "clock_khz",
+       "l2_bytes", "managed", "max_threads", "max_block", "max_grid", "max_shared",
+       "max_shared_optin"},
+      [&](std::string_view k, const object& v) -> Status {
+        if (k == "ordinal") return GetU(v, k, &d->ordinal);
+        if (k == "name") return GetStr(v, k, 256, &d->name);
+        if (k == "uuid") return GetStr(v, k, 64, &d->uuid);
+        if (k == "cc") {
+          const msgpack::object_array* a = nullptr;
+          GPUQ_RETURN_IF_ERROR(GetArray(v, k, 2, &a));
+          if (a->size != 2) return Malformed(k, "expected [major, minor]");
+          GPUQ_RETURN_IF_ERROR(GetU(a->ptr[0], k, &d->cc_major, 99));
+          return GetU(a->ptr[1], k, &d->cc_minor, 9);
+        }
+        if (k == "total_bytes") return GetU(v, k, &d->total_bytes);
+        if (k == "free_bytes") return GetU(v, k, &d->free_bytes);
+        if (k == "sms") return GetU(v, k, &d->sm_count);
+        if (k == "clock_khz") return GetU(v, k, &d->clock_khz);
+        if (k == "l2_bytes") return GetU(v, k, &d->l2_bytes);
+        if (k == "managed") return GetBool(v, k, &d->managed_memory);
+        if (k == "max_threads") return GetU(v, k, &d->max_threads_per_block);
+        if (k == "max_block") return GetDim3(v, k, &d->max_block);
+        if (k == "max_grid") return GetDim3(v, k, &d->max_grid);
+        if (k == "max_shared") return GetU(v, k, &d->max_shared_per_block);
+        if (k == "max_shared_optin") return GetU(v, k, &d->max_shared_optin);
+        return kUnknownField;
+      });
+}
+
+// Unpacks one msgpack value that must span the whole header frame.
+Status Unpack(std::string_view header, const Limits& limits, msgpack::object_handle* oh) {
+  if (header.size() > limits.max_header_bytes) {
+    return TooLarge("header", limits.max_header_bytes);
+  }
+  const size_t max_str = std::max({limits.max_total_source_bytes,
+                                   limits.max_text_bytes, limits.max_source_bytes});
+  msgpack::unpack_limit lim(/*array=*/limits.max_list, /*map=*/64,
+                            /*str=*/max_str, /*bin=*/0, /*ext=*/0, /*depth=*/8);
+  try {
+    size_t off = 0;
+    *oh = msgpack::unpack(header.data(), header.size(), off, nullptr, nullptr, lim);
+    if (off != header.size()) {
+      return Error(Code::kMalformed, "trailing bytes after the msgpack header");
+    }
+  } catch (const msgpack::depth_size_overflow& e) {
+    return Error(Code::kTooLarge, std::string("header nests too deep: ") + e.what());
+  } catch (const msgpack::size_overflow& e) {
+    return Error(Code::kTooLarge, std::string("header: ") + e.what());
+  } catch (const std::bad_alloc&) {
+    return Error(Code::kTooLarge, "header: out of memory decoding");
+  } catch (const std::exception& e) {
+    return Error(Code::kMalformed, std::string("header is not valid msgpack: ") + e.what());
+  }
+  if (oh->get().type != mt::MAP) return Error(Code::kMalformed, "header must be a map");
+  return Status::Ok();
+}
+
+// Finds "op" first so that ops can have their own required fields.
+Status GetOp(const object& o, std::string_view* op) {
+  const auto& m = o.via.map;
+  for (uint32_t i = 0; i < m.size; ++i) {
+    if (StrView(m.ptr[i].key) == "op") {
+      if (m.ptr[i].val.type != mt::STR) return Malformed("op", "expected a string");
+      *op = StrView(m.ptr[i].val);
+      return Status::Ok();
+    }
+  }
+  return Malformed("op", "required");
+}
+
+Status UnknownOp(std::string_view op) {
+  return Error(Code::kUnknownCommand,
+               "unknown command '" + std::string(op.substr(0, 64)) + "'");
+}
+
+Status CheckOutputs(const std::vector<uint32_t>& outputs,
+                    std::span<const uint64_t> payload_sizes) {
+  if (outputs.size() != payload_sizes.size()) {
+    return Error(Code::kMalformed, "one payload frame per output is required (" +
+                                       std::to_string(outputs.size()) + " outputs, " +
+                                       std::to_string(payload_sizes.size()) + " frames)");
+  }
+  return Status::Ok();
+}
+
+Status CheckBufferFrames(const std::vector<Arg>& args, size_t first_frame,
+                         std::span<const uint64_t> payload_sizes, const Limits& limits) {
+  if (payload_sizes.size() > limits.max_payload_frames) {
+    return TooLarge("payload frames", limits.max_payload_frames);
+  }
+  std::vector<bool> used(payload_sizes.size(), false);
+  for (size_t i = 0; i < first_frame && i < used.size(); ++i) used[i] = true;
+  for (size_t i = 0; i < args.size(); ++i) {
+    const Arg& a = args[i];
+    if (a.kind != ArgKind::kIn && a.kind != ArgKind::kInOut) continue;
+    if (a.frame < first_frame || a.frame >= payload_sizes.size()) {
+      return Error(Code::kInvalid, "argument " + std::to_string(i) +
+                                       " names payload frame " + std::to_string(a.frame) +
+                                       ", which the message does not have");
+    }
+    if (used[a.frame]) {
+      return Error(Code::kInvalid, "payload frame " + std::to_string(a.frame) +
+                                       " is used by two arguments");
+    }
+    if (payload_sizes[a.frame] > limits.max_buffer_bytes) {
+      return TooLarge("buffer", limits.max_buffer_bytes);
+    }
+    used[a.frame] = true;
+  }
+  for (size_t f = 0; f < used.size(); ++f) {
+    if (!used[f]) {
+      return Error(Code::kInvalid,
+                   "payload frame " + std::to_string(f) + " is not used by any argument");
+    }
+  }
+  return Status::Ok();
+}
+
+Status CheckLaunch(const LaunchSpec& l) {
+  // CUDA's limits on every architecture gpuq supports (sm_50 and later);
+  // device-specific limits are checked again by the worker.
+  const Dim3 &g = l.grid, &b = l.block;
+  if (g.x == 0 || g.y == 0 || g.z == 0 || b.x == 0 || b.y == 0 || b.z == 0) {
+    return Error(Code::kInvalid, "grid and block dimensions must be at least 1");
+  }
+  if (g.x > 0x7fffffffu || g.y > 65535 || g.z > 65535) {
+    return Error(Code::kInvalid, "grid is over CUDA's limits (2^31-1, 65535, 65535)");
+  }
+  if (b.x > 1024 || b.y > 1024 || b.z > 64 || b.Count() > 1024) {
+    return Error(Code::kInvalid,
+                 "block is over CUDA's limits (1024, 1024, 64; 1024 threads in all)");
+  }
+  return Status::Ok();
+}
+
+}  // namespace
+
+Status ValidateJob(const JobSpec& job, std::span<const uint64_t> payload_sizes,
+                   const Limits& limits) {
+  if (job.kernel.source.empty()) return Error(Code::kInvalid, "kernel source is empty");
+  if (job.kernel.entry.empty()) return Error(Code::kInvalid, "kernel entry is empty");
+  size_t total = job.kernel.source.size();
+  for (const NamedHeader& h : job.kernel.headers) {
+    if (h.name.empty()) return Error(Code::kInvalid, "a header has an empty name");
+    total += h.content.size();
+  }
+  if (total > limits.max_total_source_bytes) {
+    return TooLarge("source and headers", limits.max_total_source_bytes);
+  }
+  if (job.priority > kMaxPriority) return Error(Code::kInvalid, "priority is above 9");
+  GPUQ_RETURN_IF_ERROR(CheckLaunch(job.launch));
+  if (job.launch.shared_bytes > (1u << 20)) {
+    return Error(Code::kInvalid, "dynamic shared memory is over 1 MiB");
+  }
+  return CheckBufferFrames(job.args, 0, payload_sizes, limits);
+}
+
+uint64_t PeekRequestId(std::string_view header) {
+  Limits limits;
+  msgpack::object_handle oh;
+  if (!Unpack(header, limits, &oh).ok()) return 0;
+  const auto& m = oh.get().via.map;
+  for (uint32_t i = 0; i < m.size; ++i) {
+    if (StrView(m.ptr[i].key) == "rid" && m.ptr[i].val.type == mt::POSITIVE_INTEGER) {
+      return m.ptr[i].val.via.u64;
+    }
+  }
+  return 0;
+}
+
+Status DecodeClientRequest(std::string_view header,
+                           std::span<const uint64_t> payload_sizes,
+                           const Limits& limits, ClientRequest* out) {
+  msgpack::object_handle oh;
+  GPUQ_RETURN_IF_ERROR(Unpack(header, limits, &oh));
+  std::string_view op;
+  GPUQ_RETURN_IF_ERROR(GetOp(oh.get(), &op));
+  ClientRequest r;
+  if (!Lookup(kClientOpNames, op, &r.op)) return UnknownOp(op);
+  const bool needs_id =
+      r.op == ClientOp::kStatus || r.op == ClientOp::kResult || r.op == ClientOp::kCancel;
+  const bool submit = r.op == ClientOp::kSubmit;
+  bool has_id = false, has_job = false;
+  GPUQ_RETURN_IF_ERROR(ForEachField(oh.get(), "header", {"rid"},
+                                    [&](std::string_view k, const object& v) -> Status {
+    if (k == "op") return Status::Ok();
+    if (k == "rid") return GetU(v, k, &r.rid);
+    if (k == "id" && needs_id) {
+      has_id = true;
+      return GetU(v, k, &r.id);
+    }
+    if (k == "job" && submit) {
+      has_job = true;
+      return GetJob(v, limits, &r.job);
+    }
+    return kUnknownField;
+  }));
+  if (needs_id && !has_id) return Malformed("id", "required");
+  if (submit && !has_job) return Malformed("job", "required");
+  if (submit) {
+    GPUQ_RETURN_IF_ERROR(ValidateJob(r.job, payload_sizes, limits));
+  } else if (!payload_sizes.empty()) {
+    return Error(Code::kMalformed, "only submit carries payload frames");
+  }
+  *out = std::move(r);
+  return Status::Ok();
+}
+
+Status DecodeClientReply(std::string_view header, std::span<const uint64_t> payload_sizes,
+                         const Limits& limits, ClientReply* out) {
+  msgpack::object_handle oh;
+  GPUQ_RETURN_IF_ERROR(Unpack(header, limits, &oh));
+  std::string_view op;
+  GPUQ_RETURN_IF_ERROR(GetOp(oh.get(), &op));
+  ClientReply r;
+  if (!Lookup(kReplyOpNames, op, &r.op)) return UnknownOp(op);
+  GPUQ_RETURN_IF_ERROR(ForEachField(oh.get(), "header", {"rid"},
+                                    [&](std::string_view k, const object& v) -> Status {
+    if (k == "op") return Status::Ok();
+    if (k == "rid") return GetU(v, k, &r.rid);
+    if (k == "id") return GetU(v, k, &r.id);
+    if (k == "existing") return GetBool(v, k, &r.existing);
+    if (k == "state") return GetEnum(v, k, kStateNames, &r.state);
+    if (k == "code") return GetCode(v, k, &r.code);
+    if (k == "error") return GetStr(v, k, limits.max_text_bytes, &r.error);
+    if (k == "retry_after_ms") return GetU(v, k, &r.retry_after_ms);
+    if (k == "attempts") return GetU(v, k, &r.attempts);
+    if (k == "device") return GetStr(v, k, 64, &r.device);
+    if (k == "timing") return GetTiming(v, &r.timing);
+    if (k == "outputs") return GetU32List(v, k, limits.max_args, &r.outputs);
+    if (k == "stats") {
+      if (v.type != mt::MAP) return Malformed(k, "expected a map");
+      msgpack::sbuffer b;
+      msgpack::pack(b, v);
+      r.stats.assign(b.data(), b.size());
+      return Status::Ok();
+    }
+    if (k == "workers") {
+      const msgpack::object_array* a = nullptr;
+      GPUQ_RETURN_IF_ERROR(GetArray(v, k, limits.max_list, &a));
+      r.workers.resize(a->size);
+      for (uint32_t i = 0; i < a->size; ++i) {
+        WorkerView& w = r.workers[i];
+        GPUQ_RETURN_IF_ERROR(ForEachField(
+            a->ptr[i], k, {"worker", "device", "slots", "inflight", "heartbeat_age_ms"},
+            [&](std::string_view wk, const object& wv) -> Status {
+              if (wk == "worker") return GetStr(wv, wk, 256, &w.worker);
+              if (wk == "device") return GetDevice(wv, &w.device);
+              if (wk == "slots") return GetU(wv, wk, &w.slots);
+              if (wk == "inflight") return GetU(wv, wk, &w.inflight);
+              if (wk == "heartbeat_age_ms") return GetU(wv, wk, &w.heartbeat_age_ms);
+              return kUnknownField;
+            }));
+      }
+      return Status::Ok();
+    }
+    return kUnknownField;
+  }));
+  if (r.op == ReplyOp::kResult) {
+    GPUQ_RETURN_IF_ERROR(CheckOutputs(r.outputs, payload_sizes));
+  } else if (!payload_sizes.empty()) {
+    return Error(Code::kMalformed, "only result carries payload frames");
+  }
+  *out = std::move(r);
+  return Status::Ok();
+}
+
+Status DecodeWorkerMessage(std::string_view header, std::span<const uint64_t> payload_sizes,
+                           const Limits& limits, WorkerMessage* out) {
+  msgpack::object_handle oh;
+  GPUQ_RETURN_IF_ERROR(Unpack(header, limits, &oh));
+  std::string_view op;
+  GPUQ_RETURN_IF_ERROR(GetOp(oh.get(), &op));
+  WorkerMessage r;
+  if (!Lookup(kWorkerOpNames, op, &r.op)) return UnknownOp(op);
+  std::vector<std::string_view> required;
+  switch (r.op) {
+    case WorkerOp::kReady:
+      required = {"worker", "device", "slots", "module_slots"};
+      break;
+    case WorkerOp::kResult:
+      required = {"id", "attempt", "state", "timing", "outputs"};
+      break;
+    case WorkerOp::kHeartbeat:
+      required = {"free_bytes", "inflight"};
+      break;
+    case WorkerOp::kDisconnect:
+      required = {"reason"};
+      break;
+  }
+  const WorkerOp wop = r.op;
+  GPUQ_RETURN_IF_ERROR(ForEachField(oh.get(), "header", required,
+                                    [&](std::string_view k, const object& v) -> Status {
+    if (k == "op") return Status::Ok();
+    if (wop == WorkerOp::kReady) {
+      if (k == "worker") return GetStr(v, k, 256, &r.worker);
+      if (k == "device") return GetDevice(v, &r.device);
+      if (k == "slots") return GetU(v, k, &r.slots, 65536);
+      if (k == "module_slots") return GetU(v, k, &r.module_slots, 65536);
+    } else if (wop == WorkerOp::kResult) {
+      if (k == "id") return GetU(v, k, &r.id);
+      if (k == "attempt") return GetU(v, k, &r.attempt);
+      if (k == "state") return GetEnum(v, k, kStateNames, &r.state);
+      if (k == "code") return GetCode(v, k, &r.code);
+      if (k == "error") return GetStr(v, k, limits.max_text_bytes, &r.error);
+      if (k == "timing") return GetTiming(v, &r.timing);
+      if (k == "outputs") return GetU32List(v, k, limits.max_args, &r.outputs);
+    } else if (wop == WorkerOp::kHeartbeat) {
+      if (k == "free_bytes") return GetU(v, k, &r.free_bytes);
+      if (k == "inflight") return GetU(v, k, &r.inflight);
+    } else if (k == "reason") {
+      return GetStr(v, k, limits.max_text_bytes, &r.reason);
+    }
+    return kUnknownField;
+  }));
+  if (r.op == WorkerOp::kResult) {
+    if (r.state != JobState::kDone && r.state != JobState::kFailed) {
+      return Error(Code::kInvalid, "a worker result is done or failed");
+    }
+    GPUQ_RETURN_IF_ERROR(CheckOutputs(r.outputs, payload_sizes));
+  } else if (!payload_sizes.empty()) {
+    return Error(Code::kMalformed, "only result carries payload frames");
+  }
+  *out = std::move(r);
+  return Status::Ok();
+}
+
+Status DecodeBrokerMessage(std::string_view header, std::span<const uint64_t> payload_sizes,
+                           const Limits& limits, BrokerMessage* out) {
+  msgpack::object_handle oh;
+  GPUQ_RETURN_IF_ERROR(Unpack(header, limits, &oh));
+  std::string_view op;
+  GPUQ_RETURN_IF_ERROR(GetOp(oh.get(), &op));
+  BrokerMessage r;
+  if (!Lookup(kBrokerOpNames, op, &r.op)) return UnknownOp(op);
+  std::vector<std::string_view> required;
+  if (r.op == BrokerOp::kJob) {
+    required = {"id", "attempt", "module", "entry", "grid", "block", "args"};
+  } else if (r.op == BrokerOp::kError) {
+    required = {"code", "error"};
+  }
+  const BrokerOp bop = r.op;
+  GPUQ_RETURN_IF_ERROR(ForEachField(oh.get(), "header", required,
+                                    [&](std::string_view k, const object& v) -> Status {
+    if (k == "op") return Status::Ok();
+    if (bop == BrokerOp::kJob) {
+      bool launch = false;
+      GPUQ_RETURN_IF_ERROR(GetLaunchField(k, v, &r.launch, &launch));
+      if (launch) return Status::Ok();
+      if (k == "id") return GetU(v, k, &r.id);
+      if (k == "attempt") return GetU(v, k, &r.attempt);
+      if (k == "module") return GetStr(v, k, 64, &r.module);
+      if (k == "entry") return GetStr(v, k, limits.max_name_bytes, &r.entry);
+      if (k == "image") return GetEnum(v, k, kImageNames, &r.image);
+      if (k == "args") return GetArgs(v, limits, &r.args);
+      if (k == "limit_ms") return GetU(v, k, &r.time_limit_ms);
+    } else if (bop == BrokerOp::kError) {
+      if (k == "code") return GetCode(v, k, &r.code);
+      if (k == "error") return GetStr(v, k, limits.max_text_bytes, &r.error);
+    } else if (bop == BrokerOp::kDisconnect) {
+      if (k == "error") return GetStr(v, k, limits.max_text_bytes, &r.error);
+    }
+    return kUnknownField;
+  }));
+  if (r.op == BrokerOp::kJob) {
+    if (r.module.size() != 64) return Malformed("module", "expected 64 hex digits");
+    GPUQ_RETURN_IF_ERROR(CheckLaunch(r.launch));
+    const size_t first = r.image == ImageKind::kNone ? 0 : 1;
+    if (first > payload_sizes.size()) {
+      return Error(Code::kMalformed, "the module image frame is missing");
+    }
+    GPUQ_RETURN_IF_ERROR(CheckBufferFrames(r.args, first, payload_sizes, limits));
+  } else if (!payload_sizes.empty()) {
+    return Error(Code::kMalformed, "only job carries payload frames");
+  }
+  *out = std::move(r);
+  return Status::Ok();
+}
+
+}  // namespace gpuq::schema

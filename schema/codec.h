@@ -1,0 +1,60 @@
+// Encoding and decoding of protocol version 1 (schema/PROTOCOL.md).
+//
+// A message is frames: [protocol name, msgpack header, payload...]. The
+// codec deals with the header; payload frames are never copied into it, and
+// the decoders only need the payload frames' sizes to check references.
+//
+// Encoders write the canonical form: map keys in the order of PROTOCOL.md's
+// tables, optional keys left out when they hold their default, integers in
+// their smallest msgpack form. Decoders accept keys in any order, reject
+// unknown and duplicate keys, wrong types, values out of range and anything
+// over `Limits`, each with a Status whose code goes on the wire. All
+// functions are thread-safe (no shared state) and never throw.
+#pragma once
+
+#include <cstdint>
+#include <span>
+#include <string>
+#include <string_view>
+
+#include "schema/messages.h"
+#include "util/status.h"
+
+namespace gpuq::schema {
+
+// kBadVersion when `frame` names another version of `expected`'s protocol,
+// kMalformed when it names no gpuq protocol at all.
+Status CheckProtocolFrame(std::string_view frame, std::string_view expected);
+
+std::string EncodeClientRequest(const ClientRequest& m);
+std::string EncodeClientReply(const ClientReply& m);
+std::string EncodeWorkerMessage(const WorkerMessage& m);
+std::string EncodeBrokerMessage(const BrokerMessage& m);
+
+// `payload_sizes` holds the size of each payload frame, in order.
+Status DecodeClientRequest(std::string_view header,
+                           std::span<const uint64_t> payload_sizes,
+                           const Limits& limits, ClientRequest* out);
+Status DecodeClientReply(std::string_view header,
+                         std::span<const uint64_t> payload_sizes,
+                         const Limits& limits, ClientReply* out);
+Status DecodeWorkerMessage(std::string_view header,
+                           std::span<const uint64_t> payload_sizes,
+                           const Limits& limits, WorkerMessage* out);
+Status DecodeBrokerMessage(std::string_view header,
+                           std::span<const uint64_t> payload_sizes,
+                           const Limits& limits, BrokerMessage* out);
+
+// Reads only the "rid" of a client request header, so that an error reply to
+// an otherwise undecodable request can still be matched by the client.
+// Returns 0 when there is none.
+uint64_t PeekRequestId(std::string_view header);
+
+// Semantic checks of a job that the decoder also applies (kInvalid): launch
+// dimensions within CUDA's limits for every architecture, a non-empty source
+// and entry, priority in range, each payload frame used by exactly one
+// buffer argument.
+Status ValidateJob(const JobSpec& job, std::span<const uint64_t> payload_sizes,
+                   const Limits& limits);
+
+}  // namespace gpuq::schema
