@@ -101,6 +101,22 @@ void PackStr(Packer& p, std::string_view s) {
   p.pack_str_body(s.data(), static_cast<uint32_t>(s.size()));
 }
 
+// msgpack-c's pack_float/pack_double write integral values as integers
+// (-0.0f as 0), which loses the sign of zero and the value's wire type.
+// Floats are written here as msgpack float32 / float64, always.
+void PackFloat32(Packer& p, float v) {
+  const uint32_t bits = std::bit_cast<uint32_t>(v);
+  const char raw[5] = {'\xca', char(bits >> 24), char(bits >> 16), char(bits >> 8), char(bits)};
+  p.pack_str_body(raw, sizeof raw);  // appends raw bytes
+}
+
+void PackFloat64(Packer& p, double v) {
+  const uint64_t bits = std::bit_cast<uint64_t>(v);
+  char raw[9] = {'\xcb'};
+  for (int i = 0; i < 8; ++i) raw[1 + i] = char(bits >> (56 - 8 * i));
+  p.pack_str_body(raw, sizeof raw);
+}
+
 void PackDim3(Packer& p, const Dim3& d) {
   p.pack_array(3);
   p.pack_uint32(d.x);
@@ -178,10 +194,10 @@ void PackArg(Packer& p, const Arg& a) {
       p.pack_int64(static_cast<int64_t>(a.bits));
       return;
     case ScalarType::kF32:
-      p.pack_float(std::bit_cast<float>(static_cast<uint32_t>(a.bits)));
+      PackFloat32(p, std::bit_cast<float>(static_cast<uint32_t>(a.bits)));
       return;
     case ScalarType::kF64:
-      p.pack_double(std::bit_cast<double>(a.bits));
+      PackFloat64(p, std::bit_cast<double>(a.bits));
       return;
   }
 }

@@ -1,0 +1,272 @@
+// The wire codec against the golden files, and against every kind of bad
+// input a peer can send.
+#include <gtest/gtest.h>
+
+#include <fstream>
+#include <sstream>
+
+#include "schema/codec.h"
+#include "tests/golden_messages.h"
+
+namespace gpuq::schema {
+namespace {
+
+using testing::GoldenMessage;
+using testing::GoldenMessages;
+
+std::string ReadGolden(const std::string& name) {
+  std::ifstream in(std::string(GPUQ_SOURCE_DIR) + "/schema/golden/" + name + ".bin",
+                   std::ios::binary);
+  std::ostringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+std::vector<uint64_t> Sizes(const std::vector<std::string>& frames, size_t first) {
+  std::vector<uint64_t> s;
+  for (size_t i = first; i < frames.size(); ++i) s.push_back(frames[i].size());
+  return s;
+}
+
+// Decodes frames as the message type of `like`, re-encodes, and returns the
+// decoded message.
+template <typename T>
+T DecodeAs(const std::vector<std::string>& frames, Status* status) {
+  T out;
+  Limits limits;
+  auto sizes = Sizes(frames, 2);
+  if constexpr (std::is_same_v<T, ClientRequest>) {
+    *status = DecodeClientRequest(frames[1], sizes, limits, &out);
+  } else if constexpr (std::is_same_v<T, ClientReply>) {
+    *status = DecodeClientReply(frames[1], sizes, limits, &out);
+  } else if constexpr (std::is_same_v<T, WorkerMessage>) {
+    *status = DecodeWorkerMessage(frames[1], sizes, limits, &out);
+  } else {
+    *status = DecodeBrokerMessage(frames[1], sizes, limits, &out);
+  }
+  return out;
+}
+
+class GoldenTest : public ::testing::TestWithParam<GoldenMessage> {};
+
+TEST_P(GoldenTest, FileMatchesTheEncoderByteForByte) {
+  const GoldenMessage& g = GetParam();
+  std::string file = ReadGolden(g.name);
+  ASSERT_FALSE(file.empty()) << "schema/golden/" << g.name << ".bin is missing";
+  EXPECT_EQ(file, testing::PackFrames(testing::EncodeFrames(g)))
+      << "the golden file and the encoder disagree; regenerate with gpuq-golden only if "
+         "the protocol changed on purpose";
+}
+
+TEST_P(GoldenTest, FileDecodesToTheMessageAndReencodesIdentically) {
+  const GoldenMessage& g = GetParam();
+  std::vector<std::string> frames;
+  ASSERT_TRUE(testing::UnpackFrames(ReadGolden(g.name), &frames));
+  ASSERT_GE(frames.size(), 2u);
+  std::visit(
+      [&](const auto& expected) {
+        using T = std::decay_t<decltype(expected)>;
+        const bool client = std::is_same_v<T, ClientRequest> || std::is_same_v<T, ClientReply>;
+        EXPECT_TRUE(CheckProtocolFrame(frames[0], client ? kClientProtocol : kWorkerProtocol)
+                        .ok());
+        Status s;
+        T decoded = DecodeAs<T>(frames, &s);
+        ASSERT_TRUE(s.ok()) << s.ToString();
+        EXPECT_TRUE(decoded == expected);
+        GoldenMessage again{g.name, decoded, {frames.begin() + 2, frames.end()}};
+        EXPECT_EQ(testing::PackFrames(testing::EncodeFrames(again)), ReadGolden(g.name));
+      },
+      g.message);
+}
+
+INSTANTIATE_TEST_SUITE_P(Schema, GoldenTest, ::testing::ValuesIn(GoldenMessages()),
+                         [](const auto& info) { return info.param.name; });
+
+// ------------------------------------------------------------ bad input
+
+class BadInputTest : public ::testing::Test {
+ protected:
+  // The saxpy submit, as frames, to be spoiled by each test.
+  std::vector<std::string> Saxpy() {
+    for (const auto& g : GoldenMessages()) {
+      if (g.name == "client_submit_saxpy") return testing::EncodeFrames(g);
+    }
+    return {};
+  }
+  Status Decode(const std::string& header, std::vector<uint64_t> sizes = {4096, 4096}) {
+    ClientRequest r;
+    r.rid = 777;  // must stay untouched on failure
+    Status s = DecodeClientRequest(header, sizes, limits_, &r);
+    if (!s.ok()) {
+      EXPECT_EQ(r.rid, 777u) << "a failed decode changed its output";
+    }
+    return s;
+  }
+  Limits limits_;
+};
+
+TEST_F(BadInputTest, TruncatedHeadersAreMalformed) {
+  std::string h = Saxpy()[1];
+  for (size_t n : {size_t{0}, size_t{1}, h.size() / 2, h.size() - 1}) {
+    Status s = Decode(h.substr(0, n));
+    EXPECT_EQ(s.code(), Code::kMalformed) << "length " << n << ": " << s.ToString();
+  }
+}
+
+TEST_F(BadInputTest, TrailingBytesAreMalformed) {
+  EXPECT_EQ(Decode(Saxpy()[1] + '\xc0').code(), Code::kMalformed);
+}
+
+TEST_F(BadInputTest, EveryTruncationAndByteFlipFailsCleanly) {
+  // Not a fuzzer (that is tests/fuzz), but every single-byte change of a real
+  // message must decode or fail with a code: never crash, never hang.
+  std::string h = Saxpy()[1];
+  for (size_t i = 0; i < h.size(); ++i) {
+    for (uint8_t x : {0x01, 0x80, 0xff}) {
+      std::string m = h;
+      m[i] = static_cast<char>(m[i] ^ x);
+      ClientRequest r;
+      Status s = DecodeClientRequest(m, std::vector<uint64_t>{4096, 4096}, limits_, &r);
+      EXPECT_TRUE(s.ok() || s.code() != Code::kOk);
+    }
+  }
+}
+
+TEST_F(BadInputTest, UnknownCommandIsReportedAsSuch) {
+  // {"op": "explode", "rid": 5}
+  std::string h("\x82\xa2op\xa7" "explode" "\xa3rid\x05", 17);
+  EXPECT_EQ(Decode(h, {}).code(), Code::kUnknownCommand);
+  EXPECT_EQ(PeekRequestId(h), 5u);
+}
+
+TEST_F(BadInputTest, HeaderThatIsNotAMapIsMalformed) {
+  EXPECT_EQ(Decode(std::string("\x93\x01\x02\x03", 4), {}).code(), Code::kMalformed);
+}
+
+TEST_F(BadInputTest, MissingRequiredFieldIsMalformed) {
+  // {"op": "status", "rid": 1} without "id"
+  std::string h("\x82\xa2op\xa6status\xa3rid\x01", 16);
+  Status s = Decode(h, {});
+  EXPECT_EQ(s.code(), Code::kMalformed);
+  EXPECT_NE(s.message().find("'id'"), std::string::npos) << s.message();
+}
+
+TEST_F(BadInputTest, UnknownAndDuplicateFieldsAreMalformed) {
+  // {"op": "stats", "rid": 1, "bogus": 1}
+  std::string unknown("\x83\xa2op\xa5stats\xa3rid\x01\xa5" "bogus\x01", 22);
+  EXPECT_EQ(Decode(unknown, {}).code(), Code::kMalformed);
+  // {"op": "stats", "rid": 1, "rid": 2}
+  std::string dup("\x83\xa2op\xa5stats\xa3rid\x01\xa3rid\x02", 20);
+  EXPECT_EQ(Decode(dup, {}).code(), Code::kMalformed);
+}
+
+TEST_F(BadInputTest, WrongTypeIsMalformed) {
+  // {"op": "status", "rid": 1, "id": "x"}
+  std::string h("\x83\xa2op\xa6status\xa3rid\x01\xa2id\xa1x", 21);
+  EXPECT_EQ(Decode(h, {}).code(), Code::kMalformed);
+}
+
+TEST_F(BadInputTest, OversizedSourceIsTooLarge) {
+  ClientRequest r;
+  r.op = ClientOp::kSubmit;
+  r.job.kernel.source = std::string(limits_.max_source_bytes + 1, 'x');
+  r.job.kernel.entry = "k";
+  EXPECT_EQ(Decode(EncodeClientRequest(r), {}).code(), Code::kTooLarge);
+}
+
+TEST_F(BadInputTest, OversizedHeaderFrameIsTooLarge) {
+  limits_.max_header_bytes = 64;
+  EXPECT_EQ(Decode(Saxpy()[1]).code(), Code::kTooLarge);
+}
+
+TEST_F(BadInputTest, DeepNestingIsRejected) {
+  std::string h("\x82\xa2op\xa5stats\xa3rid", 12);
+  h += std::string(100, '\x91') + '\x01';
+  EXPECT_NE(Decode(h, {}).code(), Code::kOk);
+}
+
+TEST_F(BadInputTest, HugeDeclaredArrayIsRejectedWithoutAllocatingIt) {
+  // {"op": "stats", "rid": [array32 of 2^32-1 elements, a few present]}
+  std::string h("\x82\xa2op\xa5stats\xa3rid\xdd\xff\xff\xff\xff", 16);
+  h += std::string(64, '\x01');
+  EXPECT_EQ(Decode(h, {}).code(), Code::kTooLarge);
+}
+
+TEST_F(BadInputTest, PayloadFramesMustMatchTheBufferArguments) {
+  std::string h = Saxpy()[1];
+  EXPECT_EQ(Decode(h, {4096}).code(), Code::kInvalid) << "a frame is missing";
+  EXPECT_EQ(Decode(h, {4096, 4096, 1}).code(), Code::kInvalid) << "a frame is unused";
+  EXPECT_TRUE(Decode(h, {4096, 4096}).ok());
+}
+
+TEST_F(BadInputTest, TwoArgumentsCannotShareAFrame) {
+  ClientRequest r;
+  r.op = ClientOp::kSubmit;
+  r.job.kernel.source = "x";
+  r.job.kernel.entry = "k";
+  r.job.args = {Arg::In(0), Arg::InOut(0)};
+  EXPECT_EQ(Decode(EncodeClientRequest(r), {16}).code(), Code::kInvalid);
+}
+
+TEST_F(BadInputTest, LaunchDimensionsOutsideCudaLimitsAreInvalid) {
+  for (auto [grid, block] : {std::pair{Dim3{0, 1, 1}, Dim3{1, 1, 1}},
+                             std::pair{Dim3{1, 1, 1}, Dim3{2048, 1, 1}},
+                             std::pair{Dim3{1, 1, 1}, Dim3{32, 32, 2}},
+                             std::pair{Dim3{1, 70000, 1}, Dim3{1, 1, 1}}}) {
+    ClientRequest r;
+    r.op = ClientOp::kSubmit;
+    r.job.kernel.source = "x";
+    r.job.kernel.entry = "k";
+    r.job.launch.grid = grid;
+    r.job.launch.block = block;
+    EXPECT_EQ(Decode(EncodeClientRequest(r), {}).code(), Code::kInvalid);
+  }
+}
+
+TEST_F(BadInputTest, ScalarOutOfRangeForItsTypeIsInvalid) {
+  // {"op":"submit","rid":1,"job":{"src":"x","entry":"k","grid":[1,1,1],
+  //  "block":[1,1,1],"args":[["u8", 256]]}}
+  auto submit_with_arg = [](const std::string& arg) {
+    std::string h("\x83\xa2op\xa6submit\xa3rid\x01\xa3job\x85", 21);
+    h += std::string("\xa3src\xa1x\xa5" "entry\xa1k", 14);
+    h += std::string("\xa4grid\x93\x01\x01\x01\xa5" "block\x93\x01\x01\x01", 19);
+    h += std::string("\xa4" "args\x91", 6) + arg;
+    return h;
+  };
+  EXPECT_TRUE(Decode(submit_with_arg(std::string("\x92\xa2u8\xcc\xff", 6)), {}).ok());
+  EXPECT_EQ(Decode(submit_with_arg(std::string("\x92\xa2u8\xcd\x01\x00", 7)), {}).code(),
+            Code::kInvalid);
+  EXPECT_EQ(Decode(submit_with_arg(std::string("\x92\xa3u32\xff", 6)), {}).code(),
+            Code::kInvalid)
+      << "negative value for an unsigned type";
+  EXPECT_EQ(Decode(submit_with_arg(std::string("\x92\xa3i99\x01", 6)), {}).code(),
+            Code::kMalformed)
+      << "unknown type name";
+  EXPECT_EQ(Decode(submit_with_arg(std::string("\x92\xa2i8\xd0\x80", 6)), {}).ok(), true)
+      << "-128 fits i8";
+  EXPECT_EQ(Decode(submit_with_arg(std::string("\x92\xa4u128\x01", 7)), {}).code(),
+            Code::kMalformed);
+}
+
+TEST(ProtocolFrameTest, OtherVersionIsBadVersionAndGarbageIsMalformed) {
+  EXPECT_TRUE(CheckProtocolFrame("GPUQ/1", kClientProtocol).ok());
+  EXPECT_EQ(CheckProtocolFrame("GPUQ/2", kClientProtocol).code(), Code::kBadVersion);
+  EXPECT_EQ(CheckProtocolFrame("GPUQW/1", kClientProtocol).code(), Code::kMalformed);
+  EXPECT_EQ(CheckProtocolFrame("", kWorkerProtocol).code(), Code::kMalformed);
+}
+
+TEST(ArgTest, ScalarValuesRoundTripAtTheEdgesOfTheirTypes) {
+  ClientRequest r;
+  r.op = ClientOp::kSubmit;
+  r.job.kernel.source = "x";
+  r.job.kernel.entry = "k";
+  r.job.args = {Arg::Scalar(ScalarType::kI8, 0x80),     Arg::Scalar(ScalarType::kI16, 0x7fff),
+                Arg::Scalar(ScalarType::kI64, 1ull << 63), Arg::Scalar(ScalarType::kU64, ~0ull),
+                Arg::F32(-0.0f),                         Arg::F64(1e-308)};
+  ClientRequest back;
+  ASSERT_TRUE(DecodeClientRequest(EncodeClientRequest(r), {}, Limits{}, &back).ok());
+  EXPECT_TRUE(back.job.args == r.job.args);
+}
+
+}  // namespace
+}  // namespace gpuq::schema

@@ -1,0 +1,445 @@
+// The compile service with real NVRTC, the real sandbox helper and a real
+// SQLite file. No GPU is needed.
+#include <gtest/gtest.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <future>
+#include <nlohmann/json.hpp>
+#include <thread>
+
+#include "broker/compile/compile_service.h"
+#include "tests/test_util.h"
+
+namespace gpuq::compile {
+namespace {
+
+using testing::TempDir;
+
+constexpr char kSaxpy[] =
+    "extern \"C\" __global__ void saxpy(float a, const float* x, float* y, int n) {\n"
+    "  int i = blockIdx.x * blockDim.x + threadIdx.x;\n"
+    "  if (i < n) y[i] = a * x[i] + y[i];\n}\n";
+
+// 10^8 tokens after macro expansion: NVRTC runs for a long time and grows
+// without bound.
+constexpr char kMacroBomb[] =
+    "#define A(x) x x x x x x x x x x\n"
+    "#define B(x) A(A(A(A(A(A(A(A(x))))))))\n"
+    "__device__ int v = B(1+) 1;\n";
+
+class CompileServiceTest : public ::testing::Test {
+ protected:
+  void SetUp() override { service_ = Make(); }
+
+  std::unique_ptr<CompileService> Make(CompileServiceOptions o = {}) {
+    if (o.cache_path.empty()) o.cache_path = dir_.File("kernels.db");
+    auto s = CompileService::Create(o);
+    EXPECT_TRUE(s.ok()) << s.status().ToString();
+    return s.ok() ? std::move(*s) : nullptr;
+  }
+
+  static CompileRequest Request(std::string source, std::string arch = "sm_90") {
+    CompileRequest r;
+    r.source = std::move(source);
+    r.arch = std::move(arch);
+    return r;
+  }
+
+  StatusOr<EntryPtr> Compile(const CompileRequest& r, CompileInfo* info = nullptr) {
+    return service_->Compile(r, info);
+  }
+
+  TempDir dir_;
+  std::unique_ptr<CompileService> service_;
+};
+
+TEST_F(CompileServiceTest, ExternCKernelCompilesToCubinAndPtx) {
+  auto e = Compile(Request(kSaxpy));
+  ASSERT_TRUE(e.ok()) << e.status().ToString();
+  EXPECT_TRUE((*e)->ok) << (*e)->log;
+  EXPECT_TRUE((*e)->HasKernel("saxpy"));
+  EXPECT_FALSE((*e)->HasKernel("sax"));
+  EXPECT_GT((*e)->cubin.size(), 0u);
+  EXPECT_EQ((*e)->cubin.substr(0, 4), std::string("\x7f" "ELF", 4));
+  EXPECT_NE((*e)->ptx.find(".target sm_90"), std::string::npos);
+}
+
+TEST_F(CompileServiceTest, ComputeArchGivesPtxOnly) {
+  auto e = Compile(Request(kSaxpy, "compute_80"));
+  ASSERT_TRUE(e.ok()) << e.status().ToString();
+  EXPECT_TRUE((*e)->ok);
+  EXPECT_TRUE((*e)->cubin.empty());
+  EXPECT_NE((*e)->ptx.find(".target sm_80"), std::string::npos);
+}
+
+TEST_F(CompileServiceTest, NameExpressionsAreLoweredAndKept) {
+  CompileRequest r = Request(
+      "template <typename T, int N> __global__ void fill(T* x) { x[threadIdx.x] = T(N); }\n");
+  r.name_expressions = {"fill<float, 3>", "fill<double, 7>"};
+  auto e = Compile(r);
+  ASSERT_TRUE(e.ok()) << e.status().ToString();
+  ASSERT_TRUE((*e)->ok) << (*e)->log;
+  ASSERT_EQ((*e)->lowered.size(), 2u);
+  EXPECT_EQ((*e)->Symbol("fill<float, 3>"), "_Z4fillIfLi3EEvPT_");
+  EXPECT_TRUE((*e)->HasKernel((*e)->Symbol("fill<double, 7>")));
+  // The lowered names survive the trip through SQLite.
+  auto again = Make()->Compile(r);
+  ASSERT_TRUE(again.ok());
+  EXPECT_EQ((*again)->lowered, (*e)->lowered);
+}
+
+TEST_F(CompileServiceTest, HeadersSentWithTheJobAndToolkitHeadersAreReadable) {
+  CompileRequest r = Request(
+      "#include <cuda_fp16.h>\n#include \"scale.h\"\n"
+      "extern \"C\" __global__ void k(__half* x) { x[0] = __float2half(SCALE); }\n");
+  r.headers = {{"scale.h", "#define SCALE 2.0f\n"}};
+  auto e = Compile(r);
+  ASSERT_TRUE(e.ok()) << e.status().ToString();
+  EXPECT_TRUE((*e)->ok) << (*e)->log;
+}
+
+TEST_F(CompileServiceTest, CompileErrorKeepsTheFullLogAndIsCached) {
+  CompileInfo info;
+  auto e = Compile(Request("extern \"C\" __global__ void k() { undefined_thing(); }\n"), &info);
+  ASSERT_TRUE(e.ok()) << e.status().ToString();
+  EXPECT_FALSE((*e)->ok);
+  EXPECT_EQ((*e)->code, Code::kCompileError);
+  EXPECT_NE((*e)->log.find("undefined_thing"), std::string::npos) << (*e)->log;
+  EXPECT_EQ(info.source, CacheSource::kCompiled);
+  // A retry, even from a fresh process's view, does not compile again.
+  auto again = Make()->Compile(Request("extern \"C\" __global__ void k() { undefined_thing(); }\n"),
+                               &info);
+  ASSERT_TRUE(again.ok());
+  EXPECT_FALSE((*again)->ok);
+  EXPECT_EQ(info.source, CacheSource::kDisk);
+  EXPECT_EQ((*again)->log, (*e)->log);
+}
+
+TEST_F(CompileServiceTest, MissThenDiskHitThenMemoryHit) {
+  CompileInfo info;
+  ASSERT_TRUE(Compile(Request(kSaxpy), &info).ok());
+  EXPECT_EQ(info.source, CacheSource::kCompiled);
+  EXPECT_FALSE(info.cache_hit());
+  ASSERT_TRUE(Compile(Request(kSaxpy), &info).ok());
+  EXPECT_EQ(info.source, CacheSource::kMemory);
+  auto fresh = Make();
+  ASSERT_TRUE(fresh->Compile(Request(kSaxpy), &info).ok());
+  EXPECT_EQ(info.source, CacheSource::kDisk);
+  auto st = service_->cache().Stats();
+  ASSERT_TRUE(st.ok());
+  EXPECT_EQ(st->entries, 1u);
+  EXPECT_EQ(st->misses, 1u);
+  EXPECT_EQ(st->hits, 1u);
+}
+
+TEST_F(CompileServiceTest, KeyChangesWithEveryInputThatChangesTheOutput) {
+  CompileRequest base = Request(kSaxpy);
+  const Digest k = service_->KeyFor(base);
+  std::vector<CompileRequest> variants(6, base);
+  variants[0].arch = "sm_80";
+  variants[1].options = {"--use_fast_math"};
+  variants[2].headers = {{"a.h", ""}};
+  variants[3].name_expressions = {"saxpy"};
+  variants[4].source += " ";
+  variants[5].source_name = "other.cu";
+  for (const auto& v : variants) EXPECT_NE(service_->KeyFor(v), k);
+  EXPECT_EQ(service_->KeyFor(base), k);
+}
+
+TEST_F(CompileServiceTest, ConcurrentCallersOfOneKeyCompileItOnce) {
+  std::vector<std::future<StatusOr<EntryPtr>>> calls;
+  for (int i = 0; i < 8; ++i) {
+    calls.push_back(std::async(std::launch::async, [&] { return Compile(Request(kSaxpy)); }));
+  }
+  for (auto& c : calls) {
+    auto e = c.get();
+    ASSERT_TRUE(e.ok()) << e.status().ToString();
+    EXPECT_TRUE((*e)->ok);
+  }
+  EXPECT_EQ(service_->stats().compiles, 1u);
+}
+
+TEST_F(CompileServiceTest, LruEvictionKeepsTheFileUnderItsCap) {
+  CompileServiceOptions o;
+  o.cache_path = dir_.File("small.db");
+  o.cache.max_bytes = 24 * 1024;  // room for about three saxpy-sized kernels
+  auto small = Make(o);
+  std::vector<Digest> keys;
+  for (int i = 0; i < 6; ++i) {
+    CompileRequest r = Request(std::string(kSaxpy) + "// variant " + std::to_string(i) + "\n");
+    keys.push_back(small->KeyFor(r));
+    auto e = small->Compile(r);
+    ASSERT_TRUE(e.ok()) << e.status().ToString();
+  }
+  auto st = small->cache().Stats();
+  ASSERT_TRUE(st.ok());
+  EXPECT_LE(st->bytes, o.cache.max_bytes);
+  EXPECT_GT(st->evictions, 0u);
+  EXPECT_LT(st->entries, 6u);
+  auto list = small->cache().List();
+  ASSERT_TRUE(list.ok());
+  ASSERT_FALSE(list->empty());
+  EXPECT_EQ(list->front().key, keys.back()) << "the newest entry is kept";
+  for (const auto& e : *list) {
+    EXPECT_NE(e.key, keys.front()) << "the least recently used entry is gone";
+  }
+}
+
+TEST_F(CompileServiceTest, OptionsOffTheAllowedListAreRefusedBeforeAnyCompile) {
+  for (std::string opt : {"-I/etc", "--include-path=/etc", "--pre-include=/etc/passwd",
+                          "-include", "--gpu-architecture=sm_80", "-arch=sm_80",
+                          "--time=/tmp/x", "--fdevice-time-trace=/tmp/x", "-DX\n#include",
+                          "--std=c++99", "--maxrregcount=abc", "--dopt=maybe"}) {
+    CompileRequest r = Request(kSaxpy);
+    r.options = {opt};
+    auto e = Compile(r);
+    ASSERT_FALSE(e.ok()) << opt;
+    EXPECT_EQ(e.status().code(), Code::kInvalid) << opt;
+  }
+  for (std::string opt : {"--use_fast_math", "-DN=4", "--std=c++17", "--maxrregcount=64",
+                          "--fmad=false", "-lineinfo"}) {
+    CompileRequest r = Request(kSaxpy);
+    r.options = {opt};
+    auto e = Compile(r);
+    ASSERT_TRUE(e.ok()) << opt << ": " << e.status().ToString();
+    EXPECT_TRUE((*e)->ok) << opt;
+  }
+  EXPECT_EQ(service_->stats().compiles, 6u);
+}
+
+TEST_F(CompileServiceTest, BadRequestsAreInvalidAndCompileNothing) {
+  EXPECT_EQ(Compile(Request(kSaxpy, "sm_9x")).status().code(), Code::kInvalid);
+  EXPECT_EQ(Compile(Request(kSaxpy, "--gpu-architecture=sm_90")).status().code(),
+            Code::kInvalid);
+  EXPECT_EQ(Compile(Request("")).status().code(), Code::kInvalid);
+  EXPECT_EQ(Compile(Request(std::string("int x;\0#include \"/etc/passwd\"", 30))).status().code(),
+            Code::kInvalid);
+  CompileRequest r = Request(kSaxpy);
+  r.name_expressions = {"f\tg"};
+  EXPECT_EQ(Compile(r).status().code(), Code::kInvalid);
+  EXPECT_EQ(service_->stats().compiles, 0u);
+}
+
+// ------------------------------------------------------------ untrusted source
+
+class SandboxTest : public CompileServiceTest {
+ protected:
+  void SetUp() override {
+    CompileServiceTest::SetUp();
+    // A file the sandbox must never let a kernel read. Its content would be
+    // echoed by NVRTC (#error) if it were ever opened.
+    secret_ = dir_.File("secret.h");
+    testing::WriteFile(secret_, "#error " + std::string(kToken) + "\n");
+    symlink(secret_.c_str(), dir_.File("link.h").c_str());
+  }
+  void ExpectRefused(const std::string& source) {
+    auto e = Compile(Request(source));
+    ASSERT_TRUE(e.ok()) << e.status().ToString();
+    EXPECT_FALSE((*e)->ok) << source;
+    EXPECT_EQ((*e)->log.find(kToken), std::string::npos)
+        << "the log holds the secret file's content:\n"
+        << (*e)->log;
+  }
+  static constexpr char kToken[] = "gpuq_secret_7f3a9c";
+  std::string secret_;
+};
+
+TEST_F(SandboxTest, AbsoluteIncludeOfAHostFileIsASandboxViolation) {
+  auto e = Compile(Request("#include \"" + secret_ + "\"\n"));
+  ASSERT_TRUE(e.ok()) << e.status().ToString();
+  EXPECT_FALSE((*e)->ok);
+  EXPECT_EQ((*e)->code, Code::kSandboxViolation);
+  EXPECT_NE((*e)->log.find("may include only the CUDA toolkit's headers"), std::string::npos)
+      << (*e)->log;
+  EXPECT_EQ((*e)->log.find(kToken), std::string::npos);
+}
+
+TEST_F(SandboxTest, IncludePathsBuiltByMacrosAreRefused) {
+  ExpectRefused("#define STR2(x) #x\n#define STR(x) STR2(x)\n#define P " + secret_ +
+                "\n#include STR(P)\n");
+  ExpectRefused("#define Q \"" + secret_ + "\"\n#include Q\n");
+  ExpectRefused("#include </etc/passwd>\n");
+}
+
+TEST_F(SandboxTest, TraversalProcAndSymlinkPathsAreRefused) {
+  ExpectRefused("#include <../../../../../../../../" + secret_ + ">\n");
+  ExpectRefused("#include \"/proc/self/root" + secret_ + "\"\n");
+  ExpectRefused("#include \"" + dir_.File("link.h") + "\"\n");
+  ExpectRefused("#include \"/proc/self/environ\"\n");
+  ExpectRefused("#include \"/dev/stdin\"\n");
+  ExpectRefused("#include \"/proc/self/fd/0\"\n");
+}
+
+TEST_F(SandboxTest, PragmaAndLineTricksReadNothing) {
+  ExpectRefused("#line 1 \"" + secret_ + "\"\n#include __FILE__\n");
+  ExpectRefused("_Pragma(\"once\")\n#include \"" + secret_ + "\"\n");
+}
+
+TEST_F(SandboxTest, CompileBombIsStoppedAtItsWallTimeAndNotCached) {
+  CompileServiceOptions o;
+  o.limits.wall = std::chrono::milliseconds(1500);
+  auto s = Make(o);
+  auto e = s->Compile(Request(kMacroBomb));
+  ASSERT_FALSE(e.ok());
+  EXPECT_EQ(e.status().code(), Code::kTimeout);
+  EXPECT_NE(e.status().message().find("1500 ms"), std::string::npos);
+  auto st = s->cache().Stats();
+  ASSERT_TRUE(st.ok());
+  EXPECT_EQ(st->entries, 0u) << "a timeout says nothing about the source: not cached";
+}
+
+TEST_F(SandboxTest, CompileOverItsMemoryBoundIsStoppedAndNotCached) {
+  CompileServiceOptions o;
+  o.limits.memory_bytes = 512ull << 20;
+  o.limits.wall = std::chrono::seconds(60);
+  auto s = Make(o);
+  auto e = s->Compile(Request(kMacroBomb));
+  ASSERT_FALSE(e.ok());
+  EXPECT_EQ(e.status().code(), Code::kResourceExhausted) << e.status().ToString();
+  auto st = s->cache().Stats();
+  ASSERT_TRUE(st.ok());
+  EXPECT_EQ(st->entries, 0u);
+}
+
+TEST_F(SandboxTest, AHungCompileDoesNotHoldUpOthers) {
+  CompileServiceOptions o;
+  o.limits.wall = std::chrono::seconds(20);
+  o.max_concurrent = 2;
+  auto s = Make(o);
+  auto bomb = std::async(std::launch::async, [&] { return s->Compile(Request(kMacroBomb)); });
+  // The small compile finishes while the bomb is still running.
+  auto small = s->Compile(Request(kSaxpy));
+  ASSERT_TRUE(small.ok()) << small.status().ToString();
+  EXPECT_TRUE((*small)->ok);
+  EXPECT_EQ(bomb.wait_for(std::chrono::seconds(0)), std::future_status::timeout)
+      << "the bomb ended before the small compile: the test proves nothing";
+  bomb.wait();
+}
+
+// ------------------------------------------------------------ several processes
+
+TEST(CacheAcrossProcessesTest, TwoProcessesCompilingOneKeyCompileItOnce) {
+  TempDir dir;
+  testing::WriteFile(dir.File("k.cu"), kSaxpy);
+  const std::string gpuq = testing::BinPath("gpuq");
+  const std::string cache = dir.File("shared.db");
+  auto run = [&] {
+    std::string out;
+    int rc = testing::RunProgram(
+        {gpuq, "compile", dir.File("k.cu"), "--arch", "sm_90", "--cache", cache, "--json"},
+        &out);
+    EXPECT_EQ(rc, 0) << out;
+    return nlohmann::json::parse(out, nullptr, false);
+  };
+  auto a = std::async(std::launch::async, run);
+  auto b = std::async(std::launch::async, run);
+  auto ja = a.get(), jb = b.get();
+  ASSERT_FALSE(ja.is_discarded());
+  ASSERT_FALSE(jb.is_discarded());
+  int compiled = (ja["source"] == "compiled") + (jb["source"] == "compiled");
+  EXPECT_EQ(compiled, 1) << ja.dump() << "\n" << jb.dump();
+  EXPECT_EQ(ja["key"], jb["key"]);
+  auto c = KernelCache::Open(cache);
+  ASSERT_TRUE(c.ok());
+  auto st = (*c)->Stats();
+  ASSERT_TRUE(st.ok());
+  EXPECT_EQ(st->entries, 1u);
+}
+
+TEST(CacheAcrossProcessesTest, ManyProcessesAndKeysLeaveTheFileConsistent) {
+  TempDir dir;
+  const std::string gpuq = testing::BinPath("gpuq");
+  const std::string cache = dir.File("shared.db");
+  constexpr int kKeys = 4, kProcesses = 6;
+  for (int k = 0; k < kKeys; ++k) {
+    testing::WriteFile(dir.File("k" + std::to_string(k) + ".cu"),
+                       std::string(kSaxpy) + "// " + std::to_string(k) + "\n");
+  }
+  std::vector<std::future<std::vector<std::string>>> procs;
+  for (int p = 0; p < kProcesses; ++p) {
+    procs.push_back(std::async(std::launch::async, [&, p] {
+      std::vector<std::string> sources;
+      for (int i = 0; i < kKeys; ++i) {
+        int k = (i + p) % kKeys;
+        std::string out;
+        int rc = testing::RunProgram({gpuq, "compile", dir.File("k" + std::to_string(k) + ".cu"),
+                                      "--cache", cache, "--json"},
+                                     &out);
+        EXPECT_EQ(rc, 0) << out;
+        auto j = nlohmann::json::parse(out, nullptr, false);
+        sources.push_back(j.is_discarded() ? "?" : j["source"].get<std::string>());
+      }
+      return sources;
+    }));
+  }
+  int compiled = 0;
+  for (auto& p : procs) {
+    for (const auto& s : p.get()) compiled += s == "compiled";
+  }
+  EXPECT_EQ(compiled, kKeys) << "each key compiled exactly once across all processes";
+  auto c = KernelCache::Open(cache);
+  ASSERT_TRUE(c.ok());
+  auto st = (*c)->Stats();
+  ASSERT_TRUE(st.ok());
+  EXPECT_EQ(st->entries, static_cast<uint64_t>(kKeys));
+  sqlite3* db = nullptr;
+  ASSERT_EQ(sqlite3_open(cache.c_str(), &db), SQLITE_OK);
+  sqlite3_stmt* s = nullptr;
+  ASSERT_EQ(sqlite3_prepare_v2(db, "PRAGMA integrity_check", -1, &s, nullptr), SQLITE_OK);
+  ASSERT_EQ(sqlite3_step(s), SQLITE_ROW);
+  EXPECT_STREQ(reinterpret_cast<const char*>(sqlite3_column_text(s, 0)), "ok");
+  sqlite3_finalize(s);
+  sqlite3_close(db);
+}
+
+TEST(KernelCacheTest, AClaimOfADeadProcessIsTakenOver) {
+  TempDir dir;
+  auto c = KernelCache::Open(dir.File("k.db"));
+  ASSERT_TRUE(c.ok());
+  Digest key{};
+  key[0] = 1;
+  pid_t child = fork();
+  if (child == 0) {
+    auto mine = KernelCache::Open(dir.File("k.db"));
+    _exit(mine.ok() && (*mine)->TryClaim(key, std::chrono::hours(1)).ok() ? 0 : 1);
+  }
+  int status = 0;
+  waitpid(child, &status, 0);
+  ASSERT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+  auto claim = (*c)->TryClaim(key, std::chrono::hours(1));
+  ASSERT_TRUE(claim.ok());
+  EXPECT_EQ(*claim, KernelCache::Claim::kOwned);
+}
+
+TEST(KernelCacheTest, AClaimOfALiveProcessIsRespected) {
+  TempDir dir;
+  auto c = KernelCache::Open(dir.File("k.db"));
+  ASSERT_TRUE(c.ok());
+  Digest key{};
+  key[0] = 2;
+  int go[2];
+  ASSERT_EQ(pipe(go), 0);
+  pid_t child = fork();
+  if (child == 0) {
+    auto mine = KernelCache::Open(dir.File("k.db"));
+    bool ok = mine.ok() && (*mine)->TryClaim(key, std::chrono::hours(1)).ok();
+    char b = ok ? 1 : 0;
+    (void)!write(go[1], &b, 1);
+    pause();  // alive, holding the claim, until killed
+    _exit(0);
+  }
+  char b = 0;
+  ASSERT_EQ(read(go[0], &b, 1), 1);
+  ASSERT_EQ(b, 1);
+  auto claim = (*c)->TryClaim(key, std::chrono::hours(1));
+  kill(child, SIGKILL);
+  waitpid(child, nullptr, 0);
+  close(go[0]);
+  close(go[1]);
+  ASSERT_TRUE(claim.ok());
+  EXPECT_EQ(*claim, KernelCache::Claim::kBusy);
+}
+
+}  // namespace
+}  // namespace gpuq::compile

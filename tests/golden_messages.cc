@@ -1,0 +1,349 @@
+#include "tests/golden_messages.h"
+
+#include <cstdint>
+#include <cstring>
+
+#include "schema/codec.h"
+
+namespace gpuq::testing {
+
+using namespace schema;
+
+namespace {
+
+DeviceInfo H100() {
+  DeviceInfo d;
+  d.ordinal = 0;
+  d.name = "NVIDIA H100 80GB HBM3";
+  d.uuid = "GPU-5f1b2c3d-0a1b-2c3d-4e5f-60718293a4b5";
+  d.cc_major = 9;
+  d.cc_minor = 0;
+  d.total_bytes = 85045231616ull;
+  d.free_bytes = 84500000000ull;
+  d.sm_count = 132;
+  d.clock_khz = 1980000;
+  d.l2_bytes = 52428800;
+  d.managed_memory = true;
+  d.max_threads_per_block = 1024;
+  d.max_block = {1024, 1024, 64};
+  d.max_grid = {2147483647, 65535, 65535};
+  d.max_shared_per_block = 49152;
+  d.max_shared_optin = 232448;
+  return d;
+}
+
+JobSpec Saxpy() {
+  JobSpec j;
+  j.key = "vm-17/job-0042";
+  j.tenant = "guest-17";
+  j.priority = 7;
+  j.deadline_ms = 5000;
+  j.time_limit_ms = 2000;
+  j.kernel.source =
+      "extern \"C\" __global__ void saxpy(float a, const float* x, float* y, int n) {\n"
+      "  int i = blockIdx.x * blockDim.x + threadIdx.x;\n"
+      "  if (i < n) y[i] = a * x[i] + y[i];\n}\n";
+  j.kernel.entry = "saxpy";
+  j.kernel.options = {"--use_fast_math"};
+  j.launch.grid = {4, 1, 1};
+  j.launch.block = {256, 1, 1};
+  j.args = {Arg::F32(2.5f), Arg::In(0), Arg::InOut(1), Arg::I32(1024)};
+  j.placement.arch = "sm_90";
+  return j;
+}
+
+std::string Bytes(size_t n, uint8_t seed) {
+  std::string s(n, '\0');
+  for (size_t i = 0; i < n; ++i) s[i] = static_cast<char>(seed + i * 7);
+  return s;
+}
+
+Timing SomeTiming() {
+  Timing t;
+  t.queue_us = 12;
+  t.compile_us = 3;
+  t.load_us = 21;
+  t.h2d_us = 9;
+  t.kernel_us = 4;
+  t.d2h_us = 8;
+  t.total_us = 71;
+  t.cache_hit = true;
+  return t;
+}
+
+}  // namespace
+
+std::vector<GoldenMessage> GoldenMessages() {
+  std::vector<GoldenMessage> g;
+
+  // client -> broker
+  {
+    ClientRequest r;
+    r.op = ClientOp::kSubmit;
+    r.rid = 1;
+    r.job = Saxpy();
+    g.push_back({"client_submit_saxpy", r, {Bytes(4096, 1), Bytes(4096, 2)}});
+  }
+  {
+    ClientRequest r;
+    r.op = ClientOp::kSubmit;
+    r.rid = 2;
+    JobSpec& j = r.job;
+    j.kernel.source =
+        "#include \"ops.h\"\n"
+        "template <typename T> __global__ void fill(T* out, T v, unsigned long long n) {\n"
+        "  extern __shared__ unsigned char smem[];\n"
+        "  auto i = blockIdx.x * blockDim.x + threadIdx.x; if (i < n) out[i] = op(v);\n}\n";
+    j.kernel.entry = "fill<double>";
+    j.kernel.name_expression = true;
+    j.kernel.headers = {{"ops.h", "template <typename T> __device__ T op(T v) { return v; }\n"}};
+    j.launch.grid = {2, 2, 2};
+    j.launch.block = {8, 8, 4};
+    j.launch.shared_bytes = 65536;
+    j.args = {Arg::Out(8192), Arg::F64(-0.5),
+              Arg::Scalar(ScalarType::kU64, 1024)};
+    j.placement.gpu = "GPU-5f1b2c3d-0a1b-2c3d-4e5f-60718293a4b5";
+    j.placement.min_free_bytes = 1ull << 30;
+    g.push_back({"client_submit_template", r, {}});
+  }
+  {
+    ClientRequest r;
+    r.op = ClientOp::kSubmit;
+    r.rid = 3;
+    r.job.kernel.source = "extern \"C\" __global__ void k(unsigned char a, signed char b, "
+                          "unsigned short c, short d, unsigned e, int f, unsigned long long g, "
+                          "long long h, float i, double j) {}\n";
+    r.job.kernel.entry = "k";
+    r.job.args = {Arg::Scalar(ScalarType::kU8, 255),
+                  Arg::Scalar(ScalarType::kI8, static_cast<uint8_t>(-128)),
+                  Arg::Scalar(ScalarType::kU16, 65535),
+                  Arg::Scalar(ScalarType::kI16, static_cast<uint16_t>(-32768)),
+                  Arg::U32(4294967295u),
+                  Arg::I32(-2147483647 - 1),
+                  Arg::Scalar(ScalarType::kU64, ~0ull),
+                  Arg::Scalar(ScalarType::kI64, 1ull << 63),
+                  Arg::F32(-1.0e-3f),
+                  Arg::F64(6.02214076e23)};
+    g.push_back({"client_submit_scalars", r, {}});
+  }
+  for (auto [op, name] : {std::pair{ClientOp::kStatus, "client_status"},
+                          std::pair{ClientOp::kResult, "client_result"},
+                          std::pair{ClientOp::kCancel, "client_cancel"}}) {
+    ClientRequest r;
+    r.op = op;
+    r.rid = 10;
+    r.id = 4242;
+    g.push_back({name, r, {}});
+  }
+  {
+    ClientRequest r;
+    r.op = ClientOp::kStats;
+    r.rid = 11;
+    g.push_back({"client_stats", r, {}});
+    r.op = ClientOp::kDevices;
+    r.rid = 12;
+    g.push_back({"client_devices", r, {}});
+  }
+
+  // broker -> client
+  {
+    ClientReply r;
+    r.op = ReplyOp::kAccepted;
+    r.rid = 1;
+    r.id = 4242;
+    g.push_back({"reply_accepted", r, {}});
+    r.existing = true;
+    g.push_back({"reply_accepted_existing", r, {}});
+  }
+  {
+    ClientReply r;
+    r.op = ReplyOp::kError;
+    r.rid = 1;
+    r.code = Code::kQueueFull;
+    r.error = "tenant guest-17 has 10000 queued jobs, its limit";
+    r.retry_after_ms = 250;
+    g.push_back({"reply_error_queue_full", r, {}});
+  }
+  {
+    ClientReply r;
+    r.op = ReplyOp::kStatus;
+    r.rid = 10;
+    r.id = 4242;
+    r.state = JobState::kDispatched;
+    r.attempts = 1;
+    r.device = "GPU-5f1b2c3d-0a1b-2c3d-4e5f-60718293a4b5";
+    g.push_back({"reply_status", r, {}});
+  }
+  {
+    ClientReply r;
+    r.op = ReplyOp::kResult;
+    r.rid = 0;
+    r.id = 4242;
+    r.state = JobState::kDone;
+    r.attempts = 1;
+    r.device = "GPU-5f1b2c3d-0a1b-2c3d-4e5f-60718293a4b5";
+    r.timing = SomeTiming();
+    r.outputs = {2};
+    g.push_back({"reply_result_done", r, {Bytes(4096, 3)}});
+  }
+  {
+    ClientReply r;
+    r.op = ReplyOp::kResult;
+    r.rid = 0;
+    r.id = 4243;
+    r.state = JobState::kFailed;
+    r.code = Code::kCompileError;
+    r.error = "k.cu(1): error: identifier \"x\" is undefined\n";
+    r.attempts = 1;
+    g.push_back({"reply_result_compile_error", r, {}});
+  }
+  {
+    ClientReply r;
+    r.op = ReplyOp::kCanceled;
+    r.rid = 10;
+    r.id = 4242;
+    r.state = JobState::kCanceled;
+    g.push_back({"reply_canceled", r, {}});
+  }
+  {
+    ClientReply r;
+    r.op = ReplyOp::kStats;
+    r.rid = 11;
+    // {"queued": 3, "workers": 1}
+    r.stats = std::string("\x82\xa6queued\x03\xa7workers\x01", 18);
+    g.push_back({"reply_stats", r, {}});
+  }
+  {
+    ClientReply r;
+    r.op = ReplyOp::kDevices;
+    r.rid = 12;
+    r.workers = {{"gpu-host-1:3112:0", H100(), 8, 2, 120}};
+    g.push_back({"reply_devices", r, {}});
+  }
+
+  // worker -> broker
+  {
+    WorkerMessage m;
+    m.op = WorkerOp::kReady;
+    m.worker = "gpu-host-1:3112:0";
+    m.device = H100();
+    m.slots = 8;
+    m.module_slots = 256;
+    g.push_back({"worker_ready", m, {}});
+  }
+  {
+    WorkerMessage m;
+    m.op = WorkerOp::kResult;
+    m.id = 4242;
+    m.attempt = 1;
+    m.state = JobState::kDone;
+    m.timing = SomeTiming();
+    m.outputs = {2};
+    g.push_back({"worker_result_done", m, {Bytes(4096, 3)}});
+  }
+  {
+    WorkerMessage m;
+    m.op = WorkerOp::kResult;
+    m.id = 4244;
+    m.attempt = 2;
+    m.state = JobState::kFailed;
+    m.code = Code::kKernelFault;
+    m.error = "CUDA_ERROR_ILLEGAL_ADDRESS: an illegal memory access was encountered";
+    g.push_back({"worker_result_fault", m, {}});
+  }
+  {
+    WorkerMessage m;
+    m.op = WorkerOp::kHeartbeat;
+    m.free_bytes = 84000000000ull;
+    m.inflight = 3;
+    g.push_back({"worker_heartbeat", m, {}});
+  }
+  {
+    WorkerMessage m;
+    m.op = WorkerOp::kDisconnect;
+    m.reason = "sticky CUDA error: CUDA_ERROR_ILLEGAL_ADDRESS";
+    g.push_back({"worker_disconnect", m, {}});
+  }
+
+  // broker -> worker
+  {
+    BrokerMessage m;
+    m.op = BrokerOp::kJob;
+    m.id = 4242;
+    m.attempt = 1;
+    m.module = "078f1398ea2b7a94c25cc6aaa4fd44042c7b7281d37a0f023c801a86f71339b6";
+    m.entry = "saxpy";
+    m.image = ImageKind::kCubin;
+    m.launch.grid = {4, 1, 1};
+    m.launch.block = {256, 1, 1};
+    m.args = {Arg::F32(2.5f), Arg::In(1), Arg::InOut(2), Arg::I32(1024)};
+    m.time_limit_ms = 2000;
+    g.push_back({"broker_job", m, {Bytes(64, 9), Bytes(4096, 1), Bytes(4096, 2)}});
+  }
+  {
+    BrokerMessage m;
+    m.op = BrokerOp::kHeartbeat;
+    g.push_back({"broker_heartbeat", m, {}});
+  }
+  {
+    BrokerMessage m;
+    m.op = BrokerOp::kError;
+    m.code = Code::kBadVersion;
+    m.error = "protocol GPUQW/2 is not supported; this peer speaks GPUQW/1";
+    g.push_back({"broker_error", m, {}});
+  }
+  {
+    BrokerMessage m;
+    m.op = BrokerOp::kDisconnect;
+    m.error = "broker shutting down";
+    g.push_back({"broker_disconnect", m, {}});
+  }
+  return g;
+}
+
+std::vector<std::string> EncodeFrames(const GoldenMessage& g) {
+  std::vector<std::string> frames;
+  std::visit(
+      [&](const auto& m) {
+        using T = std::decay_t<decltype(m)>;
+        if constexpr (std::is_same_v<T, ClientRequest>) {
+          frames = {std::string(kClientProtocol), EncodeClientRequest(m)};
+        } else if constexpr (std::is_same_v<T, ClientReply>) {
+          frames = {std::string(kClientProtocol), EncodeClientReply(m)};
+        } else if constexpr (std::is_same_v<T, WorkerMessage>) {
+          frames = {std::string(kWorkerProtocol), EncodeWorkerMessage(m)};
+        } else {
+          frames = {std::string(kWorkerProtocol), EncodeBrokerMessage(m)};
+        }
+      },
+      g.message);
+  frames.insert(frames.end(), g.payload.begin(), g.payload.end());
+  return frames;
+}
+
+std::string PackFrames(const std::vector<std::string>& frames) {
+  std::string out;
+  for (const auto& f : frames) {
+    uint32_t n = static_cast<uint32_t>(f.size());
+    for (int i = 0; i < 4; ++i) out.push_back(static_cast<char>(n >> (8 * i)));
+    out += f;
+  }
+  return out;
+}
+
+bool UnpackFrames(const std::string& file, std::vector<std::string>* frames) {
+  frames->clear();
+  size_t off = 0;
+  while (off < file.size()) {
+    if (file.size() - off < 4) return false;
+    uint32_t n = 0;
+    for (int i = 0; i < 4; ++i) n |= uint32_t(uint8_t(file[off + i])) << (8 * i);
+    off += 4;
+    if (file.size() - off < n) return false;
+    frames->push_back(file.substr(off, n));
+    off += n;
+  }
+  return true;
+}
+
+}  // namespace gpuq::testing
