@@ -948,6 +948,38 @@ Status DecodeClientRequest(std::string_view header,
   return Status::Ok();
 }
 
+// Which fields each reply carries (PROTOCOL.md, "Replies"). A field outside
+// its op's set is malformed: the encoder would drop it, so accepting it would
+// make two different messages mean the same thing.
+struct ReplyFields {
+  std::vector<std::string_view> required, optional;
+};
+
+const ReplyFields& FieldsOf(ReplyOp op) {
+  static const ReplyFields kFields[] = {
+      /*accepted*/ {{"rid", "id"}, {"existing"}},
+      /*error*/ {{"rid", "code", "error"}, {"id", "retry_after_ms"}},
+      /*status*/ {{"rid", "id", "state", "attempts"}, {"code", "error", "device"}},
+      /*result*/
+      {{"rid", "id", "state", "attempts", "timing", "outputs"}, {"code", "error", "device"}},
+      /*canceled*/ {{"rid", "id", "state"}, {"code", "error"}},
+      /*stats*/ {{"rid", "stats"}, {}},
+      /*devices*/ {{"rid", "workers"}, {}},
+  };
+  return kFields[static_cast<size_t>(op)];
+}
+
+// "code" and "error" come together, and "code" is never "ok" on the wire.
+Status CheckFailure(bool has_code, bool has_error, Code code) {
+  if (has_code != has_error) {
+    return Error(Code::kMalformed, "fields 'code' and 'error' come together");
+  }
+  if (has_code && code == Code::kOk) {
+    return Malformed("code", "'ok' is not a failure code");
+  }
+  return Status::Ok();
+}
+
 Status DecodeClientReply(std::string_view header, std::span<const uint64_t> payload_sizes,
                          const Limits& limits, ClientReply* out) {
   msgpack::object_handle oh;
@@ -956,15 +988,29 @@ Status DecodeClientReply(std::string_view header, std::span<const uint64_t> payl
   GPUQ_RETURN_IF_ERROR(GetOp(oh.get(), &op));
   ClientReply r;
   if (!Lookup(kReplyOpNames, op, &r.op)) return UnknownOp(op);
-  GPUQ_RETURN_IF_ERROR(ForEachField(oh.get(), "header", {"rid"},
+  const ReplyFields& fields = FieldsOf(r.op);
+  bool has_code = false, has_error = false;
+  GPUQ_RETURN_IF_ERROR(ForEachField(oh.get(), "header", fields.required,
                                     [&](std::string_view k, const object& v) -> Status {
     if (k == "op") return Status::Ok();
+    if (std::find(fields.required.begin(), fields.required.end(), k) ==
+            fields.required.end() &&
+        std::find(fields.optional.begin(), fields.optional.end(), k) ==
+            fields.optional.end()) {
+      return kUnknownField;
+    }
     if (k == "rid") return GetU(v, k, &r.rid);
     if (k == "id") return GetU(v, k, &r.id);
     if (k == "existing") return GetBool(v, k, &r.existing);
     if (k == "state") return GetEnum(v, k, kStateNames, &r.state);
-    if (k == "code") return GetCode(v, k, &r.code);
-    if (k == "error") return GetStr(v, k, limits.max_text_bytes, &r.error);
+    if (k == "code") {
+      has_code = true;
+      return GetCode(v, k, &r.code);
+    }
+    if (k == "error") {
+      has_error = true;
+      return GetStr(v, k, limits.max_text_bytes, &r.error);
+    }
     if (k == "retry_after_ms") return GetU(v, k, &r.retry_after_ms);
     if (k == "attempts") return GetU(v, k, &r.attempts);
     if (k == "device") return GetStr(v, k, 64, &r.device);
@@ -998,6 +1044,7 @@ Status DecodeClientReply(std::string_view header, std::span<const uint64_t> payl
     }
     return kUnknownField;
   }));
+  GPUQ_RETURN_IF_ERROR(CheckFailure(has_code, has_error, r.code));
   if (r.op == ReplyOp::kResult) {
     GPUQ_RETURN_IF_ERROR(CheckOutputs(r.outputs, payload_sizes));
   } else if (!payload_sizes.empty()) {
@@ -1031,6 +1078,7 @@ Status DecodeWorkerMessage(std::string_view header, std::span<const uint64_t> pa
       break;
   }
   const WorkerOp wop = r.op;
+  bool has_code = false, has_error = false;
   GPUQ_RETURN_IF_ERROR(ForEachField(oh.get(), "header", required,
                                     [&](std::string_view k, const object& v) -> Status {
     if (k == "op") return Status::Ok();
@@ -1043,8 +1091,14 @@ Status DecodeWorkerMessage(std::string_view header, std::span<const uint64_t> pa
       if (k == "id") return GetU(v, k, &r.id);
       if (k == "attempt") return GetU(v, k, &r.attempt);
       if (k == "state") return GetEnum(v, k, kStateNames, &r.state);
-      if (k == "code") return GetCode(v, k, &r.code);
-      if (k == "error") return GetStr(v, k, limits.max_text_bytes, &r.error);
+      if (k == "code") {
+        has_code = true;
+        return GetCode(v, k, &r.code);
+      }
+      if (k == "error") {
+        has_error = true;
+        return GetStr(v, k, limits.max_text_bytes, &r.error);
+      }
       if (k == "timing") return GetTiming(v, &r.timing);
       if (k == "outputs") return GetU32List(v, k, limits.max_args, &r.outputs);
     } else if (wop == WorkerOp::kHeartbeat) {
@@ -1055,6 +1109,7 @@ Status DecodeWorkerMessage(std::string_view header, std::span<const uint64_t> pa
     }
     return kUnknownField;
   }));
+  GPUQ_RETURN_IF_ERROR(CheckFailure(has_code, has_error, r.code));
   if (r.op == WorkerOp::kResult) {
     if (r.state != JobState::kDone && r.state != JobState::kFailed) {
       return Error(Code::kInvalid, "a worker result is done or failed");

@@ -47,6 +47,12 @@ T DecodeAs(const std::vector<std::string>& frames, Status* status) {
   return out;
 }
 
+// Bytes of a string literal, embedded NULs included, without counting by hand.
+template <size_t N>
+std::string M(const char (&s)[N]) {
+  return std::string(s, N - 1);
+}
+
 class GoldenTest : public ::testing::TestWithParam<GoldenMessage> {};
 
 TEST_P(GoldenTest, FileMatchesTheEncoderByteForByte) {
@@ -140,7 +146,7 @@ TEST_F(BadInputTest, UnknownCommandIsReportedAsSuch) {
 }
 
 TEST_F(BadInputTest, HeaderThatIsNotAMapIsMalformed) {
-  EXPECT_EQ(Decode(std::string("\x93\x01\x02\x03", 4), {}).code(), Code::kMalformed);
+  EXPECT_EQ(Decode(M("\x93\x01\x02\x03"), {}).code(), Code::kMalformed);
 }
 
 TEST_F(BadInputTest, MissingRequiredFieldIsMalformed) {
@@ -228,23 +234,44 @@ TEST_F(BadInputTest, ScalarOutOfRangeForItsTypeIsInvalid) {
   //  "block":[1,1,1],"args":[["u8", 256]]}}
   auto submit_with_arg = [](const std::string& arg) {
     std::string h("\x83\xa2op\xa6submit\xa3rid\x01\xa3job\x85", 21);
-    h += std::string("\xa3src\xa1x\xa5" "entry\xa1k", 14);
-    h += std::string("\xa4grid\x93\x01\x01\x01\xa5" "block\x93\x01\x01\x01", 19);
-    h += std::string("\xa4" "args\x91", 6) + arg;
+    h += M("\xa3src\xa1x\xa5" "entry\xa1k");
+    h += M("\xa4grid\x93\x01\x01\x01\xa5" "block\x93\x01\x01\x01");
+    h += M("\xa4" "args\x91") + arg;
     return h;
   };
-  EXPECT_TRUE(Decode(submit_with_arg(std::string("\x92\xa2u8\xcc\xff", 6)), {}).ok());
-  EXPECT_EQ(Decode(submit_with_arg(std::string("\x92\xa2u8\xcd\x01\x00", 7)), {}).code(),
+  EXPECT_TRUE(Decode(submit_with_arg(M("\x92\xa2u8\xcc\xff")), {}).ok());
+  EXPECT_EQ(Decode(submit_with_arg(M("\x92\xa2u8\xcd\x01\x00")), {}).code(),
             Code::kInvalid);
-  EXPECT_EQ(Decode(submit_with_arg(std::string("\x92\xa3u32\xff", 6)), {}).code(),
+  EXPECT_EQ(Decode(submit_with_arg(M("\x92\xa3u32\xff")), {}).code(),
             Code::kInvalid)
       << "negative value for an unsigned type";
-  EXPECT_EQ(Decode(submit_with_arg(std::string("\x92\xa3i99\x01", 6)), {}).code(),
+  EXPECT_EQ(Decode(submit_with_arg(M("\x92\xa3i99\x01")), {}).code(),
             Code::kMalformed)
       << "unknown type name";
-  EXPECT_EQ(Decode(submit_with_arg(std::string("\x92\xa2i8\xd0\x80", 6)), {}).ok(), true)
+  EXPECT_EQ(Decode(submit_with_arg(M("\x92\xa2i8\xd0\x80")), {}).ok(), true)
       << "-128 fits i8";
-  EXPECT_EQ(Decode(submit_with_arg(std::string("\x92\xa4u128\x01", 7)), {}).code(),
+  EXPECT_EQ(Decode(submit_with_arg(M("\x92\xa4u128\x01")), {}).code(),
+            Code::kMalformed);
+}
+
+TEST(ReplyFieldsTest, EachReplyCarriesExactlyItsOwnFields) {
+  Limits limits;
+  ClientReply r;
+  // {"op": "stats", "rid": 11} lacks "stats" (found by the fuzzer).
+  EXPECT_EQ(DecodeClientReply(M("\x82\xa2op\xa5stats\xa3rid\x0b"), {}, limits, &r)
+                .code(),
+            Code::kMalformed);
+  // {"op": "accepted", "rid": 1, "id": 2, "stats": {}}: a field of another reply.
+  EXPECT_EQ(DecodeClientReply(
+                M("\x84\xa2op\xa8" "accepted\xa3rid\x01\xa2id\x02\xa5stats\x80"),
+                {}, limits, &r)
+                .code(),
+            Code::kMalformed);
+  // {"op": "error", "rid": 1, "code": "ok", "error": ""}: "ok" is no failure.
+  EXPECT_EQ(DecodeClientReply(
+                M("\x84\xa2op\xa5" "error\xa3rid\x01\xa4" "code\xa2ok\xa5" "error\xa0"),
+                {}, limits, &r)
+                .code(),
             Code::kMalformed);
 }
 

@@ -1,5 +1,9 @@
 #include "util/sqlite.h"
 
+#include <algorithm>
+#include <chrono>
+#include <thread>
+
 namespace gpuq::sql {
 
 Status ErrorFrom(sqlite3* db, int rc, std::string_view what) {
@@ -91,7 +95,17 @@ StatusOr<Db> Db::Open(const std::string& path, int busy_timeout_ms) {
   db.db_.reset(raw);  // owned even when open failed
   if (rc != SQLITE_OK) return ErrorFrom(raw, rc, "open " + path);
   sqlite3_busy_timeout(raw, busy_timeout_ms);
-  GPUQ_RETURN_IF_ERROR(db.Exec("PRAGMA journal_mode=WAL"));
+  // Switching a new file to WAL takes an exclusive lock without calling the
+  // busy handler, so two processes opening one new file can see SQLITE_BUSY
+  // here: retry within the busy timeout.
+  const auto give_up =
+      std::chrono::steady_clock::now() + std::chrono::milliseconds(busy_timeout_ms);
+  for (auto nap = std::chrono::milliseconds(1);; nap = std::min(nap * 2, std::chrono::milliseconds(50))) {
+    Status s = db.Exec("PRAGMA journal_mode=WAL");
+    if (s.ok()) break;
+    if (s.code() != Code::kUnavailable || std::chrono::steady_clock::now() > give_up) return s;
+    std::this_thread::sleep_for(nap);
+  }
   GPUQ_RETURN_IF_ERROR(db.Exec("PRAGMA foreign_keys=ON"));
   return db;
 }

@@ -65,6 +65,10 @@ bool CacheEntry::HasKernel(const std::string& symbol) const {
 StatusOr<std::unique_ptr<KernelCache>> KernelCache::Open(const std::string& path,
                                                         CacheOptions options) {
   GPUQ_ASSIGN_OR_RETURN(sql::Db db, sql::Db::Open(path));
+  // A cache needs consistency, not durability of its last writes: in WAL
+  // mode NORMAL never corrupts the file, and a power loss can only forget the
+  // latest entries and touches. FULL would fsync on every lookup's touch.
+  GPUQ_RETURN_IF_ERROR(db.Exec("PRAGMA synchronous=NORMAL"));
   // The schema is idempotent (IF NOT EXISTS / OR IGNORE), so several
   // processes may open a new file at once.
   {
@@ -81,62 +85,92 @@ StatusOr<std::unique_ptr<KernelCache>> KernelCache::Open(const std::string& path
   return std::unique_ptr<KernelCache>(new KernelCache(path, options, std::move(db)));
 }
 
+KernelCache::~KernelCache() {
+  std::lock_guard lock(mu_);
+  if (pending_hits_.empty() && pending_misses_ == 0) return;
+  sql::Transaction tx(&db_);
+  if (tx.Begin().ok() && FlushLocked().ok()) (void)tx.Commit();
+}
+
+StatusOr<sql::Stmt*> KernelCache::Cached(const char* sql) {
+  auto it = statements_.find(sql);
+  if (it == statements_.end()) {
+    GPUQ_ASSIGN_OR_RETURN(sql::Stmt s, db_.Prepare(sql));
+    it = statements_.emplace(sql, std::move(s)).first;
+  }
+  it->second.Reset();
+  return &it->second;
+}
+
 Status KernelCache::CountLocked(const char* counter, int64_t delta) {
-  GPUQ_ASSIGN_OR_RETURN(sql::Stmt s,
-                        db_.Prepare("UPDATE counters SET value = value + ?1 WHERE name = ?2"));
-  return s.Bind(1, delta).Bind(2, counter).Run();
+  GPUQ_ASSIGN_OR_RETURN(sql::Stmt * s,
+                        Cached("UPDATE counters SET value = value + ?1 WHERE name = ?2"));
+  return s->Bind(1, delta).Bind(2, counter).Run();
+}
+
+Status KernelCache::FlushLocked() {
+  uint64_t hits = 0;
+  for (const auto& [key, n] : pending_hits_) {
+    GPUQ_ASSIGN_OR_RETURN(
+        sql::Stmt * u, Cached("UPDATE kernels SET last_used_ms = MAX(last_used_ms, ?1), "
+                              "hits = hits + ?2 WHERE key = ?3"));
+    GPUQ_RETURN_IF_ERROR(
+        u->Bind(1, NowMs()).Bind(2, static_cast<int64_t>(n)).BindBlob(3, AsBytes(key)).Run());
+    hits += n;
+  }
+  if (hits) GPUQ_RETURN_IF_ERROR(CountLocked("hits", static_cast<int64_t>(hits)));
+  if (pending_misses_) {
+    GPUQ_RETURN_IF_ERROR(CountLocked("misses", static_cast<int64_t>(pending_misses_)));
+  }
+  pending_hits_.clear();
+  pending_misses_ = 0;
+  return Status::Ok();
 }
 
 StatusOr<std::optional<CacheEntry>> KernelCache::Lookup(const Digest& key) {
   std::lock_guard lock(mu_);
-  sql::Transaction tx(&db_);
-  GPUQ_RETURN_IF_ERROR(tx.Begin());
   GPUQ_ASSIGN_OR_RETURN(
-      sql::Stmt s,
-      db_.Prepare("SELECT arch, nvrtc_version, ok, code, ptx, cubin, lowered, log, "
-                  "compile_us, created_ms, last_used_ms, hits FROM kernels WHERE key = ?1"));
-  s.BindBlob(1, AsBytes(key));
-  GPUQ_ASSIGN_OR_RETURN(bool row, s.Step());
+      sql::Stmt * s,
+      Cached("SELECT arch, nvrtc_version, ok, code, ptx, cubin, lowered, log, "
+             "compile_us, created_ms, last_used_ms, hits FROM kernels WHERE key = ?1"));
+  s->BindBlob(1, AsBytes(key));
+  GPUQ_ASSIGN_OR_RETURN(bool row, s->Step());
   if (!row) {
-    GPUQ_RETURN_IF_ERROR(CountLocked("misses", 1));
-    GPUQ_RETURN_IF_ERROR(tx.Commit());
+    ++pending_misses_;
     return std::optional<CacheEntry>();
   }
   CacheEntry e;
   e.key = key;
-  e.arch = s.Text(0);
-  e.nvrtc_version = s.Text(1);
-  e.ok = s.Int(2) != 0;
-  e.code = CodeFromName(s.Text(3)).value_or(Code::kInternal);
-  e.ptx = s.Blob(4);
-  e.cubin = s.Blob(5);
-  e.lowered = DecodeLowered(s.Text(6));
-  e.log = s.Text(7);
-  e.compile_us = static_cast<uint64_t>(s.Int(8));
-  e.created_ms = s.Int(9);
-  e.hits = static_cast<uint64_t>(s.Int(11)) + 1;
+  e.arch = s->Text(0);
+  e.nvrtc_version = s->Text(1);
+  e.ok = s->Int(2) != 0;
+  e.code = CodeFromName(s->Text(3)).value_or(Code::kInternal);
+  e.ptx = s->Blob(4);
+  e.cubin = s->Blob(5);
+  e.lowered = DecodeLowered(s->Text(6));
+  e.log = s->Text(7);
+  e.compile_us = static_cast<uint64_t>(s->Int(8));
+  e.created_ms = s->Int(9);
+  const int64_t last_used = s->Int(10);
+  e.hits = static_cast<uint64_t>(s->Int(11)) + 1;
   e.last_used_ms = NowMs();
-  GPUQ_ASSIGN_OR_RETURN(
-      sql::Stmt u,
-      db_.Prepare("UPDATE kernels SET last_used_ms = ?1, hits = hits + 1 WHERE key = ?2"));
-  GPUQ_RETURN_IF_ERROR(u.Bind(1, e.last_used_ms).BindBlob(2, AsBytes(key)).Run());
-  GPUQ_RETURN_IF_ERROR(CountLocked("hits", 1));
-  GPUQ_RETURN_IF_ERROR(tx.Commit());
+  s->Reset();  // ends the read before any write below
+  ++pending_hits_[key];
+  if (e.last_used_ms - last_used >= options_.touch_interval.count()) {
+    sql::Transaction tx(&db_);
+    GPUQ_RETURN_IF_ERROR(tx.Begin());
+    GPUQ_RETURN_IF_ERROR(FlushLocked());
+    GPUQ_RETURN_IF_ERROR(tx.Commit());
+  }
   return std::optional<CacheEntry>(std::move(e));
 }
 
 Status KernelCache::Touch(const Digest& key, uint64_t hits) {
   std::lock_guard lock(mu_);
+  pending_hits_[key] += hits;
   sql::Transaction tx(&db_);
   GPUQ_RETURN_IF_ERROR(tx.Begin());
-  GPUQ_ASSIGN_OR_RETURN(
-      sql::Stmt u,
-      db_.Prepare("UPDATE kernels SET last_used_ms = ?1, hits = hits + ?2 WHERE key = ?3"));
-  GPUQ_RETURN_IF_ERROR(u.Bind(1, NowMs())
-                           .Bind(2, static_cast<int64_t>(hits))
-                           .BindBlob(3, AsBytes(key))
-                           .Run());
-  if (db_.Changes() > 0) GPUQ_RETURN_IF_ERROR(CountLocked("hits", static_cast<int64_t>(hits)));
+  GPUQ_RETURN_IF_ERROR(FlushLocked());
   return tx.Commit();
 }
 
@@ -165,6 +199,7 @@ Status KernelCache::Insert(const CacheEntry& e) {
       .Bind(13, static_cast<int64_t>(e.hits))
       .Bind(14, static_cast<int64_t>(e.Bytes()));
   GPUQ_RETURN_IF_ERROR(s.Run());
+  GPUQ_RETURN_IF_ERROR(FlushLocked());
   uint64_t removed = 0;
   GPUQ_RETURN_IF_ERROR(EvictLocked(options_.max_bytes, &e.key, &removed));
   return tx.Commit();
@@ -240,6 +275,12 @@ Status KernelCache::Release(const Digest& key) {
 
 StatusOr<CacheStats> KernelCache::Stats() {
   std::lock_guard lock(mu_);
+  if (!pending_hits_.empty() || pending_misses_) {
+    sql::Transaction tx(&db_);
+    GPUQ_RETURN_IF_ERROR(tx.Begin());
+    GPUQ_RETURN_IF_ERROR(FlushLocked());
+    GPUQ_RETURN_IF_ERROR(tx.Commit());
+  }
   CacheStats st;
   st.max_bytes = options_.max_bytes;
   GPUQ_ASSIGN_OR_RETURN(

@@ -4,6 +4,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -43,6 +44,10 @@ struct CacheStats {
 
 struct CacheOptions {
   uint64_t max_bytes = 1ull << 30;  // LRU eviction above this
+  // A hit writes its entry's last_used (and the pending hit and miss counts)
+  // only when last_used is older than this; other counts are flushed with
+  // the next write, by Stats(), and when the cache is closed.
+  std::chrono::milliseconds touch_interval{30000};
 };
 
 // Thread-safe (one connection behind a mutex). Several processes may open the
@@ -53,6 +58,7 @@ class KernelCache {
  public:
   static StatusOr<std::unique_ptr<KernelCache>> Open(const std::string& path,
                                                     CacheOptions options = {});
+  ~KernelCache();
 
   // nullopt on a miss. Counts a hit or a miss; a hit refreshes last_used.
   StatusOr<std::optional<CacheEntry>> Lookup(const Digest& key);
@@ -87,11 +93,18 @@ class KernelCache {
       : path_(std::move(path)), options_(options), db_(std::move(db)) {}
   Status EvictLocked(uint64_t max_bytes, const Digest* keep, uint64_t* removed);
   Status CountLocked(const char* counter, int64_t delta);
+  // Writes pending hit and miss counts; call inside a write transaction.
+  Status FlushLocked();
+  // A prepared statement kept for the life of the connection.
+  StatusOr<sql::Stmt*> Cached(const char* sql);
 
   const std::string path_;
   const CacheOptions options_;
   std::mutex mu_;
   sql::Db db_;  // GUARDED_BY(mu_)
+  std::map<const char*, sql::Stmt> statements_;  // GUARDED_BY(mu_)
+  std::map<Digest, uint64_t> pending_hits_;      // GUARDED_BY(mu_)
+  uint64_t pending_misses_ = 0;                  // GUARDED_BY(mu_)
 };
 
 int64_t NowMs();

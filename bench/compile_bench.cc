@@ -1,0 +1,175 @@
+// Compile service benchmark: cold compile vs kernel cache hit (SQLite) vs
+// in-memory hit, beside the floors measured in the same run: NVRTC called in
+// this process (no sandbox, no cache) and a bare SQLite read of a blob the
+// size of the entry. Prints Google Benchmark's table, then a summary with the
+// ratios.
+//   gpuq-bench-compile [--benchmark_min_time=...]
+#include <benchmark/benchmark.h>
+#include <nvrtc.h>
+
+#include <atomic>
+#include <cstdio>
+#include <filesystem>
+#include <map>
+#include <string>
+
+#include "broker/compile/compile_service.h"
+#include "util/sqlite.h"
+
+namespace {
+
+using gpuq::compile::CompileRequest;
+using gpuq::compile::CompileService;
+using gpuq::compile::CompileServiceOptions;
+
+constexpr char kSaxpy[] =
+    "extern \"C\" __global__ void saxpy(float a, const float* x, float* y, int n) {\n"
+    "  int i = blockIdx.x * blockDim.x + threadIdx.x;\n"
+    "  if (i < n) y[i] = a * x[i] + y[i];\n}\n";
+
+std::string TempPath(const std::string& name) {
+  static const std::string dir = [] {
+    std::string d = std::filesystem::temp_directory_path().string() + "/gpuq-bench-XXXXXX";
+    if (!mkdtemp(d.data())) std::abort();
+    return d;
+  }();
+  return dir + "/" + name;
+}
+
+// Each cold iteration compiles a source never seen before.
+std::string UniqueSource() {
+  static std::atomic<uint64_t> n{0};
+  return std::string(kSaxpy) + "// unique " + std::to_string(n++) + " " +
+         std::to_string(getpid()) + "\n";
+}
+
+std::unique_ptr<CompileService> MakeService(const std::string& file, size_t memory_entries) {
+  CompileServiceOptions o;
+  o.cache_path = TempPath(file);
+  o.memory_entries = memory_entries;
+  auto s = CompileService::Create(o);
+  if (!s.ok()) {
+    fprintf(stderr, "%s\n", s.status().ToString().c_str());
+    std::abort();
+  }
+  return std::move(*s);
+}
+
+CompileRequest Request(std::string source) {
+  CompileRequest r;
+  r.source = std::move(source);
+  r.arch = "sm_90";
+  return r;
+}
+
+void BM_Floor_NvrtcInProcess(benchmark::State& state) {
+  const char* opts[] = {"--gpu-architecture=sm_90"};
+  for (auto _ : state) {
+    std::string src = UniqueSource();
+    nvrtcProgram p;
+    nvrtcCreateProgram(&p, src.c_str(), "k.cu", 0, nullptr, nullptr);
+    if (nvrtcCompileProgram(p, 1, opts) != NVRTC_SUCCESS) state.SkipWithError("compile");
+    size_t n = 0;
+    nvrtcGetCUBINSize(p, &n);
+    std::string cubin(n, '\0');
+    nvrtcGetCUBIN(p, cubin.data());
+    benchmark::DoNotOptimize(cubin);
+    nvrtcDestroyProgram(&p);
+  }
+}
+
+void BM_ColdCompile(benchmark::State& state) {
+  auto service = MakeService("cold.db", 1024);
+  for (auto _ : state) {
+    auto e = service->Compile(Request(UniqueSource()));
+    if (!e.ok() || !(*e)->ok) state.SkipWithError("compile failed");
+  }
+}
+
+void BM_SqliteHit(benchmark::State& state) {
+  // No memory layer: every call reads the entry from the SQLite file.
+  auto service = MakeService("disk.db", 0);
+  CompileRequest r = Request(kSaxpy);
+  if (!service->Compile(r).ok()) state.SkipWithError("warm-up failed");
+  for (auto _ : state) {
+    auto e = service->Compile(r);
+    benchmark::DoNotOptimize(e);
+  }
+}
+
+void BM_MemoryHit(benchmark::State& state) {
+  auto service = MakeService("memory.db", 1024);
+  CompileRequest r = Request(kSaxpy);
+  if (!service->Compile(r).ok()) state.SkipWithError("warm-up failed");
+  for (auto _ : state) {
+    auto e = service->Compile(r);
+    benchmark::DoNotOptimize(e);
+  }
+}
+
+void BM_Floor_SqliteBlobRead(benchmark::State& state) {
+  auto db = gpuq::sql::Db::Open(TempPath("raw.db"));
+  if (!db.ok()) std::abort();
+  (void)db->Exec("CREATE TABLE IF NOT EXISTS t(k BLOB PRIMARY KEY, v BLOB)");
+  auto ins = db->Prepare("INSERT OR REPLACE INTO t VALUES (?1, ?2)");
+  (void)ins->BindBlob(1, std::string(32, 'k')).BindBlob(2, std::string(7200, 'v')).Run();
+  auto sel = db->Prepare("SELECT v FROM t WHERE k = ?1");
+  for (auto _ : state) {
+    sel->Reset().BindBlob(1, std::string(32, 'k'));
+    auto row = sel->Step();
+    std::string v = sel->Blob(0);
+    benchmark::DoNotOptimize(v);
+  }
+}
+
+BENCHMARK(BM_Floor_NvrtcInProcess)->Unit(benchmark::kMillisecond)->Iterations(20);
+BENCHMARK(BM_ColdCompile)->Unit(benchmark::kMillisecond)->Iterations(20);
+BENCHMARK(BM_Floor_SqliteBlobRead)->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_SqliteHit)->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_MemoryHit)->Unit(benchmark::kMicrosecond);
+
+// Keeps each run's real time per iteration for the summary.
+class Collector : public benchmark::ConsoleReporter {
+ public:
+  void ReportRuns(const std::vector<Run>& runs) override {
+    for (const Run& r : runs) {
+      if (r.run_type == Run::RT_Iteration && r.iterations > 0) {
+        us_[r.benchmark_name()] = r.GetAdjustedRealTime() *
+                                  (r.time_unit == benchmark::kMillisecond ? 1000.0 : 1.0) *
+                                  (r.time_unit == benchmark::kNanosecond ? 1e-3 : 1.0);
+      }
+    }
+    ConsoleReporter::ReportRuns(runs);
+  }
+  double us(const std::string& name) const {
+    auto it = us_.find(name);
+    return it == us_.end() ? 0 : it->second;
+  }
+
+ private:
+  std::map<std::string, double> us_;
+};
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  benchmark::Initialize(&argc, argv);
+  Collector collector;
+  benchmark::RunSpecifiedBenchmarks(&collector);
+  const double nvrtc = collector.us("BM_Floor_NvrtcInProcess/iterations:20");
+  const double cold = collector.us("BM_ColdCompile/iterations:20");
+  const double raw = collector.us("BM_Floor_SqliteBlobRead");
+  const double disk = collector.us("BM_SqliteHit");
+  const double memory = collector.us("BM_MemoryHit");
+  printf("\n| path | time per call | vs floor | cold compile / this |\n|---|---|---|---|\n");
+  printf("| NVRTC in process, no sandboxing (floor) | %.2f ms | 1.00 | |\n", nvrtc / 1000);
+  printf("| cold compile (sandboxed helper + SQLite insert) | %.2f ms | %.2f x NVRTC | 1 |\n",
+         cold / 1000, cold / nvrtc);
+  printf("| bare SQLite blob read (floor) | %.2f us | 1.00 | |\n", raw);
+  printf("| cache hit, SQLite | %.2f us | %.2f x SQLite read | %.0f |\n", disk, disk / raw,
+         cold / disk);
+  printf("| cache hit, memory | %.3f us | | %.0f |\n", memory, cold / memory);
+  std::error_code ec;
+  std::filesystem::remove_all(std::filesystem::path(TempPath("x")).parent_path(), ec);
+  return 0;
+}

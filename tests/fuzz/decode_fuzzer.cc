@@ -1,0 +1,52 @@
+// libFuzzer target: every decoder of the wire protocol on arbitrary input.
+// The first byte picks the decoder and the payload frame sizes; the rest is
+// the header frame. A decoder must return a Status for any input, never
+// crash, leak, hang or read out of bounds; what decodes must re-encode and
+// decode to the same message.
+#include <cstddef>
+#include <cstdint>
+#include <cstdlib>
+#include <string_view>
+#include <vector>
+
+#include "schema/codec.h"
+
+using namespace gpuq::schema;
+
+namespace {
+
+template <typename T, typename Decode, typename Encode>
+void RoundTrip(std::string_view header, const std::vector<uint64_t>& sizes, Decode decode,
+               Encode encode) {
+  Limits limits;
+  T first;
+  if (!decode(header, sizes, limits, &first).ok()) return;
+  T second;
+  const std::string again = encode(first);
+  if (!decode(again, sizes, limits, &second).ok() || !(first == second)) std::abort();
+}
+
+}  // namespace
+
+extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
+  if (size < 1) return 0;
+  const uint8_t selector = data[0];
+  std::string_view header(reinterpret_cast<const char*>(data + 1), size - 1);
+  std::vector<uint64_t> sizes(selector >> 2 & 7, 4096);
+  (void)PeekRequestId(header);
+  switch (selector & 3) {
+    case 0:
+      RoundTrip<ClientRequest>(header, sizes, DecodeClientRequest, EncodeClientRequest);
+      break;
+    case 1:
+      RoundTrip<ClientReply>(header, sizes, DecodeClientReply, EncodeClientReply);
+      break;
+    case 2:
+      RoundTrip<WorkerMessage>(header, sizes, DecodeWorkerMessage, EncodeWorkerMessage);
+      break;
+    case 3:
+      RoundTrip<BrokerMessage>(header, sizes, DecodeBrokerMessage, EncodeBrokerMessage);
+      break;
+  }
+  return 0;
+}
