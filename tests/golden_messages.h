@@ -4,6 +4,7 @@
 // byte for byte.
 #pragma once
 
+#include <ostream>
 #include <string>
 #include <variant>
 #include <vector>
@@ -22,6 +23,9 @@ struct GoldenMessage {
 };
 
 std::vector<GoldenMessage> GoldenMessages();
+
+// For test names and failure messages.
+inline void PrintTo(const GoldenMessage& g, std::ostream* os) { *os << g.name; }
 
 // The frames of a golden message: protocol name, header, payload.
 std::vector<std::string> EncodeFrames(const GoldenMessage& g);
