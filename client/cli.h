@@ -9,7 +9,7 @@
 namespace gpuq::cli {
 
 // Exit codes shared by every command (README.md, "Exit codes").
-enum Exit : int {
+enum Exit : int {  // plain enum: converts to int
   kExitOk = 0,
   kExitRejected = 1,     // the job or compile was rejected (compile error, ...)
   kExitUsage = 2,        // bad arguments or an invalid request
@@ -22,6 +22,7 @@ enum Exit : int {
 using Action = std::function<int()>;
 
 void AddCompileCommands(CLI::App& app, Action* action);
+void AddJobCommands(CLI::App& app, Action* action);
 
 // The kernel cache file: $GPUQ_CACHE, else $XDG_CACHE_HOME/gpuq/kernels.db,
 // else ~/.cache/gpuq/kernels.db. Creates the folder.

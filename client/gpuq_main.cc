@@ -7,6 +7,7 @@ int main(int argc, char** argv) {
   CLI::App app{"gpuq: run CUDA kernels as queued jobs"};
   app.require_subcommand(1);
   gpuq::cli::Action action;
+  gpuq::cli::AddJobCommands(app, &action);
   gpuq::cli::AddCompileCommands(app, &action);
   try {
     app.parse(argc, argv);

@@ -897,6 +897,24 @@ Status ValidateJob(const JobSpec& job, std::span<const uint64_t> payload_sizes,
   return CheckBufferFrames(job.args, 0, payload_sizes, limits);
 }
 
+std::string EncodeJobSpec(const JobSpec& job) {
+  msgpack::sbuffer buf;
+  Packer p(buf);
+  PackJob(p, job);
+  return Take(buf);
+}
+
+Status DecodeJobSpec(std::string_view bytes, std::span<const uint64_t> payload_sizes,
+                     const Limits& limits, JobSpec* out) {
+  msgpack::object_handle oh;
+  GPUQ_RETURN_IF_ERROR(Unpack(bytes, limits, &oh));
+  JobSpec j;
+  GPUQ_RETURN_IF_ERROR(GetJob(oh.get(), limits, &j));
+  GPUQ_RETURN_IF_ERROR(ValidateJob(j, payload_sizes, limits));
+  *out = std::move(j);
+  return Status::Ok();
+}
+
 uint64_t PeekRequestId(std::string_view header) {
   Limits limits;
   msgpack::object_handle oh;

@@ -45,6 +45,12 @@ Status DecodeBrokerMessage(std::string_view header,
                            std::span<const uint64_t> payload_sizes,
                            const Limits& limits, BrokerMessage* out);
 
+// The job map alone (the broker's job store keeps it), in the same form as
+// inside a submit header.
+std::string EncodeJobSpec(const JobSpec& job);
+Status DecodeJobSpec(std::string_view bytes, std::span<const uint64_t> payload_sizes,
+                     const Limits& limits, JobSpec* out);
+
 // Reads only the "rid" of a client request header, so that an error reply to
 // an otherwise undecodable request can still be matched by the client.
 // Returns 0 when there is none.

@@ -129,6 +129,16 @@ StatusOr<Stmt> Db::Prepare(std::string_view sql) {
   return Stmt(db_.get(), s);
 }
 
+StatusOr<Stmt*> StatementCache::Get(Db& db, const char* sql) {
+  auto it = statements_.find(sql);
+  if (it == statements_.end()) {
+    GPUQ_ASSIGN_OR_RETURN(Stmt s, db.Prepare(sql));
+    it = statements_.emplace(sql, std::move(s)).first;
+  }
+  it->second.Reset();
+  return &it->second;
+}
+
 Transaction::~Transaction() {
   if (open_) (void)db_->Exec("ROLLBACK");
 }

@@ -6,6 +6,7 @@
 #include <sqlite3.h>
 
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <string>
 #include <string_view>
@@ -71,6 +72,17 @@ class Db {
 
  private:
   DbPtr db_;
+};
+
+// Prepared statements kept for the life of a connection, keyed by the
+// address of their SQL text (a string literal). Get() resets the statement;
+// the pointer stays valid as more are added.
+class StatementCache {
+ public:
+  StatusOr<Stmt*> Get(Db& db, const char* sql);
+
+ private:
+  std::map<const char*, Stmt> statements_;
 };
 
 // Runs BEGIN IMMEDIATE on construction and ROLLBACK on destruction unless

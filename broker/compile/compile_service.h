@@ -64,6 +64,10 @@ class CompileService {
   // compile of the same key in this or another process.
   StatusOr<EntryPtr> Compile(const CompileRequest& request, CompileInfo* info = nullptr);
 
+  // The entry if it is in memory, without waiting, compiling or touching
+  // SQLite (counts as a memory hit); null otherwise.
+  EntryPtr Peek(const Digest& key) { return MemoryGet(key); }
+
   struct Stats {
     uint64_t memory_hits = 0, disk_hits = 0, peer_hits = 0, compiles = 0;
     uint64_t rejected = 0;  // compiles that NVRTC rejected

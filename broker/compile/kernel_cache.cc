@@ -92,15 +92,7 @@ KernelCache::~KernelCache() {
   if (tx.Begin().ok() && FlushLocked().ok()) (void)tx.Commit();
 }
 
-StatusOr<sql::Stmt*> KernelCache::Cached(const char* sql) {
-  auto it = statements_.find(sql);
-  if (it == statements_.end()) {
-    GPUQ_ASSIGN_OR_RETURN(sql::Stmt s, db_.Prepare(sql));
-    it = statements_.emplace(sql, std::move(s)).first;
-  }
-  it->second.Reset();
-  return &it->second;
-}
+StatusOr<sql::Stmt*> KernelCache::Cached(const char* sql) { return statements_.Get(db_, sql); }
 
 Status KernelCache::CountLocked(const char* counter, int64_t delta) {
   GPUQ_ASSIGN_OR_RETURN(sql::Stmt * s,

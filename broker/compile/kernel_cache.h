@@ -102,7 +102,7 @@ class KernelCache {
   const CacheOptions options_;
   std::mutex mu_;
   sql::Db db_;  // GUARDED_BY(mu_)
-  std::map<const char*, sql::Stmt> statements_;  // GUARDED_BY(mu_)
+  sql::StatementCache statements_;               // GUARDED_BY(mu_)
   std::map<Digest, uint64_t> pending_hits_;      // GUARDED_BY(mu_)
   uint64_t pending_misses_ = 0;                  // GUARDED_BY(mu_)
 };

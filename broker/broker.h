@@ -1,0 +1,67 @@
+// gpuqd's broker: accepts jobs from clients, stores them durably, compiles
+// their kernels, dispatches them to GPU workers and returns the results.
+//
+// One loop thread owns both ROUTER sockets, the job store and every job's
+// state; compiles run on a small pool of threads and report back through an
+// eventfd; the /metrics HTTP server runs on its own thread and reads only a
+// rendered snapshot. See schema/PROTOCOL.md for what goes over the wire.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "broker/compile/compile_service.h"
+#include "broker/job_store.h"
+#include "schema/messages.h"
+
+namespace gpuq::broker {
+
+struct BrokerOptions {
+  std::string client_endpoint;  // ipc://PATH or tcp://HOST:PORT (port * picks one)
+  std::string worker_endpoint;
+  std::string store_path;       // SQLite job store
+  Durability durability = Durability::kProcessCrash;
+  compile::CompileServiceOptions compile;  // cache_path required
+  size_t compile_threads = 2;
+  std::chrono::milliseconds heartbeat{500};
+  int heartbeat_misses = 3;  // a worker silent this many intervals is gone
+  uint32_t max_attempts = 3;
+  uint64_t max_queued = 100000;
+  uint64_t max_queued_per_tenant = 20000;
+  uint64_t max_queued_bytes = 8ull << 30;
+  uint64_t default_time_limit_ms = 10000;
+  std::chrono::seconds retention{24 * 3600};
+  std::string metrics_address;  // HOST:PORT for HTTP /metrics; empty = none
+  schema::Limits limits;
+};
+
+class Broker {
+ public:
+  // Binds the endpoints and opens the store and cache; resumes the jobs the
+  // store holds. Errors: kUnavailable (cannot bind), kIoError (store).
+  static StatusOr<std::unique_ptr<Broker>> Create(BrokerOptions options);
+  ~Broker();
+
+  // Serves until Stop(). Called once, from one thread.
+  Status Run();
+  // Thread-safe and async-signal-safe: asks Run() to return.
+  void Stop();
+
+  // The endpoints as bound (a tcp port chosen by the system is filled in).
+  const std::string& client_endpoint() const;
+  const std::string& worker_endpoint() const;
+  // The HTTP port of /metrics, 0 when off.
+  int metrics_port() const;
+  // Jobs resumed from the store at start.
+  size_t resumed() const;
+
+ private:
+  class Impl;
+  explicit Broker(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace gpuq::broker

@@ -1,0 +1,136 @@
+// gpuqd: the gpuq broker. With no options it is a whole single-host service:
+// it listens on a local ipc endpoint, keeps its jobs and kernel cache in
+// SQLite files under the user's data and cache folders, and starts and
+// supervises one gpuq-worker per visible GPU (or says plainly that there is
+// no GPU, and serves queue, compile and stats all the same).
+#include <CLI/CLI.hpp>
+#include <signal.h>
+#include <spdlog/spdlog.h>
+#include <unistd.h>
+
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+
+#include "broker/broker.h"
+#include "broker/worker_supervisor.h"
+#include "gpuq/client.h"
+
+namespace {
+
+gpuq::broker::Broker* g_broker = nullptr;
+
+void OnSignal(int) {
+  if (g_broker) g_broker->Stop();
+}
+
+std::string Folder(const char* xdg, const char* fallback, const char* leaf) {
+  std::filesystem::path dir;
+  if (const char* x = getenv(xdg); x && *x) {
+    dir = x;
+  } else if (const char* h = getenv("HOME"); h && *h) {
+    dir = std::filesystem::path(h) / fallback;
+  } else {
+    dir = "/tmp";
+  }
+  dir /= "gpuq";
+  std::error_code ec;
+  std::filesystem::create_directories(dir, ec);
+  return (dir / leaf).string();
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  gpuq::broker::BrokerOptions o;
+  CLI::App app{"gpuqd: the gpuq broker"};
+  o.client_endpoint = "ipc://" + gpuq::DefaultRuntimeFolder() + "/broker.sock";
+  o.worker_endpoint = "ipc://" + gpuq::DefaultRuntimeFolder() + "/workers.sock";
+  o.store_path = Folder("XDG_DATA_HOME", ".local/share", "jobs.db");
+  o.compile.cache_path = Folder("XDG_CACHE_HOME", ".cache", "kernels.db");
+  std::string durability = "process", log_level = "info", ready_file, worker_bin;
+  int heartbeat_ms = 500, retention_s = 86400, workers = -1;
+  uint64_t compile_timeout_ms = 10000, compile_memory_mb = 4096;
+  app.add_option("--listen", o.client_endpoint, "Client endpoint (ipc://PATH or tcp://HOST:PORT)")
+      ->capture_default_str();
+  app.add_option("--worker-listen", o.worker_endpoint, "Worker endpoint")->capture_default_str();
+  app.add_option("--store", o.store_path, "Job store (SQLite)")->capture_default_str();
+  app.add_option("--cache", o.compile.cache_path, "Kernel cache (SQLite)")->capture_default_str();
+  app.add_option("--durability", durability,
+                 "process: jobs survive a broker crash; power: and a power loss (fsync)")
+      ->check(CLI::IsMember({"process", "power"}))
+      ->capture_default_str();
+  app.add_option("--metrics", o.metrics_address, "Serve Prometheus /metrics on HOST:PORT");
+  app.add_option("--heartbeat-ms", heartbeat_ms, "Heartbeat interval")->capture_default_str();
+  app.add_option("--max-attempts", o.max_attempts, "Dispatches per job before it fails")
+      ->capture_default_str();
+  app.add_option("--max-queued", o.max_queued, "Jobs held at most")->capture_default_str();
+  app.add_option("--max-queued-per-tenant", o.max_queued_per_tenant, "Queued jobs per tenant")
+      ->capture_default_str();
+  app.add_option("--max-queued-bytes", o.max_queued_bytes, "Input bytes held at most")
+      ->capture_default_str();
+  app.add_option("--time-limit-ms", o.default_time_limit_ms, "Default run-time limit of a job")
+      ->capture_default_str();
+  app.add_option("--retention-s", retention_s, "How long results stay fetchable")
+      ->capture_default_str();
+  app.add_option("--compile-threads", o.compile_threads, "Compiles at once")
+      ->capture_default_str();
+  app.add_option("--compile-timeout-ms", compile_timeout_ms, "Wall-time bound of a compile")
+      ->capture_default_str();
+  app.add_option("--compile-memory-mb", compile_memory_mb, "Memory bound of a compile")
+      ->capture_default_str();
+  app.add_option("--workers", workers,
+                 "GPU workers to start and supervise: -1 one per visible GPU, 0 none")
+      ->capture_default_str();
+  app.add_option("--worker-bin", worker_bin, "gpuq-worker to start (default: beside gpuqd)");
+  app.add_option("--ready-file", ready_file,
+                 "Write the bound endpoints here as JSON once serving");
+  app.add_option("--log-level", log_level, "trace, debug, info, warn, error")
+      ->capture_default_str();
+  CLI11_PARSE(app, argc, argv);
+
+  spdlog::set_level(spdlog::level::from_str(log_level));
+  spdlog::set_pattern("%Y-%m-%dT%H:%M:%S.%e %^%l%$ gpuqd: %v");
+  o.durability = durability == "power" ? gpuq::broker::Durability::kPowerLoss
+                                       : gpuq::broker::Durability::kProcessCrash;
+  o.heartbeat = std::chrono::milliseconds(heartbeat_ms);
+  o.retention = std::chrono::seconds(retention_s);
+  o.compile.limits.wall = std::chrono::milliseconds(compile_timeout_ms);
+  o.compile.limits.memory_bytes = compile_memory_mb << 20;
+
+  auto broker = gpuq::broker::Broker::Create(o);
+  if (!broker.ok()) {
+    spdlog::error("cannot start: {}", broker.status().ToString());
+    return 4;
+  }
+  g_broker = broker->get();
+  struct sigaction sa = {};
+  sa.sa_handler = OnSignal;
+  sigaction(SIGINT, &sa, nullptr);
+  sigaction(SIGTERM, &sa, nullptr);
+  signal(SIGPIPE, SIG_IGN);
+
+  gpuq::broker::WorkerSupervisor supervisor((*broker)->worker_endpoint(), worker_bin,
+                                            heartbeat_ms);
+  if (workers != 0) supervisor.Start(workers);
+
+  if (!ready_file.empty()) {
+    nlohmann::json j = {{"client", (*broker)->client_endpoint()},
+                        {"worker", (*broker)->worker_endpoint()},
+                        {"metrics_port", (*broker)->metrics_port()},
+                        {"resumed", (*broker)->resumed()},
+                        {"pid", getpid()}};
+    std::string tmp = ready_file + ".tmp";
+    std::ofstream(tmp) << j.dump() << "\n";
+    std::filesystem::rename(tmp, ready_file);
+  }
+  gpuq::Status s = (*broker)->Run();
+  supervisor.Stop();
+  g_broker = nullptr;
+  if (!s.ok()) {
+    spdlog::error("{}", s.ToString());
+    return 5;
+  }
+  return 0;
+}

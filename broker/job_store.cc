@@ -1,0 +1,288 @@
+#include "broker/job_store.h"
+
+#include "broker/job_store_sql.h"
+#include "schema/codec.h"
+
+namespace gpuq::broker {
+namespace {
+
+using schema::JobState;
+
+std::string_view StateName(JobState s) { return schema::JobStateName(s); }
+
+JobState StateFrom(const std::string& s) {
+  for (JobState st : {JobState::kQueued, JobState::kDispatched, JobState::kDone,
+                      JobState::kFailed, JobState::kCanceled, JobState::kExpired}) {
+    if (schema::JobStateName(st) == s) return st;
+  }
+  return JobState::kFailed;
+}
+
+std::string PackU64s(std::initializer_list<uint64_t> v) {
+  std::string s;
+  for (uint64_t x : v) {
+    for (int i = 0; i < 8; ++i) s.push_back(static_cast<char>(x >> (8 * i)));
+  }
+  return s;
+}
+
+uint64_t U64At(const std::string& s, size_t i) {
+  uint64_t x = 0;
+  if (s.size() < 8 * (i + 1)) return 0;
+  for (int b = 0; b < 8; ++b) x |= uint64_t(uint8_t(s[8 * i + b])) << (8 * b);
+  return x;
+}
+
+std::string PackTiming(const schema::Timing& t) {
+  return PackU64s({t.queue_us, t.compile_us, t.load_us, t.h2d_us, t.kernel_us, t.d2h_us,
+                   t.total_us, uint64_t{t.cache_hit}});
+}
+
+schema::Timing UnpackTiming(const std::string& s) {
+  schema::Timing t;
+  t.queue_us = U64At(s, 0);
+  t.compile_us = U64At(s, 1);
+  t.load_us = U64At(s, 2);
+  t.h2d_us = U64At(s, 3);
+  t.kernel_us = U64At(s, 4);
+  t.d2h_us = U64At(s, 5);
+  t.total_us = U64At(s, 6);
+  t.cache_hit = U64At(s, 7) != 0;
+  return t;
+}
+
+std::string PackU32s(const std::vector<uint32_t>& v) {
+  std::string s;
+  for (uint32_t x : v) {
+    for (int i = 0; i < 4; ++i) s.push_back(static_cast<char>(x >> (8 * i)));
+  }
+  return s;
+}
+
+std::vector<uint32_t> UnpackU32s(const std::string& s) {
+  std::vector<uint32_t> v(s.size() / 4);
+  for (size_t i = 0; i < v.size(); ++i) {
+    for (int b = 0; b < 4; ++b) v[i] |= uint32_t(uint8_t(s[4 * i + b])) << (8 * b);
+  }
+  return v;
+}
+
+}  // namespace
+
+StatusOr<std::unique_ptr<JobStore>> JobStore::Open(const std::string& path,
+                                                  Durability durability) {
+  GPUQ_ASSIGN_OR_RETURN(sql::Db db, sql::Db::Open(path));
+  GPUQ_RETURN_IF_ERROR(db.Exec(durability == Durability::kPowerLoss
+                                   ? "PRAGMA synchronous=FULL"
+                                   : "PRAGMA synchronous=NORMAL"));
+  {
+    sql::Transaction tx(&db);
+    GPUQ_RETURN_IF_ERROR(tx.Begin());
+    GPUQ_RETURN_IF_ERROR(db.Exec(kJobStoreSql));
+    GPUQ_RETURN_IF_ERROR(tx.Commit());
+  }
+  GPUQ_ASSIGN_OR_RETURN(sql::Stmt fmt, db.Prepare("SELECT value FROM meta WHERE name='format'"));
+  GPUQ_ASSIGN_OR_RETURN(bool row, fmt.Step());
+  if (!row || fmt.Text(0) != "1") {
+    return Error(Code::kInvalid, path + " is a job store of an unknown format");
+  }
+  return std::unique_ptr<JobStore>(new JobStore(std::move(db)));
+}
+
+StatusOr<sql::Stmt*> JobStore::Cached(const char* sql) { return statements_.Get(db_, sql); }
+
+Status JobStore::Begin() {
+  GPUQ_RETURN_IF_ERROR(db_.Exec("BEGIN IMMEDIATE"));
+  in_tx_ = true;
+  return Status::Ok();
+}
+
+Status JobStore::Commit() {
+  Status s = db_.Exec("COMMIT");
+  if (!s.ok()) (void)db_.Exec("ROLLBACK");
+  in_tx_ = false;
+  return s;
+}
+
+StatusOr<uint64_t> JobStore::Insert(const StoredJob& job,
+                                    const std::vector<std::string_view>& inputs) {
+  GPUQ_ASSIGN_OR_RETURN(
+      sql::Stmt * s,
+      Cached("INSERT INTO jobs(tenant, client_key, priority, state, attempts, suspect, "
+             "accepted_ms, deadline_ms, spec, client) "
+             "VALUES (?1, ?2, ?3, 'queued', 0, 0, ?4, ?5, ?6, ?7)"));
+  s->Bind(1, job.tenant);
+  if (job.key.empty()) {
+    s->BindNull(2);
+  } else {
+    s->Bind(2, job.key);
+  }
+  s->Bind(3, int64_t{job.priority})
+      .Bind(4, job.accepted_ms)
+      .Bind(5, job.deadline_ms)
+      .BindBlob(6, schema::EncodeJobSpec(job.spec))
+      .BindBlob(7, job.client);
+  GPUQ_RETURN_IF_ERROR(s->Run());
+  const uint64_t id = static_cast<uint64_t>(sqlite3_last_insert_rowid(db_.get()));
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    GPUQ_ASSIGN_OR_RETURN(sql::Stmt * in,
+                          Cached("INSERT INTO job_inputs(job_id, idx, data) VALUES (?1, ?2, ?3)"));
+    GPUQ_RETURN_IF_ERROR(
+        in->Bind(1, static_cast<int64_t>(id)).Bind(2, int64_t(i)).BindBlob(3, inputs[i]).Run());
+  }
+  return id;
+}
+
+StatusOr<std::optional<uint64_t>> JobStore::FindByKey(const std::string& tenant,
+                                                      const std::string& key) {
+  GPUQ_ASSIGN_OR_RETURN(sql::Stmt * s,
+                        Cached("SELECT id FROM jobs WHERE tenant = ?1 AND client_key = ?2"));
+  GPUQ_ASSIGN_OR_RETURN(bool row, s->Bind(1, tenant).Bind(2, key).Step());
+  if (!row) return std::optional<uint64_t>();
+  return std::optional<uint64_t>(static_cast<uint64_t>(s->Int(0)));
+}
+
+Status JobStore::SetAttempts(uint64_t id, uint32_t attempts, bool suspect) {
+  GPUQ_ASSIGN_OR_RETURN(sql::Stmt * s,
+                        Cached("UPDATE jobs SET attempts = ?1, suspect = ?2 WHERE id = ?3"));
+  return s->Bind(1, int64_t{attempts})
+      .Bind(2, int64_t{suspect})
+      .Bind(3, static_cast<int64_t>(id))
+      .Run();
+}
+
+Status JobStore::Finish(const StoredResult& r, const std::vector<std::string_view>& outputs,
+                        int64_t finished_ms) {
+  const auto id = static_cast<int64_t>(r.id);
+  GPUQ_ASSIGN_OR_RETURN(
+      sql::Stmt * u,
+      Cached("UPDATE jobs SET state = ?1, attempts = ?2, finished_ms = ?3 WHERE id = ?4"));
+  GPUQ_RETURN_IF_ERROR(u->Bind(1, StateName(r.state))
+                           .Bind(2, int64_t{r.attempts})
+                           .Bind(3, finished_ms)
+                           .Bind(4, id)
+                           .Run());
+  GPUQ_ASSIGN_OR_RETURN(sql::Stmt * d, Cached("DELETE FROM job_inputs WHERE job_id = ?1"));
+  GPUQ_RETURN_IF_ERROR(d->Bind(1, id).Run());
+  GPUQ_ASSIGN_OR_RETURN(
+      sql::Stmt * res,
+      Cached("INSERT OR REPLACE INTO results(job_id, code, error, device, timing, outputs) "
+             "VALUES (?1, ?2, ?3, ?4, ?5, ?6)"));
+  GPUQ_RETURN_IF_ERROR(res->Bind(1, id)
+                           .Bind(2, CodeName(r.code))
+                           .Bind(3, r.error)
+                           .Bind(4, r.device)
+                           .BindBlob(5, PackTiming(r.timing))
+                           .BindBlob(6, PackU32s(r.outputs))
+                           .Run());
+  for (size_t i = 0; i < outputs.size(); ++i) {
+    GPUQ_ASSIGN_OR_RETURN(
+        sql::Stmt * o,
+        Cached("INSERT OR REPLACE INTO result_outputs(job_id, idx, data) VALUES (?1, ?2, ?3)"));
+    GPUQ_RETURN_IF_ERROR(o->Bind(1, id).Bind(2, int64_t(i)).BindBlob(3, outputs[i]).Run());
+  }
+  return Status::Ok();
+}
+
+StatusOr<std::vector<StoredJob>> JobStore::LoadUnfinished(const schema::Limits& limits) {
+  GPUQ_ASSIGN_OR_RETURN(
+      sql::Stmt * s,
+      Cached("SELECT id, tenant, client_key, priority, attempts, suspect, accepted_ms, "
+             "deadline_ms, spec, client FROM jobs WHERE state = 'queued' ORDER BY id"));
+  std::vector<StoredJob> jobs;
+  for (;;) {
+    GPUQ_ASSIGN_OR_RETURN(bool row, s->Step());
+    if (!row) break;
+    StoredJob j;
+    j.id = static_cast<uint64_t>(s->Int(0));
+    j.tenant = s->Text(1);
+    j.key = s->IsNull(2) ? "" : s->Text(2);
+    j.priority = static_cast<uint32_t>(s->Int(3));
+    j.attempts = static_cast<uint32_t>(s->Int(4));
+    j.suspect = s->Int(5) != 0;
+    j.accepted_ms = s->Int(6);
+    j.deadline_ms = s->Int(7);
+    j.spec.kernel.source = s->Blob(8);  // decoded below, with the inputs' sizes
+    j.client = s->Blob(9);
+    jobs.push_back(std::move(j));
+  }
+  for (StoredJob& j : jobs) {
+    GPUQ_ASSIGN_OR_RETURN(
+        sql::Stmt * in, Cached("SELECT data FROM job_inputs WHERE job_id = ?1 ORDER BY idx"));
+    in->Bind(1, static_cast<int64_t>(j.id));
+    std::vector<uint64_t> sizes;
+    for (;;) {
+      GPUQ_ASSIGN_OR_RETURN(bool row, in->Step());
+      if (!row) break;
+      j.inputs.push_back(in->Blob(0));
+      sizes.push_back(j.inputs.back().size());
+    }
+    const std::string spec = std::move(j.spec.kernel.source);
+    GPUQ_RETURN_IF_ERROR(schema::DecodeJobSpec(spec, sizes, limits, &j.spec)
+                             .WithContext("job " + std::to_string(j.id) + " in the store"));
+  }
+  return jobs;
+}
+
+StatusOr<std::optional<StoredJob>> JobStore::Get(uint64_t id) {
+  GPUQ_ASSIGN_OR_RETURN(
+      sql::Stmt * s,
+      Cached("SELECT tenant, client_key, priority, state, attempts, suspect, accepted_ms, "
+             "deadline_ms, finished_ms FROM jobs WHERE id = ?1"));
+  GPUQ_ASSIGN_OR_RETURN(bool row, s->Bind(1, static_cast<int64_t>(id)).Step());
+  if (!row) return std::optional<StoredJob>();
+  StoredJob j;
+  j.id = id;
+  j.tenant = s->Text(0);
+  j.key = s->IsNull(1) ? "" : s->Text(1);
+  j.priority = static_cast<uint32_t>(s->Int(2));
+  j.state = StateFrom(s->Text(3));
+  j.attempts = static_cast<uint32_t>(s->Int(4));
+  j.suspect = s->Int(5) != 0;
+  j.accepted_ms = s->Int(6);
+  j.deadline_ms = s->Int(7);
+  j.finished_ms = s->IsNull(8) ? 0 : s->Int(8);
+  return std::optional<StoredJob>(std::move(j));
+}
+
+StatusOr<std::optional<StoredResult>> JobStore::GetResult(uint64_t id) {
+  GPUQ_ASSIGN_OR_RETURN(
+      sql::Stmt * s,
+      Cached("SELECT j.state, j.attempts, r.code, r.error, r.device, r.timing, r.outputs "
+             "FROM results r JOIN jobs j ON j.id = r.job_id WHERE r.job_id = ?1"));
+  GPUQ_ASSIGN_OR_RETURN(bool row, s->Bind(1, static_cast<int64_t>(id)).Step());
+  if (!row) return std::optional<StoredResult>();
+  StoredResult r;
+  r.id = id;
+  r.state = StateFrom(s->Text(0));
+  r.attempts = static_cast<uint32_t>(s->Int(1));
+  r.code = CodeFromName(s->Text(2)).value_or(Code::kInternal);
+  r.error = s->Text(3);
+  r.device = s->Text(4);
+  r.timing = UnpackTiming(s->Blob(5));
+  r.outputs = UnpackU32s(s->Blob(6));
+  GPUQ_ASSIGN_OR_RETURN(sql::Stmt * o,
+                        Cached("SELECT data FROM result_outputs WHERE job_id = ?1 ORDER BY idx"));
+  o->Bind(1, static_cast<int64_t>(id));
+  for (;;) {
+    GPUQ_ASSIGN_OR_RETURN(bool more, o->Step());
+    if (!more) break;
+    r.data.push_back(o->Blob(0));
+  }
+  return std::optional<StoredResult>(std::move(r));
+}
+
+StatusOr<uint64_t> JobStore::PurgeFinished(int64_t before_ms) {
+  GPUQ_ASSIGN_OR_RETURN(sql::Stmt * s,
+                        Cached("DELETE FROM jobs WHERE finished_ms IS NOT NULL AND finished_ms < ?1"));
+  GPUQ_RETURN_IF_ERROR(s->Bind(1, before_ms).Run());
+  return static_cast<uint64_t>(db_.Changes());
+}
+
+StatusOr<uint64_t> JobStore::CountJobs() {
+  GPUQ_ASSIGN_OR_RETURN(sql::Stmt * s, Cached("SELECT COUNT(*) FROM jobs"));
+  GPUQ_ASSIGN_OR_RETURN(bool row, s->Step());
+  return row ? static_cast<uint64_t>(s->Int(0)) : 0;
+}
+
+}  // namespace gpuq::broker

@@ -1,0 +1,89 @@
+// The broker's durable job store (schema/job_store.sql). Owned by the broker
+// loop thread: not thread-safe.
+//
+// Writes are grouped: the loop calls Begin() before the first write of an
+// iteration and Commit() after the last, so that one fsync covers every
+// submit and result of that iteration. A job is acknowledged, and a result
+// pushed, only after Commit() has returned.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "schema/messages.h"
+#include "util/sqlite.h"
+
+namespace gpuq::broker {
+
+enum class Durability {
+  kProcessCrash,  // survives a crash of the broker (SQLite WAL, synchronous=NORMAL)
+  kPowerLoss,     // survives power loss too (synchronous=FULL: fsync per commit)
+};
+
+struct StoredJob {
+  uint64_t id = 0;
+  std::string tenant, key;
+  std::string client;  // routing id of the submitting connection
+  uint32_t priority = schema::kDefaultPriority;
+  schema::JobState state = schema::JobState::kQueued;
+  uint32_t attempts = 0;
+  bool suspect = false;
+  int64_t accepted_ms = 0, deadline_ms = 0, finished_ms = 0;
+  schema::JobSpec spec;
+  std::vector<std::string> inputs;  // payload frames
+};
+
+struct StoredResult {
+  uint64_t id = 0;
+  schema::JobState state = schema::JobState::kDone;
+  Code code = Code::kOk;
+  std::string error, device;
+  uint32_t attempts = 0;
+  schema::Timing timing;
+  std::vector<uint32_t> outputs;
+  std::vector<std::string> data;  // one per output
+};
+
+class JobStore {
+ public:
+  static StatusOr<std::unique_ptr<JobStore>> Open(const std::string& path,
+                                                 Durability durability);
+
+  Status Begin();
+  Status Commit();
+  bool in_transaction() const { return in_tx_; }
+
+  // Inside a transaction. Returns the new job's id.
+  StatusOr<uint64_t> Insert(const StoredJob& job, const std::vector<std::string_view>& inputs);
+  StatusOr<std::optional<uint64_t>> FindByKey(const std::string& tenant, const std::string& key);
+  Status SetAttempts(uint64_t id, uint32_t attempts, bool suspect);
+  // Records a terminal state and its result, and drops the job's inputs.
+  Status Finish(const StoredResult& result, const std::vector<std::string_view>& outputs,
+                int64_t finished_ms);
+
+  // Outside a transaction.
+  // Every job not yet ended, oldest first, with its inputs: after a restart
+  // each is queued again (a job dispatched when the broker stopped is lost
+  // with its worker connection).
+  StatusOr<std::vector<StoredJob>> LoadUnfinished(const schema::Limits& limits);
+  // A job's row (without inputs), or nullopt.
+  StatusOr<std::optional<StoredJob>> Get(uint64_t id);
+  StatusOr<std::optional<StoredResult>> GetResult(uint64_t id);
+  // Removes jobs that ended before `before_ms`, with their results.
+  StatusOr<uint64_t> PurgeFinished(int64_t before_ms);
+  StatusOr<uint64_t> CountJobs();
+
+ private:
+  explicit JobStore(sql::Db db) : db_(std::move(db)) {}
+  StatusOr<sql::Stmt*> Cached(const char* sql);
+
+  sql::Db db_;
+  sql::StatementCache statements_;
+  bool in_tx_ = false;
+};
+
+}  // namespace gpuq::broker

@@ -1,0 +1,226 @@
+#include "broker/metrics.h"
+
+#include <msgpack.hpp>
+
+#include <cstdio>
+#include <sstream>
+
+namespace gpuq::broker {
+
+void Histogram::Observe(uint64_t us) {
+  size_t i = 0;
+  while (i + 1 < kBoundsUs.size() && static_cast<double>(us) > kBoundsUs[i]) ++i;
+  ++buckets_[i];
+  ++count_;
+  sum_us_ += static_cast<double>(us);
+}
+
+double Histogram::QuantileUs(double q) const {
+  if (count_ == 0) return 0;
+  const double target = q * static_cast<double>(count_);
+  double seen = 0;
+  for (size_t i = 0; i < buckets_.size(); ++i) {
+    const double in_bucket = static_cast<double>(buckets_[i]);
+    if (seen + in_bucket >= target && in_bucket > 0) {
+      if (i + 1 == buckets_.size()) return kBoundsUs[i - 1];  // +Inf: the last finite bound
+      const double lo = i == 0 ? 0 : kBoundsUs[i - 1];
+      return lo + (kBoundsUs[i] - lo) * (target - seen) / in_bucket;
+    }
+    seen += in_bucket;
+  }
+  return kBoundsUs[buckets_.size() - 2];
+}
+
+namespace {
+
+using Packer = msgpack::packer<msgpack::sbuffer>;
+
+void Str(Packer& p, std::string_view s) {
+  p.pack_str(static_cast<uint32_t>(s.size()));
+  p.pack_str_body(s.data(), static_cast<uint32_t>(s.size()));
+}
+
+template <typename K>
+void CountMap(Packer& p, const std::map<K, uint64_t>& m) {
+  p.pack_map(static_cast<uint32_t>(m.size()));
+  for (const auto& [k, v] : m) {
+    if constexpr (std::is_same_v<K, std::string>) {
+      Str(p, k);
+    } else {
+      Str(p, std::to_string(k));
+    }
+    p.pack_uint64(v);
+  }
+}
+
+std::string Escape(const std::string& s) {
+  std::string o;
+  for (char c : s) {
+    if (c == '\\' || c == '"') o += '\\';
+    if (c == '\n') {
+      o += "\\n";
+      continue;
+    }
+    o += c;
+  }
+  return o;
+}
+
+}  // namespace
+
+std::string EncodeStats(const StatsSnapshot& s) {
+  msgpack::sbuffer buf;
+  Packer p(buf);
+  p.pack_map(14);
+  Str(p, "queued");
+  p.pack_uint64(s.queued);
+  Str(p, "queued_by_priority");
+  CountMap(p, s.queued_by_priority);
+  Str(p, "queued_by_tenant");
+  CountMap(p, s.queued_by_tenant);
+  Str(p, "inflight");
+  p.pack_uint64(s.inflight);
+  Str(p, "inflight_by_worker");
+  CountMap(p, s.inflight_by_worker);
+  Str(p, "compiling");
+  p.pack_uint64(s.compiling);
+  Str(p, "submitted");
+  p.pack_uint64(s.submitted);
+  Str(p, "rejected");
+  p.pack_uint64(s.rejected);
+  Str(p, "requeued");
+  p.pack_uint64(s.requeued);
+  Str(p, "finished");
+  CountMap(p, s.finished);
+  Str(p, "latency_us");
+  p.pack_map(static_cast<uint32_t>(s.latency.size()));
+  for (const auto& [phase, h] : s.latency) {
+    Str(p, phase);
+    p.pack_map(4);
+    Str(p, "p50");
+    p.pack_uint64(static_cast<uint64_t>(h.QuantileUs(0.5)));
+    Str(p, "p90");
+    p.pack_uint64(static_cast<uint64_t>(h.QuantileUs(0.9)));
+    Str(p, "p99");
+    p.pack_uint64(static_cast<uint64_t>(h.QuantileUs(0.99)));
+    Str(p, "count");
+    p.pack_uint64(h.count());
+  }
+  Str(p, "cache");
+  p.pack_map(4);
+  Str(p, "hits");
+  p.pack_uint64(s.cache_hits);
+  Str(p, "misses");
+  p.pack_uint64(s.cache_misses);
+  Str(p, "entries");
+  p.pack_uint64(s.cache_entries);
+  Str(p, "bytes");
+  p.pack_uint64(s.cache_bytes);
+  Str(p, "workers");
+  p.pack_array(static_cast<uint32_t>(s.workers.size()));
+  for (const auto& w : s.workers) {
+    p.pack_map(6);
+    Str(p, "worker");
+    Str(p, w.worker);
+    Str(p, "device");
+    Str(p, w.device.name);
+    Str(p, "uuid");
+    Str(p, w.device.uuid);
+    Str(p, "slots");
+    p.pack_uint32(w.slots);
+    Str(p, "inflight");
+    p.pack_uint32(w.inflight);
+    Str(p, "heartbeat_age_ms");
+    p.pack_uint64(w.heartbeat_age_ms);
+  }
+  Str(p, "uptime_s");
+  p.pack_double(s.uptime_s);
+  return std::string(buf.data(), buf.size());
+}
+
+std::string PrometheusText(const StatsSnapshot& s) {
+  std::ostringstream o;
+  o.precision(9);
+  auto gauge = [&](const char* name, const char* help) {
+    o << "# HELP " << name << " " << help << "\n# TYPE " << name << " gauge\n";
+  };
+  auto counter = [&](const char* name, const char* help) {
+    o << "# HELP " << name << " " << help << "\n# TYPE " << name << " counter\n";
+  };
+  gauge("gpuq_jobs_queued", "Jobs waiting to be dispatched, by priority.");
+  if (s.queued_by_priority.empty()) o << "gpuq_jobs_queued{priority=\"5\"} 0\n";
+  for (const auto& [p, n] : s.queued_by_priority) {
+    o << "gpuq_jobs_queued{priority=\"" << p << "\"} " << n << "\n";
+  }
+  gauge("gpuq_tenant_jobs_queued", "Jobs waiting to be dispatched, by tenant.");
+  for (const auto& [t, n] : s.queued_by_tenant) {
+    o << "gpuq_tenant_jobs_queued{tenant=\"" << Escape(t) << "\"} " << n << "\n";
+  }
+  gauge("gpuq_jobs_inflight", "Jobs dispatched to a worker and not yet finished.");
+  o << "gpuq_jobs_inflight " << s.inflight << "\n";
+  gauge("gpuq_jobs_compiling", "Jobs waiting for their kernel to compile.");
+  o << "gpuq_jobs_compiling " << s.compiling << "\n";
+  counter("gpuq_jobs_submitted_total", "Jobs accepted.");
+  o << "gpuq_jobs_submitted_total " << s.submitted << "\n";
+  counter("gpuq_jobs_rejected_total", "Submits rejected (invalid, queue full, ...).");
+  o << "gpuq_jobs_rejected_total " << s.rejected << "\n";
+  counter("gpuq_jobs_requeued_total", "Jobs requeued after losing their worker.");
+  o << "gpuq_jobs_requeued_total " << s.requeued << "\n";
+  counter("gpuq_jobs_finished_total", "Jobs that reached a terminal state, by outcome.");
+  for (const char* outcome : {"done", "compile_error", "sandbox_violation", "launch_error",
+                              "kernel_fault", "timeout", "invalid", "resource_exhausted",
+                              "unavailable", "canceled", "expired"}) {
+    auto it = s.finished.find(outcome);
+    o << "gpuq_jobs_finished_total{outcome=\"" << outcome << "\"} "
+      << (it == s.finished.end() ? 0 : it->second) << "\n";
+  }
+  counter("gpuq_workers_lost_total", "Workers declared gone (silent, faulted or killed).");
+  o << "gpuq_workers_lost_total " << s.workers_lost << "\n";
+  o << "# HELP gpuq_job_phase_seconds Time jobs spent in each phase.\n"
+       "# TYPE gpuq_job_phase_seconds histogram\n";
+  for (const auto& [phase, h] : s.latency) {
+    uint64_t cumulative = 0;
+    for (size_t i = 0; i < Histogram::kBoundsUs.size(); ++i) {
+      cumulative += h.buckets()[i];
+      o << "gpuq_job_phase_seconds_bucket{phase=\"" << phase << "\",le=\"";
+      if (i + 1 == Histogram::kBoundsUs.size()) {
+        o << "+Inf";
+      } else {
+        o << Histogram::kBoundsUs[i] / 1e6;
+      }
+      o << "\"} " << cumulative << "\n";
+    }
+    o << "gpuq_job_phase_seconds_sum{phase=\"" << phase << "\"} " << h.sum_us() / 1e6 << "\n";
+    o << "gpuq_job_phase_seconds_count{phase=\"" << phase << "\"} " << h.count() << "\n";
+  }
+  counter("gpuq_kernel_cache_hits_total", "Kernel cache hits (memory or SQLite).");
+  o << "gpuq_kernel_cache_hits_total " << s.cache_hits << "\n";
+  counter("gpuq_kernel_cache_misses_total", "Kernel cache misses (compiles).");
+  o << "gpuq_kernel_cache_misses_total " << s.cache_misses << "\n";
+  gauge("gpuq_kernel_cache_entries", "Entries in the kernel cache file.");
+  o << "gpuq_kernel_cache_entries " << s.cache_entries << "\n";
+  gauge("gpuq_kernel_cache_bytes", "Bytes of PTX, CUBIN and logs in the kernel cache file.");
+  o << "gpuq_kernel_cache_bytes " << s.cache_bytes << "\n";
+  gauge("gpuq_workers", "Workers connected.");
+  o << "gpuq_workers " << s.workers.size() << "\n";
+  gauge("gpuq_worker_jobs_inflight", "Jobs in flight on each worker.");
+  for (const auto& w : s.workers) {
+    o << "gpuq_worker_jobs_inflight{worker=\"" << Escape(w.worker) << "\",gpu=\""
+      << Escape(w.device.uuid) << "\"} " << w.inflight << "\n";
+  }
+  gauge("gpuq_worker_heartbeat_age_seconds", "Time since each worker was last heard from.");
+  for (const auto& w : s.workers) {
+    o << "gpuq_worker_heartbeat_age_seconds{worker=\"" << Escape(w.worker) << "\"} "
+      << w.heartbeat_age_ms / 1e3 << "\n";
+  }
+  gauge("gpuq_device_memory_free_bytes", "Free device memory reported by each worker.");
+  for (const auto& w : s.workers) {
+    o << "gpuq_device_memory_free_bytes{gpu=\"" << Escape(w.device.uuid) << "\"} "
+      << w.device.free_bytes << "\n";
+  }
+  gauge("gpuq_uptime_seconds", "Seconds since the broker started.");
+  o << "gpuq_uptime_seconds " << s.uptime_s << "\n";
+  return o.str();
+}
+
+}  // namespace gpuq::broker

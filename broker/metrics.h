@@ -1,0 +1,60 @@
+// Counters and latency histograms of the broker, and their rendering as the
+// stats reply (msgpack) and as Prometheus text. Owned by the broker loop; the
+// HTTP /metrics thread reads only the rendered text, under a mutex.
+#pragma once
+
+#include <array>
+#include <cstdint>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "schema/messages.h"
+
+namespace gpuq::broker {
+
+// Latency histogram with fixed buckets in a 1-2-5 series from 10 µs to 60 s
+// (the last bucket is +Inf).
+class Histogram {
+ public:
+  static constexpr std::array<double, 22> kBoundsUs = {
+      10,     20,     50,     100,    200,    500,     1e3,   2e3,   5e3,   1e4,  2e4,
+      5e4,    1e5,    2e5,    5e5,    1e6,    2e6,     5e6,   1e7,   3e7,   6e7,  1e18};
+  void Observe(uint64_t us);
+  uint64_t count() const { return count_; }
+  double sum_us() const { return sum_us_; }
+  // Estimated from the buckets by linear interpolation within the bucket
+  // that holds q (as Prometheus' histogram_quantile does).
+  double QuantileUs(double q) const;
+  const std::array<uint64_t, kBoundsUs.size()>& buckets() const { return buckets_; }
+
+ private:
+  std::array<uint64_t, kBoundsUs.size()> buckets_{};
+  uint64_t count_ = 0;
+  double sum_us_ = 0;
+};
+
+struct WorkerSnapshot {
+  schema::WorkerView view;
+};
+
+struct StatsSnapshot {
+  uint64_t queued = 0, inflight = 0, compiling = 0;
+  std::map<uint32_t, uint64_t> queued_by_priority;
+  std::map<std::string, uint64_t> queued_by_tenant;
+  std::map<std::string, uint64_t> inflight_by_worker;
+  std::map<std::string, uint64_t> finished;  // by outcome
+  uint64_t submitted = 0, rejected = 0, requeued = 0, workers_lost = 0;
+  std::map<std::string, Histogram> latency;  // by phase
+  uint64_t cache_hits = 0, cache_misses = 0, cache_entries = 0, cache_bytes = 0;
+  std::vector<schema::WorkerView> workers;
+  double uptime_s = 0;
+};
+
+// The msgpack map of the stats reply (schema/PROTOCOL.md, "Stats").
+std::string EncodeStats(const StatsSnapshot& s);
+// Prometheus text exposition format 0.0.4: base units, _total counters,
+// histograms for phase latencies.
+std::string PrometheusText(const StatsSnapshot& s);
+
+}  // namespace gpuq::broker

@@ -1,0 +1,56 @@
+// Starts and supervises gpuq-worker processes, one per GPU: a worker that
+// exits is started again with backoff (100 ms doubling to 5 s, reset once it
+// has run 30 s). A worker is a process, not a thread, because after a kernel
+// faults nothing in its process can use the GPU again (DESIGN.md).
+#pragma once
+
+#include <sys/types.h>
+
+#include <atomic>
+#include <chrono>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+namespace gpuq::broker {
+
+// gpuq-worker's exit codes that mean "do not restart me".
+inline constexpr int kWorkerExitNoDriver = 10;
+inline constexpr int kWorkerExitNoDevice = 11;
+
+class WorkerSupervisor {
+ public:
+  // `worker_bin` empty: gpuq-worker beside the running executable.
+  WorkerSupervisor(std::string broker_endpoint, std::string worker_bin, int heartbeat_ms);
+  ~WorkerSupervisor();
+
+  // Starts `count` workers, or one per visible GPU when count < 0 (asks
+  // `gpuq-worker --count`). Logs plainly when there is no driver or no GPU.
+  void Start(int count);
+  // Stops every worker (SIGTERM, then SIGKILL after 2 s) and waits for them.
+  void Stop();
+  // Restarts so far (for tests and stats).
+  int restarts() const { return restarts_.load(); }
+
+ private:
+  struct Child {
+    int ordinal;
+    pid_t pid = -1;
+    std::chrono::steady_clock::time_point started, next_start;
+    std::chrono::milliseconds backoff{100};
+    bool retired = false;
+  };
+  void Loop();
+  pid_t Spawn(int ordinal);
+
+  const std::string endpoint_, bin_;
+  const int heartbeat_ms_;
+  std::mutex mu_;
+  std::vector<Child> children_;  // GUARDED_BY(mu_)
+  std::atomic<bool> stop_{false};
+  std::atomic<int> restarts_{0};
+  std::thread thread_;
+};
+
+}  // namespace gpuq::broker

@@ -1,0 +1,294 @@
+#include "gpuq/client.h"
+
+#include <unistd.h>
+
+#include <cstdlib>
+#include <deque>
+#include <random>
+#include <zmq.hpp>
+#include <zmq_addon.hpp>
+
+#include "schema/codec.h"
+
+namespace gpuq {
+
+using schema::ClientOp;
+using schema::ClientReply;
+using schema::ClientRequest;
+using schema::ReplyOp;
+using Clock = std::chrono::steady_clock;
+
+const std::string* JobResult::Output(uint32_t arg) const {
+  for (size_t i = 0; i < output_args.size() && i < outputs.size(); ++i) {
+    if (output_args[i] == arg) return &outputs[i];
+  }
+  return nullptr;
+}
+
+std::string DefaultRuntimeFolder() {
+  if (const char* x = getenv("XDG_RUNTIME_DIR"); x && *x) return std::string(x) + "/gpuq";
+  return "/tmp/gpuq-" + std::to_string(getuid());
+}
+
+std::string DefaultEndpoint() {
+  if (const char* b = getenv("GPUQ_BROKER"); b && *b) return b;
+  return "ipc://" + DefaultRuntimeFolder() + "/broker.sock";
+}
+
+namespace {
+
+JobResult ToResult(ClientReply& r, std::vector<zmq::message_t>& frames, size_t first) {
+  JobResult out;
+  out.id = r.id;
+  out.state = r.state;
+  out.code = r.code;
+  out.error = std::move(r.error);
+  out.device = std::move(r.device);
+  out.attempts = r.attempts;
+  out.timing = r.timing;
+  out.output_args = std::move(r.outputs);
+  for (size_t i = first; i < frames.size(); ++i) out.outputs.emplace_back(frames[i].to_string());
+  return out;
+}
+
+}  // namespace
+
+class Client::Impl {
+ public:
+  Impl(ClientOptions o) : opt_(std::move(o)), socket_(ctx_, zmq::socket_type::dealer) {}
+
+  Status Open(const std::string& endpoint) {
+    try {
+      // A stable routing id: the broker pushes results to it, also after
+      // either side reconnects.
+      std::random_device rd;
+      std::string id(16, '\0');
+      for (char& c : id) c = static_cast<char>(rd());
+      id[0] = 'c';  // ZeroMQ reserves routing ids that start with a zero byte
+      socket_.set(zmq::sockopt::routing_id, zmq::buffer(id));
+      socket_.set(zmq::sockopt::linger, 0);
+      socket_.set(zmq::sockopt::sndhwm, 1000000);
+      socket_.set(zmq::sockopt::rcvhwm, 1000000);
+      if (!opt_.server_key.empty()) {
+        socket_.set(zmq::sockopt::curve_serverkey, opt_.server_key);
+        socket_.set(zmq::sockopt::curve_publickey, opt_.public_key);
+        socket_.set(zmq::sockopt::curve_secretkey, opt_.secret_key);
+      }
+      socket_.connect(endpoint);
+    } catch (const zmq::error_t& e) {
+      return Error(Code::kUnavailable, "connect " + endpoint + ": " + e.what());
+    }
+    return Status::Ok();
+  }
+
+  uint64_t NextRid() { return ++rid_; }
+
+  Status Send(const ClientRequest& req, const std::vector<std::string_view>& payload = {}) {
+    const std::string header = schema::EncodeClientRequest(req);
+    try {
+      socket_.send(zmq::buffer(schema::kClientProtocol), zmq::send_flags::sndmore);
+      socket_.send(zmq::buffer(header),
+                   payload.empty() ? zmq::send_flags::none : zmq::send_flags::sndmore);
+      for (size_t i = 0; i < payload.size(); ++i) {
+        socket_.send(zmq::buffer(payload[i].data(), payload[i].size()),
+                     i + 1 < payload.size() ? zmq::send_flags::sndmore : zmq::send_flags::none);
+      }
+    } catch (const zmq::error_t& e) {
+      return Error(Code::kUnavailable, std::string("send: ") + e.what());
+    }
+    return Status::Ok();
+  }
+
+  // Receives one message into `reply` and `frames`, waiting until `deadline`.
+  Status Receive(Clock::time_point deadline, ClientReply* reply,
+                 std::vector<zmq::message_t>* frames) {
+    for (;;) {
+      auto left = std::chrono::duration_cast<Millis>(deadline - Clock::now());
+      if (left.count() < 0) left = Millis(0);
+      zmq::pollitem_t item = {socket_.handle(), 0, ZMQ_POLLIN, 0};
+      try {
+        zmq::poll(&item, 1, left);
+      } catch (const zmq::error_t& e) {
+        if (e.num() == EINTR) continue;
+        return Error(Code::kUnavailable, e.what());
+      }
+      if (!(item.revents & ZMQ_POLLIN)) {
+        return Error(Code::kTimeout, "no answer from the broker in time");
+      }
+      frames->clear();
+      if (!zmq::recv_multipart(socket_,
+                               std::back_inserter(*frames), zmq::recv_flags::dontwait)) {
+        continue;
+      }
+      if (frames->size() < 2) continue;
+      std::vector<uint64_t> sizes;
+      for (size_t i = 2; i < frames->size(); ++i) sizes.push_back((*frames)[i].size());
+      if (!schema::CheckProtocolFrame((*frames)[0].to_string_view(), schema::kClientProtocol)
+               .ok()) {
+        continue;
+      }
+      Status s = schema::DecodeClientReply((*frames)[1].to_string_view(), sizes, limits_, reply);
+      if (!s.ok()) return s.WithContext("reply from the broker");
+      return Status::Ok();
+    }
+  }
+
+  // Files a message that is not the awaited one as an event.
+  void Keep(ClientReply& r, std::vector<zmq::message_t>& frames) {
+    Event e;
+    switch (r.op) {
+      case ReplyOp::kAccepted:
+        e.kind = Event::kAccepted;
+        e.rid = r.rid;
+        e.id = r.id;
+        e.existing = r.existing;
+        break;
+      case ReplyOp::kError:
+        e.kind = Event::kRejected;
+        e.rid = r.rid;
+        e.id = r.id;
+        e.error = Error(r.code, r.error);
+        e.retry_after_ms = r.retry_after_ms;
+        break;
+      case ReplyOp::kResult:
+        if (r.rid != 0) return;  // a fetch nobody waits for any more
+        e.kind = Event::kResult;
+        e.id = r.id;
+        e.result = ToResult(r, frames, 2);
+        break;
+      default:
+        return;  // a late answer to a request that timed out
+    }
+    events_.push_back(std::move(e));
+  }
+
+  // Sends `req` and waits for the reply with its rid.
+  StatusOr<ClientReply> Call(ClientRequest req, std::vector<zmq::message_t>* frames_out,
+                             const std::vector<std::string_view>& payload = {}) {
+    req.rid = NextRid();
+    GPUQ_RETURN_IF_ERROR(Send(req, payload));
+    const auto deadline = Clock::now() + opt_.timeout;
+    for (;;) {
+      ClientReply r;
+      std::vector<zmq::message_t> frames;
+      GPUQ_RETURN_IF_ERROR(Receive(deadline, &r, &frames));
+      if (r.rid == req.rid) {
+        if (frames_out) *frames_out = std::move(frames);
+        if (r.op == ReplyOp::kError) return Error(r.code, r.error);
+        return r;
+      }
+      Keep(r, frames);
+    }
+  }
+
+  ClientOptions opt_;
+  zmq::context_t ctx_;
+  zmq::socket_t socket_;
+  schema::Limits limits_;
+  uint64_t rid_ = 0;
+  std::deque<Event> events_;
+};
+
+Client::Client(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+Client::~Client() = default;
+
+StatusOr<std::unique_ptr<Client>> Client::Connect(const std::string& endpoint,
+                                                  ClientOptions options) {
+  auto impl = std::make_unique<Impl>(std::move(options));
+  GPUQ_RETURN_IF_ERROR(impl->Open(endpoint));
+  return std::unique_ptr<Client>(new Client(std::move(impl)));
+}
+
+StatusOr<uint64_t> Client::Submit(const JobRequest& job) {
+  ClientRequest req;
+  req.op = ClientOp::kSubmit;
+  req.job = job.spec;
+  GPUQ_ASSIGN_OR_RETURN(ClientReply r, impl_->Call(std::move(req), nullptr, job.inputs));
+  return r.id;
+}
+
+StatusOr<uint64_t> Client::SubmitAsync(const JobRequest& job) {
+  ClientRequest req;
+  req.op = ClientOp::kSubmit;
+  req.rid = impl_->NextRid();
+  req.job = job.spec;
+  GPUQ_RETURN_IF_ERROR(impl_->Send(req, job.inputs));
+  return req.rid;
+}
+
+StatusOr<Client::Event> Client::Poll(Millis timeout) {
+  const auto deadline = Clock::now() + timeout;
+  while (impl_->events_.empty()) {
+    ClientReply r;
+    std::vector<zmq::message_t> frames;
+    GPUQ_RETURN_IF_ERROR(impl_->Receive(deadline, &r, &frames));
+    impl_->Keep(r, frames);
+  }
+  Event e = std::move(impl_->events_.front());
+  impl_->events_.pop_front();
+  return e;
+}
+
+StatusOr<JobResult> Client::Wait(uint64_t id, std::optional<Millis> timeout) {
+  auto& events = impl_->events_;
+  for (auto it = events.begin(); it != events.end(); ++it) {
+    if (it->kind == Event::kResult && it->id == id) {
+      JobResult r = std::move(it->result);
+      events.erase(it);
+      return r;
+    }
+  }
+  // It may have ended before we were listening: ask once.
+  GPUQ_ASSIGN_OR_RETURN(JobResult fetched, Fetch(id));
+  if (schema::IsTerminal(fetched.state)) return fetched;
+  const auto deadline = Clock::now() + timeout.value_or(impl_->opt_.timeout);
+  for (;;) {
+    ClientReply r;
+    std::vector<zmq::message_t> frames;
+    GPUQ_RETURN_IF_ERROR(impl_->Receive(deadline, &r, &frames));
+    if (r.op == ReplyOp::kResult && r.rid == 0 && r.id == id) return ToResult(r, frames, 2);
+    impl_->Keep(r, frames);
+  }
+}
+
+StatusOr<JobResult> Client::GetStatus(uint64_t id) {
+  ClientRequest req;
+  req.op = ClientOp::kStatus;
+  req.id = id;
+  std::vector<zmq::message_t> frames;
+  GPUQ_ASSIGN_OR_RETURN(ClientReply r, impl_->Call(std::move(req), &frames));
+  return ToResult(r, frames, 2);
+}
+
+StatusOr<JobResult> Client::Fetch(uint64_t id) {
+  ClientRequest req;
+  req.op = ClientOp::kResult;
+  req.id = id;
+  std::vector<zmq::message_t> frames;
+  GPUQ_ASSIGN_OR_RETURN(ClientReply r, impl_->Call(std::move(req), &frames));
+  return ToResult(r, frames, 2);
+}
+
+StatusOr<schema::JobState> Client::Cancel(uint64_t id) {
+  ClientRequest req;
+  req.op = ClientOp::kCancel;
+  req.id = id;
+  GPUQ_ASSIGN_OR_RETURN(ClientReply r, impl_->Call(std::move(req), nullptr));
+  return r.state;
+}
+
+StatusOr<std::string> Client::Stats() {
+  ClientRequest req;
+  req.op = ClientOp::kStats;
+  GPUQ_ASSIGN_OR_RETURN(ClientReply r, impl_->Call(std::move(req), nullptr));
+  return std::move(r.stats);
+}
+
+StatusOr<std::vector<schema::WorkerView>> Client::Devices() {
+  ClientRequest req;
+  req.op = ClientOp::kDevices;
+  GPUQ_ASSIGN_OR_RETURN(ClientReply r, impl_->Call(std::move(req), nullptr));
+  return std::move(r.workers);
+}
+
+}  // namespace gpuq

@@ -1,0 +1,124 @@
+// gpuq's C++ client: submit kernel jobs to a gpuq broker and collect results.
+//
+// Ownership: a Client owns its ZeroMQ context and socket; destroying it
+// closes them (unsent requests are dropped, jobs already accepted keep
+// running and stay fetchable). Results own their output bytes.
+//
+// Threads: a Client is NOT thread-safe; use one per thread, or guard it.
+// Many requests may be in flight on one Client: SubmitAsync() returns at once
+// and results are collected with Poll() or Wait().
+//
+// Failure: every call returns a Status (util/status.h) whose code is the
+// protocol's error code (schema/PROTOCOL.md): the broker's refusals
+// (kQueueFull with a retry hint, kInvalid, kNotFound, ...) as they came, and
+// kTimeout when no answer came in time. Nothing here throws.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "schema/messages.h"
+#include "util/status.h"
+
+namespace gpuq {
+
+using Millis = std::chrono::milliseconds;
+
+// A job to submit: the kernel and its launch (schema::JobSpec), and the
+// bytes of each input buffer in payload-frame order (Arg::In(i) and
+// Arg::InOut(i) name inputs[i]). The Client copies nothing it does not send.
+struct JobRequest {
+  schema::JobSpec spec;
+  std::vector<std::string_view> inputs;
+};
+
+// The end of a job, as pushed by the broker or fetched.
+struct JobResult {
+  uint64_t id = 0;
+  schema::JobState state = schema::JobState::kQueued;
+  Code code = Code::kOk;  // the failure reason when state is failed/expired
+  std::string error;      // for compile_error: NVRTC's log
+  std::string device;     // UUID of the GPU that ran it
+  uint32_t attempts = 0;
+  schema::Timing timing;
+  // Bytes of each out and inout buffer, with the index of its argument.
+  std::vector<uint32_t> output_args;
+  std::vector<std::string> outputs;
+  bool ok() const { return state == schema::JobState::kDone; }
+  // The output of argument `arg`, or nullptr.
+  const std::string* Output(uint32_t arg) const;
+};
+
+struct ClientOptions {
+  Millis timeout{10000};  // default wait for a reply
+  // On tcp, the broker's CURVE public key and this client's key pair
+  // (Z85, 40 characters each); empty on ipc.
+  std::string server_key, public_key, secret_key;
+};
+
+// The embedded default broker endpoint: $GPUQ_BROKER if set, else
+// ipc://$XDG_RUNTIME_DIR/gpuq/broker.sock (or /tmp/gpuq-UID/broker.sock).
+std::string DefaultEndpoint();
+// The folder of the default ipc endpoints.
+std::string DefaultRuntimeFolder();
+
+class Client {
+ public:
+  // Connects to `endpoint` (ipc://PATH or tcp://HOST:PORT). ZeroMQ connects
+  // in the background: a broker that is not up yet is reached when it comes.
+  static StatusOr<std::unique_ptr<Client>> Connect(const std::string& endpoint,
+                                                   ClientOptions options = {});
+  ~Client();
+  Client(const Client&) = delete;
+  Client& operator=(const Client&) = delete;
+
+  // Submits and waits for the broker's acknowledgement: the job id. The job
+  // is stored durably once this returns. With spec.key set, a resubmit (say
+  // after a timeout) returns the same job, never a second one.
+  StatusOr<uint64_t> Submit(const JobRequest& job);
+  // Submits without waiting; returns the request id. The acknowledgement
+  // arrives as an Event from Poll().
+  StatusOr<uint64_t> SubmitAsync(const JobRequest& job);
+
+  struct Event {
+    enum Kind { kAccepted, kRejected, kResult } kind = kResult;
+    uint64_t rid = 0;     // kAccepted, kRejected: the request id
+    uint64_t id = 0;      // kAccepted, kResult: the job id
+    bool existing = false;
+    Status error;         // kRejected
+    uint64_t retry_after_ms = 0;
+    JobResult result;     // kResult
+  };
+  // The next acknowledgement, rejection or pushed result, waiting up to
+  // `timeout`; kTimeout when none came.
+  StatusOr<Event> Poll(Millis timeout);
+  // Waits for the result of job `id` (pushed, or fetched if it ended before
+  // this Client was told). Events for other jobs that arrive meanwhile are
+  // kept for Poll().
+  StatusOr<JobResult> Wait(uint64_t id, std::optional<Millis> timeout = std::nullopt);
+
+  // The job's state; its failure reason in JobResult::code.
+  StatusOr<JobResult> GetStatus(uint64_t id);
+  // The ended job's result; kNotFound when unknown or past retention, the
+  // status (state queued/dispatched) when not ended yet.
+  StatusOr<JobResult> Fetch(uint64_t id);
+  // Cancels a job; returns its state afterwards (a job that had ended keeps
+  // its state).
+  StatusOr<schema::JobState> Cancel(uint64_t id);
+  // The broker's stats map (schema/PROTOCOL.md, "Stats"), as msgpack.
+  StatusOr<std::string> Stats();
+  StatusOr<std::vector<schema::WorkerView>> Devices();
+
+ private:
+  class Impl;
+  explicit Client(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace gpuq

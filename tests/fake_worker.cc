@@ -1,0 +1,216 @@
+// gpuq-fake-worker: a test double of gpuq-worker for tests without a GPU. It
+// speaks the worker protocol (GPUQW/1) for real but runs nothing on a GPU:
+//   - an out buffer comes back filled with the byte (argument index + 1);
+//   - an inout buffer comes back with every byte incremented by 1;
+//   - the entry name picks a behaviour: "slow*" takes 100 ms, "crash*" makes
+//     the process exit at once (as a faulting worker would), "fault*"
+//     reports kernel_fault when it is the only job in flight and otherwise
+//     disconnects and exits (a sticky fault, culprit unknown), "hang*" never
+//     answers (heartbeats go on).
+// It keeps the module set of PROTOCOL.md ("Module images") and fails a job
+// whose module it was never sent, so tests also check the broker's side.
+// Lives in tests/ only; never a product, demo or benchmark.
+#include <CLI/CLI.hpp>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdio>
+#include <list>
+#include <map>
+#include <set>
+#include <thread>
+#include <unordered_map>
+#include <zmq.hpp>
+#include <zmq_addon.hpp>
+
+#include "schema/codec.h"
+
+using namespace gpuq;
+using namespace gpuq::schema;
+using Clock = std::chrono::steady_clock;
+
+namespace {
+
+struct Pending {
+  Clock::time_point due;
+  BrokerMessage job;
+  std::vector<zmq::message_t> frames;
+};
+
+class ModuleSet {
+ public:
+  explicit ModuleSet(size_t n) : n_(n) {}
+  bool Has(const std::string& k) const { return index_.count(k) > 0; }
+  void Touch(const std::string& k) {
+    auto it = index_.find(k);
+    if (it != index_.end()) {
+      order_.splice(order_.begin(), order_, it->second);
+      return;
+    }
+    order_.push_front(k);
+    index_[k] = order_.begin();
+    if (order_.size() > n_) {
+      index_.erase(order_.back());
+      order_.pop_back();
+    }
+  }
+
+ private:
+  size_t n_;
+  std::list<std::string> order_;
+  std::unordered_map<std::string, std::list<std::string>::iterator> index_;
+};
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::string endpoint, arch = "sm_90", uuid, name;
+  uint32_t slots = 4, module_slots = 16;
+  int heartbeat_ms = 100, delay_us = 0;
+  CLI::App app{"gpuq-fake-worker: a test double of gpuq-worker (no GPU)"};
+  app.add_option("--broker", endpoint)->required();
+  app.add_option("--arch", arch);
+  app.add_option("--uuid", uuid);
+  app.add_option("--slots", slots);
+  app.add_option("--module-slots", module_slots);
+  app.add_option("--heartbeat-ms", heartbeat_ms);
+  app.add_option("--delay-us", delay_us, "Time each job takes");
+  CLI11_PARSE(app, argc, argv);
+  if (uuid.empty()) uuid = "GPU-fake-" + std::to_string(getpid());
+  name = "fake:" + std::to_string(getpid()) + ":0";
+
+  zmq::context_t ctx;
+  zmq::socket_t sock(ctx, zmq::socket_type::dealer);
+  sock.set(zmq::sockopt::linger, 0);
+  sock.connect(endpoint);
+  auto send = [&](const WorkerMessage& m, std::vector<zmq::message_t>* payload = nullptr) {
+    std::vector<zmq::message_t> frames;
+    frames.emplace_back(kWorkerProtocol.data(), kWorkerProtocol.size());
+    std::string h = EncodeWorkerMessage(m);
+    frames.emplace_back(h.data(), h.size());
+    if (payload) {
+      for (auto& p : *payload) frames.push_back(std::move(p));
+    }
+    zmq::send_multipart(sock, frames);
+  };
+  auto ready = [&] {
+    WorkerMessage m;
+    m.op = WorkerOp::kReady;
+    m.worker = name;
+    m.device.name = "fake GPU";
+    m.device.uuid = uuid;
+    m.device.cc_major = static_cast<uint32_t>(std::stoi(arch.substr(3, arch.size() - 4)));
+    m.device.cc_minor = static_cast<uint32_t>(arch.back() - '0');
+    m.device.total_bytes = m.device.free_bytes = 1ull << 34;
+    m.device.max_threads_per_block = 1024;
+    m.device.max_block = {1024, 1024, 64};
+    m.device.max_grid = {2147483647, 65535, 65535};
+    m.slots = slots;
+    m.module_slots = module_slots;
+    send(m);
+  };
+  ready();
+  ModuleSet modules(module_slots);
+  std::vector<Pending> pending;
+  auto last_heard = Clock::now();
+  auto next_beat = Clock::now();
+  const Limits limits;
+  for (;;) {
+    zmq::pollitem_t item = {sock.handle(), 0, ZMQ_POLLIN, 0};
+    zmq::poll(&item, 1, std::chrono::milliseconds(5));
+    const auto now = Clock::now();
+    if (now >= next_beat) {
+      next_beat = now + std::chrono::milliseconds(heartbeat_ms);
+      WorkerMessage hb;
+      hb.op = WorkerOp::kHeartbeat;
+      hb.free_bytes = 1ull << 34;
+      hb.inflight = static_cast<uint32_t>(pending.size());
+      send(hb);
+    }
+    if (now - last_heard > std::chrono::milliseconds(heartbeat_ms * 3)) {
+      // The broker went silent (restarted?): register again.
+      modules = ModuleSet(module_slots);
+      pending.clear();
+      ready();
+      last_heard = now;
+    }
+    while (item.revents & ZMQ_POLLIN) {
+      std::vector<zmq::message_t> frames;
+      if (!zmq::recv_multipart(sock, std::back_inserter(frames), zmq::recv_flags::dontwait)) {
+        break;
+      }
+      last_heard = Clock::now();
+      if (frames.size() < 2) continue;
+      std::vector<uint64_t> sizes;
+      for (size_t i = 2; i < frames.size(); ++i) sizes.push_back(frames[i].size());
+      BrokerMessage m;
+      if (!DecodeBrokerMessage(frames[1].to_string_view(), sizes, limits, &m).ok()) continue;
+      if (m.op == BrokerOp::kDisconnect) {
+        modules = ModuleSet(module_slots);
+        pending.clear();
+        ready();
+        continue;
+      }
+      if (m.op != BrokerOp::kJob) continue;
+      const bool had_module = modules.Has(m.module);
+      modules.Touch(m.module);
+      Pending p{Clock::now() + std::chrono::microseconds(delay_us), m, std::move(frames)};
+      if (m.entry.rfind("slow", 0) == 0) p.due += std::chrono::milliseconds(100);
+      if (m.entry.rfind("crash", 0) == 0) _exit(3);
+      if (m.image == ImageKind::kNone && !had_module) {
+        p.job.entry = "!module " + m.module + " was never sent";
+      }
+      pending.push_back(std::move(p));
+    }
+    // Finish what is due.
+    for (size_t i = 0; i < pending.size();) {
+      Pending& p = pending[i];
+      if (p.job.entry.rfind("hang", 0) == 0 || Clock::now() < p.due) {
+        ++i;
+        continue;
+      }
+      WorkerMessage r;
+      r.op = WorkerOp::kResult;
+      r.id = p.job.id;
+      r.attempt = p.job.attempt;
+      r.timing.kernel_us = 1;
+      std::vector<zmq::message_t> out;
+      if (p.job.entry.rfind("!module", 0) == 0) {
+        r.state = JobState::kFailed;
+        r.code = Code::kLaunchError;
+        r.error = p.job.entry.substr(1);
+      } else if (p.job.entry.rfind("fault", 0) == 0) {
+        if (pending.size() > 1) {
+          WorkerMessage bye;
+          bye.op = WorkerOp::kDisconnect;
+          bye.reason = "sticky CUDA error: CUDA_ERROR_ILLEGAL_ADDRESS";
+          send(bye);
+          std::this_thread::sleep_for(std::chrono::milliseconds(20));
+          _exit(2);
+        }
+        r.state = JobState::kFailed;
+        r.code = Code::kKernelFault;
+        r.error = "CUDA_ERROR_ILLEGAL_ADDRESS: an illegal memory access was encountered";
+      } else {
+        r.state = JobState::kDone;
+        for (uint32_t a = 0; a < p.job.args.size(); ++a) {
+          const Arg& arg = p.job.args[a];
+          if (arg.kind == ArgKind::kOut) {
+            out.emplace_back(arg.size);
+            memset(out.back().data(), static_cast<int>(a + 1), arg.size);
+            r.outputs.push_back(a);
+          } else if (arg.kind == ArgKind::kInOut) {
+            zmq::message_t& in = p.frames[2 + arg.frame];
+            out.emplace_back(in.size());
+            auto* src = static_cast<const uint8_t*>(in.data());
+            auto* dst = static_cast<uint8_t*>(out.back().data());
+            for (size_t b = 0; b < in.size(); ++b) dst[b] = static_cast<uint8_t>(src[b] + 1);
+            r.outputs.push_back(a);
+          }
+        }
+      }
+      send(r, &out);
+      pending.erase(pending.begin() + static_cast<long>(i));
+    }
+  }
+}
