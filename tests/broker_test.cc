@@ -1,0 +1,646 @@
+// The broker as a real process (gpuqd) with real sockets, a real SQLite
+// store and worker test doubles (gpuq-fake-worker, tests/fake_worker.cc) as
+// real processes. No GPU is needed.
+#include <gtest/gtest.h>
+#include <arpa/inet.h>
+#include <httplib.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+#include <signal.h>
+#include <sqlite3.h>
+
+#include <atomic>
+#include <deque>
+#include <map>
+#include <nlohmann/json.hpp>
+#include <random>
+#include <set>
+#include <thread>
+#include <zmq.hpp>
+#include <zmq_addon.hpp>
+
+#include "gpuq/client.h"
+#include "schema/codec.h"
+#include "tests/process_util.h"
+#include "tests/test_util.h"
+
+namespace gpuq {
+namespace {
+
+using schema::Arg;
+using schema::JobState;
+using testing::BrokerProcess;
+using testing::Process;
+using testing::TempDir;
+
+// One source with every kernel the test double knows, so that one compile
+// serves the whole suite. The names pick the double's behaviour.
+constexpr char kKernels[] =
+    "#define K(name) extern \"C\" __global__ void name(unsigned char* a, unsigned char* b) {}\n"
+    "K(k) K(slow) K(crash) K(fault) K(hang)\n";
+
+class BrokerTest : public ::testing::Test {
+ protected:
+  void SetUp() override { ASSERT_TRUE(StartBroker()) << Log(); }
+
+  bool StartBroker(std::vector<std::string> extra = {}) {
+    if (!broker_ || !extra.empty()) broker_ = std::make_unique<BrokerProcess>(dir_.path(), extra);
+    return broker_->Start();
+  }
+
+  Process& AddWorker(std::vector<std::string> extra = {}) {
+    std::vector<std::string> argv = {testing::BinPath("gpuq-fake-worker"), "--broker",
+                                     broker_->worker_endpoint(), "--heartbeat-ms", "100"};
+    argv.insert(argv.end(), extra.begin(), extra.end());
+    workers_.push_back(Process::Start(argv, dir_.File("workers.log")));
+    return workers_.back();
+  }
+
+  std::unique_ptr<Client> Connect(Millis timeout = Millis(10000)) {
+    ClientOptions o;
+    o.timeout = timeout;
+    auto c = Client::Connect(broker_->client_endpoint(), o);
+    EXPECT_TRUE(c.ok()) << c.status().ToString();
+    return std::move(*c);
+  }
+
+  // A job for the test double: `b` is inout (comes back +1 per byte), and
+  // an out buffer of `out` bytes (comes back filled with 3).
+  // The request's input views point into `inputs_`, which outlives it.
+  JobRequest Job(const std::string& entry, const std::string& b, uint64_t out = 16) {
+    inputs_.push_back(b);
+    JobRequest j;
+    j.spec.kernel.source = kKernels;
+    j.spec.kernel.entry = entry;
+    j.spec.launch.grid = {1, 1, 1};
+    j.spec.launch.block = {32, 1, 1};
+    j.spec.args = {Arg::InOut(0), Arg::U32(7), Arg::Out(out)};
+    j.inputs = {inputs_.back()};
+    return j;
+  }
+
+  // Waits until `n` workers are registered.
+  bool WaitForWorkers(Client& c, size_t n) {
+    for (int i = 0; i < 500; ++i) {
+      auto d = c.Devices();
+      if (d.ok() && d->size() == n) return true;
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+    return false;
+  }
+
+  std::string Log() { return testing::ReadFile(dir_.File("gpuqd.log")); }
+
+  TempDir dir_;
+  std::unique_ptr<BrokerProcess> broker_;
+  std::vector<Process> workers_;
+  std::deque<std::string> inputs_;
+};
+
+TEST_F(BrokerTest, SubmittedJobRunsAndItsResultIsPushedBack) {
+  AddWorker();
+  auto c = Connect();
+  ASSERT_TRUE(WaitForWorkers(*c, 1));
+  const std::string input = "\x01\x02\x03\xff";
+  auto id = c->Submit(Job("k", input));
+  ASSERT_TRUE(id.ok()) << id.status().ToString();
+  auto r = c->Wait(*id);
+  ASSERT_TRUE(r.ok()) << r.status().ToString();
+  EXPECT_EQ(r->state, JobState::kDone) << r->error;
+  EXPECT_EQ(r->attempts, 1u);
+  EXPECT_FALSE(r->device.empty());
+  ASSERT_NE(r->Output(0), nullptr);
+  EXPECT_EQ(*r->Output(0), std::string("\x02\x03\x04\x00", 4)) << "inout came back +1";
+  ASSERT_NE(r->Output(2), nullptr);
+  EXPECT_EQ(*r->Output(2), std::string(16, '\x03')) << "out came back filled";
+  EXPECT_GE(r->timing.total_us, r->timing.queue_us);
+  // The result stays fetchable, with its buffers.
+  auto again = c->Fetch(*id);
+  ASSERT_TRUE(again.ok());
+  EXPECT_EQ(again->outputs, r->outputs);
+}
+
+TEST_F(BrokerTest, ResubmitWithTheSameKeyReturnsTheSameJob) {
+  auto c = Connect();
+  JobRequest j = Job("k", "abc");
+  j.spec.key = "vm-3/job-17";
+  auto first = c->Submit(j);
+  ASSERT_TRUE(first.ok());
+  auto second = c->Submit(j);
+  ASSERT_TRUE(second.ok());
+  EXPECT_EQ(*first, *second);
+  j.spec.tenant = "other-tenant";  // keys are per tenant
+  auto third = c->Submit(j);
+  ASSERT_TRUE(third.ok());
+  EXPECT_NE(*third, *first);
+}
+
+TEST_F(BrokerTest, CompileErrorEndsTheJobWithTheFullLog) {
+  AddWorker();
+  auto c = Connect();
+  ASSERT_TRUE(WaitForWorkers(*c, 1));
+  JobRequest j = Job("k", "x");
+  j.spec.kernel.source = "extern \"C\" __global__ void k(unsigned char* a) { oops(); }\n";
+  auto id = c->Submit(j);
+  ASSERT_TRUE(id.ok());
+  auto r = c->Wait(*id);
+  ASSERT_TRUE(r.ok());
+  EXPECT_EQ(r->state, JobState::kFailed);
+  EXPECT_EQ(r->code, Code::kCompileError);
+  EXPECT_NE(r->error.find("oops"), std::string::npos) << r->error;
+}
+
+TEST_F(BrokerTest, KernelNameMissingFromTheSourceIsInvalid) {
+  AddWorker();
+  auto c = Connect();
+  ASSERT_TRUE(WaitForWorkers(*c, 1));
+  auto id = c->Submit(Job("no_such_kernel", "x"));
+  ASSERT_TRUE(id.ok());
+  auto r = c->Wait(*id);
+  ASSERT_TRUE(r.ok());
+  EXPECT_EQ(r->code, Code::kInvalid);
+  EXPECT_NE(r->error.find("no_such_kernel"), std::string::npos);
+}
+
+TEST_F(BrokerTest, BadSubmitsAreRefusedWithAClearCode) {
+  auto c = Connect();
+  JobRequest j = Job("k", "x");
+  j.spec.kernel.options = {"-I/etc"};
+  EXPECT_EQ(c->Submit(j).status().code(), Code::kInvalid);
+  j = Job("k", "x");
+  j.spec.launch.block = {2048, 1, 1};
+  EXPECT_EQ(c->Submit(j).status().code(), Code::kInvalid);
+  j = Job("k", "x");
+  j.inputs.push_back("an extra frame no argument names");
+  EXPECT_EQ(c->Submit(j).status().code(), Code::kInvalid);
+  EXPECT_EQ(c->GetStatus(987654).status().code(), Code::kNotFound);
+}
+
+TEST_F(BrokerTest, QueuedJobCanBeCanceled) {
+  auto c = Connect();  // no worker: the job stays queued
+  auto id = c->Submit(Job("k", "x"));
+  ASSERT_TRUE(id.ok());
+  auto st = c->Cancel(*id);
+  ASSERT_TRUE(st.ok());
+  EXPECT_EQ(*st, JobState::kCanceled);
+  auto r = c->Wait(*id);
+  ASSERT_TRUE(r.ok());
+  EXPECT_EQ(r->state, JobState::kCanceled);
+  // Canceling again reports the state it has.
+  EXPECT_EQ(*c->Cancel(*id), JobState::kCanceled);
+}
+
+TEST_F(BrokerTest, JobNotStartedByItsDeadlineExpires) {
+  auto c = Connect();
+  JobRequest j = Job("k", "x");
+  j.spec.deadline_ms = 200;
+  auto id = c->Submit(j);
+  ASSERT_TRUE(id.ok());
+  auto r = c->Wait(*id, Millis(5000));
+  ASSERT_TRUE(r.ok()) << r.status().ToString();
+  EXPECT_EQ(r->state, JobState::kExpired);
+}
+
+TEST_F(BrokerTest, FullTenantQueueIsRefusedWithARetryHint) {
+  ASSERT_TRUE(StartBroker({"--max-queued-per-tenant", "3"})) << Log();
+  auto c = Connect();
+  for (int i = 0; i < 3; ++i) ASSERT_TRUE(c->Submit(Job("k", "x")).ok());
+  auto rid = c->SubmitAsync(Job("k", "x"));
+  ASSERT_TRUE(rid.ok());
+  auto e = c->Poll(Millis(5000));
+  ASSERT_TRUE(e.ok());
+  EXPECT_EQ(e->kind, Client::Event::kRejected);
+  EXPECT_EQ(e->error.code(), Code::kQueueFull);
+  EXPECT_GT(e->retry_after_ms, 0u);
+  JobRequest other = Job("k", "x");
+  other.spec.tenant = "another";
+  EXPECT_TRUE(c->Submit(other).ok()) << "another tenant's queue is not full";
+}
+
+TEST_F(BrokerTest, HigherPriorityRunsFirst) {
+  auto c = Connect();
+  std::vector<uint64_t> low, high;
+  for (int i = 0; i < 5; ++i) low.push_back(*c->Submit(Job("slow", "x")));
+  for (int i = 0; i < 5; ++i) {
+    JobRequest j = Job("slow", "x");
+    j.spec.priority = 9;
+    high.push_back(*c->Submit(j));
+  }
+  AddWorker({"--slots", "1"});
+  std::vector<uint64_t> order;
+  while (order.size() < 10) {
+    auto e = c->Poll(Millis(10000));
+    ASSERT_TRUE(e.ok()) << e.status().ToString();
+    if (e->kind == Client::Event::kResult) order.push_back(e->id);
+  }
+  std::set<uint64_t> first_five(order.begin(), order.begin() + 5);
+  EXPECT_EQ(first_five, std::set<uint64_t>(high.begin(), high.end()));
+}
+
+TEST_F(BrokerTest, OneTenantsFloodDoesNotStarveAnother) {
+  auto c = Connect();
+  for (int i = 0; i < 40; ++i) {
+    JobRequest j = Job("k", "x");
+    j.spec.tenant = "flood";
+    ASSERT_TRUE(c->Submit(j).ok());
+  }
+  std::set<uint64_t> small;
+  for (int i = 0; i < 4; ++i) {
+    JobRequest j = Job("k", "x");
+    j.spec.tenant = "small";
+    small.insert(*c->Submit(j));
+  }
+  AddWorker({"--slots", "1", "--delay-us", "5000"});
+  std::vector<uint64_t> order;
+  while (order.size() < 44) {
+    auto e = c->Poll(Millis(20000));
+    ASSERT_TRUE(e.ok()) << e.status().ToString();
+    if (e->kind == Client::Event::kResult) order.push_back(e->id);
+  }
+  size_t last_small = 0;
+  for (size_t i = 0; i < order.size(); ++i) {
+    if (small.count(order[i])) last_small = i;
+  }
+  // Round robin: the small tenant's 4 jobs are among the first ~8 to run,
+  // not behind the 40 of the flood.
+  EXPECT_LT(last_small, 12u);
+}
+
+TEST_F(BrokerTest, ModulesAreSentOnceAndTheWorkersSetStaysInStep) {
+  AddWorker({"--slots", "1", "--module-slots", "2"});
+  auto c = Connect();
+  ASSERT_TRUE(WaitForWorkers(*c, 1));
+  // Three kernels cycling through a worker that keeps two modules: the
+  // broker must resend each image exactly when the worker has dropped it.
+  std::vector<uint64_t> ids;
+  for (int round = 0; round < 4; ++round) {
+    for (int k = 0; k < 3; ++k) {
+      JobRequest j = Job("k", "x");
+      j.spec.kernel.source = std::string(kKernels) + "// module " + std::to_string(k) + "\n";
+      ids.push_back(*c->Submit(j));
+    }
+  }
+  for (uint64_t id : ids) {
+    auto r = c->Wait(id);
+    ASSERT_TRUE(r.ok());
+    EXPECT_EQ(r->state, JobState::kDone) << r->error;
+  }
+}
+
+TEST_F(BrokerTest, JobsOfAKilledWorkerAreRequeuedAndFinish) {
+  Process& doomed = AddWorker({"--slots", "4", "--delay-us", "300000"});
+  auto c = Connect();
+  ASSERT_TRUE(WaitForWorkers(*c, 1));
+  std::vector<uint64_t> ids;
+  for (int i = 0; i < 8; ++i) ids.push_back(*c->Submit(Job("k", std::string(1, char(i)))));
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));  // 4 are in flight
+  doomed.Kill();
+  AddWorker({"--slots", "4"});
+  int requeued = 0;
+  for (size_t i = 0; i < ids.size(); ++i) {
+    auto r = c->Wait(ids[i], Millis(20000));
+    ASSERT_TRUE(r.ok()) << r.status().ToString();
+    EXPECT_EQ(r->state, JobState::kDone) << r->error;
+    EXPECT_EQ(*r->Output(0), std::string(1, char(i + 1)));
+    requeued += r->attempts > 1;
+  }
+  EXPECT_GE(requeued, 1) << "jobs in flight on the killed worker ran again";
+}
+
+TEST_F(BrokerTest, ASilentWorkerIsDeclaredGoneAndItsJobsRunElsewhere) {
+  Process& frozen = AddWorker({"--slots", "2", "--delay-us", "200000"});
+  auto c = Connect();
+  ASSERT_TRUE(WaitForWorkers(*c, 1));
+  auto id = c->Submit(Job("k", "q"));
+  ASSERT_TRUE(id.ok());
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  frozen.Signal(SIGSTOP);  // alive, but silent: no heartbeats
+  AddWorker();
+  auto r = c->Wait(*id, Millis(10000));
+  frozen.Signal(SIGCONT);
+  ASSERT_TRUE(r.ok()) << r.status().ToString();
+  EXPECT_EQ(r->state, JobState::kDone);
+  EXPECT_EQ(r->attempts, 2u);
+  EXPECT_NE(Log().find("silent"), std::string::npos);
+}
+
+TEST_F(BrokerTest, AFaultingJobFailsAloneAndInnocentJobsFinish) {
+  // Two workers; each fakes a sticky fault on "fault" (it exits, taking its
+  // jobs with it) unless the job runs alone, when it reports kernel_fault.
+  AddWorker({"--slots", "4", "--delay-us", "50000"});
+  AddWorker({"--slots", "4", "--delay-us", "50000"});
+  auto c = Connect();
+  ASSERT_TRUE(WaitForWorkers(*c, 2));
+  std::vector<uint64_t> innocent;
+  for (int i = 0; i < 6; ++i) innocent.push_back(*c->Submit(Job("k", "i")));
+  auto culprit = c->Submit(Job("fault", "f"));
+  ASSERT_TRUE(culprit.ok());
+  for (int i = 0; i < 6; ++i) innocent.push_back(*c->Submit(Job("k", "i")));
+  // Keep two workers up, as a supervisor would.
+  std::atomic<bool> done{false};
+  std::thread keeper([&] {
+    while (!done) {
+      for (auto& w : workers_) {
+        if (!w.running()) {
+          w = Process::Start({testing::BinPath("gpuq-fake-worker"), "--broker",
+                              broker_->worker_endpoint(), "--heartbeat-ms", "100", "--slots",
+                              "4", "--delay-us", "50000"},
+                             dir_.File("workers.log"));
+        }
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+  });
+  auto r = c->Wait(*culprit, Millis(30000));
+  std::vector<JobResult> others;
+  for (uint64_t id : innocent) {
+    auto o = c->Wait(id, Millis(30000));
+    if (o.ok()) others.push_back(*o);
+  }
+  done = true;
+  keeper.join();
+  ASSERT_TRUE(r.ok()) << r.status().ToString();
+  EXPECT_EQ(r->state, JobState::kFailed);
+  EXPECT_EQ(r->code, Code::kKernelFault) << r->error;
+  ASSERT_EQ(others.size(), innocent.size());
+  for (const auto& o : others) EXPECT_EQ(o.state, JobState::kDone) << o.id << ": " << o.error;
+}
+
+// ------------------------------------------------------------ crash safety
+
+int64_t QueryInt(const std::string& db_path, const std::string& sql) {
+  sqlite3* db = nullptr;
+  int64_t v = -1;
+  if (sqlite3_open_v2(db_path.c_str(), &db, SQLITE_OPEN_READONLY, nullptr) == SQLITE_OK) {
+    sqlite3_stmt* s = nullptr;
+    if (sqlite3_prepare_v2(db, sql.c_str(), -1, &s, nullptr) == SQLITE_OK &&
+        sqlite3_step(s) == SQLITE_ROW) {
+      v = sqlite3_column_int64(s, 0);
+    }
+    sqlite3_finalize(s);
+  }
+  sqlite3_close(db);
+  return v;
+}
+
+TEST_F(BrokerTest, BrokerKilledAgainAndAgainLosesNoAcknowledgedJob) {
+  AddWorker({"--slots", "8"});
+  // Submits go on until the broker has been killed kKills times (and at
+  // least kMinJobs were acknowledged).
+  constexpr int kKills = 8, kMinJobs = 300;
+  std::map<int, uint64_t> acked;  // submit number -> job id
+  std::atomic<bool> submitting{true};
+  std::atomic<int> kills{0};
+  std::thread killer([&] {
+    std::mt19937 rng(42);
+    while (submitting && kills < kKills) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(30 + rng() % 120));
+      if (!submitting) break;
+      broker_->Kill();  // SIGKILL: no chance to flush anything
+      ++kills;
+      if (!broker_->Start()) return;
+    }
+  });
+  {
+    auto c = Connect(Millis(500));
+    for (int i = 0; i < 100000 && (i < kMinJobs || kills < kKills); ++i) {
+      JobRequest j = Job("k", std::to_string(i));
+      j.spec.key = "storm-" + std::to_string(i);
+      for (;;) {  // retry with the same key until acknowledged
+        auto id = c->Submit(j);
+        if (id.ok()) {
+          acked[i] = *id;
+          break;
+        }
+        ASSERT_TRUE(id.status().code() == Code::kTimeout ||
+                    id.status().code() == Code::kUnavailable)
+            << id.status().ToString();
+      }
+    }
+  }
+  submitting = false;
+  killer.join();
+  ASSERT_TRUE(broker_->process().running() || broker_->Start());
+  EXPECT_EQ(kills.load(), kKills);
+  const int jobs = static_cast<int>(acked.size());
+
+  auto c = Connect();
+  std::set<uint64_t> ids;
+  for (const auto& [i, id] : acked) {
+    EXPECT_TRUE(ids.insert(id).second) << "two keys got one job id";
+    StatusOr<JobResult> r = Error(Code::kTimeout, "");
+    for (int attempt = 0; attempt < 3 && !r.ok(); ++attempt) r = c->Wait(id, Millis(20000));
+    ASSERT_TRUE(r.ok()) << "job " << id << ": " << r.status().ToString();
+    EXPECT_EQ(r->state, JobState::kDone) << "job " << id << ": " << r->error;
+    std::string expect = std::to_string(i);
+    for (char& ch : expect) ch = static_cast<char>(ch + 1);
+    EXPECT_EQ(*r->Output(0), expect) << "job " << id << " ran with its own input";
+  }
+  broker_->Stop();
+  // Exactly once: one row per key, each ended once, none left over.
+  EXPECT_EQ(QueryInt(broker_->store(), "SELECT COUNT(*) FROM jobs"), jobs);
+  EXPECT_EQ(QueryInt(broker_->store(), "SELECT COUNT(DISTINCT client_key) FROM jobs"), jobs);
+  EXPECT_EQ(QueryInt(broker_->store(), "SELECT COUNT(*) FROM jobs WHERE state = 'done'"), jobs);
+  EXPECT_EQ(QueryInt(broker_->store(), "SELECT COUNT(*) FROM results"), jobs);
+  std::printf("storm: %d jobs acknowledged across %d kills of the broker\n", jobs, kills.load());
+}
+
+TEST_F(BrokerTest, QueuedJobsSurviveARestartAndRunAfterwards) {
+  auto c = Connect();
+  std::vector<uint64_t> ids;
+  for (int i = 0; i < 5; ++i) ids.push_back(*c->Submit(Job("k", "r")));
+  broker_->Kill();
+  ASSERT_TRUE(broker_->Start());
+  EXPECT_EQ(broker_->resumed(), 5u);
+  AddWorker();
+  for (uint64_t id : ids) {
+    auto r = c->Wait(id, Millis(20000));
+    ASSERT_TRUE(r.ok()) << r.status().ToString();
+    EXPECT_EQ(r->state, JobState::kDone);
+  }
+}
+
+// ------------------------------------------------------------ hostile peers
+
+TEST_F(BrokerTest, MalformedOversizedAndOutOfOrderMessagesGetErrorsWhileServingGoesOn) {
+  AddWorker();
+  zmq::context_t ctx;
+  zmq::socket_t raw(ctx, zmq::socket_type::dealer);
+  raw.set(zmq::sockopt::linger, 0);
+  raw.connect(broker_->client_endpoint());
+  std::mt19937 rng(7);
+  auto garbage = [&](size_t n) {
+    std::string s(n, '\0');
+    for (char& ch : s) ch = static_cast<char>(rng());
+    return s;
+  };
+  // A bounded storm of bad messages, each answered with an error.
+  std::vector<std::vector<std::string>> bad = {
+      {"GPUQ/1"},                                 // no header
+      {"GPUQ/9", "\x80"},                          // other version
+      {"HTTP/1.1", "GET /"},                       // not our protocol
+      {"GPUQ/1", "\xc1"},                          // invalid msgpack
+      {"GPUQ/1", std::string("\x82\xa2op\xa7" "explode\xa3rid\x05", 17)},  // unknown op
+      {"GPUQ/1", std::string("\x82\xa2op\xa6status\xa3rid\x06", 16)},     // missing id
+      {"GPUQ/1", std::string("\x81\xa2op\xa5stats", 10), "stray payload"},
+  };
+  for (int i = 0; i < 200; ++i) bad.push_back({"GPUQ/1", garbage(1 + rng() % 300)});
+  bad.push_back({"GPUQ/1", std::string(17u << 20, '\x90')});  // over the header limit
+  for (const auto& msg : bad) {
+    std::vector<zmq::message_t> frames;
+    for (const auto& f : msg) frames.emplace_back(f.data(), f.size());
+    zmq::send_multipart(raw, frames);
+  }
+  size_t errors = 0;
+  for (size_t i = 0; i < bad.size(); ++i) {
+    zmq::pollitem_t item = {raw.handle(), 0, ZMQ_POLLIN, 0};
+    zmq::poll(&item, 1, std::chrono::milliseconds(5000));
+    if (!(item.revents & ZMQ_POLLIN)) break;
+    std::vector<zmq::message_t> reply;
+    ASSERT_TRUE(zmq::recv_multipart(raw, std::back_inserter(reply)));
+    ASSERT_GE(reply.size(), 2u);
+    schema::ClientReply r;
+    ASSERT_TRUE(schema::DecodeClientReply(reply[1].to_string_view(), {}, {}, &r).ok());
+    EXPECT_EQ(r.op, schema::ReplyOp::kError);
+    EXPECT_NE(r.code, Code::kOk);
+    ++errors;
+  }
+  EXPECT_EQ(errors, bad.size()) << "every bad message gets an error reply";
+  // Out of order: a worker result from a connection that never said ready.
+  zmq::socket_t rogue(ctx, zmq::socket_type::dealer);
+  rogue.set(zmq::sockopt::linger, 0);
+  rogue.connect(broker_->worker_endpoint());
+  schema::WorkerMessage m;
+  m.op = schema::WorkerOp::kResult;
+  m.id = 1;
+  m.attempt = 1;
+  std::string h = schema::EncodeWorkerMessage(m);
+  std::vector<zmq::message_t> frames;
+  frames.emplace_back(schema::kWorkerProtocol.data(), schema::kWorkerProtocol.size());
+  frames.emplace_back(h.data(), h.size());
+  zmq::send_multipart(rogue, frames);
+  std::vector<zmq::message_t> answer;
+  zmq::pollitem_t item = {rogue.handle(), 0, ZMQ_POLLIN, 0};
+  zmq::poll(&item, 1, std::chrono::milliseconds(5000));
+  ASSERT_TRUE(item.revents & ZMQ_POLLIN);
+  ASSERT_TRUE(zmq::recv_multipart(rogue, std::back_inserter(answer)));
+  schema::BrokerMessage bm;
+  ASSERT_TRUE(schema::DecodeBrokerMessage(answer[1].to_string_view(), {}, {}, &bm).ok());
+  EXPECT_EQ(bm.op, schema::BrokerOp::kDisconnect);
+  // And the broker still serves.
+  auto c = Connect();
+  ASSERT_TRUE(WaitForWorkers(*c, 1));
+  auto id = c->Submit(Job("k", "ok"));
+  ASSERT_TRUE(id.ok());
+  auto r = c->Wait(*id);
+  ASSERT_TRUE(r.ok());
+  EXPECT_EQ(r->state, JobState::kDone);
+  EXPECT_TRUE(broker_->process().running());
+}
+
+// ------------------------------------------------------------ observability
+
+TEST_F(BrokerTest, StatsShowQueueInFlightOutcomesAndLatencies) {
+  auto c = Connect();
+  ASSERT_TRUE(c->Submit(Job("k", "a")).ok());  // stays queued: no worker yet
+  AddWorker({"--slots", "1"});
+  ASSERT_TRUE(WaitForWorkers(*c, 1));
+  auto r = c->Wait(*c->Submit(Job("k", "b")));
+  ASSERT_TRUE(r.ok());
+  JobRequest bad = Job("k", "c");
+  bad.spec.kernel.source = "syntax error";
+  auto b = c->Wait(*c->Submit(bad));
+  ASSERT_TRUE(b.ok());
+  auto raw = c->Stats();
+  ASSERT_TRUE(raw.ok());
+  auto s = nlohmann::json::from_msgpack(*raw);
+  EXPECT_EQ(s["finished"]["done"], 2);
+  EXPECT_EQ(s["finished"]["compile_error"], 1);
+  EXPECT_EQ(s["submitted"], 3);
+  EXPECT_EQ(s["workers"].size(), 1u);
+  EXPECT_GE(s["latency_us"]["total"]["count"].get<int>(), 2);
+  EXPECT_GT(s["latency_us"]["total"]["p50"].get<double>(), 0);
+  EXPECT_GE(s["cache"]["entries"].get<int>(), 1);
+}
+
+TEST_F(BrokerTest, MetricsEndpointServesValidPrometheusText) {
+  AddWorker();
+  auto c = Connect();
+  ASSERT_TRUE(WaitForWorkers(*c, 1));
+  ASSERT_TRUE(c->Wait(*c->Submit(Job("k", "m"))).ok());
+  std::this_thread::sleep_for(std::chrono::milliseconds(400));  // next render
+  httplib::Client http("127.0.0.1", broker_->metrics_port());
+  auto res = http.Get("/metrics");
+  ASSERT_TRUE(res);
+  EXPECT_EQ(res->status, 200);
+  EXPECT_NE(res->body.find("gpuq_jobs_finished_total{outcome=\"done\"} 1"), std::string::npos)
+      << res->body;
+  EXPECT_NE(res->body.find("gpuq_job_phase_seconds_bucket{phase=\"total\",le=\"+Inf\"} 1"),
+            std::string::npos);
+  EXPECT_NE(res->body.find("gpuq_workers 1"), std::string::npos);
+  const std::string file = dir_.File("metrics.txt");
+  testing::WriteFile(file, res->body);
+  std::string out;
+  int rc = testing::RunProgram({"/bin/sh", "-c", "promtool check metrics < " + file + " 2>&1"},
+                               &out);
+  if (rc == 127) GTEST_SKIP() << "promtool is not installed";
+  EXPECT_EQ(rc, 0) << out;
+}
+
+// A free TCP port on loopback (bound, then released for the child to take).
+int FreePort() {
+  int fd = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t len = sizeof addr;
+  bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr);
+  getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len);
+  close(fd);
+  return ntohs(addr.sin_port);
+}
+
+TEST_F(BrokerTest, ARealPrometheusIngestsTheMetrics) {
+  if (testing::RunProgram({"/bin/sh", "-c", "command -v prometheus >/dev/null"}) != 0) {
+    GTEST_SKIP() << "prometheus is not installed";
+  }
+  AddWorker();
+  auto c = Connect();
+  ASSERT_TRUE(WaitForWorkers(*c, 1));
+  ASSERT_TRUE(c->Wait(*c->Submit(Job("k", "p"))).ok());
+  const int port = FreePort();
+  testing::WriteFile(dir_.File("prometheus.yml"),
+                     "global:\n  scrape_interval: 1s\n"
+                     "scrape_configs:\n  - job_name: gpuq\n    static_configs:\n"
+                     "      - targets: ['127.0.0.1:" +
+                         std::to_string(broker_->metrics_port()) + "']\n");
+  Process prom = Process::Start(
+      {"/usr/bin/prometheus", "--config.file=" + dir_.File("prometheus.yml"),
+       "--storage.tsdb.path=" + dir_.File("tsdb"),
+       "--web.listen-address=127.0.0.1:" + std::to_string(port)},
+      dir_.File("prometheus.log"));
+  httplib::Client http("127.0.0.1", port);
+  http.set_connection_timeout(1);
+  http.set_read_timeout(2);
+  std::string body;
+  bool ingested = false;
+  for (int i = 0; i < 300 && !ingested; ++i) {  // up to 30 s
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    auto res = http.Get("/api/v1/query?query=gpuq_jobs_finished_total%7Boutcome%3D%22done%22%7D");
+    if (!res || res->status != 200) continue;
+    body = res->body;
+    auto j = nlohmann::json::parse(body, nullptr, false);
+    if (j.is_discarded() || j["data"]["result"].empty()) continue;
+    ingested = j["data"]["result"][0]["value"][1] == "1";
+  }
+  EXPECT_TRUE(ingested) << body << testing::ReadFile(dir_.File("prometheus.log"));
+  // The phase histogram made it too.
+  auto res = http.Get(
+      "/api/v1/query?query=gpuq_job_phase_seconds_count%7Bphase%3D%22total%22%7D");
+  ASSERT_TRUE(res);
+  EXPECT_NE(res->body.find("\"result\":[{"), std::string::npos) << res->body;
+}
+
+}  // namespace
+}  // namespace gpuq
