@@ -372,7 +372,7 @@ Status Broker::Impl::Run() {
     CommitAndFlush();
     if (commit_failed_) return Error(Code::kIoError, "the job store failed; stopping");
     Dispatch();
-    CommitAndFlush();  // attempts recorded by dispatch
+    CommitAndFlush();  // requeues and failures of workers lost while sending
     if (commit_failed_) return Error(Code::kIoError, "the job store failed; stopping");
   }
   for (auto& [id, w] : workers_) {
@@ -907,7 +907,9 @@ void Broker::Impl::SendJob(Worker& w, Job& job) {
   --w.credits;
   if (job.suspect) w.exclusive = true;
   queued_bytes_ -= std::min(queued_bytes_, job.input_bytes);
-  if (EnsureTransaction().ok()) (void)store_->SetAttempts(job.id, job.attempts, job.suspect);
+  // The attempt count is stored when the job is requeued or ends, not here:
+  // a write per dispatch would cost a commit per job, and after a broker
+  // restart the job runs again anyway.
   if (!SendWorker(w.id, m, &payload)) WorkerLost(w.id, "unreachable");
 }
 

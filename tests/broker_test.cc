@@ -94,7 +94,7 @@ class BrokerTest : public ::testing::Test {
 
   TempDir dir_;
   std::unique_ptr<BrokerProcess> broker_;
-  std::vector<Process> workers_;
+  std::deque<Process> workers_;  // deque: AddWorker() references stay valid
   std::deque<std::string> inputs_;
 };
 

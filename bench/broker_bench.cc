@@ -1,0 +1,218 @@
+// Broker benchmark: submit -> result latency and jobs/s through gpuqd, with
+// the worker test double (gpuq-fake-worker: it answers each job at once and
+// runs nothing on a GPU), beside a bare ZeroMQ round trip measured in the
+// same run. What it measures is the broker's own cost: two hops, the durable
+// store, scheduling; not GPU work.
+//   gpuq-bench-broker [--seconds S] [--durability process|power]
+#include <CLI/CLI.hpp>
+#include <limits.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <thread>
+#include <zmq.hpp>
+#include <zmq_addon.hpp>
+
+#include "gpuq/client.h"
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+using gpuq::Client;
+using gpuq::JobRequest;
+using gpuq::Millis;
+
+std::string Beside(const std::string& name) {
+  char buf[PATH_MAX];
+  ssize_t n = readlink("/proc/self/exe", buf, sizeof buf - 1);
+  return (std::filesystem::path(std::string(buf, n > 0 ? n : 0)).parent_path() / name).string();
+}
+
+pid_t Spawn(const std::vector<std::string>& argv, const std::string& log) {
+  pid_t pid = fork();
+  if (pid == 0) {
+    FILE* f = freopen(log.c_str(), "a", stdout);
+    (void)f;
+    dup2(1, 2);
+    std::vector<char*> a;
+    for (const auto& s : argv) a.push_back(const_cast<char*>(s.c_str()));
+    a.push_back(nullptr);
+    execv(a[0], a.data());
+    _exit(127);
+  }
+  return pid;
+}
+
+struct Stats {
+  double p50, p99, mean;
+};
+
+Stats Summarize(std::vector<double> us) {
+  std::sort(us.begin(), us.end());
+  double sum = 0;
+  for (double u : us) sum += u;
+  return {us[us.size() / 2], us[std::min(us.size() - 1, us.size() * 99 / 100)], sum / us.size()};
+}
+
+// Floor: a 64-byte DEALER -> ROUTER -> DEALER round trip over ipc, echoed by
+// a thread of this process.
+Stats ZmqRoundTrip(const std::string& dir, int n) {
+  zmq::context_t ctx;
+  zmq::socket_t router(ctx, zmq::socket_type::router);
+  router.bind("ipc://" + dir + "/echo.sock");
+  std::atomic<bool> stop{false};
+  std::thread echo([&] {
+    while (!stop) {
+      zmq::pollitem_t it = {router.handle(), 0, ZMQ_POLLIN, 0};
+      zmq::poll(&it, 1, std::chrono::milliseconds(50));
+      std::vector<zmq::message_t> m;
+      if (it.revents && zmq::recv_multipart(router, std::back_inserter(m))) {
+        zmq::send_multipart(router, m);
+      }
+    }
+  });
+  zmq::socket_t dealer(ctx, zmq::socket_type::dealer);
+  dealer.connect("ipc://" + dir + "/echo.sock");
+  std::string payload(64, 'x');
+  std::vector<double> us;
+  for (int i = 0; i < n + 100; ++i) {
+    auto t0 = Clock::now();
+    dealer.send(zmq::buffer(payload));
+    zmq::message_t r;
+    (void)dealer.recv(r);
+    if (i >= 100) us.push_back(std::chrono::duration<double, std::micro>(Clock::now() - t0).count());
+  }
+  stop = true;
+  echo.join();
+  return Summarize(us);
+}
+
+JobRequest Trivial() {
+  JobRequest j;
+  j.spec.kernel.source = "extern \"C\" __global__ void empty(unsigned n) {}\n";
+  j.spec.kernel.entry = "empty";
+  j.spec.args = {gpuq::schema::Arg::U32(1)};
+  return j;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  double seconds = 3;
+  std::string durability = "process";
+  CLI::App app{"gpuq-bench-broker"};
+  app.add_option("--seconds", seconds, "Duration of each throughput run");
+  app.add_option("--durability", durability)->check(CLI::IsMember({"process", "power"}));
+  CLI11_PARSE(app, argc, argv);
+
+  std::string dir = std::filesystem::temp_directory_path().string() + "/gpuq-bench-XXXXXX";
+  if (!mkdtemp(dir.data())) return 1;
+  const std::string client_ep = "ipc://" + dir + "/c.sock", worker_ep = "ipc://" + dir + "/w.sock";
+  pid_t broker = Spawn({Beside("gpuqd"), "--listen", client_ep, "--worker-listen", worker_ep,
+                        "--store", dir + "/jobs.db", "--cache", dir + "/k.db", "--workers", "0",
+                        "--durability", durability, "--log-level", "warn", "--max-queued",
+                        "1000000", "--max-queued-per-tenant", "1000000"},
+                       dir + "/gpuqd.log");
+  pid_t worker = Spawn({Beside("gpuq-fake-worker"), "--broker", worker_ep, "--slots", "1024"},
+                       dir + "/worker.log");
+  auto cleanup = [&] {
+    kill(worker, SIGKILL);
+    kill(broker, SIGKILL);
+    waitpid(worker, nullptr, 0);
+    waitpid(broker, nullptr, 0);
+    std::filesystem::remove_all(dir);
+  };
+  auto client = Client::Connect(client_ep);
+  if (!client.ok()) return cleanup(), 1;
+  for (int i = 0; i < 200; ++i) {  // wait for the worker; warm the kernel cache
+    auto d = (*client)->Devices();
+    if (d.ok() && !d->empty()) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  auto warm = (*client)->Submit(Trivial());
+  if (!warm.ok() || !(*client)->Wait(*warm).ok()) {
+    fprintf(stderr, "warm-up failed\n");
+    return cleanup(), 1;
+  }
+
+  const Stats floor = ZmqRoundTrip(dir, 5000);
+
+  // One job in flight: submit -> pushed result.
+  std::vector<double> rtt, broker_total, queue;
+  for (int i = 0; i < 2000; ++i) {
+    auto t0 = Clock::now();
+    auto id = (*client)->SubmitAsync(Trivial());
+    for (;;) {
+      auto e = (*client)->Poll(Millis(5000));
+      if (!e.ok()) return cleanup(), 1;
+      if (e->kind == Client::Event::kResult) {
+        rtt.push_back(std::chrono::duration<double, std::micro>(Clock::now() - t0).count());
+        broker_total.push_back(static_cast<double>(e->result.timing.total_us));
+        queue.push_back(static_cast<double>(e->result.timing.queue_us));
+        break;
+      }
+    }
+    (void)id;
+  }
+  const Stats one = Summarize(rtt), inside = Summarize(broker_total), q = Summarize(queue);
+
+  // Throughput: C clients, each keeping W jobs in flight.
+  auto throughput = [&](int clients, int window) {
+    std::atomic<uint64_t> done{0};
+    std::atomic<bool> stop{false};
+    std::vector<std::thread> threads;
+    for (int c = 0; c < clients; ++c) {
+      threads.emplace_back([&] {
+        auto cl = Client::Connect(client_ep);
+        if (!cl.ok()) return;
+        int inflight = 0;
+        while (!stop) {
+          while (inflight < window) {
+            if (!(*cl)->SubmitAsync(Trivial()).ok()) return;
+            ++inflight;
+          }
+          auto e = (*cl)->Poll(Millis(2000));
+          if (!e.ok()) return;
+          if (e->kind == Client::Event::kResult) {
+            --inflight;
+            ++done;
+          } else if (e->kind == Client::Event::kRejected) {
+            --inflight;
+          }
+        }
+      });
+    }
+    auto t0 = Clock::now();
+    std::this_thread::sleep_for(std::chrono::duration<double>(seconds));
+    const uint64_t n = done.load();
+    const double s = std::chrono::duration<double>(Clock::now() - t0).count();
+    stop = true;
+    for (auto& t : threads) t.join();
+    return n / s;
+  };
+  const double t1 = throughput(1, 64), t4 = throughput(4, 64), t16 = throughput(16, 32);
+  cleanup();
+
+  printf("gpuq broker benchmark (test-double worker, no GPU work; durability=%s)\n\n",
+         durability.c_str());
+  printf("| measure | p50 | p99 | mean |\n|---|---|---|---|\n");
+  printf("| bare ZeroMQ 64 B round trip, ipc (floor) | %.1f us | %.1f us | %.1f us |\n", floor.p50,
+         floor.p99, floor.mean);
+  printf("| submit -> result through gpuqd, 1 in flight | %.1f us | %.1f us | %.1f us |\n",
+         one.p50, one.p99, one.mean);
+  printf("| of which inside the broker (accept -> result stored) | %.1f us | %.1f us | %.1f us |\n",
+         inside.p50, inside.p99, inside.mean);
+  printf("| of which queued (accept -> dispatch) | %.1f us | %.1f us | %.1f us |\n", q.p50, q.p99,
+         q.mean);
+  printf("\nlatency / floor: %.2fx (p50)\n\n", one.p50 / floor.p50);
+  printf("| clients x in flight | jobs/s |\n|---|---|\n");
+  printf("| 1 x 64 | %.0f |\n| 4 x 64 | %.0f |\n| 16 x 32 | %.0f |\n", t1, t4, t16);
+  return 0;
+}
