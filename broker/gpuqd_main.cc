@@ -14,7 +14,7 @@
 #include <nlohmann/json.hpp>
 
 #include "broker/broker.h"
-#include "broker/worker_supervisor.h"
+#include "worker/worker_supervisor.h"
 #include "gpuq/client.h"
 
 namespace {
@@ -111,7 +111,7 @@ int main(int argc, char** argv) {
   sigaction(SIGTERM, &sa, nullptr);
   signal(SIGPIPE, SIG_IGN);
 
-  gpuq::broker::WorkerSupervisor supervisor((*broker)->worker_endpoint(), worker_bin,
+  gpuq::worker::WorkerSupervisor supervisor((*broker)->worker_endpoint(), worker_bin,
                                             heartbeat_ms);
   if (workers != 0) supervisor.Start(workers);
 

@@ -86,8 +86,9 @@ int Process::Wait(std::chrono::milliseconds timeout) {
   return -1;
 }
 
-BrokerProcess::BrokerProcess(std::string dir, std::vector<std::string> extra)
-    : dir_(std::move(dir)), extra_(std::move(extra)) {}
+BrokerProcess::BrokerProcess(std::string dir, std::vector<std::string> extra,
+                             std::string workers)
+    : dir_(std::move(dir)), extra_(std::move(extra)), workers_(std::move(workers)) {}
 
 bool BrokerProcess::Start() {
   process_.Kill();
@@ -98,7 +99,7 @@ bool BrokerProcess::Start() {
                                    "--worker-listen", worker_endpoint(),
                                    "--store", store(),
                                    "--cache", dir_ + "/kernels.db",
-                                   "--workers", "0",
+                                   "--workers", workers_,
                                    "--heartbeat-ms", "100",
                                    "--metrics", "127.0.0.1:0",
                                    "--ready-file", ready,

@@ -35,7 +35,9 @@ class Process {
 // gpuqd on ipc endpoints in `dir`, with its store and cache there.
 class BrokerProcess {
  public:
-  BrokerProcess(std::string dir, std::vector<std::string> extra = {});
+  // `workers`: gpuqd's --workers ("0": none; "-1": one per visible GPU).
+  BrokerProcess(std::string dir, std::vector<std::string> extra = {},
+                std::string workers = "0");
   // Starts (or restarts) it and waits until it serves. Returns false if it
   // did not come up.
   bool Start();
@@ -52,6 +54,7 @@ class BrokerProcess {
  private:
   std::string dir_;
   std::vector<std::string> extra_;
+  std::string workers_;
   Process process_;
   int metrics_port_ = 0;
   size_t resumed_ = 0;

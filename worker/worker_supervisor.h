@@ -13,11 +13,9 @@
 #include <thread>
 #include <vector>
 
-namespace gpuq::broker {
+#include "worker/exit_codes.h"
 
-// gpuq-worker's exit codes that mean "do not restart me".
-inline constexpr int kWorkerExitNoDriver = 10;
-inline constexpr int kWorkerExitNoDevice = 11;
+namespace gpuq::worker {
 
 class WorkerSupervisor {
  public:
@@ -53,4 +51,4 @@ class WorkerSupervisor {
   std::thread thread_;
 };
 
-}  // namespace gpuq::broker
+}  // namespace gpuq::worker

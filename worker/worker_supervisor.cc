@@ -1,4 +1,4 @@
-#include "broker/worker_supervisor.h"
+#include "worker/worker_supervisor.h"
 
 #include <limits.h>
 #include <signal.h>
@@ -12,7 +12,7 @@
 
 extern char** environ;
 
-namespace gpuq::broker {
+namespace gpuq::worker {
 namespace {
 
 std::string Beside(const std::string& name) {
@@ -70,7 +70,7 @@ void WorkerSupervisor::Start(int count) {
     int status = 0;
     if (rc == 0) waitpid(pid, &status, 0);
     const int exit = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-    if (rc != 0 || exit == kWorkerExitNoDriver) {
+    if (rc != 0 || exit == kExitNoDriver) {
       spdlog::warn("no GPU worker attached: no CUDA driver on this machine "
                    "(queue, compile and stats still serve)");
       return;
@@ -108,7 +108,7 @@ void WorkerSupervisor::Loop() {
           if (waitpid(c.pid, &status, WNOHANG) != c.pid) continue;
           const int code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
           c.pid = -1;
-          if (code == kWorkerExitNoDriver || code == kWorkerExitNoDevice) {
+          if (code == kExitNoDriver || code == kExitNoDevice) {
             spdlog::warn("worker for GPU {} exited: no driver or no such GPU; not restarting",
                          c.ordinal);
             c.retired = true;
@@ -157,4 +157,4 @@ void WorkerSupervisor::Stop() {
   }
 }
 
-}  // namespace gpuq::broker
+}  // namespace gpuq::worker

@@ -1,0 +1,419 @@
+// GPU tests: real kernels on a real GPU, end to end through gpuqd and the
+// gpuq-worker processes it supervises. Every output is checked against a CPU
+// reference on fresh random inputs. Where there is no GPU (CI), every test
+// reports itself skipped.
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <cmath>
+#include <cstring>
+#include <deque>
+#include <random>
+#include <thread>
+
+#include "gpuq/client.h"
+#include "tests/process_util.h"
+#include "tests/test_util.h"
+
+namespace gpuq {
+namespace {
+
+using schema::Arg;
+using schema::JobState;
+using schema::ScalarType;
+using Clock = std::chrono::steady_clock;
+
+// Whether this machine has a GPU that gpuq-worker can use.
+bool HaveGpu() {
+  static const bool have = [] {
+    std::string out;
+    int rc = testing::RunProgram({testing::BinPath("gpuq-worker"), "--count"}, &out);
+    return rc == 0 && std::atoi(out.c_str()) > 0;
+  }();
+  return have;
+}
+
+class GpuTest : public ::testing::Test {
+ public:
+  template <typename T>
+  static std::vector<T> As(const std::string& bytes) {
+    std::vector<T> v(bytes.size() / sizeof(T));
+    std::memcpy(v.data(), bytes.data(), v.size() * sizeof(T));
+    return v;
+  }
+
+ protected:
+  static void SetUpTestSuite() {
+    if (!HaveGpu()) return;
+    dir_ = new testing::TempDir();
+    broker_ = new testing::BrokerProcess(dir_->path(), {"--heartbeat-ms", "200"}, "-1");
+    ASSERT_TRUE(broker_->Start()) << testing::ReadFile(dir_->File("gpuqd.log"));
+  }
+  static void TearDownTestSuite() {
+    if (broker_) broker_->Stop();
+    delete broker_;
+    delete dir_;
+    broker_ = nullptr;
+    dir_ = nullptr;
+  }
+  void SetUp() override {
+    if (!HaveGpu()) GTEST_SKIP() << "no GPU on this machine";
+    client_ = Connect();
+    ASSERT_TRUE(WaitForWorker(*client_)) << Log();
+  }
+
+  static std::unique_ptr<Client> Connect() {
+    ClientOptions o;
+    o.timeout = Millis(60000);
+    auto c = Client::Connect(broker_->client_endpoint(), o);
+    EXPECT_TRUE(c.ok());
+    return std::move(*c);
+  }
+  static bool WaitForWorker(Client& c) {
+    for (int i = 0; i < 300; ++i) {
+      auto d = c.Devices();
+      if (d.ok() && !d->empty()) return true;
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+    return false;
+  }
+  static std::string Log() { return testing::ReadFile(dir_->File("gpuqd.log")); }
+
+  // Keeps input bytes alive for the requests that point at them.
+  std::string_view Keep(std::string bytes) {
+    keep_.push_back(std::move(bytes));
+    return keep_.back();
+  }
+  template <typename T>
+  std::string_view Keep(const std::vector<T>& v) {
+    return Keep(std::string(reinterpret_cast<const char*>(v.data()), v.size() * sizeof(T)));
+  }
+  JobResult Run(const JobRequest& j) {
+    auto id = client_->Submit(j);
+    EXPECT_TRUE(id.ok()) << id.status().ToString();
+    if (!id.ok()) return {};
+    auto r = client_->Wait(*id, Millis(60000));
+    EXPECT_TRUE(r.ok()) << r.status().ToString();
+    return r.ok() ? *r : JobResult{};
+  }
+
+  static JobRequest Kernel(std::string src, std::string entry, schema::Dim3 grid,
+                           schema::Dim3 block) {
+    JobRequest j;
+    j.spec.kernel.source = std::move(src);
+    j.spec.kernel.entry = std::move(entry);
+    j.spec.launch.grid = grid;
+    j.spec.launch.block = block;
+    return j;
+  }
+
+  static testing::TempDir* dir_;
+  static testing::BrokerProcess* broker_;
+  std::unique_ptr<Client> client_;
+  std::deque<std::string> keep_;
+  std::mt19937 rng_{std::random_device{}()};
+};
+
+testing::TempDir* GpuTest::dir_ = nullptr;
+testing::BrokerProcess* GpuTest::broker_ = nullptr;
+
+constexpr char kSaxpy[] = R"(
+extern "C" __global__ void saxpy(float a, const float* x, float* y, float* twice, unsigned n) {
+  unsigned i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < n) { y[i] = a * x[i] + y[i]; twice[i] = 2.0f * x[i]; }
+}
+)";
+
+JobRequest SaxpyJob(float a, std::string_view x, std::string_view y, unsigned n) {
+  JobRequest j;
+  j.spec.kernel.source = kSaxpy;
+  j.spec.kernel.entry = "saxpy";
+  j.spec.launch.grid = {(n + 255) / 256, 1, 1};
+  j.spec.launch.block = {256, 1, 1};
+  j.spec.args = {Arg::F32(a), Arg::In(0), Arg::InOut(1), Arg::Out(uint64_t{n} * 4), Arg::U32(n)};
+  j.inputs = {x, y};
+  return j;
+}
+
+void ExpectSaxpy(const JobResult& r, float a, const std::vector<float>& x,
+                 const std::vector<float>& y) {
+  ASSERT_EQ(r.state, JobState::kDone) << CodeName(r.code) << ": " << r.error;
+  ASSERT_NE(r.Output(2), nullptr);
+  ASSERT_NE(r.Output(3), nullptr);
+  auto out = GpuTest::As<float>(*r.Output(2));
+  auto twice = GpuTest::As<float>(*r.Output(3));
+  ASSERT_EQ(out.size(), x.size());
+  for (size_t i = 0; i < x.size(); ++i) {
+    const float want = a * x[i] + y[i];
+    ASSERT_NEAR(out[i], want, 1e-5f * (1 + std::fabs(want))) << "element " << i;
+    ASSERT_EQ(twice[i], 2.0f * x[i]) << "element " << i;
+  }
+}
+
+TEST_F(GpuTest, DeviceIsReported) {
+  auto d = client_->Devices();
+  ASSERT_TRUE(d.ok());
+  ASSERT_FALSE(d->empty());
+  const auto& dev = (*d)[0].device;
+  EXPECT_FALSE(dev.name.empty());
+  EXPECT_EQ(dev.uuid.rfind("GPU-", 0), 0u);
+  EXPECT_GE(dev.cc_major, 7u);
+  EXPECT_GT(dev.total_bytes, 1ull << 30);
+  EXPECT_GT(dev.sm_count, 0u);
+  EXPECT_GE(dev.max_shared_optin, dev.max_shared_per_block);
+  std::printf("device: %s %s, %u SMs, %.1f GiB, shared %u/%u, %u workers\n", dev.name.c_str(),
+              dev.Arch().c_str(), dev.sm_count, dev.total_bytes / 1073741824.0,
+              dev.max_shared_per_block, dev.max_shared_optin, unsigned(d->size()));
+}
+
+TEST_F(GpuTest, EveryScalarTypeReachesTheKernel) {
+  JobRequest j = Kernel(R"(
+#include <cstdint>
+extern "C" __global__ void k(uint8_t a, int8_t b, uint16_t c, int16_t d, uint32_t e, int32_t f,
+                             uint64_t g, int64_t h, float i, double j, unsigned char* out) {
+  unsigned char* p = out;
+  memcpy(p, &a, 1); p += 1; memcpy(p, &b, 1); p += 1; memcpy(p, &c, 2); p += 2;
+  memcpy(p, &d, 2); p += 2; memcpy(p, &e, 4); p += 4; memcpy(p, &f, 4); p += 4;
+  memcpy(p, &g, 8); p += 8; memcpy(p, &h, 8); p += 8; memcpy(p, &i, 4); p += 4;
+  memcpy(p, &j, 8);
+})",
+                        "k", {1, 1, 1}, {1, 1, 1});
+  const uint8_t a = rng_();
+  const int8_t b = static_cast<int8_t>(rng_());
+  const uint16_t c = rng_();
+  const int16_t d = static_cast<int16_t>(rng_());
+  const uint32_t e = rng_();
+  const int32_t f = static_cast<int32_t>(rng_());
+  const uint64_t g = (uint64_t(rng_()) << 32) | rng_();
+  const int64_t h = -static_cast<int64_t>(g >> 1);
+  const float fi = std::uniform_real_distribution<float>(-1e6, 1e6)(rng_);
+  const double dj = std::uniform_real_distribution<double>(-1e300, 1e300)(rng_);
+  j.spec.args = {Arg::Scalar(ScalarType::kU8, a),
+                 Arg::Scalar(ScalarType::kI8, static_cast<uint8_t>(b)),
+                 Arg::Scalar(ScalarType::kU16, c),
+                 Arg::Scalar(ScalarType::kI16, static_cast<uint16_t>(d)),
+                 Arg::Scalar(ScalarType::kU32, e),
+                 Arg::I32(f),
+                 Arg::Scalar(ScalarType::kU64, g),
+                 Arg::Scalar(ScalarType::kI64, static_cast<uint64_t>(h)),
+                 Arg::F32(fi),
+                 Arg::F64(dj),
+                 Arg::Out(42)};
+  JobResult r = Run(j);
+  ASSERT_EQ(r.state, JobState::kDone) << r.error;
+  std::string want;
+  auto put = [&](const auto& v) { want.append(reinterpret_cast<const char*>(&v), sizeof v); };
+  put(a), put(b), put(c), put(d), put(e), put(f), put(g), put(h), put(fi), put(dj);
+  EXPECT_EQ(*r.Output(10), want);
+}
+
+TEST_F(GpuTest, InOutAndInoutBuffersMatchTheCpu) {
+  const unsigned n = 1 << 20;
+  std::uniform_real_distribution<float> u(-100, 100);
+  std::vector<float> x(n), y(n);
+  for (auto& v : x) v = u(rng_);
+  for (auto& v : y) v = u(rng_);
+  const float a = u(rng_);
+  JobResult r = Run(SaxpyJob(a, Keep(x), Keep(y), n));
+  ExpectSaxpy(r, a, x, y);
+  EXPECT_GT(r.timing.kernel_us, 0u);
+  std::printf("saxpy 1M: h2d %llu us, kernel %llu us, d2h %llu us, total %llu us\n",
+              (unsigned long long)r.timing.h2d_us, (unsigned long long)r.timing.kernel_us,
+              (unsigned long long)r.timing.d2h_us, (unsigned long long)r.timing.total_us);
+}
+
+TEST_F(GpuTest, OneTwoAndThreeDimensionalLaunches) {
+  constexpr char kIndex[] = R"(
+extern "C" __global__ void index(unsigned* out) {
+  unsigned bx = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
+  unsigned tx = threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z);
+  unsigned per_block = blockDim.x * blockDim.y * blockDim.z;
+  out[bx * per_block + tx] = bx * per_block + tx;
+})";
+  for (auto [grid, block] : {std::pair{schema::Dim3{37, 1, 1}, schema::Dim3{128, 1, 1}},
+                             std::pair{schema::Dim3{5, 7, 1}, schema::Dim3{16, 8, 1}},
+                             std::pair{schema::Dim3{3, 4, 5}, schema::Dim3{8, 4, 2}}}) {
+    const uint64_t threads = grid.Count() * block.Count();
+    JobRequest j = Kernel(kIndex, "index", grid, block);
+    j.spec.args = {Arg::Out(threads * 4)};
+    JobResult r = Run(j);
+    ASSERT_EQ(r.state, JobState::kDone) << r.error;
+    auto out = As<unsigned>(*r.Output(0));
+    ASSERT_EQ(out.size(), threads);
+    for (unsigned i = 0; i < threads; ++i) ASSERT_EQ(out[i], i) << "thread " << i;
+  }
+}
+
+TEST_F(GpuTest, DynamicSharedMemoryAbove48KB) {
+  constexpr unsigned kFloats = 24 * 1024;  // 96 KB of shared memory
+  JobRequest j = Kernel(R"(
+extern "C" __global__ void reverse(const float* in, float* out, unsigned n) {
+  extern __shared__ float s[];
+  for (unsigned i = threadIdx.x; i < n; i += blockDim.x) s[i] = in[i];
+  __syncthreads();
+  for (unsigned i = threadIdx.x; i < n; i += blockDim.x) out[i] = s[n - 1 - i];
+})",
+                        "reverse", {1, 1, 1}, {256, 1, 1});
+  std::vector<float> in(kFloats);
+  for (auto& v : in) v = std::uniform_real_distribution<float>(-1, 1)(rng_);
+  j.spec.launch.shared_bytes = kFloats * 4;
+  j.spec.args = {Arg::In(0), Arg::Out(kFloats * 4), Arg::U32(kFloats)};
+  j.inputs = {Keep(in)};
+  JobResult r = Run(j);
+  ASSERT_EQ(r.state, JobState::kDone) << r.error;
+  auto out = As<float>(*r.Output(1));
+  for (unsigned i = 0; i < kFloats; ++i) ASSERT_EQ(out[i], in[kFloats - 1 - i]);
+  // Beyond the device's opt-in limit: a clear error, not a launch failure.
+  j.spec.launch.shared_bytes = 1u << 20;
+  JobResult too_much = Run(j);
+  EXPECT_EQ(too_much.state, JobState::kFailed);
+  EXPECT_EQ(too_much.code, Code::kInvalid) << too_much.error;
+}
+
+TEST_F(GpuTest, TemplatesThroughNameExpressions) {
+  constexpr char kScale[] = R"(
+template <typename T> __global__ void scale(T* x, T s, unsigned n) {
+  unsigned i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < n) x[i] *= s;
+})";
+  const unsigned n = 1000;
+  std::vector<float> xf(n);
+  std::vector<double> xd(n);
+  for (unsigned i = 0; i < n; ++i) xd[i] = xf[i] = std::uniform_real_distribution<float>(-9, 9)(rng_);
+  JobRequest jf = Kernel(kScale, "scale<float>", {4, 1, 1}, {256, 1, 1});
+  jf.spec.kernel.name_expression = true;
+  jf.spec.args = {Arg::InOut(0), Arg::F32(1.5f), Arg::U32(n)};
+  jf.inputs = {Keep(xf)};
+  JobRequest jd = Kernel(kScale, "scale<double>", {4, 1, 1}, {256, 1, 1});
+  jd.spec.kernel.name_expression = true;
+  jd.spec.args = {Arg::InOut(0), Arg::F64(-2.25), Arg::U32(n)};
+  jd.inputs = {Keep(xd)};
+  JobResult rf = Run(jf), rd = Run(jd);
+  ASSERT_EQ(rf.state, JobState::kDone) << rf.error;
+  ASSERT_EQ(rd.state, JobState::kDone) << rd.error;
+  auto of = As<float>(*rf.Output(0));
+  auto od = As<double>(*rd.Output(0));
+  for (unsigned i = 0; i < n; ++i) {
+    ASSERT_EQ(of[i], xf[i] * 1.5f);
+    ASSERT_EQ(od[i], xd[i] * -2.25);
+  }
+}
+
+TEST_F(GpuTest, HundredsOfConcurrentJobsFromSeveralClients) {
+  constexpr int kClients = 4, kJobsEach = 100;
+  std::atomic<int> good{0};
+  std::vector<std::thread> threads;
+  for (int c = 0; c < kClients; ++c) {
+    threads.emplace_back([&, c] {
+      auto client = Connect();
+      std::mt19937 rng(c);
+      std::deque<std::vector<float>> xs, ys;
+      std::vector<float> as;
+      std::vector<uint64_t> ids;
+      for (int i = 0; i < kJobsEach; ++i) {
+        const unsigned n = 1000 + rng() % 5000;
+        xs.emplace_back(n);
+        ys.emplace_back(n);
+        for (auto& v : xs.back()) v = std::uniform_real_distribution<float>(-5, 5)(rng);
+        for (auto& v : ys.back()) v = std::uniform_real_distribution<float>(-5, 5)(rng);
+        as.push_back(std::uniform_real_distribution<float>(-3, 3)(rng));
+        std::string_view x(reinterpret_cast<const char*>(xs.back().data()), n * 4);
+        std::string_view y(reinterpret_cast<const char*>(ys.back().data()), n * 4);
+        auto id = client->Submit(SaxpyJob(as.back(), x, y, n));
+        if (id.ok()) ids.push_back(*id);
+      }
+      for (size_t i = 0; i < ids.size(); ++i) {
+        auto r = client->Wait(ids[i], Millis(60000));
+        if (!r.ok()) continue;
+        bool ok = true;
+        [&] { ExpectSaxpy(*r, as[i], xs[i], ys[i]); ok = !::testing::Test::HasFatalFailure(); }();
+        good += ok;
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  EXPECT_EQ(good.load(), kClients * kJobsEach);
+}
+
+constexpr char kSpin[] = R"(
+extern "C" __global__ void spin(unsigned long long cycles, float* out) {
+  unsigned long long t0 = clock64();
+  while (clock64() - t0 < cycles) {}
+  out[threadIdx.x] = 1.0f;
+})";
+constexpr char kFault[] = R"(
+extern "C" __global__ void fault(float* out) {
+  float* bad = reinterpret_cast<float*>(0x10);
+  bad[threadIdx.x] = 1.0f;
+  out[0] = 2.0f;
+})";
+constexpr char kRunaway[] = R"(
+extern "C" __global__ void runaway(volatile int* flag) { while (flag[0] == 0) {} })";
+
+JobRequest Spin(unsigned long long cycles) {
+  JobRequest j;
+  j.spec.kernel.source = kSpin;
+  j.spec.kernel.entry = "spin";
+  j.spec.launch.block = {32, 1, 1};
+  j.spec.args = {Arg::Scalar(ScalarType::kU64, cycles), Arg::Out(128)};
+  return j;
+}
+
+TEST_F(GpuTest, AFaultingKernelFailsAloneAmongInnocentJobs) {
+  std::vector<uint64_t> innocent;
+  for (int i = 0; i < 12; ++i) innocent.push_back(*client_->Submit(Spin(2000000)));
+  JobRequest f = Kernel(kFault, "fault", {1, 1, 1}, {32, 1, 1});
+  f.spec.args = {Arg::Out(4)};
+  auto culprit = client_->Submit(f);
+  ASSERT_TRUE(culprit.ok());
+  for (int i = 0; i < 12; ++i) innocent.push_back(*client_->Submit(Spin(2000000)));
+  auto r = client_->Wait(*culprit, Millis(60000));
+  const auto fault_seen = Clock::now();
+  ASSERT_TRUE(r.ok()) << r.status().ToString();
+  EXPECT_EQ(r->state, JobState::kFailed);
+  EXPECT_EQ(r->code, Code::kKernelFault) << r->error;
+  EXPECT_NE(r->error.find("CUDA_ERROR_"), std::string::npos) << r->error;
+  for (uint64_t id : innocent) {
+    auto o = client_->Wait(id, Millis(60000));
+    ASSERT_TRUE(o.ok()) << o.status().ToString();
+    EXPECT_EQ(o->state, JobState::kDone) << "job " << id << ": " << o->error;
+  }
+  // Recovery: the GPU serves a new job.
+  auto after = Run(Spin(1000));
+  EXPECT_EQ(after.state, JobState::kDone) << after.error;
+  std::printf("fault: culprit failed with %s; %zu innocent jobs done; a new job done %.0f ms "
+              "after the fault was reported\n",
+              r->error.substr(0, r->error.find(':')).c_str(), innocent.size(),
+              std::chrono::duration<double, std::milli>(Clock::now() - fault_seen).count());
+}
+
+TEST_F(GpuTest, ARunawayKernelTimesOutAloneAndTheGpuServesAgain) {
+  std::vector<uint64_t> innocent;
+  for (int i = 0; i < 4; ++i) innocent.push_back(*client_->Submit(Spin(1000000)));
+  JobRequest j = Kernel(kRunaway, "runaway", {1, 1, 1}, {1, 1, 1});
+  j.spec.args = {Arg::Out(4)};
+  j.spec.time_limit_ms = 1000;
+  const auto submitted = Clock::now();
+  auto runaway = client_->Submit(j);
+  ASSERT_TRUE(runaway.ok());
+  for (int i = 0; i < 4; ++i) innocent.push_back(*client_->Submit(Spin(1000000)));
+  auto r = client_->Wait(*runaway, Millis(60000));
+  const auto timed_out = Clock::now();
+  ASSERT_TRUE(r.ok()) << r.status().ToString();
+  EXPECT_EQ(r->state, JobState::kFailed);
+  EXPECT_EQ(r->code, Code::kTimeout) << r->error;
+  for (uint64_t id : innocent) {
+    auto o = client_->Wait(id, Millis(60000));
+    ASSERT_TRUE(o.ok()) << o.status().ToString();
+    EXPECT_EQ(o->state, JobState::kDone) << "job " << id << ": " << o->error;
+  }
+  auto after = Run(Spin(1000));
+  EXPECT_EQ(after.state, JobState::kDone) << after.error;
+  std::printf("runaway: timed out %.0f ms after submit (limit 1000 ms); the GPU served a new "
+              "job %.0f ms after the timeout\n",
+              std::chrono::duration<double, std::milli>(timed_out - submitted).count(),
+              std::chrono::duration<double, std::milli>(Clock::now() - timed_out).count());
+}
+
+}  // namespace
+}  // namespace gpuq

@@ -1,0 +1,72 @@
+#include "worker/cuda_driver.h"
+
+#include <dlfcn.h>
+
+namespace gpuq::worker {
+
+#define GPUQ_STR2(x) #x
+#define GPUQ_STR(x) GPUQ_STR2(x)
+
+std::string CudaDriver::Name(CUresult r) const {
+  const char* name = nullptr;
+  if (cuGetErrorName && cuGetErrorName(r, &name) == CUDA_SUCCESS && name) return name;
+  return "CUDA error " + std::to_string(static_cast<int>(r));
+}
+
+std::string CudaDriver::Describe(CUresult r) const {
+  std::string s = Name(r);
+  const char* text = nullptr;
+  if (cuGetErrorString && cuGetErrorString(r, &text) == CUDA_SUCCESS && text) {
+    s += ": ";
+    s += text;
+  }
+  return s;
+}
+
+StatusOr<std::shared_ptr<const CudaDriver>> LoadCudaDriver() {
+  // Never unloaded: the driver lives as long as the process.
+  void* lib = dlopen("libcuda.so.1", RTLD_NOW | RTLD_LOCAL);
+  if (!lib) {
+    return Error(Code::kUnavailable,
+                 "no CUDA driver on this machine (libcuda.so.1 cannot be loaded)");
+  }
+  auto d = std::make_shared<CudaDriver>();
+#define GPUQ_CUDA_LOAD(fn)                                                        \
+  d->fn = reinterpret_cast<decltype(&::fn)>(dlsym(lib, GPUQ_STR(fn)));            \
+  if (!d->fn) {                                                                   \
+    return Error(Code::kUnavailable,                                              \
+                 std::string("the CUDA driver lacks ") + GPUQ_STR(fn) +           \
+                     " (driver too old for CUDA 12 features?)");                  \
+  }
+  GPUQ_CUDA_FUNCTIONS(GPUQ_CUDA_LOAD)
+#undef GPUQ_CUDA_LOAD
+  CUresult r = d->cuInit(0);
+  if (r == CUDA_ERROR_NO_DEVICE) {
+    return Error(Code::kNotFound, "the CUDA driver sees no GPU");
+  }
+  if (r != CUDA_SUCCESS) {
+    return Error(Code::kUnavailable, "cuInit: " + d->Describe(r));
+  }
+  return std::shared_ptr<const CudaDriver>(std::move(d));
+}
+
+bool IsSticky(CUresult r) {
+  switch (r) {
+    case CUDA_ERROR_ILLEGAL_ADDRESS:
+    case CUDA_ERROR_ILLEGAL_INSTRUCTION:
+    case CUDA_ERROR_MISALIGNED_ADDRESS:
+    case CUDA_ERROR_INVALID_ADDRESS_SPACE:
+    case CUDA_ERROR_INVALID_PC:
+    case CUDA_ERROR_HARDWARE_STACK_ERROR:
+    case CUDA_ERROR_LAUNCH_FAILED:
+    case CUDA_ERROR_ASSERT:
+    case CUDA_ERROR_LAUNCH_TIMEOUT:
+    case CUDA_ERROR_ECC_UNCORRECTABLE:
+    case CUDA_ERROR_CONTEXT_IS_DESTROYED:
+      return true;
+    default:
+      return false;
+  }
+}
+
+}  // namespace gpuq::worker

@@ -1,0 +1,58 @@
+// The CUDA driver API, loaded at run time (dlopen of libcuda.so.1), so that
+// every gpuq program starts on a machine without a driver and the worker
+// can say plainly that there is none. cuda.h is used for its types only.
+#pragma once
+
+#include <cuda.h>
+
+#include <memory>
+#include <string>
+
+#include "util/status.h"
+
+namespace gpuq::worker {
+
+// Function pointers into libcuda, named after the API (versioned names such
+// as cuMemGetInfo_v2 are resolved through cuda.h's macros). Immutable once
+// loaded: safe to share between threads.
+struct CudaDriver {
+#define GPUQ_CUDA_FUNCTIONS(X)                                                           \
+  X(cuInit) X(cuDriverGetVersion) X(cuGetErrorName) X(cuGetErrorString)                   \
+  X(cuDeviceGetCount) X(cuDeviceGet) X(cuDeviceGetName) X(cuDeviceGetUuid)                \
+  X(cuDeviceGetAttribute) X(cuDeviceTotalMem) X(cuDevicePrimaryCtxRetain)                 \
+  X(cuDevicePrimaryCtxRelease) X(cuCtxSetCurrent) X(cuCtxSynchronize) X(cuMemGetInfo)     \
+  X(cuModuleLoadData) X(cuModuleUnload) X(cuModuleGetFunction) X(cuFuncSetAttribute)      \
+  X(cuFuncGetAttribute) X(cuLaunchKernel) X(cuStreamCreate) X(cuStreamDestroy)            \
+  X(cuStreamSynchronize) X(cuEventCreate) X(cuEventDestroy) X(cuEventRecord)              \
+  X(cuEventSynchronize) X(cuEventElapsedTime) X(cuMemAllocAsync) X(cuMemFreeAsync)        \
+  X(cuMemcpyHtoDAsync) X(cuMemcpyDtoHAsync) X(cuMemsetD8Async) X(cuMemHostRegister)       \
+  X(cuMemHostUnregister)
+#define GPUQ_CUDA_MEMBER(fn) decltype(&::fn) fn = nullptr;
+  GPUQ_CUDA_FUNCTIONS(GPUQ_CUDA_MEMBER)
+#undef GPUQ_CUDA_MEMBER
+
+  // "CUDA_ERROR_ILLEGAL_ADDRESS: an illegal memory access was encountered"
+  std::string Describe(CUresult r) const;
+  std::string Name(CUresult r) const;
+};
+
+// Loads the driver and calls cuInit. kUnavailable with a plain message when
+// there is no driver (libcuda.so.1 missing) or it cannot initialize.
+StatusOr<std::shared_ptr<const CudaDriver>> LoadCudaDriver();
+
+// True for errors after which the process's CUDA context is unusable
+// (DESIGN.md: a new context in the same process fails too): the worker
+// must exit and be restarted.
+bool IsSticky(CUresult r);
+
+}  // namespace gpuq::worker
+
+// Checks a driver call; on failure returns a Status with `code`, the call
+// and the CUDA error's name and text.
+#define GPUQ_CU_CHECK(drv, call, code)                                       \
+  do {                                                                        \
+    CUresult _gpuq_cu = (drv).call;                                           \
+    if (_gpuq_cu != CUDA_SUCCESS)                                             \
+      return ::gpuq::Status((code), std::string(#call).substr(0, 40) + ": " + \
+                                        (drv).Describe(_gpuq_cu));            \
+  } while (0)

@@ -1,0 +1,678 @@
+#include "worker/gpu_worker.h"
+
+#include <spdlog/spdlog.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <condition_variable>
+#include <cstring>
+#include <deque>
+#include <list>
+#include <map>
+#include <mutex>
+#include <thread>
+#include <unordered_map>
+#include <zmq.hpp>
+#include <zmq_addon.hpp>
+
+#include "schema/codec.h"
+#include "util/sha256.h"
+
+namespace gpuq::worker {
+namespace {
+
+using schema::Arg;
+using schema::ArgKind;
+using schema::BrokerMessage;
+using schema::BrokerOp;
+using schema::JobState;
+using schema::WorkerMessage;
+using schema::WorkerOp;
+using Clock = std::chrono::steady_clock;
+
+std::atomic<bool> g_stop{false};
+
+uint64_t MicrosSince(Clock::time_point t) {
+  return static_cast<uint64_t>(
+      std::chrono::duration_cast<std::chrono::microseconds>(Clock::now() - t).count());
+}
+
+// CUmodules whose last user is gone. Unloading can wait on the GPU, so only
+// executor threads (never the protocol thread) unload them, between jobs.
+class Graveyard {
+ public:
+  void Bury(CUmodule m) {
+    std::lock_guard lock(mu_);
+    modules_.push_back(m);
+  }
+  void Clear(const CudaDriver& cu) {
+    std::vector<CUmodule> dead;
+    {
+      std::lock_guard lock(mu_);
+      dead.swap(modules_);
+    }
+    for (CUmodule m : dead) (void)cu.cuModuleUnload(m);
+  }
+
+ private:
+  std::mutex mu_;
+  std::vector<CUmodule> modules_;  // GUARDED_BY(mu_)
+};
+
+// A module image and, once an executor has needed it, the loaded CUmodule.
+// Owned by shared_ptr: the module set and each job that uses it.
+struct Module {
+  Module(std::string k, std::string img, Graveyard* g)
+      : key(std::move(k)), image(std::move(img)), graveyard(g) {}
+  ~Module() {
+    if (loaded) graveyard->Bury(loaded);
+  }
+  const std::string key;
+  const std::string image;  // CUBIN, or NUL-terminated PTX
+  Graveyard* const graveyard;
+  std::mutex mu;
+  CUmodule loaded = nullptr;                  // GUARDED_BY(mu)
+  std::map<std::string, CUfunction> functions;  // GUARDED_BY(mu)
+};
+
+struct Task {
+  BrokerMessage job;
+  std::vector<zmq::message_t> frames;  // [protocol, header, payload...]
+  size_t first_buffer = 2;             // frame of payload index 0
+  std::shared_ptr<Module> module;
+  std::atomic<int64_t> started_ns{0};  // steady clock, set by the executor
+};
+
+struct Done {
+  std::shared_ptr<Task> task;
+  WorkerMessage result;
+  std::vector<zmq::message_t> data;
+  bool sticky = false;
+};
+
+// The worker's module set: the same LRU as the broker's view of it
+// (PROTOCOL.md, "Module images").
+class ModuleSet {
+ public:
+  explicit ModuleSet(size_t capacity) : capacity_(capacity) {}
+  std::shared_ptr<Module> Touch(const std::string& key) {
+    auto it = index_.find(key);
+    if (it == index_.end()) return nullptr;
+    order_.splice(order_.begin(), order_, it->second.second);
+    return it->second.first;
+  }
+  void Put(std::shared_ptr<Module> m) {
+    index_.erase(m->key);
+    order_.remove(m->key);
+    order_.push_front(m->key);
+    index_[m->key] = {std::move(m), order_.begin()};
+    while (order_.size() > capacity_) {
+      index_.erase(order_.back());
+      order_.pop_back();
+    }
+  }
+  void Clear() {
+    index_.clear();
+    order_.clear();
+  }
+
+ private:
+  size_t capacity_;
+  std::list<std::string> order_;
+  std::unordered_map<std::string,
+                     std::pair<std::shared_ptr<Module>, std::list<std::string>::iterator>>
+      index_;
+};
+
+}  // namespace
+
+StatusOr<schema::DeviceInfo> QueryDevice(const CudaDriver& cu, int ordinal) {
+  CUdevice dev;
+  GPUQ_CU_CHECK(cu, cuDeviceGet(&dev, ordinal), Code::kNotFound);
+  schema::DeviceInfo d;
+  d.ordinal = static_cast<uint32_t>(ordinal);
+  char name[256] = {};
+  GPUQ_CU_CHECK(cu, cuDeviceGetName(name, sizeof name - 1, dev), Code::kUnavailable);
+  d.name = name;
+  CUuuid uuid;
+  GPUQ_CU_CHECK(cu, cuDeviceGetUuid(&uuid, dev), Code::kUnavailable);
+  const auto* u = reinterpret_cast<const uint8_t*>(uuid.bytes);
+  std::string hex = ToHex(u, 16);
+  d.uuid = "GPU-" + hex.substr(0, 8) + "-" + hex.substr(8, 4) + "-" + hex.substr(12, 4) + "-" +
+           hex.substr(16, 4) + "-" + hex.substr(20);
+  size_t total = 0;
+  GPUQ_CU_CHECK(cu, cuDeviceTotalMem(&total, dev), Code::kUnavailable);
+  d.total_bytes = total;
+  auto attr = [&](CUdevice_attribute a) {
+    int v = 0;
+    cu.cuDeviceGetAttribute(&v, a, dev);
+    return static_cast<uint32_t>(v);
+  };
+  d.cc_major = attr(CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR);
+  d.cc_minor = attr(CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR);
+  d.sm_count = attr(CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT);
+  d.clock_khz = attr(CU_DEVICE_ATTRIBUTE_CLOCK_RATE);
+  d.l2_bytes = attr(CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE);
+  d.managed_memory = attr(CU_DEVICE_ATTRIBUTE_MANAGED_MEMORY) != 0;
+  d.max_threads_per_block = attr(CU_DEVICE_ATTRIBUTE_MAX_THREADS_PER_BLOCK);
+  d.max_block = {attr(CU_DEVICE_ATTRIBUTE_MAX_BLOCK_DIM_X), attr(CU_DEVICE_ATTRIBUTE_MAX_BLOCK_DIM_Y),
+                 attr(CU_DEVICE_ATTRIBUTE_MAX_BLOCK_DIM_Z)};
+  d.max_grid = {attr(CU_DEVICE_ATTRIBUTE_MAX_GRID_DIM_X), attr(CU_DEVICE_ATTRIBUTE_MAX_GRID_DIM_Y),
+                attr(CU_DEVICE_ATTRIBUTE_MAX_GRID_DIM_Z)};
+  d.max_shared_per_block = attr(CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK);
+  d.max_shared_optin = attr(CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN);
+  return d;
+}
+
+class GpuWorker::Impl {
+ public:
+  Impl(WorkerOptions o, std::shared_ptr<const CudaDriver> cu)
+      : opt_(std::move(o)), cu_(std::move(cu)), modules_(opt_.module_slots) {}
+  ~Impl();
+  Status Init();
+  int Run();
+
+ private:
+  // Executor side (runs on executor threads).
+  void ExecutorLoop(int index);
+  Done Execute(const std::shared_ptr<Task>& task, CUstream stream, CUevent ev[4]);
+  Status LaunchChecks(const BrokerMessage& job, CUfunction fn);
+
+  // Protocol side (the main thread).
+  void Send(const WorkerMessage& m, std::vector<zmq::message_t>* payload = nullptr);
+  void SendReady();
+  void OnBrokerMessage(std::vector<zmq::message_t>& frames);
+  void Finish(Done& d);
+  [[noreturn]] void Leave(int code, const std::string& reason);
+
+  WorkerOptions opt_;
+  std::shared_ptr<const CudaDriver> cu_;
+  schema::DeviceInfo device_;
+  CUdevice dev_ = 0;
+  CUcontext ctx_ = nullptr;  // the primary context, retained
+  zmq::context_t zctx_;
+  zmq::socket_t sock_;
+  int done_fd_ = -1;
+  ModuleSet modules_;
+  Graveyard graveyard_;
+  std::atomic<uint64_t> free_bytes_{0};
+
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<std::shared_ptr<Task>> queue_;  // GUARDED_BY(mu_)
+  std::vector<Done> done_;                   // GUARDED_BY(mu_)
+  bool stopping_ = false;                    // GUARDED_BY(mu_)
+  std::vector<std::thread> executors_;
+
+  // Jobs received and not yet answered (main thread only).
+  std::map<uint64_t, std::shared_ptr<Task>> inflight_;
+  std::string name_;
+};
+
+Status GpuWorker::Impl::Init() {
+  GPUQ_ASSIGN_OR_RETURN(device_, QueryDevice(*cu_, opt_.device));
+  GPUQ_CU_CHECK(*cu_, cuDeviceGet(&dev_, opt_.device), Code::kNotFound);
+  GPUQ_CU_CHECK(*cu_, cuDevicePrimaryCtxRetain(&ctx_, dev_), Code::kUnavailable);
+  GPUQ_CU_CHECK(*cu_, cuCtxSetCurrent(ctx_), Code::kUnavailable);
+  size_t free = 0, total = 0;
+  GPUQ_CU_CHECK(*cu_, cuMemGetInfo(&free, &total), Code::kUnavailable);
+  free_bytes_ = device_.free_bytes = free;
+  done_fd_ = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+  if (done_fd_ < 0) return Error(Code::kResourceExhausted, "eventfd failed");
+  char host[128] = {};
+  gethostname(host, sizeof host - 1);
+  name_ = std::string(host) + ":" + std::to_string(getpid()) + ":" + std::to_string(opt_.device);
+  sock_ = zmq::socket_t(zctx_, zmq::socket_type::dealer);
+  sock_.set(zmq::sockopt::linger, 2000);
+  sock_.set(zmq::sockopt::sndhwm, 100000);
+  sock_.set(zmq::sockopt::rcvhwm, 100000);
+  try {
+    sock_.connect(opt_.broker);
+  } catch (const zmq::error_t& e) {
+    return Error(Code::kUnavailable, "connect " + opt_.broker + ": " + e.what());
+  }
+  for (uint32_t i = 0; i < std::max<uint32_t>(1, opt_.streams); ++i) {
+    executors_.emplace_back([this, i] { ExecutorLoop(static_cast<int>(i)); });
+  }
+  return Status::Ok();
+}
+
+GpuWorker::Impl::~Impl() {
+  {
+    std::lock_guard lock(mu_);
+    stopping_ = true;
+  }
+  cv_.notify_all();
+  for (auto& t : executors_) t.join();
+  inflight_.clear();
+  modules_.Clear();
+  if (ctx_) {
+    graveyard_.Clear(*cu_);
+    (void)cu_->cuDevicePrimaryCtxRelease(dev_);
+  }
+  if (done_fd_ >= 0) close(done_fd_);
+}
+
+// ---------------------------------------------------------------- executors
+
+void GpuWorker::Impl::ExecutorLoop(int index) {
+  if (cu_->cuCtxSetCurrent(ctx_) != CUDA_SUCCESS) return;
+  CUstream stream = nullptr;
+  CUevent ev[4] = {};
+  // One owner for the stream and events: this thread, released at its end.
+  struct Resources {
+    const CudaDriver& cu;
+    CUstream& stream;
+    CUevent* ev;
+    ~Resources() {
+      for (int i = 0; i < 4; ++i) {
+        if (ev[i]) (void)cu.cuEventDestroy(ev[i]);
+      }
+      if (stream) (void)cu.cuStreamDestroy(stream);
+    }
+  } owned{*cu_, stream, ev};
+  if (cu_->cuStreamCreate(&stream, CU_STREAM_NON_BLOCKING) != CUDA_SUCCESS) return;
+  for (auto& e : ev) {
+    if (cu_->cuEventCreate(&e, CU_EVENT_DEFAULT) != CUDA_SUCCESS) return;
+  }
+  spdlog::debug("executor {} ready", index);
+  for (;;) {
+    std::shared_ptr<Task> task;
+    {
+      std::unique_lock lock(mu_);
+      cv_.wait(lock, [&] { return stopping_ || !queue_.empty(); });
+      if (stopping_) return;
+      task = std::move(queue_.front());
+      queue_.pop_front();
+    }
+    graveyard_.Clear(*cu_);
+    task->started_ns = Clock::now().time_since_epoch().count();
+    Done d = Execute(task, stream, ev);
+    size_t free = 0, total = 0;
+    if (!d.sticky && cu_->cuMemGetInfo(&free, &total) == CUDA_SUCCESS) free_bytes_ = free;
+    {
+      std::lock_guard lock(mu_);
+      done_.push_back(std::move(d));
+    }
+    uint64_t one = 1;
+    (void)!write(done_fd_, &one, sizeof one);
+  }
+}
+
+Status GpuWorker::Impl::LaunchChecks(const BrokerMessage& job, CUfunction fn) {
+  const auto& b = job.launch.block;
+  const auto& g = job.launch.grid;
+  const auto& d = device_;
+  if (b.x > d.max_block.x || b.y > d.max_block.y || b.z > d.max_block.z ||
+      b.Count() > d.max_threads_per_block) {
+    return Error(Code::kInvalid, "block " + std::to_string(b.x) + "x" + std::to_string(b.y) +
+                                     "x" + std::to_string(b.z) + " is over the device's limits");
+  }
+  if (g.x > d.max_grid.x || g.y > d.max_grid.y || g.z > d.max_grid.z) {
+    return Error(Code::kInvalid, "grid is over the device's limits");
+  }
+  int fn_max_threads = 0;
+  if (cu_->cuFuncGetAttribute(&fn_max_threads, CU_FUNC_ATTRIBUTE_MAX_THREADS_PER_BLOCK, fn) ==
+          CUDA_SUCCESS &&
+      b.Count() > static_cast<uint64_t>(fn_max_threads)) {
+    return Error(Code::kLaunchError, "the kernel can run at most " +
+                                         std::to_string(fn_max_threads) +
+                                         " threads per block (registers), " +
+                                         std::to_string(b.Count()) + " asked");
+  }
+  const uint32_t shared = job.launch.shared_bytes;
+  if (shared > d.max_shared_optin) {
+    return Error(Code::kInvalid, "dynamic shared memory " + std::to_string(shared) +
+                                     " bytes is over the device's limit of " +
+                                     std::to_string(d.max_shared_optin));
+  }
+  if (shared > d.max_shared_per_block) {
+    // Above 48 KB a kernel must opt in through its function attribute.
+    GPUQ_CU_CHECK(*cu_,
+                  cuFuncSetAttribute(fn, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                                     static_cast<int>(shared)),
+                  Code::kLaunchError);
+  }
+  return Status::Ok();
+}
+
+Done GpuWorker::Impl::Execute(const std::shared_ptr<Task>& task, CUstream stream,
+                              CUevent ev[4]) {
+  const BrokerMessage& job = task->job;
+  Done d;
+  d.task = task;
+  WorkerMessage& r = d.result;
+  r.op = WorkerOp::kResult;
+  r.id = job.id;
+  r.attempt = job.attempt;
+  r.state = JobState::kFailed;
+  auto fail = [&](Code code, std::string error) {
+    r.code = code;
+    r.error = std::move(error);
+    return std::move(d);
+  };
+  auto cu_fail = [&](CUresult e, const char* what) {
+    d.sticky = IsSticky(e);
+    Code code = d.sticky ? Code::kKernelFault
+                         : e == CUDA_ERROR_OUT_OF_MEMORY ? Code::kResourceExhausted
+                                                         : Code::kLaunchError;
+    return fail(code, std::string(what) + ": " + cu_->Describe(e));
+  };
+
+  // Module and function.
+  const auto t_load = Clock::now();
+  CUfunction fn = nullptr;
+  {
+    Module& m = *task->module;
+    std::lock_guard lock(m.mu);
+    if (!m.loaded) {
+      CUresult e = cu_->cuModuleLoadData(&m.loaded, m.image.c_str());
+      if (e != CUDA_SUCCESS) {
+        m.loaded = nullptr;
+        return cu_fail(e, "loading the module");
+      }
+    }
+    auto it = m.functions.find(job.entry);
+    if (it == m.functions.end()) {
+      CUresult e = cu_->cuModuleGetFunction(&fn, m.loaded, job.entry.c_str());
+      if (e != CUDA_SUCCESS) return cu_fail(e, ("kernel '" + job.entry + "'").c_str());
+      m.functions[job.entry] = fn;
+    } else {
+      fn = it->second;
+    }
+  }
+  r.timing.load_us = MicrosSince(t_load);
+  if (Status s = LaunchChecks(job, fn); !s.ok()) return fail(s.code(), s.message());
+
+  // Buffers: device memory from the stream-ordered pool, owned here and
+  // freed on every path.
+  struct Buffers {
+    const CudaDriver& cu;
+    CUstream stream;
+    std::vector<CUdeviceptr> ptrs;
+    ~Buffers() {
+      for (CUdeviceptr p : ptrs) {
+        if (p) (void)cu.cuMemFreeAsync(p, stream);
+      }
+      (void)cu.cuStreamSynchronize(stream);
+    }
+  } buffers{*cu_, stream, {}};
+  std::vector<uint64_t> slots(job.args.size());
+  std::vector<void*> params(job.args.size());
+  std::vector<std::pair<size_t, uint64_t>> outs;  // (arg index, size)
+  for (size_t i = 0; i < job.args.size(); ++i) {
+    const Arg& a = job.args[i];
+    params[i] = &slots[i];
+    if (a.kind == ArgKind::kScalar) {
+      slots[i] = a.bits;  // little-endian: the low bytes hold the value
+      continue;
+    }
+    const uint64_t size = a.kind == ArgKind::kOut
+                              ? a.size
+                              : task->frames[task->first_buffer + a.frame].size();
+    CUdeviceptr p = 0;
+    if (size > 0) {
+      CUresult e = cu_->cuMemAllocAsync(&p, size, stream);
+      if (e != CUDA_SUCCESS) return cu_fail(e, "allocating a buffer");
+      buffers.ptrs.push_back(p);
+    }
+    slots[i] = p;
+    if (a.kind != ArgKind::kIn) outs.emplace_back(i, size);
+  }
+  CUresult e = cu_->cuEventRecord(ev[0], stream);
+  if (e != CUDA_SUCCESS) return cu_fail(e, "event");
+  // Every byte a kernel can read is written first: inputs copied, outputs
+  // zeroed. Nothing of an earlier job is readable.
+  for (size_t i = 0; i < job.args.size(); ++i) {
+    const Arg& a = job.args[i];
+    if (a.kind == ArgKind::kScalar || slots[i] == 0) continue;
+    if (a.kind == ArgKind::kOut) {
+      e = cu_->cuMemsetD8Async(slots[i], 0, a.size, stream);
+    } else {
+      const zmq::message_t& in = task->frames[task->first_buffer + a.frame];
+      e = cu_->cuMemcpyHtoDAsync(slots[i], in.data(), in.size(), stream);
+    }
+    if (e != CUDA_SUCCESS) return cu_fail(e, "copying inputs to the device");
+  }
+  cu_->cuEventRecord(ev[1], stream);
+  const auto& g = job.launch.grid;
+  const auto& b = job.launch.block;
+  e = cu_->cuLaunchKernel(fn, g.x, g.y, g.z, b.x, b.y, b.z, job.launch.shared_bytes, stream,
+                          params.data(), nullptr);
+  if (e != CUDA_SUCCESS) return cu_fail(e, "launch");
+  cu_->cuEventRecord(ev[2], stream);
+  for (auto [i, size] : outs) {
+    zmq::message_t out(size);
+    if (size > 0) {
+      e = cu_->cuMemcpyDtoHAsync(out.data(), slots[i], size, stream);
+      if (e != CUDA_SUCCESS) return cu_fail(e, "copying outputs from the device");
+    }
+    d.data.push_back(std::move(out));
+    r.outputs.push_back(static_cast<uint32_t>(i));
+  }
+  cu_->cuEventRecord(ev[3], stream);
+  e = cu_->cuStreamSynchronize(stream);
+  if (e != CUDA_SUCCESS) {
+    d.data.clear();
+    r.outputs.clear();
+    return cu_fail(e, "kernel");
+  }
+  float ms[3] = {};
+  for (int k = 0; k < 3; ++k) cu_->cuEventElapsedTime(&ms[k], ev[k], ev[k + 1]);
+  r.timing.h2d_us = static_cast<uint64_t>(ms[0] * 1000.0f);
+  r.timing.kernel_us = static_cast<uint64_t>(ms[1] * 1000.0f);
+  r.timing.d2h_us = static_cast<uint64_t>(ms[2] * 1000.0f);
+  r.state = JobState::kDone;
+  r.code = Code::kOk;
+  return d;
+}
+
+// ---------------------------------------------------------------- protocol
+
+void GpuWorker::Impl::Send(const WorkerMessage& m, std::vector<zmq::message_t>* payload) {
+  const std::string header = schema::EncodeWorkerMessage(m);
+  const bool more = payload && !payload->empty();
+  try {
+    sock_.send(zmq::buffer(schema::kWorkerProtocol), zmq::send_flags::sndmore);
+    sock_.send(zmq::buffer(header), more ? zmq::send_flags::sndmore : zmq::send_flags::none);
+    if (more) {
+      for (size_t i = 0; i < payload->size(); ++i) {
+        sock_.send((*payload)[i], i + 1 < payload->size() ? zmq::send_flags::sndmore
+                                                          : zmq::send_flags::none);
+      }
+    }
+  } catch (const zmq::error_t& e) {
+    spdlog::error("send to the broker failed: {}", e.what());
+  }
+}
+
+void GpuWorker::Impl::SendReady() {
+  WorkerMessage m;
+  m.op = WorkerOp::kReady;
+  m.worker = name_;
+  m.device = device_;
+  m.device.free_bytes = free_bytes_;
+  m.slots = opt_.slots;
+  m.module_slots = opt_.module_slots;
+  Send(m);
+}
+
+void GpuWorker::Impl::Leave(int code, const std::string& reason) {
+  WorkerMessage bye;
+  bye.op = WorkerOp::kDisconnect;
+  bye.reason = reason;
+  Send(bye);
+  spdlog::error("leaving: {}", reason);
+  // Executor threads may be stuck in the driver: nothing in this process
+  // can be joined or cleaned up. The socket's linger flushes what was sent.
+  sock_.close();
+  zctx_.shutdown();
+  _exit(code);
+}
+
+void GpuWorker::Impl::OnBrokerMessage(std::vector<zmq::message_t>& frames) {
+  if (frames.size() < 2) return;
+  if (!schema::CheckProtocolFrame(frames[0].to_string_view(), schema::kWorkerProtocol).ok()) {
+    return;
+  }
+  std::vector<uint64_t> sizes;
+  for (size_t i = 2; i < frames.size(); ++i) sizes.push_back(frames[i].size());
+  BrokerMessage m;
+  if (Status s = schema::DecodeBrokerMessage(frames[1].to_string_view(), sizes, {}, &m);
+      !s.ok()) {
+    spdlog::error("bad message from the broker: {}", s.ToString());
+    return;
+  }
+  switch (m.op) {
+    case BrokerOp::kHeartbeat:
+      return;
+    case BrokerOp::kError:
+      spdlog::error("the broker refused a message: {}: {}", CodeName(m.code), m.error);
+      return;
+    case BrokerOp::kDisconnect:
+      // The broker forgot us (restart) or is stopping: start over. Jobs in
+      // flight were requeued by it; their results will be dropped there.
+      spdlog::info("broker: {}; registering again", m.error);
+      modules_.Clear();
+      SendReady();
+      return;
+    case BrokerOp::kJob:
+      break;
+  }
+  auto task = std::make_shared<Task>();
+  std::shared_ptr<Module> module;
+  if (m.image != schema::ImageKind::kNone) {
+    std::string image = frames[2].to_string();  // std::string keeps PTX NUL-terminated
+    module = std::make_shared<Module>(m.module, std::move(image), &graveyard_);
+    modules_.Put(module);
+    task->first_buffer = 2;  // args already index past frame 0 (the image)
+  } else {
+    module = modules_.Touch(m.module);
+  }
+  task->job = std::move(m);
+  task->frames = std::move(frames);
+  task->module = module;
+  inflight_[task->job.id] = task;
+  if (!module) {
+    Done d;
+    d.task = task;
+    d.result.op = WorkerOp::kResult;
+    d.result.id = task->job.id;
+    d.result.attempt = task->job.attempt;
+    d.result.state = JobState::kFailed;
+    d.result.code = Code::kLaunchError;
+    d.result.error = "module " + task->job.module + " is not held by this worker";
+    Finish(d);
+    return;
+  }
+  {
+    std::lock_guard lock(mu_);
+    queue_.push_back(std::move(task));
+  }
+  cv_.notify_one();
+}
+
+void GpuWorker::Impl::Finish(Done& d) {
+  if (d.sticky) {
+    // The context is gone. Alone, this job is the culprit; otherwise the
+    // broker replays every job in flight, one at a time.
+    const std::string what = d.result.error;
+    if (inflight_.size() == 1) {
+      Send(d.result);
+      Leave(kExitFault, "sticky CUDA error in job " + std::to_string(d.result.id) + ": " + what);
+    }
+    Leave(kExitFault, "sticky CUDA error with " + std::to_string(inflight_.size()) +
+                          " jobs in flight: " + what);
+  }
+  inflight_.erase(d.result.id);
+  Send(d.result, &d.data);
+}
+
+int GpuWorker::Impl::Run() {
+  spdlog::info("worker {} serving {} ({}, {}) for {}", name_, device_.name, device_.Arch(),
+               device_.uuid, opt_.broker);
+  SendReady();
+  auto next_beat = Clock::now() + opt_.heartbeat;
+  auto last_heard = Clock::now();
+  while (!g_stop.load()) {
+    zmq::pollitem_t items[] = {{sock_.handle(), 0, ZMQ_POLLIN, 0},
+                               {nullptr, done_fd_, ZMQ_POLLIN, 0}};
+    try {
+      zmq::poll(items, 2, std::chrono::milliseconds(10));
+    } catch (const zmq::error_t& e) {
+      if (e.num() != EINTR) break;
+    }
+    if (items[1].revents) {
+      uint64_t n;
+      (void)!read(done_fd_, &n, sizeof n);
+    }
+    for (int i = 0; i < 1024; ++i) {
+      std::vector<zmq::message_t> frames;
+      if (!zmq::recv_multipart(sock_, std::back_inserter(frames), zmq::recv_flags::dontwait)) {
+        break;
+      }
+      last_heard = Clock::now();
+      OnBrokerMessage(frames);
+    }
+    std::vector<Done> done;
+    {
+      std::lock_guard lock(mu_);
+      done.swap(done_);
+    }
+    for (Done& d : done) Finish(d);
+    const auto now = Clock::now();
+    // Run-time limits: a kernel cannot be stopped from inside the process.
+    for (const auto& [id, t] : inflight_) {
+      const int64_t started = t->started_ns.load();
+      if (!started || !t->job.time_limit_ms) continue;
+      const auto ran = now - Clock::time_point(Clock::duration(started));
+      if (ran > std::chrono::milliseconds(t->job.time_limit_ms)) {
+        WorkerMessage r;
+        r.op = WorkerOp::kResult;
+        r.id = id;
+        r.attempt = t->job.attempt;
+        r.state = JobState::kFailed;
+        r.code = Code::kTimeout;
+        r.error = "the kernel ran past its limit of " + std::to_string(t->job.time_limit_ms) +
+                  " ms and was stopped (its worker process was ended)";
+        Send(r);
+        Leave(kExitTimeout, "job " + std::to_string(id) + " ran past its time limit");
+      }
+    }
+    if (now >= next_beat) {
+      next_beat = now + opt_.heartbeat;
+      WorkerMessage hb;
+      hb.op = WorkerOp::kHeartbeat;
+      hb.free_bytes = free_bytes_;
+      hb.inflight = static_cast<uint32_t>(inflight_.size());
+      Send(hb);
+    }
+    if (now - last_heard > opt_.heartbeat * 3) {
+      // The broker is silent: it may have restarted. Register again.
+      last_heard = now;
+      modules_.Clear();
+      SendReady();
+    }
+  }
+  WorkerMessage bye;
+  bye.op = WorkerOp::kDisconnect;
+  bye.reason = "worker stopping";
+  Send(bye);
+  return 0;
+}
+
+GpuWorker::GpuWorker(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+GpuWorker::~GpuWorker() = default;
+
+StatusOr<std::unique_ptr<GpuWorker>> GpuWorker::Create(WorkerOptions options,
+                                                      std::shared_ptr<const CudaDriver> driver) {
+  auto impl = std::make_unique<Impl>(std::move(options), std::move(driver));
+  GPUQ_RETURN_IF_ERROR(impl->Init());
+  return std::unique_ptr<GpuWorker>(new GpuWorker(std::move(impl)));
+}
+
+int GpuWorker::Run() { return impl_->Run(); }
+void GpuWorker::RequestStop() { g_stop.store(true); }
+
+}  // namespace gpuq::worker

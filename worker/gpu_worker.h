@@ -1,0 +1,51 @@
+// gpuq-worker's core: one process serves one GPU. The main thread speaks the
+// worker protocol (and never calls into CUDA, so heartbeats go on while a
+// kernel runs); executor threads, one CUDA stream each, run the jobs.
+//
+// Faults: after a sticky CUDA error nothing in this process can use the GPU
+// again, so the worker reports (the job, when it was alone; else a
+// disconnect that makes every job in flight a suspect) and exits for its
+// supervisor to restart it. A job past its run-time limit cannot be stopped
+// from inside the process either: the worker reports its timeout and exits.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "schema/messages.h"
+#include "worker/cuda_driver.h"
+#include "worker/exit_codes.h"
+
+namespace gpuq::worker {
+
+struct WorkerOptions {
+  std::string broker;  // the broker's worker endpoint
+  int device = 0;
+  uint32_t slots = 16;     // jobs held at once (credits)
+  uint32_t streams = 4;    // executor threads, one stream each
+  uint32_t module_slots = 256;
+  std::chrono::milliseconds heartbeat{500};
+};
+
+// Reads the device's properties (the `ready` message's device map).
+StatusOr<schema::DeviceInfo> QueryDevice(const CudaDriver& cu, int ordinal);
+
+class GpuWorker {
+ public:
+  static StatusOr<std::unique_ptr<GpuWorker>> Create(
+      WorkerOptions options, std::shared_ptr<const CudaDriver> driver);
+  ~GpuWorker();
+  // Serves until told to stop (SIGTERM) or until a fault ends the process's
+  // use of the GPU; returns the process exit code.
+  int Run();
+  static void RequestStop();
+
+ private:
+  class Impl;
+  explicit GpuWorker(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace gpuq::worker

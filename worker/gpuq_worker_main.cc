@@ -1,0 +1,121 @@
+// gpuq-worker: serves GPUs to a gpuq broker.
+//   gpuq-worker --broker tcp://HOST:PORT            one supervised process per GPU
+//   gpuq-worker --broker EP --device N               serve GPU N (what the supervisor runs)
+//   gpuq-worker --count | --info                     list the GPUs; no broker needed
+// Exits 10 when there is no CUDA driver, 11 when there is no such GPU.
+#include <CLI/CLI.hpp>
+#include <signal.h>
+#include <spdlog/spdlog.h>
+
+#include <cstdio>
+#include <nlohmann/json.hpp>
+#include <thread>
+
+#include "worker/gpu_worker.h"
+#include "worker/worker_supervisor.h"
+
+namespace {
+
+gpuq::worker::WorkerSupervisor* g_supervisor = nullptr;
+std::atomic<bool> g_stop{false};
+
+void OnSignal(int) {
+  g_stop = true;
+  gpuq::worker::GpuWorker::RequestStop();
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  using namespace gpuq::worker;
+  WorkerOptions o;
+  int device = -1, heartbeat_ms = 500;
+  bool count = false, info = false;
+  std::string log_level = "info";
+  CLI::App app{"gpuq-worker: serves GPUs to a gpuq broker"};
+  app.add_option("--broker", o.broker, "The broker's worker endpoint");
+  app.add_option("--device", device, "Serve this GPU only (default: all, one process each)");
+  app.add_option("--slots", o.slots, "Jobs held at once")->capture_default_str();
+  app.add_option("--streams", o.streams, "Concurrent streams (executor threads)")
+      ->capture_default_str();
+  app.add_option("--module-slots", o.module_slots, "Modules kept loaded")->capture_default_str();
+  app.add_option("--heartbeat-ms", heartbeat_ms, "Heartbeat interval")->capture_default_str();
+  app.add_flag("--count", count, "Print the number of GPUs and exit");
+  app.add_flag("--info", info, "Print the GPUs' properties as JSON and exit");
+  app.add_option("--log-level", log_level)->capture_default_str();
+  CLI11_PARSE(app, argc, argv);
+  spdlog::set_level(spdlog::level::from_str(log_level));
+  spdlog::set_pattern("%Y-%m-%dT%H:%M:%S.%e %^%l%$ gpuq-worker[%P]: %v");
+  o.heartbeat = std::chrono::milliseconds(heartbeat_ms);
+
+  auto driver = LoadCudaDriver();
+  if (!driver.ok()) {
+    if (driver.status().code() == gpuq::Code::kNotFound) {
+      if (count) {
+        std::printf("0\n");
+        return 0;
+      }
+      spdlog::error("{}", driver.status().message());
+      return kExitNoDevice;
+    }
+    spdlog::error("{}", driver.status().message());
+    return kExitNoDriver;
+  }
+  int n = 0;
+  (*driver)->cuDeviceGetCount(&n);
+  if (count) {
+    std::printf("%d\n", n);
+    return 0;
+  }
+  if (info) {
+    nlohmann::json arr = nlohmann::json::array();
+    for (int i = 0; i < n; ++i) {
+      auto d = QueryDevice(**driver, i);
+      if (!d.ok()) continue;
+      arr.push_back({{"ordinal", d->ordinal},
+                     {"name", d->name},
+                     {"uuid", d->uuid},
+                     {"arch", d->Arch()},
+                     {"total_bytes", d->total_bytes},
+                     {"sms", d->sm_count},
+                     {"clock_khz", d->clock_khz},
+                     {"l2_bytes", d->l2_bytes},
+                     {"managed_memory", d->managed_memory},
+                     {"max_threads_per_block", d->max_threads_per_block},
+                     {"max_shared_per_block", d->max_shared_per_block},
+                     {"max_shared_optin", d->max_shared_optin}});
+    }
+    std::printf("%s\n", arr.dump(2).c_str());
+    return 0;
+  }
+  if (o.broker.empty()) {
+    spdlog::error("--broker is needed (or --count / --info)");
+    return 2;
+  }
+  struct sigaction sa = {};
+  sa.sa_handler = OnSignal;
+  sigaction(SIGINT, &sa, nullptr);
+  sigaction(SIGTERM, &sa, nullptr);
+  signal(SIGPIPE, SIG_IGN);
+
+  if (device < 0) {
+    // Every GPU of this host, one supervised process each.
+    WorkerSupervisor supervisor(o.broker, "", heartbeat_ms);
+    g_supervisor = &supervisor;
+    supervisor.Start(n);
+    while (!g_stop) std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    supervisor.Stop();
+    return 0;
+  }
+  if (device >= n) {
+    spdlog::error("no GPU {} (this machine has {})", device, n);
+    return kExitNoDevice;
+  }
+  o.device = device;
+  auto worker = GpuWorker::Create(o, *driver);
+  if (!worker.ok()) {
+    spdlog::error("cannot start: {}", worker.status().ToString());
+    return worker.status().code() == gpuq::Code::kNotFound ? kExitNoDevice : kExitFault;
+  }
+  return (*worker)->Run();
+}
