@@ -103,10 +103,14 @@ class ModuleSet {
     return it->second.first;
   }
   void Put(std::shared_ptr<Module> m) {
-    index_.erase(m->key);
-    order_.remove(m->key);
-    order_.push_front(m->key);
-    index_[m->key] = {std::move(m), order_.begin()};
+    // The key is copied first: in `a[k] = {std::move(m), ...}` the right side
+    // is evaluated before the left (C++17), so m->key would read a moved-from
+    // pointer.
+    const std::string key = m->key;
+    index_.erase(key);
+    order_.remove(key);
+    order_.push_front(key);
+    index_[key] = {std::move(m), order_.begin()};
     while (order_.size() > capacity_) {
       index_.erase(order_.back());
       order_.pop_back();
@@ -505,9 +509,10 @@ void GpuWorker::Impl::Leave(int code, const std::string& reason) {
   Send(bye);
   spdlog::error("leaving: {}", reason);
   // Executor threads may be stuck in the driver: nothing in this process
-  // can be joined or cleaned up. The socket's linger flushes what was sent.
+  // can be joined or cleaned up. Terminating the ZeroMQ context waits (up to
+  // the socket's linger) until what was sent has left; only then exit.
   sock_.close();
-  zctx_.shutdown();
+  zctx_.close();
   _exit(code);
 }
 

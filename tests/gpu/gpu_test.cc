@@ -46,11 +46,17 @@ class GpuTest : public ::testing::Test {
   static void SetUpTestSuite() {
     if (!HaveGpu()) return;
     dir_ = new testing::TempDir();
-    broker_ = new testing::BrokerProcess(dir_->path(), {"--heartbeat-ms", "200"}, "-1");
+    broker_ = new testing::BrokerProcess(dir_->path(), {}, "-1");
     ASSERT_TRUE(broker_->Start()) << testing::ReadFile(dir_->File("gpuqd.log"));
   }
   static void TearDownTestSuite() {
     if (broker_) broker_->Stop();
+    if (dir_ && ::testing::UnitTest::GetInstance()->failed_test_count() > 0) {
+      // The broker's log holds its workers' output too.
+      std::string log = testing::ReadFile(dir_->File("gpuqd.log"));
+      std::printf("---- gpuqd.log (last 6000 bytes)\n%s\n",
+                  log.substr(log.size() > 6000 ? log.size() - 6000 : 0).c_str());
+    }
     delete broker_;
     delete dir_;
     broker_ = nullptr;
@@ -168,9 +174,9 @@ TEST_F(GpuTest, DeviceIsReported) {
 
 TEST_F(GpuTest, EveryScalarTypeReachesTheKernel) {
   JobRequest j = Kernel(R"(
-#include <cstdint>
-extern "C" __global__ void k(uint8_t a, int8_t b, uint16_t c, int16_t d, uint32_t e, int32_t f,
-                             uint64_t g, int64_t h, float i, double j, unsigned char* out) {
+extern "C" __global__ void k(unsigned char a, signed char b, unsigned short c, short d,
+                             unsigned e, int f, unsigned long long g, long long h, float i,
+                             double j, unsigned char* out) {
   unsigned char* p = out;
   memcpy(p, &a, 1); p += 1; memcpy(p, &b, 1); p += 1; memcpy(p, &c, 2); p += 2;
   memcpy(p, &d, 2); p += 2; memcpy(p, &e, 4); p += 4; memcpy(p, &f, 4); p += 4;
