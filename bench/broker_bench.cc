@@ -94,11 +94,17 @@ Stats ZmqRoundTrip(const std::string& dir, int n) {
   return Summarize(us);
 }
 
+uint64_t g_spin_cycles = 0;
+
+// An empty kernel, or (--spin-cycles) one block that spins on the GPU for
+// that many clock cycles, so that GPU time, not the broker, bounds a run.
 JobRequest Trivial() {
   JobRequest j;
-  j.spec.kernel.source = "extern \"C\" __global__ void empty(unsigned n) {}\n";
+  j.spec.kernel.source =
+      "extern \"C\" __global__ void empty(unsigned long long cycles) {\n"
+      "  unsigned long long t0 = clock64(); while (clock64() - t0 < cycles) {}\n}\n";
   j.spec.kernel.entry = "empty";
-  j.spec.args = {gpuq::schema::Arg::U32(1)};
+  j.spec.args = {gpuq::schema::Arg::Scalar(gpuq::schema::ScalarType::kU64, g_spin_cycles)};
   return j;
 }
 
@@ -106,10 +112,15 @@ JobRequest Trivial() {
 
 int main(int argc, char** argv) {
   double seconds = 3;
+  bool gpu = false;
+  int gpus = 1;
   std::string durability = "process";
   CLI::App app{"gpuq-bench-broker"};
   app.add_option("--seconds", seconds, "Duration of each throughput run");
   app.add_option("--durability", durability)->check(CLI::IsMember({"process", "power"}));
+  app.add_flag("--gpu", gpu, "Use real gpuq-workers instead of the test double");
+  app.add_option("--gpus", gpus, "With --gpu: GPUs to use (one worker process each)");
+  app.add_option("--spin-cycles", g_spin_cycles, "GPU clock cycles each job spins (0: none)");
   CLI11_PARSE(app, argc, argv);
 
   std::string dir = std::filesystem::temp_directory_path().string() + "/gpuq-bench-XXXXXX";
@@ -120,20 +131,27 @@ int main(int argc, char** argv) {
                         "--durability", durability, "--log-level", "warn", "--max-queued",
                         "1000000", "--max-queued-per-tenant", "1000000"},
                        dir + "/gpuqd.log");
-  pid_t worker = Spawn({Beside("gpuq-fake-worker"), "--broker", worker_ep, "--slots", "1024"},
-                       dir + "/worker.log");
+  std::vector<pid_t> workers;
+  for (int g = 0; g < (gpu ? gpus : 1); ++g) {
+    workers.push_back(gpu ? Spawn({Beside("gpuq-worker"), "--broker", worker_ep, "--device",
+                                   std::to_string(g), "--slots", "256", "--streams", "8"},
+                                  dir + "/worker.log")
+                          : Spawn({Beside("gpuq-fake-worker"), "--broker", worker_ep, "--slots",
+                                   "1024"},
+                                  dir + "/worker.log"));
+  }
   auto cleanup = [&] {
-    kill(worker, SIGKILL);
+    for (pid_t w : workers) kill(w, SIGKILL);
     kill(broker, SIGKILL);
-    waitpid(worker, nullptr, 0);
+    for (pid_t w : workers) waitpid(w, nullptr, 0);
     waitpid(broker, nullptr, 0);
     std::filesystem::remove_all(dir);
   };
   auto client = Client::Connect(client_ep);
   if (!client.ok()) return cleanup(), 1;
-  for (int i = 0; i < 200; ++i) {  // wait for the worker; warm the kernel cache
+  for (int i = 0; i < 500; ++i) {  // wait for the workers; warm the kernel cache
     auto d = (*client)->Devices();
-    if (d.ok() && !d->empty()) break;
+    if (d.ok() && d->size() == workers.size()) break;
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
   }
   auto warm = (*client)->Submit(Trivial());
@@ -200,7 +218,11 @@ int main(int argc, char** argv) {
   const double t1 = throughput(1, 64), t4 = throughput(4, 64), t16 = throughput(16, 32);
   cleanup();
 
-  printf("gpuq broker benchmark (test-double worker, no GPU work; durability=%s)\n\n",
+  printf("gpuq broker benchmark (%s; durability=%s)\n\n",
+         gpu ? ("real gpuq-workers on " + std::to_string(gpus) + " GPU(s), kernel spins " +
+                std::to_string(g_spin_cycles) + " cycles")
+                   .c_str()
+             : "test-double worker, no GPU work",
          durability.c_str());
   printf("| measure | p50 | p99 | mean |\n|---|---|---|---|\n");
   printf("| bare ZeroMQ 64 B round trip, ipc (floor) | %.1f us | %.1f us | %.1f us |\n", floor.p50,

@@ -367,6 +367,40 @@ TEST_F(BrokerTest, AFaultingJobFailsAloneAndInnocentJobsFinish) {
   for (const auto& o : others) EXPECT_EQ(o.state, JobState::kDone) << o.id << ": " << o.error;
 }
 
+TEST_F(BrokerTest, JobsArePlacedByArchitectureGpuAndFreeMemory) {
+  AddWorker({"--arch", "sm_80", "--uuid", "GPU-a80"});
+  AddWorker({"--arch", "sm_90", "--uuid", "GPU-b90"});
+  auto c = Connect();
+  ASSERT_TRUE(WaitForWorkers(*c, 2));
+  for (int i = 0; i < 4; ++i) {
+    JobRequest by_gpu = Job("k", "g");
+    by_gpu.spec.placement.gpu = "GPU-a80";
+    auto r = c->Wait(*c->Submit(by_gpu));
+    ASSERT_TRUE(r.ok());
+    EXPECT_EQ(r->device, "GPU-a80");
+    JobRequest by_arch = Job("k", "a");
+    by_arch.spec.placement.arch = "sm_90";
+    r = c->Wait(*c->Submit(by_arch));
+    ASSERT_TRUE(r.ok());
+    EXPECT_EQ(r->device, "GPU-b90");
+  }
+  // The doubles report 16 GiB free: a job that needs more waits, and can be
+  // canceled; one that fits runs.
+  JobRequest big = Job("k", "m");
+  big.spec.placement.min_free_bytes = 32ull << 30;
+  auto waiting = c->Submit(big);
+  ASSERT_TRUE(waiting.ok());
+  JobRequest fits = Job("k", "f");
+  fits.spec.placement.min_free_bytes = 8ull << 30;
+  auto ran = c->Wait(*c->Submit(fits));
+  ASSERT_TRUE(ran.ok());
+  EXPECT_EQ(ran->state, JobState::kDone);
+  auto st = c->GetStatus(*waiting);
+  ASSERT_TRUE(st.ok());
+  EXPECT_EQ(st->state, JobState::kQueued);
+  EXPECT_EQ(*c->Cancel(*waiting), JobState::kCanceled);
+}
+
 // ------------------------------------------------------------ crash safety
 
 int64_t QueryInt(const std::string& db_path, const std::string& sql) {

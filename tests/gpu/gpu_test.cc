@@ -23,15 +23,16 @@ using schema::JobState;
 using schema::ScalarType;
 using Clock = std::chrono::steady_clock;
 
-// Whether this machine has a GPU that gpuq-worker can use.
-bool HaveGpu() {
-  static const bool have = [] {
+// GPUs that gpuq-worker can use on this machine.
+int GpuCount() {
+  static const int count = [] {
     std::string out;
     int rc = testing::RunProgram({testing::BinPath("gpuq-worker"), "--count"}, &out);
-    return rc == 0 && std::atoi(out.c_str()) > 0;
+    return rc == 0 ? std::atoi(out.c_str()) : 0;
   }();
-  return have;
+  return count;
 }
+bool HaveGpu() { return GpuCount() > 0; }
 
 class GpuTest : public ::testing::Test {
  public:
@@ -75,10 +76,12 @@ class GpuTest : public ::testing::Test {
     EXPECT_TRUE(c.ok());
     return std::move(*c);
   }
+  // Waits until a worker for every GPU is attached (one may be restarting
+  // after a fault or timeout of an earlier test).
   static bool WaitForWorker(Client& c) {
     for (int i = 0; i < 300; ++i) {
       auto d = c.Devices();
-      if (d.ok() && !d->empty()) return true;
+      if (d.ok() && d->size() == static_cast<size_t>(GpuCount())) return true;
       std::this_thread::sleep_for(std::chrono::milliseconds(50));
     }
     return false;
@@ -419,6 +422,55 @@ TEST_F(GpuTest, ARunawayKernelTimesOutAloneAndTheGpuServesAgain) {
               "job %.0f ms after the timeout\n",
               std::chrono::duration<double, std::milli>(timed_out - submitted).count(),
               std::chrono::duration<double, std::milli>(Clock::now() - timed_out).count());
+}
+
+// ------------------------------------------------------------ several GPUs
+
+TEST_F(GpuTest, JobsArePlacedOnTheGpuTheyName) {
+  if (GpuCount() < 2) GTEST_SKIP() << "needs two or more GPUs";
+  auto devices = client_->Devices();
+  ASSERT_TRUE(devices.ok());
+  for (const auto& w : *devices) {
+    JobRequest j = Spin(1000);
+    j.spec.placement.gpu = w.device.uuid;
+    JobResult r = Run(j);
+    EXPECT_EQ(r.state, JobState::kDone) << r.error;
+    EXPECT_EQ(r.device, w.device.uuid);
+  }
+}
+
+TEST_F(GpuTest, AFaultOnOneGpuLeavesTheOthersServing) {
+  if (GpuCount() < 2) GTEST_SKIP() << "needs two or more GPUs";
+  auto devices = client_->Devices();
+  ASSERT_TRUE(devices.ok());
+  const std::string bad_gpu = (*devices)[0].device.uuid;
+  std::vector<uint64_t> elsewhere;
+  auto submit_elsewhere = [&](int n) {
+    for (int i = 0; i < n; ++i) {
+      JobRequest j = Spin(2000000);  // about 1 ms
+      j.spec.placement.gpu = (*devices)[1 + i % (devices->size() - 1)].device.uuid;
+      elsewhere.push_back(*client_->Submit(j));
+    }
+  };
+  submit_elsewhere(20);
+  JobRequest f = Kernel(kFault, "fault", {1, 1, 1}, {32, 1, 1});
+  f.spec.args = {Arg::Out(4)};
+  f.spec.placement.gpu = bad_gpu;
+  auto culprit = client_->Submit(f);
+  ASSERT_TRUE(culprit.ok());
+  submit_elsewhere(20);
+  auto r = client_->Wait(*culprit, Millis(60000));
+  ASSERT_TRUE(r.ok());
+  EXPECT_EQ(r->code, Code::kKernelFault) << r->error;
+  for (uint64_t id : elsewhere) {
+    auto o = client_->Wait(id, Millis(60000));
+    ASSERT_TRUE(o.ok());
+    EXPECT_EQ(o->state, JobState::kDone) << o->error;
+    EXPECT_NE(o->device, bad_gpu);
+    EXPECT_EQ(o->attempts, 1u) << "a job on another GPU was disturbed by the fault";
+  }
+  std::printf("fault on %s: %zu jobs on the other GPU(s) all done on their first attempt\n",
+              bad_gpu.c_str(), elsewhere.size());
 }
 
 }  // namespace
