@@ -321,6 +321,34 @@ TEST_F(SandboxTest, AHungCompileDoesNotHoldUpOthers) {
 
 // ------------------------------------------------------------ several processes
 
+TEST(CompileCommandTest, SameFileTwiceIsAMissThenAHitWithTheSameKey) {
+  TempDir dir;
+  testing::WriteFile(dir.File("k.cu"), kSaxpy);
+  std::vector<nlohmann::json> runs;
+  for (int i = 0; i < 2; ++i) {
+    std::string out;
+    ASSERT_EQ(testing::RunProgram({testing::BinPath("gpuq"), "compile", dir.File("k.cu"), "--arch",
+                                   "sm_90", "--kernel", "saxpy", "--cache", dir.File("c.db"),
+                                   "--json"},
+                                  &out),
+              0)
+        << out;
+    runs.push_back(nlohmann::json::parse(out));
+  }
+  EXPECT_EQ(runs[0]["cache"], "miss");
+  EXPECT_EQ(runs[1]["cache"], "hit");
+  EXPECT_EQ(runs[0]["key"], runs[1]["key"]);
+  EXPECT_GT(runs[1]["cubin_bytes"].get<int>(), 0);
+  // A compile error exits non-zero and prints the log.
+  testing::WriteFile(dir.File("bad.cu"), "extern \"C\" __global__ void k() { nope(); }\n");
+  std::string out;
+  EXPECT_EQ(testing::RunProgram({testing::BinPath("gpuq"), "compile", dir.File("bad.cu"),
+                                 "--cache", dir.File("c.db"), "--json"},
+                                &out),
+            1);
+  EXPECT_NE(out.find("nope"), std::string::npos) << out;
+}
+
 TEST(CacheAcrossProcessesTest, TwoProcessesCompilingOneKeyCompileItOnce) {
   TempDir dir;
   testing::WriteFile(dir.File("k.cu"), kSaxpy);

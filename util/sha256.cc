@@ -1,30 +1,30 @@
 #include "util/sha256.h"
 
-#include <openssl/evp.h>
+#include <sodium.h>
 
 #include <cstdlib>
+#include <mutex>
 
 namespace gpuq {
 
 struct Sha256::Ctx {
-  struct Free {
-    void operator()(EVP_MD_CTX* c) const { EVP_MD_CTX_free(c); }
-  };
-  std::unique_ptr<EVP_MD_CTX, Free> md;
+  crypto_hash_sha256_state state;
 };
 
 Sha256::Sha256() : ctx_(new Ctx) {
-  ctx_->md.reset(EVP_MD_CTX_new());
-  // Allocation failure or a missing SHA-256 in libcrypto is not recoverable.
-  if (!ctx_->md || EVP_DigestInit_ex(ctx_->md.get(), EVP_sha256(), nullptr) != 1)
-    std::abort();
+  static std::once_flag init;
+  // sodium_init() fails only when the library cannot work at all.
+  std::call_once(init, [] {
+    if (sodium_init() < 0) std::abort();
+  });
+  crypto_hash_sha256_init(&ctx_->state);
 }
 
 Sha256::~Sha256() = default;
 
 void Sha256::Update(std::string_view bytes) {
-  if (EVP_DigestUpdate(ctx_->md.get(), bytes.data(), bytes.size()) != 1)
-    std::abort();
+  crypto_hash_sha256_update(&ctx_->state, reinterpret_cast<const unsigned char*>(bytes.data()),
+                            bytes.size());
 }
 
 void Sha256::UpdateField(std::string_view bytes) {
@@ -36,10 +36,9 @@ void Sha256::UpdateField(std::string_view bytes) {
 }
 
 Digest Sha256::Finish() {
+  static_assert(sizeof(Digest) == crypto_hash_sha256_BYTES);
   Digest d{};
-  unsigned int n = 0;
-  if (EVP_DigestFinal_ex(ctx_->md.get(), d.data(), &n) != 1 || n != d.size())
-    std::abort();
+  crypto_hash_sha256_final(&ctx_->state, d.data());
   return d;
 }
 

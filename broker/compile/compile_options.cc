@@ -1,5 +1,3 @@
-#include <cctype>
-#include <regex>
 #include <string_view>
 
 #include "broker/compile/compile_request.h"
@@ -7,7 +5,52 @@
 namespace gpuq::compile {
 namespace {
 
+// Plain functions rather than std::regex: libstdc++ builds a regex in
+// hundreds of microseconds, which a cache hit cannot afford.
+
 bool StartsWith(std::string_view s, std::string_view p) { return s.substr(0, p.size()) == p; }
+
+bool IsDigit(char c) { return c >= '0' && c <= '9'; }
+bool IsIdentStart(char c) { return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || c == '_'; }
+bool IsIdent(char c) { return IsIdentStart(c) || IsDigit(c); }
+
+bool Bool(std::string_view v) { return v == "true" || v == "false"; }
+bool OnOff(std::string_view v) { return v == "on" || v == "off"; }
+bool Std(std::string_view v) {
+  return v == "c++03" || v == "c++11" || v == "c++14" || v == "c++17" || v == "c++20";
+}
+bool SmallNumber(std::string_view v) {
+  if (v.empty() || v.size() > 3) return false;
+  for (char c : v) {
+    if (!IsDigit(c)) return false;
+  }
+  return true;
+}
+bool DiagList(std::string_view v) {
+  if (v.empty() || v.size() > 64) return false;
+  for (char c : v) {
+    if (!IsDigit(c) && c != ',') return false;
+  }
+  return true;
+}
+bool Identifier(std::string_view v) {
+  if (v.empty() || !IsIdentStart(v[0])) return false;
+  for (char c : v) {
+    if (!IsIdent(c)) return false;
+  }
+  return true;
+}
+// NAME or NAME=VALUE, VALUE of printable ASCII (no newline can smuggle a
+// directive into the source).
+bool Macro(std::string_view v) {
+  auto eq = v.find('=');
+  if (!Identifier(v.substr(0, eq))) return false;
+  if (eq == std::string_view::npos) return true;
+  for (char c : v.substr(eq + 1)) {
+    if (c < ' ' || c > '~') return false;
+  }
+  return true;
+}
 
 // Options that take no value.
 constexpr std::string_view kFlags[] = {
@@ -15,31 +58,27 @@ constexpr std::string_view kFlags[] = {
     "-extra-device-vectorization", "--restrict", "-restrict", "--generate-line-info",
     "-lineinfo", "--device-as-default-execution-space", "-default-device",
     "--disable-warnings", "-w", "--device-debug", "-G", "--Wreorder", "-Wreorder",
-    "--builtin-move-forward=true", "--builtin-move-forward=false",
-    "--builtin-initializer-list=true", "--builtin-initializer-list=false",
     "--no-source-include", "-no-source-include",
 };
 
-// Options of the form PREFIX + value, with the values each accepts.
+// Options of the form PREFIX + value, with the check of the value.
 struct Valued {
   std::string_view prefix;
-  const char* value_re;
+  bool (*valid)(std::string_view);
 };
 constexpr Valued kValued[] = {
-    {"--ftz=", "true|false"},          {"-ftz=", "true|false"},
-    {"--prec-div=", "true|false"},     {"-prec-div=", "true|false"},
-    {"--prec-sqrt=", "true|false"},    {"-prec-sqrt=", "true|false"},
-    {"--fmad=", "true|false"},         {"-fmad=", "true|false"},
-    {"--std=", "c\\+\\+(03|11|14|17|20)"}, {"-std=", "c\\+\\+(03|11|14|17|20)"},
-    {"--maxrregcount=", "[0-9]{1,3}"}, {"-maxrregcount=", "[0-9]{1,3}"},
-    {"--dopt=", "on|off"},             {"-dopt=", "on|off"},
-    {"--diag-suppress=", "[0-9,]{1,64}"}, {"-diag-suppress=", "[0-9,]{1,64}"},
-    {"--diag-error=", "[0-9,]{1,64}"}, {"--diag-warn=", "[0-9,]{1,64}"},
-    // Macros: a name, optionally =value of printable characters.
-    {"--define-macro=", "[A-Za-z_][A-Za-z0-9_]*(=[ -~]*)?"},
-    {"-D", "[A-Za-z_][A-Za-z0-9_]*(=[ -~]*)?"},
-    {"--undefine-macro=", "[A-Za-z_][A-Za-z0-9_]*"},
-    {"-U", "[A-Za-z_][A-Za-z0-9_]*"},
+    {"--ftz=", Bool},          {"-ftz=", Bool},
+    {"--prec-div=", Bool},     {"-prec-div=", Bool},
+    {"--prec-sqrt=", Bool},    {"-prec-sqrt=", Bool},
+    {"--fmad=", Bool},         {"-fmad=", Bool},
+    {"--builtin-move-forward=", Bool}, {"--builtin-initializer-list=", Bool},
+    {"--std=", Std},           {"-std=", Std},
+    {"--maxrregcount=", SmallNumber}, {"-maxrregcount=", SmallNumber},
+    {"--dopt=", OnOff},        {"-dopt=", OnOff},
+    {"--diag-suppress=", DiagList}, {"-diag-suppress=", DiagList},
+    {"--diag-error=", DiagList}, {"--diag-warn=", DiagList},
+    {"--define-macro=", Macro}, {"-D", Macro},
+    {"--undefine-macro=", Identifier}, {"-U", Identifier},
 };
 
 }  // namespace
@@ -50,16 +89,11 @@ Status ValidateOptions(const std::vector<std::string>& options) {
     for (std::string_view f : kFlags) allowed |= o == f;
     for (const Valued& v : kValued) {
       if (allowed || !StartsWith(o, v.prefix)) continue;
-      static thread_local std::vector<std::regex> compiled;
-      if (compiled.empty()) {
-        for (const Valued& w : kValued) compiled.emplace_back(w.value_re);
-      }
-      size_t i = &v - kValued;
-      allowed = std::regex_match(o.begin() + v.prefix.size(), o.end(), compiled[i]);
-      if (!allowed) {
+      if (!v.valid(std::string_view(o).substr(v.prefix.size()))) {
         return Error(Code::kInvalid, "compile option '" + o.substr(0, 80) +
                                          "' has a value that is not allowed");
       }
+      allowed = true;
     }
     if (!allowed) {
       return Error(Code::kInvalid,
@@ -72,8 +106,17 @@ Status ValidateOptions(const std::vector<std::string>& options) {
 }
 
 Status ValidateArch(const std::string& arch) {
-  static const std::regex kArch("(sm_[1-9][0-9]{1,2}[af]?)|(compute_[1-9][0-9]{1,2}[af]?)");
-  if (!std::regex_match(arch, kArch)) {
+  // sm_NN[N][a|f] or compute_NN[N][a|f], NN not starting with 0.
+  std::string_view v = arch;
+  bool ok = false;
+  for (std::string_view prefix : {"sm_", "compute_"}) {
+    if (!StartsWith(v, prefix)) continue;
+    std::string_view rest = v.substr(prefix.size());
+    if (!rest.empty() && (rest.back() == 'a' || rest.back() == 'f')) rest.remove_suffix(1);
+    ok = rest.size() >= 2 && rest.size() <= 3 && rest[0] != '0';
+    for (char c : rest) ok = ok && IsDigit(c);
+  }
+  if (!ok) {
     return Error(Code::kInvalid, "architecture '" + arch.substr(0, 32) +
                                      "' is not of the form sm_90 or compute_90");
   }
