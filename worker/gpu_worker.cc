@@ -285,8 +285,17 @@ void GpuWorker::Impl::ExecutorLoop(int index) {
     std::shared_ptr<Task> task;
     {
       std::unique_lock lock(mu_);
-      cv_.wait(lock, [&] { return stopping_ || !queue_.empty(); });
+      cv_.wait_for(lock, opt_.heartbeat, [&] { return stopping_ || !queue_.empty(); });
       if (stopping_) return;
+      if (queue_.empty()) {
+        // Idle: keep the free memory that heartbeats report current (other
+        // processes may use this GPU too). Executor 0 does it, off the
+        // protocol thread.
+        lock.unlock();
+        size_t free = 0, total = 0;
+        if (index == 0 && cu_->cuMemGetInfo(&free, &total) == CUDA_SUCCESS) free_bytes_ = free;
+        continue;
+      }
       task = std::move(queue_.front());
       queue_.pop_front();
     }

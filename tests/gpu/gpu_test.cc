@@ -4,6 +4,7 @@
 // reports itself skipped.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstring>
@@ -471,6 +472,40 @@ TEST_F(GpuTest, AFaultOnOneGpuLeavesTheOthersServing) {
   }
   std::printf("fault on %s: %zu jobs on the other GPU(s) all done on their first attempt\n",
               bad_gpu.c_str(), elsewhere.size());
+}
+
+TEST_F(GpuTest, JobsNeedingMoreMemoryGoToTheGpuThatHasIt) {
+  if (GpuCount() < 2) GTEST_SKIP() << "needs two or more GPUs";
+  // Memory held by another process on one GPU shows in the free memory the
+  // workers report; wait for a heartbeat to carry it.
+  std::vector<schema::WorkerView> ws;
+  for (int i = 0; i < 50; ++i) {
+    ws = *client_->Devices();
+    auto [lo, hi] = std::minmax_element(ws.begin(), ws.end(), [](auto& a, auto& b) {
+      return a.device.free_bytes < b.device.free_bytes;
+    });
+    if (hi->device.free_bytes - lo->device.free_bytes > (8ull << 30)) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  auto [lo, hi] = std::minmax_element(ws.begin(), ws.end(), [](auto& a, auto& b) {
+    return a.device.free_bytes < b.device.free_bytes;
+  });
+  if (hi->device.free_bytes - lo->device.free_bytes <= (8ull << 30)) {
+    GTEST_SKIP() << "needs GPUs whose free memory differs by more than 8 GiB (hold memory on "
+                    "one with another process)";
+  }
+  const uint64_t need = lo->device.free_bytes + (hi->device.free_bytes - lo->device.free_bytes) / 2;
+  for (int i = 0; i < 5; ++i) {
+    JobRequest j = Spin(1000);
+    j.spec.placement.min_free_bytes = need;
+    JobResult r = Run(j);
+    EXPECT_EQ(r.state, JobState::kDone) << r.error;
+    EXPECT_EQ(r.device, hi->device.uuid);
+  }
+  std::printf("free memory: %s %.1f GiB, %s %.1f GiB; jobs needing %.1f GiB ran on %s\n",
+              lo->device.uuid.c_str(), lo->device.free_bytes / 1073741824.0,
+              hi->device.uuid.c_str(), hi->device.free_bytes / 1073741824.0,
+              need / 1073741824.0, hi->device.uuid.c_str());
 }
 
 }  // namespace
