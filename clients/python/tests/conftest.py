@@ -1,0 +1,69 @@
+"""A live gpuqd (and, where a test asks, worker test doubles) for the client tests.
+
+GPUQ_BIN names the folder holding gpuqd and gpuq-fake-worker (build/bin).
+"""
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+import gpuq  # noqa: E402
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
+BIN = os.environ.get("GPUQ_BIN", os.path.join(ROOT, "build", "bin"))
+
+
+class Service:
+    def __init__(self, folder):
+        self.folder = folder
+        self.client_endpoint = "ipc://%s/c.sock" % folder
+        self.worker_endpoint = "ipc://%s/w.sock" % folder
+        self.log = open(os.path.join(folder, "gpuqd.log"), "ab")
+        ready = os.path.join(folder, "ready.json")
+        self.broker = subprocess.Popen(
+            [os.path.join(BIN, "gpuqd"), "--listen", self.client_endpoint,
+             "--worker-listen", self.worker_endpoint, "--store", folder + "/jobs.db",
+             "--cache", folder + "/kernels.db", "--workers", "0", "--heartbeat-ms", "100",
+             "--max-queued-per-tenant", "50", "--ready-file", ready],
+            stdout=self.log, stderr=self.log)
+        self.workers = []
+        for _ in range(200):
+            if os.path.exists(ready):
+                self.ready = json.load(open(ready))
+                return
+            time.sleep(0.02)
+        raise RuntimeError("gpuqd did not start")
+
+    def add_worker(self, *args):
+        self.workers.append(subprocess.Popen(
+            [os.path.join(BIN, "gpuq-fake-worker"), "--broker", self.worker_endpoint,
+             "--heartbeat-ms", "100"] + list(args), stdout=self.log, stderr=self.log))
+        with gpuq.Client(self.client_endpoint) as c:
+            for _ in range(200):
+                if len(c.devices()) == len(self.workers):
+                    return
+                time.sleep(0.02)
+        raise RuntimeError("worker did not register")
+
+    def stop(self):
+        for p in self.workers + [self.broker]:
+            p.kill()
+            p.wait()
+        self.log.close()
+
+
+@pytest.fixture
+def service():
+    with tempfile.TemporaryDirectory() as folder:
+        s = Service(folder)
+        try:
+            yield s
+        finally:
+            s.stop()

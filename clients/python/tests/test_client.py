@@ -1,0 +1,132 @@
+"""The Python clients against a live gpuqd with worker test doubles (no GPU):
+out buffers come back filled with (argument index + 1), inout bytes + 1."""
+
+import asyncio
+
+import numpy as np
+import pytest
+import zmq
+
+import gpuq
+import gpuq.aio
+
+KERNELS = ('#define K(name) extern "C" __global__ void name(unsigned char* a, '
+           'unsigned char* b) {}\nK(k) K(slow)\n')
+
+
+def test_submit_wait_returns_numpy_outputs(service):
+    service.add_worker()
+    with gpuq.Client(service.client_endpoint) as c:
+        y = np.arange(8, dtype=np.uint8)
+        job = c.submit(KERNELS, "k", grid=1, block=32,
+                       args=[gpuq.InOut(y), gpuq.u32(7), gpuq.Out(shape=(2, 4), dtype=np.uint8)])
+        r = c.wait(job)
+        assert r.ok, r.error
+        assert r.attempts == 1
+        np.testing.assert_array_equal(r.outputs[0], y + 1)
+        assert r.outputs[0].dtype == np.uint8
+        assert r.outputs[2].shape == (2, 4)
+        assert (r.outputs[2] == 3).all()
+        assert r.timing["total"] >= r.timing["queue"]
+        # And it stays fetchable.
+        again = c.result(job)
+        assert again.state == "done"
+        assert again.outputs[0] == bytes(y + 1)
+
+
+def test_resubmit_with_the_same_key_is_the_same_job(service):
+    with gpuq.Client(service.client_endpoint) as c:
+        a = c.submit(KERNELS, "k", 1, 1, [gpuq.Out(4)], key="vm-1/job-1")
+        b = c.submit(KERNELS, "k", 1, 1, [gpuq.Out(4)], key="vm-1/job-1")
+        assert a == b
+
+
+def test_refusals_raise_with_the_protocol_code(service):
+    with gpuq.Client(service.client_endpoint) as c:
+        with pytest.raises(gpuq.Error) as e:
+            c.submit(KERNELS, "k", 1, 2048, [gpuq.Out(4)])
+        assert e.value.code == "invalid"
+        with pytest.raises(gpuq.Error) as e:
+            c.submit(KERNELS, "k", 1, 1, [gpuq.Out(4)], options=["-I/etc"])
+        assert e.value.code == "invalid"
+        with pytest.raises(gpuq.Error) as e:
+            c.status(123456)
+        assert e.value.code == "not_found"
+        for _ in range(50):  # the tenant's queue holds 50 (no worker here)
+            c.submit(KERNELS, "k", 1, 1, [gpuq.Out(4)])
+        with pytest.raises(gpuq.Error) as e:
+            c.submit(KERNELS, "k", 1, 1, [gpuq.Out(4)])
+        assert e.value.code == "queue_full"
+        assert e.value.retry_after_ms > 0
+
+
+def test_cancel_status_stats_devices(service):
+    with gpuq.Client(service.client_endpoint) as c:
+        job = c.submit(KERNELS, "k", 1, 1, [gpuq.Out(4)], priority=7, tenant="guest-1")
+        assert c.status(job).state == "queued"
+        stats = c.stats()
+        assert stats["queued"] == 1
+        assert stats["queued_by_tenant"] == {"guest-1": 1}
+        assert stats["queued_by_priority"] == {"7": 1}
+        assert c.cancel(job) == "canceled"
+        assert c.wait(job).state == "canceled"
+        assert c.devices() == []
+        service.add_worker("--uuid", "GPU-py")
+        assert c.devices()[0]["device"]["uuid"] == "GPU-py"
+
+
+def test_many_in_flight_with_submit_async_and_poll(service):
+    service.add_worker("--slots", "8")
+    with gpuq.Client(service.client_endpoint) as c:
+        rids = {c.submit_async(KERNELS, "k", 1, 1, [gpuq.InOut(bytes([i]))]): i
+                for i in range(40)}
+        accepted, done = {}, {}
+        while len(done) < 40:
+            event = c.poll(10)
+            if event[0] == "accepted":
+                accepted[event[2]] = rids[event[1]]
+            elif event[0] == "result":
+                done[event[1].id] = event[1]
+        assert len(accepted) == 40
+        for job, i in accepted.items():
+            assert done[job].outputs[0] == bytes([i + 1])
+
+
+def test_compile_error_comes_back_with_the_log(service):
+    service.add_worker()
+    with gpuq.Client(service.client_endpoint) as c:
+        job = c.submit('extern "C" __global__ void k(int* x) { oops(); }', "k", 1, 1,
+                       [gpuq.Out(4)])
+        r = c.wait(job)
+        assert r.state == "failed"
+        assert r.code == "compile_error"
+        assert "oops" in r.error
+
+
+def test_asyncio_client(service):
+    service.add_worker("--slots", "4")
+
+    async def main():
+        async with gpuq.aio.Client(service.client_endpoint) as c:
+            jobs = [await c.submit(KERNELS, "k", 1, 1,
+                                   [gpuq.InOut(np.full(4, i, dtype=np.uint8))])
+                    for i in range(10)]
+            results = await asyncio.gather(*(c.wait(j) for j in jobs))
+            for i, r in enumerate(results):
+                assert r.ok
+                np.testing.assert_array_equal(r.outputs[0], np.full(4, i + 1, dtype=np.uint8))
+            assert (await c.stats())["finished"]["done"] == 10
+    asyncio.run(main())
+
+
+def test_the_broker_answers_garbage_with_an_error(service):
+    ctx = zmq.Context.instance()
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(service.client_endpoint)
+    s.send_multipart([b"GPUQ/1", b"\x82\xa2op\xa5hello\xa3rid\x09"])
+    assert s.poll(5000)
+    frames = s.recv_multipart()
+    h = gpuq.wire.decode(frames[1])
+    assert h["op"] == "error" and h["code"] == "unknown_command" and h["rid"] == 9
+    s.close()
