@@ -401,6 +401,16 @@ TEST_F(BrokerTest, JobsArePlacedByArchitectureGpuAndFreeMemory) {
   EXPECT_EQ(*c->Cancel(*waiting), JobState::kCanceled);
 }
 
+extern "C" int gpuq_c_api_scenario(const char* endpoint, char* why, size_t why_size);
+
+TEST_F(BrokerTest, TheCApiSubmitsWaitsAndReadsResults) {
+  AddWorker();
+  auto c = Connect();
+  ASSERT_TRUE(WaitForWorkers(*c, 1));
+  char why[512] = "";
+  EXPECT_EQ(gpuq_c_api_scenario(broker_->client_endpoint().c_str(), why, sizeof why), 0) << why;
+}
+
 // ------------------------------------------------------------ crash safety
 
 int64_t QueryInt(const std::string& db_path, const std::string& sql) {

@@ -1,0 +1,164 @@
+// The C API (include/gpuq/gpuq.h) over the C++ client.
+#include "gpuq/gpuq.h"
+
+#include <cstring>
+#include <deque>
+#include <memory>
+#include <string>
+
+#include "gpuq/client.h"
+
+struct gpuq_client {
+  std::unique_ptr<gpuq::Client> client;
+  std::string error;
+};
+
+struct gpuq_job {
+  gpuq::JobRequest request;
+};
+
+struct gpuq_result {
+  gpuq::JobResult result;
+};
+
+namespace {
+
+gpuq_code Fail(gpuq_client* c, const gpuq::Status& s) {
+  c->error = s.message();
+  return static_cast<gpuq_code>(s.code());
+}
+
+gpuq_state State(gpuq::schema::JobState s) { return static_cast<gpuq_state>(s); }
+
+}  // namespace
+
+// The C enums mirror gpuq::Code and schema::JobState value for value.
+static_assert(GPUQ_INTERNAL == static_cast<int>(gpuq::Code::kInternal));
+static_assert(GPUQ_EXPIRED == static_cast<int>(gpuq::schema::JobState::kExpired));
+static_assert(GPUQ_F64 == static_cast<int>(gpuq::schema::ScalarType::kF64));
+
+extern "C" {
+
+const char* gpuq_code_name(gpuq_code code) {
+  // CodeName returns views of string literals: NUL-terminated, static.
+  return gpuq::CodeName(static_cast<gpuq::Code>(code)).data();
+}
+
+gpuq_code gpuq_client_new(const char* endpoint, int timeout_ms, gpuq_client** out) {
+  gpuq::ClientOptions o;
+  if (timeout_ms > 0) o.timeout = gpuq::Millis(timeout_ms);
+  auto c = gpuq::Client::Connect(endpoint ? endpoint : gpuq::DefaultEndpoint(), o);
+  if (!c.ok()) return static_cast<gpuq_code>(c.status().code());
+  *out = new gpuq_client{std::move(*c), ""};
+  return GPUQ_OK;
+}
+
+void gpuq_client_free(gpuq_client* client) { delete client; }
+
+const char* gpuq_client_error(const gpuq_client* client) { return client->error.c_str(); }
+
+gpuq_job* gpuq_job_new(const char* source, const char* entry) {
+  auto* j = new gpuq_job;
+  j->request.spec.kernel.source = source ? source : "";
+  j->request.spec.kernel.entry = entry ? entry : "";
+  return j;
+}
+
+void gpuq_job_free(gpuq_job* job) { delete job; }
+
+void gpuq_job_set_launch(gpuq_job* job, uint32_t gx, uint32_t gy, uint32_t gz, uint32_t bx,
+                         uint32_t by, uint32_t bz, uint32_t shared_bytes) {
+  job->request.spec.launch = {{gx, gy, gz}, {bx, by, bz}, shared_bytes};
+}
+void gpuq_job_set_name_expression(gpuq_job* job, int yes) {
+  job->request.spec.kernel.name_expression = yes != 0;
+}
+void gpuq_job_set_key(gpuq_job* job, const char* key) { job->request.spec.key = key ? key : ""; }
+void gpuq_job_set_tenant(gpuq_job* job, const char* t) { job->request.spec.tenant = t ? t : ""; }
+void gpuq_job_set_priority(gpuq_job* job, uint32_t p) { job->request.spec.priority = p; }
+void gpuq_job_set_deadline_ms(gpuq_job* job, uint64_t ms) { job->request.spec.deadline_ms = ms; }
+void gpuq_job_set_time_limit_ms(gpuq_job* job, uint64_t ms) {
+  job->request.spec.time_limit_ms = ms;
+}
+void gpuq_job_set_gpu(gpuq_job* job, const char* uuid) {
+  job->request.spec.placement.gpu = uuid ? uuid : "";
+}
+void gpuq_job_add_option(gpuq_job* job, const char* option) {
+  job->request.spec.kernel.options.emplace_back(option ? option : "");
+}
+void gpuq_job_add_header(gpuq_job* job, const char* name, const char* content) {
+  job->request.spec.kernel.headers.push_back({name ? name : "", content ? content : ""});
+}
+
+void gpuq_job_add_scalar(gpuq_job* job, gpuq_type type, const void* value) {
+  const auto t = static_cast<gpuq::schema::ScalarType>(type);
+  uint64_t bits = 0;
+  std::memcpy(&bits, value, gpuq::schema::ScalarSize(t));  // little-endian: low bytes
+  job->request.spec.args.push_back(gpuq::schema::Arg::Scalar(t, bits));
+}
+
+static void AddBuffer(gpuq_job* job, gpuq::schema::ArgKind kind, const void* data, size_t size) {
+  const auto frame = static_cast<uint32_t>(job->request.inputs.size());
+  job->request.inputs.emplace_back(static_cast<const char*>(data), size);
+  job->request.spec.args.push_back(gpuq::schema::Arg::Buffer(kind, frame, 0));
+}
+void gpuq_job_add_in(gpuq_job* job, const void* data, size_t size) {
+  AddBuffer(job, gpuq::schema::ArgKind::kIn, data, size);
+}
+void gpuq_job_add_inout(gpuq_job* job, const void* data, size_t size) {
+  AddBuffer(job, gpuq::schema::ArgKind::kInOut, data, size);
+}
+void gpuq_job_add_out(gpuq_job* job, size_t size) {
+  job->request.spec.args.push_back(gpuq::schema::Arg::Out(size));
+}
+
+gpuq_code gpuq_submit(gpuq_client* client, const gpuq_job* job, uint64_t* id) {
+  auto r = client->client->Submit(job->request);
+  if (!r.ok()) return Fail(client, r.status());
+  *id = *r;
+  return GPUQ_OK;
+}
+
+gpuq_code gpuq_wait(gpuq_client* client, uint64_t id, int timeout_ms, gpuq_result** out) {
+  std::optional<gpuq::Millis> t;
+  if (timeout_ms > 0) t = gpuq::Millis(timeout_ms);
+  auto r = client->client->Wait(id, t);
+  if (!r.ok()) return Fail(client, r.status());
+  *out = new gpuq_result{std::move(*r)};
+  return GPUQ_OK;
+}
+
+gpuq_code gpuq_status(gpuq_client* client, uint64_t id, gpuq_result** out) {
+  auto r = client->client->GetStatus(id);
+  if (!r.ok()) return Fail(client, r.status());
+  *out = new gpuq_result{std::move(*r)};
+  return GPUQ_OK;
+}
+
+gpuq_code gpuq_cancel(gpuq_client* client, uint64_t id, gpuq_state* state) {
+  auto r = client->client->Cancel(id);
+  if (!r.ok()) return Fail(client, r.status());
+  *state = State(*r);
+  return GPUQ_OK;
+}
+
+void gpuq_result_free(gpuq_result* result) { delete result; }
+gpuq_state gpuq_result_state(const gpuq_result* r) { return State(r->result.state); }
+gpuq_code gpuq_result_code(const gpuq_result* r) {
+  return static_cast<gpuq_code>(r->result.code);
+}
+const char* gpuq_result_error(const gpuq_result* r) { return r->result.error.c_str(); }
+const char* gpuq_result_device(const gpuq_result* r) { return r->result.device.c_str(); }
+uint32_t gpuq_result_attempts(const gpuq_result* r) { return r->result.attempts; }
+gpuq_timing gpuq_result_timing(const gpuq_result* r) {
+  const auto& t = r->result.timing;
+  return {t.queue_us, t.compile_us, t.load_us, t.h2d_us,
+          t.kernel_us, t.d2h_us, t.total_us, t.cache_hit ? 1 : 0};
+}
+const void* gpuq_result_output(const gpuq_result* r, uint32_t arg, size_t* size) {
+  const std::string* out = r->result.Output(arg);
+  if (size) *size = out ? out->size() : 0;
+  return out ? out->data() : nullptr;
+}
+
+}  // extern "C"

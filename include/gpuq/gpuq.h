@@ -1,0 +1,136 @@
+/* gpuq's C API: submit CUDA kernel jobs to a gpuq broker from C, or from any
+ * language that calls C (Rust, Go, Python ctypes).
+ *
+ * Conventions, for every function:
+ * - Functions that can fail return a gpuq_code; GPUQ_OK (0) is success, any
+ *   other value is the protocol's error code (schema/PROTOCOL.md). The text
+ *   of the last failure on a client is gpuq_client_error().
+ * - Objects are opaque. What a gpuq_*_new or an out-parameter gives you, you
+ *   own and must release with the matching gpuq_*_free (NULL is accepted).
+ * - Threads: a gpuq_client must not be used by two threads at once; use one
+ *   per thread. gpuq_job and gpuq_result objects are plain data: any thread,
+ *   one at a time.
+ */
+#ifndef GPUQ_GPUQ_H_
+#define GPUQ_GPUQ_H_
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef enum gpuq_code {
+  GPUQ_OK = 0,
+  GPUQ_MALFORMED,
+  GPUQ_TOO_LARGE,
+  GPUQ_UNKNOWN_COMMAND,
+  GPUQ_BAD_VERSION,
+  GPUQ_INVALID,
+  GPUQ_NOT_FOUND,
+  GPUQ_FORBIDDEN,
+  GPUQ_QUEUE_FULL,
+  GPUQ_COMPILE_ERROR,
+  GPUQ_SANDBOX_VIOLATION,
+  GPUQ_TIMEOUT,
+  GPUQ_RESOURCE_EXHAUSTED,
+  GPUQ_LAUNCH_ERROR,
+  GPUQ_KERNEL_FAULT,
+  GPUQ_UNAVAILABLE,
+  GPUQ_IO_ERROR,
+  GPUQ_INTERNAL
+} gpuq_code;
+
+typedef enum gpuq_state {
+  GPUQ_QUEUED = 0,
+  GPUQ_DISPATCHED,
+  GPUQ_DONE,
+  GPUQ_FAILED,
+  GPUQ_CANCELED,
+  GPUQ_EXPIRED
+} gpuq_state;
+
+typedef enum gpuq_type {
+  GPUQ_U8 = 0, GPUQ_I8, GPUQ_U16, GPUQ_I16, GPUQ_U32, GPUQ_I32,
+  GPUQ_U64, GPUQ_I64, GPUQ_F32, GPUQ_F64
+} gpuq_type;
+
+/* Microseconds spent in each phase of a job. */
+typedef struct gpuq_timing {
+  uint64_t queue_us, compile_us, load_us, h2d_us, kernel_us, d2h_us, total_us;
+  int cache_hit;
+} gpuq_timing;
+
+typedef struct gpuq_client gpuq_client;
+typedef struct gpuq_job gpuq_job;
+typedef struct gpuq_result gpuq_result;
+
+/* The name of a code ("queue_full"), a static string. */
+const char* gpuq_code_name(gpuq_code code);
+
+/* ------------------------------------------------------------------ client */
+
+/* Connects to `endpoint` (NULL: $GPUQ_BROKER or the local default).
+ * `timeout_ms` bounds each wait for a reply (0: 10 s). On success *out is a
+ * client to release with gpuq_client_free. */
+gpuq_code gpuq_client_new(const char* endpoint, int timeout_ms, gpuq_client** out);
+void gpuq_client_free(gpuq_client* client);
+/* The text of the client's last failure; valid until its next call. */
+const char* gpuq_client_error(const gpuq_client* client);
+
+/* ------------------------------------------------------------------ jobs */
+
+/* A job to submit. `source` and `entry` are copied. */
+gpuq_job* gpuq_job_new(const char* source, const char* entry);
+void gpuq_job_free(gpuq_job* job);
+void gpuq_job_set_launch(gpuq_job* job, uint32_t grid_x, uint32_t grid_y, uint32_t grid_z,
+                         uint32_t block_x, uint32_t block_y, uint32_t block_z,
+                         uint32_t shared_bytes);
+/* `entry` is a C++ name expression ("scale<float>") rather than an extern "C" name. */
+void gpuq_job_set_name_expression(gpuq_job* job, int yes);
+void gpuq_job_set_key(gpuq_job* job, const char* key);      /* idempotency key, copied */
+void gpuq_job_set_tenant(gpuq_job* job, const char* tenant);
+void gpuq_job_set_priority(gpuq_job* job, uint32_t priority);  /* 0..9 */
+void gpuq_job_set_deadline_ms(gpuq_job* job, uint64_t ms);
+void gpuq_job_set_time_limit_ms(gpuq_job* job, uint64_t ms);
+void gpuq_job_set_gpu(gpuq_job* job, const char* uuid);
+void gpuq_job_add_option(gpuq_job* job, const char* option);
+void gpuq_job_add_header(gpuq_job* job, const char* name, const char* content);
+/* Arguments, in the kernel's order. `value` points to a value of `type`. */
+void gpuq_job_add_scalar(gpuq_job* job, gpuq_type type, const void* value);
+/* Buffers. `data` is NOT copied: it must stay valid until gpuq_submit returns. */
+void gpuq_job_add_in(gpuq_job* job, const void* data, size_t size);
+void gpuq_job_add_inout(gpuq_job* job, const void* data, size_t size);
+void gpuq_job_add_out(gpuq_job* job, size_t size);
+
+/* Submits; on GPUQ_OK the job is stored durably and *id names it. */
+gpuq_code gpuq_submit(gpuq_client* client, const gpuq_job* job, uint64_t* id);
+
+/* ------------------------------------------------------------------ results */
+
+/* Waits up to `timeout_ms` (0: the client's timeout) for job `id` to end. */
+gpuq_code gpuq_wait(gpuq_client* client, uint64_t id, int timeout_ms, gpuq_result** out);
+/* The job's state now (a result without outputs while it runs). */
+gpuq_code gpuq_status(gpuq_client* client, uint64_t id, gpuq_result** out);
+/* Cancels; *state is the job's state afterwards. */
+gpuq_code gpuq_cancel(gpuq_client* client, uint64_t id, gpuq_state* state);
+
+void gpuq_result_free(gpuq_result* result);
+gpuq_state gpuq_result_state(const gpuq_result* result);
+/* The failure reason when the state is failed or expired; GPUQ_OK otherwise. */
+gpuq_code gpuq_result_code(const gpuq_result* result);
+/* Error text (for compile errors, NVRTC's log); "" when none. Owned by the result. */
+const char* gpuq_result_error(const gpuq_result* result);
+const char* gpuq_result_device(const gpuq_result* result);
+uint32_t gpuq_result_attempts(const gpuq_result* result);
+gpuq_timing gpuq_result_timing(const gpuq_result* result);
+/* The bytes of the out/inout buffer of argument `arg`, owned by the result;
+ * NULL (and *size 0) when the job has no such output. */
+const void* gpuq_result_output(const gpuq_result* result, uint32_t arg, size_t* size);
+
+#ifdef __cplusplus
+}  /* extern "C" */
+#endif
+
+#endif  /* GPUQ_GPUQ_H_ */
