@@ -210,9 +210,15 @@ class Broker::Impl {
   BrokerOptions opt_;
   zmq::context_t ctx_;
   zmq::socket_t client_sock_, worker_sock_;
+  zmq::socket_t zap_socket_;  // owned by the ZAP thread
   int wake_fd_ = -1;
   std::atomic<bool> stop_{false};
   std::unique_ptr<JobStore> store_;
+  std::string bound_tenant_;  // of the client message being handled; "" off CURVE
+  // A tenant bound to its key sees only its own jobs.
+  bool Visible(const std::string& job_tenant) const {
+    return bound_tenant_.empty() || bound_tenant_ == job_tenant;
+  }
   std::unique_ptr<compile::CompileService> compiler_;
   Scheduler scheduler_;
   std::unordered_map<uint64_t, std::unique_ptr<Job>> jobs_;  // not yet ended
@@ -241,6 +247,10 @@ class Broker::Impl {
   std::string prometheus_;  // GUARDED_BY(render_mu_)
   std::unique_ptr<httplib::Server> http_;
   std::thread http_thread_;
+  // CURVE authentication (ZAP, RFC 27) for both endpoints.
+  void ZapLoop();
+  std::thread zap_thread_;
+  std::atomic<bool> zap_stop_{false};
   Clock::time_point next_heartbeat_, next_render_, next_purge_;
 };
 
@@ -251,6 +261,15 @@ Status Broker::Impl::Init() {
   GPUQ_ASSIGN_OR_RETURN(compiler_, compile::CompileService::Create(opt_.compile));
   wake_fd_ = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
   if (wake_fd_ < 0) return Error(Code::kResourceExhausted, "eventfd failed");
+  const bool curve = !opt_.curve_secret_key.empty();
+  if (curve) {
+    zmq::socket_t zap(ctx_, zmq::socket_type::rep);
+    zap.bind("inproc://zeromq.zap.01");
+    zap_thread_ = std::thread([this, z = std::move(zap)]() mutable {
+      zap_socket_ = std::move(z);
+      ZapLoop();
+    });
+  }
   try {
     client_sock_ = zmq::socket_t(ctx_, zmq::socket_type::router);
     worker_sock_ = zmq::socket_t(ctx_, zmq::socket_type::router);
@@ -260,6 +279,16 @@ Status Broker::Impl::Init() {
       s->set(zmq::sockopt::sndhwm, 1000000);
       s->set(zmq::sockopt::rcvhwm, 1000000);
       s->set(zmq::sockopt::maxmsgsize, static_cast<int64_t>(opt_.limits.max_buffer_bytes + 1));
+    }
+    if (curve) {
+      client_sock_.set(zmq::sockopt::zap_domain, "clients");
+      client_sock_.set(zmq::sockopt::curve_server, 1);
+      client_sock_.set(zmq::sockopt::curve_secretkey, opt_.curve_secret_key);
+      if (!opt_.allowed_workers.empty()) {
+        worker_sock_.set(zmq::sockopt::zap_domain, "workers");
+        worker_sock_.set(zmq::sockopt::curve_server, 1);
+        worker_sock_.set(zmq::sockopt::curve_secretkey, opt_.curve_secret_key);
+      }
     }
     PrepareIpc(opt_.client_endpoint);
     PrepareIpc(opt_.worker_endpoint);
@@ -317,6 +346,8 @@ Status Broker::Impl::Init() {
 }
 
 Broker::Impl::~Impl() {
+  zap_stop_ = true;
+  if (zap_thread_.joinable()) zap_thread_.join();
   {
     std::lock_guard lock(compile_mu_);
     compile_stop_ = true;
@@ -326,6 +357,41 @@ Broker::Impl::~Impl() {
   if (http_) http_->stop();
   if (http_thread_.joinable()) http_thread_.join();
   if (wake_fd_ >= 0) close(wake_fd_);
+}
+
+void Broker::Impl::ZapLoop() {
+  while (!zap_stop_) {
+    zmq::pollitem_t item = {zap_socket_.handle(), 0, ZMQ_POLLIN, 0};
+    zmq::poll(&item, 1, std::chrono::milliseconds(100));
+    if (!(item.revents & ZMQ_POLLIN)) continue;
+    std::vector<zmq::message_t> req;
+    if (!zmq::recv_multipart(zap_socket_, std::back_inserter(req))) continue;
+    // [version, request id, domain, address, identity, mechanism, credentials...]
+    std::string status = "400", text = "key not allowed", user;
+    if (req.size() >= 7 && req[5].to_string_view() == "CURVE" && req[6].size() == 32) {
+      char z85[41];
+      zmq_z85_encode(z85, static_cast<const uint8_t*>(req[6].data()), 32);
+      const auto& allowed = req[2].to_string_view() == "workers" ? opt_.allowed_workers
+                                                                  : opt_.allowed_clients;
+      auto it = allowed.find(z85);
+      if (it != allowed.end()) {
+        status = "200";
+        text = "OK";
+        user = it->second;
+      } else {
+        spdlog::warn("refused a {} connection from {}: key {} is not allowed",
+                     req[2].to_string(), req[3].to_string(), z85);
+      }
+    }
+    std::vector<zmq::message_t> reply;
+    reply.emplace_back("1.0", 3);
+    reply.push_back(req.size() > 1 ? std::move(req[1]) : zmq::message_t());
+    reply.emplace_back(status.data(), status.size());
+    reply.emplace_back(text.data(), text.size());
+    reply.emplace_back(user.data(), user.size());
+    reply.emplace_back();
+    zmq::send_multipart(zap_socket_, reply);
+  }
 }
 
 // ---------------------------------------------------------------- loop
@@ -501,6 +567,9 @@ void Broker::Impl::OnClientMessage(Frames& frames) {
   }
   std::vector<uint64_t> sizes;
   for (size_t i = 3; i < frames.size(); ++i) sizes.push_back(frames[i].size());
+  // On CURVE connections the tenant is the one bound to the client's key.
+  const char* user = zmq_msg_gets(frames[1].handle(), "User-Id");
+  bound_tenant_ = user ? user : "";
   ClientRequest req;
   if (Status s = schema::DecodeClientRequest(View(frames[2]), sizes, opt_.limits, &req);
       !s.ok()) {
@@ -544,6 +613,7 @@ void Broker::Impl::OnClientMessage(Frames& frames) {
 
 void Broker::Impl::OnSubmit(const std::string& client, ClientRequest& req, Frames& frames) {
   schema::JobSpec& spec = req.job;
+  if (!bound_tenant_.empty()) spec.tenant = bound_tenant_;
   const std::string tenant = spec.tenant.empty() ? "default" : spec.tenant;
   auto reject = [&](const Status& s, uint64_t retry = 0) {
     ++counters_.rejected;
@@ -641,7 +711,12 @@ void Broker::Impl::OnStatus(const std::string& client, const ClientRequest& req)
   o.reply.op = ReplyOp::kStatus;
   o.reply.rid = req.rid;
   o.reply.id = req.id;
+  const Status unknown =
+      Error(Code::kNotFound, "no job " + std::to_string(req.id));
   auto it = jobs_.find(req.id);
+  if (it != jobs_.end() && !Visible(it->second->tenant)) {
+    return ReplyError(client, req.rid, unknown, 0, req.id);
+  }
   if (it != jobs_.end()) {
     const Job& j = *it->second;
     o.reply.state = j.state;
@@ -655,7 +730,9 @@ void Broker::Impl::OnStatus(const std::string& client, const ClientRequest& req)
   }
   auto stored = store_->Get(req.id);
   if (!stored.ok()) return ReplyError(client, req.rid, stored.status());
-  if (!*stored) return ReplyError(client, req.rid, Error(Code::kNotFound, "no job " + std::to_string(req.id)), 0, req.id);
+  if (!*stored || !Visible((*stored)->tenant)) {
+    return ReplyError(client, req.rid, unknown, 0, req.id);
+  }
   o.reply.state = (*stored)->state;
   o.reply.attempts = (*stored)->attempts;
   auto result = store_->GetResult(req.id);
@@ -671,6 +748,13 @@ void Broker::Impl::OnStatus(const std::string& client, const ClientRequest& req)
 
 void Broker::Impl::OnResult(const std::string& client, const ClientRequest& req) {
   if (jobs_.count(req.id)) return OnStatus(client, req);  // not ended yet
+  if (!bound_tenant_.empty()) {
+    auto stored = store_->Get(req.id);
+    if (!stored.ok() || !*stored || !Visible((*stored)->tenant)) {
+      return ReplyError(client, req.rid,
+                        Error(Code::kNotFound, "no job " + std::to_string(req.id)), 0, req.id);
+    }
+  }
   auto result = store_->GetResult(req.id);
   if (!result.ok()) return ReplyError(client, req.rid, result.status());
   if (!*result) {
@@ -698,11 +782,15 @@ void Broker::Impl::OnResult(const std::string& client, const ClientRequest& req)
 
 void Broker::Impl::OnCancel(const std::string& client, const ClientRequest& req) {
   auto it = jobs_.find(req.id);
+  if (it != jobs_.end() && !Visible(it->second->tenant)) {
+    return ReplyError(client, req.rid, Error(Code::kNotFound, "no job " + std::to_string(req.id)),
+                      0, req.id);
+  }
   if (it == jobs_.end()) {
     // Ended already (or unknown): report the state it has.
     auto stored = store_->Get(req.id);
     if (!stored.ok()) return ReplyError(client, req.rid, stored.status());
-    if (!*stored) {
+    if (!*stored || !Visible((*stored)->tenant)) {
       return ReplyError(client, req.rid, Error(Code::kNotFound, "no job " + std::to_string(req.id)),
                         0, req.id);
     }

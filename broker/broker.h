@@ -10,6 +10,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <string>
 
@@ -36,6 +37,12 @@ struct BrokerOptions {
   std::chrono::seconds retention{24 * 3600};
   std::string metrics_address;  // HOST:PORT for HTTP /metrics; empty = none
   schema::Limits limits;
+  // CURVE (schema/PROTOCOL.md, "Security"). With a server secret key, the
+  // client endpoint admits only the keys of `allowed_clients` (public key ->
+  // tenant) and binds each connection to its tenant; with `allowed_workers`
+  // too, the worker endpoint admits only those keys.
+  std::string curve_secret_key;  // Z85; empty: no CURVE
+  std::map<std::string, std::string> allowed_clients, allowed_workers;
 };
 
 class Broker {

@@ -16,6 +16,7 @@
 #include "broker/broker.h"
 #include "worker/worker_supervisor.h"
 #include "gpuq/client.h"
+#include "util/curve_keys.h"
 
 namespace {
 
@@ -50,6 +51,8 @@ int main(int argc, char** argv) {
   o.store_path = Folder("XDG_DATA_HOME", ".local/share", "jobs.db");
   o.compile.cache_path = Folder("XDG_CACHE_HOME", ".cache", "kernels.db");
   std::string durability = "process", log_level = "info", ready_file, worker_bin;
+  std::string curve_secret, allowed_keys, worker_keys;
+  bool insecure = false;
   int heartbeat_ms = 500, retention_s = 86400, workers = -1;
   uint64_t compile_timeout_ms = 10000, compile_memory_mb = 4096;
   app.add_option("--listen", o.client_endpoint, "Client endpoint (ipc://PATH or tcp://HOST:PORT)")
@@ -88,6 +91,13 @@ int main(int argc, char** argv) {
                  "Write the bound endpoints here as JSON once serving");
   app.add_option("--log-level", log_level, "trace, debug, info, warn, error")
       ->capture_default_str();
+  app.add_option("--curve-secret", curve_secret,
+                 "CURVE: the broker's secret key file (gpuq keygen); clients need its .pub");
+  app.add_option("--allowed-keys", allowed_keys,
+                 "CURVE: client keys, 'PUBLIC-KEY TENANT' per line; the tenant is bound to the key");
+  app.add_option("--worker-keys", worker_keys,
+                 "CURVE: worker keys, 'PUBLIC-KEY NAME' per line (CURVE on the worker endpoint)");
+  app.add_flag("--insecure", insecure, "Allow a tcp endpoint without CURVE");
   CLI11_PARSE(app, argc, argv);
 
   spdlog::set_level(spdlog::level::from_str(log_level));
@@ -98,6 +108,40 @@ int main(int argc, char** argv) {
   o.retention = std::chrono::seconds(retention_s);
   o.compile.limits.wall = std::chrono::milliseconds(compile_timeout_ms);
   o.compile.limits.memory_bytes = compile_memory_mb << 20;
+  if (!curve_secret.empty()) {
+    auto keys = gpuq::ReadCurveSecretKey(curve_secret);
+    if (!keys.ok()) {
+      spdlog::error("{}", keys.status().ToString());
+      return 2;
+    }
+    o.curve_secret_key = keys->secret_key;
+    spdlog::info("CURVE on; the broker's public key is {}", keys->public_key);
+  }
+  for (auto [path, into] : {std::pair{&allowed_keys, &o.allowed_clients},
+                            std::pair{&worker_keys, &o.allowed_workers}}) {
+    if (path->empty()) continue;
+    auto keys = gpuq::ReadAllowedKeys(*path);
+    if (!keys.ok()) {
+      spdlog::error("{}", keys.status().ToString());
+      return 2;
+    }
+    *into = std::move(*keys);
+  }
+  if (!o.allowed_clients.empty() || !o.allowed_workers.empty()) {
+    if (o.curve_secret_key.empty()) {
+      spdlog::error("--allowed-keys and --worker-keys need --curve-secret");
+      return 2;
+    }
+  }
+  // tcp reaches other machines: without CURVE anyone there could submit.
+  const bool client_tcp = o.client_endpoint.rfind("tcp://", 0) == 0;
+  const bool worker_tcp = o.worker_endpoint.rfind("tcp://", 0) == 0;
+  if (!insecure && ((client_tcp && o.curve_secret_key.empty()) ||
+                    (worker_tcp && o.allowed_workers.empty()))) {
+    spdlog::error("a tcp endpoint needs CURVE (--curve-secret with --allowed-keys, and "
+                  "--worker-keys for workers) or --insecure");
+    return 2;
+  }
 
   auto broker = gpuq::broker::Broker::Create(o);
   if (!broker.ok()) {

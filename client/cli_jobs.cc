@@ -8,6 +8,7 @@
 
 #include "client/cli.h"
 #include "gpuq/client.h"
+#include "util/curve_keys.h"
 
 namespace gpuq::cli {
 namespace {
@@ -20,6 +21,7 @@ struct Common {
   std::string broker;
   bool json = false;
   uint64_t timeout_ms = 10000;
+  std::string server_key, key;  // CURVE: broker's public key file, our secret key file
 };
 
 int ExitFor(Code c) {
@@ -58,6 +60,18 @@ int Fail(const Common& c, const Status& s) {
 StatusOr<std::unique_ptr<Client>> Connect(const Common& c) {
   ClientOptions o;
   o.timeout = Millis(c.timeout_ms);
+  std::string server_key = c.server_key, key = c.key;
+  if (server_key.empty() && getenv("GPUQ_SERVER_KEY")) server_key = getenv("GPUQ_SERVER_KEY");
+  if (key.empty() && getenv("GPUQ_KEY")) key = getenv("GPUQ_KEY");
+  if (!server_key.empty() || !key.empty()) {
+    if (server_key.empty() || key.empty()) {
+      return Error(Code::kInvalid, "CURVE needs both --server-key and --key");
+    }
+    GPUQ_ASSIGN_OR_RETURN(o.server_key, ReadCurvePublicKey(server_key));
+    GPUQ_ASSIGN_OR_RETURN(CurveKeyPair mine, ReadCurveSecretKey(key));
+    o.public_key = mine.public_key;
+    o.secret_key = mine.secret_key;
+  }
   return Client::Connect(c.broker.empty() ? DefaultEndpoint() : c.broker, o);
 }
 
@@ -256,6 +270,9 @@ void AddCommon(CLI::App* s, Common* c) {
   s->add_option("--broker", c->broker, "Broker endpoint (default: $GPUQ_BROKER or local ipc)");
   s->add_option("--timeout-ms", c->timeout_ms, "How long to wait for the broker")
       ->capture_default_str();
+  s->add_option("--server-key", c->server_key,
+                "CURVE: the broker's public key file (or $GPUQ_SERVER_KEY)");
+  s->add_option("--key", c->key, "CURVE: this client's secret key file (or $GPUQ_KEY)");
   s->add_flag("--json", c->json, "Print JSON");
 }
 
@@ -323,6 +340,20 @@ void PrintStatsText(const json& s) {
 }
 
 void AddJobCommands(CLI::App& app, Action* action) {
+  auto prefix = std::make_shared<std::string>();
+  CLI::App* kg = app.add_subcommand(
+      "keygen", "Make a CURVE key pair: PREFIX.key (secret, mode 0600) and PREFIX.pub");
+  kg->add_option("prefix", *prefix, "Path prefix of the two files")->required();
+  kg->callback([=] {
+    *action = [=]() -> int {
+      auto keys = NewCurveKeyPair();
+      if (!keys.ok()) return Fail(Common{}, keys.status());
+      if (Status s = WriteCurveKeyPair(*keys, *prefix); !s.ok()) return Fail(Common{}, s);
+      std::printf("%s\n", keys->public_key.c_str());
+      return kExitOk;
+    };
+  });
+
   auto sa = std::make_shared<SubmitArgs>();
   CLI::App* s = app.add_subcommand("submit", "Submit a kernel job");
   s->add_option("file", sa->file, "CUDA C++ source file")->required();

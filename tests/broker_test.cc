@@ -12,6 +12,7 @@
 
 #include <atomic>
 #include <deque>
+#include <filesystem>
 #include <map>
 #include <nlohmann/json.hpp>
 #include <random>
@@ -24,6 +25,7 @@
 #include "schema/codec.h"
 #include "tests/process_util.h"
 #include "tests/test_util.h"
+#include "util/curve_keys.h"
 
 namespace gpuq {
 namespace {
@@ -409,6 +411,124 @@ TEST_F(BrokerTest, TheCApiSubmitsWaitsAndReadsResults) {
   ASSERT_TRUE(WaitForWorkers(*c, 1));
   char why[512] = "";
   EXPECT_EQ(gpuq_c_api_scenario(broker_->client_endpoint().c_str(), why, sizeof why), 0) << why;
+}
+
+// ------------------------------------------------------------ CURVE
+
+class CurveTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    for (const char* name : {"broker", "alpha", "beta", "stranger", "worker", "rogue"}) {
+      auto keys = NewCurveKeyPair();
+      ASSERT_TRUE(keys.ok());
+      ASSERT_TRUE(WriteCurveKeyPair(*keys, dir_.File(name)).ok());
+      keys_[name] = *keys;
+    }
+    testing::WriteFile(dir_.File("clients.keys"),
+                       "# public key, tenant\n" + keys_["alpha"].public_key + " alpha\n" +
+                           keys_["beta"].public_key + " beta\n");
+    testing::WriteFile(dir_.File("workers.keys"), keys_["worker"].public_key + " gpu-host-1\n");
+    const std::string ready = dir_.File("ready.json");
+    broker_ = Process::Start(
+        {testing::BinPath("gpuqd"), "--listen", "tcp://127.0.0.1:*", "--worker-listen",
+         "tcp://127.0.0.1:*", "--store", dir_.File("jobs.db"), "--cache", dir_.File("k.db"),
+         "--workers", "0", "--heartbeat-ms", "100", "--curve-secret", dir_.File("broker.key"),
+         "--allowed-keys", dir_.File("clients.keys"), "--worker-keys", dir_.File("workers.keys"),
+         "--ready-file", ready},
+        dir_.File("gpuqd.log"));
+    for (int i = 0; i < 500 && !std::filesystem::exists(ready); ++i) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+    auto j = nlohmann::json::parse(testing::ReadFile(ready), nullptr, false);
+    ASSERT_FALSE(j.is_discarded()) << testing::ReadFile(dir_.File("gpuqd.log"));
+    client_ep_ = j["client"];
+    worker_ep_ = j["worker"];
+  }
+
+  std::unique_ptr<Client> As(const std::string& who) {
+    ClientOptions o;
+    o.timeout = Millis(2000);
+    o.server_key = keys_["broker"].public_key;
+    o.public_key = keys_[who].public_key;
+    o.secret_key = keys_[who].secret_key;
+    auto c = Client::Connect(client_ep_, o);
+    EXPECT_TRUE(c.ok());
+    return std::move(*c);
+  }
+
+  Process Worker(const std::string& who) {
+    return Process::Start({testing::BinPath("gpuq-fake-worker"), "--broker", worker_ep_,
+                           "--heartbeat-ms", "100", "--server-key", dir_.File("broker.pub"),
+                           "--key", dir_.File(who + ".key")},
+                          dir_.File("workers.log"));
+  }
+
+  JobRequest Job() {
+    JobRequest j;
+    j.spec.kernel.source = kKernels;
+    j.spec.kernel.entry = "k";
+    j.spec.args = {Arg::Out(4)};
+    return j;
+  }
+
+  TempDir dir_;
+  std::map<std::string, CurveKeyPair> keys_;
+  Process broker_;
+  std::string client_ep_, worker_ep_;
+};
+
+TEST_F(CurveTest, AnUnknownKeyIsRefused) {
+  auto stranger = As("stranger");
+  auto id = stranger->Submit(Job());
+  EXPECT_EQ(id.status().code(), Code::kTimeout) << "the handshake fails: nothing is delivered";
+  EXPECT_NE(testing::ReadFile(dir_.File("gpuqd.log")).find("is not allowed"), std::string::npos);
+  auto alpha = As("alpha");
+  EXPECT_TRUE(alpha->Submit(Job()).ok()) << "an allowed key is served";
+}
+
+TEST_F(CurveTest, TheTenantIsTheKeysAndATenantSeesOnlyItsOwnJobs) {
+  auto alpha = As("alpha"), beta = As("beta");
+  JobRequest j = Job();
+  j.spec.tenant = "beta";  // claimed; the key says alpha
+  auto id = alpha->Submit(j);
+  ASSERT_TRUE(id.ok()) << id.status().ToString();
+  auto stats = nlohmann::json::from_msgpack(*alpha->Stats());
+  EXPECT_EQ(stats["queued_by_tenant"], nlohmann::json({{"alpha", 1}}));
+  EXPECT_EQ(beta->GetStatus(*id).status().code(), Code::kNotFound);
+  EXPECT_EQ(beta->Fetch(*id).status().code(), Code::kNotFound);
+  EXPECT_EQ(beta->Cancel(*id).status().code(), Code::kNotFound);
+  auto st = alpha->GetStatus(*id);
+  ASSERT_TRUE(st.ok());
+  EXPECT_EQ(st->state, JobState::kQueued) << "beta's cancel changed nothing";
+  // Idempotency keys are per tenant too.
+  JobRequest keyed = Job();
+  keyed.spec.key = "same-key";
+  EXPECT_NE(*alpha->Submit(keyed), *beta->Submit(keyed));
+}
+
+TEST_F(CurveTest, OnlyWorkersWithAllowedKeysRegister) {
+  Process rogue = Worker("rogue");
+  auto alpha = As("alpha");
+  std::this_thread::sleep_for(std::chrono::milliseconds(500));
+  EXPECT_TRUE(alpha->Devices()->empty());
+  Process good = Worker("worker");
+  for (int i = 0; i < 200 && alpha->Devices()->empty(); ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  ASSERT_EQ(alpha->Devices()->size(), 1u);
+  auto r = alpha->Wait(*alpha->Submit(Job()));
+  ASSERT_TRUE(r.ok());
+  EXPECT_EQ(r->state, JobState::kDone);
+}
+
+TEST(CurveConfigTest, TcpWithoutCurveIsRefusedUnlessInsecure) {
+  TempDir dir;
+  std::string out;
+  int rc = testing::RunProgram({testing::BinPath("gpuqd"), "--listen", "tcp://127.0.0.1:*",
+                                "--store", dir.File("j.db"), "--cache", dir.File("k.db"),
+                                "--workers", "0"},
+                               &out);
+  EXPECT_EQ(rc, 2);
 }
 
 // ------------------------------------------------------------ crash safety

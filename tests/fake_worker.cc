@@ -24,6 +24,7 @@
 #include <zmq_addon.hpp>
 
 #include "schema/codec.h"
+#include "util/curve_keys.h"
 
 using namespace gpuq;
 using namespace gpuq::schema;
@@ -75,6 +76,9 @@ int main(int argc, char** argv) {
   app.add_option("--module-slots", module_slots);
   app.add_option("--heartbeat-ms", heartbeat_ms);
   app.add_option("--delay-us", delay_us, "Time each job takes");
+  std::string server_key, key;
+  app.add_option("--server-key", server_key, "CURVE: the broker's public key file");
+  app.add_option("--key", key, "CURVE: this worker's secret key file");
   CLI11_PARSE(app, argc, argv);
   if (uuid.empty()) uuid = "GPU-fake-" + std::to_string(getpid());
   name = "fake:" + std::to_string(getpid()) + ":0";
@@ -82,6 +86,14 @@ int main(int argc, char** argv) {
   zmq::context_t ctx;
   zmq::socket_t sock(ctx, zmq::socket_type::dealer);
   sock.set(zmq::sockopt::linger, 0);
+  if (!key.empty()) {
+    auto server = ReadCurvePublicKey(server_key);
+    auto mine = ReadCurveSecretKey(key);
+    if (!server.ok() || !mine.ok()) return 2;
+    sock.set(zmq::sockopt::curve_serverkey, *server);
+    sock.set(zmq::sockopt::curve_publickey, mine->public_key);
+    sock.set(zmq::sockopt::curve_secretkey, mine->secret_key);
+  }
   sock.connect(endpoint);
   auto send = [&](const WorkerMessage& m, std::vector<zmq::message_t>* payload = nullptr) {
     std::vector<zmq::message_t> frames;

@@ -231,6 +231,11 @@ Status GpuWorker::Impl::Init() {
   sock_.set(zmq::sockopt::linger, 2000);
   sock_.set(zmq::sockopt::sndhwm, 100000);
   sock_.set(zmq::sockopt::rcvhwm, 100000);
+  if (!opt_.secret_key.empty()) {
+    sock_.set(zmq::sockopt::curve_serverkey, opt_.server_key);
+    sock_.set(zmq::sockopt::curve_publickey, opt_.public_key);
+    sock_.set(zmq::sockopt::curve_secretkey, opt_.secret_key);
+  }
   try {
     sock_.connect(opt_.broker);
   } catch (const zmq::error_t& e) {

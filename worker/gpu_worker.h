@@ -27,6 +27,8 @@ struct WorkerOptions {
   uint32_t streams = 4;    // executor threads, one stream each
   uint32_t module_slots = 256;
   std::chrono::milliseconds heartbeat{500};
+  // CURVE: the broker's public key and this worker's key pair (Z85).
+  std::string server_key, public_key, secret_key;
 };
 
 // Reads the device's properties (the `ready` message's device map).

@@ -11,6 +11,7 @@
 #include <nlohmann/json.hpp>
 #include <thread>
 
+#include "util/curve_keys.h"
 #include "worker/gpu_worker.h"
 #include "worker/worker_supervisor.h"
 
@@ -43,10 +44,25 @@ int main(int argc, char** argv) {
   app.add_flag("--count", count, "Print the number of GPUs and exit");
   app.add_flag("--info", info, "Print the GPUs' properties as JSON and exit");
   app.add_option("--log-level", log_level)->capture_default_str();
+  std::string server_key, key;
+  app.add_option("--server-key", server_key, "CURVE: the broker's public key file");
+  app.add_option("--key", key, "CURVE: this worker's secret key file (gpuq keygen)");
   CLI11_PARSE(app, argc, argv);
   spdlog::set_level(spdlog::level::from_str(log_level));
   spdlog::set_pattern("%Y-%m-%dT%H:%M:%S.%e %^%l%$ gpuq-worker[%P]: %v");
   o.heartbeat = std::chrono::milliseconds(heartbeat_ms);
+  if (!key.empty()) {
+    auto server = gpuq::ReadCurvePublicKey(server_key);
+    auto mine = gpuq::ReadCurveSecretKey(key);
+    if (!server.ok() || !mine.ok()) {
+      spdlog::error("CURVE keys: {}",
+                    (!server.ok() ? server.status() : mine.status()).ToString());
+      return 2;
+    }
+    o.server_key = *server;
+    o.public_key = mine->public_key;
+    o.secret_key = mine->secret_key;
+  }
 
   auto driver = LoadCudaDriver();
   if (!driver.ok()) {
@@ -100,7 +116,9 @@ int main(int argc, char** argv) {
 
   if (device < 0) {
     // Every GPU of this host, one supervised process each.
-    WorkerSupervisor supervisor(o.broker, "", heartbeat_ms);
+    std::vector<std::string> keys;
+    if (!key.empty()) keys = {"--server-key", server_key, "--key", key};
+    WorkerSupervisor supervisor(o.broker, "", heartbeat_ms, keys);
     g_supervisor = &supervisor;
     supervisor.Start(n);
     while (!g_stop) std::this_thread::sleep_for(std::chrono::milliseconds(100));

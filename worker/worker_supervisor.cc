@@ -34,16 +34,19 @@ pid_t SpawnArgs(const std::vector<std::string>& args) {
 }  // namespace
 
 WorkerSupervisor::WorkerSupervisor(std::string broker_endpoint, std::string worker_bin,
-                                   int heartbeat_ms)
+                                   int heartbeat_ms, std::vector<std::string> extra_args)
     : endpoint_(std::move(broker_endpoint)),
       bin_(worker_bin.empty() ? Beside("gpuq-worker") : std::move(worker_bin)),
-      heartbeat_ms_(heartbeat_ms) {}
+      heartbeat_ms_(heartbeat_ms),
+      extra_args_(std::move(extra_args)) {}
 
 WorkerSupervisor::~WorkerSupervisor() { Stop(); }
 
 pid_t WorkerSupervisor::Spawn(int ordinal) {
-  return SpawnArgs({bin_, "--broker", endpoint_, "--device", std::to_string(ordinal),
-                    "--heartbeat-ms", std::to_string(heartbeat_ms_)});
+  std::vector<std::string> args = {bin_, "--broker", endpoint_, "--device", std::to_string(ordinal),
+                                   "--heartbeat-ms", std::to_string(heartbeat_ms_)};
+  args.insert(args.end(), extra_args_.begin(), extra_args_.end());
+  return SpawnArgs(args);
 }
 
 void WorkerSupervisor::Start(int count) {

@@ -20,7 +20,9 @@ namespace gpuq::worker {
 class WorkerSupervisor {
  public:
   // `worker_bin` empty: gpuq-worker beside the running executable.
-  WorkerSupervisor(std::string broker_endpoint, std::string worker_bin, int heartbeat_ms);
+  // `extra_args` are passed to every worker (CURVE key options, say).
+  WorkerSupervisor(std::string broker_endpoint, std::string worker_bin, int heartbeat_ms,
+                   std::vector<std::string> extra_args = {});
   ~WorkerSupervisor();
 
   // Starts `count` workers, or one per visible GPU when count < 0 (asks
@@ -44,6 +46,7 @@ class WorkerSupervisor {
 
   const std::string endpoint_, bin_;
   const int heartbeat_ms_;
+  const std::vector<std::string> extra_args_;
   std::mutex mu_;
   std::vector<Child> children_;  // GUARDED_BY(mu_)
   std::atomic<bool> stop_{false};
