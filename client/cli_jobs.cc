@@ -1,5 +1,12 @@
 // gpuq submit, status, result, cancel, stats, devices: talk to a broker.
+#include <poll.h>
+#include <termios.h>
+#include <unistd.h>
+
+#include <chrono>
 #include <climits>
+#include <ctime>
+#include <map>
 #include <cstdio>
 #include <fstream>
 #include <iostream>
@@ -65,7 +72,7 @@ StatusOr<std::unique_ptr<Client>> Connect(const Common& c) {
   if (key.empty() && getenv("GPUQ_KEY")) key = getenv("GPUQ_KEY");
   if (!server_key.empty() || !key.empty()) {
     if (server_key.empty() || key.empty()) {
-      return Error(Code::kInvalid, "CURVE needs both --server-key and --key");
+      return Error(Code::kInvalid, "CURVE needs both --server-key and --client-key");
     }
     GPUQ_ASSIGN_OR_RETURN(o.server_key, ReadCurvePublicKey(server_key));
     GPUQ_ASSIGN_OR_RETURN(CurveKeyPair mine, ReadCurveSecretKey(key));
@@ -272,7 +279,7 @@ void AddCommon(CLI::App* s, Common* c) {
       ->capture_default_str();
   s->add_option("--server-key", c->server_key,
                 "CURVE: the broker's public key file (or $GPUQ_SERVER_KEY)");
-  s->add_option("--key", c->key, "CURVE: this client's secret key file (or $GPUQ_KEY)");
+  s->add_option("--client-key", c->key, "CURVE: this client's secret key file (or $GPUQ_KEY)");
   s->add_flag("--json", c->json, "Print JSON");
 }
 
@@ -290,56 +297,135 @@ std::string Fmt(double us) {
 
 }  // namespace
 
-void PrintStatsText(const json& s) {
-  std::printf("queued %llu, in flight %llu, compiling %llu; submitted %llu, rejected %llu, "
+void PrintStatsText(FILE* f, const json& s);
+void PrintStatsText(const json& s) { PrintStatsText(stdout, s); }
+
+void PrintStatsText(FILE* f, const json& s) {
+  std::fprintf(f, "queued %llu, in flight %llu, compiling %llu; submitted %llu, rejected %llu, "
               "requeued %llu; up %.0f s\n",
               s.value("queued", 0ull), s.value("inflight", 0ull), s.value("compiling", 0ull),
               s.value("submitted", 0ull), s.value("rejected", 0ull), s.value("requeued", 0ull),
               s.value("uptime_s", 0.0));
   if (s.contains("queued_by_priority") && !s["queued_by_priority"].empty()) {
-    std::printf("queued by priority:");
-    for (auto& [k, v] : s["queued_by_priority"].items()) std::printf(" %s=%s", k.c_str(), v.dump().c_str());
-    std::printf("\n");
+    std::fprintf(f, "queued by priority:");
+    for (auto& [k, v] : s["queued_by_priority"].items()) std::fprintf(f, " %s=%s", k.c_str(), v.dump().c_str());
+    std::fprintf(f, "\n");
   }
   if (s.contains("queued_by_tenant") && !s["queued_by_tenant"].empty()) {
-    std::printf("queued by tenant:");
-    for (auto& [k, v] : s["queued_by_tenant"].items()) std::printf(" %s=%s", k.c_str(), v.dump().c_str());
-    std::printf("\n");
+    std::fprintf(f, "queued by tenant:");
+    for (auto& [k, v] : s["queued_by_tenant"].items()) std::fprintf(f, " %s=%s", k.c_str(), v.dump().c_str());
+    std::fprintf(f, "\n");
   }
   if (s.contains("finished")) {
-    std::printf("finished:");
-    for (auto& [k, v] : s["finished"].items()) std::printf(" %s=%s", k.c_str(), v.dump().c_str());
-    std::printf("\n");
+    std::fprintf(f, "finished:");
+    for (auto& [k, v] : s["finished"].items()) std::fprintf(f, " %s=%s", k.c_str(), v.dump().c_str());
+    std::fprintf(f, "\n");
   }
   if (s.contains("latency_us") && !s["latency_us"].empty()) {
-    std::printf("%-8s %10s %10s %10s %8s\n", "phase", "p50", "p90", "p99", "count");
+    std::fprintf(f, "%-8s %10s %10s %10s %8s\n", "phase", "p50", "p90", "p99", "count");
     for (auto& [phase, h] : s["latency_us"].items()) {
-      std::printf("%-8s %10s %10s %10s %8llu\n", phase.c_str(), Fmt(h.value("p50", 0.0)).c_str(),
+      std::fprintf(f, "%-8s %10s %10s %10s %8llu\n", phase.c_str(), Fmt(h.value("p50", 0.0)).c_str(),
                   Fmt(h.value("p90", 0.0)).c_str(), Fmt(h.value("p99", 0.0)).c_str(),
                   h.value("count", 0ull));
     }
   }
   if (s.contains("cache")) {
     const json& c = s["cache"];
-    std::printf("kernel cache: %llu hits, %llu misses, %llu entries, %.1f KiB\n",
+    std::fprintf(f, "kernel cache: %llu hits, %llu misses, %llu entries, %.1f KiB\n",
                 c.value("hits", 0ull), c.value("misses", 0ull), c.value("entries", 0ull),
                 c.value("bytes", 0ull) / 1024.0);
   }
   const json workers = s.value("workers", json::array());
   if (workers.empty()) {
-    std::printf("workers: none attached\n");
+    std::fprintf(f, "workers: none attached\n");
   } else {
-    std::printf("%-28s %-26s %6s %9s %10s\n", "worker", "device", "slots", "inflight",
+    std::fprintf(f, "%-28s %-26s %6s %9s %10s\n", "worker", "device", "slots", "inflight",
                 "heartbeat");
     for (const auto& w : workers) {
-      std::printf("%-28s %-26s %6llu %9llu %8llu ms\n", w.value("worker", "").c_str(),
+      std::fprintf(f, "%-28s %-26s %6llu %9llu %8llu ms\n", w.value("worker", "").c_str(),
                   w.value("device", "").c_str(), w.value("slots", 0ull),
                   w.value("inflight", 0ull), w.value("heartbeat_age_ms", 0ull));
     }
   }
 }
 
+struct TopArgs : Common {
+  uint64_t interval_ms = 1000;
+  uint64_t iterations = 0;  // 0: until q or Ctrl-C
+};
+
+// gpuq top: redraws the stats every interval; q quits. Reads single keys
+// from a terminal (raw mode, restored on exit).
+int RunTop(const TopArgs& a) {
+  auto client = Connect(a);
+  if (!client.ok()) return Fail(a, client.status());
+  const bool tty = isatty(0);
+  termios saved{};
+  if (tty) {
+    tcgetattr(0, &saved);
+    termios raw = saved;
+    raw.c_lflag &= static_cast<tcflag_t>(~(ICANON | ECHO));
+    tcsetattr(0, TCSANOW, &raw);
+  }
+  std::map<std::string, uint64_t> last_finished;
+  auto last_t = std::chrono::steady_clock::now();
+  int rc = kExitOk;
+  for (uint64_t i = 0; a.iterations == 0 || i < a.iterations; ++i) {
+    auto stats = (*client)->Stats();
+    std::string screen = "\x1b[H\x1b[2J";
+    char* buf = nullptr;
+    size_t len = 0;
+    FILE* f = open_memstream(&buf, &len);
+    time_t now = time(nullptr);
+    char when[32];
+    strftime(when, sizeof when, "%H:%M:%S", localtime(&now));
+    std::fprintf(f, "gpuq top  %s  %s  (q quits)\n\n",
+                 (a.broker.empty() ? DefaultEndpoint() : a.broker).c_str(), when);
+    if (!stats.ok()) {
+      std::fprintf(f, "broker: %s\n", stats.status().ToString().c_str());
+    } else {
+      json j = json::from_msgpack(*stats, true, false);
+      const auto t = std::chrono::steady_clock::now();
+      const double dt = std::chrono::duration<double>(t - last_t).count();
+      uint64_t total = 0, last_total = 0;
+      // A named copy: iterating items() of a temporary would dangle.
+      const json finished = j.value("finished", json::object());
+      for (auto& [k, v] : finished.items()) {
+        total += v.get<uint64_t>();
+        last_total += last_finished[k];
+        last_finished[k] = v.get<uint64_t>();
+      }
+      if (i > 0 && dt > 0) {
+        std::fprintf(f, "throughput: %.0f jobs/s finished\n", (total - last_total) / dt);
+      }
+      last_t = t;
+      PrintStatsText(f, j);
+    }
+    std::fclose(f);
+    screen.append(buf, len);
+    free(buf);
+    std::fwrite(screen.data(), 1, screen.size(), stdout);
+    std::fflush(stdout);
+    if (a.iterations && i + 1 == a.iterations) break;
+    pollfd in = {0, POLLIN, 0};
+    if (poll(&in, 1, static_cast<int>(a.interval_ms)) > 0) {
+      char c = 0;
+      if (read(0, &c, 1) <= 0 || c == 'q' || c == 'Q') break;
+    }
+  }
+  if (tty) tcsetattr(0, TCSANOW, &saved);
+  std::printf("\n");
+  return rc;
+}
+
 void AddJobCommands(CLI::App& app, Action* action) {
+  auto ta = std::make_shared<TopArgs>();
+  CLI::App* top = app.add_subcommand("top", "Live view of queues, workers and latencies");
+  top->add_option("--interval-ms", ta->interval_ms, "Refresh interval")->capture_default_str();
+  top->add_option("--iterations", ta->iterations, "Refreshes before exiting (0: until q)");
+  AddCommon(top, ta.get());
+  top->callback([=] { *action = [=] { return RunTop(*ta); }; });
+
   auto prefix = std::make_shared<std::string>();
   CLI::App* kg = app.add_subcommand(
       "keygen", "Make a CURVE key pair: PREFIX.key (secret, mode 0600) and PREFIX.pub");

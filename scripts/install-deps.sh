@@ -5,7 +5,7 @@ set -euo pipefail
 packages=(build-essential cmake ninja-build pkg-config python3
   libzmq3-dev cppzmq-dev libmsgpack-cxx-dev libsqlite3-dev libspdlog-dev libfmt-dev
   libssl-dev libsodium-dev libcli11-dev nlohmann-json3-dev libgtest-dev libgmock-dev libbenchmark-dev
-  libcpp-httplib-dev prometheus python3-zmq python3-msgpack python3-numpy python3-pytest clang libclang-rt-14-dev sqlite3 "$@")
+  libcpp-httplib-dev prometheus tmux python3-zmq python3-msgpack python3-numpy python3-pytest clang libclang-rt-14-dev sqlite3 "$@")
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

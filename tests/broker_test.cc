@@ -413,6 +413,50 @@ TEST_F(BrokerTest, TheCApiSubmitsWaitsAndReadsResults) {
   EXPECT_EQ(gpuq_c_api_scenario(broker_->client_endpoint().c_str(), why, sizeof why), 0) << why;
 }
 
+TEST_F(BrokerTest, GpuqTopShowsTheLiveQueueInATerminal) {
+  if (testing::RunProgram({"/bin/sh", "-c", "command -v tmux >/dev/null"}) != 0) {
+    GTEST_SKIP() << "tmux is not installed";
+  }
+  AddWorker({"--slots", "1", "--delay-us", "20000"});
+  auto c = Connect();
+  ASSERT_TRUE(WaitForWorkers(*c, 1));
+  for (int i = 0; i < 30; ++i) {
+    JobRequest j = Job("k", "t");
+    j.spec.tenant = "guest-7";
+    ASSERT_TRUE(c->SubmitAsync(j).ok());
+  }
+  const std::string session = "gpuq-top-" + std::to_string(getpid());
+  const std::string tmux = "tmux -L " + session;
+  ASSERT_EQ(testing::RunProgram(
+                {"/bin/sh", "-c",
+                 tmux + " new-session -d -s top -x 120 -y 40 '" + testing::BinPath("gpuq") +
+                     " top --broker " + broker_->client_endpoint() + " --interval-ms 100'"}),
+            0);
+  std::string screen;
+  for (int i = 0; i < 50; ++i) {  // until the view shows the queue draining
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    testing::RunProgram({"/bin/sh", "-c", tmux + " capture-pane -p -t top"}, &screen);
+    if (screen.find("guest-7") != std::string::npos &&
+        screen.find("throughput") != std::string::npos) {
+      break;
+    }
+  }
+  EXPECT_NE(screen.find("gpuq top"), std::string::npos) << screen;
+  EXPECT_NE(screen.find("queued by tenant: guest-7="), std::string::npos) << screen;
+  EXPECT_NE(screen.find("fake:"), std::string::npos) << "the worker is listed\n" << screen;
+  EXPECT_NE(screen.find("throughput:"), std::string::npos) << screen;
+  // q quits: the session ends.
+  testing::RunProgram({"/bin/sh", "-c", tmux + " send-keys -t top q"});
+  int alive = 0;
+  for (int i = 0; i < 50; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    alive = testing::RunProgram({"/bin/sh", "-c", tmux + " has-session -t top 2>/dev/null"});
+    if (alive != 0) break;
+  }
+  EXPECT_NE(alive, 0) << "gpuq top did not quit on q";
+  testing::RunProgram({"/bin/sh", "-c", tmux + " kill-server 2>/dev/null"});
+}
+
 // ------------------------------------------------------------ CURVE
 
 class CurveTest : public ::testing::Test {

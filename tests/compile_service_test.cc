@@ -321,6 +321,19 @@ TEST_F(SandboxTest, AHungCompileDoesNotHoldUpOthers) {
 
 // ------------------------------------------------------------ several processes
 
+TEST(CommandLineTest, EveryCommandStarts) {
+  // An option clash in any command makes CLI11 throw before anything runs.
+  for (std::string cmd : {"", "submit", "status", "result", "cancel", "stats", "top", "devices",
+                          "compile", "cache", "cache stats", "cache ls", "cache prune",
+                          "keygen"}) {
+    std::string out;
+    int rc = testing::RunProgram({"/bin/sh", "-c", testing::BinPath("gpuq") + " " + cmd +
+                                                       " --help 2>&1"},
+                                 &out);
+    EXPECT_EQ(rc, 0) << "gpuq " << cmd << " --help:\n" << out;
+  }
+}
+
 TEST(CompileCommandTest, SameFileTwiceIsAMissThenAHitWithTheSameKey) {
   TempDir dir;
   testing::WriteFile(dir.File("k.cu"), kSaxpy);

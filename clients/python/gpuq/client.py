@@ -184,11 +184,16 @@ class Client:
     results are pushed by the broker; wait() collects them.
     """
 
-    def __init__(self, endpoint=None, timeout=10.0, context=None):
+    def __init__(self, endpoint=None, timeout=10.0, context=None, curve=None):
         self._ctx = context or zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.ROUTING_ID, b"p" + os.urandom(15))
         self._sock.setsockopt(zmq.LINGER, 0)
+        if curve:  # (broker public key, our public key, our secret key), Z85
+            server, public, secret = (k.encode() if isinstance(k, str) else k for k in curve)
+            self._sock.curve_serverkey = server
+            self._sock.curve_publickey = public
+            self._sock.curve_secretkey = secret
         self._sock.connect(endpoint or default_endpoint())
         self.timeout = timeout
         self._rid = 0

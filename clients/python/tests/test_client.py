@@ -130,3 +130,40 @@ def test_the_broker_answers_garbage_with_an_error(service):
     h = gpuq.wire.decode(frames[1])
     assert h["op"] == "error" and h["code"] == "unknown_command" and h["rid"] == 9
     s.close()
+
+
+def test_curve_binds_the_tenant_to_the_key(tmp_path):
+    import json
+    import os
+    import subprocess
+    import time
+    from conftest import BIN
+    broker_pub, broker_sec = zmq.curve_keypair()
+    a_pub, a_sec = zmq.curve_keypair()
+    (tmp_path / "broker.key").write_text(broker_sec.decode() + "\n")
+    (tmp_path / "clients.keys").write_text(a_pub.decode() + " tenant-a\n")
+    ready = tmp_path / "ready.json"
+    p = subprocess.Popen([os.path.join(BIN, "gpuqd"), "--listen", "tcp://127.0.0.1:*",
+                          "--worker-listen", "ipc://%s/w.sock" % tmp_path,
+                          "--store", str(tmp_path / "j.db"), "--cache", str(tmp_path / "k.db"),
+                          "--workers", "0", "--curve-secret", str(tmp_path / "broker.key"),
+                          "--allowed-keys", str(tmp_path / "clients.keys"),
+                          "--ready-file", str(ready)],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(200):
+            if ready.exists():
+                break
+            time.sleep(0.02)
+        endpoint = json.loads(ready.read_text())["client"]
+        with gpuq.Client(endpoint, curve=(broker_pub, a_pub, a_sec)) as c:
+            c.submit(KERNELS, "k", 1, 1, [gpuq.Out(4)], tenant="someone-else")
+            assert c.stats()["queued_by_tenant"] == {"tenant-a": 1}
+        x_pub, x_sec = zmq.curve_keypair()
+        with gpuq.Client(endpoint, timeout=1.0, curve=(broker_pub, x_pub, x_sec)) as c:
+            with pytest.raises(gpuq.Error) as e:
+                c.stats()
+            assert e.value.code == "timeout"
+    finally:
+        p.kill()
+        p.wait()
