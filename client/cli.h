@@ -6,6 +6,8 @@
 #include <functional>
 #include <string>
 
+#include "util/status.h"
+
 namespace gpuq::cli {
 
 // Exit codes shared by every command (README.md, "Exit codes").
@@ -20,6 +22,12 @@ enum Exit : int {  // plain enum: converts to int
 
 // A command's action, run after parsing; its return value is the exit code.
 using Action = std::function<int()>;
+
+// The exit code for a failure code, the same for every command (README.md).
+int ExitFor(Code code);
+// Reports a failure, as JSON on stdout or as text on stderr (with `log`, a
+// compile log, after it), and returns its exit code.
+int Fail(bool json, const Status& s, const std::string& log = "");
 
 void AddCompileCommands(CLI::App& app, Action* action);
 void AddJobCommands(CLI::App& app, Action* action);

@@ -36,41 +36,6 @@ struct CacheArgs {
   bool failed = false;
 };
 
-int ExitFor(Code code) {
-  switch (code) {
-    case Code::kOk:
-      return kExitOk;
-    case Code::kCompileError:
-    case Code::kSandboxViolation:
-    case Code::kNotFound:
-      return kExitRejected;
-    case Code::kInvalid:
-    case Code::kMalformed:
-    case Code::kTooLarge:
-      return kExitUsage;
-    case Code::kTimeout:
-    case Code::kResourceExhausted:
-      return kExitTimeout;
-    case Code::kUnavailable:
-    case Code::kIoError:
-      return kExitUnavailable;
-    default:
-      return kExitInternal;
-  }
-}
-
-int Fail(bool as_json, const Status& s, const std::string& log = "") {
-  if (as_json) {
-    json j = {{"error", s.message()}, {"code", CodeName(s.code())}};
-    if (!log.empty()) j["log"] = log;
-    std::cout << j.dump(2) << "\n";
-  } else {
-    std::cerr << "gpuq: " << s.ToString() << "\n";
-    if (!log.empty()) std::cerr << log << (log.back() == '\n' ? "" : "\n");
-  }
-  return ExitFor(s.code());
-}
-
 bool ReadFile(const std::string& path, std::string* out) {
   std::ifstream in(path, std::ios::binary);
   if (!in) return false;

@@ -31,38 +31,7 @@ struct Common {
   std::string server_key, key;  // CURVE: broker's public key file, our secret key file
 };
 
-int ExitFor(Code c) {
-  switch (c) {
-    case Code::kOk:
-      return kExitOk;
-    case Code::kInvalid:
-    case Code::kMalformed:
-    case Code::kTooLarge:
-    case Code::kUnknownCommand:
-    case Code::kBadVersion:
-      return kExitUsage;
-    case Code::kTimeout:
-    case Code::kResourceExhausted:
-      return kExitTimeout;
-    case Code::kUnavailable:
-    case Code::kIoError:
-    case Code::kQueueFull:
-      return kExitUnavailable;
-    case Code::kInternal:
-      return kExitInternal;
-    default:
-      return kExitRejected;
-  }
-}
-
-int Fail(const Common& c, const Status& s) {
-  if (c.json) {
-    std::cout << json{{"error", s.message()}, {"code", CodeName(s.code())}}.dump(2) << "\n";
-  } else {
-    std::cerr << "gpuq: " << s.ToString() << "\n";
-  }
-  return ExitFor(s.code());
-}
+int Fail(const Common& c, const Status& s) { return cli::Fail(c.json, s); }
 
 StatusOr<std::unique_ptr<Client>> Connect(const Common& c) {
   ClientOptions o;

@@ -5,27 +5,17 @@ id) and pushed results to wait() (by job id).
 """
 
 import asyncio
-import os
 
-import zmq
 import zmq.asyncio
 
 from gpuq import wire
-from gpuq.client import Error, Result, build_submit, default_endpoint, raise_for
+from gpuq.client import Error, Result, build_submit, open_socket, raise_for
 
 
 class Client:
     def __init__(self, endpoint=None, timeout=10.0, curve=None):
         self._ctx = zmq.asyncio.Context.instance()
-        self._sock = self._ctx.socket(zmq.DEALER)
-        self._sock.setsockopt(zmq.ROUTING_ID, b"a" + os.urandom(15))
-        self._sock.setsockopt(zmq.LINGER, 0)
-        if curve:  # (broker public key, our public key, our secret key), Z85
-            server, public, secret = (k.encode() if isinstance(k, str) else k for k in curve)
-            self._sock.curve_serverkey = server
-            self._sock.curve_publickey = public
-            self._sock.curve_secretkey = secret
-        self._sock.connect(endpoint or default_endpoint())
+        self._sock = open_socket(self._ctx, endpoint, curve, b"a")
         self.timeout = timeout
         self._rid = 0
         self._replies = {}   # rid -> future

@@ -114,6 +114,22 @@ def default_endpoint():
     return "ipc://" + folder + "/broker.sock"
 
 
+def open_socket(ctx, endpoint, curve, tag):
+    """A DEALER to the broker with a random routing id (tag first: ZeroMQ
+    reserves ids that start with a zero byte) and, when given
+    (broker public key, our public key, our secret key) in Z85, CURVE."""
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.ROUTING_ID, tag + os.urandom(15))
+    sock.setsockopt(zmq.LINGER, 0)
+    if curve:
+        server, public, secret = (k.encode() if isinstance(k, str) else k for k in curve)
+        sock.curve_serverkey = server
+        sock.curve_publickey = public
+        sock.curve_secretkey = secret
+    sock.connect(endpoint or default_endpoint())
+    return sock
+
+
 def _dim3(d):
     d = (d,) if isinstance(d, int) else tuple(d)
     return list(d) + [1] * (3 - len(d))
@@ -186,15 +202,7 @@ class Client:
 
     def __init__(self, endpoint=None, timeout=10.0, context=None, curve=None):
         self._ctx = context or zmq.Context.instance()
-        self._sock = self._ctx.socket(zmq.DEALER)
-        self._sock.setsockopt(zmq.ROUTING_ID, b"p" + os.urandom(15))
-        self._sock.setsockopt(zmq.LINGER, 0)
-        if curve:  # (broker public key, our public key, our secret key), Z85
-            server, public, secret = (k.encode() if isinstance(k, str) else k for k in curve)
-            self._sock.curve_serverkey = server
-            self._sock.curve_publickey = public
-            self._sock.curve_secretkey = secret
-        self._sock.connect(endpoint or default_endpoint())
+        self._sock = open_socket(self._ctx, endpoint, curve, b"p")
         self.timeout = timeout
         self._rid = 0
         self._events = collections.deque()   # (kind, header, frames) not yet claimed
