@@ -4,6 +4,7 @@
 #include <sys/eventfd.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <condition_variable>
 #include <deque>
 #include <filesystem>
@@ -504,7 +505,11 @@ void Broker::Impl::Timers() {
     for (const auto& id : lost) WorkerLost(id, "silent for too long");
   }
   if (now >= next_purge_) {
-    next_purge_ = now + std::chrono::seconds(60);
+    // Half the retention, between 100 ms and a minute: a result outlives its
+    // retention by at most half of it.
+    next_purge_ = now + std::clamp<std::chrono::milliseconds>(
+                            std::chrono::duration_cast<std::chrono::milliseconds>(opt_.retention) / 2,
+                            std::chrono::milliseconds(100), std::chrono::minutes(1));
     if (EnsureTransaction().ok()) {
       auto purged = store_->PurgeFinished(now_ms - opt_.retention.count() * 1000);
       if (purged.ok() && *purged) spdlog::info("purged {} results past retention", *purged);

@@ -654,6 +654,25 @@ TEST_F(BrokerTest, BrokerKilledAgainAndAgainLosesNoAcknowledgedJob) {
   std::printf("storm: %d jobs acknowledged across %d kills of the broker\n", jobs, kills.load());
 }
 
+TEST_F(BrokerTest, ResultsAreFetchableForTheirRetentionThenGone) {
+  ASSERT_TRUE(StartBroker({"--retention-s", "1", "--durability", "power"})) << Log();
+  AddWorker();
+  auto c = Connect();
+  ASSERT_TRUE(WaitForWorkers(*c, 1));
+  auto id = c->Submit(Job("k", "r"));
+  ASSERT_TRUE(id.ok());
+  ASSERT_TRUE(c->Wait(*id).ok());
+  auto kept = c->Fetch(*id);
+  ASSERT_TRUE(kept.ok()) << kept.status().ToString();
+  EXPECT_EQ(kept->state, JobState::kDone);
+  StatusOr<JobResult> gone = kept;
+  for (int i = 0; i < 40 && gone.ok(); ++i) {  // 1 s retention + at most 0.5 s
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    gone = c->Fetch(*id);
+  }
+  EXPECT_EQ(gone.status().code(), Code::kNotFound);
+}
+
 TEST_F(BrokerTest, QueuedJobsSurviveARestartAndRunAfterwards) {
   auto c = Connect();
   std::vector<uint64_t> ids;
