@@ -403,6 +403,57 @@ TEST_F(BrokerTest, JobsArePlacedByArchitectureGpuAndFreeMemory) {
   EXPECT_EQ(*c->Cancel(*waiting), JobState::kCanceled);
 }
 
+TEST_F(BrokerTest, AsyncClientFuturesAndCallbacksFromSeveralThreads) {
+  AddWorker({"--slots", "8"});
+  auto sync = Connect();
+  ASSERT_TRUE(WaitForWorkers(*sync, 1));
+  auto async = AsyncClient::Connect(broker_->client_endpoint());
+  ASSERT_TRUE(async.ok());
+  AsyncClient& c = **async;
+  std::atomic<int> good{0}, called_back{0};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 4; ++t) {
+    threads.emplace_back([&, t] {
+      std::vector<std::pair<std::future<StatusOr<uint64_t>>, char>> submitted;
+      for (int i = 0; i < 25; ++i) {
+        std::string input(1, static_cast<char>(t * 25 + i));
+        JobRequest j;
+        j.spec.kernel.source = kKernels;
+        j.spec.kernel.entry = "k";
+        j.spec.args = {Arg::InOut(0)};
+        j.inputs = {input};  // copied by Submit: `input` may go now
+        submitted.emplace_back(c.Submit(j), input[0]);
+      }
+      for (auto& [f, byte] : submitted) {
+        StatusOr<uint64_t> id = f.get();
+        if (!id.ok()) continue;
+        c.OnResult(*id, [&](StatusOr<JobResult> r) { called_back += r.ok(); });
+        StatusOr<JobResult> r = c.Result(*id).get();
+        if (r.ok() && r->ok() && *r->Output(0) == std::string(1, static_cast<char>(byte + 1))) {
+          ++good;
+        }
+      }
+    });
+  }
+  for (auto& th : threads) th.join();
+  EXPECT_EQ(good.load(), 100);
+  for (int i = 0; i < 100 && called_back < 100; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  EXPECT_EQ(called_back.load(), 100);
+}
+
+TEST_F(BrokerTest, ClosingAnAsyncClientResolvesWhatIsPending) {
+  auto async = AsyncClient::Connect(broker_->client_endpoint());
+  ASSERT_TRUE(async.ok());
+  auto id = (*async)->Submit(Job("k", "x")).get();  // no worker: it stays queued
+  ASSERT_TRUE(id.ok());
+  auto pending = (*async)->Result(*id);
+  async->reset();
+  auto r = pending.get();
+  EXPECT_EQ(r.status().code(), Code::kUnavailable);
+}
+
 extern "C" int gpuq_c_api_scenario(const char* endpoint, char* why, size_t why_size);
 
 TEST_F(BrokerTest, TheCApiSubmitsWaitsAndReadsResults) {

@@ -15,6 +15,8 @@
 #pragma once
 
 #include <chrono>
+#include <functional>
+#include <future>
 #include <cstdint>
 #include <map>
 #include <memory>
@@ -118,6 +120,36 @@ class Client {
  private:
   class Impl;
   explicit Client(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+// A thread-safe client whose calls return futures or call back. One I/O
+// thread owns the socket; any thread may call any method.
+//
+// Ownership: Submit copies the job (inputs included), so the caller's buffers
+// may be reused at once. Futures and callbacks outlive nothing: destroying
+// the AsyncClient resolves every pending one with kUnavailable. Callbacks run
+// on the I/O thread: they must not block, and must not destroy the client.
+class AsyncClient {
+ public:
+  static StatusOr<std::unique_ptr<AsyncClient>> Connect(const std::string& endpoint,
+                                                        ClientOptions options = {});
+  ~AsyncClient();
+  AsyncClient(const AsyncClient&) = delete;
+  AsyncClient& operator=(const AsyncClient&) = delete;
+
+  // Resolves to the job id once the broker has stored the job (or to its
+  // refusal: kQueueFull, kInvalid, ...; kTimeout when no answer came).
+  std::future<StatusOr<uint64_t>> Submit(const JobRequest& job);
+  // Resolves when job `id` ends (pushed by the broker, or fetched if it had
+  // ended already).
+  std::future<StatusOr<JobResult>> Result(uint64_t id);
+  // Calls `done` on the I/O thread when job `id` ends.
+  void OnResult(uint64_t id, std::function<void(StatusOr<JobResult>)> done);
+
+ private:
+  class Impl;
+  explicit AsyncClient(std::unique_ptr<Impl> impl);
   std::unique_ptr<Impl> impl_;
 };
 

@@ -1,0 +1,272 @@
+// AsyncClient: the C++ client with futures and callbacks, one I/O thread.
+#include <sys/eventfd.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <deque>
+#include <map>
+#include <mutex>
+#include <random>
+#include <thread>
+#include <zmq.hpp>
+#include <zmq_addon.hpp>
+
+#include "gpuq/client.h"
+#include "schema/codec.h"
+
+namespace gpuq {
+
+using schema::ClientOp;
+using schema::ClientReply;
+using schema::ClientRequest;
+using schema::ReplyOp;
+using Clock = std::chrono::steady_clock;
+using ResultCallback = std::function<void(StatusOr<JobResult>)>;
+
+namespace {
+
+JobResult ToResult(ClientReply& r, std::vector<zmq::message_t>& frames) {
+  JobResult out;
+  out.id = r.id;
+  out.state = r.state;
+  out.code = r.code;
+  out.error = std::move(r.error);
+  out.device = std::move(r.device);
+  out.attempts = r.attempts;
+  out.timing = r.timing;
+  out.output_args = std::move(r.outputs);
+  for (size_t i = 2; i < frames.size(); ++i) out.outputs.emplace_back(frames[i].to_string());
+  return out;
+}
+
+}  // namespace
+
+class AsyncClient::Impl {
+ public:
+  explicit Impl(ClientOptions o) : opt_(std::move(o)) {}
+
+  Status Open(const std::string& endpoint) {
+    wake_ = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (wake_ < 0) return Error(Code::kResourceExhausted, "eventfd failed");
+    try {
+      sock_ = zmq::socket_t(ctx_, zmq::socket_type::dealer);
+      std::random_device rd;
+      std::string id(16, '\0');
+      for (char& c : id) c = static_cast<char>(rd());
+      id[0] = 'f';  // ZeroMQ reserves routing ids that start with a zero byte
+      sock_.set(zmq::sockopt::routing_id, zmq::buffer(id));
+      sock_.set(zmq::sockopt::linger, 0);
+      sock_.set(zmq::sockopt::sndhwm, 1000000);
+      sock_.set(zmq::sockopt::rcvhwm, 1000000);
+      if (!opt_.server_key.empty()) {
+        sock_.set(zmq::sockopt::curve_serverkey, opt_.server_key);
+        sock_.set(zmq::sockopt::curve_publickey, opt_.public_key);
+        sock_.set(zmq::sockopt::curve_secretkey, opt_.secret_key);
+      }
+      sock_.connect(endpoint);
+    } catch (const zmq::error_t& e) {
+      return Error(Code::kUnavailable, "connect " + endpoint + ": " + e.what());
+    }
+    thread_ = std::thread([this] { Loop(); });
+    return Status::Ok();
+  }
+
+  ~Impl() {
+    stop_ = true;
+    Wake();
+    if (thread_.joinable()) thread_.join();
+    if (wake_ >= 0) close(wake_);
+  }
+
+  // Called from any thread: queue for the I/O thread.
+  struct Outgoing {
+    ClientRequest request;
+    std::vector<std::string> payload;  // copies: the caller may reuse its buffers
+    std::promise<StatusOr<uint64_t>> submitted;  // submit
+    uint64_t result_of = 0;                      // result fetch for this job id
+  };
+
+  std::future<StatusOr<uint64_t>> Submit(const JobRequest& job) {
+    auto o = std::make_unique<Outgoing>();
+    o->request.op = ClientOp::kSubmit;
+    o->request.job = job.spec;
+    for (auto in : job.inputs) o->payload.emplace_back(in);
+    auto f = o->submitted.get_future();
+    Enqueue(std::move(o));
+    return f;
+  }
+
+  void OnResult(uint64_t id, ResultCallback done) {
+    auto o = std::make_unique<Outgoing>();
+    o->request.op = ClientOp::kResult;
+    o->request.id = id;
+    o->result_of = id;
+    {
+      std::lock_guard lock(mu_);
+      waiters_[id].push_back(std::move(done));
+    }
+    Enqueue(std::move(o));
+  }
+
+ private:
+  void Wake() {
+    uint64_t one = 1;
+    (void)!write(wake_, &one, sizeof one);
+  }
+  void Enqueue(std::unique_ptr<Outgoing> o) {
+    {
+      std::lock_guard lock(mu_);
+      queue_.push_back(std::move(o));
+    }
+    Wake();
+  }
+
+  // Pending request, by rid (I/O thread only).
+  struct Pending {
+    std::unique_ptr<Outgoing> out;
+    Clock::time_point deadline;
+  };
+
+  void Loop() {
+    uint64_t rid = 0;
+    std::map<uint64_t, Pending> pending;
+    while (!stop_) {
+      zmq::pollitem_t items[] = {{sock_.handle(), 0, ZMQ_POLLIN, 0}, {nullptr, wake_, ZMQ_POLLIN, 0}};
+      zmq::poll(items, 2, std::chrono::milliseconds(50));
+      if (items[1].revents) {
+        uint64_t n;
+        (void)!read(wake_, &n, sizeof n);
+      }
+      std::deque<std::unique_ptr<Outgoing>> out;
+      {
+        std::lock_guard lock(mu_);
+        out.swap(queue_);
+      }
+      for (auto& o : out) {
+        o->request.rid = ++rid;
+        const std::string header = schema::EncodeClientRequest(o->request);
+        std::vector<zmq::message_t> frames;
+        frames.emplace_back(schema::kClientProtocol.data(), schema::kClientProtocol.size());
+        frames.emplace_back(header.data(), header.size());
+        for (auto& p : o->payload) frames.emplace_back(p.data(), p.size());
+        o->payload.clear();
+        zmq::send_multipart(sock_, frames);
+        pending[rid] = {std::move(o), Clock::now() + opt_.timeout};
+      }
+      for (int i = 0; i < 4096; ++i) {
+        std::vector<zmq::message_t> frames;
+        if (!zmq::recv_multipart(sock_, std::back_inserter(frames), zmq::recv_flags::dontwait)) {
+          break;
+        }
+        if (frames.size() < 2) continue;
+        std::vector<uint64_t> sizes;
+        for (size_t k = 2; k < frames.size(); ++k) sizes.push_back(frames[k].size());
+        ClientReply r;
+        if (!schema::DecodeClientReply(frames[1].to_string_view(), sizes, limits_, &r).ok()) {
+          continue;
+        }
+        if (r.op == ReplyOp::kResult && r.rid == 0) {
+          Deliver(r.id, ToResult(r, frames));
+          continue;
+        }
+        auto it = pending.find(r.rid);
+        if (it == pending.end()) continue;
+        Outgoing& o = *it->second.out;
+        if (o.request.op == ClientOp::kSubmit) {
+          if (r.op == ReplyOp::kAccepted) {
+            o.submitted.set_value(r.id);
+          } else {
+            o.submitted.set_value(Error(r.code, r.error));
+          }
+        } else if (r.op == ReplyOp::kResult) {
+          Deliver(o.result_of, ToResult(r, frames));  // had ended before we asked
+        } else if (r.op == ReplyOp::kError) {
+          Deliver(o.result_of, Error(r.code, r.error));
+        }  // a status reply: not ended yet, the push will come
+        pending.erase(it);
+      }
+      const auto now = Clock::now();
+      for (auto it = pending.begin(); it != pending.end();) {
+        if (now < it->second.deadline) {
+          ++it;
+          continue;
+        }
+        Outgoing& o = *it->second.out;
+        Status late = Error(Code::kTimeout, "no answer from the broker in time");
+        if (o.request.op == ClientOp::kSubmit) {
+          o.submitted.set_value(late);
+        } else {
+          Deliver(o.result_of, late);
+        }
+        it = pending.erase(it);
+      }
+    }
+    // Stopping: nothing pending is left unresolved.
+    Status gone = Error(Code::kUnavailable, "the client was closed");
+    for (auto& [r, p] : pending) {
+      if (p.out->request.op == ClientOp::kSubmit) p.out->submitted.set_value(gone);
+    }
+    std::map<uint64_t, std::vector<ResultCallback>> waiters;
+    {
+      std::lock_guard lock(mu_);
+      waiters.swap(waiters_);
+      for (auto& o : queue_) {
+        if (o->request.op == ClientOp::kSubmit) o->submitted.set_value(gone);
+      }
+    }
+    for (auto& [id, cbs] : waiters) {
+      for (auto& cb : cbs) cb(gone);
+    }
+  }
+
+  // Resolves every waiter of job `id` (once: later deliveries find none).
+  void Deliver(uint64_t id, StatusOr<JobResult> r) {
+    std::vector<ResultCallback> cbs;
+    {
+      std::lock_guard lock(mu_);
+      auto it = waiters_.find(id);
+      if (it == waiters_.end()) return;
+      cbs = std::move(it->second);
+      waiters_.erase(it);
+    }
+    for (auto& cb : cbs) cb(r);
+  }
+
+  ClientOptions opt_;
+  schema::Limits limits_;
+  zmq::context_t ctx_;
+  zmq::socket_t sock_;  // I/O thread only, after Open()
+  int wake_ = -1;
+  std::atomic<bool> stop_{false};
+  std::thread thread_;
+  std::mutex mu_;
+  std::deque<std::unique_ptr<Outgoing>> queue_;                // GUARDED_BY(mu_)
+  std::map<uint64_t, std::vector<ResultCallback>> waiters_;   // GUARDED_BY(mu_)
+};
+
+AsyncClient::AsyncClient(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+AsyncClient::~AsyncClient() = default;
+
+StatusOr<std::unique_ptr<AsyncClient>> AsyncClient::Connect(const std::string& endpoint,
+                                                            ClientOptions options) {
+  auto impl = std::make_unique<Impl>(std::move(options));
+  GPUQ_RETURN_IF_ERROR(impl->Open(endpoint));
+  return std::unique_ptr<AsyncClient>(new AsyncClient(std::move(impl)));
+}
+
+std::future<StatusOr<uint64_t>> AsyncClient::Submit(const JobRequest& job) {
+  return impl_->Submit(job);
+}
+
+void AsyncClient::OnResult(uint64_t id, ResultCallback done) {
+  impl_->OnResult(id, std::move(done));
+}
+
+std::future<StatusOr<JobResult>> AsyncClient::Result(uint64_t id) {
+  auto promise = std::make_shared<std::promise<StatusOr<JobResult>>>();
+  auto f = promise->get_future();
+  OnResult(id, [promise](StatusOr<JobResult> r) { promise->set_value(std::move(r)); });
+  return f;
+}
+
+}  // namespace gpuq
