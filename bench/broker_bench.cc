@@ -95,10 +95,30 @@ Stats ZmqRoundTrip(const std::string& dir, int n) {
 }
 
 uint64_t g_spin_cycles = 0;
+std::string g_job = "empty";  // or "saxpy4k"
+const std::vector<float> g_x(1024, 1.0f), g_y(1024, 2.0f);
 
 // An empty kernel, or (--spin-cycles) one block that spins on the GPU for
 // that many clock cycles, so that GPU time, not the broker, bounds a run.
 JobRequest Trivial() {
+  if (g_job == "saxpy4k") {
+    // Two 4 KB inputs, one 4 KB output.
+    JobRequest j;
+    j.spec.kernel.source =
+        "extern \"C\" __global__ void saxpy(float a, const float* x, const float* y,\n"
+        "                                   float* out, unsigned n) {\n"
+        "  unsigned i = blockIdx.x * blockDim.x + threadIdx.x;\n"
+        "  if (i < n) out[i] = a * x[i] + y[i];\n}\n";
+    j.spec.kernel.entry = "saxpy";
+    j.spec.launch.grid = {4, 1, 1};
+    j.spec.launch.block = {256, 1, 1};
+    j.spec.args = {gpuq::schema::Arg::F32(2.0f), gpuq::schema::Arg::In(0),
+                   gpuq::schema::Arg::In(1), gpuq::schema::Arg::Out(4096),
+                   gpuq::schema::Arg::U32(1024)};
+    j.inputs = {std::string_view(reinterpret_cast<const char*>(g_x.data()), 4096),
+                std::string_view(reinterpret_cast<const char*>(g_y.data()), 4096)};
+    return j;
+  }
   JobRequest j;
   j.spec.kernel.source =
       "extern \"C\" __global__ void empty(unsigned long long cycles) {\n"
@@ -121,6 +141,11 @@ int main(int argc, char** argv) {
   app.add_flag("--gpu", gpu, "Use real gpuq-workers instead of the test double");
   app.add_option("--gpus", gpus, "With --gpu: GPUs to use (one worker process each)");
   app.add_option("--spin-cycles", g_spin_cycles, "GPU clock cycles each job spins (0: none)");
+  app.add_option("--job", g_job, "empty: an empty kernel; saxpy4k: 2 x 4 KB in, 4 KB out")
+      ->check(CLI::IsMember({"empty", "saxpy4k"}));
+  uint64_t buffer_mib = 0;
+  app.add_option("--buffer-mib", buffer_mib,
+                 "Instead: jobs with one input and one output of this many MiB; GB/s");
   CLI11_PARSE(app, argc, argv);
 
   std::string dir = std::filesystem::temp_directory_path().string() + "/gpuq-bench-XXXXXX";
@@ -158,6 +183,50 @@ int main(int argc, char** argv) {
   if (!warm.ok() || !(*client)->Wait(*warm).ok()) {
     fprintf(stderr, "warm-up failed\n");
     return cleanup(), 1;
+  }
+
+  if (buffer_mib > 0) {
+    // Large buffers: a copy kernel with N MiB in and N MiB out, end to end.
+    const uint64_t bytes = buffer_mib << 20;
+    std::string input(bytes, '\x5a');
+    JobRequest j;
+    j.spec.kernel.source =
+        "extern \"C\" __global__ void copy(const uint4* in, uint4* out, unsigned long long n) {\n"
+        "  for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x;\n"
+        "       i < n; i += (unsigned long long)gridDim.x * blockDim.x) out[i] = in[i];\n}\n";
+    j.spec.kernel.entry = "copy";
+    j.spec.launch.grid = {1024, 1, 1};
+    j.spec.launch.block = {256, 1, 1};
+    j.spec.args = {gpuq::schema::Arg::In(0), gpuq::schema::Arg::Out(bytes),
+                   gpuq::schema::Arg::Scalar(gpuq::schema::ScalarType::kU64, bytes / 16)};
+    j.inputs = {input};
+    std::vector<double> total, h2d, d2h;
+    for (int i = 0; i < 6; ++i) {
+      auto t0 = Clock::now();
+      auto id = (*client)->Submit(j);
+      if (!id.ok()) return cleanup(), 1;
+      auto r = (*client)->Wait(*id, Millis(60000));
+      // The test double does not run the kernel: check the bytes on a GPU only.
+      if (!r.ok() || !r->ok() || r->Output(1)->size() != bytes ||
+          (gpu && (*r->Output(1))[bytes - 1] != '\x5a')) {
+        fprintf(stderr, "large job failed\n");
+        return cleanup(), 1;
+      }
+      if (i == 0) continue;  // warm-up
+      total.push_back(std::chrono::duration<double>(Clock::now() - t0).count());
+      h2d.push_back(r->timing.h2d_us / 1e6);
+      d2h.push_back(r->timing.d2h_us / 1e6);
+    }
+    std::sort(total.begin(), total.end());
+    std::sort(h2d.begin(), h2d.end());
+    std::sort(d2h.begin(), d2h.end());
+    const double gb = bytes / 1e9, t = total[total.size() / 2];
+    printf("| %llu MiB in + %llu MiB out, client on the same host | end to end %.3f s: %.2f GB/s "
+           "each way | worker h2d %.2f GB/s, d2h %.2f GB/s |\n",
+           (unsigned long long)buffer_mib, (unsigned long long)buffer_mib, t, gb / t,
+           gb / h2d[h2d.size() / 2], gb / d2h[d2h.size() / 2]);
+    cleanup();
+    return 0;
   }
 
   const Stats floor = ZmqRoundTrip(dir, 5000);
@@ -218,12 +287,12 @@ int main(int argc, char** argv) {
   const double t1 = throughput(1, 64), t4 = throughput(4, 64), t16 = throughput(16, 32);
   cleanup();
 
-  printf("gpuq broker benchmark (%s; durability=%s)\n\n",
+  printf("gpuq broker benchmark (%s, job %s; durability=%s)\n\n",
          gpu ? ("real gpuq-workers on " + std::to_string(gpus) + " GPU(s), kernel spins " +
                 std::to_string(g_spin_cycles) + " cycles")
                    .c_str()
              : "test-double worker, no GPU work",
-         durability.c_str());
+         g_job.c_str(), durability.c_str());
   printf("| measure | p50 | p99 | mean |\n|---|---|---|---|\n");
   printf("| bare ZeroMQ 64 B round trip, ipc (floor) | %.1f us | %.1f us | %.1f us |\n", floor.p50,
          floor.p99, floor.mean);
