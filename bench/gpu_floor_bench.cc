@@ -1,6 +1,7 @@
 // In-process floors on the GPU, with the same driver gpuq-worker uses
 // (loaded at run time): what a job costs with no service in between.
-//   gpuq-bench-floor [--iterations N]
+//   gpuq-bench-floor [--iterations N] [--release]
+// --release leaves the memory pool's release threshold at the driver's 0.
 // Prints p50/p99 of an empty kernel launch + stream sync, the launch rate
 // on one stream, and a 4 KB saxpy job (2 H2D, launch, D2H, sync).
 #include <nvrtc.h>
@@ -55,7 +56,7 @@ double Us(Clock::time_point a, Clock::time_point b) {
 
 int main(int argc, char** argv) {
   int iterations = 20000;
-  if (argc == 3 && std::strcmp(argv[1], "--iterations") == 0) iterations = std::atoi(argv[2]);
+  if (argc >= 3 && std::strcmp(argv[1], "--iterations") == 0) iterations = std::atoi(argv[2]);
   auto loaded = gpuq::worker::LoadCudaDriver();
   if (!loaded.ok()) {
     std::fprintf(stderr, "%s\n", loaded.status().ToString().c_str());
@@ -82,6 +83,8 @@ int main(int argc, char** argv) {
   }
   CUstream s;
   cu.cuStreamCreate(&s, CU_STREAM_NON_BLOCKING);
+  const bool keep = !(argc >= 2 && std::strcmp(argv[argc - 1], "--release") == 0);
+  if (keep) (void)gpuq::worker::KeepPoolMemory(cu, dev);  // as gpuq-worker does
 
   // Empty kernel: launch + sync.
   std::vector<double> launch;
@@ -120,7 +123,8 @@ int main(int argc, char** argv) {
     if (i >= 1000) job.push_back(Us(j0, Clock::now()));
   }
   const Stats l = Summarize(launch), j = Summarize(job);
-  std::printf("| in-process floor (driver API, %s) | p50 | p99 |\n|---|---|---|\n", arch.c_str());
+  std::printf("| in-process floor (driver API, %s, pool %s) | p50 | p99 |\n|---|---|---|\n",
+              arch.c_str(), keep ? "keeps memory" : "releases at sync");
   std::printf("| empty kernel launch + stream sync | %.1f us | %.1f us |\n", l.p50, l.p99);
   std::printf("| 4 KB saxpy job (alloc, 2 H2D, launch, D2H, free, sync) | %.1f us | %.1f us |\n",
               j.p50, j.p99);

@@ -50,6 +50,15 @@ StatusOr<std::shared_ptr<const CudaDriver>> LoadCudaDriver() {
   return std::shared_ptr<const CudaDriver>(std::move(d));
 }
 
+Status KeepPoolMemory(const CudaDriver& cu, CUdevice dev) {
+  CUmemoryPool pool;
+  GPUQ_CU_CHECK(cu, cuDeviceGetDefaultMemPool(&pool, dev), Code::kUnavailable);
+  cuuint64_t keep = ~cuuint64_t{0};
+  GPUQ_CU_CHECK(cu, cuMemPoolSetAttribute(pool, CU_MEMPOOL_ATTR_RELEASE_THRESHOLD, &keep),
+                Code::kUnavailable);
+  return Status::Ok();
+}
+
 bool IsSticky(CUresult r) {
   switch (r) {
     case CUDA_ERROR_ILLEGAL_ADDRESS:

@@ -26,7 +26,7 @@ struct CudaDriver {
   X(cuStreamSynchronize) X(cuEventCreate) X(cuEventDestroy) X(cuEventRecord)              \
   X(cuEventSynchronize) X(cuEventElapsedTime) X(cuMemAllocAsync) X(cuMemFreeAsync)        \
   X(cuMemcpyHtoDAsync) X(cuMemcpyDtoHAsync) X(cuMemsetD8Async) X(cuMemHostRegister)       \
-  X(cuMemHostUnregister)
+  X(cuMemHostUnregister) X(cuDeviceGetDefaultMemPool) X(cuMemPoolSetAttribute)
 #define GPUQ_CUDA_MEMBER(fn) decltype(&::fn) fn = nullptr;
   GPUQ_CUDA_FUNCTIONS(GPUQ_CUDA_MEMBER)
 #undef GPUQ_CUDA_MEMBER
@@ -44,6 +44,12 @@ StatusOr<std::shared_ptr<const CudaDriver>> LoadCudaDriver();
 // (DESIGN.md: a new context in the same process fails too): the worker
 // must exit and be restarted.
 bool IsSticky(CUresult r);
+
+// Makes the device's default stream-ordered memory pool keep what is freed
+// instead of returning it to the driver at each synchronization (its
+// release threshold is 0 by default): each allocation then reuses memory
+// rather than mapping it anew.
+Status KeepPoolMemory(const CudaDriver& cu, CUdevice dev);
 
 }  // namespace gpuq::worker
 

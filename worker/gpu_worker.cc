@@ -219,6 +219,7 @@ Status GpuWorker::Impl::Init() {
   GPUQ_CU_CHECK(*cu_, cuDeviceGet(&dev_, opt_.device), Code::kNotFound);
   GPUQ_CU_CHECK(*cu_, cuDevicePrimaryCtxRetain(&ctx_, dev_), Code::kUnavailable);
   GPUQ_CU_CHECK(*cu_, cuCtxSetCurrent(ctx_), Code::kUnavailable);
+  GPUQ_RETURN_IF_ERROR(KeepPoolMemory(*cu_, dev_));
   size_t free = 0, total = 0;
   GPUQ_CU_CHECK(*cu_, cuMemGetInfo(&free, &total), Code::kUnavailable);
   free_bytes_ = device_.free_bytes = free;
