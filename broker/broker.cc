@@ -207,6 +207,7 @@ class Broker::Impl {
   void CompileLoop();
   void RenderStats();
   StatsSnapshot Snapshot();
+  std::vector<schema::WorkerView> WorkerViews() const;
 
   BrokerOptions opt_;
   zmq::context_t ctx_;
@@ -609,7 +610,7 @@ void Broker::Impl::OnClientMessage(Frames& frames) {
       o.client = client;
       o.reply.op = ReplyOp::kDevices;
       o.reply.rid = req.rid;
-      o.reply.workers = Snapshot().workers;
+      o.reply.workers = WorkerViews();
       SendClient(o);
       return;
     }
@@ -1241,6 +1242,19 @@ StatsSnapshot Broker::Impl::Snapshot() {
     if (job->state == JobState::kDispatched) ++s.inflight;
     if (!job->compiling.empty()) ++s.compiling;
   }
+  s.workers = WorkerViews();
+  for (const auto& v : s.workers) s.inflight_by_worker[v.worker] = v.inflight;
+  auto cache = compiler_->cache().Stats();
+  if (cache.ok()) {
+    s.cache_entries = cache->entries;
+    s.cache_bytes = cache->bytes;
+  }
+  s.uptime_s = std::chrono::duration<double>(Clock::now() - started_).count();
+  return s;
+}
+
+std::vector<schema::WorkerView> Broker::Impl::WorkerViews() const {
+  std::vector<schema::WorkerView> views;
   const auto now = Clock::now();
   for (const auto& [id, w] : workers_) {
     schema::WorkerView v;
@@ -1250,16 +1264,9 @@ StatsSnapshot Broker::Impl::Snapshot() {
     v.inflight = static_cast<uint32_t>(w.inflight.size());
     v.heartbeat_age_ms = static_cast<uint64_t>(
         std::chrono::duration_cast<std::chrono::milliseconds>(now - w.last_seen).count());
-    s.inflight_by_worker[w.name] = v.inflight;
-    s.workers.push_back(std::move(v));
+    views.push_back(std::move(v));
   }
-  auto cache = compiler_->cache().Stats();
-  if (cache.ok()) {
-    s.cache_entries = cache->entries;
-    s.cache_bytes = cache->bytes;
-  }
-  s.uptime_s = std::chrono::duration<double>(now - started_).count();
-  return s;
+  return views;
 }
 
 void Broker::Impl::RenderStats() {

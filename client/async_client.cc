@@ -6,12 +6,12 @@
 #include <deque>
 #include <map>
 #include <mutex>
-#include <random>
 #include <thread>
 #include <zmq.hpp>
 #include <zmq_addon.hpp>
 
 #include "gpuq/client.h"
+#include "client/connection.h"
 #include "schema/codec.h"
 
 namespace gpuq {
@@ -21,25 +21,9 @@ using schema::ClientReply;
 using schema::ClientRequest;
 using schema::ReplyOp;
 using Clock = std::chrono::steady_clock;
+using client_internal::ToResult;
 using ResultCallback = std::function<void(StatusOr<JobResult>)>;
 
-namespace {
-
-JobResult ToResult(ClientReply& r, std::vector<zmq::message_t>& frames) {
-  JobResult out;
-  out.id = r.id;
-  out.state = r.state;
-  out.code = r.code;
-  out.error = std::move(r.error);
-  out.device = std::move(r.device);
-  out.attempts = r.attempts;
-  out.timing = r.timing;
-  out.output_args = std::move(r.outputs);
-  for (size_t i = 2; i < frames.size(); ++i) out.outputs.emplace_back(frames[i].to_string());
-  return out;
-}
-
-}  // namespace
 
 class AsyncClient::Impl {
  public:
@@ -48,25 +32,7 @@ class AsyncClient::Impl {
   Status Open(const std::string& endpoint) {
     wake_ = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     if (wake_ < 0) return Error(Code::kResourceExhausted, "eventfd failed");
-    try {
-      sock_ = zmq::socket_t(ctx_, zmq::socket_type::dealer);
-      std::random_device rd;
-      std::string id(16, '\0');
-      for (char& c : id) c = static_cast<char>(rd());
-      id[0] = 'f';  // ZeroMQ reserves routing ids that start with a zero byte
-      sock_.set(zmq::sockopt::routing_id, zmq::buffer(id));
-      sock_.set(zmq::sockopt::linger, 0);
-      sock_.set(zmq::sockopt::sndhwm, 1000000);
-      sock_.set(zmq::sockopt::rcvhwm, 1000000);
-      if (!opt_.server_key.empty()) {
-        sock_.set(zmq::sockopt::curve_serverkey, opt_.server_key);
-        sock_.set(zmq::sockopt::curve_publickey, opt_.public_key);
-        sock_.set(zmq::sockopt::curve_secretkey, opt_.secret_key);
-      }
-      sock_.connect(endpoint);
-    } catch (const zmq::error_t& e) {
-      return Error(Code::kUnavailable, "connect " + endpoint + ": " + e.what());
-    }
+    GPUQ_ASSIGN_OR_RETURN(sock_, client_internal::ConnectDealer(ctx_, endpoint, opt_, 'f'));
     thread_ = std::thread([this] { Loop(); });
     return Status::Ok();
   }

@@ -4,10 +4,10 @@
 
 #include <cstdlib>
 #include <deque>
-#include <random>
 #include <zmq.hpp>
 #include <zmq_addon.hpp>
 
+#include "client/connection.h"
 #include "schema/codec.h"
 
 namespace gpuq {
@@ -16,6 +16,7 @@ using schema::ClientOp;
 using schema::ClientReply;
 using schema::ClientRequest;
 using schema::ReplyOp;
+using client_internal::ToResult;
 using Clock = std::chrono::steady_clock;
 
 const std::string* JobResult::Output(uint32_t arg) const {
@@ -35,49 +36,12 @@ std::string DefaultEndpoint() {
   return "ipc://" + DefaultRuntimeFolder() + "/broker.sock";
 }
 
-namespace {
-
-JobResult ToResult(ClientReply& r, std::vector<zmq::message_t>& frames, size_t first) {
-  JobResult out;
-  out.id = r.id;
-  out.state = r.state;
-  out.code = r.code;
-  out.error = std::move(r.error);
-  out.device = std::move(r.device);
-  out.attempts = r.attempts;
-  out.timing = r.timing;
-  out.output_args = std::move(r.outputs);
-  for (size_t i = first; i < frames.size(); ++i) out.outputs.emplace_back(frames[i].to_string());
-  return out;
-}
-
-}  // namespace
-
 class Client::Impl {
  public:
-  Impl(ClientOptions o) : opt_(std::move(o)), socket_(ctx_, zmq::socket_type::dealer) {}
+  explicit Impl(ClientOptions o) : opt_(std::move(o)) {}
 
   Status Open(const std::string& endpoint) {
-    try {
-      // A stable routing id: the broker pushes results to it, also after
-      // either side reconnects.
-      std::random_device rd;
-      std::string id(16, '\0');
-      for (char& c : id) c = static_cast<char>(rd());
-      id[0] = 'c';  // ZeroMQ reserves routing ids that start with a zero byte
-      socket_.set(zmq::sockopt::routing_id, zmq::buffer(id));
-      socket_.set(zmq::sockopt::linger, 0);
-      socket_.set(zmq::sockopt::sndhwm, 1000000);
-      socket_.set(zmq::sockopt::rcvhwm, 1000000);
-      if (!opt_.server_key.empty()) {
-        socket_.set(zmq::sockopt::curve_serverkey, opt_.server_key);
-        socket_.set(zmq::sockopt::curve_publickey, opt_.public_key);
-        socket_.set(zmq::sockopt::curve_secretkey, opt_.secret_key);
-      }
-      socket_.connect(endpoint);
-    } catch (const zmq::error_t& e) {
-      return Error(Code::kUnavailable, "connect " + endpoint + ": " + e.what());
-    }
+    GPUQ_ASSIGN_OR_RETURN(socket_, client_internal::ConnectDealer(ctx_, endpoint, opt_, 'c'));
     return Status::Ok();
   }
 
@@ -154,12 +118,22 @@ class Client::Impl {
         if (r.rid != 0) return;  // a fetch nobody waits for any more
         e.kind = Event::kResult;
         e.id = r.id;
-        e.result = ToResult(r, frames, 2);
+        e.result = ToResult(r, frames);
         break;
       default:
         return;  // a late answer to a request that timed out
     }
     events_.push_back(std::move(e));
+  }
+
+  // A status or result request for job `id`, answered as a JobResult.
+  StatusOr<JobResult> AboutJob(ClientOp op, uint64_t id) {
+    ClientRequest req;
+    req.op = op;
+    req.id = id;
+    std::vector<zmq::message_t> frames;
+    GPUQ_ASSIGN_OR_RETURN(ClientReply r, Call(std::move(req), &frames));
+    return ToResult(r, frames);
   }
 
   // Sends `req` and waits for the reply with its rid.
@@ -246,28 +220,14 @@ StatusOr<JobResult> Client::Wait(uint64_t id, std::optional<Millis> timeout) {
     ClientReply r;
     std::vector<zmq::message_t> frames;
     GPUQ_RETURN_IF_ERROR(impl_->Receive(deadline, &r, &frames));
-    if (r.op == ReplyOp::kResult && r.rid == 0 && r.id == id) return ToResult(r, frames, 2);
+    if (r.op == ReplyOp::kResult && r.rid == 0 && r.id == id) return ToResult(r, frames);
     impl_->Keep(r, frames);
   }
 }
 
-StatusOr<JobResult> Client::GetStatus(uint64_t id) {
-  ClientRequest req;
-  req.op = ClientOp::kStatus;
-  req.id = id;
-  std::vector<zmq::message_t> frames;
-  GPUQ_ASSIGN_OR_RETURN(ClientReply r, impl_->Call(std::move(req), &frames));
-  return ToResult(r, frames, 2);
-}
+StatusOr<JobResult> Client::GetStatus(uint64_t id) { return impl_->AboutJob(ClientOp::kStatus, id); }
 
-StatusOr<JobResult> Client::Fetch(uint64_t id) {
-  ClientRequest req;
-  req.op = ClientOp::kResult;
-  req.id = id;
-  std::vector<zmq::message_t> frames;
-  GPUQ_ASSIGN_OR_RETURN(ClientReply r, impl_->Call(std::move(req), &frames));
-  return ToResult(r, frames, 2);
-}
+StatusOr<JobResult> Client::Fetch(uint64_t id) { return impl_->AboutJob(ClientOp::kResult, id); }
 
 StatusOr<schema::JobState> Client::Cancel(uint64_t id) {
   ClientRequest req;
