@@ -254,6 +254,7 @@ class Broker::Impl {
   std::thread zap_thread_;
   std::atomic<bool> zap_stop_{false};
   Clock::time_point next_heartbeat_, next_render_, next_purge_;
+  Clock::time_point workers_drained_;  // when the worker socket was last empty
 };
 
 // ---------------------------------------------------------------- setup
@@ -420,8 +421,14 @@ Status Broker::Impl::Run() {
     // Drain what is ready, bounded so that neither side starves the other.
     for (int i = 0; i < 4096; ++i) {
       Frames frames;
-      if (!zmq::recv_multipart(worker_sock_, std::back_inserter(frames), zmq::recv_flags::dontwait))
+      if (!zmq::recv_multipart(worker_sock_, std::back_inserter(frames),
+                               zmq::recv_flags::dontwait)) {
+        // Every worker message sent before now has been seen: a worker's
+        // silence is judged up to here, not up to the end of an iteration
+        // that a large job made long.
+        workers_drained_ = Clock::now();
         break;
+      }
       OnWorkerMessage(frames);
     }
     for (int i = 0; i < 4096; ++i) {
@@ -495,7 +502,7 @@ void Broker::Impl::Timers() {
     const auto silent = opt_.heartbeat * opt_.heartbeat_misses;
     std::vector<std::string> lost;
     for (auto& [id, w] : workers_) {
-      if (now - w.last_seen > silent) {
+      if (workers_drained_ - w.last_seen > silent) {
         lost.push_back(id);
         continue;
       }

@@ -67,6 +67,31 @@ std::vector<uint32_t> UnpackU32s(const std::string& s) {
   return v;
 }
 
+std::string BlobName(uint64_t id, char kind, uint64_t idx) {
+  return "j" + std::to_string(id) + "." + kind + std::to_string(idx);
+}
+
+// j<id>.<kind><idx> -> true and its parts.
+bool ParseBlobName(const std::string& name, uint64_t* id, char* kind, uint64_t* idx) {
+  if (name.size() < 5 || name[0] != 'j') return false;
+  size_t dot = name.find('.');
+  if (dot == std::string::npos || dot == 1 || dot + 2 >= name.size()) return false;
+  auto digits = [](std::string_view v, uint64_t* out) {
+    if (v.empty() || v.size() > 19) return false;
+    uint64_t x = 0;
+    for (char c : v) {
+      if (c < '0' || c > '9') return false;
+      x = x * 10 + uint64_t(c - '0');
+    }
+    *out = x;
+    return true;
+  };
+  *kind = name[dot + 1];
+  return (*kind == 'i' || *kind == 'o') &&
+         digits(std::string_view(name).substr(1, dot - 1), id) &&
+         digits(std::string_view(name).substr(dot + 2), idx);
+}
+
 }  // namespace
 
 StatusOr<std::unique_ptr<JobStore>> JobStore::Open(const std::string& path,
@@ -81,12 +106,81 @@ StatusOr<std::unique_ptr<JobStore>> JobStore::Open(const std::string& path,
     GPUQ_RETURN_IF_ERROR(db.Exec(kJobStoreSql));
     GPUQ_RETURN_IF_ERROR(tx.Commit());
   }
-  GPUQ_ASSIGN_OR_RETURN(sql::Stmt fmt, db.Prepare("SELECT value FROM meta WHERE name='format'"));
-  GPUQ_ASSIGN_OR_RETURN(bool row, fmt.Step());
-  if (!row || fmt.Text(0) != "1") {
+  std::string format;
+  {
+    GPUQ_ASSIGN_OR_RETURN(sql::Stmt fmt,
+                          db.Prepare("SELECT value FROM meta WHERE name='format'"));
+    GPUQ_ASSIGN_OR_RETURN(bool row, fmt.Step());
+    if (row) format = fmt.Text(0);
+  }
+  if (format == "1") {  // format 2 added the buffer files
+    sql::Transaction tx(&db);
+    GPUQ_RETURN_IF_ERROR(tx.Begin());
+    GPUQ_RETURN_IF_ERROR(db.Exec(
+        "ALTER TABLE job_inputs ADD COLUMN in_file INTEGER NOT NULL DEFAULT 0;"
+        "ALTER TABLE result_outputs ADD COLUMN in_file INTEGER NOT NULL DEFAULT 0;"
+        "UPDATE meta SET value = '2' WHERE name = 'format';"));
+    GPUQ_RETURN_IF_ERROR(tx.Commit());
+  } else if (format != "2") {
     return Error(Code::kInvalid, path + " is a job store of an unknown format");
   }
-  return std::unique_ptr<JobStore>(new JobStore(std::move(db)));
+  GPUQ_ASSIGN_OR_RETURN(BlobDir blobs, BlobDir::Open(path + ".blobs"));
+  std::unique_ptr<JobStore> store(new JobStore(std::move(db), std::move(blobs), durability));
+  GPUQ_RETURN_IF_ERROR(store->RemoveOrphans());
+  return store;
+}
+
+Status JobStore::RemoveOrphans() {
+  GPUQ_ASSIGN_OR_RETURN(std::vector<std::string> names, blobs_.List());
+  for (const std::string& name : names) {
+    uint64_t id = 0, idx = 0;
+    char kind = 0;
+    if (!ParseBlobName(name, &id, &kind, &idx)) continue;  // not ours
+    GPUQ_ASSIGN_OR_RETURN(
+        sql::Stmt * s,
+        Cached(kind == 'i'
+                   ? "SELECT 1 FROM job_inputs WHERE job_id = ?1 AND idx = ?2 AND in_file = 1"
+                   : "SELECT 1 FROM result_outputs WHERE job_id = ?1 AND idx = ?2 AND in_file = 1"));
+    GPUQ_ASSIGN_OR_RETURN(
+        bool named, s->Bind(1, static_cast<int64_t>(id)).Bind(2, static_cast<int64_t>(idx)).Step());
+    s->Reset();
+    if (!named) blobs_.Remove(name);
+  }
+  return Status::Ok();
+}
+
+Status JobStore::PutBuffer(const char* insert_sql, uint64_t id, size_t idx, char kind,
+                           std::string_view data) {
+  const bool in_file = data.size() >= kBlobFileMinBytes;
+  if (in_file) {
+    std::string name = BlobName(id, kind, idx);
+    GPUQ_RETURN_IF_ERROR(blobs_.Write(name, data, durability_ == Durability::kPowerLoss));
+    written_.push_back(std::move(name));
+  }
+  GPUQ_ASSIGN_OR_RETURN(sql::Stmt * s, Cached(insert_sql));
+  return s->Bind(1, static_cast<int64_t>(id))
+      .Bind(2, static_cast<int64_t>(idx))
+      .BindBlob(3, in_file ? std::string_view() : data)
+      .Bind(4, int64_t{in_file})
+      .Run();
+}
+
+Status JobStore::UnlinkAfterCommit(const char* select_sql, int64_t arg, char kind) {
+  GPUQ_ASSIGN_OR_RETURN(sql::Stmt * s, Cached(select_sql));
+  s->Bind(1, arg);
+  for (;;) {
+    GPUQ_ASSIGN_OR_RETURN(bool row, s->Step());
+    if (!row) break;
+    to_unlink_.push_back(
+        BlobName(static_cast<uint64_t>(s->Int(0)), kind, static_cast<uint64_t>(s->Int(1))));
+  }
+  return Status::Ok();
+}
+
+StatusOr<std::string> JobStore::GetBuffer(const sql::Stmt& s, uint64_t id, char kind) {
+  // Columns: data, in_file, idx.
+  if (s.Int(1) == 0) return s.Blob(0);
+  return blobs_.Read(BlobName(id, kind, static_cast<uint64_t>(s.Int(2))));
 }
 
 StatusOr<sql::Stmt*> JobStore::Cached(const char* sql) { return statements_.Get(db_, sql); }
@@ -98,8 +192,19 @@ Status JobStore::Begin() {
 }
 
 Status JobStore::Commit() {
-  Status s = db_.Exec("COMMIT");
-  if (!s.ok()) (void)db_.Exec("ROLLBACK");
+  Status s = Status::Ok();
+  // The rows name files that must exist after a power loss: their data is
+  // synced as written, their directory entries here.
+  if (durability_ == Durability::kPowerLoss && !written_.empty()) s = blobs_.SyncDir();
+  if (s.ok()) s = db_.Exec("COMMIT");
+  if (!s.ok()) {
+    (void)db_.Exec("ROLLBACK");
+    for (const std::string& name : written_) blobs_.Remove(name);
+  } else {
+    for (const std::string& name : to_unlink_) blobs_.Remove(name);
+  }
+  written_.clear();
+  to_unlink_.clear();
   in_tx_ = false;
   return s;
 }
@@ -125,10 +230,9 @@ StatusOr<uint64_t> JobStore::Insert(const StoredJob& job,
   GPUQ_RETURN_IF_ERROR(s->Run());
   const uint64_t id = static_cast<uint64_t>(sqlite3_last_insert_rowid(db_.get()));
   for (size_t i = 0; i < inputs.size(); ++i) {
-    GPUQ_ASSIGN_OR_RETURN(sql::Stmt * in,
-                          Cached("INSERT INTO job_inputs(job_id, idx, data) VALUES (?1, ?2, ?3)"));
-    GPUQ_RETURN_IF_ERROR(
-        in->Bind(1, static_cast<int64_t>(id)).Bind(2, int64_t(i)).BindBlob(3, inputs[i]).Run());
+    GPUQ_RETURN_IF_ERROR(PutBuffer(
+        "INSERT INTO job_inputs(job_id, idx, data, in_file) VALUES (?1, ?2, ?3, ?4)", id, i, 'i',
+        inputs[i]));
   }
   return id;
 }
@@ -162,6 +266,8 @@ Status JobStore::Finish(const StoredResult& r, const std::vector<std::string_vie
                            .Bind(3, finished_ms)
                            .Bind(4, id)
                            .Run());
+  GPUQ_RETURN_IF_ERROR(UnlinkAfterCommit(
+      "SELECT job_id, idx FROM job_inputs WHERE job_id = ?1 AND in_file = 1", id, 'i'));
   GPUQ_ASSIGN_OR_RETURN(sql::Stmt * d, Cached("DELETE FROM job_inputs WHERE job_id = ?1"));
   GPUQ_RETURN_IF_ERROR(d->Bind(1, id).Run());
   GPUQ_ASSIGN_OR_RETURN(
@@ -176,10 +282,9 @@ Status JobStore::Finish(const StoredResult& r, const std::vector<std::string_vie
                            .BindBlob(6, PackU32s(r.outputs))
                            .Run());
   for (size_t i = 0; i < outputs.size(); ++i) {
-    GPUQ_ASSIGN_OR_RETURN(
-        sql::Stmt * o,
-        Cached("INSERT OR REPLACE INTO result_outputs(job_id, idx, data) VALUES (?1, ?2, ?3)"));
-    GPUQ_RETURN_IF_ERROR(o->Bind(1, id).Bind(2, int64_t(i)).BindBlob(3, outputs[i]).Run());
+    GPUQ_RETURN_IF_ERROR(PutBuffer(
+        "INSERT OR REPLACE INTO result_outputs(job_id, idx, data, in_file) VALUES (?1, ?2, ?3, ?4)",
+        r.id, i, 'o', outputs[i]));
   }
   return Status::Ok();
 }
@@ -208,13 +313,15 @@ StatusOr<std::vector<StoredJob>> JobStore::LoadUnfinished(const schema::Limits& 
   }
   for (StoredJob& j : jobs) {
     GPUQ_ASSIGN_OR_RETURN(
-        sql::Stmt * in, Cached("SELECT data FROM job_inputs WHERE job_id = ?1 ORDER BY idx"));
+        sql::Stmt * in,
+        Cached("SELECT data, in_file, idx FROM job_inputs WHERE job_id = ?1 ORDER BY idx"));
     in->Bind(1, static_cast<int64_t>(j.id));
     std::vector<uint64_t> sizes;
     for (;;) {
       GPUQ_ASSIGN_OR_RETURN(bool row, in->Step());
       if (!row) break;
-      j.inputs.push_back(in->Blob(0));
+      GPUQ_ASSIGN_OR_RETURN(std::string data, GetBuffer(*in, j.id, 'i'));
+      j.inputs.push_back(std::move(data));
       sizes.push_back(j.inputs.back().size());
     }
     const std::string spec = std::move(j.spec.kernel.source);
@@ -261,18 +368,24 @@ StatusOr<std::optional<StoredResult>> JobStore::GetResult(uint64_t id) {
   r.device = s->Text(4);
   r.timing = UnpackTiming(s->Blob(5));
   r.outputs = UnpackU32s(s->Blob(6));
-  GPUQ_ASSIGN_OR_RETURN(sql::Stmt * o,
-                        Cached("SELECT data FROM result_outputs WHERE job_id = ?1 ORDER BY idx"));
+  GPUQ_ASSIGN_OR_RETURN(
+      sql::Stmt * o,
+      Cached("SELECT data, in_file, idx FROM result_outputs WHERE job_id = ?1 ORDER BY idx"));
   o->Bind(1, static_cast<int64_t>(id));
   for (;;) {
     GPUQ_ASSIGN_OR_RETURN(bool more, o->Step());
     if (!more) break;
-    r.data.push_back(o->Blob(0));
+    GPUQ_ASSIGN_OR_RETURN(std::string data, GetBuffer(*o, id, 'o'));
+    r.data.push_back(std::move(data));
   }
   return std::optional<StoredResult>(std::move(r));
 }
 
 StatusOr<uint64_t> JobStore::PurgeFinished(int64_t before_ms) {
+  GPUQ_RETURN_IF_ERROR(UnlinkAfterCommit(
+      "SELECT o.job_id, o.idx FROM result_outputs o JOIN jobs j ON j.id = o.job_id "
+      "WHERE o.in_file = 1 AND j.finished_ms IS NOT NULL AND j.finished_ms < ?1",
+      before_ms, 'o'));
   GPUQ_ASSIGN_OR_RETURN(sql::Stmt * s,
                         Cached("DELETE FROM jobs WHERE finished_ms IS NOT NULL AND finished_ms < ?1"));
   GPUQ_RETURN_IF_ERROR(s->Bind(1, before_ms).Run());

@@ -14,6 +14,7 @@
 #include <string_view>
 #include <vector>
 
+#include "broker/blob_dir.h"
 #include "schema/messages.h"
 #include "util/sqlite.h"
 
@@ -23,6 +24,9 @@ enum class Durability {
   kProcessCrash,  // survives a crash of the broker (SQLite WAL, synchronous=NORMAL)
   kPowerLoss,     // survives power loss too (synchronous=FULL: fsync per commit)
 };
+
+// Buffers of this size or more are files of the blob directory, not blobs.
+inline constexpr size_t kBlobFileMinBytes = 64 * 1024;
 
 struct StoredJob {
   uint64_t id = 0;
@@ -50,10 +54,15 @@ struct StoredResult {
 
 class JobStore {
  public:
+  // Opens or creates the store at `path` and its blob directory
+  // `path`.blobs; migrates a format-1 store; removes blob files no row
+  // names (written by a transaction that never committed).
   static StatusOr<std::unique_ptr<JobStore>> Open(const std::string& path,
                                                  Durability durability);
 
   Status Begin();
+  // Commits; then unlinks the blob files of rows the transaction deleted.
+  // On failure rolls back and unlinks the files it wrote.
   Status Commit();
   bool in_transaction() const { return in_tx_; }
 
@@ -78,12 +87,25 @@ class JobStore {
   StatusOr<uint64_t> CountJobs();
 
  private:
-  explicit JobStore(sql::Db db) : db_(std::move(db)) {}
+  JobStore(sql::Db db, BlobDir blobs, Durability durability)
+      : db_(std::move(db)), blobs_(std::move(blobs)), durability_(durability) {}
   StatusOr<sql::Stmt*> Cached(const char* sql);
+  Status RemoveOrphans();
+  // Writes one buffer's row into `table`, or its file and a row naming it.
+  Status PutBuffer(const char* insert_sql, uint64_t id, size_t idx, char kind,
+                   std::string_view data);
+  // The job's buffer files of a query (job_id = ?1, in_file rows), to unlink
+  // after commit.
+  Status UnlinkAfterCommit(const char* select_sql, int64_t arg, char kind);
+  StatusOr<std::string> GetBuffer(const sql::Stmt& s, uint64_t id, char kind);
 
   sql::Db db_;
+  BlobDir blobs_;
+  Durability durability_;
   sql::StatementCache statements_;
   bool in_tx_ = false;
+  std::vector<std::string> written_;      // files of the open transaction
+  std::vector<std::string> to_unlink_;    // files whose rows it deletes
 };
 
 }  // namespace gpuq::broker

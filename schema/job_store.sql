@@ -1,4 +1,4 @@
--- gpuq job store, format version 1 (see schema/PROTOCOL.md). One SQLite file
+-- gpuq job store, format version 2 (see schema/PROTOCOL.md). One SQLite file
 -- in WAL mode, written by the broker only. A job is acknowledged to its client
 -- only after its row is committed.
 
@@ -27,11 +27,16 @@ CREATE UNIQUE INDEX IF NOT EXISTS jobs_by_key ON jobs(tenant, client_key)
 CREATE INDEX IF NOT EXISTS jobs_unfinished ON jobs(state) WHERE state = 'queued';
 CREATE INDEX IF NOT EXISTS jobs_by_finish ON jobs(finished_ms) WHERE finished_ms IS NOT NULL;
 
--- Input buffers (payload frames), removed when the job ends.
+-- Input buffers (payload frames), removed when the job ends. A buffer of
+-- 64 KiB or more is a file of the blob directory (the store's path +
+-- ".blobs/", named j<job_id>.i<idx>) and its row holds in_file = 1 and an
+-- empty data. The file is written before the row commits and unlinked after
+-- the row's deletion commits; files no row names are removed at start.
 CREATE TABLE IF NOT EXISTS job_inputs (
-  job_id INTEGER NOT NULL REFERENCES jobs(id) ON DELETE CASCADE,
-  idx    INTEGER NOT NULL,
-  data   BLOB NOT NULL,
+  job_id  INTEGER NOT NULL REFERENCES jobs(id) ON DELETE CASCADE,
+  idx     INTEGER NOT NULL,
+  data    BLOB NOT NULL,
+  in_file INTEGER NOT NULL DEFAULT 0,
   PRIMARY KEY (job_id, idx)
 ) STRICT, WITHOUT ROWID;
 
@@ -45,11 +50,14 @@ CREATE TABLE IF NOT EXISTS results (
   outputs   BLOB NOT NULL                -- msgpack [arg index...]
 ) STRICT;
 
+-- Output buffers; as for inputs, one of 64 KiB or more is the file
+-- j<job_id>.o<idx> of the blob directory.
 CREATE TABLE IF NOT EXISTS result_outputs (
-  job_id INTEGER NOT NULL REFERENCES results(job_id) ON DELETE CASCADE,
-  idx    INTEGER NOT NULL,
-  data   BLOB NOT NULL,
+  job_id  INTEGER NOT NULL REFERENCES results(job_id) ON DELETE CASCADE,
+  idx     INTEGER NOT NULL,
+  data    BLOB NOT NULL,
+  in_file INTEGER NOT NULL DEFAULT 0,
   PRIMARY KEY (job_id, idx)
 ) STRICT, WITHOUT ROWID;
 
-INSERT OR IGNORE INTO meta(name, value) VALUES ('format', '1');
+INSERT OR IGNORE INTO meta(name, value) VALUES ('format', '2');

@@ -739,6 +739,49 @@ TEST_F(BrokerTest, QueuedJobsSurviveARestartAndRunAfterwards) {
   }
 }
 
+TEST_F(BrokerTest, LargeBuffersSurviveAKillAndComeBackWhole) {
+  // 1 MiB buffers go to the store's blob files, not into SQLite.
+  auto c = Connect();
+  std::vector<std::pair<uint64_t, std::string>> jobs;
+  for (int i = 0; i < 3; ++i) {
+    std::string input(1 << 20, '\0');
+    for (size_t b = 0; b < input.size(); ++b) input[b] = static_cast<char>(b * 31 + i);
+    auto id = c->Submit(Job("k", input, 100000));
+    ASSERT_TRUE(id.ok()) << id.status().ToString();
+    jobs.emplace_back(*id, input);
+  }
+  broker_->Kill();
+  ASSERT_TRUE(broker_->Start()) << Log();
+  EXPECT_EQ(broker_->resumed(), 3u);
+  AddWorker();
+  for (const auto& [id, input] : jobs) {
+    auto r = c->Wait(id, Millis(20000));
+    ASSERT_TRUE(r.ok()) << r.status().ToString();
+    ASSERT_EQ(r->state, JobState::kDone) << r->error;
+    ASSERT_NE(r->Output(0), nullptr);
+    std::string expect = input;
+    for (char& ch : expect) ch = static_cast<char>(ch + 1);
+    EXPECT_TRUE(*r->Output(0) == expect) << "inout came back +1, byte for byte";
+    ASSERT_NE(r->Output(2), nullptr);
+    EXPECT_EQ(*r->Output(2), std::string(100000, '\x03'));
+    auto again = c->Fetch(id);  // from the store's files
+    ASSERT_TRUE(again.ok()) << again.status().ToString();
+    EXPECT_TRUE(*again->Output(0) == expect);
+  }
+  // The inputs' files went with the jobs' ends; each result's two large
+  // outputs remain.
+  std::set<std::string> files;
+  for (const auto& e : std::filesystem::directory_iterator(broker_->store() + ".blobs")) {
+    files.insert(e.path().filename().string());
+  }
+  std::set<std::string> expect;
+  for (const auto& [id, input] : jobs) {
+    expect.insert("j" + std::to_string(id) + ".o0");
+    expect.insert("j" + std::to_string(id) + ".o1");
+  }
+  EXPECT_EQ(files, expect);
+}
+
 // ------------------------------------------------------------ hostile peers
 
 TEST_F(BrokerTest, MalformedOversizedAndOutOfOrderMessagesGetErrorsWhileServingGoesOn) {

@@ -26,7 +26,8 @@ struct CudaDriver {
   X(cuStreamSynchronize) X(cuEventCreate) X(cuEventDestroy) X(cuEventRecord)              \
   X(cuEventSynchronize) X(cuEventElapsedTime) X(cuMemAllocAsync) X(cuMemFreeAsync)        \
   X(cuMemcpyHtoDAsync) X(cuMemcpyDtoHAsync) X(cuMemsetD8Async) X(cuMemHostRegister)       \
-  X(cuMemHostUnregister) X(cuDeviceGetDefaultMemPool) X(cuMemPoolSetAttribute)
+  X(cuMemHostUnregister) X(cuDeviceGetDefaultMemPool) X(cuMemPoolSetAttribute)           \
+  X(cuMemHostAlloc) X(cuMemFreeHost)
 #define GPUQ_CUDA_MEMBER(fn) decltype(&::fn) fn = nullptr;
   GPUQ_CUDA_FUNCTIONS(GPUQ_CUDA_MEMBER)
 #undef GPUQ_CUDA_MEMBER

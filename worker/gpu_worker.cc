@@ -18,6 +18,7 @@
 
 #include "schema/codec.h"
 #include "util/sha256.h"
+#include "worker/pinned_pool.h"
 
 namespace gpuq::worker {
 namespace {
@@ -198,6 +199,7 @@ class GpuWorker::Impl {
   zmq::context_t zctx_;
   zmq::socket_t sock_;
   int done_fd_ = -1;
+  std::unique_ptr<PinnedPool> pinned_;  // outputs' host buffers
   ModuleSet modules_;
   Graveyard graveyard_;
   std::atomic<uint64_t> free_bytes_{0};
@@ -220,6 +222,7 @@ Status GpuWorker::Impl::Init() {
   GPUQ_CU_CHECK(*cu_, cuDevicePrimaryCtxRetain(&ctx_, dev_), Code::kUnavailable);
   GPUQ_CU_CHECK(*cu_, cuCtxSetCurrent(ctx_), Code::kUnavailable);
   GPUQ_RETURN_IF_ERROR(KeepPoolMemory(*cu_, dev_));
+  pinned_ = std::make_unique<PinnedPool>(*cu_, opt_.pinned_bytes);
   size_t free = 0, total = 0;
   GPUQ_CU_CHECK(*cu_, cuMemGetInfo(&free, &total), Code::kUnavailable);
   free_bytes_ = device_.free_bytes = free;
@@ -258,6 +261,12 @@ GpuWorker::Impl::~Impl() {
   inflight_.clear();
   modules_.Clear();
   if (ctx_) {
+    // ZeroMQ may still hold outputs in pinned buffers: it lets go of them
+    // when its context closes.
+    sock_.close();
+    zctx_.close();
+    (void)cu_->cuCtxSetCurrent(ctx_);
+    if (pinned_) pinned_->FreeAll();
     graveyard_.Clear(*cu_);
     (void)cu_->cuDevicePrimaryCtxRelease(dev_);
   }
@@ -462,7 +471,7 @@ Done GpuWorker::Impl::Execute(const std::shared_ptr<Task>& task, CUstream stream
   if (e != CUDA_SUCCESS) return cu_fail(e, "launch");
   cu_->cuEventRecord(ev[2], stream);
   for (auto [i, size] : outs) {
-    zmq::message_t out(size);
+    zmq::message_t out = pinned_->Message(size);
     if (size > 0) {
       e = cu_->cuMemcpyDtoHAsync(out.data(), slots[i], size, stream);
       if (e != CUDA_SUCCESS) return cu_fail(e, "copying outputs from the device");

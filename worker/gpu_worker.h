@@ -26,6 +26,8 @@ struct WorkerOptions {
   uint32_t slots = 16;     // jobs held at once (credits)
   uint32_t streams = 4;    // executor threads, one stream each
   uint32_t module_slots = 256;
+  // Page-locked host memory kept for outputs' device-to-host copies.
+  size_t pinned_bytes = 512u << 20;
   std::chrono::milliseconds heartbeat{500};
   // CURVE: the broker's public key and this worker's key pair (Z85).
   std::string server_key, public_key, secret_key;

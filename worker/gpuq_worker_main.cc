@@ -41,6 +41,10 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--module-slots", o.module_slots, "Modules kept loaded")->capture_default_str();
   app.add_option("--heartbeat-ms", heartbeat_ms, "Heartbeat interval")->capture_default_str();
+  size_t pinned_mib = o.pinned_bytes >> 20;
+  app.add_option("--pinned-mib", pinned_mib,
+                 "Page-locked host memory kept for outputs (MiB); past it, pageable")
+      ->capture_default_str();
   app.add_flag("--count", count, "Print the number of GPUs and exit");
   app.add_flag("--info", info, "Print the GPUs' properties as JSON and exit");
   app.add_option("--log-level", log_level)->capture_default_str();
@@ -51,6 +55,7 @@ int main(int argc, char** argv) {
   spdlog::set_level(spdlog::level::from_str(log_level));
   spdlog::set_pattern("%Y-%m-%dT%H:%M:%S.%e %^%l%$ gpuq-worker[%P]: %v");
   o.heartbeat = std::chrono::milliseconds(heartbeat_ms);
+  o.pinned_bytes = pinned_mib << 20;
   if (!key.empty()) {
     auto server = gpuq::ReadCurvePublicKey(server_key);
     auto mine = gpuq::ReadCurveSecretKey(key);

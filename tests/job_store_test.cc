@@ -1,0 +1,201 @@
+// The job store on a real SQLite file and blob directory: which buffers
+// become files, when the files go, what a restart finds, and the migration
+// of a format-1 store.
+#include "broker/job_store.h"
+
+#include <gtest/gtest.h>
+#include <sqlite3.h>
+
+#include <filesystem>
+#include <set>
+
+#include "schema/codec.h"
+#include "tests/test_util.h"
+
+namespace gpuq::broker {
+namespace {
+
+namespace fs = std::filesystem;
+using schema::Arg;
+
+std::set<std::string> Files(const std::string& dir) {
+  std::set<std::string> names;
+  for (const auto& e : fs::directory_iterator(dir)) names.insert(e.path().filename().string());
+  return names;
+}
+
+StoredJob Job(size_t inputs) {
+  StoredJob j;
+  j.tenant = "t";
+  j.client = "client-routing-id";
+  j.accepted_ms = 1000;
+  j.spec.kernel.source = "extern \"C\" __global__ void k(const char*, const char*) {}";
+  j.spec.kernel.entry = "k";
+  j.spec.launch.grid = {1, 1, 1};
+  j.spec.launch.block = {1, 1, 1};
+  for (uint32_t i = 0; i < inputs; ++i) j.spec.args.push_back(Arg::In(i));
+  return j;
+}
+
+std::string Bytes(size_t n, char seed) {
+  std::string s(n, '\0');
+  for (size_t i = 0; i < n; ++i) s[i] = static_cast<char>(seed + i * 7);
+  return s;
+}
+
+TEST(JobStore, LargeBuffersAreFilesThatLiveAsLongAsTheirRows) {
+  gpuq::testing::TempDir dir;
+  const std::string path = dir.File("jobs.db"), blobs = path + ".blobs";
+  auto store = JobStore::Open(path, Durability::kProcessCrash);
+  ASSERT_TRUE(store.ok()) << store.status().ToString();
+  JobStore& s = **store;
+
+  const std::string small = Bytes(kBlobFileMinBytes - 1, 'a');
+  const std::string large = Bytes(kBlobFileMinBytes * 3 + 5, 'b');
+  ASSERT_TRUE(s.Begin().ok());
+  auto id = s.Insert(Job(2), {small, large});
+  ASSERT_TRUE(id.ok()) << id.status().ToString();
+  ASSERT_TRUE(s.Commit().ok());
+  const std::string in1 = "j" + std::to_string(*id) + ".i1";
+  EXPECT_EQ(Files(blobs), std::set<std::string>{in1});
+  EXPECT_EQ(gpuq::testing::ReadFile(blobs + "/" + in1), large);
+
+  // A restart finds the job with both inputs, the large one from its file.
+  store->reset();
+  store = JobStore::Open(path, Durability::kProcessCrash);
+  ASSERT_TRUE(store.ok()) << store.status().ToString();
+  auto jobs = (*store)->LoadUnfinished(schema::Limits{});
+  ASSERT_TRUE(jobs.ok()) << jobs.status().ToString();
+  ASSERT_EQ(jobs->size(), 1u);
+  ASSERT_EQ((*jobs)[0].inputs.size(), 2u);
+  EXPECT_EQ((*jobs)[0].inputs[0], small);
+  EXPECT_EQ((*jobs)[0].inputs[1], large);
+
+  // Finishing drops the input file (after the commit) and writes the large
+  // output's file.
+  StoredResult r;
+  r.id = *id;
+  r.outputs = {0, 1};
+  const std::string out_small = Bytes(10, 'c'), out_large = Bytes(kBlobFileMinBytes, 'd');
+  ASSERT_TRUE((*store)->Begin().ok());
+  ASSERT_TRUE((*store)->Finish(r, {out_small, out_large}, 5000).ok());
+  EXPECT_TRUE(fs::exists(blobs + "/" + in1)) << "unlinked before its row's deletion committed";
+  ASSERT_TRUE((*store)->Commit().ok());
+  const std::string out1 = "j" + std::to_string(*id) + ".o1";
+  EXPECT_EQ(Files(blobs), std::set<std::string>{out1});
+  auto got = (*store)->GetResult(*id);
+  ASSERT_TRUE(got.ok() && got->has_value());
+  ASSERT_EQ((*got)->data.size(), 2u);
+  EXPECT_EQ((*got)->data[0], out_small);
+  EXPECT_EQ((*got)->data[1], out_large);
+
+  // Past retention the result goes, and its file with it.
+  ASSERT_TRUE((*store)->Begin().ok());
+  auto purged = (*store)->PurgeFinished(6000);
+  ASSERT_TRUE(purged.ok());
+  EXPECT_EQ(*purged, 1u);
+  ASSERT_TRUE((*store)->Commit().ok());
+  EXPECT_TRUE(Files(blobs).empty());
+}
+
+TEST(JobStore, FilesNoCommittedRowNamesAreRemovedAtOpen) {
+  gpuq::testing::TempDir dir;
+  const std::string path = dir.File("jobs.db"), blobs = path + ".blobs";
+  {
+    auto store = JobStore::Open(path, Durability::kPowerLoss);
+    ASSERT_TRUE(store.ok());
+    ASSERT_TRUE((*store)->Begin().ok());
+    ASSERT_TRUE((*store)->Insert(Job(1), {Bytes(kBlobFileMinBytes, 'x')}).ok());
+    ASSERT_TRUE((*store)->Commit().ok());
+  }
+  // As a crash between a file's write and its row's commit leaves them.
+  gpuq::testing::WriteFile(blobs + "/j77.i0", "never committed");
+  gpuq::testing::WriteFile(blobs + "/j1.o3", "never committed");
+  gpuq::testing::WriteFile(blobs + "/README", "not the store's");
+  auto store = JobStore::Open(path, Durability::kPowerLoss);
+  ASSERT_TRUE(store.ok()) << store.status().ToString();
+  EXPECT_EQ(Files(blobs), (std::set<std::string>{"j1.i0", "README"}));
+}
+
+TEST(JobStore, AFormatOneStoreIsMigratedWithItsJobs) {
+  gpuq::testing::TempDir dir;
+  const std::string path = dir.File("jobs.db");
+  const StoredJob job = Job(1);
+  {
+    sqlite3* db = nullptr;
+    ASSERT_EQ(sqlite3_open(path.c_str(), &db), SQLITE_OK);
+    // Format 1, as released: no in_file columns.
+    const char* v1 =
+        "PRAGMA journal_mode=WAL;"
+        "CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT NOT NULL) STRICT;"
+        "CREATE TABLE jobs (id INTEGER PRIMARY KEY, tenant TEXT NOT NULL, client_key TEXT,"
+        " priority INTEGER NOT NULL, state TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,"
+        " suspect INTEGER NOT NULL DEFAULT 0, accepted_ms INTEGER NOT NULL,"
+        " deadline_ms INTEGER NOT NULL, spec BLOB NOT NULL, client BLOB NOT NULL,"
+        " finished_ms INTEGER) STRICT;"
+        "CREATE TABLE job_inputs (job_id INTEGER NOT NULL REFERENCES jobs(id) ON DELETE CASCADE,"
+        " idx INTEGER NOT NULL, data BLOB NOT NULL, PRIMARY KEY (job_id, idx)) STRICT,"
+        " WITHOUT ROWID;"
+        "CREATE TABLE results (job_id INTEGER PRIMARY KEY REFERENCES jobs(id) ON DELETE CASCADE,"
+        " code TEXT NOT NULL, error TEXT NOT NULL, device TEXT NOT NULL, timing BLOB NOT NULL,"
+        " outputs BLOB NOT NULL) STRICT;"
+        "CREATE TABLE result_outputs (job_id INTEGER NOT NULL REFERENCES results(job_id)"
+        " ON DELETE CASCADE, idx INTEGER NOT NULL, data BLOB NOT NULL,"
+        " PRIMARY KEY (job_id, idx)) STRICT, WITHOUT ROWID;"
+        "INSERT INTO meta VALUES ('format', '1');";
+    ASSERT_EQ(sqlite3_exec(db, v1, nullptr, nullptr, nullptr), SQLITE_OK) << sqlite3_errmsg(db);
+    sqlite3_stmt* st = nullptr;
+    ASSERT_EQ(sqlite3_prepare_v2(db,
+                                 "INSERT INTO jobs(id, tenant, priority, state, accepted_ms, "
+                                 "deadline_ms, spec, client) VALUES (7, 't', 4, 'queued', 1, 0, "
+                                 "?1, x'00')",
+                                 -1, &st, nullptr),
+              SQLITE_OK);
+    const std::string spec = schema::EncodeJobSpec(job.spec);
+    sqlite3_bind_blob(st, 1, spec.data(), int(spec.size()), SQLITE_TRANSIENT);
+    ASSERT_EQ(sqlite3_step(st), SQLITE_DONE);
+    sqlite3_finalize(st);
+    ASSERT_EQ(sqlite3_prepare_v2(db, "INSERT INTO job_inputs VALUES (7, 0, ?1)", -1, &st, nullptr),
+              SQLITE_OK);
+    const std::string input = Bytes(kBlobFileMinBytes * 2, 'm');  // inline in format 1
+    sqlite3_bind_blob(st, 1, input.data(), int(input.size()), SQLITE_TRANSIENT);
+    ASSERT_EQ(sqlite3_step(st), SQLITE_DONE);
+    sqlite3_finalize(st);
+    sqlite3_close(db);
+  }
+  auto store = JobStore::Open(path, Durability::kProcessCrash);
+  ASSERT_TRUE(store.ok()) << store.status().ToString();
+  auto jobs = (*store)->LoadUnfinished(schema::Limits{});
+  ASSERT_TRUE(jobs.ok()) << jobs.status().ToString();
+  ASSERT_EQ(jobs->size(), 1u);
+  EXPECT_EQ((*jobs)[0].id, 7u);
+  ASSERT_EQ((*jobs)[0].inputs.size(), 1u);
+  EXPECT_EQ((*jobs)[0].inputs[0], Bytes(kBlobFileMinBytes * 2, 'm'));
+  // New rows of the migrated store use files.
+  ASSERT_TRUE((*store)->Begin().ok());
+  auto id = (*store)->Insert(job, {Bytes(kBlobFileMinBytes, 'n')});
+  ASSERT_TRUE(id.ok()) << id.status().ToString();
+  ASSERT_TRUE((*store)->Commit().ok());
+  EXPECT_TRUE(fs::exists(path + ".blobs/j" + std::to_string(*id) + ".i0"));
+}
+
+TEST(JobStore, AStoreOfAnUnknownFormatIsRefused) {
+  gpuq::testing::TempDir dir;
+  const std::string path = dir.File("jobs.db");
+  {
+    auto store = JobStore::Open(path, Durability::kProcessCrash);
+    ASSERT_TRUE(store.ok());
+  }
+  sqlite3* db = nullptr;
+  ASSERT_EQ(sqlite3_open(path.c_str(), &db), SQLITE_OK);
+  ASSERT_EQ(sqlite3_exec(db, "UPDATE meta SET value = '9' WHERE name = 'format'", nullptr, nullptr,
+                         nullptr),
+            SQLITE_OK);
+  sqlite3_close(db);
+  auto store = JobStore::Open(path, Durability::kProcessCrash);
+  ASSERT_FALSE(store.ok());
+  EXPECT_NE(store.status().message().find("unknown format"), std::string::npos);
+}
+
+}  // namespace
+}  // namespace gpuq::broker
