@@ -148,6 +148,9 @@ int main(int argc, char** argv) {
   uint64_t buffer_mib = 0;
   app.add_option("--buffer-mib", buffer_mib,
                  "Instead: jobs with one input and one output of this many MiB; GB/s");
+  int spin_us = 0;
+  app.add_option("--spin-us", spin_us,
+                 "gpuqd's and gpuq-worker's --spin-us (poll without sleeping after a message)");
   CLI11_PARSE(app, argc, argv);
 
   std::string dir = std::filesystem::temp_directory_path().string() + "/gpuq-bench-XXXXXX";
@@ -156,12 +159,14 @@ int main(int argc, char** argv) {
   pid_t broker = Spawn({Beside("gpuqd"), "--listen", client_ep, "--worker-listen", worker_ep,
                         "--store", dir + "/jobs.db", "--cache", dir + "/k.db", "--workers", "0",
                         "--durability", durability, "--log-level", "warn", "--max-queued",
-                        "1000000", "--max-queued-per-tenant", "1000000"},
+                        "1000000", "--max-queued-per-tenant", "1000000", "--spin-us",
+                        std::to_string(spin_us)},
                        dir + "/gpuqd.log");
   std::vector<pid_t> workers;
   for (int g = 0; g < (gpu ? gpus : 1); ++g) {
     workers.push_back(gpu ? Spawn({Beside("gpuq-worker"), "--broker", worker_ep, "--device",
-                                   std::to_string(g), "--slots", "256", "--streams", "8"},
+                                   std::to_string(g), "--slots", "256", "--streams", "8",
+                                   "--spin-us", std::to_string(spin_us)},
                                   dir + "/worker.log")
                           : Spawn({Beside("gpuq-fake-worker"), "--broker", worker_ep, "--slots",
                                    "1024"},

@@ -7,6 +7,7 @@
 
 #include <cerrno>
 #include <cstring>
+#include <ctime>
 #include <memory>
 
 namespace gpuq::broker {
@@ -77,6 +78,34 @@ StatusOr<std::string> BlobDir::Read(const std::string& name) const {
 
 void BlobDir::Remove(const std::string& name) const {
   (void)unlink((path_ + "/" + name).c_str());
+}
+
+Status BlobDir::Adopt(const std::string& from, const std::string& to, uint64_t* size,
+                      bool sync) const {
+  // Renamed first, then checked under its new name: what is checked is what
+  // the store keeps.
+  const std::string src = path_ + "/" + from, dst = path_ + "/" + to;
+  if (rename(src.c_str(), dst.c_str()) != 0) return Errno("renaming " + src);
+  Fd f(open(dst.c_str(), O_RDONLY | O_NOFOLLOW | O_CLOEXEC));
+  struct stat st {};
+  if (f.fd < 0 || fstat(f.fd, &st) != 0 || !S_ISREG(st.st_mode) || st.st_nlink != 1) {
+    (void)unlink(dst.c_str());
+    return Error(Code::kInvalid, src + " is not a plain file");
+  }
+  *size = static_cast<uint64_t>(st.st_size);
+  if (sync && fdatasync(f.fd) != 0) return Errno("syncing " + dst);
+  return Status::Ok();
+}
+
+void BlobDir::RemoveStale(const std::string& prefix, int64_t age_s) const {
+  auto names = List();
+  if (!names.ok()) return;
+  const time_t now = time(nullptr);
+  for (const std::string& name : *names) {
+    if (name.rfind(prefix, 0) != 0) continue;
+    struct stat st {};
+    if (lstat((path_ + "/" + name).c_str(), &st) == 0 && now - st.st_mtime > age_s) Remove(name);
+  }
 }
 
 Status BlobDir::SyncDir() const {

@@ -28,6 +28,13 @@ class BlobDir {
   StatusOr<std::string> Read(const std::string& name) const;
   // Best effort: a file already gone is not an error.
   void Remove(const std::string& name) const;
+  // Renames `from` to `to` (both names in the directory) and checks that
+  // `to` is a regular file of one link (else removes it: kInvalid); with
+  // `sync` its data is then on stable storage. `size` gets its size.
+  Status Adopt(const std::string& from, const std::string& to, uint64_t* size, bool sync) const;
+  // Removes the files whose names start with `prefix` and that were last
+  // changed more than `age_s` seconds ago.
+  void RemoveStale(const std::string& prefix, int64_t age_s) const;
   Status SyncDir() const;
   // The names of the regular files in the directory.
   StatusOr<std::vector<std::string>> List() const;

@@ -1,10 +1,15 @@
 #include "broker/broker.h"
 
 #include <spdlog/spdlog.h>
+#include <fcntl.h>
 #include <sys/eventfd.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
+#include <cstring>
 #include <condition_variable>
 #include <deque>
 #include <filesystem>
@@ -111,6 +116,7 @@ struct Job {
   Clock::time_point accepted;
   schema::JobSpec spec;
   std::vector<zmq::message_t> inputs;
+  std::vector<schema::LocalFile> input_files;  // inputs after `inputs`, full paths
   uint64_t input_bytes = 0;
   JobState state = JobState::kQueued;
   uint32_t attempts = 0;
@@ -133,6 +139,7 @@ struct Worker {
   ModuleSet modules{0};
   Clock::time_point last_seen;
   bool exclusive = false;  // running a suspect alone
+  bool local = false;      // on this host: reads and writes the local directory
 };
 
 struct CompileTask {
@@ -171,6 +178,7 @@ class Broker::Impl {
   std::string client_endpoint_, worker_endpoint_;
   int metrics_port_ = 0;
   size_t resumed_ = 0;
+  std::string local_dir_;  // the store's blob directory
 
  private:
   // Client side.
@@ -200,7 +208,15 @@ class Broker::Impl {
   // the push to its client for after the commit.
   void Finish(Job& job, JobState state, Code code, std::string error,
               const schema::Timing& timing = {}, std::vector<uint32_t> outputs = {},
-              std::vector<zmq::message_t> data = {}, const std::string& device = "");
+              std::vector<zmq::message_t> data = {}, const std::string& device = "",
+              std::vector<schema::LocalFile> files = {});
+  // Local buffers (PROTOCOL.md): clients on the ipc endpoint share this host.
+  bool LocalClients() const { return client_endpoint_.rfind("ipc://", 0) == 0; }
+  // Each file a peer names: its prefix, a regular file of one link, the size
+  // it declared.
+  Status CheckLocalFiles(const std::vector<schema::LocalFile>& files, const char* prefix) const;
+  // A file's bytes as a message, mapped rather than copied.
+  static StatusOr<zmq::message_t> MapFile(const std::string& path, uint64_t size);
   Status EnsureTransaction();
   void CommitAndFlush();
   void Timers();
@@ -255,12 +271,14 @@ class Broker::Impl {
   std::atomic<bool> zap_stop_{false};
   Clock::time_point next_heartbeat_, next_render_, next_purge_;
   Clock::time_point workers_drained_;  // when the worker socket was last empty
+  Clock::time_point last_message_;     // the last message taken from either socket
 };
 
 // ---------------------------------------------------------------- setup
 
 Status Broker::Impl::Init() {
   GPUQ_ASSIGN_OR_RETURN(store_, JobStore::Open(opt_.store_path, opt_.durability));
+  local_dir_ = store_->blob_dir();
   GPUQ_ASSIGN_OR_RETURN(compiler_, compile::CompileService::Create(opt_.compile));
   wake_fd_ = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
   if (wake_fd_ < 0) return Error(Code::kResourceExhausted, "eventfd failed");
@@ -408,7 +426,10 @@ Status Broker::Impl::Run() {
     zmq::pollitem_t items[] = {{client_sock_.handle(), 0, ZMQ_POLLIN, 0},
                                {worker_sock_.handle(), 0, ZMQ_POLLIN, 0},
                                {nullptr, wake_fd_, ZMQ_POLLIN, 0}};
-    const auto timeout = std::min(opt_.heartbeat / 2, std::chrono::milliseconds(50));
+    auto timeout = std::min(opt_.heartbeat / 2, std::chrono::milliseconds(50));
+    if (opt_.spin.count() > 0 && Clock::now() - last_message_ < opt_.spin) {
+      timeout = std::chrono::milliseconds(0);
+    }
     try {
       zmq::poll(items, 3, timeout);
     } catch (const zmq::error_t& e) {
@@ -430,12 +451,14 @@ Status Broker::Impl::Run() {
         break;
       }
       OnWorkerMessage(frames);
+      last_message_ = Clock::now();
     }
     for (int i = 0; i < 4096; ++i) {
       Frames frames;
       if (!zmq::recv_multipart(client_sock_, std::back_inserter(frames), zmq::recv_flags::dontwait))
         break;
       OnClientMessage(frames);
+      last_message_ = Clock::now();
     }
     std::vector<CompileDone> done;
     {
@@ -618,6 +641,7 @@ void Broker::Impl::OnClientMessage(Frames& frames) {
       o.reply.op = ReplyOp::kDevices;
       o.reply.rid = req.rid;
       o.reply.workers = WorkerViews();
+      if (LocalClients()) o.reply.local_dir = store_->blob_dir();
       SendClient(o);
       return;
     }
@@ -628,10 +652,24 @@ void Broker::Impl::OnSubmit(const std::string& client, ClientRequest& req, Frame
   schema::JobSpec& spec = req.job;
   if (!bound_tenant_.empty()) spec.tenant = bound_tenant_;
   const std::string tenant = spec.tenant.empty() ? "default" : spec.tenant;
+  // The client's files a submit names (c-...) are the broker's to remove
+  // unless it takes them; never any other file.
+  auto drop_files = [&] {
+    for (const schema::LocalFile& f : spec.files) {
+      if (f.name.rfind("c-", 0) == 0) (void)unlink((store_->blob_dir() + "/" + f.name).c_str());
+    }
+  };
   auto reject = [&](const Status& s, uint64_t retry = 0) {
     ++counters_.rejected;
+    drop_files();
     ReplyError(client, req.rid, s, retry);
   };
+  if (!spec.files.empty()) {
+    if (!LocalClients()) {
+      return reject(Error(Code::kInvalid, "local files need the broker's ipc endpoint"));
+    }
+    if (Status s = CheckLocalFiles(spec.files, "c-"); !s.ok()) return reject(s);
+  }
   if (Status s = compile::ValidateOptions(spec.kernel.options); !s.ok()) return reject(s);
   if (!spec.placement.arch.empty()) {
     if (Status s = compile::ValidateArch(spec.placement.arch); !s.ok()) return reject(s);
@@ -653,6 +691,7 @@ void Broker::Impl::OnSubmit(const std::string& client, ClientRequest& req, Frame
       }
     }
     if (existing) {
+      drop_files();
       Outgoing o;
       o.client = client;
       o.reply.op = ReplyOp::kAccepted;
@@ -700,11 +739,16 @@ void Broker::Impl::OnSubmit(const std::string& client, ClientRequest& req, Frame
   row.accepted_ms = job->accepted_ms;
   row.deadline_ms = job->deadline_ms;
   row.spec = spec;
+  row.spec.files.clear();  // stored as the job's input rows, after the frames
   std::vector<std::string_view> inputs;
   for (size_t i = 3; i < frames.size(); ++i) inputs.push_back(View(frames[i]));
-  auto id = store_->Insert(row, inputs);
+  auto id = store_->Insert(row, inputs, spec.files);
   if (!id.ok()) return reject(id.status());
   job->id = *id;
+  for (size_t i = 0; i < spec.files.size(); ++i) {
+    job->input_files.push_back({store_->InputPath(*id, inputs.size() + i), spec.files[i].size});
+  }
+  spec.files.clear();
   job->spec = std::move(spec);
   job->input_bytes = bytes;
   for (size_t i = 3; i < frames.size(); ++i) job->inputs.push_back(std::move(frames[i]));
@@ -977,6 +1021,19 @@ void Broker::Impl::Dispatch() {
 }
 
 void Broker::Impl::SendJob(Worker& w, Job& job) {
+  // A worker on another host gets the bytes of the job's local files as
+  // frames. Done first: a failure here must leave the worker's state alone.
+  Frames file_frames;
+  if (!w.local) {
+    for (const schema::LocalFile& f : job.input_files) {
+      auto frame = MapFile(f.name, f.size);
+      if (!frame.ok()) {
+        Finish(job, JobState::kFailed, Code::kIoError, frame.status().message());
+        return;
+      }
+      file_frames.push_back(std::move(*frame));
+    }
+  }
   const EntryPtr& entry = job.modules[w.arch];
   BrokerMessage m;
   m.op = BrokerOp::kJob;
@@ -1000,6 +1057,12 @@ void Broker::Impl::SendJob(Worker& w, Job& job) {
     zmq::message_t copy;
     copy.copy(in);  // shares the buffer: no copy of the bytes
     payload.push_back(std::move(copy));
+  }
+  if (w.local) {
+    m.files = job.input_files;
+    if (job.spec.local_out) m.out_dir = store_->blob_dir();
+  } else {
+    for (auto& f : file_frames) payload.push_back(std::move(f));
   }
   job.state = JobState::kDispatched;
   job.worker = w.id;
@@ -1037,9 +1100,45 @@ bool Broker::Impl::SendWorker(const std::string& id, const BrokerMessage& m, Fra
   }
 }
 
+Status Broker::Impl::CheckLocalFiles(const std::vector<schema::LocalFile>& files,
+                                     const char* prefix) const {
+  for (const schema::LocalFile& f : files) {
+    // The prefix keeps a peer from naming the store's own files (another
+    // job's buffers).
+    if (f.name.rfind(prefix, 0) != 0) {
+      return Error(Code::kInvalid, "local file '" + f.name + "' must be named " + prefix + "...");
+    }
+    const std::string path = store_->blob_dir() + "/" + f.name;
+    const int fd = open(path.c_str(), O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+    if (fd < 0) return Error(Code::kInvalid, "local file " + path + ": " + strerror(errno));
+    struct stat st {};
+    const bool ok = fstat(fd, &st) == 0 && S_ISREG(st.st_mode) && st.st_nlink == 1;
+    close(fd);
+    if (!ok) return Error(Code::kInvalid, "local file " + path + " is not a plain file");
+    if (static_cast<uint64_t>(st.st_size) != f.size) {
+      return Error(Code::kInvalid, "local file " + path + " holds " + std::to_string(st.st_size) +
+                                       " bytes, not the " + std::to_string(f.size) + " named");
+    }
+  }
+  return Status::Ok();
+}
+
+StatusOr<zmq::message_t> Broker::Impl::MapFile(const std::string& path, uint64_t size) {
+  if (size == 0) return zmq::message_t();
+  const int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return Error(Code::kIoError, path + ": " + strerror(errno));
+  void* p = mmap(nullptr, size, PROT_READ, MAP_PRIVATE, fd, 0);
+  close(fd);
+  if (p == MAP_FAILED) return Error(Code::kIoError, "mapping " + path + ": " + strerror(errno));
+  return zmq::message_t(
+      p, size, [](void* data, void* hint) { munmap(data, reinterpret_cast<uintptr_t>(hint)); },
+      reinterpret_cast<void*>(static_cast<uintptr_t>(size)));
+}
+
 void Broker::Impl::Finish(Job& job, JobState state, Code code, std::string error,
                           const schema::Timing& worker_timing, std::vector<uint32_t> outputs,
-                          std::vector<zmq::message_t> data, const std::string& device) {
+                          std::vector<zmq::message_t> data, const std::string& device,
+                          std::vector<schema::LocalFile> files) {
   const auto now = Clock::now();
   schema::Timing t = worker_timing;
   const bool ran = job.state == JobState::kDispatched;
@@ -1068,7 +1167,7 @@ void Broker::Impl::Finish(Job& job, JobState state, Code code, std::string error
   std::vector<std::string_view> views;
   for (auto& d : data) views.push_back(View(d));
   if (Status s = EnsureTransaction(); s.ok()) {
-    s = store_->Finish(r, views, NowMs());
+    s = store_->Finish(r, views, NowMs(), job.inputs.size() + job.input_files.size(), files);
     if (!s.ok()) {
       spdlog::critical("job {}: cannot store its result: {}", job.id, s.ToString());
       commit_failed_ = true;
@@ -1105,6 +1204,9 @@ void Broker::Impl::Finish(Job& job, JobState state, Code code, std::string error
   o.reply.device = device;
   o.reply.timing = t;
   o.reply.outputs = std::move(outputs);
+  for (size_t i = 0; i < files.size(); ++i) {
+    o.reply.files.push_back({store_->OutputPath(job.id, data.size() + i), files[i].size});
+  }
   o.payload = std::move(data);
   outgoing_.push_back(std::move(o));
   if (!job.key.empty()) keys_.erase({job.tenant, job.key});
@@ -1147,6 +1249,7 @@ void Broker::Impl::OnWorkerMessage(Frames& frames) {
     w.slots = w.credits = std::max<uint32_t>(1, m.slots);
     w.modules = ModuleSet(m.module_slots);
     w.last_seen = Clock::now();
+    w.local = !m.local_dir.empty() && m.local_dir == store_->blob_dir();
     spdlog::info("worker {} ready: {} ({}, {}), {} slots", w.name, w.device.name, w.arch,
                  w.device.uuid, w.slots);
     // Queued jobs may now need this architecture.
@@ -1188,17 +1291,32 @@ void Broker::Impl::OnWorkerResult(Worker& w, WorkerMessage& m, Frames& frames) {
   w.inflight.erase(m.id);
   w.credits = std::min(w.slots, w.credits + 1);
   w.exclusive = false;
+  auto drop_files = [&] {  // the worker's own files (w-...), never any other
+    for (const schema::LocalFile& f : m.files) {
+      if (f.name.rfind("w-", 0) == 0) (void)unlink((store_->blob_dir() + "/" + f.name).c_str());
+    }
+  };
   auto it = jobs_.find(m.id);
-  if (it == jobs_.end()) return;  // canceled meanwhile, or a stale result
+  if (it == jobs_.end()) return drop_files();  // canceled meanwhile, or a stale result
   Job& job = *it->second;
   if (job.state != JobState::kDispatched || job.worker != w.id || job.attempts != m.attempt) {
-    return;  // from an earlier attempt
+    return drop_files();  // from an earlier attempt
   }
   std::vector<zmq::message_t> data;
   for (size_t i = 3; i < frames.size(); ++i) data.push_back(std::move(frames[i]));
+  if (!m.files.empty()) {
+    Status s = w.local && job.spec.local_out
+                   ? CheckLocalFiles(m.files, "w-")
+                   : Error(Code::kInternal, "the worker returned files it was not asked for");
+    if (!s.ok()) {
+      drop_files();
+      Finish(job, JobState::kFailed, Code::kInternal, "worker " + w.name + ": " + s.message());
+      return;
+    }
+  }
   if (m.state == JobState::kDone) job.suspect = false;
   Finish(job, m.state, m.code, std::move(m.error), m.timing, std::move(m.outputs),
-         std::move(data), w.device.uuid);
+         std::move(data), w.device.uuid, std::move(m.files));
 }
 
 void Broker::Impl::WorkerLost(const std::string& id, const std::string& why) {
@@ -1297,6 +1415,7 @@ StatusOr<std::unique_ptr<Broker>> Broker::Create(BrokerOptions options) {
 Status Broker::Run() { return impl_->Run(); }
 void Broker::Stop() { impl_->Stop(); }
 const std::string& Broker::client_endpoint() const { return impl_->client_endpoint_; }
+const std::string& Broker::local_dir() const { return impl_->local_dir_; }
 const std::string& Broker::worker_endpoint() const { return impl_->worker_endpoint_; }
 int Broker::metrics_port() const { return impl_->metrics_port_; }
 size_t Broker::resumed() const { return impl_->resumed_; }

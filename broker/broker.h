@@ -29,6 +29,10 @@ struct BrokerOptions {
   size_t compile_threads = 2;
   std::chrono::milliseconds heartbeat{500};
   int heartbeat_misses = 3;  // a worker silent this many intervals is gone
+  // After a message, the loop polls without sleeping for this long before it
+  // blocks: a message that comes within it is taken without a thread wake-up
+  // (the cost of a hop is mostly wake-ups). 0: always block.
+  std::chrono::microseconds spin{0};
   uint32_t max_attempts = 3;
   uint64_t max_queued = 100000;
   uint64_t max_queued_per_tenant = 20000;
@@ -64,6 +68,9 @@ class Broker {
   int metrics_port() const;
   // Jobs resumed from the store at start.
   size_t resumed() const;
+  // The local directory (PROTOCOL.md, "Local buffers"): workers on this host
+  // are given it (gpuq-worker --local-dir).
+  const std::string& local_dir() const;
 
  private:
   class Impl;

@@ -66,6 +66,11 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--metrics", o.metrics_address, "Serve Prometheus /metrics on HOST:PORT");
   app.add_option("--heartbeat-ms", heartbeat_ms, "Heartbeat interval")->capture_default_str();
+  int64_t spin_us = 0;
+  app.add_option("--spin-us", spin_us,
+                 "After a message, poll without sleeping this long (lower latency, one busy core)")
+      ->check(CLI::Range(int64_t{0}, int64_t{100000}))
+      ->capture_default_str();
   app.add_option("--max-attempts", o.max_attempts, "Dispatches per job before it fails")
       ->capture_default_str();
   app.add_option("--max-queued", o.max_queued, "Jobs held at most")->capture_default_str();
@@ -105,6 +110,7 @@ int main(int argc, char** argv) {
   o.durability = durability == "power" ? gpuq::broker::Durability::kPowerLoss
                                        : gpuq::broker::Durability::kProcessCrash;
   o.heartbeat = std::chrono::milliseconds(heartbeat_ms);
+  o.spin = std::chrono::microseconds(spin_us);
   o.retention = std::chrono::seconds(retention_s);
   o.compile.limits.wall = std::chrono::milliseconds(compile_timeout_ms);
   o.compile.limits.memory_bytes = compile_memory_mb << 20;
@@ -156,7 +162,9 @@ int main(int argc, char** argv) {
   signal(SIGPIPE, SIG_IGN);
 
   gpuq::worker::WorkerSupervisor supervisor((*broker)->worker_endpoint(), worker_bin,
-                                            heartbeat_ms);
+                                            heartbeat_ms,
+                                            {"--spin-us", std::to_string(spin_us),
+                                             "--local-dir", (*broker)->local_dir()});
   if (workers != 0) supervisor.Start(workers);
 
   if (!ready_file.empty()) {

@@ -1,5 +1,7 @@
 #include "broker/job_store.h"
 
+#include <filesystem>
+
 #include "broker/job_store_sql.h"
 #include "schema/codec.h"
 
@@ -124,13 +126,20 @@ StatusOr<std::unique_ptr<JobStore>> JobStore::Open(const std::string& path,
   } else if (format != "2") {
     return Error(Code::kInvalid, path + " is a job store of an unknown format");
   }
-  GPUQ_ASSIGN_OR_RETURN(BlobDir blobs, BlobDir::Open(path + ".blobs"));
+  std::error_code ec;
+  const std::string blob_path = std::filesystem::absolute(path + ".blobs", ec).string();
+  if (ec) return Error(Code::kIoError, path + ".blobs: " + ec.message());
+  GPUQ_ASSIGN_OR_RETURN(BlobDir blobs, BlobDir::Open(blob_path));
   std::unique_ptr<JobStore> store(new JobStore(std::move(db), std::move(blobs), durability));
   GPUQ_RETURN_IF_ERROR(store->RemoveOrphans());
   return store;
 }
 
 Status JobStore::RemoveOrphans() {
+  // Local clients' and workers' files that no message took (an hour is
+  // longer than any of them takes between writing a file and sending it).
+  blobs_.RemoveStale("c-", 3600);
+  blobs_.RemoveStale("w-", 3600);
   GPUQ_ASSIGN_OR_RETURN(std::vector<std::string> names, blobs_.List());
   for (const std::string& name : names) {
     uint64_t id = 0, idx = 0;
@@ -163,6 +172,32 @@ Status JobStore::PutBuffer(const char* insert_sql, uint64_t id, size_t idx, char
       .BindBlob(3, in_file ? std::string_view() : data)
       .Bind(4, int64_t{in_file})
       .Run();
+}
+
+Status JobStore::AdoptBuffer(const char* insert_sql, uint64_t id, size_t idx, char kind,
+                             const std::string& name, uint64_t expected_size) {
+  std::string to = BlobName(id, kind, idx);
+  uint64_t size = 0;
+  GPUQ_RETURN_IF_ERROR(blobs_.Adopt(name, to, &size, durability_ == Durability::kPowerLoss));
+  if (expected_size != size) {
+    blobs_.Remove(to);
+    return Error(Code::kInvalid, "local file " + name + " changed size");
+  }
+  written_.push_back(std::move(to));
+  GPUQ_ASSIGN_OR_RETURN(sql::Stmt * s, Cached(insert_sql));
+  return s->Bind(1, static_cast<int64_t>(id))
+      .Bind(2, static_cast<int64_t>(idx))
+      .BindBlob(3, std::string_view())
+      .Bind(4, int64_t{1})
+      .Run();
+}
+
+std::string JobStore::InputPath(uint64_t id, size_t idx) const {
+  return blobs_.path() + "/" + BlobName(id, 'i', idx);
+}
+
+std::string JobStore::OutputPath(uint64_t id, size_t idx) const {
+  return blobs_.path() + "/" + BlobName(id, 'o', idx);
 }
 
 Status JobStore::UnlinkAfterCommit(const char* select_sql, int64_t arg, char kind) {
@@ -210,7 +245,26 @@ Status JobStore::Commit() {
 }
 
 StatusOr<uint64_t> JobStore::Insert(const StoredJob& job,
-                                    const std::vector<std::string_view>& inputs) {
+                                    const std::vector<std::string_view>& inputs,
+                                    const std::vector<schema::LocalFile>& files) {
+  if (files.empty()) return InsertRows(job, inputs, files);
+  // A local file can fail its checks (a client's doing): then nothing of the
+  // job may stay in the group's transaction, nor any file it renamed.
+  const size_t written = written_.size();
+  GPUQ_RETURN_IF_ERROR(db_.Exec("SAVEPOINT job_insert"));
+  auto id = InsertRows(job, inputs, files);
+  if (!id.ok()) {
+    (void)db_.Exec("ROLLBACK TO job_insert");
+    for (size_t i = written; i < written_.size(); ++i) blobs_.Remove(written_[i]);
+    written_.resize(written);
+  }
+  GPUQ_RETURN_IF_ERROR(db_.Exec("RELEASE job_insert"));
+  return id;
+}
+
+StatusOr<uint64_t> JobStore::InsertRows(const StoredJob& job,
+                                        const std::vector<std::string_view>& inputs,
+                                        const std::vector<schema::LocalFile>& files) {
   GPUQ_ASSIGN_OR_RETURN(
       sql::Stmt * s,
       Cached("INSERT INTO jobs(tenant, client_key, priority, state, attempts, suspect, "
@@ -234,6 +288,11 @@ StatusOr<uint64_t> JobStore::Insert(const StoredJob& job,
         "INSERT INTO job_inputs(job_id, idx, data, in_file) VALUES (?1, ?2, ?3, ?4)", id, i, 'i',
         inputs[i]));
   }
+  for (size_t i = 0; i < files.size(); ++i) {
+    GPUQ_RETURN_IF_ERROR(AdoptBuffer(
+        "INSERT INTO job_inputs(job_id, idx, data, in_file) VALUES (?1, ?2, ?3, ?4)", id,
+        inputs.size() + i, 'i', files[i].name, files[i].size));
+  }
   return id;
 }
 
@@ -256,7 +315,8 @@ Status JobStore::SetAttempts(uint64_t id, uint32_t attempts, bool suspect) {
 }
 
 Status JobStore::Finish(const StoredResult& r, const std::vector<std::string_view>& outputs,
-                        int64_t finished_ms) {
+                        int64_t finished_ms, size_t inputs,
+                        const std::vector<schema::LocalFile>& files) {
   const auto id = static_cast<int64_t>(r.id);
   GPUQ_ASSIGN_OR_RETURN(
       sql::Stmt * u,
@@ -266,10 +326,12 @@ Status JobStore::Finish(const StoredResult& r, const std::vector<std::string_vie
                            .Bind(3, finished_ms)
                            .Bind(4, id)
                            .Run());
-  GPUQ_RETURN_IF_ERROR(UnlinkAfterCommit(
-      "SELECT job_id, idx FROM job_inputs WHERE job_id = ?1 AND in_file = 1", id, 'i'));
-  GPUQ_ASSIGN_OR_RETURN(sql::Stmt * d, Cached("DELETE FROM job_inputs WHERE job_id = ?1"));
-  GPUQ_RETURN_IF_ERROR(d->Bind(1, id).Run());
+  if (inputs > 0) {
+    GPUQ_RETURN_IF_ERROR(UnlinkAfterCommit(
+        "SELECT job_id, idx FROM job_inputs WHERE job_id = ?1 AND in_file = 1", id, 'i'));
+    GPUQ_ASSIGN_OR_RETURN(sql::Stmt * d, Cached("DELETE FROM job_inputs WHERE job_id = ?1"));
+    GPUQ_RETURN_IF_ERROR(d->Bind(1, id).Run());
+  }
   GPUQ_ASSIGN_OR_RETURN(
       sql::Stmt * res,
       Cached("INSERT OR REPLACE INTO results(job_id, code, error, device, timing, outputs) "
@@ -285,6 +347,11 @@ Status JobStore::Finish(const StoredResult& r, const std::vector<std::string_vie
     GPUQ_RETURN_IF_ERROR(PutBuffer(
         "INSERT OR REPLACE INTO result_outputs(job_id, idx, data, in_file) VALUES (?1, ?2, ?3, ?4)",
         r.id, i, 'o', outputs[i]));
+  }
+  for (size_t i = 0; i < files.size(); ++i) {
+    GPUQ_RETURN_IF_ERROR(AdoptBuffer(
+        "INSERT OR REPLACE INTO result_outputs(job_id, idx, data, in_file) VALUES (?1, ?2, ?3, ?4)",
+        r.id, outputs.size() + i, 'o', files[i].name, files[i].size));
   }
   return Status::Ok();
 }

@@ -66,13 +66,28 @@ class JobStore {
   Status Commit();
   bool in_transaction() const { return in_tx_; }
 
-  // Inside a transaction. Returns the new job's id.
-  StatusOr<uint64_t> Insert(const StoredJob& job, const std::vector<std::string_view>& inputs);
+  // Inside a transaction. Returns the new job's id. `files` are inputs that
+  // follow `inputs`: files of the blob directory (named by a local client),
+  // which become the job's own (renamed) and are synced with power
+  // durability.
+  StatusOr<uint64_t> Insert(const StoredJob& job, const std::vector<std::string_view>& inputs,
+                            const std::vector<schema::LocalFile>& files = {});
   StatusOr<std::optional<uint64_t>> FindByKey(const std::string& tenant, const std::string& key);
   Status SetAttempts(uint64_t id, uint32_t attempts, bool suspect);
-  // Records a terminal state and its result, and drops the job's inputs.
+  // Records a terminal state and its result, and drops the job's inputs
+  // (`inputs`: how many it had, 0 saves looking).
+  // `files`: outputs after `outputs`, files of the blob directory (written
+  // by a local worker) that become the result's own.
   Status Finish(const StoredResult& result, const std::vector<std::string_view>& outputs,
-                int64_t finished_ms);
+                int64_t finished_ms, size_t inputs = SIZE_MAX,
+                const std::vector<schema::LocalFile>& files = {});
+
+  // The blob directory (absolute): the local directory of PROTOCOL.md's
+  // "Local buffers". Where input `idx` of job `id` and output `idx` of its
+  // result live when they are files.
+  const std::string& blob_dir() const { return blobs_.path(); }
+  std::string InputPath(uint64_t id, size_t idx) const;
+  std::string OutputPath(uint64_t id, size_t idx) const;
 
   // Outside a transaction.
   // Every job not yet ended, oldest first, with its inputs: after a restart
@@ -91,9 +106,15 @@ class JobStore {
       : db_(std::move(db)), blobs_(std::move(blobs)), durability_(durability) {}
   StatusOr<sql::Stmt*> Cached(const char* sql);
   Status RemoveOrphans();
+  StatusOr<uint64_t> InsertRows(const StoredJob& job, const std::vector<std::string_view>& inputs,
+                                const std::vector<schema::LocalFile>& files);
   // Writes one buffer's row into `table`, or its file and a row naming it.
   Status PutBuffer(const char* insert_sql, uint64_t id, size_t idx, char kind,
                    std::string_view data);
+  // Makes the file `name` of the blob directory buffer `idx` of job `id`;
+  // kInvalid (and the file removed) unless it is a plain file of that size.
+  Status AdoptBuffer(const char* insert_sql, uint64_t id, size_t idx, char kind,
+                     const std::string& name, uint64_t expected_size);
   // The job's buffer files of a query (job_id = ?1, in_file rows), to unlink
   // after commit.
   Status UnlinkAfterCommit(const char* select_sql, int64_t arg, char kind);

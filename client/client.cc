@@ -4,6 +4,8 @@
 
 #include <cstdlib>
 #include <deque>
+#include <map>
+#include <optional>
 #include <zmq.hpp>
 #include <zmq_addon.hpp>
 
@@ -42,6 +44,34 @@ class Client::Impl {
 
   Status Open(const std::string& endpoint) {
     GPUQ_ASSIGN_OR_RETURN(socket_, client_internal::ConnectDealer(ctx_, endpoint, opt_, 'c'));
+    local_possible_ = opt_.local_buffers && endpoint.rfind("ipc://", 0) == 0;
+    return Status::Ok();
+  }
+
+  // The request for a submit: large buffers as local files when the broker
+  // shares this host. `files` gets the files made for it.
+  Status PrepareSubmit(const JobRequest& job, ClientRequest* req,
+                       std::vector<std::string_view>* frames, std::vector<std::string>* files) {
+    req->op = ClientOp::kSubmit;
+    req->job = job.spec;
+    bool large = false;
+    for (std::string_view in : job.inputs) large |= in.size() >= opt_.local_min_bytes;
+    for (const schema::Arg& a : job.spec.args) {
+      large |= a.kind == schema::ArgKind::kOut && a.size >= opt_.local_min_bytes;
+    }
+    if (large && local_possible_ && !local_dir_) {
+      ClientRequest d;
+      d.op = ClientOp::kDevices;
+      auto r = Call(std::move(d), nullptr);
+      if (!r.ok()) return r.status();
+      local_dir_ = r->local_dir;
+    }
+    if (!large || !local_dir_ || local_dir_->empty()) {
+      *frames = job.inputs;
+      return Status::Ok();
+    }
+    GPUQ_ASSIGN_OR_RETURN(*files, client_internal::UseLocalFiles(*local_dir_, opt_.local_min_bytes,
+                                                                 job.inputs, &req->job, frames));
     return Status::Ok();
   }
 
@@ -102,12 +132,14 @@ class Client::Impl {
     Event e;
     switch (r.op) {
       case ReplyOp::kAccepted:
+        pending_files_.erase(r.rid);  // the broker took them
         e.kind = Event::kAccepted;
         e.rid = r.rid;
         e.id = r.id;
         e.existing = r.existing;
         break;
       case ReplyOp::kError:
+        DropFiles(r.rid);
         e.kind = Event::kRejected;
         e.rid = r.rid;
         e.id = r.id;
@@ -155,7 +187,18 @@ class Client::Impl {
     }
   }
 
+  // A refused submit's local files (the broker removes those it read).
+  void DropFiles(uint64_t rid) {
+    auto it = pending_files_.find(rid);
+    if (it == pending_files_.end()) return;
+    for (const std::string& p : it->second) (void)unlink(p.c_str());
+    pending_files_.erase(it);
+  }
+
   ClientOptions opt_;
+  bool local_possible_ = false;
+  std::optional<std::string> local_dir_;  // learned on the first large submit
+  std::map<uint64_t, std::vector<std::string>> pending_files_;  // by submit rid
   zmq::context_t ctx_;
   zmq::socket_t socket_;
   schema::Limits limits_;
@@ -174,19 +217,35 @@ StatusOr<std::unique_ptr<Client>> Client::Connect(const std::string& endpoint,
 }
 
 StatusOr<uint64_t> Client::Submit(const JobRequest& job) {
-  ClientRequest req;
-  req.op = ClientOp::kSubmit;
-  req.job = job.spec;
-  GPUQ_ASSIGN_OR_RETURN(ClientReply r, impl_->Call(std::move(req), nullptr, job.inputs));
-  return r.id;
+  GPUQ_ASSIGN_OR_RETURN(uint64_t rid, SubmitAsync(job));
+  const auto deadline = Clock::now() + impl_->opt_.timeout;
+  for (;;) {
+    ClientReply r;
+    std::vector<zmq::message_t> frames;
+    GPUQ_RETURN_IF_ERROR(impl_->Receive(deadline, &r, &frames));
+    if (r.rid == rid && r.op == ReplyOp::kAccepted) {
+      impl_->pending_files_.erase(rid);
+      return r.id;
+    }
+    if (r.rid == rid && r.op == ReplyOp::kError) {
+      impl_->DropFiles(rid);
+      return Error(r.code, r.error);
+    }
+    impl_->Keep(r, frames);
+  }
 }
 
 StatusOr<uint64_t> Client::SubmitAsync(const JobRequest& job) {
   ClientRequest req;
-  req.op = ClientOp::kSubmit;
+  std::vector<std::string_view> frames;
+  std::vector<std::string> files;
+  GPUQ_RETURN_IF_ERROR(impl_->PrepareSubmit(job, &req, &frames, &files));
   req.rid = impl_->NextRid();
-  req.job = job.spec;
-  GPUQ_RETURN_IF_ERROR(impl_->Send(req, job.inputs));
+  if (Status s = impl_->Send(req, frames); !s.ok()) {
+    for (const std::string& p : files) (void)unlink(p.c_str());
+    return s;
+  }
+  if (!files.empty()) impl_->pending_files_[req.rid] = std::move(files);
   return req.rid;
 }
 

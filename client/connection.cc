@@ -1,5 +1,10 @@
 #include "client/connection.h"
 
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
 #include <random>
 
 namespace gpuq::client_internal {
@@ -39,7 +44,84 @@ JobResult ToResult(schema::ClientReply& r, std::vector<zmq::message_t>& frames) 
   out.timing = r.timing;
   out.output_args = std::move(r.outputs);
   for (size_t i = 2; i < frames.size(); ++i) out.outputs.emplace_back(frames[i].to_string());
+  for (const schema::LocalFile& f : r.files) {
+    std::string data(f.size, '\0');
+    const int fd = open(f.name.c_str(), O_RDONLY | O_CLOEXEC);
+    size_t got = 0;
+    while (fd >= 0 && got < data.size()) {
+      const ssize_t n = pread(fd, data.data() + got, data.size() - got, static_cast<off_t>(got));
+      if (n < 0 && errno == EINTR) continue;
+      if (n <= 0) break;
+      got += static_cast<size_t>(n);
+    }
+    if (fd >= 0) close(fd);
+    if (got != data.size()) {
+      out.state = schema::JobState::kFailed;
+      out.code = Code::kIoError;
+      out.error = "cannot read the output file " + f.name + ": " + std::strerror(errno);
+      out.outputs.clear();
+      out.output_args.clear();
+      return out;
+    }
+    out.outputs.push_back(std::move(data));
+  }
   return out;
+}
+
+StatusOr<std::vector<std::string>> UseLocalFiles(const std::string& dir, size_t min_bytes,
+                                                 const std::vector<std::string_view>& inputs,
+                                                 schema::JobSpec* spec,
+                                                 std::vector<std::string_view>* frames) {
+  std::vector<std::string> made;
+  auto undo = [&](Status s) {
+    for (const std::string& p : made) (void)unlink(p.c_str());
+    return s;
+  };
+  std::vector<size_t> small, large;
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    (inputs[i].size() >= min_bytes ? large : small).push_back(i);
+  }
+  std::vector<uint32_t> index(inputs.size());
+  for (size_t k = 0; k < small.size(); ++k) index[small[k]] = static_cast<uint32_t>(k);
+  for (size_t k = 0; k < large.size(); ++k) {
+    index[large[k]] = static_cast<uint32_t>(small.size() + k);
+  }
+  std::random_device rd;
+  for (size_t i : large) {
+    char name[40];
+    snprintf(name, sizeof name, "c-%08x%08x%08x%08x", rd(), rd(), rd(), rd());
+    const std::string path = dir + "/" + name;
+    const int fd = open(path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+    if (fd < 0) return undo(Error(Code::kIoError, path + ": " + std::strerror(errno)));
+    made.push_back(path);
+    const char* p = inputs[i].data();
+    size_t left = inputs[i].size();
+    while (left > 0) {
+      const ssize_t n = write(fd, p, left);
+      if (n < 0 && errno == EINTR) continue;
+      if (n <= 0) {
+        close(fd);
+        return undo(Error(Code::kIoError, "writing " + path + ": " + std::strerror(errno)));
+      }
+      p += n;
+      left -= static_cast<size_t>(n);
+    }
+    close(fd);
+    spec->files.push_back({name, inputs[i].size()});
+  }
+  for (size_t i : small) frames->push_back(inputs[i]);
+  for (schema::Arg& a : spec->args) {
+    if ((a.kind == schema::ArgKind::kIn || a.kind == schema::ArgKind::kInOut) &&
+        a.frame < index.size()) {
+      if (a.kind == schema::ArgKind::kInOut && inputs[a.frame].size() >= min_bytes) {
+        spec->local_out = true;
+      }
+      a.frame = index[a.frame];
+    } else if (a.kind == schema::ArgKind::kOut && a.size >= min_bytes) {
+      spec->local_out = true;
+    }
+  }
+  return made;
 }
 
 }  // namespace gpuq::client_internal

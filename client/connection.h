@@ -18,7 +18,18 @@ StatusOr<zmq::socket_t> ConnectDealer(zmq::context_t& ctx, const std::string& en
                                       const ClientOptions& options, char tag);
 
 // A status or result reply, with its payload frames (from frame 2 on), as a
-// JobResult; takes the reply's strings and the frames' bytes.
+// JobResult; takes the reply's strings and the frames' bytes, and reads the
+// outputs that came as local files. A file that cannot be read makes the
+// result failed with kIoError.
 JobResult ToResult(schema::ClientReply& reply, std::vector<zmq::message_t>& frames);
+
+// Local buffers: writes each input of `min_bytes` or more to a new file of
+// `dir` and names it in `spec->files` (renumbering the arguments' frames);
+// the other inputs go to `frames`. Asks for local outputs when one will be
+// that large. Returns the full paths of the files it made.
+StatusOr<std::vector<std::string>> UseLocalFiles(const std::string& dir, size_t min_bytes,
+                                                 const std::vector<std::string_view>& inputs,
+                                                 schema::JobSpec* spec,
+                                                 std::vector<std::string_view>* frames);
 
 }  // namespace gpuq::client_internal

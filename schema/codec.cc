@@ -124,6 +124,15 @@ void PackDim3(Packer& p, const Dim3& d) {
   p.pack_uint32(d.z);
 }
 
+void PackFiles(Packer& p, const std::vector<LocalFile>& files) {
+  p.pack_array(static_cast<uint32_t>(files.size()));
+  for (const LocalFile& f : files) {
+    p.pack_array(2);
+    PackStr(p, f.name);
+    p.pack_uint64(f.size);
+  }
+}
+
 void PackU32List(Packer& p, const std::vector<uint32_t>& v) {
   p.pack_array(static_cast<uint32_t>(v.size()));
   for (uint32_t x : v) p.pack_uint32(x);
@@ -248,6 +257,8 @@ void PackJob(Packer& p, const JobSpec& j) {
                    [&] { p.pack_uint64(pl.min_free_bytes); })
             .Write();
       })
+      .Field("files", !j.files.empty(), [&] { PackFiles(p, j.files); })
+      .Field("local_out", j.local_out, [&] { p.pack_true(); })
       .Write();
 }
 
@@ -353,6 +364,8 @@ std::string EncodeClientReply(const ClientReply& m) {
       .Field("device", has_run && !m.device.empty(), [&] { PackStr(p, m.device); })
       .Field("timing", op == ReplyOp::kResult, [&] { PackTiming(p, m.timing); })
       .Field("outputs", op == ReplyOp::kResult, [&] { PackU32List(p, m.outputs); })
+      .Field("files", op == ReplyOp::kResult && !m.files.empty(),
+             [&] { PackFiles(p, m.files); })
       .Field("stats", op == ReplyOp::kStats,
              [&] {
                if (m.stats.empty()) {
@@ -376,7 +389,9 @@ std::string EncodeClientReply(const ClientReply& m) {
           PackStr(p, "heartbeat_age_ms");
           p.pack_uint64(v.heartbeat_age_ms);
         }
-      });
+      })
+      .Field("local_dir", op == ReplyOp::kDevices && !m.local_dir.empty(),
+             [&] { PackStr(p, m.local_dir); });
   w.Write();
   return Take(buf);
 }
@@ -391,7 +406,8 @@ std::string EncodeWorkerMessage(const WorkerMessage& m) {
       w.Field("worker", true, [&] { PackStr(p, m.worker); })
           .Field("device", true, [&] { PackDevice(p, m.device); })
           .Field("slots", true, [&] { p.pack_uint32(m.slots); })
-          .Field("module_slots", true, [&] { p.pack_uint32(m.module_slots); });
+          .Field("module_slots", true, [&] { p.pack_uint32(m.module_slots); })
+          .Field("local_dir", !m.local_dir.empty(), [&] { PackStr(p, m.local_dir); });
       break;
     case WorkerOp::kResult:
       w.Field("id", true, [&] { p.pack_uint64(m.id); })
@@ -400,7 +416,8 @@ std::string EncodeWorkerMessage(const WorkerMessage& m) {
           .Field("code", m.code != Code::kOk, [&] { PackStr(p, CodeName(m.code)); })
           .Field("error", m.code != Code::kOk, [&] { PackStr(p, m.error); })
           .Field("timing", true, [&] { PackTiming(p, m.timing); })
-          .Field("outputs", true, [&] { PackU32List(p, m.outputs); });
+          .Field("outputs", true, [&] { PackU32List(p, m.outputs); })
+          .Field("files", !m.files.empty(), [&] { PackFiles(p, m.files); });
       break;
     case WorkerOp::kHeartbeat:
       w.Field("free_bytes", true, [&] { p.pack_uint64(m.free_bytes); })
@@ -429,7 +446,9 @@ std::string EncodeBrokerMessage(const BrokerMessage& m) {
                  [&] { PackStr(p, kImageNames[static_cast<size_t>(m.image)]); });
       PackLaunchFields(w, p, m.launch);
       w.Field("args", true, [&] { PackArgs(p, m.args); })
-          .Field("limit_ms", m.time_limit_ms != 0, [&] { p.pack_uint64(m.time_limit_ms); });
+          .Field("limit_ms", m.time_limit_ms != 0, [&] { p.pack_uint64(m.time_limit_ms); })
+          .Field("files", !m.files.empty(), [&] { PackFiles(p, m.files); })
+          .Field("out_dir", !m.out_dir.empty(), [&] { PackStr(p, m.out_dir); });
       break;
     case BrokerOp::kError:
       w.Field("code", true, [&] { PackStr(p, CodeName(m.code)); })
@@ -669,6 +688,36 @@ Status GetLaunchField(std::string_view k, const object& v, LaunchSpec* l, bool* 
   return Status::Ok();
 }
 
+// [[name, size]...]; plain names (`paths` false) or full paths.
+Status GetFiles(const object& o, std::string_view field, const Limits& limits, bool paths,
+                std::vector<LocalFile>* out) {
+  const msgpack::object_array* a = nullptr;
+  GPUQ_RETURN_IF_ERROR(GetArray(o, field, limits.max_payload_frames, &a));
+  out->resize(a->size);
+  for (uint32_t i = 0; i < a->size; ++i) {
+    const msgpack::object_array* f = nullptr;
+    GPUQ_RETURN_IF_ERROR(GetArray(a->ptr[i], field, 2, &f));
+    if (f->size != 2) return Malformed(field, "each file is [name, size]");
+    LocalFile& lf = (*out)[i];
+    GPUQ_RETURN_IF_ERROR(GetStr(f->ptr[0], field, 4096, &lf.name));
+    GPUQ_RETURN_IF_ERROR(GetU(f->ptr[1], field, &lf.size));
+    if (paths ? lf.name.empty() || lf.name[0] != '/' : !IsPlainFileName(lf.name)) {
+      return Error(Code::kInvalid, std::string(field) + ": '" + lf.name.substr(0, 128) +
+                                       (paths ? "' is not a full path"
+                                              : "' is not a plain file name"));
+    }
+  }
+  return Status::Ok();
+}
+
+// Payload frame sizes followed by the sizes of the local files.
+std::vector<uint64_t> WithFiles(std::span<const uint64_t> sizes,
+                                const std::vector<LocalFile>& files) {
+  std::vector<uint64_t> all(sizes.begin(), sizes.end());
+  for (const LocalFile& f : files) all.push_back(f.size);
+  return all;
+}
+
 Status GetJob(const object& o, const Limits& limits, JobSpec* j) {
   return ForEachField(o, "job", {"src", "entry", "grid", "block", "args"},
                       [&](std::string_view k, const object& v) -> Status {
@@ -709,6 +758,8 @@ Status GetJob(const object& o, const Limits& limits, JobSpec* j) {
       return Status::Ok();
     }
     if (k == "args") return GetArgs(v, limits, &j->args);
+    if (k == "files") return GetFiles(v, k, limits, false, &j->files);
+    if (k == "local_out") return GetBool(v, k, &j->local_out);
     if (k == "place") {
       return ForEachField(v, k, {}, [&](std::string_view pk, const object& pv) -> Status {
         if (pk == "arch") return GetStr(pv, pk, 16, &j->placement.arch);
@@ -894,7 +945,17 @@ Status ValidateJob(const JobSpec& job, std::span<const uint64_t> payload_sizes,
   if (job.launch.shared_bytes > (1u << 20)) {
     return Error(Code::kInvalid, "dynamic shared memory is over 1 MiB");
   }
-  return CheckBufferFrames(job.args, 0, payload_sizes, limits);
+  return CheckBufferFrames(job.args, 0, WithFiles(payload_sizes, job.files), limits);
+}
+
+bool IsPlainFileName(std::string_view name) {
+  if (name.empty() || name.size() > 128 || name[0] == '.') return false;
+  for (char c : name) {
+    const bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+                    c == '.' || c == '_' || c == '-';
+    if (!ok) return false;
+  }
+  return true;
 }
 
 std::string EncodeJobSpec(const JobSpec& job) {
@@ -979,10 +1040,11 @@ const ReplyFields& FieldsOf(ReplyOp op) {
       /*error*/ {{"rid", "code", "error"}, {"id", "retry_after_ms"}},
       /*status*/ {{"rid", "id", "state", "attempts"}, {"code", "error", "device"}},
       /*result*/
-      {{"rid", "id", "state", "attempts", "timing", "outputs"}, {"code", "error", "device"}},
+      {{"rid", "id", "state", "attempts", "timing", "outputs"},
+       {"code", "error", "device", "files"}},
       /*canceled*/ {{"rid", "id", "state"}, {"code", "error"}},
       /*stats*/ {{"rid", "stats"}, {}},
-      /*devices*/ {{"rid", "workers"}, {}},
+      /*devices*/ {{"rid", "workers"}, {"local_dir"}},
   };
   return kFields[static_cast<size_t>(op)];
 }
@@ -1034,6 +1096,8 @@ Status DecodeClientReply(std::string_view header, std::span<const uint64_t> payl
     if (k == "device") return GetStr(v, k, 64, &r.device);
     if (k == "timing") return GetTiming(v, &r.timing);
     if (k == "outputs") return GetU32List(v, k, limits.max_args, &r.outputs);
+    if (k == "files") return GetFiles(v, k, limits, true, &r.files);
+    if (k == "local_dir") return GetStr(v, k, 4096, &r.local_dir);
     if (k == "stats") {
       if (v.type != mt::MAP) return Malformed(k, "expected a map");
       msgpack::sbuffer b;
@@ -1064,7 +1128,7 @@ Status DecodeClientReply(std::string_view header, std::span<const uint64_t> payl
   }));
   GPUQ_RETURN_IF_ERROR(CheckFailure(has_code, has_error, r.code));
   if (r.op == ReplyOp::kResult) {
-    GPUQ_RETURN_IF_ERROR(CheckOutputs(r.outputs, payload_sizes));
+    GPUQ_RETURN_IF_ERROR(CheckOutputs(r.outputs, WithFiles(payload_sizes, r.files)));
   } else if (!payload_sizes.empty()) {
     return Error(Code::kMalformed, "only result carries payload frames");
   }
@@ -1105,6 +1169,7 @@ Status DecodeWorkerMessage(std::string_view header, std::span<const uint64_t> pa
       if (k == "device") return GetDevice(v, &r.device);
       if (k == "slots") return GetU(v, k, &r.slots, 65536);
       if (k == "module_slots") return GetU(v, k, &r.module_slots, 65536);
+      if (k == "local_dir") return GetStr(v, k, 4096, &r.local_dir);
     } else if (wop == WorkerOp::kResult) {
       if (k == "id") return GetU(v, k, &r.id);
       if (k == "attempt") return GetU(v, k, &r.attempt);
@@ -1119,6 +1184,7 @@ Status DecodeWorkerMessage(std::string_view header, std::span<const uint64_t> pa
       }
       if (k == "timing") return GetTiming(v, &r.timing);
       if (k == "outputs") return GetU32List(v, k, limits.max_args, &r.outputs);
+      if (k == "files") return GetFiles(v, k, limits, false, &r.files);
     } else if (wop == WorkerOp::kHeartbeat) {
       if (k == "free_bytes") return GetU(v, k, &r.free_bytes);
       if (k == "inflight") return GetU(v, k, &r.inflight);
@@ -1132,7 +1198,7 @@ Status DecodeWorkerMessage(std::string_view header, std::span<const uint64_t> pa
     if (r.state != JobState::kDone && r.state != JobState::kFailed) {
       return Error(Code::kInvalid, "a worker result is done or failed");
     }
-    GPUQ_RETURN_IF_ERROR(CheckOutputs(r.outputs, payload_sizes));
+    GPUQ_RETURN_IF_ERROR(CheckOutputs(r.outputs, WithFiles(payload_sizes, r.files)));
   } else if (!payload_sizes.empty()) {
     return Error(Code::kMalformed, "only result carries payload frames");
   }
@@ -1169,6 +1235,8 @@ Status DecodeBrokerMessage(std::string_view header, std::span<const uint64_t> pa
       if (k == "image") return GetEnum(v, k, kImageNames, &r.image);
       if (k == "args") return GetArgs(v, limits, &r.args);
       if (k == "limit_ms") return GetU(v, k, &r.time_limit_ms);
+      if (k == "files") return GetFiles(v, k, limits, true, &r.files);
+      if (k == "out_dir") return GetStr(v, k, 4096, &r.out_dir);
     } else if (bop == BrokerOp::kError) {
       if (k == "code") return GetCode(v, k, &r.code);
       if (k == "error") return GetStr(v, k, limits.max_text_bytes, &r.error);
@@ -1184,7 +1252,8 @@ Status DecodeBrokerMessage(std::string_view header, std::span<const uint64_t> pa
     if (first > payload_sizes.size()) {
       return Error(Code::kMalformed, "the module image frame is missing");
     }
-    GPUQ_RETURN_IF_ERROR(CheckBufferFrames(r.args, first, payload_sizes, limits));
+    GPUQ_RETURN_IF_ERROR(
+        CheckBufferFrames(r.args, first, WithFiles(payload_sizes, r.files), limits));
   } else if (!payload_sizes.empty()) {
     return Error(Code::kMalformed, "only job carries payload frames");
   }

@@ -56,6 +56,10 @@ Status DecodeJobSpec(std::string_view bytes, std::span<const uint64_t> payload_s
 // Returns 0 when there is none.
 uint64_t PeekRequestId(std::string_view header);
 
+// A local buffer's name from a client or worker: 1 to 128 of [A-Za-z0-9._-],
+// not starting with '.'. Never a path.
+bool IsPlainFileName(std::string_view name);
+
 // Semantic checks of a job that the decoder also applies (kInvalid): launch
 // dimensions within CUDA's limits for every architecture, a non-empty source
 // and entry, priority in range, each payload frame used by exactly one

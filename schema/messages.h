@@ -114,6 +114,16 @@ struct Placement {
 inline constexpr uint32_t kDefaultPriority = 5;
 inline constexpr uint32_t kMaxPriority = 9;
 
+// A buffer passed as a file of the broker's local directory instead of a
+// payload frame (PROTOCOL.md, "Local buffers"): for peers on the broker's
+// host. The files of a message continue its payload frames: with n frames,
+// buffer index n + i is files[i].
+struct LocalFile {
+  std::string name;  // from clients and workers: a plain file name; to them: a full path
+  uint64_t size = 0;
+  bool operator==(const LocalFile&) const = default;
+};
+
 struct JobSpec {
   std::string key;     // client idempotency key (optional)
   std::string tenant;  // optional; bound to the CURVE key on tcp
@@ -124,6 +134,8 @@ struct JobSpec {
   LaunchSpec launch;
   std::vector<Arg> args;
   Placement placement;
+  std::vector<LocalFile> files;  // inputs as files of the local directory
+  bool local_out = false;        // return large outputs as files of it
   bool operator==(const JobSpec&) const = default;
 };
 
@@ -195,11 +207,13 @@ struct ClientReply {
   uint32_t attempts = 0;
   std::string device;  // UUID of the device that ran it
   Timing timing;
-  std::vector<uint32_t> outputs;  // arg index of each output payload frame
+  std::vector<uint32_t> outputs;  // arg index of each output payload frame, then file
+  std::vector<LocalFile> files;   // result: outputs as files (full paths)
   // stats: a msgpack map, encoded as is (PROTOCOL.md, "stats")
   std::string stats;
   // devices
   std::vector<WorkerView> workers;
+  std::string local_dir;  // to clients on the broker's host: its local directory
   bool operator==(const ClientReply&) const = default;
 };
 
@@ -215,6 +229,7 @@ struct WorkerMessage {
   DeviceInfo device;
   uint32_t slots = 0;         // jobs it may hold at once (initial credits)
   uint32_t module_slots = 0;  // modules it keeps loaded (LRU, see spec)
+  std::string local_dir;      // the broker's local directory, if this worker can use it
   // result
   uint64_t id = 0;
   uint32_t attempt = 0;
@@ -223,6 +238,7 @@ struct WorkerMessage {
   std::string error;
   Timing timing;
   std::vector<uint32_t> outputs;
+  std::vector<LocalFile> files;  // outputs written to the job's out_dir (plain names)
   // heartbeat
   uint64_t free_bytes = 0;
   uint32_t inflight = 0;
@@ -245,8 +261,10 @@ struct BrokerMessage {
   std::string entry;      // lowered symbol name to launch
   ImageKind image = ImageKind::kNone;  // module image in payload frame 0
   LaunchSpec launch;
-  std::vector<Arg> args;  // buffer frames index the payload frames
+  std::vector<Arg> args;  // buffer frames index the payload frames, then files
   uint64_t time_limit_ms = 0;
+  std::vector<LocalFile> files;  // inputs as files (full paths)
+  std::string out_dir;           // write large outputs as files here
   // error, disconnect
   Code code = Code::kOk;
   std::string error;

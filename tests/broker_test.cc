@@ -782,6 +782,127 @@ TEST_F(BrokerTest, LargeBuffersSurviveAKillAndComeBackWhole) {
   EXPECT_EQ(files, expect);
 }
 
+TEST_F(BrokerTest, LocalBuffersTravelAsFilesAndComeBackWhole) {
+  // A client and a worker on the broker's host pass large buffers as files
+  // of its local directory: the bytes never cross a socket.
+  const std::string local = broker_->store() + ".blobs";
+  AddWorker({"--local-dir", local});
+  auto c = Connect();
+  ASSERT_TRUE(WaitForWorkers(*c, 1));
+  std::string input(3 << 20, '\0');
+  for (size_t b = 0; b < input.size(); ++b) input[b] = static_cast<char>(b * 13);
+  const uint64_t out_size = 2 << 20;
+  auto id = c->Submit(Job("k", input, out_size));
+  ASSERT_TRUE(id.ok()) << id.status().ToString();
+  auto r = c->Wait(*id);
+  ASSERT_TRUE(r.ok()) << r.status().ToString();
+  ASSERT_EQ(r->state, JobState::kDone) << r->error;
+  std::string expect = input;
+  for (char& ch : expect) ch = static_cast<char>(ch + 1);
+  ASSERT_NE(r->Output(0), nullptr);
+  EXPECT_TRUE(*r->Output(0) == expect) << "inout came back +1, byte for byte";
+  ASSERT_NE(r->Output(2), nullptr);
+  EXPECT_EQ(*r->Output(2), std::string(out_size, '\x03'));
+  // The worker read the input from its file and wrote both outputs to files.
+  const std::string log = testing::ReadFile(dir_.File("workers.log"));
+  EXPECT_NE(log.find("input 0 from local file " + local + "/j" + std::to_string(*id) + ".i0"),
+            std::string::npos)
+      << log;
+  EXPECT_NE(log.find("output 0 to local file"), std::string::npos) << log;
+  EXPECT_NE(log.find("output 2 to local file"), std::string::npos) << log;
+  // What is left is the result's, under the store's names: nothing of the
+  // client's or the worker's own, and the input went with the job.
+  std::set<std::string> files;
+  for (const auto& e : std::filesystem::directory_iterator(local)) {
+    files.insert(e.path().filename().string());
+  }
+  EXPECT_EQ(files, (std::set<std::string>{"j" + std::to_string(*id) + ".o0",
+                                          "j" + std::to_string(*id) + ".o1"}));
+  // Fetched later, the result reads the same.
+  auto again = c->Fetch(*id);
+  ASSERT_TRUE(again.ok()) << again.status().ToString();
+  EXPECT_TRUE(*again->Output(0) == expect);
+}
+
+TEST_F(BrokerTest, LocalFilesOnlyAWorkerOnTheHostCanReachAreSentAsFrames) {
+  // The same client; a worker without the local directory (another host)
+  // gets the bytes as frames and returns frames.
+  AddWorker();
+  auto c = Connect();
+  ASSERT_TRUE(WaitForWorkers(*c, 1));
+  const std::string input(2 << 20, '\x41');
+  auto id = c->Submit(Job("k", input, 1 << 20));
+  ASSERT_TRUE(id.ok()) << id.status().ToString();
+  auto r = c->Wait(*id);
+  ASSERT_TRUE(r.ok()) << r.status().ToString();
+  ASSERT_EQ(r->state, JobState::kDone) << r->error;
+  EXPECT_EQ(*r->Output(0), std::string(2 << 20, '\x42'));
+  EXPECT_EQ(*r->Output(2), std::string(1 << 20, '\x03'));
+  EXPECT_EQ(testing::ReadFile(dir_.File("workers.log")).find("local file"), std::string::npos);
+}
+
+TEST_F(BrokerTest, LocalFilesThatAreNotTheClientsOwnAreRefused) {
+  AddWorker();
+  const std::string local = broker_->store() + ".blobs";
+  auto c = Connect();
+  ASSERT_TRUE(WaitForWorkers(*c, 1));
+  // A finished job leaves its large output in the store: a file another
+  // client must not be able to name as its input.
+  auto victim = c->Submit(Job("k", std::string(2 << 20, 'v'), 16));
+  ASSERT_TRUE(victim.ok());
+  ASSERT_TRUE(c->Wait(*victim).ok());
+  const std::string stored = "j" + std::to_string(*victim) + ".o0";
+  ASSERT_TRUE(std::filesystem::exists(local + "/" + stored));
+
+  testing::WriteFile(local + "/c-short", "four");
+  std::filesystem::create_symlink("/etc/hostname", local + "/c-link");
+  zmq::context_t ctx;
+  zmq::socket_t raw(ctx, zmq::socket_type::dealer);
+  raw.set(zmq::sockopt::linger, 0);
+  raw.connect(broker_->client_endpoint());
+  auto submit = [&](const std::string& name, uint64_t size) -> schema::ClientReply {
+    schema::ClientRequest req;
+    req.op = schema::ClientOp::kSubmit;
+    req.rid = 9;
+    req.job = Job("k", "").spec;
+    req.job.args[0] = Arg::InOut(0);
+    req.job.files = {{name, size}};
+    const std::string h = schema::EncodeClientRequest(req);
+    std::vector<zmq::message_t> frames;
+    frames.emplace_back(schema::kClientProtocol.data(), schema::kClientProtocol.size());
+    frames.emplace_back(h.data(), h.size());
+    zmq::send_multipart(raw, frames);
+    zmq::pollitem_t item = {raw.handle(), 0, ZMQ_POLLIN, 0};
+    zmq::poll(&item, 1, std::chrono::milliseconds(5000));
+    std::vector<zmq::message_t> reply;
+    schema::ClientReply r;
+    if (!(item.revents & ZMQ_POLLIN) || !zmq::recv_multipart(raw, std::back_inserter(reply))) {
+      return r;
+    }
+    EXPECT_TRUE(schema::DecodeClientReply(reply[1].to_string_view(), {}, {}, &r).ok());
+    return r;
+  };
+  for (const auto& [name, size] : std::vector<std::pair<std::string, uint64_t>>{
+           {stored, 2 << 20},          // the store's own file: another job's output
+           {"../jobs.db", 4096},       // a path
+           {"c-absent", 10},           // no such file
+           {"c-short", 10},            // not the size named
+           {"c-link", 5}}) {           // a symbolic link
+    const schema::ClientReply r = submit(name, size);
+    EXPECT_EQ(r.op, schema::ReplyOp::kError) << name;
+    EXPECT_EQ(r.code, Code::kInvalid) << name << ": " << r.error;
+  }
+  // The store's file is untouched; what the broker refused and could name
+  // is gone.
+  EXPECT_TRUE(std::filesystem::exists(local + "/" + stored));
+  auto out = c->Fetch(*victim);
+  ASSERT_TRUE(out.ok());
+  EXPECT_EQ(*out->Output(0), std::string(2 << 20, 'w'));
+  EXPECT_FALSE(std::filesystem::exists(local + "/c-short"));
+  EXPECT_TRUE(std::filesystem::exists("/etc/hostname"));
+  EXPECT_TRUE(broker_->process().running());
+}
+
 // ------------------------------------------------------------ hostile peers
 
 TEST_F(BrokerTest, MalformedOversizedAndOutOfOrderMessagesGetErrorsWhileServingGoesOn) {

@@ -76,6 +76,8 @@ int main(int argc, char** argv) {
   app.add_option("--module-slots", module_slots);
   app.add_option("--heartbeat-ms", heartbeat_ms);
   app.add_option("--delay-us", delay_us, "Time each job takes");
+  std::string local_dir;
+  app.add_option("--local-dir", local_dir, "The broker's local directory (local buffers)");
   std::string server_key, key;
   app.add_option("--server-key", server_key, "CURVE: the broker's public key file");
   app.add_option("--key", key, "CURVE: this worker's secret key file");
@@ -119,6 +121,7 @@ int main(int argc, char** argv) {
     m.device.max_grid = {2147483647, 65535, 65535};
     m.slots = slots;
     m.module_slots = module_slots;
+    m.local_dir = local_dir;
     send(m);
   };
   ready();
@@ -212,7 +215,20 @@ int main(int argc, char** argv) {
             memset(out.back().data(), static_cast<int>(a + 1), arg.size);
             r.outputs.push_back(a);
           } else if (arg.kind == ArgKind::kInOut) {
-            zmq::message_t& in = p.frames[2 + arg.frame];
+            // A payload frame, or after them a local file (read whole).
+            const size_t frames = p.frames.size() - 2;
+            zmq::message_t in;
+            if (arg.frame < frames) {
+              in.copy(p.frames[2 + arg.frame]);
+            } else {
+              const LocalFile& f = p.job.files[arg.frame - frames];
+              fprintf(stderr, "job %llu: input %u from local file %s\n",
+                      (unsigned long long)p.job.id, a, f.name.c_str());
+              in.rebuild(f.size);
+              FILE* fp = fopen(f.name.c_str(), "rb");
+              if (!fp || fread(in.data(), 1, f.size, fp) != f.size) _exit(4);
+              fclose(fp);
+            }
             out.emplace_back(in.size());
             auto* src = static_cast<const uint8_t*>(in.data());
             auto* dst = static_cast<uint8_t*>(out.back().data());
@@ -220,6 +236,30 @@ int main(int argc, char** argv) {
             r.outputs.push_back(a);
           }
         }
+      }
+      if (!p.job.out_dir.empty() && r.state == JobState::kDone) {
+        // Outputs of 64 KiB or more as files of the out_dir, after the frames.
+        std::vector<zmq::message_t> kept;
+        std::vector<uint32_t> frame_args, file_args;
+        for (size_t k = 0; k < out.size(); ++k) {
+          if (out[k].size() < 64 * 1024) {
+            kept.push_back(std::move(out[k]));
+            frame_args.push_back(r.outputs[k]);
+            continue;
+          }
+          const std::string name = "w-" + std::to_string(r.id) + "-" +
+                                   std::to_string(r.attempt) + "-" + std::to_string(r.outputs[k]);
+          FILE* fp = fopen((p.job.out_dir + "/" + name).c_str(), "wb");
+          if (!fp || fwrite(out[k].data(), 1, out[k].size(), fp) != out[k].size()) _exit(4);
+          fclose(fp);
+          r.files.push_back({name, out[k].size()});
+          fprintf(stderr, "job %llu: output %u to local file %s\n", (unsigned long long)r.id,
+                  r.outputs[k], name.c_str());
+          file_args.push_back(r.outputs[k]);
+        }
+        out = std::move(kept);
+        r.outputs = std::move(frame_args);
+        r.outputs.insert(r.outputs.end(), file_args.begin(), file_args.end());
       }
       send(r, &out);
       pending.erase(pending.begin() + static_cast<long>(i));

@@ -179,6 +179,38 @@ TEST(JobStore, AFormatOneStoreIsMigratedWithItsJobs) {
   EXPECT_TRUE(fs::exists(path + ".blobs/j" + std::to_string(*id) + ".i0"));
 }
 
+TEST(JobStore, ALocalFileThatFailsItsChecksLeavesNothingOfItsJob) {
+  gpuq::testing::TempDir dir;
+  const std::string path = dir.File("jobs.db"), blobs = path + ".blobs";
+  auto store = JobStore::Open(path, Durability::kProcessCrash);
+  ASSERT_TRUE(store.ok());
+  JobStore& s = **store;
+  const std::string good = Bytes(1000, 'g');
+  gpuq::testing::WriteFile(blobs + "/c-good", good);
+  gpuq::testing::WriteFile(blobs + "/c-other", "x");
+  std::filesystem::create_symlink(blobs + "/c-other", blobs + "/c-link");
+  ASSERT_TRUE(s.Begin().ok());
+  // In the same transaction, a job that is fine...
+  auto kept = s.Insert(Job(1), {}, {{"c-good", good.size()}});
+  ASSERT_TRUE(kept.ok()) << kept.status().ToString();
+  // ...and one whose second file is a symbolic link, and one whose file is
+  // not the size it was said to be.
+  gpuq::testing::WriteFile(blobs + "/c-fine", good);
+  auto refused = s.Insert(Job(2), {}, {{"c-fine", good.size()}, {"c-link", 1}});
+  EXPECT_EQ(refused.status().code(), Code::kInvalid);
+  gpuq::testing::WriteFile(blobs + "/c-resized", good);
+  auto resized = s.Insert(Job(1), {}, {{"c-resized", 5}});
+  EXPECT_EQ(resized.status().code(), Code::kInvalid);
+  ASSERT_TRUE(s.Commit().ok());
+  auto jobs = s.LoadUnfinished(schema::Limits{});
+  ASSERT_TRUE(jobs.ok()) << jobs.status().ToString();
+  ASSERT_EQ(jobs->size(), 1u);
+  EXPECT_EQ((*jobs)[0].id, *kept);
+  ASSERT_EQ((*jobs)[0].inputs.size(), 1u);
+  EXPECT_EQ((*jobs)[0].inputs[0], good);
+  EXPECT_EQ(Files(blobs), (std::set<std::string>{"j" + std::to_string(*kept) + ".i0", "c-other"}));
+}
+
 TEST(JobStore, AStoreOfAnUnknownFormatIsRefused) {
   gpuq::testing::TempDir dir;
   const std::string path = dir.File("jobs.db");

@@ -1,11 +1,15 @@
 #include "worker/gpu_worker.h"
 
 #include <spdlog/spdlog.h>
+#include <fcntl.h>
 #include <sys/eventfd.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <atomic>
 #include <condition_variable>
+#include <cerrno>
 #include <cstring>
 #include <deque>
 #include <list>
@@ -130,6 +134,61 @@ class ModuleSet {
       index_;
 };
 
+// Outputs this large go to files when the job has an out_dir.
+constexpr size_t kLocalFileMinBytes = 64 * 1024;
+
+// A local input file, mapped read-only for the time of one job.
+class MappedFile {
+ public:
+  static StatusOr<std::unique_ptr<MappedFile>> Open(const std::string& path, uint64_t size) {
+    auto m = std::unique_ptr<MappedFile>(new MappedFile());
+    if (size == 0) return m;
+    const int fd = open(path.c_str(), O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+    if (fd < 0) return Error(Code::kIoError, path + ": " + std::strerror(errno));
+    struct stat st {};
+    if (fstat(fd, &st) != 0 || static_cast<uint64_t>(st.st_size) != size) {
+      close(fd);
+      return Error(Code::kIoError, path + " is not " + std::to_string(size) + " bytes long");
+    }
+    void* p = mmap(nullptr, size, PROT_READ, MAP_PRIVATE | MAP_POPULATE, fd, 0);
+    close(fd);
+    if (p == MAP_FAILED) return Error(Code::kIoError, "mapping " + path);
+    m->data_ = p;
+    m->size_ = size;
+    return m;
+  }
+  ~MappedFile() {
+    if (data_) munmap(data_, size_);
+  }
+  MappedFile(const MappedFile&) = delete;
+  MappedFile& operator=(const MappedFile&) = delete;
+  std::string_view view() const { return {static_cast<const char*>(data_), size_}; }
+
+ private:
+  MappedFile() = default;
+  void* data_ = nullptr;
+  size_t size_ = 0;
+};
+
+Status WriteFile(const std::string& path, const void* data, size_t size) {
+  const int fd = open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+  if (fd < 0) return Error(Code::kIoError, path + ": " + std::strerror(errno));
+  const char* p = static_cast<const char*>(data);
+  while (size > 0) {
+    const ssize_t n = write(fd, p, size);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) {
+      const Status s = Error(Code::kIoError, "writing " + path + ": " + std::strerror(errno));
+      close(fd);
+      return s;
+    }
+    p += n;
+    size -= static_cast<size_t>(n);
+  }
+  close(fd);
+  return Status::Ok();
+}
+
 }  // namespace
 
 StatusOr<schema::DeviceInfo> QueryDevice(const CudaDriver& cu, int ordinal) {
@@ -207,6 +266,8 @@ class GpuWorker::Impl {
   std::mutex mu_;
   std::condition_variable cv_;
   std::deque<std::shared_ptr<Task>> queue_;  // GUARDED_BY(mu_)
+  std::atomic<size_t> queued_{0};            // queue_.size(), read without mu_
+  std::atomic<bool> spinning_{false};        // one executor spins at a time
   std::vector<Done> done_;                   // GUARDED_BY(mu_)
   bool stopping_ = false;                    // GUARDED_BY(mu_)
   std::vector<std::thread> executors_;
@@ -298,6 +359,18 @@ void GpuWorker::Impl::ExecutorLoop(int index) {
   spdlog::debug("executor {} ready", index);
   for (;;) {
     std::shared_ptr<Task> task;
+    if (opt_.spin.count() > 0 && queued_.load(std::memory_order_relaxed) == 0 &&
+        !spinning_.exchange(true)) {
+      // One executor waits for the next job awake, so that a job arriving
+      // soon starts without a futex wake-up.
+      const auto until = Clock::now() + opt_.spin;
+      while (queued_.load(std::memory_order_relaxed) == 0 && Clock::now() < until) {
+#if defined(__x86_64__)
+        __builtin_ia32_pause();
+#endif
+      }
+      spinning_.store(false);
+    }
     {
       std::unique_lock lock(mu_);
       cv_.wait_for(lock, opt_.heartbeat, [&] { return stopping_ || !queue_.empty(); });
@@ -313,18 +386,22 @@ void GpuWorker::Impl::ExecutorLoop(int index) {
       }
       task = std::move(queue_.front());
       queue_.pop_front();
+      queued_.store(queue_.size(), std::memory_order_relaxed);
     }
     graveyard_.Clear(*cu_);
     task->started_ns = Clock::now().time_since_epoch().count();
     Done d = Execute(task, stream, ev);
-    size_t free = 0, total = 0;
-    if (!d.sticky && cu_->cuMemGetInfo(&free, &total) == CUDA_SUCCESS) free_bytes_ = free;
+    const bool sticky = d.sticky;
     {
       std::lock_guard lock(mu_);
       done_.push_back(std::move(d));
     }
     uint64_t one = 1;
     (void)!write(done_fd_, &one, sizeof one);
+    // After the result is on its way: the free memory that heartbeats and
+    // placement see.
+    size_t free = 0, total = 0;
+    if (!sticky && cu_->cuMemGetInfo(&free, &total) == CUDA_SUCCESS) free_bytes_ = free;
   }
 }
 
@@ -413,6 +490,27 @@ Done GpuWorker::Impl::Execute(const std::shared_ptr<Task>& task, CUstream stream
   r.timing.load_us = MicrosSince(t_load);
   if (Status s = LaunchChecks(job, fn); !s.ok()) return fail(s.code(), s.message());
 
+  // Inputs: payload frames, then the job's local files (PROTOCOL.md, "Local
+  // buffers"), mapped for the copy. Declared before the device buffers, whose
+  // owner synchronizes the stream: the mappings outlive every copy.
+  std::vector<std::unique_ptr<MappedFile>> mapped;
+  std::vector<std::string_view> in(job.args.size());
+  const size_t frames = task->frames.size() - task->first_buffer;
+  for (size_t i = 0; i < job.args.size(); ++i) {
+    const Arg& a = job.args[i];
+    if (a.kind != ArgKind::kIn && a.kind != ArgKind::kInOut) continue;
+    if (a.frame < frames) {
+      const zmq::message_t& f = task->frames[task->first_buffer + a.frame];
+      in[i] = std::string_view(static_cast<const char*>(f.data()), f.size());
+      continue;
+    }
+    const schema::LocalFile& lf = job.files[a.frame - frames];
+    auto m = MappedFile::Open(lf.name, lf.size);
+    if (!m.ok()) return fail(Code::kIoError, m.status().message());
+    mapped.push_back(std::move(*m));
+    in[i] = mapped.back()->view();
+  }
+
   // Buffers: device memory from the stream-ordered pool, owned here and
   // freed on every path.
   struct Buffers {
@@ -436,9 +534,7 @@ Done GpuWorker::Impl::Execute(const std::shared_ptr<Task>& task, CUstream stream
       slots[i] = a.bits;  // little-endian: the low bytes hold the value
       continue;
     }
-    const uint64_t size = a.kind == ArgKind::kOut
-                              ? a.size
-                              : task->frames[task->first_buffer + a.frame].size();
+    const uint64_t size = a.kind == ArgKind::kOut ? a.size : in[i].size();
     CUdeviceptr p = 0;
     if (size > 0) {
       CUresult e = cu_->cuMemAllocAsync(&p, size, stream);
@@ -458,8 +554,7 @@ Done GpuWorker::Impl::Execute(const std::shared_ptr<Task>& task, CUstream stream
     if (a.kind == ArgKind::kOut) {
       e = cu_->cuMemsetD8Async(slots[i], 0, a.size, stream);
     } else {
-      const zmq::message_t& in = task->frames[task->first_buffer + a.frame];
-      e = cu_->cuMemcpyHtoDAsync(slots[i], in.data(), in.size(), stream);
+      e = cu_->cuMemcpyHtoDAsync(slots[i], in[i].data(), in[i].size(), stream);
     }
     if (e != CUDA_SUCCESS) return cu_fail(e, "copying inputs to the device");
   }
@@ -485,6 +580,34 @@ Done GpuWorker::Impl::Execute(const std::shared_ptr<Task>& task, CUstream stream
     d.data.clear();
     r.outputs.clear();
     return cu_fail(e, "kernel");
+  }
+  if (!job.out_dir.empty()) {
+    // Large outputs go to files of the local directory, written from the
+    // pinned copies; the rest stay frames. Outputs list frames, then files.
+    std::vector<zmq::message_t> kept;
+    std::vector<uint32_t> frame_args, file_args;
+    for (size_t k = 0; k < d.data.size(); ++k) {
+      zmq::message_t& out = d.data[k];
+      if (out.size() < kLocalFileMinBytes) {
+        kept.push_back(std::move(out));
+        frame_args.push_back(r.outputs[k]);
+        continue;
+      }
+      const std::string name = "w-" + std::to_string(job.id) + "-" +
+                               std::to_string(job.attempt) + "-" + std::to_string(r.outputs[k]);
+      if (Status s = WriteFile(job.out_dir + "/" + name, out.data(), out.size()); !s.ok()) {
+        for (const schema::LocalFile& f : r.files) (void)unlink((job.out_dir + "/" + f.name).c_str());
+        r.files.clear();
+        d.data.clear();
+        r.outputs.clear();
+        return fail(Code::kIoError, s.message());
+      }
+      r.files.push_back({name, out.size()});
+      file_args.push_back(r.outputs[k]);
+    }
+    d.data = std::move(kept);
+    r.outputs = std::move(frame_args);
+    r.outputs.insert(r.outputs.end(), file_args.begin(), file_args.end());
   }
   float ms[3] = {};
   for (int k = 0; k < 3; ++k) cu_->cuEventElapsedTime(&ms[k], ev[k], ev[k + 1]);
@@ -523,6 +646,7 @@ void GpuWorker::Impl::SendReady() {
   m.device.free_bytes = free_bytes_;
   m.slots = opt_.slots;
   m.module_slots = opt_.module_slots;
+  m.local_dir = opt_.local_dir;
   Send(m);
 }
 
@@ -598,6 +722,7 @@ void GpuWorker::Impl::OnBrokerMessage(std::vector<zmq::message_t>& frames) {
   {
     std::lock_guard lock(mu_);
     queue_.push_back(std::move(task));
+    queued_.store(queue_.size(), std::memory_order_relaxed);
   }
   cv_.notify_one();
 }
@@ -624,11 +749,13 @@ int GpuWorker::Impl::Run() {
   SendReady();
   auto next_beat = Clock::now() + opt_.heartbeat;
   auto last_heard = Clock::now();
+  auto last_activity = Clock::now();  // a message or a finished job
   while (!g_stop.load()) {
     zmq::pollitem_t items[] = {{sock_.handle(), 0, ZMQ_POLLIN, 0},
                                {nullptr, done_fd_, ZMQ_POLLIN, 0}};
+    const bool spin = opt_.spin.count() > 0 && Clock::now() - last_activity < opt_.spin;
     try {
-      zmq::poll(items, 2, std::chrono::milliseconds(10));
+      zmq::poll(items, 2, std::chrono::milliseconds(spin ? 0 : 10));
     } catch (const zmq::error_t& e) {
       if (e.num() != EINTR) break;
     }
@@ -641,7 +768,7 @@ int GpuWorker::Impl::Run() {
       if (!zmq::recv_multipart(sock_, std::back_inserter(frames), zmq::recv_flags::dontwait)) {
         break;
       }
-      last_heard = Clock::now();
+      last_heard = last_activity = Clock::now();
       OnBrokerMessage(frames);
     }
     std::vector<Done> done;
@@ -651,6 +778,7 @@ int GpuWorker::Impl::Run() {
     }
     for (Done& d : done) Finish(d);
     const auto now = Clock::now();
+    if (!done.empty()) last_activity = now;
     // Run-time limits: a kernel cannot be stopped from inside the process.
     for (const auto& [id, t] : inflight_) {
       const int64_t started = t->started_ns.load();

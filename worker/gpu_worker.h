@@ -29,6 +29,14 @@ struct WorkerOptions {
   // Page-locked host memory kept for outputs' device-to-host copies.
   size_t pinned_bytes = 512u << 20;
   std::chrono::milliseconds heartbeat{500};
+  // After a message or a job, the protocol thread and one executor poll
+  // without sleeping for this long before they block: a job or result that
+  // comes within it costs no thread wake-up. 0: always block.
+  std::chrono::microseconds spin{0};
+  // The broker's local directory (its store's blob directory), when this
+  // worker runs on the broker's host: inputs are read from and large
+  // outputs written to its files instead of crossing the socket.
+  std::string local_dir;
   // CURVE: the broker's public key and this worker's key pair (Z85).
   std::string server_key, public_key, secret_key;
 };

@@ -41,6 +41,13 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--module-slots", o.module_slots, "Modules kept loaded")->capture_default_str();
   app.add_option("--heartbeat-ms", heartbeat_ms, "Heartbeat interval")->capture_default_str();
+  app.add_option("--local-dir", o.local_dir,
+                 "The broker's local directory, when on its host (gpuqd passes it)");
+  int64_t spin_us = 0;
+  app.add_option("--spin-us", spin_us,
+                 "After a message or job, poll without sleeping this long (lower latency)")
+      ->check(CLI::Range(int64_t{0}, int64_t{100000}))
+      ->capture_default_str();
   size_t pinned_mib = o.pinned_bytes >> 20;
   app.add_option("--pinned-mib", pinned_mib,
                  "Page-locked host memory kept for outputs (MiB); past it, pageable")
@@ -56,6 +63,7 @@ int main(int argc, char** argv) {
   spdlog::set_pattern("%Y-%m-%dT%H:%M:%S.%e %^%l%$ gpuq-worker[%P]: %v");
   o.heartbeat = std::chrono::milliseconds(heartbeat_ms);
   o.pinned_bytes = pinned_mib << 20;
+  o.spin = std::chrono::microseconds(spin_us);
   if (!key.empty()) {
     auto server = gpuq::ReadCurvePublicKey(server_key);
     auto mine = gpuq::ReadCurveSecretKey(key);

@@ -59,6 +59,13 @@ struct JobResult {
 
 struct ClientOptions {
   Millis timeout{10000};  // default wait for a reply
+  // Local buffers (schema/PROTOCOL.md): on an ipc endpoint, Client (not
+  // AsyncClient) passes inputs of at least `local_min_bytes` as files of the
+  // broker's local directory, and asks for outputs that large as files, so
+  // that their bytes do not cross the socket. The broker names the directory
+  // (`devices` reply); the client must be able to create files there.
+  bool local_buffers = true;
+  size_t local_min_bytes = 1u << 20;
   // On tcp, the broker's CURVE public key and this client's key pair
   // (Z85, 40 characters each); empty on ipc.
   std::string server_key, public_key, secret_key;
