@@ -156,7 +156,7 @@ gpuq_timing gpuq_result_timing(const gpuq_result* r) {
           t.kernel_us, t.d2h_us, t.total_us, t.cache_hit ? 1 : 0};
 }
 const void* gpuq_result_output(const gpuq_result* r, uint32_t arg, size_t* size) {
-  const std::string* out = r->result.Output(arg);
+  const gpuq::Bytes* out = r->result.Output(arg);
   if (size) *size = out ? out->size() : 0;
   return out ? out->data() : nullptr;
 }

@@ -21,7 +21,14 @@ using schema::ReplyOp;
 using client_internal::ToResult;
 using Clock = std::chrono::steady_clock;
 
-const std::string* JobResult::Output(uint32_t arg) const {
+Bytes::Bytes(std::string s) {
+  auto owned = std::make_shared<const std::string>(std::move(s));
+  data_ = owned->data();
+  size_ = owned->size();
+  owner_ = std::move(owned);
+}
+
+const Bytes* JobResult::Output(uint32_t arg) const {
   for (size_t i = 0; i < output_args.size() && i < outputs.size(); ++i) {
     if (output_args[i] == arg) return &outputs[i];
   }

@@ -1,6 +1,8 @@
 #include "client/connection.h"
 
 #include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -43,27 +45,37 @@ JobResult ToResult(schema::ClientReply& r, std::vector<zmq::message_t>& frames) 
   out.attempts = r.attempts;
   out.timing = r.timing;
   out.output_args = std::move(r.outputs);
-  for (size_t i = 2; i < frames.size(); ++i) out.outputs.emplace_back(frames[i].to_string());
+  for (size_t i = 2; i < frames.size(); ++i) {
+    // The frame itself, moved to the heap: its bytes are not copied.
+    auto frame = std::make_shared<zmq::message_t>(std::move(frames[i]));
+    const char* data = static_cast<const char*>(frame->data());
+    const size_t size = frame->size();
+    out.outputs.emplace_back(std::move(frame), data, size);
+  }
   for (const schema::LocalFile& f : r.files) {
-    std::string data(f.size, '\0');
+    // Mapped, not read: the output's pages are the file's in the page cache.
     const int fd = open(f.name.c_str(), O_RDONLY | O_CLOEXEC);
-    size_t got = 0;
-    while (fd >= 0 && got < data.size()) {
-      const ssize_t n = pread(fd, data.data() + got, data.size() - got, static_cast<off_t>(got));
-      if (n < 0 && errno == EINTR) continue;
-      if (n <= 0) break;
-      got += static_cast<size_t>(n);
+    struct stat st {};
+    void* p = MAP_FAILED;
+    if (fd >= 0 && fstat(fd, &st) == 0 && static_cast<uint64_t>(st.st_size) == f.size) {
+      p = f.size == 0 ? nullptr
+                      : mmap(nullptr, f.size, PROT_READ, MAP_SHARED | MAP_POPULATE, fd, 0);
     }
+    const int err = errno;
     if (fd >= 0) close(fd);
-    if (got != data.size()) {
+    if (p == MAP_FAILED) {
       out.state = schema::JobState::kFailed;
       out.code = Code::kIoError;
-      out.error = "cannot read the output file " + f.name + ": " + std::strerror(errno);
+      out.error = "cannot map the output file " + f.name + ": " + std::strerror(err);
       out.outputs.clear();
       out.output_args.clear();
       return out;
     }
-    out.outputs.push_back(std::move(data));
+    const size_t size = f.size;
+    std::shared_ptr<const void> mapping(p, [size](const void* q) {
+      if (q) munmap(const_cast<void*>(q), size);
+    });
+    out.outputs.emplace_back(std::move(mapping), static_cast<const char*>(p), size);
   }
   return out;
 }

@@ -85,6 +85,17 @@ std::vector<GoldenMessage> GoldenMessages() {
     g.push_back({"client_submit_saxpy", r, {Bytes(4096, 1), Bytes(4096, 2)}});
   }
   {
+    // Local buffers: x as a payload frame, y (payload index 1) as a file of
+    // the broker's local directory; the output asked for as a file.
+    ClientRequest r;
+    r.op = ClientOp::kSubmit;
+    r.rid = 13;
+    r.job = Saxpy();
+    r.job.files = {{"c-5f1b2c3d0a1b2c3d4e5f60718293a4b5", 4096}};
+    r.job.local_out = true;
+    g.push_back({"client_submit_local_files", r, {Bytes(4096, 1)}});
+  }
+  {
     ClientRequest r;
     r.op = ClientOp::kSubmit;
     r.rid = 2;
@@ -190,6 +201,19 @@ std::vector<GoldenMessage> GoldenMessages() {
     ClientReply r;
     r.op = ReplyOp::kResult;
     r.rid = 0;
+    r.id = 4245;
+    r.state = JobState::kDone;
+    r.attempts = 1;
+    r.device = "GPU-5f1b2c3d-0a1b-2c3d-4e5f-60718293a4b5";
+    r.timing = SomeTiming();
+    r.outputs = {2};
+    r.files = {{"/var/lib/gpuq/jobs.db.blobs/j4245.o0", 4096}};
+    g.push_back({"reply_result_local_file", r, {}});
+  }
+  {
+    ClientReply r;
+    r.op = ReplyOp::kResult;
+    r.rid = 0;
     r.id = 4243;
     r.state = JobState::kFailed;
     r.code = Code::kCompileError;
@@ -220,6 +244,14 @@ std::vector<GoldenMessage> GoldenMessages() {
     r.workers = {{"gpu-host-1:3112:0", H100(), 8, 2, 120}};
     g.push_back({"reply_devices", r, {}});
   }
+  {
+    ClientReply r;
+    r.op = ReplyOp::kDevices;
+    r.rid = 14;
+    r.workers = {{"gpu-host-1:3112:0", H100(), 8, 2, 120}};
+    r.local_dir = "/var/lib/gpuq/jobs.db.blobs";
+    g.push_back({"reply_devices_local", r, {}});
+  }
 
   // worker -> broker
   {
@@ -233,6 +265,16 @@ std::vector<GoldenMessage> GoldenMessages() {
   }
   {
     WorkerMessage m;
+    m.op = WorkerOp::kReady;
+    m.worker = "gpu-host-1:3113:1";
+    m.device = H100();
+    m.slots = 8;
+    m.module_slots = 256;
+    m.local_dir = "/var/lib/gpuq/jobs.db.blobs";
+    g.push_back({"worker_ready_local", m, {}});
+  }
+  {
+    WorkerMessage m;
     m.op = WorkerOp::kResult;
     m.id = 4242;
     m.attempt = 1;
@@ -240,6 +282,17 @@ std::vector<GoldenMessage> GoldenMessages() {
     m.timing = SomeTiming();
     m.outputs = {2};
     g.push_back({"worker_result_done", m, {Bytes(4096, 3)}});
+  }
+  {
+    WorkerMessage m;
+    m.op = WorkerOp::kResult;
+    m.id = 4245;
+    m.attempt = 1;
+    m.state = JobState::kDone;
+    m.timing = SomeTiming();
+    m.outputs = {2};
+    m.files = {{"w-4245-1-2", 4096}};
+    g.push_back({"worker_result_local_file", m, {}});
   }
   {
     WorkerMessage m;
@@ -279,6 +332,21 @@ std::vector<GoldenMessage> GoldenMessages() {
     m.args = {Arg::F32(2.5f), Arg::In(1), Arg::InOut(2), Arg::I32(1024)};
     m.time_limit_ms = 2000;
     g.push_back({"broker_job", m, {Bytes(64, 9), Bytes(4096, 1), Bytes(4096, 2)}});
+  }
+  {
+    BrokerMessage m;
+    m.op = BrokerOp::kJob;
+    m.id = 4245;
+    m.attempt = 1;
+    m.module = "078f1398ea2b7a94c25cc6aaa4fd44042c7b7281d37a0f023c801a86f71339b6";
+    m.entry = "saxpy";
+    m.launch.grid = {4, 1, 1};
+    m.launch.block = {256, 1, 1};
+    m.args = {Arg::F32(2.5f), Arg::In(0), Arg::InOut(1), Arg::I32(1024)};
+    m.time_limit_ms = 2000;
+    m.files = {{"/var/lib/gpuq/jobs.db.blobs/j4245.i1", 4096}};
+    m.out_dir = "/var/lib/gpuq/jobs.db.blobs";
+    g.push_back({"broker_job_local_files", m, {Bytes(4096, 1)}});
   }
   {
     BrokerMessage m;

@@ -40,6 +40,36 @@ struct JobRequest {
   std::vector<std::string_view> inputs;
 };
 
+// An output's bytes, read-only, owned and shared by copies: the received
+// ZeroMQ frame, or a mapping of the local file the broker named (see
+// ClientOptions::local_buffers), never copied on the way. Thread-safe to
+// read.
+class Bytes {
+ public:
+  Bytes() = default;
+  explicit Bytes(std::string s);
+  // Keeps `owner` alive while any copy of these bytes is.
+  Bytes(std::shared_ptr<const void> owner, const char* data, size_t size)
+      : owner_(std::move(owner)), data_(data), size_(size) {}
+
+  const char* data() const { return data_; }
+  size_t size() const { return size_; }
+  bool empty() const { return size_ == 0; }
+  char operator[](size_t i) const { return data_[i]; }
+  std::string_view view() const { return {data_, size_}; }
+  operator std::string_view() const { return view(); }
+  std::string str() const { return std::string(view()); }
+
+  friend bool operator==(const Bytes& a, const Bytes& b) { return a.view() == b.view(); }
+  friend bool operator==(const Bytes& a, std::string_view b) { return a.view() == b; }
+  friend bool operator==(const Bytes& a, const std::string& b) { return a.view() == b; }
+
+ private:
+  std::shared_ptr<const void> owner_;
+  const char* data_ = nullptr;
+  size_t size_ = 0;
+};
+
 // The end of a job, as pushed by the broker or fetched.
 struct JobResult {
   uint64_t id = 0;
@@ -51,10 +81,10 @@ struct JobResult {
   schema::Timing timing;
   // Bytes of each out and inout buffer, with the index of its argument.
   std::vector<uint32_t> output_args;
-  std::vector<std::string> outputs;
+  std::vector<Bytes> outputs;
   bool ok() const { return state == schema::JobState::kDone; }
   // The output of argument `arg`, or nullptr.
-  const std::string* Output(uint32_t arg) const;
+  const Bytes* Output(uint32_t arg) const;
 };
 
 struct ClientOptions {

@@ -4,6 +4,8 @@
 // reports itself skipped.
 #include <gtest/gtest.h>
 
+#include <filesystem>
+
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -38,7 +40,7 @@ bool HaveGpu() { return GpuCount() > 0; }
 class GpuTest : public ::testing::Test {
  public:
   template <typename T>
-  static std::vector<T> As(const std::string& bytes) {
+  static std::vector<T> As(const Bytes& bytes) {
     std::vector<T> v(bytes.size() / sizeof(T));
     std::memcpy(v.data(), bytes.data(), v.size() * sizeof(T));
     return v;
@@ -230,6 +232,61 @@ TEST_F(GpuTest, InOutAndInoutBuffersMatchTheCpu) {
   std::printf("saxpy 1M: h2d %llu us, kernel %llu us, d2h %llu us, total %llu us\n",
               (unsigned long long)r.timing.h2d_us, (unsigned long long)r.timing.kernel_us,
               (unsigned long long)r.timing.d2h_us, (unsigned long long)r.timing.total_us);
+}
+
+TEST_F(GpuTest, LargeBuffersGiveTheSameBytesByLocalFilesAndBySockets) {
+  // 24 MiB in, inout and out: over the client's 1 MiB threshold, so the
+  // default client passes them as files of the broker's local directory
+  // (gpuqd's own worker reads and writes them); a client without local
+  // buffers sends and receives the same bytes as frames.
+  const unsigned n = 6u << 20;  // u32 words
+  std::vector<uint32_t> a(n), b(n);
+  for (auto& v : a) v = static_cast<uint32_t>(rng_());
+  for (auto& v : b) v = static_cast<uint32_t>(rng_());
+  JobRequest j = Kernel(
+      "extern \"C\" __global__ void mix(const unsigned* a, unsigned* b, unsigned* out,\n"
+      "                                  unsigned n) {\n"
+      "  for (unsigned i = blockIdx.x * blockDim.x + threadIdx.x; i < n;\n"
+      "       i += gridDim.x * blockDim.x) {\n"
+      "    out[i] = a[i] ^ b[i];\n"
+      "    b[i] = b[i] * 3u + 1u;\n"
+      "  }\n"
+      "}\n",
+      "mix", {512, 1, 1}, {256, 1, 1});
+  j.spec.args = {Arg::In(0), Arg::InOut(1), Arg::Out(uint64_t{n} * 4), Arg::U32(n)};
+  j.inputs = {Keep(a), Keep(b)};
+  std::vector<uint32_t> want_b(n), want_out(n);
+  for (unsigned i = 0; i < n; ++i) {
+    want_out[i] = a[i] ^ b[i];
+    want_b[i] = b[i] * 3u + 1u;
+  }
+  const std::string_view wb(reinterpret_cast<const char*>(want_b.data()), n * 4u);
+  const std::string_view wo(reinterpret_cast<const char*>(want_out.data()), n * 4u);
+  ClientOptions sockets;
+  sockets.timeout = Millis(60000);
+  sockets.local_buffers = false;
+  auto socket_client = Client::Connect(broker_->client_endpoint(), sockets);
+  ASSERT_TRUE(socket_client.ok());
+  for (Client* c : {client_.get(), socket_client->get()}) {
+    auto id = c->Submit(j);
+    ASSERT_TRUE(id.ok()) << id.status().ToString();
+    auto r = c->Wait(*id, Millis(60000));
+    ASSERT_TRUE(r.ok()) << r.status().ToString();
+    ASSERT_EQ(r->state, JobState::kDone) << r->error;
+    ASSERT_NE(r->Output(1), nullptr);
+    ASSERT_NE(r->Output(2), nullptr);
+    EXPECT_TRUE(*r->Output(1) == wb);
+    EXPECT_TRUE(*r->Output(2) == wo);
+    std::printf("%s: 24 MiB x 3: h2d %llu us, kernel %llu us, d2h %llu us, total %llu us\n",
+                c == client_.get() ? "local files" : "sockets",
+                (unsigned long long)r->timing.h2d_us, (unsigned long long)r->timing.kernel_us,
+                (unsigned long long)r->timing.d2h_us, (unsigned long long)r->timing.total_us);
+  }
+  // Nothing of the client's or the worker's own is left in the directory.
+  for (const auto& e : std::filesystem::directory_iterator(broker_->store() + ".blobs")) {
+    const std::string name = e.path().filename().string();
+    EXPECT_TRUE(name[0] == 'j') << name;
+  }
 }
 
 TEST_F(GpuTest, OneTwoAndThreeDimensionalLaunches) {
