@@ -1,6 +1,12 @@
 #include "gpuq/client.h"
 
+#include <fcntl.h>
+#include <sys/mman.h>
 #include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+#include <random>
 
 #include <cstdlib>
 #include <deque>
@@ -66,20 +72,28 @@ class Client::Impl {
     for (const schema::Arg& a : job.spec.args) {
       large |= a.kind == schema::ArgKind::kOut && a.size >= opt_.local_min_bytes;
     }
-    if (large && local_possible_ && !local_dir_) {
-      ClientRequest d;
-      d.op = ClientOp::kDevices;
-      auto r = Call(std::move(d), nullptr);
-      if (!r.ok()) return r.status();
-      local_dir_ = r->local_dir;
-    }
+    if (large) GPUQ_RETURN_IF_ERROR(LocalDir().status());
     if (!large || !local_dir_ || local_dir_->empty()) {
       *frames = job.inputs;
       return Status::Ok();
     }
-    GPUQ_ASSIGN_OR_RETURN(*files, client_internal::UseLocalFiles(*local_dir_, opt_.local_min_bytes,
-                                                                 job.inputs, &req->job, frames));
+    GPUQ_ASSIGN_OR_RETURN(*files,
+                          client_internal::UseLocalFiles(*local_dir_, opt_.local_min_bytes,
+                                                         job.inputs, &req->job, frames,
+                                                         buffers_.get()));
     return Status::Ok();
+  }
+
+  // The broker's local directory ("" when none), asked once.
+  StatusOr<std::string> LocalDir() {
+    if (!local_possible_) return std::string();
+    if (!local_dir_) {
+      ClientRequest d;
+      d.op = ClientOp::kDevices;
+      GPUQ_ASSIGN_OR_RETURN(ClientReply r, Call(std::move(d), nullptr));
+      local_dir_ = r.local_dir;
+    }
+    return *local_dir_;
   }
 
   uint64_t NextRid() { return ++rid_; }
@@ -206,6 +220,8 @@ class Client::Impl {
   bool local_possible_ = false;
   std::optional<std::string> local_dir_;  // learned on the first large submit
   std::map<uint64_t, std::vector<std::string>> pending_files_;  // by submit rid
+  std::shared_ptr<client_internal::LocalBuffers> buffers_ =
+      std::make_shared<client_internal::LocalBuffers>();
   zmq::context_t ctx_;
   zmq::socket_t socket_;
   schema::Limits limits_;
@@ -308,6 +324,45 @@ StatusOr<std::string> Client::Stats() {
   req.op = ClientOp::kStats;
   GPUQ_ASSIGN_OR_RETURN(ClientReply r, impl_->Call(std::move(req), nullptr));
   return std::move(r.stats);
+}
+
+InputBuffer::~InputBuffer() {
+  if (path_.empty()) return;
+  auto* live = static_cast<client_internal::LocalBuffers*>(registry_.get());
+  if (live->live.erase(data_) > 0) (void)unlink(path_.c_str());  // never submitted
+  if (data_ && size_) munmap(data_, size_);
+}
+
+StatusOr<std::unique_ptr<InputBuffer>> Client::NewInput(size_t size) {
+  std::unique_ptr<InputBuffer> b(new InputBuffer());
+  b->size_ = size;
+  GPUQ_ASSIGN_OR_RETURN(std::string dir, impl_->LocalDir());
+  if (dir.empty() || size < impl_->opt_.local_min_bytes) {
+    b->memory_.resize(size);
+    b->data_ = b->memory_.data();
+    return b;
+  }
+  std::random_device rd;
+  char name[40];
+  snprintf(name, sizeof name, "c-%08x%08x%08x%08x", rd(), rd(), rd(), rd());
+  const std::string path = dir + "/" + name;
+  const int fd = open(path.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+  if (fd < 0) return Error(Code::kIoError, path + ": " + std::strerror(errno));
+  void* p = MAP_FAILED;
+  if (ftruncate(fd, static_cast<off_t>(size)) == 0) {
+    p = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+  }
+  const int err = errno;
+  close(fd);
+  if (p == MAP_FAILED) {
+    (void)unlink(path.c_str());
+    return Error(Code::kIoError, "mapping " + path + ": " + std::strerror(err));
+  }
+  b->data_ = static_cast<char*>(p);
+  b->path_ = path;
+  b->registry_ = impl_->buffers_;
+  impl_->buffers_->live[b->data_] = {name, size};
+  return b;
 }
 
 StatusOr<std::vector<schema::WorkerView>> Client::Devices() {

@@ -2,6 +2,7 @@
 // the broker and the conversion of a result reply. Internal to client/.
 #pragma once
 
+#include <map>
 #include <string>
 #include <vector>
 #include <zmq.hpp>
@@ -27,9 +28,22 @@ JobResult ToResult(schema::ClientReply& reply, std::vector<zmq::message_t>& fram
 // `dir` and names it in `spec->files` (renumbering the arguments' frames);
 // the other inputs go to `frames`. Asks for local outputs when one will be
 // that large. Returns the full paths of the files it made.
+// The local input buffers a Client has made and not yet had consumed: the
+// address of each mapping -> its file's name and size.
+struct LocalBuffers {
+  struct Entry {
+    std::string name;
+    size_t size = 0;
+  };
+  std::map<const char*, Entry> live;
+};
+
+// An input that is a live local buffer is named, not written again, and
+// leaves `buffers` (consumed).
 StatusOr<std::vector<std::string>> UseLocalFiles(const std::string& dir, size_t min_bytes,
                                                  const std::vector<std::string_view>& inputs,
                                                  schema::JobSpec* spec,
-                                                 std::vector<std::string_view>* frames);
+                                                 std::vector<std::string_view>* frames,
+                                                 LocalBuffers* buffers = nullptr);
 
 }  // namespace gpuq::client_internal

@@ -12,6 +12,8 @@
 
 #include <atomic>
 #include <deque>
+#include <sys/stat.h>
+
 #include <filesystem>
 #include <map>
 #include <nlohmann/json.hpp>
@@ -822,6 +824,48 @@ TEST_F(BrokerTest, LocalBuffersTravelAsFilesAndComeBackWhole) {
   auto again = c->Fetch(*id);
   ASSERT_TRUE(again.ok()) << again.status().ToString();
   EXPECT_TRUE(*again->Output(0) == expect);
+}
+
+TEST_F(BrokerTest, AnInputBufferIsTheFileTheBrokerTakes) {
+  const std::string local = broker_->store() + ".blobs";
+  auto c = Connect();
+  auto buf = c->NewInput(2 << 20);
+  ASSERT_TRUE(buf.ok()) << buf.status().ToString();
+  for (size_t b = 0; b < (*buf)->size(); ++b) (*buf)->data()[b] = static_cast<char>(b * 7);
+  const std::string input((*buf)->view());
+  // Made in the local directory, mapped.
+  std::vector<std::string> made;
+  for (const auto& e : std::filesystem::directory_iterator(local)) {
+    made.push_back(e.path().filename().string());
+  }
+  ASSERT_EQ(made.size(), 1u);
+  EXPECT_EQ(made[0].rfind("c-", 0), 0u);
+  struct stat before {};
+  ASSERT_EQ(stat((local + "/" + made[0]).c_str(), &before), 0);
+  JobRequest j = Job("k", "", 16);
+  j.inputs = {(*buf)->view()};
+  auto id = c->Submit(j);
+  ASSERT_TRUE(id.ok()) << id.status().ToString();
+  // No worker yet: the queued job's input is that very file, renamed.
+  struct stat taken {};
+  ASSERT_EQ(stat((local + "/j" + std::to_string(*id) + ".i0").c_str(), &taken), 0);
+  EXPECT_EQ(taken.st_ino, before.st_ino);
+  EXPECT_FALSE(std::filesystem::exists(local + "/" + made[0]));
+  AddWorker({"--local-dir", local});
+  auto r = c->Wait(*id, Millis(20000));
+  ASSERT_TRUE(r.ok()) << r.status().ToString();
+  ASSERT_EQ(r->state, JobState::kDone) << r->error;
+  std::string expect = input;
+  for (char& ch : expect) ch = static_cast<char>(ch + 1);
+  EXPECT_TRUE(*r->Output(0) == expect);
+  // A buffer never submitted takes its file with it.
+  {
+    auto unused = c->NewInput(2 << 20);
+    ASSERT_TRUE(unused.ok());
+  }
+  for (const auto& e : std::filesystem::directory_iterator(local)) {
+    EXPECT_NE(e.path().filename().string().rfind("c-", 0), 0u) << e.path();
+  }
 }
 
 TEST_F(BrokerTest, LocalFilesOnlyAWorkerOnTheHostCanReachAreSentAsFrames) {

@@ -107,6 +107,33 @@ std::string DefaultEndpoint();
 // The folder of the default ipc endpoints.
 std::string DefaultRuntimeFolder();
 
+// A writable buffer for one job's input (Client::NewInput). On an ipc
+// endpoint of a broker with a local directory it is a new file there,
+// mapped: fill it, pass view() among JobRequest::inputs, and the submit
+// names the file instead of writing the bytes again. Otherwise it is memory
+// and the bytes are sent as usual. A submit that names the file consumes it:
+// the broker takes the file, and the buffer's bytes must not change after
+// (a later submit of the same bytes writes a new file). Not thread-safe; may
+// outlive its Client.
+class InputBuffer {
+ public:
+  ~InputBuffer();
+  InputBuffer(const InputBuffer&) = delete;
+  InputBuffer& operator=(const InputBuffer&) = delete;
+  char* data() { return data_; }
+  size_t size() const { return size_; }
+  std::string_view view() const { return {data_, size_}; }
+
+ private:
+  friend class Client;
+  InputBuffer() = default;
+  char* data_ = nullptr;
+  size_t size_ = 0;
+  std::string path_;        // the file, when local
+  std::string memory_;      // otherwise
+  std::shared_ptr<void> registry_;  // the client's list of local buffers
+};
+
 class Client {
  public:
   // Connects to `endpoint` (ipc://PATH or tcp://HOST:PORT). ZeroMQ connects
@@ -153,6 +180,10 @@ class Client {
   // The broker's stats map (schema/PROTOCOL.md, "Stats"), as msgpack.
   StatusOr<std::string> Stats();
   StatusOr<std::vector<schema::WorkerView>> Devices();
+
+  // A buffer of `size` bytes for an input (see InputBuffer). Asks the broker
+  // for its local directory the first time (kTimeout if it does not answer).
+  StatusOr<std::unique_ptr<InputBuffer>> NewInput(size_t size);
 
  private:
   class Impl;
