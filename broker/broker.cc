@@ -199,6 +199,7 @@ class Broker::Impl {
 
   // Jobs.
   void Enqueue(std::unique_ptr<Job> job);
+  void WorkersChanged();
   void RequestCompile(Job& job, const std::string& arch);
   void OnCompileDone(CompileDone& done);
   bool Eligible(Job& job, const Worker& w);
@@ -242,6 +243,13 @@ class Broker::Impl {
   std::unordered_map<uint64_t, std::unique_ptr<Job>> jobs_;  // not yet ended
   std::map<std::pair<std::string, std::string>, uint64_t> keys_;  // (tenant, key) -> id
   std::map<std::string, Worker> workers_;
+  std::vector<std::string> worker_archs_;  // of workers_, distinct (WorkersChanged)
+  struct KernelMemo {
+    schema::KernelSpec kernel;
+    Digest key;
+  };
+  std::map<std::string, KernelMemo> last_kernel_;  // by architecture
+  Histogram* compile_latency_ = nullptr;           // counters_.latency["compile"]
   std::map<Digest, std::vector<uint64_t>> waiting_compile_;
   using Deadline = std::pair<int64_t, uint64_t>;
   std::priority_queue<Deadline, std::vector<Deadline>, std::greater<>> deadlines_;
@@ -277,6 +285,7 @@ class Broker::Impl {
 // ---------------------------------------------------------------- setup
 
 Status Broker::Impl::Init() {
+  compile_latency_ = &counters_.latency["compile"];
   GPUQ_ASSIGN_OR_RETURN(store_, JobStore::Open(opt_.store_path, opt_.durability));
   local_dir_ = store_->blob_dir();
   GPUQ_ASSIGN_OR_RETURN(compiler_, compile::CompileService::Create(opt_.compile));
@@ -886,16 +895,38 @@ void Broker::Impl::Enqueue(std::unique_ptr<Job> job) {
   scheduler_.Push(j.id, j.tenant, j.priority);
   // Compile now for the architectures of the workers we have, so that the
   // kernel is ready when a slot frees.
-  std::set<std::string> archs;
-  for (const auto& [id, w] : workers_) archs.insert(w.arch);
   jobs_[j.id] = std::move(job);
-  for (const auto& arch : archs) {
+  for (const auto& arch : worker_archs_) {
     if (j.spec.placement.arch.empty() || j.spec.placement.arch == arch) RequestCompile(j, arch);
   }
 }
 
+void Broker::Impl::WorkersChanged() {
+  std::set<std::string> archs;
+  for (const auto& [id, w] : workers_) archs.insert(w.arch);
+  worker_archs_.assign(archs.begin(), archs.end());
+}
+
 void Broker::Impl::RequestCompile(Job& job, const std::string& arch) {
   if (job.modules.count(arch) || job.compiling.count(arch)) return;
+  // The same kernel as the last job for this architecture, still in the
+  // compile service's memory: no hashing, no copies (the common case of a
+  // scheduler sending one kernel many times).
+  const schema::KernelSpec& k = job.spec.kernel;
+  auto memo = last_kernel_.find(arch);
+  if (memo != last_kernel_.end() && memo->second.kernel.source == k.source &&
+      memo->second.kernel.options == k.options && memo->second.kernel.headers == k.headers &&
+      memo->second.kernel.name_expression == k.name_expression &&
+      (!k.name_expression || memo->second.kernel.entry == k.entry)) {
+    if (EntryPtr hot = compiler_->Peek(memo->second.key)) {
+      if (hot->ok && hot->HasKernel(hot->Symbol(k.entry))) {
+        ++counters_.cache_hits;
+        compile_latency_->Observe(0);
+        job.modules[arch] = std::move(hot);
+        return;
+      }
+    }
+  }
   CompileRequest req;
   req.source = job.spec.kernel.source;
   req.headers = job.spec.kernel.headers;
@@ -903,6 +934,7 @@ void Broker::Impl::RequestCompile(Job& job, const std::string& arch) {
   if (job.spec.kernel.name_expression) req.name_expressions = {job.spec.kernel.entry};
   req.arch = arch;
   const Digest key = compiler_->KeyFor(req);
+  last_kernel_[arch] = {k, key};
   if (EntryPtr hot = compiler_->Peek(key)) {
     CompileDone d{key, arch, hot, {}};
     d.info.key = key;
@@ -952,7 +984,7 @@ void Broker::Impl::OnCompileDone(CompileDone& done) {
   } else {
     ++counters_.cache_misses;
   }
-  counters_.latency["compile"].Observe(done.info.wall_us);
+  compile_latency_->Observe(done.info.wall_us);
   for (uint64_t id : waiting.mapped()) {
     auto it = jobs_.find(id);
     if (it == jobs_.end()) continue;  // ended meanwhile (canceled, expired)
@@ -1250,6 +1282,7 @@ void Broker::Impl::OnWorkerMessage(Frames& frames) {
     w.modules = ModuleSet(m.module_slots);
     w.last_seen = Clock::now();
     w.local = !m.local_dir.empty() && m.local_dir == store_->blob_dir();
+    WorkersChanged();
     spdlog::info("worker {} ready: {} ({}, {}), {} slots", w.name, w.device.name, w.arch,
                  w.device.uuid, w.slots);
     // Queued jobs may now need this architecture.
@@ -1324,6 +1357,7 @@ void Broker::Impl::WorkerLost(const std::string& id, const std::string& why) {
   if (it == workers_.end()) return;
   Worker w = std::move(it->second);
   workers_.erase(it);
+  WorkersChanged();
   ++counters_.workers_lost;
   spdlog::warn("worker {} ({}) is gone: {}; {} jobs were in flight", w.name, w.device.uuid, why,
                w.inflight.size());

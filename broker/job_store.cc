@@ -334,7 +334,7 @@ Status JobStore::Finish(const StoredResult& r, const std::vector<std::string_vie
   }
   GPUQ_ASSIGN_OR_RETURN(
       sql::Stmt * res,
-      Cached("INSERT OR REPLACE INTO results(job_id, code, error, device, timing, outputs) "
+      Cached("INSERT INTO results(job_id, code, error, device, timing, outputs) "
              "VALUES (?1, ?2, ?3, ?4, ?5, ?6)"));
   GPUQ_RETURN_IF_ERROR(res->Bind(1, id)
                            .Bind(2, CodeName(r.code))

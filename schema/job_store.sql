@@ -24,7 +24,9 @@ CREATE TABLE IF NOT EXISTS jobs (
 
 CREATE UNIQUE INDEX IF NOT EXISTS jobs_by_key ON jobs(tenant, client_key)
   WHERE client_key IS NOT NULL;
-CREATE INDEX IF NOT EXISTS jobs_unfinished ON jobs(state) WHERE state = 'queued';
+-- No index of unfinished jobs: they are read once, at start, by a scan;
+-- an index would cost two B-tree writes per job.
+DROP INDEX IF EXISTS jobs_unfinished;
 CREATE INDEX IF NOT EXISTS jobs_by_finish ON jobs(finished_ms) WHERE finished_ms IS NOT NULL;
 
 -- Input buffers (payload frames), removed when the job ends. A buffer of
