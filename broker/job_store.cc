@@ -102,6 +102,7 @@ StatusOr<std::unique_ptr<JobStore>> JobStore::Open(const std::string& path,
   GPUQ_RETURN_IF_ERROR(db.Exec(durability == Durability::kPowerLoss
                                    ? "PRAGMA synchronous=FULL"
                                    : "PRAGMA synchronous=NORMAL"));
+  GPUQ_RETURN_IF_ERROR(db.Exec("PRAGMA wal_autocheckpoint=8192"));
   {
     sql::Transaction tx(&db);
     GPUQ_RETURN_IF_ERROR(tx.Begin());

@@ -94,7 +94,11 @@ Status CheckProtocolFrame(std::string_view frame, std::string_view expected) {
 
 namespace {
 
-using Packer = msgpack::packer<msgpack::sbuffer>;
+// A packer that knows its buffer (MapWriter moves bytes within it).
+struct Packer : msgpack::packer<msgpack::sbuffer> {
+  explicit Packer(msgpack::sbuffer& b) : msgpack::packer<msgpack::sbuffer>(b), buf(b) {}
+  msgpack::sbuffer& buf;
+};
 
 void PackStr(Packer& p, std::string_view s) {
   p.pack_str(static_cast<uint32_t>(s.size()));
@@ -140,25 +144,32 @@ void PackU32List(Packer& p, const std::vector<uint32_t>& v) {
 
 // Counts the keys of a map before it is written: the msgpack map header needs
 // the count first. Each optional field is (present?, writer).
+// Writes a map whose size is known only at the end: each present field is
+// packed as it comes, and Write() puts the map header (in its smallest form)
+// in front of them.
 class MapWriter {
  public:
-  explicit MapWriter(Packer& p) : p_(p) {}
+  explicit MapWriter(Packer& p) : p_(p), start_(p.buf.size()) {}
   template <typename F>
   MapWriter& Field(std::string_view key, bool present, F&& write) {
-    if (present) fields_.push_back({key, std::function<void()>(write)});
+    if (present) {
+      PackStr(p_, key);
+      write();
+      ++count_;
+    }
     return *this;
   }
   void Write() {
-    p_.pack_map(static_cast<uint32_t>(fields_.size()));
-    for (auto& [k, w] : fields_) {
-      PackStr(p_, k);
-      w();
-    }
+    const size_t body_end = p_.buf.size();
+    p_.pack_map(count_);
+    char* d = p_.buf.data();
+    std::rotate(d + start_, d + body_end, d + p_.buf.size());
   }
 
  private:
   Packer& p_;
-  std::vector<std::pair<std::string_view, std::function<void()>>> fields_;
+  size_t start_;
+  uint32_t count_ = 0;
 };
 
 void PackArg(Packer& p, const Arg& a) {
