@@ -15,7 +15,7 @@ for spin in 0 500; do
   gpuq-bench-broker --gpu --job saxpy4k --seconds 3 --spin-us $spin | tail -n +3
 done
 echo; echo "== the job store's SQLite work per job (c's share of the broker loop)"
-gpuq-bench-store 2>/dev/null | tail -3
+gpuq-bench-store 2>/dev/null | tail -4
 echo; echo "== d: compile, cold vs SQLite hit vs memory hit"; gpuq-bench-compile 2>/dev/null | tail -7
 echo; echo "== e: large buffers through gpuq"
 for mib in 64 256; do gpuq-bench-broker --gpu --buffer-mib $mib; done
