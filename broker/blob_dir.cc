@@ -8,6 +8,7 @@
 #include <cerrno>
 #include <cstring>
 #include <ctime>
+#include <algorithm>
 #include <memory>
 
 namespace gpuq::broker {
@@ -123,6 +124,117 @@ StatusOr<std::vector<std::string>> BlobDir::List() const {
     if (e->d_type == DT_REG) names.emplace_back(e->d_name);
   }
   return names;
+}
+
+StatusOr<std::unique_ptr<BlobLog>> BlobLog::Open(const BlobDir* dir, std::string prefix,
+                                                 std::map<uint64_t, uint64_t> live,
+                                                 uint64_t segment_bytes) {
+  std::unique_ptr<BlobLog> log(new BlobLog(dir, prefix, segment_bytes));
+  GPUQ_ASSIGN_OR_RETURN(std::vector<std::string> names, dir->List());
+  uint64_t last = 0;
+  const size_t n = prefix.size();
+  for (const std::string& name : names) {
+    if (name.rfind(prefix, 0) != 0) continue;
+    uint64_t seg = 0;
+    bool digits = name.size() > n && name.size() <= n + 19;
+    for (size_t i = n; digits && i < name.size(); ++i) {
+      digits = name[i] >= '0' && name[i] <= '9';
+      if (digits) seg = seg * 10 + uint64_t(name[i] - '0');
+    }
+    if (!digits) continue;
+    last = std::max(last, seg);
+    if (!live.count(seg)) dir->Remove(name);
+  }
+  for (const auto& [seg, rows] : live) last = std::max(last, seg);
+  log->live_ = std::move(live);
+  log->seg_ = last + 1;  // created by the first write
+  return log;
+}
+
+BlobLog::~BlobLog() {
+  if (fd_ >= 0) close(fd_);
+}
+
+
+BlobLog::Ref BlobLog::Append(std::string_view data) {
+  Ref r{seg_, size_ + pending_.size(), data.size()};
+  pending_.append(data);
+  added_.push_back(seg_);
+  return r;
+}
+
+void BlobLog::Release(uint64_t seg) { released_.push_back(seg); }
+
+Status BlobLog::Flush(bool sync) {
+  if (pending_.empty()) return Status::Ok();
+  if (fd_ < 0) {
+    const std::string file = dir_->path() + "/" + Name(seg_);
+    fd_ = open(file.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_APPEND | O_CLOEXEC, 0600);
+    if (fd_ < 0) return Errno("creating " + file);
+  }
+  const char* p = pending_.data();
+  size_t left = pending_.size();
+  while (left > 0) {
+    ssize_t n = write(fd_, p, left);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return Errno("writing " + Name(seg_));
+    }
+    p += n;
+    left -= static_cast<size_t>(n);
+  }
+  size_ += pending_.size();
+  pending_.clear();
+  if (sync && fdatasync(fd_) != 0) return Errno("syncing " + Name(seg_));
+  return Status::Ok();
+}
+
+void BlobLog::Committed() {
+  for (uint64_t seg : added_) ++live_[seg];
+  for (uint64_t seg : released_) {
+    auto it = live_.find(seg);
+    if (it == live_.end()) continue;
+    if (--it->second == 0) {
+      live_.erase(it);
+      if (seg != seg_) dir_->Remove(Name(seg));
+    }
+  }
+  added_.clear();
+  released_.clear();
+  if (size_ >= segment_bytes_) {  // the next write starts a new segment
+    close(fd_);
+    fd_ = -1;
+    if (!live_.count(seg_)) dir_->Remove(Name(seg_));
+    ++seg_;
+    size_ = 0;
+  }
+}
+
+void BlobLog::Aborted() {
+  // What was written stays as bytes no row names, reclaimed with its segment.
+  struct stat st {};
+  if (fd_ >= 0 && fstat(fd_, &st) == 0) size_ = static_cast<uint64_t>(st.st_size);
+  pending_.clear();
+  added_.clear();
+  released_.clear();
+}
+
+StatusOr<std::string> BlobLog::Read(const Ref& r) const {
+  const std::string file = dir_->path() + "/" + Name(r.seg);
+  Fd f(open(file.c_str(), O_RDONLY | O_CLOEXEC));
+  if (f.fd < 0) return Errno("opening " + file);
+  std::string data(r.len, '\0');
+  size_t got = 0;
+  while (got < data.size()) {
+    ssize_t n = pread(f.fd, data.data() + got, data.size() - got, static_cast<off_t>(r.off + got));
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return Errno("reading " + file);
+    }
+    if (n == 0) return Error(Code::kIoError, file + " is shorter than a row says");
+    got += static_cast<size_t>(n);
+  }
+  return data;
 }
 
 }  // namespace gpuq::broker

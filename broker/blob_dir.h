@@ -6,6 +6,9 @@
 // Owned by the job store's thread: not thread-safe.
 #pragma once
 
+#include <cstdint>
+#include <map>
+#include <memory>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -42,6 +45,59 @@ class BlobDir {
  private:
   explicit BlobDir(std::string path) : path_(std::move(path)) {}
   std::string path_;
+};
+
+// The job store's small buffers (1 KiB up to the file threshold), appended
+// to log segments of the blob directory (PREFIX-N; inputs and outputs have a
+// log each, as they live for different times): each byte is written once,
+// where a SQLite blob of a few KiB takes overflow pages, a WAL frame and a
+// checkpoint. Rows name (segment, offset, length). Appends of a transaction
+// are written by one write() before its commit (and synced first with power
+// durability); a segment no row names any more is removed, except the one
+// being appended to. A crash leaves at most unnamed bytes at a segment's end.
+//
+// Owned by the job store's thread: not thread-safe.
+class BlobLog {
+ public:
+  struct Ref {
+    uint64_t seg = 0, off = 0, len = 0;
+  };
+  // `live`: rows per segment, as the store holds them. Segments of the
+  // directory that no row names are removed; appends go to a new segment.
+  static StatusOr<std::unique_ptr<BlobLog>> Open(const BlobDir* dir, std::string prefix,
+                                                 std::map<uint64_t, uint64_t> live,
+                                                 uint64_t segment_bytes);
+  ~BlobLog();
+
+  // Inside a transaction.
+  Ref Append(std::string_view data);
+  void Release(uint64_t seg);  // a row naming `seg` is deleted
+  size_t Mark() const { return added_.size(); }
+  void RollbackTo(size_t mark) { added_.resize(mark); }  // drops appends since Mark
+
+  // Before the commit: writes the appends (and syncs them when `sync`).
+  Status Flush(bool sync);
+  // After it: counts the rows, removes dead segments, starts a new segment
+  // when this one is full. Or forgets the transaction's appends and releases.
+  void Committed();
+  void Aborted();
+
+  StatusOr<std::string> Read(const Ref& r) const;
+
+ private:
+  BlobLog(const BlobDir* dir, std::string prefix, uint64_t segment_bytes)
+      : dir_(dir), prefix_(std::move(prefix)), segment_bytes_(segment_bytes) {}
+  std::string Name(uint64_t seg) const { return prefix_ + std::to_string(seg); }
+
+  const BlobDir* dir_;
+  const std::string prefix_;  // "log-i-" or "log-o-"
+  const uint64_t segment_bytes_;
+  std::map<uint64_t, uint64_t> live_;  // rows per segment (committed)
+  uint64_t seg_ = 0;                   // the segment appended to
+  int fd_ = -1;                        // open from its first write
+  uint64_t size_ = 0;                  // its bytes written
+  std::string pending_;                // appends not yet written
+  std::vector<uint64_t> added_, released_;  // segments, per row, this transaction
 };
 
 }  // namespace gpuq::broker

@@ -97,7 +97,8 @@ bool ParseBlobName(const std::string& name, uint64_t* id, char* kind, uint64_t* 
 }  // namespace
 
 StatusOr<std::unique_ptr<JobStore>> JobStore::Open(const std::string& path,
-                                                  Durability durability) {
+                                                  Durability durability,
+                                                  uint64_t log_segment_bytes) {
   GPUQ_ASSIGN_OR_RETURN(sql::Db db, sql::Db::Open(path));
   GPUQ_RETURN_IF_ERROR(db.Exec(durability == Durability::kPowerLoss
                                    ? "PRAGMA synchronous=FULL"
@@ -116,12 +117,18 @@ StatusOr<std::unique_ptr<JobStore>> JobStore::Open(const std::string& path,
     GPUQ_ASSIGN_OR_RETURN(bool row, fmt.Step());
     if (row) format = fmt.Text(0);
   }
-  if (format == "1") {  // format 2 added the buffer files
+  if (format == "1") {  // format 2 added the buffer files and the log
     sql::Transaction tx(&db);
     GPUQ_RETURN_IF_ERROR(tx.Begin());
     GPUQ_RETURN_IF_ERROR(db.Exec(
         "ALTER TABLE job_inputs ADD COLUMN in_file INTEGER NOT NULL DEFAULT 0;"
+        "ALTER TABLE job_inputs ADD COLUMN seg INTEGER;"
+        "ALTER TABLE job_inputs ADD COLUMN off INTEGER;"
+        "ALTER TABLE job_inputs ADD COLUMN len INTEGER;"
         "ALTER TABLE result_outputs ADD COLUMN in_file INTEGER NOT NULL DEFAULT 0;"
+        "ALTER TABLE result_outputs ADD COLUMN seg INTEGER;"
+        "ALTER TABLE result_outputs ADD COLUMN off INTEGER;"
+        "ALTER TABLE result_outputs ADD COLUMN len INTEGER;"
         "UPDATE meta SET value = '2' WHERE name = 'format';"));
     GPUQ_RETURN_IF_ERROR(tx.Commit());
   } else if (format != "2") {
@@ -133,6 +140,22 @@ StatusOr<std::unique_ptr<JobStore>> JobStore::Open(const std::string& path,
   GPUQ_ASSIGN_OR_RETURN(BlobDir blobs, BlobDir::Open(blob_path));
   std::unique_ptr<JobStore> store(new JobStore(std::move(db), std::move(blobs), durability));
   GPUQ_RETURN_IF_ERROR(store->RemoveOrphans());
+  for (const char* table : {"job_inputs", "result_outputs"}) {
+    const bool inputs = std::string_view(table) == "job_inputs";
+    std::map<uint64_t, uint64_t> live;  // rows per log segment
+    GPUQ_ASSIGN_OR_RETURN(sql::Stmt segs,
+                          store->db_.Prepare(std::string("SELECT seg, COUNT(*) FROM ") + table +
+                                             " WHERE in_file = 2 GROUP BY seg"));
+    for (;;) {
+      GPUQ_ASSIGN_OR_RETURN(bool row, segs.Step());
+      if (!row) break;
+      live[static_cast<uint64_t>(segs.Int(0))] = static_cast<uint64_t>(segs.Int(1));
+    }
+    GPUQ_ASSIGN_OR_RETURN(
+        (inputs ? store->in_log_ : store->out_log_),
+        BlobLog::Open(&store->blobs_, inputs ? "log-i-" : "log-o-", std::move(live),
+                      log_segment_bytes));
+  }
   return store;
 }
 
@@ -161,18 +184,24 @@ Status JobStore::RemoveOrphans() {
 
 Status JobStore::PutBuffer(const char* insert_sql, uint64_t id, size_t idx, char kind,
                            std::string_view data) {
-  const bool in_file = data.size() >= kBlobFileMinBytes;
-  if (in_file) {
+  GPUQ_ASSIGN_OR_RETURN(sql::Stmt * s, Cached(insert_sql));
+  s->Bind(1, static_cast<int64_t>(id)).Bind(2, static_cast<int64_t>(idx));
+  if (data.size() >= kBlobFileMinBytes) {
     std::string name = BlobName(id, kind, idx);
     GPUQ_RETURN_IF_ERROR(blobs_.Write(name, data, durability_ == Durability::kPowerLoss));
     written_.push_back(std::move(name));
+    s->BindBlob(3, std::string_view()).Bind(4, int64_t{1}).BindNull(5).BindNull(6).BindNull(7);
+  } else if (data.size() >= kBlobLogMinBytes) {
+    const BlobLog::Ref ref = Log(kind).Append(data);
+    s->BindBlob(3, std::string_view())
+        .Bind(4, int64_t{2})
+        .Bind(5, static_cast<int64_t>(ref.seg))
+        .Bind(6, static_cast<int64_t>(ref.off))
+        .Bind(7, static_cast<int64_t>(ref.len));
+  } else {
+    s->BindBlob(3, data).Bind(4, int64_t{0}).BindNull(5).BindNull(6).BindNull(7);
   }
-  GPUQ_ASSIGN_OR_RETURN(sql::Stmt * s, Cached(insert_sql));
-  return s->Bind(1, static_cast<int64_t>(id))
-      .Bind(2, static_cast<int64_t>(idx))
-      .BindBlob(3, in_file ? std::string_view() : data)
-      .Bind(4, int64_t{in_file})
-      .Run();
+  return s->Run();
 }
 
 Status JobStore::AdoptBuffer(const char* insert_sql, uint64_t id, size_t idx, char kind,
@@ -190,6 +219,9 @@ Status JobStore::AdoptBuffer(const char* insert_sql, uint64_t id, size_t idx, ch
       .Bind(2, static_cast<int64_t>(idx))
       .BindBlob(3, std::string_view())
       .Bind(4, int64_t{1})
+      .BindNull(5)
+      .BindNull(6)
+      .BindNull(7)
       .Run();
 }
 
@@ -201,22 +233,34 @@ std::string JobStore::OutputPath(uint64_t id, size_t idx) const {
   return blobs_.path() + "/" + BlobName(id, 'o', idx);
 }
 
-Status JobStore::UnlinkAfterCommit(const char* select_sql, int64_t arg, char kind) {
+Status JobStore::ForgetBuffers(const char* select_sql, int64_t arg, char kind) {
   GPUQ_ASSIGN_OR_RETURN(sql::Stmt * s, Cached(select_sql));
   s->Bind(1, arg);
   for (;;) {
+    // Columns: job_id, idx, in_file, seg.
     GPUQ_ASSIGN_OR_RETURN(bool row, s->Step());
     if (!row) break;
-    to_unlink_.push_back(
-        BlobName(static_cast<uint64_t>(s->Int(0)), kind, static_cast<uint64_t>(s->Int(1))));
+    if (s->Int(2) == 1) {
+      to_unlink_.push_back(
+          BlobName(static_cast<uint64_t>(s->Int(0)), kind, static_cast<uint64_t>(s->Int(1))));
+    } else if (s->Int(2) == 2) {
+      Log(kind).Release(static_cast<uint64_t>(s->Int(3)));
+    }
   }
   return Status::Ok();
 }
 
 StatusOr<std::string> JobStore::GetBuffer(const sql::Stmt& s, uint64_t id, char kind) {
-  // Columns: data, in_file, idx.
-  if (s.Int(1) == 0) return s.Blob(0);
-  return blobs_.Read(BlobName(id, kind, static_cast<uint64_t>(s.Int(2))));
+  // Columns: data, in_file, idx, seg, off, len.
+  switch (s.Int(1)) {
+    case 0:
+      return s.Blob(0);
+    case 1:
+      return blobs_.Read(BlobName(id, kind, static_cast<uint64_t>(s.Int(2))));
+    default:
+      return Log(kind).Read({static_cast<uint64_t>(s.Int(3)), static_cast<uint64_t>(s.Int(4)),
+                             static_cast<uint64_t>(s.Int(5))});
+  }
 }
 
 StatusOr<sql::Stmt*> JobStore::Cached(const char* sql) { return statements_.Get(db_, sql); }
@@ -231,33 +275,50 @@ Status JobStore::Commit() {
   Status s = Status::Ok();
   // The rows name files that must exist after a power loss: their data is
   // synced as written, their directory entries here.
-  if (durability_ == Durability::kPowerLoss && !written_.empty()) s = blobs_.SyncDir();
+  const bool power = durability_ == Durability::kPowerLoss;
+  if (failed_) s = Error(Code::kIoError, "a write of this transaction failed");
+  if (s.ok() && power && !written_.empty()) s = blobs_.SyncDir();
+  if (s.ok()) s = in_log_->Flush(power);
+  if (s.ok()) s = out_log_->Flush(power);
   if (s.ok()) s = db_.Exec("COMMIT");
   if (!s.ok()) {
     (void)db_.Exec("ROLLBACK");
     for (const std::string& name : written_) blobs_.Remove(name);
+    in_log_->Aborted();
+    out_log_->Aborted();
   } else {
     for (const std::string& name : to_unlink_) blobs_.Remove(name);
+    in_log_->Committed();
+    out_log_->Committed();
   }
   written_.clear();
   to_unlink_.clear();
   in_tx_ = false;
+  failed_ = false;
   return s;
 }
 
 StatusOr<uint64_t> JobStore::Insert(const StoredJob& job,
                                     const std::vector<std::string_view>& inputs,
                                     const std::vector<schema::LocalFile>& files) {
-  if (files.empty()) return InsertRows(job, inputs, files);
-  // A local file can fail its checks (a client's doing): then nothing of the
-  // job may stay in the group's transaction, nor any file it renamed.
+  if (files.empty()) {
+    // Only the store itself can fail here: then the whole group fails.
+    auto id = InsertRows(job, inputs, files);
+    if (!id.ok()) failed_ = true;
+    return id;
+  }
+  // A failure part way (a local file that fails its checks, a client's
+  // doing) must leave nothing of the job in the group's transaction: no row,
+  // no file it wrote or renamed, no log bytes counted.
   const size_t written = written_.size();
+  const size_t logged = in_log_->Mark();
   GPUQ_RETURN_IF_ERROR(db_.Exec("SAVEPOINT job_insert"));
   auto id = InsertRows(job, inputs, files);
   if (!id.ok()) {
     (void)db_.Exec("ROLLBACK TO job_insert");
     for (size_t i = written; i < written_.size(); ++i) blobs_.Remove(written_[i]);
     written_.resize(written);
+    in_log_->RollbackTo(logged);
   }
   GPUQ_RETURN_IF_ERROR(db_.Exec("RELEASE job_insert"));
   return id;
@@ -286,12 +347,14 @@ StatusOr<uint64_t> JobStore::InsertRows(const StoredJob& job,
   const uint64_t id = static_cast<uint64_t>(sqlite3_last_insert_rowid(db_.get()));
   for (size_t i = 0; i < inputs.size(); ++i) {
     GPUQ_RETURN_IF_ERROR(PutBuffer(
-        "INSERT INTO job_inputs(job_id, idx, data, in_file) VALUES (?1, ?2, ?3, ?4)", id, i, 'i',
+        "INSERT INTO job_inputs(job_id, idx, data, in_file, seg, off, len) "
+        "VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)", id, i, 'i',
         inputs[i]));
   }
   for (size_t i = 0; i < files.size(); ++i) {
     GPUQ_RETURN_IF_ERROR(AdoptBuffer(
-        "INSERT INTO job_inputs(job_id, idx, data, in_file) VALUES (?1, ?2, ?3, ?4)", id,
+        "INSERT INTO job_inputs(job_id, idx, data, in_file, seg, off, len) "
+        "VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)", id,
         inputs.size() + i, 'i', files[i].name, files[i].size));
   }
   return id;
@@ -328,8 +391,9 @@ Status JobStore::Finish(const StoredResult& r, const std::vector<std::string_vie
                            .Bind(4, id)
                            .Run());
   if (inputs > 0) {
-    GPUQ_RETURN_IF_ERROR(UnlinkAfterCommit(
-        "SELECT job_id, idx FROM job_inputs WHERE job_id = ?1 AND in_file = 1", id, 'i'));
+    GPUQ_RETURN_IF_ERROR(ForgetBuffers(
+        "SELECT job_id, idx, in_file, seg FROM job_inputs WHERE job_id = ?1 AND in_file <> 0", id,
+        'i'));
     GPUQ_ASSIGN_OR_RETURN(sql::Stmt * d, Cached("DELETE FROM job_inputs WHERE job_id = ?1"));
     GPUQ_RETURN_IF_ERROR(d->Bind(1, id).Run());
   }
@@ -346,12 +410,14 @@ Status JobStore::Finish(const StoredResult& r, const std::vector<std::string_vie
                            .Run());
   for (size_t i = 0; i < outputs.size(); ++i) {
     GPUQ_RETURN_IF_ERROR(PutBuffer(
-        "INSERT OR REPLACE INTO result_outputs(job_id, idx, data, in_file) VALUES (?1, ?2, ?3, ?4)",
+        "INSERT OR REPLACE INTO result_outputs(job_id, idx, data, in_file, seg, off, len) "
+        "VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
         r.id, i, 'o', outputs[i]));
   }
   for (size_t i = 0; i < files.size(); ++i) {
     GPUQ_RETURN_IF_ERROR(AdoptBuffer(
-        "INSERT OR REPLACE INTO result_outputs(job_id, idx, data, in_file) VALUES (?1, ?2, ?3, ?4)",
+        "INSERT OR REPLACE INTO result_outputs(job_id, idx, data, in_file, seg, off, len) "
+        "VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
         r.id, outputs.size() + i, 'o', files[i].name, files[i].size));
   }
   return Status::Ok();
@@ -382,7 +448,8 @@ StatusOr<std::vector<StoredJob>> JobStore::LoadUnfinished(const schema::Limits& 
   for (StoredJob& j : jobs) {
     GPUQ_ASSIGN_OR_RETURN(
         sql::Stmt * in,
-        Cached("SELECT data, in_file, idx FROM job_inputs WHERE job_id = ?1 ORDER BY idx"));
+        Cached("SELECT data, in_file, idx, seg, off, len FROM job_inputs WHERE job_id = ?1 "
+               "ORDER BY idx"));
     in->Bind(1, static_cast<int64_t>(j.id));
     std::vector<uint64_t> sizes;
     for (;;) {
@@ -438,7 +505,8 @@ StatusOr<std::optional<StoredResult>> JobStore::GetResult(uint64_t id) {
   r.outputs = UnpackU32s(s->Blob(6));
   GPUQ_ASSIGN_OR_RETURN(
       sql::Stmt * o,
-      Cached("SELECT data, in_file, idx FROM result_outputs WHERE job_id = ?1 ORDER BY idx"));
+      Cached("SELECT data, in_file, idx, seg, off, len FROM result_outputs WHERE job_id = ?1 "
+             "ORDER BY idx"));
   o->Bind(1, static_cast<int64_t>(id));
   for (;;) {
     GPUQ_ASSIGN_OR_RETURN(bool more, o->Step());
@@ -450,9 +518,10 @@ StatusOr<std::optional<StoredResult>> JobStore::GetResult(uint64_t id) {
 }
 
 StatusOr<uint64_t> JobStore::PurgeFinished(int64_t before_ms) {
-  GPUQ_RETURN_IF_ERROR(UnlinkAfterCommit(
-      "SELECT o.job_id, o.idx FROM result_outputs o JOIN jobs j ON j.id = o.job_id "
-      "WHERE o.in_file = 1 AND j.finished_ms IS NOT NULL AND j.finished_ms < ?1",
+  GPUQ_RETURN_IF_ERROR(ForgetBuffers(
+      "SELECT o.job_id, o.idx, o.in_file, o.seg FROM result_outputs o JOIN jobs j "
+      "ON j.id = o.job_id WHERE o.in_file <> 0 AND j.finished_ms IS NOT NULL "
+      "AND j.finished_ms < ?1",
       before_ms, 'o'));
   GPUQ_ASSIGN_OR_RETURN(sql::Stmt * s,
                         Cached("DELETE FROM jobs WHERE finished_ms IS NOT NULL AND finished_ms < ?1"));

@@ -25,8 +25,10 @@ enum class Durability {
   kPowerLoss,     // survives power loss too (synchronous=FULL: fsync per commit)
 };
 
-// Buffers of this size or more are files of the blob directory, not blobs.
+// Buffers of this size or more are files of the blob directory, not blobs;
+// from kBlobLogMinBytes up they are appended to its log (schema/job_store.sql).
 inline constexpr size_t kBlobFileMinBytes = 64 * 1024;
+inline constexpr size_t kBlobLogMinBytes = 1024;
 
 struct StoredJob {
   uint64_t id = 0;
@@ -58,7 +60,8 @@ class JobStore {
   // `path`.blobs; migrates a format-1 store; removes blob files no row
   // names (written by a transaction that never committed).
   static StatusOr<std::unique_ptr<JobStore>> Open(const std::string& path,
-                                                 Durability durability);
+                                                 Durability durability,
+                                                 uint64_t log_segment_bytes = 64u << 20);
 
   Status Begin();
   // Commits; then unlinks the blob files of rows the transaction deleted.
@@ -115,16 +118,19 @@ class JobStore {
   // kInvalid (and the file removed) unless it is a plain file of that size.
   Status AdoptBuffer(const char* insert_sql, uint64_t id, size_t idx, char kind,
                      const std::string& name, uint64_t expected_size);
-  // The job's buffer files of a query (job_id = ?1, in_file rows), to unlink
-  // after commit.
-  Status UnlinkAfterCommit(const char* select_sql, int64_t arg, char kind);
+  // The buffers of a query's rows (job_id, idx, in_file, seg), about to be
+  // deleted: their files to unlink after the commit, their log bytes released.
+  Status ForgetBuffers(const char* select_sql, int64_t arg, char kind);
   StatusOr<std::string> GetBuffer(const sql::Stmt& s, uint64_t id, char kind);
 
   sql::Db db_;
   BlobDir blobs_;
+  std::unique_ptr<BlobLog> in_log_, out_log_;
+  BlobLog& Log(char kind) { return kind == 'i' ? *in_log_ : *out_log_; }
   Durability durability_;
   sql::StatementCache statements_;
   bool in_tx_ = false;
+  bool failed_ = false;  // a write of the open transaction failed: it must not commit
   std::vector<std::string> written_;      // files of the open transaction
   std::vector<std::string> to_unlink_;    // files whose rows it deletes
 };

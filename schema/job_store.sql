@@ -29,16 +29,23 @@ CREATE UNIQUE INDEX IF NOT EXISTS jobs_by_key ON jobs(tenant, client_key)
 DROP INDEX IF EXISTS jobs_unfinished;
 CREATE INDEX IF NOT EXISTS jobs_by_finish ON jobs(finished_ms) WHERE finished_ms IS NOT NULL;
 
--- Input buffers (payload frames), removed when the job ends. A buffer of
--- 64 KiB or more is a file of the blob directory (the store's path +
--- ".blobs/", named j<job_id>.i<idx>) and its row holds in_file = 1 and an
--- empty data. The file is written before the row commits and unlinked after
--- the row's deletion commits; files no row names are removed at start.
+-- Input buffers (payload frames), removed when the job ends. Where a
+-- buffer's bytes are (in_file):
+--   0: in `data` (under 1 KiB);
+--   2: in a log segment of the blob directory (the store's path + ".blobs/",
+--      file log-<seg>), `len` bytes at `off` (1 KiB up to 64 KiB);
+--   1: a file of its own there, j<job_id>.i<idx> (64 KiB or more).
+-- Bytes are written before the row that names them commits, and files are
+-- unlinked after the row's deletion commits; files and segments that no row
+-- names are removed at start.
 CREATE TABLE IF NOT EXISTS job_inputs (
   job_id  INTEGER NOT NULL REFERENCES jobs(id) ON DELETE CASCADE,
   idx     INTEGER NOT NULL,
   data    BLOB NOT NULL,
   in_file INTEGER NOT NULL DEFAULT 0,
+  seg     INTEGER,
+  off     INTEGER,
+  len     INTEGER,
   PRIMARY KEY (job_id, idx)
 ) STRICT, WITHOUT ROWID;
 
@@ -52,13 +59,15 @@ CREATE TABLE IF NOT EXISTS results (
   outputs   BLOB NOT NULL                -- msgpack [arg index...]
 ) STRICT;
 
--- Output buffers; as for inputs, one of 64 KiB or more is the file
--- j<job_id>.o<idx> of the blob directory.
+-- Output buffers, kept as inputs are; a file of its own is j<job_id>.o<idx>.
 CREATE TABLE IF NOT EXISTS result_outputs (
   job_id  INTEGER NOT NULL REFERENCES results(job_id) ON DELETE CASCADE,
   idx     INTEGER NOT NULL,
   data    BLOB NOT NULL,
   in_file INTEGER NOT NULL DEFAULT 0,
+  seg     INTEGER,
+  off     INTEGER,
+  len     INTEGER,
   PRIMARY KEY (job_id, idx)
 ) STRICT, WITHOUT ROWID;
 

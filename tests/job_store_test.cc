@@ -6,7 +6,9 @@
 #include <gtest/gtest.h>
 #include <sqlite3.h>
 
+#include <algorithm>
 #include <filesystem>
+#include <fstream>
 #include <set>
 
 #include "schema/codec.h"
@@ -18,9 +20,13 @@ namespace {
 namespace fs = std::filesystem;
 using schema::Arg;
 
-std::set<std::string> Files(const std::string& dir) {
+// The blob directory's files: buffer files, or (`logs`) log segments.
+std::set<std::string> Files(const std::string& dir, bool logs = false) {
   std::set<std::string> names;
-  for (const auto& e : fs::directory_iterator(dir)) names.insert(e.path().filename().string());
+  for (const auto& e : fs::directory_iterator(dir)) {
+    std::string name = e.path().filename().string();
+    if ((name.rfind("log-", 0) == 0) == logs) names.insert(std::move(name));
+  }
   return names;
 }
 
@@ -209,6 +215,70 @@ TEST(JobStore, ALocalFileThatFailsItsChecksLeavesNothingOfItsJob) {
   ASSERT_EQ((*jobs)[0].inputs.size(), 1u);
   EXPECT_EQ((*jobs)[0].inputs[0], good);
   EXPECT_EQ(Files(blobs), (std::set<std::string>{"j" + std::to_string(*kept) + ".i0", "c-other"}));
+}
+
+TEST(JobStore, SmallBuffersGoToLogsWhoseSegmentsGoWhenNoRowNamesThem) {
+  gpuq::testing::TempDir dir;
+  const std::string path = dir.File("jobs.db"), blobs = path + ".blobs";
+  // Segments of 8 KiB: three 3 KiB buffers fill one.
+  auto store = JobStore::Open(path, Durability::kProcessCrash, 8192);
+  ASSERT_TRUE(store.ok());
+  std::vector<uint64_t> ids;
+  std::vector<std::string> inputs;
+  for (int round = 0; round < 3; ++round) {
+    ASSERT_TRUE((*store)->Begin().ok());
+    for (int k = 0; k < 3; ++k) {
+      inputs.push_back(Bytes(3 * 1024, static_cast<char>('a' + inputs.size())));
+      auto id = (*store)->Insert(Job(1), {inputs.back()});
+      ASSERT_TRUE(id.ok()) << id.status().ToString();
+      ids.push_back(*id);
+    }
+    ASSERT_TRUE((*store)->Commit().ok());
+  }
+  EXPECT_TRUE(Files(blobs).empty()) << "no buffer file of its own";
+  EXPECT_EQ(Files(blobs, true), (std::set<std::string>{"log-i-1", "log-i-2", "log-i-3"}));
+  // A segment's tail that no row names (a crash before the commit) is
+  // harmless; a segment no row names is removed at start.
+  {
+    std::ofstream(blobs + "/log-i-2", std::ios::app) << "bytes of no committed row";
+    std::ofstream(blobs + "/log-o-9") << "a segment of no committed row";
+  }
+  store->reset();
+  store = JobStore::Open(path, Durability::kProcessCrash, 8192);
+  ASSERT_TRUE(store.ok());
+  EXPECT_EQ(Files(blobs, true), (std::set<std::string>{"log-i-1", "log-i-2", "log-i-3"}));
+  auto jobs = (*store)->LoadUnfinished(schema::Limits{});
+  ASSERT_TRUE(jobs.ok()) << jobs.status().ToString();
+  ASSERT_EQ(jobs->size(), inputs.size());
+  for (size_t i = 0; i < inputs.size(); ++i) EXPECT_EQ((*jobs)[i].inputs[0], inputs[i]);
+  // Ending the jobs releases the input segments; their outputs go to the
+  // output log.
+  std::vector<std::string> outputs;
+  ASSERT_TRUE((*store)->Begin().ok());
+  for (uint64_t id : ids) {
+    StoredResult r;
+    r.id = id;
+    r.outputs = {0};
+    outputs.push_back(Bytes(2000, static_cast<char>('A' + outputs.size())));
+    ASSERT_TRUE((*store)->Finish(r, {outputs.back()}, 5000, 1).ok());
+  }
+  ASSERT_TRUE((*store)->Commit().ok());
+  std::set<std::string> logs = Files(blobs, true);
+  EXPECT_EQ(std::count_if(logs.begin(), logs.end(),
+                          [](const std::string& n) { return n.rfind("log-i-", 0) == 0; }),
+            0)
+      << "input segments no row names are gone";
+  for (size_t i = 0; i < ids.size(); ++i) {
+    auto got = (*store)->GetResult(ids[i]);
+    ASSERT_TRUE(got.ok() && got->has_value()) << got.status().ToString();
+    EXPECT_EQ((*got)->data[0], outputs[i]);
+  }
+  // Past retention, the output segments go too (but the one being appended
+  // to, until it fills).
+  ASSERT_TRUE((*store)->Begin().ok());
+  ASSERT_TRUE((*store)->PurgeFinished(6000).ok());
+  ASSERT_TRUE((*store)->Commit().ok());
+  EXPECT_LE(Files(blobs, true).size(), 1u);
 }
 
 TEST(JobStore, AStoreOfAnUnknownFormatIsRefused) {
