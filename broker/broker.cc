@@ -1367,6 +1367,16 @@ void Broker::Impl::WorkerLost(const std::string& id, const std::string& why) {
     if (j == jobs_.end()) continue;
     Job& job = *j->second;
     if (job.state != JobState::kDispatched || job.worker != id) continue;
+    if (w.local && job.spec.local_out) {
+      // The output files the lost attempt may have begun (w-ID-ATTEMPT-ARG).
+      for (size_t a = 0; a < job.spec.args.size(); ++a) {
+        const schema::ArgKind k = job.spec.args[a].kind;
+        if (k != schema::ArgKind::kOut && k != schema::ArgKind::kInOut) continue;
+        (void)unlink((store_->blob_dir() + "/w-" + std::to_string(job.id) + "-" +
+                      std::to_string(job.attempts) + "-" + std::to_string(a))
+                         .c_str());
+      }
+    }
     // A job that was alone on a worker that died is the culprit; jobs that
     // shared it are suspects, replayed one at a time.
     if (job.suspect && alone) {

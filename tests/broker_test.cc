@@ -42,7 +42,7 @@ using testing::TempDir;
 // serves the whole suite. The names pick the double's behaviour.
 constexpr char kKernels[] =
     "#define K(name) extern \"C\" __global__ void name(unsigned char* a, unsigned char* b) {}\n"
-    "K(k) K(slow) K(crash) K(fault) K(hang)\n";
+    "K(k) K(slow) K(crash) K(fault) K(hang) K(wcrash)\n";
 
 class BrokerTest : public ::testing::Test {
  protected:
@@ -866,6 +866,28 @@ TEST_F(BrokerTest, AnInputBufferIsTheFileTheBrokerTakes) {
   for (const auto& e : std::filesystem::directory_iterator(local)) {
     EXPECT_NE(e.path().filename().string().rfind("c-", 0), 0u) << e.path();
   }
+}
+
+TEST_F(BrokerTest, OutputFilesOfAWorkerThatDiedAreRemoved) {
+  // Each attempt's worker writes its output files, then dies before it can
+  // name them: the broker removes what each lost attempt left.
+  const std::string local = broker_->store() + ".blobs";
+  AddWorker({"--local-dir", local});
+  AddWorker({"--local-dir", local});
+  auto c = Connect();
+  ASSERT_TRUE(WaitForWorkers(*c, 2));
+  auto id = c->Submit(Job("wcrash", std::string(2 << 20, 'x'), 1 << 20));
+  ASSERT_TRUE(id.ok()) << id.status().ToString();
+  auto r = c->Wait(*id, Millis(20000));
+  ASSERT_TRUE(r.ok()) << r.status().ToString();
+  EXPECT_EQ(r->state, JobState::kFailed);
+  EXPECT_EQ(r->code, Code::kKernelFault) << r->error;
+  for (const auto& e : std::filesystem::directory_iterator(local)) {
+    EXPECT_NE(e.path().filename().string().rfind("w-", 0), 0u) << e.path();
+  }
+  const std::string log = testing::ReadFile(dir_.File("workers.log"));
+  EXPECT_NE(log.find("output 0 to local file w-" + std::to_string(*id) + "-1-0"), std::string::npos)
+      << "the first attempt wrote its files: " << log;
 }
 
 TEST_F(BrokerTest, LocalFilesOnlyAWorkerOnTheHostCanReachAreSentAsFrames) {

@@ -261,6 +261,8 @@ int main(int argc, char** argv) {
         r.outputs = std::move(frame_args);
         r.outputs.insert(r.outputs.end(), file_args.begin(), file_args.end());
       }
+      // "wcrash": dies after writing its outputs, before it can report them.
+      if (p.job.entry.rfind("wcrash", 0) == 0) _exit(3);
       send(r, &out);
       pending.erase(pending.begin() + static_cast<long>(i));
     }
