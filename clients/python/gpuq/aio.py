@@ -72,7 +72,7 @@ class Client:
         return h, frames
 
     async def submit(self, source, entry, grid, block, args, **kw):
-        job, payload, specs = build_submit(source, entry, grid, block, args, **kw)
+        job, payload, specs, _ = build_submit(source, entry, grid, block, args, **kw)
         h, _ = await self._call({"op": "submit", "job": job}, payload)
         self._specs[h["id"]] = specs
         self._result_future(h["id"])

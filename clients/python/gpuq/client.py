@@ -1,6 +1,7 @@
 """The synchronous gpuq client. Not thread-safe: one Client per thread."""
 
 import collections
+import mmap
 import os
 import time
 
@@ -80,6 +81,8 @@ class Result:
     """The end of a job: state, failure code and text, device, timing (µs), outputs."""
 
     def __init__(self, header, frames, out_specs=None):
+        """`frames`: the payload frames; outputs named in `files` (local
+        buffers, PROTOCOL.md) follow them and are mapped, not copied."""
         self.id = header.get("id", 0)
         self.state = header.get("state", "queued")
         self.code = header.get("code", "ok")
@@ -88,7 +91,14 @@ class Result:
         self.attempts = header.get("attempts", 0)
         self.timing = header.get("timing", {})
         self.outputs = {}
-        for arg, frame in zip(header.get("outputs", []), frames):
+        buffers = list(frames)
+        for path, size in header.get("files", []):
+            if size == 0:
+                buffers.append(b"")
+                continue
+            with open(path, "rb") as f:
+                buffers.append(mmap.mmap(f.fileno(), size, prot=mmap.PROT_READ))
+        for arg, frame in zip(header.get("outputs", []), buffers):
             spec = (out_specs or {}).get(arg)
             if spec is None:
                 self.outputs[arg] = bytes(frame)
@@ -137,9 +147,14 @@ def _dim3(d):
 
 def build_submit(source, entry, grid, block, args, shared=0, key=None, tenant=None,
                  priority=5, deadline_ms=0, limit_ms=0, options=None, headers=None,
-                 name_expression=False, placement=None):
-    """The job map, payload frames and output specs of a submit."""
+                 name_expression=False, placement=None, local_dir=None, local_min=1 << 20):
+    """The job map, payload frames and output specs of a submit, and the local
+    files it made. With `local_dir` (the broker's local directory, for a
+    client on its host), inputs of `local_min` bytes or more are written to
+    new files there and named in the job's `files` instead of being sent,
+    and outputs that large are asked for as files."""
     wire_args, payload, out_specs = [], [], {}
+    files, made, local_out = [], [], False
     for i, a in enumerate(args):
         if isinstance(a, _Scalar):
             wire_args.append([a.type, a.value])
@@ -151,11 +166,25 @@ def build_submit(source, entry, grid, block, args, shared=0, key=None, tenant=No
                     out_specs[i] = (data.dtype, data.shape)
                 data = memoryview(data).cast("B")
             # bytes in, bytes back: no spec, the output stays bytes
-            wire_args.append(["inout" if isinstance(a, InOut) else "in", len(payload)])
-            payload.append(data)
+            kind = "inout" if isinstance(a, InOut) else "in"
+            if local_dir and len(data) >= local_min:
+                name = "c-" + os.urandom(16).hex()
+                path = os.path.join(local_dir, name)
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                made.append(path)
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                # Payload indices of files follow the frames: numbered below.
+                wire_args.append([kind, ("file", len(files))])
+                files.append([name, len(data)])
+                local_out = local_out or kind == "inout"
+            else:
+                wire_args.append([kind, len(payload)])
+                payload.append(data)
         elif isinstance(a, Out):
             wire_args.append(["out", a.nbytes])
             out_specs[i] = (a.dtype, a.shape)
+            local_out = local_out or (local_dir is not None and a.nbytes >= local_min)
         else:
             raise TypeError("argument %d: use gpuq.u32(...), gpuq.In(...), ... not %r" % (i, a))
     job = {}
@@ -181,10 +210,22 @@ def build_submit(source, entry, grid, block, args, shared=0, key=None, tenant=No
     job["block"] = _dim3(block)
     if shared:
         job["shared"] = int(shared)
-    job["args"] = wire_args
+    job["args"] = [[t, len(payload) + v[1] if isinstance(v, tuple) else v] for t, v in wire_args]
     if placement:
         job["place"] = {k: placement[k] for k in ("arch", "gpu", "min_free") if k in placement}
-    return job, payload, out_specs
+    if files:
+        job["files"] = files
+    if local_out:
+        job["local_out"] = True
+    return job, payload, out_specs, made
+
+
+def _remove(paths):
+    for p in paths:
+        try:
+            os.unlink(p)
+        except FileNotFoundError:
+            pass
 
 
 def raise_for(header):
@@ -200,9 +241,16 @@ class Client:
     results are pushed by the broker; wait() collects them.
     """
 
-    def __init__(self, endpoint=None, timeout=10.0, context=None, curve=None):
+    def __init__(self, endpoint=None, timeout=10.0, context=None, curve=None,
+                 local_buffers=True, local_min=1 << 20):
+        """local_buffers: on an ipc endpoint, pass buffers of `local_min` bytes
+        or more as files of the broker's local directory (PROTOCOL.md)."""
         self._ctx = context or zmq.Context.instance()
         self._sock = open_socket(self._ctx, endpoint, curve, b"p")
+        self._local = local_buffers and (endpoint or default_endpoint()).startswith("ipc://")
+        self._local_min = local_min
+        self._local_dir = None                # asked of the broker once
+        self._pending_files = {}              # submit rid -> files made for it
         self.timeout = timeout
         self._rid = 0
         self._events = collections.deque()   # (kind, header, frames) not yet claimed
@@ -246,6 +294,18 @@ class Client:
 
     # -------------------------------------------------------------- calls
 
+    def _build(self, source, entry, grid, block, args, kw):
+        local_dir = None
+        if self._local:
+            large = any((isinstance(a, In) and memoryview(a.data).nbytes >= self._local_min) or
+                        (isinstance(a, Out) and a.nbytes >= self._local_min) for a in args)
+            if large and self._local_dir is None:
+                h, _ = self._call({"op": "devices"})
+                self._local_dir = h.get("local_dir", "")
+            local_dir = self._local_dir or None
+        return build_submit(source, entry, grid, block, args, local_dir=local_dir,
+                            local_min=self._local_min, **kw)
+
     def submit(self, source, entry, grid, block, args, **kw):
         """Submits a job; returns its id once the broker has stored it.
 
@@ -253,15 +313,21 @@ class Client:
         limit_ms, options, headers ({name: content}), name_expression,
         placement ({"arch", "gpu", "min_free"}).
         """
-        job, payload, specs = build_submit(source, entry, grid, block, args, **kw)
-        h, _ = self._call({"op": "submit", "job": job}, payload)
+        job, payload, specs, made = self._build(source, entry, grid, block, args, kw)
+        try:
+            h, _ = self._call({"op": "submit", "job": job}, payload)
+        except Error:
+            _remove(made)  # a refused submit's files are not the broker's
+            raise
         self._out_specs[h["id"]] = specs
         return h["id"]
 
     def submit_async(self, source, entry, grid, block, args, **kw):
         """Sends a submit without waiting; returns the request id (see poll())."""
-        job, payload, specs = build_submit(source, entry, grid, block, args, **kw)
+        job, payload, specs, made = self._build(source, entry, grid, block, args, kw)
         self._rid += 1
+        if made:
+            self._pending_files[self._rid] = made
         self._send({"op": "submit", "rid": self._rid, "job": job}, payload)
         self._pending_specs = getattr(self, "_pending_specs", {})
         self._pending_specs[self._rid] = specs
@@ -277,11 +343,13 @@ class Client:
                 h, frames = self._recv(deadline)
             op = h.get("op")
             if op == "accepted":
+                self._pending_files.pop(h["rid"], None)
                 specs = getattr(self, "_pending_specs", {}).pop(h["rid"], None)
                 if specs is not None:
                     self._out_specs[h["id"]] = specs
                 return ("accepted", h["rid"], h["id"])
             if op == "error":
+                _remove(self._pending_files.pop(h.get("rid"), []))
                 getattr(self, "_pending_specs", {}).pop(h.get("rid"), None)
                 return ("rejected", h.get("rid"), Error(h["code"], h["error"],
                                                         h.get("retry_after_ms", 0)))

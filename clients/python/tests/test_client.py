@@ -167,3 +167,31 @@ def test_curve_binds_the_tenant_to_the_key(tmp_path):
     finally:
         p.kill()
         p.wait()
+
+
+def test_local_buffers_pass_large_arrays_as_files(service):
+    # On the broker's host, large buffers travel as files of its local
+    # directory (PROTOCOL.md, "Local buffers"), and outputs come back mapped.
+    import os
+    local = os.path.join(service.folder, "jobs.db.blobs")
+    service.add_worker("--local-dir", local)
+    with gpuq.Client(service.client_endpoint) as c:
+        y = (np.arange(3 << 18, dtype=np.uint32) * 7).view(np.uint8)  # 3 MiB
+        job = c.submit(KERNELS, "k", grid=1, block=32,
+                       args=[gpuq.InOut(y), gpuq.u32(7), gpuq.Out(2 << 20, dtype=np.uint8)])
+        r = c.wait(job)
+        assert r.ok, r.error
+        np.testing.assert_array_equal(r.outputs[0], y + 1)
+        assert (r.outputs[2] == 3).all() and r.outputs[2].nbytes == 2 << 20
+        log = open(os.path.join(service.folder, "gpuqd.log")).read()
+        assert "input 0 from local file %s/j%d.i0" % (local, job) in log
+        assert "output 2 to local file" in log
+        # A refused submit leaves none of its files behind.
+        with pytest.raises(gpuq.Error) as e:
+            c.submit(KERNELS, "k", 1, 2048, [gpuq.InOut(y)])
+        assert e.value.code == "invalid"
+        assert not [n for n in os.listdir(local) if n.startswith("c-")]
+    # Without local buffers the same bytes come as frames.
+    with gpuq.Client(service.client_endpoint, local_buffers=False) as c:
+        r = c.wait(c.submit(KERNELS, "k", 1, 32, [gpuq.InOut(y)]))
+        np.testing.assert_array_equal(r.outputs[0], y + 1)
