@@ -6,6 +6,7 @@
 #include <deque>
 #include <map>
 #include <mutex>
+#include <optional>
 #include <thread>
 #include <zmq.hpp>
 #include <zmq_addon.hpp>
@@ -30,6 +31,7 @@ class AsyncClient::Impl {
   explicit Impl(ClientOptions o) : opt_(std::move(o)) {}
 
   Status Open(const std::string& endpoint) {
+    local_possible_ = opt_.local_buffers && endpoint.rfind("ipc://", 0) == 0;
     wake_ = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     if (wake_ < 0) return Error(Code::kResourceExhausted, "eventfd failed");
     GPUQ_ASSIGN_OR_RETURN(sock_, client_internal::ConnectDealer(ctx_, endpoint, opt_, 'f'));
@@ -48,7 +50,9 @@ class AsyncClient::Impl {
   struct Outgoing {
     ClientRequest request;
     std::vector<std::string> payload;  // copies: the caller may reuse its buffers
+    std::vector<std::string> files;    // local files made for a submit
     std::promise<StatusOr<uint64_t>> submitted;  // submit
+    std::promise<std::string> local_dir;         // devices: the broker's local directory
     uint64_t result_of = 0;                      // result fetch for this job id
   };
 
@@ -56,10 +60,47 @@ class AsyncClient::Impl {
     auto o = std::make_unique<Outgoing>();
     o->request.op = ClientOp::kSubmit;
     o->request.job = job.spec;
-    for (auto in : job.inputs) o->payload.emplace_back(in);
+    std::vector<std::string_view> frames = job.inputs;
+    bool large = false;
+    for (std::string_view in : job.inputs) large |= in.size() >= opt_.local_min_bytes;
+    for (const schema::Arg& a : job.spec.args) {
+      large |= a.kind == schema::ArgKind::kOut && a.size >= opt_.local_min_bytes;
+    }
+    if (large && local_possible_) {
+      // Local buffers: large inputs become files of the broker's local
+      // directory, written here instead of copied.
+      const std::string dir = LocalDir();
+      if (!dir.empty()) {
+        frames.clear();
+        auto made = client_internal::UseLocalFiles(dir, opt_.local_min_bytes, job.inputs,
+                                                   &o->request.job, &frames);
+        if (!made.ok()) {
+          std::promise<StatusOr<uint64_t>> failed;
+          failed.set_value(made.status());
+          return failed.get_future();
+        }
+        o->files = std::move(*made);
+      }
+    }
+    for (auto in : frames) o->payload.emplace_back(in);
     auto f = o->submitted.get_future();
     Enqueue(std::move(o));
     return f;
+  }
+
+  // The broker's local directory ("" when none or no answer), asked once;
+  // waits for the answer (up to the timeout) the first time.
+  std::string LocalDir() {
+    std::lock_guard lock(local_mu_);
+    if (!local_dir_) {
+      auto o = std::make_unique<Outgoing>();
+      o->request.op = ClientOp::kDevices;
+      auto f = o->local_dir.get_future();
+      Enqueue(std::move(o));
+      if (f.wait_for(opt_.timeout) != std::future_status::ready) return "";
+      local_dir_ = f.get();
+    }
+    return *local_dir_;
   }
 
   void OnResult(uint64_t id, ResultCallback done) {
@@ -142,8 +183,11 @@ class AsyncClient::Impl {
           if (r.op == ReplyOp::kAccepted) {
             o.submitted.set_value(r.id);
           } else {
+            for (const std::string& p : o.files) (void)unlink(p.c_str());  // not the broker's
             o.submitted.set_value(Error(r.code, r.error));
           }
+        } else if (o.request.op == ClientOp::kDevices) {
+          o.local_dir.set_value(r.op == ReplyOp::kDevices ? r.local_dir : "");
         } else if (r.op == ReplyOp::kResult) {
           Deliver(o.result_of, ToResult(r, frames));  // had ended before we asked
         } else if (r.op == ReplyOp::kError) {
@@ -161,6 +205,8 @@ class AsyncClient::Impl {
         Status late = Error(Code::kTimeout, "no answer from the broker in time");
         if (o.request.op == ClientOp::kSubmit) {
           o.submitted.set_value(late);
+        } else if (o.request.op == ClientOp::kDevices) {
+          o.local_dir.set_value("");
         } else {
           Deliver(o.result_of, late);
         }
@@ -171,6 +217,7 @@ class AsyncClient::Impl {
     Status gone = Error(Code::kUnavailable, "the client was closed");
     for (auto& [r, p] : pending) {
       if (p.out->request.op == ClientOp::kSubmit) p.out->submitted.set_value(gone);
+      if (p.out->request.op == ClientOp::kDevices) p.out->local_dir.set_value("");
     }
     std::map<uint64_t, std::vector<ResultCallback>> waiters;
     {
@@ -178,6 +225,7 @@ class AsyncClient::Impl {
       waiters.swap(waiters_);
       for (auto& o : queue_) {
         if (o->request.op == ClientOp::kSubmit) o->submitted.set_value(gone);
+        if (o->request.op == ClientOp::kDevices) o->local_dir.set_value("");
       }
     }
     for (auto& [id, cbs] : waiters) {
@@ -199,6 +247,9 @@ class AsyncClient::Impl {
   }
 
   ClientOptions opt_;
+  bool local_possible_ = false;
+  std::mutex local_mu_;
+  std::optional<std::string> local_dir_;  // GUARDED_BY(local_mu_)
   schema::Limits limits_;
   zmq::context_t ctx_;
   zmq::socket_t sock_;  // I/O thread only, after Open()

@@ -890,6 +890,37 @@ TEST_F(BrokerTest, OutputFilesOfAWorkerThatDiedAreRemoved) {
       << "the first attempt wrote its files: " << log;
 }
 
+TEST_F(BrokerTest, TheAsyncClientUsesLocalBuffersToo) {
+  const std::string local = broker_->store() + ".blobs";
+  AddWorker({"--local-dir", local});
+  auto sync = Connect();
+  ASSERT_TRUE(WaitForWorkers(*sync, 1));
+  auto c = AsyncClient::Connect(broker_->client_endpoint());
+  ASSERT_TRUE(c.ok());
+  std::string input(2 << 20, '\0');
+  for (size_t b = 0; b < input.size(); ++b) input[b] = static_cast<char>(b * 5);
+  auto id = (*c)->Submit(Job("k", input, 1 << 20)).get();
+  ASSERT_TRUE(id.ok()) << id.status().ToString();
+  auto r = (*c)->Result(*id).get();
+  ASSERT_TRUE(r.ok()) << r.status().ToString();
+  ASSERT_EQ(r->state, JobState::kDone) << r->error;
+  std::string expect = input;
+  for (char& ch : expect) ch = static_cast<char>(ch + 1);
+  EXPECT_TRUE(*r->Output(0) == expect);
+  EXPECT_EQ(*r->Output(2), std::string(1 << 20, '\x03'));
+  EXPECT_NE(testing::ReadFile(dir_.File("workers.log"))
+                .find("input 0 from local file " + local + "/j" + std::to_string(*id) + ".i0"),
+            std::string::npos);
+  // A refused submit leaves none of its files.
+  JobRequest bad = Job("k", input);
+  bad.spec.launch.block = {2048, 1, 1};
+  auto refused = (*c)->Submit(bad).get();
+  EXPECT_EQ(refused.status().code(), Code::kInvalid);
+  for (const auto& e : std::filesystem::directory_iterator(local)) {
+    EXPECT_NE(e.path().filename().string().rfind("c-", 0), 0u) << e.path();
+  }
+}
+
 TEST_F(BrokerTest, LocalFilesOnlyAWorkerOnTheHostCanReachAreSentAsFrames) {
   // The same client; a worker without the local directory (another host)
   // gets the bytes as frames and returns frames.

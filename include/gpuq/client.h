@@ -89,11 +89,12 @@ struct JobResult {
 
 struct ClientOptions {
   Millis timeout{10000};  // default wait for a reply
-  // Local buffers (schema/PROTOCOL.md): on an ipc endpoint, Client (not
-  // AsyncClient) passes inputs of at least `local_min_bytes` as files of the
-  // broker's local directory, and asks for outputs that large as files, so
-  // that their bytes do not cross the socket. The broker names the directory
-  // (`devices` reply); the client must be able to create files there.
+  // Local buffers (schema/PROTOCOL.md): on an ipc endpoint, both clients
+  // pass inputs of at least `local_min_bytes` as files of the broker's local
+  // directory, and ask for outputs that large as files, so that their bytes
+  // do not cross the socket. The broker names the directory (`devices`
+  // reply, asked once, on the first such submit, which waits for it); the
+  // client must be able to create files there.
   bool local_buffers = true;
   size_t local_min_bytes = 1u << 20;
   // On tcp, the broker's CURVE public key and this client's key pair
@@ -194,8 +195,8 @@ class Client {
 // A thread-safe client whose calls return futures or call back. One I/O
 // thread owns the socket; any thread may call any method.
 //
-// Ownership: Submit copies the job (inputs included), so the caller's buffers
-// may be reused at once. Futures and callbacks outlive nothing: destroying
+// Ownership: Submit copies the job (inputs included; large ones into local
+// files, see ClientOptions), so the caller's buffers may be reused at once. Futures and callbacks outlive nothing: destroying
 // the AsyncClient resolves every pending one with kUnavailable. Callbacks run
 // on the I/O thread: they must not block, and must not destroy the client.
 class AsyncClient {
