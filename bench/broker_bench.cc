@@ -151,6 +151,9 @@ int main(int argc, char** argv) {
   int spin_us = 0;
   app.add_option("--spin-us", spin_us,
                  "gpuqd's and gpuq-worker's --spin-us (poll without sleeping after a message)");
+  int client_spin_us = 0;
+  app.add_option("--client-spin-us", client_spin_us,
+                 "The one-in-flight client's ClientOptions::spin");
   CLI11_PARSE(app, argc, argv);
 
   std::string dir = std::filesystem::temp_directory_path().string() + "/gpuq-bench-XXXXXX";
@@ -182,7 +185,9 @@ int main(int argc, char** argv) {
     waitpid(broker, nullptr, 0);
     std::filesystem::remove_all(dir);
   };
-  auto client = Client::Connect(client_ep);
+  gpuq::ClientOptions client_options;
+  client_options.spin = std::chrono::microseconds(client_spin_us);
+  auto client = Client::Connect(client_ep, client_options);
   if (!client.ok()) return cleanup(), 1;
   for (int i = 0; i < 500; ++i) {  // wait for the workers; warm the kernel cache
     auto d = (*client)->Devices();
@@ -191,7 +196,9 @@ int main(int argc, char** argv) {
   }
   auto warm = (*client)->Submit(Trivial());
   if (!warm.ok() || !(*client)->Wait(*warm).ok()) {
-    fprintf(stderr, "warm-up failed\n");
+    fprintf(stderr, "warm-up failed: %s\n",
+            warm.ok() ? (*client)->Wait(*warm).status().ToString().c_str()
+                      : warm.status().ToString().c_str());
     return cleanup(), 1;
   }
 

@@ -117,9 +117,14 @@ class Client::Impl {
   // Receives one message into `reply` and `frames`, waiting until `deadline`.
   Status Receive(Clock::time_point deadline, ClientReply* reply,
                  std::vector<zmq::message_t>* frames) {
+    // With opt_.spin, poll awake first: an answer that comes within it costs
+    // no thread wake-up.
+    const auto spin_until = Clock::now() + opt_.spin;
     for (;;) {
       auto left = std::chrono::duration_cast<Millis>(deadline - Clock::now());
       if (left.count() < 0) left = Millis(0);
+      const bool spinning = Clock::now() < spin_until && left.count() > 0;
+      if (spinning) left = Millis(0);
       zmq::pollitem_t item = {socket_.handle(), 0, ZMQ_POLLIN, 0};
       try {
         zmq::poll(&item, 1, left);
@@ -127,6 +132,7 @@ class Client::Impl {
         if (e.num() == EINTR) continue;
         return Error(Code::kUnavailable, e.what());
       }
+      if (!(item.revents & ZMQ_POLLIN) && spinning) continue;
       if (!(item.revents & ZMQ_POLLIN)) {
         return Error(Code::kTimeout, "no answer from the broker in time");
       }

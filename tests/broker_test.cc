@@ -125,6 +125,28 @@ TEST_F(BrokerTest, SubmittedJobRunsAndItsResultIsPushedBack) {
   EXPECT_EQ(again->outputs, r->outputs);
 }
 
+TEST_F(BrokerTest, AClientThatSpinsGetsItsAnswersAndItsTimeouts) {
+  ClientOptions o;
+  o.spin = std::chrono::microseconds(2000);
+  o.timeout = Millis(300);
+  auto c = Client::Connect(broker_->client_endpoint(), o);
+  ASSERT_TRUE(c.ok());
+  // No worker yet: waiting ends in a timeout (spinning does not end it early
+  // or make it hang).
+  auto id = (*c)->Submit(Job("k", "a"));
+  ASSERT_TRUE(id.ok()) << id.status().ToString();
+  auto none = (*c)->Wait(*id);
+  EXPECT_EQ(none.status().code(), Code::kTimeout);
+  AddWorker();
+  for (int i = 0; i < 20; ++i) {
+    auto more = (*c)->Submit(Job("k", std::string(1, static_cast<char>(i))));
+    ASSERT_TRUE(more.ok()) << more.status().ToString();
+    auto r = (*c)->Wait(*more, Millis(10000));
+    ASSERT_TRUE(r.ok()) << r.status().ToString();
+    EXPECT_EQ(*r->Output(0), std::string(1, static_cast<char>(i + 1)));
+  }
+}
+
 TEST_F(BrokerTest, ResubmitWithTheSameKeyReturnsTheSameJob) {
   auto c = Connect();
   JobRequest j = Job("k", "abc");
