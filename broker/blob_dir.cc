@@ -10,6 +10,7 @@
 #include <ctime>
 #include <algorithm>
 #include <memory>
+#include <optional>
 
 namespace gpuq::broker {
 namespace {
@@ -27,6 +28,30 @@ struct Fd {
     if (fd >= 0) close(fd);
   }
 };
+
+// `len` bytes of `file` from `off`: all of them, or an error.
+StatusOr<std::string> ReadRange(const std::string& file, uint64_t off,
+                                std::optional<uint64_t> len) {
+  Fd f(open(file.c_str(), O_RDONLY | O_CLOEXEC));
+  if (f.fd < 0) return Errno("opening " + file);
+  if (!len) {
+    struct stat st {};
+    if (fstat(f.fd, &st) != 0) return Errno(file);
+    len = static_cast<uint64_t>(st.st_size);
+  }
+  std::string data(*len, '\0');
+  size_t got = 0;
+  while (got < data.size()) {
+    ssize_t n = pread(f.fd, data.data() + got, data.size() - got, static_cast<off_t>(off + got));
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return Errno("reading " + file);
+    }
+    if (n == 0) return Error(Code::kIoError, file + " is shorter than its store says");
+    got += static_cast<size_t>(n);
+  }
+  return data;
+}
 
 }  // namespace
 
@@ -58,23 +83,7 @@ Status BlobDir::Write(const std::string& name, std::string_view data, bool sync)
 }
 
 StatusOr<std::string> BlobDir::Read(const std::string& name) const {
-  const std::string file = path_ + "/" + name;
-  Fd f(open(file.c_str(), O_RDONLY | O_CLOEXEC));
-  if (f.fd < 0) return Errno("opening " + file);
-  struct stat st {};
-  if (fstat(f.fd, &st) != 0) return Errno(file);
-  std::string data(static_cast<size_t>(st.st_size), '\0');
-  size_t got = 0;
-  while (got < data.size()) {
-    ssize_t n = pread(f.fd, data.data() + got, data.size() - got, static_cast<off_t>(got));
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      return Errno("reading " + file);
-    }
-    if (n == 0) return Error(Code::kIoError, file + " is shorter than its size");
-    got += static_cast<size_t>(n);
-  }
-  return data;
+  return ReadRange(path_ + "/" + name, 0, std::nullopt);
 }
 
 void BlobDir::Remove(const std::string& name) const {
@@ -220,21 +229,7 @@ void BlobLog::Aborted() {
 }
 
 StatusOr<std::string> BlobLog::Read(const Ref& r) const {
-  const std::string file = dir_->path() + "/" + Name(r.seg);
-  Fd f(open(file.c_str(), O_RDONLY | O_CLOEXEC));
-  if (f.fd < 0) return Errno("opening " + file);
-  std::string data(r.len, '\0');
-  size_t got = 0;
-  while (got < data.size()) {
-    ssize_t n = pread(f.fd, data.data() + got, data.size() - got, static_cast<off_t>(r.off + got));
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      return Errno("reading " + file);
-    }
-    if (n == 0) return Error(Code::kIoError, file + " is shorter than a row says");
-    got += static_cast<size_t>(n);
-  }
-  return data;
+  return ReadRange(dir_->path() + "/" + Name(r.seg), r.off, r.len);
 }
 
 }  // namespace gpuq::broker
