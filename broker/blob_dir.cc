@@ -1,5 +1,7 @@
 #include "broker/blob_dir.h"
 
+#include "util/file_io.h"
+
 #include <dirent.h>
 #include <fcntl.h>
 #include <sys/stat.h>
@@ -67,17 +69,7 @@ Status BlobDir::Write(const std::string& name, std::string_view data, bool sync)
   const std::string file = path_ + "/" + name;
   Fd f(open(file.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600));
   if (f.fd < 0) return Errno("creating " + file);
-  const char* p = data.data();
-  size_t left = data.size();
-  while (left > 0) {
-    ssize_t n = write(f.fd, p, left);
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      return Errno("writing " + file);
-    }
-    p += n;
-    left -= static_cast<size_t>(n);
-  }
+  GPUQ_RETURN_IF_ERROR(WriteAll(f.fd, data, file));
   if (sync && fdatasync(f.fd) != 0) return Errno("syncing " + file);
   return Status::Ok();
 }
@@ -181,17 +173,7 @@ Status BlobLog::Flush(bool sync) {
     fd_ = open(file.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_APPEND | O_CLOEXEC, 0600);
     if (fd_ < 0) return Errno("creating " + file);
   }
-  const char* p = pending_.data();
-  size_t left = pending_.size();
-  while (left > 0) {
-    ssize_t n = write(fd_, p, left);
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      return Errno("writing " + Name(seg_));
-    }
-    p += n;
-    left -= static_cast<size_t>(n);
-  }
+  GPUQ_RETURN_IF_ERROR(WriteAll(fd_, pending_, dir_->path() + "/" + Name(seg_)));
   size_ += pending_.size();
   pending_.clear();
   if (sync && fdatasync(fd_) != 0) return Errno("syncing " + Name(seg_));

@@ -216,6 +216,9 @@ class Broker::Impl {
   // Each file a peer names: its prefix, a regular file of one link, the size
   // it declared.
   Status CheckLocalFiles(const std::vector<schema::LocalFile>& files, const char* prefix) const;
+  // Removes the files a peer named that carry its prefix (c- clients, w-
+  // workers); never any other file of the directory.
+  void DropLocalFiles(const std::vector<schema::LocalFile>& files, const char* prefix) const;
   // A file's bytes as a message, mapped rather than copied.
   static StatusOr<zmq::message_t> MapFile(const std::string& path, uint64_t size);
   Status EnsureTransaction();
@@ -661,13 +664,9 @@ void Broker::Impl::OnSubmit(const std::string& client, ClientRequest& req, Frame
   schema::JobSpec& spec = req.job;
   if (!bound_tenant_.empty()) spec.tenant = bound_tenant_;
   const std::string tenant = spec.tenant.empty() ? "default" : spec.tenant;
-  // The client's files a submit names (c-...) are the broker's to remove
-  // unless it takes them; never any other file.
-  auto drop_files = [&] {
-    for (const schema::LocalFile& f : spec.files) {
-      if (f.name.rfind("c-", 0) == 0) (void)unlink((store_->blob_dir() + "/" + f.name).c_str());
-    }
-  };
+  // The client's files a submit names are the broker's to remove unless it
+  // takes them.
+  auto drop_files = [&] { DropLocalFiles(spec.files, "c-"); };
   auto reject = [&](const Status& s, uint64_t retry = 0) {
     ++counters_.rejected;
     drop_files();
@@ -1155,6 +1154,13 @@ Status Broker::Impl::CheckLocalFiles(const std::vector<schema::LocalFile>& files
   return Status::Ok();
 }
 
+void Broker::Impl::DropLocalFiles(const std::vector<schema::LocalFile>& files,
+                                  const char* prefix) const {
+  for (const schema::LocalFile& f : files) {
+    if (f.name.rfind(prefix, 0) == 0) (void)unlink((local_dir_ + "/" + f.name).c_str());
+  }
+}
+
 StatusOr<zmq::message_t> Broker::Impl::MapFile(const std::string& path, uint64_t size) {
   if (size == 0) return zmq::message_t();
   const int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
@@ -1324,11 +1330,7 @@ void Broker::Impl::OnWorkerResult(Worker& w, WorkerMessage& m, Frames& frames) {
   w.inflight.erase(m.id);
   w.credits = std::min(w.slots, w.credits + 1);
   w.exclusive = false;
-  auto drop_files = [&] {  // the worker's own files (w-...), never any other
-    for (const schema::LocalFile& f : m.files) {
-      if (f.name.rfind("w-", 0) == 0) (void)unlink((store_->blob_dir() + "/" + f.name).c_str());
-    }
-  };
+  auto drop_files = [&] { DropLocalFiles(m.files, "w-"); };
   auto it = jobs_.find(m.id);
   if (it == jobs_.end()) return drop_files();  // canceled meanwhile, or a stale result
   Job& job = *it->second;

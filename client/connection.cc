@@ -1,5 +1,7 @@
 #include "client/connection.h"
 
+#include "util/file_io.h"
+
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
@@ -115,19 +117,9 @@ StatusOr<std::vector<std::string>> UseLocalFiles(const std::string& dir, size_t 
     const int fd = open(path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
     if (fd < 0) return undo(Error(Code::kIoError, path + ": " + std::strerror(errno)));
     made.push_back(path);
-    const char* p = inputs[i].data();
-    size_t left = inputs[i].size();
-    while (left > 0) {
-      const ssize_t n = write(fd, p, left);
-      if (n < 0 && errno == EINTR) continue;
-      if (n <= 0) {
-        close(fd);
-        return undo(Error(Code::kIoError, "writing " + path + ": " + std::strerror(errno)));
-      }
-      p += n;
-      left -= static_cast<size_t>(n);
-    }
+    const Status written = WriteAll(fd, inputs[i], path);
     close(fd);
+    if (!written.ok()) return undo(written);
     spec->files.push_back({name, inputs[i].size()});
   }
   for (size_t i : small) frames->push_back(inputs[i]);

@@ -21,6 +21,7 @@
 #include <zmq_addon.hpp>
 
 #include "schema/codec.h"
+#include "util/file_io.h"
 #include "util/sha256.h"
 #include "worker/pinned_pool.h"
 
@@ -173,20 +174,9 @@ class MappedFile {
 Status WriteFile(const std::string& path, const void* data, size_t size) {
   const int fd = open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
   if (fd < 0) return Error(Code::kIoError, path + ": " + std::strerror(errno));
-  const char* p = static_cast<const char*>(data);
-  while (size > 0) {
-    const ssize_t n = write(fd, p, size);
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) {
-      const Status s = Error(Code::kIoError, "writing " + path + ": " + std::strerror(errno));
-      close(fd);
-      return s;
-    }
-    p += n;
-    size -= static_cast<size_t>(n);
-  }
+  const Status s = WriteAll(fd, std::string_view(static_cast<const char*>(data), size), path);
   close(fd);
-  return Status::Ok();
+  return s;
 }
 
 }  // namespace
