@@ -17,9 +17,7 @@
 namespace gpuq::broker {
 namespace {
 
-Status Errno(const std::string& what) {
-  return Error(Code::kIoError, what + ": " + std::strerror(errno));
-}
+Status Errno(const std::string& what) { return FileError(what, errno); }
 
 struct Fd {
   int fd = -1;
@@ -69,13 +67,23 @@ Status BlobDir::Write(const std::string& name, std::string_view data, bool sync)
   const std::string file = path_ + "/" + name;
   Fd f(open(file.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600));
   if (f.fd < 0) return Errno("creating " + file);
-  GPUQ_RETURN_IF_ERROR(WriteAll(f.fd, data, file));
-  if (sync && fdatasync(f.fd) != 0) return Errno("syncing " + file);
-  return Status::Ok();
+  Status s = WriteAll(f.fd, data, file);
+  if (s.ok() && sync && fdatasync(f.fd) != 0) s = Errno("syncing " + file);
+  if (!s.ok()) (void)unlink(file.c_str());
+  return s;
 }
 
 StatusOr<std::string> BlobDir::Read(const std::string& name) const {
   return ReadRange(path_ + "/" + name, 0, std::nullopt);
+}
+
+StatusOr<uint64_t> BlobDir::Size(const std::string& name) const {
+  struct stat st {};
+  if (lstat((path_ + "/" + name).c_str(), &st) != 0) {
+    return Error(Code::kIoError, std::strerror(errno));
+  }
+  if (!S_ISREG(st.st_mode)) return Error(Code::kIoError, "not a regular file");
+  return static_cast<uint64_t>(st.st_size);
 }
 
 void BlobDir::Remove(const std::string& name) const {
@@ -95,7 +103,11 @@ Status BlobDir::Adopt(const std::string& from, const std::string& to, uint64_t* 
     return Error(Code::kInvalid, src + " is not a plain file");
   }
   *size = static_cast<uint64_t>(st.st_size);
-  if (sync && fdatasync(f.fd) != 0) return Errno("syncing " + dst);
+  if (sync && fdatasync(f.fd) != 0) {
+    Status s = Errno("syncing " + dst);
+    (void)unlink(dst.c_str());
+    return s;
+  }
   return Status::Ok();
 }
 
@@ -156,7 +168,6 @@ BlobLog::~BlobLog() {
   if (fd_ >= 0) close(fd_);
 }
 
-
 BlobLog::Ref BlobLog::Append(std::string_view data) {
   Ref r{seg_, size_ + pending_.size(), data.size()};
   pending_.append(data);
@@ -164,19 +175,26 @@ BlobLog::Ref BlobLog::Append(std::string_view data) {
   return r;
 }
 
+void BlobLog::RollbackTo(const Mark& m) {
+  added_.resize(m.rows);
+  pending_.resize(m.bytes);
+}
+
 void BlobLog::Release(uint64_t seg) { released_.push_back(seg); }
 
 Status BlobLog::Flush(bool sync) {
   if (pending_.empty()) return Status::Ok();
+  const std::string file = dir_->path() + "/" + Name(seg_);
   if (fd_ < 0) {
-    const std::string file = dir_->path() + "/" + Name(seg_);
+    // A segment is opened only when it is new (at start, or when the last
+    // filled up): no committed byte is lost to O_TRUNC.
     fd_ = open(file.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_APPEND | O_CLOEXEC, 0600);
     if (fd_ < 0) return Errno("creating " + file);
   }
-  GPUQ_RETURN_IF_ERROR(WriteAll(fd_, pending_, dir_->path() + "/" + Name(seg_)));
+  GPUQ_RETURN_IF_ERROR(WriteAll(fd_, pending_, file));
   size_ += pending_.size();
   pending_.clear();
-  if (sync && fdatasync(fd_) != 0) return Errno("syncing " + Name(seg_));
+  if (sync && fdatasync(fd_) != 0) return Errno("syncing " + file);
   return Status::Ok();
 }
 
@@ -199,19 +217,46 @@ void BlobLog::Committed() {
     ++seg_;
     size_ = 0;
   }
+  committed_size_ = size_;
 }
 
 void BlobLog::Aborted() {
-  // What was written stays as bytes no row names, reclaimed with its segment.
-  struct stat st {};
-  if (fd_ >= 0 && fstat(fd_, &st) == 0) size_ = static_cast<uint64_t>(st.st_size);
   pending_.clear();
   added_.clear();
   released_.clear();
+  if (fd_ < 0) return;
+  // The transaction's bytes (all of them, or the part a failed write left)
+  // are cut off. Should that fail too, the next append goes after them
+  // (O_APPEND, and size_ is the file's): they stay bytes no row names.
+  (void)ftruncate(fd_, static_cast<off_t>(committed_size_));
+  struct stat st {};
+  size_ = fstat(fd_, &st) == 0 ? static_cast<uint64_t>(st.st_size) : committed_size_;
+  committed_size_ = size_;
 }
 
 StatusOr<std::string> BlobLog::Read(const Ref& r) const {
+  if (r.seg == seg_ && r.off >= size_) {
+    // Appended by the open transaction, not yet written.
+    const uint64_t at = r.off - size_;
+    if (at + r.len > pending_.size()) {
+      return Error(Code::kIoError, Name(r.seg) + " is shorter than its store says");
+    }
+    return pending_.substr(at, r.len);
+  }
   return ReadRange(dir_->path() + "/" + Name(r.seg), r.off, r.len);
+}
+
+Status BlobLog::Check(const Ref& r) const {
+  uint64_t holds = 0;
+  if (r.seg == seg_) {
+    holds = size_ + pending_.size();
+  } else {
+    GPUQ_ASSIGN_OR_RETURN(holds, dir_->Size(Name(r.seg)));
+  }
+  if (r.off + r.len > holds) {
+    return Error(Code::kIoError, "the segment holds " + std::to_string(holds) + " bytes");
+  }
+  return Status::Ok();
 }
 
 }  // namespace gpuq::broker

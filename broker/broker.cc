@@ -334,13 +334,16 @@ Status Broker::Impl::Init() {
   }
 
   // Resume: every job not ended is queued again.
-  GPUQ_ASSIGN_OR_RETURN(std::vector<StoredJob> stored, store_->LoadUnfinished(opt_.limits));
-  for (StoredJob& s : stored) {
+  GPUQ_ASSIGN_OR_RETURN(ResumeSet stored, store_->LoadUnfinished(opt_.limits, NowMs()));
+  for (const ResumeSet::Quarantined& q : stored.quarantined) {
+    spdlog::error("job {} of tenant {} not resumed, damaged in the store: {}", q.id, q.tenant,
+                  q.reason);
+  }
+  for (StoredJob& s : stored.jobs) {
     auto job = std::make_unique<Job>();
     job->id = s.id;
     job->tenant = std::move(s.tenant);
     job->key = std::move(s.key);
-    job->client = std::move(s.client);
     job->priority = s.priority;
     job->accepted_ms = s.accepted_ms;
     job->deadline_ms = s.deadline_ms;
@@ -348,13 +351,19 @@ Status Broker::Impl::Init() {
     job->spec = std::move(s.spec);
     job->attempts = s.attempts;
     job->suspect = s.suspect;
-    for (std::string& in : s.inputs) {
-      job->input_bytes += in.size();
-      job->inputs.emplace_back(in.data(), in.size());
+    GPUQ_ASSIGN_OR_RETURN(std::vector<StoredBuffer> inputs, store_->LoadInputs(s.id));
+    for (StoredBuffer& in : inputs) {
+      job->input_bytes += in.size;
+      if (in.path.empty()) {
+        job->inputs.emplace_back(in.bytes.data(), in.bytes.size());
+      } else {
+        GPUQ_ASSIGN_OR_RETURN(zmq::message_t mapped, MapFile(in.path, in.size));
+        job->inputs.push_back(std::move(mapped));
+      }
     }
     Enqueue(std::move(job));
   }
-  resumed_ = stored.size();
+  resumed_ = stored.jobs.size();
 
   for (size_t i = 0; i < std::max<size_t>(1, opt_.compile_threads); ++i) {
     compile_threads_.emplace_back([this] { CompileLoop(); });
@@ -740,9 +749,9 @@ void Broker::Impl::OnSubmit(const std::string& client, ClientRequest& req, Frame
   job->deadline_ms = spec.deadline_ms ? job->accepted_ms + static_cast<int64_t>(spec.deadline_ms) : 0;
   if (spec.time_limit_ms == 0) spec.time_limit_ms = opt_.default_time_limit_ms;
   StoredJob row;
+  row.id = store_->next_id();
   row.tenant = tenant;
   row.key = spec.key;
-  row.client = client;
   row.priority = spec.priority;
   row.accepted_ms = job->accepted_ms;
   row.deadline_ms = job->deadline_ms;
@@ -750,11 +759,10 @@ void Broker::Impl::OnSubmit(const std::string& client, ClientRequest& req, Frame
   row.spec.files.clear();  // stored as the job's input rows, after the frames
   std::vector<std::string_view> inputs;
   for (size_t i = 3; i < frames.size(); ++i) inputs.push_back(View(frames[i]));
-  auto id = store_->Insert(row, inputs, spec.files);
-  if (!id.ok()) return reject(id.status());
-  job->id = *id;
+  if (Status s = store_->Insert(row, inputs, spec.files); !s.ok()) return reject(s);
+  job->id = row.id;
   for (size_t i = 0; i < spec.files.size(); ++i) {
-    job->input_files.push_back({store_->InputPath(*id, inputs.size() + i), spec.files[i].size});
+    job->input_files.push_back({store_->InputPath(row.id, inputs.size() + i), spec.files[i].size});
   }
   spec.files.clear();
   job->spec = std::move(spec);
@@ -800,7 +808,7 @@ void Broker::Impl::OnStatus(const std::string& client, const ClientRequest& req)
   }
   o.reply.state = (*stored)->state;
   o.reply.attempts = (*stored)->attempts;
-  auto result = store_->GetResult(req.id);
+  auto result = store_->GetResultMeta(req.id);
   if (result.ok() && *result) {
     o.reply.device = (*result)->device;
     if ((*result)->code != Code::kOk) {
@@ -841,7 +849,15 @@ void Broker::Impl::OnResult(const std::string& client, const ClientRequest& req)
   o.reply.device = std::move(r.device);
   o.reply.timing = r.timing;
   o.reply.outputs = std::move(r.outputs);
-  for (std::string& d : r.data) o.payload.emplace_back(d.data(), d.size());
+  for (StoredBuffer& d : r.data) {
+    if (d.path.empty()) {
+      o.payload.emplace_back(d.bytes.data(), d.bytes.size());
+      continue;
+    }
+    auto mapped = MapFile(d.path, d.size);
+    if (!mapped.ok()) return ReplyError(client, req.rid, mapped.status());
+    o.payload.push_back(std::move(*mapped));
+  }
   SendClient(o);
 }
 

@@ -1,25 +1,46 @@
--- gpuq job store, format version 2 (see schema/PROTOCOL.md). One SQLite file
--- in WAL mode, written by the broker only. A job is acknowledged to its client
--- only after its row is committed.
+-- gpuq job store, format 3: the format's specification. One SQLite file (the
+-- broker's --store PATH) in WAL mode, written by the broker only, and the
+-- blob directory PATH.blobs/ beside it. A job is acknowledged to its client,
+-- and a result pushed, only after the transaction that holds it commits.
+--
+-- Numbers in `meta` are decimal text. Packed integers in blobs are
+-- little-endian, without any header or framing (not msgpack).
 
 CREATE TABLE IF NOT EXISTS meta (
   name  TEXT PRIMARY KEY,
   value TEXT NOT NULL
 ) STRICT;
+-- Rows of meta:
+--   'format'   '3'. Format 1 (inline buffers only: no in_file, seg, off, len
+--              columns) and format 2 (no 'next_id' or 'epoch'; no len in
+--              inline and file rows) are migrated at open: the columns are
+--              added, the version set; no row is rewritten. Any other value
+--              is refused.
+--   'next_id'  with MAX(jobs.id) + 1, a bound on every job id ever issued:
+--              ids are issued from max(next_id, MAX(jobs.id) + 1, 1) up, so
+--              none is issued twice (a job's id outlives its purge). Written
+--              at each open and by each transaction that deletes jobs rows
+--              (a purge: the only deletion), which is what can lower
+--              MAX(jobs.id).
+--   'epoch'    how many times the store has been opened: each open adds one
+--              and commits it before the broker serves (1 for a new store).
 
 CREATE TABLE IF NOT EXISTS jobs (
-  id           INTEGER PRIMARY KEY,      -- job id, never reused
+  id           INTEGER PRIMARY KEY,      -- job id, never reused (meta 'next_id')
   tenant       TEXT NOT NULL,
   client_key   TEXT,                     -- idempotency key; NULL when none
   priority     INTEGER NOT NULL,
   state        TEXT NOT NULL,            -- queued | done | failed | canceled | expired
   attempts     INTEGER NOT NULL DEFAULT 0,
-  suspect      INTEGER NOT NULL DEFAULT 0,  -- was in flight on a worker that faulted
+  suspect      INTEGER NOT NULL DEFAULT 0,  -- 1: was in flight on a worker that faulted
   accepted_ms  INTEGER NOT NULL,         -- Unix time, milliseconds
-  deadline_ms  INTEGER NOT NULL,         -- absolute; 0 = none
-  spec         BLOB NOT NULL,            -- the submit header's job map (msgpack)
-  client       BLOB NOT NULL,            -- ZeroMQ routing id of the submitter, for the push
-  finished_ms  INTEGER                   -- set with a terminal state
+  deadline_ms  INTEGER NOT NULL,         -- absolute, Unix ms; 0 = none
+  spec         BLOB NOT NULL,            -- the submit's `job` map (msgpack, PROTOCOL.md
+                                         -- "submit") without `files` (those inputs are
+                                         -- job_inputs rows after the frames' rows)
+  client       BLOB NOT NULL,            -- unused: empty in rows written by format 3
+                                         -- (formats 1-2 kept a ZeroMQ routing id here)
+  finished_ms  INTEGER                   -- Unix ms; set with a terminal state
 ) STRICT;
 
 CREATE UNIQUE INDEX IF NOT EXISTS jobs_by_key ON jobs(tenant, client_key)
@@ -29,15 +50,28 @@ CREATE UNIQUE INDEX IF NOT EXISTS jobs_by_key ON jobs(tenant, client_key)
 DROP INDEX IF EXISTS jobs_unfinished;
 CREATE INDEX IF NOT EXISTS jobs_by_finish ON jobs(finished_ms) WHERE finished_ms IS NOT NULL;
 
--- Input buffers (payload frames), removed when the job ends. Where a
--- buffer's bytes are (in_file):
---   0: in `data` (under 1 KiB);
---   2: in a log segment of the blob directory (the store's path + ".blobs/",
---      file log-<seg>), `len` bytes at `off` (1 KiB up to 64 KiB);
---   1: a file of its own there, j<job_id>.i<idx> (64 KiB or more).
--- Bytes are written before the row that names them commits, and files are
--- unlinked after the row's deletion commits; files and segments that no row
--- names are removed at start.
+-- Input buffers, one row per payload index: the submit's frames (0 up), then
+-- its local `files`. Removed when the job ends. Where a buffer's bytes are
+-- (in_file), for a buffer of N bytes:
+--   0: in `data` (N < 1 KiB); len = N.
+--   2: in the input log: segment file PATH.blobs/log-i-<seg>, the N = len
+--      bytes at byte `off` (1 KiB <= N < 64 KiB); `data` empty.
+--   1: a file of its own, PATH.blobs/j<job_id>.i<idx> (N >= 64 KiB, or any
+--      size for a local file the client handed over); `data` empty; len = N.
+-- seg and off are NULL but for in_file 2. len is NULL in rows written by
+-- formats 1 and 2 for in_file 0 and 1 (the length of `data`, the size of the
+-- file then count). Format 1 rows are all in_file 0, of any size.
+--
+-- Bytes are written (and with power durability synced) before the row that
+-- names them commits; files are unlinked after the row's deletion commits.
+-- Appends go to one segment until a commit leaves it holding the segment
+-- size (64 MiB in gpuqd) or more, then to the next (<seg> + 1); after a
+-- start, to one past the largest existing <seg>. A segment that no row names
+-- any more is removed, but the one appended to. At start, files j*.i* and
+-- j*.o* and log segments that no row names are removed, as are local files
+-- handed over by clients (c-*) and workers (w-*) that no message took within
+-- an hour. A log segment may end with bytes no row names (written before a
+-- crash, or by a failed transaction whose bytes could not be cut off).
 CREATE TABLE IF NOT EXISTS job_inputs (
   job_id  INTEGER NOT NULL REFERENCES jobs(id) ON DELETE CASCADE,
   idx     INTEGER NOT NULL,
@@ -52,14 +86,22 @@ CREATE TABLE IF NOT EXISTS job_inputs (
 -- The result of an ended job, kept for the retention period.
 CREATE TABLE IF NOT EXISTS results (
   job_id    INTEGER PRIMARY KEY REFERENCES jobs(id) ON DELETE CASCADE,
-  code      TEXT NOT NULL,               -- ok, or the failure code
-  error     TEXT NOT NULL,
-  device    TEXT NOT NULL,
-  timing    BLOB NOT NULL,               -- msgpack [queue, compile, load, h2d, kernel, d2h, total, cache_hit]
-  outputs   BLOB NOT NULL                -- msgpack [arg index...]
+  code      TEXT NOT NULL,               -- ok, or the failure's code (PROTOCOL.md
+                                         -- "Error codes")
+  error     TEXT NOT NULL,               -- empty for ok
+  device    TEXT NOT NULL,               -- the GPU's uuid; empty if it never ran
+  timing    BLOB NOT NULL,               -- 8 u64, 64 bytes: queue, compile, load, h2d,
+                                         -- kernel, d2h, total (microseconds), cache_hit (0/1)
+  outputs   BLOB NOT NULL                -- one u32 per output, in output (idx) order:
+                                         -- the output's argument index
 ) STRICT;
 
--- Output buffers, kept as inputs are; a file of its own is j<job_id>.o<idx>.
+-- Output buffers, one row per output: the row of idx i holds the bytes of
+-- the argument named by the i-th u32 of results.outputs (the worker's
+-- frames first, then its files). Their bytes are placed as inputs' are
+-- (in_file, data, seg, off, len), in the output log (log-o-<seg>) or a file
+-- of their own (j<job_id>.o<idx>; any size for a local worker's file).
+-- Removed with their result, when it is purged.
 CREATE TABLE IF NOT EXISTS result_outputs (
   job_id  INTEGER NOT NULL REFERENCES results(job_id) ON DELETE CASCADE,
   idx     INTEGER NOT NULL,
@@ -71,4 +113,4 @@ CREATE TABLE IF NOT EXISTS result_outputs (
   PRIMARY KEY (job_id, idx)
 ) STRICT, WITHOUT ROWID;
 
-INSERT OR IGNORE INTO meta(name, value) VALUES ('format', '2');
+INSERT OR IGNORE INTO meta(name, value) VALUES ('format', '3');

@@ -1,24 +1,59 @@
 #include "util/sqlite.h"
 
 #include <algorithm>
+#include <cerrno>
 #include <chrono>
+#include <cstring>
 #include <thread>
 
 namespace gpuq::sql {
+
+namespace {
+
+// The errno behind an I/O error of `db`. sqlite3_system_errno() reads errno
+// after the fact and has often lost it by then; SQLite's unix VFS keeps the
+// errno of a file's last failed call on that file: the database file's, or
+// its WAL's (or rollback journal's).
+int IoErrno(sqlite3* db) {
+  int err = sqlite3_system_errno(db);
+  if (err != 0) return err;
+  if (sqlite3_file_control(db, "main", SQLITE_FCNTL_LAST_ERRNO, &err) == SQLITE_OK && err != 0) {
+    return err;
+  }
+  sqlite3_file* journal = nullptr;
+  if (sqlite3_file_control(db, "main", SQLITE_FCNTL_JOURNAL_POINTER, &journal) == SQLITE_OK &&
+      journal != nullptr && journal->pMethods != nullptr &&
+      journal->pMethods->xFileControl(journal, SQLITE_FCNTL_LAST_ERRNO, &err) == SQLITE_OK) {
+    return err;
+  }
+  return 0;
+}
+
+}  // namespace
 
 Status ErrorFrom(sqlite3* db, int rc, std::string_view what) {
   std::string msg(what);
   msg += ": ";
   msg += sqlite3_errstr(rc);
-  if (db && sqlite3_errcode(db) == rc) {
+  if (db && sqlite3_errcode(db) == rc &&
+      std::string_view(sqlite3_errmsg(db)) != sqlite3_errstr(rc)) {
     msg += " (";
     msg += sqlite3_errmsg(db);
     msg += ")";
   }
-  Code code = (rc & 0xff) == SQLITE_BUSY || (rc & 0xff) == SQLITE_LOCKED
-                  ? Code::kUnavailable
-                  : Code::kIoError;
-  return Status(code, std::move(msg));
+  const int primary = rc & 0xff;
+  if (primary == SQLITE_BUSY || primary == SQLITE_LOCKED) {
+    return Status(Code::kUnavailable, std::move(msg));
+  }
+  const int err = db && primary == SQLITE_IOERR ? IoErrno(db) : 0;
+  if (primary == SQLITE_FULL || err == ENOSPC || err == EDQUOT || err == EFBIG) {
+    if (err != 0) {
+      msg += ": ";
+      msg += std::strerror(err);
+    }
+    return Status(Code::kResourceExhausted, "no space: " + msg);
+  }
+  return Status(Code::kIoError, std::move(msg));
 }
 
 Stmt& Stmt::Reset() {
@@ -116,7 +151,9 @@ Status Db::Exec(std::string_view sql) {
   int rc = sqlite3_exec(db_.get(), s.c_str(), nullptr, nullptr, &err);
   std::unique_ptr<char, decltype(&sqlite3_free)> owned(err, sqlite3_free);
   if (rc != SQLITE_OK) {
-    return ErrorFrom(db_.get(), rc, err ? std::string(err) : s);
+    // Named by its statement (the start of a long script), with SQLite's
+    // message after it.
+    return ErrorFrom(db_.get(), rc, s.size() <= 80 ? s : s.substr(0, 80) + "...");
   }
   return Status::Ok();
 }
@@ -137,6 +174,10 @@ StatusOr<Stmt*> StatementCache::Get(Db& db, const char* sql) {
   }
   it->second.Reset();
   return &it->second;
+}
+
+void StatementCache::ResetAll() {
+  for (auto& [sql, stmt] : statements_) stmt.Reset();
 }
 
 Transaction::~Transaction() {

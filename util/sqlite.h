@@ -23,6 +23,10 @@ struct StmtFinalizer {
 };
 using DbPtr = std::unique_ptr<sqlite3, DbCloser>;
 
+// The Status of SQLite return code `rc` from `what`: kUnavailable for
+// SQLITE_BUSY and SQLITE_LOCKED; kResourceExhausted (message "no space ...")
+// for SQLITE_FULL and for an I/O error whose system errno is ENOSPC, EDQUOT
+// or EFBIG; kIoError otherwise.
 Status ErrorFrom(sqlite3* db, int rc, std::string_view what);
 
 // A prepared statement. Reset() before each reuse; bind indices are 1-based.
@@ -69,6 +73,8 @@ class Db {
   Status Exec(std::string_view sql);
   StatusOr<Stmt> Prepare(std::string_view sql);
   int64_t Changes() const { return sqlite3_changes64(db_.get()); }
+  // Whether a transaction is open (BEGIN without its COMMIT or ROLLBACK).
+  bool in_transaction() const { return sqlite3_get_autocommit(db_.get()) == 0; }
 
  private:
   DbPtr db_;
@@ -80,6 +86,10 @@ class Db {
 class StatementCache {
  public:
   StatusOr<Stmt*> Get(Db& db, const char* sql);
+  // Resets every statement: none holds a read open (as one left after a
+  // row does), which a rollback after an I/O error needs to clear SQLite's
+  // error state.
+  void ResetAll();
 
  private:
   std::map<const char*, Stmt> statements_;
