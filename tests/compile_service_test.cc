@@ -99,6 +99,82 @@ TEST_F(CompileServiceTest, HeadersSentWithTheJobAndToolkitHeadersAreReadable) {
   EXPECT_TRUE((*e)->ok) << (*e)->log;
 }
 
+// ------------------------------------------------------------ the toolkit's C++ libraries
+
+// CUB's block and warp reductions (CCCL, beneath the toolkit's include/cccl).
+constexpr char kCubReductions[] = R"(
+#include <cub/block/block_reduce.cuh>
+#include <cub/warp/warp_reduce.cuh>
+extern "C" __global__ void block_sum(const int* in, int* out) {
+  using Reduce = cub::BlockReduce<int, 256>;
+  __shared__ typename Reduce::TempStorage tmp;
+  int s = Reduce(tmp).Sum(in[blockIdx.x * 256 + threadIdx.x]);
+  if (threadIdx.x == 0) out[blockIdx.x] = s;
+}
+extern "C" __global__ void warp_max(const int* in, int* out) {
+  using Reduce = cub::WarpReduce<int>;
+  __shared__ typename Reduce::TempStorage tmp[8];
+  int v = in[blockIdx.x * 256 + threadIdx.x];
+  int m = Reduce(tmp[threadIdx.x / 32]).Reduce(v, cuda::maximum<int>());
+  if (threadIdx.x % 32 == 0) out[(blockIdx.x * 256 + threadIdx.x) / 32] = m;
+}
+)";
+
+// Cooperative groups: cg::reduce over a tile, and the tile's own shuffles.
+constexpr char kCooperativeGroups[] = R"(
+#include <cooperative_groups.h>
+#include <cooperative_groups/reduce.h>
+namespace cg = cooperative_groups;
+extern "C" __global__ void warp_sums(const int* in, int* out) {
+  auto tile = cg::tiled_partition<32>(cg::this_thread_block());
+  int i = blockIdx.x * blockDim.x + threadIdx.x;
+  int s = cg::reduce(tile, in[i], cg::plus<int>());
+  if (tile.thread_rank() == 0) out[i / 32] = s;
+}
+extern "C" __global__ void warp_sums_by_shuffle(const int* in, int* out) {
+  auto tile = cg::tiled_partition<32>(cg::this_thread_block());
+  int i = blockIdx.x * blockDim.x + threadIdx.x;
+  int s = in[i];
+  for (int d = tile.size() / 2; d > 0; d /= 2) s += tile.shfl_down(s, d);
+  if (tile.thread_rank() == 0) out[i / 32] = s;
+}
+)";
+
+constexpr char kCudaStd[] = R"(
+#include <cuda/std/array>
+#include <cuda/std/limits>
+#include <cuda/std/type_traits>
+extern "C" __global__ void k(float* out) {
+  static_assert(cuda::std::is_same_v<float, cuda::std::remove_cv_t<const float>>);
+  cuda::std::array<float, 4> a{1, 2, 3, 4};
+  out[threadIdx.x] = a[threadIdx.x % a.size()] + cuda::std::numeric_limits<float>::epsilon();
+}
+)";
+
+TEST_F(CompileServiceTest, CubBlockAndWarpReductionsCompile) {
+  auto e = Compile(Request(kCubReductions));
+  ASSERT_TRUE(e.ok()) << e.status().ToString();
+  ASSERT_TRUE((*e)->ok) << (*e)->log;
+  EXPECT_TRUE((*e)->HasKernel("block_sum"));
+  EXPECT_TRUE((*e)->HasKernel("warp_max"));
+  EXPECT_FALSE((*e)->cubin.empty());
+}
+
+TEST_F(CompileServiceTest, CooperativeGroupsWarpReductionsCompile) {
+  auto e = Compile(Request(kCooperativeGroups));
+  ASSERT_TRUE(e.ok()) << e.status().ToString();
+  ASSERT_TRUE((*e)->ok) << (*e)->log;
+  EXPECT_TRUE((*e)->HasKernel("warp_sums"));
+  EXPECT_TRUE((*e)->HasKernel("warp_sums_by_shuffle"));
+}
+
+TEST_F(CompileServiceTest, CudaStdCompiles) {
+  auto e = Compile(Request(kCudaStd));
+  ASSERT_TRUE(e.ok()) << e.status().ToString();
+  ASSERT_TRUE((*e)->ok) << (*e)->log;
+  EXPECT_TRUE((*e)->HasKernel("k"));
+}
+
 TEST_F(CompileServiceTest, CompileErrorKeepsTheFullLogAndIsCached) {
   CompileInfo info;
   auto e = Compile(Request("extern \"C\" __global__ void k() { undefined_thing(); }\n"), &info);

@@ -9,7 +9,9 @@
 namespace gpuq::compile {
 namespace {
 
-constexpr std::string_view kCacheFormat = "gpuq-kernel-cache/1";
+// Bumped whenever the same request may compile differently (2: CCCL on the
+// include path), so that outcomes cached before are not served after.
+constexpr std::string_view kCacheFormat = "gpuq-kernel-cache/2";
 
 uint64_t MicrosSince(std::chrono::steady_clock::time_point t0) {
   return static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::microseconds>(

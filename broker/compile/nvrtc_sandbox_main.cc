@@ -189,6 +189,10 @@ CompileOutput Compile(const SandboxRequest& req) {
   std::vector<std::string> opts = c.options;
   opts.push_back("--gpu-architecture=" + c.arch);
   opts.push_back("--include-path=" + req.cuda_include);
+  // CUDA 13 keeps CCCL (libcu++, CUB, Thrust) beneath include/cccl; the
+  // toolkit's own headers (cooperative_groups.h) include <cuda/std/...>.
+  const std::string cccl = req.cuda_include + "/cccl";
+  if (access(cccl.c_str(), F_OK) == 0) opts.push_back("--include-path=" + cccl);
   std::vector<const char*> argv;
   for (const auto& o : opts) argv.push_back(o.c_str());
 
