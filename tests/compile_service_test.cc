@@ -4,6 +4,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <future>
 #include <nlohmann/json.hpp>
 #include <thread>
@@ -173,6 +174,48 @@ TEST_F(CompileServiceTest, CudaStdCompiles) {
   ASSERT_TRUE(e.ok()) << e.status().ToString();
   ASSERT_TRUE((*e)->ok) << (*e)->log;
   EXPECT_TRUE((*e)->HasKernel("k"));
+}
+
+TEST(CanTargetTest, ThisNvrtcTargetsVoltaNoLongerAndAmpereAndHopperStill) {
+  EXPECT_TRUE(CompileService::CanTarget("sm_90"));
+  EXPECT_TRUE(CompileService::CanTarget("sm_90a"));
+  EXPECT_TRUE(CompileService::CanTarget("compute_90"));
+  EXPECT_TRUE(CompileService::CanTarget("sm_80"));
+  EXPECT_FALSE(CompileService::CanTarget("sm_50"));
+  EXPECT_FALSE(CompileService::CanTarget("sm_70"));
+  EXPECT_FALSE(CompileService::CanTarget("sm_990"));
+  EXPECT_FALSE(CompileService::CanTarget("sm_9x"));
+  EXPECT_FALSE(CompileService::CanTarget(""));
+  const std::vector<int>& archs = SupportedArchs();
+  ASSERT_FALSE(archs.empty());
+  EXPECT_TRUE(std::is_sorted(archs.begin(), archs.end()));
+  EXPECT_EQ(archs.front(), 75) << "CUDA 13 dropped sm_50 through sm_72";
+}
+
+TEST(CanTargetTest, EveryArchitectureItClaimsCompiles) {
+  TempDir dir;
+  CompileServiceOptions o;
+  o.cache_path = dir.File("kernels.db");
+  auto service = CompileService::Create(o);
+  ASSERT_TRUE(service.ok()) << service.status().ToString();
+  for (int arch : SupportedArchs()) {
+    CompileRequest r;
+    r.source = kSaxpy;
+    r.arch = "sm_" + std::to_string(arch);
+    auto e = (*service)->Compile(r);
+    ASSERT_TRUE(e.ok()) << r.arch << ": " << e.status().ToString();
+    EXPECT_TRUE((*e)->ok) << r.arch << ": " << (*e)->log;
+  }
+  // One it cannot target is an invalid request, refused before any compile.
+  CompileRequest old;
+  old.source = kSaxpy;
+  old.arch = "sm_70";
+  const uint64_t compiles = (*service)->stats().compiles;
+  auto e = (*service)->Compile(old);
+  ASSERT_FALSE(e.ok());
+  EXPECT_EQ(e.status().code(), Code::kInvalid) << e.status().ToString();
+  EXPECT_NE(e.status().message().find("sm_70"), std::string::npos);
+  EXPECT_EQ((*service)->stats().compiles, compiles);
 }
 
 TEST_F(CompileServiceTest, CompileErrorKeepsTheFullLogAndIsCached) {

@@ -45,4 +45,14 @@ Status ValidateOptions(const std::vector<std::string>& options);
 // "sm_90", "sm_90a", "sm_100f" or "compute_90".
 Status ValidateArch(const std::string& arch);
 
+// The virtual architectures this process's NVRTC can compile for, ascending
+// (nvrtcGetSupportedArchs: 75, 80, ..., 121 for CUDA 13.0, which dropped
+// everything before 75). Asked once; thread-safe.
+const std::vector<int>& SupportedArchs();
+
+// Whether `arch` is valid (ValidateArch) and its number is one of
+// SupportedArchs(): CanTarget("sm_90") and CanTarget("compute_80a") are
+// true with CUDA 13, CanTarget("sm_70") is false. Thread-safe, cheap.
+bool CanTarget(const std::string& arch);
+
 }  // namespace gpuq::compile

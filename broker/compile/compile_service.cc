@@ -85,6 +85,14 @@ Digest CompileService::KeyFor(const CompileRequest& r) const {
 
 Status CompileService::Validate(const CompileRequest& r) const {
   GPUQ_RETURN_IF_ERROR(ValidateArch(r.arch));
+  if (!CanTarget(r.arch)) {
+    const auto& archs = SupportedArchs();
+    return Error(Code::kInvalid,
+                 "NVRTC " + nvrtc_version_ + " cannot compile for " + r.arch +
+                     (archs.empty() ? std::string()
+                                    : " (it targets " + std::to_string(archs.front()) +
+                                          " to " + std::to_string(archs.back()) + ")"));
+  }
   GPUQ_RETURN_IF_ERROR(ValidateOptions(r.options));
   const std::string_view kNul("\0", 1);
   // NVRTC takes C strings: an embedded NUL would compile less than was hashed.

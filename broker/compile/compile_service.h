@@ -53,6 +53,10 @@ class CompileService {
  public:
   static StatusOr<std::unique_ptr<CompileService>> Create(CompileServiceOptions options);
 
+  // Whether this toolkit's NVRTC can compile for `arch` (see
+  // compile::CanTarget). Thread-safe, cheap.
+  static bool CanTarget(const std::string& arch) { return compile::CanTarget(arch); }
+
   // The cache key of a request (SHA-256; see schema/PROTOCOL.md).
   Digest KeyFor(const CompileRequest& request) const;
 
