@@ -5,8 +5,10 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <filesystem>
 #include <future>
 #include <nlohmann/json.hpp>
+#include <random>
 #include <thread>
 
 #include "broker/compile/compile_service.h"
@@ -340,6 +342,105 @@ TEST_F(CompileServiceTest, BadRequestsAreInvalidAndCompileNothing) {
   r.name_expressions = {"f\tg"};
   EXPECT_EQ(Compile(r).status().code(), Code::kInvalid);
   EXPECT_EQ(service_->stats().compiles, 0u);
+}
+
+// ------------------------------------------------------------ a damaged cache
+
+class DamagedCacheTest : public CompileServiceTest {
+ protected:
+  // The files that Open() moved aside from `name`.
+  std::vector<std::string> MovedAside(const std::string& name) {
+    std::vector<std::string> out;
+    for (const auto& e : std::filesystem::directory_iterator(dir_.path())) {
+      const std::string f = e.path().filename().string();
+      if (f.rfind(name + ".damaged-", 0) == 0 && f.find("-wal") == std::string::npos &&
+          f.find("-shm") == std::string::npos) {
+        out.push_back(e.path().string());
+      }
+    }
+    return out;
+  }
+  // A fresh, working cache: a compile is a miss, then stored.
+  void ExpectFreshAndServing(CompileService& s) {
+    CompileInfo info;
+    auto e = s.Compile(Request(kSaxpy), &info);
+    ASSERT_TRUE(e.ok()) << e.status().ToString();
+    EXPECT_TRUE((*e)->ok);
+    EXPECT_EQ(info.source, CacheSource::kCompiled);
+    auto st = s.cache().Stats();
+    ASSERT_TRUE(st.ok()) << st.status().ToString();
+    EXPECT_EQ(st->entries, 1u);
+    EXPECT_EQ(st->misses, 1u);
+  }
+};
+
+TEST_F(DamagedCacheTest, AFileOfRandomBytesIsMovedAsideAndAFreshCacheServes) {
+  std::string garbage(64 << 10, '\0');
+  std::mt19937 rng(7);
+  for (char& c : garbage) c = static_cast<char>(rng());
+  testing::WriteFile(dir_.File("garbage.db"), garbage);
+  CompileServiceOptions o;
+  o.cache_path = dir_.File("garbage.db");
+  auto s = Make(o);
+  ASSERT_NE(s, nullptr);
+  EXPECT_NE(s->cache().set_aside().find("garbage.db was damaged (file is not a database)"),
+            std::string::npos)
+      << s->cache().set_aside();
+  auto moved = MovedAside("garbage.db");
+  ASSERT_EQ(moved.size(), 1u);
+  EXPECT_EQ(testing::ReadFile(moved[0]), garbage) << "the damaged file is kept as it was";
+  EXPECT_NE(s->cache().set_aside().find(moved[0]), std::string::npos);
+  ExpectFreshAndServing(*s);
+}
+
+TEST_F(DamagedCacheTest, ATruncatedCacheIsMovedAsideAndAFreshCacheServes) {
+  CompileServiceOptions o;
+  o.cache_path = dir_.File("truncated.db");
+  {
+    auto full = Make(o);
+    for (int i = 0; i < 4; ++i) {
+      ASSERT_TRUE(full->Compile(Request(std::string(kSaxpy) + "// " + std::to_string(i))).ok());
+    }
+  }  // closed: the WAL is checkpointed into the file and removed
+  ASSERT_FALSE(std::filesystem::exists(o.cache_path + "-wal"));
+  const auto size = std::filesystem::file_size(o.cache_path);
+  std::filesystem::resize_file(o.cache_path, size / 2);
+  auto s = Make(o);
+  ASSERT_NE(s, nullptr);
+  EXPECT_NE(s->cache().set_aside().find("truncated.db was damaged"), std::string::npos)
+      << s->cache().set_aside();
+  auto moved = MovedAside("truncated.db");
+  ASSERT_EQ(moved.size(), 1u);
+  EXPECT_EQ(std::filesystem::file_size(moved[0]), size / 2);
+  ExpectFreshAndServing(*s);
+}
+
+TEST_F(DamagedCacheTest, TablesOfAnotherShapeAreMovedAside) {
+  const std::string path = dir_.File("other.db");
+  {
+    auto db = sql::Db::Open(path);
+    ASSERT_TRUE(db.ok());
+    ASSERT_TRUE(db->Exec("CREATE TABLE kernels(key BLOB PRIMARY KEY, image BLOB)").ok());
+  }
+  CompileServiceOptions o;
+  o.cache_path = path;
+  auto s = Make(o);
+  ASSERT_NE(s, nullptr);
+  EXPECT_NE(s->cache().set_aside().find("table kernels is not of this format"),
+            std::string::npos)
+      << s->cache().set_aside();
+  ExpectFreshAndServing(*s);
+}
+
+TEST_F(DamagedCacheTest, ASoundCacheIsLeftAsItIs) {
+  ASSERT_TRUE(Compile(Request(kSaxpy)).ok());
+  auto again = Make();
+  ASSERT_NE(again, nullptr);
+  EXPECT_EQ(again->cache().set_aside(), "");
+  EXPECT_TRUE(MovedAside("kernels.db").empty());
+  CompileInfo info;
+  ASSERT_TRUE(again->Compile(Request(kSaxpy), &info).ok());
+  EXPECT_EQ(info.source, CacheSource::kDisk);
 }
 
 // ------------------------------------------------------------ untrusted source

@@ -1,9 +1,11 @@
 #include "broker/compile/kernel_cache.h"
 
 #include <signal.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cerrno>
+#include <cstring>
 #include <sstream>
 
 #include "broker/compile/kernel_cache_sql.h"
@@ -42,6 +44,117 @@ bool ProcessAlive(int64_t pid) {
   return pid > 0 && (kill(static_cast<pid_t>(pid), 0) == 0 || errno == EPERM);
 }
 
+// The columns each table of schema/kernel_cache.sql must have.
+constexpr std::pair<const char*, const char*> kTables[] = {
+    {"meta", "name, value"},
+    {"kernels",
+     "key, arch, nvrtc_version, ok, code, ptx, cubin, lowered, log, compile_us, created_ms, "
+     "last_used_ms, hits, bytes"},
+    {"compiling", "key, pid, host, started_ms"},
+    {"counters", "name, value"},
+};
+
+bool IsDamage(int rc) {
+  rc &= 0xff;
+  return rc == SQLITE_CORRUPT || rc == SQLITE_NOTADB;
+}
+
+// Why the file at `path` is not a sound kernel cache; empty when it is one,
+// or is missing or empty (the schema will be created), or cannot be judged
+// here (it cannot be opened, or is locked): Open() then reports what it finds.
+std::string Diagnose(const std::string& path, bool verify) {
+  sqlite3* raw = nullptr;
+  int rc = sqlite3_open_v2(path.c_str(), &raw, SQLITE_OPEN_READWRITE | SQLITE_OPEN_NOMUTEX,
+                           nullptr);
+  sql::DbPtr db(raw);  // owned even when open failed
+  if (rc != SQLITE_OK) return "";
+  sqlite3_busy_timeout(raw, 10000);
+  // Runs `query` to its end; returns its first text cell in `*first`.
+  auto run = [&](const std::string& query, std::string* first) -> int {
+    sqlite3_stmt* st = nullptr;
+    int prc = sqlite3_prepare_v2(raw, query.c_str(), -1, &st, nullptr);
+    std::unique_ptr<sqlite3_stmt, sql::StmtFinalizer> stmt(st);
+    if (prc != SQLITE_OK) return prc;
+    for (bool row0 = true;; row0 = false) {
+      int src = sqlite3_step(st);
+      if (src == SQLITE_DONE) return SQLITE_OK;
+      if (src != SQLITE_ROW) return src;
+      if (row0 && first) {
+        const auto* text = sqlite3_column_text(st, 0);
+        *first = text ? reinterpret_cast<const char*>(text) : "";
+      }
+    }
+  };
+  // Reading the schema reads the header and the first page: a file that is
+  // not SQLite fails here, and so does a truncated one (SQLite compares the
+  // page count in its header with the file's size).
+  rc = run("SELECT count(*) FROM sqlite_master", nullptr);
+  if (IsDamage(rc)) return sqlite3_errstr(rc);
+  if (rc != SQLITE_OK) return "";
+  if (verify) {
+    std::string verdict;
+    rc = run("PRAGMA quick_check", &verdict);
+    if (IsDamage(rc)) return sqlite3_errstr(rc);
+    if (rc == SQLITE_OK && verdict != "ok") return "quick_check: " + verdict.substr(0, 200);
+  }
+  for (const auto& [table, columns] : kTables) {
+    std::string present;
+    rc = run(std::string("SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = '") +
+                 table + "'",
+             &present);
+    if (IsDamage(rc)) return sqlite3_errstr(rc);
+    if (rc != SQLITE_OK || present != "1") continue;
+    rc = run(std::string("SELECT ") + columns + " FROM " + table + " LIMIT 0", nullptr);
+    if (IsDamage(rc)) return sqlite3_errstr(rc);
+    if (rc != SQLITE_OK) {
+      return std::string("table ") + table + " is not of this format (" + sqlite3_errmsg(raw) +
+             ")";
+    }
+  }
+  return "";
+}
+
+struct FileId {
+  dev_t dev = 0;
+  ino_t ino = 0;
+  bool operator==(const FileId&) const = default;
+};
+
+std::optional<FileId> IdOf(const std::string& path) {
+  struct stat st;
+  if (stat(path.c_str(), &st) != 0) return std::nullopt;
+  return FileId{st.st_dev, st.st_ino};
+}
+
+// Moves `path` (and its -wal and -shm, so that a fresh file is not joined to
+// them) to PATH.damaged-<Unix seconds>, or -<seconds>-N when that is taken.
+// Returns the new name.
+StatusOr<std::string> MoveAside(const std::string& path) {
+  const std::string stem =
+      path + ".damaged-" +
+      std::to_string(std::chrono::duration_cast<std::chrono::seconds>(
+                         std::chrono::system_clock::now().time_since_epoch())
+                         .count());
+  std::string target = stem;
+  for (int n = 1; access(target.c_str(), F_OK) == 0; ++n) {
+    target = stem + "-" + std::to_string(n);
+  }
+  if (rename(path.c_str(), target.c_str()) != 0) {
+    return Error(Code::kIoError, "cannot move the damaged kernel cache " + path + " to " +
+                                     target + ": " + strerror(errno));
+  }
+  for (const char* suffix : {"-wal", "-shm"}) {
+    const std::string from = path + suffix;
+    if (rename(from.c_str(), (target + suffix).c_str()) != 0 && errno != ENOENT) {
+      // A stale WAL beside a fresh file would be replayed into it.
+      if (unlink(from.c_str()) != 0 && errno != ENOENT) {
+        return Error(Code::kIoError, "cannot move " + from + " aside: " + strerror(errno));
+      }
+    }
+  }
+  return target;
+}
+
 }  // namespace
 
 int64_t NowMs() {
@@ -64,6 +177,27 @@ bool CacheEntry::HasKernel(const std::string& symbol) const {
 
 StatusOr<std::unique_ptr<KernelCache>> KernelCache::Open(const std::string& path,
                                                         CacheOptions options) {
+  std::string set_aside;
+  // Several processes may find one damaged file at once; a process moves it
+  // only if it is still the file it judged, so that it never moves the fresh
+  // cache another process has just started there.
+  for (int attempt = 0; attempt < 3; ++attempt) {
+    const std::optional<FileId> judged = IdOf(path);
+    if (!judged) break;
+    const std::string damage = Diagnose(path, options.verify_on_open);
+    if (damage.empty()) break;
+    if (IdOf(path) != judged) continue;
+    GPUQ_ASSIGN_OR_RETURN(std::string moved, MoveAside(path));
+    set_aside = "kernel cache " + path + " was damaged (" + damage + "); moved it to " + moved +
+                " and started a fresh cache";
+  }
+  GPUQ_ASSIGN_OR_RETURN(auto cache, OpenSound(path, options));
+  cache->set_aside_ = std::move(set_aside);
+  return cache;
+}
+
+StatusOr<std::unique_ptr<KernelCache>> KernelCache::OpenSound(const std::string& path,
+                                                             const CacheOptions& options) {
   GPUQ_ASSIGN_OR_RETURN(sql::Db db, sql::Db::Open(path));
   // A cache needs consistency, not durability of its last writes: in WAL
   // mode NORMAL never corrupts the file, and a power loss can only forget the

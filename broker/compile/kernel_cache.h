@@ -48,6 +48,11 @@ struct CacheOptions {
   // only when last_used is older than this; other counts are flushed with
   // the next write, by Stats(), and when the cache is closed.
   std::chrono::milliseconds touch_interval{30000};
+  // Open() runs PRAGMA quick_check, which reads the whole file (about 0.6 s
+  // for 800 MB from the page cache), to find damage in the middle of it too.
+  // Without it Open() still finds a file that is not SQLite, a truncated one
+  // and tables of another shape.
+  bool verify_on_open = true;
 };
 
 // Thread-safe (one connection behind a mutex). Several processes may open the
@@ -56,9 +61,20 @@ struct CacheOptions {
 // one key at once.
 class KernelCache {
  public:
+  // Opens the cache at `path`, creating it when missing. A file there that is
+  // not a sound kernel cache (not SQLite, truncated, failing quick_check,
+  // tables of another shape) is only a cache: it is moved aside to
+  // PATH.damaged-<Unix seconds> (with its -wal and -shm) and a fresh cache is
+  // started in its place; set_aside() then says so. Errors: kIoError when
+  // the file cannot be opened, created or moved; kInvalid for a sound cache
+  // of another format (another gpuq version's, left alone).
   static StatusOr<std::unique_ptr<KernelCache>> Open(const std::string& path,
                                                     CacheOptions options = {});
   ~KernelCache();
+
+  // When Open() moved a damaged file aside: what was wrong with it and where
+  // it went, one line for the owner's log. Empty otherwise.
+  const std::string& set_aside() const { return set_aside_; }
 
   // nullopt on a miss. Counts a hit or a miss; a hit refreshes last_used.
   StatusOr<std::optional<CacheEntry>> Lookup(const Digest& key);
@@ -91,6 +107,9 @@ class KernelCache {
  private:
   KernelCache(std::string path, CacheOptions options, sql::Db db)
       : path_(std::move(path)), options_(options), db_(std::move(db)) {}
+  // Open() once the file at `path` is sound or absent.
+  static StatusOr<std::unique_ptr<KernelCache>> OpenSound(const std::string& path,
+                                                          const CacheOptions& options);
   Status EvictLocked(uint64_t max_bytes, const Digest* keep, uint64_t* removed);
   Status CountLocked(const char* counter, int64_t delta);
   // Writes pending hit and miss counts; call inside a write transaction.
@@ -100,6 +119,7 @@ class KernelCache {
 
   const std::string path_;
   const CacheOptions options_;
+  std::string set_aside_;
   std::mutex mu_;
   sql::Db db_;  // GUARDED_BY(mu_)
   sql::StatementCache statements_;               // GUARDED_BY(mu_)
