@@ -5,6 +5,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cstdio>
 #include <filesystem>
 #include <future>
 #include <nlohmann/json.hpp>
@@ -445,10 +446,18 @@ TEST_F(DamagedCacheTest, ASoundCacheIsLeftAsItIs) {
 
 // ------------------------------------------------------------ untrusted source
 
-class SandboxTest : public CompileServiceTest {
+// Every test here runs twice: with helpers in a user and mount namespace and
+// under Landlock (where the kernel allows namespaces; elsewhere both runs are
+// Landlock alone), and with Landlock alone, as on hosts without user
+// namespaces.
+class SandboxTest : public CompileServiceTest, public ::testing::WithParamInterface<bool> {
  protected:
   void SetUp() override {
-    CompileServiceTest::SetUp();
+    CompileServiceOptions o;
+    o.namespaces = GetParam();
+    o.max_concurrent = 2;
+    service_ = Make(o);
+    ASSERT_NE(service_, nullptr);
     // A file the sandbox must never let a kernel read. Its content would be
     // echoed by NVRTC (#error) if it were ever opened.
     secret_ = dir_.File("secret.h");
@@ -463,11 +472,54 @@ class SandboxTest : public CompileServiceTest {
         << "the log holds the secret file's content:\n"
         << (*e)->log;
   }
+  // The outcome of compiling `source` with `path` in place of PATH, and the
+  // log with the path written back as PATH and runs of spaces as one (the
+  // caret under an echoed line moves with the path's length).
+  struct Outcome {
+    bool ok;
+    Code code;
+    std::string log, ptx;
+  };
+  Outcome With(const std::string& source, const std::string& path) {
+    std::string text = source;
+    for (size_t at; (at = text.find("PATH")) != std::string::npos;) text.replace(at, 4, path);
+    auto e = Compile(Request(text));
+    EXPECT_TRUE(e.ok()) << e.status().ToString();
+    if (!e.ok()) return {};
+    std::string log = (*e)->log;
+    for (size_t at; (at = log.find(path)) != std::string::npos;) log.replace(at, path.size(), "PATH");
+    std::string squeezed;
+    for (char c : log) {
+      if (!(c == ' ' && !squeezed.empty() && squeezed.back() == ' ')) squeezed += c;
+    }
+    return {(*e)->ok, (*e)->code, squeezed, (*e)->ptx};
+  }
+  // Pairs of host paths, one that exists and one that does not, that a
+  // kernel must not be able to tell apart.
+  std::vector<std::pair<std::string, std::string>> ExistingAndMissing() {
+    std::vector<std::pair<std::string, std::string>> pairs = {
+        {secret_, dir_.File("absent.h")},
+        {secret_ + "/x.h", dir_.File("absent.h/x.h")},  // a file as a directory: ENOTDIR
+        {"../../../../../../../.." + secret_, "../../../../../../../.." + dir_.File("absent.h")},
+        {"/proc/self/environ", "/proc/self/environs"},
+    };
+    if (access("/etc/hostname", F_OK) == 0) {
+      pairs.push_back({"/etc/hostname", "/etc/no-such-file"});
+      pairs.push_back({"../../../../../../../../etc/hostname",
+                       "../../../../../../../../etc/no-such-file"});
+    }
+    return pairs;
+  }
   static constexpr char kToken[] = "gpuq_secret_7f3a9c";
   std::string secret_;
 };
 
-TEST_F(SandboxTest, AbsoluteIncludeOfAHostFileIsASandboxViolation) {
+INSTANTIATE_TEST_SUITE_P(Isolation, SandboxTest, ::testing::Bool(),
+                         [](const ::testing::TestParamInfo<bool>& p) {
+                           return p.param ? "NamespacesAndLandlock" : "LandlockAlone";
+                         });
+
+TEST_P(SandboxTest, AbsoluteIncludeOfAHostFileIsASandboxViolation) {
   auto e = Compile(Request("#include \"" + secret_ + "\"\n"));
   ASSERT_TRUE(e.ok()) << e.status().ToString();
   EXPECT_FALSE((*e)->ok);
@@ -477,14 +529,14 @@ TEST_F(SandboxTest, AbsoluteIncludeOfAHostFileIsASandboxViolation) {
   EXPECT_EQ((*e)->log.find(kToken), std::string::npos);
 }
 
-TEST_F(SandboxTest, IncludePathsBuiltByMacrosAreRefused) {
+TEST_P(SandboxTest, IncludePathsBuiltByMacrosAreRefused) {
   ExpectRefused("#define STR2(x) #x\n#define STR(x) STR2(x)\n#define P " + secret_ +
                 "\n#include STR(P)\n");
   ExpectRefused("#define Q \"" + secret_ + "\"\n#include Q\n");
   ExpectRefused("#include </etc/passwd>\n");
 }
 
-TEST_F(SandboxTest, TraversalProcAndSymlinkPathsAreRefused) {
+TEST_P(SandboxTest, TraversalProcAndSymlinkPathsAreRefused) {
   ExpectRefused("#include <../../../../../../../../" + secret_ + ">\n");
   ExpectRefused("#include \"/proc/self/root" + secret_ + "\"\n");
   ExpectRefused("#include \"" + dir_.File("link.h") + "\"\n");
@@ -493,12 +545,74 @@ TEST_F(SandboxTest, TraversalProcAndSymlinkPathsAreRefused) {
   ExpectRefused("#include \"/proc/self/fd/0\"\n");
 }
 
-TEST_F(SandboxTest, PragmaAndLineTricksReadNothing) {
+TEST_P(SandboxTest, PragmaAndLineTricksReadNothing) {
   ExpectRefused("#line 1 \"" + secret_ + "\"\n#include __FILE__\n");
   ExpectRefused("_Pragma(\"once\")\n#include \"" + secret_ + "\"\n");
 }
 
-TEST_F(SandboxTest, CompileBombIsStoppedAtItsWallTimeAndNotCached) {
+TEST_P(SandboxTest, AnExistingAndAMissingHostFileGiveTheSameAnswer) {
+  for (const auto& [existing, missing] : ExistingAndMissing()) {
+    for (std::string source : {"#include \"PATH\"\n", "#include <PATH>\n"}) {
+      Outcome there = With(source, existing), absent = With(source, missing);
+      EXPECT_FALSE(there.ok);
+      EXPECT_EQ(CodeName(there.code), CodeName(absent.code)) << existing << " / " << missing;
+      EXPECT_EQ(there.log, absent.log) << existing << " / " << missing;
+      EXPECT_EQ(there.log.find(kToken), std::string::npos);
+    }
+  }
+  // The code follows the path's text: outside the toolkit (absolute
+  // elsewhere, or climbing with ..) is a violation; a plain missing header is
+  // a compile error.
+  EXPECT_EQ(With("#include \"PATH\"\n", "/etc/no-such-file").code, Code::kSandboxViolation);
+  EXPECT_EQ(With("#include \"PATH\"\n", "../no-such-file").code, Code::kSandboxViolation);
+  EXPECT_EQ(With("#include \"PATH\"\n", "no-such-file.h").code, Code::kCompileError);
+  EXPECT_EQ(With("#include \"PATH\"\n", "etc/hostname").code, Code::kCompileError);
+}
+
+TEST_P(SandboxTest, HasIncludeIsFalseForAnExistingAndAMissingHostFile) {
+  constexpr char kProbe[] =
+      "#if __has_include(\"PATH\")\n#define FOUND 7\n#else\n#define FOUND 3\n#endif\n"
+      "extern \"C\" __global__ void k(int* out) { out[0] = FOUND; }\n";
+  const Outcome found = With(kProbe, "cuda_fp16.h");  // a toolkit header: true
+  ASSERT_TRUE(found.ok) << found.log;
+  EXPECT_NE(found.ptx.find(", 7;"), std::string::npos) << found.ptx;
+  for (const auto& [existing, missing] : ExistingAndMissing()) {
+    Outcome there = With(kProbe, existing), absent = With(kProbe, missing);
+    ASSERT_TRUE(there.ok) << there.log;
+    ASSERT_TRUE(absent.ok) << absent.log;
+    EXPECT_EQ(there.ptx, absent.ptx) << existing << " / " << missing;
+    EXPECT_NE(there.ptx.find(", 3;"), std::string::npos) << existing << "\n" << there.ptx;
+  }
+}
+
+TEST(SandboxedCompilerTest, AHelperSaysHowItIsConfined) {
+  SandboxOptions landlock;
+  landlock.namespaces = false;
+  auto helper = SandboxedCompiler(landlock).Start();
+  ASSERT_TRUE(helper.ok()) << helper.status().ToString();
+  auto isolation = helper->WaitReady(std::chrono::steady_clock::now() + std::chrono::seconds(30));
+  ASSERT_TRUE(isolation.ok()) << isolation.status().ToString();
+  EXPECT_EQ(*isolation, Isolation::kLandlock);
+
+  auto namespaced = SandboxedCompiler().Start();
+  ASSERT_TRUE(namespaced.ok()) << namespaced.status().ToString();
+  isolation = namespaced->WaitReady(std::chrono::steady_clock::now() + std::chrono::seconds(30));
+  ASSERT_TRUE(isolation.ok()) << isolation.status().ToString();
+  std::printf("helpers here run with %s\n", std::string(IsolationName(*isolation)).c_str());
+  // The helper serves exactly one request.
+  CompileRequest saxpy;
+  saxpy.source = kSaxpy;
+  saxpy.arch = "sm_90";
+  auto out = SandboxedCompiler().Run(*namespaced, saxpy);
+  ASSERT_TRUE(out.ok()) << out.status().ToString();
+  EXPECT_TRUE(out->ok) << out->log;
+}
+
+// ------------------------------------------------------------ bounds
+
+using BoundsTest = CompileServiceTest;
+
+TEST_F(BoundsTest, CompileBombIsStoppedAtItsWallTimeAndNotCached) {
   CompileServiceOptions o;
   o.limits.wall = std::chrono::milliseconds(1500);
   auto s = Make(o);
@@ -511,7 +625,7 @@ TEST_F(SandboxTest, CompileBombIsStoppedAtItsWallTimeAndNotCached) {
   EXPECT_EQ(st->entries, 0u) << "a timeout says nothing about the source: not cached";
 }
 
-TEST_F(SandboxTest, CompileOverItsMemoryBoundIsStoppedAndNotCached) {
+TEST_F(BoundsTest, CompileOverItsMemoryBoundIsStoppedAndNotCached) {
   CompileServiceOptions o;
   o.limits.memory_bytes = 512ull << 20;
   o.limits.wall = std::chrono::seconds(60);
@@ -524,7 +638,7 @@ TEST_F(SandboxTest, CompileOverItsMemoryBoundIsStoppedAndNotCached) {
   EXPECT_EQ(st->entries, 0u);
 }
 
-TEST_F(SandboxTest, AHungCompileDoesNotHoldUpOthers) {
+TEST_F(BoundsTest, AHungCompileDoesNotHoldUpOthers) {
   CompileServiceOptions o;
   o.limits.wall = std::chrono::seconds(20);
   o.max_concurrent = 2;

@@ -61,7 +61,8 @@ CompileService::CompileService(CompileServiceOptions options,
     : options_(std::move(options)),
       cache_(std::move(cache)),
       nvrtc_version_(std::move(nvrtc_version)),
-      compiler_(options_.helper_path, options_.cuda_include),
+      compiler_(SandboxOptions{options_.helper_path, options_.cuda_include, options_.limits,
+                               options_.namespaces}),
       slots_(static_cast<std::ptrdiff_t>(options_.max_concurrent)) {}
 
 Digest CompileService::KeyFor(const CompileRequest& r) const {
@@ -234,7 +235,7 @@ StatusOr<EntryPtr> CompileService::Resolve(const CompileRequest& request, const 
 StatusOr<EntryPtr> CompileService::CompileNow(const CompileRequest& request, const Digest& key) {
   const auto t0 = std::chrono::steady_clock::now();
   slots_.acquire();
-  StatusOr<CompileOutput> out = compiler_.Compile(request, options_.limits);
+  StatusOr<CompileOutput> out = compiler_.Compile(request);
   slots_.release();
   if (!out.ok()) {
     std::lock_guard lock(mu_);

@@ -31,6 +31,9 @@ struct CompileServiceOptions {
   uint64_t memory_bytes = 256u << 20;
   SandboxLimits limits;
   size_t max_concurrent = 0;           // compiles at once; 0 = one per core
+  // Helpers enter a user and mount namespace that shows them only the
+  // toolkit's headers where the kernel allows it; false: Landlock alone.
+  bool namespaces = true;
   std::string helper_path, cuda_include;  // empty: defaults
   // An entry served from memory refreshes its SQLite last_used at most this
   // often, so that LRU eviction in the file sees it as used.
@@ -111,7 +114,7 @@ class CompileService {
   const CompileServiceOptions options_;
   std::unique_ptr<KernelCache> cache_;
   const std::string nvrtc_version_;
-  SandboxedCompiler compiler_;
+  const SandboxedCompiler compiler_;
   std::counting_semaphore<> slots_;
 
   mutable std::mutex mu_;
