@@ -59,6 +59,7 @@ class Helper {
 
  private:
   friend class SandboxedCompiler;
+  friend class HelperPool;  // watches out_ of the helpers it starts
   Helper(pid_t pid, UniqueFd in, UniqueFd out, UniqueFd err);
   void Kill();
   int Reap();  // waits for the exit; returns the wait status
@@ -93,7 +94,8 @@ class SandboxedCompiler {
   // Serves one request with `helper`; waits for it to be ready first if it
   // is not. The wall limit runs from this call. Returns once the reply is
   // whole, without waiting for the helper to exit: afterwards `helper` is
-  // spent (exited or exiting); destroying it reaps it. A compile that NVRTC rejects is a CompileOutput
+  // spent (exited or exiting); destroy it (which reaps it) or hand it to
+  // HelperPool::Retire(). A compile that NVRTC rejects is a CompileOutput
   // with ok == false. Errors: kTimeout (wall or CPU time ran out; the helper
   // was killed), kResourceExhausted (the helper died, most often at the
   // memory limit, or its output is too large), kUnavailable (no Landlock; or
