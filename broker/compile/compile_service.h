@@ -60,7 +60,8 @@ struct CompileServiceOptions {
   // long, instead of being run again; it is never stored in SQLite.
   std::chrono::milliseconds negative_ttl{60000};
   // The clock negative_ttl is measured by; empty: steady_clock. A seam for
-  // tests.
+  // tests. Called with the service's lock held: it must be cheap and must
+  // not call the service.
   std::function<std::chrono::steady_clock::time_point()> clock;
 };
 
