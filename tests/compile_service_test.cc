@@ -1,12 +1,17 @@
 // The compile service with real NVRTC, the real sandbox helper and a real
 // SQLite file. No GPU is needed.
 #include <gtest/gtest.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdio>
 #include <filesystem>
 #include <future>
+#include <mutex>
 #include <nlohmann/json.hpp>
 #include <random>
 #include <thread>
@@ -344,6 +349,201 @@ TEST_F(CompileServiceTest, BadRequestsAreInvalidAndCompileNothing) {
   EXPECT_EQ(service_->stats().compiles, 0u);
 }
 
+// ------------------------------------------------------------ the asynchronous API
+
+// About 2000 statements after macro expansion: NVRTC takes a second or more,
+// with bounded memory. `n` makes each one a different key.
+std::string SlowSource(int n) {
+  return "#define A(x) x x x x x x x x x x\n"
+         "#define S { a = a * x[threadIdx.x & 63] + b; b = b * a - x[(threadIdx.x + 7) & 63]; }\n"
+         "extern \"C\" __global__ void k(float* x) {\n"
+         "  float a = x[0], b = x[1];\n"
+         "  A(A(A(S S)))\n"
+         "  x[threadIdx.x] = a + b;\n"
+         "}\n// " +
+         std::to_string(n) + "\n";
+}
+
+// Collects Submit() callbacks: what each said, in the order they came.
+class Answers {
+ public:
+  struct Answer {
+    std::string name;
+    Digest key;
+    StatusOr<EntryPtr> result = Status(Code::kInternal, "none");
+    CompileInfo info;
+    std::thread::id thread;
+  };
+  CompileService::Callback For(std::string name) {
+    return [this, name](const Digest& key, StatusOr<EntryPtr> result, const CompileInfo& info) {
+      std::lock_guard lock(mu_);
+      answers_.push_back({name, key, std::move(result), info, std::this_thread::get_id()});
+      cv_.notify_all();
+    };
+  }
+  // Waits for `n` answers in all; false after two minutes.
+  bool WaitFor(size_t n) {
+    std::unique_lock lock(mu_);
+    return cv_.wait_for(lock, std::chrono::minutes(2), [&] { return answers_.size() >= n; });
+  }
+  std::vector<Answer> All() {
+    std::lock_guard lock(mu_);
+    return answers_;
+  }
+  // The answers named `name`.
+  std::vector<Answer> Named(const std::string& name) {
+    std::vector<Answer> out;
+    for (auto& a : All()) {
+      if (a.name == name) out.push_back(a);
+    }
+    return out;
+  }
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::vector<Answer> answers_;
+};
+
+TEST_F(CompileServiceTest, SubmitCallsBackOnceOnAServiceThreadNeverInsideSubmit) {
+  Answers answers;
+  CompileRequest bad = Request(kSaxpy, "sm_9x");
+  service_->Submit(bad, "t", answers.For("invalid"));
+  service_->Submit(Request(kSaxpy), "t", answers.For("compiled"));
+  ASSERT_TRUE(answers.WaitFor(2));
+  service_->Submit(Request(kSaxpy), "t", answers.For("memory"));
+  ASSERT_TRUE(answers.WaitFor(3));
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));  // nothing more comes
+  auto all = answers.All();
+  ASSERT_EQ(all.size(), 3u);
+  for (const auto& a : all) {
+    EXPECT_NE(a.thread, std::this_thread::get_id()) << a.name << " was answered inside Submit()";
+  }
+  auto invalid = answers.Named("invalid");
+  ASSERT_EQ(invalid.size(), 1u);
+  EXPECT_EQ(invalid[0].result.status().code(), Code::kInvalid);
+  auto compiled = answers.Named("compiled");
+  ASSERT_EQ(compiled.size(), 1u);
+  ASSERT_TRUE(compiled[0].result.ok()) << compiled[0].result.status().ToString();
+  EXPECT_TRUE((*compiled[0].result)->ok);
+  EXPECT_EQ(compiled[0].info.source, CacheSource::kCompiled);
+  EXPECT_EQ(compiled[0].key, service_->KeyFor(Request(kSaxpy)));
+  auto memory = answers.Named("memory");
+  ASSERT_EQ(memory.size(), 1u);
+  EXPECT_EQ(memory[0].info.source, CacheSource::kMemory);
+  EXPECT_EQ(*memory[0].result, *compiled[0].result) << "the same entry, from memory";
+}
+
+TEST_F(CompileServiceTest, OneKeySubmittedByManyTenantsCompilesOnce) {
+  Answers answers;
+  for (int t = 0; t < 5; ++t) {
+    service_->Submit(Request(kSaxpy), "tenant" + std::to_string(t), answers.For("saxpy"));
+  }
+  ASSERT_TRUE(answers.WaitFor(5));
+  int compiled = 0, joined = 0;
+  for (const auto& a : answers.All()) {
+    ASSERT_TRUE(a.result.ok()) << a.result.status().ToString();
+    compiled += a.info.source == CacheSource::kCompiled;
+    joined += a.info.source == CacheSource::kPeer || a.info.source == CacheSource::kMemory;
+  }
+  EXPECT_EQ(compiled, 1);
+  EXPECT_EQ(joined, 4);
+  EXPECT_EQ(service_->stats().compiles, 1u);
+}
+
+TEST_F(CompileServiceTest, OneTenantsSlowCompilesDoNotHoldUpAnothers) {
+  CompileServiceOptions o;
+  o.max_concurrent = 2;
+  o.limits.wall = std::chrono::seconds(120);
+  auto s = Make(o);
+  ASSERT_TRUE(s->WaitForWarmHelpers(std::chrono::seconds(30)));
+  Answers answers;
+  for (int i = 0; i < 6; ++i) s->Submit(Request(SlowSource(i)), "a", answers.For("a"));
+  s->Submit(Request(kSaxpy), "b", answers.For("b"));
+  ASSERT_TRUE(answers.WaitFor(7));
+  std::vector<std::string> order;
+  for (const auto& a : answers.All()) {
+    ASSERT_TRUE(a.result.ok()) << a.name << ": " << a.result.status().ToString();
+    EXPECT_TRUE((*a.result)->ok) << (*a.result)->log;
+    order.push_back(a.name);
+  }
+  // Two of a's compiles had the two compile threads when b's came; b's went
+  // next but one, by round robin, not after all of a's.
+  const auto b = std::find(order.begin(), order.end(), "b") - order.begin();
+  EXPECT_LE(b, 3) << "completions: " << ::testing::PrintToString(order);
+}
+
+TEST_F(CompileServiceTest, ACompileStoppedAtItsBoundIsRememberedForTheNegativeTtl) {
+  auto offset = std::make_shared<std::atomic<int64_t>>(0);  // ms added to the clock
+  CompileServiceOptions o;
+  o.limits.wall = std::chrono::milliseconds(300);
+  o.negative_ttl = std::chrono::seconds(60);
+  o.clock = [offset] {
+    return std::chrono::steady_clock::now() + std::chrono::milliseconds(offset->load());
+  };
+  auto s = Make(o);
+  ASSERT_TRUE(s->WaitForWarmHelpers(std::chrono::seconds(30)));
+  const CompileRequest bomb = Request(SlowSource(0));
+  auto first = s->Compile(bomb);
+  ASSERT_FALSE(first.ok());
+  EXPECT_EQ(first.status().code(), Code::kTimeout);
+  const auto helpers_used = [&] { return s->helpers().counts().warm + s->helpers().counts().cold; };
+  const uint64_t used = helpers_used();
+
+  // A retry, synchronous or not, is answered from memory: the same code, no helper.
+  auto again = s->Compile(bomb);
+  ASSERT_FALSE(again.ok());
+  EXPECT_EQ(again.status().code(), Code::kTimeout);
+  EXPECT_NE(again.status().message().find("remembered"), std::string::npos);
+  Answers answers;
+  s->Submit(bomb, "t", answers.For("bomb"));
+  ASSERT_TRUE(answers.WaitFor(1));
+  EXPECT_EQ(answers.All()[0].result.status().code(), Code::kTimeout);
+  EXPECT_EQ(answers.All()[0].info.source, CacheSource::kMemory);
+  EXPECT_EQ(helpers_used(), used);
+  EXPECT_EQ(s->stats().negative_hits, 2u);
+
+  // Past the TTL it is compiled again (and stopped again).
+  offset->store(61000);
+  auto later = s->Compile(bomb);
+  ASSERT_FALSE(later.ok());
+  EXPECT_EQ(later.status().code(), Code::kTimeout);
+  EXPECT_EQ(later.status().message().find("remembered"), std::string::npos);
+  EXPECT_EQ(helpers_used(), used + 1);
+  auto st = s->cache().Stats();
+  ASSERT_TRUE(st.ok());
+  EXPECT_EQ(st->entries, 0u) << "never stored in SQLite";
+}
+
+TEST_F(CompileServiceTest, StoppingAnswersEveryPendingCallbackWithUnavailable) {
+  CompileServiceOptions o;
+  o.max_concurrent = 1;
+  o.limits.wall = std::chrono::seconds(60);
+  auto s = Make(o);
+  Answers answers;
+  s->Submit(Request(kMacroBomb), "a", answers.For("bomb"));
+  for (int i = 0; i < 3; ++i) {
+    s->Submit(Request(std::string(kSaxpy) + "// " + std::to_string(i)), i % 2 ? "a" : "b",
+              answers.For("small"));
+  }
+  // The bomb holds the one compile thread; the others wait for it.
+  for (int i = 0; i < 1000 && s->stats().queued < 3; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  ASSERT_EQ(s->stats().queued, 3u);
+  const auto t0 = std::chrono::steady_clock::now();
+  s.reset();
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::seconds(10))
+      << "the stop waited for the bomb instead of stopping it";
+  auto all = answers.All();
+  ASSERT_EQ(all.size(), 4u) << "every callback exactly once";
+  for (const auto& a : all) {
+    ASSERT_FALSE(a.result.ok()) << a.name;
+    EXPECT_EQ(a.result.status().code(), Code::kUnavailable) << a.name;
+    EXPECT_EQ(a.result.status().message(), "compile service stopping") << a.name;
+  }
+}
+
 // ------------------------------------------------------------ a damaged cache
 
 class DamagedCacheTest : public CompileServiceTest {
@@ -445,15 +645,28 @@ TEST_F(DamagedCacheTest, ASoundCacheIsLeftAsItIs) {
 
 // ------------------------------------------------------------ untrusted source
 
-class SandboxTest : public CompileServiceTest {
+// Every test here runs twice: with helpers in a user and mount namespace and
+// under Landlock (where the kernel allows namespaces; elsewhere both runs are
+// Landlock alone), and with Landlock alone, as on hosts without user
+// namespaces. Each compile is served by a warm helper.
+class SandboxTest : public CompileServiceTest, public ::testing::WithParamInterface<bool> {
  protected:
   void SetUp() override {
-    CompileServiceTest::SetUp();
+    CompileServiceOptions o;
+    o.namespaces = GetParam();
+    o.max_concurrent = 2;
+    service_ = Make(o);
+    ASSERT_NE(service_, nullptr);
+    ASSERT_TRUE(service_->WaitForWarmHelpers(std::chrono::seconds(30)));
     // A file the sandbox must never let a kernel read. Its content would be
     // echoed by NVRTC (#error) if it were ever opened.
     secret_ = dir_.File("secret.h");
     testing::WriteFile(secret_, "#error " + std::string(kToken) + "\n");
     symlink(secret_.c_str(), dir_.File("link.h").c_str());
+  }
+  void TearDown() override {
+    EXPECT_EQ(service_->helpers().counts().cold, 0u)
+        << "a compile started its own helper instead of taking a warm one";
   }
   void ExpectRefused(const std::string& source) {
     auto e = Compile(Request(source));
@@ -463,11 +676,54 @@ class SandboxTest : public CompileServiceTest {
         << "the log holds the secret file's content:\n"
         << (*e)->log;
   }
+  // The outcome of compiling `source` with `path` in place of PATH, and the
+  // log with the path written back as PATH and runs of spaces as one (the
+  // caret under an echoed line moves with the path's length).
+  struct Outcome {
+    bool ok;
+    Code code;
+    std::string log, ptx;
+  };
+  Outcome With(const std::string& source, const std::string& path) {
+    std::string text = source;
+    for (size_t at; (at = text.find("PATH")) != std::string::npos;) text.replace(at, 4, path);
+    auto e = Compile(Request(text));
+    EXPECT_TRUE(e.ok()) << e.status().ToString();
+    if (!e.ok()) return {};
+    std::string log = (*e)->log;
+    for (size_t at; (at = log.find(path)) != std::string::npos;) log.replace(at, path.size(), "PATH");
+    std::string squeezed;
+    for (char c : log) {
+      if (!(c == ' ' && !squeezed.empty() && squeezed.back() == ' ')) squeezed += c;
+    }
+    return {(*e)->ok, (*e)->code, squeezed, (*e)->ptx};
+  }
+  // Pairs of host paths, one that exists and one that does not, that a
+  // kernel must not be able to tell apart.
+  std::vector<std::pair<std::string, std::string>> ExistingAndMissing() {
+    std::vector<std::pair<std::string, std::string>> pairs = {
+        {secret_, dir_.File("absent.h")},
+        {secret_ + "/x.h", dir_.File("absent.h/x.h")},  // a file as a directory: ENOTDIR
+        {"../../../../../../../.." + secret_, "../../../../../../../.." + dir_.File("absent.h")},
+        {"/proc/self/environ", "/proc/self/environs"},
+    };
+    if (access("/etc/hostname", F_OK) == 0) {
+      pairs.push_back({"/etc/hostname", "/etc/no-such-file"});
+      pairs.push_back({"../../../../../../../../etc/hostname",
+                       "../../../../../../../../etc/no-such-file"});
+    }
+    return pairs;
+  }
   static constexpr char kToken[] = "gpuq_secret_7f3a9c";
   std::string secret_;
 };
 
-TEST_F(SandboxTest, AbsoluteIncludeOfAHostFileIsASandboxViolation) {
+INSTANTIATE_TEST_SUITE_P(Isolation, SandboxTest, ::testing::Bool(),
+                         [](const ::testing::TestParamInfo<bool>& p) {
+                           return p.param ? "NamespacesAndLandlock" : "LandlockAlone";
+                         });
+
+TEST_P(SandboxTest, AbsoluteIncludeOfAHostFileIsASandboxViolation) {
   auto e = Compile(Request("#include \"" + secret_ + "\"\n"));
   ASSERT_TRUE(e.ok()) << e.status().ToString();
   EXPECT_FALSE((*e)->ok);
@@ -477,14 +733,14 @@ TEST_F(SandboxTest, AbsoluteIncludeOfAHostFileIsASandboxViolation) {
   EXPECT_EQ((*e)->log.find(kToken), std::string::npos);
 }
 
-TEST_F(SandboxTest, IncludePathsBuiltByMacrosAreRefused) {
+TEST_P(SandboxTest, IncludePathsBuiltByMacrosAreRefused) {
   ExpectRefused("#define STR2(x) #x\n#define STR(x) STR2(x)\n#define P " + secret_ +
                 "\n#include STR(P)\n");
   ExpectRefused("#define Q \"" + secret_ + "\"\n#include Q\n");
   ExpectRefused("#include </etc/passwd>\n");
 }
 
-TEST_F(SandboxTest, TraversalProcAndSymlinkPathsAreRefused) {
+TEST_P(SandboxTest, TraversalProcAndSymlinkPathsAreRefused) {
   ExpectRefused("#include <../../../../../../../../" + secret_ + ">\n");
   ExpectRefused("#include \"/proc/self/root" + secret_ + "\"\n");
   ExpectRefused("#include \"" + dir_.File("link.h") + "\"\n");
@@ -493,12 +749,121 @@ TEST_F(SandboxTest, TraversalProcAndSymlinkPathsAreRefused) {
   ExpectRefused("#include \"/proc/self/fd/0\"\n");
 }
 
-TEST_F(SandboxTest, PragmaAndLineTricksReadNothing) {
+TEST_P(SandboxTest, PragmaAndLineTricksReadNothing) {
   ExpectRefused("#line 1 \"" + secret_ + "\"\n#include __FILE__\n");
   ExpectRefused("_Pragma(\"once\")\n#include \"" + secret_ + "\"\n");
 }
 
-TEST_F(SandboxTest, CompileBombIsStoppedAtItsWallTimeAndNotCached) {
+TEST_P(SandboxTest, AnExistingAndAMissingHostFileGiveTheSameAnswer) {
+  for (const auto& [existing, missing] : ExistingAndMissing()) {
+    for (std::string source : {"#include \"PATH\"\n", "#include <PATH>\n"}) {
+      Outcome there = With(source, existing), absent = With(source, missing);
+      EXPECT_FALSE(there.ok);
+      EXPECT_EQ(CodeName(there.code), CodeName(absent.code)) << existing << " / " << missing;
+      EXPECT_EQ(there.log, absent.log) << existing << " / " << missing;
+      EXPECT_EQ(there.log.find(kToken), std::string::npos);
+    }
+  }
+  // The code follows the path's text: outside the toolkit (absolute
+  // elsewhere, or climbing with ..) is a violation; a plain missing header is
+  // a compile error.
+  EXPECT_EQ(With("#include \"PATH\"\n", "/etc/no-such-file").code, Code::kSandboxViolation);
+  EXPECT_EQ(With("#include \"PATH\"\n", "../no-such-file").code, Code::kSandboxViolation);
+  EXPECT_EQ(With("#include \"PATH\"\n", "no-such-file.h").code, Code::kCompileError);
+  EXPECT_EQ(With("#include \"PATH\"\n", "etc/hostname").code, Code::kCompileError);
+}
+
+TEST_P(SandboxTest, HasIncludeIsFalseForAnExistingAndAMissingHostFile) {
+  constexpr char kProbe[] =
+      "#if __has_include(\"PATH\")\n#define FOUND 7\n#else\n#define FOUND 3\n#endif\n"
+      "extern \"C\" __global__ void k(int* out) { out[0] = FOUND; }\n";
+  const Outcome found = With(kProbe, "cuda_fp16.h");  // a toolkit header: true
+  ASSERT_TRUE(found.ok) << found.log;
+  EXPECT_NE(found.ptx.find(", 7;"), std::string::npos) << found.ptx;
+  for (const auto& [existing, missing] : ExistingAndMissing()) {
+    Outcome there = With(kProbe, existing), absent = With(kProbe, missing);
+    ASSERT_TRUE(there.ok) << there.log;
+    ASSERT_TRUE(absent.ok) << absent.log;
+    EXPECT_EQ(there.ptx, absent.ptx) << existing << " / " << missing;
+    EXPECT_NE(there.ptx.find(", 3;"), std::string::npos) << existing << "\n" << there.ptx;
+  }
+}
+
+TEST_P(SandboxTest, AWarmHelperIsConfinedBeforeItReadsItsRequest) {
+  std::vector<pid_t> pids = service_->helpers().WaitingPids();
+  ASSERT_FALSE(pids.empty());
+  const std::string proc = "/proc/" + std::to_string(pids[0]);
+  // It is blocked reading its request (read(0, ...)); it may still be on
+  // its way there from saying it is ready ...
+  std::string syscall_line = testing::ReadFile(proc + "/syscall");
+  for (int i = 0; i < 200 && syscall_line.rfind("running", 0) == 0; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    syscall_line = testing::ReadFile(proc + "/syscall");
+  }
+  EXPECT_EQ(syscall_line.substr(0, syscall_line.find(' ')), std::to_string(SYS_read))
+      << syscall_line;
+  EXPECT_EQ(syscall_line.substr(syscall_line.find(' ') + 1, 4), "0x0 ") << syscall_line;
+  // ... already under no_new_privs (which Landlock needs) and its limits ...
+  EXPECT_NE(testing::ReadFile(proc + "/status").find("NoNewPrivs:\t1"), std::string::npos);
+  const std::string limits = testing::ReadFile(proc + "/limits");
+  const std::string want = std::to_string(service_->options().limits.memory_bytes);
+  EXPECT_NE(limits.find("Max address space         " + want), std::string::npos) << limits;
+  EXPECT_NE(limits.find("Max file size             0"), std::string::npos) << limits;
+  // ... and, in a namespace, in a file system that holds the toolkit only.
+  const std::string include = DefaultCudaInclude();
+  const std::string top = include.substr(0, include.find('/', 1));
+  if (GetParam()) {
+    char ours[64] = {}, its[64] = {};
+    ASSERT_GT(readlink("/proc/self/ns/mnt", ours, sizeof ours - 1), 0);
+    ASSERT_GT(readlink((proc + "/ns/mnt").c_str(), its, sizeof its - 1), 0);
+    if (std::string(ours) == its) {
+      GTEST_SKIP() << "user namespaces are not allowed here: Landlock alone confines helpers";
+    }
+    std::vector<std::string> names;
+    for (const auto& e : std::filesystem::directory_iterator(proc + "/root")) {
+      names.push_back("/" + e.path().filename().string());
+    }
+    EXPECT_EQ(names, std::vector<std::string>{top});
+    EXPECT_TRUE(std::filesystem::exists(proc + "/root" + include + "/cuda.h"));
+    EXPECT_FALSE(std::filesystem::exists(proc + "/root" + secret_));
+    EXPECT_FALSE(std::filesystem::exists(proc + "/root/etc"));
+    EXPECT_FALSE(std::filesystem::exists(proc + "/root/proc/self"));
+  } else {
+    char ours[64] = {}, its[64] = {};
+    ASSERT_GT(readlink("/proc/self/ns/mnt", ours, sizeof ours - 1), 0);
+    ASSERT_GT(readlink((proc + "/ns/mnt").c_str(), its, sizeof its - 1), 0);
+    EXPECT_EQ(std::string(ours), its) << "asked for Landlock alone";
+  }
+}
+
+TEST(SandboxedCompilerTest, AHelperSaysHowItIsConfined) {
+  SandboxOptions landlock;
+  landlock.namespaces = false;
+  auto helper = SandboxedCompiler(landlock).Start();
+  ASSERT_TRUE(helper.ok()) << helper.status().ToString();
+  auto isolation = helper->WaitReady(std::chrono::steady_clock::now() + std::chrono::seconds(30));
+  ASSERT_TRUE(isolation.ok()) << isolation.status().ToString();
+  EXPECT_EQ(*isolation, Isolation::kLandlock);
+
+  auto namespaced = SandboxedCompiler().Start();
+  ASSERT_TRUE(namespaced.ok()) << namespaced.status().ToString();
+  isolation = namespaced->WaitReady(std::chrono::steady_clock::now() + std::chrono::seconds(30));
+  ASSERT_TRUE(isolation.ok()) << isolation.status().ToString();
+  std::printf("helpers here run with %s\n", std::string(IsolationName(*isolation)).c_str());
+  // The helper serves exactly one request.
+  CompileRequest saxpy;
+  saxpy.source = kSaxpy;
+  saxpy.arch = "sm_90";
+  auto out = SandboxedCompiler().Run(*namespaced, saxpy);
+  ASSERT_TRUE(out.ok()) << out.status().ToString();
+  EXPECT_TRUE(out->ok) << out->log;
+}
+
+// ------------------------------------------------------------ bounds
+
+using BoundsTest = CompileServiceTest;
+
+TEST_F(BoundsTest, CompileBombIsStoppedAtItsWallTimeAndNotCached) {
   CompileServiceOptions o;
   o.limits.wall = std::chrono::milliseconds(1500);
   auto s = Make(o);
@@ -511,7 +876,7 @@ TEST_F(SandboxTest, CompileBombIsStoppedAtItsWallTimeAndNotCached) {
   EXPECT_EQ(st->entries, 0u) << "a timeout says nothing about the source: not cached";
 }
 
-TEST_F(SandboxTest, CompileOverItsMemoryBoundIsStoppedAndNotCached) {
+TEST_F(BoundsTest, CompileOverItsMemoryBoundIsStoppedAndNotCached) {
   CompileServiceOptions o;
   o.limits.memory_bytes = 512ull << 20;
   o.limits.wall = std::chrono::seconds(60);
@@ -524,7 +889,7 @@ TEST_F(SandboxTest, CompileOverItsMemoryBoundIsStoppedAndNotCached) {
   EXPECT_EQ(st->entries, 0u);
 }
 
-TEST_F(SandboxTest, AHungCompileDoesNotHoldUpOthers) {
+TEST_F(BoundsTest, AHungCompileDoesNotHoldUpOthers) {
   CompileServiceOptions o;
   o.limits.wall = std::chrono::seconds(20);
   o.max_concurrent = 2;

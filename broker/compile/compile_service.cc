@@ -1,9 +1,13 @@
 #include "broker/compile/compile_service.h"
 
+#include <fcntl.h>
 #include <nvrtc.h>
+#include <poll.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cstring>
+#include <future>
 #include <thread>
 
 namespace gpuq::compile {
@@ -28,6 +32,8 @@ std::string NvrtcVersion() {
 bool HasByte(const std::string& s, std::string_view bytes) {
   return s.find_first_of(bytes.data(), 0, bytes.size()) != std::string::npos;
 }
+
+Status Stopping() { return Error(Code::kUnavailable, "compile service stopping"); }
 
 }  // namespace
 
@@ -61,8 +67,46 @@ CompileService::CompileService(CompileServiceOptions options,
     : options_(std::move(options)),
       cache_(std::move(cache)),
       nvrtc_version_(std::move(nvrtc_version)),
-      compiler_(options_.helper_path, options_.cuda_include),
-      slots_(static_cast<std::ptrdiff_t>(options_.max_concurrent)) {}
+      compiler_(SandboxOptions{options_.helper_path, options_.cuda_include, options_.limits,
+                               options_.namespaces}) {
+  int fds[2];
+  // Without the pipe a stop waits for compiles under way instead of
+  // cancelling them; nothing else depends on it.
+  if (pipe2(fds, O_CLOEXEC) == 0) {
+    stop_read_ = UniqueFd(fds[0]);
+    stop_write_ = UniqueFd(fds[1]);
+  }
+  helpers_ = std::make_unique<HelperPool>(
+      &compiler_, options_.warm_helpers.value_or(options_.max_concurrent));
+  dispatch_thread_ = std::thread([this] { DispatchLoop(); });
+  for (size_t i = 0; i < options_.max_concurrent; ++i) {
+    compile_threads_.emplace_back([this] { CompileLoop(); });
+  }
+}
+
+CompileService::~CompileService() {
+  {
+    MutexLock lock(&mu_);
+    stopping_ = true;
+    compile_wanted_.SignalAll();
+  }
+  if (stop_write_) {
+    const char byte = 1;
+    (void)!write(stop_write_.get(), &byte, 1);
+  }
+  for (auto& t : compile_threads_) t.join();
+  {
+    MutexLock lock(&mu_);
+    dispatch_stopping_ = true;
+    dispatch_wanted_.SignalAll();
+  }
+  dispatch_thread_.join();
+  helpers_.reset();
+}
+
+std::chrono::steady_clock::time_point CompileService::Now() const {
+  return options_.clock ? options_.clock() : std::chrono::steady_clock::now();
+}
 
 Digest CompileService::KeyFor(const CompileRequest& r) const {
   Sha256 h;
@@ -116,33 +160,24 @@ Status CompileService::Validate(const CompileRequest& r) const {
   return Status::Ok();
 }
 
-EntryPtr CompileService::MemoryGet(const Digest& key) {
-  Digest touch_key{};
-  uint64_t touch_hits = 0;
-  EntryPtr entry;
-  {
-    std::lock_guard lock(mu_);
-    auto it = hot_.find(key);
-    if (it == hot_.end()) return nullptr;
-    Hot& h = it->second;
-    lru_.splice(lru_.begin(), lru_, h.lru);
-    ++h.untouched_hits;
-    ++stats_.memory_hits;
-    entry = h.entry;
-    auto now = std::chrono::steady_clock::now();
-    if (now - h.last_touch >= options_.touch_interval) {
-      h.last_touch = now;
-      touch_key = key;
-      touch_hits = std::exchange(h.untouched_hits, 0);
-    }
+EntryPtr CompileService::MemoryGetLocked(const Digest& key) {
+  auto it = hot_.find(key);
+  if (it == hot_.end()) return nullptr;
+  Hot& h = it->second;
+  lru_.splice(lru_.begin(), lru_, h.lru);
+  ++h.untouched_hits;
+  ++stats_.memory_hits;
+  auto now = std::chrono::steady_clock::now();
+  if (now - h.last_touch >= options_.touch_interval) {
+    // Written by the dispatch thread: a memory hit never waits for SQLite.
+    h.last_touch = now;
+    touches_[key] += std::exchange(h.untouched_hits, 0);
+    dispatch_wanted_.Signal();
   }
-  // Best effort: a failed touch only makes eviction a little less accurate.
-  if (touch_hits) (void)cache_->Touch(touch_key, touch_hits);
-  return entry;
+  return h.entry;
 }
 
-void CompileService::MemoryPut(const EntryPtr& entry) {
-  std::lock_guard lock(mu_);
+void CompileService::MemoryPutLocked(const EntryPtr& entry) {
   if (hot_.count(entry->key)) return;
   if (entry->Bytes() > options_.memory_bytes) return;
   lru_.push_front(entry->key);
@@ -157,87 +192,274 @@ void CompileService::MemoryPut(const EntryPtr& entry) {
   }
 }
 
+std::optional<StatusOr<EntryPtr>> CompileService::KnownLocked(const Digest& key) {
+  if (EntryPtr e = MemoryGetLocked(key)) return StatusOr<EntryPtr>(std::move(e));
+  auto it = stopped_.find(key);
+  if (it == stopped_.end()) return std::nullopt;
+  if (Now() >= it->second.until) {
+    stopped_.erase(it);
+    return std::nullopt;
+  }
+  ++stats_.negative_hits;
+  return StatusOr<EntryPtr>(it->second.status);
+}
+
+EntryPtr CompileService::Peek(const Digest& key) {
+  MutexLock lock(&mu_);
+  return MemoryGetLocked(key);
+}
+
+void CompileService::Submit(CompileRequest request, std::string tenant, Callback done) {
+  Waiter waiter{std::move(done), std::chrono::steady_clock::now()};
+  const Status valid = Validate(request);
+  const Digest key = KeyFor(request);
+  if (!valid.ok()) {
+    MutexLock lock(&mu_);
+    AnswerLocked(std::move(waiter), key, valid, CacheSource::kCompiled);
+    return;
+  }
+  Enqueue(key, std::move(request), std::move(tenant), std::move(waiter));
+}
+
 StatusOr<EntryPtr> CompileService::Compile(const CompileRequest& request, CompileInfo* info) {
   const auto t0 = std::chrono::steady_clock::now();
   GPUQ_RETURN_IF_ERROR(Validate(request));
   const Digest key = KeyFor(request);
-  CacheSource source = CacheSource::kMemory;
-  EntryPtr entry = MemoryGet(key);
-  if (!entry) {
-    // One caller per key resolves it; the others share its result.
-    std::shared_future<StatusOr<EntryPtr>> flight;
-    std::promise<StatusOr<EntryPtr>> promise;
-    bool leader = false;
-    {
-      std::lock_guard lock(mu_);
-      auto it = inflight_.find(key);
-      if (it != inflight_.end()) {
-        flight = it->second;
-      } else {
-        flight = promise.get_future().share();
-        inflight_.emplace(key, flight);
-        leader = true;
-      }
+  {
+    MutexLock lock(&mu_);
+    if (auto known = KnownLocked(key)) {
+      if (info) *info = CompileInfo{key, CacheSource::kMemory, MicrosSince(t0)};
+      return std::move(*known);
     }
-    if (leader) {
-      StatusOr<EntryPtr> r = Resolve(request, key, &source);
-      if (r.ok()) MemoryPut(*r);
-      promise.set_value(r);
-      std::lock_guard lock(mu_);
-      inflight_.erase(key);
-    } else {
-      source = CacheSource::kPeer;
-    }
-    StatusOr<EntryPtr> r = flight.get();
-    if (!r.ok()) return r.status();
-    entry = *r;
   }
-  if (info) {
-    info->key = key;
-    info->source = source;
-    info->wall_us = MicrosSince(t0);
-  }
-  return entry;
+  struct Outcome {
+    StatusOr<EntryPtr> result;
+    CompileInfo info;
+  };
+  std::promise<Outcome> promise;
+  std::future<Outcome> outcome = promise.get_future();
+  Enqueue(key, request, "",
+          Waiter{[&promise](const Digest&, StatusOr<EntryPtr> result, const CompileInfo& i) {
+                   promise.set_value(Outcome{std::move(result), i});
+                 },
+                 t0});
+  Outcome o = outcome.get();
+  if (info) *info = o.info;
+  return std::move(o.result);
 }
 
-StatusOr<EntryPtr> CompileService::Resolve(const CompileRequest& request, const Digest& key,
-                                           CacheSource* source) {
+void CompileService::Enqueue(Digest key, CompileRequest request, std::string tenant,
+                             Waiter waiter) {
+  MutexLock lock(&mu_);
+  if (stopping_) {
+    AnswerLocked(std::move(waiter), key, Stopping(), CacheSource::kCompiled);
+    return;
+  }
+  if (auto known = KnownLocked(key)) {
+    AnswerLocked(std::move(waiter), key, std::move(*known), CacheSource::kMemory);
+    return;
+  }
+  if (auto it = inflight_.find(key); it != inflight_.end()) {
+    it->second->waiters.push_back(std::move(waiter));
+    return;
+  }
+  auto flight = std::make_shared<Flight>();
+  flight->key = key;
+  flight->request = std::move(request);
+  flight->tenant = std::move(tenant);
+  flight->waiters.push_back(std::move(waiter));
+  inflight_.emplace(key, flight);
+  lookups_.push_back(std::move(flight));
+  dispatch_wanted_.Signal();
+}
+
+void CompileService::AnswerLocked(Waiter waiter, const Digest& key, StatusOr<EntryPtr> result,
+                                  CacheSource source) {
+  answers_.push_back(Answer{std::move(waiter), key, std::move(result), source});
+  dispatch_wanted_.Signal();
+}
+
+std::vector<CompileService::Answer> CompileService::FinishLocked(const FlightPtr& flight,
+                                                                 StatusOr<EntryPtr> result,
+                                                                 CacheSource source) {
+  inflight_.erase(flight->key);
+  if (result.ok()) {
+    MemoryPutLocked(*result);
+  } else if (result.status().code() == Code::kTimeout ||
+             result.status().code() == Code::kResourceExhausted) {
+    // The source may be a bomb: a retry within the TTL gets the same answer
+    // at once instead of another helper for the full bound.
+    const auto ttl_s = std::chrono::duration_cast<std::chrono::seconds>(options_.negative_ttl);
+    if (stopped_.size() >= std::max<size_t>(options_.memory_entries, 64)) {
+      const auto now = Now();
+      std::erase_if(stopped_, [&](const auto& kv) { return now >= kv.second.until; });
+      if (stopped_.size() >= std::max<size_t>(options_.memory_entries, 64)) {
+        stopped_.erase(stopped_.begin());
+      }
+    }
+    stopped_[flight->key] =
+        Stopped{Status(result.status().code(),
+                       result.status().message() + " (remembered: not compiled again for " +
+                           std::to_string(ttl_s.count()) + " s)"),
+                Now() + options_.negative_ttl};
+  }
+  std::vector<Answer> answers;
+  for (size_t i = 0; i < flight->waiters.size(); ++i) {
+    answers.push_back(Answer{std::move(flight->waiters[i]), flight->key, result,
+                             i == 0 ? source : CacheSource::kPeer});
+  }
+  flight->waiters.clear();
+  return answers;
+}
+
+void CompileService::QueueForCompileLocked(const FlightPtr& flight) {
+  auto& queue = queues_[flight->tenant];
+  if (queue.empty()) turns_.push_back(flight->tenant);
+  queue.push_back(flight);
+  compile_wanted_.Signal();
+}
+
+CompileService::FlightPtr CompileService::NextForCompileLocked() {
+  // Round robin: the tenant whose turn it is gives its oldest flight, and
+  // goes to the back of the line if it has more.
+  std::string tenant = std::move(turns_.front());
+  turns_.pop_front();
+  auto it = queues_.find(tenant);
+  FlightPtr flight = std::move(it->second.front());
+  it->second.pop_front();
+  if (it->second.empty()) {
+    queues_.erase(it);
+  } else {
+    turns_.push_back(std::move(tenant));
+  }
+  return flight;
+}
+
+void CompileService::Run(std::vector<Answer> answers) {
+  for (Answer& a : answers) {
+    const CompileInfo info{a.key, a.source, MicrosSince(a.waiter.t0)};
+    a.waiter.done(a.key, std::move(a.result), info);
+  }
+}
+
+void CompileService::DispatchLoop() {
+  mu_.Lock();
+  for (;;) {
+    while (!dispatch_stopping_ && answers_.empty() && lookups_.empty() && touches_.empty()) {
+      dispatch_wanted_.Wait();
+    }
+    std::vector<Answer> answers;
+    if (!answers_.empty()) {
+      answers.push_back(std::move(answers_.front()));
+      answers_.pop_front();
+      if (dispatch_stopping_) answers.back().result = Stopping();
+    } else if (!touches_.empty()) {
+      std::map<Digest, uint64_t> touches;
+      touches.swap(touches_);
+      mu_.Unlock();
+      // Best effort: a failed touch only makes eviction a little less accurate.
+      for (const auto& [key, hits] : touches) (void)cache_->Touch(key, hits);
+      mu_.Lock();
+      continue;
+    } else if (!lookups_.empty()) {
+      FlightPtr flight = std::move(lookups_.front());
+      lookups_.pop_front();
+      if (dispatch_stopping_) {
+        answers = FinishLocked(flight, Stopping(), CacheSource::kCompiled);
+      } else {
+        mu_.Unlock();
+        StatusOr<std::optional<CacheEntry>> hit = cache_->Lookup(flight->key);
+        mu_.Lock();
+        if (!hit.ok()) {
+          ++stats_.errors;
+          answers = FinishLocked(flight, hit.status(), CacheSource::kDisk);
+        } else if (*hit) {
+          ++stats_.disk_hits;
+          answers = FinishLocked(flight, std::make_shared<const CacheEntry>(std::move(**hit)),
+                                 CacheSource::kDisk);
+        } else {
+          QueueForCompileLocked(flight);
+          continue;
+        }
+      }
+    } else if (!turns_.empty()) {
+      // Stopping, and the compile threads are gone: whatever still waits
+      // for one is answered.
+      answers = FinishLocked(NextForCompileLocked(), Stopping(), CacheSource::kCompiled);
+    } else {
+      break;  // stopping, and nothing is left to answer
+    }
+    mu_.Unlock();
+    Run(std::move(answers));
+    mu_.Lock();
+  }
+  mu_.Unlock();
+}
+
+void CompileService::CompileLoop() {
+  mu_.Lock();
+  for (;;) {
+    while (!stopping_ && turns_.empty()) compile_wanted_.Wait();
+    if (stopping_) break;
+    FlightPtr flight = NextForCompileLocked();
+    mu_.Unlock();
+    CacheSource source = CacheSource::kCompiled;
+    StatusOr<EntryPtr> result = Resolve(*flight, &source);
+    mu_.Lock();
+    if (!result.ok() && stopping_ && result.status().code() == Code::kUnavailable) {
+      result = Stopping();  // cancelled by the stop
+    }
+    std::vector<Answer> answers = FinishLocked(flight, std::move(result), source);
+    mu_.Unlock();
+    Run(std::move(answers));
+    mu_.Lock();
+  }
+  mu_.Unlock();
+}
+
+StatusOr<EntryPtr> CompileService::Resolve(const Flight& flight, CacheSource* source) {
   // Other processes may be compiling the same key: wait for their result
   // rather than compile it a second time, up to a little over the wall
   // limit (after which their claim is stale and is taken over).
   const auto stale = options_.limits.wall + std::chrono::seconds(5);
   const auto give_up = std::chrono::steady_clock::now() + stale;
   auto nap = std::chrono::milliseconds(5);
-  for (bool waited = false;; waited = true) {
-    GPUQ_ASSIGN_OR_RETURN(std::optional<CacheEntry> hit, cache_->Lookup(key));
-    if (hit) {
-      *source = waited ? CacheSource::kPeer : CacheSource::kDisk;
-      std::lock_guard lock(mu_);
-      ++(waited ? stats_.peer_hits : stats_.disk_hits);
+  for (;;) {
+    GPUQ_ASSIGN_OR_RETURN(KernelCache::Claim claim, cache_->TryClaim(flight.key, stale));
+    if (claim == KernelCache::Claim::kOwned) break;
+    if (claim == KernelCache::Claim::kPresent) {
+      // Stored by another process since the dispatch thread looked.
+      GPUQ_ASSIGN_OR_RETURN(std::optional<CacheEntry> hit, cache_->Lookup(flight.key));
+      if (!hit) continue;  // evicted since: claim it again
+      *source = CacheSource::kPeer;
+      MutexLock lock(&mu_);
+      ++stats_.peer_hits;
       return std::make_shared<const CacheEntry>(std::move(*hit));
     }
-    GPUQ_ASSIGN_OR_RETURN(KernelCache::Claim claim, cache_->TryClaim(key, stale));
-    if (claim == KernelCache::Claim::kOwned) break;
-    if (claim == KernelCache::Claim::kBusy) {
-      if (std::chrono::steady_clock::now() > give_up) break;
-      std::this_thread::sleep_for(nap);
-      nap = std::min(nap * 2, std::chrono::milliseconds(100));
-    }
+    if (std::chrono::steady_clock::now() > give_up) break;
+    pollfd stop{stop_read_.get(), POLLIN, 0};
+    if (poll(&stop, stop_read_ ? 1 : 0, static_cast<int>(nap.count())) > 0) return Stopping();
+    nap = std::min(nap * 2, std::chrono::milliseconds(100));
   }
   *source = CacheSource::kCompiled;
-  StatusOr<EntryPtr> r = CompileNow(request, key);
-  Status released = cache_->Release(key);
+  StatusOr<EntryPtr> r = CompileNow(flight.request, flight.key);
+  Status released = cache_->Release(flight.key);
   if (r.ok() && !released.ok()) return released;
   return r;
 }
 
 StatusOr<EntryPtr> CompileService::CompileNow(const CompileRequest& request, const Digest& key) {
   const auto t0 = std::chrono::steady_clock::now();
-  slots_.acquire();
-  StatusOr<CompileOutput> out = compiler_.Compile(request, options_.limits);
-  slots_.release();
+  StatusOr<Helper> helper = helpers_->Take();
+  if (!helper.ok()) {
+    MutexLock lock(&mu_);
+    ++stats_.errors;
+    return helper.status();
+  }
+  StatusOr<CompileOutput> out = compiler_.Run(*helper, request, stop_read_.get());
+  helpers_->Retire(std::move(*helper));
   if (!out.ok()) {
-    std::lock_guard lock(mu_);
+    MutexLock lock(&mu_);
     ++stats_.errors;
     return out.status();
   }
@@ -255,7 +477,7 @@ StatusOr<EntryPtr> CompileService::CompileNow(const CompileRequest& request, con
   e->created_ms = e->last_used_ms = NowMs();
   Status stored = cache_->Insert(*e);
   {
-    std::lock_guard lock(mu_);
+    MutexLock lock(&mu_);
     ++stats_.compiles;
     if (!e->ok) ++stats_.rejected;
     if (!stored.ok()) ++stats_.errors;
@@ -265,10 +487,12 @@ StatusOr<EntryPtr> CompileService::CompileNow(const CompileRequest& request, con
 }
 
 CompileService::Stats CompileService::stats() const {
-  std::lock_guard lock(mu_);
+  MutexLock lock(&mu_);
   Stats s = stats_;
   s.memory_entries = hot_.size();
   s.memory_bytes = hot_bytes_;
+  s.queued = 0;
+  for (const auto& [tenant, queue] : queues_) s.queued += queue.size();
   return s;
 }
 

@@ -220,7 +220,7 @@ StatusOr<std::unique_ptr<KernelCache>> KernelCache::OpenSound(const std::string&
 }
 
 KernelCache::~KernelCache() {
-  std::lock_guard lock(mu_);
+  MutexLock lock(&mu_);
   if (pending_hits_.empty() && pending_misses_ == 0) return;
   sql::Transaction tx(&db_);
   if (tx.Begin().ok() && FlushLocked().ok()) (void)tx.Commit();
@@ -254,7 +254,7 @@ Status KernelCache::FlushLocked() {
 }
 
 StatusOr<std::optional<CacheEntry>> KernelCache::Lookup(const Digest& key) {
-  std::lock_guard lock(mu_);
+  MutexLock lock(&mu_);
   GPUQ_ASSIGN_OR_RETURN(
       sql::Stmt * s,
       Cached("SELECT arch, nvrtc_version, ok, code, ptx, cubin, lowered, log, "
@@ -292,7 +292,7 @@ StatusOr<std::optional<CacheEntry>> KernelCache::Lookup(const Digest& key) {
 }
 
 Status KernelCache::Touch(const Digest& key, uint64_t hits) {
-  std::lock_guard lock(mu_);
+  MutexLock lock(&mu_);
   pending_hits_[key] += hits;
   sql::Transaction tx(&db_);
   GPUQ_RETURN_IF_ERROR(tx.Begin());
@@ -301,7 +301,7 @@ Status KernelCache::Touch(const Digest& key, uint64_t hits) {
 }
 
 Status KernelCache::Insert(const CacheEntry& e) {
-  std::lock_guard lock(mu_);
+  MutexLock lock(&mu_);
   sql::Transaction tx(&db_);
   GPUQ_RETURN_IF_ERROR(tx.Begin());
   GPUQ_ASSIGN_OR_RETURN(
@@ -363,7 +363,7 @@ Status KernelCache::EvictLocked(uint64_t max_bytes, const Digest* keep, uint64_t
 
 StatusOr<KernelCache::Claim> KernelCache::TryClaim(const Digest& key,
                                                    std::chrono::milliseconds stale_after) {
-  std::lock_guard lock(mu_);
+  MutexLock lock(&mu_);
   sql::Transaction tx(&db_);
   GPUQ_RETURN_IF_ERROR(tx.Begin());
   GPUQ_ASSIGN_OR_RETURN(sql::Stmt present, db_.Prepare("SELECT 1 FROM kernels WHERE key = ?1"));
@@ -394,13 +394,13 @@ StatusOr<KernelCache::Claim> KernelCache::TryClaim(const Digest& key,
 }
 
 Status KernelCache::Release(const Digest& key) {
-  std::lock_guard lock(mu_);
+  MutexLock lock(&mu_);
   GPUQ_ASSIGN_OR_RETURN(sql::Stmt s, db_.Prepare("DELETE FROM compiling WHERE key = ?1"));
   return s.BindBlob(1, AsBytes(key)).Run();
 }
 
 StatusOr<CacheStats> KernelCache::Stats() {
-  std::lock_guard lock(mu_);
+  MutexLock lock(&mu_);
   if (!pending_hits_.empty() || pending_misses_) {
     sql::Transaction tx(&db_);
     GPUQ_RETURN_IF_ERROR(tx.Begin());
@@ -432,7 +432,7 @@ StatusOr<CacheStats> KernelCache::Stats() {
 }
 
 StatusOr<std::vector<CacheEntry>> KernelCache::List() {
-  std::lock_guard lock(mu_);
+  MutexLock lock(&mu_);
   GPUQ_ASSIGN_OR_RETURN(
       sql::Stmt s,
       db_.Prepare("SELECT key, arch, nvrtc_version, ok, code, lowered, compile_us, "
@@ -466,7 +466,7 @@ StatusOr<std::vector<CacheEntry>> KernelCache::List() {
 StatusOr<uint64_t> KernelCache::Prune(uint64_t max_bytes,
                                       std::optional<int64_t> unused_before_ms,
                                       bool failed_only) {
-  std::lock_guard lock(mu_);
+  MutexLock lock(&mu_);
   sql::Transaction tx(&db_);
   GPUQ_RETURN_IF_ERROR(tx.Begin());
   uint64_t removed = 0;

@@ -6,14 +6,15 @@
 #include <cstdint>
 #include <map>
 #include <memory>
-#include <mutex>
 #include <optional>
 #include <string>
 #include <vector>
 
 #include "broker/compile/compile_request.h"
+#include "util/mutex.h"
 #include "util/sha256.h"
 #include "util/sqlite.h"
+#include "util/thread_annotations.h"
 
 namespace gpuq::compile {
 
@@ -77,29 +78,29 @@ class KernelCache {
   const std::string& set_aside() const { return set_aside_; }
 
   // nullopt on a miss. Counts a hit or a miss; a hit refreshes last_used.
-  StatusOr<std::optional<CacheEntry>> Lookup(const Digest& key);
+  StatusOr<std::optional<CacheEntry>> Lookup(const Digest& key) LOCKS_EXCLUDED(mu_);
   // Refreshes last_used and adds `hits` for an entry served from memory.
-  Status Touch(const Digest& key, uint64_t hits);
+  Status Touch(const Digest& key, uint64_t hits) LOCKS_EXCLUDED(mu_);
   // Inserts or replaces `entry`, then evicts least recently used entries
   // (never this one) until the file's entries fit in max_bytes.
-  Status Insert(const CacheEntry& entry);
+  Status Insert(const CacheEntry& entry) LOCKS_EXCLUDED(mu_);
 
   enum class Claim { kOwned, kBusy, kPresent };
   // kOwned: the caller must compile the key and then Release() it. kBusy:
   // another live process is compiling it. kPresent: it is in the cache.
   // A claim older than `stale_after`, or whose owner process is gone, is
   // taken over.
-  StatusOr<Claim> TryClaim(const Digest& key, std::chrono::milliseconds stale_after);
-  Status Release(const Digest& key);
+  StatusOr<Claim> TryClaim(const Digest& key, std::chrono::milliseconds stale_after) LOCKS_EXCLUDED(mu_);
+  Status Release(const Digest& key) LOCKS_EXCLUDED(mu_);
 
-  StatusOr<CacheStats> Stats();
+  StatusOr<CacheStats> Stats() LOCKS_EXCLUDED(mu_);
   // Every entry's metadata, most recently used first (blobs left empty).
-  StatusOr<std::vector<CacheEntry>> List();
+  StatusOr<std::vector<CacheEntry>> List() LOCKS_EXCLUDED(mu_);
   // Removes failed entries when `failed_only`, else entries unused since
   // `unused_before_ms` (when set), then the least recently used until the
   // rest fit in `max_bytes`. Returns how many were removed.
   StatusOr<uint64_t> Prune(uint64_t max_bytes, std::optional<int64_t> unused_before_ms,
-                           bool failed_only);
+                           bool failed_only) LOCKS_EXCLUDED(mu_);
 
   const std::string& path() const { return path_; }
   uint64_t max_bytes() const { return options_.max_bytes; }
@@ -110,21 +111,22 @@ class KernelCache {
   // Open() once the file at `path` is sound or absent.
   static StatusOr<std::unique_ptr<KernelCache>> OpenSound(const std::string& path,
                                                           const CacheOptions& options);
-  Status EvictLocked(uint64_t max_bytes, const Digest* keep, uint64_t* removed);
-  Status CountLocked(const char* counter, int64_t delta);
+  Status EvictLocked(uint64_t max_bytes, const Digest* keep, uint64_t* removed)
+      EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  Status CountLocked(const char* counter, int64_t delta) EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Writes pending hit and miss counts; call inside a write transaction.
-  Status FlushLocked();
+  Status FlushLocked() EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // A prepared statement kept for the life of the connection.
-  StatusOr<sql::Stmt*> Cached(const char* sql);
+  StatusOr<sql::Stmt*> Cached(const char* sql) EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   const std::string path_;
   const CacheOptions options_;
   std::string set_aside_;
-  std::mutex mu_;
-  sql::Db db_;  // GUARDED_BY(mu_)
-  sql::StatementCache statements_;               // GUARDED_BY(mu_)
-  std::map<Digest, uint64_t> pending_hits_;      // GUARDED_BY(mu_)
-  uint64_t pending_misses_ = 0;                  // GUARDED_BY(mu_)
+  Mutex mu_;
+  sql::Db db_ GUARDED_BY(mu_);
+  sql::StatementCache statements_ GUARDED_BY(mu_);
+  std::map<Digest, uint64_t> pending_hits_ GUARDED_BY(mu_);
+  uint64_t pending_misses_ GUARDED_BY(mu_) = 0;
 };
 
 int64_t NowMs();

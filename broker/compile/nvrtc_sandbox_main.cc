@@ -3,22 +3,47 @@
 // Kernel source is untrusted. NVRTC opens absolute #include paths even with
 // --no-source-include and echoes what it read into its log, and macros can
 // build any path, so no check of the source text can keep host files out.
-// This process is confined by the kernel instead: after loading NVRTC and
-// its builtins library it applies a Landlock ruleset under which the only
-// readable files are the CUDA toolkit's headers; it cannot write, execute,
-// connect or signal anything. Wall time is bounded by the parent (which kills
-// it), CPU time and address space by rlimits set here.
+// This process is confined by the kernel instead, in two layers, before it
+// reads its request:
+//  1. Where user namespaces are allowed, it enters a new user and mount
+//     namespace whose root is an empty read-only tmpfs holding only the
+//     toolkit's include directory, bind-mounted read-only at its own path:
+//     no other host path exists for it, so nothing can be read, and nothing
+//     learnt about which paths exist.
+//  2. A Landlock ruleset under which the only readable files are beneath the
+//     toolkit's include directory; it cannot write, execute, connect or
+//     signal anything. Where namespaces are not allowed, this layer alone
+//     keeps every other file's content out.
+// Wall time is bounded by the parent (which kills it), CPU time and address
+// space by rlimits set here.
+//
+// Whatever the layers, the answer to a compile depends on its source and the
+// toolkit only: a denied path and a missing one give the same NVRTC log (the
+// errno NVRTC appends is dropped) and the same code, sandbox_violation when
+// the path's text names a file outside the toolkit (absolute elsewhere, or
+// climbing with ".."), compile_error otherwise; and __has_include is false
+// for both.
+//
+// Before it is confined it loads NVRTC and compiles a fixed kernel, so that
+// NVRTC's first-use cost is paid while the helper waits in a pool, not by a
+// compile; nothing it reads before it is confined comes from the parent's
+// request. Protocol: broker/compile/sandbox_io.h.
 //
 // Usage (by the compile service only):
-//   gpuq-nvrtc MEMORY_BYTES CPU_SECONDS  < request > reply
-// Exit status 0 means a reply was written (success or compile failure).
+//   gpuq-nvrtc MEMORY_BYTES CPU_SECONDS namespaces|landlock CUDA_INCLUDE
+// Exit status 0 means a reply was written (success, compile failure, or why
+// it could not confine itself).
 #include <dlfcn.h>
 #include <fcntl.h>
 #include <linux/landlock.h>
 #include <nvrtc.h>
+#include <sched.h>
 #include <signal.h>
+#include <sys/mount.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
+#include <sys/stat.h>
+#include <sys/statvfs.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -28,7 +53,6 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
-#include <regex>
 #include <string>
 #include <vector>
 
@@ -71,8 +95,8 @@ struct Fd {
   Fd& operator=(const Fd&) = delete;
 };
 
-// Confines this process: read-only access beneath `readable`, nothing else.
-Status Confine(const std::vector<std::string>& readable) {
+// Landlock: read-only access beneath `readable`, nothing else.
+Status RestrictWithLandlock(const std::vector<std::string>& readable) {
   long abi = syscall(SYS_landlock_create_ruleset, nullptr, 0,
                      LANDLOCK_CREATE_RULESET_VERSION);
   if (abi < 1) {
@@ -129,32 +153,181 @@ void PreloadBuiltins() {
   }
 }
 
+struct ProgramDeleter {
+  void operator()(nvrtcProgram p) const { nvrtcDestroyProgram(&p); }
+};
+using Program = std::unique_ptr<_nvrtcProgram, ProgramDeleter>;
+
+// Pays NVRTC's first-use cost (loading its builtins, initializing the front
+// end and the code generator) on a fixed kernel, before any request. Its
+// outcome does not matter: a compile that needs what failed here fails later.
+void WarmUp() {
+  PreloadBuiltins();
+  int n = 0;
+  if (nvrtcGetNumSupportedArchs(&n) != NVRTC_SUCCESS || n <= 0) return;
+  std::vector<int> archs(n);
+  if (nvrtcGetSupportedArchs(archs.data()) != NVRTC_SUCCESS) return;
+  nvrtcProgram raw = nullptr;
+  if (nvrtcCreateProgram(&raw, "extern \"C\" __global__ void gpuq_warm_up(int* x) { *x = 1; }\n",
+                         "warm_up.cu", 0, nullptr, nullptr) != NVRTC_SUCCESS) {
+    return;
+  }
+  Program prog(raw);
+  const std::string arch = "--gpu-architecture=sm_" + std::to_string(archs.back());
+  const char* opts[] = {arch.c_str()};
+  (void)nvrtcCompileProgram(raw, 1, opts);
+}
+
 void SetLimit(int resource, rlim_t value) {
   struct rlimit rl = {value, value};
   setrlimit(resource, &rl);
 }
 
-// After a failed compile: did the source try to open a file the sandbox
-// denies? Each "cannot open source file" is retried here, still confined;
-// EACCES means Landlock refused it. The file's content was never read.
-std::string FindDeniedInclude(const std::string& log) {
-  static const std::regex kCannotOpen("cannot open source file \"([^\"]{1,4096})\"");
-  for (std::sregex_iterator it(log.begin(), log.end(), kCannotOpen), end; it != end; ++it) {
-    std::string path = (*it)[1].str();
-    int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
-    if (fd >= 0) {
-      close(fd);
-    } else if (errno == EACCES) {
-      return path;
-    }
-  }
-  return "";
+bool WriteString(const std::string& path, const std::string& content) {
+  Fd f(open(path.c_str(), O_WRONLY | O_CLOEXEC));
+  return f.fd >= 0 && write(f.fd, content.data(), content.size()) ==
+                          static_cast<ssize_t>(content.size());
 }
 
-struct ProgramDeleter {
-  void operator()(nvrtcProgram p) const { nvrtcDestroyProgram(&p); }
-};
-using Program = std::unique_ptr<_nvrtcProgram, ProgramDeleter>;
+// Creates the directories of the absolute `path` beneath `base`.
+bool MakeDirsBeneath(const std::string& base, const std::string& path) {
+  for (size_t slash = path.find('/', 1);; slash = path.find('/', slash + 1)) {
+    if (mkdir((base + path.substr(0, slash)).c_str(), 0755) != 0 && errno != EEXIST) return false;
+    if (slash == std::string::npos) return true;
+  }
+}
+
+// The flags a read-only remount of the mount at `path` must keep: in a user
+// namespace the kernel refuses to change the atime flags of a mount that came
+// from a more privileged namespace.
+unsigned long KeptFlags(const std::string& path) {
+  struct statvfs st;
+  unsigned long flags = 0;
+  if (statvfs(path.c_str(), &st) != 0) return flags;
+  if (st.f_flag & ST_NOATIME) flags |= MS_NOATIME;
+  if (st.f_flag & ST_NODIRATIME) flags |= MS_NODIRATIME;
+  if (st.f_flag & ST_RELATIME) flags |= MS_RELATIME;
+  return flags;
+}
+
+// Layer 1: moves this process into a new user and mount namespace whose root
+// is an empty read-only tmpfs holding only `dir` (an absolute real path),
+// bind-mounted read-only at its own path. Returns false where user
+// namespaces are not allowed (a container without them, a kernel or an LSM
+// that refuses them); the process's view of the file system is then left as
+// it was, for Landlock alone to confine.
+bool EnterNamespaces(const std::string& dir) {
+  const uid_t uid = getuid();
+  const gid_t gid = getgid();
+  if (unshare(CLONE_NEWUSER | CLONE_NEWNS) != 0) return false;
+  prctl(PR_SET_PDEATHSIG, SIGKILL);  // kept across unshare, but cheap to be sure
+  // Our own ids, mapped to themselves (all an unprivileged process may map).
+  if (!WriteString("/proc/self/setgroups", "deny") ||
+      !WriteString("/proc/self/uid_map", std::to_string(uid) + " " + std::to_string(uid) + " 1") ||
+      !WriteString("/proc/self/gid_map", std::to_string(gid) + " " + std::to_string(gid) + " 1")) {
+    return false;
+  }
+  // Nothing mounted here propagates back to the host.
+  if (mount(nullptr, "/", nullptr, MS_REC | MS_PRIVATE, nullptr) != 0) return false;
+  // The directory itself is the mount point of the new root (it exists by
+  // definition); it is opened first, to be bind-mounted from beneath it.
+  Fd source(open(dir.c_str(), O_PATH | O_DIRECTORY | O_CLOEXEC));
+  if (source.fd < 0) return false;
+  const unsigned long kept = KeptFlags(dir);
+  const unsigned long kSafe = MS_NOSUID | MS_NODEV | MS_NOEXEC;
+  if (mount("tmpfs", dir.c_str(), "tmpfs", kSafe, "size=64k,mode=0755") != 0) return false;
+  // From here on a failure uncovers the directory again before giving up.
+  auto give_up = [&] {
+    umount2(dir.c_str(), MNT_DETACH);
+    return false;
+  };
+  const std::string inside = dir + dir;  // `dir`, as seen from the new root
+  const std::string from = "/proc/self/fd/" + std::to_string(source.fd);
+  // Not recursive: the tmpfs now mounted on `dir` would come along. Where
+  // the toolkit's directory has mounts of its own beneath it, the kernel
+  // refuses, and Landlock alone confines.
+  if (!MakeDirsBeneath(dir, dir) ||
+      mount(from.c_str(), inside.c_str(), nullptr, MS_BIND, nullptr) != 0) {
+    return give_up();
+  }
+  // Read-only, as defence in depth: Landlock refuses writes in any case.
+  (void)mount(nullptr, inside.c_str(), nullptr,
+              MS_REMOUNT | MS_BIND | MS_RDONLY | kSafe | kept, nullptr);
+  if (mount(nullptr, dir.c_str(), nullptr, MS_REMOUNT | MS_RDONLY | kSafe, nullptr) != 0) {
+    return give_up();
+  }
+  // The tmpfs becomes the root; the old root, stacked on it by pivot_root,
+  // is detached, and with it every other host path.
+  if (chdir(dir.c_str()) != 0 || syscall(SYS_pivot_root, ".", ".") != 0) return give_up();
+  // Should the old root stay in view, the host's paths do too: no better
+  // than Landlock alone, and said so.
+  if (umount2(".", MNT_DETACH) != 0) return false;
+  return chdir("/") == 0;
+}
+
+// Confines this process before it reads anything from its request: layer 1
+// when `namespaces` and allowed, layer 2 always, then its rlimits. Returns
+// how it is confined: kReadyNamespaces or kReadyLandlock.
+StatusOr<char> Confine(const std::string& cuda_include, bool namespaces, rlim_t memory,
+                       rlim_t cpu) {
+  const bool isolated = namespaces && EnterNamespaces(cuda_include);
+  GPUQ_RETURN_IF_ERROR(RestrictWithLandlock({cuda_include}));
+  // Relative includes resolve from the toolkit, not from wherever we were.
+  if (chdir(cuda_include.c_str()) != 0) {
+    return Error(Code::kInternal, "chdir " + cuda_include + ": " + strerror(errno));
+  }
+  SetLimit(RLIMIT_CORE, 0);
+  SetLimit(RLIMIT_FSIZE, 0);
+  if (cpu > 0) SetLimit(RLIMIT_CPU, cpu);
+  if (memory > 0) SetLimit(RLIMIT_AS, memory);
+  return isolated ? kReadyNamespaces : kReadyLandlock;
+}
+
+// Whether an #include that could not be opened names, by its text alone, a
+// file outside the toolkit's include directory: an absolute path elsewhere,
+// or a relative one that climbs with "..". The answer never depends on
+// whether the file exists.
+bool NamesAFileOutside(const std::string& path, const std::string& cuda_include) {
+  std::vector<std::string> parts;
+  size_t begin = 0;
+  for (size_t end; begin <= path.size(); begin = end + 1) {
+    end = path.find('/', begin);
+    if (end == std::string::npos) end = path.size();
+    const std::string part = path.substr(begin, end - begin);
+    if (part == "..") {
+      if (path[0] != '/') return true;
+      if (!parts.empty()) parts.pop_back();
+    } else if (!part.empty() && part != ".") {
+      parts.push_back(part);
+    }
+  }
+  if (path.empty() || path[0] != '/') return false;
+  std::string normal;
+  for (const auto& p : parts) normal += "/" + p;
+  return normal.rfind(cuda_include + "/", 0) != 0;
+}
+
+// Makes NVRTC's log the same for a path that exists but is denied and one
+// that does not exist: NVRTC appends the errno's text (": Permission
+// denied", ": Not a directory") to "cannot open source file" only when it is
+// not ENOENT. Returns the first path named outside the toolkit, if any.
+std::string NormalizeCannotOpen(std::string* log, const std::string& cuda_include) {
+  static constexpr std::string_view kCannotOpen = "cannot open source file \"";
+  std::string outside;
+  for (size_t at = log->find(kCannotOpen); at != std::string::npos;
+       at = log->find(kCannotOpen, at + 1)) {
+    const size_t path_begin = at + kCannotOpen.size();
+    size_t line_end = log->find('\n', path_begin);
+    if (line_end == std::string::npos) line_end = log->size();
+    // The path ends at the line's last quote: an errno's text has none.
+    const size_t quote = log->rfind('"', line_end - 1);
+    if (quote == std::string::npos || quote < path_begin) continue;
+    log->erase(quote + 1, line_end - quote - 1);
+    const std::string path = log->substr(path_begin, quote - path_begin);
+    if (outside.empty() && NamesAFileOutside(path, cuda_include)) outside = path;
+  }
+  return outside;
+}
 
 CompileOutput Fail(Code code, std::string log) {
   CompileOutput o;
@@ -163,8 +336,7 @@ CompileOutput Fail(Code code, std::string log) {
   return o;
 }
 
-CompileOutput Compile(const SandboxRequest& req) {
-  const CompileRequest& c = req.compile;
+CompileOutput Compile(const CompileRequest& c, const std::string& cuda_include) {
   std::vector<const char*> header_src, header_names;
   for (const auto& h : c.headers) {
     header_src.push_back(h.content.c_str());
@@ -188,10 +360,10 @@ CompileOutput Compile(const SandboxRequest& req) {
   }
   std::vector<std::string> opts = c.options;
   opts.push_back("--gpu-architecture=" + c.arch);
-  opts.push_back("--include-path=" + req.cuda_include);
+  opts.push_back("--include-path=" + cuda_include);
   // CUDA 13 keeps CCCL (libcu++, CUB, Thrust) beneath include/cccl; the
   // toolkit's own headers (cooperative_groups.h) include <cuda/std/...>.
-  const std::string cccl = req.cuda_include + "/cccl";
+  const std::string cccl = cuda_include + "/cccl";
   if (access(cccl.c_str(), F_OK) == 0) opts.push_back("--include-path=" + cccl);
   std::vector<const char*> argv;
   for (const auto& o : opts) argv.push_back(o.c_str());
@@ -226,12 +398,12 @@ CompileOutput Compile(const SandboxRequest& req) {
   }
   if (rc != NVRTC_SUCCESS) {
     out.code = Code::kCompileError;
-    std::string denied = FindDeniedInclude(out.log);
-    if (!denied.empty()) {
+    const std::string outside = NormalizeCannotOpen(&out.log, cuda_include);
+    if (!outside.empty()) {
       out.code = Code::kSandboxViolation;
-      out.log += "\ngpuq: the source tried to read \"" + denied +
-                 "\"; kernels may include only the CUDA toolkit's headers and the "
-                 "headers sent with the job\n";
+      out.log += "\ngpuq: \"" + outside +
+                 "\" is outside the CUDA toolkit's include directory; kernels may include "
+                 "only the CUDA toolkit's headers and the headers sent with the job\n";
     }
     if (out.log.empty()) out.log = nvrtcGetErrorString(rc);
     return out;
@@ -287,32 +459,38 @@ int Main(int argc, char** argv) {
   // Nothing inherited beyond the three pipes stays open.
   syscall(SYS_close_range, 3, ~0U, 0);
   prctl(PR_SET_PDEATHSIG, SIGKILL);
-  if (argc != 3) {
-    fprintf(stderr, "usage: gpuq-nvrtc MEMORY_BYTES CPU_SECONDS (run by gpuq only)\n");
+  const std::string mode = argc == 5 ? argv[3] : "";
+  if (mode != "namespaces" && mode != "landlock") {
+    fprintf(stderr,
+            "usage: gpuq-nvrtc MEMORY_BYTES CPU_SECONDS namespaces|landlock CUDA_INCLUDE "
+            "(run by gpuq only)\n");
     return 2;
   }
   const rlim_t memory = strtoull(argv[1], nullptr, 10);
   const rlim_t cpu = strtoull(argv[2], nullptr, 10);
+  const std::string cuda_include = argv[4];
 
+  WarmUp();
+  StatusOr<char> confined = Confine(cuda_include, mode == "namespaces", memory, cpu);
+  if (!confined.ok()) {
+    std::string reply(1, kCannotConfine);
+    reply += EncodeSandboxReply(Fail(confined.status().code(), confined.status().message()));
+    return WriteAll(1, reply) ? 0 : 5;
+  }
+  if (!WriteAll(1, std::string(1, *confined))) return 5;
+
+  // Confined: from here on everything read is untrusted.
   std::string input;
   if (!ReadAll(0, &input, 64u << 20)) return 3;
-  SandboxRequest req;
-  Status s = DecodeSandboxRequest(input, &req);
+  CompileRequest request;
+  Status s = DecodeSandboxRequest(input, &request);
   if (!s.ok()) {
     fprintf(stderr, "gpuq-nvrtc: %s\n", s.ToString().c_str());
     return 3;
   }
-
-  PreloadBuiltins();
-  if (chdir("/") != 0) return 4;
-  SetLimit(RLIMIT_CORE, 0);
-  SetLimit(RLIMIT_FSIZE, 0);
-  if (cpu > 0) SetLimit(RLIMIT_CPU, cpu);
-  if (memory > 0) SetLimit(RLIMIT_AS, memory);
-
-  s = Confine({req.cuda_include});
-  CompileOutput out = s.ok() ? Compile(req) : Fail(s.code(), s.message());
-  return WriteAll(1, EncodeSandboxReply(out)) ? 0 : 5;
+  const bool written = WriteAll(1, EncodeSandboxReply(Compile(request, cuda_include)));
+  // Done: skip NVRTC's static destructors, which the parent would wait for.
+  _exit(written ? 0 : 5);
 }
 
 }  // namespace

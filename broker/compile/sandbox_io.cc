@@ -84,11 +84,10 @@ Status Unpack(std::string_view bytes, msgpack::object_handle* oh, Cursor* top) {
 
 }  // namespace
 
-std::string EncodeSandboxRequest(const SandboxRequest& r) {
+std::string EncodeSandboxRequest(const CompileRequest& c) {
   msgpack::sbuffer b;
   Packer p(b);
-  const CompileRequest& c = r.compile;
-  p.pack_array(7);
+  p.pack_array(6);
   Str(p, c.source);
   Str(p, c.source_name);
   p.pack_array(static_cast<uint32_t>(c.headers.size()));
@@ -100,15 +99,14 @@ std::string EncodeSandboxRequest(const SandboxRequest& r) {
   StrList(p, c.options);
   StrList(p, c.name_expressions);
   Str(p, c.arch);
-  Str(p, r.cuda_include);
   return std::string(b.data(), b.size());
 }
 
-Status DecodeSandboxRequest(std::string_view bytes, SandboxRequest* out) {
+Status DecodeSandboxRequest(std::string_view bytes, CompileRequest* out) {
   msgpack::object_handle oh;
   Cursor c{};
   GPUQ_RETURN_IF_ERROR(Unpack(bytes, &oh, &c));
-  CompileRequest& r = out->compile;
+  CompileRequest& r = *out;
   GPUQ_RETURN_IF_ERROR(GetStr(c, &r.source));
   GPUQ_RETURN_IF_ERROR(GetStr(c, &r.source_name));
   Cursor h{};
@@ -122,12 +120,13 @@ Status DecodeSandboxRequest(std::string_view bytes, SandboxRequest* out) {
   }
   GPUQ_RETURN_IF_ERROR(GetStrList(c, &r.options));
   GPUQ_RETURN_IF_ERROR(GetStrList(c, &r.name_expressions));
-  GPUQ_RETURN_IF_ERROR(GetStr(c, &r.arch));
-  return GetStr(c, &out->cuda_include);
+  return GetStr(c, &r.arch);
 }
 
 std::string EncodeSandboxReply(const CompileOutput& o) {
   msgpack::sbuffer b;
+  const char no_length[4] = {};
+  b.write(no_length, sizeof no_length);
   Packer p(b);
   p.pack_array(7);
   o.ok ? p.pack_true() : p.pack_false();
@@ -142,13 +141,27 @@ std::string EncodeSandboxReply(const CompileOutput& o) {
     Str(p, l.lowered);
   }
   p.pack_uint64(o.nvrtc_us);
-  return std::string(b.data(), b.size());
+  std::string framed(b.data(), b.size());
+  const uint32_t length = static_cast<uint32_t>(framed.size() - 4);
+  for (int i = 0; i < 4; ++i) framed[i] = static_cast<char>(length >> (8 * i));
+  return framed;
 }
 
-Status DecodeSandboxReply(std::string_view bytes, CompileOutput* out) {
+Status DecodeSandboxReply(std::string_view bytes, CompileOutput* out, size_t max_bytes) {
+  if (bytes.size() < 4) return Error(Code::kUnavailable, "the reply is not whole yet");
+  uint32_t length = 0;
+  for (int i = 0; i < 4; ++i) length |= uint32_t{static_cast<uint8_t>(bytes[i])} << (8 * i);
+  if (length > max_bytes) {
+    return Error(Code::kTooLarge,
+                 "compile output is over " + std::to_string(max_bytes) + " bytes");
+  }
+  if (bytes.size() < 4 + size_t{length}) {
+    return Error(Code::kUnavailable, "the reply is not whole yet");
+  }
+  if (bytes.size() > 4 + size_t{length}) return Bad("bytes after the reply");
   msgpack::object_handle oh;
   Cursor c{};
-  GPUQ_RETURN_IF_ERROR(Unpack(bytes, &oh, &c));
+  GPUQ_RETURN_IF_ERROR(Unpack(bytes.substr(4), &oh, &c));
   const msgpack::object* ok = c.Next();
   if (!ok || ok->type != msgpack::type::BOOLEAN) return Bad("expected a boolean");
   out->ok = ok->via.boolean;

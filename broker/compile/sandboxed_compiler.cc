@@ -8,6 +8,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <climits>
 #include <cstdlib>
 #include <cstring>
@@ -23,30 +24,6 @@ namespace {
 
 constexpr size_t kMaxReplyBytes = 512u << 20;
 constexpr size_t kMaxStderrBytes = 16u << 10;
-
-class UniqueFd {
- public:
-  UniqueFd() = default;
-  explicit UniqueFd(int fd) : fd_(fd) {}
-  ~UniqueFd() { Reset(); }
-  UniqueFd(UniqueFd&& o) noexcept : fd_(o.fd_) { o.fd_ = -1; }
-  UniqueFd& operator=(UniqueFd&& o) noexcept {
-    if (this != &o) {
-      Reset();
-      fd_ = o.fd_;
-      o.fd_ = -1;
-    }
-    return *this;
-  }
-  int get() const { return fd_; }
-  void Reset() {
-    if (fd_ >= 0) close(fd_);
-    fd_ = -1;
-  }
-
- private:
-  int fd_ = -1;
-};
 
 Status MakePipe(UniqueFd* read_end, UniqueFd* write_end) {
   int fds[2];
@@ -64,42 +41,41 @@ std::string Exe() {
   return n > 0 ? std::string(buf, n) : std::string();
 }
 
-// Owns a spawned child: kills and reaps it unless it was reaped already, so
-// that no exit path leaves a zombie or a runaway compiler.
-class Child {
- public:
-  explicit Child(pid_t pid) : pid_(pid) {
-    pidfd_ = UniqueFd(static_cast<int>(syscall(SYS_pidfd_open, pid, 0)));
-  }
-  ~Child() {
-    if (!reaped_) {
-      Kill();
-      (void)Wait();
-    }
-  }
-  int pidfd() const { return pidfd_.get(); }
-  void Kill() {
-    if (pidfd_.get() >= 0) {
-      syscall(SYS_pidfd_send_signal, pidfd_.get(), SIGKILL, nullptr, 0);
-    } else {
-      kill(pid_, SIGKILL);
-    }
-  }
-  int Wait() {
-    int status = 0;
-    while (waitpid(pid_, &status, 0) < 0 && errno == EINTR) {
-    }
-    reaped_ = true;
-    return status;
-  }
+int MillisLeft(std::chrono::steady_clock::time_point deadline) {
+  auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
+      deadline - std::chrono::steady_clock::now());
+  return static_cast<int>(std::clamp<int64_t>(left.count(), 0, INT32_MAX));
+}
 
- private:
-  pid_t pid_;
-  UniqueFd pidfd_;
-  bool reaped_ = false;
-};
+Status Cancelled() { return Error(Code::kUnavailable, "the compile was cancelled"); }
+
+// Why a helper that ended (wait `status`) without a whole reply did.
+Status Ended(int status, const SandboxLimits& limits, const std::string& errors) {
+  if (WIFSIGNALED(status)) {
+    int sig = WTERMSIG(status);
+    if (sig == SIGXCPU || sig == SIGKILL) {
+      return Error(Code::kTimeout, "compile ran past its CPU-time limit and was stopped");
+    }
+    return Error(Code::kResourceExhausted,
+                 std::string("the compiler died (") + strsignal(sig) +
+                     "), most likely at its memory limit of " +
+                     std::to_string(limits.memory_bytes >> 20) + " MiB");
+  }
+  return Error(Code::kInternal, "compile helper exited with status " +
+                                    std::to_string(WEXITSTATUS(status)) +
+                                    " without a reply: " + errors.substr(0, 1024));
+}
+
+Status WallTimeout(const SandboxLimits& limits) {
+  return Error(Code::kTimeout, "compile ran past its wall-time limit of " +
+                                   std::to_string(limits.wall.count()) + " ms and was stopped");
+}
 
 }  // namespace
+
+std::string_view IsolationName(Isolation i) {
+  return i == Isolation::kNamespaces ? "namespaces+landlock" : "landlock";
+}
 
 std::string DefaultHelperPath() {
   if (const char* p = getenv("GPUQ_NVRTC_HELPER"); p && *p) return p;
@@ -121,20 +97,167 @@ std::string DefaultCudaInclude() {
   return ec ? dir : real.string();
 }
 
-SandboxedCompiler::SandboxedCompiler(std::string helper_path, std::string cuda_include)
-    : helper_path_(helper_path.empty() ? DefaultHelperPath() : std::move(helper_path)),
-      cuda_include_(cuda_include.empty() ? DefaultCudaInclude() : std::move(cuda_include)) {
+// ------------------------------------------------------------------ Helper
+
+Helper::Helper(pid_t pid, UniqueFd in, UniqueFd out, UniqueFd err)
+    : pid_(pid),
+      reaped_(false),
+      pidfd_(static_cast<int>(syscall(SYS_pidfd_open, pid, 0))),
+      in_(std::move(in)),
+      out_(std::move(out)),
+      err_(std::move(err)) {}
+
+Helper::Helper(Helper&& o) noexcept
+    : pid_(o.pid_),
+      reaped_(std::exchange(o.reaped_, true)),
+      pidfd_(std::move(o.pidfd_)),
+      in_(std::move(o.in_)),
+      out_(std::move(o.out_)),
+      err_(std::move(o.err_)),
+      ready_(o.ready_),
+      isolation_(o.isolation_) {}
+
+Helper& Helper::operator=(Helper&& o) noexcept {
+  if (this != &o) {
+    if (!reaped_) {
+      Kill();
+      Reap();
+    }
+    pid_ = o.pid_;
+    reaped_ = std::exchange(o.reaped_, true);
+    pidfd_ = std::move(o.pidfd_);
+    in_ = std::move(o.in_);
+    out_ = std::move(o.out_);
+    err_ = std::move(o.err_);
+    ready_ = o.ready_;
+    isolation_ = o.isolation_;
+  }
+  return *this;
+}
+
+Helper::~Helper() {
+  if (!reaped_) {
+    Kill();
+    Reap();
+  }
+}
+
+void Helper::Kill() {
+  if (pidfd_) {
+    syscall(SYS_pidfd_send_signal, pidfd_.get(), SIGKILL, nullptr, 0);
+  } else if (!reaped_) {
+    kill(pid_, SIGKILL);
+  }
+}
+
+int Helper::Reap() {
+  int status = 0;
+  while (waitpid(pid_, &status, 0) < 0 && errno == EINTR) {
+  }
+  reaped_ = true;
+  return status;
+}
+
+StatusOr<Isolation> Helper::WaitReady(std::chrono::steady_clock::time_point deadline,
+                                      int cancel_fd) {
+  if (ready_) return isolation_;
+  if (reaped_ || !out_) return Error(Code::kInternal, "no compile helper");
+  for (;;) {
+    pollfd fds[2] = {{out_.get(), POLLIN, 0}, {cancel_fd, POLLIN, 0}};
+    int n = poll(fds, cancel_fd >= 0 ? 2 : 1, MillisLeft(deadline));
+    if (n < 0 && errno != EINTR) {
+      return Error(Code::kInternal, std::string("poll: ") + strerror(errno));
+    }
+    if (cancel_fd >= 0 && fds[1].revents) return Cancelled();
+    if (n > 0 && fds[0].revents) break;
+    if (n == 0 || std::chrono::steady_clock::now() >= deadline) {
+      return Error(Code::kTimeout, "the compile helper was not ready in time");
+    }
+  }
+  char byte = 0;
+  ssize_t r;
+  while ((r = read(out_.get(), &byte, 1)) < 0 && errno == EINTR) {
+  }
+  if (r == 1 && (byte == kReadyNamespaces || byte == kReadyLandlock)) {
+    ready_ = true;
+    isolation_ = byte == kReadyNamespaces ? Isolation::kNamespaces : Isolation::kLandlock;
+    return isolation_;
+  }
+  // It could not confine itself (and says why), or it died.
+  std::string said;
+  char buf[4096];
+  CompileOutput out;
+  Status decoded = Error(Code::kUnavailable, "no reply");
+  while (r == 1 && byte == kCannotConfine && decoded.code() == Code::kUnavailable) {
+    ssize_t m = read(out_.get(), buf, sizeof buf);
+    if (m < 0 && errno == EINTR) continue;
+    if (m <= 0) break;
+    said.append(buf, m);
+    decoded = DecodeSandboxReply(said, &out, kMaxStderrBytes);
+  }
+  const int status = ReapBy(deadline);
+  const std::string errors = DrainStderr();
+  if (decoded.ok() && !out.ok) {
+    return Error(out.code == Code::kOk ? Code::kInternal : out.code, out.log);
+  }
+  return Error(Code::kInternal,
+               "compile helper " +
+                   (WIFSIGNALED(status)
+                        ? std::string("was killed by ") + strsignal(WTERMSIG(status))
+                        : "exited with status " + std::to_string(WEXITSTATUS(status))) +
+                   " before it was ready: " + errors.substr(0, 1024));
+}
+
+int Helper::ReapBy(std::chrono::steady_clock::time_point deadline) {
+  if (pidfd_) {
+    // A pidfd is readable once its process has exited.
+    pollfd fd{pidfd_.get(), POLLIN, 0};
+    while (poll(&fd, 1, MillisLeft(deadline)) < 0 && errno == EINTR) {
+    }
+    if (!fd.revents) Kill();
+  }
+  return Reap();
+}
+
+std::string Helper::DrainStderr() {
+  std::string errors;
+  char buf[4096];
+  for (ssize_t m; errors.size() < kMaxStderrBytes &&
+                  ((m = read(err_.get(), buf, sizeof buf)) > 0 || (m < 0 && errno == EINTR));) {
+    if (m > 0) errors.append(buf, m);
+  }
+  return errors;
+}
+
+bool Helper::Waiting() const {
+  if (!ready_ || reaped_ || !out_) return false;
+  // A waiting helper has nothing more to say; a dead one's pipe is closed.
+  pollfd fd{out_.get(), POLLIN, 0};
+  return poll(&fd, 1, 0) == 0;
+}
+
+// ------------------------------------------------------------ SandboxedCompiler
+
+SandboxedCompiler::SandboxedCompiler(SandboxOptions options) : options_(std::move(options)) {
+  if (options_.helper_path.empty()) options_.helper_path = DefaultHelperPath();
+  if (options_.cuda_include.empty()) {
+    options_.cuda_include = DefaultCudaInclude();
+  } else {
+    // The helper mounts it at its own path and judges include paths against
+    // it as text: it must be the real, absolute path.
+    std::error_code ec;
+    auto real = std::filesystem::canonical(options_.cuda_include, ec);
+    if (!ec) options_.cuda_include = real.string();
+  }
   static std::once_flag ignore_sigpipe;
   std::call_once(ignore_sigpipe, [] { signal(SIGPIPE, SIG_IGN); });
 }
 
-StatusOr<CompileOutput> SandboxedCompiler::Compile(const CompileRequest& request,
-                                                   const SandboxLimits& limits) const {
-  if (access(helper_path_.c_str(), X_OK) != 0) {
-    return Error(Code::kUnavailable, "compile helper " + helper_path_ + " is missing");
+StatusOr<Helper> SandboxedCompiler::Start() const {
+  const std::string& path = options_.helper_path;
+  if (access(path.c_str(), X_OK) != 0) {
+    return Error(Code::kUnavailable, "compile helper " + path + " is missing");
   }
-  const std::string input = EncodeSandboxRequest({request, cuda_include_});
-
   UniqueFd in_r, in_w, out_r, out_w, err_r, err_w;
   GPUQ_RETURN_IF_ERROR(MakePipe(&in_r, &in_w));
   GPUQ_RETURN_IF_ERROR(MakePipe(&out_r, &out_w));
@@ -156,105 +279,117 @@ StatusOr<CompileOutput> SandboxedCompiler::Compile(const CompileRequest& request
   posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF);
 
   // CPU time is bounded too, a little above the wall limit, in case the
-  // parent itself is stopped while the helper runs.
+  // parent itself is stopped while the helper runs; the helper's warm-up
+  // (a fraction of a second) counts against it.
+  const SandboxLimits& limits = options_.limits;
   const auto wall_s = std::chrono::duration_cast<std::chrono::seconds>(limits.wall).count();
   std::string mem = std::to_string(limits.memory_bytes);
   std::string cpu = std::to_string(wall_s + 2);
-  char* argv[] = {const_cast<char*>(helper_path_.c_str()), mem.data(), cpu.data(), nullptr};
+  std::string mode = options_.namespaces ? "namespaces" : "landlock";
+  std::string include = options_.cuda_include;
+  char* argv[] = {const_cast<char*>(path.c_str()), mem.data(), cpu.data(), mode.data(),
+                  include.data(), nullptr};
   pid_t pid = -1;
-  int rc = posix_spawn(&pid, helper_path_.c_str(), &fa, &attr, argv, environ);
+  int rc = posix_spawn(&pid, path.c_str(), &fa, &attr, argv, environ);
   posix_spawn_file_actions_destroy(&fa);
   posix_spawnattr_destroy(&attr);
-  if (rc != 0) {
-    return Error(Code::kUnavailable, "spawn " + helper_path_ + ": " + strerror(rc));
-  }
-  Child child(pid);
-  in_r.Reset();
-  out_w.Reset();
-  err_w.Reset();
+  if (rc != 0) return Error(Code::kUnavailable, "spawn " + path + ": " + strerror(rc));
   fcntl(in_w.get(), F_SETFL, O_NONBLOCK);
+  fcntl(err_r.get(), F_SETFL, O_NONBLOCK);  // read once it has exited, for what it said
+  return Helper(pid, std::move(in_w), std::move(out_r), std::move(err_r));
+}
 
+StatusOr<CompileOutput> SandboxedCompiler::Compile(const CompileRequest& request) const {
+  GPUQ_ASSIGN_OR_RETURN(Helper helper, Start());
+  return Run(helper, request);
+}
+
+StatusOr<CompileOutput> SandboxedCompiler::Run(Helper& helper, const CompileRequest& request,
+                                               int cancel_fd) const {
+  const SandboxLimits& limits = options_.limits;
   const auto deadline = std::chrono::steady_clock::now() + limits.wall;
+  if (!helper.ready()) {
+    auto ready = helper.WaitReady(deadline, cancel_fd);
+    if (!ready.ok()) {
+      return ready.status().code() == Code::kTimeout ? WallTimeout(limits) : ready.status();
+    }
+  }
+  const std::string input = EncodeSandboxRequest(request);
   std::string reply, errors;
   size_t written = 0;
   bool out_open = true, err_open = true;
+  CompileOutput out;
   char buf[1 << 16];
-  while (out_open || err_open) {
-    auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
-        deadline - std::chrono::steady_clock::now());
-    if (left.count() <= 0) {
-      child.Kill();
-      child.Wait();
-      return Error(Code::kTimeout, "compile ran past its wall-time limit of " +
-                                       std::to_string(limits.wall.count()) +
-                                       " ms and was stopped");
+  // Until the reply is whole, or the helper's stdout closes without one.
+  for (bool whole = false; !whole;) {
+    if (!out_open) {
+      // It closed its stdout without a whole reply: it died, or is about to.
+      const int status = helper.ReapBy(deadline);
+      return Ended(status, limits, errors + helper.DrainStderr());
     }
-    pollfd fds[3];
+    const int left = MillisLeft(deadline);
+    if (left <= 0) {
+      helper.Kill();
+      helper.Reap();
+      return WallTimeout(limits);
+    }
+    pollfd fds[4];
     nfds_t n = 0;
-    int in_idx = -1, out_idx = -1, err_idx = -1;
-    if (in_w.get() >= 0) {
+    int in_idx = -1, out_idx = -1, err_idx = -1, cancel_idx = -1;
+    if (helper.in_) {
       in_idx = n;
-      fds[n++] = {in_w.get(), POLLOUT, 0};
+      fds[n++] = {helper.in_.get(), POLLOUT, 0};
     }
-    if (out_open) {
-      out_idx = n;
-      fds[n++] = {out_r.get(), POLLIN, 0};
-    }
+    out_idx = n;
+    fds[n++] = {helper.out_.get(), POLLIN, 0};
     if (err_open) {
       err_idx = n;
-      fds[n++] = {err_r.get(), POLLIN, 0};
+      fds[n++] = {helper.err_.get(), POLLIN, 0};
     }
-    int pr = poll(fds, n, static_cast<int>(left.count()));
+    if (cancel_fd >= 0) {
+      cancel_idx = n;
+      fds[n++] = {cancel_fd, POLLIN, 0};
+    }
+    int pr = poll(fds, n, left);
     if (pr < 0 && errno != EINTR) {
       return Error(Code::kInternal, std::string("poll: ") + strerror(errno));
     }
     if (pr <= 0) continue;
+    if (cancel_idx >= 0 && fds[cancel_idx].revents) {
+      helper.Kill();
+      helper.Reap();
+      return Cancelled();
+    }
     if (in_idx >= 0 && fds[in_idx].revents) {
-      ssize_t w = write(in_w.get(), input.data() + written, input.size() - written);
+      ssize_t w = write(helper.in_.get(), input.data() + written, input.size() - written);
       if (w > 0) written += w;
-      if (w < 0 && errno != EAGAIN && errno != EINTR) in_w.Reset();  // helper gone
-      if (written == input.size()) in_w.Reset();                   // EOF for the helper
+      if (w < 0 && errno != EAGAIN && errno != EINTR) helper.in_.Reset();  // helper gone
+      if (written == input.size()) helper.in_.Reset();                   // EOF for the helper
     }
-    auto drain = [&](int idx, const UniqueFd& fd, std::string* into, size_t max,
-                     bool* open) -> Status {
-      if (idx < 0 || !fds[idx].revents) return Status::Ok();
-      ssize_t r = read(fd.get(), buf, sizeof buf);
-      if (r == 0 || (r < 0 && errno != EAGAIN && errno != EINTR)) {
-        *open = false;
-      } else if (r > 0) {
-        if (into->size() + r > max) {
-          if (into == &errors) return Status::Ok();  // keep only the head
-          return Error(Code::kResourceExhausted, "compile output is over " +
-                                                     std::to_string(max) + " bytes");
+    if (err_idx >= 0 && fds[err_idx].revents) {
+      ssize_t r = read(helper.err_.get(), buf, sizeof buf);
+      if (r == 0 || (r < 0 && errno != EAGAIN && errno != EINTR)) err_open = false;
+      if (r > 0 && errors.size() < kMaxStderrBytes) errors.append(buf, r);  // the head
+    }
+    if (fds[out_idx].revents) {
+      ssize_t r = read(helper.out_.get(), buf, sizeof buf);
+      if (r == 0 || (r < 0 && errno != EAGAIN && errno != EINTR)) out_open = false;
+      if (r > 0) {
+        reply.append(buf, r);
+        Status decoded = DecodeSandboxReply(reply, &out, kMaxReplyBytes);
+        if (decoded.code() == Code::kTooLarge) {
+          helper.Kill();
+          helper.Reap();
+          return Error(Code::kResourceExhausted, decoded.message());
         }
-        into->append(buf, r);
+        if (!decoded.ok() && decoded.code() != Code::kUnavailable) return decoded;
+        whole = decoded.ok();
       }
-      return Status::Ok();
-    };
-    GPUQ_RETURN_IF_ERROR(drain(out_idx, out_r, &reply, kMaxReplyBytes, &out_open));
-    GPUQ_RETURN_IF_ERROR(drain(err_idx, err_r, &errors, kMaxStderrBytes, &err_open));
-  }
-  // Both pipes closed: the helper has exited or is about to.
-  const int status = child.Wait();
-  if (WIFSIGNALED(status)) {
-    int sig = WTERMSIG(status);
-    if (sig == SIGXCPU || sig == SIGKILL) {
-      return Error(Code::kTimeout, "compile ran past its CPU-time limit and was stopped");
     }
-    return Error(Code::kResourceExhausted,
-                 std::string("the compiler died (") + strsignal(sig) +
-                     "), most likely at its memory limit of " +
-                     std::to_string(limits.memory_bytes >> 20) + " MiB");
   }
-  if (WEXITSTATUS(status) != 0) {
-    return Error(Code::kInternal, "compile helper exited with status " +
-                                      std::to_string(WEXITSTATUS(status)) + ": " +
-                                      errors.substr(0, 1024));
-  }
-  CompileOutput out;
-  GPUQ_RETURN_IF_ERROR(DecodeSandboxReply(reply, &out));
-  // Only a rejection of the source is an outcome; anything else says nothing
-  // about the source and must not be cached as if it did.
+  // The helper is exiting; its owner reaps it. Only a rejection of the
+  // source is an outcome; anything else says nothing about the source and
+  // must not be cached as if it did.
   if (!out.ok && out.code != Code::kCompileError && out.code != Code::kSandboxViolation) {
     return Error(out.code, out.log);
   }

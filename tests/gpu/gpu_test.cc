@@ -15,8 +15,7 @@
 #include <thread>
 
 #include "gpuq/client.h"
-#include "tests/process_util.h"
-#include "tests/test_util.h"
+#include "tests/gpu/gpu_fixture.h"
 
 namespace gpuq {
 namespace {
@@ -26,108 +25,13 @@ using schema::JobState;
 using schema::ScalarType;
 using Clock = std::chrono::steady_clock;
 
-// GPUs that gpuq-worker can use on this machine.
-int GpuCount() {
-  static const int count = [] {
-    std::string out;
-    int rc = testing::RunProgram({testing::BinPath("gpuq-worker"), "--count"}, &out);
-    return rc == 0 ? std::atoi(out.c_str()) : 0;
-  }();
-  return count;
-}
-bool HaveGpu() { return GpuCount() > 0; }
+using testing::GpuCount;
 
-class GpuTest : public ::testing::Test {
- public:
-  template <typename T>
-  static std::vector<T> As(const Bytes& bytes) {
-    std::vector<T> v(bytes.size() / sizeof(T));
-    std::memcpy(v.data(), bytes.data(), v.size() * sizeof(T));
-    return v;
-  }
-
+class GpuTest : public testing::GpuFixture {
  protected:
-  static void SetUpTestSuite() {
-    if (!HaveGpu()) return;
-    dir_ = new testing::TempDir();
-    broker_ = new testing::BrokerProcess(dir_->path(), {}, "-1");
-    ASSERT_TRUE(broker_->Start()) << testing::ReadFile(dir_->File("gpuqd.log"));
-  }
-  static void TearDownTestSuite() {
-    if (broker_) broker_->Stop();
-    if (dir_ && ::testing::UnitTest::GetInstance()->failed_test_count() > 0) {
-      // The broker's log holds its workers' output too.
-      std::string log = testing::ReadFile(dir_->File("gpuqd.log"));
-      std::printf("---- gpuqd.log (last 6000 bytes)\n%s\n",
-                  log.substr(log.size() > 6000 ? log.size() - 6000 : 0).c_str());
-    }
-    delete broker_;
-    delete dir_;
-    broker_ = nullptr;
-    dir_ = nullptr;
-  }
-  void SetUp() override {
-    if (!HaveGpu()) GTEST_SKIP() << "no GPU on this machine";
-    client_ = Connect();
-    ASSERT_TRUE(WaitForWorker(*client_)) << Log();
-  }
-
-  static std::unique_ptr<Client> Connect() {
-    ClientOptions o;
-    o.timeout = Millis(60000);
-    auto c = Client::Connect(broker_->client_endpoint(), o);
-    EXPECT_TRUE(c.ok());
-    return std::move(*c);
-  }
-  // Waits until a worker for every GPU is attached (one may be restarting
-  // after a fault or timeout of an earlier test).
-  static bool WaitForWorker(Client& c) {
-    for (int i = 0; i < 300; ++i) {
-      auto d = c.Devices();
-      if (d.ok() && d->size() == static_cast<size_t>(GpuCount())) return true;
-      std::this_thread::sleep_for(std::chrono::milliseconds(50));
-    }
-    return false;
-  }
-  static std::string Log() { return testing::ReadFile(dir_->File("gpuqd.log")); }
-
-  // Keeps input bytes alive for the requests that point at them.
-  std::string_view Keep(std::string bytes) {
-    keep_.push_back(std::move(bytes));
-    return keep_.back();
-  }
-  template <typename T>
-  std::string_view Keep(const std::vector<T>& v) {
-    return Keep(std::string(reinterpret_cast<const char*>(v.data()), v.size() * sizeof(T)));
-  }
-  JobResult Run(const JobRequest& j) {
-    auto id = client_->Submit(j);
-    EXPECT_TRUE(id.ok()) << id.status().ToString();
-    if (!id.ok()) return {};
-    auto r = client_->Wait(*id, Millis(60000));
-    EXPECT_TRUE(r.ok()) << r.status().ToString();
-    return r.ok() ? *r : JobResult{};
-  }
-
-  static JobRequest Kernel(std::string src, std::string entry, schema::Dim3 grid,
-                           schema::Dim3 block) {
-    JobRequest j;
-    j.spec.kernel.source = std::move(src);
-    j.spec.kernel.entry = std::move(entry);
-    j.spec.launch.grid = grid;
-    j.spec.launch.block = block;
-    return j;
-  }
-
-  static testing::TempDir* dir_;
-  static testing::BrokerProcess* broker_;
-  std::unique_ptr<Client> client_;
-  std::deque<std::string> keep_;
-  std::mt19937 rng_{std::random_device{}()};
+  static void SetUpTestSuite() { StartBroker("-1"); }
+  static void TearDownTestSuite() { StopBroker(); }
 };
-
-testing::TempDir* GpuTest::dir_ = nullptr;
-testing::BrokerProcess* GpuTest::broker_ = nullptr;
 
 constexpr char kSaxpy[] = R"(
 extern "C" __global__ void saxpy(float a, const float* x, float* y, float* twice, unsigned n) {
