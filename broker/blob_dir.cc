@@ -1,6 +1,7 @@
 #include "broker/blob_dir.h"
 
 #include "util/file_io.h"
+#include "util/plain_file.h"
 
 #include <dirent.h>
 #include <fcntl.h>
@@ -93,17 +94,28 @@ void BlobDir::Remove(const std::string& name) const {
 Status BlobDir::Adopt(const std::string& from, const std::string& to, uint64_t* size,
                       bool sync) const {
   // Renamed first, then checked under its new name: what is checked is what
-  // the store keeps.
+  // the store keeps. A peer's file is opened without blocking (a FIFO) or
+  // following a link, and checked on the open descriptor.
   const std::string src = path_ + "/" + from, dst = path_ + "/" + to;
-  if (rename(src.c_str(), dst.c_str()) != 0) return Errno("renaming " + src);
-  Fd f(open(dst.c_str(), O_RDONLY | O_NOFOLLOW | O_CLOEXEC));
-  struct stat st {};
-  if (f.fd < 0 || fstat(f.fd, &st) != 0 || !S_ISREG(st.st_mode) || st.st_nlink != 1) {
+  if (rename(src.c_str(), dst.c_str()) != 0) {
+    if (errno == ENOENT) return Error(Code::kInvalid, src + ": no such file");
+    return Errno("renaming " + src);
+  }
+  PlainFileCheck one_link;
+  one_link.single_link = true;
+  auto f = OpenPlainFile(dst, one_link);
+  if (!f.ok()) {
     (void)unlink(dst.c_str());
-    return Error(Code::kInvalid, src + " is not a plain file");
+    return Error(Code::kInvalid, src + " is not a plain file of one link");
+  }
+  struct stat st {};
+  if (fstat(f->get(), &st) != 0) {
+    Status s = Errno("reading " + dst);
+    (void)unlink(dst.c_str());
+    return s;
   }
   *size = static_cast<uint64_t>(st.st_size);
-  if (sync && fdatasync(f.fd) != 0) {
+  if (sync && fdatasync(f->get()) != 0) {
     Status s = Errno("syncing " + dst);
     (void)unlink(dst.c_str());
     return s;

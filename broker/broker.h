@@ -1,10 +1,13 @@
 // gpuqd's broker: accepts jobs from clients, stores them durably, compiles
 // their kernels, dispatches them to GPU workers and returns the results.
 //
-// One loop thread owns both ROUTER sockets, the job store and every job's
-// state; compiles run on a small pool of threads and report back through an
-// eventfd; the /metrics HTTP server runs on its own thread and reads only a
-// rendered snapshot. See schema/PROTOCOL.md for what goes over the wire.
+// Threads: one loop thread owns both ROUTER sockets and every job's state
+// (broker/core.h) and never waits on the disk; the job store commits on a
+// thread of its own (broker/store_thread.h); compiles run on the compile
+// service's pool (broker/compile/); CURVE authentication on a ZAP thread
+// (broker/auth.h); the /metrics HTTP server reads only a rendered snapshot.
+// Those threads report back to the loop through one eventfd. See
+// schema/PROTOCOL.md for what goes over the wire.
 #pragma once
 
 #include <atomic>
@@ -17,6 +20,8 @@
 #include "broker/compile/compile_service.h"
 #include "broker/job_store.h"
 #include "schema/messages.h"
+#include "util/clock.h"
+#include "util/curve_keys.h"
 
 namespace gpuq::broker {
 
@@ -26,7 +31,6 @@ struct BrokerOptions {
   std::string store_path;       // SQLite job store
   Durability durability = Durability::kProcessCrash;
   compile::CompileServiceOptions compile;  // cache_path required
-  size_t compile_threads = 2;
   std::chrono::milliseconds heartbeat{500};
   int heartbeat_misses = 3;  // a worker silent this many intervals is gone
   // After a message, the loop polls without sleeping for this long before it
@@ -39,14 +43,23 @@ struct BrokerOptions {
   uint64_t max_queued_bytes = 8ull << 30;
   uint64_t default_time_limit_ms = 10000;
   std::chrono::seconds retention{24 * 3600};
+  // A queued job that no connected worker could take (placement: arch, GPU,
+  // memory) for this long fails with `unavailable`.
+  std::chrono::milliseconds unmatched_grace{60000};
+  // Bytes of replies and pushes a client connection may leave unread; past
+  // them its pushes are dropped (it fetches) and fetches refused.
+  uint64_t max_unread_bytes = 1ull << 30;
   std::string metrics_address;  // HOST:PORT for HTTP /metrics; empty = none
   schema::Limits limits;
   // CURVE (schema/PROTOCOL.md, "Security"). With a server secret key, the
   // client endpoint admits only the keys of `allowed_clients` (public key ->
-  // tenant) and binds each connection to its tenant; with `allowed_workers`
-  // too, the worker endpoint admits only those keys.
+  // tenant, and whether it is an operator's) and binds each connection to
+  // its tenant; with `allowed_workers` too, the worker endpoint admits only
+  // those keys.
   std::string curve_secret_key;  // Z85; empty: no CURVE
-  std::map<std::string, std::string> allowed_clients, allowed_workers;
+  std::map<std::string, AllowedKey> allowed_clients, allowed_workers;
+  // Time, for tests that drive it; the system's clocks when null.
+  const Clock* clock = nullptr;
 };
 
 class Broker {

@@ -82,7 +82,17 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--retention-s", retention_s, "How long results stay fetchable")
       ->capture_default_str();
-  app.add_option("--compile-threads", o.compile_threads, "Compiles at once")
+  size_t compile_threads = 2;
+  app.add_option("--compile-threads", compile_threads, "Compiles at once")
+      ->capture_default_str();
+  int64_t unmatched_grace_ms = 60000;
+  app.add_option("--unmatched-grace-ms", unmatched_grace_ms,
+                 "A queued job no connected worker could take for this long fails (unavailable)")
+      ->check(CLI::Range(int64_t{0}, int64_t{86400000}))
+      ->capture_default_str();
+  uint64_t max_unread_mb = 1024;
+  app.add_option("--max-unread-mb", max_unread_mb,
+                 "Replies a client connection may leave unread before its pushes are dropped")
       ->capture_default_str();
   app.add_option("--compile-timeout-ms", compile_timeout_ms, "Wall-time bound of a compile")
       ->capture_default_str();
@@ -99,7 +109,8 @@ int main(int argc, char** argv) {
   app.add_option("--curve-secret", curve_secret,
                  "CURVE: the broker's secret key file (gpuq keygen); clients need its .pub");
   app.add_option("--allowed-keys", allowed_keys,
-                 "CURVE: client keys, 'PUBLIC-KEY TENANT' per line; the tenant is bound to the key");
+                 "CURVE: client keys, 'PUBLIC-KEY TENANT [operator]' per line; the tenant is "
+                 "bound to the key; an operator sees every tenant's stats");
   app.add_option("--worker-keys", worker_keys,
                  "CURVE: worker keys, 'PUBLIC-KEY NAME' per line (CURVE on the worker endpoint)");
   app.add_flag("--insecure", insecure, "Allow a tcp endpoint without CURVE");
@@ -112,6 +123,9 @@ int main(int argc, char** argv) {
   o.heartbeat = std::chrono::milliseconds(heartbeat_ms);
   o.spin = std::chrono::microseconds(spin_us);
   o.retention = std::chrono::seconds(retention_s);
+  o.compile.max_concurrent = compile_threads;
+  o.unmatched_grace = std::chrono::milliseconds(unmatched_grace_ms);
+  o.max_unread_bytes = max_unread_mb << 20;
   o.compile.limits.wall = std::chrono::milliseconds(compile_timeout_ms);
   o.compile.limits.memory_bytes = compile_memory_mb << 20;
   if (!curve_secret.empty()) {
@@ -149,6 +163,9 @@ int main(int argc, char** argv) {
     return 2;
   }
 
+  // Past the file size limit a write fails (EFBIG), as on a full disk; the
+  // broker refuses what it cannot store and goes on.
+  signal(SIGXFSZ, SIG_IGN);
   auto broker = gpuq::broker::Broker::Create(o);
   if (!broker.ok()) {
     spdlog::error("cannot start: {}", broker.status().ToString());

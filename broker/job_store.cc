@@ -659,7 +659,7 @@ StatusOr<std::optional<StoredJob>> JobStore::Get(uint64_t id) {
   GPUQ_ASSIGN_OR_RETURN(
       sql::Stmt * s,
       Cached("SELECT tenant, client_key, priority, state, attempts, suspect, accepted_ms, "
-             "deadline_ms, finished_ms FROM jobs WHERE id = ?1"));
+             "deadline_ms, finished_ms, spec FROM jobs WHERE id = ?1"));
   GPUQ_ASSIGN_OR_RETURN(bool row, s->Bind(1, static_cast<int64_t>(id)).Step());
   if (!row) return std::optional<StoredJob>();
   StoredJob j;
@@ -673,6 +673,9 @@ StatusOr<std::optional<StoredJob>> JobStore::Get(uint64_t id) {
   j.accepted_ms = s->Int(6);
   j.deadline_ms = s->Int(7);
   j.finished_ms = s->IsNull(8) ? 0 : s->Int(8);
+  // Of the spec, only what readers of an ended job need (its bytes are not
+  // decoded whole).
+  j.spec.local_out = schema::PeekBool(s->Blob(9), "local_out").value_or(false);
   return std::optional<StoredJob>(std::move(j));
 }
 

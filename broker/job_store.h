@@ -180,7 +180,8 @@ class JobStore {
   // job): files by path and size (checked, not read), the others with their
   // bytes. kIoError naming the input when one is damaged.
   StatusOr<std::vector<StoredBuffer>> LoadInputs(uint64_t id);
-  // A job's row (without inputs), or nullopt.
+  // A job's row (without inputs, and of its spec only `local_out`), or
+  // nullopt.
   StatusOr<std::optional<StoredJob>> Get(uint64_t id);
   // A job's result with its outputs (see StoredResult::data), or nullopt.
   // kIoError naming the output when one is damaged.

@@ -71,7 +71,7 @@ std::string Escape(const std::string& s) {
 std::string EncodeStats(const StatsSnapshot& s) {
   msgpack::sbuffer buf;
   Packer p(buf);
-  p.pack_map(14);
+  p.pack_map(s.tenant_view ? 6 : 16);
   Str(p, "queued");
   p.pack_uint64(s.queued);
   Str(p, "queued_by_priority");
@@ -80,42 +80,53 @@ std::string EncodeStats(const StatsSnapshot& s) {
   CountMap(p, s.queued_by_tenant);
   Str(p, "inflight");
   p.pack_uint64(s.inflight);
-  Str(p, "inflight_by_worker");
-  CountMap(p, s.inflight_by_worker);
-  Str(p, "compiling");
-  p.pack_uint64(s.compiling);
-  Str(p, "submitted");
-  p.pack_uint64(s.submitted);
-  Str(p, "rejected");
-  p.pack_uint64(s.rejected);
-  Str(p, "requeued");
-  p.pack_uint64(s.requeued);
-  Str(p, "finished");
-  CountMap(p, s.finished);
-  Str(p, "latency_us");
-  p.pack_map(static_cast<uint32_t>(s.latency.size()));
-  for (const auto& [phase, h] : s.latency) {
-    Str(p, phase);
+  if (!s.tenant_view) {
+    Str(p, "inflight_by_worker");
+    CountMap(p, s.inflight_by_worker);
+    Str(p, "compiling");
+    p.pack_uint64(s.compiling);
+    Str(p, "submitted");
+    p.pack_uint64(s.submitted);
+    Str(p, "rejected");
+    p.pack_uint64(s.rejected);
+    Str(p, "requeued");
+    p.pack_uint64(s.requeued);
+    Str(p, "quarantined");
+    p.pack_uint64(s.quarantined);
+    Str(p, "replies_dropped");
+    p.pack_uint64(s.replies_dropped);
+    Str(p, "finished");
+    CountMap(p, s.finished);
+    Str(p, "latency_us");
+    uint32_t phases = 0;
+    for (const char* phase : kPhases) phases += s.latency.count(phase);
+    p.pack_map(phases);
+    for (const char* phase : kPhases) {
+      auto it = s.latency.find(phase);
+      if (it == s.latency.end()) continue;
+      const Histogram& h = it->second;
+      Str(p, phase);
+      p.pack_map(4);
+      Str(p, "p50");
+      p.pack_uint64(static_cast<uint64_t>(h.QuantileUs(0.5)));
+      Str(p, "p90");
+      p.pack_uint64(static_cast<uint64_t>(h.QuantileUs(0.9)));
+      Str(p, "p99");
+      p.pack_uint64(static_cast<uint64_t>(h.QuantileUs(0.99)));
+      Str(p, "count");
+      p.pack_uint64(h.count());
+    }
+    Str(p, "cache");
     p.pack_map(4);
-    Str(p, "p50");
-    p.pack_uint64(static_cast<uint64_t>(h.QuantileUs(0.5)));
-    Str(p, "p90");
-    p.pack_uint64(static_cast<uint64_t>(h.QuantileUs(0.9)));
-    Str(p, "p99");
-    p.pack_uint64(static_cast<uint64_t>(h.QuantileUs(0.99)));
-    Str(p, "count");
-    p.pack_uint64(h.count());
+    Str(p, "hits");
+    p.pack_uint64(s.cache_hits);
+    Str(p, "misses");
+    p.pack_uint64(s.cache_misses);
+    Str(p, "entries");
+    p.pack_uint64(s.cache_entries);
+    Str(p, "bytes");
+    p.pack_uint64(s.cache_bytes);
   }
-  Str(p, "cache");
-  p.pack_map(4);
-  Str(p, "hits");
-  p.pack_uint64(s.cache_hits);
-  Str(p, "misses");
-  p.pack_uint64(s.cache_misses);
-  Str(p, "entries");
-  p.pack_uint64(s.cache_entries);
-  Str(p, "bytes");
-  p.pack_uint64(s.cache_bytes);
   Str(p, "workers");
   p.pack_array(static_cast<uint32_t>(s.workers.size()));
   for (const auto& w : s.workers) {
@@ -169,11 +180,16 @@ std::string PrometheusText(const StatsSnapshot& s) {
   counter("gpuq_jobs_finished_total", "Jobs that reached a terminal state, by outcome.");
   for (const char* outcome : {"done", "compile_error", "sandbox_violation", "launch_error",
                               "kernel_fault", "timeout", "invalid", "resource_exhausted",
-                              "unavailable", "canceled", "expired"}) {
+                              "unavailable", "io_error", "internal", "canceled", "expired"}) {
     auto it = s.finished.find(outcome);
     o << "gpuq_jobs_finished_total{outcome=\"" << outcome << "\"} "
       << (it == s.finished.end() ? 0 : it->second) << "\n";
   }
+  counter("gpuq_jobs_quarantined_total", "Jobs found damaged in the store at start.");
+  o << "gpuq_jobs_quarantined_total " << s.quarantined << "\n";
+  counter("gpuq_client_replies_dropped_total",
+          "Replies and pushes not sent to clients that were not reading.");
+  o << "gpuq_client_replies_dropped_total " << s.replies_dropped << "\n";
   counter("gpuq_workers_lost_total", "Workers declared gone (silent, faulted or killed).");
   o << "gpuq_workers_lost_total " << s.workers_lost << "\n";
   o << "# HELP gpuq_job_phase_seconds Time jobs spent in each phase.\n"

@@ -45,11 +45,20 @@ struct StatsSnapshot {
   std::map<std::string, uint64_t> inflight_by_worker;
   std::map<std::string, uint64_t> finished;  // by outcome
   uint64_t submitted = 0, rejected = 0, requeued = 0, workers_lost = 0;
-  std::map<std::string, Histogram> latency;  // by phase
+  uint64_t quarantined = 0;      // jobs found damaged at start
+  uint64_t replies_dropped = 0;  // pushes and replies to clients that were not reading
+  // A tenant's view (CURVE, not an operator): only its own queue and jobs in
+  // flight; the broker's counters, latencies and cache are left out.
+  bool tenant_view = false;
+  std::map<std::string, Histogram> latency;  // by phase (kPhases)
   uint64_t cache_hits = 0, cache_misses = 0, cache_entries = 0, cache_bytes = 0;
   std::vector<schema::WorkerView> workers;
   double uptime_s = 0;
 };
+
+// The phases of a job's latency, in the order of PROTOCOL.md.
+inline constexpr const char* kPhases[] = {"queue", "compile", "load", "h2d",
+                                           "kernel", "d2h", "total"};
 
 // The msgpack map of the stats reply (schema/PROTOCOL.md, "Stats").
 std::string EncodeStats(const StatsSnapshot& s);

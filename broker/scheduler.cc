@@ -62,6 +62,15 @@ std::map<uint32_t, uint64_t> Scheduler::SizeByPriority() const {
   return out;
 }
 
+std::map<uint32_t, uint64_t> Scheduler::SizeByPriority(const std::string& tenant) const {
+  std::map<uint32_t, uint64_t> out;
+  for (const auto& [p, level] : levels_) {
+    auto t = level.tenants.find(tenant);
+    if (t != level.tenants.end()) out[p] = t->second.size();
+  }
+  return out;
+}
+
 std::map<std::string, uint64_t> Scheduler::SizeByTenant() const {
   return {tenant_sizes_.begin(), tenant_sizes_.end()};
 }

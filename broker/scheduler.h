@@ -28,6 +28,8 @@ class Scheduler {
   size_t size() const { return where_.size(); }
   size_t TenantSize(const std::string& tenant) const;
   std::map<uint32_t, uint64_t> SizeByPriority() const;
+  // One tenant's queued jobs by priority.
+  std::map<uint32_t, uint64_t> SizeByPriority(const std::string& tenant) const;
   std::map<std::string, uint64_t> SizeByTenant() const;
 
  private:

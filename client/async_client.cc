@@ -7,6 +7,7 @@
 #include <map>
 #include <mutex>
 #include <optional>
+#include <set>
 #include <thread>
 #include <zmq.hpp>
 #include <zmq_addon.hpp>
@@ -54,6 +55,7 @@ class AsyncClient::Impl {
     std::promise<StatusOr<uint64_t>> submitted;  // submit
     std::promise<std::string> local_dir;         // devices: the broker's local directory
     uint64_t result_of = 0;                      // result fetch for this job id
+    bool refetch = false;                        // a fetch again: its timeout is no answer
   };
 
   std::future<StatusOr<uint64_t>> Submit(const JobRequest& job) {
@@ -134,9 +136,62 @@ class AsyncClient::Impl {
     Clock::time_point deadline;
   };
 
+  // A result is pushed only to the connection that submitted the job, in
+  // the broker's lifetime: after a reconnect, a broker restart, or a push
+  // dropped because this client did not read, only a fetch finds it. So the
+  // results waited for are fetched again, each at most once a second and at
+  // most kRefetchBatch a round.
+  static constexpr auto kRefetchInterval = std::chrono::seconds(1);
+  static constexpr size_t kRefetchBatch = 256;
+  void Refetch(std::map<uint64_t, Pending>& pending, uint64_t& rid,
+               std::map<uint64_t, Clock::time_point>& last_fetch) {
+    std::vector<uint64_t> waited;
+    {
+      std::lock_guard lock(mu_);
+      for (const auto& [id, cbs] : waiters_) waited.push_back(id);
+    }
+    std::set<uint64_t> fetching;
+    for (const auto& [r, p] : pending) {
+      if (p.out->result_of) fetching.insert(p.out->result_of);
+    }
+    const auto now = Clock::now();
+    std::map<uint64_t, Clock::time_point> kept;
+    size_t sent = 0;
+    for (uint64_t id : waited) {
+      auto last = last_fetch.find(id);
+      Clock::time_point when = last == last_fetch.end() ? now : last->second;
+      if (!fetching.count(id) && now - when >= kRefetchInterval && sent < kRefetchBatch) {
+        auto o = std::make_unique<Outgoing>();
+        o->request.op = ClientOp::kResult;
+        o->request.id = id;
+        o->result_of = id;
+        o->refetch = true;
+        Send(std::move(o), pending, rid);
+        ++sent;
+        when = now;
+      }
+      kept[id] = when;
+    }
+    last_fetch.swap(kept);
+  }
+
+  void Send(std::unique_ptr<Outgoing> o, std::map<uint64_t, Pending>& pending, uint64_t& rid) {
+    o->request.rid = ++rid;
+    const std::string header = schema::EncodeClientRequest(o->request);
+    std::vector<zmq::message_t> frames;
+    frames.emplace_back(schema::kClientProtocol.data(), schema::kClientProtocol.size());
+    frames.emplace_back(header.data(), header.size());
+    for (auto& p : o->payload) frames.emplace_back(p.data(), p.size());
+    o->payload.clear();
+    zmq::send_multipart(sock_, frames);
+    pending[rid] = {std::move(o), Clock::now() + opt_.timeout};
+  }
+
   void Loop() {
     uint64_t rid = 0;
     std::map<uint64_t, Pending> pending;
+    std::map<uint64_t, Clock::time_point> last_fetch;  // by job id waited for
+    auto next_refetch = Clock::now();
     while (!stop_) {
       zmq::pollitem_t items[] = {{sock_.handle(), 0, ZMQ_POLLIN, 0}, {nullptr, wake_, ZMQ_POLLIN, 0}};
       zmq::poll(items, 2, std::chrono::milliseconds(50));
@@ -149,16 +204,10 @@ class AsyncClient::Impl {
         std::lock_guard lock(mu_);
         out.swap(queue_);
       }
-      for (auto& o : out) {
-        o->request.rid = ++rid;
-        const std::string header = schema::EncodeClientRequest(o->request);
-        std::vector<zmq::message_t> frames;
-        frames.emplace_back(schema::kClientProtocol.data(), schema::kClientProtocol.size());
-        frames.emplace_back(header.data(), header.size());
-        for (auto& p : o->payload) frames.emplace_back(p.data(), p.size());
-        o->payload.clear();
-        zmq::send_multipart(sock_, frames);
-        pending[rid] = {std::move(o), Clock::now() + opt_.timeout};
+      for (auto& o : out) Send(std::move(o), pending, rid);
+      if (Clock::now() >= next_refetch) {
+        next_refetch = Clock::now() + std::chrono::milliseconds(200);
+        Refetch(pending, rid, last_fetch);
       }
       for (int i = 0; i < 4096; ++i) {
         std::vector<zmq::message_t> frames;
@@ -192,7 +241,7 @@ class AsyncClient::Impl {
           Deliver(o.result_of, ToResult(r, frames));  // had ended before we asked
         } else if (r.op == ReplyOp::kError) {
           Deliver(o.result_of, Error(r.code, r.error));
-        }  // a status reply: not ended yet, the push will come
+        }  // a status reply: not ended yet; a push or a later fetch brings it
         pending.erase(it);
       }
       const auto now = Clock::now();
@@ -207,7 +256,7 @@ class AsyncClient::Impl {
           o.submitted.set_value(late);
         } else if (o.request.op == ClientOp::kDevices) {
           o.local_dir.set_value("");
-        } else {
+        } else if (!o.refetch) {
           Deliver(o.result_of, late);
         }
         it = pending.erase(it);

@@ -34,6 +34,7 @@ gpuq_state State(gpuq::schema::JobState s) { return static_cast<gpuq_state>(s); 
 
 // The C enums mirror gpuq::Code and schema::JobState value for value.
 static_assert(GPUQ_INTERNAL == static_cast<int>(gpuq::Code::kInternal));
+static_assert(GPUQ_CODE_EXPIRED == static_cast<int>(gpuq::Code::kExpired));
 static_assert(GPUQ_EXPIRED == static_cast<int>(gpuq::schema::JobState::kExpired));
 static_assert(GPUQ_F64 == static_cast<int>(gpuq::schema::ScalarType::kF64));
 

@@ -16,6 +16,7 @@ int ExitFor(Code code) {
     case Code::kBadVersion:
       return kExitUsage;
     case Code::kTimeout:
+    case Code::kExpired:
     case Code::kResourceExhausted:
       return kExitTimeout;
     case Code::kUnavailable:

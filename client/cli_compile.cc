@@ -81,6 +81,11 @@ int RunCompile(const CompileArgs& a) {
   opts.cache_path = a.cache.empty() ? DefaultCachePath() : a.cache;
   opts.limits.wall = std::chrono::milliseconds(a.timeout_ms);
   opts.limits.memory_bytes = a.memory_mb << 20;
+  // One compile: one thread, and its helper started for it, not a warm pool;
+  // the cache file is checked by the broker that owns it, not at every command.
+  opts.max_concurrent = 1;
+  opts.warm_helpers = 0;
+  opts.cache.verify_on_open = false;
   auto service = CompileService::Create(opts);
   if (!service.ok()) return Fail(a.json, service.status());
   compile::CompileInfo info;

@@ -20,6 +20,11 @@
 
 namespace gpuq {
 
+namespace {
+// How often a waiting client asks again for a result that was not pushed.
+constexpr std::chrono::seconds kRefetchInterval{1};
+}  // namespace
+
 using schema::ClientOp;
 using schema::ClientReply;
 using schema::ClientRequest;
@@ -293,23 +298,39 @@ StatusOr<Client::Event> Client::Poll(Millis timeout) {
 
 StatusOr<JobResult> Client::Wait(uint64_t id, std::optional<Millis> timeout) {
   auto& events = impl_->events_;
-  for (auto it = events.begin(); it != events.end(); ++it) {
-    if (it->kind == Event::kResult && it->id == id) {
-      JobResult r = std::move(it->result);
-      events.erase(it);
-      return r;
+  auto kept = [&]() -> std::optional<JobResult> {
+    for (auto it = events.begin(); it != events.end(); ++it) {
+      if (it->kind == Event::kResult && it->id == id) {
+        JobResult r = std::move(it->result);
+        events.erase(it);
+        return r;
+      }
     }
-  }
-  // It may have ended before we were listening: ask once.
-  GPUQ_ASSIGN_OR_RETURN(JobResult fetched, Fetch(id));
-  if (schema::IsTerminal(fetched.state)) return fetched;
+    return std::nullopt;
+  };
   const auto deadline = Clock::now() + timeout.value_or(impl_->opt_.timeout);
+  // A result is pushed only to the connection that submitted the job, in
+  // the broker's lifetime: after a reconnect, a broker restart, or a push
+  // dropped because this client was not reading, only a fetch finds it. So
+  // the result is fetched first, and again every second while waiting.
   for (;;) {
-    ClientReply r;
-    std::vector<zmq::message_t> frames;
-    GPUQ_RETURN_IF_ERROR(impl_->Receive(deadline, &r, &frames));
-    if (r.op == ReplyOp::kResult && r.rid == 0 && r.id == id) return ToResult(r, frames);
-    impl_->Keep(r, frames);
+    if (auto r = kept()) return std::move(*r);
+    GPUQ_ASSIGN_OR_RETURN(JobResult fetched, Fetch(id));
+    if (schema::IsTerminal(fetched.state)) return fetched;
+    if (auto r = kept()) return std::move(*r);
+    const auto refetch = std::min(deadline, Clock::now() + kRefetchInterval);
+    for (;;) {
+      ClientReply r;
+      std::vector<zmq::message_t> frames;
+      Status s = impl_->Receive(refetch, &r, &frames);
+      if (s.code() == Code::kTimeout) {
+        if (Clock::now() >= deadline) return s;
+        break;  // fetch again
+      }
+      GPUQ_RETURN_IF_ERROR(s);
+      if (r.op == ReplyOp::kResult && r.rid == 0 && r.id == id) return ToResult(r, frames);
+      impl_->Keep(r, frames);
+    }
   }
 }
 

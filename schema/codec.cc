@@ -535,10 +535,20 @@ Status GetArray(const object& o, std::string_view field, size_t max,
   return Status::Ok();
 }
 
+// An array of exactly `n` elements (a tuple): any other length is
+// malformed, never too large.
+Status GetTuple(const object& o, std::string_view field, size_t n, std::string_view shape,
+                const msgpack::object_array** out) {
+  if (o.type != mt::ARRAY || o.via.array.size != n) {
+    return Malformed(field, "expected " + std::string(shape));
+  }
+  *out = &o.via.array;
+  return Status::Ok();
+}
+
 Status GetDim3(const object& o, std::string_view field, Dim3* out) {
   const msgpack::object_array* a = nullptr;
-  GPUQ_RETURN_IF_ERROR(GetArray(o, field, 3, &a));
-  if (a->size != 3) return Malformed(field, "expected [x, y, z]");
+  GPUQ_RETURN_IF_ERROR(GetTuple(o, field, 3, "[x, y, z]", &a));
   GPUQ_RETURN_IF_ERROR(GetU(a->ptr[0], field, &out->x));
   GPUQ_RETURN_IF_ERROR(GetU(a->ptr[1], field, &out->y));
   return GetU(a->ptr[2], field, &out->z);
@@ -657,10 +667,8 @@ Status GetScalar(const object& v, ScalarType t, uint64_t* bits) {
 
 Status GetArg(const object& o, const Limits& limits, Arg* out) {
   const msgpack::object_array* a = nullptr;
-  GPUQ_RETURN_IF_ERROR(GetArray(o, "args", 2, &a));
-  if (a->size != 2 || a->ptr[0].type != mt::STR) {
-    return Malformed("args", "each argument is [type, value]");
-  }
+  GPUQ_RETURN_IF_ERROR(GetTuple(o, "args", 2, "each argument as [type, value]", &a));
+  if (a->ptr[0].type != mt::STR) return Malformed("args", "each argument is [type, value]");
   std::string_view t = StrView(a->ptr[0]);
   const object& v = a->ptr[1];
   if (t == "in" || t == "inout") {
@@ -669,7 +677,9 @@ Status GetArg(const object& o, const Limits& limits, Arg* out) {
   }
   if (t == "out") {
     out->kind = ArgKind::kOut;
-    return GetUint(v, "args", limits.max_buffer_bytes, &out->size);
+    GPUQ_RETURN_IF_ERROR(GetUint(v, "args", UINT64_MAX, &out->size));
+    if (out->size > limits.max_buffer_bytes) return TooLarge("out buffer", limits.max_buffer_bytes);
+    return Status::Ok();
   }
   out->kind = ArgKind::kScalar;
   if (!Lookup(kScalarNames, t, &out->type)) {
@@ -707,8 +717,7 @@ Status GetFiles(const object& o, std::string_view field, const Limits& limits, b
   out->resize(a->size);
   for (uint32_t i = 0; i < a->size; ++i) {
     const msgpack::object_array* f = nullptr;
-    GPUQ_RETURN_IF_ERROR(GetArray(a->ptr[i], field, 2, &f));
-    if (f->size != 2) return Malformed(field, "each file is [name, size]");
+    GPUQ_RETURN_IF_ERROR(GetTuple(a->ptr[i], field, 2, "each file as [name, size]", &f));
     LocalFile& lf = (*out)[i];
     GPUQ_RETURN_IF_ERROR(GetStr(f->ptr[0], field, 4096, &lf.name));
     GPUQ_RETURN_IF_ERROR(GetU(f->ptr[1], field, &lf.size));
@@ -738,8 +747,8 @@ Status GetJob(const object& o, const Limits& limits, JobSpec* j) {
     if (k == "key") return GetStr(v, k, limits.max_key_bytes, &j->key);
     if (k == "tenant") return GetStr(v, k, limits.max_tenant_bytes, &j->tenant);
     if (k == "priority") return GetU(v, k, &j->priority, kMaxPriority);
-    if (k == "deadline_ms") return GetU(v, k, &j->deadline_ms);
-    if (k == "limit_ms") return GetU(v, k, &j->time_limit_ms);
+    if (k == "deadline_ms") return GetU(v, k, &j->deadline_ms, kMaxDeadlineMs);
+    if (k == "limit_ms") return GetU(v, k, &j->time_limit_ms, kMaxTimeLimitMs);
     if (k == "src") return GetStr(v, k, limits.max_source_bytes, &j->kernel.source);
     if (k == "entry") return GetStr(v, k, limits.max_name_bytes, &j->kernel.entry);
     if (k == "expr") return GetBool(v, k, &j->kernel.name_expression);
@@ -759,8 +768,7 @@ Status GetJob(const object& o, const Limits& limits, JobSpec* j) {
       j->kernel.headers.resize(a->size);
       for (uint32_t i = 0; i < a->size; ++i) {
         const msgpack::object_array* h = nullptr;
-        GPUQ_RETURN_IF_ERROR(GetArray(a->ptr[i], k, 2, &h));
-        if (h->size != 2) return Malformed(k, "each header is [name, content]");
+        GPUQ_RETURN_IF_ERROR(GetTuple(a->ptr[i], k, 2, "each header as [name, content]", &h));
         GPUQ_RETURN_IF_ERROR(
             GetStr(h->ptr[0], k, limits.max_name_bytes, &j->kernel.headers[i].name));
         GPUQ_RETURN_IF_ERROR(GetStr(h->ptr[1], k, limits.max_total_source_bytes,
@@ -811,8 +819,7 @@ Status GetDevice(const object& o, DeviceInfo* d) {
         if (k == "uuid") return GetStr(v, k, 64, &d->uuid);
         if (k == "cc") {
           const msgpack::object_array* a = nullptr;
-          GPUQ_RETURN_IF_ERROR(GetArray(v, k, 2, &a));
-          if (a->size != 2) return Malformed(k, "expected [major, minor]");
+          GPUQ_RETURN_IF_ERROR(GetTuple(v, k, 2, "[major, minor]", &a));
           GPUQ_RETURN_IF_ERROR(GetU(a->ptr[0], k, &d->cc_major, 99));
           return GetU(a->ptr[1], k, &d->cc_minor, 9);
         }
@@ -846,6 +853,10 @@ Status Unpack(std::string_view header, const Limits& limits, msgpack::object_han
     if (off != header.size()) {
       return Error(Code::kMalformed, "trailing bytes after the msgpack header");
     }
+  } catch (const msgpack::bin_size_overflow&) {
+    return Error(Code::kMalformed, "header holds msgpack bin, which no field uses");
+  } catch (const msgpack::ext_size_overflow&) {
+    return Error(Code::kMalformed, "header holds msgpack ext, which no field uses");
   } catch (const msgpack::depth_size_overflow& e) {
     return Error(Code::kTooLarge, std::string("header nests too deep: ") + e.what());
   } catch (const msgpack::size_overflow& e) {
@@ -987,17 +998,92 @@ Status DecodeJobSpec(std::string_view bytes, std::span<const uint64_t> payload_s
   return Status::Ok();
 }
 
-uint64_t PeekRequestId(std::string_view header) {
-  Limits limits;
-  msgpack::object_handle oh;
-  if (!Unpack(header, limits, &oh).ok()) return 0;
-  const auto& m = oh.get().via.map;
-  for (uint32_t i = 0; i < m.size; ++i) {
-    if (StrView(m.ptr[i].key) == "rid" && m.ptr[i].val.type == mt::POSITIVE_INTEGER) {
-      return m.ptr[i].val.via.u64;
-    }
+namespace {
+
+// Finds the value of one top-level key of a map that need not decode:
+// trailing bytes, fields over their limits, bin or ext elsewhere in it do not
+// hide it. Allocates nothing, and stops at the key's value or 8 levels deep.
+class TopLevelFinder : public msgpack::null_visitor {
+ public:
+  explicit TopLevelFinder(std::string_view key) : key_(key) {}
+  bool start_map(uint32_t) {
+    if (depth_ == 0 && seen_top_) return false;  // a second top-level value
+    seen_top_ = true;
+    return Enter();
   }
-  return 0;
+  bool end_map() { return Leave(); }
+  bool start_array(uint32_t) {
+    if (depth_ == 0) return false;  // not a map
+    return Enter();
+  }
+  bool end_array() { return Leave(); }
+  bool start_map_key() {
+    in_key_ = depth_ == 1;
+    return true;
+  }
+  bool end_map_key() {
+    in_key_ = false;
+    return true;
+  }
+  bool start_map_value() {
+    at_value_ = depth_ == 1 && key_matched_;
+    return true;
+  }
+  bool end_map_value() {
+    key_matched_ = at_value_ = false;
+    return true;
+  }
+  bool visit_str(const char* v, uint32_t size) {
+    if (in_key_) key_matched_ = std::string_view(v, size) == key_;
+    return true;
+  }
+  bool visit_positive_integer(uint64_t v) {
+    if (!at_value_ || depth_ != 1) return true;
+    uint_ = v;
+    return false;  // found: stop
+  }
+  bool visit_boolean(bool v) {
+    if (!at_value_ || depth_ != 1) return true;
+    bool_ = v;
+    return false;
+  }
+  void parse_error(size_t, size_t) {}
+  void insufficient_bytes(size_t, size_t) {}
+  std::optional<uint64_t> uint_;
+  std::optional<bool> bool_;
+
+ private:
+  bool Enter() {
+    at_value_ = false;
+    return ++depth_ <= 8;
+  }
+  bool Leave() {
+    --depth_;
+    return true;
+  }
+  std::string_view key_;
+  int depth_ = 0;
+  bool seen_top_ = false, in_key_ = false, key_matched_ = false, at_value_ = false;
+};
+
+TopLevelFinder Find(std::string_view map, std::string_view key) {
+  TopLevelFinder finder(key);
+  size_t off = 0;
+  try {
+    msgpack::parse(map.data(), map.size(), off, finder);
+  } catch (const std::exception&) {
+  }
+  return finder;
+}
+
+}  // namespace
+
+uint64_t PeekRequestId(std::string_view header) {
+  return Find(header, "rid").uint_.value_or(0);
+}
+
+std::optional<bool> PeekBool(std::string_view map, std::string_view key) {
+  return Find(map, key).bool_;
 }
 
 Status DecodeClientRequest(std::string_view header,
@@ -1027,10 +1113,17 @@ Status DecodeClientRequest(std::string_view header,
     }
     return kUnknownField;
   }));
+  if (r.rid == 0) return Malformed("rid", "must be at least 1 (0 is reserved for pushes)");
   if (needs_id && !has_id) return Malformed("id", "required");
   if (submit && !has_job) return Malformed("job", "required");
   if (submit) {
-    GPUQ_RETURN_IF_ERROR(ValidateJob(r.job, payload_sizes, limits));
+    if (Status s = ValidateJob(r.job, payload_sizes, limits); !s.ok()) {
+      // What a refused submit named stays readable: its local files are the
+      // broker's to remove.
+      out->op = r.op;
+      out->job.files = std::move(r.job.files);
+      return s;
+    }
   } else if (!payload_sizes.empty()) {
     return Error(Code::kMalformed, "only submit carries payload frames");
   }
@@ -1245,7 +1338,7 @@ Status DecodeBrokerMessage(std::string_view header, std::span<const uint64_t> pa
       if (k == "entry") return GetStr(v, k, limits.max_name_bytes, &r.entry);
       if (k == "image") return GetEnum(v, k, kImageNames, &r.image);
       if (k == "args") return GetArgs(v, limits, &r.args);
-      if (k == "limit_ms") return GetU(v, k, &r.time_limit_ms);
+      if (k == "limit_ms") return GetU(v, k, &r.time_limit_ms, kMaxTimeLimitMs);
       if (k == "files") return GetFiles(v, k, limits, true, &r.files);
       if (k == "out_dir") return GetStr(v, k, 4096, &r.out_dir);
     } else if (bop == BrokerOp::kError) {

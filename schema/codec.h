@@ -13,6 +13,7 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
 #include <span>
 #include <string>
 #include <string_view>
@@ -31,7 +32,10 @@ std::string EncodeClientReply(const ClientReply& m);
 std::string EncodeWorkerMessage(const WorkerMessage& m);
 std::string EncodeBrokerMessage(const BrokerMessage& m);
 
-// `payload_sizes` holds the size of each payload frame, in order.
+// `payload_sizes` holds the size of each payload frame, in order. On failure
+// `out` is unchanged, except for a submit that decoded but failed its checks
+// (ValidateJob): then out->op is kSubmit and out->job.files holds the local
+// files it named, which are the broker's to remove.
 Status DecodeClientRequest(std::string_view header,
                            std::span<const uint64_t> payload_sizes,
                            const Limits& limits, ClientRequest* out);
@@ -51,10 +55,15 @@ std::string EncodeJobSpec(const JobSpec& job);
 Status DecodeJobSpec(std::string_view bytes, std::span<const uint64_t> payload_sizes,
                      const Limits& limits, JobSpec* out);
 
-// Reads only the "rid" of a client request header, so that an error reply to
-// an otherwise undecodable request can still be matched by the client.
-// Returns 0 when there is none.
+// Reads only the top-level "rid" of a client request header, so that an
+// error reply to an otherwise undecodable request can still be matched by
+// the client: trailing bytes, fields over their limits, bin or ext do not
+// hide it. Returns 0 when there is none (0 is never a request's rid).
 uint64_t PeekRequestId(std::string_view header);
+// The boolean value of a top-level key of a msgpack map (a header, or a job
+// map as the job store keeps it), read as PeekRequestId reads the rid;
+// nullopt when it has none.
+std::optional<bool> PeekBool(std::string_view map, std::string_view key);
 
 // A local buffer's name from a client or worker: 1 to 128 of [A-Za-z0-9._-],
 // not starting with '.'. Never a path.

@@ -111,6 +111,11 @@ struct Placement {
   bool operator==(const Placement&) const = default;
 };
 
+// The largest deadline and run-time limit a job may ask for: a year, and a
+// week (values beyond would overflow the broker's clocks).
+inline constexpr uint64_t kMaxDeadlineMs = 366ull * 24 * 3600 * 1000;
+inline constexpr uint64_t kMaxTimeLimitMs = 7ull * 24 * 3600 * 1000;
+
 inline constexpr uint32_t kDefaultPriority = 5;
 inline constexpr uint32_t kMaxPriority = 9;
 

@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
 # The test command of README.md (and of .ci/run): installs what is missing,
-# builds gpuq twice (plain, and with AddressSanitizer + UBSan), fuzzes the
-# protocol decoders for a bounded time, and runs every test in both builds.
+# then, with warnings as errors:
+#   - a Release build (-O3), every test;
+#   - an AddressSanitizer + UndefinedBehaviorSanitizer build, every test;
+#   - a ThreadSanitizer build, the unit and broker process tests;
+#   - a clang build that checks the thread-safety annotations
+#     (-Wthread-safety) of every target;
+#   - the protocol decoders fuzzed for a bounded time.
 # GPU tests report themselves skipped where there is no GPU.
 #   scripts/test.sh            FUZZ_SECONDS=60 by default
 set -euo pipefail
@@ -10,18 +15,34 @@ scripts/install-deps.sh
 jobs=$(nproc)
 fuzz_seconds=${FUZZ_SECONDS:-60}
 
-cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
-cmake --build build -j "$jobs"
-cmake -S . -B build-asan -G Ninja -DCMAKE_BUILD_TYPE=Debug -DGPUQ_SANITIZE=ON \
-  -DGPUQ_BUILD_BENCH=OFF >/dev/null
+configure() {  # DIR, then cmake options
+  local dir=$1
+  shift
+  cmake -S . -B "$dir" -G Ninja -DGPUQ_WERROR=ON "$@" >/dev/null
+}
+
+echo "== Release build"
+configure build-release -DCMAKE_BUILD_TYPE=Release
+cmake --build build-release -j "$jobs"
+echo "== AddressSanitizer + UndefinedBehaviorSanitizer build"
+configure build-asan -DCMAKE_BUILD_TYPE=Debug -DGPUQ_SANITIZE=ON -DGPUQ_BUILD_BENCH=OFF
 cmake --build build-asan -j "$jobs"
+echo "== ThreadSanitizer build"
+configure build-tsan -DCMAKE_BUILD_TYPE=RelWithDebInfo -DGPUQ_TSAN=ON -DGPUQ_BUILD_BENCH=OFF
+cmake --build build-tsan -j "$jobs" --target gpuq-tests gpuq-broker-tests
+echo "== clang thread-safety analysis"
+CC=clang CXX=clang++ configure build-clang -DCMAKE_BUILD_TYPE=Debug -DGPUQ_THREAD_SAFETY=ON
+cmake --build build-clang -j "$jobs"
 
 echo "== fuzzing the protocol decoders for ${fuzz_seconds}s"
 .ci/fuzz.sh "$fuzz_seconds"
 
 export ASAN_OPTIONS=detect_leaks=1:abort_on_error=1
 export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
+export TSAN_OPTIONS="halt_on_error=1 second_deadlock_stack=1 suppressions=$PWD/tests/tsan.supp"
 echo "== tests, AddressSanitizer + UndefinedBehaviorSanitizer build"
 ctest --test-dir build-asan -j "$jobs" --output-on-failure --timeout 600
-echo "== tests, release build"
-ctest --test-dir build -j "$jobs" --output-on-failure --timeout 600
+echo "== tests, ThreadSanitizer build (unit and broker)"
+ctest --test-dir build-tsan -j "$jobs" --output-on-failure --timeout 900 -L "unit|broker"
+echo "== tests, Release build"
+ctest --test-dir build-release -j "$jobs" --output-on-failure --timeout 600

@@ -208,6 +208,7 @@ TEST_F(BadInputTest, PayloadFramesMustMatchTheBufferArguments) {
 TEST_F(BadInputTest, TwoArgumentsCannotShareAFrame) {
   ClientRequest r;
   r.op = ClientOp::kSubmit;
+  r.rid = 1;
   r.job.kernel.source = "x";
   r.job.kernel.entry = "k";
   r.job.args = {Arg::In(0), Arg::InOut(0)};
@@ -221,6 +222,7 @@ TEST_F(BadInputTest, LaunchDimensionsOutsideCudaLimitsAreInvalid) {
                              std::pair{Dim3{1, 70000, 1}, Dim3{1, 1, 1}}}) {
     ClientRequest r;
     r.op = ClientOp::kSubmit;
+    r.rid = 1;
     r.job.kernel.source = "x";
     r.job.kernel.entry = "k";
     r.job.launch.grid = grid;
@@ -254,6 +256,79 @@ TEST_F(BadInputTest, ScalarOutOfRangeForItsTypeIsInvalid) {
             Code::kMalformed);
 }
 
+TEST_F(BadInputTest, TheRidIsReadWheneverItCanBe) {
+  const std::string status = M("\x83\xa2op\xa6status\xa3rid\x4d\xa2id\x01");
+  EXPECT_EQ(PeekRequestId(status), 77u);
+  EXPECT_EQ(PeekRequestId(status + "\x01\x02"), 77u) << "trailing bytes";
+  // {"id": [5000 zeros], "rid": 77}: an array over the limit before the rid.
+  std::string big = M("\x82\xa2id\xdc\x13\x88") + std::string(5000, '\x00');
+  EXPECT_EQ(PeekRequestId(big + M("\xa3rid\x4d")), 77u);
+  EXPECT_EQ(PeekRequestId(M("\x82\xa1x\xc4\x01z\xa3rid\x4d")), 77u) << "a bin before it";
+  EXPECT_EQ(PeekRequestId(M("\x81\xa1x\x81\xa3rid\x4d")), 0u) << "a nested rid is not it";
+  EXPECT_EQ(PeekRequestId(M("\x91\x4d")), 0u) << "not a map";
+  EXPECT_EQ(PeekRequestId(""), 0u);
+  EXPECT_EQ(PeekRequestId(M("\x81\xa3rid")), 0u) << "truncated";
+}
+
+TEST_F(BadInputTest, RidZeroIsReservedForPushes) {
+  EXPECT_EQ(Decode(M("\x82\xa2op\xa5stats\xa3rid\x00"), {}).code(), Code::kMalformed);
+  EXPECT_TRUE(Decode(M("\x82\xa2op\xa5stats\xa3rid\x01"), {}).ok());
+}
+
+TEST_F(BadInputTest, BinExtAndMisshapenTuplesAreMalformedNotTooLarge) {
+  EXPECT_EQ(Decode(M("\x83\xa2op\xa6status\xa3rid\x01\xa2id\xc4\x01x"), {}).code(),
+            Code::kMalformed);
+  EXPECT_EQ(Decode(M("\x83\xa2op\xa6status\xa3rid\x01\xa2id\xd4\x01x"), {}).code(),
+            Code::kMalformed);
+  ClientRequest r;
+  r.op = ClientOp::kSubmit;
+  r.rid = 1;
+  r.job.kernel.source = "x";
+  r.job.kernel.entry = "k";
+  r.job.args = {Arg::U32(1)};
+  std::string h = EncodeClientRequest(r);
+  // The argument ["u32", 1] with a third element.
+  const std::string arg = M("\x92\xa3u32\x01");
+  const size_t at = h.find(arg);
+  ASSERT_NE(at, std::string::npos);
+  EXPECT_EQ(Decode(h.replace(at, arg.size(), M("\x93\xa3u32\x01\x01")), {}).code(),
+            Code::kMalformed);
+}
+
+TEST_F(BadInputTest, RangesOfSizesDeadlinesAndLimits) {
+  ClientRequest r;
+  r.op = ClientOp::kSubmit;
+  r.rid = 1;
+  r.job.kernel.source = "x";
+  r.job.kernel.entry = "k";
+  r.job.args = {Arg::Out(limits_.max_buffer_bytes + 1)};
+  EXPECT_EQ(Decode(EncodeClientRequest(r), {}).code(), Code::kTooLarge);
+  r.job.args = {Arg::Out(16)};
+  r.job.deadline_ms = kMaxDeadlineMs;
+  EXPECT_TRUE(Decode(EncodeClientRequest(r), {}).ok());
+  r.job.deadline_ms = ~uint64_t{0} - 5;
+  EXPECT_EQ(Decode(EncodeClientRequest(r), {}).code(), Code::kInvalid);
+  r.job.deadline_ms = 0;
+  r.job.time_limit_ms = kMaxTimeLimitMs + 1;
+  EXPECT_EQ(Decode(EncodeClientRequest(r), {}).code(), Code::kInvalid);
+}
+
+TEST_F(BadInputTest, ARefusedSubmitStillNamesItsLocalFiles) {
+  ClientRequest r;
+  r.op = ClientOp::kSubmit;
+  r.rid = 1;
+  r.job.kernel.source = "x";
+  r.job.kernel.entry = "k";
+  r.job.launch.block = {2048, 1, 1};
+  r.job.args = {Arg::In(0)};
+  r.job.files = {{"c-input", 4}};
+  ClientRequest out;
+  EXPECT_EQ(DecodeClientRequest(EncodeClientRequest(r), {}, limits_, &out).code(),
+            Code::kInvalid);
+  EXPECT_EQ(out.op, ClientOp::kSubmit);
+  EXPECT_EQ(out.job.files, r.job.files);
+}
+
 TEST(ReplyFieldsTest, EachReplyCarriesExactlyItsOwnFields) {
   Limits limits;
   ClientReply r;
@@ -285,6 +360,7 @@ TEST(ProtocolFrameTest, OtherVersionIsBadVersionAndGarbageIsMalformed) {
 TEST(ArgTest, ScalarValuesRoundTripAtTheEdgesOfTheirTypes) {
   ClientRequest r;
   r.op = ClientOp::kSubmit;
+  r.rid = 1;
   r.job.kernel.source = "x";
   r.job.kernel.entry = "k";
   r.job.args = {Arg::Scalar(ScalarType::kI8, 0x80),     Arg::Scalar(ScalarType::kI16, 0x7fff),

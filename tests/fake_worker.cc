@@ -25,6 +25,7 @@
 
 #include "schema/codec.h"
 #include "util/curve_keys.h"
+#include "util/plain_file.h"
 
 using namespace gpuq;
 using namespace gpuq::schema;
@@ -221,13 +222,23 @@ int main(int argc, char** argv) {
             if (arg.frame < frames) {
               in.copy(p.frames[2 + arg.frame]);
             } else {
+              // Read as gpuq-worker reads it: never mapped, a short read
+              // fails the job.
               const LocalFile& f = p.job.files[arg.frame - frames];
               fprintf(stderr, "job %llu: input %u from local file %s\n",
                       (unsigned long long)p.job.id, a, f.name.c_str());
               in.rebuild(f.size);
-              FILE* fp = fopen(f.name.c_str(), "rb");
-              if (!fp || fread(in.data(), 1, f.size, fp) != f.size) _exit(4);
-              fclose(fp);
+              auto fd = OpenPlainFile(f.name, {.size = f.size});
+              Status read = fd.ok() ? ReadExactly(fd->get(), in.data(), f.size, f.name)
+                                    : fd.status();
+              if (!read.ok()) {
+                r.state = JobState::kFailed;
+                r.code = Code::kIoError;
+                r.error = read.message();
+                r.outputs.clear();
+                out.clear();
+                break;
+              }
             }
             out.emplace_back(in.size());
             auto* src = static_cast<const uint8_t*>(in.data());

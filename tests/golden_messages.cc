@@ -3,6 +3,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include <msgpack.hpp>
+
 #include "schema/codec.h"
 
 namespace gpuq::testing {
@@ -10,6 +12,54 @@ namespace gpuq::testing {
 using namespace schema;
 
 namespace {
+
+// A stats map (PROTOCOL.md, "Stats") with every key, in canonical order.
+std::string SomeStats() {
+  msgpack::sbuffer buf;
+  msgpack::packer<msgpack::sbuffer> p(buf);
+  auto key = [&](std::string_view k) {
+    p.pack_str(static_cast<uint32_t>(k.size()));
+    p.pack_str_body(k.data(), static_cast<uint32_t>(k.size()));
+  };
+  auto counts = [&](std::initializer_list<std::pair<std::string_view, uint64_t>> m) {
+    p.pack_map(static_cast<uint32_t>(m.size()));
+    for (const auto& [k, v] : m) {
+      key(k);
+      p.pack_uint64(v);
+    }
+  };
+  p.pack_map(16);
+  key("queued"), p.pack_uint64(3);
+  key("queued_by_priority"), counts({{"5", 2}, {"9", 1}});
+  key("queued_by_tenant"), counts({{"vm-7", 3}});
+  key("inflight"), p.pack_uint64(2);
+  key("inflight_by_worker"), counts({{"gpu-host-1:3112:0", 2}});
+  key("compiling"), p.pack_uint64(0);
+  key("submitted"), p.pack_uint64(120);
+  key("rejected"), p.pack_uint64(1);
+  key("requeued"), p.pack_uint64(0);
+  key("quarantined"), p.pack_uint64(0);
+  key("replies_dropped"), p.pack_uint64(0);
+  key("finished"), counts({{"compile_error", 1}, {"done", 114}});
+  key("latency_us");
+  p.pack_map(2);
+  for (const char* phase : {"queue", "total"}) {
+    key(phase);
+    counts({{"p50", 40}, {"p90", 80}, {"p99", 150}, {"count", 114}});
+  }
+  key("cache"), counts({{"hits", 113}, {"misses", 2}, {"entries", 2}, {"bytes", 18432}});
+  key("workers");
+  p.pack_array(1);
+  p.pack_map(6);
+  key("worker"), key("gpu-host-1:3112:0");
+  key("device"), key("NVIDIA H100 80GB HBM3");
+  key("uuid"), key("GPU-5f1b2c3d-0a1b-2c3d-4e5f-60718293a4b5");
+  key("slots"), p.pack_uint32(8);
+  key("inflight"), p.pack_uint32(2);
+  key("heartbeat_age_ms"), p.pack_uint64(120);
+  key("uptime_s"), p.pack_double(3600.5);
+  return std::string(buf.data(), buf.size());
+}
 
 DeviceInfo H100() {
   DeviceInfo d;
@@ -218,7 +268,7 @@ std::vector<GoldenMessage> GoldenMessages() {
     r.state = JobState::kFailed;
     r.code = Code::kCompileError;
     r.error = "k.cu(1): error: identifier \"x\" is undefined\n";
-    r.attempts = 1;
+    r.attempts = 0;  // never dispatched: it failed to compile
     g.push_back({"reply_result_compile_error", r, {}});
   }
   {
@@ -233,8 +283,7 @@ std::vector<GoldenMessage> GoldenMessages() {
     ClientReply r;
     r.op = ReplyOp::kStats;
     r.rid = 11;
-    // {"queued": 3, "workers": 1}
-    r.stats = std::string("\x82\xa6queued\x03\xa7workers\x01", 18);
+    r.stats = SomeStats();
     g.push_back({"reply_stats", r, {}});
   }
   {

@@ -19,6 +19,8 @@ TempDir::TempDir() {
 }
 
 TempDir::~TempDir() {
+  // GPUQ_KEEP_TEST_DIRS=1 keeps them, logs included, for a look after a failure.
+  if (const char* keep = getenv("GPUQ_KEEP_TEST_DIRS"); keep && *keep == '1') return;
   std::error_code ec;
   std::filesystem::remove_all(path_, ec);
 }

@@ -50,21 +50,22 @@ StatusOr<std::string> ReadCurvePublicKey(const std::string& path) {
   return key;
 }
 
-StatusOr<std::map<std::string, std::string>> ReadAllowedKeys(const std::string& path) {
+StatusOr<std::map<std::string, AllowedKey>> ReadAllowedKeys(const std::string& path) {
   std::ifstream in(path);
   if (!in) return Error(Code::kUnavailable, "cannot read " + path);
-  std::map<std::string, std::string> keys;
+  std::map<std::string, AllowedKey> keys;
   std::string line;
   for (int n = 1; std::getline(in, line); ++n) {
     std::istringstream ss(line);
-    std::string key, name;
-    ss >> key >> name;
+    std::string key, name, role, extra;
+    ss >> key >> name >> role >> extra;
     if (key.empty() || key[0] == '#') continue;
-    if (!IsZ85Key(key) || name.empty()) {
-      return Error(Code::kInvalid,
-                   path + ":" + std::to_string(n) + ": expected 'PUBLIC-KEY NAME'");
+    if (!IsZ85Key(key) || name.empty() || !(role.empty() || role == "operator") ||
+        !extra.empty()) {
+      return Error(Code::kInvalid, path + ":" + std::to_string(n) +
+                                       ": expected 'PUBLIC-KEY NAME' or 'PUBLIC-KEY NAME operator'");
     }
-    keys[key] = name;
+    keys[key] = AllowedKey{name, role == "operator"};
   }
   return keys;
 }

@@ -1,8 +1,9 @@
 // CURVE key files. A secret key file holds the Z85 secret key (40 characters)
 // on its first line; the public key is derived from it. A public key file
 // holds the Z85 public key. An allowed-keys file has one "PUBLIC-KEY NAME"
-// per line (the name is the tenant of a client, or the worker's name);
-// blank lines and lines starting with # are ignored.
+// per line (the name is the tenant of a client, or the worker's name),
+// optionally followed by "operator" (a client that sees every tenant's
+// stats); blank lines and lines starting with # are ignored.
 #pragma once
 
 #include <map>
@@ -22,8 +23,13 @@ StatusOr<CurveKeyPair> NewCurveKeyPair();
 StatusOr<CurveKeyPair> ReadCurveSecretKey(const std::string& path);
 // Reads a file whose first line is a Z85 key (40 characters).
 StatusOr<std::string> ReadCurvePublicKey(const std::string& path);
-// Public key (Z85) -> name.
-StatusOr<std::map<std::string, std::string>> ReadAllowedKeys(const std::string& path);
+struct AllowedKey {
+  std::string name;
+  bool operator_ = false;
+  bool operator==(const AllowedKey&) const = default;
+};
+// Public key (Z85) -> its name and role.
+StatusOr<std::map<std::string, AllowedKey>> ReadAllowedKeys(const std::string& path);
 // Writes the secret key (mode 0600) to PREFIX.key and the public to PREFIX.pub.
 Status WriteCurveKeyPair(const CurveKeyPair& keys, const std::string& prefix);
 

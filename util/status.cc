@@ -5,7 +5,7 @@
 namespace gpuq {
 namespace {
 
-constexpr std::array<std::string_view, 18> kCodeNames = {
+constexpr std::array<std::string_view, 19> kCodeNames = {
     "ok",
     "malformed",
     "too_large",
@@ -24,8 +24,9 @@ constexpr std::array<std::string_view, 18> kCodeNames = {
     "unavailable",
     "io_error",
     "internal",
+    "expired",
 };
-static_assert(kCodeNames.size() == static_cast<size_t>(Code::kInternal) + 1);
+static_assert(kCodeNames.size() == static_cast<size_t>(Code::kExpired) + 1);
 
 }  // namespace
 

@@ -32,6 +32,7 @@ enum class Code : int {
   kUnavailable,       // a needed part (GPU, worker, driver) is not there
   kIoError,           // file system or database failure
   kInternal,          // a bug: an invariant did not hold
+  kExpired,           // a job was not started by its deadline
 };
 
 std::string_view CodeName(Code code);

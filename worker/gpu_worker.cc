@@ -3,7 +3,6 @@
 #include <spdlog/spdlog.h>
 #include <fcntl.h>
 #include <sys/eventfd.h>
-#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -22,6 +21,7 @@
 
 #include "schema/codec.h"
 #include "util/file_io.h"
+#include "util/plain_file.h"
 #include "util/sha256.h"
 #include "worker/pinned_pool.h"
 
@@ -138,38 +138,17 @@ class ModuleSet {
 // Outputs this large go to files when the job has an out_dir.
 constexpr size_t kLocalFileMinBytes = 64 * 1024;
 
-// A local input file, mapped read-only for the time of one job.
-class MappedFile {
- public:
-  static StatusOr<std::unique_ptr<MappedFile>> Open(const std::string& path, uint64_t size) {
-    auto m = std::unique_ptr<MappedFile>(new MappedFile());
-    if (size == 0) return m;
-    const int fd = open(path.c_str(), O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
-    if (fd < 0) return Error(Code::kIoError, path + ": " + std::strerror(errno));
-    struct stat st {};
-    if (fstat(fd, &st) != 0 || static_cast<uint64_t>(st.st_size) != size) {
-      close(fd);
-      return Error(Code::kIoError, path + " is not " + std::to_string(size) + " bytes long");
-    }
-    void* p = mmap(nullptr, size, PROT_READ, MAP_PRIVATE | MAP_POPULATE, fd, 0);
-    close(fd);
-    if (p == MAP_FAILED) return Error(Code::kIoError, "mapping " + path);
-    m->data_ = p;
-    m->size_ = size;
-    return m;
-  }
-  ~MappedFile() {
-    if (data_) munmap(data_, size_);
-  }
-  MappedFile(const MappedFile&) = delete;
-  MappedFile& operator=(const MappedFile&) = delete;
-  std::string_view view() const { return {static_cast<const char*>(data_), size_}; }
-
- private:
-  MappedFile() = default;
-  void* data_ = nullptr;
-  size_t size_ = 0;
-};
+// A local input file (PROTOCOL.md, "Local buffers"), read into page-locked
+// memory for its copy to the device. Never mapped: its client may still
+// hold the file and shrink it, and a mapped file that shrinks kills its
+// reader with SIGBUS; a read that comes up short is an error of this job.
+StatusOr<zmq::message_t> ReadLocalInput(PinnedPool& pool, const std::string& path,
+                                        uint64_t size) {
+  GPUQ_ASSIGN_OR_RETURN(UniqueFd fd, OpenPlainFile(path, {.size = size}));
+  zmq::message_t m = pool.Message(size);
+  GPUQ_RETURN_IF_ERROR(ReadExactly(fd.get(), m.data(), size, path));
+  return m;
+}
 
 Status WriteFile(const std::string& path, const void* data, size_t size) {
   const int fd = open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
@@ -481,9 +460,9 @@ Done GpuWorker::Impl::Execute(const std::shared_ptr<Task>& task, CUstream stream
   if (Status s = LaunchChecks(job, fn); !s.ok()) return fail(s.code(), s.message());
 
   // Inputs: payload frames, then the job's local files (PROTOCOL.md, "Local
-  // buffers"), mapped for the copy. Declared before the device buffers, whose
-  // owner synchronizes the stream: the mappings outlive every copy.
-  std::vector<std::unique_ptr<MappedFile>> mapped;
+  // buffers"), read for the copy. Declared before the device buffers, whose
+  // owner synchronizes the stream: the bytes outlive every copy.
+  std::vector<zmq::message_t> read;
   std::vector<std::string_view> in(job.args.size());
   const size_t frames = task->frames.size() - task->first_buffer;
   for (size_t i = 0; i < job.args.size(); ++i) {
@@ -495,10 +474,10 @@ Done GpuWorker::Impl::Execute(const std::shared_ptr<Task>& task, CUstream stream
       continue;
     }
     const schema::LocalFile& lf = job.files[a.frame - frames];
-    auto m = MappedFile::Open(lf.name, lf.size);
+    auto m = ReadLocalInput(*pinned_, lf.name, lf.size);
     if (!m.ok()) return fail(Code::kIoError, m.status().message());
-    mapped.push_back(std::move(*m));
-    in[i] = mapped.back()->view();
+    read.push_back(std::move(*m));
+    in[i] = std::string_view(static_cast<const char*>(read.back().data()), read.back().size());
   }
 
   // Buffers: device memory from the stream-ordered pool, owned here and

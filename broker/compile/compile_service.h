@@ -99,10 +99,6 @@ class CompileService {
   // compile::CanTarget). Thread-safe, cheap.
   static bool CanTarget(const std::string& arch) { return compile::CanTarget(arch); }
 
-  // Whether this toolkit's NVRTC can compile for `arch` (see
-  // compile::CanTarget). Thread-safe, cheap.
-  static bool CanTarget(const std::string& arch) { return compile::CanTarget(arch); }
-
   // The cache key of a request (SHA-256; see schema/PROTOCOL.md).
   Digest KeyFor(const CompileRequest& request) const;
 

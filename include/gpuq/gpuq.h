@@ -39,7 +39,8 @@ typedef enum gpuq_code {
   GPUQ_KERNEL_FAULT,
   GPUQ_UNAVAILABLE,
   GPUQ_IO_ERROR,
-  GPUQ_INTERNAL
+  GPUQ_INTERNAL,
+  GPUQ_CODE_EXPIRED  /* "expired": not started by its deadline (state GPUQ_EXPIRED) */
 } gpuq_code;
 
 typedef enum gpuq_state {

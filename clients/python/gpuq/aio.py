@@ -9,7 +9,7 @@ import asyncio
 import zmq.asyncio
 
 from gpuq import wire
-from gpuq.client import Error, Result, build_submit, open_socket, raise_for
+from gpuq.client import REFETCH_S, Error, Result, build_submit, open_socket, raise_for
 
 
 class Client:
@@ -79,12 +79,24 @@ class Client:
         return h["id"]
 
     async def wait(self, job_id, timeout=None):
+        """The Result of a job, waiting for it to end: pushed, or fetched
+        (at once, and again every second: a push reaches only the connection
+        that submitted the job, in the broker's lifetime)."""
         fut = self._result_future(job_id)
-        if not fut.done():
+        deadline = asyncio.get_running_loop().time() + (timeout or self.timeout)
+        while not fut.done():
             h, frames = await self._call({"op": "result", "id": job_id})
             if h.get("op") == "result" and not fut.done():
                 fut.set_result(Result(h, frames, self._specs.pop(job_id, None)))
-        return await asyncio.wait_for(asyncio.shield(fut), timeout or self.timeout)
+                break
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                raise Error("timeout", "no answer from the broker in time")
+            try:
+                await asyncio.wait_for(asyncio.shield(fut), min(left, REFETCH_S))
+            except asyncio.TimeoutError:
+                pass
+        return fut.result()
 
     async def status(self, job_id):
         h, frames = await self._call({"op": "status", "id": job_id})

@@ -11,6 +11,10 @@ import zmq
 from gpuq import wire
 
 
+# How often a waiting client asks again for a result that was not pushed.
+REFETCH_S = 1.0
+
+
 class Error(Exception):
     """A refusal or failure, with the protocol's error code (schema/PROTOCOL.md)."""
 
@@ -357,20 +361,33 @@ class Client:
                 return ("result", Result(h, frames, self._out_specs.pop(h["id"], None)))
 
     def wait(self, job_id, timeout=None):
-        """The Result of a job, waiting for it to end."""
-        for i, (h, frames) in enumerate(self._events):
-            if h.get("op") == "result" and h.get("rid") == 0 and h.get("id") == job_id:
-                del self._events[i]
-                return Result(h, frames, self._out_specs.pop(job_id, None))
-        fetched = self.result(job_id)
-        if fetched.state in wire.TERMINAL:
-            return fetched
+        """The Result of a job, waiting for it to end.
+
+        A result is pushed only to the connection that submitted the job, in
+        the broker's lifetime: after a reconnect, a broker restart or a push
+        dropped because this client did not read, only a fetch finds it. So
+        the result is fetched first, and again every second while waiting.
+        """
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         while True:
-            h, frames = self._recv(deadline)
-            if h.get("op") == "result" and h.get("rid") == 0 and h.get("id") == job_id:
-                return Result(h, frames, self._out_specs.pop(job_id, None))
-            self._events.append((h, frames))
+            for i, (h, frames) in enumerate(self._events):
+                if h.get("op") == "result" and h.get("rid") == 0 and h.get("id") == job_id:
+                    del self._events[i]
+                    return Result(h, frames, self._out_specs.pop(job_id, None))
+            fetched = self.result(job_id)
+            if fetched.state in wire.TERMINAL:
+                return fetched
+            refetch = min(deadline, time.monotonic() + REFETCH_S)
+            while True:
+                try:
+                    h, frames = self._recv(refetch)
+                except Error as e:
+                    if e.code == "timeout" and time.monotonic() < deadline:
+                        break  # fetch again
+                    raise
+                if h.get("op") == "result" and h.get("rid") == 0 and h.get("id") == job_id:
+                    return Result(h, frames, self._out_specs.pop(job_id, None))
+                self._events.append((h, frames))
 
     def status(self, job_id):
         h, frames = self._call({"op": "status", "id": job_id})

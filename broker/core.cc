@@ -1,0 +1,823 @@
+#include "broker/core.h"
+
+#include <spdlog/spdlog.h>
+
+#include <algorithm>
+
+#include "schema/codec.h"
+
+namespace gpuq::broker {
+
+using schema::ClientReply;
+using schema::JobState;
+using schema::ReplyOp;
+
+namespace {
+
+// How long to wait before writing again after a failed commit.
+constexpr std::chrono::milliseconds kStoreRetry{500};
+
+zmq::message_t Share(zmq::message_t& m) {
+  zmq::message_t copy;
+  copy.copy(m);  // shares the bytes of a large message: no copy
+  return copy;
+}
+
+// A message that owns `s` (moved, not copied).
+zmq::message_t Owning(std::string s) {
+  if (s.empty()) return zmq::message_t();
+  auto* owned = new std::string(std::move(s));
+  return zmq::message_t(
+      owned->data(), owned->size(), [](void*, void* hint) { delete static_cast<std::string*>(hint); },
+      owned);
+}
+
+}  // namespace
+
+BrokerCore::BrokerCore(const BrokerOptions& options, const Clock* clock, zmq::socket_t& clients,
+                       zmq::socket_t& workers, std::unique_ptr<StoreThread> store,
+                       std::unique_ptr<compile::CompileService> compiler, uint64_t next_id,
+                       uint64_t epoch, std::function<void()> wake)
+    : opt_(options),
+      clock_(clock),
+      client_sock_(clients),
+      worker_sock_(workers),
+      store_(std::move(store)),
+      compiler_(std::move(compiler)),
+      wake_(std::move(wake)),
+      local_dir_(store_->store().blob_dir()),
+      local_clients_(options.client_endpoint.rfind("ipc://", 0) == 0),
+      next_id_(next_id),
+      epoch_(epoch),
+      jobs_(JobTable::Bounds{options.max_queued, options.max_queued_per_tenant,
+                             options.max_queued_bytes}) {
+  compile_latency_ = &counters_.latency["compile"];
+  started_ = clock_->Now();
+}
+
+BrokerCore::~BrokerCore() {
+  compiler_.reset();
+  store_.reset();
+}
+
+// ---------------------------------------------------------------- replies
+
+uint64_t BrokerCore::ReplyBudget(const ConnectionRef& c) const {
+  const uint64_t queued = connections_.QueuedBytes(c);
+  return opt_.max_unread_bytes > queued ? opt_.max_unread_bytes - queued : 0;
+}
+
+void BrokerCore::Reply(const RequestContext& ctx, ClientReply reply, Frames payload) {
+  if (!connections_.Sendable(ctx.conn)) {
+    spdlog::debug("reply {} to rid {} dropped: its connection {} has gone",
+                  schema::ReplyOpName(reply.op), ctx.rid, ctx.conn.serial);
+    return;
+  }
+  reply.rid = ctx.rid;
+  const std::string header = schema::EncodeClientReply(reply);
+  try {
+    auto more = zmq::send_flags::sndmore | zmq::send_flags::dontwait;
+    if (!client_sock_.send(zmq::buffer(ctx.conn.routing_id), more)) {
+      // Its queue is full: it is not reading. What was pushed stays fetchable.
+      ++counters_.replies_dropped;
+      spdlog::debug("reply to rid {} dropped: connection {} is not reading", ctx.rid,
+                    ctx.conn.serial);
+      return;
+    }
+    client_sock_.send(zmq::buffer(schema::kClientProtocol), zmq::send_flags::sndmore);
+    client_sock_.send(zmq::buffer(header),
+                      payload.empty() ? zmq::send_flags::none : zmq::send_flags::sndmore);
+    for (size_t i = 0; i < payload.size(); ++i) {
+      client_sock_.send(connections_.Counted(ctx.conn, std::move(payload[i])),
+                        i + 1 < payload.size() ? zmq::send_flags::sndmore : zmq::send_flags::none);
+    }
+  } catch (const zmq::error_t& e) {
+    // EHOSTUNREACH: the client has gone.
+    spdlog::debug("client connection {} unreachable: {}", ctx.conn.serial, e.what());
+  }
+}
+
+void BrokerCore::ReplyError(const RequestContext& ctx, const Status& s, uint64_t retry_after_ms,
+                            uint64_t id) {
+  ClientReply r;
+  r.op = ReplyOp::kError;
+  r.id = id;
+  r.code = s.code() == Code::kOk ? Code::kInternal : s.code();
+  r.error = s.message();
+  r.retry_after_ms = retry_after_ms;
+  Reply(ctx, std::move(r));
+}
+
+void BrokerCore::SendResult(const ConnectionRef& conn, uint64_t rid, ClientReply header,
+                            std::vector<std::pair<uint32_t, JobInput>> outputs, bool local_out) {
+  // Frames first, then files, each in argument order (PROTOCOL.md): an
+  // output is a file when the job asked for local outputs, the client shares
+  // this host and the store keeps it as a file.
+  const bool files_ok = local_out && local_clients_;
+  std::stable_sort(outputs.begin(), outputs.end(), [&](const auto& a, const auto& b) {
+    const bool fa = files_ok && !a.second.path.empty(), fb = files_ok && !b.second.path.empty();
+    return fa != fb ? !fa : a.first < b.first;
+  });
+  Frames payload;
+  header.outputs.clear();
+  header.files.clear();
+  for (auto& [arg, out] : outputs) {
+    header.outputs.push_back(arg);
+    if (files_ok && !out.path.empty()) {
+      header.files.push_back({out.path, out.size});
+    } else {
+      payload.push_back(std::move(out.bytes));
+    }
+  }
+  RequestContext ctx;
+  ctx.conn = conn;
+  ctx.rid = rid;
+  Reply(ctx, std::move(header), std::move(payload));
+}
+
+// ---------------------------------------------------------------- the store
+
+void BrokerCore::DropPeerFiles(const std::vector<schema::LocalFile>& files,
+                               std::string_view prefix) {
+  for (const schema::LocalFile& f : files) {
+    // Plain names only (the codec checks): never another directory's file.
+    if (f.name.rfind(prefix, 0) == 0) batch_->unlink.push_back(local_dir_ + "/" + f.name);
+  }
+}
+
+void BrokerCore::Flush() {
+  if (!store_->Idle()) return;
+  const auto now = clock_->Now();
+  if (!unwritten_.empty() && now >= retry_writes_at_) {
+    for (FinishOp& op : unwritten_) batch_->finishes.push_back(std::move(op));
+    unwritten_.clear();
+  }
+  if (batch_->empty()) return;
+  store_->Submit(std::move(batch_));
+  batch_ = std::make_unique<Batch>();
+}
+
+void BrokerCore::OnBatchesDone() {
+  for (std::unique_ptr<Batch>& b : store_->TakeDone()) {
+    if (b->has_writes()) {
+      if (b->status.ok()) {
+        if (!store_failure_.ok()) spdlog::info("the job store writes again");
+        store_failure_ = Status::Ok();
+      } else {
+        if (store_failure_.ok()) {
+          spdlog::error("the job store cannot commit: {}; refusing submits until it can",
+                        b->status.ToString());
+        }
+        store_failure_ = b->status;
+        retry_writes_at_ = clock_->Now() + kStoreRetry;
+      }
+    }
+    if (b->purged) spdlog::info("purged {} results past retention", b->purged);
+    for (InsertOp& op : b->inserts) OnInserted(op);
+    for (FinishOp& op : b->finishes) OnFinished(op, b->status);
+    for (ReadOp& r : b->reads) OnRead(r);
+    for (auto& f : b->on_done) f();
+  }
+}
+
+void BrokerCore::OnInserted(InsertOp& op) {
+  Job* job = jobs_.Find(op.row.id);
+  RequestContext ctx;
+  ctx.conn = op.conn;
+  ctx.rid = op.rid;
+  if (op.existing || !op.status.ok()) {
+    // Not stored: the job leaves, and every request that waited on it hears.
+    std::vector<RequestContext> waiting = {ctx};
+    if (job) {
+      waiting.insert(waiting.end(), job->also_accepted.begin(), job->also_accepted.end());
+      for (const RequestContext& c : job->pending_cancels) {
+        ReplyError(c, Error(Code::kNotFound, "no job " + std::to_string(op.row.id)), 0,
+                   op.row.id);
+      }
+      jobs_.Remove(op.row.id);
+    }
+    // The client's files the store did not take go first; then the answers.
+    DropPeerFiles(op.files, "c-");
+    const bool full = op.status.code() == Code::kResourceExhausted ||
+                      op.status.code() == Code::kIoError;
+    for (const RequestContext& c : waiting) {
+      if (op.existing) {
+        ClientReply r;
+        r.op = ReplyOp::kAccepted;
+        r.id = *op.existing;
+        r.existing = true;
+        batch_->on_done.push_back([this, c, r] { Reply(c, r); });
+      } else {
+        ++counters_.rejected;
+        batch_->on_done.push_back(
+            [this, c, s = op.status, full] { ReplyError(c, s, full ? 1000 : 0); });
+      }
+    }
+    return;
+  }
+  if (!job) return;
+  job->durable = true;
+  ++counters_.submitted;
+  ClientReply r;
+  r.op = ReplyOp::kAccepted;
+  r.id = job->id;
+  Reply(ctx, r);
+  r.existing = true;
+  for (const RequestContext& c : job->also_accepted) Reply(c, r);
+  job->also_accepted.clear();
+  if (job->ended()) return;
+  jobs_.Queue(*job);
+  job->last_matched = clock_->Now();
+  for (const auto& arch : workers_.archs()) {
+    if (job->spec.placement.arch.empty() || job->spec.placement.arch == arch) {
+      RequestCompile(*job, arch);
+    }
+  }
+  for (const RequestContext& c : std::exchange(job->pending_cancels, {})) Cancel(*job, c);
+}
+
+void BrokerCore::OnFinished(FinishOp& op, const Status& commit) {
+  if (!commit.ok()) {
+    unwritten_.push_back(std::move(op));  // written again once the store can
+    return;
+  }
+  Job* job = jobs_.Find(op.result.id);
+  if (!job) return;
+  ClientReply r;
+  r.op = ReplyOp::kResult;
+  r.id = job->id;
+  r.state = op.result.state;
+  r.code = op.result.code;
+  r.error = op.result.error;
+  r.attempts = op.result.attempts;
+  r.device = op.result.device;
+  r.timing = op.result.timing;
+  const bool pushable = connections_.Sendable(job->submitter);
+  const bool files_ok = job->spec.local_out && local_clients_;
+  std::vector<std::pair<uint32_t, JobInput>> outputs;
+  uint64_t bytes = 0;  // sent as frames
+  if (pushable) {
+    // Output i of the store is frame i, then file i - frames (store path).
+    for (size_t i = 0; i < op.result.outputs.size(); ++i) {
+      JobInput out;
+      if (i < op.frames.size()) {
+        out.size = op.frames[i].size();
+        if (out.size >= kBlobFileMinBytes) out.path = store_->store().OutputPath(job->id, i);
+        out.bytes = std::move(op.frames[i]);
+      } else {
+        out.size = op.files[i - op.frames.size()].size;
+        out.path = store_->store().OutputPath(job->id, i);
+      }
+      if (!(files_ok && !out.path.empty())) bytes += out.size;
+      outputs.emplace_back(op.result.outputs[i], std::move(out));
+    }
+  }
+  if (pushable && bytes <= ReplyBudget(job->submitter)) {
+    SendResult(job->submitter, 0, std::move(r), std::move(outputs), job->spec.local_out);
+  } else if (pushable) {
+    ++counters_.replies_dropped;  // it does not read: it fetches instead
+  }
+  for (const RequestContext& c : job->cancel_replies) {
+    ClientReply cr;
+    cr.op = ReplyOp::kCanceled;
+    cr.id = job->id;
+    cr.state = op.result.state;
+    if (op.result.code != Code::kOk) {
+      cr.code = op.result.code;
+      cr.error = op.result.error;
+    }
+    Reply(c, std::move(cr));
+  }
+  jobs_.Remove(job->id);
+}
+
+void BrokerCore::OnRead(ReadOp& r) {
+  if (r.purpose == kReadDispatch) return OnDispatchInputs(r);
+  RequestContext ctx;
+  ctx.conn = r.conn;
+  ctx.rid = r.rid;
+  ctx.tenant = r.tenant;
+  ctx.operator_ = r.operator_;
+  // A job whose result has not committed (the store failed): ask again
+  // once it has.
+  if (Job* j = jobs_.Find(r.id); j && j->ended() && (!r.job || !IsTerminal(r.job->state))) {
+    ReadOp again = std::move(r);
+    again.status = Status::Ok();
+    again.job.reset();
+    again.result.reset();
+    batch_->reads.push_back(std::move(again));
+    return;
+  }
+  const Status unknown = Error(Code::kNotFound, "no job " + std::to_string(r.id));
+  if (!r.status.ok()) return ReplyError(ctx, r.status, 0, r.id);
+  if (!r.job || !ctx.Sees(r.job->tenant)) return ReplyError(ctx, unknown, 0, r.id);
+  const StoredJob& job = *r.job;
+  ClientReply reply;
+  reply.id = r.id;
+  reply.state = job.state;
+  reply.attempts = job.attempts;
+  if (r.result) {
+    reply.device = r.result->device;
+    reply.attempts = r.result->attempts;
+    if (r.result->code != Code::kOk) {
+      reply.code = r.result->code;
+      reply.error = r.result->error;
+    }
+  }
+  switch (r.purpose) {
+    case kReadStatus:
+      reply.op = ReplyOp::kStatus;
+      return Reply(ctx, std::move(reply));
+    case kReadCancel:
+      reply.op = ReplyOp::kCanceled;
+      reply.attempts = 0;
+      reply.device.clear();
+      return Reply(ctx, std::move(reply));
+    case kReadResult: {
+      if (!r.result) {
+        if (IsTerminal(job.state)) {
+          return ReplyError(ctx,
+                            Error(Code::kNotFound, "no result for job " + std::to_string(r.id) +
+                                                       " (past retention)"),
+                            0, r.id);
+        }
+        reply.op = ReplyOp::kStatus;  // not ended yet
+        return Reply(ctx, std::move(reply));
+      }
+      reply.op = ReplyOp::kResult;
+      reply.timing = r.result->timing;
+      std::vector<std::pair<uint32_t, JobInput>> outputs;
+      for (size_t i = 0; i < r.result->outputs.size() && i < r.result->data.size(); ++i) {
+        StoredBuffer& d = r.result->data[i];
+        JobInput out;
+        out.size = d.size;
+        out.path = d.path;
+        if (d.path.empty()) out.bytes = Owning(std::move(d.bytes));
+        outputs.emplace_back(r.result->outputs[i], std::move(out));
+      }
+      return SendResult(r.conn, r.rid, std::move(reply), std::move(outputs), job.spec.local_out);
+    }
+    default:
+      return;
+  }
+}
+
+// ---------------------------------------------------------------- jobs
+
+void BrokerCore::Admit(std::unique_ptr<Job> job, InsertOp insert) {
+  Job& j = jobs_.Add(std::move(job));
+  j.last_matched = clock_->Now();
+  batch_->inserts.push_back(std::move(insert));
+}
+
+void BrokerCore::Finish(Job& job, JobState state, Code code, std::string error,
+                        const schema::Timing& worker_timing, std::vector<uint32_t> outputs,
+                        Frames frames, const std::string& device,
+                        std::vector<schema::LocalFile> files) {
+  const auto now = clock_->Now();
+  schema::Timing t = worker_timing;
+  const bool ran = job.state == JobState::kDispatched;
+  t.queue_us = MicrosBetween(job.accepted, ran ? job.dispatched : now);
+  t.compile_us = job.compile_us;
+  t.cache_hit = job.cache_hit && !job.modules.empty();
+  t.total_us = MicrosBetween(job.accepted, now);
+  if (!IsTerminal(state)) state = JobState::kFailed;
+  if (ran) {
+    if (Worker* w = workers_.Find(job.worker)) {
+      // The slot stays taken until the worker answers.
+      if (state == JobState::kCanceled) workers_.Abandon(*w, job.id);
+    }
+  }
+  FinishOp op;
+  StoredResult& r = op.result;
+  r.id = job.id;
+  r.state = state;
+  r.code = state == JobState::kDone || state == JobState::kCanceled ? Code::kOk : code;
+  if (state == JobState::kExpired) r.code = Code::kExpired;
+  r.error = r.code == Code::kOk ? "" : std::move(error);
+  r.device = device;
+  r.attempts = job.attempts;
+  r.timing = t;
+  r.outputs = std::move(outputs);
+  op.frames = std::move(frames);
+  op.files = std::move(files);
+  op.inputs = job.inputs.size();
+  op.finished_ms = clock_->UnixMs();
+
+  const std::string outcome = state == JobState::kFailed ? std::string(CodeName(r.code))
+                                                          : std::string(JobStateName(state));
+  ++counters_.finished[outcome];
+  if (state == JobState::kDone) {
+    auto& lat = counters_.latency;
+    lat["queue"].Observe(t.queue_us);
+    lat["load"].Observe(t.load_us);
+    lat["h2d"].Observe(t.h2d_us);
+    lat["kernel"].Observe(t.kernel_us);
+    lat["d2h"].Observe(t.d2h_us);
+    lat["total"].Observe(t.total_us);
+  }
+  if (state == JobState::kFailed) {
+    spdlog::info("job {} failed: {}: {}", job.id, CodeName(r.code),
+                 r.error.substr(0, r.error.find('\n')));
+  }
+  jobs_.End(job, state);
+  job.inputs.clear();  // its memory goes with the bounds it no longer counts against
+  batch_->finishes.push_back(std::move(op));
+}
+
+void BrokerCore::Cancel(Job& job, const RequestContext& ctx) {
+  if (!job.durable) {
+    job.pending_cancels.push_back(ctx);  // answered once its row has committed
+    return;
+  }
+  job.cancel_replies.push_back(ctx);
+  if (!job.ended()) Finish(job, JobState::kCanceled, Code::kOk, "");
+}
+
+// ---------------------------------------------------------------- compiles
+
+void BrokerCore::RequestCompile(Job& job, const std::string& arch) {
+  if (job.modules.count(arch) || job.compiling.count(arch) || job.compile_failed.count(arch)) {
+    return;
+  }
+  const schema::KernelSpec& k = job.spec.kernel;
+  // The same kernel as the last job for this architecture (the common case
+  // of a scheduler sending one kernel many times): no hashing, no copies.
+  KernelMemo& memo = last_kernel_[arch];
+  Digest key;
+  if (memo.valid && memo.kernel.source == k.source && memo.kernel.options == k.options &&
+      memo.kernel.headers == k.headers && memo.kernel.name_expression == k.name_expression &&
+      (!k.name_expression || memo.kernel.entry == k.entry)) {
+    key = memo.key;
+  } else {
+    key = compiler_->KeyFor(CompileRequestOf(job, arch));
+    memo = KernelMemo{k, key, true};
+  }
+  if (compile::EntryPtr hot = compiler_->Peek(key); hot && hot->ok) {
+    if (hot->HasKernel(hot->Symbol(k.entry))) {
+      ++counters_.cache_hits;
+      compile_latency_->Observe(0);
+      job.modules[arch] = std::move(hot);
+      return;
+    }
+  }
+  job.compiling.insert(arch);
+  auto& waiting = waiting_compile_[{key, arch}];
+  waiting.push_back(job.id);
+  if (waiting.size() > 1) return;  // asked already; the service answers once
+  compiler_->Submit(CompileRequestOf(job, arch), job.tenant,
+                    [this, arch](const Digest& done_key, StatusOr<compile::EntryPtr> result,
+                                 const compile::CompileInfo& info) {
+                      {
+                        MutexLock lock(&compile_mu_);
+                        compiled_.push_back(
+                            CompileDone{done_key, arch, std::move(result), info});
+                      }
+                      wake_();
+                    });
+}
+
+compile::CompileRequest BrokerCore::CompileRequestOf(const Job& job, const std::string& arch) {
+  compile::CompileRequest req;
+  req.source = job.spec.kernel.source;
+  req.headers = job.spec.kernel.headers;
+  req.options = job.spec.kernel.options;
+  if (job.spec.kernel.name_expression) req.name_expressions = {job.spec.kernel.entry};
+  req.arch = arch;
+  return req;
+}
+
+void BrokerCore::OnCompilesDone() {
+  std::vector<CompileDone> done;
+  {
+    MutexLock lock(&compile_mu_);
+    done.swap(compiled_);
+  }
+  for (CompileDone& d : done) {
+    auto waiting = waiting_compile_.extract({d.key, d.arch});
+    if (waiting.empty()) continue;
+    if (d.info.cache_hit()) {
+      ++counters_.cache_hits;
+    } else {
+      ++counters_.cache_misses;
+      if (cache_changed) cache_changed();
+    }
+    compile_latency_->Observe(d.info.wall_us);
+    for (uint64_t id : waiting.mapped()) {
+      Job* job = jobs_.Find(id);
+      if (!job) continue;
+      job->compiling.erase(d.arch);
+      job->compile_us += d.info.wall_us;
+      job->cache_hit = job->cache_hit && d.info.cache_hit();
+      if (job->state != JobState::kQueued) continue;
+      if (!d.result.ok()) {
+        job->compile_failed[d.arch] = d.result.status().WithContext("compile for " + d.arch);
+      } else if (!(*d.result)->ok) {
+        job->compile_failed[d.arch] = Status((*d.result)->code, (*d.result)->log);
+      } else if (!(*d.result)->HasKernel((*d.result)->Symbol(job->spec.kernel.entry))) {
+        job->compile_failed[d.arch] = Error(
+            Code::kInvalid, "no kernel named '" + job->spec.kernel.entry +
+                                "' in the compiled source (is it extern \"C\" __global__, or "
+                                "should 'expr' be set for a C++ name?)");
+      } else {
+        job->modules[d.arch] = *d.result;
+        continue;
+      }
+      CheckCompileViable(*job);
+    }
+  }
+}
+
+void BrokerCore::CheckCompileViable(Job& job) {
+  if (job.state != JobState::kQueued || job.compile_failed.empty()) return;
+  bool any_worker = false;
+  for (const auto& [id, w] : workers_.all()) {
+    if (!Matches(job, w)) continue;
+    any_worker = true;
+    if (!job.compile_failed.count(w.arch)) return;  // compiled, compiling, or not yet asked
+  }
+  if (!any_worker) return;  // the workers it could run on may come (FailUnmatched)
+  // Every architecture it could run on failed: the first failure's reason.
+  const Status& why = job.compile_failed.begin()->second;
+  Finish(job, JobState::kFailed, why.code(), why.message());
+}
+
+// ---------------------------------------------------------------- dispatch
+
+bool BrokerCore::Matches(const Job& job, const Worker& w) const {
+  const schema::Placement& p = job.spec.placement;
+  if (!p.arch.empty() && p.arch != w.arch) return false;
+  if (!p.gpu.empty() && p.gpu != w.device.uuid) return false;
+  if (p.min_free_bytes && w.device.total_bytes < p.min_free_bytes) return false;
+  return true;
+}
+
+bool BrokerCore::Eligible(Job& job, const Worker& w) {
+  if (!job.durable || job.loading || !Matches(job, w)) return false;
+  const schema::Placement& p = job.spec.placement;
+  if (p.min_free_bytes && w.device.free_bytes < p.min_free_bytes) return false;
+  if (job.suspect && !w.inflight.empty()) return false;
+  if (!job.modules.count(w.arch)) {
+    RequestCompile(job, w.arch);
+    return false;
+  }
+  return true;
+}
+
+void BrokerCore::Dispatch() {
+  if (jobs_.scheduler().size() == 0) return;
+  // Round robin over workers, one job at a time, while any has a slot.
+  bool progress = true;
+  while (progress && jobs_.scheduler().size() > 0) {
+    progress = false;
+    for (auto it = workers_.all().begin(); it != workers_.all().end();) {
+      Worker& w = it->second;
+      ++it;  // SendJob may lose the worker
+      if (w.credits == 0 || w.exclusive) continue;
+      auto id = jobs_.scheduler().Pop([&](uint64_t jid) {
+        Job* j = jobs_.Find(jid);
+        return j && Eligible(*j, w);
+      });
+      if (!id) continue;
+      SendJob(w, *jobs_.Find(*id));
+      progress = true;
+    }
+  }
+}
+
+void BrokerCore::SendJob(Worker& w, Job& job) {
+  job.state = JobState::kDispatched;
+  job.worker = w.id;
+  job.dispatched = clock_->Now();
+  ++job.attempts;
+  // Strictly increasing across restarts too: a restart raises the epoch by
+  // one, and a job is dispatched at most once between two of its stored
+  // attempt counts (PROTOCOL.md, "Worker lifecycle").
+  job.attempt_no = static_cast<uint32_t>(std::min<uint64_t>(job.attempts + epoch_, UINT32_MAX));
+  workers_.Dispatched(w, job.id, job.attempt_no, job.suspect);
+  bool needs_load = false;
+  for (const JobInput& in : job.inputs) {
+    if (!in.in_memory && (in.path.empty() || !w.local)) needs_load = true;
+  }
+  if (!needs_load) return SendLoaded(w, job);
+  // Inputs not in memory (a resumed job's, or files for a worker elsewhere)
+  // are read by the store thread first.
+  job.loading = true;
+  ReadOp r;
+  r.kind = ReadOp::Kind::kInputs;
+  r.id = job.id;
+  r.read_files = !w.local;
+  r.purpose = kReadDispatch;
+  r.worker = w.id;
+  r.attempt = job.attempt_no;
+  batch_->reads.push_back(std::move(r));
+}
+
+void BrokerCore::OnDispatchInputs(ReadOp& r) {
+  Job* job = jobs_.Find(r.id);
+  // Only the dispatch the read was for (its worker may have been lost, and
+  // the job sent elsewhere, meanwhile).
+  if (!job || !job->loading || job->state != JobState::kDispatched ||
+      job->worker != r.worker || job->attempt_no != r.attempt) {
+    return;
+  }
+  job->loading = false;
+  Worker* w = workers_.Find(r.worker);
+  if (!w) return;
+  if (!r.status.ok() || r.inputs.size() != job->inputs.size()) {
+    workers_.TakeResult(*w, job->id, job->attempt_no);
+    Finish(*job, JobState::kFailed, Code::kIoError,
+           r.status.ok() ? "the store holds " + std::to_string(r.inputs.size()) +
+                               " inputs, the job names " + std::to_string(job->inputs.size())
+                         : r.status.message());
+    return;
+  }
+  for (size_t i = 0; i < job->inputs.size(); ++i) {
+    JobInput& in = job->inputs[i];
+    if (in.in_memory) continue;
+    StoredBuffer& b = r.inputs[i];
+    if (b.path.empty()) {
+      in.bytes = Owning(std::move(b.bytes));
+      in.in_memory = true;
+    }
+  }
+  SendLoaded(*w, *job);
+}
+
+void BrokerCore::SendLoaded(Worker& w, Job& job) {
+  const compile::EntryPtr& entry = job.modules[w.arch];
+  schema::BrokerMessage m;
+  m.op = schema::BrokerOp::kJob;
+  m.id = job.id;
+  m.attempt = job.attempt_no;
+  m.module = ToHex(entry->key);
+  m.entry = entry->Symbol(job.spec.kernel.entry);
+  m.launch = job.spec.launch;
+  m.time_limit_ms = job.spec.time_limit_ms;
+  m.args = job.spec.args;
+  Frames payload;
+  if (!w.modules.Touch(m.module)) {
+    m.image = entry->cubin.empty() ? schema::ImageKind::kPtx : schema::ImageKind::kCubin;
+    const std::string& image = entry->cubin.empty() ? entry->ptx : entry->cubin;
+    payload.emplace_back(image.data(), image.size());
+  }
+  // Inputs in memory go as frames; files as files (to a local worker).
+  const uint32_t first = static_cast<uint32_t>(payload.size());
+  std::vector<uint32_t> index(job.inputs.size());
+  std::vector<size_t> as_file;
+  for (size_t i = 0; i < job.inputs.size(); ++i) {
+    JobInput& in = job.inputs[i];
+    if (in.in_memory) {
+      index[i] = static_cast<uint32_t>(payload.size());
+      payload.push_back(Share(in.bytes));
+    } else {
+      as_file.push_back(i);
+    }
+  }
+  for (size_t k = 0; k < as_file.size(); ++k) {
+    index[as_file[k]] = static_cast<uint32_t>(payload.size() - first + k) + first;
+    m.files.push_back({job.inputs[as_file[k]].path, job.inputs[as_file[k]].size});
+  }
+  for (auto& a : m.args) {
+    if (a.kind == schema::ArgKind::kIn || a.kind == schema::ArgKind::kInOut) {
+      a.frame = a.frame < index.size() ? index[a.frame] : a.frame;
+    }
+  }
+  if (w.local && job.spec.local_out) m.out_dir = local_dir_;
+  if (!SendWorker(w.id, m, &payload)) WorkerLost(w.id, "unreachable");
+}
+
+// ---------------------------------------------------------------- timers
+
+void BrokerCore::ExpireDeadlines() {
+  for (uint64_t id : jobs_.Expired(clock_->UnixMs())) {
+    if (Job* job = jobs_.Find(id)) {
+      Finish(*job, JobState::kExpired, Code::kExpired, "not started by its deadline");
+    }
+  }
+}
+
+void BrokerCore::FailUnmatched() {
+  const auto now = clock_->Now();
+  std::vector<uint64_t> unmatched;
+  jobs_.ForEach([&](Job& job) {
+    if (job.state != JobState::kQueued || !job.durable) return;
+    bool matched = false;
+    for (const auto& [id, w] : workers_.all()) {
+      if (Matches(job, w)) {
+        matched = true;
+        break;
+      }
+    }
+    if (matched) {
+      job.last_matched = now;
+      CheckCompileViable(job);
+    } else if (now - job.last_matched > opt_.unmatched_grace) {
+      unmatched.push_back(job.id);
+    }
+  });
+  for (uint64_t id : unmatched) {
+    Job* job = jobs_.Find(id);
+    if (!job || job->state != JobState::kQueued) continue;
+    const schema::Placement& p = job->spec.placement;
+    std::string wants;
+    if (!p.arch.empty()) wants += " arch " + p.arch;
+    if (!p.gpu.empty()) wants += " gpu " + p.gpu;
+    if (p.min_free_bytes) wants += " min_free " + std::to_string(p.min_free_bytes);
+    Finish(*job, JobState::kFailed, Code::kUnavailable,
+           "no connected worker matched its placement (" +
+               (wants.empty() ? std::string("no workers") : wants.substr(1)) + ") for " +
+               std::to_string(opt_.unmatched_grace.count()) + " ms");
+  }
+}
+
+void BrokerCore::EnforceLimits() {
+  const auto now = clock_->Now();
+  const auto grace = opt_.heartbeat * opt_.heartbeat_misses;
+  std::vector<std::pair<std::string, uint64_t>> over;
+  for (auto& [wid, w] : workers_.all()) {
+    for (const auto& [jid, held] : w.inflight) {
+      Job* job = jobs_.Find(jid);
+      if (!job || job->state != JobState::kDispatched || job->worker != wid || job->loading) {
+        continue;
+      }
+      if (now - job->dispatched > std::chrono::milliseconds(job->spec.time_limit_ms) + grace) {
+        over.emplace_back(wid, jid);
+      }
+    }
+  }
+  for (const auto& [wid, jid] : over) {
+    Job* job = jobs_.Find(jid);
+    Worker* w = workers_.Find(wid);
+    if (!job || !w || job->state != JobState::kDispatched) continue;
+    const std::string name = w->name;
+    workers_.TakeResult(*w, jid, job->attempt_no);
+    Finish(*job, JobState::kFailed, Code::kTimeout,
+           "ran past its limit of " + std::to_string(job->spec.time_limit_ms) + " ms on " +
+               name + ", which did not end it");
+    schema::BrokerMessage bye;
+    bye.op = schema::BrokerOp::kDisconnect;
+    bye.error = "a job ran past its run-time limit and the worker did not end it";
+    SendWorker(wid, bye);
+    WorkerLost(wid, "it kept job " + std::to_string(jid) + " past its run-time limit");
+  }
+}
+
+void BrokerCore::Purge() {
+  batch_->purge_before_ms =
+      clock_->UnixMs() - static_cast<int64_t>(opt_.retention.count()) * 1000;
+}
+
+// ---------------------------------------------------------------- stats
+
+StatsSnapshot BrokerCore::Snapshot(const RequestContext* ctx) {
+  const bool all = !ctx || ctx->tenant.empty() || ctx->operator_;
+  StatsSnapshot s;
+  const Scheduler& queue = jobs_.scheduler();
+  if (all) {
+    s = counters_;
+    s.queued = queue.size();
+    s.queued_by_priority = queue.SizeByPriority();
+    s.queued_by_tenant = queue.SizeByTenant();
+    for (const auto& [key, ids] : waiting_compile_) s.compiling += ids.size();
+  } else {
+    // A tenant sees its own queue and jobs in flight, and no one else's.
+    s.tenant_view = true;
+    s.queued = queue.TenantSize(ctx->tenant);
+    s.queued_by_priority = queue.SizeByPriority(ctx->tenant);
+    if (s.queued) s.queued_by_tenant[ctx->tenant] = s.queued;
+  }
+  for (const auto& [id, w] : workers_.all()) {
+    for (const auto& [jid, held] : w.inflight) {
+      const Job* job = jobs_.Find(jid);
+      if (all || (job && job->tenant == ctx->tenant)) ++s.inflight;
+    }
+  }
+  s.workers = WorkerViews();
+  if (all) {
+    for (const auto& v : s.workers) s.inflight_by_worker[v.worker] = v.inflight;
+    s.cache_entries = cache_entries.load(std::memory_order_relaxed);
+    s.cache_bytes = cache_bytes.load(std::memory_order_relaxed);
+    s.quarantined = quarantined;
+  }
+  s.uptime_s = std::chrono::duration<double>(clock_->Now() - started_).count();
+  return s;
+}
+
+std::vector<schema::WorkerView> BrokerCore::WorkerViews() const {
+  std::vector<schema::WorkerView> views;
+  const auto now = clock_->Now();
+  for (const auto& [id, w] : workers_.all()) {
+    schema::WorkerView v;
+    v.worker = w.name;
+    v.device = w.device;
+    v.slots = w.slots;
+    v.inflight = static_cast<uint32_t>(w.inflight.size());
+    v.heartbeat_age_ms = static_cast<uint64_t>(
+        std::chrono::duration_cast<std::chrono::milliseconds>(now - w.last_seen).count());
+    views.push_back(std::move(v));
+  }
+  return views;
+}
+
+}  // namespace gpuq::broker

@@ -1,0 +1,205 @@
+// The broker's core: the state of one broker lifetime and the operations on
+// a job's way through it, shared by the request handlers (handlers/), the
+// worker protocol (worker_protocol.cc) and the loop (broker.cc).
+//
+// A job's way: a handler admits it (JobTable, counted against the bounds)
+// and hands its row to the store thread; once the row has committed the
+// client hears `accepted` and the job is queued; it is compiled for the
+// architectures of the workers that could take it, dispatched to a worker
+// with a free slot (its inputs read by the store thread first when they are
+// not in memory), and ended by the worker's result, a failure, a cancel or
+// its deadline. An ended job's result goes to the store thread; once it has
+// committed the result is pushed to the connection that submitted the job
+// (if that connection is still there) and the job leaves the table.
+//
+// Everything here runs on the broker loop thread, except what says
+// otherwise. Nothing here blocks on the disk, a lock held by another thread
+// for long, or a transfer.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+#include <zmq.hpp>
+
+#include "broker/broker.h"
+#include "broker/compile/compile_service.h"
+#include "broker/connections.h"
+#include "broker/job_table.h"
+#include "broker/metrics.h"
+#include "broker/request_context.h"
+#include "broker/store_thread.h"
+#include "broker/worker_registry.h"
+#include "schema/messages.h"
+#include "util/clock.h"
+#include "util/mutex.h"
+
+namespace gpuq::broker {
+
+using Frames = std::vector<zmq::message_t>;
+
+// Why the loop asked the store thread to read (ReadOp::purpose).
+enum ReadPurpose : int { kReadStatus = 1, kReadResult, kReadCancel, kReadDispatch };
+
+struct CompileDone {
+  Digest key{};
+  std::string arch;
+  StatusOr<compile::EntryPtr> result = Status(Code::kInternal, "not run");
+  compile::CompileInfo info;
+};
+
+class BrokerCore {
+ public:
+  BrokerCore(const BrokerOptions& options, const Clock* clock, zmq::socket_t& clients,
+             zmq::socket_t& workers, std::unique_ptr<StoreThread> store,
+             std::unique_ptr<compile::CompileService> compiler, uint64_t next_id,
+             uint64_t epoch, std::function<void()> wake);
+  // Stops the compile service and the store thread first: their last
+  // callbacks land in this object.
+  ~BrokerCore();
+
+  const BrokerOptions& options() const { return opt_; }
+  const Clock& clock() const { return *clock_; }
+  ClientConnections& connections() { return connections_; }
+  JobTable& jobs() { return jobs_; }
+  WorkerRegistry& workers() { return workers_; }
+  compile::CompileService& compiler() { return *compiler_; }
+  StatsSnapshot& counters() { return counters_; }
+  const std::string& local_dir() const { return local_dir_; }
+  // Clients on the ipc endpoint share this host (PROTOCOL.md, "Local buffers").
+  bool LocalClients() const { return local_clients_; }
+
+  // ---- replies to clients
+  // Sends now, if the request's connection is still there.
+  void Reply(const RequestContext& ctx, schema::ClientReply reply, Frames payload = {});
+  void ReplyError(const RequestContext& ctx, const Status& s, uint64_t retry_after_ms = 0,
+                  uint64_t id = 0);
+  // Bytes a connection may still be sent before what it has not read passes
+  // its bound (BrokerOptions::max_unread_bytes).
+  uint64_t ReplyBudget(const ConnectionRef& c) const;
+
+  // ---- the store
+  // The batch the loop is gathering; handed to the store thread by Flush().
+  Batch& batch() { return *batch_; }
+  // When the store cannot write (a failed commit): submits are refused until
+  // a commit succeeds again. Ok otherwise.
+  const Status& store_failure() const { return store_failure_; }
+  // Hands the gathered batch to the store thread when it is idle.
+  void Flush();
+  // Takes the batches the store thread has done and acts on them.
+  void OnBatchesDone();
+  // Removes the files a client or worker named (after the current batch).
+  void DropPeerFiles(const std::vector<schema::LocalFile>& files, std::string_view prefix);
+
+  // ---- jobs
+  uint64_t NextId() { return next_id_++; }
+  // Where input `idx` of job `id` lives once the store has taken it as a file.
+  std::string InputPath(uint64_t id, size_t idx) const { return store_->store().InputPath(id, idx); }
+  // Takes a new job whose row is `insert` (not yet durable): it is answered
+  // `accepted` once the row has committed.
+  void Admit(std::unique_ptr<Job> job, InsertOp insert);
+  // Ends a job: its result goes to the store, and to its client once
+  // committed. `outputs`/`frames`/`files` as in a worker's result.
+  void Finish(Job& job, schema::JobState state, Code code, std::string error,
+              const schema::Timing& timing = {}, std::vector<uint32_t> outputs = {},
+              Frames frames = {}, const std::string& device = "",
+              std::vector<schema::LocalFile> files = {});
+  // Ends a job at a client's request; the reply comes after the commit.
+  void Cancel(Job& job, const RequestContext& ctx);
+  // Compiles `job` for `arch` unless it has been, or is being.
+  void RequestCompile(Job& job, const std::string& arch);
+  // Takes the compiles the compile service has finished.
+  void OnCompilesDone();
+  // Sends queued jobs to workers with free slots.
+  void Dispatch();
+
+  // ---- workers (worker_protocol.cc)
+  void OnWorkerMessage(Frames& frames);
+  void WorkerLost(const std::string& id, const std::string& why);
+  bool SendWorker(const std::string& id, const schema::BrokerMessage& m, Frames* payload = nullptr);
+
+  // ---- timers
+  // Every worker message sent before `t` has been taken: a worker's silence
+  // is judged up to then, not up to the end of a long loop iteration.
+  void WorkersDrained(MonoTime t) { workers_drained_ = t; }
+  void Heartbeats();
+  void EnforceLimits();
+  void ExpireDeadlines();
+  void FailUnmatched();
+  void Purge();
+
+  // ---- stats
+  // What `ctx` may see: an operator, or anyone off CURVE, sees everything;
+  // a tenant its own jobs.
+  StatsSnapshot Snapshot(const RequestContext* ctx);
+  std::vector<schema::WorkerView> WorkerViews() const;
+  // The kernel cache file's size, refreshed off the loop; `cache_changed`
+  // asks for a refresh (a compile stored an entry).
+  std::atomic<uint64_t> cache_entries{0}, cache_bytes{0};
+  std::function<void()> cache_changed;
+  uint64_t quarantined = 0;
+
+ private:
+  // Builds the reply or push of a result whose outputs are `stored` (one
+  // per output, in stored order) for a job with `local_out`.
+  void SendResult(const ConnectionRef& conn, uint64_t rid, schema::ClientReply header,
+                  std::vector<std::pair<uint32_t, JobInput>> outputs, bool local_out);
+  void OnInserted(InsertOp& op);
+  void OnFinished(FinishOp& op, const Status& commit);
+  void OnRead(ReadOp& r);
+  void OnDispatchInputs(ReadOp& r);
+  bool Eligible(Job& job, const Worker& w);
+  bool Matches(const Job& job, const Worker& w) const;
+  void SendJob(Worker& w, Job& job);
+  void SendLoaded(Worker& w, Job& job);
+  void OnWorkerResult(Worker& w, schema::WorkerMessage& m, Frames& frames);
+  // Fails `job` for compile reasons if no architecture it could run on is
+  // left (every matching worker's architecture failed to compile it).
+  void CheckCompileViable(Job& job);
+  static compile::CompileRequest CompileRequestOf(const Job& job, const std::string& arch);
+
+  const BrokerOptions& opt_;
+  const Clock* clock_;
+  zmq::socket_t& client_sock_;
+  zmq::socket_t& worker_sock_;
+  std::unique_ptr<StoreThread> store_;
+  std::unique_ptr<compile::CompileService> compiler_;
+  std::function<void()> wake_;
+  std::string local_dir_;
+  bool local_clients_ = false;
+  uint64_t next_id_;
+  uint64_t epoch_;
+
+  ClientConnections connections_;
+  JobTable jobs_;
+  WorkerRegistry workers_;
+  std::unique_ptr<Batch> batch_ = std::make_unique<Batch>();
+  Status store_failure_;
+  MonoTime retry_writes_at_{};  // after a failed commit: when to try again
+  std::vector<FinishOp> unwritten_;  // results whose commit failed, to retry
+
+  // Compiles finishing on the compile service's threads.
+  Mutex compile_mu_;
+  std::vector<CompileDone> compiled_ GUARDED_BY(compile_mu_);
+  std::map<std::pair<Digest, std::string>, std::vector<uint64_t>> waiting_compile_;
+  struct KernelMemo {
+    schema::KernelSpec kernel;
+    Digest key{};
+    bool valid = false;
+  };
+  std::map<std::string, KernelMemo> last_kernel_;  // by architecture
+
+  StatsSnapshot counters_;
+  Histogram* compile_latency_ = nullptr;
+  MonoTime workers_drained_;
+  MonoTime started_;
+};
+
+}  // namespace gpuq::broker

@@ -1,0 +1,26 @@
+#include "broker/handlers/handlers.h"
+
+namespace gpuq::broker::handlers {
+
+void Result(BrokerCore& core, const RequestContext& ctx, uint64_t id) {
+  const Job* job = core.jobs().Find(id);
+  // Not ended yet: its status.
+  if (job && !job->ended()) return Status(core, ctx, id);
+  if (job && !ctx.Sees(job->tenant)) {
+    return core.ReplyError(ctx, Error(Code::kNotFound, "no job " + std::to_string(id)), 0, id);
+  }
+  // The store reads it, output files included unless the client can read
+  // them itself; never more than the client's connection may hold unread.
+  ReadOp read;
+  read.kind = ReadOp::Kind::kResult;
+  read.id = id;
+  read.client_local = core.LocalClients();
+  read.max_bytes = core.ReplyBudget(ctx.conn);
+  read.conn = ctx.conn;
+  read.rid = ctx.rid;
+  read.tenant = ctx.tenant;
+  read.purpose = kReadResult;
+  core.batch().reads.push_back(std::move(read));
+}
+
+}  // namespace gpuq::broker::handlers

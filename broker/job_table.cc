@@ -1,0 +1,103 @@
+#include "broker/job_table.h"
+
+namespace gpuq::broker {
+
+Status JobTable::CanAdmit(const std::string& tenant, uint64_t bytes,
+                          uint64_t* retry_after_ms) const {
+  if (active_ + 1 > bounds_.jobs) {
+    *retry_after_ms = 100;
+    return Error(Code::kQueueFull, "the broker holds " + std::to_string(bounds_.jobs) +
+                                       " jobs, its limit");
+  }
+  if (active_of(tenant) + 1 > bounds_.jobs_per_tenant) {
+    *retry_after_ms = 250;
+    return Error(Code::kQueueFull, "tenant " + tenant + " has " +
+                                       std::to_string(bounds_.jobs_per_tenant) +
+                                       " jobs queued or running, its limit");
+  }
+  if (bytes > bounds_.bytes - std::min(bounds_.bytes, active_bytes_)) {
+    *retry_after_ms = 250;
+    return Error(Code::kQueueFull,
+                 "the inputs of queued jobs would pass their limit of " +
+                     std::to_string(bounds_.bytes) + " bytes (" +
+                     std::to_string(active_bytes_) + " held, " + std::to_string(bytes) +
+                     " more asked)");
+  }
+  return Status::Ok();
+}
+
+Job& JobTable::Add(std::unique_ptr<Job> job) {
+  Job& j = *job;
+  ++active_;
+  ++active_by_tenant_[j.tenant];
+  active_bytes_ += j.input_bytes;
+  if (!j.key.empty()) keys_[{j.tenant, j.key}] = j.id;
+  if (j.deadline_ms) deadlines_.push({j.deadline_ms, j.id});
+  jobs_[j.id] = std::move(job);
+  return j;
+}
+
+Job* JobTable::Find(uint64_t id) {
+  auto it = jobs_.find(id);
+  return it == jobs_.end() ? nullptr : it->second.get();
+}
+
+Job* JobTable::FindByKey(const std::string& tenant, const std::string& key) {
+  auto it = keys_.find({tenant, key});
+  return it == keys_.end() ? nullptr : Find(it->second);
+}
+
+void JobTable::Queue(Job& job) {
+  job.state = schema::JobState::kQueued;
+  job.worker.clear();
+  scheduler_.Push(job.id, job.tenant, job.priority);
+}
+
+void JobTable::Unqueue(Job& job) { scheduler_.Remove(job.id); }
+
+void JobTable::End(Job& job, schema::JobState state) {
+  if (!job.ended()) Release(job);
+  scheduler_.Remove(job.id);
+  job.state = state;
+}
+
+void JobTable::Release(Job& job) {
+  --active_;
+  active_bytes_ -= std::min(active_bytes_, job.input_bytes);
+  auto t = active_by_tenant_.find(job.tenant);
+  if (t != active_by_tenant_.end() && --t->second == 0) active_by_tenant_.erase(t);
+}
+
+void JobTable::Remove(uint64_t id) {
+  auto it = jobs_.find(id);
+  if (it == jobs_.end()) return;
+  Job& job = *it->second;
+  if (!job.ended()) Release(job);
+  scheduler_.Remove(id);
+  if (!job.key.empty()) {
+    auto k = keys_.find({job.tenant, job.key});
+    if (k != keys_.end() && k->second == id) keys_.erase(k);
+  }
+  jobs_.erase(it);
+}
+
+std::vector<uint64_t> JobTable::Expired(int64_t now_ms) {
+  std::vector<uint64_t> out, later;
+  while (!deadlines_.empty() && deadlines_.top().first <= now_ms) {
+    const uint64_t id = deadlines_.top().second;
+    deadlines_.pop();
+    Job* j = Find(id);
+    if (!j || j->state != schema::JobState::kQueued) continue;
+    // A job whose row has not committed yet expires once it has.
+    (j->durable ? out : later).push_back(id);
+  }
+  for (uint64_t id : later) deadlines_.push({now_ms + 1, id});
+  return out;
+}
+
+uint64_t JobTable::active_of(const std::string& tenant) const {
+  auto it = active_by_tenant_.find(tenant);
+  return it == active_by_tenant_.end() ? 0 : it->second;
+}
+
+}  // namespace gpuq::broker

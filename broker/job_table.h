@@ -1,0 +1,132 @@
+// The jobs the broker holds in memory, and the bounds on them.
+//
+// A job is in the table from its acceptance (before its row commits) until
+// its result has committed. Admission bounds are exact: every job not yet
+// ended counts against them from the moment it is admitted, with every
+// byte of its inputs (payload frames and local files alike), until it ends;
+// an ended job whose result is still being written no longer counts.
+//
+// Owned by the broker loop thread: not thread-safe.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <optional>
+#include <queue>
+#include <set>
+#include <string>
+#include <unordered_map>
+#include <vector>
+#include <zmq.hpp>
+
+#include "broker/compile/compile_service.h"
+#include "broker/connections.h"
+#include "broker/request_context.h"
+#include "broker/scheduler.h"
+#include "schema/messages.h"
+#include "util/clock.h"
+
+namespace gpuq::broker {
+
+// One input buffer of a job, in payload-index order (frames, then files, as
+// the submit named them).
+struct JobInput {
+  uint64_t size = 0;
+  zmq::message_t bytes;  // held in memory (submitted in this lifetime, or loaded)
+  bool in_memory = false;
+  std::string path;  // a file of the local directory (full path); "" if none
+};
+
+struct Job {
+  uint64_t id = 0;
+  std::string tenant, key;
+  ConnectionRef submitter;  // invalid for a job resumed after a restart
+  uint32_t priority = schema::kDefaultPriority;
+  int64_t accepted_ms = 0, deadline_ms = 0;  // Unix ms; deadline 0: none
+  MonoTime accepted;
+  schema::JobSpec spec;  // spec.files cleared: the files are among `inputs`
+  std::vector<JobInput> inputs;
+  uint64_t input_bytes = 0;
+
+  schema::JobState state = schema::JobState::kQueued;
+  bool durable = false;   // its row has committed
+  bool loading = false;   // its inputs are being read for a dispatch
+  uint32_t attempts = 0;  // dispatches so far
+  bool suspect = false;   // was in flight on a worker that was lost
+  std::string worker;     // routing id while dispatched
+  uint32_t attempt_no = 0;  // the dispatch's number on the wire (PROTOCOL.md)
+  MonoTime dispatched;
+  MonoTime last_matched;  // the last time a connected worker matched its placement
+
+  // Compiles, by architecture.
+  std::map<std::string, compile::EntryPtr> modules;
+  std::set<std::string> compiling;
+  std::map<std::string, Status> compile_failed;
+  uint64_t compile_us = 0;
+  bool cache_hit = true;
+
+  // Requests answered once the job's row has committed: submits that named
+  // its key meanwhile, and cancels (which wait for the row they end).
+  std::vector<RequestContext> also_accepted, pending_cancels;
+  // Cancels answered once its result has committed.
+  std::vector<RequestContext> cancel_replies;
+
+  bool ended() const { return schema::IsTerminal(state); }
+};
+
+class JobTable {
+ public:
+  struct Bounds {
+    uint64_t jobs = 100000;
+    uint64_t jobs_per_tenant = 20000;
+    uint64_t bytes = 8ull << 30;
+  };
+  explicit JobTable(Bounds bounds) : bounds_(bounds) {}
+
+  // kQueueFull, naming the bound, when admitting a job of `tenant` with
+  // `bytes` of inputs would pass one; `retry_after_ms` gets a hint.
+  Status CanAdmit(const std::string& tenant, uint64_t bytes, uint64_t* retry_after_ms) const;
+  // Takes the job (counted against the bounds until it ends).
+  Job& Add(std::unique_ptr<Job> job);
+  Job* Find(uint64_t id);
+  // The active or ending job of `tenant` with idempotency key `key`.
+  Job* FindByKey(const std::string& tenant, const std::string& key);
+
+  // Queued for dispatch (scheduler order).
+  void Queue(Job& job);
+  // Out of the dispatch order (dispatched, canceled, expired, failed).
+  void Unqueue(Job& job);
+  Scheduler& scheduler() { return scheduler_; }
+
+  // Records its terminal state; it stops counting against the bounds.
+  void End(Job& job, schema::JobState state);
+  // Drops the job (its result has committed, or its row never did).
+  void Remove(uint64_t id);
+
+  // Queued jobs whose deadline is at or before `now_ms`.
+  std::vector<uint64_t> Expired(int64_t now_ms);
+
+  size_t size() const { return jobs_.size(); }
+  uint64_t active() const { return active_; }
+  uint64_t active_bytes() const { return active_bytes_; }
+  uint64_t active_of(const std::string& tenant) const;
+  template <typename F>
+  void ForEach(F&& f) {
+    for (auto& [id, job] : jobs_) f(*job);
+  }
+
+ private:
+  void Release(Job& job);
+
+  Bounds bounds_;
+  std::unordered_map<uint64_t, std::unique_ptr<Job>> jobs_;
+  std::map<std::pair<std::string, std::string>, uint64_t> keys_;
+  Scheduler scheduler_;
+  uint64_t active_ = 0, active_bytes_ = 0;
+  std::map<std::string, uint64_t> active_by_tenant_;
+  using Deadline = std::pair<int64_t, uint64_t>;
+  std::priority_queue<Deadline, std::vector<Deadline>, std::greater<>> deadlines_;
+};
+
+}  // namespace gpuq::broker

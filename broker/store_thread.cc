@@ -1,0 +1,162 @@
+#include "broker/store_thread.h"
+
+#include <unistd.h>
+
+#include "util/plain_file.h"
+
+namespace gpuq::broker {
+namespace {
+
+std::vector<std::string_view> Views(const std::vector<zmq::message_t>& frames) {
+  std::vector<std::string_view> v;
+  v.reserve(frames.size());
+  for (const auto& f : frames) v.emplace_back(static_cast<const char*>(f.data()), f.size());
+  return v;
+}
+
+// Reads the files among `buffers` into their bytes, `budget` bytes at most.
+Status ReadFiles(std::vector<StoredBuffer>& buffers, uint64_t budget) {
+  uint64_t total = 0;
+  for (const StoredBuffer& b : buffers) total += b.path.empty() ? 0 : b.size;
+  if (total > budget) {
+    return Error(Code::kResourceExhausted,
+                 "the reply would hold " + std::to_string(total) + " bytes; at most " +
+                     std::to_string(budget) + " may wait unread for one connection");
+  }
+  for (StoredBuffer& b : buffers) {
+    if (b.path.empty()) continue;
+    auto fd = OpenPlainFile(b.path, {.size = b.size});
+    if (!fd.ok()) return Error(Code::kIoError, fd.status().message());
+    b.bytes.resize(b.size);
+    GPUQ_RETURN_IF_ERROR(ReadExactly(fd->get(), b.bytes.data(), b.size, b.path));
+    b.path.clear();
+  }
+  return Status::Ok();
+}
+
+}  // namespace
+
+StoreThread::StoreThread(std::unique_ptr<JobStore> store, std::function<void()> wake)
+    : store_(std::move(store)), wake_(std::move(wake)), thread_([this] { Loop(); }) {}
+
+StoreThread::~StoreThread() {
+  {
+    MutexLock lock(&mu_);
+    stop_ = true;
+  }
+  cv_.Signal();
+  thread_.join();
+}
+
+void StoreThread::Submit(std::unique_ptr<Batch> batch) {
+  ++in_flight_;
+  {
+    MutexLock lock(&mu_);
+    todo_.push_back(std::move(batch));
+  }
+  cv_.Signal();
+}
+
+std::vector<std::unique_ptr<Batch>> StoreThread::TakeDone() {
+  std::vector<std::unique_ptr<Batch>> out;
+  {
+    MutexLock lock(&mu_);
+    out.swap(done_);
+  }
+  in_flight_ -= out.size();
+  return out;
+}
+
+void StoreThread::Loop() {
+  for (;;) {
+    std::vector<std::unique_ptr<Batch>> work;
+    {
+      MutexLock lock(&mu_);
+      while (todo_.empty() && !stop_) cv_.Wait();
+      if (todo_.empty()) return;  // stopping, and nothing left
+      work.swap(todo_);
+    }
+    for (auto& b : work) {
+      Run(*b);
+      {
+        MutexLock lock(&mu_);
+        done_.push_back(std::move(b));
+      }
+      wake_();
+    }
+  }
+}
+
+void StoreThread::Run(Batch& b) {
+  if (b.has_writes()) {
+    Status s = store_->Begin();
+    if (s.ok()) {
+      for (InsertOp& op : b.inserts) {
+        if (!op.row.key.empty()) {
+          auto found = store_->FindByKey(op.row.tenant, op.row.key);
+          if (!found.ok()) {
+            op.status = found.status();
+            continue;
+          }
+          if (*found) {
+            op.existing = **found;
+            continue;
+          }
+        }
+        op.status = store_->Insert(op.row, Views(op.frames), op.files);
+      }
+      for (FinishOp& op : b.finishes) {
+        (void)store_->Finish(op.result, Views(op.frames), op.finished_ms, op.inputs, op.files);
+      }
+      for (const AttemptsOp& op : b.attempts) {
+        (void)store_->SetAttempts(op.id, op.attempts, op.suspect);
+      }
+      if (b.purge_before_ms) {
+        auto purged = store_->PurgeFinished(b.purge_before_ms);
+        if (purged.ok()) b.purged = *purged;
+      }
+      s = store_->Commit();
+    }
+    b.status = s;
+    if (!s.ok()) {
+      for (InsertOp& op : b.inserts) {
+        if (op.status.ok() && !op.existing) op.status = s;
+      }
+    }
+  }
+  for (const std::string& path : b.unlink) (void)::unlink(path.c_str());
+  for (ReadOp& r : b.reads) RunRead(r);
+}
+
+void StoreThread::RunRead(ReadOp& r) {
+  auto fail = [&](const Status& s) { r.status = s; };
+  switch (r.kind) {
+    case ReadOp::Kind::kStatus:
+    case ReadOp::Kind::kResult: {
+      auto job = store_->Get(r.id);
+      if (!job.ok()) return fail(job.status());
+      r.job = std::move(*job);
+      if (!r.job || !schema::IsTerminal(r.job->state)) return;
+      auto result = r.kind == ReadOp::Kind::kStatus ? store_->GetResultMeta(r.id)
+                                                    : store_->GetResult(r.id);
+      if (!result.ok()) return fail(result.status());
+      r.result = std::move(*result);
+      if (r.result && r.kind == ReadOp::Kind::kResult &&
+          !(r.client_local && r.job->spec.local_out)) {
+        if (Status s = ReadFiles(r.result->data, r.max_bytes); !s.ok()) return fail(s);
+      }
+      return;
+    }
+    case ReadOp::Kind::kInputs: {
+      auto inputs = store_->LoadInputs(r.id);
+      if (!inputs.ok()) return fail(inputs.status());
+      r.inputs = std::move(*inputs);
+      if (r.read_files) {
+        if (Status s = ReadFiles(r.inputs, r.max_bytes); !s.ok()) return fail(s);
+      }
+      return;
+    }
+  }
+}
+
+}  // namespace gpuq::broker

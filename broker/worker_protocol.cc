@@ -1,0 +1,253 @@
+// The broker's side of the worker protocol (PROTOCOL.md, "Worker ↔
+// broker"): registration, heartbeats, results, and what happens to the jobs
+// of a worker that is lost.
+#include <spdlog/spdlog.h>
+
+#include "broker/core.h"
+#include "schema/codec.h"
+
+namespace gpuq::broker {
+
+using schema::BrokerMessage;
+using schema::BrokerOp;
+using schema::JobState;
+using schema::WorkerMessage;
+using schema::WorkerOp;
+
+namespace {
+
+std::string_view View(const zmq::message_t& m) {
+  return {static_cast<const char*>(m.data()), m.size()};
+}
+
+// Checks a done result's outputs against the job: every out and inout
+// argument exactly once, each of its size (an out its declared size, an
+// inout its input's), frames first and then files as the worker listed them.
+Status CheckOutputs(const Job& job, const WorkerMessage& m, const Frames& frames) {
+  const size_t nframes = frames.size() - 3;
+  if (m.outputs.size() != nframes + m.files.size()) {
+    return Error(Code::kInternal, "it listed " + std::to_string(m.outputs.size()) +
+                                      " outputs for " + std::to_string(nframes) + " frames and " +
+                                      std::to_string(m.files.size()) + " files");
+  }
+  const std::vector<schema::Arg>& args = job.spec.args;
+  std::vector<bool> seen(args.size(), false);
+  for (size_t i = 0; i < m.outputs.size(); ++i) {
+    const uint32_t a = m.outputs[i];
+    if (a >= args.size() ||
+        (args[a].kind != schema::ArgKind::kOut && args[a].kind != schema::ArgKind::kInOut)) {
+      return Error(Code::kInternal, "output " + std::to_string(i) + " names argument " +
+                                        std::to_string(a) + ", which is not an out or inout buffer");
+    }
+    if (seen[a]) {
+      return Error(Code::kInternal, "argument " + std::to_string(a) + " has two outputs");
+    }
+    seen[a] = true;
+    const uint64_t size = i < nframes ? frames[3 + i].size() : m.files[i - nframes].size;
+    const uint64_t want = args[a].kind == schema::ArgKind::kOut
+                              ? args[a].size
+                              : (args[a].frame < job.inputs.size() ? job.inputs[args[a].frame].size
+                                                                   : 0);
+    if (size != want) {
+      return Error(Code::kInternal, "the output of argument " + std::to_string(a) + " holds " +
+                                        std::to_string(size) + " bytes, not " +
+                                        std::to_string(want));
+    }
+  }
+  for (size_t a = 0; a < args.size(); ++a) {
+    if ((args[a].kind == schema::ArgKind::kOut || args[a].kind == schema::ArgKind::kInOut) &&
+        !seen[a]) {
+      return Error(Code::kInternal, "the output of argument " + std::to_string(a) + " is missing");
+    }
+  }
+  return Status::Ok();
+}
+
+}  // namespace
+
+bool BrokerCore::SendWorker(const std::string& id, const BrokerMessage& m, Frames* payload) {
+  const std::string header = schema::EncodeBrokerMessage(m);
+  const bool has_payload = payload && !payload->empty();
+  try {
+    if (!worker_sock_.send(zmq::buffer(id), zmq::send_flags::sndmore | zmq::send_flags::dontwait)) {
+      return false;
+    }
+    worker_sock_.send(zmq::buffer(schema::kWorkerProtocol), zmq::send_flags::sndmore);
+    worker_sock_.send(zmq::buffer(header),
+                      has_payload ? zmq::send_flags::sndmore : zmq::send_flags::none);
+    if (has_payload) {
+      for (size_t i = 0; i < payload->size(); ++i) {
+        worker_sock_.send((*payload)[i], i + 1 < payload->size() ? zmq::send_flags::sndmore
+                                                                 : zmq::send_flags::none);
+      }
+    }
+    return true;
+  } catch (const zmq::error_t& e) {
+    spdlog::warn("worker unreachable: {}", e.what());
+    return false;
+  }
+}
+
+void BrokerCore::OnWorkerMessage(Frames& frames) {
+  if (frames.empty()) return;
+  const std::string id(View(frames[0]));
+  auto refuse = [&](const Status& s) {
+    BrokerMessage m;
+    m.op = BrokerOp::kError;
+    m.code = s.code();
+    m.error = s.message();
+    SendWorker(id, m);
+  };
+  if (frames.size() < 3) {
+    return refuse(Error(Code::kMalformed, "a message is [protocol, header, payload...]"));
+  }
+  if (Status s = schema::CheckProtocolFrame(View(frames[1]), schema::kWorkerProtocol); !s.ok()) {
+    return refuse(s);
+  }
+  std::vector<uint64_t> sizes;
+  for (size_t i = 3; i < frames.size(); ++i) sizes.push_back(frames[i].size());
+  WorkerMessage m;
+  if (Status s = schema::DecodeWorkerMessage(View(frames[2]), sizes, opt_.limits, &m); !s.ok()) {
+    return refuse(s);
+  }
+  const auto now = clock_->Now();
+  if (m.op == WorkerOp::kReady) {
+    if (workers_.Find(id)) WorkerLost(id, "it registered again");
+    const bool local = !m.local_dir.empty() && m.local_dir == local_dir_;
+    auto w = workers_.Ready(id, m, local, now,
+                            [this](const std::string& arch) { return compiler_->CanTarget(arch); });
+    if (!w.ok()) {
+      spdlog::warn("refused worker {} ({}, {}): {}", m.worker, m.device.name,
+                   m.device.uuid, w.status().message());
+      return refuse(w.status());
+    }
+    spdlog::info("worker {} ready: {} ({}, {}), {} slots", (*w)->name, (*w)->device.name,
+                 (*w)->arch, (*w)->device.uuid, (*w)->slots);
+    // Queued jobs may now run on this architecture.
+    const std::string arch = (*w)->arch;
+    jobs_.ForEach([&](Job& job) {
+      if (job.state == JobState::kQueued && job.durable && Matches(job, **w)) {
+        job.last_matched = now;
+        RequestCompile(job, arch);
+      }
+    });
+    return;
+  }
+  Worker* w = workers_.Find(id);
+  if (!w) {
+    // A worker from before a broker restart, or one declared gone.
+    BrokerMessage bye;
+    bye.op = BrokerOp::kDisconnect;
+    bye.error = "unknown worker: send ready";
+    SendWorker(id, bye);
+    return;
+  }
+  w->last_seen = now;
+  switch (m.op) {
+    case WorkerOp::kHeartbeat:
+      w->device.free_bytes = m.free_bytes;
+      return;
+    case WorkerOp::kResult:
+      return OnWorkerResult(*w, m, frames);
+    case WorkerOp::kDisconnect:
+      return WorkerLost(id, "it disconnected: " + m.reason);
+    case WorkerOp::kReady:
+      return;
+  }
+}
+
+void BrokerCore::OnWorkerResult(Worker& w, WorkerMessage& m, Frames& frames) {
+  // Nothing changes unless the worker holds this very attempt (a stale
+  // result from an earlier attempt or another broker lifetime changes
+  // nothing at all); the files it names are removed.
+  const auto held = workers_.TakeResult(w, m.id, m.attempt);
+  if (held != WorkerRegistry::ResultFor::kCurrent) return DropPeerFiles(m.files, "w-");
+  Job* job = jobs_.Find(m.id);
+  if (!job || job->state != JobState::kDispatched || job->worker != w.id ||
+      job->attempt_no != m.attempt) {
+    return DropPeerFiles(m.files, "w-");
+  }
+  if (!m.files.empty() && !(w.local && job->spec.local_out)) {
+    DropPeerFiles(m.files, "w-");
+    Finish(*job, JobState::kFailed, Code::kInternal,
+           "worker " + w.name + " returned files it was not asked for");
+    return;
+  }
+  if (m.state == JobState::kDone) {
+    if (Status s = CheckOutputs(*job, m, frames); !s.ok()) {
+      DropPeerFiles(m.files, "w-");
+      BrokerMessage refusal;
+      refusal.op = BrokerOp::kError;
+      refusal.code = s.code();
+      refusal.error = "result of job " + std::to_string(m.id) + " refused: " + s.message();
+      SendWorker(w.id, refusal);
+      spdlog::warn("worker {}: {}", w.name, refusal.error);
+      Finish(*job, JobState::kFailed, Code::kInternal,
+             "worker " + w.name + " returned a result without every output: " + s.message());
+      return;
+    }
+    job->suspect = false;
+  }
+  Frames data;
+  for (size_t i = 3; i < frames.size(); ++i) data.push_back(std::move(frames[i]));
+  Finish(*job, m.state, m.code, std::move(m.error), m.timing, std::move(m.outputs),
+         std::move(data), w.device.uuid, std::move(m.files));
+}
+
+void BrokerCore::WorkerLost(const std::string& id, const std::string& why) {
+  if (!workers_.Find(id)) return;
+  Worker w = workers_.Remove(id);
+  ++counters_.workers_lost;
+  spdlog::warn("worker {} ({}) is gone: {}; {} jobs were in flight", w.name, w.device.uuid, why,
+               w.inflight.size());
+  const bool alone = w.inflight.size() == 1;
+  for (const auto& [jid, held] : w.inflight) {
+    Job* job = jobs_.Find(jid);
+    if (!job || job->state != JobState::kDispatched || job->worker != id ||
+        job->attempt_no != held.attempt) {
+      continue;
+    }
+    job->loading = false;
+    if (w.local && job->spec.local_out) {
+      // The output files the lost attempt may have begun (w-ID-ATTEMPT-ARG).
+      std::vector<schema::LocalFile> begun;
+      for (size_t a = 0; a < job->spec.args.size(); ++a) {
+        const schema::ArgKind k = job->spec.args[a].kind;
+        if (k != schema::ArgKind::kOut && k != schema::ArgKind::kInOut) continue;
+        begun.push_back({"w-" + std::to_string(job->id) + "-" + std::to_string(held.attempt) +
+                             "-" + std::to_string(a),
+                         0});
+      }
+      DropPeerFiles(begun, "w-");
+    }
+    // A job that was alone on a worker that died is the culprit; jobs that
+    // shared it are suspects, replayed one at a time.
+    if (job->suspect && alone) {
+      Finish(*job, JobState::kFailed, Code::kKernelFault,
+             "its worker died while running it alone (" + why + ")");
+      continue;
+    }
+    if (job->attempts >= opt_.max_attempts) {
+      Finish(*job, JobState::kFailed, Code::kUnavailable,
+             "lost with its worker " + std::to_string(job->attempts) + " times (" + why + ")");
+      continue;
+    }
+    // Requeued as a suspect: it runs alone next time, and is judged then.
+    job->suspect = true;
+    ++counters_.requeued;
+    batch_->attempts.push_back({job->id, job->attempts, job->suspect});
+    jobs_.Queue(*job);
+  }
+}
+
+void BrokerCore::Heartbeats() {
+  const auto silent = opt_.heartbeat * opt_.heartbeat_misses;
+  for (const std::string& id : workers_.SilentSince(workers_drained_ - silent)) {
+    WorkerLost(id, "silent for too long");
+  }
+  BrokerMessage hb;
+  hb.op = BrokerOp::kHeartbeat;
+  for (const auto& [id, w] : workers_.all()) SendWorker(id, hb);
+}
+
+}  // namespace gpuq::broker

@@ -1,0 +1,99 @@
+#include "broker/worker_registry.h"
+
+#include <algorithm>
+#include <set>
+
+namespace gpuq::broker {
+
+bool ModuleSet::Touch(const std::string& key) {
+  auto it = index_.find(key);
+  if (it != index_.end()) {
+    order_.splice(order_.begin(), order_, it->second);
+    return true;
+  }
+  if (capacity_ == 0) return false;
+  order_.push_front(key);
+  index_[key] = order_.begin();
+  if (order_.size() > capacity_) {
+    index_.erase(order_.back());
+    order_.pop_back();
+  }
+  return false;
+}
+
+StatusOr<Worker*> WorkerRegistry::Ready(const std::string& id, const schema::WorkerMessage& ready,
+                                        bool local, MonoTime now,
+                                        const std::function<bool(const std::string&)>& can_target) {
+  if (ready.slots == 0) {
+    return Error(Code::kInvalid, "a worker needs at least one slot (ready said slots: 0)");
+  }
+  const std::string arch = ready.device.Arch();
+  if (!can_target(arch)) {
+    return Error(Code::kInvalid, "this broker's compiler cannot build kernels for " + arch +
+                                     " (" + ready.device.name + ")");
+  }
+  Worker& w = workers_[id];
+  w = Worker();
+  w.id = id;
+  w.name = ready.worker;
+  w.device = ready.device;
+  w.arch = arch;
+  w.slots = w.credits = ready.slots;
+  w.modules = ModuleSet(ready.module_slots);
+  w.last_seen = now;
+  w.local = local;
+  ArchsChanged();
+  return &w;
+}
+
+Worker* WorkerRegistry::Find(const std::string& id) {
+  auto it = workers_.find(id);
+  return it == workers_.end() ? nullptr : &it->second;
+}
+
+Worker WorkerRegistry::Remove(const std::string& id) {
+  auto it = workers_.find(id);
+  if (it == workers_.end()) return Worker();
+  Worker w = std::move(it->second);
+  workers_.erase(it);
+  ArchsChanged();
+  return w;
+}
+
+void WorkerRegistry::Dispatched(Worker& w, uint64_t job, uint32_t attempt, bool suspect) {
+  w.inflight[job] = Worker::Held{attempt, false};
+  --w.credits;
+  if (suspect) w.exclusive = true;
+}
+
+WorkerRegistry::ResultFor WorkerRegistry::TakeResult(Worker& w, uint64_t job,
+                                                     uint32_t attempt) {
+  auto it = w.inflight.find(job);
+  if (it == w.inflight.end() || it->second.attempt != attempt) return ResultFor::kStale;
+  const bool abandoned = it->second.abandoned;
+  w.inflight.erase(it);
+  w.credits = std::min(w.slots, w.credits + 1);
+  w.exclusive = false;
+  return abandoned ? ResultFor::kAbandoned : ResultFor::kCurrent;
+}
+
+void WorkerRegistry::Abandon(Worker& w, uint64_t job) {
+  auto it = w.inflight.find(job);
+  if (it != w.inflight.end()) it->second.abandoned = true;
+}
+
+std::vector<std::string> WorkerRegistry::SilentSince(MonoTime before) const {
+  std::vector<std::string> out;
+  for (const auto& [id, w] : workers_) {
+    if (w.last_seen < before) out.push_back(id);
+  }
+  return out;
+}
+
+void WorkerRegistry::ArchsChanged() {
+  std::set<std::string> archs;
+  for (const auto& [id, w] : workers_) archs.insert(w.arch);
+  archs_.assign(archs.begin(), archs.end());
+}
+
+}  // namespace gpuq::broker

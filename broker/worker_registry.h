@@ -1,0 +1,95 @@
+// The GPU workers connected to the broker: their devices, credits, the jobs
+// they hold and the modules they keep (PROTOCOL.md, "Worker ↔ broker").
+//
+// Invariants: a worker holds at most `slots` jobs (credits + inflight ==
+// slots); a job is in a worker's inflight set exactly while the broker has
+// it dispatched there under that attempt number. A result counts only when
+// its (job, attempt) is in that set: anything else is stale and changes
+// nothing.
+//
+// Owned by the broker loop thread: not thread-safe.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <list>
+#include <map>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "schema/messages.h"
+#include "util/clock.h"
+
+namespace gpuq::broker {
+
+// The modules a worker holds: the same LRU the worker keeps (PROTOCOL.md,
+// "Module images"), touched in the order jobs are sent.
+class ModuleSet {
+ public:
+  explicit ModuleSet(size_t capacity = 0) : capacity_(capacity) {}
+  // Returns true if the worker already has `key`; records it as most recent.
+  bool Touch(const std::string& key);
+
+ private:
+  size_t capacity_;
+  std::list<std::string> order_;
+  std::unordered_map<std::string, std::list<std::string>::iterator> index_;
+};
+
+struct Worker {
+  std::string id;  // routing id
+  std::string name;
+  schema::DeviceInfo device;
+  std::string arch;
+  uint32_t slots = 0, credits = 0;
+  struct Held {
+    uint32_t attempt = 0;
+    bool abandoned = false;  // the broker no longer waits for its result
+  };
+  std::map<uint64_t, Held> inflight;  // by job id
+  ModuleSet modules;
+  MonoTime last_seen;
+  bool exclusive = false;  // running a suspect alone
+  bool local = false;      // on this host: reads and writes the local directory
+};
+
+class WorkerRegistry {
+ public:
+  // Registers the worker of a `ready` message. kInvalid (and nothing
+  // registered) for a worker that announces no slots, or whose architecture
+  // `can_target` refuses. A worker that registers again must have been
+  // removed first (the broker treats that as a loss).
+  StatusOr<Worker*> Ready(const std::string& id, const schema::WorkerMessage& ready, bool local,
+                          MonoTime now, const std::function<bool(const std::string&)>& can_target);
+  Worker* Find(const std::string& id);
+  // Takes the worker out; returns it with the jobs it held.
+  Worker Remove(const std::string& id);
+
+  // Records a job sent to `w`: a credit spent, the attempt remembered.
+  void Dispatched(Worker& w, uint64_t job, uint32_t attempt, bool suspect);
+  // A result of (job, attempt) from `w`. kCurrent or kAbandoned: `w` holds
+  // that attempt, and its slot is free again; kStale: it does not, and
+  // nothing changed.
+  enum class ResultFor { kCurrent, kAbandoned, kStale };
+  ResultFor TakeResult(Worker& w, uint64_t job, uint32_t attempt);
+  // Marks a job whose result the broker no longer waits for (it ended on the
+  // broker's side: canceled). Its slot stays taken until the worker answers
+  // or is lost.
+  void Abandon(Worker& w, uint64_t job);
+
+  // Workers not heard from since `before`.
+  std::vector<std::string> SilentSince(MonoTime before) const;
+  // The distinct architectures of the connected workers.
+  const std::vector<std::string>& archs() const { return archs_; }
+  size_t size() const { return workers_.size(); }
+  std::map<std::string, Worker>& all() { return workers_; }
+  const std::map<std::string, Worker>& all() const { return workers_; }
+
+ private:
+  void ArchsChanged();
+  std::map<std::string, Worker> workers_;
+  std::vector<std::string> archs_;
+};
+
+}  // namespace gpuq::broker

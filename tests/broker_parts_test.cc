@@ -1,0 +1,172 @@
+// The broker's parts on their own, with a clock the test drives: the job
+// table and its bounds, the worker registry, the stats encoding.
+#include <gtest/gtest.h>
+
+#include <nlohmann/json.hpp>
+
+#include "broker/job_table.h"
+#include "broker/metrics.h"
+#include "broker/worker_registry.h"
+#include "tests/golden_messages.h"
+#include "tests/manual_clock.h"
+
+namespace gpuq::broker {
+namespace {
+
+using schema::JobState;
+using testing::ManualClock;
+
+std::unique_ptr<Job> NewJob(uint64_t id, const std::string& tenant, uint64_t bytes = 0,
+                            int64_t deadline_ms = 0) {
+  auto j = std::make_unique<Job>();
+  j->id = id;
+  j->tenant = tenant;
+  j->input_bytes = bytes;
+  j->deadline_ms = deadline_ms;
+  j->durable = true;
+  return j;
+}
+
+TEST(JobTableTest, BoundsAreExactAndCountEveryJobUntilItEnds) {
+  JobTable t({/*jobs=*/3, /*per tenant=*/2, /*bytes=*/100});
+  uint64_t retry = 0;
+  ASSERT_TRUE(t.CanAdmit("a", 40, &retry).ok());
+  t.Add(NewJob(1, "a", 40));
+  ASSERT_TRUE(t.CanAdmit("a", 40, &retry).ok());
+  t.Add(NewJob(2, "a", 40));
+  EXPECT_EQ(t.CanAdmit("a", 0, &retry).code(), Code::kQueueFull) << "per tenant";
+  EXPECT_GT(retry, 0u);
+  EXPECT_EQ(t.CanAdmit("b", 21, &retry).code(), Code::kQueueFull) << "bytes";
+  ASSERT_TRUE(t.CanAdmit("b", 20, &retry).ok());
+  t.Add(NewJob(3, "b", 20));
+  EXPECT_EQ(t.CanAdmit("c", 0, &retry).code(), Code::kQueueFull) << "jobs";
+  // An ended job stops counting, though it stays until its result commits.
+  t.End(*t.Find(1), JobState::kDone);
+  EXPECT_NE(t.Find(1), nullptr);
+  EXPECT_TRUE(t.CanAdmit("a", 40, &retry).ok());
+  t.Remove(1);
+  EXPECT_EQ(t.active(), 2u);
+  EXPECT_EQ(t.active_bytes(), 60u);
+}
+
+TEST(JobTableTest, DeadlinesExpireQueuedJobsInOrderAndWaitForTheirRow) {
+  ManualClock clock;
+  JobTable t({});
+  const int64_t now = clock.UnixMs();
+  t.Queue(t.Add(NewJob(1, "a", 0, now + 100)));
+  t.Queue(t.Add(NewJob(2, "a", 0, now + 50)));
+  Job& pending = t.Add(NewJob(3, "a", 0, now + 10));
+  pending.durable = false;
+  EXPECT_TRUE(t.Expired(now).empty());
+  clock.Advance(std::chrono::milliseconds(60));
+  EXPECT_EQ(t.Expired(clock.UnixMs()), std::vector<uint64_t>({2}));
+  pending.durable = true;
+  clock.Advance(std::chrono::milliseconds(60));
+  EXPECT_EQ(t.Expired(clock.UnixMs()), std::vector<uint64_t>({3, 1}))
+      << "the waiting job first: its deadline passed first";
+}
+
+schema::WorkerMessage Ready(uint32_t slots, const std::string& arch = "sm_90") {
+  schema::WorkerMessage m;
+  m.op = schema::WorkerOp::kReady;
+  m.worker = "w";
+  m.device.cc_major = static_cast<uint32_t>(std::stoi(arch.substr(3, arch.size() - 4)));
+  m.device.cc_minor = static_cast<uint32_t>(arch.back() - '0');
+  m.slots = slots;
+  return m;
+}
+
+const auto kAnyArch = [](const std::string&) { return true; };
+
+TEST(WorkerRegistryTest, AStaleResultChangesNothing) {
+  ManualClock clock;
+  WorkerRegistry r;
+  Worker* w = *r.Ready("id", Ready(1), false, clock.Now(), kAnyArch);
+  r.Dispatched(*w, /*job=*/7, /*attempt=*/3, false);
+  EXPECT_EQ(w->credits, 0u);
+  EXPECT_EQ(r.TakeResult(*w, 7, 2), WorkerRegistry::ResultFor::kStale);
+  EXPECT_EQ(r.TakeResult(*w, 8, 3), WorkerRegistry::ResultFor::kStale);
+  EXPECT_EQ(w->credits, 0u) << "a stale result freed a slot";
+  EXPECT_EQ(w->inflight.count(7), 1u);
+  r.Abandon(*w, 7);
+  EXPECT_EQ(w->credits, 0u) << "an abandoned job keeps its slot until the worker answers";
+  EXPECT_EQ(r.TakeResult(*w, 7, 3), WorkerRegistry::ResultFor::kAbandoned);
+  EXPECT_EQ(w->credits, 1u);
+  EXPECT_TRUE(w->inflight.empty());
+}
+
+TEST(WorkerRegistryTest, RefusesNoSlotsAndArchitecturesTheCompilerCannotTarget) {
+  ManualClock clock;
+  WorkerRegistry r;
+  EXPECT_EQ(r.Ready("a", Ready(0), false, clock.Now(), kAnyArch).status().code(),
+            Code::kInvalid);
+  auto old = r.Ready("b", Ready(4, "sm_50"), false, clock.Now(),
+                     [](const std::string& arch) { return arch != "sm_50"; });
+  EXPECT_EQ(old.status().code(), Code::kInvalid);
+  EXPECT_NE(old.status().message().find("sm_50"), std::string::npos);
+  EXPECT_EQ(r.size(), 0u);
+}
+
+TEST(WorkerRegistryTest, SilenceIsJudgedByTheClock) {
+  ManualClock clock;
+  WorkerRegistry r;
+  Worker* w = *r.Ready("id", Ready(2), false, clock.Now(), kAnyArch);
+  clock.Advance(std::chrono::milliseconds(400));
+  EXPECT_TRUE(r.SilentSince(clock.Now() - std::chrono::milliseconds(500)).empty());
+  clock.Advance(std::chrono::milliseconds(200));
+  EXPECT_EQ(r.SilentSince(clock.Now() - std::chrono::milliseconds(500)),
+            std::vector<std::string>({"id"}));
+  w->last_seen = clock.Now();
+  EXPECT_TRUE(r.SilentSince(clock.Now() - std::chrono::milliseconds(500)).empty());
+}
+
+// The golden stats map and the broker's encoder agree: the same keys, in the
+// same order, with values of the same types, at every level.
+void SameShape(const nlohmann::ordered_json& a, const nlohmann::ordered_json& b,
+               const std::string& where) {
+  ASSERT_EQ(a.type_name(), std::string(b.type_name())) << where;
+  if (a.is_object()) {
+    std::vector<std::string> ka, kb;
+    for (auto& [k, v] : a.items()) ka.push_back(k);
+    for (auto& [k, v] : b.items()) kb.push_back(k);
+    if (where == "stats" || where.find("cache") != std::string::npos ||
+        where.find("latency_us/") != std::string::npos || where.find("workers") != std::string::npos) {
+      ASSERT_EQ(ka, kb) << where;
+    }
+    for (auto& [k, v] : a.items()) {
+      if (b.contains(k)) SameShape(v, b[k], where + "/" + k);
+    }
+  } else if (a.is_array() && !a.empty() && !b.empty()) {
+    SameShape(a[0], b[0], where + "[0]");
+  }
+}
+
+TEST(StatsTest, TheEncoderWritesTheGoldenStatsShape) {
+  StatsSnapshot s;
+  s.queued = 3;
+  s.queued_by_priority = {{5, 2}, {9, 1}};
+  s.queued_by_tenant = {{"vm-7", 3}};
+  s.inflight = 2;
+  s.inflight_by_worker = {{"gpu-host-1:3112:0", 2}};
+  s.finished = {{"done", 114}};
+  for (const char* phase : {"total", "queue"}) s.latency[phase].Observe(40);
+  schema::WorkerView w;
+  w.worker = "gpu-host-1:3112:0";
+  s.workers = {w};
+  s.uptime_s = 1.5;
+  std::string golden;
+  for (const auto& g : testing::GoldenMessages()) {
+    if (g.name == "reply_stats") golden = std::get<schema::ClientReply>(g.message).stats;
+  }
+  ASSERT_FALSE(golden.empty());
+  SameShape(nlohmann::ordered_json::from_msgpack(EncodeStats(s)),
+            nlohmann::ordered_json::from_msgpack(golden), "stats");
+  // Phases in the order of PROTOCOL.md.
+  auto enc = nlohmann::ordered_json::from_msgpack(EncodeStats(s));
+  std::vector<std::string> phases;
+  for (auto& [k, v] : enc["latency_us"].items()) phases.push_back(k);
+  EXPECT_EQ(phases, std::vector<std::string>({"queue", "total"}));
+}
+
+}  // namespace
+}  // namespace gpuq::broker

@@ -1,0 +1,677 @@
+// Defects found by using gpuq as its users, third-party client authors and
+// attackers would: each test reproduces one with real processes and sockets
+// (gpuqd, worker test doubles, raw peers) and holds the fix in place.
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/resource.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <filesystem>
+#include <msgpack.hpp>
+#include <nlohmann/json.hpp>
+#include <set>
+#include <thread>
+
+#include "tests/broker_fixture.h"
+
+namespace gpuq {
+namespace {
+
+using schema::Arg;
+using schema::BrokerOp;
+using schema::ClientOp;
+using schema::JobState;
+using schema::ReplyOp;
+using testing::BrokerTest;
+using testing::RawClient;
+using testing::RawWorker;
+
+schema::ClientRequest About(ClientOp op, uint64_t rid, uint64_t id) {
+  schema::ClientRequest r;
+  r.op = op;
+  r.rid = rid;
+  r.id = id;
+  return r;
+}
+
+// Polls the job's status until it has ended (through a client of its own).
+JobResult WaitEnded(Client& c, uint64_t id, Millis timeout = Millis(10000)) {
+  const auto until = std::chrono::steady_clock::now() + timeout;
+  for (;;) {
+    auto st = c.GetStatus(id);
+    if (st.ok() && schema::IsTerminal(st->state)) return *st;
+    if (std::chrono::steady_clock::now() > until) {
+      JobResult none;
+      none.error = st.ok() ? "still " + std::string(schema::JobStateName(st->state))
+                           : st.status().ToString();
+      return none;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+}
+
+// Drains what `raw` receives for `window`; true if a result for `id` came.
+bool HearsResultFor(RawClient& raw, uint64_t id, Millis window) {
+  const auto until = std::chrono::steady_clock::now() + window;
+  while (std::chrono::steady_clock::now() < until) {
+    auto r = raw.Receive(Millis(50));
+    if (r && r->header.op == ReplyOp::kResult && r->header.id == id) return true;
+  }
+  return false;
+}
+
+// ------------------------------------------------------------ wrong data or tenant
+
+TEST_F(BrokerTest, AfterARestartAResultIsPushedToNoOne) {
+  uint64_t id = 0;
+  {
+    RawClient submitter(broker_->client_endpoint());
+    submitter.Send(SubmitRequest(1), {"submitter's bytes"});
+    auto accepted = submitter.Receive();
+    ASSERT_TRUE(accepted && accepted->header.op == ReplyOp::kAccepted);
+    id = accepted->header.id;
+  }
+  broker_->Kill();
+  ASSERT_TRUE(StartBroker()) << Log();
+  // The first connection of the new broker: the one a stored routing id
+  // would now name.
+  RawClient stranger(broker_->client_endpoint());
+  stranger.Send(About(ClientOp::kStats, 5, 0));
+  ASSERT_TRUE(stranger.Receive());
+  AddWorker();
+  auto c = Connect();
+  EXPECT_EQ(WaitEnded(*c, id).state, JobState::kDone);
+  EXPECT_FALSE(HearsResultFor(stranger, id, Millis(300)))
+      << "a job submitted before the restart was pushed to a new connection";
+}
+
+TEST_F(BrokerTest, AResultIsNotPushedToAConnectionThatTookTheSubmittersIdentity) {
+  uint64_t id = 0;
+  {
+    RawClient submitter(broker_->client_endpoint(), "chosen-identity");
+    submitter.Send(SubmitRequest(1), {"submitter's bytes"});
+    auto accepted = submitter.Receive();
+    ASSERT_TRUE(accepted && accepted->header.op == ReplyOp::kAccepted);
+    id = accepted->header.id;
+  }
+  std::this_thread::sleep_for(std::chrono::milliseconds(200));  // the broker sees it go
+  RawClient impostor(broker_->client_endpoint(), "chosen-identity");
+  impostor.Send(About(ClientOp::kStats, 5, 0));
+  ASSERT_TRUE(impostor.Receive()) << "the identity is free again: the impostor holds it";
+  AddWorker();
+  auto c = Connect();
+  EXPECT_EQ(WaitEnded(*c, id).state, JobState::kDone);
+  EXPECT_FALSE(HearsResultFor(impostor, id, Millis(300)))
+      << "the result went to another connection of the same identity";
+}
+
+TEST_F(BrokerTest, JobIdsAreNeverReusedAfterResultsArePurged) {
+  ASSERT_TRUE(StartBroker({"--retention-s", "1"})) << Log();
+  AddWorker();
+  auto c = Connect();
+  ASSERT_TRUE(WaitForWorkers(*c, 1));
+  auto purged = [&](uint64_t id) {
+    for (int i = 0; i < 100; ++i) {
+      if (c->Fetch(id).status().code() == Code::kNotFound) return true;
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    }
+    return false;
+  };
+  auto first = c->Submit(Job("k", "a"));
+  ASSERT_TRUE(first.ok());
+  ASSERT_TRUE(c->Wait(*first).ok());
+  ASSERT_TRUE(purged(*first));
+  auto second = c->Submit(Job("k", "b"));
+  ASSERT_TRUE(second.ok());
+  EXPECT_GT(*second, *first) << "an id was handed out again after its job was purged";
+  ASSERT_TRUE(c->Wait(*second).ok());
+  ASSERT_TRUE(purged(*second));
+  ASSERT_TRUE(StartBroker()) << Log();
+  auto c2 = Connect();
+  auto third = c2->Submit(Job("k", "c"));
+  ASSERT_TRUE(third.ok());
+  EXPECT_GT(*third, *second) << "an id was handed out again after a restart";
+}
+
+TEST_F(BrokerTest, AStaleResultChangesNothing) {
+  ASSERT_TRUE(StartBroker({"--heartbeat-ms", "1000"})) << Log();
+  RawWorker w(broker_->worker_endpoint());
+  w.Ready("sm_90", /*slots=*/1);
+  auto c = Connect();
+  ASSERT_TRUE(WaitForWorkers(*c, 1));
+  auto first = c->Submit(Job("k", "1"));
+  auto second = c->Submit(Job("k", "2"));
+  ASSERT_TRUE(first.ok() && second.ok());
+  auto job = w.Receive();
+  ASSERT_TRUE(job && job->header.op == BrokerOp::kJob);
+  ASSERT_EQ(job->header.id, *first);
+  // A result for another attempt of the job it holds.
+  RawWorker::Message stale = *job;
+  stale.header.attempt += 7;
+  w.Done(stale);
+  auto next = w.Receive(Millis(500));
+  EXPECT_FALSE(next && next->header.op == BrokerOp::kJob)
+      << "the stale result freed the worker's only slot";
+  // The worker leaves: the job it really holds is requeued and runs elsewhere.
+  schema::WorkerMessage bye;
+  bye.op = schema::WorkerOp::kDisconnect;
+  bye.reason = "leaving";
+  w.Send(bye);
+  AddWorker();
+  JobResult r = WaitEnded(*c, *first);
+  EXPECT_EQ(r.state, JobState::kDone) << r.error;
+  EXPECT_EQ(WaitEnded(*c, *second).state, JobState::kDone);
+}
+
+TEST_F(BrokerTest, AttemptNumbersIncreaseAcrossBrokerRestarts) {
+  ASSERT_TRUE(StartBroker({"--heartbeat-ms", "1000"})) << Log();
+  RawWorker w(broker_->worker_endpoint());
+  w.Ready();
+  auto c = Connect();
+  ASSERT_TRUE(WaitForWorkers(*c, 1));
+  auto id = c->Submit(Job("k", "x"));
+  ASSERT_TRUE(id.ok());
+  auto before = w.Receive();
+  ASSERT_TRUE(before && before->header.op == BrokerOp::kJob);
+  broker_->Kill();
+  ASSERT_TRUE(StartBroker()) << Log();
+  // The worker registers with the new broker, which resumes the job.
+  std::optional<RawWorker::Message> after;
+  for (int i = 0; i < 20 && !(after && after->header.op == BrokerOp::kJob); ++i) {
+    w.Ready();
+    after = w.Receive(Millis(500));
+  }
+  ASSERT_TRUE(after && after->header.op == BrokerOp::kJob);
+  ASSERT_EQ(after->header.id, *id);
+  EXPECT_GT(after->header.attempt, before->header.attempt)
+      << "a result of the attempt before the restart would pass for this one";
+}
+
+TEST_F(BrokerTest, AResultWithoutEveryOutputIsRefused) {
+  ASSERT_TRUE(StartBroker({"--heartbeat-ms", "1000"})) << Log();
+  RawWorker w(broker_->worker_endpoint());
+  w.Ready();
+  auto c = Connect();
+  ASSERT_TRUE(WaitForWorkers(*c, 1));
+  auto id = c->Submit(Job("k", "abc", 16));
+  ASSERT_TRUE(id.ok());
+  auto job = w.Receive();
+  ASSERT_TRUE(job && job->header.op == BrokerOp::kJob);
+  w.Done(*job, 'r', /*drop=*/1);  // the out buffer is missing
+  auto refused = w.Receive(Millis(2000));
+  ASSERT_TRUE(refused);
+  EXPECT_EQ(refused->header.op, BrokerOp::kError);
+  JobResult r = WaitEnded(*c, *id);
+  EXPECT_EQ(r.state, JobState::kFailed) << "done without its buffers";
+  EXPECT_EQ(r.code, Code::kInternal);
+  EXPECT_NE(r.error.find("output"), std::string::npos) << r.error;
+}
+
+TEST_F(BrokerTest, AFetchInTheSameIterationAsTheResultSeesIt) {
+  ASSERT_TRUE(StartBroker({"--heartbeat-ms", "1000"})) << Log();
+  RawWorker w(broker_->worker_endpoint());
+  w.Ready();
+  auto c = Connect();
+  ASSERT_TRUE(WaitForWorkers(*c, 1));
+  constexpr uint64_t kOut = 26 * 1024;  // kept in the store's output log
+  auto id = c->Submit(Job("k", "x", kOut));
+  ASSERT_TRUE(id.ok());
+  auto job = w.Receive();
+  ASSERT_TRUE(job && job->header.op == BrokerOp::kJob);
+  RawClient fetcher(broker_->client_endpoint());
+  fetcher.Send(About(ClientOp::kStats, 1, 0));
+  ASSERT_TRUE(fetcher.Receive());
+  // The result and the requests wait together while the broker is stopped,
+  // and are taken in one iteration of its loop.
+  broker_->process().Signal(SIGSTOP);
+  w.Done(*job, 'r');
+  for (uint64_t rid = 10; rid < 20; rid += 2) {
+    fetcher.Send(About(ClientOp::kResult, rid, *id));
+    fetcher.Send(About(ClientOp::kStatus, rid + 1, *id));
+  }
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  broker_->process().Signal(SIGCONT);
+  for (int i = 0; i < 10; ++i) {
+    auto r = fetcher.Receive();
+    ASSERT_TRUE(r);
+    const auto& h = r->header;
+    if (h.rid % 2 == 0) {
+      ASSERT_NE(h.op, ReplyOp::kError) << h.error;
+      if (h.op != ReplyOp::kResult) continue;  // answered before the result came
+      EXPECT_EQ(h.state, JobState::kDone);
+      ASSERT_EQ(r->payload.size(), 2u);
+      EXPECT_EQ(r->payload[1], std::string(kOut, 'r'));
+    } else {
+      ASSERT_EQ(h.op, ReplyOp::kStatus) << h.error;
+      if (h.state == JobState::kDone) {
+        EXPECT_FALSE(h.device.empty());
+      }
+    }
+  }
+}
+
+// ------------------------------------------------------------ stops and hangs
+
+// Sets the largest file gpuqd may write (RLIMIT_FSIZE): past it, writes fail
+// as they would on a full disk.
+void LimitFileSize(pid_t pid, rlim_t bytes) {
+  struct rlimit lim {bytes, RLIM_INFINITY};
+  ASSERT_EQ(prlimit(pid, RLIMIT_FSIZE, &lim, nullptr), 0) << strerror(errno);
+}
+
+uint64_t LargestFile(const std::string& dir) {
+  uint64_t most = 0;
+  for (const auto& e : std::filesystem::recursive_directory_iterator(dir)) {
+    if (e.is_regular_file()) most = std::max<uint64_t>(most, e.file_size());
+  }
+  return most;
+}
+
+TEST_F(BrokerTest, AFullDiskRefusesSubmitsKeepsEveryJobAndRecovers) {
+  auto c = Connect();
+  std::vector<uint64_t> acked;
+  for (int i = 0; i < 3; ++i) acked.push_back(*c->Submit(Job("k", std::string(4096, 'a' + i))));
+  const uint64_t limit = LargestFile(dir_.path()) + 64 * 1024;
+  LimitFileSize(broker_->process().pid(), limit);
+  // Pipelined submits, each too large for what the disk has left.
+  ClientOptions o;
+  o.local_buffers = false;
+  auto p = Client::Connect(broker_->client_endpoint(), o);
+  ASSERT_TRUE(p.ok());
+  const std::string big(limit + 4096, 'b');
+  std::set<uint64_t> rids;
+  for (int i = 0; i < 4; ++i) rids.insert(*(*p)->SubmitAsync(Job("k", big)));
+  for (size_t i = 0; i < rids.size(); ++i) {
+    auto e = (*p)->Poll(Millis(5000));
+    ASSERT_TRUE(e.ok()) << e.status().ToString();
+    ASSERT_EQ(e->kind, Client::Event::kRejected) << "accepted with no room to store it";
+    EXPECT_TRUE(rids.count(e->rid)) << "the error does not name its request";
+    EXPECT_TRUE(e->error.code() == Code::kResourceExhausted ||
+                e->error.code() == Code::kIoError)
+        << e->error.ToString();
+    EXPECT_GT(e->retry_after_ms, 0u);
+  }
+  // A result that cannot be stored is not lost: the job finishes once the
+  // disk has room again.
+  AddWorker();
+  ASSERT_TRUE(WaitForWorkers(*c, 1));
+  auto large_out = (*p)->Submit(Job("k", "x", 16));
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  ASSERT_TRUE(broker_->process().running()) << Log();
+  LimitFileSize(broker_->process().pid(), RLIM_INFINITY);
+  auto fine = c->Submit(Job("k", big));
+  ASSERT_TRUE(fine.ok()) << fine.status().ToString();
+  acked.push_back(*fine);
+  if (large_out.ok()) acked.push_back(*large_out);
+  for (uint64_t id : acked) {
+    JobResult r = WaitEnded(*c, id);
+    EXPECT_EQ(r.state, JobState::kDone) << id << ": " << r.error;
+  }
+}
+
+TEST_F(BrokerTest, ADamagedJobIsQuarantinedAndTheBrokerStarts) {
+  ClientOptions o;
+  o.local_buffers = false;
+  auto c = Client::Connect(broker_->client_endpoint(), o);
+  ASSERT_TRUE(c.ok());
+  auto damaged = (*c)->Submit(Job("k", std::string(256 * 1024, 'd')));  // a file of its own
+  auto intact = (*c)->Submit(Job("k", "intact"));
+  ASSERT_TRUE(damaged.ok() && intact.ok());
+  ASSERT_EQ(broker_->Stop(), 0);
+  const std::string blob = LocalDir() + "/j" + std::to_string(*damaged) + ".i0";
+  ASSERT_TRUE(std::filesystem::remove(blob)) << blob;
+  testing::WriteFile(dir_.File("kernels.db"), "not a SQLite file at all, only a cache");
+  ASSERT_TRUE(StartBroker()) << Log();
+  EXPECT_NE(Log().find("quarantine"), std::string::npos);
+  AddWorker();
+  auto c2 = Connect();
+  JobResult d = WaitEnded(*c2, *damaged);
+  EXPECT_EQ(d.state, JobState::kFailed);
+  EXPECT_EQ(d.code, Code::kIoError);
+  EXPECT_NE(d.error.find("j" + std::to_string(*damaged) + ".i0"), std::string::npos) << d.error;
+  JobResult ok = WaitEnded(*c2, *intact);
+  EXPECT_EQ(ok.state, JobState::kDone) << ok.error;
+  auto stats = nlohmann::json::from_msgpack(*c2->Stats());
+  EXPECT_EQ(stats.value("quarantined", 0), 1) << stats.dump();
+}
+
+TEST_F(BrokerTest, AFifoNamedAsALocalFileIsRefusedWithoutBlocking) {
+  const std::string fifo = LocalDir() + "/c-fifo";
+  ASSERT_EQ(mkfifo(fifo.c_str(), 0600), 0);
+  RawClient raw(broker_->client_endpoint());
+  schema::ClientRequest req = SubmitRequest(3);
+  req.job.files = {{"c-fifo", 0}};
+  raw.Send(req);
+  auto r = raw.Receive(Millis(3000));
+  ASSERT_TRUE(r) << "the broker blocked opening a FIFO";
+  EXPECT_EQ(r->header.code, Code::kInvalid) << r->header.error;
+  EXPECT_EQ(r->header.rid, 3u);
+}
+
+TEST_F(BrokerTest, AnInputTruncatedAfterSubmitFailsItsJobAlone) {
+  const std::string name = "c-truncated";
+  const std::string path = LocalDir() + "/" + name;
+  constexpr size_t kSize = 4 << 20;
+  const int fd = open(path.c_str(), O_RDWR | O_CREAT | O_EXCL, 0600);
+  ASSERT_GE(fd, 0);
+  ASSERT_EQ(ftruncate(fd, kSize), 0);
+  RawClient raw(broker_->client_endpoint());
+  schema::ClientRequest req = SubmitRequest(4);
+  req.job.files = {{name, kSize}};
+  raw.Send(req);
+  auto accepted = raw.Receive();
+  ASSERT_TRUE(accepted && accepted->header.op == ReplyOp::kAccepted) << accepted->header.error;
+  // The client still holds the file it handed over, and shrinks it.
+  ASSERT_EQ(ftruncate(fd, 100), 0);
+  close(fd);
+  AddWorker();  // not on the broker's host: the broker reads the file for it
+  auto c = Connect();
+  JobResult r = WaitEnded(*c, accepted->header.id);
+  ASSERT_TRUE(broker_->process().running()) << "gpuqd died reading a file a client changed";
+  EXPECT_EQ(r.state, JobState::kFailed);
+  EXPECT_EQ(r.code, Code::kIoError) << r.error;
+  auto next = c->Submit(Job("k", "y"));
+  ASSERT_TRUE(next.ok());
+  EXPECT_EQ(WaitEnded(*c, *next).state, JobState::kDone);
+}
+
+TEST_F(BrokerTest, AJobRunsOnTheArchitectureThatCompilesIt) {
+  AddWorker({"--arch", "sm_80", "--uuid", "GPU-a80"});
+  AddWorker({"--arch", "sm_90", "--uuid", "GPU-b90"});
+  auto c = Connect();
+  ASSERT_TRUE(WaitForWorkers(*c, 2));
+  std::vector<uint64_t> ids;
+  for (int i = 0; i < 4; ++i) {
+    JobRequest j = Job("k", "x");
+    j.spec.kernel.source = std::string(testing::kKernels) +
+                           "#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900\n"
+                           "#error this kernel needs sm_90\n#endif\n";
+    ids.push_back(*c->Submit(j));
+  }
+  for (uint64_t id : ids) {
+    JobResult r = WaitEnded(*c, id);
+    EXPECT_EQ(r.state, JobState::kDone) << r.error;
+    EXPECT_EQ(r.device, "GPU-b90");
+  }
+  // Where no eligible worker's architecture compiles it, it fails.
+  JobRequest never = Job("k", "x");
+  never.spec.kernel.source = std::string(testing::kKernels) + "#error never\n";
+  JobResult r = WaitEnded(*c, *c->Submit(never));
+  EXPECT_EQ(r.code, Code::kCompileError);
+}
+
+TEST_F(BrokerTest, AWorkerWhoseArchitectureTheToolkitCannotTargetIsRefused) {
+  AddWorker({"--arch", "sm_50", "--uuid", "GPU-old"});
+  auto c = Connect();
+  for (int i = 0; i < 100 && Log().find("GPU-old") == std::string::npos; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  EXPECT_NE(Log().find("sm_50"), std::string::npos) << Log();
+  auto d = c->Devices();
+  ASSERT_TRUE(d.ok());
+  EXPECT_TRUE(d->empty()) << "a worker nothing can be compiled for was registered";
+  AddWorker({"--arch", "sm_90"});
+  ASSERT_TRUE(WaitForWorkers(*c, 1));
+  EXPECT_EQ(WaitEnded(*c, *c->Submit(Job("k", "x"))).state, JobState::kDone);
+}
+
+// ------------------------------------------------------------ limits
+
+TEST_F(BrokerTest, TheQueueBoundAdmitsExactlyItsLimit) {
+  ASSERT_TRUE(StartBroker({"--max-queued", "100"})) << Log();
+  auto c = Connect();
+  int accepted = 0;
+  for (int i = 0; i < 120; ++i) accepted += c->Submit(Job("k", "x")).ok();
+  EXPECT_EQ(accepted, 100);
+}
+
+TEST_F(BrokerTest, BoundsCountJobsAcceptedInTheSameIteration) {
+  ASSERT_TRUE(StartBroker({"--max-queued-per-tenant", "30", "--max-queued-bytes", "1048576"}))
+      << Log();
+  RawClient raw(broker_->client_endpoint());
+  for (uint64_t rid = 1; rid <= 100; ++rid) raw.Send(SubmitRequest(rid), {"x"});
+  int accepted = 0;
+  for (int i = 0; i < 100; ++i) {
+    auto r = raw.Receive();
+    ASSERT_TRUE(r);
+    accepted += r->header.op == ReplyOp::kAccepted;
+  }
+  EXPECT_EQ(accepted, 30) << "the per-tenant bound let pipelined submits through";
+  // Bytes: 60 KiB inputs against a 1 MiB bound, as another tenant.
+  for (uint64_t rid = 101; rid <= 140; ++rid) {
+    schema::ClientRequest req = SubmitRequest(rid);
+    req.job.tenant = "bytes";
+    raw.Send(req, {std::string(60 * 1024, 'b')});
+  }
+  accepted = 0;
+  for (int i = 0; i < 40; ++i) {
+    auto r = raw.Receive();
+    ASSERT_TRUE(r);
+    accepted += r->header.op == ReplyOp::kAccepted;
+  }
+  EXPECT_EQ(accepted, 17) << "1 MiB holds 17 inputs of 60 KiB";
+}
+
+uint64_t RssKib(pid_t pid) {
+  const std::string status = testing::ReadFile("/proc/" + std::to_string(pid) + "/status");
+  const auto at = status.find("VmRSS:");
+  return at == std::string::npos ? 0 : std::stoull(status.substr(at + 6));
+}
+
+TEST_F(BrokerTest, LocalFileInputsCountAgainstTheByteBoundAndARestartReadsNone) {
+  ASSERT_TRUE(StartBroker({"--max-queued-bytes", std::to_string(64u << 20)})) << Log();
+  const uint64_t empty_kib = RssKib(broker_->process().pid());
+  RawClient raw(broker_->client_endpoint());
+  auto submit_file = [&](uint64_t rid, uint64_t size) {
+    const std::string name = "c-sparse-" + std::to_string(rid);
+    const int fd = open((LocalDir() + "/" + name).c_str(), O_RDWR | O_CREAT | O_EXCL, 0600);
+    EXPECT_GE(fd, 0);
+    EXPECT_EQ(ftruncate(fd, static_cast<off_t>(size)), 0);
+    close(fd);
+    schema::ClientRequest req = SubmitRequest(rid);
+    req.job.files = {{name, size}};
+    raw.Send(req);
+    auto r = raw.Receive();
+    EXPECT_TRUE(r);
+    return r ? r->header : schema::ClientReply{};
+  };
+  auto huge = submit_file(1, 3ull << 30);
+  EXPECT_EQ(huge.code, Code::kQueueFull) << "a 3 GiB file under a 64 MiB bound";
+  EXPECT_FALSE(std::filesystem::exists(LocalDir() + "/c-sparse-1"));
+  int accepted = 0;
+  for (uint64_t rid = 2; rid < 12; ++rid) accepted += submit_file(rid, 12 << 20).op == ReplyOp::kAccepted;
+  EXPECT_EQ(accepted, 5) << "64 MiB holds 5 inputs of 12 MiB";
+  // A restart reads no queued input into memory.
+  ASSERT_EQ(broker_->Stop(), 0);
+  ASSERT_TRUE(StartBroker()) << Log();
+  const uint64_t rss_kib = RssKib(broker_->process().pid());
+  ASSERT_GT(empty_kib, 0u);
+  EXPECT_LT(rss_kib, empty_kib + (30u << 10)) << "60 MiB of queued inputs were read at start";
+}
+
+TEST_F(BrokerTest, DeadlinesAndLimitsAreRangeCheckedAndExpiredJobsSaySo) {
+  auto c = Connect();
+  JobRequest j = Job("k", "x");
+  j.spec.deadline_ms = ~uint64_t{0} - 5;
+  EXPECT_EQ(c->Submit(j).status().code(), Code::kInvalid);
+  j = Job("k", "x");
+  j.spec.time_limit_ms = ~uint64_t{0};
+  EXPECT_EQ(c->Submit(j).status().code(), Code::kInvalid);
+  j = Job("k", "x");
+  j.spec.deadline_ms = 150;
+  auto id = c->Submit(j);
+  ASSERT_TRUE(id.ok());
+  JobResult r = WaitEnded(*c, *id);
+  EXPECT_EQ(r.state, JobState::kExpired);
+  EXPECT_EQ(r.code, Code::kExpired);
+  auto fetched = c->Fetch(*id);
+  ASSERT_TRUE(fetched.ok());
+  EXPECT_EQ(fetched->code, Code::kExpired);
+}
+
+TEST_F(BrokerTest, TheBrokerEndsAJobPastItsLimitWhenTheWorkerDoesNot) {
+  AddWorker({"--slots", "2"});  // "hang" never answers; heartbeats go on
+  auto c = Connect();
+  ASSERT_TRUE(WaitForWorkers(*c, 1));
+  JobRequest j = Job("hang", "x");
+  j.spec.time_limit_ms = 200;
+  auto hung = c->Submit(j);
+  auto innocent = c->Submit(Job("slow", "y"));
+  ASSERT_TRUE(hung.ok() && innocent.ok());
+  JobResult r = WaitEnded(*c, *hung);
+  EXPECT_EQ(r.state, JobState::kFailed);
+  EXPECT_EQ(r.code, Code::kTimeout) << r.error;
+  AddWorker();
+  EXPECT_EQ(WaitEnded(*c, *innocent).state, JobState::kDone);
+}
+
+TEST_F(BrokerTest, AJobNoWorkerCanTakeEndsUnavailableAfterAGracePeriod) {
+  ASSERT_TRUE(StartBroker({"--unmatched-grace-ms", "300"})) << Log();
+  AddWorker({"--arch", "sm_90", "--uuid", "GPU-here"});
+  auto c = Connect();
+  ASSERT_TRUE(WaitForWorkers(*c, 1));
+  JobRequest nowhere = Job("k", "x");
+  nowhere.spec.placement.gpu = "GPU-nowhere";
+  JobRequest later = Job("k", "x");
+  later.spec.placement.arch = "sm_80";
+  auto a = c->Submit(nowhere);
+  auto b = c->Submit(later);
+  ASSERT_TRUE(a.ok() && b.ok());
+  AddWorker({"--arch", "sm_80"});  // comes within the grace period
+  JobResult r = WaitEnded(*c, *a);
+  EXPECT_EQ(r.state, JobState::kFailed);
+  EXPECT_EQ(r.code, Code::kUnavailable);
+  EXPECT_NE(r.error.find("GPU-nowhere"), std::string::npos) << r.error;
+  EXPECT_EQ(WaitEnded(*c, *b).state, JobState::kDone);
+}
+
+// ------------------------------------------------------------ protocol
+
+std::string Packed(const std::function<void(msgpack::packer<msgpack::sbuffer>&)>& f) {
+  msgpack::sbuffer buf;
+  msgpack::packer<msgpack::sbuffer> p(buf);
+  f(p);
+  return std::string(buf.data(), buf.size());
+}
+
+TEST_F(BrokerTest, ErrorsCarryTheRidWheneverItCanBeRead) {
+  RawClient raw(broker_->client_endpoint());
+  const std::string status = schema::EncodeClientRequest(About(ClientOp::kStatus, 77, 1));
+  const std::vector<std::string> bad = {
+      status + "\x01",  // trailing bytes
+      Packed([](auto& p) {  // an array over the limit
+        p.pack_map(3);
+        p.pack(std::string("op")), p.pack(std::string("status"));
+        p.pack(std::string("rid")), p.pack(uint64_t{77});
+        p.pack(std::string("id")), p.pack_array(5000);
+        for (int i = 0; i < 5000; ++i) p.pack(0);
+      }),
+      Packed([](auto& p) {  // bin in a header
+        p.pack_map(3);
+        p.pack(std::string("rid")), p.pack(uint64_t{77});
+        p.pack(std::string("op")), p.pack(std::string("status"));
+        p.pack(std::string("id")), p.pack_bin(3), p.pack_bin_body("abc", 3);
+      }),
+  };
+  for (const auto& h : bad) {
+    raw.SendFrames({std::string(schema::kClientProtocol), h});
+    auto r = raw.Receive();
+    ASSERT_TRUE(r);
+    EXPECT_EQ(r->header.op, ReplyOp::kError);
+    EXPECT_EQ(r->header.rid, 77u) << r->header.error;
+  }
+  // rid 0 is reserved for pushes.
+  raw.Send(About(ClientOp::kStatus, 0, 1));
+  auto r = raw.Receive();
+  ASSERT_TRUE(r);
+  EXPECT_EQ(r->header.op, ReplyOp::kError);
+  EXPECT_EQ(r->header.code, Code::kMalformed) << r->header.error;
+}
+
+TEST_F(BrokerTest, ErrorCodesAreTheOnesTheSpecificationGives) {
+  RawClient raw(broker_->client_endpoint());
+  auto code_of = [&](const std::string& header, const std::vector<std::string>& payload = {}) {
+    std::vector<std::string> frames = {std::string(schema::kClientProtocol), header};
+    frames.insert(frames.end(), payload.begin(), payload.end());
+    raw.SendFrames(frames);
+    auto r = raw.Receive();
+    return r ? r->header.code : Code::kOk;
+  };
+  // An argument of three elements is malformed, not too large; so is a bin.
+  schema::ClientRequest req = SubmitRequest(8);
+  nlohmann::json j = nlohmann::json::from_msgpack(schema::EncodeClientRequest(req));
+  j["job"]["args"][1].push_back(1);
+  std::vector<uint8_t> three = nlohmann::json::to_msgpack(j);
+  EXPECT_EQ(code_of(std::string(three.begin(), three.end()), {"x"}), Code::kMalformed);
+  EXPECT_EQ(code_of(Packed([](auto& p) {
+              p.pack_map(3);
+              p.pack(std::string("op")), p.pack(std::string("status"));
+              p.pack(std::string("rid")), p.pack(uint64_t{8});
+              p.pack(std::string("id")), p.pack_bin(1), p.pack_bin_body("x", 1);
+            })),
+            Code::kMalformed);
+  // An out buffer over the size limit is too large, not invalid.
+  req.job.args = {Arg::Out(uint64_t{5} << 30)};
+  EXPECT_EQ(code_of(schema::EncodeClientRequest(req)), Code::kTooLarge);
+  // A worker announcing no slots is refused.
+  RawWorker w(broker_->worker_endpoint());
+  w.Ready("sm_90", /*slots=*/0);
+  auto answer = w.Receive(Millis(2000));
+  ASSERT_TRUE(answer);
+  EXPECT_EQ(answer->header.op, BrokerOp::kError);
+  EXPECT_EQ(answer->header.code, Code::kInvalid);
+}
+
+TEST_F(BrokerTest, EveryRefusedSubmitRemovesTheClientsFiles) {
+  RawClient raw(broker_->client_endpoint());
+  uint64_t rid = 20;
+  auto refused_keeps_file = [&](schema::ClientRequest req) {
+    const std::string name = "c-refused-" + std::to_string(rid);
+    testing::WriteFile(LocalDir() + "/" + name, "1234");
+    req.rid = rid++;
+    req.job.files = {{name, 4}};
+    raw.Send(req);
+    auto r = raw.Receive();
+    EXPECT_TRUE(r && r->header.op == ReplyOp::kError);
+    return std::filesystem::exists(LocalDir() + "/" + name);
+  };
+  schema::ClientRequest bad_launch = SubmitRequest(0);
+  bad_launch.job.launch.block = {2048, 1, 1};
+  EXPECT_FALSE(refused_keeps_file(bad_launch)) << "invalid launch";
+  schema::ClientRequest bad_option = SubmitRequest(0);
+  bad_option.job.kernel.options = {"-I/etc"};
+  EXPECT_FALSE(refused_keeps_file(bad_option)) << "disallowed option";
+  schema::ClientRequest empty_source = SubmitRequest(0);
+  empty_source.job.kernel.source.clear();
+  EXPECT_FALSE(refused_keeps_file(empty_source)) << "empty source";
+}
+
+TEST_F(BrokerTest, AFetchedResultIsTheResultThatWasPushed) {
+  AddWorker({"--local-dir", LocalDir()});
+  RawClient raw(broker_->client_endpoint());
+  schema::ClientRequest req = SubmitRequest(1);
+  req.job.args = {Arg::Out(128 * 1024), Arg::InOut(0), Arg::Out(16)};
+  req.job.local_out = true;
+  raw.Send(req, {std::string(100, 'i')});
+  auto accepted = raw.Receive();
+  ASSERT_TRUE(accepted && accepted->header.op == ReplyOp::kAccepted);
+  std::optional<RawClient::Reply> pushed;
+  for (int i = 0; i < 20 && !pushed; ++i) {
+    auto r = raw.Receive();
+    if (r && r->header.op == ReplyOp::kResult && r->header.rid == 0) pushed = r;
+  }
+  ASSERT_TRUE(pushed);
+  ASSERT_EQ(pushed->header.files.size(), 1u);
+  raw.Send(About(ClientOp::kResult, 2, accepted->header.id));
+  auto fetched = raw.Receive();
+  ASSERT_TRUE(fetched && fetched->header.op == ReplyOp::kResult);
+  EXPECT_EQ(fetched->header.outputs, pushed->header.outputs);
+  EXPECT_EQ(fetched->header.files, pushed->header.files);
+  EXPECT_EQ(fetched->payload, pushed->payload);
+}
+
+// ------------------------------------------------------------ CURVE stats
+
+}  // namespace
+}  // namespace gpuq
