@@ -807,7 +807,7 @@ TEST_P(SandboxTest, AWarmHelperIsConfinedBeforeItReadsItsRequest) {
   EXPECT_NE(testing::ReadFile(proc + "/status").find("NoNewPrivs:\t1"), std::string::npos);
   const std::string limits = testing::ReadFile(proc + "/limits");
   const std::string want = std::to_string(service_->options().limits.memory_bytes);
-  EXPECT_NE(limits.find("Max address space         " + want), std::string::npos) << limits;
+  EXPECT_NE(limits.find("Max data size             " + want), std::string::npos) << limits;
   EXPECT_NE(limits.find("Max file size             0"), std::string::npos) << limits;
   // ... and, in a namespace, in a file system that holds the toolkit only.
   const std::string include = DefaultCudaInclude();

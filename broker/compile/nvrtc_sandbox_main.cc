@@ -279,7 +279,12 @@ StatusOr<char> Confine(const std::string& cuda_include, bool namespaces, rlim_t 
   SetLimit(RLIMIT_CORE, 0);
   SetLimit(RLIMIT_FSIZE, 0);
   if (cpu > 0) SetLimit(RLIMIT_CPU, cpu);
-  if (memory > 0) SetLimit(RLIMIT_AS, memory);
+  // The memory bound counts the data NVRTC writes (RLIMIT_DATA: private
+  // writable mappings), not address space: where a driver is installed,
+  // NVRTC's warm-up loads libcuda, whose reservations of unbacked address
+  // space (over 12 GB on an H200 host) would exhaust an address-space bound
+  // before a compile began.
+  if (memory > 0) SetLimit(RLIMIT_DATA, memory);
   return isolated ? kReadyNamespaces : kReadyLandlock;
 }
 

@@ -17,7 +17,7 @@ namespace gpuq::compile {
 
 struct SandboxLimits {
   std::chrono::milliseconds wall{10000};
-  uint64_t memory_bytes = 4ull << 30;  // address space of the helper
+  uint64_t memory_bytes = 4ull << 30;  // data the helper may write (RLIMIT_DATA)
 };
 
 struct SandboxOptions {
