@@ -173,7 +173,8 @@ Status Broker::Impl::Init() {
   }
   opt_.client_endpoint = client_endpoint_;
 
-  auto store_thread = std::make_unique<StoreThread>(std::move(store), [this] { Wake(); });
+  auto store_thread =
+      std::make_unique<StoreThread>(std::move(store), [this] { Wake(); }, opt_.spin);
   core_ = std::make_unique<BrokerCore>(opt_, clock_, client_sock_, worker_sock_,
                                        std::move(store_thread), std::move(compiler), next_id,
                                        epoch, [this] { Wake(); });

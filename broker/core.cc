@@ -194,7 +194,7 @@ void BrokerCore::OnInserted(InsertOp& op) {
         ReplyError(c, Error(Code::kNotFound, "no job " + std::to_string(op.row.id)), 0,
                    op.row.id);
       }
-      jobs_.Remove(op.row.id);
+      Forget(*job);
     }
     // The client's files the store did not take go first; then the answers.
     DropPeerFiles(op.files, "c-");
@@ -225,20 +225,13 @@ void BrokerCore::OnInserted(InsertOp& op) {
   r.existing = true;
   for (const RequestContext& c : job->also_accepted) Reply(c, r);
   job->also_accepted.clear();
-  if (job->ended()) return;
-  jobs_.Queue(*job);
-  job->last_matched = clock_->Now();
-  for (const auto& arch : workers_.archs()) {
-    if (job->spec.placement.arch.empty() || job->spec.placement.arch == arch) {
-      RequestCompile(*job, arch);
-    }
-  }
   for (const RequestContext& c : std::exchange(job->pending_cancels, {})) Cancel(*job, c);
 }
 
 void BrokerCore::OnFinished(FinishOp& op, const Status& commit) {
   if (!commit.ok()) {
-    unwritten_.push_back(std::move(op));  // written again once the store can
+    // Written again once the store can (unless its job's row failed too).
+    if (jobs_.Find(op.result.id)) unwritten_.push_back(std::move(op));
     return;
   }
   Job* job = jobs_.Find(op.result.id);
@@ -366,8 +359,38 @@ void BrokerCore::OnRead(ReadOp& r) {
 
 void BrokerCore::Admit(std::unique_ptr<Job> job, InsertOp insert) {
   Job& j = jobs_.Add(std::move(job));
-  j.last_matched = clock_->Now();
   batch_->inserts.push_back(std::move(insert));
+  // Queued at once: it may run while its row commits (its client hears
+  // `accepted` only after the commit, and its result is written after the
+  // row, so pushed after that).
+  jobs_.Queue(j);
+  j.last_matched = clock_->Now();
+  for (const auto& arch : workers_.archs()) {
+    if (j.spec.placement.arch.empty() || j.spec.placement.arch == arch) RequestCompile(j, arch);
+  }
+}
+
+void BrokerCore::Forget(Job& job) {
+  const uint64_t id = job.id;
+  // A worker that holds it answers a job the broker no longer knows: its
+  // result is dropped, its slot freed then.
+  if (job.state == JobState::kDispatched) {
+    if (Worker* w = workers_.Find(job.worker)) workers_.Abandon(*w, id);
+  }
+  // Its writes gathered since must not reach the store: they name a row
+  // that is not there.
+  auto& fin = batch_->finishes;
+  fin.erase(std::remove_if(fin.begin(), fin.end(),
+                           [&](const FinishOp& op) { return op.result.id == id; }),
+            fin.end());
+  unwritten_.erase(std::remove_if(unwritten_.begin(), unwritten_.end(),
+                                  [&](const FinishOp& op) { return op.result.id == id; }),
+                   unwritten_.end());
+  auto& att = batch_->attempts;
+  att.erase(std::remove_if(att.begin(), att.end(),
+                           [&](const AttemptsOp& op) { return op.id == id; }),
+            att.end());
+  jobs_.Remove(id);
 }
 
 void BrokerCore::Finish(Job& job, JobState state, Code code, std::string error,
@@ -553,7 +576,7 @@ bool BrokerCore::Matches(const Job& job, const Worker& w) const {
 }
 
 bool BrokerCore::Eligible(Job& job, const Worker& w) {
-  if (!job.durable || job.loading || !Matches(job, w)) return false;
+  if (job.loading || !Matches(job, w)) return false;
   const schema::Placement& p = job.spec.placement;
   if (p.min_free_bytes && w.device.free_bytes < p.min_free_bytes) return false;
   if (job.suspect && !w.inflight.empty()) return false;
@@ -701,7 +724,7 @@ void BrokerCore::FailUnmatched() {
   const auto now = clock_->Now();
   std::vector<uint64_t> unmatched;
   jobs_.ForEach([&](Job& job) {
-    if (job.state != JobState::kQueued || !job.durable) return;
+    if (job.state != JobState::kQueued) return;
     bool matched = false;
     for (const auto& [id, w] : workers_.all()) {
       if (Matches(job, w)) {

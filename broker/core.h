@@ -102,9 +102,12 @@ class BrokerCore {
   uint64_t NextId() { return next_id_++; }
   // Where input `idx` of job `id` lives once the store has taken it as a file.
   std::string InputPath(uint64_t id, size_t idx) const { return store_->store().InputPath(id, idx); }
-  // Takes a new job whose row is `insert` (not yet durable): it is answered
-  // `accepted` once the row has committed.
+  // Takes a new job whose row is `insert` (not yet durable) and queues it:
+  // it may run while the row commits; it is answered `accepted` once the row
+  // has committed.
   void Admit(std::unique_ptr<Job> job, InsertOp insert);
+  // Drops a job whose row did not commit, and every write gathered for it.
+  void Forget(Job& job);
   // Ends a job: its result goes to the store, and to its client once
   // committed. `outputs`/`frames`/`files` as in a worker's result.
   void Finish(Job& job, schema::JobState state, Code code, std::string error,

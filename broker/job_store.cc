@@ -114,14 +114,7 @@ Status SetMeta(sql::Db& db, const std::string& name, uint64_t value) {
 }
 
 std::string BlobName(uint64_t id, char kind, uint64_t idx) {
-  // Appended piece by piece: GCC 12 at -O3 warns (-Wrestrict, wrongly) on
-  // "literal" + std::string&&.
-  std::string name = "j";
-  name += std::to_string(id);
-  name += '.';
-  name += kind;
-  name += std::to_string(idx);
-  return name;
+  return "j" + std::to_string(id) + "." + kind + std::to_string(idx);
 }
 
 // j<id>.<kind><idx> -> true and its parts.

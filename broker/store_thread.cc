@@ -2,6 +2,8 @@
 
 #include <unistd.h>
 
+#include <set>
+
 #include "util/plain_file.h"
 
 namespace gpuq::broker {
@@ -36,8 +38,9 @@ Status ReadFiles(std::vector<StoredBuffer>& buffers, uint64_t budget) {
 
 }  // namespace
 
-StoreThread::StoreThread(std::unique_ptr<JobStore> store, std::function<void()> wake)
-    : store_(std::move(store)), wake_(std::move(wake)), thread_([this] { Loop(); }) {}
+StoreThread::StoreThread(std::unique_ptr<JobStore> store, std::function<void()> wake,
+                         std::chrono::microseconds spin)
+    : store_(std::move(store)), wake_(std::move(wake)), spin_(spin), thread_([this] { Loop(); }) {}
 
 StoreThread::~StoreThread() {
   {
@@ -54,6 +57,7 @@ void StoreThread::Submit(std::unique_ptr<Batch> batch) {
     MutexLock lock(&mu_);
     todo_.push_back(std::move(batch));
   }
+  has_work_.store(true, std::memory_order_release);
   cv_.Signal();
 }
 
@@ -69,9 +73,16 @@ std::vector<std::unique_ptr<Batch>> StoreThread::TakeDone() {
 
 void StoreThread::Loop() {
   for (;;) {
+    if (spin_.count() > 0) {
+      const auto until = std::chrono::steady_clock::now() + spin_;
+      while (!has_work_.load(std::memory_order_acquire) &&
+             std::chrono::steady_clock::now() < until) {
+      }
+    }
     std::vector<std::unique_ptr<Batch>> work;
     {
       MutexLock lock(&mu_);
+      has_work_.store(false, std::memory_order_relaxed);
       while (todo_.empty() && !stop_) cv_.Wait();
       if (todo_.empty()) return;  // stopping, and nothing left
       work.swap(todo_);
@@ -91,24 +102,32 @@ void StoreThread::Run(Batch& b) {
   if (b.has_writes()) {
     Status s = store_->Begin();
     if (s.ok()) {
+      // Jobs whose row this batch does not insert: their other writes are
+      // skipped (they would name a row that is not there).
+      std::set<uint64_t> not_inserted;
       for (InsertOp& op : b.inserts) {
         if (!op.row.key.empty()) {
           auto found = store_->FindByKey(op.row.tenant, op.row.key);
           if (!found.ok()) {
             op.status = found.status();
+            not_inserted.insert(op.row.id);
             continue;
           }
           if (*found) {
             op.existing = **found;
+            not_inserted.insert(op.row.id);
             continue;
           }
         }
         op.status = store_->Insert(op.row, Views(op.frames), op.files);
+        if (!op.status.ok()) not_inserted.insert(op.row.id);
       }
       for (FinishOp& op : b.finishes) {
+        if (not_inserted.count(op.result.id)) continue;
         (void)store_->Finish(op.result, Views(op.frames), op.finished_ms, op.inputs, op.files);
       }
       for (const AttemptsOp& op : b.attempts) {
+        if (not_inserted.count(op.id)) continue;
         (void)store_->SetAttempts(op.id, op.attempts, op.suspect);
       }
       if (b.purge_before_ms) {

@@ -12,6 +12,8 @@
 // thread after a batch is done (it writes the loop's eventfd).
 #pragma once
 
+#include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -112,7 +114,10 @@ struct Batch {
 
 class StoreThread {
  public:
-  StoreThread(std::unique_ptr<JobStore> store, std::function<void()> wake);
+  // `spin`: after a batch, the thread polls for the next one without
+  // sleeping for this long (a batch that comes within it costs no wake-up).
+  StoreThread(std::unique_ptr<JobStore> store, std::function<void()> wake,
+              std::chrono::microseconds spin = {});
   // Runs what was submitted, then stops.
   ~StoreThread();
   StoreThread(const StoreThread&) = delete;
@@ -135,6 +140,8 @@ class StoreThread {
 
   std::unique_ptr<JobStore> store_;
   const std::function<void()> wake_;
+  const std::chrono::microseconds spin_;
+  std::atomic<bool> has_work_{false};
   size_t in_flight_ = 0;  // loop thread only
   Mutex mu_;
   CondVar cv_{&mu_};

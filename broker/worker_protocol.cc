@@ -126,7 +126,7 @@ void BrokerCore::OnWorkerMessage(Frames& frames) {
     // Queued jobs may now run on this architecture.
     const std::string arch = (*w)->arch;
     jobs_.ForEach([&](Job& job) {
-      if (job.state == JobState::kQueued && job.durable && Matches(job, **w)) {
+      if (job.state == JobState::kQueued && Matches(job, **w)) {
         job.last_matched = now;
         RequestCompile(job, arch);
       }
