@@ -307,7 +307,7 @@ Status Broker::Impl::Run() {
         core_->WorkersDrained(clock_->Now());
         break;
       }
-      core_->OnWorkerMessage(frames);
+      core_->OnWorkerFrames(frames);
       last_message_ = clock_->Now();
     }
     for (int i = 0; i < 4096; ++i) {
@@ -323,6 +323,7 @@ Status Broker::Impl::Run() {
     core_->OnCompilesDone();
     Timers();
     core_->Dispatch();
+    core_->FlushWorkers();  // jobs whose inputs the store read this iteration
     core_->Flush();
   }
   schema::BrokerMessage bye;

@@ -606,6 +606,7 @@ void BrokerCore::Dispatch() {
       progress = true;
     }
   }
+  FlushWorkers();
 }
 
 void BrokerCore::SendJob(Worker& w, Job& job) {
@@ -707,7 +708,7 @@ void BrokerCore::SendLoaded(Worker& w, Job& job) {
     }
   }
   if (w.local && job.spec.local_out) m.out_dir = local_dir_;
-  if (!SendWorker(w.id, m, &payload)) WorkerLost(w.id, "unreachable");
+  QueueToWorker(w.id, m, std::move(payload));
 }
 
 // ---------------------------------------------------------------- timers

@@ -124,7 +124,11 @@ class BrokerCore {
   void Dispatch();
 
   // ---- workers (worker_protocol.cc)
-  void OnWorkerMessage(Frames& frames);
+  // A message from the worker socket: one message, or a batch of them.
+  void OnWorkerFrames(Frames& frames);
+  // Sends the jobs queued for each worker by this iteration: one message,
+  // or a batch of several.
+  void FlushWorkers();
   void WorkerLost(const std::string& id, const std::string& why);
   bool SendWorker(const std::string& id, const schema::BrokerMessage& m, Frames* payload = nullptr);
 
@@ -162,7 +166,9 @@ class BrokerCore {
   bool Matches(const Job& job, const Worker& w) const;
   void SendJob(Worker& w, Job& job);
   void SendLoaded(Worker& w, Job& job);
+  void OnWorkerMessage(Frames& frames);
   void OnWorkerResult(Worker& w, schema::WorkerMessage& m, Frames& frames);
+  void QueueToWorker(const std::string& id, const schema::BrokerMessage& m, Frames payload);
   // Fails `job` for compile reasons if no architecture it could run on is
   // left (every matching worker's architecture failed to compile it).
   void CheckCompileViable(Job& job);
@@ -184,6 +190,12 @@ class BrokerCore {
   JobTable jobs_;
   WorkerRegistry workers_;
   std::unique_ptr<Batch> batch_ = std::make_unique<Batch>();
+  // Jobs to send to each worker at the end of this iteration, in order.
+  struct Outbox {
+    std::vector<std::string> headers;
+    std::vector<Frames> payloads;
+  };
+  std::map<std::string, Outbox> outboxes_;
   Status store_failure_;
   MonoTime retry_writes_at_{};  // after a failed commit: when to try again
   std::vector<FinishOp> unwritten_;  // results whose commit failed, to retry

@@ -3,6 +3,8 @@
 // of a worker that is lost.
 #include <spdlog/spdlog.h>
 
+#include <zmq_addon.hpp>
+
 #include "broker/core.h"
 #include "schema/codec.h"
 
@@ -88,6 +90,33 @@ bool BrokerCore::SendWorker(const std::string& id, const BrokerMessage& m, Frame
   }
 }
 
+void BrokerCore::OnWorkerFrames(Frames& frames) {
+  // A batch is its messages, taken in order as if sent one by one.
+  if (frames.size() >= 3 && schema::IsBatch(View(frames[2]))) {
+    std::vector<uint64_t> sizes;
+    for (size_t i = 3; i < frames.size(); ++i) sizes.push_back(frames[i].size());
+    schema::Batch batch;
+    if (Status s = schema::DecodeBatch(View(frames[2]), sizes, opt_.limits, &batch); !s.ok()) {
+      BrokerMessage m;
+      m.op = BrokerOp::kError;
+      m.code = s.code();
+      m.error = s.message();
+      SendWorker(std::string(View(frames[0])), m);
+      return;
+    }
+    size_t next = 3;
+    for (uint32_t n : batch.parts) {
+      Frames one;
+      one.emplace_back().copy(frames[0]);
+      one.emplace_back().copy(frames[1]);
+      for (uint32_t i = 0; i < n; ++i) one.push_back(std::move(frames[next++]));
+      OnWorkerMessage(one);
+    }
+    return;
+  }
+  OnWorkerMessage(frames);
+}
+
 void BrokerCore::OnWorkerMessage(Frames& frames) {
   if (frames.empty()) return;
   const std::string id(View(frames[0]));
@@ -134,6 +163,15 @@ void BrokerCore::OnWorkerMessage(Frames& frames) {
     return;
   }
   Worker* w = workers_.Find(id);
+  if (!w && m.op == WorkerOp::kHeartbeat && !m.token.empty()) {
+    // A heartbeat on a worker's liveness connection: its token names it.
+    if (Worker* named = workers_.FindByToken(m.token)) {
+      named->liveness_id = id;
+      named->last_seen = now;
+      named->device.free_bytes = m.free_bytes;
+      return;
+    }
+  }
   if (!w) {
     // A worker from before a broker restart, or one declared gone.
     BrokerMessage bye;
@@ -196,6 +234,7 @@ void BrokerCore::OnWorkerResult(Worker& w, WorkerMessage& m, Frames& frames) {
 
 void BrokerCore::WorkerLost(const std::string& id, const std::string& why) {
   if (!workers_.Find(id)) return;
+  outboxes_.erase(id);  // jobs not sent yet: requeued below with the rest
   Worker w = workers_.Remove(id);
   ++counters_.workers_lost;
   spdlog::warn("worker {} ({}) is gone: {}; {} jobs were in flight", w.name, w.device.uuid, why,
@@ -247,7 +286,44 @@ void BrokerCore::Heartbeats() {
   }
   BrokerMessage hb;
   hb.op = BrokerOp::kHeartbeat;
-  for (const auto& [id, w] : workers_.all()) SendWorker(id, hb);
+  for (const auto& [id, w] : workers_.all()) {
+    SendWorker(w.liveness_id.empty() ? id : w.liveness_id, hb);
+  }
+}
+
+void BrokerCore::QueueToWorker(const std::string& id, const BrokerMessage& m, Frames payload) {
+  Outbox& box = outboxes_[id];
+  box.headers.push_back(schema::EncodeBrokerMessage(m));
+  box.payloads.push_back(std::move(payload));
+}
+
+void BrokerCore::FlushWorkers() {
+  std::map<std::string, Outbox> boxes;
+  boxes.swap(outboxes_);
+  for (auto& [id, box] : boxes) {
+    if (!workers_.Find(id) || box.headers.empty()) continue;
+    // Several jobs for one worker go as one batch.
+    Frames frames;
+    frames.emplace_back(id.data(), id.size());
+    frames.emplace_back(schema::kWorkerProtocol.data(), schema::kWorkerProtocol.size());
+    if (box.headers.size() > 1) {
+      schema::Batch batch;
+      for (const Frames& p : box.payloads) batch.parts.push_back(static_cast<uint32_t>(1 + p.size()));
+      const std::string header = schema::EncodeBatch(batch);
+      frames.emplace_back(header.data(), header.size());
+    }
+    for (size_t i = 0; i < box.headers.size(); ++i) {
+      frames.emplace_back(box.headers[i].data(), box.headers[i].size());
+      for (zmq::message_t& f : box.payloads[i]) frames.push_back(std::move(f));
+    }
+    bool sent = false;
+    try {
+      sent = zmq::send_multipart(worker_sock_, frames, zmq::send_flags::dontwait).has_value();
+    } catch (const zmq::error_t& e) {
+      spdlog::warn("worker unreachable: {}", e.what());
+    }
+    if (!sent) WorkerLost(id, "unreachable");
+  }
 }
 
 }  // namespace gpuq::broker

@@ -42,6 +42,8 @@ StatusOr<Worker*> WorkerRegistry::Ready(const std::string& id, const schema::Wor
   w.modules = ModuleSet(ready.module_slots);
   w.last_seen = now;
   w.local = local;
+  w.token = ready.token;
+  if (!w.token.empty()) by_token_[w.token] = id;
   ArchsChanged();
   return &w;
 }
@@ -51,11 +53,18 @@ Worker* WorkerRegistry::Find(const std::string& id) {
   return it == workers_.end() ? nullptr : &it->second;
 }
 
+Worker* WorkerRegistry::FindByToken(const std::string& token) {
+  auto it = by_token_.find(token);
+  return it == by_token_.end() ? nullptr : Find(it->second);
+}
+
 Worker WorkerRegistry::Remove(const std::string& id) {
   auto it = workers_.find(id);
   if (it == workers_.end()) return Worker();
   Worker w = std::move(it->second);
   workers_.erase(it);
+  auto t = by_token_.find(w.token);
+  if (t != by_token_.end() && t->second == id) by_token_.erase(t);
   ArchsChanged();
   return w;
 }

@@ -52,6 +52,10 @@ struct Worker {
   MonoTime last_seen;
   bool exclusive = false;  // running a suspect alone
   bool local = false;      // on this host: reads and writes the local directory
+  // Its liveness connection (PROTOCOL.md, "Liveness"): heartbeats with its
+  // token come there, and the broker's go there, beside whatever bulk data
+  // its own connection carries. Empty until the first such heartbeat.
+  std::string token, liveness_id;
 };
 
 class WorkerRegistry {
@@ -63,6 +67,8 @@ class WorkerRegistry {
   StatusOr<Worker*> Ready(const std::string& id, const schema::WorkerMessage& ready, bool local,
                           MonoTime now, const std::function<bool(const std::string&)>& can_target);
   Worker* Find(const std::string& id);
+  // The worker registered with `token`, or null.
+  Worker* FindByToken(const std::string& token);
   // Takes the worker out; returns it with the jobs it held.
   Worker Remove(const std::string& id);
 
@@ -89,6 +95,7 @@ class WorkerRegistry {
  private:
   void ArchsChanged();
   std::map<std::string, Worker> workers_;
+  std::map<std::string, std::string> by_token_;  // token -> routing id
   std::vector<std::string> archs_;
 };
 

@@ -418,7 +418,8 @@ std::string EncodeWorkerMessage(const WorkerMessage& m) {
           .Field("device", true, [&] { PackDevice(p, m.device); })
           .Field("slots", true, [&] { p.pack_uint32(m.slots); })
           .Field("module_slots", true, [&] { p.pack_uint32(m.module_slots); })
-          .Field("local_dir", !m.local_dir.empty(), [&] { PackStr(p, m.local_dir); });
+          .Field("local_dir", !m.local_dir.empty(), [&] { PackStr(p, m.local_dir); })
+          .Field("token", true, [&] { PackStr(p, m.token); });
       break;
     case WorkerOp::kResult:
       w.Field("id", true, [&] { p.pack_uint64(m.id); })
@@ -432,7 +433,8 @@ std::string EncodeWorkerMessage(const WorkerMessage& m) {
       break;
     case WorkerOp::kHeartbeat:
       w.Field("free_bytes", true, [&] { p.pack_uint64(m.free_bytes); })
-          .Field("inflight", true, [&] { p.pack_uint32(m.inflight); });
+          .Field("inflight", true, [&] { p.pack_uint32(m.inflight); })
+          .Field("token", !m.token.empty(), [&] { PackStr(p, m.token); });
       break;
     case WorkerOp::kDisconnect:
       w.Field("reason", true, [&] { PackStr(p, m.reason); });
@@ -807,6 +809,16 @@ Status GetTiming(const object& o, Timing* t) {
       });
 }
 
+// A worker's token: 16 to 64 characters of [0-9a-f].
+Status GetToken(const object& o, std::string_view field, std::string* out) {
+  GPUQ_RETURN_IF_ERROR(GetStr(o, field, 64, out));
+  if (out->size() < 16 ||
+      out->find_first_not_of("0123456789abcdef") != std::string::npos) {
+    return Error(Code::kInvalid, "field 'token' must be 16 to 64 lowercase hex digits");
+  }
+  return Status::Ok();
+}
+
 Status GetDevice(const object& o, DeviceInfo* d) {
   return ForEachField(
       o, "device",
@@ -970,6 +982,46 @@ Status ValidateJob(const JobSpec& job, std::span<const uint64_t> payload_sizes,
   return CheckBufferFrames(job.args, 0, WithFiles(payload_sizes, job.files), limits);
 }
 
+std::string EncodeBatch(const Batch& b) {
+  msgpack::sbuffer buf;
+  Packer p(buf);
+  MapWriter w(p);
+  w.Field("op", true, [&] { PackStr(p, "batch"); })
+      .Field("parts", true, [&] { PackU32List(p, b.parts); });
+  w.Write();
+  return Take(buf);
+}
+
+Status DecodeBatch(std::string_view header, std::span<const uint64_t> payload_sizes,
+                   const Limits& limits, Batch* out) {
+  msgpack::object_handle oh;
+  GPUQ_RETURN_IF_ERROR(Unpack(header, limits, &oh));
+  std::string_view op;
+  GPUQ_RETURN_IF_ERROR(GetOp(oh.get(), &op));
+  if (op != "batch") return UnknownOp(op);
+  Batch b;
+  GPUQ_RETURN_IF_ERROR(ForEachField(oh.get(), "header", {"parts"},
+                                    [&](std::string_view k, const object& v) -> Status {
+    if (k == "op") return Status::Ok();
+    if (k == "parts") {
+      return GetU32List(v, k, std::min(limits.max_list, kMaxBatchParts), &b.parts);
+    }
+    return kUnknownField;
+  }));
+  uint64_t frames = 0;
+  for (uint32_t n : b.parts) {
+    if (n == 0) return Malformed("parts", "every message has its header frame");
+    frames += n;
+  }
+  if (b.parts.empty() || frames != payload_sizes.size()) {
+    return Malformed("parts", "the parts add up to " + std::to_string(frames) +
+                                  " frames; the batch holds " +
+                                  std::to_string(payload_sizes.size()));
+  }
+  *out = std::move(b);
+  return Status::Ok();
+}
+
 bool IsPlainFileName(std::string_view name) {
   if (name.empty() || name.size() > 128 || name[0] == '.') return false;
   for (char c : name) {
@@ -1034,8 +1086,13 @@ class TopLevelFinder : public msgpack::null_visitor {
     return true;
   }
   bool visit_str(const char* v, uint32_t size) {
-    if (in_key_) key_matched_ = std::string_view(v, size) == key_;
-    return true;
+    if (in_key_) {
+      key_matched_ = std::string_view(v, size) == key_;
+      return true;
+    }
+    if (!at_value_ || depth_ != 1) return true;
+    str_ = std::string_view(v, size);
+    return false;
   }
   bool visit_positive_integer(uint64_t v) {
     if (!at_value_ || depth_ != 1) return true;
@@ -1051,6 +1108,7 @@ class TopLevelFinder : public msgpack::null_visitor {
   void insufficient_bytes(size_t, size_t) {}
   std::optional<uint64_t> uint_;
   std::optional<bool> bool_;
+  std::optional<std::string_view> str_;  // into the parsed bytes
 
  private:
   bool Enter() {
@@ -1084,6 +1142,11 @@ uint64_t PeekRequestId(std::string_view header) {
 
 std::optional<bool> PeekBool(std::string_view map, std::string_view key) {
   return Find(map, key).bool_;
+}
+
+bool IsBatch(std::string_view header) {
+  // A look at the top-level "op" alone, before the whole decode.
+  return Find(header, "op").str_ == std::optional<std::string_view>("batch");
 }
 
 Status DecodeClientRequest(std::string_view header,
@@ -1251,7 +1314,7 @@ Status DecodeWorkerMessage(std::string_view header, std::span<const uint64_t> pa
   std::vector<std::string_view> required;
   switch (r.op) {
     case WorkerOp::kReady:
-      required = {"worker", "device", "slots", "module_slots"};
+      required = {"worker", "device", "slots", "module_slots", "token"};
       break;
     case WorkerOp::kResult:
       required = {"id", "attempt", "state", "timing", "outputs"};
@@ -1274,6 +1337,7 @@ Status DecodeWorkerMessage(std::string_view header, std::span<const uint64_t> pa
       if (k == "slots") return GetU(v, k, &r.slots, 65536);
       if (k == "module_slots") return GetU(v, k, &r.module_slots, 65536);
       if (k == "local_dir") return GetStr(v, k, 4096, &r.local_dir);
+      if (k == "token") return GetToken(v, k, &r.token);
     } else if (wop == WorkerOp::kResult) {
       if (k == "id") return GetU(v, k, &r.id);
       if (k == "attempt") return GetU(v, k, &r.attempt);
@@ -1292,6 +1356,7 @@ Status DecodeWorkerMessage(std::string_view header, std::span<const uint64_t> pa
     } else if (wop == WorkerOp::kHeartbeat) {
       if (k == "free_bytes") return GetU(v, k, &r.free_bytes);
       if (k == "inflight") return GetU(v, k, &r.inflight);
+      if (k == "token") return GetToken(v, k, &r.token);
     } else if (k == "reason") {
       return GetStr(v, k, limits.max_text_bytes, &r.reason);
     }

@@ -49,6 +49,16 @@ Status DecodeBrokerMessage(std::string_view header,
                            std::span<const uint64_t> payload_sizes,
                            const Limits& limits, BrokerMessage* out);
 
+// The header of a batch (worker protocol); `payload_sizes` are the frames
+// after it. kMalformed unless every part has at least its header frame and
+// the parts add up to the frames; kTooLarge over kMaxBatchParts.
+std::string EncodeBatch(const Batch& b);
+Status DecodeBatch(std::string_view header, std::span<const uint64_t> payload_sizes,
+                   const Limits& limits, Batch* out);
+// Whether a worker-protocol header is a batch's (its op is "batch"), read
+// without decoding it whole.
+bool IsBatch(std::string_view header);
+
 // The job map alone (the broker's job store keeps it), in the same form as
 // inside a submit header.
 std::string EncodeJobSpec(const JobSpec& job);

@@ -15,7 +15,7 @@ namespace gpuq::schema {
 
 // Frame 0 of every message names the protocol and its version.
 inline constexpr std::string_view kClientProtocol = "GPUQ/1";
-inline constexpr std::string_view kWorkerProtocol = "GPUQW/1";
+inline constexpr std::string_view kWorkerProtocol = "GPUQW/2";
 
 // Limits on every size and count a message may carry (PROTOCOL.md,
 // "Limits"). A decoder given a message over any of them rejects it with
@@ -224,6 +224,15 @@ struct ClientReply {
 
 // ---------------------------------------------------------------- worker side
 
+// A batch (worker protocol): several messages sent as one multipart message,
+// [protocol, batch header, message 1's header and payload, message 2's...].
+// parts[i] is the number of frames of message i (its header and payload).
+struct Batch {
+  std::vector<uint32_t> parts;
+  bool operator==(const Batch&) const = default;
+};
+inline constexpr size_t kMaxBatchParts = 1024;
+
 enum class WorkerOp : uint8_t { kReady, kResult, kHeartbeat, kDisconnect };
 std::string_view WorkerOpName(WorkerOp op);
 
@@ -235,6 +244,9 @@ struct WorkerMessage {
   uint32_t slots = 0;         // jobs it may hold at once (initial credits)
   uint32_t module_slots = 0;  // modules it keeps loaded (LRU, see spec)
   std::string local_dir;      // the broker's local directory, if this worker can use it
+  // ready, heartbeat: the worker's token, which names it on its liveness
+  // connection (a heartbeat with a token may come on another connection).
+  std::string token;
   // result
   uint64_t id = 0;
   uint32_t attempt = 0;

@@ -73,6 +73,7 @@ class RawWorker {
  private:
   zmq::context_t ctx_;
   zmq::socket_t socket_;
+  std::deque<Message> received_;  // taken from a batch, not yet returned
 };
 
 class BrokerTest : public ::testing::Test {

@@ -41,6 +41,8 @@ T DecodeAs(const std::vector<std::string>& frames, Status* status) {
     *status = DecodeClientReply(frames[1], sizes, limits, &out);
   } else if constexpr (std::is_same_v<T, WorkerMessage>) {
     *status = DecodeWorkerMessage(frames[1], sizes, limits, &out);
+  } else if constexpr (std::is_same_v<T, Batch>) {
+    *status = DecodeBatch(frames[1], sizes, limits, &out);
   } else {
     *status = DecodeBrokerMessage(frames[1], sizes, limits, &out);
   }
@@ -83,6 +85,43 @@ TEST_P(GoldenTest, FileDecodesToTheMessageAndReencodesIdentically) {
         EXPECT_EQ(testing::PackFrames(testing::EncodeFrames(again)), ReadGolden(g.name));
       },
       g.message);
+}
+
+// A batch's messages decode one by one, as if each were sent alone.
+TEST(BatchTest, AGoldenBatchIsItsMessages) {
+  for (const char* name : {"worker_batch_results", "broker_batch_jobs"}) {
+    std::vector<std::string> frames;
+    ASSERT_TRUE(testing::UnpackFrames(ReadGolden(name), &frames));
+    ASSERT_TRUE(IsBatch(frames[1])) << name;
+    Batch b;
+    ASSERT_TRUE(DecodeBatch(frames[1], Sizes(frames, 2), {}, &b).ok()) << name;
+    size_t next = 2;
+    for (uint32_t n : b.parts) {
+      std::vector<std::string> one = {frames[0]};
+      one.insert(one.end(), frames.begin() + next, frames.begin() + next + n);
+      next += n;
+      Status s;
+      if (std::string(name).rfind("worker_", 0) == 0) {
+        DecodeAs<WorkerMessage>(one, &s);
+      } else {
+        DecodeAs<BrokerMessage>(one, &s);
+      }
+      EXPECT_TRUE(s.ok()) << name << ": " << s.ToString();
+    }
+    EXPECT_EQ(next, frames.size());
+  }
+}
+
+TEST(BatchTest, PartsMustAddUpToTheFrames) {
+  const std::string h = EncodeBatch(Batch{{2, 1}});
+  Batch b;
+  EXPECT_EQ(DecodeBatch(h, std::vector<uint64_t>{1, 1}, {}, &b).code(), Code::kMalformed);
+  EXPECT_EQ(DecodeBatch(h, std::vector<uint64_t>{1, 1, 1, 1}, {}, &b).code(), Code::kMalformed);
+  EXPECT_EQ(DecodeBatch(EncodeBatch(Batch{{0, 1}}), std::vector<uint64_t>{1}, {}, &b).code(),
+            Code::kMalformed);
+  EXPECT_EQ(DecodeBatch(EncodeBatch(Batch{}), {}, {}, &b).code(), Code::kMalformed);
+  EXPECT_TRUE(DecodeBatch(h, std::vector<uint64_t>{1, 1, 1}, {}, &b).ok());
+  EXPECT_FALSE(IsBatch(EncodeWorkerMessage(WorkerMessage{})));
 }
 
 INSTANTIATE_TEST_SUITE_P(Schema, GoldenTest, ::testing::ValuesIn(GoldenMessages()),

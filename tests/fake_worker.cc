@@ -14,6 +14,8 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <optional>
+#include <random>
 #include <cstdio>
 #include <list>
 #include <map>
@@ -87,26 +89,55 @@ int main(int argc, char** argv) {
   name = "fake:" + std::to_string(getpid()) + ":0";
 
   zmq::context_t ctx;
-  zmq::socket_t sock(ctx, zmq::socket_type::dealer);
-  sock.set(zmq::sockopt::linger, 0);
-  if (!key.empty()) {
-    auto server = ReadCurvePublicKey(server_key);
-    auto mine = ReadCurveSecretKey(key);
-    if (!server.ok() || !mine.ok()) return 2;
-    sock.set(zmq::sockopt::curve_serverkey, *server);
-    sock.set(zmq::sockopt::curve_publickey, mine->public_key);
-    sock.set(zmq::sockopt::curve_secretkey, mine->secret_key);
-  }
-  sock.connect(endpoint);
-  auto send = [&](const WorkerMessage& m, std::vector<zmq::message_t>* payload = nullptr) {
+  // Two connections, as gpuq-worker has (PROTOCOL.md, "Liveness"): jobs and
+  // results on one, heartbeats with the token on the other.
+  auto open = [&]() -> std::optional<zmq::socket_t> {
+    zmq::socket_t s(ctx, zmq::socket_type::dealer);
+    s.set(zmq::sockopt::linger, 0);
+    if (!key.empty()) {
+      auto server = ReadCurvePublicKey(server_key);
+      auto mine = ReadCurveSecretKey(key);
+      if (!server.ok() || !mine.ok()) return std::nullopt;
+      s.set(zmq::sockopt::curve_serverkey, *server);
+      s.set(zmq::sockopt::curve_publickey, mine->public_key);
+      s.set(zmq::sockopt::curve_secretkey, mine->secret_key);
+    }
+    s.connect(endpoint);
+    return s;
+  };
+  auto control = open(), liveness = open();
+  if (!control || !liveness) return 2;
+  zmq::socket_t& sock = *control;
+  std::string token;
+  std::random_device random;
+  for (int i = 0; i < 32; ++i) token.push_back("0123456789abcdef"[random() % 16]);
+  bool registered = false;  // heard from the broker since the last ready
+  // Results of one round go together: one message, or a batch.
+  std::vector<std::pair<std::string, std::vector<zmq::message_t>>> outbox;
+  auto flush = [&] {
+    if (outbox.empty()) return;
     std::vector<zmq::message_t> frames;
     frames.emplace_back(kWorkerProtocol.data(), kWorkerProtocol.size());
-    std::string h = EncodeWorkerMessage(m);
-    frames.emplace_back(h.data(), h.size());
+    if (outbox.size() > 1) {
+      Batch b;
+      for (auto& [h, p] : outbox) b.parts.push_back(static_cast<uint32_t>(1 + p.size()));
+      const std::string bh = EncodeBatch(b);
+      frames.emplace_back(bh.data(), bh.size());
+    }
+    for (auto& [h, p] : outbox) {
+      frames.emplace_back(h.data(), h.size());
+      for (auto& f : p) frames.push_back(std::move(f));
+    }
+    outbox.clear();
+    zmq::send_multipart(sock, frames);
+  };
+  auto send = [&](const WorkerMessage& m, std::vector<zmq::message_t>* payload = nullptr) {
+    std::vector<zmq::message_t> frames;
     if (payload) {
       for (auto& p : *payload) frames.push_back(std::move(p));
     }
-    zmq::send_multipart(sock, frames);
+    outbox.emplace_back(EncodeWorkerMessage(m), std::move(frames));
+    if (m.op != WorkerOp::kResult) flush();
   };
   auto ready = [&] {
     WorkerMessage m;
@@ -123,6 +154,8 @@ int main(int argc, char** argv) {
     m.slots = slots;
     m.module_slots = module_slots;
     m.local_dir = local_dir;
+    m.token = token;
+    registered = false;
     send(m);
   };
   ready();
@@ -131,17 +164,43 @@ int main(int argc, char** argv) {
   auto last_heard = Clock::now();
   auto next_beat = Clock::now();
   const Limits limits;
+  // A message, or each message of a batch, as [protocol, header, payload...].
+  auto split = [](std::vector<zmq::message_t>& frames) {
+    std::vector<std::vector<zmq::message_t>> out;
+    if (frames.size() >= 2 && IsBatch(frames[1].to_string_view())) {
+      std::vector<uint64_t> sizes;
+      for (size_t i = 2; i < frames.size(); ++i) sizes.push_back(frames[i].size());
+      Batch b;
+      if (!DecodeBatch(frames[1].to_string_view(), sizes, {}, &b).ok()) return out;
+      size_t next = 2;
+      for (uint32_t n : b.parts) {
+        std::vector<zmq::message_t> one;
+        one.emplace_back().copy(frames[0]);
+        for (uint32_t i = 0; i < n; ++i) one.push_back(std::move(frames[next++]));
+        out.push_back(std::move(one));
+      }
+      return out;
+    }
+    out.push_back(std::move(frames));
+    return out;
+  };
   for (;;) {
-    zmq::pollitem_t item = {sock.handle(), 0, ZMQ_POLLIN, 0};
-    zmq::poll(&item, 1, std::chrono::milliseconds(5));
+    zmq::pollitem_t items[] = {{sock.handle(), 0, ZMQ_POLLIN, 0},
+                               {liveness->handle(), 0, ZMQ_POLLIN, 0}};
+    zmq::poll(items, 2, std::chrono::milliseconds(5));
     const auto now = Clock::now();
-    if (now >= next_beat) {
+    if (registered && now >= next_beat) {
       next_beat = now + std::chrono::milliseconds(heartbeat_ms);
       WorkerMessage hb;
       hb.op = WorkerOp::kHeartbeat;
       hb.free_bytes = 1ull << 34;
       hb.inflight = static_cast<uint32_t>(pending.size());
-      send(hb);
+      hb.token = token;
+      const std::string h = EncodeWorkerMessage(hb);
+      std::vector<zmq::message_t> frames;
+      frames.emplace_back(kWorkerProtocol.data(), kWorkerProtocol.size());
+      frames.emplace_back(h.data(), h.size());
+      zmq::send_multipart(*liveness, frames);
     }
     if (now - last_heard > std::chrono::milliseconds(heartbeat_ms * 3)) {
       // The broker went silent (restarted?): register again.
@@ -150,33 +209,53 @@ int main(int argc, char** argv) {
       ready();
       last_heard = now;
     }
-    while (item.revents & ZMQ_POLLIN) {
+    // The liveness connection: the broker's heartbeats, or a disconnect
+    // when it does not know the token (it restarted).
+    while (items[1].revents & ZMQ_POLLIN) {
       std::vector<zmq::message_t> frames;
-      if (!zmq::recv_multipart(sock, std::back_inserter(frames), zmq::recv_flags::dontwait)) {
+      if (!zmq::recv_multipart(*liveness, std::back_inserter(frames), zmq::recv_flags::dontwait)) {
         break;
       }
       last_heard = Clock::now();
       if (frames.size() < 2) continue;
-      std::vector<uint64_t> sizes;
-      for (size_t i = 2; i < frames.size(); ++i) sizes.push_back(frames[i].size());
       BrokerMessage m;
-      if (!DecodeBrokerMessage(frames[1].to_string_view(), sizes, limits, &m).ok()) continue;
-      if (m.op == BrokerOp::kDisconnect) {
+      if (!DecodeBrokerMessage(frames[1].to_string_view(), {}, limits, &m).ok()) continue;
+      if (m.op == BrokerOp::kDisconnect && registered) {
         modules = ModuleSet(module_slots);
         pending.clear();
         ready();
-        continue;
       }
-      if (m.op != BrokerOp::kJob) continue;
-      const bool had_module = modules.Has(m.module);
-      modules.Touch(m.module);
-      Pending p{Clock::now() + std::chrono::microseconds(delay_us), m, std::move(frames)};
-      if (m.entry.rfind("slow", 0) == 0) p.due += std::chrono::milliseconds(100);
-      if (m.entry.rfind("crash", 0) == 0) _exit(3);
-      if (m.image == ImageKind::kNone && !had_module) {
-        p.job.entry = "!module " + m.module + " was never sent";
+    }
+    while (items[0].revents & ZMQ_POLLIN) {
+      std::vector<zmq::message_t> received;
+      if (!zmq::recv_multipart(sock, std::back_inserter(received), zmq::recv_flags::dontwait)) {
+        break;
       }
-      pending.push_back(std::move(p));
+      last_heard = Clock::now();
+      for (auto& frames : split(received)) {
+        if (frames.size() < 2) continue;
+        std::vector<uint64_t> sizes;
+        for (size_t i = 2; i < frames.size(); ++i) sizes.push_back(frames[i].size());
+        BrokerMessage m;
+        if (!DecodeBrokerMessage(frames[1].to_string_view(), sizes, limits, &m).ok()) continue;
+        if (m.op == BrokerOp::kDisconnect) {
+          modules = ModuleSet(module_slots);
+          pending.clear();
+          ready();
+          continue;
+        }
+        registered = true;
+        if (m.op != BrokerOp::kJob) continue;
+        const bool had_module = modules.Has(m.module);
+        modules.Touch(m.module);
+        Pending p{Clock::now() + std::chrono::microseconds(delay_us), m, std::move(frames)};
+        if (m.entry.rfind("slow", 0) == 0) p.due += std::chrono::milliseconds(100);
+        if (m.entry.rfind("crash", 0) == 0) _exit(3);
+        if (m.image == ImageKind::kNone && !had_module) {
+          p.job.entry = "!module " + m.module + " was never sent";
+        }
+        pending.push_back(std::move(p));
+      }
     }
     // Finish what is due.
     for (size_t i = 0; i < pending.size();) {
@@ -277,5 +356,6 @@ int main(int argc, char** argv) {
       send(r, &out);
       pending.erase(pending.begin() + static_cast<long>(i));
     }
+    flush();
   }
 }

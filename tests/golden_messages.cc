@@ -310,6 +310,7 @@ std::vector<GoldenMessage> GoldenMessages() {
     m.device = H100();
     m.slots = 8;
     m.module_slots = 256;
+    m.token = "9f2c4e6a8b0d1f3e5a7c9e1b3d5f7a90";
     g.push_back({"worker_ready", m, {}});
   }
   {
@@ -320,6 +321,7 @@ std::vector<GoldenMessage> GoldenMessages() {
     m.slots = 8;
     m.module_slots = 256;
     m.local_dir = "/var/lib/gpuq/jobs.db.blobs";
+    m.token = "0a1b2c3d4e5f60718293a4b5c6d7e8f9";
     g.push_back({"worker_ready_local", m, {}});
   }
   {
@@ -362,6 +364,36 @@ std::vector<GoldenMessage> GoldenMessages() {
   }
   {
     WorkerMessage m;
+    m.op = WorkerOp::kHeartbeat;
+    m.free_bytes = 84000000000ull;
+    m.inflight = 3;
+    m.token = "9f2c4e6a8b0d1f3e5a7c9e1b3d5f7a90";
+    g.push_back({"worker_heartbeat_liveness", m, {}});
+  }
+  {
+    // Two results in one message: a done one with its output frame, and a
+    // failed one.
+    WorkerMessage done;
+    done.op = WorkerOp::kResult;
+    done.id = 4250;
+    done.attempt = 3;
+    done.state = JobState::kDone;
+    done.timing = SomeTiming();
+    done.outputs = {0};
+    WorkerMessage failed;
+    failed.op = WorkerOp::kResult;
+    failed.id = 4251;
+    failed.attempt = 3;
+    failed.state = JobState::kFailed;
+    failed.code = Code::kLaunchError;
+    failed.error = "CUDA_ERROR_INVALID_VALUE: too many resources requested for launch";
+    Batch b;
+    b.parts = {2, 1};
+    g.push_back({"worker_batch_results", b,
+                 {EncodeWorkerMessage(done), Bytes(16, 5), EncodeWorkerMessage(failed)}});
+  }
+  {
+    WorkerMessage m;
     m.op = WorkerOp::kDisconnect;
     m.reason = "sticky CUDA error: CUDA_ERROR_ILLEGAL_ADDRESS";
     g.push_back({"worker_disconnect", m, {}});
@@ -398,6 +430,26 @@ std::vector<GoldenMessage> GoldenMessages() {
     g.push_back({"broker_job_local_files", m, {Bytes(4096, 1)}});
   }
   {
+    // Two jobs of one module in one message: the first brings the image.
+    BrokerMessage first;
+    first.op = BrokerOp::kJob;
+    first.id = 4250;
+    first.attempt = 3;
+    first.module = "078f1398ea2b7a94c25cc6aaa4fd44042c7b7281d37a0f023c801a86f71339b6";
+    first.entry = "k";
+    first.image = ImageKind::kCubin;
+    first.launch.grid = {1, 1, 1};
+    first.launch.block = {32, 1, 1};
+    first.args = {Arg::Out(16)};
+    BrokerMessage second = first;
+    second.id = 4251;
+    second.image = ImageKind::kNone;
+    Batch b;
+    b.parts = {2, 1};
+    g.push_back({"broker_batch_jobs", b,
+                 {EncodeBrokerMessage(first), Bytes(64, 9), EncodeBrokerMessage(second)}});
+  }
+  {
     BrokerMessage m;
     m.op = BrokerOp::kHeartbeat;
     g.push_back({"broker_heartbeat", m, {}});
@@ -406,7 +458,7 @@ std::vector<GoldenMessage> GoldenMessages() {
     BrokerMessage m;
     m.op = BrokerOp::kError;
     m.code = Code::kBadVersion;
-    m.error = "protocol GPUQW/2 is not supported; this peer speaks GPUQW/1";
+    m.error = "protocol GPUQW/3 is not supported; this peer speaks GPUQW/2";
     g.push_back({"broker_error", m, {}});
   }
   {
@@ -429,6 +481,8 @@ std::vector<std::string> EncodeFrames(const GoldenMessage& g) {
           frames = {std::string(kClientProtocol), EncodeClientReply(m)};
         } else if constexpr (std::is_same_v<T, WorkerMessage>) {
           frames = {std::string(kWorkerProtocol), EncodeWorkerMessage(m)};
+        } else if constexpr (std::is_same_v<T, Batch>) {
+          frames = {std::string(kWorkerProtocol), EncodeBatch(m)};
         } else {
           frames = {std::string(kWorkerProtocol), EncodeBrokerMessage(m)};
         }

@@ -13,8 +13,9 @@
 
 namespace gpuq::testing {
 
+// A Batch's payload is the frames of its messages (headers included).
 using AnyMessage = std::variant<schema::ClientRequest, schema::ClientReply,
-                                schema::WorkerMessage, schema::BrokerMessage>;
+                                schema::WorkerMessage, schema::BrokerMessage, schema::Batch>;
 
 struct GoldenMessage {
   std::string name;                  // file name without .bin

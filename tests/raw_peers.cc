@@ -78,6 +78,7 @@ void RawWorker::Ready(const std::string& arch, uint32_t slots, const std::string
   m.device.max_grid = {0x7fffffff, 65535, 65535};
   m.slots = slots;
   m.module_slots = 16;
+  m.token = "0123456789abcdef0123456789abcdef";
   Send(m);
 }
 
@@ -98,6 +99,11 @@ void RawWorker::Heartbeat() {
 std::optional<RawWorker::Message> RawWorker::Receive(std::chrono::milliseconds timeout) {
   const auto until = std::chrono::steady_clock::now() + timeout;
   for (;;) {
+    if (!received_.empty()) {
+      Message m = std::move(received_.front());
+      received_.pop_front();
+      return m;
+    }
     Heartbeat();
     const auto now = std::chrono::steady_clock::now();
     if (now >= until) return std::nullopt;
@@ -106,12 +112,30 @@ std::optional<RawWorker::Message> RawWorker::Receive(std::chrono::milliseconds t
         std::chrono::milliseconds(50));
     std::vector<std::string> frames = ReceiveFrames(socket_, slice);
     if (frames.size() < 2) continue;
-    Message m;
-    m.payload.assign(frames.begin() + 2, frames.end());
-    Status s = schema::DecodeBrokerMessage(frames[1], Sizes(m.payload), {}, &m.header);
-    EXPECT_TRUE(s.ok()) << s.ToString();
-    if (m.header.op == schema::BrokerOp::kHeartbeat) continue;
-    return m;
+    // A batch is its messages, in order.
+    std::vector<std::vector<std::string>> messages;
+    if (schema::IsBatch(frames[1])) {
+      std::vector<std::string> rest(frames.begin() + 2, frames.end());
+      schema::Batch b;
+      Status s = schema::DecodeBatch(frames[1], Sizes(rest), {}, &b);
+      EXPECT_TRUE(s.ok()) << s.ToString();
+      size_t next = 0;
+      for (uint32_t n : b.parts) {
+        std::vector<std::string> one = {frames[0]};
+        for (uint32_t i = 0; i < n; ++i) one.push_back(rest[next++]);
+        messages.push_back(std::move(one));
+      }
+    } else {
+      messages.push_back(std::move(frames));
+    }
+    for (auto& f : messages) {
+      Message m;
+      m.payload.assign(f.begin() + 2, f.end());
+      Status s = schema::DecodeBrokerMessage(f[1], Sizes(m.payload), {}, &m.header);
+      EXPECT_TRUE(s.ok()) << s.ToString();
+      if (m.header.op == schema::BrokerOp::kHeartbeat) continue;
+      received_.push_back(std::move(m));
+    }
   }
 }
 

@@ -13,6 +13,7 @@
 #include <deque>
 #include <list>
 #include <map>
+#include <random>
 #include <mutex>
 #include <thread>
 #include <unordered_map>
@@ -213,9 +214,16 @@ class GpuWorker::Impl {
   Status LaunchChecks(const BrokerMessage& job, CUfunction fn);
 
   // Protocol side (the main thread).
+  // Results wait in the outbox until FlushResults() sends them together:
+  // one message, or a batch. Other messages go at once (after the outbox).
   void Send(const WorkerMessage& m, std::vector<zmq::message_t>* payload = nullptr);
+  void FlushResults();
   void SendReady();
+  void Heartbeat();
+  // A message from the broker, or each message of a batch, in order.
+  void OnBrokerFrames(std::vector<zmq::message_t>& frames);
   void OnBrokerMessage(std::vector<zmq::message_t>& frames);
+  void OnLivenessMessage(std::vector<zmq::message_t>& frames);
   void Finish(Done& d);
   [[noreturn]] void Leave(int code, const std::string& reason);
 
@@ -226,6 +234,12 @@ class GpuWorker::Impl {
   CUcontext ctx_ = nullptr;  // the primary context, retained
   zmq::context_t zctx_;
   zmq::socket_t sock_;
+  // The liveness connection (PROTOCOL.md, "Liveness"): heartbeats with the
+  // token, apart from the jobs and results, which may be large.
+  zmq::socket_t live_;
+  std::string token_;
+  bool registered_ = false;  // heard from the broker since the last ready
+  std::vector<std::pair<std::string, std::vector<zmq::message_t>>> outbox_;
   int done_fd_ = -1;
   std::unique_ptr<PinnedPool> pinned_;  // outputs' host buffers
   ModuleSet modules_;
@@ -261,20 +275,24 @@ Status GpuWorker::Impl::Init() {
   char host[128] = {};
   gethostname(host, sizeof host - 1);
   name_ = std::string(host) + ":" + std::to_string(getpid()) + ":" + std::to_string(opt_.device);
-  sock_ = zmq::socket_t(zctx_, zmq::socket_type::dealer);
-  sock_.set(zmq::sockopt::linger, 2000);
-  sock_.set(zmq::sockopt::sndhwm, 100000);
-  sock_.set(zmq::sockopt::rcvhwm, 100000);
-  if (!opt_.secret_key.empty()) {
-    sock_.set(zmq::sockopt::curve_serverkey, opt_.server_key);
-    sock_.set(zmq::sockopt::curve_publickey, opt_.public_key);
-    sock_.set(zmq::sockopt::curve_secretkey, opt_.secret_key);
+  for (zmq::socket_t* s : {&sock_, &live_}) {
+    *s = zmq::socket_t(zctx_, zmq::socket_type::dealer);
+    s->set(zmq::sockopt::linger, 2000);
+    s->set(zmq::sockopt::sndhwm, 100000);
+    s->set(zmq::sockopt::rcvhwm, 100000);
+    if (!opt_.secret_key.empty()) {
+      s->set(zmq::sockopt::curve_serverkey, opt_.server_key);
+      s->set(zmq::sockopt::curve_publickey, opt_.public_key);
+      s->set(zmq::sockopt::curve_secretkey, opt_.secret_key);
+    }
+    try {
+      s->connect(opt_.broker);
+    } catch (const zmq::error_t& e) {
+      return Error(Code::kUnavailable, "connect " + opt_.broker + ": " + e.what());
+    }
   }
-  try {
-    sock_.connect(opt_.broker);
-  } catch (const zmq::error_t& e) {
-    return Error(Code::kUnavailable, "connect " + opt_.broker + ": " + e.what());
-  }
+  std::random_device random;
+  for (int i = 0; i < 32; ++i) token_.push_back("0123456789abcdef"[random() % 16]);
   for (uint32_t i = 0; i < std::max<uint32_t>(1, opt_.streams); ++i) {
     executors_.emplace_back([this, i] { ExecutorLoop(static_cast<int>(i)); });
   }
@@ -294,6 +312,7 @@ GpuWorker::Impl::~Impl() {
     // ZeroMQ may still hold outputs in pinned buffers: it lets go of them
     // when its context closes.
     sock_.close();
+    live_.close();
     zctx_.close();
     (void)cu_->cuCtxSetCurrent(ctx_);
     if (pinned_) pinned_->FreeAll();
@@ -591,19 +610,51 @@ Done GpuWorker::Impl::Execute(const std::shared_ptr<Task>& task, CUstream stream
 // ---------------------------------------------------------------- protocol
 
 void GpuWorker::Impl::Send(const WorkerMessage& m, std::vector<zmq::message_t>* payload) {
-  const std::string header = schema::EncodeWorkerMessage(m);
-  const bool more = payload && !payload->empty();
+  std::vector<zmq::message_t> frames;
+  if (payload) {
+    for (auto& p : *payload) frames.push_back(std::move(p));
+  }
+  outbox_.emplace_back(schema::EncodeWorkerMessage(m), std::move(frames));
+  if (m.op != WorkerOp::kResult) FlushResults();
+}
+
+void GpuWorker::Impl::FlushResults() {
+  if (outbox_.empty()) return;
+  std::vector<zmq::message_t> frames;
+  frames.emplace_back(schema::kWorkerProtocol.data(), schema::kWorkerProtocol.size());
+  if (outbox_.size() > 1) {
+    schema::Batch b;
+    for (const auto& [h, p] : outbox_) b.parts.push_back(static_cast<uint32_t>(1 + p.size()));
+    const std::string bh = schema::EncodeBatch(b);
+    frames.emplace_back(bh.data(), bh.size());
+  }
+  for (auto& [h, p] : outbox_) {
+    frames.emplace_back(h.data(), h.size());
+    for (auto& f : p) frames.push_back(std::move(f));
+  }
+  outbox_.clear();
   try {
-    sock_.send(zmq::buffer(schema::kWorkerProtocol), zmq::send_flags::sndmore);
-    sock_.send(zmq::buffer(header), more ? zmq::send_flags::sndmore : zmq::send_flags::none);
-    if (more) {
-      for (size_t i = 0; i < payload->size(); ++i) {
-        sock_.send((*payload)[i], i + 1 < payload->size() ? zmq::send_flags::sndmore
-                                                          : zmq::send_flags::none);
-      }
-    }
+    zmq::send_multipart(sock_, frames);
   } catch (const zmq::error_t& e) {
     spdlog::error("send to the broker failed: {}", e.what());
+  }
+}
+
+void GpuWorker::Impl::Heartbeat() {
+  // On the liveness connection once the broker knows the token; until then
+  // the broker has nothing to hear (it answers ready first).
+  if (!registered_) return;
+  WorkerMessage hb;
+  hb.op = WorkerOp::kHeartbeat;
+  hb.free_bytes = free_bytes_;
+  hb.inflight = static_cast<uint32_t>(inflight_.size());
+  hb.token = token_;
+  const std::string h = schema::EncodeWorkerMessage(hb);
+  try {
+    live_.send(zmq::buffer(schema::kWorkerProtocol), zmq::send_flags::sndmore);
+    live_.send(zmq::buffer(h), zmq::send_flags::dontwait);
+  } catch (const zmq::error_t& e) {
+    spdlog::error("heartbeat to the broker failed: {}", e.what());
   }
 }
 
@@ -616,6 +667,8 @@ void GpuWorker::Impl::SendReady() {
   m.slots = opt_.slots;
   m.module_slots = opt_.module_slots;
   m.local_dir = opt_.local_dir;
+  m.token = token_;
+  registered_ = false;
   Send(m);
 }
 
@@ -623,14 +676,48 @@ void GpuWorker::Impl::Leave(int code, const std::string& reason) {
   WorkerMessage bye;
   bye.op = WorkerOp::kDisconnect;
   bye.reason = reason;
-  Send(bye);
+  Send(bye);  // after the results waiting in the outbox
   spdlog::error("leaving: {}", reason);
   // Executor threads may be stuck in the driver: nothing in this process
   // can be joined or cleaned up. Terminating the ZeroMQ context waits (up to
   // the socket's linger) until what was sent has left; only then exit.
   sock_.close();
+  live_.close();
   zctx_.close();
   _exit(code);
+}
+
+void GpuWorker::Impl::OnBrokerFrames(std::vector<zmq::message_t>& frames) {
+  if (frames.size() >= 2 && schema::IsBatch(frames[1].to_string_view())) {
+    std::vector<uint64_t> sizes;
+    for (size_t i = 2; i < frames.size(); ++i) sizes.push_back(frames[i].size());
+    schema::Batch b;
+    if (Status s = schema::DecodeBatch(frames[1].to_string_view(), sizes, {}, &b); !s.ok()) {
+      spdlog::error("bad batch from the broker: {}", s.ToString());
+      return;
+    }
+    size_t next = 2;
+    for (uint32_t n : b.parts) {
+      std::vector<zmq::message_t> one;
+      one.emplace_back().copy(frames[0]);
+      for (uint32_t i = 0; i < n; ++i) one.push_back(std::move(frames[next++]));
+      OnBrokerMessage(one);
+    }
+    return;
+  }
+  OnBrokerMessage(frames);
+}
+
+void GpuWorker::Impl::OnLivenessMessage(std::vector<zmq::message_t>& frames) {
+  if (frames.size() < 2) return;
+  BrokerMessage m;
+  if (!schema::DecodeBrokerMessage(frames[1].to_string_view(), {}, {}, &m).ok()) return;
+  if (m.op == BrokerOp::kDisconnect && registered_) {
+    // The broker does not know the token: it restarted. Start over.
+    spdlog::info("broker: {}; registering again", m.error);
+    modules_.Clear();
+    SendReady();
+  }
 }
 
 void GpuWorker::Impl::OnBrokerMessage(std::vector<zmq::message_t>& frames) {
@@ -646,6 +733,7 @@ void GpuWorker::Impl::OnBrokerMessage(std::vector<zmq::message_t>& frames) {
     spdlog::error("bad message from the broker: {}", s.ToString());
     return;
   }
+  if (m.op != BrokerOp::kDisconnect) registered_ = true;
   switch (m.op) {
     case BrokerOp::kHeartbeat:
       return;
@@ -721,10 +809,11 @@ int GpuWorker::Impl::Run() {
   auto last_activity = Clock::now();  // a message or a finished job
   while (!g_stop.load()) {
     zmq::pollitem_t items[] = {{sock_.handle(), 0, ZMQ_POLLIN, 0},
-                               {nullptr, done_fd_, ZMQ_POLLIN, 0}};
+                               {nullptr, done_fd_, ZMQ_POLLIN, 0},
+                               {live_.handle(), 0, ZMQ_POLLIN, 0}};
     const bool spin = opt_.spin.count() > 0 && Clock::now() - last_activity < opt_.spin;
     try {
-      zmq::poll(items, 2, std::chrono::milliseconds(spin ? 0 : 10));
+      zmq::poll(items, 3, std::chrono::milliseconds(spin ? 0 : 10));
     } catch (const zmq::error_t& e) {
       if (e.num() != EINTR) break;
     }
@@ -738,7 +827,15 @@ int GpuWorker::Impl::Run() {
         break;
       }
       last_heard = last_activity = Clock::now();
-      OnBrokerMessage(frames);
+      OnBrokerFrames(frames);
+    }
+    for (int i = 0; i < 64; ++i) {
+      std::vector<zmq::message_t> frames;
+      if (!zmq::recv_multipart(live_, std::back_inserter(frames), zmq::recv_flags::dontwait)) {
+        break;
+      }
+      last_heard = Clock::now();
+      OnLivenessMessage(frames);
     }
     std::vector<Done> done;
     {
@@ -746,6 +843,7 @@ int GpuWorker::Impl::Run() {
       done.swap(done_);
     }
     for (Done& d : done) Finish(d);
+    FlushResults();  // what finished together goes together
     const auto now = Clock::now();
     if (!done.empty()) last_activity = now;
     // Run-time limits: a kernel cannot be stopped from inside the process.
@@ -768,11 +866,7 @@ int GpuWorker::Impl::Run() {
     }
     if (now >= next_beat) {
       next_beat = now + opt_.heartbeat;
-      WorkerMessage hb;
-      hb.op = WorkerOp::kHeartbeat;
-      hb.free_bytes = free_bytes_;
-      hb.inflight = static_cast<uint32_t>(inflight_.size());
-      Send(hb);
+      Heartbeat();
     }
     if (now - last_heard > opt_.heartbeat * 3) {
       // The broker is silent: it may have restarted. Register again.

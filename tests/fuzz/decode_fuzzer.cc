@@ -42,11 +42,17 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
       RoundTrip<ClientReply>(header, sizes, DecodeClientReply, EncodeClientReply);
       break;
     case 2:
-      RoundTrip<WorkerMessage>(header, sizes, DecodeWorkerMessage, EncodeWorkerMessage);
-      break;
     case 3:
-      RoundTrip<BrokerMessage>(header, sizes, DecodeBrokerMessage, EncodeBrokerMessage);
+      // The worker protocol: a batch, or one message of either direction.
+      if (IsBatch(header)) {
+        RoundTrip<Batch>(header, sizes, DecodeBatch, EncodeBatch);
+      } else if ((selector & 3) == 2) {
+        RoundTrip<WorkerMessage>(header, sizes, DecodeWorkerMessage, EncodeWorkerMessage);
+      } else {
+        RoundTrip<BrokerMessage>(header, sizes, DecodeBrokerMessage, EncodeBrokerMessage);
+      }
       break;
   }
+  (void)PeekBool(header, "local_out");
   return 0;
 }

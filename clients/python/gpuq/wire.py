@@ -10,7 +10,7 @@ import struct
 import msgpack
 
 CLIENT_PROTOCOL = b"GPUQ/1"
-WORKER_PROTOCOL = b"GPUQW/1"
+WORKER_PROTOCOL = b"GPUQW/2"
 
 SCALAR_TYPES = ("u8", "i8", "u16", "i16", "u32", "i32", "u64", "i64", "f32", "f64")
 STATES = ("queued", "dispatched", "done", "failed", "canceled", "expired")
