@@ -17,6 +17,7 @@
 #include <filesystem>
 #include <fstream>
 #include <thread>
+#include <nlohmann/json.hpp>
 #include <zmq.hpp>
 #include <zmq_addon.hpp>
 
@@ -142,6 +143,9 @@ int main(int argc, char** argv) {
   app.add_option("--durability", durability)->check(CLI::IsMember({"process", "power"}));
   app.add_flag("--gpu", gpu, "Use real gpuq-workers instead of the test double");
   app.add_option("--gpus", gpus, "With --gpu: GPUs to use (one worker process each)");
+  int worker_slots = 256, worker_streams = 8;
+  app.add_option("--worker-slots", worker_slots, "With --gpu: each worker's --slots");
+  app.add_option("--worker-streams", worker_streams, "With --gpu: each worker's --streams");
   app.add_option("--spin-cycles", g_spin_cycles, "GPU clock cycles each job spins (0: none)");
   app.add_option("--job", g_job, "empty: an empty kernel; saxpy4k: 2 x 4 KB in, 4 KB out")
       ->check(CLI::IsMember({"empty", "saxpy4k"}));
@@ -170,7 +174,8 @@ int main(int argc, char** argv) {
     // On the broker's host, as gpuqd's own workers: with its local directory.
     const std::string local_dir = dir + "/jobs.db.blobs";
     workers.push_back(gpu ? Spawn({Beside("gpuq-worker"), "--broker", worker_ep, "--device",
-                                   std::to_string(g), "--slots", "256", "--streams", "8",
+                                   std::to_string(g), "--slots", std::to_string(worker_slots), "--streams",
+                                   std::to_string(worker_streams),
                                    "--spin-us", std::to_string(spin_us), "--local-dir",
                                    local_dir},
                                   dir + "/worker.log")
@@ -345,6 +350,25 @@ int main(int argc, char** argv) {
     return n / s;
   };
   const double t1 = throughput(1, 64), t4 = throughput(4, 64), t16 = throughput(16, 32);
+  // The job store's share: how its batches went over all the runs.
+  std::string store_line;
+  if (auto c = Client::Connect(client_ep); c.ok()) {
+    if (auto raw = (*c)->Stats(); raw.ok()) {
+      auto all = nlohmann::json::from_msgpack(*raw);
+      auto st = all.value("store", nlohmann::json::object());
+      auto lat = all.value("latency_us", nlohmann::json::object());
+      const double batches = st.value("batches", 0.0), writes = st.value("writes", 0.0);
+      char line[256];
+      std::snprintf(line, sizeof line,
+                    "job store: %.0f batches, %.1f rows each; a batch's round trip p50 %.0f us, "
+                    "p99 %.0f us; jobs queued p50 %.0f us, accepted to result p50 %.0f us\n",
+                    batches, batches ? writes / batches : 0.0, st.value("batch_p50_us", 0.0),
+                    st.value("batch_p99_us", 0.0),
+                    lat.value("queue", nlohmann::json::object()).value("p50", 0.0),
+                    lat.value("total", nlohmann::json::object()).value("p50", 0.0));
+      store_line = line;
+    }
+  }
   cleanup();
 
   printf("gpuq broker benchmark (%s, job %s; durability=%s)\n\n",
@@ -365,5 +389,6 @@ int main(int argc, char** argv) {
   printf("\nlatency / floor: %.2fx (p50)\n\n", one.p50 / floor.p50);
   printf("| clients x in flight | jobs/s |\n|---|---|\n");
   printf("| 1 x 64 | %.0f |\n| 4 x 64 | %.0f |\n| 16 x 32 | %.0f |\n", t1, t4, t16);
+  printf("\n%s", store_line.c_str());
   return 0;
 }

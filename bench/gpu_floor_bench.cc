@@ -7,10 +7,12 @@
 #include <nvrtc.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cstdio>
 #include <cstring>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "worker/cuda_driver.h"
@@ -122,6 +124,44 @@ int main(int argc, char** argv) {
     cu.cuStreamSynchronize(s);
     if (i >= 1000) job.push_back(Us(j0, Clock::now()));
   }
+  // Empty jobs as gpuq-worker's executors run them (4 timing events, launch,
+  // sync, 3 elapsed-time reads), T threads each with its own stream: the
+  // worker's own ceiling on jobs/s.
+  auto worker_rate = [&](int threads) {
+    std::atomic<uint64_t> jobs{0};
+    std::atomic<bool> stop{false};
+    std::vector<std::thread> ts;
+    for (int t = 0; t < threads; ++t) {
+      ts.emplace_back([&] {
+        cu.cuCtxSetCurrent(ctx);
+        CUstream st;
+        CUevent ev[4];
+        cu.cuStreamCreate(&st, CU_STREAM_NON_BLOCKING);
+        for (auto& e : ev) cu.cuEventCreate(&e, CU_EVENT_DEFAULT);
+        while (!stop.load(std::memory_order_relaxed)) {
+          cu.cuEventRecord(ev[0], st);
+          cu.cuEventRecord(ev[1], st);
+          cu.cuLaunchKernel(empty, 1, 1, 1, 1, 1, 1, 0, st, nullptr, nullptr);
+          cu.cuEventRecord(ev[2], st);
+          cu.cuEventRecord(ev[3], st);
+          cu.cuStreamSynchronize(st);
+          float ms[3];
+          for (int k = 0; k < 3; ++k) cu.cuEventElapsedTime(&ms[k], ev[k], ev[k + 1]);
+          jobs.fetch_add(1, std::memory_order_relaxed);
+        }
+        for (auto& e : ev) cu.cuEventDestroy(e);
+        cu.cuStreamDestroy(st);
+      });
+    }
+    const auto w0 = Clock::now();
+    std::this_thread::sleep_for(std::chrono::seconds(1));
+    const double r = jobs.load() / (Us(w0, Clock::now()) / 1e6);
+    stop = true;
+    for (auto& th : ts) th.join();
+    return r;
+  };
+  const double w1 = worker_rate(1), w4 = worker_rate(4), w8 = worker_rate(8);
+
   const Stats l = Summarize(launch), j = Summarize(job);
   std::printf("| in-process floor (driver API, %s, pool %s) | p50 | p99 |\n|---|---|---|\n",
               arch.c_str(), keep ? "keeps memory" : "releases at sync");
@@ -129,6 +169,8 @@ int main(int argc, char** argv) {
   std::printf("| 4 KB saxpy job (alloc, 2 H2D, launch, D2H, free, sync) | %.1f us | %.1f us |\n",
               j.p50, j.p99);
   std::printf("\nlaunch rate, one stream: %.0f launches/s\n", rate);
+  std::printf("empty jobs as the worker runs them (events, launch, sync), 1 / 4 / 8 threads: "
+              "%.0f / %.0f / %.0f jobs/s\n", w1, w4, w8);
   std::printf("check: out[0] = %.1f (want 4.0)\n", out[0]);
   cu.cuStreamDestroy(s);
   cu.cuModuleUnload(mod);

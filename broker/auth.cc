@@ -1,5 +1,6 @@
 #include "broker/auth.h"
 
+#include <pthread.h>
 #include <spdlog/spdlog.h>
 
 #include <zmq_addon.hpp>
@@ -47,6 +48,7 @@ ZapHandler::~ZapHandler() {
 }
 
 void ZapHandler::Loop() {
+  pthread_setname_np(pthread_self(), "gpuq-zap");
   while (!stop_) {
     zmq::pollitem_t item = {socket_.handle(), 0, ZMQ_POLLIN, 0};
     zmq::poll(&item, 1, std::chrono::milliseconds(100));

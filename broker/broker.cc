@@ -193,7 +193,7 @@ Status Broker::Impl::Init() {
     job->accepted_ms = s.accepted_ms;
     job->deadline_ms = s.deadline_ms;
     job->accepted = now - std::chrono::milliseconds(std::max<int64_t>(0, now_ms - s.accepted_ms));
-    job->spec = std::move(s.spec);
+    job->spec = std::make_shared<const schema::JobSpec>(std::move(s.spec));
     job->attempts = s.attempts;
     job->suspect = s.suspect;
     job->durable = true;

@@ -72,9 +72,8 @@ ConnectionRef ClientConnections::Seen(const std::string& routing_id, int fd) {
   return {routing_id, it->second.serial};
 }
 
-bool ClientConnections::Sendable(const ConnectionRef& c) {
+bool ClientConnections::Sendable(const ConnectionRef& c) const {
   if (!c.valid()) return false;
-  DrainEvents();
   auto it = by_id_.find(c.routing_id);
   return it != by_id_.end() && it->second.serial == c.serial;
 }

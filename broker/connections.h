@@ -13,8 +13,9 @@
 // from an old one of the same id by the descriptor its messages come from
 // (ZMQ_SRCFD). An id can pass to another connection only after the ROUTER
 // has dropped the first one's pipe, which happens after the disconnect event
-// is queued; draining the monitor before sending (Sendable) therefore never
-// sees the new holder as the old.
+// is queued; the loop drains the monitor before it sends what it did not
+// just receive a request for (pushes, and replies after a commit), so it
+// never takes the new holder for the old.
 //
 // It also bounds what a connection may leave unread: the bytes of payload
 // frames queued in ZeroMQ for it (counted when sent, released by the frame's
@@ -53,8 +54,9 @@ class ClientConnections {
   // The connection a client message came from: frame 0 its routing id,
   // `fd` the descriptor ZeroMQ read it from (ZMQ_SRCFD).
   ConnectionRef Seen(const std::string& routing_id, int fd);
-  // Whether `c` is still connected and holds its routing id.
-  bool Sendable(const ConnectionRef& c);
+  // Whether `c` was still connected and held its routing id when the
+  // monitor was last drained.
+  bool Sendable(const ConnectionRef& c) const;
   size_t size() const { return by_id_.size(); }
 
   // Bytes of payload frames queued for `c` and not yet written out.

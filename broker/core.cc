@@ -153,12 +153,17 @@ void BrokerCore::Flush() {
     unwritten_.clear();
   }
   if (batch_->empty()) return;
+  batch_->submitted = now;
   store_->Submit(std::move(batch_));
   batch_ = std::make_unique<Batch>();
 }
 
 void BrokerCore::OnBatchesDone() {
-  for (std::unique_ptr<Batch>& b : store_->TakeDone()) {
+  std::vector<std::unique_ptr<Batch>> done = store_->TakeDone();
+  if (done.empty()) return;
+  // Pushes and replies after a commit go to connections that may have gone.
+  connections_.DrainEvents();
+  for (std::unique_ptr<Batch>& b : done) {
     if (b->has_writes()) {
       if (b->status.ok()) {
         if (!store_failure_.ok()) spdlog::info("the job store writes again");
@@ -173,6 +178,9 @@ void BrokerCore::OnBatchesDone() {
       }
     }
     if (b->purged) spdlog::info("purged {} results past retention", b->purged);
+    ++counters_.store_batches;
+    counters_.store_writes += b->inserts.size() + b->finishes.size() + b->attempts.size();
+    counters_.store_batch_us.Observe(MicrosBetween(b->submitted, clock_->Now()));
     for (InsertOp& op : b->inserts) OnInserted(op);
     for (FinishOp& op : b->finishes) OnFinished(op, b->status);
     for (ReadOp& r : b->reads) OnRead(r);
@@ -246,7 +254,7 @@ void BrokerCore::OnFinished(FinishOp& op, const Status& commit) {
   r.device = op.result.device;
   r.timing = op.result.timing;
   const bool pushable = connections_.Sendable(job->submitter);
-  const bool files_ok = job->spec.local_out && local_clients_;
+  const bool files_ok = job->spec->local_out && local_clients_;
   std::vector<std::pair<uint32_t, JobInput>> outputs;
   uint64_t bytes = 0;  // sent as frames
   if (pushable) {
@@ -266,7 +274,7 @@ void BrokerCore::OnFinished(FinishOp& op, const Status& commit) {
     }
   }
   if (pushable && bytes <= ReplyBudget(job->submitter)) {
-    SendResult(job->submitter, 0, std::move(r), std::move(outputs), job->spec.local_out);
+    SendResult(job->submitter, 0, std::move(r), std::move(outputs), job->spec->local_out);
   } else if (pushable) {
     ++counters_.replies_dropped;  // it does not read: it fetches instead
   }
@@ -366,7 +374,7 @@ void BrokerCore::Admit(std::unique_ptr<Job> job, InsertOp insert) {
   jobs_.Queue(j);
   j.last_matched = clock_->Now();
   for (const auto& arch : workers_.archs()) {
-    if (j.spec.placement.arch.empty() || j.spec.placement.arch == arch) RequestCompile(j, arch);
+    if (j.spec->placement.arch.empty() || j.spec->placement.arch == arch) RequestCompile(j, arch);
   }
 }
 
@@ -463,7 +471,7 @@ void BrokerCore::RequestCompile(Job& job, const std::string& arch) {
   if (job.modules.count(arch) || job.compiling.count(arch) || job.compile_failed.count(arch)) {
     return;
   }
-  const schema::KernelSpec& k = job.spec.kernel;
+  const schema::KernelSpec& k = job.spec->kernel;
   // The same kernel as the last job for this architecture (the common case
   // of a scheduler sending one kernel many times): no hashing, no copies.
   KernelMemo& memo = last_kernel_[arch];
@@ -502,10 +510,10 @@ void BrokerCore::RequestCompile(Job& job, const std::string& arch) {
 
 compile::CompileRequest BrokerCore::CompileRequestOf(const Job& job, const std::string& arch) {
   compile::CompileRequest req;
-  req.source = job.spec.kernel.source;
-  req.headers = job.spec.kernel.headers;
-  req.options = job.spec.kernel.options;
-  if (job.spec.kernel.name_expression) req.name_expressions = {job.spec.kernel.entry};
+  req.source = job.spec->kernel.source;
+  req.headers = job.spec->kernel.headers;
+  req.options = job.spec->kernel.options;
+  if (job.spec->kernel.name_expression) req.name_expressions = {job.spec->kernel.entry};
   req.arch = arch;
   return req;
 }
@@ -537,9 +545,9 @@ void BrokerCore::OnCompilesDone() {
         job->compile_failed[d.arch] = d.result.status().WithContext("compile for " + d.arch);
       } else if (!(*d.result)->ok) {
         job->compile_failed[d.arch] = Status((*d.result)->code, (*d.result)->log);
-      } else if (!(*d.result)->HasKernel((*d.result)->Symbol(job->spec.kernel.entry))) {
+      } else if (!(*d.result)->HasKernel((*d.result)->Symbol(job->spec->kernel.entry))) {
         job->compile_failed[d.arch] = Error(
-            Code::kInvalid, "no kernel named '" + job->spec.kernel.entry +
+            Code::kInvalid, "no kernel named '" + job->spec->kernel.entry +
                                 "' in the compiled source (is it extern \"C\" __global__, or "
                                 "should 'expr' be set for a C++ name?)");
       } else {
@@ -568,7 +576,7 @@ void BrokerCore::CheckCompileViable(Job& job) {
 // ---------------------------------------------------------------- dispatch
 
 bool BrokerCore::Matches(const Job& job, const Worker& w) const {
-  const schema::Placement& p = job.spec.placement;
+  const schema::Placement& p = job.spec->placement;
   if (!p.arch.empty() && p.arch != w.arch) return false;
   if (!p.gpu.empty() && p.gpu != w.device.uuid) return false;
   if (p.min_free_bytes && w.device.total_bytes < p.min_free_bytes) return false;
@@ -577,7 +585,7 @@ bool BrokerCore::Matches(const Job& job, const Worker& w) const {
 
 bool BrokerCore::Eligible(Job& job, const Worker& w) {
   if (job.loading || !Matches(job, w)) return false;
-  const schema::Placement& p = job.spec.placement;
+  const schema::Placement& p = job.spec->placement;
   if (p.min_free_bytes && w.device.free_bytes < p.min_free_bytes) return false;
   if (job.suspect && !w.inflight.empty()) return false;
   if (!job.modules.count(w.arch)) {
@@ -675,10 +683,10 @@ void BrokerCore::SendLoaded(Worker& w, Job& job) {
   m.id = job.id;
   m.attempt = job.attempt_no;
   m.module = ToHex(entry->key);
-  m.entry = entry->Symbol(job.spec.kernel.entry);
-  m.launch = job.spec.launch;
-  m.time_limit_ms = job.spec.time_limit_ms;
-  m.args = job.spec.args;
+  m.entry = entry->Symbol(job.spec->kernel.entry);
+  m.launch = job.spec->launch;
+  m.time_limit_ms = job.spec->time_limit_ms;
+  m.args = job.spec->args;
   Frames payload;
   if (!w.modules.Touch(m.module)) {
     m.image = entry->cubin.empty() ? schema::ImageKind::kPtx : schema::ImageKind::kCubin;
@@ -707,7 +715,7 @@ void BrokerCore::SendLoaded(Worker& w, Job& job) {
       a.frame = a.frame < index.size() ? index[a.frame] : a.frame;
     }
   }
-  if (w.local && job.spec.local_out) m.out_dir = local_dir_;
+  if (w.local && job.spec->local_out) m.out_dir = local_dir_;
   QueueToWorker(w.id, m, std::move(payload));
 }
 
@@ -743,7 +751,7 @@ void BrokerCore::FailUnmatched() {
   for (uint64_t id : unmatched) {
     Job* job = jobs_.Find(id);
     if (!job || job->state != JobState::kQueued) continue;
-    const schema::Placement& p = job->spec.placement;
+    const schema::Placement& p = job->spec->placement;
     std::string wants;
     if (!p.arch.empty()) wants += " arch " + p.arch;
     if (!p.gpu.empty()) wants += " gpu " + p.gpu;
@@ -765,7 +773,7 @@ void BrokerCore::EnforceLimits() {
       if (!job || job->state != JobState::kDispatched || job->worker != wid || job->loading) {
         continue;
       }
-      if (now - job->dispatched > std::chrono::milliseconds(job->spec.time_limit_ms) + grace) {
+      if (now - job->dispatched > std::chrono::milliseconds(job->spec->time_limit_ms) + grace) {
         over.emplace_back(wid, jid);
       }
     }
@@ -777,7 +785,7 @@ void BrokerCore::EnforceLimits() {
     const std::string name = w->name;
     workers_.TakeResult(*w, jid, job->attempt_no);
     Finish(*job, JobState::kFailed, Code::kTimeout,
-           "ran past its limit of " + std::to_string(job->spec.time_limit_ms) + " ms on " +
+           "ran past its limit of " + std::to_string(job->spec->time_limit_ms) + " ms on " +
                name + ", which did not end it");
     schema::BrokerMessage bye;
     bye.op = schema::BrokerOp::kDisconnect;

@@ -468,6 +468,12 @@ void JobStore::Abort() {
 
 Status JobStore::Insert(const StoredJob& job, const std::vector<std::string_view>& inputs,
                         const std::vector<schema::LocalFile>& files) {
+  return InsertWithSpec(job, job.spec, inputs, files);
+}
+
+Status JobStore::InsertWithSpec(const StoredJob& job, const schema::JobSpec& spec,
+                        const std::vector<std::string_view>& inputs,
+                        const std::vector<schema::LocalFile>& files) {
   if (!in_tx_) return Error(Code::kInternal, "Insert outside a transaction");
   if (job.id < next_id_) {
     return Error(Code::kInternal, "job id " + std::to_string(job.id) +
@@ -476,7 +482,7 @@ Status JobStore::Insert(const StoredJob& job, const std::vector<std::string_view
   }
   if (files.empty()) {
     // Only the store itself can fail here: then the whole group fails.
-    GPUQ_RETURN_IF_ERROR(Failed(InsertRows(job, inputs, files)));
+    GPUQ_RETURN_IF_ERROR(Failed(InsertRows(job, spec, inputs, files)));
     next_id_ = job.id + 1;
     return Status::Ok();
   }
@@ -486,7 +492,7 @@ Status JobStore::Insert(const StoredJob& job, const std::vector<std::string_view
   const size_t written = written_.size();
   const BlobLog::Mark logged = in_log_->mark();
   GPUQ_RETURN_IF_ERROR(Failed(db_.Exec("SAVEPOINT job_insert")));
-  Status s = InsertRows(job, inputs, files);
+  Status s = InsertRows(job, spec, inputs, files);
   if (!s.ok()) {
     (void)Failed(db_.Exec("ROLLBACK TO job_insert"));
     for (size_t i = written; i < written_.size(); ++i) blobs_.Remove(written_[i]);
@@ -498,7 +504,8 @@ Status JobStore::Insert(const StoredJob& job, const std::vector<std::string_view
   return s;
 }
 
-Status JobStore::InsertRows(const StoredJob& job, const std::vector<std::string_view>& inputs,
+Status JobStore::InsertRows(const StoredJob& job, const schema::JobSpec& spec,
+                            const std::vector<std::string_view>& inputs,
                             const std::vector<schema::LocalFile>& files) {
   GPUQ_ASSIGN_OR_RETURN(
       sql::Stmt * s,
@@ -514,7 +521,7 @@ Status JobStore::InsertRows(const StoredJob& job, const std::vector<std::string_
   s->Bind(4, int64_t{job.priority})
       .Bind(5, job.accepted_ms)
       .Bind(6, job.deadline_ms)
-      .BindBlob(7, schema::EncodeJobSpec(job.spec));
+      .BindBlob(7, schema::EncodeJobSpec(spec));
   GPUQ_RETURN_IF_ERROR(s->Run());
   for (size_t i = 0; i < inputs.size(); ++i) {
     GPUQ_RETURN_IF_ERROR(PutBuffer(kInsertInput, job.id, i, 'i', inputs[i]));

@@ -147,6 +147,10 @@ class JobStore {
   // the whole transaction fail at Commit().
   Status Insert(const StoredJob& job, const std::vector<std::string_view>& inputs,
                 const std::vector<schema::LocalFile>& files = {});
+  // The same, with the job's spec apart from `job` (whose own is not read).
+  Status InsertWithSpec(const StoredJob& job, const schema::JobSpec& spec,
+                const std::vector<std::string_view>& inputs,
+                const std::vector<schema::LocalFile>& files = {});
   StatusOr<std::optional<uint64_t>> FindByKey(const std::string& tenant, const std::string& key);
   Status SetAttempts(uint64_t id, uint32_t attempts, bool suspect);
   // Records a terminal state and its result, and drops the job's inputs
@@ -204,7 +208,8 @@ class JobStore {
   Status Failed(Status s);
   // Undoes the open transaction (see Commit()).
   void Abort();
-  Status InsertRows(const StoredJob& job, const std::vector<std::string_view>& inputs,
+  Status InsertRows(const StoredJob& job, const schema::JobSpec& spec,
+                    const std::vector<std::string_view>& inputs,
                     const std::vector<schema::LocalFile>& files);
   Status FinishRows(const StoredResult& result, const std::vector<std::string_view>& outputs,
                     int64_t finished_ms, size_t inputs,

@@ -45,7 +45,9 @@ struct Job {
   uint32_t priority = schema::kDefaultPriority;
   int64_t accepted_ms = 0, deadline_ms = 0;  // Unix ms; deadline 0: none
   MonoTime accepted;
-  schema::JobSpec spec;  // spec.files cleared: the files are among `inputs`
+  // Never changed once admitted; shared with the store thread, which writes
+  // it. files cleared: the files are among `inputs`.
+  std::shared_ptr<const schema::JobSpec> spec;
   std::vector<JobInput> inputs;
   uint64_t input_bytes = 0;
 

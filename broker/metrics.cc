@@ -71,7 +71,7 @@ std::string Escape(const std::string& s) {
 std::string EncodeStats(const StatsSnapshot& s) {
   msgpack::sbuffer buf;
   Packer p(buf);
-  p.pack_map(s.tenant_view ? 6 : 16);
+  p.pack_map(s.tenant_view ? 6 : 17);
   Str(p, "queued");
   p.pack_uint64(s.queued);
   Str(p, "queued_by_priority");
@@ -116,6 +116,18 @@ std::string EncodeStats(const StatsSnapshot& s) {
       Str(p, "count");
       p.pack_uint64(h.count());
     }
+    Str(p, "store");
+    p.pack_map(5);
+    Str(p, "batches");
+    p.pack_uint64(s.store_batches);
+    Str(p, "writes");
+    p.pack_uint64(s.store_writes);
+    Str(p, "batch_p50_us");
+    p.pack_uint64(static_cast<uint64_t>(s.store_batch_us.QuantileUs(0.5)));
+    Str(p, "batch_p90_us");
+    p.pack_uint64(static_cast<uint64_t>(s.store_batch_us.QuantileUs(0.9)));
+    Str(p, "batch_p99_us");
+    p.pack_uint64(static_cast<uint64_t>(s.store_batch_us.QuantileUs(0.99)));
     Str(p, "cache");
     p.pack_map(4);
     Str(p, "hits");
@@ -208,6 +220,28 @@ std::string PrometheusText(const StatsSnapshot& s) {
     }
     o << "gpuq_job_phase_seconds_sum{phase=\"" << phase << "\"} " << h.sum_us() / 1e6 << "\n";
     o << "gpuq_job_phase_seconds_count{phase=\"" << phase << "\"} " << h.count() << "\n";
+  }
+  counter("gpuq_store_batches_total", "Batches the job store committed (one transaction each).");
+  o << "gpuq_store_batches_total " << s.store_batches << "\n";
+  counter("gpuq_store_writes_total", "Rows the job store wrote (jobs, results, attempt counts).");
+  o << "gpuq_store_writes_total " << s.store_writes << "\n";
+  o << "# HELP gpuq_store_batch_seconds A batch's time from the loop to the store thread and "
+       "back.\n# TYPE gpuq_store_batch_seconds histogram\n";
+  {
+    uint64_t cumulative = 0;
+    const Histogram& h = s.store_batch_us;
+    for (size_t i = 0; i < Histogram::kBoundsUs.size(); ++i) {
+      cumulative += h.buckets()[i];
+      o << "gpuq_store_batch_seconds_bucket{le=\"";
+      if (i + 1 == Histogram::kBoundsUs.size()) {
+        o << "+Inf";
+      } else {
+        o << Histogram::kBoundsUs[i] / 1e6;
+      }
+      o << "\"} " << cumulative << "\n";
+    }
+    o << "gpuq_store_batch_seconds_sum " << h.sum_us() / 1e6 << "\n";
+    o << "gpuq_store_batch_seconds_count " << h.count() << "\n";
   }
   counter("gpuq_kernel_cache_hits_total", "Kernel cache hits (memory or SQLite).");
   o << "gpuq_kernel_cache_hits_total " << s.cache_hits << "\n";

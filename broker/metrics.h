@@ -46,6 +46,11 @@ struct StatsSnapshot {
   std::map<std::string, uint64_t> finished;  // by outcome
   uint64_t submitted = 0, rejected = 0, requeued = 0, workers_lost = 0;
   uint64_t quarantined = 0;      // jobs found damaged at start
+  // The job store: batches written (one transaction each), the rows they
+  // wrote (jobs, results, attempt counts), and each batch's time from the
+  // loop to the store thread and back.
+  uint64_t store_batches = 0, store_writes = 0;
+  Histogram store_batch_us;
   uint64_t replies_dropped = 0;  // pushes and replies to clients that were not reading
   // A tenant's view (CURVE, not an operator): only its own queue and jobs in
   // flight; the broker's counters, latencies and cache are left out.

@@ -1,5 +1,6 @@
 #include "broker/store_thread.h"
 
+#include <pthread.h>
 #include <unistd.h>
 
 #include <set>
@@ -72,6 +73,7 @@ std::vector<std::unique_ptr<Batch>> StoreThread::TakeDone() {
 }
 
 void StoreThread::Loop() {
+  pthread_setname_np(pthread_self(), "gpuq-store");
   for (;;) {
     if (spin_.count() > 0) {
       const auto until = std::chrono::steady_clock::now() + spin_;
@@ -119,7 +121,7 @@ void StoreThread::Run(Batch& b) {
             continue;
           }
         }
-        op.status = store_->Insert(op.row, Views(op.frames), op.files);
+        op.status = store_->InsertWithSpec(op.row, *op.spec, Views(op.frames), op.files);
         if (!op.status.ok()) not_inserted.insert(op.row.id);
       }
       for (FinishOp& op : b.finishes) {

@@ -25,12 +25,14 @@
 
 #include "broker/connections.h"
 #include "broker/job_store.h"
+#include "util/clock.h"
 #include "util/mutex.h"
 
 namespace gpuq::broker {
 
 struct InsertOp {
-  StoredJob row;                         // row.id assigned by the loop
+  StoredJob row;                         // row.id assigned by the loop; row.spec unused
+  std::shared_ptr<const schema::JobSpec> spec;  // the job's, shared with it
   std::vector<zmq::message_t> frames;    // the inputs sent as frames (shared with the job)
   std::vector<schema::LocalFile> files;  // then the client's local files (plain names)
   // Store thread: the outcome. `existing`: the key named an earlier job of
@@ -103,6 +105,8 @@ struct Batch {
   // Store thread: the commit's outcome, and what the purge removed.
   Status status;
   uint64_t purged = 0;
+  // Loop: when it was handed to the store thread.
+  MonoTime submitted{};
   bool empty() const {
     return inserts.empty() && finishes.empty() && attempts.empty() && purge_before_ms == 0 &&
            reads.empty() && unlink.empty() && on_done.empty();

@@ -32,7 +32,7 @@ Status CheckOutputs(const Job& job, const WorkerMessage& m, const Frames& frames
                                       " outputs for " + std::to_string(nframes) + " frames and " +
                                       std::to_string(m.files.size()) + " files");
   }
-  const std::vector<schema::Arg>& args = job.spec.args;
+  const std::vector<schema::Arg>& args = job.spec->args;
   std::vector<bool> seen(args.size(), false);
   for (size_t i = 0; i < m.outputs.size(); ++i) {
     const uint32_t a = m.outputs[i];
@@ -205,7 +205,7 @@ void BrokerCore::OnWorkerResult(Worker& w, WorkerMessage& m, Frames& frames) {
       job->attempt_no != m.attempt) {
     return DropPeerFiles(m.files, "w-");
   }
-  if (!m.files.empty() && !(w.local && job->spec.local_out)) {
+  if (!m.files.empty() && !(w.local && job->spec->local_out)) {
     DropPeerFiles(m.files, "w-");
     Finish(*job, JobState::kFailed, Code::kInternal,
            "worker " + w.name + " returned files it was not asked for");
@@ -247,11 +247,11 @@ void BrokerCore::WorkerLost(const std::string& id, const std::string& why) {
       continue;
     }
     job->loading = false;
-    if (w.local && job->spec.local_out) {
+    if (w.local && job->spec->local_out) {
       // The output files the lost attempt may have begun (w-ID-ATTEMPT-ARG).
       std::vector<schema::LocalFile> begun;
-      for (size_t a = 0; a < job->spec.args.size(); ++a) {
-        const schema::ArgKind k = job->spec.args[a].kind;
+      for (size_t a = 0; a < job->spec->args.size(); ++a) {
+        const schema::ArgKind k = job->spec->args[a].kind;
         if (k != schema::ArgKind::kOut && k != schema::ArgKind::kInOut) continue;
         begun.push_back({"w-" + std::to_string(job->id) + "-" + std::to_string(held.attempt) +
                              "-" + std::to_string(a),

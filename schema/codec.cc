@@ -94,10 +94,20 @@ Status CheckProtocolFrame(std::string_view frame, std::string_view expected) {
 
 namespace {
 
+// The bytes of an encoded header: a string grown as it is written, handed
+// out whole (msgpack's sbuffer starts every message with an 8 KiB block).
+struct StringBuffer {
+  StringBuffer() { bytes.reserve(256); }
+  void write(const char* p, size_t n) { bytes.append(p, n); }
+  size_t size() const { return bytes.size(); }
+  char* data() { return bytes.data(); }
+  std::string bytes;
+};
+
 // A packer that knows its buffer (MapWriter moves bytes within it).
-struct Packer : msgpack::packer<msgpack::sbuffer> {
-  explicit Packer(msgpack::sbuffer& b) : msgpack::packer<msgpack::sbuffer>(b), buf(b) {}
-  msgpack::sbuffer& buf;
+struct Packer : msgpack::packer<StringBuffer> {
+  explicit Packer(StringBuffer& b) : msgpack::packer<StringBuffer>(b), buf(b) {}
+  StringBuffer& buf;
 };
 
 void PackStr(Packer& p, std::string_view s) {
@@ -329,12 +339,12 @@ void PackDevice(Packer& p, const DeviceInfo& d) {
   p.pack_uint32(d.max_shared_optin);
 }
 
-std::string Take(msgpack::sbuffer& b) { return std::string(b.data(), b.size()); }
+std::string Take(StringBuffer& b) { return std::move(b.bytes); }
 
 }  // namespace
 
 std::string EncodeClientRequest(const ClientRequest& m) {
-  msgpack::sbuffer buf;
+  StringBuffer buf;
   Packer p(buf);
   bool has_id = m.op == ClientOp::kStatus || m.op == ClientOp::kResult ||
                 m.op == ClientOp::kCancel;
@@ -348,7 +358,7 @@ std::string EncodeClientRequest(const ClientRequest& m) {
 }
 
 std::string EncodeClientReply(const ClientReply& m) {
-  msgpack::sbuffer buf;
+  StringBuffer buf;
   Packer p(buf);
   const ReplyOp op = m.op;
   bool has_id = op == ReplyOp::kAccepted || op == ReplyOp::kStatus ||
@@ -408,7 +418,7 @@ std::string EncodeClientReply(const ClientReply& m) {
 }
 
 std::string EncodeWorkerMessage(const WorkerMessage& m) {
-  msgpack::sbuffer buf;
+  StringBuffer buf;
   Packer p(buf);
   MapWriter w(p);
   w.Field("op", true, [&] { PackStr(p, WorkerOpName(m.op)); });
@@ -445,7 +455,7 @@ std::string EncodeWorkerMessage(const WorkerMessage& m) {
 }
 
 std::string EncodeBrokerMessage(const BrokerMessage& m) {
-  msgpack::sbuffer buf;
+  StringBuffer buf;
   Packer p(buf);
   MapWriter w(p);
   w.Field("op", true, [&] { PackStr(p, BrokerOpName(m.op)); });
@@ -851,7 +861,49 @@ Status GetDevice(const object& o, DeviceInfo* d) {
 }
 
 // Unpacks one msgpack value that must span the whole header frame.
-Status Unpack(std::string_view header, const Limits& limits, msgpack::object_handle* oh) {
+// A decoded header and the zone its objects live in: this thread's zone,
+// reused from message to message (its first block stays allocated), or a
+// zone of its own when a decode on this thread holds that one already.
+class Unpacked {
+ public:
+  Unpacked() {
+    Spare& spare = ThreadSpare();
+    if (!spare.in_use) {
+      spare.in_use = true;
+      zone_ = &spare.zone;
+      leased_ = true;
+    } else {
+      owned_ = std::make_unique<msgpack::zone>();
+      zone_ = owned_.get();
+    }
+  }
+  ~Unpacked() {
+    if (!leased_) return;
+    zone_->clear();
+    ThreadSpare().in_use = false;
+  }
+  Unpacked(const Unpacked&) = delete;
+  Unpacked& operator=(const Unpacked&) = delete;
+  msgpack::zone& zone() { return *zone_; }
+  const msgpack::object& get() const { return obj_; }
+  void set(const msgpack::object& o) { obj_ = o; }
+
+ private:
+  struct Spare {
+    msgpack::zone zone;
+    bool in_use = false;
+  };
+  static Spare& ThreadSpare() {
+    thread_local Spare spare;
+    return spare;
+  }
+  msgpack::zone* zone_ = nullptr;
+  std::unique_ptr<msgpack::zone> owned_;
+  bool leased_ = false;
+  msgpack::object obj_;
+};
+
+Status Unpack(std::string_view header, const Limits& limits, Unpacked* oh) {
   if (header.size() > limits.max_header_bytes) {
     return TooLarge("header", limits.max_header_bytes);
   }
@@ -861,7 +913,9 @@ Status Unpack(std::string_view header, const Limits& limits, msgpack::object_han
                             /*str=*/max_str, /*bin=*/0, /*ext=*/0, /*depth=*/8);
   try {
     size_t off = 0;
-    *oh = msgpack::unpack(header.data(), header.size(), off, nullptr, nullptr, lim);
+    bool referenced = false;
+    oh->set(msgpack::unpack(oh->zone(), header.data(), header.size(), off, referenced, nullptr,
+                            nullptr, lim));
     if (off != header.size()) {
       return Error(Code::kMalformed, "trailing bytes after the msgpack header");
     }
@@ -983,7 +1037,7 @@ Status ValidateJob(const JobSpec& job, std::span<const uint64_t> payload_sizes,
 }
 
 std::string EncodeBatch(const Batch& b) {
-  msgpack::sbuffer buf;
+  StringBuffer buf;
   Packer p(buf);
   MapWriter w(p);
   w.Field("op", true, [&] { PackStr(p, "batch"); })
@@ -994,7 +1048,7 @@ std::string EncodeBatch(const Batch& b) {
 
 Status DecodeBatch(std::string_view header, std::span<const uint64_t> payload_sizes,
                    const Limits& limits, Batch* out) {
-  msgpack::object_handle oh;
+  Unpacked oh;
   GPUQ_RETURN_IF_ERROR(Unpack(header, limits, &oh));
   std::string_view op;
   GPUQ_RETURN_IF_ERROR(GetOp(oh.get(), &op));
@@ -1033,7 +1087,7 @@ bool IsPlainFileName(std::string_view name) {
 }
 
 std::string EncodeJobSpec(const JobSpec& job) {
-  msgpack::sbuffer buf;
+  StringBuffer buf;
   Packer p(buf);
   PackJob(p, job);
   return Take(buf);
@@ -1041,7 +1095,7 @@ std::string EncodeJobSpec(const JobSpec& job) {
 
 Status DecodeJobSpec(std::string_view bytes, std::span<const uint64_t> payload_sizes,
                      const Limits& limits, JobSpec* out) {
-  msgpack::object_handle oh;
+  Unpacked oh;
   GPUQ_RETURN_IF_ERROR(Unpack(bytes, limits, &oh));
   JobSpec j;
   GPUQ_RETURN_IF_ERROR(GetJob(oh.get(), limits, &j));
@@ -1152,7 +1206,7 @@ bool IsBatch(std::string_view header) {
 Status DecodeClientRequest(std::string_view header,
                            std::span<const uint64_t> payload_sizes,
                            const Limits& limits, ClientRequest* out) {
-  msgpack::object_handle oh;
+  Unpacked oh;
   GPUQ_RETURN_IF_ERROR(Unpack(header, limits, &oh));
   std::string_view op;
   GPUQ_RETURN_IF_ERROR(GetOp(oh.get(), &op));
@@ -1229,7 +1283,7 @@ Status CheckFailure(bool has_code, bool has_error, Code code) {
 
 Status DecodeClientReply(std::string_view header, std::span<const uint64_t> payload_sizes,
                          const Limits& limits, ClientReply* out) {
-  msgpack::object_handle oh;
+  Unpacked oh;
   GPUQ_RETURN_IF_ERROR(Unpack(header, limits, &oh));
   std::string_view op;
   GPUQ_RETURN_IF_ERROR(GetOp(oh.get(), &op));
@@ -1305,7 +1359,7 @@ Status DecodeClientReply(std::string_view header, std::span<const uint64_t> payl
 
 Status DecodeWorkerMessage(std::string_view header, std::span<const uint64_t> payload_sizes,
                            const Limits& limits, WorkerMessage* out) {
-  msgpack::object_handle oh;
+  Unpacked oh;
   GPUQ_RETURN_IF_ERROR(Unpack(header, limits, &oh));
   std::string_view op;
   GPUQ_RETURN_IF_ERROR(GetOp(oh.get(), &op));
@@ -1377,7 +1431,7 @@ Status DecodeWorkerMessage(std::string_view header, std::span<const uint64_t> pa
 
 Status DecodeBrokerMessage(std::string_view header, std::span<const uint64_t> payload_sizes,
                            const Limits& limits, BrokerMessage* out) {
-  msgpack::object_handle oh;
+  Unpacked oh;
   GPUQ_RETURN_IF_ERROR(Unpack(header, limits, &oh));
   std::string_view op;
   GPUQ_RETURN_IF_ERROR(GetOp(oh.get(), &op));

@@ -245,6 +245,10 @@ class GpuWorker::Impl {
   ModuleSet modules_;
   Graveyard graveyard_;
   std::atomic<uint64_t> free_bytes_{0};
+  // Refreshes free_bytes_ unless it was less than kMemInfoInterval ago.
+  void RefreshFreeBytes();
+  static constexpr std::chrono::milliseconds kMemInfoInterval{50};
+  std::atomic<int64_t> next_meminfo_ns_{0};
 
   std::mutex mu_;
   std::condition_variable cv_;
@@ -368,8 +372,7 @@ void GpuWorker::Impl::ExecutorLoop(int index) {
         // processes may use this GPU too). Executor 0 does it, off the
         // protocol thread.
         lock.unlock();
-        size_t free = 0, total = 0;
-        if (index == 0 && cu_->cuMemGetInfo(&free, &total) == CUDA_SUCCESS) free_bytes_ = free;
+        if (index == 0) RefreshFreeBytes();
         continue;
       }
       task = std::move(queue_.front());
@@ -387,10 +390,21 @@ void GpuWorker::Impl::ExecutorLoop(int index) {
     uint64_t one = 1;
     (void)!write(done_fd_, &one, sizeof one);
     // After the result is on its way: the free memory that heartbeats and
-    // placement see.
-    size_t free = 0, total = 0;
-    if (!sticky && cu_->cuMemGetInfo(&free, &total) == CUDA_SUCCESS) free_bytes_ = free;
+    // placement see, at most every kMemInfoInterval by any executor
+    // (cuMemGetInfo costs far more than an empty job).
+    if (!sticky) RefreshFreeBytes();
   }
+}
+
+void GpuWorker::Impl::RefreshFreeBytes() {
+  const int64_t now = Clock::now().time_since_epoch().count();
+  int64_t due = next_meminfo_ns_.load(std::memory_order_relaxed);
+  if (now < due) return;
+  const int64_t next =
+      now + std::chrono::duration_cast<Clock::duration>(kMemInfoInterval).count();
+  if (!next_meminfo_ns_.compare_exchange_strong(due, next)) return;  // another does it
+  size_t free = 0, total = 0;
+  if (cu_->cuMemGetInfo(&free, &total) == CUDA_SUCCESS) free_bytes_ = free;
 }
 
 Status GpuWorker::Impl::LaunchChecks(const BrokerMessage& job, CUfunction fn) {

@@ -106,8 +106,8 @@ void Submit(BrokerCore& core, const RequestContext& ctx, schema::ClientRequest& 
   row.priority = spec.priority;
   row.accepted_ms = job->accepted_ms;
   row.deadline_ms = job->deadline_ms;
-  row.spec = spec;
-  job->spec = std::move(spec);
+  job->spec = std::make_shared<const schema::JobSpec>(std::move(spec));
+  op.spec = job->spec;
   core.Admit(std::move(job), std::move(op));
 }
 
