@@ -357,15 +357,20 @@ int main(int argc, char** argv) {
       auto all = nlohmann::json::from_msgpack(*raw);
       auto st = all.value("store", nlohmann::json::object());
       auto lat = all.value("latency_us", nlohmann::json::object());
+      auto loop = all.value("loop", nlohmann::json::object());
       const double batches = st.value("batches", 0.0), writes = st.value("writes", 0.0);
       char line[256];
       std::snprintf(line, sizeof line,
                     "job store: %.0f batches, %.1f rows each; a batch's round trip p50 %.0f us, "
-                    "p99 %.0f us; jobs queued p50 %.0f us, accepted to result p50 %.0f us\n",
+                    "p99 %.0f us; jobs queued p50 %.0f us, accepted to result p50 %.0f us; "
+                    "loop busy %.0f%%, %.1f messages per iteration\n",
                     batches, batches ? writes / batches : 0.0, st.value("batch_p50_us", 0.0),
                     st.value("batch_p99_us", 0.0),
                     lat.value("queue", nlohmann::json::object()).value("p50", 0.0),
-                    lat.value("total", nlohmann::json::object()).value("p50", 0.0));
+                    lat.value("total", nlohmann::json::object()).value("p50", 0.0),
+                    100.0 * loop.value("busy_us", 0.0) /
+                        std::max(1.0, loop.value("busy_us", 0.0) + loop.value("idle_us", 0.0)),
+                    loop.value("messages", 0.0) / std::max(1.0, loop.value("iterations", 0.0)));
       store_line = line;
     }
   }

@@ -271,7 +271,7 @@ Status Broker::Impl::Run() {
   using std::chrono::microseconds;
   heartbeat_.period = duration_cast<microseconds>(opt_.heartbeat);
   unmatched_.period = std::clamp<microseconds>(
-      duration_cast<microseconds>(opt_.unmatched_grace) / 4, std::chrono::milliseconds(20),
+      duration_cast<microseconds>(opt_.unmatched_grace) / 12, std::chrono::milliseconds(20),
       std::chrono::seconds(5));
   // Half the retention, between 100 ms and a minute: a result outlives its
   // retention by at most half of it.
@@ -289,42 +289,59 @@ Status Broker::Impl::Run() {
     if (opt_.spin.count() > 0 && clock_->Now() - last_message_ < opt_.spin) {
       timeout = std::chrono::milliseconds(0);
     }
+    const MonoTime idle_from = clock_->Now();
     try {
       zmq::poll(items, 4, timeout);
     } catch (const zmq::error_t& e) {
       if (e.num() != EINTR) return Error(Code::kInternal, std::string("poll: ") + e.what());
     }
+    const MonoTime busy_from = clock_->Now();
+    StatsSnapshot& counters = core_->counters();
+    counters.loop_idle_us += MicrosBetween(idle_from, busy_from);
+    ++counters.loop_iterations;
     if (items[2].revents) {
       uint64_t n;
       (void)!read(wake_fd_.get(), &n, sizeof n);
     }
     core_->connections().DrainEvents();
-    // Drain what is ready, bounded so that neither side starves the other.
-    for (int i = 0; i < 4096; ++i) {
-      Frames frames;
-      if (!zmq::recv_multipart(worker_sock_, std::back_inserter(frames),
-                               zmq::recv_flags::dontwait)) {
-        core_->WorkersDrained(clock_->Now());
-        break;
+    // What is ready, in rounds of a few messages from each side, so that
+    // neither side starves the other; between rounds the store's finished
+    // batches are taken and the next one handed over, and jobs are sent,
+    // so that the store thread and the workers are never kept waiting for
+    // the end of a long iteration.
+    constexpr int kRound = 64, kRounds = 64;
+    for (int round = 0; round < kRounds; ++round) {
+      int taken = 0;
+      for (; taken < kRound; ++taken) {
+        Frames frames;
+        if (!zmq::recv_multipart(worker_sock_, std::back_inserter(frames),
+                                 zmq::recv_flags::dontwait)) {
+          core_->WorkersDrained(clock_->Now());
+          break;
+        }
+        core_->OnWorkerFrames(frames);
       }
-      core_->OnWorkerFrames(frames);
-      last_message_ = clock_->Now();
-    }
-    for (int i = 0; i < 4096; ++i) {
-      Frames frames;
-      if (!zmq::recv_multipart(client_sock_, std::back_inserter(frames),
-                               zmq::recv_flags::dontwait)) {
-        break;
+      int from_clients = 0;
+      for (; from_clients < kRound; ++from_clients) {
+        Frames frames;
+        if (!zmq::recv_multipart(client_sock_, std::back_inserter(frames),
+                                 zmq::recv_flags::dontwait)) {
+          break;
+        }
+        OnClientMessage(frames);
       }
-      OnClientMessage(frames);
-      last_message_ = clock_->Now();
+      taken += from_clients;
+      if (taken) last_message_ = clock_->Now();
+      counters.loop_messages += static_cast<uint64_t>(taken);
+      core_->OnBatchesDone();
+      core_->OnCompilesDone();
+      if (round == 0) Timers();
+      core_->Dispatch();
+      core_->FlushWorkers();  // jobs whose inputs the store read this round
+      core_->Flush();
+      if (taken == 0) break;
     }
-    core_->OnBatchesDone();
-    core_->OnCompilesDone();
-    Timers();
-    core_->Dispatch();
-    core_->FlushWorkers();  // jobs whose inputs the store read this iteration
-    core_->Flush();
+    counters.loop_busy_us += MicrosBetween(busy_from, clock_->Now());
   }
   schema::BrokerMessage bye;
   bye.op = schema::BrokerOp::kDisconnect;

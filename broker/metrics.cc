@@ -71,7 +71,7 @@ std::string Escape(const std::string& s) {
 std::string EncodeStats(const StatsSnapshot& s) {
   msgpack::sbuffer buf;
   Packer p(buf);
-  p.pack_map(s.tenant_view ? 6 : 17);
+  p.pack_map(s.tenant_view ? 6 : 18);
   Str(p, "queued");
   p.pack_uint64(s.queued);
   Str(p, "queued_by_priority");
@@ -116,6 +116,16 @@ std::string EncodeStats(const StatsSnapshot& s) {
       Str(p, "count");
       p.pack_uint64(h.count());
     }
+    Str(p, "loop");
+    p.pack_map(4);
+    Str(p, "iterations");
+    p.pack_uint64(s.loop_iterations);
+    Str(p, "messages");
+    p.pack_uint64(s.loop_messages);
+    Str(p, "busy_us");
+    p.pack_uint64(s.loop_busy_us);
+    Str(p, "idle_us");
+    p.pack_uint64(s.loop_idle_us);
     Str(p, "store");
     p.pack_map(5);
     Str(p, "batches");
@@ -221,6 +231,14 @@ std::string PrometheusText(const StatsSnapshot& s) {
     o << "gpuq_job_phase_seconds_sum{phase=\"" << phase << "\"} " << h.sum_us() / 1e6 << "\n";
     o << "gpuq_job_phase_seconds_count{phase=\"" << phase << "\"} " << h.count() << "\n";
   }
+  counter("gpuq_loop_iterations_total", "Iterations of the broker's loop.");
+  o << "gpuq_loop_iterations_total " << s.loop_iterations << "\n";
+  counter("gpuq_loop_messages_total", "Messages the broker's loop took from clients and workers.");
+  o << "gpuq_loop_messages_total " << s.loop_messages << "\n";
+  counter("gpuq_loop_busy_seconds_total", "Time the broker's loop spent at work.");
+  o << "gpuq_loop_busy_seconds_total " << s.loop_busy_us / 1e6 << "\n";
+  counter("gpuq_loop_idle_seconds_total", "Time the broker's loop spent waiting for work.");
+  o << "gpuq_loop_idle_seconds_total " << s.loop_idle_us / 1e6 << "\n";
   counter("gpuq_store_batches_total", "Batches the job store committed (one transaction each).");
   o << "gpuq_store_batches_total " << s.store_batches << "\n";
   counter("gpuq_store_writes_total", "Rows the job store wrote (jobs, results, attempt counts).");

@@ -51,6 +51,9 @@ struct StatsSnapshot {
   // loop to the store thread and back.
   uint64_t store_batches = 0, store_writes = 0;
   Histogram store_batch_us;
+  // The broker's loop: iterations, messages taken, and its time at work and
+  // waiting for something to do.
+  uint64_t loop_iterations = 0, loop_messages = 0, loop_busy_us = 0, loop_idle_us = 0;
   uint64_t replies_dropped = 0;  // pushes and replies to clients that were not reading
   // A tenant's view (CURVE, not an operator): only its own queue and jobs in
   // flight; the broker's counters, latencies and cache are left out.

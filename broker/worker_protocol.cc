@@ -166,6 +166,9 @@ void BrokerCore::OnWorkerMessage(Frames& frames) {
   if (!w && m.op == WorkerOp::kHeartbeat && !m.token.empty()) {
     // A heartbeat on a worker's liveness connection: its token names it.
     if (Worker* named = workers_.FindByToken(m.token)) {
+      if (named->liveness_id != id) {
+        spdlog::debug("worker {}: heartbeats on its liveness connection", named->name);
+      }
       named->liveness_id = id;
       named->last_seen = now;
       named->device.free_bytes = m.free_bytes;

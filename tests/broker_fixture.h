@@ -136,6 +136,16 @@ class BrokerTest : public ::testing::Test {
     return false;
   }
 
+  // Waits until job `id` is on a worker.
+  bool WaitDispatched(Client& c, uint64_t id) {
+    for (int i = 0; i < 1000; ++i) {
+      auto st = c.GetStatus(id);
+      if (st.ok() && st->state == schema::JobState::kDispatched) return true;
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    }
+    return false;
+  }
+
   std::string Log() { return ReadFile(dir_.File("gpuqd.log")); }
   std::string LocalDir() { return broker_->store() + ".blobs"; }
 

@@ -156,17 +156,6 @@ TEST_F(BrokerTest, QueuedJobCanBeCanceled) {
   EXPECT_EQ(*c->Cancel(*id), JobState::kCanceled);
 }
 
-TEST_F(BrokerTest, JobNotStartedByItsDeadlineExpires) {
-  auto c = Connect();
-  JobRequest j = Job("k", "x");
-  j.spec.deadline_ms = 200;
-  auto id = c->Submit(j);
-  ASSERT_TRUE(id.ok());
-  auto r = c->Wait(*id, Millis(5000));
-  ASSERT_TRUE(r.ok()) << r.status().ToString();
-  EXPECT_EQ(r->state, JobState::kExpired);
-}
-
 TEST_F(BrokerTest, FullTenantQueueIsRefusedWithARetryHint) {
   ASSERT_TRUE(StartBroker({"--max-queued-per-tenant", "3"})) << Log();
   auto c = Connect();
@@ -259,7 +248,7 @@ TEST_F(BrokerTest, JobsOfAKilledWorkerAreRequeuedAndFinish) {
   ASSERT_TRUE(WaitForWorkers(*c, 1));
   std::vector<uint64_t> ids;
   for (int i = 0; i < 8; ++i) ids.push_back(*c->Submit(Job("k", std::string(1, char(i)))));
-  std::this_thread::sleep_for(std::chrono::milliseconds(100));  // 4 are in flight
+  ASSERT_TRUE(WaitDispatched(*c, ids[0]));
   doomed.Kill();
   AddWorker({"--slots", "4"});
   int requeued = 0;
@@ -279,7 +268,7 @@ TEST_F(BrokerTest, ASilentWorkerIsDeclaredGoneAndItsJobsRunElsewhere) {
   ASSERT_TRUE(WaitForWorkers(*c, 1));
   auto id = c->Submit(Job("k", "q"));
   ASSERT_TRUE(id.ok());
-  std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  ASSERT_TRUE(WaitDispatched(*c, *id));
   frozen.Signal(SIGSTOP);  // alive, but silent: no heartbeats
   AddWorker();
   auto r = c->Wait(*id, Millis(10000));
@@ -687,25 +676,6 @@ TEST_F(BrokerTest, BrokerKilledAgainAndAgainLosesNoAcknowledgedJob) {
   std::printf("storm: %d jobs acknowledged across %d kills of the broker\n", jobs, kills.load());
 }
 
-TEST_F(BrokerTest, ResultsAreFetchableForTheirRetentionThenGone) {
-  ASSERT_TRUE(StartBroker({"--retention-s", "1", "--durability", "power"})) << Log();
-  AddWorker();
-  auto c = Connect();
-  ASSERT_TRUE(WaitForWorkers(*c, 1));
-  auto id = c->Submit(Job("k", "r"));
-  ASSERT_TRUE(id.ok());
-  ASSERT_TRUE(c->Wait(*id).ok());
-  auto kept = c->Fetch(*id);
-  ASSERT_TRUE(kept.ok()) << kept.status().ToString();
-  EXPECT_EQ(kept->state, JobState::kDone);
-  StatusOr<JobResult> gone = kept;
-  for (int i = 0; i < 40 && gone.ok(); ++i) {  // 1 s retention + at most 0.5 s
-    std::this_thread::sleep_for(std::chrono::milliseconds(100));
-    gone = c->Fetch(*id);
-  }
-  EXPECT_EQ(gone.status().code(), Code::kNotFound);
-}
-
 TEST_F(BrokerTest, QueuedJobsSurviveARestartAndRunAfterwards) {
   auto c = Connect();
   std::vector<uint64_t> ids;
@@ -1014,7 +984,7 @@ TEST_F(BrokerTest, MalformedOversizedAndOutOfOrderMessagesGetErrorsWhileServingG
   size_t errors = 0;
   for (size_t i = 0; i < bad.size(); ++i) {
     zmq::pollitem_t item = {raw.handle(), 0, ZMQ_POLLIN, 0};
-    zmq::poll(&item, 1, std::chrono::milliseconds(5000));
+    zmq::poll(&item, 1, std::chrono::milliseconds(20000));
     if (!(item.revents & ZMQ_POLLIN)) break;
     std::vector<zmq::message_t> reply;
     ASSERT_TRUE(zmq::recv_multipart(raw, std::back_inserter(reply)));
@@ -1041,7 +1011,7 @@ TEST_F(BrokerTest, MalformedOversizedAndOutOfOrderMessagesGetErrorsWhileServingG
   zmq::send_multipart(rogue, frames);
   std::vector<zmq::message_t> answer;
   zmq::pollitem_t item = {rogue.handle(), 0, ZMQ_POLLIN, 0};
-  zmq::poll(&item, 1, std::chrono::milliseconds(5000));
+  zmq::poll(&item, 1, std::chrono::milliseconds(20000));
   ASSERT_TRUE(item.revents & ZMQ_POLLIN);
   ASSERT_TRUE(zmq::recv_multipart(rogue, std::back_inserter(answer)));
   schema::BrokerMessage bm;
@@ -1164,6 +1134,89 @@ TEST_F(BrokerTest, ARealPrometheusIngestsTheMetrics) {
       "/api/v1/query?query=gpuq_job_phase_seconds_count%7Bphase%3D%22total%22%7D");
   ASSERT_TRUE(res);
   EXPECT_NE(res->body.find("\"result\":[{"), std::string::npos) << res->body;
+}
+
+// ------------------------------------------------------------ bulk data
+
+// A large result travels beside the control plane: it delays no other
+// client's job much and no worker is declared lost while it moves (its
+// heartbeats go on its liveness connection). The figures are printed, not
+// asserted: machines are noisy. GPUQ_BIG_RESULT_MIB sets the size (256 by
+// default; 1024 on a machine with the memory for it).
+TEST(BulkTest, ALargeResultHoldsUpNoOneAndLosesNoWorker) {
+  const char* env = getenv("GPUQ_BIG_RESULT_MIB");
+  const uint64_t mib = env ? std::strtoull(env, nullptr, 10) : 256;
+  TempDir dir;
+  // The default heartbeat (500 ms: a worker is lost after 1.5 s of silence).
+  BrokerProcess broker(dir.path(), {"--max-queued-bytes", std::to_string(4 * (mib << 20)),
+                                    "--max-unread-mb", std::to_string(2 * mib),
+                                    "--heartbeat-ms", "500"});
+  ASSERT_TRUE(broker.Start()) << testing::ReadFile(dir.File("gpuqd.log"));
+  auto worker = [&](const std::string& uuid) {
+    return Process::Start({testing::BinPath("gpuq-fake-worker"), "--broker",
+                           broker.worker_endpoint(), "--heartbeat-ms", "500", "--uuid", uuid},
+                          dir.File("workers.log"));
+  };
+  Process big_worker = worker("GPU-big"), small_worker = worker("GPU-small");
+  ClientOptions o;
+  o.timeout = Millis(120000);
+  o.local_buffers = false;
+  auto big = Client::Connect(broker.client_endpoint(), o);
+  auto small = Client::Connect(broker.client_endpoint(), o);
+  ASSERT_TRUE(big.ok() && small.ok());
+  for (int i = 0; i < 500 && (*small)->Devices()->size() < 2; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  ASSERT_EQ((*small)->Devices()->size(), 2u);
+  auto job = [](const std::string& gpu, uint64_t out) {
+    JobRequest j;
+    j.spec.kernel.source = kKernels;
+    j.spec.kernel.entry = "k";
+    j.spec.args = {Arg::Out(out)};
+    j.spec.placement.gpu = gpu;
+    return j;
+  };
+  // One trivial job at a time, timed from submit to result.
+  auto trivial_p99 = [&](const std::function<bool()>& go_on, size_t at_least) {
+    std::vector<double> us;
+    while (us.size() < at_least || go_on()) {
+      const auto t0 = std::chrono::steady_clock::now();
+      auto id = (*small)->Submit(job("GPU-small", 16));
+      EXPECT_TRUE(id.ok()) << id.status().ToString();
+      if (!id.ok()) break;
+      auto r = (*small)->Wait(*id);
+      EXPECT_TRUE(r.ok() && r->ok());
+      us.push_back(std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0)
+                       .count());
+    }
+    std::sort(us.begin(), us.end());
+    return std::pair{us[us.size() / 2], us[us.size() * 99 / 100]};
+  };
+  const auto [quiet_p50, quiet_p99] = trivial_p99([] { return false; }, 200);
+  std::atomic<bool> moving{true};
+  StatusOr<JobResult> result = Status(Code::kInternal, "not run");
+  std::thread mover([&] {
+    auto id = (*big)->Submit(job("GPU-big", mib << 20));
+    result = id.ok() ? (*big)->Wait(*id) : StatusOr<JobResult>(id.status());
+    moving = false;
+  });
+  const auto t0 = std::chrono::steady_clock::now();
+  const auto [busy_p50, busy_p99] = trivial_p99([&] { return moving.load(); }, 50);
+  mover.join();
+  const double moved_s =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  ASSERT_TRUE(result.ok()) << result.status().ToString();
+  ASSERT_EQ(result->state, JobState::kDone) << result->error;
+  ASSERT_NE(result->Output(0), nullptr);
+  EXPECT_EQ(result->Output(0)->size(), mib << 20);
+  const std::string log = testing::ReadFile(dir.File("gpuqd.log"));
+  EXPECT_EQ(log.find("is gone"), std::string::npos) << "a worker was declared lost";
+  std::printf("%llu MiB result in %.2f s; another client's trivial job, one at a time: "
+              "p50 %.0f us / p99 %.0f us quiet, p50 %.0f us / p99 %.0f us meanwhile\n",
+              static_cast<unsigned long long>(mib), moved_s, quiet_p50, quiet_p99, busy_p50,
+              busy_p99);
+  ::testing::Test::RecordProperty("quiet_p99_us", std::to_string(quiet_p99));
+  ::testing::Test::RecordProperty("busy_p99_us", std::to_string(busy_p99));
 }
 
 }  // namespace

@@ -354,7 +354,9 @@ int main(int argc, char** argv) {
       // "wcrash": dies after writing its outputs, before it can report them.
       if (p.job.entry.rfind("wcrash", 0) == 0) _exit(3);
       send(r, &out);
-      pending.erase(pending.begin() + static_cast<long>(i));
+      // Answered: its place goes to the last (order does not matter here).
+      if (i + 1 != pending.size()) std::swap(pending[i], pending.back());
+      pending.pop_back();
     }
     flush();
   }

@@ -28,7 +28,7 @@ std::string SomeStats() {
       p.pack_uint64(v);
     }
   };
-  p.pack_map(17);
+  p.pack_map(18);
   key("queued"), p.pack_uint64(3);
   key("queued_by_priority"), counts({{"5", 2}, {"9", 1}});
   key("queued_by_tenant"), counts({{"vm-7", 3}});
@@ -47,6 +47,8 @@ std::string SomeStats() {
     key(phase);
     counts({{"p50", 40}, {"p90", 80}, {"p99", 150}, {"count", 114}});
   }
+  key("loop"), counts({{"iterations", 9120}, {"messages", 486}, {"busy_us", 52110},
+                        {"idle_us", 3548000}});
   key("store"), counts({{"batches", 57}, {"writes", 236}, {"batch_p50_us", 180},
                          {"batch_p90_us", 420}, {"batch_p99_us", 900}});
   key("cache"), counts({{"hits", 113}, {"misses", 2}, {"entries", 2}, {"bytes", 18432}});

@@ -1,0 +1,218 @@
+// The broker's timers driven by a clock the test holds: gpuqd's Broker in
+// this process with a ManualClock (util/clock.h), real sockets, a real store
+// and raw workers the test drives. Time passes only when the test advances
+// it; the test then waits for the broker's loop to act on it, never for time
+// to pass.
+#include <gtest/gtest.h>
+
+#include <thread>
+
+#include "broker/broker.h"
+#include "tests/broker_fixture.h"
+#include "tests/manual_clock.h"
+
+namespace gpuq {
+namespace {
+
+using schema::BrokerOp;
+using schema::JobState;
+using testing::kKernels;
+using testing::ManualClock;
+using testing::RawWorker;
+
+class ClockBrokerTest : public ::testing::Test {
+ protected:
+  void Start(std::function<void(broker::BrokerOptions&)> configure = {}) {
+    broker::BrokerOptions o;
+    o.client_endpoint = "ipc://" + dir_.File("client.sock");
+    o.worker_endpoint = "ipc://" + dir_.File("workers.sock");
+    o.store_path = dir_.File("jobs.db");
+    o.compile.cache_path = dir_.File("kernels.db");
+    o.compile.helper_path = testing::BinPath("gpuq-nvrtc");
+    o.compile.max_concurrent = 1;
+    // Long intervals of the test's time: nothing happens unless advanced.
+    o.heartbeat = std::chrono::seconds(10);
+    o.clock = &clock_;
+    if (configure) configure(o);
+    auto b = broker::Broker::Create(o);
+    ASSERT_TRUE(b.ok()) << b.status().ToString();
+    broker_ = std::move(*b);
+    thread_ = std::thread([this] { (void)broker_->Run(); });
+    ClientOptions co;
+    co.timeout = Millis(10000);
+    auto c = Client::Connect(broker_->client_endpoint(), co);
+    ASSERT_TRUE(c.ok());
+    client_ = std::move(*c);
+  }
+  void TearDown() override {
+    client_.reset();
+    if (broker_) broker_->Stop();
+    if (thread_.joinable()) thread_.join();
+  }
+
+  JobRequest Job(std::string placement_gpu = "", std::string placement_arch = "") {
+    JobRequest j;
+    j.spec.kernel.source = kKernels;
+    j.spec.kernel.entry = "k";
+    j.spec.args = {schema::Arg::Out(16)};
+    j.spec.placement.gpu = std::move(placement_gpu);
+    j.spec.placement.arch = std::move(placement_arch);
+    return j;
+  }
+
+  // Polls the job's status (the broker acts within one turn of its loop).
+  JobResult WaitFor(uint64_t id, std::function<bool(const JobResult&)> done) {
+    JobResult last;
+    for (int i = 0; i < 1000; ++i) {
+      auto st = client_->GetStatus(id);
+      if (st.ok()) {
+        last = *st;
+        if (done(last)) return last;
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    }
+    return last;
+  }
+  // Returns once the broker's loop has run its timers after this call: a
+  // request is answered within the turn that takes it, before its timers,
+  // so the second of two answers comes after a turn's timers.
+  void Settle() {
+    ASSERT_TRUE(client_->Stats().ok());
+    ASSERT_TRUE(client_->Stats().ok());
+  }
+  JobResult WaitEnded(uint64_t id) {
+    return WaitFor(id, [](const JobResult& r) { return schema::IsTerminal(r.state); });
+  }
+  std::unique_ptr<RawWorker> Worker(const std::string& arch = "sm_90",
+                                    const std::string& uuid = "GPU-raw") {
+    auto w = std::make_unique<RawWorker>(broker_->worker_endpoint());
+    w->Ready(arch, 1, uuid);
+    // Registered once the broker lists it.
+    for (int i = 0; i < 1000; ++i) {
+      auto d = client_->Devices();
+      if (d.ok()) {
+        for (const auto& v : *d) {
+          if (v.device.uuid == uuid) return w;
+        }
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    }
+    ADD_FAILURE() << "worker " << uuid << " did not register";
+    return w;
+  }
+
+  testing::TempDir dir_;
+  ManualClock clock_;
+  std::unique_ptr<broker::Broker> broker_;
+  std::thread thread_;
+  std::unique_ptr<Client> client_;
+};
+
+TEST_F(ClockBrokerTest, AJobNotStartedByItsDeadlineExpires) {
+  Start();
+  JobRequest j = Job();
+  j.spec.deadline_ms = 200;
+  auto id = client_->Submit(j);
+  ASSERT_TRUE(id.ok());
+  clock_.Advance(std::chrono::milliseconds(150));
+  Settle();
+  EXPECT_EQ(client_->GetStatus(*id)->state, JobState::kQueued) << "expired before its deadline";
+  clock_.Advance(std::chrono::milliseconds(100));
+  JobResult r = WaitEnded(*id);
+  EXPECT_EQ(r.state, JobState::kExpired);
+  EXPECT_EQ(r.code, Code::kExpired);
+  auto fetched = client_->Fetch(*id);
+  ASSERT_TRUE(fetched.ok());
+  EXPECT_EQ(fetched->code, Code::kExpired) << "the stored result says so too";
+}
+
+TEST_F(ClockBrokerTest, AJobNoWorkerMatchesFailsAfterTheGracePeriodOnly) {
+  Start([](broker::BrokerOptions& o) { o.unmatched_grace = std::chrono::seconds(60); });
+  auto here = Worker("sm_90", "GPU-here");
+  auto nowhere = client_->Submit(Job("GPU-nowhere"));
+  auto later = client_->Submit(Job("", "sm_80"));
+  ASSERT_TRUE(nowhere.ok() && later.ok());
+  clock_.Advance(std::chrono::seconds(59));
+  auto sm80 = Worker("sm_80", "GPU-later");  // comes within the grace period
+  auto job = sm80->Receive();
+  ASSERT_TRUE(job && job->header.op == BrokerOp::kJob);
+  EXPECT_EQ(job->header.id, *later);
+  Settle();
+  EXPECT_EQ(client_->GetStatus(*nowhere)->state, JobState::kQueued);
+  // Past the grace period, and the check's own period (a twelfth of it).
+  clock_.Advance(std::chrono::seconds(7));
+  JobResult r = WaitEnded(*nowhere);
+  EXPECT_EQ(r.state, JobState::kFailed);
+  EXPECT_EQ(r.code, Code::kUnavailable);
+  EXPECT_NE(r.error.find("GPU-nowhere"), std::string::npos) << r.error;
+}
+
+TEST_F(ClockBrokerTest, ASilentWorkerIsLostAndItsJobRunsElsewhere) {
+  Start();
+  auto silent = Worker("sm_90", "GPU-silent");
+  auto id = client_->Submit(Job());
+  ASSERT_TRUE(id.ok());
+  auto job = silent->Receive();
+  ASSERT_TRUE(job && job->header.op == BrokerOp::kJob);
+  // Three heartbeat intervals (30 s here) and a little: the worker said
+  // nothing since its last heartbeat.
+  clock_.Advance(std::chrono::seconds(31));
+  auto other = Worker("sm_90", "GPU-other");
+  auto again = other->Receive();
+  ASSERT_TRUE(again && again->header.op == BrokerOp::kJob) << "the job was not requeued";
+  EXPECT_EQ(again->header.id, *id);
+  EXPECT_GT(again->header.attempt, job->header.attempt);
+  other->Done(*again);
+  JobResult r = WaitEnded(*id);
+  EXPECT_EQ(r.state, JobState::kDone);
+  EXPECT_EQ(r.attempts, 2u);
+}
+
+TEST_F(ClockBrokerTest, TheBrokerEndsAJobPastItsLimitAndLosesItsWorker) {
+  Start();
+  auto w = Worker();
+  JobRequest j = Job();
+  j.spec.time_limit_ms = 1000;
+  auto id = client_->Submit(j);
+  ASSERT_TRUE(id.ok());
+  auto job = w->Receive();
+  ASSERT_TRUE(job && job->header.op == BrokerOp::kJob);
+  // Past the limit, and past the grace (3 heartbeats) the worker has to
+  // end it itself; its heartbeats go on meanwhile.
+  clock_.Advance(std::chrono::seconds(20));
+  w->Heartbeat();
+  clock_.Advance(std::chrono::seconds(12));
+  w->Heartbeat();
+  JobResult r = WaitEnded(*id);
+  EXPECT_EQ(r.state, JobState::kFailed);
+  EXPECT_EQ(r.code, Code::kTimeout) << r.error;
+  auto bye = w->Receive();
+  ASSERT_TRUE(bye);
+  EXPECT_EQ(bye->header.op, BrokerOp::kDisconnect);
+}
+
+TEST_F(ClockBrokerTest, ResultsLiveForTheirRetentionAndIdsAreNeverReused) {
+  Start([](broker::BrokerOptions& o) { o.retention = std::chrono::seconds(3600); });
+  auto w = Worker();
+  auto first = client_->Submit(Job());
+  ASSERT_TRUE(first.ok());
+  auto job = w->Receive();
+  ASSERT_TRUE(job);
+  w->Done(*job);
+  ASSERT_EQ(WaitEnded(*first).state, JobState::kDone);
+  clock_.Advance(std::chrono::seconds(3500));
+  EXPECT_TRUE(client_->Fetch(*first).ok()) << "gone before its retention";
+  clock_.Advance(std::chrono::seconds(200));
+  bool purged = false;
+  for (int i = 0; i < 1000 && !purged; ++i) {
+    purged = client_->Fetch(*first).status().code() == Code::kNotFound;
+    if (!purged) std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  EXPECT_TRUE(purged) << "kept past its retention";
+  auto second = client_->Submit(Job());
+  ASSERT_TRUE(second.ok());
+  EXPECT_GT(*second, *first) << "an id was handed out again";
+}
+
+}  // namespace
+}  // namespace gpuq
