@@ -17,6 +17,7 @@
 #include "broker/core.h"
 #include "broker/handlers/handlers.h"
 #include "schema/codec.h"
+#include "schema/filename.h"
 #include "util/fd.h"
 
 namespace gpuq::broker {
@@ -393,7 +394,7 @@ void Broker::Impl::OnClientMessage(Frames& frames) {
     // A refused submit's local files are removed, whatever refused it, and
     // the refusal is answered once they are gone.
     if (req.op == ClientOp::kSubmit && !req.job.files.empty()) {
-      core_->DropPeerFiles(req.job.files, "c-");
+      core_->DropPeerFiles(req.job.files, schema::kClientFilePrefix);
       core_->batch().on_done.push_back([this, ctx, s] { core_->ReplyError(ctx, s); });
       return;
     }

@@ -5,6 +5,7 @@
 #include <algorithm>
 
 #include "schema/codec.h"
+#include "schema/filename.h"
 
 namespace gpuq::broker {
 
@@ -205,7 +206,7 @@ void BrokerCore::OnInserted(InsertOp& op) {
       Forget(*job);
     }
     // The client's files the store did not take go first; then the answers.
-    DropPeerFiles(op.files, "c-");
+    DropPeerFiles(op.files, schema::kClientFilePrefix);
     const bool full = op.status.code() == Code::kResourceExhausted ||
                       op.status.code() == Code::kIoError;
     for (const RequestContext& c : waiting) {

@@ -6,6 +6,7 @@
 
 #include "broker/job_store_sql.h"
 #include "schema/codec.h"
+#include "schema/filename.h"
 
 namespace gpuq::broker {
 namespace {
@@ -114,28 +115,20 @@ Status SetMeta(sql::Db& db, const std::string& name, uint64_t value) {
 }
 
 std::string BlobName(uint64_t id, char kind, uint64_t idx) {
-  return "j" + std::to_string(id) + "." + kind + std::to_string(idx);
+  return schema::StoredBufferName(id, kind, idx);
 }
 
 // j<id>.<kind><idx> -> true and its parts.
 bool ParseBlobName(const std::string& name, uint64_t* id, char* kind, uint64_t* idx) {
-  if (name.size() < 5 || name[0] != 'j') return false;
-  size_t dot = name.find('.');
-  if (dot == std::string::npos || dot == 1 || dot + 2 >= name.size()) return false;
-  auto digits = [](std::string_view v, uint64_t* out) {
-    if (v.empty() || v.size() > 19) return false;
-    uint64_t x = 0;
-    for (char c : v) {
-      if (c < '0' || c > '9') return false;
-      x = x * 10 + uint64_t(c - '0');
-    }
-    *out = x;
-    return true;
-  };
-  *kind = name[dot + 1];
-  return (*kind == 'i' || *kind == 'o') &&
-         digits(std::string_view(name).substr(1, dot - 1), id) &&
-         digits(std::string_view(name).substr(dot + 2), idx);
+  schema::ParsedFileName p;
+  if (!schema::ParseFileName(name, &p) ||
+      (p.type != schema::FileType::kStoredInput && p.type != schema::FileType::kStoredOutput)) {
+    return false;
+  }
+  *id = p.job;
+  *kind = p.type == schema::FileType::kStoredInput ? 'i' : 'o';
+  *idx = p.idx;
+  return true;
 }
 
 }  // namespace
@@ -220,7 +213,9 @@ StatusOr<std::unique_ptr<JobStore>> JobStore::Open(const std::string& path,
     }
     GPUQ_ASSIGN_OR_RETURN(
         (inputs ? store->in_log_ : store->out_log_),
-        BlobLog::Open(&store->blobs_, inputs ? "log-i-" : "log-o-", std::move(live),
+        BlobLog::Open(&store->blobs_,
+                      std::string(inputs ? schema::kInputLogPrefix : schema::kOutputLogPrefix),
+                      std::move(live),
                       log_segment_bytes));
   }
   return store;
@@ -229,8 +224,8 @@ StatusOr<std::unique_ptr<JobStore>> JobStore::Open(const std::string& path,
 Status JobStore::RemoveOrphans() {
   // Local clients' and workers' files that no message took (an hour is
   // longer than any of them takes between writing a file and sending it).
-  blobs_.RemoveStale("c-", 3600);
-  blobs_.RemoveStale("w-", 3600);
+  blobs_.RemoveStale(std::string(schema::kClientFilePrefix), 3600);
+  blobs_.RemoveStale(std::string(schema::kWorkerFilePrefix), 3600);
   GPUQ_ASSIGN_OR_RETURN(std::vector<std::string> names, blobs_.List());
   for (const std::string& name : names) {
     uint64_t id = 0, idx = 0;

@@ -7,6 +7,7 @@
 
 #include "broker/core.h"
 #include "schema/codec.h"
+#include "schema/filename.h"
 
 namespace gpuq::broker {
 
@@ -202,21 +203,21 @@ void BrokerCore::OnWorkerResult(Worker& w, WorkerMessage& m, Frames& frames) {
   // result from an earlier attempt or another broker lifetime changes
   // nothing at all); the files it names are removed.
   const auto held = workers_.TakeResult(w, m.id, m.attempt);
-  if (held != WorkerRegistry::ResultFor::kCurrent) return DropPeerFiles(m.files, "w-");
+  if (held != WorkerRegistry::ResultFor::kCurrent) return DropPeerFiles(m.files, schema::kWorkerFilePrefix);
   Job* job = jobs_.Find(m.id);
   if (!job || job->state != JobState::kDispatched || job->worker != w.id ||
       job->attempt_no != m.attempt) {
-    return DropPeerFiles(m.files, "w-");
+    return DropPeerFiles(m.files, schema::kWorkerFilePrefix);
   }
   if (!m.files.empty() && !(w.local && job->spec->local_out)) {
-    DropPeerFiles(m.files, "w-");
+    DropPeerFiles(m.files, schema::kWorkerFilePrefix);
     Finish(*job, JobState::kFailed, Code::kInternal,
            "worker " + w.name + " returned files it was not asked for");
     return;
   }
   if (m.state == JobState::kDone) {
     if (Status s = CheckOutputs(*job, m, frames); !s.ok()) {
-      DropPeerFiles(m.files, "w-");
+      DropPeerFiles(m.files, schema::kWorkerFilePrefix);
       BrokerMessage refusal;
       refusal.op = BrokerOp::kError;
       refusal.code = s.code();
@@ -256,11 +257,10 @@ void BrokerCore::WorkerLost(const std::string& id, const std::string& why) {
       for (size_t a = 0; a < job->spec->args.size(); ++a) {
         const schema::ArgKind k = job->spec->args[a].kind;
         if (k != schema::ArgKind::kOut && k != schema::ArgKind::kInOut) continue;
-        begun.push_back({"w-" + std::to_string(job->id) + "-" + std::to_string(held.attempt) +
-                             "-" + std::to_string(a),
+        begun.push_back({schema::WorkerOutputName(job->id, held.attempt, static_cast<uint32_t>(a)),
                          0});
       }
-      DropPeerFiles(begun, "w-");
+      DropPeerFiles(begun, schema::kWorkerFilePrefix);
     }
     // A job that was alone on a worker that died is the culprit; jobs that
     // shared it are suspects, replayed one at a time.

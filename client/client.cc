@@ -17,6 +17,7 @@
 
 #include "client/connection.h"
 #include "schema/codec.h"
+#include "schema/filename.h"
 
 namespace gpuq {
 
@@ -369,9 +370,7 @@ StatusOr<std::unique_ptr<InputBuffer>> Client::NewInput(size_t size) {
     b->data_ = b->memory_.data();
     return b;
   }
-  std::random_device rd;
-  char name[40];
-  snprintf(name, sizeof name, "c-%08x%08x%08x%08x", rd(), rd(), rd(), rd());
+  const std::string name = schema::ClientFileName();
   const std::string path = dir + "/" + name;
   const int fd = open(path.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
   if (fd < 0) return Error(Code::kIoError, path + ": " + std::strerror(errno));

@@ -1,5 +1,7 @@
 #include "client/connection.h"
 
+#include "schema/filename.h"
+
 #include "util/file_io.h"
 
 #include <fcntl.h>
@@ -101,7 +103,6 @@ StatusOr<std::vector<std::string>> UseLocalFiles(const std::string& dir, size_t 
   for (size_t k = 0; k < large.size(); ++k) {
     index[large[k]] = static_cast<uint32_t>(small.size() + k);
   }
-  std::random_device rd;
   for (size_t i : large) {
     if (buffers) {
       auto it = buffers->live.find(inputs[i].data());
@@ -111,8 +112,7 @@ StatusOr<std::vector<std::string>> UseLocalFiles(const std::string& dir, size_t 
         continue;
       }
     }
-    char name[40];
-    snprintf(name, sizeof name, "c-%08x%08x%08x%08x", rd(), rd(), rd(), rd());
+    const std::string name = schema::ClientFileName();
     const std::string path = dir + "/" + name;
     const int fd = open(path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
     if (fd < 0) return undo(Error(Code::kIoError, path + ": " + std::strerror(errno)));

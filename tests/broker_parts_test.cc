@@ -7,6 +7,7 @@
 #include "broker/job_table.h"
 #include "broker/metrics.h"
 #include "broker/worker_registry.h"
+#include "schema/filename.h"
 #include "tests/golden_messages.h"
 #include "tests/manual_clock.h"
 
@@ -171,3 +172,36 @@ TEST(StatsTest, TheEncoderWritesTheGoldenStatsShape) {
 
 }  // namespace
 }  // namespace gpuq::broker
+
+namespace gpuq::schema {
+namespace {
+
+TEST(FileNameTest, EveryNameParsesBackToWhatMadeIt) {
+  ParsedFileName p;
+  ASSERT_TRUE(ParseFileName(WorkerOutputName(42, 7, 3), &p));
+  EXPECT_EQ(p.type, FileType::kWorkerOutput);
+  EXPECT_EQ(p.job, 42u);
+  EXPECT_EQ(p.attempt, 7u);
+  EXPECT_EQ(p.arg, 3u);
+  ASSERT_TRUE(ParseFileName(StoredBufferName(9, 'o', 2), &p));
+  EXPECT_EQ(p.type, FileType::kStoredOutput);
+  EXPECT_EQ(p.job, 9u);
+  EXPECT_EQ(p.idx, 2u);
+  ASSERT_TRUE(ParseFileName(LogSegmentName('i', 12), &p));
+  EXPECT_EQ(p.type, FileType::kInputLog);
+  EXPECT_EQ(p.seg, 12u);
+  const std::string c = ClientFileName();
+  EXPECT_TRUE(IsClientFileName(c));
+  EXPECT_NE(c, ClientFileName()) << "client names are random";
+  ASSERT_TRUE(ParseFileName(c, &p));
+  EXPECT_EQ(p.type, FileType::kClientInput);
+  for (const char* bad : {"", "j", "j1.x2", "j.i1", "j1.i", "w-1-2", "w-a-1-2", "log-i-",
+                          "log-i-x", "jobs.db", "j12345678901234567890.i1"}) {
+    EXPECT_FALSE(ParseFileName(bad, &p)) << bad;
+  }
+  EXPECT_FALSE(IsClientFileName(StoredBufferName(1, 'i', 0))) << "a client may not name the store's";
+  EXPECT_FALSE(IsWorkerFileName(StoredBufferName(1, 'o', 0)));
+}
+
+}  // namespace
+}  // namespace gpuq::schema

@@ -26,6 +26,7 @@
 #include <zmq_addon.hpp>
 
 #include "schema/codec.h"
+#include "schema/filename.h"
 #include "util/curve_keys.h"
 #include "util/plain_file.h"
 
@@ -337,8 +338,7 @@ int main(int argc, char** argv) {
             frame_args.push_back(r.outputs[k]);
             continue;
           }
-          const std::string name = "w-" + std::to_string(r.id) + "-" +
-                                   std::to_string(r.attempt) + "-" + std::to_string(r.outputs[k]);
+          const std::string name = schema::WorkerOutputName(r.id, r.attempt, r.outputs[k]);
           FILE* fp = fopen((p.job.out_dir + "/" + name).c_str(), "wb");
           if (!fp || fwrite(out[k].data(), 1, out[k].size(), fp) != out[k].size()) _exit(4);
           fclose(fp);

@@ -21,6 +21,7 @@
 #include <zmq_addon.hpp>
 
 #include "schema/codec.h"
+#include "schema/filename.h"
 #include "util/file_io.h"
 #include "util/plain_file.h"
 #include "util/sha256.h"
@@ -595,8 +596,7 @@ Done GpuWorker::Impl::Execute(const std::shared_ptr<Task>& task, CUstream stream
         frame_args.push_back(r.outputs[k]);
         continue;
       }
-      const std::string name = "w-" + std::to_string(job.id) + "-" +
-                               std::to_string(job.attempt) + "-" + std::to_string(r.outputs[k]);
+      const std::string name = schema::WorkerOutputName(job.id, job.attempt, r.outputs[k]);
       if (Status s = WriteFile(job.out_dir + "/" + name, out.data(), out.size()); !s.ok()) {
         for (const schema::LocalFile& f : r.files) (void)unlink((job.out_dir + "/" + f.name).c_str());
         r.files.clear();

@@ -1,5 +1,6 @@
 #include "broker/compile/compile_request.h"
 #include "broker/handlers/handlers.h"
+#include "schema/filename.h"
 
 namespace gpuq::broker::handlers {
 
@@ -15,7 +16,7 @@ void Submit(BrokerCore& core, const RequestContext& ctx, schema::ClientRequest& 
   auto reject = [&](const gpuq::Status& s, uint64_t retry_after_ms = 0) {
     ++core.counters().rejected;
     if (spec.files.empty()) return core.ReplyError(ctx, s, retry_after_ms);
-    core.DropPeerFiles(spec.files, "c-");
+    core.DropPeerFiles(spec.files, schema::kClientFilePrefix);
     core.batch().on_done.push_back(
         [&core, ctx, s, retry_after_ms] { core.ReplyError(ctx, s, retry_after_ms); });
   };
@@ -27,7 +28,7 @@ void Submit(BrokerCore& core, const RequestContext& ctx, schema::ClientRequest& 
       // The prefix keeps a client from naming the store's own files (another
       // job's buffers). The rest (a regular file of one link, of the size
       // named) is checked where the file is taken, by the store.
-      if (f.name.rfind("c-", 0) != 0) {
+      if (!schema::IsClientFileName(f.name)) {
         return reject(Error(Code::kInvalid, "local file '" + f.name + "' must be named c-..."));
       }
     }
@@ -46,7 +47,7 @@ void Submit(BrokerCore& core, const RequestContext& ctx, schema::ClientRequest& 
   // broker no longer holds in memory is looked up by the store thread.
   if (!spec.key.empty()) {
     if (Job* existing = core.jobs().FindByKey(tenant, spec.key)) {
-      core.DropPeerFiles(spec.files, "c-");
+      core.DropPeerFiles(spec.files, schema::kClientFilePrefix);
       if (!existing->durable) {
         existing->also_accepted.push_back(ctx);
         return;
