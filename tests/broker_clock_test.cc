@@ -80,6 +80,22 @@ class ClockBrokerTest : public ::testing::Test {
     ASSERT_TRUE(client_->Stats().ok());
     ASSERT_TRUE(client_->Stats().ok());
   }
+  // Returns once the broker has taken the worker's latest heartbeat: the
+  // clock stands still, so its age reads 0 from then until the next advance.
+  // (Heartbeats travel on their own connection: only this orders them with
+  // the test's next advance.)
+  void WaitHeard(const std::string& uuid) {
+    for (int i = 0; i < 1000; ++i) {
+      auto d = client_->Devices();
+      if (d.ok()) {
+        for (const auto& v : *d) {
+          if (v.device.uuid == uuid && v.heartbeat_age_ms == 0) return;
+        }
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    }
+    ADD_FAILURE() << "the broker did not take " << uuid << "'s heartbeat";
+  }
   JobResult WaitEnded(uint64_t id) {
     return WaitFor(id, [](const JobResult& r) { return schema::IsTerminal(r.state); });
   }
@@ -181,6 +197,7 @@ TEST_F(ClockBrokerTest, TheBrokerEndsAJobPastItsLimitAndLosesItsWorker) {
   // end it itself; its heartbeats go on meanwhile.
   clock_.Advance(std::chrono::seconds(20));
   w->Heartbeat();
+  WaitHeard("GPU-raw");
   clock_.Advance(std::chrono::seconds(12));
   w->Heartbeat();
   JobResult r = WaitEnded(*id);
