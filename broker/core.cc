@@ -279,6 +279,19 @@ void BrokerCore::OnFinished(FinishOp& op, const Status& commit) {
   jobs_.Remove(job->id);
 }
 
+ReadOp& BrokerCore::ReadFor(const RequestContext& ctx, ReadOp::Kind kind, uint64_t id,
+                            ReadPurpose purpose) {
+  ReadOp& read = batch_->reads.emplace_back();
+  read.kind = kind;
+  read.id = id;
+  read.conn = ctx.conn;
+  read.rid = ctx.rid;
+  read.tenant = ctx.tenant;
+  read.operator_ = ctx.operator_;
+  read.purpose = purpose;
+  return read;
+}
+
 void BrokerCore::OnRead(ReadOp& r) {
   if (r.purpose == kReadDispatch) return OnDispatchInputs(r);
   RequestContext ctx;

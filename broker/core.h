@@ -88,6 +88,10 @@ class BrokerCore {
   // ---- the store
   // The batch the loop is gathering; handed to the store thread by Flush().
   Batch& batch() { return *batch_; }
+  // Hands a read of job `id` for this request to the store's next batch;
+  // OnRead answers it after the batches before it. The caller may set the
+  // read's bounds on the returned op before the batch is handed over.
+  ReadOp& ReadFor(const RequestContext& ctx, ReadOp::Kind kind, uint64_t id, ReadPurpose purpose);
   // When the store cannot write (a failed commit): submits are refused until
   // a commit succeeds again. Ok otherwise.
   const Status& store_failure() const { return store_failure_; }

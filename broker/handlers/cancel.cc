@@ -11,14 +11,7 @@ void Cancel(BrokerCore& core, const RequestContext& ctx, uint64_t id) {
   // result is then dropped. The reply comes once the cancel has committed
   // (or, for a job that had ended, with the state it ended in).
   if (job) return core.Cancel(*job, ctx);
-  ReadOp read;
-  read.kind = ReadOp::Kind::kStatus;
-  read.id = id;
-  read.conn = ctx.conn;
-  read.rid = ctx.rid;
-  read.tenant = ctx.tenant;
-  read.purpose = kReadCancel;
-  core.batch().reads.push_back(std::move(read));
+  core.ReadFor(ctx, ReadOp::Kind::kStatus, id, kReadCancel);
 }
 
 }  // namespace gpuq::broker::handlers

@@ -11,16 +11,9 @@ void Result(BrokerCore& core, const RequestContext& ctx, uint64_t id) {
   }
   // The store reads it, output files included unless the client can read
   // them itself; never more than the client's connection may hold unread.
-  ReadOp read;
-  read.kind = ReadOp::Kind::kResult;
-  read.id = id;
+  ReadOp& read = core.ReadFor(ctx, ReadOp::Kind::kResult, id, kReadResult);
   read.client_local = core.LocalClients();
   read.max_bytes = core.ReplyBudget(ctx.conn);
-  read.conn = ctx.conn;
-  read.rid = ctx.rid;
-  read.tenant = ctx.tenant;
-  read.purpose = kReadResult;
-  core.batch().reads.push_back(std::move(read));
 }
 
 }  // namespace gpuq::broker::handlers

@@ -19,14 +19,7 @@ void Status(BrokerCore& core, const RequestContext& ctx, uint64_t id) {
     return core.Reply(ctx, std::move(r));
   }
   // Ended (its result committed, or about to be): the store answers.
-  ReadOp read;
-  read.kind = ReadOp::Kind::kStatus;
-  read.id = id;
-  read.conn = ctx.conn;
-  read.rid = ctx.rid;
-  read.tenant = ctx.tenant;
-  read.purpose = kReadStatus;
-  core.batch().reads.push_back(std::move(read));
+  core.ReadFor(ctx, ReadOp::Kind::kStatus, id, kReadStatus);
 }
 
 }  // namespace gpuq::broker::handlers
