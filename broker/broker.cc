@@ -9,6 +9,7 @@
 #include <condition_variable>
 #include <filesystem>
 #include <httplib.h>
+#include <optional>
 #include <thread>
 #include <zmq.hpp>
 #include <zmq_addon.hpp>
@@ -80,7 +81,7 @@ class Broker::Impl {
 
  private:
   void OnClientMessage(Frames& frames);
-  void Timers();
+  void Timers(MonoTime now);
   void RenderStats();
   void RefreshCacheStats();
 
@@ -313,11 +314,13 @@ Status Broker::Impl::Run() {
     constexpr int kRound = 64, kRounds = 64;
     for (int round = 0; round < kRounds; ++round) {
       int taken = 0;
+      std::optional<MonoTime> drained;
       for (; taken < kRound; ++taken) {
         Frames frames;
         if (!zmq::recv_multipart(worker_sock_, std::back_inserter(frames),
                                  zmq::recv_flags::dontwait)) {
-          core_->WorkersDrained(clock_->Now());
+          drained = clock_->Now();
+          core_->WorkersDrained(*drained);
           break;
         }
         core_->OnWorkerFrames(frames);
@@ -336,7 +339,10 @@ Status Broker::Impl::Run() {
       counters.loop_messages += static_cast<uint64_t>(taken);
       core_->OnBatchesDone();
       core_->OnCompilesDone();
-      if (round == 0) Timers();
+      // Timers judge silence against the drain above: read at that moment,
+      // their clock cannot stand later than it (a check due later than the
+      // drain would find nobody silent and not come again for a period).
+      if (round == 0) Timers(drained.value_or(clock_->Now()));
       core_->Dispatch();
       core_->FlushWorkers();  // jobs whose inputs the store read this round
       core_->Flush();
@@ -352,8 +358,7 @@ Status Broker::Impl::Run() {
   return Status::Ok();
 }
 
-void Broker::Impl::Timers() {
-  const MonoTime now = clock_->Now();
+void Broker::Impl::Timers(MonoTime now) {
   core_->ExpireDeadlines();
   if (heartbeat_.Due(now)) {
     core_->Heartbeats();
