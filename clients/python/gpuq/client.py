@@ -1,14 +1,42 @@
 """The synchronous gpuq client. Not thread-safe: one Client per thread."""
 
+from __future__ import annotations
+
 import collections
 import mmap
 import os
 import time
+from typing import (Any, Callable, Deque, Dict, Iterable, List, Literal, Mapping, Optional,
+                    Sequence, SupportsFloat, SupportsInt, Tuple, Union)
 
 import numpy as np
+import numpy.typing as npt
 import zmq
 
 from gpuq import wire
+
+# (The numpy types in quotes: numpy before 1.22 cannot subscript them at run time.)
+# A grid or block size: n, (x, y) or (x, y, z).
+Dim = Union[int, Sequence[int]]
+# The shape of an output array.
+Shape = Union[int, Tuple[int, ...]]
+# A buffer sent to a kernel: a numpy array, or bytes-like.
+Buffer = Union["npt.NDArray[Any]", bytes, bytearray, memoryview]
+# A payload frame as sent.
+Payload = Union[memoryview, bytes, bytearray]
+# An output of a Result: a numpy array when its dtype is known (Out, an
+# array passed as InOut), else bytes.
+Output = Union["npt.NDArray[Any]", bytes]
+# CURVE keys in Z85: (broker public key, our public key, our secret key).
+CurveKeys = Tuple[Union[str, bytes], Union[str, bytes], Union[str, bytes]]
+# How an output of a job is returned: (dtype, shape), by argument index.
+OutSpecs = Dict[int, Tuple["np.dtype[Any]", Optional[Shape]]]
+# A decoded header map.
+Header = Dict[str, Any]
+# An event of Client.poll().
+Event = Union[Tuple[Literal["accepted"], int, int],
+              Tuple[Literal["rejected"], Optional[int], "Error"],
+              Tuple[Literal["result"], "Result"]]
 
 
 # How often a waiting client asks again for a result that was not pushed.
@@ -18,7 +46,7 @@ REFETCH_S = 1.0
 class Error(Exception):
     """A refusal or failure, with the protocol's error code (schema/PROTOCOL.md)."""
 
-    def __init__(self, code, message, retry_after_ms=0, job_id=0):
+    def __init__(self, code: str, message: str, retry_after_ms: int = 0, job_id: int = 0) -> None:
         super().__init__("%s: %s" % (code, message))
         self.code = code
         self.message = message
@@ -26,21 +54,31 @@ class Error(Exception):
         self.job_id = job_id
 
 
-class _Scalar:
+class Scalar:
+    """A scalar argument of a kernel; made by gpuq.u32(...), gpuq.f32(...), ..."""
+
     __slots__ = ("type", "value")
 
-    def __init__(self, type_, value):
+    def __init__(self, type_: str, value: Union[int, float]) -> None:
         self.type, self.value = type_, value
 
+    def __repr__(self) -> str:
+        return "gpuq.%s(%r)" % (self.type, self.value)
 
-def _int_scalar(type_, bits, signed):
+
+_Scalar = Scalar  # the name it had before
+
+
+def _int_scalar(type_: str, bits: int, signed: bool) -> Callable[[SupportsInt], Scalar]:
     lo, hi = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
 
-    def make(v):
-        v = int(v)
-        if not lo <= v <= hi:
-            raise ValueError("%d does not fit %s" % (v, type_))
-        return _Scalar(type_, v)
+    def make(v: SupportsInt) -> Scalar:
+        n = int(v)
+        if not lo <= n <= hi:
+            raise ValueError("%d does not fit %s" % (n, type_))
+        return Scalar(type_, n)
+    make.__name__ = make.__qualname__ = type_
+    make.__doc__ = "A %s argument; ValueError when the value does not fit." % type_
     return make
 
 
@@ -50,18 +88,20 @@ u32, i32 = _int_scalar("u32", 32, False), _int_scalar("i32", 32, True)
 u64, i64 = _int_scalar("u64", 64, False), _int_scalar("i64", 64, True)
 
 
-def f32(v):
-    return _Scalar("f32", float(v))
+def f32(v: SupportsFloat) -> Scalar:
+    """An f32 argument (sent as msgpack float 32)."""
+    return Scalar("f32", float(v))
 
 
-def f64(v):
-    return _Scalar("f64", float(v))
+def f64(v: SupportsFloat) -> Scalar:
+    """An f64 argument."""
+    return Scalar("f64", float(v))
 
 
 class In:
     """An input buffer: a numpy array or bytes, sent as it is."""
 
-    def __init__(self, data):
+    def __init__(self, data: Buffer) -> None:
         self.data = data
 
 
@@ -72,30 +112,38 @@ class InOut(In):
 class Out:
     """An output buffer of `nbytes`, zero-filled on the GPU; returned as `dtype`, `shape`."""
 
-    def __init__(self, nbytes=None, dtype=np.uint8, shape=None):
-        dtype = np.dtype(dtype)
+    def __init__(self, nbytes: Optional[int] = None, dtype: npt.DTypeLike = np.uint8,
+                 shape: Optional[Shape] = None) -> None:
+        dt: np.dtype[Any] = np.dtype(dtype)
         if nbytes is None:
             if shape is None:
                 raise ValueError("Out needs nbytes or shape")
-            nbytes = int(np.prod(shape)) * dtype.itemsize
-        self.nbytes, self.dtype, self.shape = int(nbytes), dtype, shape
+            nbytes = int(np.prod(shape)) * dt.itemsize
+        self.nbytes: int = int(nbytes)
+        self.dtype: np.dtype[Any] = dt
+        self.shape: Optional[Shape] = shape
+
+
+# An argument of a kernel.
+Arg = Union[Scalar, In, Out]
 
 
 class Result:
     """The end of a job: state, failure code and text, device, timing (µs), outputs."""
 
-    def __init__(self, header, frames, out_specs=None):
+    def __init__(self, header: Mapping[str, Any], frames: Iterable[bytes],
+                 out_specs: Optional[OutSpecs] = None) -> None:
         """`frames`: the payload frames; outputs named in `files` (local
         buffers, PROTOCOL.md) follow them and are mapped, not copied."""
-        self.id = header.get("id", 0)
-        self.state = header.get("state", "queued")
-        self.code = header.get("code", "ok")
-        self.error = header.get("error", "")
-        self.device = header.get("device", "")
-        self.attempts = header.get("attempts", 0)
-        self.timing = header.get("timing", {})
-        self.outputs = {}
-        buffers = list(frames)
+        self.id: int = header.get("id", 0)
+        self.state: str = header.get("state", "queued")
+        self.code: str = header.get("code", "ok")
+        self.error: str = header.get("error", "")
+        self.device: str = header.get("device", "")
+        self.attempts: int = header.get("attempts", 0)
+        self.timing: Dict[str, int] = header.get("timing", {})
+        self.outputs: Dict[int, Output] = {}
+        buffers: List[Union[bytes, mmap.mmap]] = list(frames)
         for path, size in header.get("files", []):
             if size == 0:
                 buffers.append(b"")
@@ -112,14 +160,14 @@ class Result:
                 self.outputs[arg] = a.reshape(shape) if shape is not None else a
 
     @property
-    def ok(self):
+    def ok(self) -> bool:
         return self.state == "done"
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return "Result(id=%d, state=%s, code=%s)" % (self.id, self.state, self.code)
 
 
-def default_endpoint():
+def default_endpoint() -> str:
     """$GPUQ_BROKER, else the local default ipc endpoint of gpuqd."""
     if os.environ.get("GPUQ_BROKER"):
         return os.environ["GPUQ_BROKER"]
@@ -128,7 +176,8 @@ def default_endpoint():
     return "ipc://" + folder + "/broker.sock"
 
 
-def open_socket(ctx, endpoint, curve, tag):
+def open_socket(ctx: zmq.Context[Any], endpoint: Optional[str], curve: Optional[CurveKeys],
+                tag: bytes) -> Any:
     """A DEALER to the broker with a random routing id (tag first: ZeroMQ
     reserves ids that start with a zero byte) and, when given
     (broker public key, our public key, our secret key) in Z85, CURVE."""
@@ -144,31 +193,42 @@ def open_socket(ctx, endpoint, curve, tag):
     return sock
 
 
-def _dim3(d):
-    d = (d,) if isinstance(d, int) else tuple(d)
-    return list(d) + [1] * (3 - len(d))
+def _dim3(d: Dim) -> List[int]:
+    t = (d,) if isinstance(d, int) else tuple(d)
+    return list(t) + [1] * (3 - len(t))
 
 
-def build_submit(source, entry, grid, block, args, shared=0, key=None, tenant=None,
-                 priority=5, deadline_ms=0, limit_ms=0, options=None, headers=None,
-                 name_expression=False, placement=None, local_dir=None, local_min=1 << 20):
+def build_submit(source: str, entry: str, grid: Dim, block: Dim, args: Sequence[Arg],
+                 shared: int = 0, key: Optional[str] = None, tenant: Optional[str] = None,
+                 priority: int = 5, deadline_ms: int = 0, limit_ms: int = 0,
+                 options: Optional[Iterable[str]] = None,
+                 headers: Optional[Mapping[str, str]] = None, name_expression: bool = False,
+                 placement: Optional[Mapping[str, Any]] = None, local_dir: Optional[str] = None,
+                 local_min: int = 1 << 20
+                 ) -> Tuple[Header, List[Payload], OutSpecs, List[str]]:
     """The job map, payload frames and output specs of a submit, and the local
     files it made. With `local_dir` (the broker's local directory, for a
     client on its host), inputs of `local_min` bytes or more are written to
     new files there and named in the job's `files` instead of being sent,
     and outputs that large are asked for as files."""
-    wire_args, payload, out_specs = [], [], {}
-    files, made, local_out = [], [], False
+    wire_args: List[List[Any]] = []
+    payload: List[Payload] = []
+    out_specs: OutSpecs = {}
+    files: List[List[Any]] = []
+    made: List[str] = []
+    local_out = False
     for i, a in enumerate(args):
-        if isinstance(a, _Scalar):
+        if isinstance(a, Scalar):
             wire_args.append([a.type, a.value])
         elif isinstance(a, In):
-            data = a.data
-            if isinstance(data, np.ndarray):
-                data = np.ascontiguousarray(data)
+            data: Payload
+            if isinstance(a.data, np.ndarray):
+                array = np.ascontiguousarray(a.data)
                 if isinstance(a, InOut):
-                    out_specs[i] = (data.dtype, data.shape)
-                data = memoryview(data).cast("B")
+                    out_specs[i] = (array.dtype, array.shape)
+                data = array.data.cast("B")
+            else:
+                data = a.data
             # bytes in, bytes back: no spec, the output stays bytes
             kind = "inout" if isinstance(a, InOut) else "in"
             if local_dir and len(data) >= local_min:
@@ -191,7 +251,7 @@ def build_submit(source, entry, grid, block, args, shared=0, key=None, tenant=No
             local_out = local_out or (local_dir is not None and a.nbytes >= local_min)
         else:
             raise TypeError("argument %d: use gpuq.u32(...), gpuq.In(...), ... not %r" % (i, a))
-    job = {}
+    job: Header = {}
     if key:
         job["key"] = key
     if tenant:
@@ -224,7 +284,11 @@ def build_submit(source, entry, grid, block, args, shared=0, key=None, tenant=No
     return job, payload, out_specs, made
 
 
-def _remove(paths):
+def _nbytes(data: Buffer) -> int:
+    return data.nbytes if isinstance(data, np.ndarray) else memoryview(data).nbytes
+
+
+def _remove(paths: Iterable[str]) -> None:
     for p in paths:
         try:
             os.unlink(p)
@@ -232,7 +296,7 @@ def _remove(paths):
             pass
 
 
-def raise_for(header):
+def raise_for(header: Mapping[str, Any]) -> None:
     if header.get("op") == "error":
         raise Error(header.get("code", "internal"), header.get("error", ""),
                     header.get("retry_after_ms", 0), header.get("id", 0))
@@ -245,46 +309,51 @@ class Client:
     results are pushed by the broker; wait() collects them.
     """
 
-    def __init__(self, endpoint=None, timeout=10.0, context=None, curve=None,
-                 local_buffers=True, local_min=1 << 20):
+    def __init__(self, endpoint: Optional[str] = None, timeout: float = 10.0,
+                 context: Optional[zmq.Context[Any]] = None,
+                 curve: Optional[CurveKeys] = None, local_buffers: bool = True,
+                 local_min: int = 1 << 20) -> None:
         """local_buffers: on an ipc endpoint, pass buffers of `local_min` bytes
         or more as files of the broker's local directory (PROTOCOL.md)."""
-        self._ctx = context or zmq.Context.instance()
+        self._ctx: zmq.Context[Any] = context or zmq.Context.instance()
         self._sock = open_socket(self._ctx, endpoint, curve, b"p")
         self._local = local_buffers and (endpoint or default_endpoint()).startswith("ipc://")
         self._local_min = local_min
-        self._local_dir = None                # asked of the broker once
-        self._pending_files = {}              # submit rid -> files made for it
+        self._local_dir: Optional[str] = None             # asked of the broker once
+        self._pending_files: Dict[int, List[str]] = {}    # submit rid -> files made for it
+        self._pending_specs: Dict[int, OutSpecs] = {}     # submit rid -> output specs
         self.timeout = timeout
         self._rid = 0
-        self._events = collections.deque()   # (kind, header, frames) not yet claimed
-        self._out_specs = {}                  # job id -> output specs
+        # (header, frames) not yet claimed
+        self._events: Deque[Tuple[Header, List[bytes]]] = collections.deque()
+        self._out_specs: Dict[int, OutSpecs] = {}         # job id -> output specs
 
-    def close(self):
+    def close(self) -> None:
         self._sock.close(0)
 
-    def __enter__(self):
+    def __enter__(self) -> Client:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     # -------------------------------------------------------------- plumbing
 
-    def _send(self, header, payload=()):
+    def _send(self, header: Header, payload: Iterable[Any] = ()) -> None:
         self._sock.send_multipart([wire.CLIENT_PROTOCOL, wire.encode(header)] + list(payload),
                                   copy=False)
 
-    def _recv(self, deadline):
+    def _recv(self, deadline: float) -> Tuple[Header, List[bytes]]:
         while True:
             left = deadline - time.monotonic()
             if left <= 0 or not self._sock.poll(int(left * 1000) + 1):
                 raise Error("timeout", "no answer from the broker in time")
-            frames = self._sock.recv_multipart(copy=True)
+            frames: List[bytes] = self._sock.recv_multipart(copy=True)
             if len(frames) >= 2 and frames[0] == wire.CLIENT_PROTOCOL:
                 return wire.decode(frames[1]), frames[2:]
 
-    def _call(self, header, payload=(), timeout=None):
+    def _call(self, header: Header, payload: Iterable[Any] = (),
+              timeout: Optional[float] = None) -> Tuple[Header, List[bytes]]:
         self._rid += 1
         header = dict(op=header.pop("op"), rid=self._rid, **header)
         self._send(header, payload)
@@ -298,10 +367,12 @@ class Client:
 
     # -------------------------------------------------------------- calls
 
-    def _build(self, source, entry, grid, block, args, kw):
+    def _build(self, source: str, entry: str, grid: Dim, block: Dim, args: Sequence[Arg],
+               kw: Dict[str, Any]
+               ) -> Tuple[Header, List[Payload], OutSpecs, List[str]]:
         local_dir = None
         if self._local:
-            large = any((isinstance(a, In) and memoryview(a.data).nbytes >= self._local_min) or
+            large = any((isinstance(a, In) and _nbytes(a.data) >= self._local_min) or
                         (isinstance(a, Out) and a.nbytes >= self._local_min) for a in args)
             if large and self._local_dir is None:
                 h, _ = self._call({"op": "devices"})
@@ -310,34 +381,52 @@ class Client:
         return build_submit(source, entry, grid, block, args, local_dir=local_dir,
                             local_min=self._local_min, **kw)
 
-    def submit(self, source, entry, grid, block, args, **kw):
+    def submit(self, source: str, entry: str, grid: Dim, block: Dim, args: Sequence[Arg], *,
+               shared: int = 0, key: Optional[str] = None, tenant: Optional[str] = None,
+               priority: int = 5, deadline_ms: int = 0, limit_ms: int = 0,
+               options: Optional[Iterable[str]] = None,
+               headers: Optional[Mapping[str, str]] = None, name_expression: bool = False,
+               placement: Optional[Mapping[str, Any]] = None) -> int:
         """Submits a job; returns its id once the broker has stored it.
 
         Keywords: shared, key (idempotency), tenant, priority (0-9), deadline_ms,
         limit_ms, options, headers ({name: content}), name_expression,
         placement ({"arch", "gpu", "min_free"}).
         """
+        kw = dict(shared=shared, key=key, tenant=tenant, priority=priority,
+                  deadline_ms=deadline_ms, limit_ms=limit_ms, options=options, headers=headers,
+                  name_expression=name_expression, placement=placement)
         job, payload, specs, made = self._build(source, entry, grid, block, args, kw)
         try:
             h, _ = self._call({"op": "submit", "job": job}, payload)
         except Error:
             _remove(made)  # a refused submit's files are not the broker's
             raise
-        self._out_specs[h["id"]] = specs
-        return h["id"]
+        job_id: int = h["id"]
+        self._out_specs[job_id] = specs
+        return job_id
 
-    def submit_async(self, source, entry, grid, block, args, **kw):
-        """Sends a submit without waiting; returns the request id (see poll())."""
+    def submit_async(self, source: str, entry: str, grid: Dim, block: Dim,
+                     args: Sequence[Arg], *, shared: int = 0, key: Optional[str] = None,
+                     tenant: Optional[str] = None, priority: int = 5, deadline_ms: int = 0,
+                     limit_ms: int = 0, options: Optional[Iterable[str]] = None,
+                     headers: Optional[Mapping[str, str]] = None,
+                     name_expression: bool = False,
+                     placement: Optional[Mapping[str, Any]] = None) -> int:
+        """Sends a submit without waiting; returns the request id (see poll()).
+        Keywords as for submit()."""
+        kw = dict(shared=shared, key=key, tenant=tenant, priority=priority,
+                  deadline_ms=deadline_ms, limit_ms=limit_ms, options=options, headers=headers,
+                  name_expression=name_expression, placement=placement)
         job, payload, specs, made = self._build(source, entry, grid, block, args, kw)
         self._rid += 1
         if made:
             self._pending_files[self._rid] = made
         self._send({"op": "submit", "rid": self._rid, "job": job}, payload)
-        self._pending_specs = getattr(self, "_pending_specs", {})
         self._pending_specs[self._rid] = specs
         return self._rid
 
-    def poll(self, timeout=None):
+    def poll(self, timeout: Optional[float] = None) -> Event:
         """The next event: ("accepted", rid, id), ("rejected", rid, Error) or ("result", Result)."""
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         while True:
@@ -348,19 +437,19 @@ class Client:
             op = h.get("op")
             if op == "accepted":
                 self._pending_files.pop(h["rid"], None)
-                specs = getattr(self, "_pending_specs", {}).pop(h["rid"], None)
+                specs = self._pending_specs.pop(h["rid"], None)
                 if specs is not None:
                     self._out_specs[h["id"]] = specs
                 return ("accepted", h["rid"], h["id"])
             if op == "error":
-                _remove(self._pending_files.pop(h.get("rid"), []))
-                getattr(self, "_pending_specs", {}).pop(h.get("rid"), None)
+                _remove(self._pending_files.pop(h.get("rid", 0), []))
+                self._pending_specs.pop(h.get("rid", 0), None)
                 return ("rejected", h.get("rid"), Error(h["code"], h["error"],
                                                         h.get("retry_after_ms", 0)))
             if op == "result" and h.get("rid") == 0:
                 return ("result", Result(h, frames, self._out_specs.pop(h["id"], None)))
 
-    def wait(self, job_id, timeout=None):
+    def wait(self, job_id: int, timeout: Optional[float] = None) -> Result:
         """The Result of a job, waiting for it to end.
 
         A result is pushed only to the connection that submitted the job, in
@@ -389,25 +478,32 @@ class Client:
                     return Result(h, frames, self._out_specs.pop(job_id, None))
                 self._events.append((h, frames))
 
-    def status(self, job_id):
+    def status(self, job_id: int) -> Result:
+        """The job's state (no outputs)."""
         h, frames = self._call({"op": "status", "id": job_id})
         return Result(h, frames)
 
-    def result(self, job_id):
+    def result(self, job_id: int) -> Result:
         """The ended job's Result (its state only, while it has not ended)."""
         h, frames = self._call({"op": "result", "id": job_id})
         if h.get("op") == "result":
             return Result(h, frames, self._out_specs.pop(job_id, None))
         return Result(h, frames)
 
-    def cancel(self, job_id):
+    def cancel(self, job_id: int) -> str:
+        """Cancels a job; returns its state after the cancel."""
         h, _ = self._call({"op": "cancel", "id": job_id})
-        return h["state"]
+        state: str = h["state"]
+        return state
 
-    def stats(self):
+    def stats(self) -> Dict[str, Any]:
+        """The broker's counters (PROTOCOL.md, "stats")."""
         h, _ = self._call({"op": "stats"})
-        return h["stats"]
+        stats: Dict[str, Any] = h["stats"]
+        return stats
 
-    def devices(self):
+    def devices(self) -> List[Dict[str, Any]]:
+        """The registered workers and their GPUs (PROTOCOL.md, "devices")."""
         h, _ = self._call({"op": "devices"})
-        return h["workers"]
+        workers: List[Dict[str, Any]] = h["workers"]
+        return workers

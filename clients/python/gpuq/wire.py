@@ -5,7 +5,10 @@ PROTOCOL.md's tables), integers in their smallest msgpack form, f32 argument
 values as msgpack float 32 and every other float as float 64.
 """
 
+from __future__ import annotations
+
 import struct
+from typing import Any, Dict, Iterable, List, Optional, Union
 
 import msgpack
 
@@ -21,7 +24,7 @@ class _F32(float):
     """A float that the encoder writes as msgpack float 32."""
 
 
-def _pack(obj, out):
+def _pack(obj: object, out: List[bytes]) -> None:
     if obj is None:
         out.append(b"\xc0")
     elif obj is True:
@@ -56,7 +59,8 @@ def _pack(obj, out):
         raise TypeError("cannot encode %r" % (obj,))
 
 
-def _header(n, fix, fix_max, m8, m16, m32):
+def _header(n: int, fix: int, fix_max: int, m8: Optional[bytes], m16: bytes,
+            m32: bytes) -> bytes:
     if n <= fix_max:
         return bytes([fix | n])
     if m8 is not None and n < 256:
@@ -66,7 +70,7 @@ def _header(n, fix, fix_max, m8, m16, m32):
     return m32 + struct.pack(">I", n)
 
 
-def _pack_int(v):
+def _pack_int(v: int) -> bytes:
     if v >= 0:
         if v < 128:
             return bytes([v])
@@ -88,7 +92,7 @@ def _pack_int(v):
     return b"\xd3" + struct.pack(">q", v)
 
 
-def _mark_f32(header):
+def _mark_f32(header: Dict[str, Any]) -> Dict[str, Any]:
     """Marks the values of f32 arguments so that they encode as float 32."""
     job = header.get("job") if isinstance(header, dict) else None
     for holder in (job, header):
@@ -97,14 +101,14 @@ def _mark_f32(header):
     return header
 
 
-def encode(header):
+def encode(header: Dict[str, Any]) -> bytes:
     """The msgpack bytes of a header map (canonical form)."""
-    out = []
+    out: List[bytes] = []
     _pack(_mark_f32(header), out)
     return b"".join(out)
 
 
-def decode(data):
+def decode(data: Union[bytes, bytearray, memoryview]) -> Dict[str, Any]:
     """The header map of msgpack bytes; ValueError when it is not one map."""
     try:
         obj = msgpack.unpackb(data, raw=False, strict_map_key=True)
@@ -115,13 +119,14 @@ def decode(data):
     return obj
 
 
-def pack_frames(frames):
+def pack_frames(frames: Iterable[Union[bytes, bytearray, memoryview]]) -> bytes:
     """A golden file: each frame as a little-endian u32 length, then its bytes."""
     return b"".join(struct.pack("<I", len(f)) + bytes(f) for f in frames)
 
 
-def unpack_frames(data):
-    frames, off = [], 0
+def unpack_frames(data: bytes) -> List[bytes]:
+    frames: List[bytes] = []
+    off = 0
     while off < len(data):
         (n,) = struct.unpack_from("<I", data, off)
         off += 4

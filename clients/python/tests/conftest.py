@@ -1,6 +1,10 @@
 """A live gpuqd (and, where a test asks, worker test doubles) for the client tests.
 
 GPUQ_BIN names the folder holding gpuqd and gpuq-fake-worker (build/bin).
+GPUQ_TEST_INSTALLED=1 tests the installed gpuq instead of the source tree
+next to this folder (which then need not exist: copy the tests anywhere);
+GPUQ_VERSION_FILE and GPUQ_GOLDEN_DIR name the repository's VERSION and
+schema/golden when the tests are not in it.
 """
 
 import json
@@ -12,12 +16,18 @@ import time
 
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+HERE = os.path.dirname(os.path.abspath(__file__))
+SOURCE = os.path.dirname(HERE)                          # clients/python
+INSTALLED = os.environ.get("GPUQ_TEST_INSTALLED") == "1"
+if not INSTALLED:
+    sys.path.insert(0, SOURCE)
 
 import gpuq  # noqa: E402
 
-ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
+ROOT = os.path.abspath(os.path.join(SOURCE, "..", ".."))
 BIN = os.environ.get("GPUQ_BIN", os.path.join(ROOT, "build", "bin"))
+VERSION_FILE = os.environ.get("GPUQ_VERSION_FILE", os.path.join(ROOT, "VERSION"))
+GOLDEN_DIR = os.environ.get("GPUQ_GOLDEN_DIR", os.path.join(ROOT, "schema", "golden"))
 
 
 class Service:
