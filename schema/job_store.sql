@@ -1,43 +1,56 @@
--- gpuq job store, format 3: the format's specification. One SQLite file (the
--- broker's --store PATH) in WAL mode, written by the broker only, and the
--- blob directory PATH.blobs/ beside it. A job is acknowledged to its client,
--- and a result pushed, only after the transaction that holds it commits.
+-- gpuq job store, format 3 (schema/STORE.md describes it in full). One
+-- SQLite file (the broker's --store PATH) in WAL mode, written by one broker
+-- process, and the blob directory PATH.blobs/ beside it. Compiled into the
+-- programs and run at every open, in the transaction that migrates older
+-- formats. A
+-- job is acknowledged to its client, and a result pushed, only after the
+-- transaction that holds it commits.
 --
--- Numbers in `meta` are decimal text. Packed integers in blobs are
--- little-endian, without any header or framing (not msgpack).
+-- Numbers in `meta` are decimal text. The integers packed in results.timing
+-- and results.outputs are raw little-endian, without any header, count or
+-- framing (not msgpack).
 
 CREATE TABLE IF NOT EXISTS meta (
   name  TEXT PRIMARY KEY,
   value TEXT NOT NULL
 ) STRICT;
 -- Rows of meta:
---   'format'   '3'. Format 1 (inline buffers only: no in_file, seg, off, len
---              columns) and format 2 (no 'next_id' or 'epoch'; no len in
---              inline and file rows) are migrated at open: the columns are
---              added, the version set; no row is rewritten. Any other value
---              is refused.
---   'next_id'  with MAX(jobs.id) + 1, a bound on every job id ever issued:
---              ids are issued from max(next_id, MAX(jobs.id) + 1, 1) up, so
---              none is issued twice (a job's id outlives its purge). Written
---              at each open and by each transaction that deletes jobs rows
---              (a purge: the only deletion), which is what can lower
---              MAX(jobs.id).
+--   'format'   '3' (PRAGMA user_version is not used). Migrated at open,
+--              with no row rewritten: format 1 (inline buffers only) gets
+--              the columns in_file, seg, off and len in job_inputs and
+--              result_outputs, then is format 2; format 2 (which has those
+--              columns, but no 'next_id' or 'epoch' and no len in inline and
+--              file rows) gets 'format' set to '3'. Any other value fails
+--              the open and leaves the file as it was.
+--   'next_id'  with MAX(jobs.id) + 1, a bound on every job id a committed
+--              transaction inserted: ids are issued from max(next_id,
+--              MAX(jobs.id) + 1, 1) up, so none is issued twice (a job's id
+--              outlives its purge). Written at each open, and by a commit
+--              that deleted jobs rows (a purge: the only deletion, and so
+--              the only way MAX(jobs.id) can fall) when it has changed.
 --   'epoch'    how many times the store has been opened: each open adds one
 --              and commits it before the broker serves (1 for a new store).
 
 CREATE TABLE IF NOT EXISTS jobs (
-  id           INTEGER PRIMARY KEY,      -- job id, never reused (meta 'next_id')
+  id           INTEGER PRIMARY KEY,      -- job id, never reused (meta 'next_id';
+                                         -- not AUTOINCREMENT: the broker assigns it)
   tenant       TEXT NOT NULL,
   client_key   TEXT,                     -- idempotency key; NULL when none
   priority     INTEGER NOT NULL,
   state        TEXT NOT NULL,            -- queued | done | failed | canceled | expired
-  attempts     INTEGER NOT NULL DEFAULT 0,
-  suspect      INTEGER NOT NULL DEFAULT 0,  -- 1: was in flight on a worker that faulted
+                                         -- (a job on a worker stays queued here)
+  attempts     INTEGER NOT NULL DEFAULT 0,  -- dispatches, written when the job is
+                                         -- requeued after its worker was lost and
+                                         -- when it ends
+  suspect      INTEGER NOT NULL DEFAULT 0,  -- 1: requeued after the worker it was on
+                                         -- was lost (it runs alone next time)
   accepted_ms  INTEGER NOT NULL,         -- Unix time, milliseconds
   deadline_ms  INTEGER NOT NULL,         -- absolute, Unix ms; 0 = none
-  spec         BLOB NOT NULL,            -- the submit's `job` map (msgpack, PROTOCOL.md
-                                         -- "submit") without `files` (those inputs are
-                                         -- job_inputs rows after the frames' rows)
+  spec         BLOB NOT NULL,            -- the job map (msgpack, PROTOCOL.md "submit")
+                                         -- as the broker re-encodes it: limit_ms set
+                                         -- to the default when absent, and without
+                                         -- `files` (those inputs are job_inputs rows
+                                         -- after the frames' rows)
   client       BLOB NOT NULL,            -- unused: empty in rows written by format 3
                                          -- (formats 1-2 kept a ZeroMQ routing id here)
   finished_ms  INTEGER                   -- Unix ms; set with a terminal state
@@ -52,7 +65,8 @@ CREATE INDEX IF NOT EXISTS jobs_by_finish ON jobs(finished_ms) WHERE finished_ms
 
 -- Input buffers, one row per payload index: the submit's frames (0 up), then
 -- its local `files`. Removed when the job ends. Where a buffer's bytes are
--- (in_file), for a buffer of N bytes:
+-- (in_file), for a buffer of N bytes (kBlobLogMinBytes and kBlobFileMinBytes
+-- in broker/job_store.h):
 --   0: in `data` (N < 1 KiB); len = N.
 --   2: in the input log: segment file PATH.blobs/log-i-<seg>, the N = len
 --      bytes at byte `off` (1 KiB <= N < 64 KiB); `data` empty.
@@ -66,12 +80,15 @@ CREATE INDEX IF NOT EXISTS jobs_by_finish ON jobs(finished_ms) WHERE finished_ms
 -- names them commits; files are unlinked after the row's deletion commits.
 -- Appends go to one segment until a commit leaves it holding the segment
 -- size (64 MiB in gpuqd) or more, then to the next (<seg> + 1); after a
--- start, to one past the largest existing <seg>. A segment that no row names
--- any more is removed, but the one appended to. At start, files j*.i* and
--- j*.o* and log segments that no row names are removed, as are local files
--- handed over by clients (c-*) and workers (w-*) that no message took within
--- an hour. A log segment may end with bytes no row names (written before a
--- crash, or by a failed transaction whose bytes could not be cut off).
+-- start, to one past the largest <seg> among the segment files present and
+-- the rows. A segment is the buffers' bytes end to end, with no header,
+-- length or checksum: rows alone say where each buffer is. A segment that no
+-- row names any more is removed, but the one appended to. At start, files
+-- j*.i* and j*.o* and log segments that no row names are removed, as are
+-- local files handed over by clients (c-*) and workers (w-*) last modified
+-- over an hour before. A log segment may end with bytes no row names
+-- (written before a crash, or by a failed transaction whose bytes could not
+-- be cut off).
 CREATE TABLE IF NOT EXISTS job_inputs (
   job_id  INTEGER NOT NULL REFERENCES jobs(id) ON DELETE CASCADE,
   idx     INTEGER NOT NULL,
@@ -86,14 +103,16 @@ CREATE TABLE IF NOT EXISTS job_inputs (
 -- The result of an ended job, kept for the retention period.
 CREATE TABLE IF NOT EXISTS results (
   job_id    INTEGER PRIMARY KEY REFERENCES jobs(id) ON DELETE CASCADE,
-  code      TEXT NOT NULL,               -- ok, or the failure's code (PROTOCOL.md
-                                         -- "Error codes")
+  code      TEXT NOT NULL,               -- ok (done, canceled), expired, or the
+                                         -- failure's code (PROTOCOL.md "Error codes")
   error     TEXT NOT NULL,               -- empty for ok
-  device    TEXT NOT NULL,               -- the GPU's uuid; empty if it never ran
-  timing    BLOB NOT NULL,               -- 8 u64, 64 bytes: queue, compile, load, h2d,
-                                         -- kernel, d2h, total (microseconds), cache_hit (0/1)
-  outputs   BLOB NOT NULL                -- one u32 per output, in output (idx) order:
-                                         -- the output's argument index
+  device    TEXT NOT NULL,               -- uuid of the GPU whose worker returned the
+                                         -- result; empty when no worker did
+  timing    BLOB NOT NULL,               -- 64 bytes, 8 little-endian u64 at bytes 0, 8,
+                                         -- ..., 56: queue, compile, load, h2d, kernel,
+                                         -- d2h, total (microseconds), cache_hit (0/1)
+  outputs   BLOB NOT NULL                -- 4 bytes per output, in output (idx) order:
+                                         -- its argument index, a little-endian u32
 ) STRICT;
 
 -- Output buffers, one row per output: the row of idx i holds the bytes of

@@ -42,8 +42,8 @@ struct CudaDriver {
 StatusOr<std::shared_ptr<const CudaDriver>> LoadCudaDriver();
 
 // True for errors after which the process's CUDA context is unusable
-// (DESIGN.md: a new context in the same process fails too): the worker
-// must exit and be restarted.
+// (docs/DESIGN.md, "Processes": a new context in the same process fails
+// too): the worker must exit and be restarted.
 bool IsSticky(CUresult r);
 
 // Makes the device's default stream-ordered memory pool keep what is freed

@@ -1,7 +1,8 @@
 // Starts and supervises gpuq-worker processes, one per GPU: a worker that
 // exits is started again with backoff (100 ms doubling to 5 s, reset once it
 // has run 30 s). A worker is a process, not a thread, because after a kernel
-// faults nothing in its process can use the GPU again (DESIGN.md).
+// faults nothing in its process can use the GPU again (docs/DESIGN.md,
+// "Processes").
 #pragma once
 
 #include <sys/types.h>
