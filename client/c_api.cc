@@ -40,6 +40,8 @@ static_assert(GPUQ_F64 == static_cast<int>(gpuq::schema::ScalarType::kF64));
 
 extern "C" {
 
+const char* gpuq_version(void) { return GPUQ_VERSION_STRING; }
+
 const char* gpuq_code_name(gpuq_code code) {
   // CodeName returns views of string literals: NUL-terminated, static.
   return gpuq::CodeName(static_cast<gpuq::Code>(code)).data();

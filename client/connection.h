@@ -8,6 +8,7 @@
 #include <zmq.hpp>
 
 #include "gpuq/client.h"
+#include "schema/messages.h"
 
 namespace gpuq::client_internal {
 

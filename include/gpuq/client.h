@@ -8,8 +8,8 @@
 // Many requests may be in flight on one Client: SubmitAsync() returns at once
 // and results are collected with Poll() or Wait().
 //
-// Failure: every call returns a Status (util/status.h) whose code is the
-// protocol's error code (schema/PROTOCOL.md): the broker's refusals
+// Failure: every call returns a Status (gpuq/status.h) whose code is the
+// protocol's error code (PROTOCOL.md): the broker's refusals
 // (kQueueFull with a retry hint, kInvalid, kNotFound, ...) as they came, and
 // kTimeout when no answer came in time. Nothing here throws.
 #pragma once
@@ -25,8 +25,8 @@
 #include <string_view>
 #include <vector>
 
-#include "schema/messages.h"
-#include "util/status.h"
+#include "gpuq/status.h"
+#include "gpuq/types.h"
 
 namespace gpuq {
 

@@ -3,7 +3,7 @@
  *
  * Conventions, for every function:
  * - Functions that can fail return a gpuq_code; GPUQ_OK (0) is success, any
- *   other value is the protocol's error code (schema/PROTOCOL.md). The text
+ *   other value is the protocol's error code (PROTOCOL.md, "Error codes"). The text
  *   of the last failure on a client is gpuq_client_error().
  * - Objects are opaque. What a gpuq_*_new or an out-parameter gives you, you
  *   own and must release with the matching gpuq_*_free (NULL is accepted).
@@ -16,6 +16,8 @@
 
 #include <stddef.h>
 #include <stdint.h>
+
+#include "gpuq/version.h"
 
 #ifdef __cplusplus
 extern "C" {
@@ -66,6 +68,10 @@ typedef struct gpuq_timing {
 typedef struct gpuq_client gpuq_client;
 typedef struct gpuq_job gpuq_job;
 typedef struct gpuq_result gpuq_result;
+
+/* The library's version ("0.1.0"), a static string: GPUQ_VERSION_STRING of
+ * the library that runs, which may differ from the header's. */
+const char* gpuq_version(void);
 
 /* The name of a code ("queue_full"), a static string. */
 const char* gpuq_code_name(gpuq_code code);
