@@ -91,6 +91,11 @@ void BlobDir::Remove(const std::string& name) const {
   (void)unlink((path_ + "/" + name).c_str());
 }
 
+void BlobDir::Unadopt(const std::string& from, const std::string& to) const {
+  const std::string src = path_ + "/" + to, dst = path_ + "/" + from;
+  if (rename(src.c_str(), dst.c_str()) != 0) (void)unlink(src.c_str());
+}
+
 Status BlobDir::Adopt(const std::string& from, const std::string& to, uint64_t* size,
                       bool sync) const {
   // Renamed first, then checked under its new name: what is checked is what

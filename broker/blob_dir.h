@@ -40,6 +40,9 @@ class BlobDir {
   // `sync` its data is then on stable storage. `size` gets its size. On any
   // failure after the rename, `to` is removed.
   Status Adopt(const std::string& from, const std::string& to, uint64_t* size, bool sync) const;
+  // Undoes an Adopt: `to` goes back to its peer's name `from` (best effort;
+  // where that fails, `to` is removed).
+  void Unadopt(const std::string& from, const std::string& to) const;
   // Removes the files whose names start with `prefix` and that were last
   // changed more than `age_s` seconds ago.
   void RemoveStale(const std::string& prefix, int64_t age_s) const;

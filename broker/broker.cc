@@ -197,6 +197,7 @@ Status Broker::Impl::Init() {
     job->accepted = now - std::chrono::milliseconds(std::max<int64_t>(0, now_ms - s.accepted_ms));
     job->spec = std::make_shared<const schema::JobSpec>(std::move(s.spec));
     job->attempts = s.attempts;
+    job->attempts_stored = s.attempts;
     job->suspect = s.suspect;
     job->durable = true;
     for (StoredBuffer& b : s.inputs) {

@@ -138,6 +138,8 @@ void BrokerCore::Flush() {
   if (!unwritten_.empty() && now >= retry_writes_at_) {
     for (FinishOp& op : unwritten_) batch_->finishes.push_back(std::move(op));
     unwritten_.clear();
+    for (AttemptsOp& op : uncounted_) batch_->attempts.push_back(op);
+    uncounted_.clear();
   }
   if (batch_->empty()) return;
   batch_->submitted = now;
@@ -170,6 +172,15 @@ void BrokerCore::OnBatchesDone() {
     counters_.store_batch_us.Observe(MicrosBetween(b->submitted, clock_->Now()));
     for (InsertOp& op : b->inserts) OnInserted(op);
     for (FinishOp& op : b->finishes) OnFinished(op, b->status);
+    for (const AttemptsOp& op : b->attempts) {
+      Job* job = jobs_.Find(op.id);
+      if (!job) continue;
+      if (b->status.ok()) {
+        job->attempts_stored = std::max(job->attempts_stored, op.attempts);
+      } else {
+        uncounted_.push_back(op);
+      }
+    }
     for (ReadOp& r : b->reads) OnRead(r);
     for (auto& f : b->on_done) f();
   }
@@ -394,10 +405,11 @@ void BrokerCore::Forget(Job& job) {
   unwritten_.erase(std::remove_if(unwritten_.begin(), unwritten_.end(),
                                   [&](const FinishOp& op) { return op.result.id == id; }),
                    unwritten_.end());
-  auto& att = batch_->attempts;
-  att.erase(std::remove_if(att.begin(), att.end(),
-                           [&](const AttemptsOp& op) { return op.id == id; }),
-            att.end());
+  for (auto* att : {&batch_->attempts, &uncounted_}) {
+    att->erase(std::remove_if(att->begin(), att->end(),
+                              [&](const AttemptsOp& op) { return op.id == id; }),
+               att->end());
+  }
   jobs_.Remove(id);
 }
 

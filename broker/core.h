@@ -133,7 +133,9 @@ class BrokerCore {
   // Sends the jobs queued for each worker by this iteration: one message,
   // or a batch of several.
   void FlushWorkers();
-  void WorkerLost(const std::string& id, const std::string& why);
+  // `lives`: the worker's process is known to live on (it registered again
+  // on the same connection), so no job it held is to blame.
+  void WorkerLost(const std::string& id, const std::string& why, bool lives = false);
   bool SendWorker(const std::string& id, const schema::BrokerMessage& m, Frames* payload = nullptr);
 
   // ---- timers
@@ -203,6 +205,7 @@ class BrokerCore {
   Status store_failure_;
   MonoTime retry_writes_at_{};  // after a failed commit: when to try again
   std::vector<FinishOp> unwritten_;  // results whose commit failed, to retry
+  std::vector<AttemptsOp> uncounted_;  // attempt counts whose commit failed, to retry
 
   // Compiles finishing on the compile service's threads.
   Mutex compile_mu_;

@@ -131,6 +131,9 @@ bool BrokerCore::Matches(const Job& job, const Worker& w) const {
 
 bool BrokerCore::Eligible(Job& job, const Worker& w) {
   if (job.loading || !Matches(job, w)) return false;
+  // Its last requeue's count has not committed: dispatched now and again
+  // after a crash, two attempts could share a number (Job::attempts_stored).
+  if (job.attempts > job.attempts_stored) return false;
   const schema::Placement& p = job.spec->placement;
   if (p.min_free_bytes && w.device.free_bytes < p.min_free_bytes) return false;
   if (job.suspect && !w.inflight.empty()) return false;
@@ -170,7 +173,7 @@ void BrokerCore::SendJob(Worker& w, Job& job) {
   ++job.attempts;
   // Strictly increasing across restarts too: a restart raises the epoch by
   // one, and a job is dispatched at most once between two of its stored
-  // attempt counts (PROTOCOL.md, "Worker lifecycle").
+  // attempt counts (Eligible; PROTOCOL.md, "Worker lifecycle").
   job.attempt_no = static_cast<uint32_t>(std::min<uint64_t>(job.attempts + epoch_, UINT32_MAX));
   workers_.Dispatched(w, job.id, job.attempt_no, job.suspect);
   bool needs_load = false;

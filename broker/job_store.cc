@@ -251,7 +251,7 @@ Status JobStore::PutBuffer(const char* insert_sql, uint64_t id, size_t idx, char
   if (data.size() >= kBlobFileMinBytes) {
     std::string name = BlobName(id, kind, idx);
     GPUQ_RETURN_IF_ERROR(blobs_.Write(name, data, durability_ == Durability::kPowerLoss));
-    written_.push_back(std::move(name));
+    written_.push_back({std::move(name), {}});
     s->BindBlob(3, std::string_view()).Bind(4, kInFile).BindNull(5).BindNull(6);
   } else if (data.size() >= kBlobLogMinBytes) {
     const BlobLog::Ref ref = Log(kind).Append(data);
@@ -274,7 +274,7 @@ Status JobStore::AdoptBuffer(const char* insert_sql, uint64_t id, size_t idx, ch
     blobs_.Remove(to);
     return Error(Code::kInvalid, "local file " + name + " changed size");
   }
-  written_.push_back(std::move(to));
+  written_.push_back({std::move(to), name});
   GPUQ_ASSIGN_OR_RETURN(sql::Stmt * s, Cached(insert_sql));
   return s->Bind(1, static_cast<int64_t>(id))
       .Bind(2, static_cast<int64_t>(idx))
@@ -284,6 +284,11 @@ Status JobStore::AdoptBuffer(const char* insert_sql, uint64_t id, size_t idx, ch
       .BindNull(6)
       .Bind(7, static_cast<int64_t>(size))
       .Run();
+}
+
+void JobStore::Unwrite(const Written& w) const {
+  if (w.from.empty()) return blobs_.Remove(w.name);
+  blobs_.Unadopt(w.from, w.name);
 }
 
 std::string JobStore::InputPath(uint64_t id, size_t idx) const {
@@ -450,7 +455,7 @@ void JobStore::Abort() {
   // SQLite may have rolled back already (a failed COMMIT can); should the
   // rollback fail, Begin() retries it.
   if (db_.in_transaction()) (void)db_.Exec("ROLLBACK");
-  for (const std::string& name : written_) blobs_.Remove(name);
+  for (const Written& w : written_) Unwrite(w);
   in_log_->Aborted();
   out_log_->Aborted();
   next_id_ = committed_next_id_;
@@ -490,7 +495,7 @@ Status JobStore::InsertWithSpec(const StoredJob& job, const schema::JobSpec& spe
   Status s = InsertRows(job, spec, inputs, files);
   if (!s.ok()) {
     (void)Failed(db_.Exec("ROLLBACK TO job_insert"));
-    for (size_t i = written; i < written_.size(); ++i) blobs_.Remove(written_[i]);
+    for (size_t i = written; i < written_.size(); ++i) Unwrite(written_[i]);
     written_.resize(written);
     in_log_->RollbackTo(logged);
   }

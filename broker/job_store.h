@@ -250,7 +250,14 @@ class JobStore {
   bool purged_ = false;  // the open transaction deleted jobs rows
   bool in_tx_ = false;
   Status failure_;  // the first failed write of the open transaction: it must not commit
-  std::vector<std::string> written_;      // files of the open transaction
+  // Files of the open transaction: written by it, or a peer's file it
+  // adopted (`from`, its peer's name, to which an abort gives it back, so
+  // that a retried write finds it again).
+  struct Written {
+    std::string name, from;
+  };
+  std::vector<Written> written_;
+  void Unwrite(const Written& w) const;
   std::vector<std::string> to_unlink_;    // files whose rows it deletes
 };
 

@@ -55,6 +55,10 @@ struct Job {
   bool durable = false;   // its row has committed
   bool loading = false;   // its inputs are being read for a dispatch
   uint32_t attempts = 0;  // dispatches so far
+  // Dispatches the store has counted (committed). A job is dispatched again
+  // only once the store counts every earlier dispatch but the last, so that
+  // count + epoch after a restart is above every attempt number sent.
+  uint32_t attempts_stored = 0;
   bool suspect = false;   // was in flight on a worker that was lost
   std::string worker;     // routing id while dispatched
   uint32_t attempt_no = 0;  // the dispatch's number on the wire (PROTOCOL.md)

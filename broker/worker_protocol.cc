@@ -142,7 +142,7 @@ void BrokerCore::OnWorkerMessage(Frames& frames) {
   }
   const auto now = clock_->Now();
   if (m.op == WorkerOp::kReady) {
-    if (workers_.Find(id)) WorkerLost(id, "it registered again");
+    if (workers_.Find(id)) WorkerLost(id, "it registered again", /*lives=*/true);
     const bool local = !m.local_dir.empty() && m.local_dir == local_dir_;
     auto w = workers_.Ready(id, m, local, now,
                             [this](const std::string& arch) { return compiler_->CanTarget(arch); });
@@ -236,7 +236,7 @@ void BrokerCore::OnWorkerResult(Worker& w, WorkerMessage& m, Frames& frames) {
          std::move(data), w.device.uuid, std::move(m.files));
 }
 
-void BrokerCore::WorkerLost(const std::string& id, const std::string& why) {
+void BrokerCore::WorkerLost(const std::string& id, const std::string& why, bool lives) {
   if (!workers_.Find(id)) return;
   outboxes_.erase(id);  // jobs not sent yet: requeued below with the rest
   Worker w = workers_.Remove(id);
@@ -263,8 +263,10 @@ void BrokerCore::WorkerLost(const std::string& id, const std::string& why) {
       DropPeerFiles(begun, schema::kWorkerFilePrefix);
     }
     // A job that was alone on a worker that died is the culprit; jobs that
-    // shared it are suspects, replayed one at a time.
-    if (job->suspect && alone) {
+    // shared it are suspects, replayed one at a time. A worker that lives
+    // on (it lost touch with the broker and registered again) convicts no
+    // one, and makes no one a suspect.
+    if (job->suspect && alone && !lives) {
       Finish(*job, JobState::kFailed, Code::kKernelFault,
              "its worker died while running it alone (" + why + ")");
       continue;
@@ -275,7 +277,7 @@ void BrokerCore::WorkerLost(const std::string& id, const std::string& why) {
       continue;
     }
     // Requeued as a suspect: it runs alone next time, and is judged then.
-    job->suspect = true;
+    if (!lives) job->suspect = true;
     ++counters_.requeued;
     batch_->attempts.push_back({job->id, job->attempts, job->suspect});
     jobs_.Queue(*job);

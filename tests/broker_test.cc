@@ -1147,14 +1147,16 @@ TEST(BulkTest, ALargeResultHoldsUpNoOneAndLosesNoWorker) {
   const char* env = getenv("GPUQ_BIG_RESULT_MIB");
   const uint64_t mib = env ? std::strtoull(env, nullptr, 10) : 256;
   TempDir dir;
-  // The default heartbeat (500 ms: a worker is lost after 1.5 s of silence).
+  // A heartbeat of 1 s: a worker is lost after 3 s of silence, less than
+  // the transfer takes on a loaded machine under a sanitizer (7 s seen), so
+  // a loop that the transfer held up would lose one.
   BrokerProcess broker(dir.path(), {"--max-queued-bytes", std::to_string(4 * (mib << 20)),
                                     "--max-unread-mb", std::to_string(2 * mib),
-                                    "--heartbeat-ms", "500"});
+                                    "--heartbeat-ms", "1000"});
   ASSERT_TRUE(broker.Start()) << testing::ReadFile(dir.File("gpuqd.log"));
   auto worker = [&](const std::string& uuid) {
     return Process::Start({testing::BinPath("gpuq-fake-worker"), "--broker",
-                           broker.worker_endpoint(), "--heartbeat-ms", "500", "--uuid", uuid},
+                           broker.worker_endpoint(), "--heartbeat-ms", "1000", "--uuid", uuid},
                           dir.File("workers.log"));
   };
   Process big_worker = worker("GPU-big"), small_worker = worker("GPU-small");

@@ -526,8 +526,8 @@ TEST_F(CompileServiceTest, StoppingAnswersEveryPendingCallbackWithUnavailable) {
     s->Submit(Request(std::string(kSaxpy) + "// " + std::to_string(i)), i % 2 ? "a" : "b",
               answers.For("small"));
   }
-  // The bomb holds the one compile thread; the others wait for it.
-  for (int i = 0; i < 1000 && s->stats().queued < 3; ++i) {
+  // The bomb holds the one compile thread once taken; the others wait.
+  for (int i = 0; i < 1000 && s->stats().queued != 3; ++i) {
     std::this_thread::sleep_for(std::chrono::milliseconds(10));
   }
   ASSERT_EQ(s->stats().queued, 3u);

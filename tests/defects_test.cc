@@ -11,6 +11,7 @@
 #include <msgpack.hpp>
 #include <nlohmann/json.hpp>
 #include <set>
+#include <sqlite3.h>
 #include <thread>
 
 #include "tests/broker_fixture.h"
@@ -186,6 +187,96 @@ TEST_F(BrokerTest, AttemptNumbersIncreaseAcrossBrokerRestarts) {
   ASSERT_EQ(after->header.id, *id);
   EXPECT_GT(after->header.attempt, before->header.attempt)
       << "a result of the attempt before the restart would pass for this one";
+}
+
+// The dispatch count the store holds, read as another process would.
+int64_t StoredAttempts(const std::string& store, uint64_t id) {
+  sqlite3* db = nullptr;
+  int64_t n = -1;
+  if (sqlite3_open_v2(store.c_str(), &db, SQLITE_OPEN_READONLY, nullptr) == SQLITE_OK) {
+    sqlite3_stmt* st = nullptr;
+    if (sqlite3_prepare_v2(db, "SELECT attempts FROM jobs WHERE id = ?", -1, &st, nullptr) ==
+        SQLITE_OK) {
+      sqlite3_bind_int64(st, 1, static_cast<int64_t>(id));
+      if (sqlite3_step(st) == SQLITE_ROW) n = sqlite3_column_int64(st, 0);
+    }
+    sqlite3_finalize(st);
+  }
+  sqlite3_close(db);
+  return n;
+}
+
+// A job requeued when its worker leaves is dispatched again only once the
+// store counts the lost attempt: otherwise a crash right after could give
+// the next broker's first dispatch the number the second one had.
+TEST_F(BrokerTest, AJobRunsAgainOnlyOnceTheStoreCountsItsLostAttempt) {
+  ASSERT_TRUE(StartBroker({"--heartbeat-ms", "1000"})) << Log();
+  RawWorker first(broker_->worker_endpoint());
+  first.Ready("sm_90", 1, "GPU-first");
+  auto c = Connect();
+  ASSERT_TRUE(WaitForWorkers(*c, 1));
+  auto id = c->Submit(Job("k", "x"));
+  ASSERT_TRUE(id.ok());
+  auto one = first.Receive();
+  ASSERT_TRUE(one && one->header.op == BrokerOp::kJob);
+  RawWorker second(broker_->worker_endpoint());
+  second.Ready("sm_90", 1, "GPU-second");
+  ASSERT_TRUE(WaitForWorkers(*c, 2));
+  schema::WorkerMessage bye;
+  bye.op = schema::WorkerOp::kDisconnect;
+  bye.reason = "leaving";
+  first.Send(bye);
+  auto two = second.Receive();
+  ASSERT_TRUE(two && two->header.op == BrokerOp::kJob);
+  ASSERT_EQ(two->header.id, *id);
+  EXPECT_GE(StoredAttempts(broker_->store(), *id), 1)
+      << "dispatched again before the store counted the lost attempt";
+  // And after a crash, the next dispatch's number is above both.
+  broker_->Kill();
+  ASSERT_TRUE(StartBroker()) << Log();
+  std::optional<RawWorker::Message> three;
+  for (int i = 0; i < 20 && !(three && three->header.op == BrokerOp::kJob); ++i) {
+    second.Ready("sm_90", 1, "GPU-second");
+    three = second.Receive(Millis(500));
+  }
+  ASSERT_TRUE(three && three->header.op == BrokerOp::kJob);
+  EXPECT_GT(three->header.attempt, two->header.attempt);
+}
+
+// A worker that registers again on its connection lost touch with the
+// broker; its process lives on: the suspect job it ran alone is not the
+// culprit, and runs again.
+TEST_F(BrokerTest, AWorkerThatRegistersAgainConvictsNoJob) {
+  ASSERT_TRUE(StartBroker({"--heartbeat-ms", "1000"})) << Log();
+  auto c = Connect();
+  RawWorker shared(broker_->worker_endpoint());
+  shared.Ready("sm_90", 2, "GPU-shared");
+  ASSERT_TRUE(WaitForWorkers(*c, 1));
+  auto a = c->Submit(Job("k", "a"));
+  auto b = c->Submit(Job("k", "b"));
+  ASSERT_TRUE(a.ok() && b.ok());
+  ASSERT_TRUE(shared.Receive());
+  ASSERT_TRUE(shared.Receive());
+  // It dies with both: both are suspects, each to run alone.
+  schema::WorkerMessage bye;
+  bye.op = schema::WorkerOp::kDisconnect;
+  bye.reason = "gone";
+  shared.Send(bye);
+  RawWorker w(broker_->worker_endpoint());
+  w.Ready("sm_90", 1, "GPU-alone");
+  auto alone = w.Receive();
+  ASSERT_TRUE(alone && alone->header.op == BrokerOp::kJob);
+  // It registers again while running it: both run again, one at a time.
+  w.Ready("sm_90", 1, "GPU-alone");
+  for (int i = 0; i < 2; ++i) {
+    auto m = w.Receive(Millis(3000));
+    ASSERT_TRUE(m && m->header.op == BrokerOp::kJob) << "a job was not sent again";
+    w.Done(*m);
+  }
+  for (uint64_t id : {*a, *b}) {
+    JobResult r = WaitEnded(*c, id);
+    EXPECT_EQ(r.state, JobState::kDone) << id << ": " << r.error;
+  }
 }
 
 TEST_F(BrokerTest, AResultWithoutEveryOutputIsRefused) {

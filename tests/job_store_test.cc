@@ -377,8 +377,10 @@ TEST(JobStore, ALocalFileThatFailsItsChecksLeavesNothingOfItsJob) {
   ASSERT_OK(inputs);
   ASSERT_EQ(inputs->size(), 1u);
   EXPECT_EQ(gpuq::testing::ReadFile((*inputs)[0].path), good);
-  EXPECT_EQ(Files(blobs),
-            (std::set<std::string>{"j" + std::to_string(kept.id) + ".i0", "c-other"}));
+  // The refused job's file that passed its checks is given back under the
+  // client's name (the broker removes a refused submit's files itself).
+  EXPECT_EQ(Files(blobs), (std::set<std::string>{"j" + std::to_string(kept.id) + ".i0",
+                                                 "c-fine", "c-other"}));
 }
 
 TEST(JobStore, SmallBuffersGoToLogsWhoseSegmentsGoWhenNoRowNamesThem) {
@@ -711,6 +713,45 @@ class FileSizeLimit {
 
 // Defect: a failed write left a partial buffer file and partial bytes at a
 // log segment's end, and every failure read as a generic io_error.
+// A result whose commit fails is written again later, naming the same
+// worker files: the failed transaction must give them back, not remove them.
+TEST_F(JobStoreTest, AFailedCommitGivesAWorkersFilesBackForTheRetry) {
+  Open();
+  const uint64_t id = *Accept(store(), {});
+  std::map<std::string, uintmax_t> before = FileSizes(dir_.path());
+  uintmax_t largest = 0;
+  for (const auto& [file, size] : before) largest = std::max(largest, size);
+  const std::string local = Bytes(200 * 1024, 'w');
+  gpuq::testing::WriteFile(blobs_ + "/w-1-1-0", local);
+  StoredResult r;
+  r.id = id;
+  r.device = "GPU-0";
+  r.attempts = 1;
+  r.outputs = {0};
+  const std::vector<schema::LocalFile> files = {{"w-1-1-0", local.size()}};
+  {
+    // SQLite's write of the result cannot fit (the rename needs no room).
+    FileSizeLimit limit(largest + 512);
+    ASSERT_TRUE(limit.ok());
+    ASSERT_OK(store().Begin());
+    (void)store().Finish(r, {}, 5000, 0, files);
+    Status committed = store().Commit();
+    ASSERT_FALSE(committed.ok()) << "committed under the limit";
+  }
+  EXPECT_EQ(gpuq::testing::ReadFile(blobs_ + "/w-1-1-0"), local)
+      << "the failed commit took the worker's file away";
+  EXPECT_FALSE(std::filesystem::exists(store().OutputPath(id, 0)));
+  // The retry finds the file and commits.
+  ASSERT_OK(store().Begin());
+  ASSERT_OK(store().Finish(r, {}, 5000, 0, files));
+  ASSERT_OK(store().Commit());
+  auto result = store().GetResult(id);
+  ASSERT_OK(result);
+  ASSERT_TRUE(result->has_value());
+  ASSERT_EQ((*result)->data.size(), 1u);
+  EXPECT_EQ(gpuq::testing::ReadFile((*result)->data[0].path), local);
+}
+
 TEST_F(JobStoreTest, ACommitThatRunsOutOfSpaceLeavesNothingAndTheStoreServesOn) {
   Open();
   const std::string earlier = Bytes(4096, 'e');
