@@ -256,6 +256,7 @@ TEST_F(BrokerTest, JobsOfAKilledWorkerAreRequeuedAndFinish) {
     auto r = c->Wait(ids[i], Millis(20000));
     ASSERT_TRUE(r.ok()) << r.status().ToString();
     EXPECT_EQ(r->state, JobState::kDone) << r->error;
+    ASSERT_NE(r->Output(0), nullptr);
     EXPECT_EQ(*r->Output(0), std::string(1, char(i + 1)));
     requeued += r->attempts > 1;
   }
