@@ -143,6 +143,7 @@ Status BlobDir::SyncDir() const {
   Fd f(open(path_.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
   if (f.fd < 0) return Errno("opening " + path_);
   if (fsync(f.fd) != 0) return Errno("syncing " + path_);
+  ++dir_syncs_;
   return Status::Ok();
 }
 
@@ -207,6 +208,9 @@ Status BlobLog::Flush(bool sync) {
     // filled up): no committed byte is lost to O_TRUNC.
     fd_ = open(file.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_APPEND | O_CLOEXEC, 0600);
     if (fd_ < 0) return Errno("creating " + file);
+    // A new segment's directory entry must outlive a power loss too: the
+    // rows about to commit name it.
+    if (sync) GPUQ_RETURN_IF_ERROR(dir_->SyncDir());
   }
   GPUQ_RETURN_IF_ERROR(WriteAll(fd_, pending_, file));
   size_ += pending_.size();

@@ -47,12 +47,15 @@ class BlobDir {
   // changed more than `age_s` seconds ago.
   void RemoveStale(const std::string& prefix, int64_t age_s) const;
   Status SyncDir() const;
+  // How many times SyncDir() made the directory durable.
+  uint64_t dir_syncs() const { return dir_syncs_; }
   // The names of the regular files in the directory.
   StatusOr<std::vector<std::string>> List() const;
 
  private:
   explicit BlobDir(std::string path) : path_(std::move(path)) {}
   std::string path_;
+  mutable uint64_t dir_syncs_ = 0;
 };
 
 // The job store's small buffers (1 KiB up to the file threshold), appended

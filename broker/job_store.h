@@ -166,6 +166,8 @@ class JobStore {
   // "Local buffers". Where input `idx` of job `id` and output `idx` of its
   // result live when they are files.
   const std::string& blob_dir() const { return blobs_.path(); }
+  // How many commits made the blob directory durable (--durability power).
+  uint64_t dir_syncs() const { return blobs_.dir_syncs(); }
   std::string InputPath(uint64_t id, size_t idx) const;
   std::string OutputPath(uint64_t id, size_t idx) const;
 

@@ -383,6 +383,22 @@ TEST(JobStore, ALocalFileThatFailsItsChecksLeavesNothingOfItsJob) {
                                                  "c-fine", "c-other"}));
 }
 
+// With --durability power, a commit whose rows name a file new to the
+// directory (a buffer's own file, or a new log segment) syncs the directory.
+TEST(JobStore, ANewLogSegmentIsADurableDirectoryEntry) {
+  gpuq::testing::TempDir dir;
+  auto store = JobStore::Open(dir.File("jobs.db"), Durability::kPowerLoss);
+  ASSERT_OK(store);
+  JobStore& s = **store;
+  const uint64_t before = s.dir_syncs();
+  StoredJob job = Job(1);
+  job.id = s.next_id();
+  ASSERT_OK(s.Begin());
+  ASSERT_OK(s.Insert(job, {Bytes(4096, 'l')}));  // goes to log-i-1, new
+  ASSERT_OK(s.Commit());
+  EXPECT_GT(s.dir_syncs(), before) << "the new segment's entry was never synced";
+}
+
 TEST(JobStore, SmallBuffersGoToLogsWhoseSegmentsGoWhenNoRowNamesThem) {
   gpuq::testing::TempDir dir;
   const std::string path = dir.File("jobs.db"), blobs = path + ".blobs";

@@ -68,7 +68,9 @@ class KernelCache {
   // PATH.damaged-<Unix seconds> (with its -wal and -shm) and a fresh cache is
   // started in its place; set_aside() then says so. Errors: kIoError when
   // the file cannot be opened, created or moved; kInvalid for a sound cache
-  // of another format (another gpuq version's, left alone).
+  // of another format (another gpuq version's): its entries are left as they
+  // are, though the schema script, run first, adds the tables and rows of
+  // this format that it lacks (IF NOT EXISTS, OR IGNORE).
   static StatusOr<std::unique_ptr<KernelCache>> Open(const std::string& path,
                                                     CacheOptions options = {});
   ~KernelCache();
@@ -96,9 +98,10 @@ class KernelCache {
   StatusOr<CacheStats> Stats() LOCKS_EXCLUDED(mu_);
   // Every entry's metadata, most recently used first (blobs left empty).
   StatusOr<std::vector<CacheEntry>> List() LOCKS_EXCLUDED(mu_);
-  // Removes failed entries when `failed_only`, else entries unused since
-  // `unused_before_ms` (when set), then the least recently used until the
-  // rest fit in `max_bytes`. Returns how many were removed.
+  // Removes failed entries when `failed_only`, and entries unused since
+  // `unused_before_ms` when it is set (either, both or neither), then the
+  // least recently used until the rest fit in `max_bytes`. Returns how many
+  // were removed.
   StatusOr<uint64_t> Prune(uint64_t max_bytes, std::optional<int64_t> unused_before_ms,
                            bool failed_only) LOCKS_EXCLUDED(mu_);
 
