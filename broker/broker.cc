@@ -77,6 +77,12 @@ class Broker::Impl {
   std::string client_endpoint_, worker_endpoint_;
   int metrics_port_ = 0;
   size_t resumed_ = 0;
+  // What /healthz and /readyz read, kept by the loop (steady-clock time of
+  // its latest turn, workers attached, whether the store writes).
+  std::atomic<int64_t> loop_turned_ns_{0};
+  std::atomic<size_t> workers_attached_{0};
+  std::atomic<bool> store_writes_{true};
+  std::atomic<size_t> expect_workers_{0};
   std::string local_dir_;
 
  private:
@@ -222,6 +228,32 @@ Status Broker::Impl::Init() {
       MutexLock lock(&render_mu_);
       res.set_content(prometheus_, "text/plain; version=0.0.4; charset=utf-8");
     });
+    // Alive: the loop turned within the last 10 s (it turns at least every
+    // 20 ms when idle), or has not started for as long.
+    loop_turned_ns_.store(std::chrono::steady_clock::now().time_since_epoch().count());
+    http_->Get("/healthz", [this](const httplib::Request&, httplib::Response& res) {
+      const int64_t now = std::chrono::steady_clock::now().time_since_epoch().count();
+      const double idle_s = (now - loop_turned_ns_.load()) / 1e9;
+      if (idle_s < 10) return res.set_content("ok\n", "text/plain");
+      res.status = 503;
+      res.set_content("the broker's loop has not turned for " + std::to_string(idle_s) + " s\n",
+                      "text/plain");
+    });
+    // Ready: the store writes, and the workers expected are attached.
+    http_->Get("/readyz", [this](const httplib::Request&, httplib::Response& res) {
+      const size_t attached = workers_attached_.load(), expected = expect_workers_.load();
+      if (!store_writes_.load()) {
+        res.status = 503;
+        return res.set_content("the job store cannot write\n", "text/plain");
+      }
+      if (attached < expected) {
+        res.status = 503;
+        return res.set_content(std::to_string(attached) + " of " + std::to_string(expected) +
+                                   " expected workers attached\n",
+                               "text/plain");
+      }
+      res.set_content("ready\n", "text/plain");
+    });
     metrics_port_ =
         port == 0 ? http_->bind_to_any_port(host) : (http_->bind_to_port(host, port) ? port : -1);
     if (metrics_port_ <= 0) {
@@ -299,6 +331,10 @@ Status Broker::Impl::Run() {
       if (e.num() != EINTR) return Error(Code::kInternal, std::string("poll: ") + e.what());
     }
     const MonoTime busy_from = clock_->Now();
+    loop_turned_ns_.store(std::chrono::steady_clock::now().time_since_epoch().count(),
+                          std::memory_order_relaxed);
+    workers_attached_.store(core_->workers().all().size(), std::memory_order_relaxed);
+    store_writes_.store(core_->store_failure().ok(), std::memory_order_relaxed);
     StatsSnapshot& counters = core_->counters();
     counters.loop_idle_us += MicrosBetween(idle_from, busy_from);
     ++counters.loop_iterations;
@@ -448,5 +484,6 @@ const std::string& Broker::local_dir() const { return impl_->local_dir_; }
 const std::string& Broker::worker_endpoint() const { return impl_->worker_endpoint_; }
 int Broker::metrics_port() const { return impl_->metrics_port_; }
 size_t Broker::resumed() const { return impl_->resumed_; }
+void Broker::ExpectWorkers(size_t n) { impl_->expect_workers_.store(n); }
 
 }  // namespace gpuq::broker

@@ -81,6 +81,9 @@ class Broker {
   int metrics_port() const;
   // Jobs resumed from the store at start.
   size_t resumed() const;
+  // /readyz answers "not ready" until this many workers are attached (the
+  // workers gpuqd starts itself, or --expect-workers). Thread-safe.
+  void ExpectWorkers(size_t n);
   // The local directory (PROTOCOL.md, "Local buffers"): workers on this host
   // are given it (gpuq-worker --local-dir).
   const std::string& local_dir() const;

@@ -524,6 +524,8 @@ std::vector<schema::WorkerView> BrokerCore::WorkerViews() const {
     v.inflight = static_cast<uint32_t>(w.inflight.size());
     v.heartbeat_age_ms = static_cast<uint64_t>(
         std::chrono::duration_cast<std::chrono::milliseconds>(now - w.last_seen).count());
+    v.health = w.health;
+    if (!w.drained.empty()) v.health.drain = w.drained;
     views.push_back(std::move(v));
   }
   return views;

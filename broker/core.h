@@ -136,6 +136,14 @@ class BrokerCore {
   // `lives`: the worker's process is known to live on (it registered again
   // on the same connection), so no job it held is to blame.
   void WorkerLost(const std::string& id, const std::string& why, bool lives = false);
+  // Requeues the jobs `w` held (`inflight`), or fails those it must: a
+  // suspect alone on a worker that died is the culprit; past the attempt
+  // limit a job fails. `lives`: as WorkerLost's.
+  void Requeue(const Worker& w, const std::map<uint64_t, Worker::Held>& inflight,
+               const std::string& why, bool lives);
+  // A worker's health from its ready or heartbeat: drains its GPU when the
+  // health says so (PROTOCOL.md, "GPU health").
+  void OnHealth(Worker& w, const schema::GpuHealth& h);
   bool SendWorker(const std::string& id, const schema::BrokerMessage& m, Frames* payload = nullptr);
 
   // ---- timers

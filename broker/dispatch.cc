@@ -153,7 +153,7 @@ void BrokerCore::Dispatch() {
     for (auto it = workers_.all().begin(); it != workers_.all().end();) {
       Worker& w = it->second;
       ++it;  // SendJob may lose the worker
-      if (w.credits == 0 || w.exclusive) continue;
+      if (w.credits == 0 || w.exclusive || !w.drained.empty()) continue;
       auto id = jobs_.scheduler().Pop([&](uint64_t jid) {
         Job* j = jobs_.Find(jid);
         return j && Eligible(*j, w);

@@ -54,6 +54,7 @@ int main(int argc, char** argv) {
   std::string curve_secret, allowed_keys, worker_keys;
   bool insecure = false;
   int heartbeat_ms = 500, retention_s = 86400, workers = -1;
+  size_t expect_workers = 0;
   uint64_t compile_timeout_ms = 10000, compile_memory_mb = 4096;
   app.add_option("--listen", o.client_endpoint, "Client endpoint (ipc://PATH or tcp://HOST:PORT)")
       ->capture_default_str();
@@ -102,6 +103,10 @@ int main(int argc, char** argv) {
                  "GPU workers to start and supervise: -1 one per visible GPU, 0 none")
       ->capture_default_str();
   app.add_option("--worker-bin", worker_bin, "gpuq-worker to start (default: beside gpuqd)");
+  app.add_option("--expect-workers", expect_workers,
+                 "/readyz says not ready until this many workers are attached (besides those "
+                 "gpuqd starts itself)")
+      ->capture_default_str();
   app.add_option("--ready-file", ready_file,
                  "Write the bound endpoints here as JSON once serving");
   app.add_option("--log-level", log_level, "trace, debug, info, warn, error")
@@ -183,6 +188,7 @@ int main(int argc, char** argv) {
                                             {"--spin-us", std::to_string(spin_us),
                                              "--local-dir", (*broker)->local_dir()});
   if (workers != 0) supervisor.Start(workers);
+  (*broker)->ExpectWorkers(std::max<size_t>(expect_workers, supervisor.started()));
 
   if (!ready_file.empty()) {
     nlohmann::json j = {{"client", (*broker)->client_endpoint()},

@@ -152,7 +152,7 @@ std::string EncodeStats(const StatsSnapshot& s) {
   Str(p, "workers");
   p.pack_array(static_cast<uint32_t>(s.workers.size()));
   for (const auto& w : s.workers) {
-    p.pack_map(6);
+    p.pack_map(6 + (w.health.known ? 1 : 0) + (w.health.drain.empty() ? 0 : 1));
     Str(p, "worker");
     Str(p, w.worker);
     Str(p, "device");
@@ -165,6 +165,22 @@ std::string EncodeStats(const StatsSnapshot& s) {
     p.pack_uint32(w.inflight);
     Str(p, "heartbeat_age_ms");
     p.pack_uint64(w.heartbeat_age_ms);
+    if (w.health.known) {
+      Str(p, "health");
+      p.pack_map(4);
+      Str(p, "util_pct");
+      p.pack_uint32(w.health.util_pct);
+      Str(p, "temp_c");
+      p.pack_uint32(w.health.temp_c);
+      Str(p, "power_mw");
+      p.pack_uint32(w.health.power_mw);
+      Str(p, "mem_used");
+      p.pack_uint64(w.health.mem_used_bytes);
+    }
+    if (!w.health.drain.empty()) {
+      Str(p, "drained");
+      Str(p, w.health.drain);
+    }
   }
   Str(p, "uptime_s");
   p.pack_double(s.uptime_s);
@@ -214,6 +230,9 @@ std::string PrometheusText(const StatsSnapshot& s) {
   o << "gpuq_client_replies_dropped_total " << s.replies_dropped << "\n";
   counter("gpuq_workers_lost_total", "Workers declared gone (silent, faulted or killed).");
   o << "gpuq_workers_lost_total " << s.workers_lost << "\n";
+  counter("gpuq_gpus_drained_total",
+          "GPUs drained for their health (a critical Xid or an uncorrectable ECC error).");
+  o << "gpuq_gpus_drained_total " << s.gpus_drained << "\n";
   o << "# HELP gpuq_job_phase_seconds Time jobs spent in each phase.\n"
        "# TYPE gpuq_job_phase_seconds histogram\n";
   for (const auto& [phase, h] : s.latency) {
@@ -285,6 +304,38 @@ std::string PrometheusText(const StatsSnapshot& s) {
   for (const auto& w : s.workers) {
     o << "gpuq_device_memory_free_bytes{gpu=\"" << Escape(w.device.uuid) << "\"} "
       << w.device.free_bytes << "\n";
+  }
+  // GPU health, where the worker reads NVML (PROTOCOL.md, "GPU health").
+  auto per_gpu = [&](const char* name, const char* kind, const char* help, auto value) {
+    o << "# HELP " << name << " " << help << "\n# TYPE " << name << " " << kind << "\n";
+    for (const auto& w : s.workers) {
+      if (!w.health.known) continue;
+      o << name << "{gpu=\"" << Escape(w.device.uuid) << "\",worker=\"" << Escape(w.worker)
+        << "\"} " << value(w.health) << "\n";
+    }
+  };
+  using H = schema::GpuHealth;
+  per_gpu("gpuq_gpu_utilization_ratio", "gauge",
+          "GPU utilization over NVML's last sample period, 0 to 1.",
+          [](const H& h) { return h.util_pct / 100.0; });
+  per_gpu("gpuq_gpu_memory_used_bytes", "gauge", "Device memory in use, by any process.",
+          [](const H& h) { return h.mem_used_bytes; });
+  per_gpu("gpuq_gpu_temperature_celsius", "gauge", "GPU temperature.",
+          [](const H& h) { return h.temp_c; });
+  per_gpu("gpuq_gpu_power_watts", "gauge", "GPU power draw.",
+          [](const H& h) { return h.power_mw / 1e3; });
+  per_gpu("gpuq_gpu_ecc_corrected_errors_total", "counter",
+          "Corrected ECC errors since the driver loaded.",
+          [](const H& h) { return h.ecc_corrected; });
+  per_gpu("gpuq_gpu_ecc_uncorrected_errors_total", "counter",
+          "Uncorrectable ECC errors since the driver loaded.",
+          [](const H& h) { return h.ecc_uncorrected; });
+  per_gpu("gpuq_gpu_xid_events_total", "counter", "Critical Xid events seen by the worker.",
+          [](const H& h) { return h.xid_events; });
+  gauge("gpuq_gpu_drained", "1 for a GPU drained for its health, else 0.");
+  for (const auto& w : s.workers) {
+    o << "gpuq_gpu_drained{gpu=\"" << Escape(w.device.uuid) << "\",worker=\"" << Escape(w.worker)
+      << "\"} " << (w.health.drain.empty() ? 0 : 1) << "\n";
   }
   gauge("gpuq_uptime_seconds", "Seconds since the broker started.");
   o << "gpuq_uptime_seconds " << s.uptime_s << "\n";

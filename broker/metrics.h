@@ -45,6 +45,7 @@ struct StatsSnapshot {
   std::map<std::string, uint64_t> inflight_by_worker;
   std::map<std::string, uint64_t> finished;  // by outcome
   uint64_t submitted = 0, rejected = 0, requeued = 0, workers_lost = 0;
+  uint64_t gpus_drained = 0;  // GPUs drained for their health (a critical Xid, ECC)
   uint64_t quarantined = 0;      // jobs found damaged at start
   // The job store: batches written (one transaction each), the rows they
   // wrote (jobs, results, attempt counts), and each batch's time from the

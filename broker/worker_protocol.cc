@@ -153,6 +153,7 @@ void BrokerCore::OnWorkerMessage(Frames& frames) {
     }
     spdlog::info("worker {} ready: {} ({}, {}), {} slots", (*w)->name, (*w)->device.name,
                  (*w)->arch, (*w)->device.uuid, (*w)->slots);
+    if (!m.health.drain.empty()) return OnHealth(**w, m.health);
     // Queued jobs may now run on this architecture.
     const std::string arch = (*w)->arch;
     jobs_.ForEach([&](Job& job) {
@@ -173,6 +174,7 @@ void BrokerCore::OnWorkerMessage(Frames& frames) {
       named->liveness_id = id;
       named->last_seen = now;
       named->device.free_bytes = m.free_bytes;
+      if (m.health.known) OnHealth(*named, m.health);
       return;
     }
   }
@@ -188,6 +190,7 @@ void BrokerCore::OnWorkerMessage(Frames& frames) {
   switch (m.op) {
     case WorkerOp::kHeartbeat:
       w->device.free_bytes = m.free_bytes;
+      if (m.health.known) OnHealth(*w, m.health);
       return;
     case WorkerOp::kResult:
       return OnWorkerResult(*w, m, frames);
@@ -243,10 +246,15 @@ void BrokerCore::WorkerLost(const std::string& id, const std::string& why, bool 
   ++counters_.workers_lost;
   spdlog::warn("worker {} ({}) is gone: {}; {} jobs were in flight", w.name, w.device.uuid, why,
                w.inflight.size());
-  const bool alone = w.inflight.size() == 1;
-  for (const auto& [jid, held] : w.inflight) {
+  Requeue(w, w.inflight, why, lives);
+}
+
+void BrokerCore::Requeue(const Worker& w, const std::map<uint64_t, Worker::Held>& inflight,
+                         const std::string& why, bool lives) {
+  const bool alone = inflight.size() == 1;
+  for (const auto& [jid, held] : inflight) {
     Job* job = jobs_.Find(jid);
-    if (!job || job->state != JobState::kDispatched || job->worker != id ||
+    if (!job || job->state != JobState::kDispatched || job->worker != w.id ||
         job->attempt_no != held.attempt) {
       continue;
     }
@@ -282,6 +290,24 @@ void BrokerCore::WorkerLost(const std::string& id, const std::string& why, bool 
     batch_->attempts.push_back({job->id, job->attempts, job->suspect});
     jobs_.Queue(*job);
   }
+}
+
+void BrokerCore::OnHealth(Worker& w, const schema::GpuHealth& h) {
+  w.health = h;
+  if (h.drain.empty() || !w.drained.empty()) return;
+  // A GPU with a critical Xid or an uncorrectable ECC error takes no more
+  // jobs. What it holds runs again elsewhere: the GPU is to blame, not the
+  // jobs, so none is convicted or made a suspect; results that still come
+  // from it are stale.
+  w.drained = h.drain;
+  ++counters_.gpus_drained;
+  spdlog::warn("GPU {} of worker {} is drained: {}; {} jobs in flight run again elsewhere",
+               w.device.uuid, w.name, h.drain, w.inflight.size());
+  std::map<uint64_t, Worker::Held> held;
+  held.swap(w.inflight);
+  w.credits = w.slots;
+  w.exclusive = false;
+  Requeue(w, held, "its GPU was drained: " + h.drain, /*lives=*/true);
 }
 
 void BrokerCore::Heartbeats() {

@@ -42,6 +42,7 @@ StatusOr<Worker*> WorkerRegistry::Ready(const std::string& id, const schema::Wor
   w.modules = ModuleSet(ready.module_slots);
   w.last_seen = now;
   w.local = local;
+  w.health = ready.health;
   w.token = ready.token;
   if (!w.token.empty()) by_token_[w.token] = id;
   ArchsChanged();

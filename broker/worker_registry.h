@@ -51,6 +51,10 @@ struct Worker {
   ModuleSet modules;
   MonoTime last_seen;
   bool exclusive = false;  // running a suspect alone
+  schema::GpuHealth health;  // as its latest ready or heartbeat said
+  // Why its GPU takes no more jobs (a critical Xid, an uncorrectable ECC
+  // error); empty while it serves. Kept until the worker registers again.
+  std::string drained;
   bool local = false;      // on this host: reads and writes the local directory
   // Its liveness connection (PROTOCOL.md, "Liveness"): heartbeats with its
   // token come there, and the broker's go there, beside whatever bulk data

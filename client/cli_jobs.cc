@@ -308,12 +308,22 @@ void PrintStatsText(FILE* f, const json& s) {
   if (workers.empty()) {
     std::fprintf(f, "workers: none attached\n");
   } else {
-    std::fprintf(f, "%-28s %-26s %6s %9s %10s\n", "worker", "device", "slots", "inflight",
-                "heartbeat");
+    std::fprintf(f, "%-28s %-26s %6s %9s %10s  %s\n", "worker", "device", "slots", "inflight",
+                "heartbeat", "GPU health");
     for (const auto& w : workers) {
-      std::fprintf(f, "%-28s %-26s %6llu %9llu %8llu ms\n", w.value("worker", "").c_str(),
+      std::string health = "-";
+      if (w.contains("health")) {
+        const json& h = w["health"];
+        char buf[128];
+        std::snprintf(buf, sizeof buf, "%llu%% busy, %llu C, %.0f W, %.1f GiB used",
+                      h.value("util_pct", 0ull), h.value("temp_c", 0ull),
+                      h.value("power_mw", 0ull) / 1e3, h.value("mem_used", 0ull) / 1073741824.0);
+        health = buf;
+      }
+      if (w.contains("drained")) health += "; DRAINED: " + w.value("drained", "");
+      std::fprintf(f, "%-28s %-26s %6llu %9llu %8llu ms  %s\n", w.value("worker", "").c_str(),
                   w.value("device", "").c_str(), w.value("slots", 0ull),
-                  w.value("inflight", 0ull), w.value("heartbeat_age_ms", 0ull));
+                  w.value("inflight", 0ull), w.value("heartbeat_age_ms", 0ull), health.c_str());
     }
   }
 }
@@ -551,6 +561,16 @@ void AddJobCommands(CLI::App& app, Action* action) {
                        {"slots", w.slots},
                        {"inflight", w.inflight},
                        {"heartbeat_age_ms", w.heartbeat_age_ms}});
+        if (w.health.known) {
+          const auto& h = w.health;
+          json health = {{"util_pct", h.util_pct},       {"mem_used", h.mem_used_bytes},
+                         {"temp_c", h.temp_c},           {"power_mw", h.power_mw},
+                         {"ecc_corrected", h.ecc_corrected},
+                         {"ecc_uncorrected", h.ecc_uncorrected},
+                         {"xid_events", h.xid_events},   {"last_xid", h.last_xid}};
+          if (!h.drain.empty()) health["drain"] = h.drain;
+          arr.back()["health"] = health;
+        }
       }
       if (dcommon->json) {
         std::cout << arr.dump(2) << "\n";
@@ -558,11 +578,21 @@ void AddJobCommands(CLI::App& app, Action* action) {
         std::printf("no GPU workers attached\n");
       } else {
         for (const auto& w : *devices) {
-          std::printf("%s  %s  %s  %s  %.1f/%.1f GiB free  %u SMs  %u/%u in flight\n",
+          std::printf("%s  %s  %s  %s  %.1f/%.1f GiB free  %u SMs  %u/%u in flight%s\n",
                       w.worker.c_str(), w.device.name.c_str(), w.device.Arch().c_str(),
                       w.device.uuid.c_str(), w.device.free_bytes / 1073741824.0,
                       w.device.total_bytes / 1073741824.0, w.device.sm_count, w.inflight,
-                      w.slots);
+                      w.slots,
+                      w.health.drain.empty() ? "" : ("  DRAINED: " + w.health.drain).c_str());
+          if (w.health.known) {
+            const auto& h = w.health;
+            std::printf("    %u%% busy, %u C, %.0f W, %.1f GiB used, ECC %llu/%llu "
+                        "(corrected/uncorrectable), %llu critical Xids\n",
+                        h.util_pct, h.temp_c, h.power_mw / 1e3, h.mem_used_bytes / 1073741824.0,
+                        static_cast<unsigned long long>(h.ecc_corrected),
+                        static_cast<unsigned long long>(h.ecc_uncorrected),
+                        static_cast<unsigned long long>(h.xid_events));
+          }
         }
       }
       return kExitOk;

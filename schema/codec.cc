@@ -303,6 +303,30 @@ void PackTiming(Packer& p, const Timing& t) {
   t.cache_hit ? p.pack_true() : p.pack_false();
 }
 
+void PackHealth(Packer& p, const GpuHealth& h) {
+  p.pack_map(h.drain.empty() ? 8 : 9);
+  PackStr(p, "util_pct");
+  p.pack_uint32(h.util_pct);
+  PackStr(p, "mem_used");
+  p.pack_uint64(h.mem_used_bytes);
+  PackStr(p, "temp_c");
+  p.pack_uint32(h.temp_c);
+  PackStr(p, "power_mw");
+  p.pack_uint32(h.power_mw);
+  PackStr(p, "ecc_corrected");
+  p.pack_uint64(h.ecc_corrected);
+  PackStr(p, "ecc_uncorrected");
+  p.pack_uint64(h.ecc_uncorrected);
+  PackStr(p, "xid_events");
+  p.pack_uint64(h.xid_events);
+  PackStr(p, "last_xid");
+  p.pack_uint32(h.last_xid);
+  if (!h.drain.empty()) {
+    PackStr(p, "drain");
+    PackStr(p, h.drain);
+  }
+}
+
 void PackDevice(Packer& p, const DeviceInfo& d) {
   p.pack_map(15);
   PackStr(p, "ordinal");
@@ -398,7 +422,7 @@ std::string EncodeClientReply(const ClientReply& m) {
       .Field("workers", op == ReplyOp::kDevices, [&] {
         p.pack_array(static_cast<uint32_t>(m.workers.size()));
         for (const WorkerView& v : m.workers) {
-          p.pack_map(5);
+          p.pack_map(v.health.known ? 6 : 5);
           PackStr(p, "worker");
           PackStr(p, v.worker);
           PackStr(p, "device");
@@ -409,6 +433,10 @@ std::string EncodeClientReply(const ClientReply& m) {
           p.pack_uint32(v.inflight);
           PackStr(p, "heartbeat_age_ms");
           p.pack_uint64(v.heartbeat_age_ms);
+          if (v.health.known) {
+            PackStr(p, "health");
+            PackHealth(p, v.health);
+          }
         }
       })
       .Field("local_dir", op == ReplyOp::kDevices && !m.local_dir.empty(),
@@ -429,7 +457,8 @@ std::string EncodeWorkerMessage(const WorkerMessage& m) {
           .Field("slots", true, [&] { p.pack_uint32(m.slots); })
           .Field("module_slots", true, [&] { p.pack_uint32(m.module_slots); })
           .Field("local_dir", !m.local_dir.empty(), [&] { PackStr(p, m.local_dir); })
-          .Field("token", true, [&] { PackStr(p, m.token); });
+          .Field("token", true, [&] { PackStr(p, m.token); })
+          .Field("health", m.health.known, [&] { PackHealth(p, m.health); });
       break;
     case WorkerOp::kResult:
       w.Field("id", true, [&] { p.pack_uint64(m.id); })
@@ -444,7 +473,8 @@ std::string EncodeWorkerMessage(const WorkerMessage& m) {
     case WorkerOp::kHeartbeat:
       w.Field("free_bytes", true, [&] { p.pack_uint64(m.free_bytes); })
           .Field("inflight", true, [&] { p.pack_uint32(m.inflight); })
-          .Field("token", !m.token.empty(), [&] { PackStr(p, m.token); });
+          .Field("token", !m.token.empty(), [&] { PackStr(p, m.token); })
+          .Field("health", m.health.known, [&] { PackHealth(p, m.health); });
       break;
     case WorkerOp::kDisconnect:
       w.Field("reason", true, [&] { PackStr(p, m.reason); });
@@ -815,6 +845,30 @@ Status GetTiming(const object& o, Timing* t) {
         if (k == "d2h") return GetU(v, k, &t->d2h_us);
         if (k == "total") return GetU(v, k, &t->total_us);
         if (k == "cache_hit") return GetBool(v, k, &t->cache_hit);
+        return kUnknownField;
+      });
+}
+
+Status GetHealth(const object& o, const Limits& limits, GpuHealth* h) {
+  h->known = true;
+  return ForEachField(
+      o, "health",
+      {"util_pct", "mem_used", "temp_c", "power_mw", "ecc_corrected", "ecc_uncorrected",
+       "xid_events", "last_xid"},
+      [&](std::string_view k, const object& v) -> Status {
+        if (k == "util_pct") return GetU(v, k, &h->util_pct, 100);
+        if (k == "mem_used") return GetU(v, k, &h->mem_used_bytes);
+        if (k == "temp_c") return GetU(v, k, &h->temp_c, 1000);
+        if (k == "power_mw") return GetU(v, k, &h->power_mw);
+        if (k == "ecc_corrected") return GetU(v, k, &h->ecc_corrected);
+        if (k == "ecc_uncorrected") return GetU(v, k, &h->ecc_uncorrected);
+        if (k == "xid_events") return GetU(v, k, &h->xid_events);
+        if (k == "last_xid") return GetU(v, k, &h->last_xid);
+        if (k == "drain") {
+          GPUQ_RETURN_IF_ERROR(GetStr(v, k, limits.max_name_bytes, &h->drain));
+          if (h->drain.empty()) return Error(Code::kInvalid, "field 'drain' must not be empty");
+          return Status::Ok();
+        }
         return kUnknownField;
       });
 }
@@ -1335,6 +1389,7 @@ Status DecodeClientReply(std::string_view header, std::span<const uint64_t> payl
         GPUQ_RETURN_IF_ERROR(ForEachField(
             a->ptr[i], k, {"worker", "device", "slots", "inflight", "heartbeat_age_ms"},
             [&](std::string_view wk, const object& wv) -> Status {
+              if (wk == "health") return GetHealth(wv, limits, &w.health);
               if (wk == "worker") return GetStr(wv, wk, 256, &w.worker);
               if (wk == "device") return GetDevice(wv, &w.device);
               if (wk == "slots") return GetU(wv, wk, &w.slots);
@@ -1392,6 +1447,7 @@ Status DecodeWorkerMessage(std::string_view header, std::span<const uint64_t> pa
       if (k == "module_slots") return GetU(v, k, &r.module_slots, 65536);
       if (k == "local_dir") return GetStr(v, k, 4096, &r.local_dir);
       if (k == "token") return GetToken(v, k, &r.token);
+      if (k == "health") return GetHealth(v, limits, &r.health);
     } else if (wop == WorkerOp::kResult) {
       if (k == "id") return GetU(v, k, &r.id);
       if (k == "attempt") return GetU(v, k, &r.attempt);
@@ -1411,6 +1467,7 @@ Status DecodeWorkerMessage(std::string_view header, std::span<const uint64_t> pa
       if (k == "free_bytes") return GetU(v, k, &r.free_bytes);
       if (k == "inflight") return GetU(v, k, &r.inflight);
       if (k == "token") return GetToken(v, k, &r.token);
+      if (k == "health") return GetHealth(v, limits, &r.health);
     } else if (k == "reason") {
       return GetStr(v, k, limits.max_text_bytes, &r.reason);
     }

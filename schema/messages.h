@@ -122,6 +122,8 @@ struct WorkerMessage {
   // heartbeat
   uint64_t free_bytes = 0;
   uint32_t inflight = 0;
+  // ready, heartbeat: the GPU's health (absent where the worker has no NVML)
+  GpuHealth health;
   // disconnect
   std::string reason;
   bool operator==(const WorkerMessage&) const = default;

@@ -1096,25 +1096,35 @@ int FreePort() {
   return ntohs(addr.sin_port);
 }
 
+bool HavePrometheus() {
+  return testing::RunProgram({"/bin/sh", "-c", "command -v prometheus >/dev/null"}) == 0;
+}
+
+// A real Prometheus in `dir` scraping `metrics_port` every second; returns
+// its HTTP port.
+int StartPrometheus(const TempDir& dir, int metrics_port, std::optional<Process>* prom) {
+  const int port = FreePort();
+  testing::WriteFile(dir.File("prometheus.yml"),
+                     "global:\n  scrape_interval: 1s\n"
+                     "scrape_configs:\n  - job_name: gpuq\n    static_configs:\n"
+                     "      - targets: ['127.0.0.1:" +
+                         std::to_string(metrics_port) + "']\n");
+  prom->emplace(Process::Start(
+      {"/usr/bin/prometheus", "--config.file=" + dir.File("prometheus.yml"),
+       "--storage.tsdb.path=" + dir.File("tsdb"),
+       "--web.listen-address=127.0.0.1:" + std::to_string(port)},
+      dir.File("prometheus.log")));
+  return port;
+}
+
 TEST_F(BrokerTest, ARealPrometheusIngestsTheMetrics) {
-  if (testing::RunProgram({"/bin/sh", "-c", "command -v prometheus >/dev/null"}) != 0) {
-    GTEST_SKIP() << "prometheus is not installed";
-  }
+  if (!HavePrometheus()) GTEST_SKIP() << "prometheus is not installed";
   AddWorker();
   auto c = Connect();
   ASSERT_TRUE(WaitForWorkers(*c, 1));
   ASSERT_TRUE(c->Wait(*c->Submit(Job("k", "p"))).ok());
-  const int port = FreePort();
-  testing::WriteFile(dir_.File("prometheus.yml"),
-                     "global:\n  scrape_interval: 1s\n"
-                     "scrape_configs:\n  - job_name: gpuq\n    static_configs:\n"
-                     "      - targets: ['127.0.0.1:" +
-                         std::to_string(broker_->metrics_port()) + "']\n");
-  Process prom = Process::Start(
-      {"/usr/bin/prometheus", "--config.file=" + dir_.File("prometheus.yml"),
-       "--storage.tsdb.path=" + dir_.File("tsdb"),
-       "--web.listen-address=127.0.0.1:" + std::to_string(port)},
-      dir_.File("prometheus.log"));
+  std::optional<Process> prom;
+  const int port = StartPrometheus(dir_, broker_->metrics_port(), &prom);
   httplib::Client http("127.0.0.1", port);
   http.set_connection_timeout(1);
   http.set_read_timeout(2);
@@ -1135,6 +1145,136 @@ TEST_F(BrokerTest, ARealPrometheusIngestsTheMetrics) {
       "/api/v1/query?query=gpuq_job_phase_seconds_count%7Bphase%3D%22total%22%7D");
   ASSERT_TRUE(res);
   EXPECT_NE(res->body.find("\"result\":[{"), std::string::npos) << res->body;
+}
+
+// Every query of the dashboard (deploy/k8s/base/gpuq-dashboard.json) parses
+// and returns data on a real Prometheus scraping a live gpuqd, whose worker
+// (the test double) reports GPU health.
+TEST_F(BrokerTest, EveryDashboardQueryRunsOnARealPrometheus) {
+  if (!HavePrometheus()) GTEST_SKIP() << "prometheus is not installed";
+  const auto dashboard = nlohmann::json::parse(
+      testing::ReadFile(std::string(GPUQ_SOURCE_DIR) + "/deploy/k8s/base/gpuq-dashboard.json"));
+  std::vector<std::string> exprs;
+  for (const auto& panel : dashboard.at("panels")) {
+    for (const auto& target : panel.at("targets")) exprs.push_back(target.at("expr"));
+  }
+  ASSERT_GE(exprs.size(), 20u);
+  AddWorker({"--health"});
+  auto c = Connect();
+  ASSERT_TRUE(WaitForWorkers(*c, 1));
+  for (int i = 0; i < 3; ++i) ASSERT_TRUE(c->Wait(*c->Submit(Job("k", std::to_string(i)))).ok());
+  // One that waits, for the queue's series.
+  JobRequest waiting = Job("k", "w");
+  waiting.spec.placement.gpu = "GPU-not-here";
+  ASSERT_TRUE(c->Submit(waiting).ok());
+  std::optional<Process> prom;
+  const int port = StartPrometheus(dir_, broker_->metrics_port(), &prom);
+  httplib::Client http("127.0.0.1", port);
+  http.set_connection_timeout(1);
+  http.set_read_timeout(5);
+  auto query = [&](const std::string& expr) -> nlohmann::json {
+    auto res = http.Post("/api/v1/query", httplib::Params{{"query", expr}});
+    if (!res) return nullptr;
+    return nlohmann::json::parse(res->body, nullptr, false);
+  };
+  // Rates need two scrapes in their window: wait for five.
+  for (int i = 0; i < 300; ++i) {
+    auto j = query("count_over_time(gpuq_uptime_seconds[30s])");
+    if (j.is_object() && !j["data"]["result"].empty() &&
+        j["data"]["result"][0]["value"][1] >= "5") {
+      break;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  for (std::string expr : exprs) {
+    for (const auto& [var, value] : {std::pair{"$__rate_interval", "30s"},
+                                      std::pair{"$__interval", "1s"},
+                                      std::pair{"$__range", "30s"}}) {
+      for (size_t at; (at = expr.find(var)) != std::string::npos;) {
+        expr.replace(at, std::string(var).size(), value);
+      }
+    }
+    auto j = query(expr);
+    ASSERT_TRUE(j.is_object()) << expr << ": no answer";
+    EXPECT_EQ(j["status"], "success") << expr << ": " << j.dump();
+    EXPECT_FALSE(j["data"]["result"].empty()) << expr << ": no data";
+  }
+}
+
+// A GPU whose worker reports a critical Xid is drained: no more jobs go to
+// it, what it held runs elsewhere, and devices, stats and /metrics say so.
+TEST_F(BrokerTest, AGpuWithACriticalXidIsDrainedAndItsJobsRunElsewhere) {
+  AddWorker({"--health", "--xid-after-jobs", "1", "--uuid", "GPU-failing", "--delay-us", "200000"});
+  auto c = Connect();
+  ASSERT_TRUE(WaitForWorkers(*c, 1));
+  auto first = c->Wait(*c->Submit(Job("k", "1")));
+  ASSERT_TRUE(first.ok() && first->ok());
+  EXPECT_EQ(first->device, "GPU-failing");
+  // The next may be dispatched before the Xid is heard (then it is taken
+  // back) or after (then it waits): either way it does not end there.
+  auto second = c->Submit(Job("k", "2"));
+  ASSERT_TRUE(second.ok());
+  std::string drain;
+  for (int i = 0; i < 200 && drain.empty(); ++i) {
+    auto d = c->Devices();
+    if (d.ok() && !d->empty()) drain = (*d)[0].health.drain;
+    if (drain.empty()) std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  EXPECT_NE(drain.find("Xid 79"), std::string::npos) << drain;
+  std::this_thread::sleep_for(std::chrono::milliseconds(500));
+  auto st = c->GetStatus(*second);
+  ASSERT_TRUE(st.ok());
+  EXPECT_EQ(st->state, JobState::kQueued) << "a job went to a drained GPU";
+  AddWorker({"--health", "--uuid", "GPU-healthy"});
+  auto r = c->Wait(*second, Millis(10000));
+  ASSERT_TRUE(r.ok()) << r.status().ToString();
+  EXPECT_TRUE(r->ok()) << r->error;
+  EXPECT_EQ(r->device, "GPU-healthy");
+  auto stats = c->Stats();
+  ASSERT_TRUE(stats.ok());
+  auto s = nlohmann::json::from_msgpack(*stats);
+  bool listed = false;
+  for (const auto& w : s["workers"]) {
+    if (w["uuid"] == "GPU-failing") listed = w.value("drained", "").find("Xid 79") != std::string::npos;
+  }
+  EXPECT_TRUE(listed) << s.dump();
+  httplib::Client http("127.0.0.1", broker_->metrics_port());
+  std::string text;
+  for (int i = 0; i < 100; ++i) {  // rendered every 250 ms
+    auto res = http.Get("/metrics");
+    if (res) text = res->body;
+    if (text.find("gpuq_gpus_drained_total 1") != std::string::npos &&
+        text.find("GPU-healthy") != std::string::npos) {
+      break;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  EXPECT_NE(text.find("gpuq_gpus_drained_total 1"), std::string::npos) << text;
+  EXPECT_NE(text.find("gpuq_gpu_drained{gpu=\"GPU-failing\""), std::string::npos);
+  EXPECT_NE(text.find("gpuq_gpu_temperature_celsius{gpu=\"GPU-healthy\""), std::string::npos)
+      << text;
+}
+
+// /healthz says the broker's loop turns; /readyz waits for the workers it
+// was told to expect.
+TEST_F(BrokerTest, HealthAndReadinessEndpoints) {
+  ASSERT_TRUE(StartBroker({"--expect-workers", "1"})) << Log();
+  httplib::Client http("127.0.0.1", broker_->metrics_port());
+  auto health = http.Get("/healthz");
+  ASSERT_TRUE(health);
+  EXPECT_EQ(health->status, 200) << health->body;
+  auto ready = http.Get("/readyz");
+  ASSERT_TRUE(ready);
+  EXPECT_EQ(ready->status, 503);
+  EXPECT_NE(ready->body.find("0 of 1 expected workers"), std::string::npos) << ready->body;
+  AddWorker();
+  int status = 0;
+  for (int i = 0; i < 200 && status != 200; ++i) {
+    auto r = http.Get("/readyz");
+    status = r ? r->status : 0;
+    if (status != 200) std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  EXPECT_EQ(status, 200);
 }
 
 // ------------------------------------------------------------ bulk data

@@ -85,7 +85,33 @@ int main(int argc, char** argv) {
   std::string server_key, key;
   app.add_option("--server-key", server_key, "CURVE: the broker's public key file");
   app.add_option("--key", key, "CURVE: this worker's secret key file");
+  // GPU health as a worker with NVML reports it (PROTOCOL.md, "GPU health"):
+  // fixed plausible figures, and a critical Xid after some jobs.
+  bool with_health = false;
+  app.add_flag("--health", with_health, "Report GPU health with ready and heartbeats");
+  uint64_t xid_after_jobs = 0;
+  uint32_t xid = 79;
+  app.add_option("--xid-after-jobs", xid_after_jobs,
+                 "With --health: report a critical Xid once this many jobs have finished");
+  app.add_option("--xid", xid, "The Xid of --xid-after-jobs");
   CLI11_PARSE(app, argc, argv);
+  uint64_t jobs_done = 0;
+  auto health = [&] {
+    schema::GpuHealth h;
+    if (!with_health) return h;
+    h.known = true;
+    h.util_pct = 42;
+    h.mem_used_bytes = 3ull << 30;
+    h.temp_c = 55;
+    h.power_mw = 250000;
+    h.ecc_corrected = 1;
+    if (xid_after_jobs && jobs_done >= xid_after_jobs) {
+      h.xid_events = 1;
+      h.last_xid = xid;
+      h.drain = "critical Xid " + std::to_string(xid) + " (reported by the worker test double)";
+    }
+    return h;
+  };
   if (uuid.empty()) uuid = "GPU-fake-" + std::to_string(getpid());
   name = "fake:" + std::to_string(getpid()) + ":0";
 
@@ -156,6 +182,7 @@ int main(int argc, char** argv) {
     m.module_slots = module_slots;
     m.local_dir = local_dir;
     m.token = token;
+    m.health = health();
     registered = false;
     send(m);
   };
@@ -197,6 +224,7 @@ int main(int argc, char** argv) {
       hb.free_bytes = 1ull << 34;
       hb.inflight = static_cast<uint32_t>(pending.size());
       hb.token = token;
+      hb.health = health();
       const std::string h = EncodeWorkerMessage(hb);
       std::vector<zmq::message_t> frames;
       frames.emplace_back(kWorkerProtocol.data(), kWorkerProtocol.size());
@@ -354,6 +382,7 @@ int main(int argc, char** argv) {
       // "wcrash": dies after writing its outputs, before it can report them.
       if (p.job.entry.rfind("wcrash", 0) == 0) _exit(3);
       send(r, &out);
+      ++jobs_done;
       // Answered: its place goes to the last (order does not matter here).
       if (i + 1 != pending.size()) std::swap(pending[i], pending.back());
       pending.pop_back();

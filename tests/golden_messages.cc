@@ -65,6 +65,20 @@ std::string SomeStats() {
   return std::string(buf.data(), buf.size());
 }
 
+GpuHealth SomeHealth() {
+  GpuHealth h;
+  h.known = true;
+  h.util_pct = 87;
+  h.mem_used_bytes = 12884901888ull;
+  h.temp_c = 61;
+  h.power_mw = 412000;
+  h.ecc_corrected = 3;
+  h.ecc_uncorrected = 0;
+  h.xid_events = 1;
+  h.last_xid = 79;
+  return h;
+}
+
 DeviceInfo H100() {
   DeviceInfo d;
   d.ordinal = 0;
@@ -294,14 +308,22 @@ std::vector<GoldenMessage> GoldenMessages() {
     ClientReply r;
     r.op = ReplyOp::kDevices;
     r.rid = 12;
-    r.workers = {{"gpu-host-1:3112:0", H100(), 8, 2, 120}};
+    r.workers = {{"gpu-host-1:3112:0", H100(), 8, 2, 120, {}}};
     g.push_back({"reply_devices", r, {}});
   }
   {
     ClientReply r;
     r.op = ReplyOp::kDevices;
+    r.rid = 15;
+    r.workers = {{"gpu-host-1:3112:0", H100(), 8, 0, 120, SomeHealth()}};
+    r.workers[0].health.drain = "critical Xid 79 (GPU has fallen off the bus)";
+    g.push_back({"reply_devices_health", r, {}});
+  }
+  {
+    ClientReply r;
+    r.op = ReplyOp::kDevices;
     r.rid = 14;
-    r.workers = {{"gpu-host-1:3112:0", H100(), 8, 2, 120}};
+    r.workers = {{"gpu-host-1:3112:0", H100(), 8, 2, 120, {}}};
     r.local_dir = "/var/lib/gpuq/jobs.db.blobs";
     g.push_back({"reply_devices_local", r, {}});
   }
@@ -373,6 +395,15 @@ std::vector<GoldenMessage> GoldenMessages() {
     m.inflight = 3;
     m.token = "9f2c4e6a8b0d1f3e5a7c9e1b3d5f7a90";
     g.push_back({"worker_heartbeat_liveness", m, {}});
+  }
+  {
+    WorkerMessage m;
+    m.op = WorkerOp::kHeartbeat;
+    m.free_bytes = 84000000000ull;
+    m.inflight = 3;
+    m.token = "9f2c4e6a8b0d1f3e5a7c9e1b3d5f7a90";
+    m.health = SomeHealth();
+    g.push_back({"worker_heartbeat_health", m, {}});
   }
   {
     // Two results in one message: a done one with its output frame, and a

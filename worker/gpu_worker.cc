@@ -25,6 +25,7 @@
 #include "util/file_io.h"
 #include "util/plain_file.h"
 #include "util/sha256.h"
+#include "worker/gpu_health.h"
 #include "worker/pinned_pool.h"
 
 namespace gpuq::worker {
@@ -246,6 +247,9 @@ class GpuWorker::Impl {
   ModuleSet modules_;
   Graveyard graveyard_;
   std::atomic<uint64_t> free_bytes_{0};
+  // The GPU's health (NVML), sampled for each heartbeat and ready; null
+  // where NVML cannot be had. Main thread only.
+  std::unique_ptr<GpuHealthMonitor> health_;
   // Refreshes free_bytes_ unless it was less than kMemInfoInterval ago.
   void RefreshFreeBytes();
   static constexpr std::chrono::milliseconds kMemInfoInterval{50};
@@ -265,6 +269,19 @@ class GpuWorker::Impl {
   std::string name_;
 };
 
+// The test hook GPUQ_TEST_INJECT_XID=XID or UUID:XID: a critical Xid that
+// this GPU's health reports once, as if NVML had (GPU tests of draining).
+static uint32_t InjectedXid(const std::string& uuid) {
+  const char* env = getenv("GPUQ_TEST_INJECT_XID");
+  if (!env || !*env) return 0;
+  std::string v = env;
+  if (auto colon = v.rfind(':'); colon != std::string::npos) {
+    if (v.substr(0, colon) != uuid) return 0;
+    v = v.substr(colon + 1);
+  }
+  return static_cast<uint32_t>(std::strtoul(v.c_str(), nullptr, 10));
+}
+
 Status GpuWorker::Impl::Init() {
   GPUQ_ASSIGN_OR_RETURN(device_, QueryDevice(*cu_, opt_.device));
   GPUQ_CU_CHECK(*cu_, cuDeviceGet(&dev_, opt_.device), Code::kNotFound);
@@ -275,6 +292,7 @@ Status GpuWorker::Impl::Init() {
   size_t free = 0, total = 0;
   GPUQ_CU_CHECK(*cu_, cuMemGetInfo(&free, &total), Code::kUnavailable);
   free_bytes_ = device_.free_bytes = free;
+  health_ = GpuHealthMonitor::Open(device_.uuid, InjectedXid(device_.uuid));
   done_fd_ = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
   if (done_fd_ < 0) return Error(Code::kResourceExhausted, "eventfd failed");
   char host[128] = {};
@@ -663,6 +681,7 @@ void GpuWorker::Impl::Heartbeat() {
   hb.free_bytes = free_bytes_;
   hb.inflight = static_cast<uint32_t>(inflight_.size());
   hb.token = token_;
+  if (health_) hb.health = health_->Sample();
   const std::string h = schema::EncodeWorkerMessage(hb);
   try {
     live_.send(zmq::buffer(schema::kWorkerProtocol), zmq::send_flags::sndmore);
@@ -682,6 +701,7 @@ void GpuWorker::Impl::SendReady() {
   m.module_slots = opt_.module_slots;
   m.local_dir = opt_.local_dir;
   m.token = token_;
+  if (health_) m.health = health_->Sample();
   registered_ = false;
   Send(m);
 }

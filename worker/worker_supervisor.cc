@@ -49,6 +49,11 @@ pid_t WorkerSupervisor::Spawn(int ordinal) {
   return SpawnArgs(args);
 }
 
+size_t WorkerSupervisor::started() {
+  std::lock_guard lock(mu_);
+  return children_.size();
+}
+
 void WorkerSupervisor::Start(int count) {
   if (access(bin_.c_str(), X_OK) != 0) {
     spdlog::warn("no GPU worker attached: {} is missing", bin_);

@@ -31,6 +31,8 @@ class WorkerSupervisor {
   void Start(int count);
   // Stops every worker (SIGTERM, then SIGKILL after 2 s) and waits for them.
   void Stop();
+  // Workers started (and kept running) by Start().
+  size_t started();
   // Restarts so far (for tests and stats).
   int restarts() const { return restarts_.load(); }
 

@@ -143,12 +143,33 @@ struct DeviceInfo {
   bool operator==(const DeviceInfo&) const = default;
 };
 
+// A GPU's health, as its worker reads it from NVML (PROTOCOL.md, "GPU
+// health"). `known` is false where the worker has no NVML (no driver, or a
+// test double without it): every other field is then 0.
+struct GpuHealth {
+  bool known = false;
+  uint32_t util_pct = 0;         // GPU utilization over NVML's last sample period, 0..100
+  uint64_t mem_used_bytes = 0;   // device memory in use, by any process
+  uint32_t temp_c = 0;           // GPU temperature, degrees Celsius
+  uint32_t power_mw = 0;         // power draw, milliwatts
+  uint64_t ecc_corrected = 0;    // ECC errors since the driver loaded (volatile counts)
+  uint64_t ecc_uncorrected = 0;
+  uint64_t xid_events = 0;       // critical Xid events the worker has seen
+  uint32_t last_xid = 0;         // the latest one's Xid, 0 when none
+  // Why the GPU must take no more work (a critical Xid, an uncorrectable
+  // ECC error); empty while it is healthy. A drained GPU stays drained
+  // until its worker registers again healthy.
+  std::string drain;
+  bool operator==(const GpuHealth&) const = default;
+};
+
 // A worker as `devices` lists it.
 struct WorkerView {
   std::string worker;  // worker name (host:pid:ordinal)
   DeviceInfo device;
   uint32_t slots = 0, inflight = 0;
   uint64_t heartbeat_age_ms = 0;
+  GpuHealth health;
   bool operator==(const WorkerView&) const = default;
 };
 
