@@ -4,6 +4,7 @@
 // message by message) for what the libraries would never send.
 #pragma once
 
+#include <algorithm>
 #include <gtest/gtest.h>
 
 #include <chrono>
@@ -85,9 +86,13 @@ class BrokerTest : public ::testing::Test {
     return broker_->Start();
   }
 
+  // A worker test double; its heartbeat is 100 ms unless `extra` names one.
   Process& AddWorker(std::vector<std::string> extra = {}) {
     std::vector<std::string> argv = {BinPath("gpuq-fake-worker"), "--broker",
-                                     broker_->worker_endpoint(), "--heartbeat-ms", "100"};
+                                     broker_->worker_endpoint()};
+    if (std::find(extra.begin(), extra.end(), "--heartbeat-ms") == extra.end()) {
+      argv.insert(argv.end(), {"--heartbeat-ms", "100"});
+    }
     argv.insert(argv.end(), extra.begin(), extra.end());
     workers_.push_back(Process::Start(argv, dir_.File("workers.log")));
     return workers_.back();
