@@ -6,7 +6,8 @@
 #   - a ThreadSanitizer build, the unit and broker process tests;
 #   - a clang build that checks the thread-safety annotations
 #     (-Wthread-safety) of every target;
-#   - the protocol decoders fuzzed for a bounded time.
+#   - the protocol decoders fuzzed for a bounded time;
+#   - the Kubernetes manifests rendered and checked against the API's models.
 # GPU tests report themselves skipped where there is no GPU.
 #   scripts/test.sh            FUZZ_SECONDS=60 by default
 set -euo pipefail
@@ -46,3 +47,5 @@ echo "== tests, ThreadSanitizer build (unit and broker)"
 ctest --test-dir build-tsan -j "$jobs" --output-on-failure --timeout 900 -L "unit|broker"
 echo "== tests, Release build"
 ctest --test-dir build-release -j "$jobs" --output-on-failure --timeout 600
+echo "== Kubernetes manifests"
+tests/deploy/validate_k8s.sh
