@@ -20,6 +20,13 @@ struct nvmlUtilization_t {
 struct nvmlMemory_t {
   unsigned long long total, free, used;
 };
+// Version 2 leaves the driver's reserved memory out of `used`, as
+// nvidia-smi does (version 1 counts it as used).
+struct nvmlMemory_v2_t {
+  unsigned int version;
+  unsigned long long total, reserved, free, used;
+};
+constexpr unsigned int kMemoryV2 = sizeof(nvmlMemory_v2_t) | (2u << 24);
 struct nvmlEventData_t {
   nvmlDevice_t device;
   unsigned long long eventType, eventData;
@@ -40,6 +47,7 @@ struct GpuHealthMonitor::Nvml {
   nvmlReturn_t (*GetHandleByUUID)(const char*, nvmlDevice_t*) = nullptr;
   nvmlReturn_t (*GetUtilizationRates)(nvmlDevice_t, nvmlUtilization_t*) = nullptr;
   nvmlReturn_t (*GetMemoryInfo)(nvmlDevice_t, nvmlMemory_t*) = nullptr;
+  nvmlReturn_t (*GetMemoryInfoV2)(nvmlDevice_t, nvmlMemory_v2_t*) = nullptr;  // may be absent
   nvmlReturn_t (*GetTemperature)(nvmlDevice_t, int, unsigned int*) = nullptr;
   nvmlReturn_t (*GetPowerUsage)(nvmlDevice_t, unsigned int*) = nullptr;
   nvmlReturn_t (*GetTotalEccErrors)(nvmlDevice_t, int, int, unsigned long long*) = nullptr;
@@ -115,6 +123,8 @@ std::unique_ptr<GpuHealthMonitor> GpuHealthMonitor::Open(const std::string& uuid
     spdlog::warn("no GPU health: this NVML lacks a function gpuq needs");
     return nullptr;
   }
+  n->GetMemoryInfoV2 = reinterpret_cast<decltype(n->GetMemoryInfoV2)>(
+      dlsym(n->lib, "nvmlDeviceGetMemoryInfo_v2"));
   if (nvmlReturn_t r = n->Init(); r != kNvmlSuccess) {
     spdlog::warn("no GPU health: NVML does not initialize: {}", n->Error(r));
     return nullptr;
@@ -150,8 +160,14 @@ schema::GpuHealth GpuHealthMonitor::Sample() {
   // off) keeps its last value, 0 at first.
   nvmlUtilization_t util{};
   if (n.GetUtilizationRates(n.device, &util) == kNvmlSuccess) h.util_pct = std::min(util.gpu, 100u);
+  nvmlMemory_v2_t mem2{};
+  mem2.version = kMemoryV2;
   nvmlMemory_t mem{};
-  if (n.GetMemoryInfo(n.device, &mem) == kNvmlSuccess) h.mem_used_bytes = mem.used;
+  if (n.GetMemoryInfoV2 && n.GetMemoryInfoV2(n.device, &mem2) == kNvmlSuccess) {
+    h.mem_used_bytes = mem2.used;
+  } else if (n.GetMemoryInfo(n.device, &mem) == kNvmlSuccess) {
+    h.mem_used_bytes = mem.used;
+  }
   unsigned int temp = 0, power = 0;
   if (n.GetTemperature(n.device, kTemperatureGpu, &temp) == kNvmlSuccess) {
     h.temp_c = std::min(temp, 1000u);
