@@ -7,7 +7,9 @@
 #   - a clang build that checks the thread-safety annotations
 #     (-Wthread-safety) of every target;
 #   - the protocol decoders fuzzed for a bounded time;
-#   - the Kubernetes manifests rendered and checked against the API's models.
+#   - the Kubernetes manifests rendered and checked against the API's models;
+#   - both container images built (buildah, no engine) and smoke-tested in
+#     private network namespaces (podman).
 # GPU tests report themselves skipped where there is no GPU.
 #   scripts/test.sh            FUZZ_SECONDS=60 by default
 set -euo pipefail
@@ -49,3 +51,5 @@ echo "== tests, Release build"
 ctest --test-dir build-release -j "$jobs" --output-on-failure --timeout 600
 echo "== Kubernetes manifests"
 tests/deploy/validate_k8s.sh
+echo "== container images"
+tests/images/smoke_test.sh
