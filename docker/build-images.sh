@@ -49,18 +49,8 @@ die() { printf '[build-images] error: %s\n' "$*" >&2; exit 1; }
 
 [ "$(id -u)" -eq 0 ] || die "run as root (buildah here stores images under the work directory as root)"
 
-# Installs the Debian packages named, where missing (waits for another apt run to finish).
-need_packages() {
-  local missing=() p
-  for p in "$@"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-  done
-  ((${#missing[@]})) || return 0
-  say "installing ${missing[*]}"
-  apt-get -o DPkg::Lock::Timeout=900 update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=900 install -y -qq \
-    --no-install-recommends "${missing[@]}" >/dev/null
-}
+# shellcheck source=scripts/need-packages.sh
+source "$repo/scripts/need-packages.sh"
 
 mkdir -p "$work"
 work=$(cd "$work" && pwd)

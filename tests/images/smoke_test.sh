@@ -49,17 +49,8 @@ say() { printf '[smoke] %s\n' "$*"; }
 die() { printf '[smoke] error: %s\n' "$*" >&2; exit 1; }
 [ "$(id -u)" -eq 0 ] || die "run as root"
 
-need_packages() {
-  local missing=() p
-  for p in "$@"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-  done
-  ((${#missing[@]})) || return 0
-  say "installing ${missing[*]}"
-  apt-get -o DPkg::Lock::Timeout=900 update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=900 install -y -qq \
-    --no-install-recommends "${missing[@]}" >/dev/null
-}
+# shellcheck source=scripts/need-packages.sh
+source "$repo/scripts/need-packages.sh"
 need_packages podman runc docker-compose
 
 mkdir -p "$work"
