@@ -27,6 +27,7 @@
 
 #include "schema/codec.h"
 #include "schema/filename.h"
+#include "tests/fake_device.h"
 #include "util/curve_keys.h"
 #include "util/plain_file.h"
 
@@ -170,14 +171,7 @@ int main(int argc, char** argv) {
     WorkerMessage m;
     m.op = WorkerOp::kReady;
     m.worker = name;
-    m.device.name = "fake GPU";
-    m.device.uuid = uuid;
-    m.device.cc_major = static_cast<uint32_t>(std::stoi(arch.substr(3, arch.size() - 4)));
-    m.device.cc_minor = static_cast<uint32_t>(arch.back() - '0');
-    m.device.total_bytes = m.device.free_bytes = 1ull << 34;
-    m.device.max_threads_per_block = 1024;
-    m.device.max_block = {1024, 1024, 64};
-    m.device.max_grid = {2147483647, 65535, 65535};
+    m.device = testing::FakeDevice("fake GPU", uuid, arch);
     m.slots = slots;
     m.module_slots = module_slots;
     m.local_dir = local_dir;

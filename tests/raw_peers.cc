@@ -1,6 +1,7 @@
 #include <zmq_addon.hpp>
 
 #include "tests/broker_fixture.h"
+#include "tests/fake_device.h"
 
 namespace gpuq::testing {
 namespace {
@@ -68,14 +69,7 @@ void RawWorker::Ready(const std::string& arch, uint32_t slots, const std::string
   schema::WorkerMessage m;
   m.op = schema::WorkerOp::kReady;
   m.worker = "raw:0:0";
-  m.device.name = "raw test worker";
-  m.device.uuid = uuid;
-  m.device.cc_major = static_cast<uint32_t>(std::stoi(arch.substr(3, arch.size() - 4)));
-  m.device.cc_minor = static_cast<uint32_t>(arch.back() - '0');
-  m.device.total_bytes = m.device.free_bytes = 1ull << 34;
-  m.device.max_threads_per_block = 1024;
-  m.device.max_block = {1024, 1024, 64};
-  m.device.max_grid = {0x7fffffff, 65535, 65535};
+  m.device = FakeDevice("raw test worker", uuid, arch);
   m.slots = slots;
   m.module_slots = 16;
   m.token = "0123456789abcdef0123456789abcdef";
