@@ -131,6 +131,55 @@ JobRequest Trivial() {
   return j;
 }
 
+// A job of `n` launches of the empty kernel (one source), as a graph or not.
+JobRequest EmptyLaunches(int n, bool graph) {
+  JobRequest j;
+  j.spec.kernel.source = "extern \"C\" __global__ void empty() {}\n";
+  gpuq::schema::KernelLaunch l;
+  l.entry = "empty";
+  j.spec.launches.assign(n, l);
+  j.spec.graph = graph;
+  return j;
+}
+
+constexpr char kChainSource[] =
+    "extern \"C\" __global__ void axpb(float* y, float a, float b, unsigned n) {\n"
+    "  unsigned i = blockIdx.x * blockDim.x + threadIdx.x;\n"
+    "  if (i < n) y[i] = a * y[i] + b;\n}\n";
+
+// Step k of the chain over a 4 KB buffer, as a job of its own (the buffer
+// in and out).
+JobRequest ChainStep(std::string_view y, int k) {
+  JobRequest j;
+  j.spec.kernel.source = kChainSource;
+  j.spec.kernel.entry = "axpb";
+  j.spec.launch.grid = {4, 1, 1};
+  j.spec.launch.block = {256, 1, 1};
+  j.spec.args = {gpuq::schema::Arg::InOut(0), gpuq::schema::Arg::F32(1.0f + 0.01f * k),
+                 gpuq::schema::Arg::F32(0.5f), gpuq::schema::Arg::U32(1024)};
+  j.inputs = {y};
+  return j;
+}
+
+// The ten steps as one job of ten launches.
+JobRequest Chain(std::string_view y, bool graph) {
+  JobRequest j;
+  j.spec.kernel.source = kChainSource;
+  j.spec.buffers = {gpuq::schema::Arg::InOut(0)};
+  for (int k = 0; k < 10; ++k) {
+    gpuq::schema::KernelLaunch l;
+    l.entry = "axpb";
+    l.launch.grid = {4, 1, 1};
+    l.launch.block = {256, 1, 1};
+    l.args = {gpuq::schema::Arg::Ref(0), gpuq::schema::Arg::F32(1.0f + 0.01f * k),
+              gpuq::schema::Arg::F32(0.5f), gpuq::schema::Arg::U32(1024)};
+    j.spec.launches.push_back(l);
+  }
+  j.spec.graph = graph;
+  j.inputs = {y};
+  return j;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -147,8 +196,10 @@ int main(int argc, char** argv) {
   app.add_option("--worker-slots", worker_slots, "With --gpu: each worker's --slots");
   app.add_option("--worker-streams", worker_streams, "With --gpu: each worker's --streams");
   app.add_option("--spin-cycles", g_spin_cycles, "GPU clock cycles each job spins (0: none)");
-  app.add_option("--job", g_job, "empty: an empty kernel; saxpy4k: 2 x 4 KB in, 4 KB out")
-      ->check(CLI::IsMember({"empty", "saxpy4k"}));
+  app.add_option("--job", g_job,
+                 "empty: an empty kernel; saxpy4k: 2 x 4 KB in, 4 KB out; launches: jobs of "
+                 "several launches (100 empty launches, a 10-step chain)")
+      ->check(CLI::IsMember({"empty", "saxpy4k", "launches"}));
   uint64_t buffer_mib = 0;
   app.add_option("--buffer-mib", buffer_mib,
                  "Instead: jobs with one input and one output of this many MiB; GB/s");
@@ -205,6 +256,87 @@ int main(int argc, char** argv) {
             warm.ok() ? (*client)->Wait(*warm).status().ToString().c_str()
                       : warm.status().ToString().c_str());
     return cleanup(), 1;
+  }
+
+  if (g_job == "launches") {
+    // Jobs of several launches, one in flight: end to end, and the GPU's
+    // span of the launches (CUDA events); then a 10-step chain over 4 KB as
+    // one job and as 10 jobs.
+    auto run = [&](const JobRequest& j, int reps, std::vector<double>* e2e,
+                   std::vector<double>* span, std::string* out) -> bool {
+      for (int i = 0; i < reps + 20; ++i) {
+        auto t0 = Clock::now();
+        auto id = (*client)->Submit(j);
+        if (!id.ok()) return false;
+        auto r = (*client)->Wait(*id, Millis(60000));
+        if (!r.ok() || !r->ok()) {
+          fprintf(stderr, "launches job failed: %s\n",
+                  r.ok() ? r->error.c_str() : r.status().ToString().c_str());
+          return false;
+        }
+        if (out && r->Output(0)) *out = r->Output(0)->str();
+        if (i < 20) continue;
+        e2e->push_back(std::chrono::duration<double, std::micro>(Clock::now() - t0).count());
+        if (span) span->push_back(static_cast<double>(r->timing.kernel_us));
+      }
+      return true;
+    };
+    printf("gpuq jobs of several launches (%s)\n\n",
+           gpu ? "real gpuq-worker" : "test-double worker, no GPU work");
+    printf("| job, 1 in flight | end to end p50 | GPU span of the launches p50 | per launch, "
+           "from end to end (100 vs 1) | per launch, GPU span |\n|---|---|---|---|---|\n");
+    for (bool graph : {false, true}) {
+      std::vector<double> e1, s1, e100, s100;
+      if (!run(EmptyLaunches(1, graph), 300, &e1, &s1, nullptr) ||
+          !run(EmptyLaunches(100, graph), 300, &e100, &s100, nullptr)) {
+        return cleanup(), 1;
+      }
+      const Stats a = Summarize(e1), b = Summarize(e100), sa = Summarize(s1),
+                  sb = Summarize(s100);
+      printf("| 1 empty launch%s | %.1f us | %.1f us | | |\n", graph ? ", graph" : "", a.p50,
+             sa.p50);
+      printf("| 100 empty launches%s | %.1f us | %.1f us | %.2f us | %.2f us |\n",
+             graph ? ", graph" : "", b.p50, sb.p50, (b.p50 - a.p50) / 99.0, sb.p50 / 100.0);
+    }
+    std::vector<float> y0(1024, 1.0f);
+    const std::string_view y(reinterpret_cast<const char*>(y0.data()), 4096);
+    std::vector<double> ten_jobs, one_job, one_graph;
+    std::string by_jobs, by_launches, by_graph;
+    for (int i = 0; i < 220; ++i) {
+      auto t0 = Clock::now();
+      std::string cur(y);
+      for (int k = 0; k < 10; ++k) {
+        auto id = (*client)->Submit(ChainStep(cur, k));
+        if (!id.ok()) return cleanup(), 1;
+        auto r = (*client)->Wait(*id, Millis(60000));
+        if (!r.ok() || !r->ok() || !r->Output(0)) return cleanup(), 1;
+        cur = r->Output(0)->str();
+      }
+      if (i >= 20) {
+        ten_jobs.push_back(std::chrono::duration<double, std::micro>(Clock::now() - t0).count());
+      }
+      by_jobs = cur;
+    }
+    if (!run(Chain(y, false), 200, &one_job, nullptr, &by_launches) ||
+        !run(Chain(y, true), 200, &one_graph, nullptr, &by_graph)) {
+      return cleanup(), 1;
+    }
+    const Stats tj = Summarize(ten_jobs), oj = Summarize(one_job), og = Summarize(one_graph);
+    printf("\n| 10-step chain over 4 KB, 1 in flight | end to end p50 | p99 | vs 10 jobs |\n"
+           "|---|---|---|---|\n");
+    printf("| 10 jobs of one launch, each waiting for the last | %.1f us | %.1f us | 1.00x |\n",
+           tj.p50, tj.p99);
+    printf("| 1 job of 10 launches | %.1f us | %.1f us | %.2fx faster |\n", oj.p50, oj.p99,
+           tj.p50 / oj.p50);
+    printf("| 1 job of 10 launches, graph | %.1f us | %.1f us | %.2fx faster |\n", og.p50,
+           og.p99, tj.p50 / og.p50);
+    if (gpu) {
+      printf("\nthe three ways' results are %s\n",
+             by_jobs == by_launches && by_launches == by_graph ? "the same bytes"
+                                                               : "NOT the same bytes");
+    }
+    cleanup();
+    return 0;
   }
 
   if (buffer_mib > 0) {

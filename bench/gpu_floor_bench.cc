@@ -162,6 +162,38 @@ int main(int argc, char** argv) {
   };
   const double w1 = worker_rate(1), w4 = worker_rate(4), w8 = worker_rate(8);
 
+  // The floor of a job of several launches: 100 empty launches in a row and
+  // one sync, per launch; and the same 100 as an instantiated CUDA graph.
+  std::vector<double> burst, graph_burst;
+  for (int i = 0; i < 1200; ++i) {
+    auto b0 = Clock::now();
+    for (int k = 0; k < 100; ++k) cu.cuLaunchKernel(empty, 1, 1, 1, 1, 1, 1, 0, s, nullptr, nullptr);
+    cu.cuStreamSynchronize(s);
+    if (i >= 200) burst.push_back(Us(b0, Clock::now()) / 100.0);
+  }
+  CUgraph g = nullptr;
+  CUgraphExec gx = nullptr;
+  cu.cuGraphCreate(&g, 0);
+  CUgraphNode prev = nullptr;
+  for (int k = 0; k < 100; ++k) {
+    CUDA_KERNEL_NODE_PARAMS p = {};
+    p.func = empty;
+    p.gridDimX = p.gridDimY = p.gridDimZ = 1;
+    p.blockDimX = p.blockDimY = p.blockDimZ = 1;
+    CUgraphNode node = nullptr;
+    cu.cuGraphAddKernelNode(&node, g, prev ? &prev : nullptr, prev ? 1 : 0, &p);
+    prev = node;
+  }
+  const bool graph_ok = cu.cuGraphInstantiate(&gx, g, 0) == CUDA_SUCCESS;
+  for (int i = 0; graph_ok && i < 1200; ++i) {
+    auto b0 = Clock::now();
+    cu.cuGraphLaunch(gx, s);
+    cu.cuStreamSynchronize(s);
+    if (i >= 200) graph_burst.push_back(Us(b0, Clock::now()) / 100.0);
+  }
+  if (gx) cu.cuGraphExecDestroy(gx);
+  if (g) cu.cuGraphDestroy(g);
+
   const Stats l = Summarize(launch), j = Summarize(job);
   std::printf("| in-process floor (driver API, %s, pool %s) | p50 | p99 |\n|---|---|---|\n",
               arch.c_str(), keep ? "keeps memory" : "releases at sync");
@@ -171,6 +203,10 @@ int main(int argc, char** argv) {
   std::printf("\nlaunch rate, one stream: %.0f launches/s\n", rate);
   std::printf("empty jobs as the worker runs them (events, launch, sync), 1 / 4 / 8 threads: "
               "%.0f / %.0f / %.0f jobs/s\n", w1, w4, w8);
+  const Stats bs = Summarize(burst), gs = Summarize(graph_burst);
+  std::printf("100 empty launches and one sync, per launch: %.2f us p50 (%.2f p99); as one "
+              "CUDA graph: %.2f us p50 (%.2f p99)\n",
+              bs.p50, bs.p99, gs.p50, gs.p99);
   std::printf("check: out[0] = %.1f (want 4.0)\n", out[0]);
   cu.cuStreamDestroy(s);
   cu.cuModuleUnload(mod);

@@ -186,7 +186,14 @@ class BrokerCore {
   // Fails `job` for compile reasons if no architecture it could run on is
   // left (every matching worker's architecture failed to compile it).
   void CheckCompileViable(Job& job);
-  static compile::CompileRequest CompileRequestOf(const Job& job, const std::string& arch);
+  // The compile of the job's source `source` for `arch`: with the name
+  // expressions of every launch that uses it.
+  static compile::CompileRequest CompileRequestOf(const Job& job, uint32_t source,
+                                                  const std::string& arch);
+  // The first kernel that the job's launches from `source` name and
+  // `module` lacks; empty when it has them all.
+  static std::string MissingKernel(const Job& job, uint32_t source,
+                                   const compile::CacheEntry& module);
 
   const BrokerOptions& opt_;
   const Clock* clock_;
@@ -218,7 +225,9 @@ class BrokerCore {
   // Compiles finishing on the compile service's threads.
   Mutex compile_mu_;
   std::vector<CompileDone> compiled_ GUARDED_BY(compile_mu_);
-  std::map<std::pair<Digest, std::string>, std::vector<uint64_t>> waiting_compile_;
+  // Jobs (id, source index) waiting for a compile, by key and architecture.
+  std::map<std::pair<Digest, std::string>, std::vector<std::pair<uint64_t, uint32_t>>>
+      waiting_compile_;
   struct KernelMemo {
     schema::KernelSpec kernel;
     Digest key{};

@@ -14,54 +14,90 @@ using schema::JobState;
 // ---------------------------------------------------------------- compiles
 
 void BrokerCore::RequestCompile(Job& job, const std::string& arch) {
-  if (job.modules.count(arch) || job.compiling.count(arch) || job.compile_failed.count(arch)) {
+  if (job.compiling.count(arch) || job.compile_failed.count(arch) || job.Compiled(arch)) {
     return;
   }
-  const schema::KernelSpec& k = job.spec->kernel;
-  // The same kernel as the last job for this architecture (the common case
-  // of a scheduler sending one kernel many times): no hashing, no copies.
-  KernelMemo& memo = last_kernel_[arch];
-  Digest key;
-  if (memo.valid && memo.kernel.source == k.source && memo.kernel.options == k.options &&
-      memo.kernel.headers == k.headers && memo.kernel.name_expression == k.name_expression &&
-      (!k.name_expression || memo.kernel.entry == k.entry)) {
-    key = memo.key;
-  } else {
-    key = compiler_->KeyFor(CompileRequestOf(job, arch));
-    memo = KernelMemo{k, key, true};
-  }
-  if (compile::EntryPtr hot = compiler_->Peek(key); hot && hot->ok) {
-    if (hot->HasKernel(hot->Symbol(k.entry))) {
+  const schema::JobSpec& spec = *job.spec;
+  const uint32_t sources = static_cast<uint32_t>(spec.sources.size() + 1);
+  std::vector<compile::EntryPtr>& modules = job.modules[arch];
+  modules.assign(sources, nullptr);
+  for (uint32_t src = 0; src < sources; ++src) {
+    Digest key;
+    if (!spec.multi()) {
+      // The same kernel as the last job for this architecture (the common
+      // case of a scheduler sending one kernel many times): no hashing, no
+      // copies.
+      const schema::KernelSpec& k = spec.kernel;
+      KernelMemo& memo = last_kernel_[arch];
+      if (memo.valid && memo.kernel.source == k.source && memo.kernel.options == k.options &&
+          memo.kernel.headers == k.headers &&
+          memo.kernel.name_expression == k.name_expression &&
+          (!k.name_expression || memo.kernel.entry == k.entry)) {
+        key = memo.key;
+      } else {
+        key = compiler_->KeyFor(CompileRequestOf(job, src, arch));
+        memo = KernelMemo{k, key, true};
+      }
+    } else {
+      key = compiler_->KeyFor(CompileRequestOf(job, src, arch));
+    }
+    if (compile::EntryPtr hot = compiler_->Peek(key);
+        hot && hot->ok && MissingKernel(job, src, *hot).empty()) {
       ++counters_.cache_hits;
       compile_latency_->Observe(0);
-      job.modules[arch] = std::move(hot);
-      return;
+      modules[src] = std::move(hot);
+      continue;
     }
+    job.compiling.insert(arch);
+    auto& waiting = waiting_compile_[{key, arch}];
+    waiting.emplace_back(job.id, src);
+    if (waiting.size() > 1) continue;  // asked already; the service answers once
+    compiler_->Submit(CompileRequestOf(job, src, arch), job.tenant,
+                      [this, arch](const Digest& done_key, StatusOr<compile::EntryPtr> result,
+                                   const compile::CompileInfo& info) {
+                        {
+                          MutexLock lock(&compile_mu_);
+                          compiled_.push_back(
+                              CompileDone{done_key, arch, std::move(result), info});
+                        }
+                        wake_();
+                      });
   }
-  job.compiling.insert(arch);
-  auto& waiting = waiting_compile_[{key, arch}];
-  waiting.push_back(job.id);
-  if (waiting.size() > 1) return;  // asked already; the service answers once
-  compiler_->Submit(CompileRequestOf(job, arch), job.tenant,
-                    [this, arch](const Digest& done_key, StatusOr<compile::EntryPtr> result,
-                                 const compile::CompileInfo& info) {
-                      {
-                        MutexLock lock(&compile_mu_);
-                        compiled_.push_back(
-                            CompileDone{done_key, arch, std::move(result), info});
-                      }
-                      wake_();
-                    });
 }
 
-compile::CompileRequest BrokerCore::CompileRequestOf(const Job& job, const std::string& arch) {
+compile::CompileRequest BrokerCore::CompileRequestOf(const Job& job, uint32_t source,
+                                                     const std::string& arch) {
+  const schema::JobSpec& spec = *job.spec;
+  const schema::KernelSpec& k = spec.source(source);
   compile::CompileRequest req;
-  req.source = job.spec->kernel.source;
-  req.headers = job.spec->kernel.headers;
-  req.options = job.spec->kernel.options;
-  if (job.spec->kernel.name_expression) req.name_expressions = {job.spec->kernel.entry};
+  req.source = k.source;
+  req.headers = k.headers;
+  req.options = k.options;
+  if (!spec.multi()) {
+    if (k.name_expression) req.name_expressions = {k.entry};
+  } else {
+    for (const schema::KernelLaunch& l : spec.launches) {
+      if (l.source != source || !l.name_expression) continue;
+      if (std::find(req.name_expressions.begin(), req.name_expressions.end(), l.entry) ==
+          req.name_expressions.end()) {
+        req.name_expressions.push_back(l.entry);
+      }
+    }
+  }
   req.arch = arch;
   return req;
+}
+
+std::string BrokerCore::MissingKernel(const Job& job, uint32_t source,
+                                      const compile::CacheEntry& module) {
+  const schema::JobSpec& spec = *job.spec;
+  if (!spec.multi()) {
+    return module.HasKernel(module.Symbol(spec.kernel.entry)) ? "" : spec.kernel.entry;
+  }
+  for (const schema::KernelLaunch& l : spec.launches) {
+    if (l.source == source && !module.HasKernel(module.Symbol(l.entry))) return l.entry;
+  }
+  return "";
 }
 
 void BrokerCore::OnCompilesDone() {
@@ -80,26 +116,34 @@ void BrokerCore::OnCompilesDone() {
       if (cache_changed) cache_changed();
     }
     compile_latency_->Observe(d.info.wall_us);
-    for (uint64_t id : waiting.mapped()) {
+    for (auto [id, src] : waiting.mapped()) {
       Job* job = jobs_.Find(id);
-      if (!job) continue;
-      job->compiling.erase(d.arch);
+      // Only a compile still outstanding (an earlier source's failure ends
+      // the others' wait).
+      if (!job || !job->compiling.count(d.arch)) continue;
       job->compile_us += d.info.wall_us;
       job->cache_hit = job->cache_hit && d.info.cache_hit();
-      if (job->state != JobState::kQueued) continue;
+      std::vector<compile::EntryPtr>& modules = job->modules[d.arch];
+      Status failed;
+      std::string missing;
       if (!d.result.ok()) {
-        job->compile_failed[d.arch] = d.result.status().WithContext("compile for " + d.arch);
+        failed = d.result.status().WithContext("compile for " + d.arch);
       } else if (!(*d.result)->ok) {
-        job->compile_failed[d.arch] = Status((*d.result)->code, (*d.result)->log);
-      } else if (!(*d.result)->HasKernel((*d.result)->Symbol(job->spec->kernel.entry))) {
-        job->compile_failed[d.arch] = Error(
-            Code::kInvalid, "no kernel named '" + job->spec->kernel.entry +
-                                "' in the compiled source (is it extern \"C\" __global__, or "
-                                "should 'expr' be set for a C++ name?)");
+        failed = Status((*d.result)->code, (*d.result)->log);
+      } else if (missing = MissingKernel(*job, src, **d.result); !missing.empty()) {
+        failed = Error(Code::kInvalid,
+                       "no kernel named '" + missing +
+                           "' in the compiled source (is it extern \"C\" __global__, or "
+                           "should 'expr' be set for a C++ name?)");
       } else {
-        job->modules[d.arch] = *d.result;
+        if (src < modules.size()) modules[src] = *d.result;
+        if (job->Compiled(d.arch)) job->compiling.erase(d.arch);
         continue;
       }
+      if (job->spec->multi()) failed = failed.WithContext("source " + std::to_string(src));
+      job->compiling.erase(d.arch);
+      job->modules.erase(d.arch);
+      job->compile_failed[d.arch] = failed;
       CheckCompileViable(*job);
     }
   }
@@ -137,7 +181,7 @@ bool BrokerCore::Eligible(Job& job, const Worker& w) {
   const schema::Placement& p = job.spec->placement;
   if (p.min_free_bytes && w.device.free_bytes < p.min_free_bytes) return false;
   if (job.suspect && !w.inflight.empty()) return false;
-  if (!job.modules.count(w.arch)) {
+  if (!job.Compiled(w.arch)) {
     RequestCompile(job, w.arch);
     return false;
   }
@@ -226,21 +270,42 @@ void BrokerCore::OnDispatchInputs(ReadOp& r) {
 }
 
 void BrokerCore::SendLoaded(Worker& w, Job& job) {
-  const compile::EntryPtr& entry = job.modules[w.arch];
+  const std::vector<compile::EntryPtr>& modules = job.modules[w.arch];
+  const schema::JobSpec& spec = *job.spec;
   schema::BrokerMessage m;
   m.op = schema::BrokerOp::kJob;
   m.id = job.id;
   m.attempt = job.attempt_no;
-  m.module = ToHex(entry->key);
-  m.entry = entry->Symbol(job.spec->kernel.entry);
-  m.launch = job.spec->launch;
-  m.time_limit_ms = job.spec->time_limit_ms;
-  m.args = job.spec->args;
+  m.time_limit_ms = spec.time_limit_ms;
   Frames payload;
-  if (!w.modules.Touch(m.module)) {
-    m.image = entry->cubin.empty() ? schema::ImageKind::kPtx : schema::ImageKind::kCubin;
-    const std::string& image = entry->cubin.empty() ? entry->ptx : entry->cubin;
+  // A module's image goes with the first job that brings it to the worker
+  // (PROTOCOL.md, "Module images"); modules are touched in order.
+  auto image_of = [&](const compile::CacheEntry& e, const std::string& key) {
+    if (w.modules.Touch(key)) return schema::ImageKind::kNone;
+    const std::string& image = e.cubin.empty() ? e.ptx : e.cubin;
     payload.emplace_back(image.data(), image.size());
+    return e.cubin.empty() ? schema::ImageKind::kPtx : schema::ImageKind::kCubin;
+  };
+  if (!spec.multi()) {
+    const compile::CacheEntry& entry = *modules[0];
+    m.module = ToHex(entry.key);
+    m.entry = entry.Symbol(spec.kernel.entry);
+    m.launch = spec.launch;
+    m.args = spec.args;
+    m.image = image_of(entry, m.module);
+  } else {
+    for (const compile::EntryPtr& e : modules) {
+      schema::ModuleRef& r = m.modules.emplace_back();
+      r.key = ToHex(e->key);
+      r.image = image_of(*e, r.key);
+    }
+    m.launches = spec.launches;
+    for (schema::KernelLaunch& l : m.launches) {
+      l.entry = modules[l.source]->Symbol(l.entry);
+      l.name_expression = false;
+    }
+    m.buffers = spec.buffers;
+    m.graph = spec.graph;
   }
   // Inputs in memory go as frames; files as files (to a local worker).
   const uint32_t first = static_cast<uint32_t>(payload.size());
@@ -259,7 +324,7 @@ void BrokerCore::SendLoaded(Worker& w, Job& job) {
     index[as_file[k]] = static_cast<uint32_t>(payload.size() - first + k) + first;
     m.files.push_back({job.inputs[as_file[k]].path, job.inputs[as_file[k]].size});
   }
-  for (auto& a : m.args) {
+  for (auto& a : spec.multi() ? m.buffers : m.args) {
     if (a.kind == schema::ArgKind::kIn || a.kind == schema::ArgKind::kInOut) {
       a.frame = a.frame < index.size() ? index[a.frame] : a.frame;
     }

@@ -95,6 +95,21 @@ int main(int argc, char** argv) {
   app.add_option("--max-unread-mb", max_unread_mb,
                  "Replies a client connection may leave unread before its pushes are dropped")
       ->capture_default_str();
+  app.add_option("--max-launches", o.limits.max_launches,
+                 "Launches per job (jobs of several launches)")
+      ->check(CLI::Range(size_t{1}, size_t{4096}))
+      ->capture_default_str();
+  app.add_option("--max-job-buffers", o.limits.max_job_buffers,
+                 "Buffers per job of several launches")
+      ->check(CLI::Range(size_t{1}, size_t{4096}))
+      ->capture_default_str();
+  app.add_option("--max-sources", o.limits.max_sources,
+                 "Sources per job of several launches, its own included")
+      ->check(CLI::Range(size_t{1}, size_t{64}))
+      ->capture_default_str();
+  uint64_t max_scratch_mb = o.limits.max_scratch_bytes >> 20;
+  app.add_option("--max-scratch-mb", max_scratch_mb, "Scratch buffer bytes per job, in all")
+      ->capture_default_str();
   app.add_option("--compile-timeout-ms", compile_timeout_ms, "Wall-time bound of a compile")
       ->capture_default_str();
   app.add_option("--compile-memory-mb", compile_memory_mb, "Memory bound of a compile")
@@ -131,6 +146,7 @@ int main(int argc, char** argv) {
   o.compile.max_concurrent = compile_threads;
   o.unmatched_grace = std::chrono::milliseconds(unmatched_grace_ms);
   o.max_unread_bytes = max_unread_mb << 20;
+  o.limits.max_scratch_bytes = max_scratch_mb << 20;
   o.compile.limits.wall = std::chrono::milliseconds(compile_timeout_ms);
   o.compile.limits.memory_bytes = compile_memory_mb << 20;
   if (!curve_secret.empty()) {

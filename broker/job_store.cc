@@ -61,8 +61,10 @@ uint64_t U64At(const std::string& s, size_t i) {
 }
 
 std::string PackTiming(const schema::Timing& t) {
-  return PackU64s({t.queue_us, t.compile_us, t.load_us, t.h2d_us, t.kernel_us, t.d2h_us,
-                   t.total_us, uint64_t{t.cache_hit}});
+  std::string s = PackU64s({t.queue_us, t.compile_us, t.load_us, t.h2d_us, t.kernel_us,
+                            t.d2h_us, t.total_us, uint64_t{t.cache_hit}});
+  for (uint64_t us : t.launch_us) s += PackU64s({us});
+  return s;
 }
 
 schema::Timing UnpackTiming(const std::string& s) {
@@ -75,6 +77,7 @@ schema::Timing UnpackTiming(const std::string& s) {
   t.d2h_us = U64At(s, 5);
   t.total_us = U64At(s, 6);
   t.cache_hit = U64At(s, 7) != 0;
+  for (size_t i = 8; 8 * (i + 1) <= s.size(); ++i) t.launch_us.push_back(U64At(s, i));
   return t;
 }
 

@@ -65,8 +65,10 @@ struct Job {
   MonoTime dispatched;
   MonoTime last_matched;  // the last time a connected worker matched its placement
 
-  // Compiles, by architecture.
-  std::map<std::string, compile::EntryPtr> modules;
+  // Compiles, by architecture: one module per source of the job (null while
+  // it compiles), complete when none is null (Compiled). `compiling` holds
+  // the architectures with a compile outstanding.
+  std::map<std::string, std::vector<compile::EntryPtr>> modules;
   std::set<std::string> compiling;
   std::map<std::string, Status> compile_failed;
   uint64_t compile_us = 0;
@@ -79,6 +81,14 @@ struct Job {
   std::vector<RequestContext> cancel_replies;
 
   bool ended() const { return schema::IsTerminal(state); }
+  bool Compiled(const std::string& arch) const {
+    auto it = modules.find(arch);
+    if (it == modules.end()) return false;
+    for (const compile::EntryPtr& e : it->second) {
+      if (!e) return false;
+    }
+    return true;
+  }
 };
 
 class JobTable {

@@ -33,7 +33,7 @@ Status CheckOutputs(const Job& job, const WorkerMessage& m, const Frames& frames
                                       " outputs for " + std::to_string(nframes) + " frames and " +
                                       std::to_string(m.files.size()) + " files");
   }
-  const std::vector<schema::Arg>& args = job.spec->args;
+  const std::vector<schema::Arg>& args = job.spec->buffer_list();
   std::vector<bool> seen(args.size(), false);
   for (size_t i = 0; i < m.outputs.size(); ++i) {
     const uint32_t a = m.outputs[i];
@@ -262,8 +262,9 @@ void BrokerCore::Requeue(const Worker& w, const std::map<uint64_t, Worker::Held>
     if (w.local && job->spec->local_out) {
       // The output files the lost attempt may have begun (w-ID-ATTEMPT-ARG).
       std::vector<schema::LocalFile> begun;
-      for (size_t a = 0; a < job->spec->args.size(); ++a) {
-        const schema::ArgKind k = job->spec->args[a].kind;
+      const std::vector<schema::Arg>& buffers = job->spec->buffer_list();
+      for (size_t a = 0; a < buffers.size(); ++a) {
+        const schema::ArgKind k = buffers[a].kind;
         if (k != schema::ArgKind::kOut && k != schema::ArgKind::kInOut) continue;
         begun.push_back({schema::WorkerOutputName(job->id, held.attempt, static_cast<uint32_t>(a)),
                          0});

@@ -65,7 +65,7 @@ class AsyncClient::Impl {
     std::vector<std::string_view> frames = job.inputs;
     bool large = false;
     for (std::string_view in : job.inputs) large |= in.size() >= opt_.local_min_bytes;
-    for (const schema::Arg& a : job.spec.args) {
+    for (const schema::Arg& a : job.spec.buffer_list()) {
       large |= a.kind == schema::ArgKind::kOut && a.size >= opt_.local_min_bytes;
     }
     if (large && local_possible_) {

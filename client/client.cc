@@ -75,7 +75,7 @@ class Client::Impl {
     req->job = job.spec;
     bool large = false;
     for (std::string_view in : job.inputs) large |= in.size() >= opt_.local_min_bytes;
-    for (const schema::Arg& a : job.spec.args) {
+    for (const schema::Arg& a : job.spec.buffer_list()) {
       large |= a.kind == schema::ArgKind::kOut && a.size >= opt_.local_min_bytes;
     }
     if (large) GPUQ_RETURN_IF_ERROR(LocalDir().status());

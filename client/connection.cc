@@ -123,7 +123,7 @@ StatusOr<std::vector<std::string>> UseLocalFiles(const std::string& dir, size_t 
     spec->files.push_back({name, inputs[i].size()});
   }
   for (size_t i : small) frames->push_back(inputs[i]);
-  for (schema::Arg& a : spec->args) {
+  for (schema::Arg& a : spec->buffer_list()) {
     if ((a.kind == schema::ArgKind::kIn || a.kind == schema::ArgKind::kInOut) &&
         a.frame < index.size()) {
       if (a.kind == schema::ArgKind::kInOut && inputs[a.frame].size() >= min_bytes) {

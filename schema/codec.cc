@@ -197,6 +197,20 @@ void PackArg(Packer& p, const Arg& a) {
       PackStr(p, "out");
       p.pack_uint64(a.size);
       return;
+    case ArgKind::kScratch:
+      PackStr(p, "scratch");
+      p.pack_uint64(a.size);
+      return;
+    case ArgKind::kBuffer:
+      PackStr(p, "buf");
+      if (a.offset == 0) {
+        p.pack_uint32(a.buffer);
+      } else {
+        p.pack_array(2);
+        p.pack_uint32(a.buffer);
+        p.pack_uint64(a.offset);
+      }
+      return;
     case ArgKind::kScalar:
       break;
   }
@@ -237,14 +251,48 @@ void PackArgs(Packer& p, const std::vector<Arg>& args) {
   for (const Arg& a : args) PackArg(p, a);
 }
 
-void PackLaunchFields(MapWriter& w, Packer& p, const LaunchSpec& l) {
-  w.Field("grid", true, [&] { PackDim3(p, l.grid); })
-      .Field("block", true, [&] { PackDim3(p, l.block); })
-      .Field("shared", l.shared_bytes != 0, [&] { p.pack_uint32(l.shared_bytes); });
+void PackLaunchFields(MapWriter& w, Packer& p, const LaunchSpec& l, bool present = true) {
+  w.Field("grid", present, [&] { PackDim3(p, l.grid); })
+      .Field("block", present, [&] { PackDim3(p, l.block); })
+      .Field("shared", present && l.shared_bytes != 0, [&] { p.pack_uint32(l.shared_bytes); });
+}
+
+// A source's options and headers (src itself is written by the caller).
+void PackSourceExtras(MapWriter& w, Packer& p, const KernelSpec& k) {
+  w.Field("opts", !k.options.empty(),
+          [&] {
+            p.pack_array(static_cast<uint32_t>(k.options.size()));
+            for (auto& o : k.options) PackStr(p, o);
+          })
+      .Field("headers", !k.headers.empty(), [&] {
+        p.pack_array(static_cast<uint32_t>(k.headers.size()));
+        for (auto& h : k.headers) {
+          p.pack_array(2);
+          PackStr(p, h.name);
+          PackStr(p, h.content);
+        }
+      });
+}
+
+// A launch of a job of several launches. `index_key` names the index of
+// its kernel's source: "source" in a submit, "module" to a worker.
+void PackKernelLaunches(Packer& p, const std::vector<KernelLaunch>& launches,
+                        std::string_view index_key) {
+  p.pack_array(static_cast<uint32_t>(launches.size()));
+  for (const KernelLaunch& l : launches) {
+    MapWriter w(p);
+    w.Field(index_key, index_key == "module" || l.source != 0,
+            [&] { p.pack_uint32(l.source); })
+        .Field("entry", true, [&] { PackStr(p, l.entry); })
+        .Field("expr", l.name_expression, [&] { p.pack_true(); });
+    PackLaunchFields(w, p, l.launch);
+    w.Field("args", true, [&] { PackArgs(p, l.args); }).Write();
+  }
 }
 
 void PackJob(Packer& p, const JobSpec& j) {
   MapWriter w(p);
+  const bool one = !j.multi();
   w.Field("key", !j.key.empty(), [&] { PackStr(p, j.key); })
       .Field("tenant", !j.tenant.empty(), [&] { PackStr(p, j.tenant); })
       .Field("priority", j.priority != kDefaultPriority,
@@ -252,24 +300,12 @@ void PackJob(Packer& p, const JobSpec& j) {
       .Field("deadline_ms", j.deadline_ms != 0, [&] { p.pack_uint64(j.deadline_ms); })
       .Field("limit_ms", j.time_limit_ms != 0, [&] { p.pack_uint64(j.time_limit_ms); })
       .Field("src", true, [&] { PackStr(p, j.kernel.source); })
-      .Field("entry", true, [&] { PackStr(p, j.kernel.entry); })
-      .Field("expr", j.kernel.name_expression, [&] { p.pack_true(); })
-      .Field("opts", !j.kernel.options.empty(),
-             [&] {
-               p.pack_array(static_cast<uint32_t>(j.kernel.options.size()));
-               for (auto& o : j.kernel.options) PackStr(p, o);
-             })
-      .Field("headers", !j.kernel.headers.empty(), [&] {
-        p.pack_array(static_cast<uint32_t>(j.kernel.headers.size()));
-        for (auto& h : j.kernel.headers) {
-          p.pack_array(2);
-          PackStr(p, h.name);
-          PackStr(p, h.content);
-        }
-      });
-  PackLaunchFields(w, p, j.launch);
+      .Field("entry", one, [&] { PackStr(p, j.kernel.entry); })
+      .Field("expr", one && j.kernel.name_expression, [&] { p.pack_true(); });
+  PackSourceExtras(w, p, j.kernel);
+  PackLaunchFields(w, p, j.launch, one);
   const Placement& pl = j.placement;
-  w.Field("args", true, [&] { PackArgs(p, j.args); })
+  w.Field("args", one, [&] { PackArgs(p, j.args); })
       .Field("place", pl != Placement{}, [&] {
         MapWriter pw(p);
         pw.Field("arch", !pl.arch.empty(), [&] { PackStr(p, pl.arch); })
@@ -280,11 +316,24 @@ void PackJob(Packer& p, const JobSpec& j) {
       })
       .Field("files", !j.files.empty(), [&] { PackFiles(p, j.files); })
       .Field("local_out", j.local_out, [&] { p.pack_true(); })
+      .Field("sources", !j.sources.empty(),
+             [&] {
+               p.pack_array(static_cast<uint32_t>(j.sources.size()));
+               for (const KernelSpec& k : j.sources) {
+                 MapWriter sw(p);
+                 sw.Field("src", true, [&] { PackStr(p, k.source); });
+                 PackSourceExtras(sw, p, k);
+                 sw.Write();
+               }
+             })
+      .Field("buffers", !one, [&] { PackArgs(p, j.buffers); })
+      .Field("launches", !one, [&] { PackKernelLaunches(p, j.launches, "source"); })
+      .Field("graph", j.graph, [&] { p.pack_true(); })
       .Write();
 }
 
 void PackTiming(Packer& p, const Timing& t) {
-  p.pack_map(8);
+  p.pack_map(t.launch_us.empty() ? 8 : 9);
   PackStr(p, "queue");
   p.pack_uint64(t.queue_us);
   PackStr(p, "compile");
@@ -301,6 +350,11 @@ void PackTiming(Packer& p, const Timing& t) {
   p.pack_uint64(t.total_us);
   PackStr(p, "cache_hit");
   t.cache_hit ? p.pack_true() : p.pack_false();
+  if (!t.launch_us.empty()) {
+    PackStr(p, "launches");
+    p.pack_array(static_cast<uint32_t>(t.launch_us.size()));
+    for (uint64_t us : t.launch_us) p.pack_uint64(us);
+  }
 }
 
 void PackHealth(Packer& p, const GpuHealth& h) {
@@ -490,19 +544,33 @@ std::string EncodeBrokerMessage(const BrokerMessage& m) {
   MapWriter w(p);
   w.Field("op", true, [&] { PackStr(p, BrokerOpName(m.op)); });
   switch (m.op) {
-    case BrokerOp::kJob:
+    case BrokerOp::kJob: {
+      const bool one = m.launches.empty();
       w.Field("id", true, [&] { p.pack_uint64(m.id); })
           .Field("attempt", true, [&] { p.pack_uint32(m.attempt); })
-          .Field("module", true, [&] { PackStr(p, m.module); })
-          .Field("entry", true, [&] { PackStr(p, m.entry); })
-          .Field("image", m.image != ImageKind::kNone,
+          .Field("module", one, [&] { PackStr(p, m.module); })
+          .Field("entry", one, [&] { PackStr(p, m.entry); })
+          .Field("image", one && m.image != ImageKind::kNone,
                  [&] { PackStr(p, kImageNames[static_cast<size_t>(m.image)]); });
-      PackLaunchFields(w, p, m.launch);
-      w.Field("args", true, [&] { PackArgs(p, m.args); })
+      PackLaunchFields(w, p, m.launch, one);
+      w.Field("args", one, [&] { PackArgs(p, m.args); })
           .Field("limit_ms", m.time_limit_ms != 0, [&] { p.pack_uint64(m.time_limit_ms); })
           .Field("files", !m.files.empty(), [&] { PackFiles(p, m.files); })
-          .Field("out_dir", !m.out_dir.empty(), [&] { PackStr(p, m.out_dir); });
+          .Field("out_dir", !m.out_dir.empty(), [&] { PackStr(p, m.out_dir); })
+          .Field("modules", !one,
+                 [&] {
+                   p.pack_array(static_cast<uint32_t>(m.modules.size()));
+                   for (const ModuleRef& r : m.modules) {
+                     p.pack_array(2);
+                     PackStr(p, r.key);
+                     PackStr(p, kImageNames[static_cast<size_t>(r.image)]);
+                   }
+                 })
+          .Field("buffers", !one, [&] { PackArgs(p, m.buffers); })
+          .Field("launches", !one, [&] { PackKernelLaunches(p, m.launches, "module"); })
+          .Field("graph", m.graph, [&] { p.pack_true(); });
       break;
+    }
     case BrokerOp::kError:
       w.Field("code", true, [&] { PackStr(p, CodeName(m.code)); })
           .Field("error", true, [&] { PackStr(p, m.error); });
@@ -596,8 +664,8 @@ Status GetDim3(const object& o, std::string_view field, Dim3* out) {
   return GetU(a->ptr[2], field, &out->z);
 }
 
-Status GetU32List(const object& o, std::string_view field, size_t max,
-                  std::vector<uint32_t>* out) {
+template <typename T>
+Status GetUList(const object& o, std::string_view field, size_t max, std::vector<T>* out) {
   const msgpack::object_array* a = nullptr;
   GPUQ_RETURN_IF_ERROR(GetArray(o, field, max, &a));
   out->resize(a->size);
@@ -717,11 +785,22 @@ Status GetArg(const object& o, const Limits& limits, Arg* out) {
     out->kind = t == "in" ? ArgKind::kIn : ArgKind::kInOut;
     return GetU(v, "args", &out->frame);
   }
-  if (t == "out") {
-    out->kind = ArgKind::kOut;
+  if (t == "out" || t == "scratch") {
+    out->kind = t == "out" ? ArgKind::kOut : ArgKind::kScratch;
     GPUQ_RETURN_IF_ERROR(GetUint(v, "args", UINT64_MAX, &out->size));
-    if (out->size > limits.max_buffer_bytes) return TooLarge("out buffer", limits.max_buffer_bytes);
+    if (out->size > limits.max_buffer_bytes) {
+      return TooLarge(t == "out" ? "out buffer" : "scratch buffer", limits.max_buffer_bytes);
+    }
     return Status::Ok();
+  }
+  if (t == "buf") {
+    // The job's buffer: its index, or [index, byte offset].
+    out->kind = ArgKind::kBuffer;
+    if (v.type != mt::ARRAY) return GetU(v, "args", &out->buffer);
+    const msgpack::object_array* r = nullptr;
+    GPUQ_RETURN_IF_ERROR(GetTuple(v, "args", 2, "a buffer as index or [index, offset]", &r));
+    GPUQ_RETURN_IF_ERROR(GetU(r->ptr[0], "args", &out->buffer));
+    return GetUint(r->ptr[1], "args", UINT64_MAX, &out->offset);
   }
   out->kind = ArgKind::kScalar;
   if (!Lookup(kScalarNames, t, &out->type)) {
@@ -731,9 +810,10 @@ Status GetArg(const object& o, const Limits& limits, Arg* out) {
   return GetScalar(v, out->type, &out->bits);
 }
 
-Status GetArgs(const object& o, const Limits& limits, std::vector<Arg>* out) {
+Status GetArgs(const object& o, const Limits& limits, std::vector<Arg>* out,
+               std::string_view field = "args", size_t max = 0) {
   const msgpack::object_array* a = nullptr;
-  GPUQ_RETURN_IF_ERROR(GetArray(o, "args", limits.max_args, &a));
+  GPUQ_RETURN_IF_ERROR(GetArray(o, field, max ? max : limits.max_args, &a));
   out->resize(a->size);
   for (uint32_t i = 0; i < a->size; ++i) {
     Status s = GetArg(a->ptr[i], limits, &(*out)[i]);
@@ -780,44 +860,120 @@ std::vector<uint64_t> WithFiles(std::span<const uint64_t> sizes,
   return all;
 }
 
+// A source's fields: src, opts, headers.
+Status GetSourceField(std::string_view k, const object& v, const Limits& limits,
+                      KernelSpec* ks, bool* handled) {
+  *handled = true;
+  if (k == "src") return GetStr(v, k, limits.max_source_bytes, &ks->source);
+  if (k == "opts") {
+    const msgpack::object_array* a = nullptr;
+    GPUQ_RETURN_IF_ERROR(GetArray(v, k, limits.max_options, &a));
+    ks->options.resize(a->size);
+    for (uint32_t i = 0; i < a->size; ++i) {
+      GPUQ_RETURN_IF_ERROR(GetStr(a->ptr[i], k, limits.max_option_bytes, &ks->options[i]));
+    }
+    return Status::Ok();
+  }
+  if (k == "headers") {
+    const msgpack::object_array* a = nullptr;
+    GPUQ_RETURN_IF_ERROR(GetArray(v, k, limits.max_headers, &a));
+    ks->headers.resize(a->size);
+    for (uint32_t i = 0; i < a->size; ++i) {
+      const msgpack::object_array* h = nullptr;
+      GPUQ_RETURN_IF_ERROR(GetTuple(a->ptr[i], k, 2, "each header as [name, content]", &h));
+      GPUQ_RETURN_IF_ERROR(GetStr(h->ptr[0], k, limits.max_name_bytes, &ks->headers[i].name));
+      GPUQ_RETURN_IF_ERROR(
+          GetStr(h->ptr[1], k, limits.max_total_source_bytes, &ks->headers[i].content));
+    }
+    return Status::Ok();
+  }
+  *handled = false;
+  return Status::Ok();
+}
+
+// The launches of a job of several launches; `index_key` as in
+// PackKernelLaunches.
+Status GetKernelLaunches(const object& o, const Limits& limits, std::string_view index_key,
+                         std::vector<KernelLaunch>* out) {
+  const msgpack::object_array* a = nullptr;
+  GPUQ_RETURN_IF_ERROR(GetArray(o, "launches", limits.max_launches, &a));
+  if (a->size == 0) return Malformed("launches", "must not be empty");
+  out->resize(a->size);
+  for (uint32_t i = 0; i < a->size; ++i) {
+    KernelLaunch& l = (*out)[i];
+    std::vector<std::string_view> required = {"entry", "grid", "block", "args"};
+    if (index_key == "module") required.push_back("module");
+    Status s = ForEachField(a->ptr[i], "launch", required,
+                            [&](std::string_view k, const object& v) -> Status {
+      bool launch = false;
+      GPUQ_RETURN_IF_ERROR(GetLaunchField(k, v, &l.launch, &launch));
+      if (launch) return Status::Ok();
+      if (k == index_key) return GetU(v, k, &l.source);
+      if (k == "entry") return GetStr(v, k, limits.max_name_bytes, &l.entry);
+      if (k == "expr" && index_key == "source") return GetBool(v, k, &l.name_expression);
+      if (k == "args") return GetArgs(v, limits, &l.args);
+      return kUnknownField;
+    });
+    if (!s.ok()) return s.WithContext("launch " + std::to_string(i));
+  }
+  return Status::Ok();
+}
+
+// Keys of a job map that only a job of one launch has, and those that only
+// a job of several launches has.
+constexpr std::string_view kOneLaunchKeys[] = {"entry", "expr", "grid", "block", "shared",
+                                               "args"};
+constexpr std::string_view kSeveralLaunchKeys[] = {"sources", "buffers", "launches", "graph"};
+
+bool HasKey(const object& map, std::string_view key) {
+  for (uint32_t i = 0; i < map.via.map.size; ++i) {
+    if (map.via.map.ptr[i].key.type == mt::STR && StrView(map.via.map.ptr[i].key) == key) {
+      return true;
+    }
+  }
+  return false;
+}
+
+// A map holds either the keys of one launch or those of several.
+Status CheckLaunchForm(const object& o, std::string_view what,
+                       std::span<const std::string_view> one,
+                       std::span<const std::string_view> several) {
+  if (o.type != mt::MAP) return Malformed(what, "expected a map");
+  if (!HasKey(o, "launches")) {
+    for (std::string_view k : several) {
+      if (HasKey(o, k)) return Malformed(k, "only a job of several launches has it");
+    }
+    return Status::Ok();
+  }
+  for (std::string_view k : one) {
+    if (HasKey(o, k)) {
+      return Malformed(k, "a job of several launches names it in each launch, not in '" +
+                              std::string(what) + "'");
+    }
+  }
+  return Status::Ok();
+}
+
 Status GetJob(const object& o, const Limits& limits, JobSpec* j) {
-  return ForEachField(o, "job", {"src", "entry", "grid", "block", "args"},
+  GPUQ_RETURN_IF_ERROR(CheckLaunchForm(o, "job", kOneLaunchKeys, kSeveralLaunchKeys));
+  const bool several = HasKey(o, "launches");
+  const std::vector<std::string_view> required =
+      several ? std::vector<std::string_view>{"src", "buffers", "launches"}
+              : std::vector<std::string_view>{"src", "entry", "grid", "block", "args"};
+  return ForEachField(o, "job", required,
                       [&](std::string_view k, const object& v) -> Status {
-    bool launch = false;
-    GPUQ_RETURN_IF_ERROR(GetLaunchField(k, v, &j->launch, &launch));
-    if (launch) return Status::Ok();
+    bool handled = false;
+    GPUQ_RETURN_IF_ERROR(GetLaunchField(k, v, &j->launch, &handled));
+    if (handled) return Status::Ok();
+    GPUQ_RETURN_IF_ERROR(GetSourceField(k, v, limits, &j->kernel, &handled));
+    if (handled) return Status::Ok();
     if (k == "key") return GetStr(v, k, limits.max_key_bytes, &j->key);
     if (k == "tenant") return GetStr(v, k, limits.max_tenant_bytes, &j->tenant);
     if (k == "priority") return GetU(v, k, &j->priority, kMaxPriority);
     if (k == "deadline_ms") return GetU(v, k, &j->deadline_ms, kMaxDeadlineMs);
     if (k == "limit_ms") return GetU(v, k, &j->time_limit_ms, kMaxTimeLimitMs);
-    if (k == "src") return GetStr(v, k, limits.max_source_bytes, &j->kernel.source);
     if (k == "entry") return GetStr(v, k, limits.max_name_bytes, &j->kernel.entry);
     if (k == "expr") return GetBool(v, k, &j->kernel.name_expression);
-    if (k == "opts") {
-      const msgpack::object_array* a = nullptr;
-      GPUQ_RETURN_IF_ERROR(GetArray(v, k, limits.max_options, &a));
-      j->kernel.options.resize(a->size);
-      for (uint32_t i = 0; i < a->size; ++i) {
-        GPUQ_RETURN_IF_ERROR(
-            GetStr(a->ptr[i], k, limits.max_option_bytes, &j->kernel.options[i]));
-      }
-      return Status::Ok();
-    }
-    if (k == "headers") {
-      const msgpack::object_array* a = nullptr;
-      GPUQ_RETURN_IF_ERROR(GetArray(v, k, limits.max_headers, &a));
-      j->kernel.headers.resize(a->size);
-      for (uint32_t i = 0; i < a->size; ++i) {
-        const msgpack::object_array* h = nullptr;
-        GPUQ_RETURN_IF_ERROR(GetTuple(a->ptr[i], k, 2, "each header as [name, content]", &h));
-        GPUQ_RETURN_IF_ERROR(
-            GetStr(h->ptr[0], k, limits.max_name_bytes, &j->kernel.headers[i].name));
-        GPUQ_RETURN_IF_ERROR(GetStr(h->ptr[1], k, limits.max_total_source_bytes,
-                                    &j->kernel.headers[i].content));
-      }
-      return Status::Ok();
-    }
     if (k == "args") return GetArgs(v, limits, &j->args);
     if (k == "files") return GetFiles(v, k, limits, false, &j->files);
     if (k == "local_out") return GetBool(v, k, &j->local_out);
@@ -829,11 +985,30 @@ Status GetJob(const object& o, const Limits& limits, JobSpec* j) {
         return kUnknownField;
       });
     }
+    if (k == "sources") {
+      const msgpack::object_array* a = nullptr;
+      GPUQ_RETURN_IF_ERROR(
+          GetArray(v, k, limits.max_sources ? limits.max_sources - 1 : 0, &a));
+      j->sources.resize(a->size);
+      for (uint32_t i = 0; i < a->size; ++i) {
+        Status s = ForEachField(a->ptr[i], "source", {"src"},
+                                [&](std::string_view sk, const object& sv) -> Status {
+          bool h = false;
+          GPUQ_RETURN_IF_ERROR(GetSourceField(sk, sv, limits, &j->sources[i], &h));
+          return h ? Status::Ok() : kUnknownField;
+        });
+        if (!s.ok()) return s.WithContext("source " + std::to_string(i + 1));
+      }
+      return Status::Ok();
+    }
+    if (k == "buffers") return GetArgs(v, limits, &j->buffers, k, limits.max_job_buffers);
+    if (k == "launches") return GetKernelLaunches(v, limits, "source", &j->launches);
+    if (k == "graph") return GetBool(v, k, &j->graph);
     return kUnknownField;
   });
 }
 
-Status GetTiming(const object& o, Timing* t) {
+Status GetTiming(const object& o, const Limits& limits, Timing* t) {
   return ForEachField(
       o, "timing", {"queue", "compile", "load", "h2d", "kernel", "d2h", "total", "cache_hit"},
       [&](std::string_view k, const object& v) -> Status {
@@ -845,6 +1020,7 @@ Status GetTiming(const object& o, Timing* t) {
         if (k == "d2h") return GetU(v, k, &t->d2h_us);
         if (k == "total") return GetU(v, k, &t->total_us);
         if (k == "cache_hit") return GetBool(v, k, &t->cache_hit);
+        if (k == "launches") return GetUList(v, k, limits.max_launches, &t->launch_us);
         return kUnknownField;
       });
 }
@@ -1068,26 +1244,137 @@ Status CheckLaunch(const LaunchSpec& l) {
   return Status::Ok();
 }
 
+Status CheckShared(const LaunchSpec& l) {
+  if (l.shared_bytes > (1u << 20)) {
+    return Error(Code::kInvalid, "dynamic shared memory is over 1 MiB");
+  }
+  return Status::Ok();
+}
+
+// The buffers of a job of several launches (in, out, inout, scratch), and
+// its launches' arguments (scalars, and kBuffer arguments naming one of
+// them at an offset within it). `sizes`: payload frame sizes, then files.
+Status CheckSeveralLaunches(const std::vector<Arg>& buffers,
+                            const std::vector<KernelLaunch>& launches, size_t modules,
+                            std::string_view module_word, std::span<const uint64_t> sizes,
+                            const Limits& limits) {
+  if (launches.empty()) return Error(Code::kInvalid, "a job of several launches has none");
+  if (launches.size() > limits.max_launches) {
+    return TooLarge("launches per job", limits.max_launches);
+  }
+  if (buffers.size() > limits.max_job_buffers) {
+    return TooLarge("buffers per job", limits.max_job_buffers);
+  }
+  uint64_t scratch = 0;
+  for (size_t i = 0; i < buffers.size(); ++i) {
+    const Arg& b = buffers[i];
+    if (b.kind == ArgKind::kScalar || b.kind == ArgKind::kBuffer) {
+      return Error(Code::kInvalid, "buffer " + std::to_string(i) +
+                                       " must be in, out, inout or scratch");
+    }
+    if (b.kind == ArgKind::kScratch) scratch += b.size;
+  }
+  if (scratch > limits.max_scratch_bytes) {
+    return Error(Code::kTooLarge, "scratch buffers of " + std::to_string(scratch) +
+                                      " bytes are over the limit of " +
+                                      std::to_string(limits.max_scratch_bytes) + " per job");
+  }
+  for (size_t i = 0; i < launches.size(); ++i) {
+    const KernelLaunch& l = launches[i];
+    const std::string which = "launch " + std::to_string(i);
+    if (l.source >= modules) {
+      return Error(Code::kInvalid, which + " names " + std::string(module_word) + " " +
+                                       std::to_string(l.source) + " of " +
+                                       std::to_string(modules));
+    }
+    if (l.entry.empty()) return Error(Code::kInvalid, which + ": kernel entry is empty");
+    Status s = CheckLaunch(l.launch);
+    if (s.ok()) s = CheckShared(l.launch);
+    if (!s.ok()) return s.WithContext(which);
+    for (size_t k = 0; k < l.args.size(); ++k) {
+      const Arg& a = l.args[k];
+      const std::string arg = which + ", argument " + std::to_string(k);
+      if (a.kind == ArgKind::kScalar) continue;
+      if (a.kind != ArgKind::kBuffer) {
+        return Error(Code::kInvalid, arg + ": a launch's arguments are scalars and "
+                                           "buffers of the job (buf)");
+      }
+      if (a.buffer >= buffers.size()) {
+        return Error(Code::kInvalid, arg + " names buffer " + std::to_string(a.buffer) +
+                                         " of " + std::to_string(buffers.size()));
+      }
+      const Arg& b = buffers[a.buffer];
+      const bool framed = b.kind == ArgKind::kIn || b.kind == ArgKind::kInOut;
+      // A frame's size is checked with the frames (CheckBufferFrames).
+      const uint64_t size = !framed ? b.size : b.frame < sizes.size() ? sizes[b.frame] : 0;
+      if (a.offset > size) {
+        return Error(Code::kInvalid, arg + ": offset " + std::to_string(a.offset) +
+                                         " is past the end of buffer " +
+                                         std::to_string(a.buffer) + " (" +
+                                         std::to_string(size) + " bytes)");
+      }
+    }
+  }
+  return Status::Ok();
+}
+
+Status CheckSource(const KernelSpec& k, size_t* total) {
+  if (k.source.empty()) return Error(Code::kInvalid, "kernel source is empty");
+  *total += k.source.size();
+  for (const NamedHeader& h : k.headers) {
+    if (h.name.empty()) return Error(Code::kInvalid, "a header has an empty name");
+    *total += h.content.size();
+  }
+  return Status::Ok();
+}
+
 }  // namespace
 
 Status ValidateJob(const JobSpec& job, std::span<const uint64_t> payload_sizes,
                    const Limits& limits) {
-  if (job.kernel.source.empty()) return Error(Code::kInvalid, "kernel source is empty");
-  if (job.kernel.entry.empty()) return Error(Code::kInvalid, "kernel entry is empty");
-  size_t total = job.kernel.source.size();
-  for (const NamedHeader& h : job.kernel.headers) {
-    if (h.name.empty()) return Error(Code::kInvalid, "a header has an empty name");
-    total += h.content.size();
+  size_t total = 0;
+  GPUQ_RETURN_IF_ERROR(CheckSource(job.kernel, &total));
+  for (size_t i = 0; i < job.sources.size(); ++i) {
+    Status s = CheckSource(job.sources[i], &total);
+    if (!s.ok()) return s.WithContext("source " + std::to_string(i + 1));
+    if (!job.sources[i].entry.empty() || job.sources[i].name_expression) {
+      return Error(Code::kInvalid, "source " + std::to_string(i + 1) +
+                                       ": entries are named by launches");
+    }
   }
   if (total > limits.max_total_source_bytes) {
     return TooLarge("source and headers", limits.max_total_source_bytes);
   }
   if (job.priority > kMaxPriority) return Error(Code::kInvalid, "priority is above 9");
-  GPUQ_RETURN_IF_ERROR(CheckLaunch(job.launch));
-  if (job.launch.shared_bytes > (1u << 20)) {
-    return Error(Code::kInvalid, "dynamic shared memory is over 1 MiB");
+  const std::vector<uint64_t> sizes = WithFiles(payload_sizes, job.files);
+  if (job.multi()) {
+    if (!job.kernel.entry.empty() || job.kernel.name_expression || !job.args.empty() ||
+        job.launch != LaunchSpec{}) {
+      return Error(Code::kInvalid,
+                   "a job of several launches names entries, dimensions and arguments in "
+                   "its launches");
+    }
+    if (job.sources.size() + 1 > limits.max_sources) {
+      return TooLarge("sources per job", limits.max_sources);
+    }
+    GPUQ_RETURN_IF_ERROR(CheckSeveralLaunches(job.buffers, job.launches,
+                                              job.sources.size() + 1, "source", sizes,
+                                              limits));
+    return CheckBufferFrames(job.buffers, 0, sizes, limits);
   }
-  return CheckBufferFrames(job.args, 0, WithFiles(payload_sizes, job.files), limits);
+  if (!job.sources.empty() || !job.buffers.empty() || job.graph) {
+    return Error(Code::kInvalid, "sources, buffers and graph belong to jobs of several launches");
+  }
+  if (job.kernel.entry.empty()) return Error(Code::kInvalid, "kernel entry is empty");
+  GPUQ_RETURN_IF_ERROR(CheckLaunch(job.launch));
+  GPUQ_RETURN_IF_ERROR(CheckShared(job.launch));
+  for (size_t i = 0; i < job.args.size(); ++i) {
+    if (job.args[i].kind == ArgKind::kScratch || job.args[i].kind == ArgKind::kBuffer) {
+      return Error(Code::kInvalid, "argument " + std::to_string(i) +
+                                       ": scratch and buf belong to jobs of several launches");
+    }
+  }
+  return CheckBufferFrames(job.args, 0, sizes, limits);
 }
 
 std::string EncodeBatch(const Batch& b) {
@@ -1112,7 +1399,7 @@ Status DecodeBatch(std::string_view header, std::span<const uint64_t> payload_si
                                     [&](std::string_view k, const object& v) -> Status {
     if (k == "op") return Status::Ok();
     if (k == "parts") {
-      return GetU32List(v, k, std::min(limits.max_list, kMaxBatchParts), &b.parts);
+      return GetUList(v, k, std::min(limits.max_list, kMaxBatchParts), &b.parts);
     }
     return kUnknownField;
   }));
@@ -1369,8 +1656,8 @@ Status DecodeClientReply(std::string_view header, std::span<const uint64_t> payl
     if (k == "retry_after_ms") return GetU(v, k, &r.retry_after_ms);
     if (k == "attempts") return GetU(v, k, &r.attempts);
     if (k == "device") return GetStr(v, k, 64, &r.device);
-    if (k == "timing") return GetTiming(v, &r.timing);
-    if (k == "outputs") return GetU32List(v, k, limits.max_args, &r.outputs);
+    if (k == "timing") return GetTiming(v, limits, &r.timing);
+    if (k == "outputs") return GetUList(v, k, limits.max_args, &r.outputs);
     if (k == "files") return GetFiles(v, k, limits, true, &r.files);
     if (k == "local_dir") return GetStr(v, k, 4096, &r.local_dir);
     if (k == "stats") {
@@ -1460,8 +1747,8 @@ Status DecodeWorkerMessage(std::string_view header, std::span<const uint64_t> pa
         has_error = true;
         return GetStr(v, k, limits.max_text_bytes, &r.error);
       }
-      if (k == "timing") return GetTiming(v, &r.timing);
-      if (k == "outputs") return GetU32List(v, k, limits.max_args, &r.outputs);
+      if (k == "timing") return GetTiming(v, limits, &r.timing);
+      if (k == "outputs") return GetUList(v, k, limits.max_args, &r.outputs);
       if (k == "files") return GetFiles(v, k, limits, false, &r.files);
     } else if (wop == WorkerOp::kHeartbeat) {
       if (k == "free_bytes") return GetU(v, k, &r.free_bytes);
@@ -1496,7 +1783,15 @@ Status DecodeBrokerMessage(std::string_view header, std::span<const uint64_t> pa
   if (!Lookup(kBrokerOpNames, op, &r.op)) return UnknownOp(op);
   std::vector<std::string_view> required;
   if (r.op == BrokerOp::kJob) {
-    required = {"id", "attempt", "module", "entry", "grid", "block", "args"};
+    static constexpr std::string_view kOne[] = {"module", "entry", "image", "grid",
+                                                "block",  "shared", "args"};
+    static constexpr std::string_view kSeveral[] = {"modules", "buffers", "launches", "graph"};
+    GPUQ_RETURN_IF_ERROR(CheckLaunchForm(oh.get(), "job", kOne, kSeveral));
+    if (HasKey(oh.get(), "launches")) {
+      required = {"id", "attempt", "modules", "buffers", "launches"};
+    } else {
+      required = {"id", "attempt", "module", "entry", "grid", "block", "args"};
+    }
   } else if (r.op == BrokerOp::kError) {
     required = {"code", "error"};
   }
@@ -1517,6 +1812,21 @@ Status DecodeBrokerMessage(std::string_view header, std::span<const uint64_t> pa
       if (k == "limit_ms") return GetU(v, k, &r.time_limit_ms, kMaxTimeLimitMs);
       if (k == "files") return GetFiles(v, k, limits, true, &r.files);
       if (k == "out_dir") return GetStr(v, k, 4096, &r.out_dir);
+      if (k == "modules") {
+        const msgpack::object_array* a = nullptr;
+        GPUQ_RETURN_IF_ERROR(GetArray(v, k, limits.max_sources, &a));
+        r.modules.resize(a->size);
+        for (uint32_t i = 0; i < a->size; ++i) {
+          const msgpack::object_array* m = nullptr;
+          GPUQ_RETURN_IF_ERROR(GetTuple(a->ptr[i], k, 2, "each module as [key, image]", &m));
+          GPUQ_RETURN_IF_ERROR(GetStr(m->ptr[0], k, 64, &r.modules[i].key));
+          GPUQ_RETURN_IF_ERROR(GetEnum(m->ptr[1], k, kImageNames, &r.modules[i].image));
+        }
+        return Status::Ok();
+      }
+      if (k == "buffers") return GetArgs(v, limits, &r.buffers, k, limits.max_job_buffers);
+      if (k == "launches") return GetKernelLaunches(v, limits, "module", &r.launches);
+      if (k == "graph") return GetBool(v, k, &r.graph);
     } else if (bop == BrokerOp::kError) {
       if (k == "code") return GetCode(v, k, &r.code);
       if (k == "error") return GetStr(v, k, limits.max_text_bytes, &r.error);
@@ -1525,7 +1835,20 @@ Status DecodeBrokerMessage(std::string_view header, std::span<const uint64_t> pa
     }
     return kUnknownField;
   }));
-  if (r.op == BrokerOp::kJob) {
+  if (r.op == BrokerOp::kJob && !r.launches.empty()) {
+    size_t first = 0;
+    for (const ModuleRef& m : r.modules) {
+      if (m.key.size() != 64) return Malformed("modules", "each key is 64 hex digits");
+      if (m.image != ImageKind::kNone) ++first;
+    }
+    if (first > payload_sizes.size()) {
+      return Error(Code::kMalformed, "module image frames are missing");
+    }
+    const std::vector<uint64_t> sizes = WithFiles(payload_sizes, r.files);
+    GPUQ_RETURN_IF_ERROR(CheckSeveralLaunches(r.buffers, r.launches, r.modules.size(),
+                                              "module", sizes, limits));
+    GPUQ_RETURN_IF_ERROR(CheckBufferFrames(r.buffers, first, sizes, limits));
+  } else if (r.op == BrokerOp::kJob) {
     if (r.module.size() != 64) return Malformed("module", "expected 64 hex digits");
     GPUQ_RETURN_IF_ERROR(CheckLaunch(r.launch));
     const size_t first = r.image == ImageKind::kNone ? 0 : 1;

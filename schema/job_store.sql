@@ -108,9 +108,11 @@ CREATE TABLE IF NOT EXISTS results (
   error     TEXT NOT NULL,               -- empty for ok
   device    TEXT NOT NULL,               -- uuid of the GPU whose worker returned the
                                          -- result; empty when no worker did
-  timing    BLOB NOT NULL,               -- 64 bytes, 8 little-endian u64 at bytes 0, 8,
+  timing    BLOB NOT NULL,               -- 64+ bytes, 8 little-endian u64 at bytes 0, 8,
                                          -- ..., 56: queue, compile, load, h2d, kernel,
-                                         -- d2h, total (microseconds), cache_hit (0/1)
+                                         -- d2h, total (microseconds), cache_hit (0/1);
+                                         -- then one u64 per launch of a job of several
+                                         -- launches (its time on the GPU, µs)
   outputs   BLOB NOT NULL                -- 4 bytes per output, in output (idx) order:
                                          -- its argument index, a little-endian u32
 ) STRICT;

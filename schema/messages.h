@@ -37,6 +37,22 @@ struct Limits {
   size_t max_tenant_bytes = 64;
   size_t max_text_bytes = 1u << 20;      // error text, compile log
   size_t max_list = 4096;                // devices, outputs, misc lists
+  // Jobs of several launches (PROTOCOL.md, "Jobs of several launches").
+  size_t max_launches = 256;             // launches per job
+  size_t max_job_buffers = 256;          // buffers per job (in, out, inout, scratch)
+  size_t max_sources = 16;               // sources per job, the job's own included
+  uint64_t max_scratch_bytes = 16ull << 30;  // scratch bytes per job, in all
+
+  // The limits a worker decodes jobs with: those of jobs of several launches
+  // at the highest a broker may be configured with (it applied its own).
+  static Limits ForWorkers() {
+    Limits l;
+    l.max_launches = 4096;
+    l.max_job_buffers = 4096;
+    l.max_sources = 64;
+    l.max_scratch_bytes = UINT64_MAX;
+    return l;
+  }
 };
 
 // ---------------------------------------------------------------- client side
@@ -131,6 +147,14 @@ struct WorkerMessage {
 
 enum class ImageKind : uint8_t { kNone, kCubin, kPtx };
 
+// A module of a job of several launches: its kernel cache key, and whether
+// its image travels with the message (in payload order).
+struct ModuleRef {
+  std::string key;  // 64 hex digits
+  ImageKind image = ImageKind::kNone;
+  bool operator==(const ModuleRef&) const = default;
+};
+
 enum class BrokerOp : uint8_t { kJob, kHeartbeat, kDisconnect, kError };
 std::string_view BrokerOpName(BrokerOp op);
 
@@ -147,6 +171,14 @@ struct BrokerMessage {
   uint64_t time_limit_ms = 0;
   std::vector<LocalFile> files;  // inputs as files (full paths)
   std::string out_dir;           // write large outputs as files here
+  // job of several launches (module, entry, launch and args then unused):
+  // the images of `modules` that travel come first among the payload frames,
+  // in order; each launch's `source` indexes `modules`, and its entry is the
+  // lowered symbol.
+  std::vector<ModuleRef> modules;
+  std::vector<KernelLaunch> launches;
+  std::vector<Arg> buffers;
+  bool graph = false;
   // error, disconnect
   Code code = Code::kOk;
   std::string error;

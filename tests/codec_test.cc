@@ -5,6 +5,8 @@
 #include <fstream>
 #include <sstream>
 
+#include <msgpack.hpp>
+
 #include "schema/codec.h"
 #include "tests/golden_messages.h"
 
@@ -408,6 +410,195 @@ TEST(ArgTest, ScalarValuesRoundTripAtTheEdgesOfTheirTypes) {
   ClientRequest back;
   ASSERT_TRUE(DecodeClientRequest(EncodeClientRequest(r), {}, Limits{}, &back).ok());
   EXPECT_TRUE(back.job.args == r.job.args);
+}
+
+
+// ------------------------------------------------------------ several launches
+
+class SeveralLaunchesTest : public ::testing::Test {
+ protected:
+  // Two launches over an input, a scratch buffer and an output.
+  static JobSpec Job() {
+    JobSpec j;
+    j.kernel.source = "extern \"C\" __global__ void a(float*, float*) {}";
+    j.buffers = {Arg::In(0), Arg::Scratch(64), Arg::Out(16)};
+    KernelLaunch l;
+    l.entry = "a";
+    l.launch.grid = {1, 1, 1};
+    l.launch.block = {32, 1, 1};
+    l.args = {Arg::Ref(0), Arg::Ref(1)};
+    j.launches = {l, l};
+    j.launches[1].args = {Arg::Ref(1, 32), Arg::Ref(2)};
+    return j;
+  }
+  Status Decode(const JobSpec& j, std::vector<uint64_t> sizes = {128}) {
+    ClientRequest r;
+    r.op = ClientOp::kSubmit;
+    r.rid = 5;
+    r.job = j;
+    ClientRequest out;
+    out.rid = 777;
+    Status s = DecodeClientRequest(EncodeClientRequest(r), sizes, limits_, &out);
+    if (s.ok()) {
+      EXPECT_EQ(out.job, j) << "a job of several launches round-trips";
+    } else {
+      EXPECT_EQ(out.rid, 777u) << "a failed decode changed its output";
+    }
+    return s;
+  }
+  Limits limits_;
+};
+
+TEST_F(SeveralLaunchesTest, AValidJobRoundTrips) {
+  EXPECT_TRUE(Decode(Job()).ok());
+  JobSpec j = Job();
+  j.sources.emplace_back().source = "extern \"C\" __global__ void b() {}";
+  j.launches[1].source = 1;
+  j.launches[1].entry = "b";
+  j.launches[1].args = {};
+  j.graph = true;
+  EXPECT_TRUE(Decode(j).ok());
+}
+
+TEST_F(SeveralLaunchesTest, BuffersAndTheirReferencesAreChecked) {
+  JobSpec j = Job();
+  j.launches[0].args[1] = Arg::Ref(3);
+  Status s = Decode(j);
+  EXPECT_EQ(s.code(), Code::kInvalid) << "a buffer the job lacks";
+  EXPECT_NE(s.message().find("launch 0, argument 1 names buffer 3 of 3"), std::string::npos)
+      << s.message();
+
+  j = Job();
+  j.launches[1].args[0] = Arg::Ref(1, 65);
+  s = Decode(j);
+  EXPECT_EQ(s.code(), Code::kInvalid) << "an offset past the end of a scratch buffer";
+  EXPECT_NE(s.message().find("past the end of buffer 1 (64 bytes)"), std::string::npos)
+      << s.message();
+  j.launches[1].args[0] = Arg::Ref(1, 64);
+  EXPECT_TRUE(Decode(j).ok()) << "an offset at the end is the end";
+  j.launches[1].args[0] = Arg::Ref(0, 129);
+  EXPECT_EQ(Decode(j).code(), Code::kInvalid) << "past the end of an input frame";
+
+  j = Job();
+  j.launches[0].args.push_back(Arg::In(0));
+  EXPECT_EQ(Decode(j).code(), Code::kInvalid) << "a launch declares no buffers";
+  j = Job();
+  j.buffers.push_back(Arg::U32(1));
+  EXPECT_EQ(Decode(j).code(), Code::kInvalid) << "a scalar is not a buffer";
+  j = Job();
+  j.buffers.push_back(Arg::Ref(0));
+  EXPECT_EQ(Decode(j).code(), Code::kInvalid) << "a buffer is not a reference";
+  j = Job();
+  j.buffers.push_back(Arg::In(1));
+  EXPECT_EQ(Decode(j, {128}).code(), Code::kInvalid) << "a frame the message lacks";
+  EXPECT_EQ(Decode(Job(), {128, 4}).code(), Code::kInvalid) << "a frame no buffer uses";
+}
+
+TEST_F(SeveralLaunchesTest, SourcesEntriesAndDimensionsAreChecked) {
+  JobSpec j = Job();
+  j.launches[1].source = 1;
+  Status s = Decode(j);
+  EXPECT_EQ(s.code(), Code::kInvalid);
+  EXPECT_NE(s.message().find("launch 1 names source 1 of 1"), std::string::npos) << s.message();
+  j = Job();
+  j.launches[0].entry = "";
+  EXPECT_EQ(Decode(j).code(), Code::kInvalid);
+  j = Job();
+  j.launches[1].launch.block = {2048, 1, 1};
+  s = Decode(j);
+  EXPECT_EQ(s.code(), Code::kInvalid);
+  EXPECT_NE(s.message().find("launch 1"), std::string::npos) << s.message();
+  j = Job();
+  j.sources.emplace_back().source = "";
+  EXPECT_EQ(Decode(j).code(), Code::kInvalid) << "an empty source";
+}
+
+TEST_F(SeveralLaunchesTest, OneLaunchAndSeveralDoNotMix) {
+  JobSpec j = Job();
+  j.kernel.entry = "a";
+  Status s = ValidateJob(j, std::vector<uint64_t>{128}, limits_);
+  EXPECT_EQ(s.code(), Code::kInvalid) << "an entry beside launches";
+  // On the wire, a job map with both forms: {"src", "entry", "buffers",
+  // "launches"}.
+  msgpack::sbuffer buf;
+  msgpack::packer<msgpack::sbuffer> p(buf);
+  p.pack_map(3);
+  p.pack("op"), p.pack("submit"), p.pack("rid"), p.pack(1), p.pack("job");
+  p.pack_map(4);
+  p.pack("src"), p.pack("x"), p.pack("entry"), p.pack("a"), p.pack("buffers");
+  p.pack_array(0);
+  p.pack("launches");
+  p.pack_array(1);
+  p.pack_map(4);
+  p.pack("entry"), p.pack("a"), p.pack("grid"), p.pack(std::vector<int>{1, 1, 1});
+  p.pack("block"), p.pack(std::vector<int>{1, 1, 1}), p.pack("args");
+  p.pack_array(0);
+  ClientRequest out;
+  s = DecodeClientRequest(std::string_view(buf.data(), buf.size()), {}, limits_, &out);
+  EXPECT_EQ(s.code(), Code::kMalformed) << s.message();
+  EXPECT_NE(s.message().find("entry"), std::string::npos) << s.message();
+
+  JobSpec one;
+  one.kernel.source = "x";
+  one.kernel.entry = "k";
+  one.args = {Arg::Scratch(16)};
+  EXPECT_EQ(Decode(one, {}).code(), Code::kInvalid) << "scratch in a job of one launch";
+  one.args = {Arg::Ref(0)};
+  EXPECT_EQ(Decode(one, {}).code(), Code::kInvalid) << "buf in a job of one launch";
+  one.args = {};
+  one.graph = true;
+  EXPECT_EQ(Decode(one, {}).code(), Code::kMalformed) << "graph without launches";
+  EXPECT_EQ(Decode(Job(), {}).code(), Code::kInvalid) << "its input frame is missing";
+}
+
+TEST_F(SeveralLaunchesTest, LimitsAreTooLargeAndNameTheLimit) {
+  const Limits wide;
+  limits_.max_launches = 1;
+  Status s = Decode(Job());
+  EXPECT_EQ(s.code(), Code::kTooLarge);
+  EXPECT_NE(s.message().find("'launches' is over its limit of 1"), std::string::npos)
+      << s.message();
+  limits_ = wide;
+  limits_.max_job_buffers = 2;
+  s = Decode(Job());
+  EXPECT_EQ(s.code(), Code::kTooLarge);
+  EXPECT_NE(s.message().find("'buffers' is over its limit of 2"), std::string::npos)
+      << s.message();
+  limits_ = wide;
+  limits_.max_scratch_bytes = 63;
+  s = Decode(Job());
+  EXPECT_EQ(s.code(), Code::kTooLarge);
+  EXPECT_NE(s.message().find("scratch buffers of 64 bytes are over the limit of 63"),
+            std::string::npos)
+      << s.message();
+  limits_.max_scratch_bytes = 64;
+  EXPECT_TRUE(Decode(Job()).ok());
+  limits_ = wide;
+  limits_.max_sources = 1;
+  JobSpec j = Job();
+  j.sources.emplace_back().source = "y";
+  EXPECT_EQ(Decode(j).code(), Code::kTooLarge) << "a second source over max_sources 1";
+}
+
+TEST_F(SeveralLaunchesTest, WorkerJobsAreCheckedToo) {
+  for (const auto& g : GoldenMessages()) {
+    if (g.name != "broker_job_launches") continue;
+    BrokerMessage m = std::get<BrokerMessage>(g.message);
+    auto decode = [&](const BrokerMessage& bm, std::vector<uint64_t> sizes) {
+      BrokerMessage out;
+      return DecodeBrokerMessage(EncodeBrokerMessage(bm), sizes, Limits{}, &out);
+    };
+    EXPECT_TRUE(decode(m, {64, 1024}).ok());
+    EXPECT_EQ(decode(m, {1024}).code(), Code::kInvalid) << "the image frame is missing";
+    BrokerMessage bad = m;
+    bad.launches[1].source = 2;
+    EXPECT_EQ(decode(bad, {64, 1024}).code(), Code::kInvalid) << "a module it lacks";
+    bad = m;
+    bad.modules[0].key = "abc";
+    EXPECT_EQ(decode(bad, {64, 1024}).code(), Code::kMalformed) << "a short module key";
+    return;
+  }
+  FAIL() << "no broker_job_launches golden message";
 }
 
 }  // namespace

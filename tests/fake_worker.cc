@@ -185,7 +185,7 @@ int main(int argc, char** argv) {
   std::vector<Pending> pending;
   auto last_heard = Clock::now();
   auto next_beat = Clock::now();
-  const Limits limits;
+  const Limits limits = Limits::ForWorkers();
   // A message, or each message of a batch, as [protocol, header, payload...].
   auto split = [](std::vector<zmq::message_t>& frames) {
     std::vector<std::vector<zmq::message_t>> out;
@@ -269,14 +269,25 @@ int main(int argc, char** argv) {
         }
         registered = true;
         if (m.op != BrokerOp::kJob) continue;
-        const bool had_module = modules.Has(m.module);
-        modules.Touch(m.module);
+        // A job of several launches behaves as its last launch's entry
+        // says (slow, hang, fault, ...), with every module checked in order.
+        std::string missing;
+        if (m.launches.empty()) {
+          if (m.image == ImageKind::kNone && !modules.Has(m.module)) missing = m.module;
+          modules.Touch(m.module);
+        } else {
+          for (const schema::ModuleRef& ref : m.modules) {
+            if (ref.image == ImageKind::kNone && !modules.Has(ref.key) && missing.empty()) {
+              missing = ref.key;
+            }
+            modules.Touch(ref.key);
+          }
+          m.entry = m.launches.back().entry;
+        }
         Pending p{Clock::now() + std::chrono::microseconds(delay_us), m, std::move(frames)};
         if (m.entry.rfind("slow", 0) == 0) p.due += std::chrono::milliseconds(100);
         if (m.entry.rfind("crash", 0) == 0) _exit(3);
-        if (m.image == ImageKind::kNone && !had_module) {
-          p.job.entry = "!module " + m.module + " was never sent";
-        }
+        if (!missing.empty()) p.job.entry = "!module " + missing + " was never sent";
         pending.push_back(std::move(p));
       }
     }
@@ -292,6 +303,12 @@ int main(int argc, char** argv) {
       r.id = p.job.id;
       r.attempt = p.job.attempt;
       r.timing.kernel_us = 1;
+      r.timing.launch_us.assign(p.job.launches.size(), 1);
+      // The launches of a job of several run on the last launch's terms; an
+      // error names it, as gpuq-worker's do.
+      const std::string launch_word =
+          p.job.launches.empty() ? ""
+                                 : "launch " + std::to_string(p.job.launches.size() - 1) + ": ";
       std::vector<zmq::message_t> out;
       if (p.job.entry.rfind("!module", 0) == 0) {
         r.state = JobState::kFailed;
@@ -308,11 +325,13 @@ int main(int argc, char** argv) {
         }
         r.state = JobState::kFailed;
         r.code = Code::kKernelFault;
-        r.error = "CUDA_ERROR_ILLEGAL_ADDRESS: an illegal memory access was encountered";
+        r.error =
+            launch_word + "CUDA_ERROR_ILLEGAL_ADDRESS: an illegal memory access was encountered";
       } else {
         r.state = JobState::kDone;
-        for (uint32_t a = 0; a < p.job.args.size(); ++a) {
-          const Arg& arg = p.job.args[a];
+        const std::vector<Arg>& buffers = p.job.launches.empty() ? p.job.args : p.job.buffers;
+        for (uint32_t a = 0; a < buffers.size(); ++a) {
+          const Arg& arg = buffers[a];
           if (arg.kind == ArgKind::kOut) {
             out.emplace_back(arg.size);
             memset(out.back().data(), static_cast<int>(a + 1), arg.size);

@@ -186,6 +186,43 @@ std::vector<GoldenMessage> GoldenMessages() {
     g.push_back({"client_submit_template", r, {}});
   }
   {
+    // A job of several launches: a two-pass sum over an input, a scratch
+    // buffer of partial sums between the passes, one kernel from a second
+    // source, and a CUDA graph.
+    ClientRequest r;
+    r.op = ClientOp::kSubmit;
+    r.rid = 8;
+    JobSpec& j = r.job;
+    j.key = "vm-17/step-9";
+    j.tenant = "guest-17";
+    j.kernel.source =
+        "template <typename T> __global__ void partial(const T* x, T* part, unsigned n) {\n"
+        "  /* each block sums its slice into part[blockIdx.x] */ }\n";
+    j.kernel.options = {"-std=c++17"};
+    j.sources.push_back({});
+    j.sources[0].source =
+        "extern \"C\" __global__ void total(const float* part, float* out, unsigned n) {}\n";
+    j.buffers = {Arg::In(0), Arg::Scratch(1024), Arg::Out(4)};
+    KernelLaunch first;
+    first.entry = "partial<float>";
+    first.name_expression = true;
+    first.launch.grid = {256, 1, 1};
+    first.launch.block = {256, 1, 1};
+    first.launch.shared_bytes = 1024;
+    first.args = {Arg::Ref(0), Arg::Ref(1), Arg::U32(256)};
+    KernelLaunch second;
+    second.source = 1;
+    second.entry = "total";
+    second.launch.grid = {1, 1, 1};
+    second.launch.block = {256, 1, 1};
+    second.args = {Arg::Ref(1), Arg::Ref(2), Arg::U32(256)};
+    KernelLaunch third = second;
+    third.args = {Arg::Ref(1, 512), Arg::Ref(2), Arg::U32(128)};
+    j.launches = {first, second, third};
+    j.graph = true;
+    g.push_back({"client_submit_launches", r, {Bytes(1024, 4)}});
+  }
+  {
     ClientRequest r;
     r.op = ClientOp::kSubmit;
     r.rid = 3;
@@ -264,6 +301,22 @@ std::vector<GoldenMessage> GoldenMessages() {
     r.timing = SomeTiming();
     r.outputs = {2};
     g.push_back({"reply_result_done", r, {Bytes(4096, 3)}});
+  }
+  {
+    // The end of client_submit_launches: its one out buffer (buffer 2),
+    // and each launch's time.
+    ClientReply r;
+    r.op = ReplyOp::kResult;
+    r.rid = 0;
+    r.id = 4260;
+    r.state = JobState::kDone;
+    r.attempts = 1;
+    r.device = "GPU-5f1b2c3d-0a1b-2c3d-4e5f-60718293a4b5";
+    r.timing = SomeTiming();
+    r.timing.launch_us = {9, 3, 2};
+    r.timing.kernel_us = 14;
+    r.outputs = {2};
+    g.push_back({"reply_result_launches", r, {Bytes(4, 3)}});
   }
   {
     ClientReply r;
@@ -448,6 +501,37 @@ std::vector<GoldenMessage> GoldenMessages() {
     m.args = {Arg::F32(2.5f), Arg::In(1), Arg::InOut(2), Arg::I32(1024)};
     m.time_limit_ms = 2000;
     g.push_back({"broker_job", m, {Bytes(64, 9), Bytes(4096, 1), Bytes(4096, 2)}});
+  }
+  {
+    // The job of client_submit_launches, to a worker that holds the first
+    // module and not the second.
+    BrokerMessage m;
+    m.op = BrokerOp::kJob;
+    m.id = 4260;
+    m.attempt = 1;
+    m.modules = {{"6b1c6f3a0e2d4c5b8a7f9e0d1c2b3a4f5e6d7c8b9a0f1e2d3c4b5a6f7e8d9c0b",
+                  ImageKind::kNone},
+                 {"078f1398ea2b7a94c25cc6aaa4fd44042c7b7281d37a0f023c801a86f71339b6",
+                  ImageKind::kCubin}};
+    m.buffers = {Arg::In(1), Arg::Scratch(1024), Arg::Out(4)};
+    KernelLaunch first;
+    first.entry = "_Z7partialIfEvPKT_PS0_j";
+    first.launch.grid = {256, 1, 1};
+    first.launch.block = {256, 1, 1};
+    first.launch.shared_bytes = 1024;
+    first.args = {Arg::Ref(0), Arg::Ref(1), Arg::U32(256)};
+    KernelLaunch second;
+    second.source = 1;
+    second.entry = "total";
+    second.launch.grid = {1, 1, 1};
+    second.launch.block = {256, 1, 1};
+    second.args = {Arg::Ref(1), Arg::Ref(2), Arg::U32(256)};
+    KernelLaunch third = second;
+    third.args = {Arg::Ref(1, 512), Arg::Ref(2), Arg::U32(128)};
+    m.launches = {first, second, third};
+    m.graph = true;
+    m.time_limit_ms = 10000;
+    g.push_back({"broker_job_launches", m, {Bytes(64, 9), Bytes(1024, 4)}});
   }
   {
     BrokerMessage m;

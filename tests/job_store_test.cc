@@ -686,14 +686,18 @@ TEST_F(JobStoreTest, TimingAndOutputsAreStoredAsTheFormatSays) {
   StoredResult r;
   r.id = id;
   r.timing = {.queue_us = 1, .compile_us = 2, .load_us = 3, .h2d_us = 4, .kernel_us = 0x0102,
-              .d2h_us = 6, .total_us = 7, .cache_hit = true};
+              .d2h_us = 6, .total_us = 7, .cache_hit = true, .launch_us = {9, 0x0a0b}};
   r.outputs = {3, 0x01000002};
   ASSERT_OK(store().Begin());
   ASSERT_OK(store().Finish(r, {"", ""}, 5000, 0));
   ASSERT_OK(store().Commit());
+  auto meta = store().GetResultMeta(id);
+  ASSERT_OK(meta);
+  ASSERT_TRUE(meta->has_value());
+  EXPECT_EQ((*meta)->timing, r.timing) << "a job of several launches' times read back";
   store_.reset();
   std::string timing;
-  for (uint64_t v : {1, 2, 3, 4, 0x0102, 6, 7, 1}) {
+  for (uint64_t v : {1, 2, 3, 4, 0x0102, 6, 7, 1, 9, 0x0a0b}) {
     for (int b = 0; b < 8; ++b) timing.push_back(static_cast<char>(v >> (8 * b)));
   }
   const std::string where = " FROM results WHERE job_id = " + std::to_string(id);

@@ -27,7 +27,10 @@ struct CudaDriver {
   X(cuEventSynchronize) X(cuEventElapsedTime) X(cuMemAllocAsync) X(cuMemFreeAsync)        \
   X(cuMemcpyHtoDAsync) X(cuMemcpyDtoHAsync) X(cuMemsetD8Async) X(cuMemHostRegister)       \
   X(cuMemHostUnregister) X(cuDeviceGetDefaultMemPool) X(cuMemPoolSetAttribute)           \
-  X(cuMemHostAlloc) X(cuMemFreeHost)
+  X(cuMemHostAlloc) X(cuMemFreeHost) X(cuMemHostGetDevicePointer) X(cuStreamWriteValue32)   \
+  X(cuGraphCreate) X(cuGraphDestroy) X(cuGraphAddKernelNode) X(cuGraphAddEventRecordNode) \
+  X(cuGraphInstantiate) X(cuGraphExecDestroy) X(cuGraphExecKernelNodeSetParams)           \
+  X(cuGraphLaunch) X(cuEventQuery)
 #define GPUQ_CUDA_MEMBER(fn) decltype(&::fn) fn = nullptr;
   GPUQ_CUDA_FUNCTIONS(GPUQ_CUDA_MEMBER)
 #undef GPUQ_CUDA_MEMBER

@@ -90,7 +90,80 @@ struct Task {
   std::vector<zmq::message_t> frames;  // [protocol, header, payload...]
   size_t first_buffer = 2;             // frame of payload index 0
   std::shared_ptr<Module> module;
+  // A job of several launches: its modules, in the order of job.modules.
+  std::vector<std::shared_ptr<Module>> modules;
   std::atomic<int64_t> started_ns{0};  // steady clock, set by the executor
+  // A job of several launches: the executor's progress word (launches
+  // finished, written by the GPU after each), read to name the launch that
+  // ran past the time limit. Null until the executor takes the job.
+  std::atomic<const volatile uint32_t*> progress{nullptr};
+};
+
+// A CUDA graph of a job of several launches (PROTOCOL.md, "Jobs of several
+// launches"): a chain of kernel nodes, each followed by an event record
+// node, instantiated once; a later job of the same shape sets the kernel
+// nodes' parameters and launches it. Owned by its executor's GraphCache.
+struct Graph {
+  CUgraph graph = nullptr;
+  CUgraphExec exec = nullptr;
+  std::vector<CUgraphNode> kernels;
+  std::vector<CUfunction> functions;             // each kernel node's
+  std::vector<std::shared_ptr<Module>> modules;  // keeps the functions loaded
+};
+
+// One executor's graphs, by shape, least recently used evicted. Touched by
+// that executor's thread only.
+class GraphCache {
+ public:
+  GraphCache(const CudaDriver& cu, size_t capacity) : cu_(cu), capacity_(capacity) {}
+  ~GraphCache() { Clear(); }
+  GraphCache(const GraphCache&) = delete;
+  GraphCache& operator=(const GraphCache&) = delete;
+  Graph* Find(const std::string& shape) {
+    auto it = index_.find(shape);
+    if (it == index_.end()) return nullptr;
+    order_.splice(order_.begin(), order_, it->second);
+    return &it->second->second;
+  }
+  // Takes `g`; evicts the least recently used past the capacity.
+  Graph* Put(const std::string& shape, Graph g) {
+    order_.emplace_front(shape, std::move(g));
+    index_[shape] = order_.begin();
+    while (order_.size() > std::max<size_t>(capacity_, 1)) {
+      Destroy(order_.back().second);
+      index_.erase(order_.back().first);
+      order_.pop_back();
+    }
+    return &order_.front().second;
+  }
+  void Clear() {
+    for (auto& [shape, g] : order_) Destroy(g);
+    order_.clear();
+    index_.clear();
+  }
+  size_t size() const { return order_.size(); }
+  void Destroy(Graph& g) {
+    if (g.exec) (void)cu_.cuGraphExecDestroy(g.exec);
+    if (g.graph) (void)cu_.cuGraphDestroy(g.graph);
+    g = Graph();
+  }
+
+ private:
+  const CudaDriver& cu_;
+  size_t capacity_;
+  std::list<std::pair<std::string, Graph>> order_;
+  std::unordered_map<std::string, std::list<std::pair<std::string, Graph>>::iterator> index_;
+};
+
+// What an executor thread owns besides its stream: events marking each
+// launch of a job of several, the progress word the GPU writes after each,
+// and its graphs.
+struct ExecutorState {
+  std::vector<CUevent> marks;  // marks[i]: before launch i (marks[n]: after the last)
+  volatile uint32_t* progress = nullptr;  // page-locked, mapped for the device
+  CUdeviceptr progress_dev = 0;
+  bool memops = true;  // cuStreamWriteValue32 works here
+  std::unique_ptr<GraphCache> graphs;
 };
 
 struct Done {
@@ -212,8 +285,17 @@ class GpuWorker::Impl {
  private:
   // Executor side (runs on executor threads).
   void ExecutorLoop(int index);
-  Done Execute(const std::shared_ptr<Task>& task, CUstream stream, CUevent ev[4]);
-  Status LaunchChecks(const BrokerMessage& job, CUfunction fn);
+  Done Execute(const std::shared_ptr<Task>& task, CUstream stream, CUevent ev[4],
+               ExecutorState& xs);
+  Done ExecuteLaunches(const std::shared_ptr<Task>& task, CUstream stream, CUevent ev[4],
+                       ExecutorState& xs);
+  Status LaunchChecks(const schema::LaunchSpec& launch, CUfunction fn);
+  // The job's input buffers among `buffers` (payload frames, then local
+  // files, read into `read`): in[i] for buffer i (in and inout).
+  Status ReadInputs(const Task& task, const std::vector<Arg>& buffers,
+                    std::vector<zmq::message_t>* read, std::vector<std::string_view>* in);
+  // Outputs of kLocalFileMinBytes or more to files of the job's out_dir.
+  Status OutputsToFiles(const BrokerMessage& job, Done& d);
 
   // Protocol side (the main thread).
   // Results wait in the outbox until FlushResults() sends them together:
@@ -363,9 +445,31 @@ void GpuWorker::Impl::ExecutorLoop(int index) {
       if (stream) (void)cu.cuStreamDestroy(stream);
     }
   } owned{*cu_, stream, ev};
+  ExecutorState xs;
+  // Released before the stream and events above (declared after them).
+  struct StateOwner {
+    const CudaDriver& cu;
+    ExecutorState& xs;
+    ~StateOwner() {
+      xs.graphs.reset();
+      for (CUevent e : xs.marks) (void)cu.cuEventDestroy(e);
+      if (xs.progress) (void)cu.cuMemFreeHost(const_cast<uint32_t*>(xs.progress));
+    }
+  } state_owner{*cu_, xs};
   if (cu_->cuStreamCreate(&stream, CU_STREAM_NON_BLOCKING) != CUDA_SUCCESS) return;
   for (auto& e : ev) {
     if (cu_->cuEventCreate(&e, CU_EVENT_DEFAULT) != CUDA_SUCCESS) return;
+  }
+  xs.graphs = std::make_unique<GraphCache>(*cu_, opt_.graph_slots);
+  void* word = nullptr;
+  if (cu_->cuMemHostAlloc(&word, sizeof(uint32_t), CU_MEMHOSTALLOC_DEVICEMAP) == CUDA_SUCCESS) {
+    xs.progress = static_cast<volatile uint32_t*>(word);
+    *xs.progress = 0;
+    if (cu_->cuMemHostGetDevicePointer(&xs.progress_dev, word, 0) != CUDA_SUCCESS) {
+      xs.memops = false;
+    }
+  } else {
+    xs.memops = false;
   }
   spdlog::debug("executor {} ready", index);
   for (;;) {
@@ -400,7 +504,8 @@ void GpuWorker::Impl::ExecutorLoop(int index) {
     }
     graveyard_.Clear(*cu_);
     task->started_ns = Clock::now().time_since_epoch().count();
-    Done d = Execute(task, stream, ev);
+    Done d = task->job.launches.empty() ? Execute(task, stream, ev, xs)
+                                        : ExecuteLaunches(task, stream, ev, xs);
     const bool sticky = d.sticky;
     {
       std::lock_guard lock(mu_);
@@ -426,9 +531,9 @@ void GpuWorker::Impl::RefreshFreeBytes() {
   if (cu_->cuMemGetInfo(&free, &total) == CUDA_SUCCESS) free_bytes_ = free;
 }
 
-Status GpuWorker::Impl::LaunchChecks(const BrokerMessage& job, CUfunction fn) {
-  const auto& b = job.launch.block;
-  const auto& g = job.launch.grid;
+Status GpuWorker::Impl::LaunchChecks(const schema::LaunchSpec& launch, CUfunction fn) {
+  const auto& b = launch.block;
+  const auto& g = launch.grid;
   const auto& d = device_;
   if (b.x > d.max_block.x || b.y > d.max_block.y || b.z > d.max_block.z ||
       b.Count() > d.max_threads_per_block) {
@@ -447,7 +552,7 @@ Status GpuWorker::Impl::LaunchChecks(const BrokerMessage& job, CUfunction fn) {
                                          " threads per block (registers), " +
                                          std::to_string(b.Count()) + " asked");
   }
-  const uint32_t shared = job.launch.shared_bytes;
+  const uint32_t shared = launch.shared_bytes;
   if (shared > d.max_shared_optin) {
     return Error(Code::kInvalid, "dynamic shared memory " + std::to_string(shared) +
                                      " bytes is over the device's limit of " +
@@ -463,88 +568,192 @@ Status GpuWorker::Impl::LaunchChecks(const BrokerMessage& job, CUfunction fn) {
   return Status::Ok();
 }
 
-Done GpuWorker::Impl::Execute(const std::shared_ptr<Task>& task, CUstream stream,
-                              CUevent ev[4]) {
-  const BrokerMessage& job = task->job;
+namespace {
+
+// The module loaded (once, by whichever executor needs it first) and its
+// kernel `entry`.
+CUresult LoadFunction(const CudaDriver& cu, Module& m, const std::string& entry,
+                      CUfunction* fn, const char** what) {
+  std::lock_guard lock(m.mu);
+  if (!m.loaded) {
+    CUresult e = cu.cuModuleLoadData(&m.loaded, m.image.c_str());
+    if (e != CUDA_SUCCESS) {
+      m.loaded = nullptr;
+      *what = "loading the module";
+      return e;
+    }
+  }
+  auto it = m.functions.find(entry);
+  if (it != m.functions.end()) {
+    *fn = it->second;
+    return CUDA_SUCCESS;
+  }
+  CUresult e = cu.cuModuleGetFunction(fn, m.loaded, entry.c_str());
+  if (e != CUDA_SUCCESS) {
+    *what = "finding the kernel";
+    return e;
+  }
+  m.functions[entry] = *fn;
+  return CUDA_SUCCESS;
+}
+
+// Device memory from the stream-ordered pool, owned here and freed on every
+// path (after the stream's work: the destructor synchronizes).
+struct DeviceBuffers {
+  const CudaDriver& cu;
+  CUstream stream;
+  std::vector<CUdeviceptr> ptrs;
+  ~DeviceBuffers() {
+    for (CUdeviceptr p : ptrs) {
+      if (p) (void)cu.cuMemFreeAsync(p, stream);
+    }
+    (void)cu.cuStreamSynchronize(stream);
+  }
+};
+
+// The shape of a job of several launches, which its graph is kept by: the
+// modules, and per launch its kernel, dimensions and argument kinds (the
+// values are parameters of the graph's nodes).
+std::string GraphShape(const BrokerMessage& job) {
+  std::string s;
+  auto put = [&s](uint64_t v) { s.append(reinterpret_cast<const char*>(&v), sizeof v); };
+  for (const schema::ModuleRef& m : job.modules) s += m.key;
+  put(job.launches.size());
+  for (const schema::KernelLaunch& l : job.launches) {
+    put(l.source);
+    s += l.entry;
+    s.push_back('\0');
+    for (uint32_t v : {l.launch.grid.x, l.launch.grid.y, l.launch.grid.z, l.launch.block.x,
+                       l.launch.block.y, l.launch.block.z, l.launch.shared_bytes}) {
+      put(v);
+    }
+    put(l.args.size());
+    for (const Arg& a : l.args) {
+      put(static_cast<uint64_t>(a.kind) << 8 | static_cast<uint64_t>(a.type));
+    }
+  }
+  for (const Arg& b : job.buffers) put(static_cast<uint64_t>(b.kind));
+  return s;
+}
+
+}  // namespace
+
+Status GpuWorker::Impl::ReadInputs(const Task& task, const std::vector<Arg>& buffers,
+                                   std::vector<zmq::message_t>* read,
+                                   std::vector<std::string_view>* in) {
+  const BrokerMessage& job = task.job;
+  in->assign(buffers.size(), {});
+  const size_t frames = task.frames.size() - task.first_buffer;
+  read->reserve(job.files.size());  // views into read must not move
+  for (size_t i = 0; i < buffers.size(); ++i) {
+    const Arg& a = buffers[i];
+    if (a.kind != ArgKind::kIn && a.kind != ArgKind::kInOut) continue;
+    if (a.frame < frames) {
+      const zmq::message_t& f = task.frames[task.first_buffer + a.frame];
+      (*in)[i] = std::string_view(static_cast<const char*>(f.data()), f.size());
+      continue;
+    }
+    const schema::LocalFile& lf = job.files[a.frame - frames];
+    auto m = ReadLocalInput(*pinned_, lf.name, lf.size);
+    if (!m.ok()) return m.status();
+    read->push_back(std::move(*m));
+    (*in)[i] = std::string_view(static_cast<const char*>(read->back().data()),
+                                read->back().size());
+  }
+  return Status::Ok();
+}
+
+Status GpuWorker::Impl::OutputsToFiles(const BrokerMessage& job, Done& d) {
+  WorkerMessage& r = d.result;
+  if (job.out_dir.empty()) return Status::Ok();
+  // Large outputs go to files of the local directory, written from the
+  // pinned copies; the rest stay frames. Outputs list frames, then files.
+  std::vector<zmq::message_t> kept;
+  std::vector<uint32_t> frame_args, file_args;
+  for (size_t k = 0; k < d.data.size(); ++k) {
+    zmq::message_t& out = d.data[k];
+    if (out.size() < kLocalFileMinBytes) {
+      kept.push_back(std::move(out));
+      frame_args.push_back(r.outputs[k]);
+      continue;
+    }
+    const std::string name = schema::WorkerOutputName(job.id, job.attempt, r.outputs[k]);
+    if (Status s = WriteFile(job.out_dir + "/" + name, out.data(), out.size()); !s.ok()) {
+      for (const schema::LocalFile& f : r.files) (void)unlink((job.out_dir + "/" + f.name).c_str());
+      r.files.clear();
+      d.data.clear();
+      r.outputs.clear();
+      return s;
+    }
+    r.files.push_back({name, out.size()});
+    file_args.push_back(r.outputs[k]);
+  }
+  d.data = std::move(kept);
+  r.outputs = std::move(frame_args);
+  r.outputs.insert(r.outputs.end(), file_args.begin(), file_args.end());
+  return Status::Ok();
+}
+
+namespace {
+
+// A failed result of `task`, for the Execute functions.
+struct Failer {
+  const CudaDriver& cu;
+  Done& d;
+  Done Fail(Code code, std::string error) {
+    d.result.code = code;
+    d.result.error = std::move(error);
+    return std::move(d);
+  }
+  Done CuFail(CUresult e, const std::string& what) {
+    d.sticky = IsSticky(e);
+    const Code code = d.sticky ? Code::kKernelFault
+                      : e == CUDA_ERROR_OUT_OF_MEMORY ? Code::kResourceExhausted
+                                                      : Code::kLaunchError;
+    return Fail(code, what + ": " + cu.Describe(e));
+  }
+};
+
+Done Started(const std::shared_ptr<Task>& task) {
   Done d;
   d.task = task;
   WorkerMessage& r = d.result;
   r.op = WorkerOp::kResult;
-  r.id = job.id;
-  r.attempt = job.attempt;
+  r.id = task->job.id;
+  r.attempt = task->job.attempt;
   r.state = JobState::kFailed;
-  auto fail = [&](Code code, std::string error) {
-    r.code = code;
-    r.error = std::move(error);
-    return std::move(d);
-  };
-  auto cu_fail = [&](CUresult e, const char* what) {
-    d.sticky = IsSticky(e);
-    Code code = d.sticky ? Code::kKernelFault
-                         : e == CUDA_ERROR_OUT_OF_MEMORY ? Code::kResourceExhausted
-                                                         : Code::kLaunchError;
-    return fail(code, std::string(what) + ": " + cu_->Describe(e));
-  };
+  return d;
+}
+
+}  // namespace
+
+Done GpuWorker::Impl::Execute(const std::shared_ptr<Task>& task, CUstream stream,
+                              CUevent ev[4], ExecutorState&) {
+  const BrokerMessage& job = task->job;
+  Done d = Started(task);
+  WorkerMessage& r = d.result;
+  Failer f{*cu_, d};
 
   // Module and function.
   const auto t_load = Clock::now();
   CUfunction fn = nullptr;
-  {
-    Module& m = *task->module;
-    std::lock_guard lock(m.mu);
-    if (!m.loaded) {
-      CUresult e = cu_->cuModuleLoadData(&m.loaded, m.image.c_str());
-      if (e != CUDA_SUCCESS) {
-        m.loaded = nullptr;
-        return cu_fail(e, "loading the module");
-      }
-    }
-    auto it = m.functions.find(job.entry);
-    if (it == m.functions.end()) {
-      CUresult e = cu_->cuModuleGetFunction(&fn, m.loaded, job.entry.c_str());
-      if (e != CUDA_SUCCESS) return cu_fail(e, ("kernel '" + job.entry + "'").c_str());
-      m.functions[job.entry] = fn;
-    } else {
-      fn = it->second;
-    }
+  const char* what = "";
+  if (CUresult e = LoadFunction(*cu_, *task->module, job.entry, &fn, &what); e != CUDA_SUCCESS) {
+    return f.CuFail(e, std::string(what) + " '" + job.entry + "'");
   }
   r.timing.load_us = MicrosSince(t_load);
-  if (Status s = LaunchChecks(job, fn); !s.ok()) return fail(s.code(), s.message());
+  if (Status s = LaunchChecks(job.launch, fn); !s.ok()) return f.Fail(s.code(), s.message());
 
   // Inputs: payload frames, then the job's local files (PROTOCOL.md, "Local
   // buffers"), read for the copy. Declared before the device buffers, whose
   // owner synchronizes the stream: the bytes outlive every copy.
   std::vector<zmq::message_t> read;
-  std::vector<std::string_view> in(job.args.size());
-  const size_t frames = task->frames.size() - task->first_buffer;
-  for (size_t i = 0; i < job.args.size(); ++i) {
-    const Arg& a = job.args[i];
-    if (a.kind != ArgKind::kIn && a.kind != ArgKind::kInOut) continue;
-    if (a.frame < frames) {
-      const zmq::message_t& f = task->frames[task->first_buffer + a.frame];
-      in[i] = std::string_view(static_cast<const char*>(f.data()), f.size());
-      continue;
-    }
-    const schema::LocalFile& lf = job.files[a.frame - frames];
-    auto m = ReadLocalInput(*pinned_, lf.name, lf.size);
-    if (!m.ok()) return fail(Code::kIoError, m.status().message());
-    read.push_back(std::move(*m));
-    in[i] = std::string_view(static_cast<const char*>(read.back().data()), read.back().size());
+  std::vector<std::string_view> in;
+  if (Status s = ReadInputs(*task, job.args, &read, &in); !s.ok()) {
+    return f.Fail(Code::kIoError, s.message());
   }
 
-  // Buffers: device memory from the stream-ordered pool, owned here and
-  // freed on every path.
-  struct Buffers {
-    const CudaDriver& cu;
-    CUstream stream;
-    std::vector<CUdeviceptr> ptrs;
-    ~Buffers() {
-      for (CUdeviceptr p : ptrs) {
-        if (p) (void)cu.cuMemFreeAsync(p, stream);
-      }
-      (void)cu.cuStreamSynchronize(stream);
-    }
-  } buffers{*cu_, stream, {}};
+  DeviceBuffers buffers{*cu_, stream, {}};
   std::vector<uint64_t> slots(job.args.size());
   std::vector<void*> params(job.args.size());
   std::vector<std::pair<size_t, uint64_t>> outs;  // (arg index, size)
@@ -559,14 +768,14 @@ Done GpuWorker::Impl::Execute(const std::shared_ptr<Task>& task, CUstream stream
     CUdeviceptr p = 0;
     if (size > 0) {
       CUresult e = cu_->cuMemAllocAsync(&p, size, stream);
-      if (e != CUDA_SUCCESS) return cu_fail(e, "allocating a buffer");
+      if (e != CUDA_SUCCESS) return f.CuFail(e, "allocating a buffer");
       buffers.ptrs.push_back(p);
     }
     slots[i] = p;
     if (a.kind != ArgKind::kIn) outs.emplace_back(i, size);
   }
   CUresult e = cu_->cuEventRecord(ev[0], stream);
-  if (e != CUDA_SUCCESS) return cu_fail(e, "event");
+  if (e != CUDA_SUCCESS) return f.CuFail(e, "event");
   // Every byte a kernel can read is written first: inputs copied, outputs
   // zeroed. Nothing of an earlier job is readable.
   for (size_t i = 0; i < job.args.size(); ++i) {
@@ -577,20 +786,20 @@ Done GpuWorker::Impl::Execute(const std::shared_ptr<Task>& task, CUstream stream
     } else {
       e = cu_->cuMemcpyHtoDAsync(slots[i], in[i].data(), in[i].size(), stream);
     }
-    if (e != CUDA_SUCCESS) return cu_fail(e, "copying inputs to the device");
+    if (e != CUDA_SUCCESS) return f.CuFail(e, "copying inputs to the device");
   }
   cu_->cuEventRecord(ev[1], stream);
   const auto& g = job.launch.grid;
   const auto& b = job.launch.block;
   e = cu_->cuLaunchKernel(fn, g.x, g.y, g.z, b.x, b.y, b.z, job.launch.shared_bytes, stream,
                           params.data(), nullptr);
-  if (e != CUDA_SUCCESS) return cu_fail(e, "launch");
+  if (e != CUDA_SUCCESS) return f.CuFail(e, "launch");
   cu_->cuEventRecord(ev[2], stream);
   for (auto [i, size] : outs) {
     zmq::message_t out = pinned_->Message(size);
     if (size > 0) {
       e = cu_->cuMemcpyDtoHAsync(out.data(), slots[i], size, stream);
-      if (e != CUDA_SUCCESS) return cu_fail(e, "copying outputs from the device");
+      if (e != CUDA_SUCCESS) return f.CuFail(e, "copying outputs from the device");
     }
     d.data.push_back(std::move(out));
     r.outputs.push_back(static_cast<uint32_t>(i));
@@ -600,40 +809,220 @@ Done GpuWorker::Impl::Execute(const std::shared_ptr<Task>& task, CUstream stream
   if (e != CUDA_SUCCESS) {
     d.data.clear();
     r.outputs.clear();
-    return cu_fail(e, "kernel");
+    return f.CuFail(e, "kernel");
   }
-  if (!job.out_dir.empty()) {
-    // Large outputs go to files of the local directory, written from the
-    // pinned copies; the rest stay frames. Outputs list frames, then files.
-    std::vector<zmq::message_t> kept;
-    std::vector<uint32_t> frame_args, file_args;
-    for (size_t k = 0; k < d.data.size(); ++k) {
-      zmq::message_t& out = d.data[k];
-      if (out.size() < kLocalFileMinBytes) {
-        kept.push_back(std::move(out));
-        frame_args.push_back(r.outputs[k]);
-        continue;
-      }
-      const std::string name = schema::WorkerOutputName(job.id, job.attempt, r.outputs[k]);
-      if (Status s = WriteFile(job.out_dir + "/" + name, out.data(), out.size()); !s.ok()) {
-        for (const schema::LocalFile& f : r.files) (void)unlink((job.out_dir + "/" + f.name).c_str());
-        r.files.clear();
-        d.data.clear();
-        r.outputs.clear();
-        return fail(Code::kIoError, s.message());
-      }
-      r.files.push_back({name, out.size()});
-      file_args.push_back(r.outputs[k]);
-    }
-    d.data = std::move(kept);
-    r.outputs = std::move(frame_args);
-    r.outputs.insert(r.outputs.end(), file_args.begin(), file_args.end());
-  }
+  if (Status s = OutputsToFiles(job, d); !s.ok()) return f.Fail(Code::kIoError, s.message());
   float ms[3] = {};
   for (int k = 0; k < 3; ++k) cu_->cuEventElapsedTime(&ms[k], ev[k], ev[k + 1]);
   r.timing.h2d_us = static_cast<uint64_t>(ms[0] * 1000.0f);
   r.timing.kernel_us = static_cast<uint64_t>(ms[1] * 1000.0f);
   r.timing.d2h_us = static_cast<uint64_t>(ms[2] * 1000.0f);
+  r.state = JobState::kDone;
+  r.code = Code::kOk;
+  return d;
+}
+
+// A job of several launches (PROTOCOL.md, "Jobs of several launches"): its
+// buffers allocated and filled once, its launches in order on this stream
+// (or replayed as this executor's graph of their shape), its outputs copied
+// back after the last. ev[0..3] mark the copies in, the launches and the
+// copies out as for one launch; xs.marks each launch.
+Done GpuWorker::Impl::ExecuteLaunches(const std::shared_ptr<Task>& task, CUstream stream,
+                                      CUevent ev[4], ExecutorState& xs) {
+  const BrokerMessage& job = task->job;
+  Done d = Started(task);
+  WorkerMessage& r = d.result;
+  Failer f{*cu_, d};
+  const size_t n = job.launches.size();
+  auto which = [](size_t i) { return "launch " + std::to_string(i); };
+
+  // Modules and functions, and each launch's checks.
+  const auto t_load = Clock::now();
+  std::vector<CUfunction> fns(n);
+  for (size_t i = 0; i < n; ++i) {
+    const schema::KernelLaunch& l = job.launches[i];
+    const char* what = "";
+    if (CUresult e = LoadFunction(*cu_, *task->modules[l.source], l.entry, &fns[i], &what);
+        e != CUDA_SUCCESS) {
+      return f.CuFail(e, which(i) + ": " + what + " '" + l.entry + "'");
+    }
+    if (Status s = LaunchChecks(l.launch, fns[i]); !s.ok()) {
+      return f.Fail(s.code(), which(i) + ": " + s.message());
+    }
+  }
+  r.timing.load_us = MicrosSince(t_load);
+  while (xs.marks.size() < n + 1) {
+    CUevent e = nullptr;
+    if (CUresult err = cu_->cuEventCreate(&e, CU_EVENT_DEFAULT); err != CUDA_SUCCESS) {
+      return f.CuFail(err, "creating events");
+    }
+    xs.marks.push_back(e);
+  }
+
+  std::vector<zmq::message_t> read;
+  std::vector<std::string_view> in;
+  if (Status s = ReadInputs(*task, job.buffers, &read, &in); !s.ok()) {
+    return f.Fail(Code::kIoError, s.message());
+  }
+  DeviceBuffers buffers{*cu_, stream, {}};
+  std::vector<CUdeviceptr> ptr(job.buffers.size(), 0);
+  for (size_t i = 0; i < job.buffers.size(); ++i) {
+    const Arg& a = job.buffers[i];
+    const bool framed = a.kind == ArgKind::kIn || a.kind == ArgKind::kInOut;
+    const uint64_t size = framed ? in[i].size() : a.size;
+    if (size == 0) continue;
+    CUresult e = cu_->cuMemAllocAsync(&ptr[i], size, stream);
+    if (e != CUDA_SUCCESS) return f.CuFail(e, "allocating buffer " + std::to_string(i));
+    buffers.ptrs.push_back(ptr[i]);
+  }
+  // Each launch's parameters: scalar values, and buffer pointers at their
+  // offsets (bounds were checked by the decoder).
+  std::vector<std::vector<uint64_t>> slots(n);
+  std::vector<std::vector<void*>> params(n);
+  for (size_t i = 0; i < n; ++i) {
+    const std::vector<Arg>& args = job.launches[i].args;
+    slots[i].resize(args.size());
+    params[i].resize(args.size());
+    for (size_t k = 0; k < args.size(); ++k) {
+      const Arg& a = args[k];
+      slots[i][k] = a.kind == ArgKind::kScalar ? a.bits : ptr[a.buffer] + a.offset;
+      params[i][k] = &slots[i][k];
+    }
+  }
+
+  CUresult e = cu_->cuEventRecord(ev[0], stream);
+  if (e != CUDA_SUCCESS) return f.CuFail(e, "event");
+  // Every byte a kernel can read is written first: inputs copied, out and
+  // scratch buffers zeroed.
+  for (size_t i = 0; i < job.buffers.size(); ++i) {
+    const Arg& a = job.buffers[i];
+    if (!ptr[i]) continue;
+    if (a.kind == ArgKind::kOut || a.kind == ArgKind::kScratch) {
+      e = cu_->cuMemsetD8Async(ptr[i], 0, a.size, stream);
+    } else {
+      e = cu_->cuMemcpyHtoDAsync(ptr[i], in[i].data(), in[i].size(), stream);
+    }
+    if (e != CUDA_SUCCESS) return f.CuFail(e, "copying inputs to the device");
+  }
+  cu_->cuEventRecord(ev[1], stream);
+  if (xs.progress && xs.memops && !job.graph) {
+    *xs.progress = 0;
+    task->progress.store(xs.progress);
+  }
+  if (job.graph) {
+    const std::string shape = GraphShape(job);
+    Graph* g = xs.graphs->Find(shape);
+    if (!g) {
+      // Built once: kernel nodes in a chain, each followed by the record of
+      // its end event.
+      Graph built;
+      e = cu_->cuGraphCreate(&built.graph, 0);
+      CUgraphNode prev = nullptr;
+      if (e == CUDA_SUCCESS) e = cu_->cuGraphAddEventRecordNode(&prev, built.graph, nullptr, 0,
+                                                                 xs.marks[0]);
+      for (size_t i = 0; i < n && e == CUDA_SUCCESS; ++i) {
+        const schema::LaunchSpec& l = job.launches[i].launch;
+        CUDA_KERNEL_NODE_PARAMS p = {};
+        p.func = fns[i];
+        p.gridDimX = l.grid.x;
+        p.gridDimY = l.grid.y;
+        p.gridDimZ = l.grid.z;
+        p.blockDimX = l.block.x;
+        p.blockDimY = l.block.y;
+        p.blockDimZ = l.block.z;
+        p.sharedMemBytes = l.shared_bytes;
+        p.kernelParams = params[i].data();
+        CUgraphNode kernel = nullptr;
+        e = cu_->cuGraphAddKernelNode(&kernel, built.graph, &prev, 1, &p);
+        if (e != CUDA_SUCCESS) break;
+        built.kernels.push_back(kernel);
+        built.functions.push_back(fns[i]);
+        e = cu_->cuGraphAddEventRecordNode(&prev, built.graph, &kernel, 1, xs.marks[i + 1]);
+      }
+      if (e == CUDA_SUCCESS) e = cu_->cuGraphInstantiate(&built.exec, built.graph, 0);
+      if (e != CUDA_SUCCESS) {
+        xs.graphs->Destroy(built);
+        return f.CuFail(e, "building the job's CUDA graph");
+      }
+      built.modules = task->modules;
+      g = xs.graphs->Put(shape, std::move(built));
+    } else {
+      for (size_t i = 0; i < n; ++i) {
+        const schema::LaunchSpec& l = job.launches[i].launch;
+        CUDA_KERNEL_NODE_PARAMS p = {};
+        p.func = fns[i];
+        p.gridDimX = l.grid.x;
+        p.gridDimY = l.grid.y;
+        p.gridDimZ = l.grid.z;
+        p.blockDimX = l.block.x;
+        p.blockDimY = l.block.y;
+        p.blockDimZ = l.block.z;
+        p.sharedMemBytes = l.shared_bytes;
+        p.kernelParams = params[i].data();
+        // The graph's own function (its module is kept with it): the same
+        // kernel, perhaps from an earlier load of the module.
+        p.func = g->functions[i];
+        e = cu_->cuGraphExecKernelNodeSetParams(g->exec, g->kernels[i], &p);
+        if (e != CUDA_SUCCESS) return f.CuFail(e, which(i) + ": setting the graph's parameters");
+      }
+    }
+    e = cu_->cuGraphLaunch(g->exec, stream);
+    if (e != CUDA_SUCCESS) return f.CuFail(e, "launching the job's CUDA graph");
+  } else {
+    cu_->cuEventRecord(xs.marks[0], stream);
+    for (size_t i = 0; i < n; ++i) {
+      const schema::LaunchSpec& l = job.launches[i].launch;
+      e = cu_->cuLaunchKernel(fns[i], l.grid.x, l.grid.y, l.grid.z, l.block.x, l.block.y,
+                              l.block.z, l.shared_bytes, stream, params[i].data(), nullptr);
+      if (e != CUDA_SUCCESS) return f.CuFail(e, which(i));
+      cu_->cuEventRecord(xs.marks[i + 1], stream);
+      if (xs.memops && xs.progress) {
+        // Launches finished so far, for naming the one that faults or runs
+        // past the time limit.
+        if (cu_->cuStreamWriteValue32(stream, xs.progress_dev, static_cast<uint32_t>(i + 1),
+                                      0) != CUDA_SUCCESS) {
+          xs.memops = false;
+        }
+      }
+    }
+  }
+  cu_->cuEventRecord(ev[2], stream);
+  for (size_t i = 0; i < job.buffers.size(); ++i) {
+    const Arg& a = job.buffers[i];
+    if (a.kind != ArgKind::kOut && a.kind != ArgKind::kInOut) continue;
+    const uint64_t size = a.kind == ArgKind::kOut ? a.size : in[i].size();
+    zmq::message_t out = pinned_->Message(size);
+    if (size > 0) {
+      e = cu_->cuMemcpyDtoHAsync(out.data(), ptr[i], size, stream);
+      if (e != CUDA_SUCCESS) return f.CuFail(e, "copying outputs from the device");
+    }
+    d.data.push_back(std::move(out));
+    r.outputs.push_back(static_cast<uint32_t>(i));
+  }
+  cu_->cuEventRecord(ev[3], stream);
+  e = cu_->cuStreamSynchronize(stream);
+  task->progress.store(nullptr);
+  if (e != CUDA_SUCCESS) {
+    d.data.clear();
+    r.outputs.clear();
+    // The progress word is host memory: readable after a fault too.
+    const std::string at = !job.graph && xs.memops && xs.progress && *xs.progress < n
+                               ? which(*xs.progress)
+                               : "launches 0-" + std::to_string(n - 1);
+    return f.CuFail(e, at);
+  }
+  if (Status s = OutputsToFiles(job, d); !s.ok()) return f.Fail(Code::kIoError, s.message());
+  float ms[3] = {};
+  for (int k = 0; k < 3; ++k) cu_->cuEventElapsedTime(&ms[k], ev[k], ev[k + 1]);
+  r.timing.h2d_us = static_cast<uint64_t>(ms[0] * 1000.0f);
+  r.timing.kernel_us = static_cast<uint64_t>(ms[1] * 1000.0f);
+  r.timing.d2h_us = static_cast<uint64_t>(ms[2] * 1000.0f);
+  r.timing.launch_us.resize(n);
+  for (size_t i = 0; i < n; ++i) {
+    float t = 0;
+    cu_->cuEventElapsedTime(&t, xs.marks[i], xs.marks[i + 1]);
+    r.timing.launch_us[i] = static_cast<uint64_t>(t * 1000.0f);
+  }
   r.state = JobState::kDone;
   r.code = Code::kOk;
   return d;
@@ -762,7 +1151,8 @@ void GpuWorker::Impl::OnBrokerMessage(std::vector<zmq::message_t>& frames) {
   std::vector<uint64_t> sizes;
   for (size_t i = 2; i < frames.size(); ++i) sizes.push_back(frames[i].size());
   BrokerMessage m;
-  if (Status s = schema::DecodeBrokerMessage(frames[1].to_string_view(), sizes, {}, &m);
+  if (Status s = schema::DecodeBrokerMessage(frames[1].to_string_view(), sizes,
+                                               schema::Limits::ForWorkers(), &m);
       !s.ok()) {
     spdlog::error("bad message from the broker: {}", s.ToString());
     return;
@@ -785,20 +1175,31 @@ void GpuWorker::Impl::OnBrokerMessage(std::vector<zmq::message_t>& frames) {
       break;
   }
   auto task = std::make_shared<Task>();
-  std::shared_ptr<Module> module;
-  if (m.image != schema::ImageKind::kNone) {
-    std::string image = frames[2].to_string();  // std::string keeps PTX NUL-terminated
-    module = std::make_shared<Module>(m.module, std::move(image), &graveyard_);
+  // Modules in the order the broker touched them (PROTOCOL.md, "Module
+  // images"); an image travels as the payload frame before the buffers,
+  // which index past it.
+  size_t next_image = 2;
+  auto take = [&](const std::string& key, schema::ImageKind image) {
+    if (image == schema::ImageKind::kNone) return modules_.Touch(key);
+    std::string bytes = frames[next_image++].to_string();  // keeps PTX NUL-terminated
+    auto module = std::make_shared<Module>(key, std::move(bytes), &graveyard_);
     modules_.Put(module);
-    task->first_buffer = 2;  // args already index past frame 0 (the image)
+    return module;
+  };
+  std::string missing;
+  if (m.launches.empty()) {
+    task->module = take(m.module, m.image);
+    if (!task->module) missing = m.module;
   } else {
-    module = modules_.Touch(m.module);
+    for (const schema::ModuleRef& ref : m.modules) {
+      task->modules.push_back(take(ref.key, ref.image));
+      if (!task->modules.back() && missing.empty()) missing = ref.key;
+    }
   }
   task->job = std::move(m);
   task->frames = std::move(frames);
-  task->module = module;
   inflight_[task->job.id] = task;
-  if (!module) {
+  if (!missing.empty()) {
     Done d;
     d.task = task;
     d.result.op = WorkerOp::kResult;
@@ -806,7 +1207,7 @@ void GpuWorker::Impl::OnBrokerMessage(std::vector<zmq::message_t>& frames) {
     d.result.attempt = task->job.attempt;
     d.result.state = JobState::kFailed;
     d.result.code = Code::kLaunchError;
-    d.result.error = "module " + task->job.module + " is not held by this worker";
+    d.result.error = "module " + missing + " is not held by this worker";
     Finish(d);
     return;
   }
@@ -894,6 +1295,12 @@ int GpuWorker::Impl::Run() {
         r.code = Code::kTimeout;
         r.error = "the kernel ran past its limit of " + std::to_string(t->job.time_limit_ms) +
                   " ms and was stopped (its worker process was ended)";
+        if (const volatile uint32_t* progress = t->progress.load()) {
+          // The launches that finished, as the GPU wrote them.
+          r.error = "launch " + std::to_string(*progress) + ": " + r.error;
+        } else if (!t->job.launches.empty()) {
+          r.error = "launches 0-" + std::to_string(t->job.launches.size() - 1) + ": " + r.error;
+        }
         Send(r);
         Leave(kExitTimeout, "job " + std::to_string(id) + " ran past its time limit");
       }

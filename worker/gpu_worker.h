@@ -26,6 +26,8 @@ struct WorkerOptions {
   uint32_t slots = 16;     // jobs held at once (credits)
   uint32_t streams = 4;    // executor threads, one stream each
   uint32_t module_slots = 256;
+  // CUDA graphs of jobs of several launches kept per stream (LRU).
+  uint32_t graph_slots = 64;
   // Page-locked host memory kept for outputs' device-to-host copies.
   size_t pinned_bytes = 512u << 20;
   std::chrono::milliseconds heartbeat{500};

@@ -40,6 +40,9 @@ int main(int argc, char** argv) {
   app.add_option("--streams", o.streams, "Concurrent streams (executor threads)")
       ->capture_default_str();
   app.add_option("--module-slots", o.module_slots, "Modules kept loaded")->capture_default_str();
+  app.add_option("--graph-slots", o.graph_slots,
+                 "CUDA graphs of jobs of several launches kept per stream")
+      ->capture_default_str();
   app.add_option("--heartbeat-ms", heartbeat_ms, "Heartbeat interval")->capture_default_str();
   app.add_option("--local-dir", o.local_dir,
                  "The broker's local directory, when on its host (gpuqd passes it)");

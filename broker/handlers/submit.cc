@@ -34,6 +34,11 @@ void Submit(BrokerCore& core, const RequestContext& ctx, schema::ClientRequest& 
     }
   }
   if (gpuq::Status s = compile::ValidateOptions(spec.kernel.options); !s.ok()) return reject(s);
+  for (size_t i = 0; i < spec.sources.size(); ++i) {
+    if (gpuq::Status s = compile::ValidateOptions(spec.sources[i].options); !s.ok()) {
+      return reject(s.WithContext("source " + std::to_string(i + 1)));
+    }
+  }
   if (!spec.placement.arch.empty()) {
     if (gpuq::Status s = compile::ValidateArch(spec.placement.arch); !s.ok()) return reject(s);
   }

@@ -12,20 +12,27 @@
 namespace gpuq::schema {
 
 enum class ScalarType : uint8_t { kU8, kI8, kU16, kI16, kU32, kI32, kU64, kI64, kF32, kF64 };
-enum class ArgKind : uint8_t { kScalar, kIn, kOut, kInOut };
+// kScratch and kBuffer belong to jobs of several launches (PROTOCOL.md,
+// "Jobs of several launches"): a scratch buffer is declared among a job's
+// buffers; a launch names one of the job's buffers with kBuffer.
+enum class ArgKind : uint8_t { kScalar, kIn, kOut, kInOut, kScratch, kBuffer };
 
 std::string_view ScalarTypeName(ScalarType t);
 size_t ScalarSize(ScalarType t);
 
-// One kernel argument. Scalars carry their value as a bit pattern in the low
-// ScalarSize(type) bytes of `bits` (two's complement or IEEE 754). Buffers
-// name a payload frame (in, inout) or an output size in bytes (out).
+// One kernel argument, or one buffer of a job of several launches. Scalars
+// carry their value as a bit pattern in the low ScalarSize(type) bytes of
+// `bits` (two's complement or IEEE 754). Buffers name a payload frame (in,
+// inout) or a size in bytes (out, scratch). A launch's kBuffer argument names
+// the job's buffer `buffer`, at byte `offset` into it.
 struct Arg {
   ArgKind kind = ArgKind::kScalar;
   ScalarType type = ScalarType::kU32;
   uint64_t bits = 0;
-  uint32_t frame = 0;  // in, inout
-  uint64_t size = 0;   // out
+  uint32_t frame = 0;   // in, inout
+  uint64_t size = 0;    // out, scratch
+  uint32_t buffer = 0;  // buffer
+  uint64_t offset = 0;  // buffer
 
   static Arg U32(uint32_t v) { return Scalar(ScalarType::kU32, v); }
   static Arg I32(int32_t v) {
@@ -42,6 +49,15 @@ struct Arg {
   static Arg In(uint32_t frame) { return Buffer(ArgKind::kIn, frame, 0); }
   static Arg InOut(uint32_t frame) { return Buffer(ArgKind::kInOut, frame, 0); }
   static Arg Out(uint64_t size) { return Buffer(ArgKind::kOut, 0, size); }
+  static Arg Scratch(uint64_t size) { return Buffer(ArgKind::kScratch, 0, size); }
+  // The job's buffer `index` (a launch's argument), at `offset` bytes.
+  static Arg Ref(uint32_t index, uint64_t offset = 0) {
+    Arg a;
+    a.kind = ArgKind::kBuffer;
+    a.buffer = index;
+    a.offset = offset;
+    return a;
+  }
   static Arg Buffer(ArgKind k, uint32_t frame, uint64_t size) {
     Arg a;
     a.kind = k;
@@ -85,6 +101,19 @@ struct Placement {
   bool operator==(const Placement&) const = default;
 };
 
+// One launch of a job of several launches: a kernel of one of the job's
+// sources (0: JobSpec::kernel; i ≥ 1: JobSpec::sources[i - 1]), its launch
+// dimensions, and its arguments: scalars, and kBuffer arguments naming the
+// job's buffers.
+struct KernelLaunch {
+  uint32_t source = 0;
+  std::string entry;             // extern "C" name, or a C++ name expression
+  bool name_expression = false;  // entry is a name expression
+  LaunchSpec launch;
+  std::vector<Arg> args;
+  bool operator==(const KernelLaunch&) const = default;
+};
+
 // The largest deadline and run-time limit a job may ask for: a year, and a
 // week (values beyond would overflow the broker's clocks).
 inline constexpr uint64_t kMaxDeadlineMs = 366ull * 24 * 3600 * 1000;
@@ -115,7 +144,26 @@ struct JobSpec {
   Placement placement;
   std::vector<LocalFile> files;  // inputs as files of the local directory
   bool local_out = false;        // return large outputs as files of it
+  // A job of several launches (PROTOCOL.md, "Jobs of several launches"):
+  // `launches` run in order on one stream over the job's `buffers` (in, out,
+  // inout, scratch); kernel.entry, launch and args are then unused (empty).
+  // `sources` are sources 1, 2, ... (their entry unused); `graph` asks the
+  // worker to capture the launches into a CUDA graph and replay it for later
+  // jobs of the same shape.
+  std::vector<KernelSpec> sources;
+  std::vector<Arg> buffers;
+  std::vector<KernelLaunch> launches;
+  bool graph = false;
   bool operator==(const JobSpec&) const = default;
+
+  bool multi() const { return !launches.empty(); }
+  // The job's buffers: its buffer arguments' list (args of a one-launch
+  // job, buffers of a job of several), which payload frames, inputs and
+  // outputs index.
+  const std::vector<Arg>& buffer_list() const { return multi() ? buffers : args; }
+  std::vector<Arg>& buffer_list() { return multi() ? buffers : args; }
+  // Source i: 0 is `kernel`, i ≥ 1 is sources[i - 1].
+  const KernelSpec& source(uint32_t i) const { return i == 0 ? kernel : sources[i - 1]; }
 };
 
 enum class JobState : uint8_t { kQueued, kDispatched, kDone, kFailed, kCanceled, kExpired };
@@ -126,6 +174,9 @@ struct Timing {
   uint64_t queue_us = 0, compile_us = 0, load_us = 0, h2d_us = 0,
            kernel_us = 0, d2h_us = 0, total_us = 0;
   bool cache_hit = false;
+  // A job of several launches: each launch's time on the GPU (CUDA events),
+  // in order; kernel_us spans them all. Empty for a job of one launch.
+  std::vector<uint64_t> launch_us;
   bool operator==(const Timing&) const = default;
 };
 
