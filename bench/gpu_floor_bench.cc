@@ -171,6 +171,41 @@ int main(int argc, char** argv) {
     cu.cuStreamSynchronize(s);
     if (i >= 200) burst.push_back(Us(b0, Clock::now()) / 100.0);
   }
+  // What a job of several launches adds per launch: an event recorded
+  // after each (per-launch timing), and a 4-byte progress word the GPU
+  // writes after each (cuStreamWriteValue32 to mapped host memory).
+  void* word = nullptr;
+  CUdeviceptr word_dev = 0;
+  cu.cuMemHostAlloc(&word, 4, CU_MEMHOSTALLOC_DEVICEMAP);
+  cu.cuMemHostGetDevicePointer(&word_dev, word, 0);
+  std::vector<CUevent> marks(101);
+  for (auto& e : marks) cu.cuEventCreate(&e, CU_EVENT_DEFAULT);
+  auto per_launch = [&](bool events, bool memop, unsigned flags) {
+    std::vector<double> v;
+    for (int i = 0; i < 700; ++i) {
+      auto b0 = Clock::now();
+      if (events) cu.cuEventRecord(marks[0], s);
+      for (int k = 0; k < 100; ++k) {
+        cu.cuLaunchKernel(empty, 1, 1, 1, 1, 1, 1, 0, s, nullptr, nullptr);
+        if (events) cu.cuEventRecord(marks[k + 1], s);
+        if (memop) cu.cuStreamWriteValue32(s, word_dev, k + 1, flags);
+      }
+      cu.cuStreamSynchronize(s);
+      if (i >= 200) v.push_back(Us(b0, Clock::now()) / 100.0);
+    }
+    return Summarize(v).p50;
+  };
+  const double with_events = per_launch(true, false, 0),
+               with_memop = per_launch(false, true, 0),
+               with_both = per_launch(true, true, 0),
+               with_both_nb = per_launch(true, true, CU_STREAM_WRITE_VALUE_NO_MEMORY_BARRIER);
+  std::vector<double> elapsed;
+  for (int i = 0; i < 200; ++i) {
+    auto e0 = Clock::now();
+    float ms = 0;
+    for (int k = 0; k < 100; ++k) cu.cuEventElapsedTime(&ms, marks[k], marks[k + 1]);
+    elapsed.push_back(Us(e0, Clock::now()) / 100.0);
+  }
   CUgraph g = nullptr;
   CUgraphExec gx = nullptr;
   cu.cuGraphCreate(&g, 0);
@@ -193,6 +228,45 @@ int main(int argc, char** argv) {
   }
   if (gx) cu.cuGraphExecDestroy(gx);
   if (g) cu.cuGraphDestroy(g);
+  // The same graph with an event record node after each kernel, and the
+  // cost of setting a kernel node's parameters in the instantiated graph.
+  std::vector<double> graph_events, set_params;
+  cu.cuGraphCreate(&g, 0);
+  prev = nullptr;
+  std::vector<CUgraphNode> kernels;
+  for (int k = 0; k < 100; ++k) {
+    CUDA_KERNEL_NODE_PARAMS p = {};
+    p.func = empty;
+    p.gridDimX = p.gridDimY = p.gridDimZ = 1;
+    p.blockDimX = p.blockDimY = p.blockDimZ = 1;
+    CUgraphNode node = nullptr;
+    cu.cuGraphAddKernelNode(&node, g, prev ? &prev : nullptr, prev ? 1 : 0, &p);
+    kernels.push_back(node);
+    cu.cuGraphAddEventRecordNode(&prev, g, &node, 1, marks[k + 1]);
+  }
+  if (cu.cuGraphInstantiate(&gx, g, 0) == CUDA_SUCCESS) {
+    for (int i = 0; i < 700; ++i) {
+      auto b0 = Clock::now();
+      cu.cuGraphLaunch(gx, s);
+      cu.cuStreamSynchronize(s);
+      if (i >= 200) graph_events.push_back(Us(b0, Clock::now()) / 100.0);
+    }
+    for (int i = 0; i < 200; ++i) {
+      auto b0 = Clock::now();
+      for (CUgraphNode n : kernels) {
+        CUDA_KERNEL_NODE_PARAMS p = {};
+        p.func = empty;
+        p.gridDimX = p.gridDimY = p.gridDimZ = 1;
+        p.blockDimX = p.blockDimY = p.blockDimZ = 1;
+        cu.cuGraphExecKernelNodeSetParams(gx, n, &p);
+      }
+      set_params.push_back(Us(b0, Clock::now()) / 100.0);
+    }
+    cu.cuGraphExecDestroy(gx);
+  }
+  cu.cuGraphDestroy(g);
+  for (auto& e : marks) cu.cuEventDestroy(e);
+  cu.cuMemFreeHost(word);
 
   const Stats l = Summarize(launch), j = Summarize(job);
   std::printf("| in-process floor (driver API, %s, pool %s) | p50 | p99 |\n|---|---|---|\n",
@@ -207,6 +281,12 @@ int main(int argc, char** argv) {
   std::printf("100 empty launches and one sync, per launch: %.2f us p50 (%.2f p99); as one "
               "CUDA graph: %.2f us p50 (%.2f p99)\n",
               bs.p50, bs.p99, gs.p50, gs.p99);
+  std::printf("per launch of 100 with an event after each %.2f us, a progress write %.2f us, "
+              "both %.2f us (write without a barrier: %.2f us); reading an elapsed time "
+              "%.2f us; a graph with an event node after each kernel %.2f us; setting one "
+              "kernel node's parameters %.2f us\n",
+              with_events, with_memop, with_both, with_both_nb, Summarize(elapsed).p50,
+              Summarize(graph_events).p50, Summarize(set_params).p50);
   std::printf("check: out[0] = %.1f (want 4.0)\n", out[0]);
   cu.cuStreamDestroy(s);
   cu.cuModuleUnload(mod);

@@ -899,10 +899,12 @@ Status GetKernelLaunches(const object& o, const Limits& limits, std::string_view
   GPUQ_RETURN_IF_ERROR(GetArray(o, "launches", limits.max_launches, &a));
   if (a->size == 0) return Malformed("launches", "must not be empty");
   out->resize(a->size);
+  static const std::vector<std::string_view> kRequired = {"entry", "grid", "block", "args"};
+  static const std::vector<std::string_view> kWorkerRequired = {"module", "entry", "grid",
+                                                                "block", "args"};
+  const auto& required = index_key == "module" ? kWorkerRequired : kRequired;
   for (uint32_t i = 0; i < a->size; ++i) {
     KernelLaunch& l = (*out)[i];
-    std::vector<std::string_view> required = {"entry", "grid", "block", "args"};
-    if (index_key == "module") required.push_back("module");
     Status s = ForEachField(a->ptr[i], "launch", required,
                             [&](std::string_view k, const object& v) -> Status {
       bool launch = false;
@@ -1281,26 +1283,27 @@ Status CheckSeveralLaunches(const std::vector<Arg>& buffers,
   }
   for (size_t i = 0; i < launches.size(); ++i) {
     const KernelLaunch& l = launches[i];
-    const std::string which = "launch " + std::to_string(i);
+    // Texts are made only for an error (this runs for every launch).
+    auto which = [i] { return "launch " + std::to_string(i); };
     if (l.source >= modules) {
-      return Error(Code::kInvalid, which + " names " + std::string(module_word) + " " +
+      return Error(Code::kInvalid, which() + " names " + std::string(module_word) + " " +
                                        std::to_string(l.source) + " of " +
                                        std::to_string(modules));
     }
-    if (l.entry.empty()) return Error(Code::kInvalid, which + ": kernel entry is empty");
+    if (l.entry.empty()) return Error(Code::kInvalid, which() + ": kernel entry is empty");
     Status s = CheckLaunch(l.launch);
     if (s.ok()) s = CheckShared(l.launch);
-    if (!s.ok()) return s.WithContext(which);
+    if (!s.ok()) return s.WithContext(which());
     for (size_t k = 0; k < l.args.size(); ++k) {
       const Arg& a = l.args[k];
-      const std::string arg = which + ", argument " + std::to_string(k);
       if (a.kind == ArgKind::kScalar) continue;
+      auto arg = [&] { return which() + ", argument " + std::to_string(k); };
       if (a.kind != ArgKind::kBuffer) {
-        return Error(Code::kInvalid, arg + ": a launch's arguments are scalars and "
+        return Error(Code::kInvalid, arg() + ": a launch's arguments are scalars and "
                                            "buffers of the job (buf)");
       }
       if (a.buffer >= buffers.size()) {
-        return Error(Code::kInvalid, arg + " names buffer " + std::to_string(a.buffer) +
+        return Error(Code::kInvalid, arg() + " names buffer " + std::to_string(a.buffer) +
                                          " of " + std::to_string(buffers.size()));
       }
       const Arg& b = buffers[a.buffer];
@@ -1308,7 +1311,7 @@ Status CheckSeveralLaunches(const std::vector<Arg>& buffers,
       // A frame's size is checked with the frames (CheckBufferFrames).
       const uint64_t size = !framed ? b.size : b.frame < sizes.size() ? sizes[b.frame] : 0;
       if (a.offset > size) {
-        return Error(Code::kInvalid, arg + ": offset " + std::to_string(a.offset) +
+        return Error(Code::kInvalid, arg() + ": offset " + std::to_string(a.offset) +
                                          " is past the end of buffer " +
                                          std::to_string(a.buffer) + " (" +
                                          std::to_string(size) + " bytes)");

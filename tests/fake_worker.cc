@@ -303,7 +303,7 @@ int main(int argc, char** argv) {
       r.id = p.job.id;
       r.attempt = p.job.attempt;
       r.timing.kernel_us = 1;
-      r.timing.launch_us.assign(p.job.launches.size(), 1);
+      if (!p.job.graph) r.timing.launch_us.assign(p.job.launches.size(), 1);
       // The launches of a job of several run on the last launch's terms; an
       // error names it, as gpuq-worker's do.
       const std::string launch_word =

@@ -841,6 +841,13 @@ Done GpuWorker::Impl::ExecuteLaunches(const std::shared_ptr<Task>& task, CUstrea
   std::vector<CUfunction> fns(n);
   for (size_t i = 0; i < n; ++i) {
     const schema::KernelLaunch& l = job.launches[i];
+    // A launch like the one before it (a chain of one kernel) passed its
+    // checks already.
+    if (i > 0 && l.source == job.launches[i - 1].source && l.entry == job.launches[i - 1].entry &&
+        l.launch == job.launches[i - 1].launch) {
+      fns[i] = fns[i - 1];
+      continue;
+    }
     const char* what = "";
     if (CUresult e = LoadFunction(*cu_, *task->modules[l.source], l.entry, &fns[i], &what);
         e != CUDA_SUCCESS) {
@@ -876,19 +883,22 @@ Done GpuWorker::Impl::ExecuteLaunches(const std::shared_ptr<Task>& task, CUstrea
     buffers.ptrs.push_back(ptr[i]);
   }
   // Each launch's parameters: scalar values, and buffer pointers at their
-  // offsets (bounds were checked by the decoder).
-  std::vector<std::vector<uint64_t>> slots(n);
-  std::vector<std::vector<void*>> params(n);
-  for (size_t i = 0; i < n; ++i) {
-    const std::vector<Arg>& args = job.launches[i].args;
-    slots[i].resize(args.size());
-    params[i].resize(args.size());
-    for (size_t k = 0; k < args.size(); ++k) {
-      const Arg& a = args[k];
-      slots[i][k] = a.kind == ArgKind::kScalar ? a.bits : ptr[a.buffer] + a.offset;
-      params[i][k] = &slots[i][k];
+  // offsets (bounds were checked by the decoder); launch i's are
+  // params[first[i]...].
+  size_t total_args = 0;
+  for (const schema::KernelLaunch& l : job.launches) total_args += l.args.size();
+  std::vector<uint64_t> slots(total_args);
+  std::vector<void*> params(total_args);
+  std::vector<size_t> first(n + 1, 0);
+  for (size_t i = 0, at = 0; i < n; ++i) {
+    first[i] = at;
+    for (const Arg& a : job.launches[i].args) {
+      slots[at] = a.kind == ArgKind::kScalar ? a.bits : ptr[a.buffer] + a.offset;
+      params[at] = &slots[at];
+      ++at;
     }
   }
+  auto params_of = [&](size_t i) { return params.data() + first[i]; };
 
   CUresult e = cu_->cuEventRecord(ev[0], stream);
   if (e != CUDA_SUCCESS) return f.CuFail(e, "event");
@@ -913,13 +923,12 @@ Done GpuWorker::Impl::ExecuteLaunches(const std::shared_ptr<Task>& task, CUstrea
     const std::string shape = GraphShape(job);
     Graph* g = xs.graphs->Find(shape);
     if (!g) {
-      // Built once: kernel nodes in a chain, each followed by the record of
-      // its end event.
+      // Built once: kernel nodes in a chain. No event nodes between them:
+      // they would cost more than the launches (docs/BENCHMARKS.md), so a
+      // graph's timing is the span of its launches.
       Graph built;
       e = cu_->cuGraphCreate(&built.graph, 0);
       CUgraphNode prev = nullptr;
-      if (e == CUDA_SUCCESS) e = cu_->cuGraphAddEventRecordNode(&prev, built.graph, nullptr, 0,
-                                                                 xs.marks[0]);
       for (size_t i = 0; i < n && e == CUDA_SUCCESS; ++i) {
         const schema::LaunchSpec& l = job.launches[i].launch;
         CUDA_KERNEL_NODE_PARAMS p = {};
@@ -931,13 +940,14 @@ Done GpuWorker::Impl::ExecuteLaunches(const std::shared_ptr<Task>& task, CUstrea
         p.blockDimY = l.block.y;
         p.blockDimZ = l.block.z;
         p.sharedMemBytes = l.shared_bytes;
-        p.kernelParams = params[i].data();
+        p.kernelParams = params_of(i);
         CUgraphNode kernel = nullptr;
-        e = cu_->cuGraphAddKernelNode(&kernel, built.graph, &prev, 1, &p);
+        e = cu_->cuGraphAddKernelNode(&kernel, built.graph, prev ? &prev : nullptr, prev ? 1 : 0,
+                                      &p);
         if (e != CUDA_SUCCESS) break;
         built.kernels.push_back(kernel);
         built.functions.push_back(fns[i]);
-        e = cu_->cuGraphAddEventRecordNode(&prev, built.graph, &kernel, 1, xs.marks[i + 1]);
+        prev = kernel;
       }
       if (e == CUDA_SUCCESS) e = cu_->cuGraphInstantiate(&built.exec, built.graph, 0);
       if (e != CUDA_SUCCESS) {
@@ -958,7 +968,7 @@ Done GpuWorker::Impl::ExecuteLaunches(const std::shared_ptr<Task>& task, CUstrea
         p.blockDimY = l.block.y;
         p.blockDimZ = l.block.z;
         p.sharedMemBytes = l.shared_bytes;
-        p.kernelParams = params[i].data();
+        p.kernelParams = params_of(i);
         // The graph's own function (its module is kept with it): the same
         // kernel, perhaps from an earlier load of the module.
         p.func = g->functions[i];
@@ -973,7 +983,7 @@ Done GpuWorker::Impl::ExecuteLaunches(const std::shared_ptr<Task>& task, CUstrea
     for (size_t i = 0; i < n; ++i) {
       const schema::LaunchSpec& l = job.launches[i].launch;
       e = cu_->cuLaunchKernel(fns[i], l.grid.x, l.grid.y, l.grid.z, l.block.x, l.block.y,
-                              l.block.z, l.shared_bytes, stream, params[i].data(), nullptr);
+                              l.block.z, l.shared_bytes, stream, params_of(i), nullptr);
       if (e != CUDA_SUCCESS) return f.CuFail(e, which(i));
       cu_->cuEventRecord(xs.marks[i + 1], stream);
       if (xs.memops && xs.progress) {
@@ -1017,11 +1027,13 @@ Done GpuWorker::Impl::ExecuteLaunches(const std::shared_ptr<Task>& task, CUstrea
   r.timing.h2d_us = static_cast<uint64_t>(ms[0] * 1000.0f);
   r.timing.kernel_us = static_cast<uint64_t>(ms[1] * 1000.0f);
   r.timing.d2h_us = static_cast<uint64_t>(ms[2] * 1000.0f);
-  r.timing.launch_us.resize(n);
-  for (size_t i = 0; i < n; ++i) {
-    float t = 0;
-    cu_->cuEventElapsedTime(&t, xs.marks[i], xs.marks[i + 1]);
-    r.timing.launch_us[i] = static_cast<uint64_t>(t * 1000.0f);
+  if (!job.graph) {
+    r.timing.launch_us.resize(n);
+    for (size_t i = 0; i < n; ++i) {
+      float t = 0;
+      cu_->cuEventElapsedTime(&t, xs.marks[i], xs.marks[i + 1]);
+      r.timing.launch_us[i] = static_cast<uint64_t>(t * 1000.0f);
+    }
   }
   r.state = JobState::kDone;
   r.code = Code::kOk;
