@@ -69,6 +69,10 @@ class Broker::Impl {
     stop_.store(true);
     Wake();
   }
+  void Reload() {
+    reload_.store(true);
+    Wake();
+  }
   void Wake() {
     uint64_t one = 1;
     (void)!write(wake_fd_.get(), &one, sizeof one);
@@ -98,6 +102,7 @@ class Broker::Impl {
   zmq::socket_t client_sock_, worker_sock_;
   UniqueFd wake_fd_;
   std::atomic<bool> stop_{false};
+  std::atomic<bool> reload_{false};
   std::unique_ptr<BrokerCore> core_;
 
   Every heartbeat_{}, unmatched_{}, purge_{}, render_{};
@@ -181,11 +186,16 @@ Status Broker::Impl::Init() {
   }
   opt_.client_endpoint = client_endpoint_;
 
+  TenantPolicies tenants;
+  if (!opt_.tenants_path.empty()) {
+    GPUQ_ASSIGN_OR_RETURN(tenants, TenantPolicies::Load(opt_.tenants_path));
+    spdlog::info("tenants file {}: {} tenants", opt_.tenants_path, tenants.size());
+  }
   auto store_thread =
       std::make_unique<StoreThread>(std::move(store), [this] { Wake(); }, opt_.spin);
   core_ = std::make_unique<BrokerCore>(opt_, clock_, client_sock_, worker_sock_,
                                        std::move(store_thread), std::move(compiler), next_id,
-                                       epoch, [this] { Wake(); });
+                                       epoch, [this] { Wake(); }, std::move(tenants));
   GPUQ_RETURN_IF_ERROR(core_->connections().Monitor(ctx_, client_sock_, "clients"));
   core_->quarantined = resume.quarantined.size();
 
@@ -342,6 +352,17 @@ Status Broker::Impl::Run() {
       uint64_t n;
       (void)!read(wake_fd_.get(), &n, sizeof n);
     }
+    if (reload_.exchange(false) && !opt_.tenants_path.empty()) {
+      // A small file, read on an operator's signal: the loop reads it.
+      auto tenants = TenantPolicies::Load(opt_.tenants_path);
+      if (!tenants.ok()) {
+        spdlog::error("tenants file {} not reloaded, the settings stay as they were: {}",
+                      opt_.tenants_path, tenants.status().ToString());
+      } else {
+        spdlog::info("tenants file {} reloaded: {} tenants", opt_.tenants_path, tenants->size());
+        core_->SetTenantPolicies(std::move(*tenants));
+      }
+    }
     core_->connections().DrainEvents();
     // What is ready, in rounds of a few messages from each side, so that
     // neither side starves the other; between rounds the store's finished
@@ -479,6 +500,7 @@ StatusOr<std::unique_ptr<Broker>> Broker::Create(BrokerOptions options) {
 
 Status Broker::Run() { return impl_->Run(); }
 void Broker::Stop() { impl_->Stop(); }
+void Broker::Reload() { impl_->Reload(); }
 const std::string& Broker::client_endpoint() const { return impl_->client_endpoint_; }
 const std::string& Broker::local_dir() const { return impl_->local_dir_; }
 const std::string& Broker::worker_endpoint() const { return impl_->worker_endpoint_; }

@@ -50,6 +50,10 @@ struct BrokerOptions {
   // them its pushes are dropped (it fetches) and fetches refused.
   uint64_t max_unread_bytes = 1ull << 30;
   std::string metrics_address;  // HOST:PORT for HTTP /metrics; empty = none
+  // The tenants file (TenantPolicies, broker/tenants.h): weights and limits
+  // by tenant; empty: every tenant weight 1, no limits of its own. Read at
+  // Create() (an error fails it) and again at each Reload().
+  std::string tenants_path;
   schema::Limits limits;
   // CURVE (schema/PROTOCOL.md, "Security"). With a server secret key, the
   // client endpoint admits only the keys of `allowed_clients` (public key ->
@@ -73,6 +77,10 @@ class Broker {
   Status Run();
   // Thread-safe and async-signal-safe: asks Run() to return.
   void Stop();
+  // Thread-safe and async-signal-safe: asks the loop to read the tenants
+  // file again. A file that does not parse or check leaves the settings as
+  // they were, with a log line that says why.
+  void Reload();
 
   // The endpoints as bound (a tcp port chosen by the system is filled in).
   const std::string& client_endpoint() const;

@@ -24,7 +24,7 @@ constexpr std::chrono::milliseconds kStoreRetry{500};
 BrokerCore::BrokerCore(const BrokerOptions& options, const Clock* clock, zmq::socket_t& clients,
                        zmq::socket_t& workers, std::unique_ptr<StoreThread> store,
                        std::unique_ptr<compile::CompileService> compiler, uint64_t next_id,
-                       uint64_t epoch, std::function<void()> wake)
+                       uint64_t epoch, std::function<void()> wake, TenantPolicies tenants)
     : opt_(options),
       clock_(clock),
       client_sock_(clients),
@@ -37,9 +37,23 @@ BrokerCore::BrokerCore(const BrokerOptions& options, const Clock* clock, zmq::so
       next_id_(next_id),
       epoch_(epoch),
       jobs_(JobTable::Bounds{options.max_queued, options.max_queued_per_tenant,
-                             options.max_queued_bytes}) {
+                             options.max_queued_bytes}),
+      tenants_(std::move(tenants)) {
+  jobs_.scheduler().SetWeights(
+      [this](const std::string& tenant) { return tenants_.Policy(tenant).weight; });
   compile_latency_ = &counters_.latency["compile"];
   started_ = clock_->Now();
+}
+
+void BrokerCore::LeftGpu(Job& job) {
+  tenants_.Stopped(job.tenant);
+  jobs_.scheduler().Settle(job.tenant, job.charged_us,
+                           static_cast<double>(MicrosBetween(job.dispatched, clock_->Now())));
+  job.charged_us = 0;
+}
+
+void BrokerCore::SetTenantPolicies(TenantPolicies policies) {
+  tenants_.Reconfigure(std::move(policies));
 }
 
 BrokerCore::~BrokerCore() {
@@ -426,6 +440,7 @@ void BrokerCore::Finish(Job& job, JobState state, Code code, std::string error,
   t.total_us = MicrosBetween(job.accepted, now);
   if (!IsTerminal(state)) state = JobState::kFailed;
   if (ran) {
+    LeftGpu(job);
     if (Worker* w = workers_.Find(job.worker)) {
       // The slot stays taken until the worker answers.
       if (state == JobState::kCanceled) workers_.Abandon(*w, job.id);

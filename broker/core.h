@@ -33,6 +33,7 @@
 #include "broker/compile/compile_service.h"
 #include "broker/connections.h"
 #include "broker/job_table.h"
+#include "broker/tenants.h"
 #include "broker/metrics.h"
 #include "broker/request_context.h"
 #include "broker/store_thread.h"
@@ -60,7 +61,12 @@ class BrokerCore {
   BrokerCore(const BrokerOptions& options, const Clock* clock, zmq::socket_t& clients,
              zmq::socket_t& workers, std::unique_ptr<StoreThread> store,
              std::unique_ptr<compile::CompileService> compiler, uint64_t next_id,
-             uint64_t epoch, std::function<void()> wake);
+             uint64_t epoch, std::function<void()> wake, TenantPolicies tenants);
+  // A dispatched job leaves its GPU (it ended, or is requeued): its tenant's
+  // running count and GPU time.
+  void LeftGpu(Job& job);
+  // Applies new tenant policies (a reload of the tenants file).
+  void SetTenantPolicies(TenantPolicies policies);
   // Stops the compile service and the store thread first: their last
   // callbacks land in this object.
   ~BrokerCore();
@@ -69,6 +75,7 @@ class BrokerCore {
   const Clock& clock() const { return *clock_; }
   ClientConnections& connections() { return connections_; }
   JobTable& jobs() { return jobs_; }
+  TenantLimits& tenants() { return tenants_; }
   WorkerRegistry& workers() { return workers_; }
   compile::CompileService& compiler() { return *compiler_; }
   StatsSnapshot& counters() { return counters_; }
@@ -209,6 +216,7 @@ class BrokerCore {
 
   ClientConnections connections_;
   JobTable jobs_;
+  TenantLimits tenants_;
   WorkerRegistry workers_;
   std::unique_ptr<Batch> batch_ = std::make_unique<Batch>();
   // Jobs to send to each worker at the end of this iteration, in order.

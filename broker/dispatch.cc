@@ -198,10 +198,12 @@ void BrokerCore::Dispatch() {
       Worker& w = it->second;
       ++it;  // SendJob may lose the worker
       if (w.credits == 0 || w.exclusive || !w.drained.empty()) continue;
-      auto id = jobs_.scheduler().Pop([&](uint64_t jid) {
-        Job* j = jobs_.Find(jid);
-        return j && Eligible(*j, w);
-      });
+      auto id = jobs_.scheduler().Pop(
+          [&](uint64_t jid) {
+            Job* j = jobs_.Find(jid);
+            return j && Eligible(*j, w);
+          },
+          64, [&](const std::string& tenant) { return tenants_.MayStart(tenant); });
       if (!id) continue;
       SendJob(w, *jobs_.Find(*id));
       progress = true;
@@ -214,6 +216,8 @@ void BrokerCore::SendJob(Worker& w, Job& job) {
   job.state = JobState::kDispatched;
   job.worker = w.id;
   job.dispatched = clock_->Now();
+  job.charged_us = jobs_.scheduler().Charged();
+  tenants_.Started(job.tenant);
   ++job.attempts;
   // Strictly increasing across restarts too: a restart raises the epoch by
   // one, and a job is dispatched at most once between two of its stored

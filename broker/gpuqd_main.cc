@@ -26,6 +26,10 @@ void OnSignal(int) {
   if (g_broker) g_broker->Stop();
 }
 
+void OnHangup(int) {
+  if (g_broker) g_broker->Reload();
+}
+
 std::string Folder(const char* xdg, const char* fallback, const char* leaf) {
   std::filesystem::path dir;
   if (const char* x = getenv(xdg); x && *x) {
@@ -66,6 +70,8 @@ int main(int argc, char** argv) {
       ->check(CLI::IsMember({"process", "power"}))
       ->capture_default_str();
   app.add_option("--metrics", o.metrics_address, "Serve Prometheus /metrics on HOST:PORT");
+  app.add_option("--tenants", o.tenants_path,
+                 "Tenants file (JSON): weights and limits by tenant; read again on SIGHUP");
   app.add_option("--heartbeat-ms", heartbeat_ms, "Heartbeat interval")->capture_default_str();
   int64_t spin_us = 0;
   app.add_option("--spin-us", spin_us,
@@ -197,6 +203,9 @@ int main(int argc, char** argv) {
   sa.sa_handler = OnSignal;
   sigaction(SIGINT, &sa, nullptr);
   sigaction(SIGTERM, &sa, nullptr);
+  struct sigaction hup = {};
+  hup.sa_handler = OnHangup;
+  sigaction(SIGHUP, &hup, nullptr);
   signal(SIGPIPE, SIG_IGN);
 
   gpuq::worker::WorkerSupervisor supervisor((*broker)->worker_endpoint(), worker_bin,

@@ -2,18 +2,29 @@
 
 namespace gpuq::broker {
 
-Status JobTable::CanAdmit(const std::string& tenant, uint64_t bytes,
-                          uint64_t* retry_after_ms) const {
+Status JobTable::CanAdmit(const std::string& tenant, uint64_t bytes, uint64_t* retry_after_ms,
+                          uint64_t max_queued, uint64_t max_queued_bytes) const {
   if (active_ + 1 > bounds_.jobs) {
     *retry_after_ms = 100;
     return Error(Code::kQueueFull, "the broker holds " + std::to_string(bounds_.jobs) +
                                        " jobs, its limit");
   }
-  if (active_of(tenant) + 1 > bounds_.jobs_per_tenant) {
+  const uint64_t per_tenant = max_queued ? max_queued : bounds_.jobs_per_tenant;
+  if (active_of(tenant) + 1 > per_tenant) {
     *retry_after_ms = 250;
-    return Error(Code::kQueueFull, "tenant " + tenant + " has " +
-                                       std::to_string(bounds_.jobs_per_tenant) +
+    return Error(Code::kQueueFull, "tenant " + tenant + " has " + std::to_string(per_tenant) +
                                        " jobs queued or running, its limit");
+  }
+  if (max_queued_bytes) {
+    auto held = active_bytes_by_tenant_.find(tenant);
+    const uint64_t has = held == active_bytes_by_tenant_.end() ? 0 : held->second;
+    if (bytes > max_queued_bytes - std::min(max_queued_bytes, has)) {
+      *retry_after_ms = 250;
+      return Error(Code::kQueueFull, "tenant " + tenant + "'s queued inputs would pass its limit of " +
+                                         std::to_string(max_queued_bytes) + " bytes (" +
+                                         std::to_string(has) + " held, " +
+                                         std::to_string(bytes) + " more asked)");
+    }
   }
   if (bytes > bounds_.bytes - std::min(bounds_.bytes, active_bytes_)) {
     *retry_after_ms = 250;
@@ -31,6 +42,7 @@ Job& JobTable::Add(std::unique_ptr<Job> job) {
   ++active_;
   ++active_by_tenant_[j.tenant];
   active_bytes_ += j.input_bytes;
+  if (j.input_bytes) active_bytes_by_tenant_[j.tenant] += j.input_bytes;
   if (!j.key.empty()) keys_[{j.tenant, j.key}] = j.id;
   if (j.deadline_ms) deadlines_.push({j.deadline_ms, j.id});
   jobs_[j.id] = std::move(job);
@@ -66,6 +78,11 @@ void JobTable::Release(Job& job) {
   active_bytes_ -= std::min(active_bytes_, job.input_bytes);
   auto t = active_by_tenant_.find(job.tenant);
   if (t != active_by_tenant_.end() && --t->second == 0) active_by_tenant_.erase(t);
+  auto b = active_bytes_by_tenant_.find(job.tenant);
+  if (b != active_bytes_by_tenant_.end()) {
+    b->second -= std::min(b->second, job.input_bytes);
+    if (b->second == 0) active_bytes_by_tenant_.erase(b);
+  }
 }
 
 void JobTable::Remove(uint64_t id) {

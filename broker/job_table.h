@@ -63,6 +63,7 @@ struct Job {
   std::string worker;     // routing id while dispatched
   uint32_t attempt_no = 0;  // the dispatch's number on the wire (PROTOCOL.md)
   MonoTime dispatched;
+  double charged_us = 0;  // the GPU time its dispatch charged its tenant (Scheduler)
   MonoTime last_matched;  // the last time a connected worker matched its placement
 
   // Compiles, by architecture: one module per source of the job (null while
@@ -101,8 +102,11 @@ class JobTable {
   explicit JobTable(Bounds bounds) : bounds_(bounds) {}
 
   // kQueueFull, naming the bound, when admitting a job of `tenant` with
-  // `bytes` of inputs would pass one; `retry_after_ms` gets a hint.
-  Status CanAdmit(const std::string& tenant, uint64_t bytes, uint64_t* retry_after_ms) const;
+  // `bytes` of inputs would pass one: the table's, or the tenant's own
+  // (`max_queued` in place of jobs_per_tenant when set, `max_queued_bytes`);
+  // `retry_after_ms` gets a hint.
+  Status CanAdmit(const std::string& tenant, uint64_t bytes, uint64_t* retry_after_ms,
+                  uint64_t max_queued = 0, uint64_t max_queued_bytes = 0) const;
   // Takes the job (counted against the bounds until it ends).
   Job& Add(std::unique_ptr<Job> job);
   Job* Find(uint64_t id);
@@ -141,6 +145,7 @@ class JobTable {
   Scheduler scheduler_;
   uint64_t active_ = 0, active_bytes_ = 0;
   std::map<std::string, uint64_t> active_by_tenant_;
+  std::map<std::string, uint64_t> active_bytes_by_tenant_;
   using Deadline = std::pair<int64_t, uint64_t>;
   std::priority_queue<Deadline, std::vector<Deadline>, std::greater<>> deadlines_;
 };

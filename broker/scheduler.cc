@@ -1,11 +1,17 @@
 #include "broker/scheduler.h"
 
 #include <algorithm>
+#include <vector>
 
 namespace gpuq::broker {
 
 void Scheduler::Push(uint64_t id, const std::string& tenant, uint32_t priority) {
   if (!where_.emplace(id, Place{tenant, priority}).second) return;
+  if (!tenant_sizes_.count(tenant)) {
+    // Back from idle: no credit for the time it had nothing queued.
+    Share& share = shares_[tenant];
+    share.vtime = std::max(share.vtime, MinBackloggedVtime());
+  }
   levels_[priority].tenants[tenant].push_back(id);
   ++tenant_sizes_[tenant];
 }
@@ -20,33 +26,83 @@ bool Scheduler::Remove(uint64_t id) {
     if (pos != t->second.end()) t->second.erase(pos);
     if (t->second.empty()) level.tenants.erase(t);
   }
-  if (--tenant_sizes_[it->second.tenant] == 0) tenant_sizes_.erase(it->second.tenant);
+  if (--tenant_sizes_[it->second.tenant] == 0) {
+    tenant_sizes_.erase(it->second.tenant);
+    // Shares of tenants with nothing queued are forgotten once there are
+    // many (tenant names on the ipc endpoint are the caller's word); one
+    // that comes back starts level with the backlogged anyway.
+    if (shares_.size() > kMaxIdleShares) shares_.erase(it->second.tenant);
+  }
   if (level.tenants.empty()) levels_.erase(it->second.priority);
   where_.erase(it);
   return true;
 }
 
 std::optional<uint64_t> Scheduler::Pop(const std::function<bool(uint64_t)>& eligible,
-                                       size_t max_scan) {
+                                       size_t max_scan,
+                                       const std::function<bool(const std::string&)>& tenant_ok) {
+  std::vector<std::pair<double, const std::string*>> order;
   for (auto& [priority, level] : levels_) {
-    // Tenants after the cursor first, then from the start: round robin.
+    // Tenants by virtual time; ties in round-robin order after the cursor.
+    order.clear();
     auto start = level.tenants.upper_bound(level.last_served);
-    const size_t n = level.tenants.size();
     auto it = start;
-    for (size_t visited = 0; visited < n; ++visited, ++it) {
+    for (size_t visited = 0; visited < level.tenants.size(); ++visited, ++it) {
       if (it == level.tenants.end()) it = level.tenants.begin();
-      std::deque<uint64_t>& q = it->second;
+      if (tenant_ok && !tenant_ok(it->first)) continue;
+      auto share = shares_.find(it->first);
+      order.emplace_back(share == shares_.end() ? 0.0 : share->second.vtime, &it->first);
+    }
+    std::stable_sort(order.begin(), order.end(),
+                     [](const auto& a, const auto& b) { return a.first < b.first; });
+    for (const auto& [vtime, name] : order) {
+      std::deque<uint64_t>& q = level.tenants[*name];
       const size_t scan = std::min(max_scan, q.size());
       for (size_t i = 0; i < scan; ++i) {
         const uint64_t id = q[i];
         if (!eligible(id)) continue;
-        level.last_served = it->first;
+        const std::string tenant = *name;
+        level.last_served = tenant;
+        Share& share = shares_[tenant];
+        last_charge_ = share.estimate;
+        share.charged += share.estimate;
+        share.vtime += share.estimate / Weight(tenant);
         Remove(id);  // may erase `level`: return at once
         return id;
       }
     }
   }
   return std::nullopt;
+}
+
+void Scheduler::Settle(const std::string& tenant, double charged, double actual) {
+  Share& share = shares_[tenant];
+  share.charged += actual - charged;
+  share.vtime += (actual - charged) / Weight(tenant);
+  // A mean over about the last 16 jobs.
+  share.estimate += (std::max(actual, 1.0) - share.estimate) / 16.0;
+}
+
+double Scheduler::ChargedTo(const std::string& tenant) const {
+  auto it = shares_.find(tenant);
+  return it == shares_.end() ? 0.0 : it->second.charged;
+}
+
+double Scheduler::Weight(const std::string& tenant) const {
+  const double w = weight_ ? weight_(tenant) : 1.0;
+  return w > 0 ? w : 1.0;
+}
+
+double Scheduler::MinBackloggedVtime() const {
+  double least = 0;
+  bool any = false;
+  for (const auto& [tenant, n] : tenant_sizes_) {
+    auto it = shares_.find(tenant);
+    const double v = it == shares_.end() ? 0.0 : it->second.vtime;
+    if (!any || v < least) least = v;
+    any = true;
+  }
+  return least;
 }
 
 size_t Scheduler::TenantSize(const std::string& tenant) const {

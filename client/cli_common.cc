@@ -22,6 +22,7 @@ int ExitFor(Code code) {
     case Code::kUnavailable:
     case Code::kIoError:
     case Code::kQueueFull:
+    case Code::kQuotaExceeded:
       return kExitUnavailable;
     case Code::kInternal:
       return kExitInternal;

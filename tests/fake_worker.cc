@@ -209,7 +209,14 @@ int main(int argc, char** argv) {
   for (;;) {
     zmq::pollitem_t items[] = {{sock.handle(), 0, ZMQ_POLLIN, 0},
                                {liveness->handle(), 0, ZMQ_POLLIN, 0}};
-    zmq::poll(items, 2, std::chrono::milliseconds(5));
+    // Awake for the next job due, so that a job's time is what it asked.
+    auto wait = std::chrono::milliseconds(5);
+    for (const Pending& p : pending) {
+      if (p.job.entry.rfind("hang", 0) == 0) continue;  // never due
+      const auto left = std::chrono::ceil<std::chrono::milliseconds>(p.due - Clock::now());
+      wait = std::max(std::chrono::milliseconds(0), std::min(wait, left));
+    }
+    zmq::poll(items, 2, wait);
     const auto now = Clock::now();
     if (registered && now >= next_beat) {
       next_beat = now + std::chrono::milliseconds(heartbeat_ms);
@@ -286,6 +293,10 @@ int main(int argc, char** argv) {
         }
         Pending p{Clock::now() + std::chrono::microseconds(delay_us), m, std::move(frames)};
         if (m.entry.rfind("slow", 0) == 0) p.due += std::chrono::milliseconds(100);
+        // "msN...": runs N milliseconds.
+        if (m.entry.rfind("ms", 0) == 0) {
+          p.due += std::chrono::milliseconds(std::atoi(m.entry.c_str() + 2));
+        }
         if (m.entry.rfind("crash", 0) == 0) _exit(3);
         if (!missing.empty()) p.job.entry = "!module " + missing + " was never sent";
         pending.push_back(std::move(p));

@@ -5,7 +5,7 @@
 namespace gpuq {
 namespace {
 
-constexpr std::array<std::string_view, 19> kCodeNames = {
+constexpr std::array<std::string_view, 20> kCodeNames = {
     "ok",
     "malformed",
     "too_large",
@@ -25,8 +25,9 @@ constexpr std::array<std::string_view, 19> kCodeNames = {
     "io_error",
     "internal",
     "expired",
+    "quota_exceeded",
 };
-static_assert(kCodeNames.size() == static_cast<size_t>(Code::kExpired) + 1);
+static_assert(kCodeNames.size() == static_cast<size_t>(Code::kQuotaExceeded) + 1);
 
 }  // namespace
 

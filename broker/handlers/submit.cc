@@ -68,7 +68,15 @@ void Submit(BrokerCore& core, const RequestContext& ctx, schema::ClientRequest& 
   for (size_t i = 3; i < frames.size(); ++i) bytes += frames[i].size();
   for (const schema::LocalFile& f : spec.files) bytes += f.size;
   uint64_t retry_after_ms = 0;
-  if (gpuq::Status s = core.jobs().CanAdmit(tenant, bytes, &retry_after_ms); !s.ok()) {
+  const TenantPolicy& policy = core.tenants().Policy(tenant);
+  if (gpuq::Status s = core.jobs().CanAdmit(tenant, bytes, &retry_after_ms, policy.max_queued,
+                                            policy.max_queued_bytes);
+      !s.ok()) {
+    return reject(s, retry_after_ms);
+  }
+  // Rate limits last: a submit refused for another reason takes no tokens.
+  if (gpuq::Status s = core.tenants().Admit(tenant, bytes, core.clock().Now(), &retry_after_ms);
+      !s.ok()) {
     return reject(s, retry_after_ms);
   }
   if (spec.time_limit_ms == 0) spec.time_limit_ms = core.options().default_time_limit_ms;

@@ -33,6 +33,7 @@ enum class Code : int {
   kIoError,           // file system or database failure
   kInternal,          // a bug: an invariant did not hold
   kExpired,           // a job was not started by its deadline
+  kQuotaExceeded,     // over a tenant's limit (rate): retry later
 };
 
 std::string_view CodeName(Code code);

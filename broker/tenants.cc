@@ -1,0 +1,162 @@
+#include "broker/tenants.h"
+
+#include <nlohmann/json.hpp>
+
+#include <cmath>
+#include <fstream>
+#include <sstream>
+
+namespace gpuq::broker {
+namespace {
+
+using json = nlohmann::json;
+
+Status Bad(const std::string& where, const std::string& what) {
+  return Error(Code::kInvalid, "tenants file: " + where + ": " + what);
+}
+
+// Fields of `in` over `base`.
+Status ParsePolicy(const json& in, const std::string& where, TenantPolicy base,
+                   TenantPolicy* out) {
+  if (!in.is_object()) return Bad(where, "must be an object");
+  for (const auto& [key, v] : in.items()) {
+    const std::string at = where + "." + key;
+    if (key == "weight") {
+      if (!v.is_number()) return Bad(at, "must be a number");
+      const double w = v.get<double>();
+      if (!(w > 0) || w > 1e6 || !std::isfinite(w)) return Bad(at, "must be above 0 and at most 1e6");
+      base.weight = w;
+    } else if (key == "jobs_per_s" || key == "bytes_per_s") {
+      if (!v.is_number()) return Bad(at, "must be a number");
+      const double r = v.get<double>();
+      if (!(r >= 0) || !std::isfinite(r)) return Bad(at, "must be 0 (no limit) or more");
+      (key == "jobs_per_s" ? base.jobs_per_s : base.bytes_per_s) = r;
+    } else if (key == "max_concurrent" || key == "max_queued" || key == "max_queued_bytes") {
+      if (!v.is_number_unsigned() && !(v.is_number_integer() && v.get<int64_t>() >= 0)) {
+        return Bad(at, "must be a whole number, 0 (no limit) or more");
+      }
+      const uint64_t n = v.get<uint64_t>();
+      if (key == "max_concurrent") {
+        if (n > UINT32_MAX) return Bad(at, "is too large");
+        base.max_concurrent = static_cast<uint32_t>(n);
+      } else {
+        (key == "max_queued" ? base.max_queued : base.max_queued_bytes) = n;
+      }
+    } else {
+      return Bad(at, "unknown field (weight, max_concurrent, jobs_per_s, bytes_per_s, "
+                     "max_queued, max_queued_bytes)");
+    }
+  }
+  *out = base;
+  return Status::Ok();
+}
+
+}  // namespace
+
+StatusOr<TenantPolicies> TenantPolicies::Parse(std::string_view text) {
+  json doc = json::parse(text.begin(), text.end(), nullptr, /*allow_exceptions=*/false);
+  if (doc.is_discarded()) return Bad("(file)", "not valid JSON");
+  if (!doc.is_object()) return Bad("(file)", "must be a JSON object");
+  TenantPolicies p;
+  if (doc.contains("default")) {
+    GPUQ_RETURN_IF_ERROR(ParsePolicy(doc["default"], "default", TenantPolicy{}, &p.defaults_));
+  }
+  for (const auto& [key, v] : doc.items()) {
+    if (key == "default") continue;
+    if (key != "tenants") return Bad(key, "unknown field (default, tenants)");
+    if (!v.is_object()) return Bad("tenants", "must be an object of tenant names");
+    for (const auto& [name, policy] : v.items()) {
+      if (name.empty() || name.size() > 64) {
+        return Bad("tenants", "a tenant name is 1 to 64 bytes");
+      }
+      TenantPolicy t;
+      GPUQ_RETURN_IF_ERROR(ParsePolicy(policy, "tenants." + name, p.defaults_, &t));
+      p.tenants_[name] = t;
+    }
+  }
+  return p;
+}
+
+StatusOr<TenantPolicies> TenantPolicies::Load(const std::string& path) {
+  std::ifstream in(path);
+  if (!in) return Error(Code::kIoError, "tenants file " + path + ": cannot be read");
+  std::stringstream text;
+  text << in.rdbuf();
+  if (text.str().size() > (1u << 20)) return Bad(path, "over 1 MiB");
+  return Parse(text.str());
+}
+
+const TenantPolicy& TenantPolicies::For(const std::string& tenant) const {
+  auto it = tenants_.find(tenant);
+  return it == tenants_.end() ? defaults_ : it->second;
+}
+
+bool TokenBucket::Take(double rate, double n, MonoTime now, uint64_t* retry_after_ms) {
+  const double capacity = rate;  // one second's worth
+  if (!used_) {
+    used_ = true;
+    tokens_ = capacity;
+  } else {
+    const double dt = std::chrono::duration<double>(now - last_).count();
+    tokens_ = std::min(capacity, tokens_ + std::max(0.0, dt) * rate);
+  }
+  last_ = now;
+  // A request larger than the bucket passes once it is full (and leaves it
+  // in debt).
+  if (tokens_ >= n || (n > capacity && tokens_ >= capacity)) {
+    tokens_ -= n;
+    return true;
+  }
+  const double missing = std::min(n, capacity) - tokens_;
+  *retry_after_ms = static_cast<uint64_t>(std::ceil(missing / rate * 1000.0));
+  if (*retry_after_ms == 0) *retry_after_ms = 1;
+  return false;
+}
+
+Status TenantLimits::Admit(const std::string& tenant, uint64_t bytes, MonoTime now,
+                           uint64_t* retry_after_ms) {
+  const TenantPolicy& p = policies_.For(tenant);
+  if (p.jobs_per_s <= 0 && p.bytes_per_s <= 0) return Status::Ok();
+  if (buckets_.size() > kPruneAbove) {
+    std::erase_if(buckets_, [&](const auto& e) { return now - e.second.last > std::chrono::seconds(1); });
+  }
+  Buckets& b = buckets_[tenant];
+  b.last = now;
+  // Both buckets must have room before either is taken from.
+  TokenBucket jobs = b.jobs, byte_bucket = b.bytes;
+  uint64_t wait = 0;
+  if (p.jobs_per_s > 0 && !jobs.Take(p.jobs_per_s, 1, now, &wait)) {
+    *retry_after_ms = wait;
+    return Error(Code::kQuotaExceeded,
+                 "tenant '" + tenant + "' is over its rate of " +
+                     std::to_string(static_cast<uint64_t>(p.jobs_per_s)) + " jobs/s");
+  }
+  if (p.bytes_per_s > 0 && bytes > 0 &&
+      !byte_bucket.Take(p.bytes_per_s, static_cast<double>(bytes), now, &wait)) {
+    *retry_after_ms = wait;
+    return Error(Code::kQuotaExceeded,
+                 "tenant '" + tenant + "' is over its rate of " +
+                     std::to_string(static_cast<uint64_t>(p.bytes_per_s)) + " input bytes/s");
+  }
+  b.jobs = jobs;
+  b.bytes = byte_bucket;
+  return Status::Ok();
+}
+
+bool TenantLimits::MayStart(const std::string& tenant) const {
+  const uint32_t cap = policies_.For(tenant).max_concurrent;
+  return cap == 0 || Running(tenant) < cap;
+}
+
+void TenantLimits::Stopped(const std::string& tenant) {
+  auto it = running_.find(tenant);
+  if (it == running_.end()) return;
+  if (--it->second == 0) running_.erase(it);
+}
+
+uint32_t TenantLimits::Running(const std::string& tenant) const {
+  auto it = running_.find(tenant);
+  return it == running_.end() ? 0 : it->second;
+}
+
+}  // namespace gpuq::broker

@@ -1,0 +1,187 @@
+// Tenants through gpuqd, with the worker test double: GPU time divided by
+// weight, concurrency and rate limits, and the tenants file read again on
+// SIGHUP (a bad file keeps the settings as they were).
+#include <gtest/gtest.h>
+#include <signal.h>
+
+#include <algorithm>
+#include <map>
+
+#include "tests/broker_fixture.h"
+
+namespace gpuq::testing {
+namespace {
+
+using schema::JobState;
+
+// Kernels the test double runs for their names' milliseconds ("msN...").
+constexpr char kTimed[] =
+    "extern \"C\" __global__ void ms10(unsigned char* a, unsigned char* b) {}\n"
+    "extern \"C\" __global__ void ms20(unsigned char* a, unsigned char* b) {}\n";
+
+class TenantsTest : public BrokerTest {
+ protected:
+  void SetUp() override {}  // each test starts its broker with its tenants file
+
+  bool StartWith(const std::string& tenants_json) {
+    path_ = dir_.File("tenants.json");
+    WriteFile(path_, tenants_json);
+    return StartBroker({"--tenants", path_});
+  }
+  // Waits for a line of the broker's log.
+  bool LogSays(const std::string& text) {
+    for (int i = 0; i < 500; ++i) {
+      if (Log().find(text) != std::string::npos) return true;
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+    return false;
+  }
+  JobRequest As(const std::string& tenant, const std::string& entry) {
+    JobRequest j = Job(entry, "x");
+    j.spec.tenant = tenant;
+    j.spec.kernel.source = kTimed;
+    return j;
+  }
+  std::string path_;
+};
+
+TEST_F(TenantsTest, GpuTimeDividesByWeightAmongBackloggedTenants) {
+  ASSERT_TRUE(StartWith(R"({"tenants": {"heavy": {"weight": 3}, "light": {"weight": 1}}})"))
+      << Log();
+  AddWorker({"--slots", "4"});
+  auto c = Connect();
+  ASSERT_TRUE(WaitForWorkers(*c, 1));
+  // Warm the kernel cache, so that both tenants start together.
+  auto warm = c->Submit(As("light", "ms10"));
+  ASSERT_TRUE(warm.ok());
+  ASSERT_TRUE(c->Wait(*warm).ok());
+  // heavy's jobs take 10 ms, light's 20: round robin would give light two
+  // thirds of the GPU time; the weights give it a quarter.
+  for (int i = 0; i < 240; ++i) {
+    const bool heavy = i % 2 == 0;
+    auto id = c->SubmitAsync(As(heavy ? "heavy" : "light", heavy ? "ms10" : "ms20"));
+    ASSERT_TRUE(id.ok());
+  }
+  std::vector<JobResult> results;
+  while (results.size() < 240) {
+    auto e = c->Poll(Millis(10000));
+    ASSERT_TRUE(e.ok()) << e.status().ToString();
+    if (e->kind == Client::Event::kResult) {
+      ASSERT_EQ(e->result.state, JobState::kDone) << e->result.error;
+      results.push_back(e->result);
+    }
+  }
+  // Dispatch instants (queue time after a common start) and GPU time held.
+  // The window: until the last of heavy's jobs started, while both were
+  // backlogged.
+  auto gpu_held = [](const JobResult& r) {
+    return static_cast<double>(r.timing.total_us - r.timing.queue_us);
+  };
+  // Tell tenants apart by their job's length: 10 ms is heavy's, 20 light's.
+  uint64_t heavy_last_start = 0;
+  for (const JobResult& r : results) {
+    if (gpu_held(r) < 15000) heavy_last_start = std::max(heavy_last_start, r.timing.queue_us);
+  }
+  double heavy = 0, light = 0;
+  for (const JobResult& r : results) {
+    if (r.timing.queue_us > heavy_last_start) continue;
+    (gpu_held(r) < 15000 ? heavy : light) += gpu_held(r);
+  }
+  const double share = heavy / (heavy + light);
+  std::printf("heavy (weight 3) held the GPU %.1f%% of the time both were backlogged "
+              "(%.0f ms of %.0f)\n",
+              100 * share, heavy / 1000, (heavy + light) / 1000);
+  EXPECT_NEAR(share, 0.75, 0.05);
+}
+
+TEST_F(TenantsTest, AConcurrencyLimitHoldsWhateverTheFreeSlots) {
+  ASSERT_TRUE(StartWith(R"({"tenants": {"capped": {"max_concurrent": 2}}})")) << Log();
+  AddWorker({"--slots", "8"});
+  auto c = Connect();
+  ASSERT_TRUE(WaitForWorkers(*c, 1));
+  // Each job's time on a worker, from its result: [submit + queue, submit +
+  // total] on the client's clock (a submit is accepted within a millisecond
+  // of being sent here).
+  const auto t0 = std::chrono::steady_clock::now();
+  std::vector<std::pair<uint64_t, double>> submitted;  // id, µs since t0
+  for (int i = 0; i < 8; ++i) {
+    const double at =
+        std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count();
+    auto id = c->Submit(As("capped", "ms20"));
+    ASSERT_TRUE(id.ok()) << id.status().ToString();
+    submitted.emplace_back(*id, at);
+  }
+  auto free_id = c->Submit(As("free", "ms20"));
+  ASSERT_TRUE(free_id.ok());
+  std::vector<std::pair<double, int>> edges;  // (µs, +1 start / -1 end)
+  uint64_t last_capped_queue = 0;
+  for (const auto& [id, at] : submitted) {
+    auto r = c->Wait(id);
+    ASSERT_TRUE(r.ok());
+    ASSERT_EQ(r->state, JobState::kDone) << r->error;
+    // Shrunk by a millisecond at each end: the clocks' slack.
+    edges.emplace_back(at + r->timing.queue_us + 1000, +1);
+    edges.emplace_back(at + r->timing.total_us - 1000, -1);
+    last_capped_queue = std::max<uint64_t>(last_capped_queue, r->timing.queue_us);
+  }
+  std::sort(edges.begin(), edges.end());
+  int running = 0, most = 0;
+  for (const auto& [t, d] : edges) most = std::max(most, running += d);
+  EXPECT_EQ(most, 2) << "at most max_concurrent at once, and that many";
+  // The other tenant's job, submitted last, did not wait for the capped
+  // tenant's queue.
+  auto free_result = c->Wait(*free_id);
+  ASSERT_TRUE(free_result.ok());
+  EXPECT_LT(free_result->timing.queue_us, last_capped_queue);
+}
+
+TEST_F(TenantsTest, ARateLimitRefusesWithQuotaExceededAndAHint) {
+  ASSERT_TRUE(StartWith(R"({"default": {"jobs_per_s": 5}})")) << Log();
+  auto c = Connect();
+  int accepted = 0;
+  Status refused;
+  for (int i = 0; i < 8; ++i) {
+    auto id = c->Submit(As("anyone", "ms10"));
+    if (id.ok()) {
+      ++accepted;
+    } else if (refused.ok()) {
+      refused = id.status();
+    }
+  }
+  EXPECT_EQ(accepted, 5) << "a second's worth at once";
+  EXPECT_EQ(refused.code(), Code::kQuotaExceeded) << refused.ToString();
+  EXPECT_NE(refused.message().find("5 jobs/s"), std::string::npos) << refused.ToString();
+  // Another tenant has its own bucket.
+  EXPECT_TRUE(c->Submit(As("another", "ms10")).ok());
+}
+
+TEST_F(TenantsTest, SighupReadsTheFileAgainAndABadFileChangesNothing) {
+  ASSERT_TRUE(StartWith(R"({"default": {"jobs_per_s": 1000}})")) << Log();
+  auto c = Connect();
+  ASSERT_TRUE(c->Submit(As("t", "ms10")).ok());
+  ASSERT_TRUE(c->Submit(As("t", "ms10")).ok());
+  WriteFile(path_, R"({"default": {"jobs_per_s": 1}})");
+  broker_->process().Signal(SIGHUP);
+  ASSERT_TRUE(LogSays("reloaded")) << Log();
+  // One token at most is left in the bucket after the reload.
+  int refused = 0;
+  for (int i = 0; i < 3; ++i) refused += !c->Submit(As("t", "ms10")).ok();
+  EXPECT_GE(refused, 2);
+  WriteFile(path_, R"({"default": {"jobs_per_s": "many"}})");
+  broker_->process().Signal(SIGHUP);
+  ASSERT_TRUE(LogSays("not reloaded")) << Log();
+  EXPECT_NE(Log().find("default.jobs_per_s: must be a number"), std::string::npos) << Log();
+  auto id = c->Submit(As("t", "ms10"));
+  ASSERT_FALSE(id.ok()) << "the old limit of 1 job/s stays";
+  EXPECT_EQ(id.status().code(), Code::kQuotaExceeded);
+}
+
+TEST_F(TenantsTest, ABadTenantsFileStopsTheStart) {
+  path_ = dir_.File("tenants.json");
+  WriteFile(path_, R"({"tenants": {"a": {"weight": -1}}})");
+  EXPECT_FALSE(StartBroker({"--tenants", path_}));
+  EXPECT_NE(Log().find("tenants.a.weight"), std::string::npos) << Log();
+}
+
+}  // namespace
+}  // namespace gpuq::testing
