@@ -477,6 +477,8 @@ void Broker::Impl::OnClientMessage(Frames& frames) {
       return handlers::Stats(*core_, ctx);
     case ClientOp::kDevices:
       return handlers::Devices(*core_, ctx);
+    case ClientOp::kUsage:
+      return handlers::Usage(*core_, ctx, req);
   }
 }
 

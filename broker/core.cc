@@ -324,6 +324,13 @@ void BrokerCore::OnRead(ReadOp& r) {
   ctx.rid = r.rid;
   ctx.tenant = r.tenant;
   ctx.operator_ = r.operator_;
+  if (r.purpose == kReadUsage) {
+    if (!r.status.ok()) return ReplyError(ctx, r.status);
+    ClientReply reply;
+    reply.op = ReplyOp::kUsage;
+    reply.usage = std::move(r.usage);
+    return Reply(ctx, std::move(reply));
+  }
   // A job whose result has not committed (the store failed): ask again
   // once it has.
   if (Job* j = jobs_.Find(r.id); j && j->ended() && (!r.job || !IsTerminal(r.job->state))) {
@@ -460,11 +467,28 @@ void BrokerCore::Finish(Job& job, JobState state, Code code, std::string error,
   op.frames = std::move(frames);
   op.files = std::move(files);
   op.inputs = job.inputs.size();
+  r.input_bytes = job.input_bytes;
   op.finished_ms = clock_->UnixMs();
 
   const std::string outcome = state == JobState::kFailed ? std::string(CodeName(r.code))
                                                           : std::string(JobStateName(state));
   ++counters_.finished[outcome];
+  {
+    auto& by_tenant = counters_.by_tenant;
+    auto it = by_tenant.find(job.tenant);
+    if (it == by_tenant.end()) {
+      it = by_tenant
+               .try_emplace(by_tenant.size() < StatsSnapshot::kMaxTenantCounters ? job.tenant
+                                                                                  : "other")
+               .first;
+    }
+    TenantCounters& tc = it->second;
+    tc.gpu_us += t.total_us - std::min(t.total_us, t.queue_us);
+    ++(state == JobState::kDone       ? tc.done
+       : state == JobState::kCanceled ? tc.canceled
+       : state == JobState::kExpired  ? tc.expired
+                                      : tc.failed);
+  }
   if (state == JobState::kDone) {
     auto& lat = counters_.latency;
     lat["queue"].Observe(t.queue_us);

@@ -47,7 +47,7 @@ namespace gpuq::broker {
 using Frames = std::vector<zmq::message_t>;
 
 // Why the loop asked the store thread to read (ReadOp::purpose).
-enum ReadPurpose : int { kReadStatus = 1, kReadResult, kReadCancel, kReadDispatch };
+enum ReadPurpose : int { kReadStatus = 1, kReadResult, kReadCancel, kReadDispatch, kReadUsage };
 
 struct CompileDone {
   Digest key{};

@@ -177,7 +177,12 @@ StatusOr<std::unique_ptr<JobStore>> JobStore::Open(const std::string& path,
       GPUQ_RETURN_IF_ERROR(db.Exec("UPDATE meta SET value = '3' WHERE name = 'format'"));
       format = "3";
     }
-    if (format != "3") {
+    if (format == "3") {
+      // Format 4 added the usage table (made above, empty).
+      GPUQ_RETURN_IF_ERROR(db.Exec("UPDATE meta SET value = '4' WHERE name = 'format'"));
+      format = "4";
+    }
+    if (format != "4") {
       return Error(Code::kInvalid, path + " is a job store of an unknown format");
     }
     GPUQ_ASSIGN_OR_RETURN(uint64_t opened, MetaNumber(db, "epoch"));
@@ -593,11 +598,68 @@ Status JobStore::FinishRows(const StoredResult& r, const std::vector<std::string
   for (size_t i = 0; i < outputs.size(); ++i) {
     GPUQ_RETURN_IF_ERROR(PutBuffer(kInsertOutput, r.id, i, 'o', outputs[i]));
   }
+  uint64_t bytes_out = 0;
   for (size_t i = 0; i < files.size(); ++i) {
     GPUQ_RETURN_IF_ERROR(AdoptBuffer(kInsertOutput, r.id, outputs.size() + i, 'o',
                                      files[i].name, files[i].size));
+    bytes_out += files[i].size;
   }
+  for (std::string_view o : outputs) bytes_out += o.size();
+  // The tenant's usage, in the same transaction as the result.
+  GPUQ_ASSIGN_OR_RETURN(
+      sql::Stmt * use,
+      Cached("INSERT INTO usage(tenant, hour, done, failed, canceled, expired, gpu_us, "
+             "kernel_us, bytes_in, bytes_out) "
+             "SELECT tenant, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10 FROM jobs WHERE id = ?1 "
+             "ON CONFLICT(tenant, hour) DO UPDATE SET done = done + excluded.done, "
+             "failed = failed + excluded.failed, canceled = canceled + excluded.canceled, "
+             "expired = expired + excluded.expired, gpu_us = gpu_us + excluded.gpu_us, "
+             "kernel_us = kernel_us + excluded.kernel_us, "
+             "bytes_in = bytes_in + excluded.bytes_in, bytes_out = bytes_out + excluded.bytes_out"));
+  const auto clamp = [](uint64_t v) { return static_cast<int64_t>(std::min<uint64_t>(v, INT64_MAX)); };
+  GPUQ_RETURN_IF_ERROR(
+      use->Bind(1, id)
+          .Bind(2, finished_ms / 3600000)
+          .Bind(3, int64_t{r.state == JobState::kDone})
+          .Bind(4, int64_t{r.state == JobState::kFailed})
+          .Bind(5, int64_t{r.state == JobState::kCanceled})
+          .Bind(6, int64_t{r.state == JobState::kExpired})
+          .Bind(7, clamp(r.timing.total_us - std::min(r.timing.total_us, r.timing.queue_us)))
+          .Bind(8, clamp(r.timing.kernel_us))
+          .Bind(9, clamp(r.input_bytes))
+          .Bind(10, clamp(bytes_out))
+          .Run());
   return Status::Ok();
+}
+
+StatusOr<std::vector<TenantUsage>> JobStore::GetUsage(const std::string& tenant,
+                                                      int64_t since_ms, int64_t until_ms) {
+  GPUQ_ASSIGN_OR_RETURN(
+      sql::Stmt * s,
+      Cached("SELECT tenant, SUM(done), SUM(failed), SUM(canceled), SUM(expired), SUM(gpu_us), "
+             "SUM(kernel_us), SUM(bytes_in), SUM(bytes_out) FROM usage "
+             "WHERE (?1 = '' OR tenant = ?1) AND hour >= ?2 AND hour < ?3 "
+             "GROUP BY tenant ORDER BY tenant"));
+  const int64_t first = std::max<int64_t>(0, since_ms) / 3600000;
+  const int64_t end = until_ms <= 0 ? INT64_MAX : (until_ms + 3599999) / 3600000;
+  s->Bind(1, tenant).Bind(2, first).Bind(3, end);  // a failure shows at Step()
+  std::vector<TenantUsage> out;
+  for (;;) {
+    GPUQ_ASSIGN_OR_RETURN(bool row, s->Step());
+    if (!row) break;
+    TenantUsage u;
+    u.tenant = s->Text(0);
+    u.done = static_cast<uint64_t>(s->Int(1));
+    u.failed = static_cast<uint64_t>(s->Int(2));
+    u.canceled = static_cast<uint64_t>(s->Int(3));
+    u.expired = static_cast<uint64_t>(s->Int(4));
+    u.gpu_us = static_cast<uint64_t>(s->Int(5));
+    u.kernel_us = static_cast<uint64_t>(s->Int(6));
+    u.bytes_in = static_cast<uint64_t>(s->Int(7));
+    u.bytes_out = static_cast<uint64_t>(s->Int(8));
+    out.push_back(std::move(u));
+  }
+  return out;
 }
 
 StatusOr<ResumeSet> JobStore::LoadUnfinished(const schema::Limits& limits, int64_t now_ms) {

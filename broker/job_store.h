@@ -77,7 +77,12 @@ struct StoredResult {
   // Filled by GetResult only: data[i] is output i (argument outputs[i]):
   // files by path and size (not read), the others with their bytes.
   std::vector<StoredBuffer> data;
+  // For Finish: the job's input bytes, counted in its tenant's usage.
+  uint64_t input_bytes = 0;
 };
+
+// A tenant's usage over a time window (the usage table's rows summed).
+using TenantUsage = schema::TenantUsage;
 
 // What a restart resumes (LoadUnfinished).
 struct ResumeSet {
@@ -195,6 +200,11 @@ class JobStore {
   // A job's result without its outputs (`data` empty; `outputs` filled), or
   // nullopt: one row read, no buffer looked at.
   StatusOr<std::optional<StoredResult>> GetResultMeta(uint64_t id);
+  // Usage by tenant (`tenant` alone, or every tenant when empty) of the jobs
+  // that ended in [since_ms, until_ms), to the hour: the hours that overlap
+  // the window count whole. Sorted by tenant.
+  StatusOr<std::vector<TenantUsage>> GetUsage(const std::string& tenant, int64_t since_ms,
+                                              int64_t until_ms);
   // Inside a transaction. Removes jobs that ended before `before_ms`, with
   // their results. Their ids stay issued.
   StatusOr<uint64_t> PurgeFinished(int64_t before_ms);

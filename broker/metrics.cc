@@ -1,5 +1,6 @@
 #include "broker/metrics.h"
 
+#include <algorithm>
 #include <msgpack.hpp>
 
 #include <cstdio>
@@ -222,6 +223,41 @@ std::string PrometheusText(const StatsSnapshot& s) {
     auto it = s.finished.find(outcome);
     o << "gpuq_jobs_finished_total{outcome=\"" << outcome << "\"} "
       << (it == s.finished.end() ? 0 : it->second) << "\n";
+  }
+  {
+    // The tenants with the most GPU time by name, the rest as "other": a
+    // bounded set of series.
+    std::vector<std::pair<std::string, TenantCounters>> top(s.by_tenant.begin(),
+                                                           s.by_tenant.end());
+    std::sort(top.begin(), top.end(),
+              [](const auto& a, const auto& b) { return a.second.gpu_us > b.second.gpu_us; });
+    std::map<std::string, TenantCounters> shown;
+    for (size_t i = 0; i < top.size(); ++i) {
+      TenantCounters& c = shown[i < StatsSnapshot::kTopTenants ? top[i].first : "other"];
+      c.gpu_us += top[i].second.gpu_us;
+      c.done += top[i].second.done;
+      c.failed += top[i].second.failed;
+      c.canceled += top[i].second.canceled;
+      c.expired += top[i].second.expired;
+    }
+    counter("gpuq_tenant_gpu_seconds_total",
+            "Time tenants' ended jobs held GPUs (dispatch to result), by tenant: the top 20, "
+            "the rest as other.");
+    for (const auto& [t, c] : shown) {
+      o << "gpuq_tenant_gpu_seconds_total{tenant=\"" << Escape(t) << "\"} " << c.gpu_us / 1e6
+        << "\n";
+    }
+    counter("gpuq_tenant_jobs_finished_total",
+            "Tenants' jobs that ended, by tenant (as gpuq_tenant_gpu_seconds_total) and outcome.");
+    for (const auto& [t, c] : shown) {
+      for (const auto& [outcome, n] : {std::pair<const char*, uint64_t>{"done", c.done},
+                                       {"failed", c.failed},
+                                       {"canceled", c.canceled},
+                                       {"expired", c.expired}}) {
+        o << "gpuq_tenant_jobs_finished_total{tenant=\"" << Escape(t) << "\",outcome=\""
+          << outcome << "\"} " << n << "\n";
+      }
+    }
   }
   counter("gpuq_jobs_quarantined_total", "Jobs found damaged in the store at start.");
   o << "gpuq_jobs_quarantined_total " << s.quarantined << "\n";

@@ -38,12 +38,23 @@ struct WorkerSnapshot {
   schema::WorkerView view;
 };
 
+// What a tenant's ended jobs used since the broker started (the store's
+// usage table keeps it durably).
+struct TenantCounters {
+  uint64_t gpu_us = 0, done = 0, failed = 0, canceled = 0, expired = 0;
+};
+
 struct StatsSnapshot {
   uint64_t queued = 0, inflight = 0, compiling = 0;
   std::map<uint32_t, uint64_t> queued_by_priority;
   std::map<std::string, uint64_t> queued_by_tenant;
   std::map<std::string, uint64_t> inflight_by_worker;
   std::map<std::string, uint64_t> finished;  // by outcome
+  // By tenant: at most kMaxTenantCounters, the rest under "other" (tenant
+  // names on the ipc endpoint are the caller's word). /metrics shows the
+  // kTopTenants with the most GPU time and sums the rest as "other".
+  std::map<std::string, TenantCounters> by_tenant;
+  static constexpr size_t kMaxTenantCounters = 4096, kTopTenants = 20;
   uint64_t submitted = 0, rejected = 0, requeued = 0, workers_lost = 0;
   uint64_t gpus_drained = 0;  // GPUs drained for their health (a critical Xid, ECC)
   uint64_t quarantined = 0;      // jobs found damaged at start

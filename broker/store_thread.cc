@@ -168,6 +168,12 @@ void StoreThread::RunRead(ReadOp& r) {
       }
       return;
     }
+    case ReadOp::Kind::kUsage: {
+      auto usage = store_->GetUsage(r.usage_tenant, r.since_ms, r.until_ms);
+      if (!usage.ok()) return fail(usage.status());
+      r.usage = std::move(*usage);
+      return;
+    }
     case ReadOp::Kind::kInputs: {
       auto inputs = store_->LoadInputs(r.id);
       if (!inputs.ok()) return fail(inputs.status());

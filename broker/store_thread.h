@@ -63,6 +63,7 @@ struct ReadOp {
     kStatus,  // the job's row and its result without outputs
     kResult,  // the job's row and its result with outputs
     kInputs,  // the job's inputs
+    kUsage,   // usage by tenant (usage_tenant, since_ms, until_ms)
   };
   Kind kind = Kind::kStatus;
   uint64_t id = 0;
@@ -79,6 +80,9 @@ struct ReadOp {
   std::optional<StoredJob> job;        // kStatus, kResult (without inputs)
   std::optional<StoredResult> result;  // kStatus (no data), kResult
   std::vector<StoredBuffer> inputs;    // kInputs
+  std::vector<schema::TenantUsage> usage;  // kUsage
+  std::string usage_tenant;            // kUsage: "" every tenant
+  int64_t since_ms = 0, until_ms = 0;  // kUsage: the window (until 0: open)
   // Loop: who asked, and why.
   ConnectionRef conn;
   uint64_t rid = 0;

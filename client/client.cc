@@ -398,4 +398,19 @@ StatusOr<std::vector<schema::WorkerView>> Client::Devices() {
   return std::move(r.workers);
 }
 
+StatusOr<std::vector<schema::TenantUsage>> Client::Usage(const std::string& tenant,
+                                                         uint64_t since_ms, uint64_t until_ms) {
+  ClientRequest req;
+  req.op = ClientOp::kUsage;
+  req.tenant = tenant;
+  req.since_ms = since_ms;
+  req.until_ms = until_ms;
+  GPUQ_ASSIGN_OR_RETURN(ClientReply r, impl_->Call(std::move(req), nullptr));
+  if (r.op != schema::ReplyOp::kUsage) {
+    return Error(Code::kInternal, "the broker answered usage with " +
+                                      std::string(schema::ReplyOpName(r.op)));
+  }
+  return std::move(r.usage);
+}
+
 }  // namespace gpuq

@@ -22,9 +22,9 @@ constexpr size_t kScalarSizes[] = {1, 1, 2, 2, 4, 4, 8, 8, 4, 8};
 constexpr std::string_view kStateNames[] = {"queued", "dispatched", "done",
                                             "failed", "canceled",   "expired"};
 constexpr std::string_view kClientOpNames[] = {"submit", "status", "result",
-                                               "cancel", "stats",  "devices"};
+                                               "cancel", "stats",  "devices", "usage"};
 constexpr std::string_view kReplyOpNames[] = {
-    "accepted", "error", "status", "result", "canceled", "stats", "devices"};
+    "accepted", "error", "status", "result", "canceled", "stats", "devices", "usage"};
 constexpr std::string_view kWorkerOpNames[] = {"ready", "result", "heartbeat",
                                                "disconnect"};
 constexpr std::string_view kBrokerOpNames[] = {"job", "heartbeat", "disconnect",
@@ -431,6 +431,12 @@ std::string EncodeClientRequest(const ClientRequest& m) {
       .Field("rid", true, [&] { p.pack_uint64(m.rid); })
       .Field("id", has_id, [&] { p.pack_uint64(m.id); })
       .Field("job", m.op == ClientOp::kSubmit, [&] { PackJob(p, m.job); })
+      .Field("tenant", m.op == ClientOp::kUsage && !m.tenant.empty(),
+             [&] { PackStr(p, m.tenant); })
+      .Field("since_ms", m.op == ClientOp::kUsage && m.since_ms != 0,
+             [&] { p.pack_uint64(m.since_ms); })
+      .Field("until_ms", m.op == ClientOp::kUsage && m.until_ms != 0,
+             [&] { p.pack_uint64(m.until_ms); })
       .Write();
   return Take(buf);
 }
@@ -494,7 +500,23 @@ std::string EncodeClientReply(const ClientReply& m) {
         }
       })
       .Field("local_dir", op == ReplyOp::kDevices && !m.local_dir.empty(),
-             [&] { PackStr(p, m.local_dir); });
+             [&] { PackStr(p, m.local_dir); })
+      .Field("usage", op == ReplyOp::kUsage, [&] {
+        p.pack_array(static_cast<uint32_t>(m.usage.size()));
+        for (const TenantUsage& u : m.usage) {
+          MapWriter uw(p);
+          uw.Field("tenant", true, [&] { PackStr(p, u.tenant); })
+              .Field("done", true, [&] { p.pack_uint64(u.done); })
+              .Field("failed", true, [&] { p.pack_uint64(u.failed); })
+              .Field("canceled", true, [&] { p.pack_uint64(u.canceled); })
+              .Field("expired", true, [&] { p.pack_uint64(u.expired); })
+              .Field("gpu_us", true, [&] { p.pack_uint64(u.gpu_us); })
+              .Field("kernel_us", true, [&] { p.pack_uint64(u.kernel_us); })
+              .Field("bytes_in", true, [&] { p.pack_uint64(u.bytes_in); })
+              .Field("bytes_out", true, [&] { p.pack_uint64(u.bytes_out); })
+              .Write();
+        }
+      });
   w.Write();
   return Take(buf);
 }
@@ -1572,6 +1594,11 @@ Status DecodeClientRequest(std::string_view header,
       has_job = true;
       return GetJob(v, limits, &r.job);
     }
+    if (r.op == ClientOp::kUsage) {
+      if (k == "tenant") return GetStr(v, k, limits.max_tenant_bytes, &r.tenant);
+      if (k == "since_ms") return GetU(v, k, &r.since_ms);
+      if (k == "until_ms") return GetU(v, k, &r.until_ms);
+    }
     return kUnknownField;
   }));
   if (r.rid == 0) return Malformed("rid", "must be at least 1 (0 is reserved for pushes)");
@@ -1610,6 +1637,7 @@ const ReplyFields& FieldsOf(ReplyOp op) {
       /*canceled*/ {{"rid", "id", "state"}, {"code", "error"}},
       /*stats*/ {{"rid", "stats"}, {}},
       /*devices*/ {{"rid", "workers"}, {"local_dir"}},
+      /*usage*/ {{"rid", "usage"}, {}},
   };
   return kFields[static_cast<size_t>(op)];
 }
@@ -1668,6 +1696,31 @@ Status DecodeClientReply(std::string_view header, std::span<const uint64_t> payl
       msgpack::sbuffer b;
       msgpack::pack(b, v);
       r.stats.assign(b.data(), b.size());
+      return Status::Ok();
+    }
+    if (k == "usage") {
+      const msgpack::object_array* a = nullptr;
+      GPUQ_RETURN_IF_ERROR(GetArray(v, k, limits.max_list, &a));
+      r.usage.resize(a->size);
+      for (uint32_t i = 0; i < a->size; ++i) {
+        TenantUsage& u = r.usage[i];
+        GPUQ_RETURN_IF_ERROR(ForEachField(
+            a->ptr[i], k,
+            {"tenant", "done", "failed", "canceled", "expired", "gpu_us", "kernel_us",
+             "bytes_in", "bytes_out"},
+            [&](std::string_view uk, const object& uv) -> Status {
+              if (uk == "tenant") return GetStr(uv, uk, limits.max_tenant_bytes, &u.tenant);
+              if (uk == "done") return GetU(uv, uk, &u.done);
+              if (uk == "failed") return GetU(uv, uk, &u.failed);
+              if (uk == "canceled") return GetU(uv, uk, &u.canceled);
+              if (uk == "expired") return GetU(uv, uk, &u.expired);
+              if (uk == "gpu_us") return GetU(uv, uk, &u.gpu_us);
+              if (uk == "kernel_us") return GetU(uv, uk, &u.kernel_us);
+              if (uk == "bytes_in") return GetU(uv, uk, &u.bytes_in);
+              if (uk == "bytes_out") return GetU(uv, uk, &u.bytes_out);
+              return kUnknownField;
+            }));
+      }
       return Status::Ok();
     }
     if (k == "workers") {

@@ -1,4 +1,4 @@
--- gpuq job store, format 3 (schema/STORE.md describes it in full). One
+-- gpuq job store, format 4 (schema/STORE.md describes it in full). One
 -- SQLite file (the broker's --store PATH) in WAL mode, written by one broker
 -- process, and the blob directory PATH.blobs/ beside it. Compiled into the
 -- programs and run at every open, in the transaction that migrates older
@@ -15,13 +15,14 @@ CREATE TABLE IF NOT EXISTS meta (
   value TEXT NOT NULL
 ) STRICT;
 -- Rows of meta:
---   'format'   '3' (PRAGMA user_version is not used). Migrated at open,
+--   'format'   '4' (PRAGMA user_version is not used). Migrated at open,
 --              with no row rewritten: format 1 (inline buffers only) gets
 --              the columns in_file, seg, off and len in job_inputs and
 --              result_outputs, then is format 2; format 2 (which has those
 --              columns, but no 'next_id' or 'epoch' and no len in inline and
---              file rows) gets 'format' set to '3'. Any other value fails
---              the open and leaves the file as it was.
+--              file rows) gets 'format' set to '3'; format 3 gets the usage
+--              table (empty: usage before it is not counted) and '4'. Any
+--              other value fails the open and leaves the file as it was.
 --   'next_id'  with MAX(jobs.id) + 1, a bound on every job id a committed
 --              transaction inserted: ids are issued from max(next_id,
 --              MAX(jobs.id) + 1, 1) up, so none is issued twice (a job's id
@@ -134,4 +135,23 @@ CREATE TABLE IF NOT EXISTS result_outputs (
   PRIMARY KEY (job_id, idx)
 ) STRICT, WITHOUT ROWID;
 
-INSERT OR IGNORE INTO meta(name, value) VALUES ('format', '3');
+-- What each tenant used, by hour: one row per tenant and hour in which its
+-- jobs ended, added to in the transaction that writes each result (so the
+-- totals are exactly the results written, across restarts). Never purged
+-- with the jobs: kept for accounting.
+CREATE TABLE IF NOT EXISTS usage (
+  tenant     TEXT NOT NULL,
+  hour       INTEGER NOT NULL,             -- Unix time of the jobs' ends / 3600
+  done       INTEGER NOT NULL DEFAULT 0,   -- jobs that ended done
+  failed     INTEGER NOT NULL DEFAULT 0,   -- ... failed (any code)
+  canceled   INTEGER NOT NULL DEFAULT 0,
+  expired    INTEGER NOT NULL DEFAULT 0,
+  gpu_us     INTEGER NOT NULL DEFAULT 0,   -- time its jobs held a GPU (dispatch to
+                                           -- result: timing total - queue)
+  kernel_us  INTEGER NOT NULL DEFAULT 0,   -- their kernels' time (CUDA events)
+  bytes_in   INTEGER NOT NULL DEFAULT 0,   -- input bytes of the jobs
+  bytes_out  INTEGER NOT NULL DEFAULT 0,   -- output bytes of their results
+  PRIMARY KEY (tenant, hour)
+) STRICT, WITHOUT ROWID;
+
+INSERT OR IGNORE INTO meta(name, value) VALUES ('format', '4');

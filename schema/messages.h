@@ -57,7 +57,7 @@ struct Limits {
 
 // ---------------------------------------------------------------- client side
 
-enum class ClientOp : uint8_t { kSubmit, kStatus, kResult, kCancel, kStats, kDevices };
+enum class ClientOp : uint8_t { kSubmit, kStatus, kResult, kCancel, kStats, kDevices, kUsage };
 std::string_view ClientOpName(ClientOp op);
 
 // A request from a client. `job` is meaningful for submit, `id` for status,
@@ -67,10 +67,16 @@ struct ClientRequest {
   uint64_t rid = 0;  // request id, chosen by the client, echoed in the reply
   uint64_t id = 0;
   JobSpec job;
+  // usage: whose ("" the asker's own, or every tenant's for an operator),
+  // and the window [since_ms, until_ms) in Unix ms (until 0: now).
+  std::string tenant;
+  uint64_t since_ms = 0, until_ms = 0;
   bool operator==(const ClientRequest&) const = default;
 };
 
-enum class ReplyOp : uint8_t { kAccepted, kError, kStatus, kResult, kCanceled, kStats, kDevices };
+enum class ReplyOp : uint8_t {
+  kAccepted, kError, kStatus, kResult, kCanceled, kStats, kDevices, kUsage
+};
 std::string_view ReplyOpName(ReplyOp op);
 
 
@@ -98,6 +104,8 @@ struct ClientReply {
   // devices
   std::vector<WorkerView> workers;
   std::string local_dir;  // to clients on the broker's host: its local directory
+  // usage: by tenant, sorted by name
+  std::vector<TenantUsage> usage;
   bool operator==(const ClientReply&) const = default;
 };
 

@@ -260,6 +260,15 @@ std::vector<GoldenMessage> GoldenMessages() {
     r.rid = 12;
     g.push_back({"client_devices", r, {}});
   }
+  {
+    ClientRequest r;
+    r.op = ClientOp::kUsage;
+    r.rid = 9;
+    r.tenant = "guest-17";
+    r.since_ms = 1795996800000;  // 2026-11-30T00:00Z
+    r.until_ms = 1796083200000;
+    g.push_back({"client_usage", r, {}});
+  }
 
   // broker -> client
   {
@@ -363,6 +372,23 @@ std::vector<GoldenMessage> GoldenMessages() {
     r.rid = 12;
     r.workers = {{"gpu-host-1:3112:0", H100(), 8, 2, 120, {}}};
     g.push_back({"reply_devices", r, {}});
+  }
+  {
+    ClientReply r;
+    r.op = ReplyOp::kUsage;
+    r.rid = 9;
+    TenantUsage u;
+    u.tenant = "guest-17";
+    u.done = 1200;
+    u.failed = 3;
+    u.canceled = 1;
+    u.expired = 0;
+    u.gpu_us = 48210377;
+    u.kernel_us = 30118452;
+    u.bytes_in = 9830400;
+    u.bytes_out = 4915200;
+    r.usage = {u};
+    g.push_back({"reply_usage", r, {}});
   }
   {
     ClientReply r;

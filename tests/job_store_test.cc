@@ -286,7 +286,7 @@ TEST(JobStore, AFormatOneStoreIsMigratedWithItsJobs) {
   }
   auto store = JobStore::Open(path, Durability::kProcessCrash);
   ASSERT_OK(store);
-  EXPECT_EQ(SqlValue(path, "SELECT value FROM meta WHERE name = 'format'"), "3");
+  EXPECT_EQ(SqlValue(path, "SELECT value FROM meta WHERE name = 'format'"), "4");
   EXPECT_EQ((*store)->next_id(), 8u);
   auto resumed = (*store)->LoadUnfinished(schema::Limits{}, 2000);
   ASSERT_OK(resumed);
@@ -321,7 +321,7 @@ TEST_F(JobStoreTest, AFormatTwoStoreIsMigratedWithItsJobs) {
       "UPDATE job_inputs SET len = NULL WHERE in_file <> 2;");
 
   Open();
-  EXPECT_EQ(SqlValue(path_, "SELECT value FROM meta WHERE name = 'format'"), "3");
+  EXPECT_EQ(SqlValue(path_, "SELECT value FROM meta WHERE name = 'format'"), "4");
   EXPECT_EQ(store().epoch(), 1u);
   EXPECT_EQ(store().next_id(), 3u);
   auto resumed = store().LoadUnfinished(schema::Limits{}, 6000);
@@ -857,6 +857,67 @@ TEST_F(JobStoreTest, ACommitThatRunsOutOfSpaceLeavesNothingAndTheStoreServesOn) 
     EXPECT_EQ(in.path.empty() ? in.bytes : gpuq::testing::ReadFile(in.path), bytes)
         << "job " << job_id;
   }
+}
+
+
+// The usage table: each result adds to its tenant's row of its hour, in the
+// result's transaction; totals survive a reopen and sum over a window.
+TEST_F(JobStoreTest, UsageCountsEveryResultByTenantAndHour) {
+  Open();
+  const int64_t hour = 3600000;
+  auto finish = [&](uint64_t id, JobState state, uint64_t queue_us, uint64_t total_us,
+                    uint64_t kernel_us, uint64_t input_bytes, std::vector<std::string> outs,
+                    int64_t at_ms) {
+    StoredResult r;
+    r.id = id;
+    r.state = state;
+    r.code = state == JobState::kFailed ? Code::kKernelFault : Code::kOk;
+    r.timing.queue_us = queue_us;
+    r.timing.total_us = total_us;
+    r.timing.kernel_us = kernel_us;
+    r.input_bytes = input_bytes;
+    for (uint32_t i = 0; i < outs.size(); ++i) r.outputs.push_back(i);
+    ASSERT_OK(store().Begin());
+    ASSERT_OK(store().Finish(r, Views(outs), at_ms));
+    ASSERT_OK(store().Commit());
+  };
+  const uint64_t a = *Accept(store(), {Bytes(100, 'a')});
+  const uint64_t b = *Accept(store(), {});
+  const uint64_t c = *Accept(store(), {});
+  finish(a, JobState::kDone, 10, 510, 300, 100, {Bytes(40, 'o')}, 5 * hour + 10);
+  finish(b, JobState::kFailed, 20, 120, 0, 0, {}, 5 * hour + 20);
+  finish(c, JobState::kCanceled, 70, 70, 0, 0, {}, 7 * hour);
+  store_.reset();
+  Open();
+  auto all = store().GetUsage("", 0, 0);
+  ASSERT_OK(all);
+  ASSERT_EQ(all->size(), 1u);
+  const TenantUsage& u = (*all)[0];
+  EXPECT_EQ(u.tenant, "t");
+  EXPECT_EQ(u.done, 1u);
+  EXPECT_EQ(u.failed, 1u);
+  EXPECT_EQ(u.canceled, 1u);
+  EXPECT_EQ(u.expired, 0u);
+  EXPECT_EQ(u.gpu_us, 500u + 100u) << "total - queue; 0 for a job that never ran";
+  EXPECT_EQ(u.kernel_us, 300u);
+  EXPECT_EQ(u.bytes_in, 100u);
+  EXPECT_EQ(u.bytes_out, 40u);
+  EXPECT_EQ(SqlValue(path_, "SELECT COUNT(*) FROM usage"), "2") << "one row per hour";
+  // A window of hour 5 alone (to the hour), and of nothing.
+  auto five = store().GetUsage("t", 5 * hour + 30, 6 * hour);
+  ASSERT_OK(five);
+  ASSERT_EQ(five->size(), 1u);
+  EXPECT_EQ((*five)[0].canceled, 0u);
+  EXPECT_EQ((*five)[0].done + (*five)[0].failed, 2u);
+  auto other = store().GetUsage("someone-else", 0, 0);
+  ASSERT_OK(other);
+  EXPECT_TRUE(other->empty());
+  // A purge of the results leaves the usage.
+  ASSERT_OK(Purge(store(), 100 * hour));
+  auto kept = store().GetUsage("", 0, 0);
+  ASSERT_OK(kept);
+  ASSERT_EQ(kept->size(), 1u);
+  EXPECT_EQ((*kept)[0].done, 1u);
 }
 
 }  // namespace

@@ -5,7 +5,11 @@
 #include <signal.h>
 
 #include <algorithm>
+#include <httplib.h>
+
 #include <map>
+#include <set>
+#include <sstream>
 
 #include "tests/broker_fixture.h"
 
@@ -181,6 +185,97 @@ TEST_F(TenantsTest, ABadTenantsFileStopsTheStart) {
   WriteFile(path_, R"({"tenants": {"a": {"weight": -1}}})");
   EXPECT_FALSE(StartBroker({"--tenants", path_}));
   EXPECT_NE(Log().find("tenants.a.weight"), std::string::npos) << Log();
+}
+
+
+TEST_F(TenantsTest, UsageEqualsWhatRanAcrossARestart) {
+  ASSERT_TRUE(StartWith("{}")) << Log();
+  AddWorker();
+  auto c = Connect();
+  ASSERT_TRUE(WaitForWorkers(*c, 1));
+  uint64_t gpu_us = 0, bytes_out = 0;
+  for (int i = 0; i < 5; ++i) {
+    JobRequest j = As("u1", "ms10");
+    auto id = c->Submit(j);
+    ASSERT_TRUE(id.ok()) << id.status().ToString();
+    auto r = c->Wait(*id);
+    ASSERT_TRUE(r.ok());
+    ASSERT_EQ(r->state, JobState::kDone) << r->error;
+    gpu_us += r->timing.total_us - r->timing.queue_us;
+    for (const Bytes& o : r->outputs) bytes_out += o.size();
+  }
+  JobRequest broken = As("u1", "ms10");
+  broken.spec.kernel.source = "this is not CUDA";
+  auto bad = c->Submit(broken);
+  ASSERT_TRUE(bad.ok());
+  ASSERT_EQ(c->Wait(*bad)->code, Code::kCompileError);
+  auto other = c->Submit(As("u2", "ms10"));
+  ASSERT_TRUE(other.ok());
+  ASSERT_TRUE(c->Wait(*other).ok());
+
+  c.reset();
+  ASSERT_EQ(broker_->Stop(), 0);
+  ASSERT_TRUE(broker_->Start()) << Log();
+  c = Connect();
+  auto usage = c->Usage("u1");
+  ASSERT_TRUE(usage.ok()) << usage.status().ToString();
+  ASSERT_EQ(usage->size(), 1u);
+  const schema::TenantUsage& u = (*usage)[0];
+  EXPECT_EQ(u.tenant, "u1");
+  EXPECT_EQ(u.done, 5u);
+  EXPECT_EQ(u.failed, 1u);
+  EXPECT_EQ(u.canceled + u.expired, 0u);
+  EXPECT_EQ(u.gpu_us, gpu_us) << "the time each job held its GPU, summed";
+  EXPECT_EQ(u.bytes_in, 6u) << "one byte of input each";
+  EXPECT_EQ(u.bytes_out, bytes_out);
+  auto all = c->Usage();
+  ASSERT_TRUE(all.ok());
+  ASSERT_EQ(all->size(), 2u) << "every tenant, on the ipc endpoint";
+  EXPECT_EQ((*all)[1].tenant, "u2");
+  EXPECT_EQ((*all)[1].done, 1u);
+  // A window that ends before the jobs did holds nothing of them.
+  auto before = c->Usage("u1", 1, 3600000);
+  ASSERT_TRUE(before.ok());
+  EXPECT_TRUE(before->empty());
+  EXPECT_EQ(c->Usage("u1", 5000, 5000).status().code(), Code::kInvalid);
+}
+
+
+TEST_F(TenantsTest, MetricsNameTheTopTenantsAndSumTheRest) {
+  ASSERT_TRUE(StartWith("{}")) << Log();
+  AddWorker({"--slots", "8"});
+  auto c = Connect();
+  ASSERT_TRUE(WaitForWorkers(*c, 1));
+  std::vector<uint64_t> ids;
+  for (int t = 0; t < 25; ++t) {
+    char name[8];
+    std::snprintf(name, sizeof name, "t%02d", t);
+    // t00 runs two jobs: the most GPU time.
+    for (int k = 0; k < (t == 0 ? 2 : 1); ++k) {
+      auto id = c->Submit(As(name, "ms10"));
+      ASSERT_TRUE(id.ok());
+      ids.push_back(*id);
+    }
+  }
+  for (uint64_t id : ids) ASSERT_TRUE(c->Wait(id).ok());
+  std::this_thread::sleep_for(std::chrono::milliseconds(400));  // the next render
+  httplib::Client http("127.0.0.1", broker_->metrics_port());
+  auto res = http.Get("/metrics");
+  ASSERT_TRUE(res);
+  std::set<std::string> named;
+  std::istringstream lines(res->body);
+  for (std::string line; std::getline(lines, line);) {
+    const std::string series = "gpuq_tenant_gpu_seconds_total{tenant=\"";
+    if (line.rfind(series, 0) == 0) named.insert(line.substr(series.size(), 3));
+  }
+  EXPECT_EQ(named.size(), 21u) << "20 tenants and other:\n" << res->body;
+  EXPECT_TRUE(named.count("t00"));
+  EXPECT_TRUE(named.count("oth"));
+  EXPECT_NE(res->body.find("gpuq_tenant_jobs_finished_total{tenant=\"other\",outcome=\"done\"} 5"),
+            std::string::npos)
+      << res->body;
+  EXPECT_NE(res->body.find("gpuq_tenant_jobs_finished_total{tenant=\"t00\",outcome=\"done\"} 2"),
+            std::string::npos);
 }
 
 }  // namespace

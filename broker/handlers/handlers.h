@@ -19,5 +19,6 @@ void Result(BrokerCore& core, const RequestContext& ctx, uint64_t id);
 void Cancel(BrokerCore& core, const RequestContext& ctx, uint64_t id);
 void Stats(BrokerCore& core, const RequestContext& ctx);
 void Devices(BrokerCore& core, const RequestContext& ctx);
+void Usage(BrokerCore& core, const RequestContext& ctx, const schema::ClientRequest& req);
 
 }  // namespace gpuq::broker::handlers

@@ -185,6 +185,12 @@ class Client {
   // The broker's stats map (schema/PROTOCOL.md, "Stats"), as msgpack.
   StatusOr<std::string> Stats();
   StatusOr<std::vector<schema::WorkerView>> Devices();
+  // What tenants used, by tenant, of the jobs that ended in [since_ms,
+  // until_ms) (Unix ms, to the hour; until 0: now). `tenant` empty: the
+  // caller's own on a CURVE key, every tenant for an operator key or on
+  // ipc. Another tenant's on a tenant's key: kForbidden.
+  StatusOr<std::vector<schema::TenantUsage>> Usage(const std::string& tenant = "",
+                                                   uint64_t since_ms = 0, uint64_t until_ms = 0);
 
   // A buffer of `size` bytes for an input (see InputBuffer). Asks the broker
   // for its local directory the first time (kTimeout if it does not answer).

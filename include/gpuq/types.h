@@ -214,6 +214,17 @@ struct GpuHealth {
   bool operator==(const GpuHealth&) const = default;
 };
 
+// What a tenant used over a time window (PROTOCOL.md, "usage"): its jobs
+// that ended by outcome, the time they held GPUs (dispatch to result) and
+// their kernels' time (CUDA events), and their input and output bytes.
+struct TenantUsage {
+  std::string tenant;
+  uint64_t done = 0, failed = 0, canceled = 0, expired = 0;
+  uint64_t gpu_us = 0, kernel_us = 0;
+  uint64_t bytes_in = 0, bytes_out = 0;
+  bool operator==(const TenantUsage&) const = default;
+};
+
 // A worker as `devices` lists it.
 struct WorkerView {
   std::string worker;  // worker name (host:pid:ordinal)
