@@ -198,8 +198,9 @@ int main(int argc, char** argv) {
   app.add_option("--spin-cycles", g_spin_cycles, "GPU clock cycles each job spins (0: none)");
   app.add_option("--job", g_job,
                  "empty: an empty kernel; saxpy4k: 2 x 4 KB in, 4 KB out; launches: jobs of "
-                 "several launches (100 empty launches, a 10-step chain)")
-      ->check(CLI::IsMember({"empty", "saxpy4k", "launches"}));
+                 "several launches (100 empty launches, a 10-step chain); shares: two weighted tenants' "
+                 "GPU time")
+      ->check(CLI::IsMember({"empty", "saxpy4k", "launches", "shares"}));
   uint64_t buffer_mib = 0;
   app.add_option("--buffer-mib", buffer_mib,
                  "Instead: jobs with one input and one output of this many MiB; GB/s");
@@ -214,12 +215,18 @@ int main(int argc, char** argv) {
   std::string dir = std::filesystem::temp_directory_path().string() + "/gpuq-bench-XXXXXX";
   if (!mkdtemp(dir.data())) return 1;
   const std::string client_ep = "ipc://" + dir + "/c.sock", worker_ep = "ipc://" + dir + "/w.sock";
-  pid_t broker = Spawn({Beside("gpuqd"), "--listen", client_ep, "--worker-listen", worker_ep,
-                        "--store", dir + "/jobs.db", "--cache", dir + "/k.db", "--workers", "0",
-                        "--durability", durability, "--log-level", "warn", "--max-queued",
-                        "1000000", "--max-queued-per-tenant", "1000000", "--spin-us",
-                        std::to_string(spin_us)},
-                       dir + "/gpuqd.log");
+  std::vector<std::string> broker_argv = {
+      Beside("gpuqd"), "--listen", client_ep, "--worker-listen", worker_ep, "--store",
+      dir + "/jobs.db", "--cache", dir + "/k.db", "--workers", "0", "--durability", durability,
+      "--log-level", "warn", "--max-queued", "1000000", "--max-queued-per-tenant", "1000000",
+      "--spin-us", std::to_string(spin_us)};
+  if (g_job == "shares") {
+    // Two tenants, weights 3 and 1 (docs/OPERATIONS.md, "Tenants").
+    std::ofstream(dir + "/tenants.json")
+        << R"({"tenants": {"heavy": {"weight": 3}, "light": {"weight": 1}}})";
+    broker_argv.insert(broker_argv.end(), {"--tenants", dir + "/tenants.json"});
+  }
+  pid_t broker = Spawn(broker_argv, dir + "/gpuqd.log");
   std::vector<pid_t> workers;
   for (int g = 0; g < (gpu ? gpus : 1); ++g) {
     // On the broker's host, as gpuqd's own workers: with its local directory.
@@ -256,6 +263,79 @@ int main(int argc, char** argv) {
             warm.ok() ? (*client)->Wait(*warm).status().ToString().c_str()
                       : warm.status().ToString().c_str());
     return cleanup(), 1;
+  }
+
+  if (g_job == "shares") {
+    // Both tenants backlogged: heavy's jobs spin about 1 ms on the GPU,
+    // light's about 2 ms. GPU time (a job's dispatch to its result) should
+    // divide 3:1 while both have jobs queued; round robin would give light
+    // two thirds. Meant for --gpu with --worker-slots equal to
+    // --worker-streams, so that a job's time held is its time running.
+    const uint64_t cycles_1ms = gpu ? 1500000 : 0;
+    auto spin_job = [&](const char* tenant, uint64_t cycles) {
+      JobRequest j;
+      j.spec.tenant = tenant;
+      j.spec.kernel.source =
+          "extern \"C\" __global__ void spin(unsigned long long cycles) {\n"
+          "  unsigned long long t0 = clock64(); while (clock64() - t0 < cycles) {}\n}\n";
+      j.spec.kernel.entry = "spin";
+      j.spec.args = {gpuq::schema::Arg::Scalar(gpuq::schema::ScalarType::kU64, cycles)};
+      return j;
+    };
+    const int heavy_jobs = 3000, light_jobs = 1500;
+    for (int i = 0; i < std::max(heavy_jobs, light_jobs); ++i) {
+      if (i < heavy_jobs && !(*client)->SubmitAsync(spin_job("heavy", cycles_1ms)).ok()) {
+        return cleanup(), 1;
+      }
+      if (i < light_jobs && !(*client)->SubmitAsync(spin_job("light", 2 * cycles_1ms)).ok()) {
+        return cleanup(), 1;
+      }
+    }
+    // Job ids are issued in submit order: heavy, light, heavy, light, ...,
+    // then heavy's alone; the warm-up job took id 1.
+    const uint64_t pairs = std::min(heavy_jobs, light_jobs);
+    auto heavy_id = [&](uint64_t id) {
+      const uint64_t k = id - 2;
+      return k >= 2 * pairs || k % 2 == 0;
+    };
+    struct Ended {
+      bool heavy;
+      double start_us, held_us;  // dispatch (after acceptance), dispatch to result
+    };
+    std::vector<Ended> ended;
+    while (ended.size() < static_cast<size_t>(heavy_jobs + light_jobs)) {
+      auto e = (*client)->Poll(Millis(60000));
+      if (!e.ok()) return cleanup(), 1;
+      if (e->kind != Client::Event::kResult) continue;
+      const auto& t = e->result.timing;
+      ended.push_back({heavy_id(e->result.id), static_cast<double>(t.queue_us),
+                       static_cast<double>(t.total_us - t.queue_us)});
+    }
+    // The window: while both were backlogged, until the first tenant's
+    // last job started (all were accepted within a few ms of each other).
+    double last[2] = {0, 0};
+    for (const Ended& x : ended) last[x.heavy] = std::max(last[x.heavy], x.start_us);
+    const double window = std::min(last[0], last[1]);
+    double held[2] = {0, 0};
+    int count[2] = {0, 0};
+    for (const Ended& x : ended) {
+      if (x.start_us > window) continue;
+      held[x.heavy] += x.held_us;
+      ++count[x.heavy];
+    }
+    const double total = held[0] + held[1];
+    printf("gpuq weighted fair share (%s): two tenants backlogged, heavy weight 3 with ~1 ms "
+           "jobs, light weight 1 with ~2 ms jobs\n\n",
+           gpu ? "real gpuq-worker" : "test-double worker");
+    printf("| tenant | weight | jobs started in the window | GPU time held | share | "
+           "weight's share |\n|---|---|---|---|---|---|\n");
+    printf("| heavy | 3 | %d | %.3f s | %.1f%% | 75%% |\n", count[1], held[1] / 1e6,
+           100 * held[1] / total);
+    printf("| light | 1 | %d | %.3f s | %.1f%% | 25%% |\n", count[0], held[0] / 1e6,
+           100 * held[0] / total);
+    printf("\nwindow: the first %.0f ms, while both had jobs queued\n", window / 1e3);
+    cleanup();
+    return 0;
   }
 
   if (g_job == "launches") {

@@ -23,6 +23,11 @@ extern "C" __global__ void saxpy(float a, const float* x, float* y, unsigned n) 
   if (i < n) y[i] = a * x[i] + y[i];
 }'''
 EMPTY = 'extern "C" __global__ void empty() {}'
+AXPB = r'''
+extern "C" __global__ void axpb(float* y, float a, float b, unsigned n) {
+  unsigned i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < n) y[i] = a * y[i] + b;
+}'''
 
 
 def pct(v, q):
@@ -64,8 +69,30 @@ def main():
         stream.synchronize()
         return out
 
+    def hundred():
+        with stream:
+            for _ in range(100):
+                empty((1,), (1,), ())
+        stream.synchronize()
+
+    axpb = cp.RawKernel(AXPB, "axpb")
+
+    def chain():
+        # The 10-step chain of the several-launches benchmark: 4 KB in,
+        # ten kernels, 4 KB out.
+        with stream:
+            yd = cp.asarray(y)
+            for k in range(10):
+                axpb((4,), (256,), (yd, np.float32(1.0 + 0.01 * k), np.float32(0.5),
+                                    np.uint32(1024)))
+            out = yd.get(stream=stream)
+        stream.synchronize()
+        return out
+
     lp = timed(launch, n_iter)
     jp = timed(job, n_iter // 2)
+    hp = timed(hundred, 300, warm=20)
+    cp_chain = timed(chain, 1000)
     assert job()[0] == 4.0
 
     cold = []
@@ -85,6 +112,8 @@ def main():
     print("|---|---|---|")
     print("| empty kernel launch + stream sync | %.1f us | %.1f us |" % lp)
     print("| 4 KB saxpy job (asarray x2, kernel, get) | %.1f us | %.1f us |" % jp)
+    print("| 100 empty launches + sync, per launch | %.2f us | %.2f us |" % (hp[0] / 100, hp[1] / 100))
+    print("| 10-step chain over 4 KB (asarray, 10 kernels, get) | %.1f us | %.1f us |" % cp_chain)
     print("| compile, cold (new source) | %.1f ms | |" % statistics.median(cold))
     print("| compile, cached (same source, new RawKernel) | %.1f us | |" % statistics.median(warm))
 

@@ -41,7 +41,7 @@ bool Scheduler::Remove(uint64_t id) {
 std::optional<uint64_t> Scheduler::Pop(const std::function<bool(uint64_t)>& eligible,
                                        size_t max_scan,
                                        const std::function<bool(const std::string&)>& tenant_ok) {
-  std::vector<std::pair<double, const std::string*>> order;
+  std::vector<std::pair<double, TenantQueue>>& order = order_;
   for (auto& [priority, level] : levels_) {
     // Tenants by virtual time; ties in round-robin order after the cursor.
     order.clear();
@@ -51,12 +51,15 @@ std::optional<uint64_t> Scheduler::Pop(const std::function<bool(uint64_t)>& elig
       if (it == level.tenants.end()) it = level.tenants.begin();
       if (tenant_ok && !tenant_ok(it->first)) continue;
       auto share = shares_.find(it->first);
-      order.emplace_back(share == shares_.end() ? 0.0 : share->second.vtime, &it->first);
+      order.emplace_back(share == shares_.end() ? 0.0 : share->second.vtime, it);
     }
-    std::stable_sort(order.begin(), order.end(),
-                     [](const auto& a, const auto& b) { return a.first < b.first; });
-    for (const auto& [vtime, name] : order) {
-      std::deque<uint64_t>& q = level.tenants[*name];
+    if (order.size() > 1) {
+      std::stable_sort(order.begin(), order.end(),
+                       [](const auto& a, const auto& b) { return a.first < b.first; });
+    }
+    for (const auto& [vtime, tq] : order) {
+      const std::string* name = &tq->first;
+      std::deque<uint64_t>& q = tq->second;
       const size_t scan = std::min(max_scan, q.size());
       for (size_t i = 0; i < scan; ++i) {
         const uint64_t id = q[i];

@@ -20,6 +20,7 @@
 #include <optional>
 #include <string>
 #include <unordered_map>
+#include <vector>
 
 namespace gpuq::broker {
 
@@ -76,6 +77,8 @@ class Scheduler {
   std::unordered_map<std::string, Share> shares_;
   std::function<double(const std::string&)> weight_;
   double last_charge_ = 0;
+  using TenantQueue = std::map<std::string, std::deque<uint64_t>>::iterator;
+  std::vector<std::pair<double, TenantQueue>> order_;  // Pop's, kept for its capacity
   static constexpr size_t kMaxIdleShares = 4096;
 };
 

@@ -72,8 +72,10 @@ StatusOr<TenantPolicies> TenantPolicies::Parse(std::string_view text) {
       TenantPolicy t;
       GPUQ_RETURN_IF_ERROR(ParsePolicy(policy, "tenants." + name, p.defaults_, &t));
       p.tenants_[name] = t;
+      p.any_max_concurrent_ |= t.max_concurrent != 0;
     }
   }
+  p.any_max_concurrent_ |= p.defaults_.max_concurrent != 0;
   return p;
 }
 
@@ -144,6 +146,7 @@ Status TenantLimits::Admit(const std::string& tenant, uint64_t bytes, MonoTime n
 }
 
 bool TenantLimits::MayStart(const std::string& tenant) const {
+  if (!policies_.any_max_concurrent()) return true;
   const uint32_t cap = policies_.For(tenant).max_concurrent;
   return cap == 0 || Running(tenant) < cap;
 }

@@ -41,11 +41,15 @@ class TenantPolicies {
 
   const TenantPolicy& For(const std::string& tenant) const;
   const TenantPolicy& defaults() const { return defaults_; }
+  // Whether any tenant has a limit on jobs at once (the dispatcher asks for
+  // every job otherwise).
+  bool any_max_concurrent() const { return any_max_concurrent_; }
   size_t size() const { return tenants_.size(); }
 
  private:
   TenantPolicy defaults_;
   std::map<std::string, TenantPolicy, std::less<>> tenants_;
+  bool any_max_concurrent_ = false;
 };
 
 // A token bucket: `rate` tokens a second, holding at most one second's

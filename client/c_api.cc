@@ -5,6 +5,7 @@
 #include <deque>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "gpuq/client.h"
 
@@ -15,6 +16,11 @@ struct gpuq_client {
 
 struct gpuq_job {
   gpuq::JobRequest request;
+  // Made without an entry: a job of several launches, whose buffers are
+  // request.spec.buffers and whose arguments go to its latest launch.
+  bool several = false;
+  // The first call that did not fit the job; gpuq_submit reports it.
+  std::string misuse;
 };
 
 struct gpuq_result {
@@ -30,11 +36,49 @@ gpuq_code Fail(gpuq_client* c, const gpuq::Status& s) {
 
 gpuq_state State(gpuq::schema::JobState s) { return static_cast<gpuq_state>(s); }
 
+// Keeps the first misuse of a job: the calls return nothing, so the text
+// waits for gpuq_submit.
+void Misuse(gpuq_job* job, std::string text) {
+  if (job->misuse.empty()) job->misuse = std::move(text);
+}
+
+// The latest launch of a job of several launches, for `call`'s argument;
+// nullptr (a misuse kept) when there is none.
+gpuq::schema::KernelLaunch* LatestLaunch(gpuq_job* job, const char* call) {
+  if (!job->several) {
+    Misuse(job, std::string(call) + ": a job of one launch has no launches (a job of several "
+                                    "launches is made with gpuq_job_new(source, NULL))");
+    return nullptr;
+  }
+  if (job->request.spec.launches.empty()) {
+    Misuse(job, std::string(call) + " before any gpuq_job_add_launch: a launch's arguments "
+                                    "follow it");
+    return nullptr;
+  }
+  return &job->request.spec.launches.back();
+}
+
+// Source `i` of a job (0: its own), or nullptr (a misuse kept).
+gpuq::schema::KernelSpec* Source(gpuq_job* job, uint32_t i, const char* call) {
+  gpuq::schema::JobSpec& s = job->request.spec;
+  if (i > s.sources.size()) {
+    Misuse(job, std::string(call) + ": the job has no source " + std::to_string(i) + " (" +
+                    std::to_string(s.sources.size() + 1) + " sources)");
+    return nullptr;
+  }
+  return i == 0 ? &s.kernel : &s.sources[i - 1];
+}
+
+std::vector<gpuq::schema::Arg>& Buffers(gpuq_job* job) {
+  return job->several ? job->request.spec.buffers : job->request.spec.args;
+}
+
 }  // namespace
 
 // The C enums mirror gpuq::Code and schema::JobState value for value.
 static_assert(GPUQ_INTERNAL == static_cast<int>(gpuq::Code::kInternal));
 static_assert(GPUQ_CODE_EXPIRED == static_cast<int>(gpuq::Code::kExpired));
+static_assert(GPUQ_QUOTA_EXCEEDED == static_cast<int>(gpuq::Code::kQuotaExceeded));
 static_assert(GPUQ_EXPIRED == static_cast<int>(gpuq::schema::JobState::kExpired));
 static_assert(GPUQ_F64 == static_cast<int>(gpuq::schema::ScalarType::kF64));
 
@@ -64,6 +108,7 @@ gpuq_job* gpuq_job_new(const char* source, const char* entry) {
   auto* j = new gpuq_job;
   j->request.spec.kernel.source = source ? source : "";
   j->request.spec.kernel.entry = entry ? entry : "";
+  j->several = j->request.spec.kernel.entry.empty();
   return j;
 }
 
@@ -71,9 +116,17 @@ void gpuq_job_free(gpuq_job* job) { delete job; }
 
 void gpuq_job_set_launch(gpuq_job* job, uint32_t gx, uint32_t gy, uint32_t gz, uint32_t bx,
                          uint32_t by, uint32_t bz, uint32_t shared_bytes) {
+  if (job->several) {
+    return Misuse(job, "gpuq_job_set_launch: a job of several launches gives each launch its "
+                       "dimensions (gpuq_job_add_launch)");
+  }
   job->request.spec.launch = {{gx, gy, gz}, {bx, by, bz}, shared_bytes};
 }
 void gpuq_job_set_name_expression(gpuq_job* job, int yes) {
+  if (job->several) {
+    return Misuse(job, "gpuq_job_set_name_expression: a job of several launches has no entry "
+                       "of its own (gpuq_job_set_launch_name_expression)");
+  }
   job->request.spec.kernel.name_expression = yes != 0;
 }
 void gpuq_job_set_key(gpuq_job* job, const char* key) { job->request.spec.key = key ? key : ""; }
@@ -94,28 +147,108 @@ void gpuq_job_add_header(gpuq_job* job, const char* name, const char* content) {
 }
 
 void gpuq_job_add_scalar(gpuq_job* job, gpuq_type type, const void* value) {
+  if (type < GPUQ_U8 || type > GPUQ_F64) {
+    return Misuse(job, "gpuq_job_add_scalar: unknown type " + std::to_string(type));
+  }
+  if (!value) return Misuse(job, "gpuq_job_add_scalar: no value (NULL)");
+  std::vector<gpuq::schema::Arg>* args = &job->request.spec.args;
+  if (job->several) {
+    gpuq::schema::KernelLaunch* l = LatestLaunch(job, "gpuq_job_add_scalar");
+    if (!l) return;
+    args = &l->args;
+  }
   const auto t = static_cast<gpuq::schema::ScalarType>(type);
   uint64_t bits = 0;
   std::memcpy(&bits, value, gpuq::schema::ScalarSize(t));  // little-endian: low bytes
-  job->request.spec.args.push_back(gpuq::schema::Arg::Scalar(t, bits));
+  args->push_back(gpuq::schema::Arg::Scalar(t, bits));
 }
 
-static void AddBuffer(gpuq_job* job, gpuq::schema::ArgKind kind, const void* data, size_t size) {
+static void AddBuffer(gpuq_job* job, gpuq::schema::ArgKind kind, const void* data, size_t size,
+                      const char* call) {
+  if (!data && size > 0) {
+    return Misuse(job, std::string(call) + ": " + std::to_string(size) + " bytes at NULL");
+  }
   const auto frame = static_cast<uint32_t>(job->request.inputs.size());
   job->request.inputs.emplace_back(static_cast<const char*>(data), size);
-  job->request.spec.args.push_back(gpuq::schema::Arg::Buffer(kind, frame, 0));
+  Buffers(job).push_back(gpuq::schema::Arg::Buffer(kind, frame, 0));
 }
 void gpuq_job_add_in(gpuq_job* job, const void* data, size_t size) {
-  AddBuffer(job, gpuq::schema::ArgKind::kIn, data, size);
+  AddBuffer(job, gpuq::schema::ArgKind::kIn, data, size, "gpuq_job_add_in");
 }
 void gpuq_job_add_inout(gpuq_job* job, const void* data, size_t size) {
-  AddBuffer(job, gpuq::schema::ArgKind::kInOut, data, size);
+  AddBuffer(job, gpuq::schema::ArgKind::kInOut, data, size, "gpuq_job_add_inout");
 }
 void gpuq_job_add_out(gpuq_job* job, size_t size) {
-  job->request.spec.args.push_back(gpuq::schema::Arg::Out(size));
+  Buffers(job).push_back(gpuq::schema::Arg::Out(size));
+}
+
+uint32_t gpuq_job_add_source(gpuq_job* job, const char* source) {
+  if (!job->several) {
+    Misuse(job, "gpuq_job_add_source: sources belong to jobs of several launches "
+                "(gpuq_job_new(source, NULL))");
+  }
+  gpuq::schema::KernelSpec k;
+  k.source = source ? source : "";
+  job->request.spec.sources.push_back(std::move(k));
+  return static_cast<uint32_t>(job->request.spec.sources.size());
+}
+void gpuq_job_add_source_option(gpuq_job* job, uint32_t source, const char* option) {
+  if (gpuq::schema::KernelSpec* k = Source(job, source, "gpuq_job_add_source_option")) {
+    k->options.emplace_back(option ? option : "");
+  }
+}
+void gpuq_job_add_source_header(gpuq_job* job, uint32_t source, const char* name,
+                                const char* content) {
+  if (gpuq::schema::KernelSpec* k = Source(job, source, "gpuq_job_add_source_header")) {
+    k->headers.push_back({name ? name : "", content ? content : ""});
+  }
+}
+void gpuq_job_add_scratch(gpuq_job* job, size_t size) {
+  if (!job->several) {
+    return Misuse(job, "gpuq_job_add_scratch: scratch buffers belong to jobs of several "
+                       "launches (gpuq_job_new(source, NULL))");
+  }
+  job->request.spec.buffers.push_back(gpuq::schema::Arg::Scratch(size));
+}
+void gpuq_job_add_launch(gpuq_job* job, uint32_t source, const char* entry, uint32_t gx,
+                         uint32_t gy, uint32_t gz, uint32_t bx, uint32_t by, uint32_t bz,
+                         uint32_t shared_bytes) {
+  if (!job->several) {
+    return Misuse(job, "gpuq_job_add_launch: the job was made with an entry, as a job of one "
+                       "launch (a job of several launches is made with "
+                       "gpuq_job_new(source, NULL))");
+  }
+  gpuq::schema::KernelLaunch l;
+  l.source = source;
+  l.entry = entry ? entry : "";
+  l.launch = {{gx, gy, gz}, {bx, by, bz}, shared_bytes};
+  job->request.spec.launches.push_back(std::move(l));
+}
+void gpuq_job_set_launch_name_expression(gpuq_job* job, int yes) {
+  if (gpuq::schema::KernelLaunch* l = LatestLaunch(job, "gpuq_job_set_launch_name_expression")) {
+    l->name_expression = yes != 0;
+  }
+}
+void gpuq_job_add_buffer_arg(gpuq_job* job, uint32_t buffer, uint64_t offset) {
+  if (gpuq::schema::KernelLaunch* l = LatestLaunch(job, "gpuq_job_add_buffer_arg")) {
+    l->args.push_back(gpuq::schema::Arg::Ref(buffer, offset));
+  }
+}
+void gpuq_job_set_graph(gpuq_job* job, int yes) {
+  if (!job->several && yes) {
+    return Misuse(job, "gpuq_job_set_graph: graphs belong to jobs of several launches "
+                       "(gpuq_job_new(source, NULL))");
+  }
+  job->request.spec.graph = yes != 0;
 }
 
 gpuq_code gpuq_submit(gpuq_client* client, const gpuq_job* job, uint64_t* id) {
+  if (!job->misuse.empty()) return Fail(client, gpuq::Error(gpuq::Code::kInvalid, job->misuse));
+  if (job->several && job->request.spec.launches.empty()) {
+    return Fail(client, gpuq::Error(gpuq::Code::kInvalid,
+                                    "a job made without an entry is a job of several launches, "
+                                    "and this one has none (gpuq_job_add_launch)"));
+  }
   auto r = client->client->Submit(job->request);
   if (!r.ok()) return Fail(client, r.status());
   *id = *r;
@@ -162,6 +295,13 @@ const void* gpuq_result_output(const gpuq_result* r, uint32_t arg, size_t* size)
   const gpuq::Bytes* out = r->result.Output(arg);
   if (size) *size = out ? out->size() : 0;
   return out ? out->data() : nullptr;
+}
+size_t gpuq_result_launch_count(const gpuq_result* r) {
+  return r->result.timing.launch_us.size();
+}
+uint64_t gpuq_result_launch_us(const gpuq_result* r, size_t i) {
+  const auto& us = r->result.timing.launch_us;
+  return i < us.size() ? us[i] : 0;
 }
 
 }  // extern "C"

@@ -1,8 +1,9 @@
-// gpuq submit, status, result, cancel, stats, devices: talk to a broker.
+// gpuq submit, status, result, cancel, stats, devices, usage: talk to a broker.
 #include <poll.h>
 #include <termios.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <climits>
 #include <ctime>
@@ -52,9 +53,12 @@ StatusOr<std::unique_ptr<Client>> Connect(const Common& c) {
 }
 
 json TimingJson(const schema::Timing& t) {
-  return {{"queue_us", t.queue_us},   {"compile_us", t.compile_us}, {"load_us", t.load_us},
-          {"h2d_us", t.h2d_us},       {"kernel_us", t.kernel_us},   {"d2h_us", t.d2h_us},
-          {"total_us", t.total_us},   {"cache_hit", t.cache_hit}};
+  json j = {{"queue_us", t.queue_us},   {"compile_us", t.compile_us}, {"load_us", t.load_us},
+            {"h2d_us", t.h2d_us},       {"kernel_us", t.kernel_us},   {"d2h_us", t.d2h_us},
+            {"total_us", t.total_us},   {"cache_hit", t.cache_hit}};
+  // A job of several launches: each launch's time, in order.
+  if (!t.launch_us.empty()) j["launch_us"] = t.launch_us;
+  return j;
 }
 
 json ResultJson(const JobResult& r) {
@@ -89,11 +93,19 @@ void PrintResult(const JobResult& r) {
                 t.cache_hit ? " (cache hit)" : "", (unsigned long long)t.load_us,
                 (unsigned long long)t.h2d_us, (unsigned long long)t.kernel_us,
                 (unsigned long long)t.d2h_us, (unsigned long long)t.total_us);
+    if (!t.launch_us.empty()) {
+      std::printf("  launches:");
+      for (size_t i = 0; i < t.launch_us.size(); ++i) {
+        std::printf("%s %llu us", i ? "," : "", (unsigned long long)t.launch_us[i]);
+      }
+      std::printf("\n");
+    }
   }
   if (!r.error.empty()) std::printf("%s\n", r.error.c_str());
 }
 
-// Writes out buffers to PREFIX.argN.bin.
+// Writes out buffers to PREFIX.argN.bin (N: the argument's index, or in a
+// job of several launches the buffer's).
 Status WriteOutputs(const JobResult& r, const std::string& prefix) {
   for (size_t i = 0; i < r.outputs.size(); ++i) {
     std::string path = prefix + ".arg" + std::to_string(r.output_args[i]) + ".bin";
@@ -157,63 +169,198 @@ StatusOr<Arg> ParseScalar(const std::string& s) {
   return Error(Code::kInvalid, "unknown argument type '" + type + "'");
 }
 
+// Digits only, at least one.
+bool IsNumber(const std::string& s) {
+  return !s.empty() && s.find_first_not_of("0123456789") == std::string::npos;
+}
+
+// A launch of a job of several launches: [SOURCE/]ENTRY:GRID:BLOCK[:SHARED],
+// GRID and BLOCK as X[,Y[,Z]]. The fields are taken from the right, so that
+// an entry may hold colons ("ns::scale<float>"); a SOURCE/ prefix is digits,
+// which no kernel name starts with.
+StatusOr<schema::KernelLaunch> ParseLaunch(const std::string& spec, bool name_expression) {
+  const Status usage = Error(Code::kInvalid, "--launch is [SOURCE/]ENTRY:GRID:BLOCK[:SHARED] "
+                                             "(GRID, BLOCK: X[,Y[,Z]]), not '" + spec + "'");
+  schema::KernelLaunch l;
+  l.name_expression = name_expression;
+  std::string rest = spec;
+  if (const size_t slash = rest.find('/');
+      slash != std::string::npos && IsNumber(rest.substr(0, slash))) {
+    try {
+      l.source = static_cast<uint32_t>(std::stoul(rest.substr(0, slash)));
+    } catch (...) {
+      return usage;
+    }
+    rest = rest.substr(slash + 1);
+  }
+  std::vector<std::string> parts;
+  for (size_t from = 0;;) {
+    const size_t colon = rest.find(':', from);
+    parts.push_back(rest.substr(from, colon - from));
+    if (colon == std::string::npos) break;
+    from = colon + 1;
+  }
+  size_t dims = 0;  // trailing fields of digits and commas: GRID, BLOCK, SHARED
+  while (dims < 3 && dims < parts.size() &&
+         parts[parts.size() - 1 - dims].find_first_not_of("0123456789,") == std::string::npos &&
+         !parts[parts.size() - 1 - dims].empty()) {
+    ++dims;
+  }
+  if (dims < 2 || dims == parts.size()) return usage;
+  const size_t n = parts.size() - dims;
+  for (size_t i = 0; i < n; ++i) l.entry += (i ? ":" : "") + parts[i];
+  if (l.entry.empty()) return usage;
+  if (!ParseDim3(parts[n], &l.launch.grid) || !ParseDim3(parts[n + 1], &l.launch.block)) {
+    return usage;
+  }
+  if (dims == 3) {
+    if (!IsNumber(parts[n + 2])) return usage;
+    try {
+      const unsigned long long shared = std::stoull(parts[n + 2]);
+      if (shared > UINT32_MAX) return usage;
+      l.launch.shared_bytes = static_cast<uint32_t>(shared);
+    } catch (...) {
+      return usage;
+    }
+  }
+  return l;
+}
+
+// A launch's buffer argument: buf:INDEX[:OFFSET].
+StatusOr<Arg> ParseBufferArg(const std::string& s) {
+  const Status usage = Error(Code::kInvalid, "--arg buf: is buf:INDEX[:OFFSET], not '" + s + "'");
+  const std::string rest = s.substr(4);
+  const size_t colon = rest.find(':');
+  const std::string index = rest.substr(0, colon);
+  const std::string offset = colon == std::string::npos ? "0" : rest.substr(colon + 1);
+  if (!IsNumber(index) || !IsNumber(offset)) return usage;
+  try {
+    const unsigned long long i = std::stoull(index);
+    if (i > UINT32_MAX) return usage;
+    return Arg::Ref(static_cast<uint32_t>(i), std::stoull(offset));
+  } catch (...) {
+    return usage;
+  }
+}
+
+StatusOr<std::string> ReadWhole(const std::string& path) {
+  std::ifstream f(path, std::ios::binary);
+  if (!f) return Error(Code::kUnavailable, "cannot read " + path);
+  std::stringstream b;
+  b << f.rdbuf();
+  return b.str();
+}
+
 struct SubmitArgs : Common {
   std::string file, kernel, expr, tenant, key;
-  std::string grid = "1", block = "1";
+  std::string grid, block;  // "" reads as 1
   uint32_t shared = 0, priority = schema::kDefaultPriority;
   double deadline_s = 0, limit_s = 0;
-  std::vector<std::string> options;
-  bool wait = false;
+  bool wait = false, graph = false;
   std::string output_prefix;
-  // Arguments in order: each an --arg, --in, --out or --inout, kept in the
-  // order given on the command line.
+  // In the order given on the command line: each --arg, --in, --out,
+  // --inout, --scratch, --launch, --launch-expression, --source and
+  // --option, which name what comes before them.
   std::vector<std::pair<std::string, std::string>> ordered;
+  // The options of a job of one launch that were given (refused with
+  // --launch).
+  std::vector<std::string> one_launch_options;
 };
 
 int RunSubmit(SubmitArgs& a) {
   JobRequest job;
   schema::JobSpec& s = job.spec;
-  std::ifstream in(a.file, std::ios::binary);
-  if (!in) return Fail(a, Error(Code::kUnavailable, "cannot read " + a.file));
-  std::stringstream ss;
-  ss << in.rdbuf();
-  s.kernel.source = ss.str();
-  if (a.kernel.empty() == a.expr.empty()) {
-    return Fail(a, Error(Code::kInvalid, "give exactly one of --kernel and --name-expression"));
+  auto source = ReadWhole(a.file);
+  if (!source.ok()) return Fail(a, source.status());
+  s.kernel.source = std::move(*source);
+  // A --launch makes a job of several launches (PROTOCOL.md, "Jobs of
+  // several launches"): its launches name its entries, dimensions and
+  // arguments, and --in, --inout, --out and --scratch declare its buffers.
+  const bool several = std::any_of(a.ordered.begin(), a.ordered.end(), [](const auto& o) {
+    return o.first == "launch" || o.first == "launch-expression";
+  });
+  if (several) {
+    if (!a.one_launch_options.empty()) {
+      return Fail(a, Error(Code::kInvalid,
+                           a.one_launch_options.front() + " belongs to a job of one launch: with "
+                           "--launch each launch names its entry, grid, block and shared "
+                           "memory"));
+    }
+  } else {
+    if (a.kernel.empty() == a.expr.empty()) {
+      return Fail(a, Error(Code::kInvalid,
+                           "give exactly one of --kernel and --name-expression (or --launch)"));
+    }
+    s.kernel.entry = a.kernel.empty() ? a.expr : a.kernel;
+    s.kernel.name_expression = !a.expr.empty();
+    if (!ParseDim3(a.grid.empty() ? "1" : a.grid, &s.launch.grid) ||
+        !ParseDim3(a.block.empty() ? "1" : a.block, &s.launch.block)) {
+      return Fail(a, Error(Code::kInvalid, "--grid and --block are X[,Y[,Z]]"));
+    }
+    s.launch.shared_bytes = a.shared;
+    if (a.graph) {
+      return Fail(a, Error(Code::kInvalid, "--graph belongs to a job of several launches "
+                                           "(--launch)"));
+    }
   }
-  s.kernel.entry = a.kernel.empty() ? a.expr : a.kernel;
-  s.kernel.name_expression = !a.expr.empty();
-  s.kernel.options = a.options;
   s.tenant = a.tenant;
   s.key = a.key;
   s.priority = a.priority;
   s.deadline_ms = static_cast<uint64_t>(a.deadline_s * 1000);
   s.time_limit_ms = static_cast<uint64_t>(a.limit_s * 1000);
-  if (!ParseDim3(a.grid, &s.launch.grid) || !ParseDim3(a.block, &s.launch.block)) {
-    return Fail(a, Error(Code::kInvalid, "--grid and --block are X[,Y[,Z]]"));
-  }
-  s.launch.shared_bytes = a.shared;
+  s.graph = a.graph;
+  std::vector<Arg>& buffer_list = several ? s.buffers : s.args;
   std::vector<std::string> buffers;  // keeps input bytes alive
   buffers.reserve(a.ordered.size());
   for (const auto& [kind, value] : a.ordered) {
-    if (kind == "arg") {
-      auto arg = ParseScalar(value);
-      if (!arg.ok()) return Fail(a, arg.status());
-      s.args.push_back(*arg);
-    } else if (kind == "out") {
-      try {
-        s.args.push_back(Arg::Out(std::stoull(value)));
-      } catch (...) {
-        return Fail(a, Error(Code::kInvalid, "--out takes a size in bytes"));
+    if (kind == "launch" || kind == "launch-expression") {
+      auto l = ParseLaunch(value, kind == "launch-expression");
+      if (!l.ok()) return Fail(a, l.status());
+      s.launches.push_back(std::move(*l));
+    } else if (kind == "arg") {
+      const bool buf = value.rfind("buf:", 0) == 0;
+      if (buf && !several) {
+        return Fail(a, Error(Code::kInvalid, "--arg " + value + ": buf: arguments belong to a "
+                                             "job of several launches (--launch)"));
       }
+      if (several && s.launches.empty()) {
+        return Fail(a, Error(Code::kInvalid, "--arg " + value + " before any --launch: each "
+                                             "launch's arguments follow it"));
+      }
+      auto arg = buf ? ParseBufferArg(value) : ParseScalar(value);
+      if (!arg.ok()) return Fail(a, arg.status());
+      (several ? s.launches.back().args : s.args).push_back(*arg);
+    } else if (kind == "out" || kind == "scratch") {
+      if (kind == "scratch" && !several) {
+        return Fail(a, Error(Code::kInvalid, "--scratch belongs to a job of several launches "
+                                             "(--launch)"));
+      }
+      if (!IsNumber(value)) {
+        return Fail(a, Error(Code::kInvalid, "--" + kind + " takes a size in bytes"));
+      }
+      try {
+        const uint64_t size = std::stoull(value);
+        buffer_list.push_back(kind == "out" ? Arg::Out(size) : Arg::Scratch(size));
+      } catch (...) {
+        return Fail(a, Error(Code::kInvalid, "--" + kind + " takes a size in bytes"));
+      }
+    } else if (kind == "source") {
+      if (!several) {
+        return Fail(a, Error(Code::kInvalid, "--source belongs to a job of several launches "
+                                             "(--launch)"));
+      }
+      auto text = ReadWhole(value);
+      if (!text.ok()) return Fail(a, text.status());
+      s.sources.emplace_back();
+      s.sources.back().source = std::move(*text);
+    } else if (kind == "option") {
+      (s.sources.empty() ? s.kernel : s.sources.back()).options.push_back(value);
     } else {
-      std::ifstream f(value, std::ios::binary);
-      if (!f) return Fail(a, Error(Code::kUnavailable, "cannot read " + value));
-      std::stringstream b;
-      b << f.rdbuf();
-      buffers.push_back(b.str());
+      auto bytes = ReadWhole(value);
+      if (!bytes.ok()) return Fail(a, bytes.status());
+      buffers.push_back(std::move(*bytes));
       const auto frame = static_cast<uint32_t>(buffers.size() - 1);
-      s.args.push_back(kind == "in" ? Arg::In(frame) : Arg::InOut(frame));
+      buffer_list.push_back(kind == "in" ? Arg::In(frame) : Arg::InOut(frame));
     }
   }
   for (const auto& b : buffers) job.inputs.push_back(b);
@@ -421,26 +568,47 @@ void AddJobCommands(CLI::App& app, Action* action) {
 
   auto sa = std::make_shared<SubmitArgs>();
   CLI::App* s = app.add_subcommand("submit", "Submit a kernel job");
+  s->footer(
+      "A job of several launches (PROTOCOL.md, \"Jobs of several launches\") runs its launches\n"
+      "in order on one stream over buffers it declares once. Give --launch (or\n"
+      "--launch-expression) once per launch, each followed by its --arg options: scalars,\n"
+      "and buf:INDEX[:OFFSET], a pointer OFFSET bytes into the job's buffer INDEX. --in,\n"
+      "--inout, --out and --scratch then declare the job's buffers, numbered 0, 1, ... in\n"
+      "the order given, before or after the launches; out and inout buffers come back\n"
+      "(--output PREFIX writes PREFIX.argN.bin, N the buffer's index), scratch never does.\n"
+      "--source FILE adds sources 1, 2, ... (FILE is source 0) for SOURCE/ENTRY; an\n"
+      "--option applies to the source given last before it. --kernel, --name-expression,\n"
+      "--grid, --block and --shared belong to a job of one launch.\n"
+      "\n"
+      "  gpuq submit steps.cu --source reduce.cu --in x.bin --scratch 4096 --out 4 \\\n"
+      "      --launch square:16:256 --arg buf:0 --arg buf:1 --arg u32:1024 \\\n"
+      "      --launch 1/sum:1:256:1024 --arg buf:1 --arg buf:2 --arg u32:1024 \\\n"
+      "      --wait --output result");
   s->add_option("file", sa->file, "CUDA C++ source file")->required();
   s->add_option("--kernel", sa->kernel, "extern \"C\" kernel to launch");
   s->add_option("--name-expression", sa->expr, "C++ kernel name, e.g. 'scale<float>'");
-  s->add_option("--grid", sa->grid, "X[,Y[,Z]]")->capture_default_str();
-  s->add_option("--block", sa->block, "X[,Y[,Z]]")->capture_default_str();
+  s->add_option("--grid", sa->grid, "X[,Y[,Z]] (default 1)");
+  s->add_option("--block", sa->block, "X[,Y[,Z]] (default 1)");
   s->add_option("--shared", sa->shared, "Dynamic shared memory in bytes");
   s->add_option("--priority", sa->priority, "0..9, higher first")->capture_default_str();
   s->add_option("--deadline", sa->deadline_s, "Seconds within which the job must start");
   s->add_option("--limit", sa->limit_s, "Run-time limit in seconds");
   s->add_option("--tenant", sa->tenant, "Tenant (ignored on CURVE connections)");
   s->add_option("--key", sa->key, "Idempotency key");
-  s->add_option("--option", sa->options, "NVRTC option from the allowed list");
   auto ordered = [sa](const char* kind) {
     return [sa, kind](const std::vector<std::string>& v) {
       for (const auto& x : v) sa->ordered.emplace_back(kind, x);
     };
   };
-  // Arguments keep the order in which they are given on the command line.
-  s->add_option_function<std::vector<std::string>>("--arg", ordered("arg"),
-                                                   "Scalar argument TYPE:VALUE (u8..i64, f32, f64)")
+  // Arguments, buffers, launches, sources and options keep the order in
+  // which they are given on the command line.
+  s->add_option_function<std::vector<std::string>>(
+       "--option", ordered("option"),
+       "NVRTC option from the allowed list (for the latest --source, else FILE)")
+      ->trigger_on_parse();
+  s->add_option_function<std::vector<std::string>>(
+       "--arg", ordered("arg"),
+       "Argument TYPE:VALUE (u8..i64, f32, f64), or buf:INDEX[:OFFSET] in a --launch")
       ->trigger_on_parse()
       ->multi_option_policy(CLI::MultiOptionPolicy::TakeAll);
   s->add_option_function<std::vector<std::string>>("--in", ordered("in"), "Input buffer from FILE")
@@ -451,11 +619,35 @@ void AddJobCommands(CLI::App& app, Action* action) {
   s->add_option_function<std::vector<std::string>>("--inout", ordered("inout"),
                                                    "In-out buffer from FILE")
       ->trigger_on_parse();
+  s->add_option_function<std::vector<std::string>>(
+       "--scratch", ordered("scratch"),
+       "With --launch: a buffer of BYTES, zero-filled, that stays on the GPU")
+      ->trigger_on_parse();
+  s->add_option_function<std::vector<std::string>>(
+       "--launch", ordered("launch"),
+       "A launch of a job of several launches: [SOURCE/]ENTRY:GRID:BLOCK[:SHARED]; its --arg "
+       "options follow it")
+      ->trigger_on_parse();
+  s->add_option_function<std::vector<std::string>>(
+       "--launch-expression", ordered("launch-expression"),
+       "As --launch, ENTRY a C++ name expression, e.g. 'scale<float>:4:256'")
+      ->trigger_on_parse();
+  s->add_option_function<std::vector<std::string>>(
+       "--source", ordered("source"), "With --launch: another source FILE (1, 2, ...)")
+      ->trigger_on_parse();
+  s->add_flag("--graph", sa->graph,
+              "With --launch: the worker replays a CUDA graph of the launches for later jobs "
+              "of the same shape (timing their span, not each launch)");
   s->add_flag("--wait", sa->wait, "Wait for the result");
   s->add_option("--output", sa->output_prefix,
                 "With --wait: write out/inout buffers to PREFIX.argN.bin");
   AddCommon(s, sa.get());
-  s->callback([=] { *action = [=] { return RunSubmit(*sa); }; });
+  s->callback([=] {
+    for (const char* o : {"--kernel", "--name-expression", "--grid", "--block", "--shared"}) {
+      if (s->count(o) > 0) sa->one_launch_options.push_back(o);
+    }
+    *action = [=] { return RunSubmit(*sa); };
+  });
 
   struct IdArgs : Common {
     uint64_t id = 0;
@@ -533,6 +725,76 @@ void AddJobCommands(CLI::App& app, Action* action) {
       return kExitOk;
     };
   });
+  struct UsageArgs : Common {
+    std::string tenant, since, until;
+  };
+  auto ua = std::make_shared<UsageArgs>();
+  CLI::App* us = app.add_subcommand("usage", "What tenants used: their ended jobs, GPU time, bytes");
+  us->add_option("--tenant", ua->tenant,
+                 "Whose (default: your own on a tenant key; every tenant for an operator or on "
+                 "ipc)");
+  us->add_option("--since", ua->since, "From: Unix seconds, or UTC YYYY-MM-DD[THH:MM[:SS]]");
+  us->add_option("--until", ua->until, "Until (default now), as --since");
+  us->footer("Counts are kept by the hour: the hours the window overlaps count whole.");
+  AddCommon(us, ua.get());
+  us->callback([=] {
+    *action = [=]() -> int {
+      // Unix seconds, or a UTC date and time; 0 for none.
+      auto when = [](const std::string& text, uint64_t* ms) -> Status {
+        if (text.empty()) return Status::Ok();
+        if (text.find_first_not_of("0123456789") == std::string::npos) {
+          *ms = std::stoull(text) * 1000;
+          return Status::Ok();
+        }
+        std::tm tm = {};
+        for (const char* format : {"%Y-%m-%dT%H:%M:%S", "%Y-%m-%dT%H:%M", "%Y-%m-%d"}) {
+          tm = {};
+          const char* end = strptime(text.c_str(), format, &tm);
+          if (end && *end == '\0') {
+            *ms = static_cast<uint64_t>(timegm(&tm)) * 1000;
+            return Status::Ok();
+          }
+        }
+        return Error(Code::kInvalid, "'" + text + "' is neither Unix seconds nor YYYY-MM-DD[THH:MM[:SS]]");
+      };
+      uint64_t since_ms = 0, until_ms = 0;
+      if (Status s = when(ua->since, &since_ms); !s.ok()) return Fail(*ua, s);
+      if (Status s = when(ua->until, &until_ms); !s.ok()) return Fail(*ua, s);
+      auto client = Connect(*ua);
+      if (!client.ok()) return Fail(*ua, client.status());
+      auto usage = (*client)->Usage(ua->tenant, since_ms, until_ms);
+      if (!usage.ok()) return Fail(*ua, usage.status());
+      if (ua->json) {
+        json arr = json::array();
+        for (const auto& u : *usage) {
+          arr.push_back({{"tenant", u.tenant},       {"done", u.done},
+                         {"failed", u.failed},       {"canceled", u.canceled},
+                         {"expired", u.expired},     {"gpu_us", u.gpu_us},
+                         {"kernel_us", u.kernel_us}, {"bytes_in", u.bytes_in},
+                         {"bytes_out", u.bytes_out}});
+        }
+        std::cout << arr.dump(2) << "\n";
+        return kExitOk;
+      }
+      if (usage->empty()) {
+        std::printf("no jobs ended in the window\n");
+        return kExitOk;
+      }
+      std::printf("%-24s %10s %8s %8s %8s %12s %12s %12s %12s\n", "tenant", "done", "failed",
+                  "canceled", "expired", "gpu_s", "kernel_s", "bytes_in", "bytes_out");
+      for (const auto& u : *usage) {
+        std::printf("%-24s %10llu %8llu %8llu %8llu %12.3f %12.3f %12llu %12llu\n",
+                    u.tenant.c_str(), static_cast<unsigned long long>(u.done),
+                    static_cast<unsigned long long>(u.failed),
+                    static_cast<unsigned long long>(u.canceled),
+                    static_cast<unsigned long long>(u.expired), u.gpu_us / 1e6,
+                    u.kernel_us / 1e6, static_cast<unsigned long long>(u.bytes_in),
+                    static_cast<unsigned long long>(u.bytes_out));
+      }
+      return kExitOk;
+    };
+  });
+
   auto dcommon = std::make_shared<Common>();
   CLI::App* dv = app.add_subcommand("devices", "GPUs of the workers attached to the broker");
   AddCommon(dv, dcommon.get());

@@ -425,6 +425,130 @@ TEST_F(BrokerTest, TheCApiSubmitsWaitsAndReadsResults) {
   EXPECT_EQ(gpuq_c_api_scenario(broker_->client_endpoint().c_str(), why, sizeof why), 0) << why;
 }
 
+// The files of a gpuq submit of several launches: two sources, each with
+// the macro its own --option defines (a compile error otherwise), and two
+// inputs.
+void WriteSeveralLaunchFiles(const TempDir& dir) {
+  testing::WriteFile(dir.File("k.cu"),
+                     std::string(kKernels) + "static_assert(STEP == 1, \"source 0\");\n");
+  testing::WriteFile(dir.File("t.cu"),
+                     "template <int N> __global__ void scale(unsigned char* a, unsigned char* b, "
+                     "float f) {}\nstatic_assert(STEP == 2, \"source 1\");\n");
+  testing::WriteFile(dir.File("x.bin"), std::string(16, '\x09'));
+  testing::WriteFile(dir.File("y.bin"), "\x01\x02\x03");
+}
+
+TEST_F(BrokerTest, GpuqSubmitBuildsAJobOfSeveralLaunchesFromItsOptionsInOrder) {
+  TempDir dir;
+  WriteSeveralLaunchFiles(dir);
+  std::string out;
+  // No worker yet: the job waits, then goes to the raw worker as it was built.
+  ASSERT_EQ(testing::RunProgram(
+                {testing::BinPath("gpuq"), "submit", dir.File("k.cu"), "--broker",
+                 broker_->client_endpoint(), "--json", "--option", "-DSTEP=1", "--source",
+                 dir.File("t.cu"), "--option", "-DSTEP=2", "--in", dir.File("x.bin"), "--out",
+                 "8", "--scratch", "64", "--launch", "k:1:32", "--arg", "buf:0", "--arg",
+                 "buf:2", "--launch-expression", "1/scale<2>:2,1:64:256", "--arg", "buf:2:16",
+                 "--arg", "buf:1", "--arg", "f32:2.5", "--inout", dir.File("y.bin"), "--launch",
+                 "k:1:32", "--arg", "buf:1:4", "--arg", "buf:3", "--graph"},
+                &out),
+            0)
+      << out;
+  const auto submitted = nlohmann::json::parse(out, nullptr, false);
+  ASSERT_TRUE(submitted.contains("id")) << out;
+  testing::RawWorker w(broker_->worker_endpoint());
+  w.Ready();
+  auto job = w.Receive(Millis(30000));  // after both sources compile
+  ASSERT_TRUE(job && job->header.op == schema::BrokerOp::kJob) << Log();
+  const schema::BrokerMessage& m = job->header;
+  EXPECT_EQ(m.id, submitted["id"].get<uint64_t>());
+  EXPECT_TRUE(m.graph);
+  ASSERT_EQ(m.modules.size(), 2u);
+  ASSERT_EQ(m.buffers.size(), 4u);
+  EXPECT_EQ(m.buffers[0].kind, schema::ArgKind::kIn);
+  EXPECT_EQ(m.buffers[1], Arg::Out(8));
+  EXPECT_EQ(m.buffers[2], Arg::Scratch(64));
+  EXPECT_EQ(m.buffers[3].kind, schema::ArgKind::kInOut);
+  ASSERT_EQ(m.launches.size(), 3u);
+  EXPECT_EQ(m.launches[0].entry, "k");
+  EXPECT_EQ(m.launches[0].launch, (schema::LaunchSpec{{1, 1, 1}, {32, 1, 1}, 0}));
+  EXPECT_EQ(m.launches[0].args, (std::vector<Arg>{Arg::Ref(0), Arg::Ref(2)}));
+  EXPECT_NE(m.launches[1].source, m.launches[0].source) << "launch 1 is of source 1";
+  EXPECT_EQ(m.launches[1].entry.rfind("_Z5scaleILi2E", 0), 0u)
+      << "the name expression, lowered: " << m.launches[1].entry;
+  EXPECT_EQ(m.launches[1].launch, (schema::LaunchSpec{{2, 1, 1}, {64, 1, 1}, 256}));
+  EXPECT_EQ(m.launches[1].args, (std::vector<Arg>{Arg::Ref(2, 16), Arg::Ref(1), Arg::F32(2.5f)}));
+  EXPECT_EQ(m.launches[2].source, m.launches[0].source);
+  EXPECT_EQ(m.launches[2].args, (std::vector<Arg>{Arg::Ref(1, 4), Arg::Ref(3)}));
+  // The inputs' frames, after the module images.
+  ASSERT_LT(m.buffers[0].frame, job->payload.size());
+  ASSERT_LT(m.buffers[3].frame, job->payload.size());
+  EXPECT_EQ(job->payload[m.buffers[0].frame], std::string(16, '\x09'));
+  EXPECT_EQ(job->payload[m.buffers[3].frame], "\x01\x02\x03");
+}
+
+TEST_F(BrokerTest, GpuqSubmitWaitsForAJobOfSeveralLaunchesAndWritesItsBuffers) {
+  AddWorker();
+  auto c = Connect();
+  ASSERT_TRUE(WaitForWorkers(*c, 1));
+  TempDir dir;
+  WriteSeveralLaunchFiles(dir);
+  const std::vector<std::string> submit = {
+      testing::BinPath("gpuq"), "submit", dir.File("k.cu"), "--broker",
+      broker_->client_endpoint(), "--option", "-DSTEP=1"};
+  auto run = [&](std::vector<std::string> extra, std::string* out) {
+    std::vector<std::string> argv = submit;
+    argv.insert(argv.end(), extra.begin(), extra.end());
+    return testing::RunProgram(argv, out);
+  };
+  const std::vector<std::string> job = {
+      "--in", dir.File("x.bin"), "--out", "8", "--scratch", "64", "--inout", dir.File("y.bin"),
+      "--launch", "k:1:32", "--arg", "buf:0", "--arg", "buf:2",
+      "--launch", "k:1:32", "--arg", "buf:1:4", "--arg", "buf:3", "--wait"};
+  std::string out;
+  std::vector<std::string> with_json = job;
+  with_json.insert(with_json.end(), {"--json", "--output", dir.File("r")});
+  ASSERT_EQ(run(with_json, &out), 0) << out;
+  const auto r = nlohmann::json::parse(out, nullptr, false);
+  ASSERT_FALSE(r.is_discarded()) << out;
+  EXPECT_EQ(r["state"], "done") << out;
+  EXPECT_EQ(r["timing"]["launch_us"], nlohmann::json::array({1, 1})) << out;
+  EXPECT_EQ(r["outputs"], nlohmann::json::parse(R"([{"arg": 1, "bytes": 8},
+                                                    {"arg": 3, "bytes": 3}])"))
+      << "out and inout buffers come back by buffer index, in and scratch do not";
+  EXPECT_EQ(testing::ReadFile(dir.File("r.arg1.bin")), std::string(8, '\x02'));
+  EXPECT_EQ(testing::ReadFile(dir.File("r.arg3.bin")).size(), 3u);
+  EXPECT_FALSE(std::filesystem::exists(dir.File("r.arg0.bin")));
+  EXPECT_FALSE(std::filesystem::exists(dir.File("r.arg2.bin")));
+  // As text, each launch's time.
+  ASSERT_EQ(run(job, &out), 0) << out;
+  EXPECT_NE(out.find("launches: 1 us, 1 us"), std::string::npos) << out;
+
+  // What does not fit a job of several launches, refused with its reason.
+  const std::vector<std::pair<std::vector<std::string>, std::string>> refused = {
+      {{"--launch", "k:1:32", "--kernel", "k"}, "--kernel belongs to a job of one launch"},
+      {{"--launch", "k:1:32", "--grid", "2"}, "--grid belongs to a job of one launch"},
+      {{"--out", "8", "--arg", "buf:0", "--launch", "k:1:32"}, "before any --launch"},
+      {{"--kernel", "k", "--arg", "buf:0"}, "belong to a job of several launches"},
+      {{"--kernel", "k", "--scratch", "8"}, "--scratch belongs to a job of several launches"},
+      {{"--kernel", "k", "--source", dir.File("t.cu")}, "--source belongs"},
+      {{"--kernel", "k", "--graph"}, "--graph belongs"},
+      {{"--launch", "k:32"}, "--launch is [SOURCE/]ENTRY:GRID:BLOCK[:SHARED]"},
+      {{"--launch", "k:1:32:x"}, "--launch is"},
+      {{"--launch", "k:1:32", "--arg", "buf:x"}, "buf:INDEX[:OFFSET]"},
+      // The broker's refusal: a buffer the job does not declare.
+      {{"--out", "8", "--launch", "k:1:32", "--arg", "buf:5"}, "buffer 5"},
+  };
+  for (const auto& [extra, reason] : refused) {
+    std::vector<std::string> argv = extra;
+    argv.push_back("--json");
+    EXPECT_EQ(run(argv, &out), 2) << out;
+    const auto e = nlohmann::json::parse(out, nullptr, false);
+    EXPECT_EQ(e.is_object() ? e.value("code", "") : "", "invalid") << out;
+    EXPECT_NE(out.find(reason), std::string::npos) << reason << " not in " << out;
+  }
+}
+
 TEST_F(BrokerTest, GpuqTopShowsTheLiveQueueInATerminal) {
   if (testing::RunProgram({"/bin/sh", "-c", "command -v tmux >/dev/null"}) != 0) {
     GTEST_SKIP() << "tmux is not installed";

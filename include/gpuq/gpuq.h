@@ -42,7 +42,8 @@ typedef enum gpuq_code {
   GPUQ_UNAVAILABLE,
   GPUQ_IO_ERROR,
   GPUQ_INTERNAL,
-  GPUQ_CODE_EXPIRED  /* "expired": not started by its deadline (state GPUQ_EXPIRED) */
+  GPUQ_CODE_EXPIRED, /* "expired": not started by its deadline (state GPUQ_EXPIRED) */
+  GPUQ_QUOTA_EXCEEDED /* over a tenant's rate limit: retry later */
 } gpuq_code;
 
 typedef enum gpuq_state {
@@ -88,7 +89,8 @@ const char* gpuq_client_error(const gpuq_client* client);
 
 /* ------------------------------------------------------------------ jobs */
 
-/* A job to submit. `source` and `entry` are copied. */
+/* A job to submit. `source` and `entry` are copied. With `entry` NULL or ""
+ * the job is a job of several launches (below). */
 gpuq_job* gpuq_job_new(const char* source, const char* entry);
 void gpuq_job_free(gpuq_job* job);
 void gpuq_job_set_launch(gpuq_job* job, uint32_t grid_x, uint32_t grid_y, uint32_t grid_z,
@@ -104,12 +106,55 @@ void gpuq_job_set_time_limit_ms(gpuq_job* job, uint64_t ms);
 void gpuq_job_set_gpu(gpuq_job* job, const char* uuid);
 void gpuq_job_add_option(gpuq_job* job, const char* option);
 void gpuq_job_add_header(gpuq_job* job, const char* name, const char* content);
-/* Arguments, in the kernel's order. `value` points to a value of `type`. */
+/* Arguments, in the kernel's order. `value` points to a value of `type`.
+ * In a job of several launches: an argument of the latest launch. */
 void gpuq_job_add_scalar(gpuq_job* job, gpuq_type type, const void* value);
-/* Buffers. `data` is NOT copied: it must stay valid until gpuq_submit returns. */
+/* Buffers. `data` is NOT copied: it must stay valid until gpuq_submit returns.
+ * In a job of several launches these declare the job's buffers, numbered
+ * 0, 1, ... in the order declared (gpuq_job_add_scratch included), which its
+ * launches name with gpuq_job_add_buffer_arg. */
 void gpuq_job_add_in(gpuq_job* job, const void* data, size_t size);
 void gpuq_job_add_inout(gpuq_job* job, const void* data, size_t size);
 void gpuq_job_add_out(gpuq_job* job, size_t size);
+
+/* A job of several launches (PROTOCOL.md, "Jobs of several launches"): a
+ * sequence of kernel launches that run in order on one stream over buffers
+ * the job declares once; each launch sees what the ones before it wrote.
+ * Made with gpuq_job_new(source, NULL); then, in any order, buffers
+ * (gpuq_job_add_in, _inout, _out, _scratch) and launches, each launch
+ * followed by its arguments (gpuq_job_add_scalar, gpuq_job_add_buffer_arg).
+ * gpuq_job_set_launch and gpuq_job_set_name_expression belong to jobs of one
+ * launch. A call that does not fit the job (an argument before any launch, a
+ * launch on a job made with an entry, ...) makes gpuq_submit fail with
+ * GPUQ_INVALID and a text naming the call; nothing is sent. Outputs come back
+ * by buffer index: gpuq_result_output(result, buffer, &size). */
+
+/* Adds another source, copied; returns its index for gpuq_job_add_launch:
+ * 1, 2, ... (0 is the job's own source, from gpuq_job_new). */
+uint32_t gpuq_job_add_source(gpuq_job* job, const char* source);
+/* An NVRTC option or a named header of source `source` (0: the job's own,
+ * as gpuq_job_add_option and gpuq_job_add_header). */
+void gpuq_job_add_source_option(gpuq_job* job, uint32_t source, const char* option);
+void gpuq_job_add_source_header(gpuq_job* job, uint32_t source, const char* name,
+                                const char* content);
+/* A buffer of `size` bytes, zero-filled on the device, that never leaves it:
+ * room for what one launch leaves to the next. */
+void gpuq_job_add_scratch(gpuq_job* job, size_t size);
+/* Appends a launch of kernel `entry` (copied; an extern "C" name) of source
+ * `source` with these dimensions and dynamic shared memory. The arguments
+ * added after it are its arguments. */
+void gpuq_job_add_launch(gpuq_job* job, uint32_t source, const char* entry, uint32_t grid_x,
+                         uint32_t grid_y, uint32_t grid_z, uint32_t block_x, uint32_t block_y,
+                         uint32_t block_z, uint32_t shared_bytes);
+/* The latest launch's entry is a C++ name expression ("scale<float>"). */
+void gpuq_job_set_launch_name_expression(gpuq_job* job, int yes);
+/* An argument of the latest launch: a pointer `offset` bytes into the job's
+ * buffer `buffer` (at most its size). */
+void gpuq_job_add_buffer_arg(gpuq_job* job, uint32_t buffer, uint64_t offset);
+/* Asks the worker to capture the launches into a CUDA graph and replay it
+ * for later jobs of the same shape; outputs are the same either way, and
+ * the timing has no launch times (gpuq_result_launch_count is 0). */
+void gpuq_job_set_graph(gpuq_job* job, int yes);
 
 /* Submits; on GPUQ_OK the job is stored durably and *id names it. */
 gpuq_code gpuq_submit(gpuq_client* client, const gpuq_job* job, uint64_t* id);
@@ -132,9 +177,17 @@ const char* gpuq_result_error(const gpuq_result* result);
 const char* gpuq_result_device(const gpuq_result* result);
 uint32_t gpuq_result_attempts(const gpuq_result* result);
 gpuq_timing gpuq_result_timing(const gpuq_result* result);
-/* The bytes of the out/inout buffer of argument `arg`, owned by the result;
- * NULL (and *size 0) when the job has no such output. */
+/* The bytes of the out/inout buffer of argument `arg` (in a job of several
+ * launches: of buffer `arg`), owned by the result; NULL (and *size 0) when
+ * the job has no such output. */
 const void* gpuq_result_output(const gpuq_result* result, uint32_t arg, size_t* size);
+/* A job of several launches: how many launch times its timing holds (one
+ * per launch once it ran; 0 for a job of one launch, and for one run as a
+ * CUDA graph, which times only the span of its launches), and launch i's
+ * time on the GPU in microseconds (0 when there is no launch i). The
+ * timing's kernel_us spans them all. */
+size_t gpuq_result_launch_count(const gpuq_result* result);
+uint64_t gpuq_result_launch_us(const gpuq_result* result, size_t i);
 
 #ifdef __cplusplus
 }  /* extern "C" */

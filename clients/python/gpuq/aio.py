@@ -7,13 +7,13 @@ id) and pushed results to wait() (by job id).
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import zmq.asyncio
 
 from gpuq import wire
-from gpuq.client import (REFETCH_S, Arg, CurveKeys, Dim, Error, Header, OutSpecs, Result,
-                         build_submit, open_socket, raise_for)
+from gpuq.client import (REFETCH_S, Arg, CurveKeys, Dim, Error, Header, JobBuffer, Launch,
+                         OutSpecs, Result, Source, build_submit, open_socket, raise_for)
 
 
 class Client:
@@ -81,19 +81,26 @@ class Client:
         raise_for(h)
         return h, frames
 
-    async def submit(self, source: str, entry: str, grid: Dim, block: Dim,
-                     args: Sequence[Arg], *, shared: int = 0, key: Optional[str] = None,
-                     tenant: Optional[str] = None, priority: int = 5, deadline_ms: int = 0,
-                     limit_ms: int = 0, options: Optional[Iterable[str]] = None,
+    async def submit(self, source: str, entry: Optional[str] = None,
+                     grid: Optional[Dim] = None, block: Optional[Dim] = None,
+                     args: Optional[Sequence[Arg]] = None, *, shared: int = 0,
+                     key: Optional[str] = None, tenant: Optional[str] = None,
+                     priority: int = 5, deadline_ms: int = 0, limit_ms: int = 0,
+                     options: Optional[Iterable[str]] = None,
                      headers: Optional[Mapping[str, str]] = None,
                      name_expression: bool = False,
-                     placement: Optional[Mapping[str, Any]] = None) -> int:
+                     placement: Optional[Mapping[str, Any]] = None,
+                     launches: Optional[Sequence[Launch]] = None,
+                     buffers: Optional[Sequence[JobBuffer]] = None,
+                     sources: Optional[Sequence[Union[Source, str]]] = None,
+                     graph: bool = False) -> int:
         """Submits a job; returns its id once the broker has stored it.
-        Keywords as for gpuq.Client.submit()."""
+        Arguments as for gpuq.Client.submit() (a job of several launches too)."""
         job, payload, specs, _ = build_submit(
             source, entry, grid, block, args, shared=shared, key=key, tenant=tenant,
             priority=priority, deadline_ms=deadline_ms, limit_ms=limit_ms, options=options,
-            headers=headers, name_expression=name_expression, placement=placement)
+            headers=headers, name_expression=name_expression, placement=placement,
+            launches=launches, buffers=buffers, sources=sources, graph=graph)
         h, _ = await self._call({"op": "submit", "job": job}, payload)
         job_id: int = h["id"]
         self._specs[job_id] = specs

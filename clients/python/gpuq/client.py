@@ -124,12 +124,64 @@ class Out:
         self.shape: Optional[Shape] = shape
 
 
+class Scratch:
+    """A buffer of a job of several launches: `nbytes`, zero-filled on the GPU,
+    that never leaves it (room for what one launch leaves to the next)."""
+
+    def __init__(self, nbytes: int) -> None:
+        self.nbytes: int = int(nbytes)
+
+
+class Buf:
+    """An argument of a launch: a pointer `offset` bytes into the job's buffer
+    `index` (its place in the job's `buffers`)."""
+
+    def __init__(self, index: int, offset: int = 0) -> None:
+        self.index: int = int(index)
+        self.offset: int = int(offset)
+
+    def __repr__(self) -> str:
+        return "gpuq.Buf(%d, %d)" % (self.index, self.offset)
+
+
 # An argument of a kernel.
 Arg = Union[Scalar, In, Out]
+# A buffer of a job of several launches.
+JobBuffer = Union[In, Out, Scratch]
+# An argument of a launch of a job of several launches.
+LaunchArg = Union[Scalar, Buf]
+
+
+class Launch:
+    """One launch of a job of several launches: kernel `entry` of source
+    `source` (0: the job's own source; i: sources[i - 1]), its dimensions and
+    dynamic shared memory, and its arguments: scalars and gpuq.Buf(index) of
+    the job's buffers."""
+
+    def __init__(self, entry: str, grid: Dim, block: Dim, args: Sequence[LaunchArg], *,
+                 shared: int = 0, source: int = 0, name_expression: bool = False) -> None:
+        self.entry, self.grid, self.block, self.args = entry, grid, block, list(args)
+        self.shared, self.source, self.name_expression = shared, source, name_expression
+
+
+class Source:
+    """Another source of a job of several launches, with its NVRTC options
+    and named headers ({name: content})."""
+
+    def __init__(self, source: str, options: Optional[Iterable[str]] = None,
+                 headers: Optional[Mapping[str, str]] = None) -> None:
+        self.source = source
+        self.options = list(options or [])
+        self.headers = dict(headers or {})
 
 
 class Result:
-    """The end of a job: state, failure code and text, device, timing (µs), outputs."""
+    """The end of a job: state, failure code and text, device, timing (µs), outputs.
+
+    `timing` maps each phase to µs (PROTOCOL.md, "Timing"); for a job of
+    several launches `timing["launches"]` lists each launch's time (not for
+    one run as a CUDA graph, whose `kernel` is their span alone), and
+    `outputs` are by buffer index."""
 
     def __init__(self, header: Mapping[str, Any], frames: Iterable[bytes],
                  out_specs: Optional[OutSpecs] = None) -> None:
@@ -141,7 +193,7 @@ class Result:
         self.error: str = header.get("error", "")
         self.device: str = header.get("device", "")
         self.attempts: int = header.get("attempts", 0)
-        self.timing: Dict[str, int] = header.get("timing", {})
+        self.timing: Dict[str, Any] = header.get("timing", {})
         self.outputs: Dict[int, Output] = {}
         buffers: List[Union[bytes, mmap.mmap]] = list(frames)
         for path, size in header.get("files", []):
@@ -198,27 +250,51 @@ def _dim3(d: Dim) -> List[int]:
     return list(t) + [1] * (3 - len(t))
 
 
-def build_submit(source: str, entry: str, grid: Dim, block: Dim, args: Sequence[Arg],
+def build_submit(source: str, entry: Optional[str] = None, grid: Optional[Dim] = None,
+                 block: Optional[Dim] = None, args: Optional[Sequence[Arg]] = None,
                  shared: int = 0, key: Optional[str] = None, tenant: Optional[str] = None,
                  priority: int = 5, deadline_ms: int = 0, limit_ms: int = 0,
                  options: Optional[Iterable[str]] = None,
                  headers: Optional[Mapping[str, str]] = None, name_expression: bool = False,
                  placement: Optional[Mapping[str, Any]] = None, local_dir: Optional[str] = None,
-                 local_min: int = 1 << 20
+                 local_min: int = 1 << 20, launches: Optional[Sequence[Launch]] = None,
+                 buffers: Optional[Sequence[JobBuffer]] = None,
+                 sources: Optional[Sequence[Union[Source, str]]] = None, graph: bool = False
                  ) -> Tuple[Header, List[Payload], OutSpecs, List[str]]:
     """The job map, payload frames and output specs of a submit, and the local
     files it made. With `local_dir` (the broker's local directory, for a
     client on its host), inputs of `local_min` bytes or more are written to
     new files there and named in the job's `files` instead of being sent,
-    and outputs that large are asked for as files."""
+    and outputs that large are asked for as files.
+
+    A job of one launch has `entry`, `grid`, `block` and `args`; a job of
+    several launches (PROTOCOL.md, "Jobs of several launches") has
+    `launches` and `buffers` instead, and may have `sources` and `graph`.
+    Output specs are by argument index, or by buffer index."""
+    several = launches is not None
+    if several:
+        if (entry is not None or grid is not None or block is not None or args is not None or
+                shared or name_expression):
+            raise TypeError("a job of several launches names its entries, dimensions and "
+                            "arguments in its launches")
+        if not launches:
+            raise ValueError("a job of several launches needs at least one launch")
+        held: Sequence[Union[Arg, JobBuffer]] = list(buffers or [])
+    else:
+        if entry is None or grid is None or block is None or args is None:
+            raise TypeError("a job needs entry, grid, block and args (or launches)")
+        if buffers is not None or sources or graph:
+            raise TypeError("buffers, sources and graph belong to jobs of several launches "
+                            "(launches=[...])")
+        held = args
     wire_args: List[List[Any]] = []
     payload: List[Payload] = []
     out_specs: OutSpecs = {}
     files: List[List[Any]] = []
     made: List[str] = []
     local_out = False
-    for i, a in enumerate(args):
-        if isinstance(a, Scalar):
+    for i, a in enumerate(held):
+        if isinstance(a, Scalar) and not several:
             wire_args.append([a.type, a.value])
         elif isinstance(a, In):
             data: Payload
@@ -249,8 +325,18 @@ def build_submit(source: str, entry: str, grid: Dim, block: Dim, args: Sequence[
             wire_args.append(["out", a.nbytes])
             out_specs[i] = (a.dtype, a.shape)
             local_out = local_out or (local_dir is not None and a.nbytes >= local_min)
+        elif isinstance(a, Scratch) and several:
+            wire_args.append(["scratch", a.nbytes])
+        elif several:
+            raise TypeError("buffer %d: use gpuq.In(...), gpuq.InOut(...), gpuq.Out(...) or "
+                            "gpuq.Scratch(...), not %r (scalars and gpuq.Buf are arguments of "
+                            "a launch)" % (i, a))
+        elif isinstance(a, (Scratch, Buf)):
+            raise TypeError("argument %d: gpuq.Scratch and gpuq.Buf belong to jobs of several "
+                            "launches (launches=[...])" % i)
         else:
             raise TypeError("argument %d: use gpuq.u32(...), gpuq.In(...), ... not %r" % (i, a))
+    numbered = [[t, len(payload) + v[1] if isinstance(v, tuple) else v] for t, v in wire_args]
     job: Header = {}
     if key:
         job["key"] = key
@@ -263,25 +349,77 @@ def build_submit(source: str, entry: str, grid: Dim, block: Dim, args: Sequence[
     if limit_ms:
         job["limit_ms"] = int(limit_ms)
     job["src"] = source
-    job["entry"] = entry
-    if name_expression:
-        job["expr"] = True
-    if options:
-        job["opts"] = list(options)
-    if headers:
-        job["headers"] = [[n, c] for n, c in headers.items()]
-    job["grid"] = _dim3(grid)
-    job["block"] = _dim3(block)
-    if shared:
-        job["shared"] = int(shared)
-    job["args"] = [[t, len(payload) + v[1] if isinstance(v, tuple) else v] for t, v in wire_args]
+    if not several:
+        job["entry"] = entry
+        if name_expression:
+            job["expr"] = True
+    _source_extras(job, options, headers)
+    if not several:
+        assert grid is not None and block is not None  # checked above
+        job["grid"] = _dim3(grid)
+        job["block"] = _dim3(block)
+        if shared:
+            job["shared"] = int(shared)
+        job["args"] = numbered
     if placement:
         job["place"] = {k: placement[k] for k in ("arch", "gpu", "min_free") if k in placement}
     if files:
         job["files"] = files
     if local_out:
         job["local_out"] = True
+    if several:
+        assert launches is not None
+        if sources:
+            job["sources"] = [_source_map(i + 1, x) for i, x in enumerate(sources)]
+        job["buffers"] = numbered
+        job["launches"] = [_launch_map(i, x) for i, x in enumerate(launches)]
+        if graph:
+            job["graph"] = True
     return job, payload, out_specs, made
+
+
+def _source_extras(m: Header, options: Optional[Iterable[str]],
+                   headers: Optional[Mapping[str, str]]) -> None:
+    if options:
+        m["opts"] = list(options)
+    if headers:
+        m["headers"] = [[n, c] for n, c in headers.items()]
+
+
+def _source_map(i: int, s: Union[Source, str]) -> Header:
+    if isinstance(s, str):
+        s = Source(s)
+    if not isinstance(s, Source):
+        raise TypeError("source %d: use gpuq.Source(...) or a str, not %r" % (i, s))
+    m: Header = {"src": s.source}
+    _source_extras(m, s.options, s.headers)
+    return m
+
+
+def _launch_map(i: int, launch: Launch) -> Header:
+    if not isinstance(launch, Launch):
+        raise TypeError("launch %d: use gpuq.Launch(...), not %r" % (i, launch))
+    m: Header = {}
+    if launch.source:
+        m["source"] = int(launch.source)
+    m["entry"] = launch.entry
+    if launch.name_expression:
+        m["expr"] = True
+    m["grid"] = _dim3(launch.grid)
+    m["block"] = _dim3(launch.block)
+    if launch.shared:
+        m["shared"] = int(launch.shared)
+    args: List[List[Any]] = []
+    for k, a in enumerate(launch.args):
+        if isinstance(a, Scalar):
+            args.append([a.type, a.value])
+        elif isinstance(a, Buf):
+            args.append(["buf", a.index if a.offset == 0 else [a.index, a.offset]])
+        else:
+            raise TypeError("launch %d, argument %d: a launch's arguments are scalars and "
+                            "gpuq.Buf(index) of the job's buffers, not %r" % (i, k, a))
+    m["args"] = args
+    return m
 
 
 def _nbytes(data: Buffer) -> int:
@@ -367,36 +505,51 @@ class Client:
 
     # -------------------------------------------------------------- calls
 
-    def _build(self, source: str, entry: str, grid: Dim, block: Dim, args: Sequence[Arg],
-               kw: Dict[str, Any]
+    def _build(self, source: str, kw: Dict[str, Any]
                ) -> Tuple[Header, List[Payload], OutSpecs, List[str]]:
         local_dir = None
         if self._local:
+            held = list(kw.get("args") or []) + list(kw.get("buffers") or [])
             large = any((isinstance(a, In) and _nbytes(a.data) >= self._local_min) or
-                        (isinstance(a, Out) and a.nbytes >= self._local_min) for a in args)
+                        (isinstance(a, Out) and a.nbytes >= self._local_min) for a in held)
             if large and self._local_dir is None:
                 h, _ = self._call({"op": "devices"})
                 self._local_dir = h.get("local_dir", "")
             local_dir = self._local_dir or None
-        return build_submit(source, entry, grid, block, args, local_dir=local_dir,
-                            local_min=self._local_min, **kw)
+        return build_submit(source, local_dir=local_dir, local_min=self._local_min, **kw)
 
-    def submit(self, source: str, entry: str, grid: Dim, block: Dim, args: Sequence[Arg], *,
+    def submit(self, source: str, entry: Optional[str] = None, grid: Optional[Dim] = None,
+               block: Optional[Dim] = None, args: Optional[Sequence[Arg]] = None, *,
                shared: int = 0, key: Optional[str] = None, tenant: Optional[str] = None,
                priority: int = 5, deadline_ms: int = 0, limit_ms: int = 0,
                options: Optional[Iterable[str]] = None,
                headers: Optional[Mapping[str, str]] = None, name_expression: bool = False,
-               placement: Optional[Mapping[str, Any]] = None) -> int:
+               placement: Optional[Mapping[str, Any]] = None,
+               launches: Optional[Sequence[Launch]] = None,
+               buffers: Optional[Sequence[JobBuffer]] = None,
+               sources: Optional[Sequence[Union[Source, str]]] = None,
+               graph: bool = False) -> int:
         """Submits a job; returns its id once the broker has stored it.
 
         Keywords: shared, key (idempotency), tenant, priority (0-9), deadline_ms,
         limit_ms, options, headers ({name: content}), name_expression,
         placement ({"arch", "gpu", "min_free"}).
+
+        A job of several launches (PROTOCOL.md, "Jobs of several launches")
+        gives `launches` (gpuq.Launch) and `buffers` (gpuq.In, InOut, Out,
+        Scratch) instead of entry, grid, block and args: the launches run in
+        order on one stream, each naming the job's buffers with gpuq.Buf(i).
+        `sources` (gpuq.Source or str) are sources 1, 2, ... for
+        Launch(source=i); `graph` asks the worker to replay a CUDA graph of
+        the launches for later jobs of the same shape (the result then has
+        no per-launch times). Its outputs are by buffer index.
         """
-        kw = dict(shared=shared, key=key, tenant=tenant, priority=priority,
-                  deadline_ms=deadline_ms, limit_ms=limit_ms, options=options, headers=headers,
-                  name_expression=name_expression, placement=placement)
-        job, payload, specs, made = self._build(source, entry, grid, block, args, kw)
+        kw = dict(entry=entry, grid=grid, block=block, args=args, shared=shared, key=key,
+                  tenant=tenant, priority=priority, deadline_ms=deadline_ms, limit_ms=limit_ms,
+                  options=options, headers=headers, name_expression=name_expression,
+                  placement=placement, launches=launches, buffers=buffers, sources=sources,
+                  graph=graph)
+        job, payload, specs, made = self._build(source, kw)
         try:
             h, _ = self._call({"op": "submit", "job": job}, payload)
         except Error:
@@ -406,19 +559,27 @@ class Client:
         self._out_specs[job_id] = specs
         return job_id
 
-    def submit_async(self, source: str, entry: str, grid: Dim, block: Dim,
-                     args: Sequence[Arg], *, shared: int = 0, key: Optional[str] = None,
-                     tenant: Optional[str] = None, priority: int = 5, deadline_ms: int = 0,
-                     limit_ms: int = 0, options: Optional[Iterable[str]] = None,
+    def submit_async(self, source: str, entry: Optional[str] = None,
+                     grid: Optional[Dim] = None, block: Optional[Dim] = None,
+                     args: Optional[Sequence[Arg]] = None, *, shared: int = 0,
+                     key: Optional[str] = None, tenant: Optional[str] = None,
+                     priority: int = 5, deadline_ms: int = 0, limit_ms: int = 0,
+                     options: Optional[Iterable[str]] = None,
                      headers: Optional[Mapping[str, str]] = None,
                      name_expression: bool = False,
-                     placement: Optional[Mapping[str, Any]] = None) -> int:
+                     placement: Optional[Mapping[str, Any]] = None,
+                     launches: Optional[Sequence[Launch]] = None,
+                     buffers: Optional[Sequence[JobBuffer]] = None,
+                     sources: Optional[Sequence[Union[Source, str]]] = None,
+                     graph: bool = False) -> int:
         """Sends a submit without waiting; returns the request id (see poll()).
-        Keywords as for submit()."""
-        kw = dict(shared=shared, key=key, tenant=tenant, priority=priority,
-                  deadline_ms=deadline_ms, limit_ms=limit_ms, options=options, headers=headers,
-                  name_expression=name_expression, placement=placement)
-        job, payload, specs, made = self._build(source, entry, grid, block, args, kw)
+        Arguments as for submit()."""
+        kw = dict(entry=entry, grid=grid, block=block, args=args, shared=shared, key=key,
+                  tenant=tenant, priority=priority, deadline_ms=deadline_ms, limit_ms=limit_ms,
+                  options=options, headers=headers, name_expression=name_expression,
+                  placement=placement, launches=launches, buffers=buffers, sources=sources,
+                  graph=graph)
+        job, payload, specs, made = self._build(source, kw)
         self._rid += 1
         if made:
             self._pending_files[self._rid] = made

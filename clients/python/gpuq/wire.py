@@ -93,9 +93,14 @@ def _pack_int(v: int) -> bytes:
 
 
 def _mark_f32(header: Dict[str, Any]) -> Dict[str, Any]:
-    """Marks the values of f32 arguments so that they encode as float 32."""
+    """Marks the values of f32 arguments, of a job and of its launches (a job
+    of several launches), so that they encode as float 32."""
     job = header.get("job") if isinstance(header, dict) else None
+    holders: List[Any] = [job, header]
     for holder in (job, header):
+        if isinstance(holder, dict) and isinstance(holder.get("launches"), list):
+            holders.extend(holder["launches"])
+    for holder in holders:
         if isinstance(holder, dict) and isinstance(holder.get("args"), list):
             holder["args"] = [[t, _F32(v)] if t == "f32" else [t, v] for t, v in holder["args"]]
     return header
