@@ -467,6 +467,7 @@ void BrokerCore::Finish(Job& job, JobState state, Code code, std::string error,
   op.frames = std::move(frames);
   op.files = std::move(files);
   op.inputs = job.inputs.size();
+  r.tenant = job.tenant;
   r.input_bytes = job.input_bytes;
   op.finished_ms = clock_->UnixMs();
 

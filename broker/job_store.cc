@@ -428,6 +428,7 @@ Status JobStore::Commit() {
   // id out of MAX(jobs.id): a transaction that only inserts leaves it there,
   // and writing the mark then would cost it a page (two WAL frames).
   const bool record_next_id = purged_ && next_id_ != recorded_next_id_;
+  if (s.ok() && !usage_.empty()) s = WriteUsage();
   if (s.ok() && record_next_id) {
     StatusOr<sql::Stmt*> meta =
         Cached("INSERT OR REPLACE INTO meta(name, value) VALUES ('next_id', ?1)");
@@ -468,6 +469,7 @@ void JobStore::Abort() {
   out_log_->Aborted();
   next_id_ = committed_next_id_;
   purged_ = false;
+  usage_.clear();
   written_.clear();
   to_unlink_.clear();
   failure_ = Status::Ok();
@@ -605,30 +607,44 @@ Status JobStore::FinishRows(const StoredResult& r, const std::vector<std::string
     bytes_out += files[i].size;
   }
   for (std::string_view o : outputs) bytes_out += o.size();
-  // The tenant's usage, in the same transaction as the result.
+  // The tenant's usage, written with the transaction (Commit).
+  schema::TenantUsage& use = usage_[{r.tenant, finished_ms / 3600000}];
+  use.done += r.state == JobState::kDone;
+  use.failed += r.state == JobState::kFailed;
+  use.canceled += r.state == JobState::kCanceled;
+  use.expired += r.state == JobState::kExpired;
+  use.gpu_us += r.timing.total_us - std::min(r.timing.total_us, r.timing.queue_us);
+  use.kernel_us += r.timing.kernel_us;
+  use.bytes_in += r.input_bytes;
+  use.bytes_out += bytes_out;
+  return Status::Ok();
+}
+
+Status JobStore::WriteUsage() {
   GPUQ_ASSIGN_OR_RETURN(
       sql::Stmt * use,
       Cached("INSERT INTO usage(tenant, hour, done, failed, canceled, expired, gpu_us, "
-             "kernel_us, bytes_in, bytes_out) "
-             "SELECT tenant, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10 FROM jobs WHERE id = ?1 "
+             "kernel_us, bytes_in, bytes_out) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) "
              "ON CONFLICT(tenant, hour) DO UPDATE SET done = done + excluded.done, "
              "failed = failed + excluded.failed, canceled = canceled + excluded.canceled, "
              "expired = expired + excluded.expired, gpu_us = gpu_us + excluded.gpu_us, "
              "kernel_us = kernel_us + excluded.kernel_us, "
              "bytes_in = bytes_in + excluded.bytes_in, bytes_out = bytes_out + excluded.bytes_out"));
   const auto clamp = [](uint64_t v) { return static_cast<int64_t>(std::min<uint64_t>(v, INT64_MAX)); };
-  GPUQ_RETURN_IF_ERROR(
-      use->Bind(1, id)
-          .Bind(2, finished_ms / 3600000)
-          .Bind(3, int64_t{r.state == JobState::kDone})
-          .Bind(4, int64_t{r.state == JobState::kFailed})
-          .Bind(5, int64_t{r.state == JobState::kCanceled})
-          .Bind(6, int64_t{r.state == JobState::kExpired})
-          .Bind(7, clamp(r.timing.total_us - std::min(r.timing.total_us, r.timing.queue_us)))
-          .Bind(8, clamp(r.timing.kernel_us))
-          .Bind(9, clamp(r.input_bytes))
-          .Bind(10, clamp(bytes_out))
-          .Run());
+  for (const auto& [key, u] : usage_) {
+    GPUQ_RETURN_IF_ERROR(use->Bind(1, key.first)
+                             .Bind(2, key.second)
+                             .Bind(3, clamp(u.done))
+                             .Bind(4, clamp(u.failed))
+                             .Bind(5, clamp(u.canceled))
+                             .Bind(6, clamp(u.expired))
+                             .Bind(7, clamp(u.gpu_us))
+                             .Bind(8, clamp(u.kernel_us))
+                             .Bind(9, clamp(u.bytes_in))
+                             .Bind(10, clamp(u.bytes_out))
+                             .Run());
+  }
+  usage_.clear();
   return Status::Ok();
 }
 
@@ -713,6 +729,7 @@ StatusOr<ResumeSet> JobStore::LoadUnfinished(const schema::Limits& limits, int64
     r.code = Code::kIoError;
     r.error = "damaged in the job store: " + set.quarantined[i].reason;
     r.attempts = quarantined_attempts[i];
+    r.tenant = set.quarantined[i].tenant;
     if (Status f = Finish(r, {}, now_ms); !f.ok()) break;  // Commit() reports it
   }
   GPUQ_RETURN_IF_ERROR(Commit());

@@ -20,6 +20,7 @@
 #pragma once
 
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <optional>
 #include <string>
@@ -77,7 +78,8 @@ struct StoredResult {
   // Filled by GetResult only: data[i] is output i (argument outputs[i]):
   // files by path and size (not read), the others with their bytes.
   std::vector<StoredBuffer> data;
-  // For Finish: the job's input bytes, counted in its tenant's usage.
+  // For Finish: the job's tenant and input bytes, for its tenant's usage.
+  std::string tenant;
   uint64_t input_bytes = 0;
 };
 
@@ -259,7 +261,11 @@ class JobStore {
   // max(recorded_next_id_ (meta 'next_id'), MAX(jobs.id) + 1), both as
   // committed.
   uint64_t recorded_next_id_ = 1;
+  Status WriteUsage();
   bool purged_ = false;  // the open transaction deleted jobs rows
+  // The open transaction's usage (Finish), by tenant and hour: one upsert
+  // each at Commit, not one per result.
+  std::map<std::pair<std::string, int64_t>, schema::TenantUsage> usage_;
   bool in_tx_ = false;
   Status failure_;  // the first failed write of the open transaction: it must not commit
   // Files of the open transaction: written by it, or a peer's file it

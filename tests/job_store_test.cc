@@ -870,6 +870,7 @@ TEST_F(JobStoreTest, UsageCountsEveryResultByTenantAndHour) {
                     int64_t at_ms) {
     StoredResult r;
     r.id = id;
+    r.tenant = "t";
     r.state = state;
     r.code = state == JobState::kFailed ? Code::kKernelFault : Code::kOk;
     r.timing.queue_us = queue_us;
