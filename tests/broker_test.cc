@@ -702,6 +702,31 @@ TEST_F(CurveTest, ATenantsStatsShowItsOwnJobsAndAnOperatorSeesAll) {
   EXPECT_EQ(all["submitted"], 4);
 }
 
+TEST_F(CurveTest, ATenantSeesItsOwnUsageAndAnOperatorEveryTenants) {
+  Process worker = Worker("worker");
+  auto alpha = As("alpha"), beta = As("beta"), ops = As("ops");
+  for (auto* c : {alpha.get(), alpha.get(), beta.get()}) {
+    auto id = c->Submit(Job());
+    ASSERT_TRUE(id.ok()) << id.status().ToString();
+    auto r = c->Wait(*id, Millis(5000));
+    ASSERT_TRUE(r.ok()) << r.status().ToString();
+  }
+  auto mine = alpha->Usage();
+  ASSERT_TRUE(mine.ok()) << mine.status().ToString();
+  ASSERT_EQ(mine->size(), 1u);
+  EXPECT_EQ((*mine)[0].tenant, "alpha");
+  EXPECT_EQ((*mine)[0].done, 2u);
+  EXPECT_EQ(alpha->Usage("beta").status().code(), Code::kForbidden);
+  auto own_by_name = beta->Usage("beta");
+  ASSERT_TRUE(own_by_name.ok());
+  EXPECT_EQ((*own_by_name)[0].done, 1u);
+  auto all = ops->Usage();
+  ASSERT_TRUE(all.ok());
+  ASSERT_EQ(all->size(), 2u);
+  EXPECT_EQ((*all)[0].tenant, "alpha");
+  EXPECT_EQ((*all)[1].tenant, "beta");
+}
+
 TEST_F(CurveTest, OnlyWorkersWithAllowedKeysRegister) {
   Process rogue = Worker("rogue");
   auto alpha = As("alpha");
