@@ -920,6 +920,21 @@ Done GpuWorker::Impl::ExecuteLaunches(const std::shared_ptr<Task>& task, CUstrea
     task->progress.store(xs.progress);
   }
   if (job.graph) {
+    // Launch i as a kernel node: `fn`, its dimensions, its parameters.
+    auto node = [&](size_t i, CUfunction fn) {
+      const schema::LaunchSpec& l = job.launches[i].launch;
+      CUDA_KERNEL_NODE_PARAMS p = {};
+      p.func = fn;
+      p.gridDimX = l.grid.x;
+      p.gridDimY = l.grid.y;
+      p.gridDimZ = l.grid.z;
+      p.blockDimX = l.block.x;
+      p.blockDimY = l.block.y;
+      p.blockDimZ = l.block.z;
+      p.sharedMemBytes = l.shared_bytes;
+      p.kernelParams = params_of(i);
+      return p;
+    };
     const std::string shape = GraphShape(job);
     Graph* g = xs.graphs->Find(shape);
     if (!g) {
@@ -930,17 +945,7 @@ Done GpuWorker::Impl::ExecuteLaunches(const std::shared_ptr<Task>& task, CUstrea
       e = cu_->cuGraphCreate(&built.graph, 0);
       CUgraphNode prev = nullptr;
       for (size_t i = 0; i < n && e == CUDA_SUCCESS; ++i) {
-        const schema::LaunchSpec& l = job.launches[i].launch;
-        CUDA_KERNEL_NODE_PARAMS p = {};
-        p.func = fns[i];
-        p.gridDimX = l.grid.x;
-        p.gridDimY = l.grid.y;
-        p.gridDimZ = l.grid.z;
-        p.blockDimX = l.block.x;
-        p.blockDimY = l.block.y;
-        p.blockDimZ = l.block.z;
-        p.sharedMemBytes = l.shared_bytes;
-        p.kernelParams = params_of(i);
+        const CUDA_KERNEL_NODE_PARAMS p = node(i, fns[i]);
         CUgraphNode kernel = nullptr;
         e = cu_->cuGraphAddKernelNode(&kernel, built.graph, prev ? &prev : nullptr, prev ? 1 : 0,
                                       &p);
@@ -958,20 +963,9 @@ Done GpuWorker::Impl::ExecuteLaunches(const std::shared_ptr<Task>& task, CUstrea
       g = xs.graphs->Put(shape, std::move(built));
     } else {
       for (size_t i = 0; i < n; ++i) {
-        const schema::LaunchSpec& l = job.launches[i].launch;
-        CUDA_KERNEL_NODE_PARAMS p = {};
-        p.func = fns[i];
-        p.gridDimX = l.grid.x;
-        p.gridDimY = l.grid.y;
-        p.gridDimZ = l.grid.z;
-        p.blockDimX = l.block.x;
-        p.blockDimY = l.block.y;
-        p.blockDimZ = l.block.z;
-        p.sharedMemBytes = l.shared_bytes;
-        p.kernelParams = params_of(i);
         // The graph's own function (its module is kept with it): the same
         // kernel, perhaps from an earlier load of the module.
-        p.func = g->functions[i];
+        const CUDA_KERNEL_NODE_PARAMS p = node(i, g->functions[i]);
         e = cu_->cuGraphExecKernelNodeSetParams(g->exec, g->kernels[i], &p);
         if (e != CUDA_SUCCESS) return f.CuFail(e, which(i) + ": setting the graph's parameters");
       }
