@@ -13,7 +13,8 @@ import zmq.asyncio
 
 from gpuq import wire
 from gpuq.client import (REFETCH_S, Arg, CurveKeys, Dim, Error, Header, JobBuffer, Launch,
-                         OutSpecs, Result, Source, build_submit, open_socket, raise_for)
+                         OutSpecs, Result, Source, _usage_request, build_submit, open_socket,
+                         raise_for)
 
 
 class Client:
@@ -149,6 +150,13 @@ class Client:
         h, _ = await self._call({"op": "devices"})
         workers: List[Dict[str, Any]] = h["workers"]
         return workers
+
+    async def usage(self, tenant: Optional[str] = None, since_ms: int = 0,
+                    until_ms: int = 0) -> List[Dict[str, Any]]:
+        """What tenants used, as gpuq.Client.usage()."""
+        h, _ = await self._call(_usage_request(tenant, since_ms, until_ms))
+        usage: List[Dict[str, Any]] = h["usage"]
+        return usage
 
 
 AsyncClient = Client  # the name gpuq exports for it

@@ -440,6 +440,18 @@ def raise_for(header: Mapping[str, Any]) -> None:
                     header.get("retry_after_ms", 0), header.get("id", 0))
 
 
+
+def _usage_request(tenant: Optional[str], since_ms: int, until_ms: int) -> Dict[str, Any]:
+    """A usage request in canonical form (defaults left out)."""
+    request: Dict[str, Any] = {"op": "usage"}
+    if tenant:
+        request["tenant"] = tenant
+    if since_ms:
+        request["since_ms"] = since_ms
+    if until_ms:
+        request["until_ms"] = until_ms
+    return request
+
 class Client:
     """A connection to a gpuq broker.
 
@@ -668,3 +680,13 @@ class Client:
         h, _ = self._call({"op": "devices"})
         workers: List[Dict[str, Any]] = h["workers"]
         return workers
+
+    def usage(self, tenant: Optional[str] = None, since_ms: int = 0,
+              until_ms: int = 0) -> List[Dict[str, Any]]:
+        """What tenants used (PROTOCOL.md, "usage"): one dict per tenant, by
+        name, of the jobs that ended in [since_ms, until_ms) (Unix ms, to the
+        hour; until 0: now): done, failed, canceled, expired, gpu_us,
+        kernel_us, bytes_in, bytes_out."""
+        h, _ = self._call(_usage_request(tenant, since_ms, until_ms))
+        usage: List[Dict[str, Any]] = h["usage"]
+        return usage

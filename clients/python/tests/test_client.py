@@ -75,6 +75,27 @@ def test_cancel_status_stats_devices(service):
         assert c.devices()[0]["device"]["uuid"] == "GPU-py"
 
 
+def test_usage_by_tenant(service):
+    service.add_worker()
+    with gpuq.Client(service.client_endpoint) as c:
+        for tenant in ("guest-1", "guest-1", "guest-2"):
+            job = c.submit(KERNELS, "k", 1, 32, [gpuq.InOut(b"ab"), gpuq.Out(4)], tenant=tenant)
+            assert c.wait(job).ok
+        usage = c.usage()
+        assert [u["tenant"] for u in usage] == ["guest-1", "guest-2"]
+        assert usage[0]["done"] == 2
+        assert usage[0]["bytes_in"] == 4
+        assert usage[0]["bytes_out"] == 12
+        assert usage[0]["gpu_us"] > 0
+        assert c.usage("guest-2")[0]["done"] == 1
+        assert c.usage("guest-1", since_ms=1, until_ms=3600000) == []
+
+        async def main():
+            async with gpuq.aio.Client(service.client_endpoint) as a:
+                return await a.usage("guest-2")
+        assert asyncio.run(main())[0]["done"] == 1
+
+
 def test_many_in_flight_with_submit_async_and_poll(service):
     service.add_worker("--slots", "8")
     with gpuq.Client(service.client_endpoint) as c:
