@@ -621,17 +621,18 @@ Status JobStore::FinishRows(const StoredResult& r, const std::vector<std::string
 }
 
 Status JobStore::WriteUsage() {
-  GPUQ_ASSIGN_OR_RETURN(
-      sql::Stmt * use,
-      Cached("INSERT INTO usage(tenant, hour, done, failed, canceled, expired, gpu_us, "
-             "kernel_us, bytes_in, bytes_out) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) "
-             "ON CONFLICT(tenant, hour) DO UPDATE SET done = done + excluded.done, "
-             "failed = failed + excluded.failed, canceled = canceled + excluded.canceled, "
-             "expired = expired + excluded.expired, gpu_us = gpu_us + excluded.gpu_us, "
-             "kernel_us = kernel_us + excluded.kernel_us, "
-             "bytes_in = bytes_in + excluded.bytes_in, bytes_out = bytes_out + excluded.bytes_out"));
+  static constexpr char kUpsert[] =
+      "INSERT INTO usage(tenant, hour, done, failed, canceled, expired, gpu_us, "
+      "kernel_us, bytes_in, bytes_out) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) "
+      "ON CONFLICT(tenant, hour) DO UPDATE SET done = done + excluded.done, "
+      "failed = failed + excluded.failed, canceled = canceled + excluded.canceled, "
+      "expired = expired + excluded.expired, gpu_us = gpu_us + excluded.gpu_us, "
+      "kernel_us = kernel_us + excluded.kernel_us, "
+      "bytes_in = bytes_in + excluded.bytes_in, bytes_out = bytes_out + excluded.bytes_out";
   const auto clamp = [](uint64_t v) { return static_cast<int64_t>(std::min<uint64_t>(v, INT64_MAX)); };
   for (const auto& [key, u] : usage_) {
+    // Cached() resets the statement: one fetch per row.
+    GPUQ_ASSIGN_OR_RETURN(sql::Stmt * use, Cached(kUpsert));
     GPUQ_RETURN_IF_ERROR(use->Bind(1, key.first)
                              .Bind(2, key.second)
                              .Bind(3, clamp(u.done))

@@ -6,6 +6,8 @@
 #include "broker/job_store.h"
 
 #include <gtest/gtest.h>
+
+#include <tuple>
 #include <signal.h>
 #include <sqlite3.h>
 #include <sys/resource.h>
@@ -913,12 +915,33 @@ TEST_F(JobStoreTest, UsageCountsEveryResultByTenantAndHour) {
   auto other = store().GetUsage("someone-else", 0, 0);
   ASSERT_OK(other);
   EXPECT_TRUE(other->empty());
+  // Several tenants and hours in one transaction (one row written for each).
+  const uint64_t d = *Accept(store(), {}), e = *Accept(store(), {}), f = *Accept(store(), {});
+  ASSERT_OK(store().Begin());
+  for (auto [id, tenant, at] : {std::tuple{d, "u", 5 * hour}, std::tuple{e, "t", 5 * hour},
+                                std::tuple{f, "u", 9 * hour}}) {
+    StoredResult r;
+    r.id = id;
+    r.tenant = tenant;
+    r.timing.queue_us = 1;
+    r.timing.total_us = 11;
+    ASSERT_OK(store().Finish(r, {}, at));
+  }
+  ASSERT_OK(store().Commit());
+  auto both = store().GetUsage("", 0, 0);
+  ASSERT_OK(both);
+  ASSERT_EQ(both->size(), 2u);
+  EXPECT_EQ((*both)[0].tenant, "t");
+  EXPECT_EQ((*both)[0].done, 2u);
+  EXPECT_EQ((*both)[1].tenant, "u");
+  EXPECT_EQ((*both)[1].done, 2u);
+  EXPECT_EQ((*both)[1].gpu_us, 20u);
   // A purge of the results leaves the usage.
   ASSERT_OK(Purge(store(), 100 * hour));
   auto kept = store().GetUsage("", 0, 0);
   ASSERT_OK(kept);
-  ASSERT_EQ(kept->size(), 1u);
-  EXPECT_EQ((*kept)[0].done, 1u);
+  ASSERT_EQ(kept->size(), 2u);
+  EXPECT_EQ((*kept)[0].done, 2u);
 }
 
 }  // namespace

@@ -53,44 +53,53 @@ class TenantsTest : public BrokerTest {
 TEST_F(TenantsTest, GpuTimeDividesByWeightAmongBackloggedTenants) {
   ASSERT_TRUE(StartWith(R"({"tenants": {"heavy": {"weight": 3}, "light": {"weight": 1}}})"))
       << Log();
-  AddWorker({"--slots", "4"});
   auto c = Connect();
-  ASSERT_TRUE(WaitForWorkers(*c, 1));
-  // Warm the kernel cache, so that both tenants start together.
-  auto warm = c->Submit(As("light", "ms10"));
-  ASSERT_TRUE(warm.ok());
-  ASSERT_TRUE(c->Wait(*warm).ok());
-  // heavy's jobs take 10 ms, light's 20: round robin would give light two
-  // thirds of the GPU time; the weights give it a quarter.
+  // Every job queued before a worker comes, so that both tenants are
+  // backlogged from the first dispatch. heavy's jobs take 10 ms, light's
+  // 20: round robin would give light two thirds of the GPU time; the
+  // weights give it a quarter.
+  std::map<uint64_t, bool> heavy_rid, heavy_job;
   for (int i = 0; i < 240; ++i) {
     const bool heavy = i % 2 == 0;
-    auto id = c->SubmitAsync(As(heavy ? "heavy" : "light", heavy ? "ms10" : "ms20"));
-    ASSERT_TRUE(id.ok());
+    auto rid = c->SubmitAsync(As(heavy ? "heavy" : "light", heavy ? "ms10" : "ms20"));
+    ASSERT_TRUE(rid.ok());
+    heavy_rid[*rid] = heavy;
   }
-  std::vector<JobResult> results;
-  while (results.size() < 240) {
+  while (heavy_job.size() < 240) {
     auto e = c->Poll(Millis(10000));
     ASSERT_TRUE(e.ok()) << e.status().ToString();
-    if (e->kind == Client::Event::kResult) {
-      ASSERT_EQ(e->result.state, JobState::kDone) << e->result.error;
-      results.push_back(e->result);
-    }
+    ASSERT_EQ(e->kind, Client::Event::kAccepted) << e->error.ToString();
+    heavy_job[e->id] = heavy_rid.at(e->rid);
   }
-  // Dispatch instants (queue time after a common start) and GPU time held.
+  AddWorker({"--slots", "4"});
+  // Each job's time on the worker: from dispatch to result (the broker's
+  // timing), placed on the client's clock by when its result came.
+  struct Ran {
+    bool heavy;
+    double start_us, held_us;
+  };
+  std::vector<Ran> ran;
+  const auto t0 = std::chrono::steady_clock::now();
+  while (ran.size() < 240) {
+    auto e = c->Poll(Millis(20000));
+    ASSERT_TRUE(e.ok()) << e.status().ToString() << Log();
+    if (e->kind != Client::Event::kResult) continue;
+    ASSERT_EQ(e->result.state, JobState::kDone) << e->result.error;
+    const double now =
+        std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count();
+    const double held = static_cast<double>(e->result.timing.total_us - e->result.timing.queue_us);
+    ran.push_back({heavy_job.at(e->result.id), now - held, held});
+  }
   // The window: until the last of heavy's jobs started, while both were
   // backlogged.
-  auto gpu_held = [](const JobResult& r) {
-    return static_cast<double>(r.timing.total_us - r.timing.queue_us);
-  };
-  // Tell tenants apart by their job's length: 10 ms is heavy's, 20 light's.
-  uint64_t heavy_last_start = 0;
-  for (const JobResult& r : results) {
-    if (gpu_held(r) < 15000) heavy_last_start = std::max(heavy_last_start, r.timing.queue_us);
+  double heavy_last_start = 0;
+  for (const Ran& r : ran) {
+    if (r.heavy) heavy_last_start = std::max(heavy_last_start, r.start_us);
   }
   double heavy = 0, light = 0;
-  for (const JobResult& r : results) {
-    if (r.timing.queue_us > heavy_last_start) continue;
-    (gpu_held(r) < 15000 ? heavy : light) += gpu_held(r);
+  for (const Ran& r : ran) {
+    if (r.start_us > heavy_last_start) continue;
+    (r.heavy ? heavy : light) += r.held_us;
   }
   const double share = heavy / (heavy + light);
   std::printf("heavy (weight 3) held the GPU %.1f%% of the time both were backlogged "
