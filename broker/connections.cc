@@ -61,6 +61,12 @@ void ClientConnections::DrainEvents() {
 ConnectionRef ClientConnections::Seen(const std::string& routing_id, int fd) {
   auto it = by_id_.find(routing_id);
   if (it == by_id_.end() || it->second.fd != fd) {
+    // A connection new to the registry. Its descriptor may be one a
+    // connection that has gone had: that one's disconnect was queued on the
+    // monitor before the descriptor was closed, so before this connection
+    // existed. Taken now, it ends the old connection, not this one.
+    DrainEvents();
+    it = by_id_.find(routing_id);
     if (it != by_id_.end()) by_fd_[it->second.fd].erase(routing_id);
     Conn& c = by_id_[routing_id];
     c = Conn();

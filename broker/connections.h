@@ -11,7 +11,10 @@
 // The registry learns that a connection has gone from the socket monitor
 // (ZMQ_EVENT_DISCONNECTED, by file descriptor) and tells a new connection
 // from an old one of the same id by the descriptor its messages come from
-// (ZMQ_SRCFD). An id can pass to another connection only after the ROUTER
+// (ZMQ_SRCFD). A descriptor is reused by the kernel: ZeroMQ queues a
+// connection's disconnect before it closes the descriptor, so the registry
+// drains the monitor before it takes in a connection it has not seen, and a
+// late disconnect never ends the next holder of the descriptor. An id can pass to another connection only after the ROUTER
 // has dropped the first one's pipe, which happens after the disconnect event
 // is queued; the loop drains the monitor before it sends what it did not
 // just receive a request for (pushes, and replies after a commit), so it

@@ -718,5 +718,54 @@ TEST_F(BrokerTest, AFetchedResultIsTheResultThatWasPushed) {
 
 // ------------------------------------------------------------ CURVE stats
 
+
+// A client that closes its connection and another that connects at once get
+// the same descriptor from the kernel. The first one's disconnect, taken
+// from the socket monitor after the second's first message, must not end
+// the second's connection: its `accepted` (sent after the commit, in a later
+// turn of the loop) and its result would go nowhere.
+TEST_F(BrokerTest, ANewConnectionOnAReusedDescriptorGetsItsReplies) {
+  // Another client keeps the loop turning, so that a disconnect and a new
+  // connection's first message can land in one turn.
+  std::atomic<bool> stop{false};
+  std::vector<std::thread> busy;
+  for (int t = 0; t < 2; ++t) {
+    busy.emplace_back([&] {
+      RawClient b(broker_->client_endpoint());
+      for (uint64_t rid = 1; !stop;) {
+        for (int k = 0; k < 64; ++k, ++rid) {
+          schema::ClientRequest r;
+          r.op = schema::ClientOp::kStats;
+          r.rid = rid;
+          b.Send(r);
+        }
+        for (int k = 0; k < 64; ++k) (void)b.Receive(std::chrono::milliseconds(1000));
+      }
+    });
+  }
+  int lost = 0;
+  for (int i = 0; i < 300; ++i) {
+    {
+      RawClient before(broker_->client_endpoint());
+      schema::ClientRequest r;
+      r.op = schema::ClientOp::kStats;
+      r.rid = 1;
+      before.Send(r);
+      ASSERT_TRUE(before.Receive());
+    }
+    RawClient after(broker_->client_endpoint());
+    after.Send(SubmitRequest(1), {"ab"});
+    auto reply = after.Receive(std::chrono::milliseconds(3000));
+    if (!reply) {
+      ++lost;
+    } else {
+      EXPECT_EQ(reply->header.op, schema::ReplyOp::kAccepted);
+    }
+  }
+  stop = true;
+  for (auto& t : busy) t.join();
+  EXPECT_EQ(lost, 0) << "submits whose acceptance never came";
+}
+
 }  // namespace
 }  // namespace gpuq
