@@ -45,10 +45,12 @@ BrokerCore::BrokerCore(const BrokerOptions& options, const Clock* clock, zmq::so
   started_ = clock_->Now();
 }
 
-void BrokerCore::LeftGpu(Job& job) {
+void BrokerCore::LeftGpu(Job& job, bool ended) {
   tenants_.Stopped(job.tenant);
-  jobs_.scheduler().Settle(job.tenant, job.charged_us,
-                           static_cast<double>(MicrosBetween(job.dispatched, clock_->Now())));
+  if (ended) {
+    jobs_.scheduler().Settle(job.tenant, job.charged_us,
+                             static_cast<double>(MicrosBetween(job.dispatched, clock_->Now())));
+  }
   job.charged_us = 0;
 }
 
@@ -447,7 +449,7 @@ void BrokerCore::Finish(Job& job, JobState state, Code code, std::string error,
   t.total_us = MicrosBetween(job.accepted, now);
   if (!IsTerminal(state)) state = JobState::kFailed;
   if (ran) {
-    LeftGpu(job);
+    LeftGpu(job, /*ended=*/true);
     if (Worker* w = workers_.Find(job.worker)) {
       // The slot stays taken until the worker answers.
       if (state == JobState::kCanceled) workers_.Abandon(*w, job.id);

@@ -62,9 +62,11 @@ class BrokerCore {
              zmq::socket_t& workers, std::unique_ptr<StoreThread> store,
              std::unique_ptr<compile::CompileService> compiler, uint64_t next_id,
              uint64_t epoch, std::function<void()> wake, TenantPolicies tenants);
-  // A dispatched job leaves its GPU (it ended, or is requeued): its tenant's
-  // running count and GPU time.
-  void LeftGpu(Job& job);
+  // A dispatched job leaves its GPU: its tenant's running count, and its
+  // GPU time. An ended job's tenant is charged the time it held the GPU; a
+  // requeued one's (its worker was lost: the time is not the job's doing,
+  // and can be long) keeps the estimate its dispatch charged.
+  void LeftGpu(Job& job, bool ended);
   // Applies new tenant policies (a reload of the tenants file).
   void SetTenantPolicies(TenantPolicies policies);
   // Stops the compile service and the store thread first: their last

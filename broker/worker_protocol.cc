@@ -288,7 +288,7 @@ void BrokerCore::Requeue(const Worker& w, const std::map<uint64_t, Worker::Held>
     // Requeued as a suspect: it runs alone next time, and is judged then.
     if (!lives) job->suspect = true;
     ++counters_.requeued;
-    LeftGpu(*job);
+    LeftGpu(*job, /*ended=*/false);
     batch_->attempts.push_back({job->id, job->attempts, job->suspect});
     jobs_.Queue(*job);
   }
