@@ -5,6 +5,8 @@
 // to pass.
 #include <gtest/gtest.h>
 
+#include <map>
+
 #include <thread>
 
 #include "broker/broker.h"
@@ -182,6 +184,38 @@ TEST_F(ClockBrokerTest, ASilentWorkerIsLostAndItsJobRunsElsewhere) {
   JobResult r = WaitEnded(*id);
   EXPECT_EQ(r.state, JobState::kDone);
   EXPECT_EQ(r.attempts, 2u);
+}
+
+// A job whose worker is lost leaves its tenant charged with what its
+// dispatch estimated, not with the time it was stuck: that tenant's jobs
+// keep their turns among another tenant's.
+TEST_F(ClockBrokerTest, ALostWorkersTimeIsNotChargedToTheTenant) {
+  Start();
+  std::map<uint64_t, std::string> tenant_of;
+  for (int i = 0; i < 8; ++i) {
+    JobRequest j = Job();
+    j.spec.tenant = i < 4 ? "a" : "b";
+    auto id = client_->Submit(j);
+    ASSERT_TRUE(id.ok());
+    tenant_of[*id] = j.spec.tenant;
+  }
+  auto silent = Worker("sm_90", "GPU-silent");
+  auto first = silent->Receive();
+  ASSERT_TRUE(first && first->header.op == BrokerOp::kJob);
+  EXPECT_EQ(tenant_of[first->header.id], "a") << "ties go in name order";
+  clock_.Advance(std::chrono::seconds(31));  // the worker is lost, the job requeued
+  auto other = Worker("sm_90", "GPU-other");
+  std::string order;
+  for (int i = 0; i < 4; ++i) {
+    auto job = other->Receive();
+    ASSERT_TRUE(job && job->header.op == BrokerOp::kJob) << "after " << order;
+    order += tenant_of[job->header.id];
+    clock_.Advance(std::chrono::milliseconds(10));  // each held its GPU 10 ms
+    other->Done(*job);
+  }
+  // Charged the 31 s, tenant a would wait until b's queue is empty: "bbbb".
+  EXPECT_NE(order.find('a'), std::string::npos) << order;
+  EXPECT_NE(order.find('b'), std::string::npos) << order;
 }
 
 TEST_F(ClockBrokerTest, TheBrokerEndsAJobPastItsLimitAndLosesItsWorker) {
