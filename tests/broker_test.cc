@@ -193,6 +193,13 @@ TEST_F(BrokerTest, HigherPriorityRunsFirst) {
 }
 
 TEST_F(BrokerTest, OneTenantsFloodDoesNotStarveAnother) {
+#if defined(__SANITIZE_THREAD__)
+  // Shares of GPU time measured from jobs of 5-20 ms: under ThreadSanitizer
+  // a job now and then holds its worker for hundreds of ms (the
+  // instrumentation's own work: 223 ms measured), which is charged as GPU
+  // time and swamps the measure. The ASan and Release builds run it.
+  GTEST_SKIP() << "timing shares are not measurable under ThreadSanitizer";
+#endif
   auto c = Connect();
   for (int i = 0; i < 40; ++i) {
     JobRequest j = Job("k", "x");
@@ -206,19 +213,37 @@ TEST_F(BrokerTest, OneTenantsFloodDoesNotStarveAnother) {
     small.insert(*c->Submit(j));
   }
   AddWorker({"--slots", "1", "--delay-us", "5000"});
-  std::vector<uint64_t> order;
-  while (order.size() < 44) {
+  // Each job's time on the worker (dispatch to result), placed on the
+  // client's clock by when its result came.
+  struct Ran {
+    bool small;
+    double start_us, held_us;
+  };
+  std::vector<Ran> ran;
+  const auto t0 = std::chrono::steady_clock::now();
+  while (ran.size() < 44) {
     auto e = c->Poll(Millis(20000));
     ASSERT_TRUE(e.ok()) << e.status().ToString();
-    if (e->kind == Client::Event::kResult) order.push_back(e->id);
+    if (e->kind != Client::Event::kResult) continue;
+    const double now =
+        std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count();
+    const double held = static_cast<double>(e->result.timing.total_us - e->result.timing.queue_us);
+    ran.push_back({small.count(e->id) > 0, now - held, held});
   }
-  size_t last_small = 0;
-  for (size_t i = 0; i < order.size(); ++i) {
-    if (small.count(order[i])) last_small = i;
+  // Equal weights: while both had jobs queued (until either's last job
+  // started), each held the GPU about half the time, whatever the lengths
+  // of the jobs. First in, first out would give the small tenant nothing
+  // until the flood had run.
+  double last[2] = {0, 0};
+  for (const Ran& r : ran) last[r.small] = std::max(last[r.small], r.start_us);
+  const double window = std::min(last[0], last[1]);
+  double held[2] = {0, 0};
+  for (const Ran& r : ran) {
+    if (r.start_us <= window) held[r.small] += r.held_us;
   }
-  // Round robin: the small tenant's 4 jobs are among the first ~8 to run,
-  // not behind the 40 of the flood.
-  EXPECT_LT(last_small, 12u);
+  const double share = held[1] / (held[0] + held[1]);
+  EXPECT_GT(share, 0.3) << "the small tenant's share of GPU time: " << share;
+  EXPECT_LT(share, 0.7) << "the small tenant's share of GPU time: " << share;
 }
 
 TEST_F(BrokerTest, ModulesAreSentOnceAndTheWorkersSetStaysInStep) {

@@ -51,6 +51,13 @@ class TenantsTest : public BrokerTest {
 };
 
 TEST_F(TenantsTest, GpuTimeDividesByWeightAmongBackloggedTenants) {
+#if defined(__SANITIZE_THREAD__)
+  // Shares of GPU time measured from jobs of 5-20 ms: under ThreadSanitizer
+  // a job now and then holds its worker for hundreds of ms (the
+  // instrumentation's own work: 223 ms measured), which is charged as GPU
+  // time and swamps the measure. The ASan and Release builds run it.
+  GTEST_SKIP() << "timing shares are not measurable under ThreadSanitizer";
+#endif
   ASSERT_TRUE(StartWith(R"({"tenants": {"heavy": {"weight": 3}, "light": {"weight": 1}}})"))
       << Log();
   auto c = Connect();
