@@ -198,6 +198,12 @@ Status Broker::Impl::Init() {
                                        epoch, [this] { Wake(); }, std::move(tenants));
   GPUQ_RETURN_IF_ERROR(core_->connections().Monitor(ctx_, client_sock_, "clients"));
   core_->quarantined = resume.quarantined.size();
+  core_->regions().SetLimits(opt_.regions);
+  // The region channel (PROTOCOL.md, "Regions"), for clients and workers of
+  // this host. Without it the broker serves all else.
+  if (Status s = core_->region_server().Listen(schema::RegionSocketPath(local_dir_)); !s.ok()) {
+    spdlog::warn("no region channel (regions cannot be registered): {}", s.ToString());
+  }
 
   // Resume: every job not ended is queued again, its inputs left on disk.
   const MonoTime now = clock_->Now();
@@ -226,6 +232,14 @@ Status Broker::Impl::Init() {
     Job& j = core_->jobs().Add(std::move(job));
     j.last_matched = now;
     core_->jobs().Queue(j);
+    // Its regions were this broker's predecessor's: memory of clients that
+    // must hand it over again. It never runs on what is there now.
+    if (NamesRegions(*j.spec)) {
+      j.regions = true;
+      core_->Finish(j, schema::JobState::kFailed, Code::kUnavailable,
+                    "the broker restarted before the job ran, and the regions it names ended "
+                    "with it");
+    }
   }
   resumed_ = resume.jobs.size();
 
@@ -326,17 +340,20 @@ Status Broker::Impl::Run() {
   const auto tick = std::min<std::chrono::milliseconds>(opt_.heartbeat / 4,
                                                         std::chrono::milliseconds(20));
   while (!stop_.load()) {
-    zmq::pollitem_t items[] = {{client_sock_.handle(), 0, ZMQ_POLLIN, 0},
-                               {worker_sock_.handle(), 0, ZMQ_POLLIN, 0},
-                               {nullptr, wake_fd_.get(), ZMQ_POLLIN, 0},
-                               {core_->connections().events().handle(), 0, ZMQ_POLLIN, 0}};
+    std::vector<zmq::pollitem_t> items = {{client_sock_.handle(), 0, ZMQ_POLLIN, 0},
+                                          {worker_sock_.handle(), 0, ZMQ_POLLIN, 0},
+                                          {nullptr, wake_fd_.get(), ZMQ_POLLIN, 0},
+                                          {core_->connections().events().handle(), 0,
+                                           ZMQ_POLLIN, 0}};
+    constexpr size_t kFixed = 4;
+    core_->region_server().PollItems(&items);
     auto timeout = tick;
     if (opt_.spin.count() > 0 && clock_->Now() - last_message_ < opt_.spin) {
       timeout = std::chrono::milliseconds(0);
     }
     const MonoTime idle_from = clock_->Now();
     try {
-      zmq::poll(items, 4, timeout);
+      zmq::poll(items.data(), items.size(), timeout);
     } catch (const zmq::error_t& e) {
       if (e.num() != EINTR) return Error(Code::kInternal, std::string("poll: ") + e.what());
     }
@@ -364,6 +381,7 @@ Status Broker::Impl::Run() {
       }
     }
     core_->connections().DrainEvents();
+    if (items.size() > kFixed) core_->region_server().OnPoll(items.data() + kFixed, items.size() - kFixed);
     // What is ready, in rounds of a few messages from each side, so that
     // neither side starves the other; between rounds the store's finished
     // batches are taken and the next one handed over, and jobs are sent,

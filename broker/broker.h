@@ -19,6 +19,7 @@
 
 #include "broker/compile/compile_service.h"
 #include "broker/job_store.h"
+#include "broker/regions.h"
 #include "schema/messages.h"
 #include "util/clock.h"
 #include "util/curve_keys.h"
@@ -55,6 +56,8 @@ struct BrokerOptions {
   // Create() (an error fails it) and again at each Reload().
   std::string tenants_path;
   schema::Limits limits;
+  // Registered regions per tenant (PROTOCOL.md, "Regions").
+  RegionLimits regions;
   // CURVE (schema/PROTOCOL.md, "Security"). With a server secret key, the
   // client endpoint admits only the keys of `allowed_clients` (public key ->
   // tenant, and whether it is an operator's) and binds each connection to

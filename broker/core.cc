@@ -433,7 +433,19 @@ void BrokerCore::Forget(Job& job) {
                               [&](const AttemptsOp& op) { return op.id == id; }),
                att->end());
   }
+  if (job.regions) ReleaseRegions(id);
   jobs_.Remove(id);
+}
+
+void BrokerCore::RegionEnded(uint64_t id, uint64_t region, const std::string& why) {
+  Job* job = jobs_.Find(id);
+  if (!job || job->ended() || job->state == JobState::kDispatched) return;
+  Finish(*job, JobState::kFailed, Code::kUnavailable,
+         "region " + std::to_string(region) + " ended (" + why + ") before the job ran");
+}
+
+void BrokerCore::ReleaseRegions(uint64_t id) {
+  for (uint64_t gone : regions_.Release(id)) region_server_.Dropped(gone);
 }
 
 void BrokerCore::Finish(Job& job, JobState state, Code code, std::string error,
@@ -448,13 +460,20 @@ void BrokerCore::Finish(Job& job, JobState state, Code code, std::string error,
   t.cache_hit = job.cache_hit && !job.modules.empty();
   t.total_us = MicrosBetween(job.accepted, now);
   if (!IsTerminal(state)) state = JobState::kFailed;
+  bool abandoned = false;
   if (ran) {
     LeftGpu(job, /*ended=*/true);
     if (Worker* w = workers_.Find(job.worker)) {
       // The slot stays taken until the worker answers.
-      if (state == JobState::kCanceled) workers_.Abandon(*w, job.id);
+      if (state == JobState::kCanceled) {
+        workers_.Abandon(*w, job.id);
+        abandoned = true;
+      }
     }
   }
+  // A canceled job still running holds its regions' ranges until its
+  // worker answers (or is lost): it may write them until then.
+  if (job.regions && !abandoned) ReleaseRegions(job.id);
   FinishOp op;
   StoredResult& r = op.result;
   r.id = job.id;
@@ -545,6 +564,11 @@ StatsSnapshot BrokerCore::Snapshot(const RequestContext* ctx) {
     }
   }
   s.workers = WorkerViews();
+  for (const auto& [id, r] : regions_.all()) {
+    if (s.regions.size() >= StatsSnapshot::kMaxRegionViews) break;
+    if (!all && r.tenant != ctx->tenant) continue;
+    s.regions.push_back({id, r.tenant, r.size, r.jobs.size(), r.ended});
+  }
   if (all) {
     for (const auto& v : s.workers) s.inflight_by_worker[v.worker] = v.inflight;
     s.cache_entries = cache_entries.load(std::memory_order_relaxed);

@@ -35,6 +35,7 @@
 #include "broker/job_table.h"
 #include "broker/tenants.h"
 #include "broker/metrics.h"
+#include "broker/regions.h"
 #include "broker/request_context.h"
 #include "broker/store_thread.h"
 #include "broker/worker_registry.h"
@@ -80,6 +81,8 @@ class BrokerCore {
   TenantLimits& tenants() { return tenants_; }
   WorkerRegistry& workers() { return workers_; }
   compile::CompileService& compiler() { return *compiler_; }
+  RegionTable& regions() { return regions_; }
+  RegionServer& region_server() { return region_server_; }
   StatsSnapshot& counters() { return counters_; }
   const std::string& local_dir() const { return local_dir_; }
   // Clients on the ipc endpoint share this host (PROTOCOL.md, "Local buffers").
@@ -127,6 +130,12 @@ class BrokerCore {
               const schema::Timing& timing = {}, std::vector<uint32_t> outputs = {},
               Frames frames = {}, const std::string& device = "",
               std::vector<schema::LocalFile> files = {});
+  // Region `region`, which job `id` names, has ended (`why`): the job fails
+  // unless it is already running.
+  void RegionEnded(uint64_t id, uint64_t region, const std::string& why);
+  // Job `id` no longer touches its regions (it ended, or its worker answered
+  // an abandoned attempt): regions waiting only for it are dropped.
+  void ReleaseRegions(uint64_t id);
   // Ends a job at a client's request; the reply comes after the commit.
   void Cancel(Job& job, const RequestContext& ctx);
   // Compiles `job` for `arch` unless it has been, or is being.
@@ -220,6 +229,8 @@ class BrokerCore {
   JobTable jobs_;
   TenantLimits tenants_;
   WorkerRegistry workers_;
+  RegionTable regions_;
+  RegionServer region_server_{*this};
   std::unique_ptr<Batch> batch_ = std::make_unique<Batch>();
   // Jobs to send to each worker at the end of this iteration, in order.
   struct Outbox {

@@ -170,6 +170,11 @@ bool BrokerCore::Matches(const Job& job, const Worker& w) const {
   if (!p.arch.empty() && p.arch != w.arch) return false;
   if (!p.gpu.empty() && p.gpu != w.device.uuid) return false;
   if (p.min_free_bytes && w.device.total_bytes < p.min_free_bytes) return false;
+  // Regions are mapped by the workers of this host that have their region
+  // channel; a job whose region has ended runs nowhere.
+  if (job.regions && (!w.local || !region_server_.HasWorker(w.token) || !regions_.Live(job.id))) {
+    return false;
+  }
   return true;
 }
 
@@ -329,7 +334,8 @@ void BrokerCore::SendLoaded(Worker& w, Job& job) {
     m.files.push_back({job.inputs[as_file[k]].path, job.inputs[as_file[k]].size});
   }
   for (auto& a : spec.multi() ? m.buffers : m.args) {
-    if (a.kind == schema::ArgKind::kIn || a.kind == schema::ArgKind::kInOut) {
+    if ((a.kind == schema::ArgKind::kIn || a.kind == schema::ArgKind::kInOut) &&
+        !a.in_region()) {
       a.frame = a.frame < index.size() ? index[a.frame] : a.frame;
     }
   }

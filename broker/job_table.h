@@ -50,6 +50,9 @@ struct Job {
   std::shared_ptr<const schema::JobSpec> spec;
   std::vector<JobInput> inputs;
   uint64_t input_bytes = 0;
+  // Buffers in registered regions (broker/regions.h): it names some, and
+  // some of those it writes (out, inout).
+  bool regions = false, region_writes = false;
 
   schema::JobState state = schema::JobState::kQueued;
   bool durable = false;   // its row has committed

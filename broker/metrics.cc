@@ -72,7 +72,22 @@ std::string Escape(const std::string& s) {
 std::string EncodeStats(const StatsSnapshot& s) {
   msgpack::sbuffer buf;
   Packer p(buf);
-  p.pack_map(s.tenant_view ? 6 : 18);
+  p.pack_map(s.tenant_view ? 7 : 19);
+  Str(p, "regions");
+  p.pack_array(static_cast<uint32_t>(s.regions.size()));
+  for (const StatsSnapshot::RegionView& r : s.regions) {
+    p.pack_map(5);
+    Str(p, "region");
+    p.pack_uint64(r.id);
+    Str(p, "tenant");
+    Str(p, r.tenant);
+    Str(p, "size");
+    p.pack_uint64(r.size);
+    Str(p, "jobs");
+    p.pack_uint64(r.jobs);
+    Str(p, "ended");
+    p.pack(r.ended);
+  }
   Str(p, "queued");
   p.pack_uint64(s.queued);
   Str(p, "queued_by_priority");
@@ -205,6 +220,22 @@ std::string PrometheusText(const StatsSnapshot& s) {
   gauge("gpuq_tenant_jobs_queued", "Jobs waiting to be dispatched, by tenant.");
   for (const auto& [t, n] : s.queued_by_tenant) {
     o << "gpuq_tenant_jobs_queued{tenant=\"" << Escape(t) << "\"} " << n << "\n";
+  }
+  {
+    std::map<std::string, std::pair<uint64_t, uint64_t>> by_tenant;  // count, bytes
+    for (const StatsSnapshot::RegionView& r : s.regions) {
+      auto& [n, bytes] = by_tenant[r.tenant];
+      ++n;
+      bytes += r.size;
+    }
+    gauge("gpuq_tenant_regions", "Registered regions, by tenant.");
+    for (const auto& [t, v] : by_tenant) {
+      o << "gpuq_tenant_regions{tenant=\"" << Escape(t) << "\"} " << v.first << "\n";
+    }
+    gauge("gpuq_tenant_region_bytes", "Bytes of registered regions, by tenant.");
+    for (const auto& [t, v] : by_tenant) {
+      o << "gpuq_tenant_region_bytes{tenant=\"" << Escape(t) << "\"} " << v.second << "\n";
+    }
   }
   gauge("gpuq_jobs_inflight", "Jobs dispatched to a worker and not yet finished.");
   o << "gpuq_jobs_inflight " << s.inflight << "\n";

@@ -73,6 +73,15 @@ struct StatsSnapshot {
   std::map<std::string, Histogram> latency;  // by phase (kPhases)
   uint64_t cache_hits = 0, cache_misses = 0, cache_entries = 0, cache_bytes = 0;
   std::vector<schema::WorkerView> workers;
+  // Registered regions (a tenant's view: its own), at most kMaxRegionViews.
+  struct RegionView {
+    uint64_t id = 0;
+    std::string tenant;
+    uint64_t size = 0, jobs = 0;
+    bool ended = false;
+  };
+  std::vector<RegionView> regions;
+  static constexpr size_t kMaxRegionViews = 1024;
   double uptime_s = 0;
 };
 

@@ -38,9 +38,11 @@ Status CheckOutputs(const Job& job, const WorkerMessage& m, const Frames& frames
   for (size_t i = 0; i < m.outputs.size(); ++i) {
     const uint32_t a = m.outputs[i];
     if (a >= args.size() ||
-        (args[a].kind != schema::ArgKind::kOut && args[a].kind != schema::ArgKind::kInOut)) {
+        (args[a].kind != schema::ArgKind::kOut && args[a].kind != schema::ArgKind::kInOut) ||
+        args[a].in_region()) {
       return Error(Code::kInternal, "output " + std::to_string(i) + " names argument " +
-                                        std::to_string(a) + ", which is not an out or inout buffer");
+                                        std::to_string(a) +
+                                        ", which is not an out or inout buffer sent back");
     }
     if (seen[a]) {
       return Error(Code::kInternal, "argument " + std::to_string(a) + " has two outputs");
@@ -59,7 +61,7 @@ Status CheckOutputs(const Job& job, const WorkerMessage& m, const Frames& frames
   }
   for (size_t a = 0; a < args.size(); ++a) {
     if ((args[a].kind == schema::ArgKind::kOut || args[a].kind == schema::ArgKind::kInOut) &&
-        !seen[a]) {
+        !args[a].in_region() && !seen[a]) {
       return Error(Code::kInternal, "the output of argument " + std::to_string(a) + " is missing");
     }
   }
@@ -206,6 +208,9 @@ void BrokerCore::OnWorkerResult(Worker& w, WorkerMessage& m, Frames& frames) {
   // result from an earlier attempt or another broker lifetime changes
   // nothing at all); the files it names are removed.
   const auto held = workers_.TakeResult(w, m.id, m.attempt);
+  // An abandoned attempt (canceled while it ran) has now stopped writing
+  // its regions.
+  if (held == WorkerRegistry::ResultFor::kAbandoned) ReleaseRegions(m.id);
   if (held != WorkerRegistry::ResultFor::kCurrent) return DropPeerFiles(m.files, schema::kWorkerFilePrefix);
   Job* job = jobs_.Find(m.id);
   if (!job || job->state != JobState::kDispatched || job->worker != w.id ||
@@ -275,6 +280,16 @@ void BrokerCore::Requeue(const Worker& w, const std::map<uint64_t, Worker::Held>
     // shared it are suspects, replayed one at a time. A worker that lives
     // on (it lost touch with the broker and registered again) convicts no
     // one, and makes no one a suspect.
+    // A job that writes a region is not run again: the lost attempt may
+    // have written part of its ranges (an inout range read again would not
+    // be what the client put there), and may still be writing them.
+    if (job->region_writes) {
+      Finish(*job, JobState::kFailed, Code::kUnavailable,
+             "its worker was lost while it ran (" + why +
+                 "); a job that writes a region is not run again, and its ranges may hold "
+                 "part of its output");
+      continue;
+    }
     if (job->suspect && alone && !lives) {
       Finish(*job, JobState::kFailed, Code::kKernelFault,
              "its worker died while running it alone (" + why + ")");

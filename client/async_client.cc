@@ -66,7 +66,7 @@ class AsyncClient::Impl {
     bool large = false;
     for (std::string_view in : job.inputs) large |= in.size() >= opt_.local_min_bytes;
     for (const schema::Arg& a : job.spec.buffer_list()) {
-      large |= a.kind == schema::ArgKind::kOut && a.size >= opt_.local_min_bytes;
+      large |= a.kind == schema::ArgKind::kOut && !a.in_region() && a.size >= opt_.local_min_bytes;
     }
     if (large && local_possible_) {
       // Local buffers: large inputs become files of the broker's local

@@ -16,6 +16,8 @@
 #include <zmq_addon.hpp>
 
 #include "client/connection.h"
+#include "schema/region_channel.h"
+#include "util/sealed_memfd.h"
 #include "schema/codec.h"
 #include "schema/filename.h"
 
@@ -63,7 +65,8 @@ class Client::Impl {
 
   Status Open(const std::string& endpoint) {
     GPUQ_ASSIGN_OR_RETURN(socket_, client_internal::ConnectDealer(ctx_, endpoint, opt_, 'c'));
-    local_possible_ = opt_.local_buffers && endpoint.rfind("ipc://", 0) == 0;
+    ipc_ = endpoint.rfind("ipc://", 0) == 0;
+    local_possible_ = opt_.local_buffers && ipc_;
     return Status::Ok();
   }
 
@@ -76,7 +79,7 @@ class Client::Impl {
     bool large = false;
     for (std::string_view in : job.inputs) large |= in.size() >= opt_.local_min_bytes;
     for (const schema::Arg& a : job.spec.buffer_list()) {
-      large |= a.kind == schema::ArgKind::kOut && a.size >= opt_.local_min_bytes;
+      large |= a.kind == schema::ArgKind::kOut && !a.in_region() && a.size >= opt_.local_min_bytes;
     }
     if (large) GPUQ_RETURN_IF_ERROR(LocalDir().status());
     if (!large || !local_dir_ || local_dir_->empty()) {
@@ -103,6 +106,31 @@ class Client::Impl {
   }
 
   uint64_t NextRid() { return ++rid_; }
+
+  // The region channel, opened on the first NewRegion.
+  StatusOr<std::shared_ptr<client_internal::RegionChannel>> Regions() {
+    if (regions_ && regions_->fd.valid()) return regions_;
+    if (!ipc_) return Error(Code::kInvalid, "regions need the broker's ipc endpoint");
+    if (!local_dir_) {
+      ClientRequest d;
+      d.op = ClientOp::kDevices;
+      GPUQ_ASSIGN_OR_RETURN(ClientReply r, Call(std::move(d), nullptr));
+      local_dir_ = r.local_dir;
+    }
+    if (local_dir_->empty()) {
+      return Error(Code::kUnavailable, "the broker has no local directory for regions");
+    }
+    auto fd = schema::ConnectRegionChannel(*local_dir_, "");
+    if (!fd.ok()) {
+      return Error(Code::kUnavailable, "the broker's region channel: " + fd.status().message());
+    }
+    regions_ = std::make_shared<client_internal::RegionChannel>();
+    regions_->fd = std::move(*fd);
+    regions_->timeout = opt_.timeout;
+    return regions_;
+  }
+  std::shared_ptr<client_internal::RegionChannel> regions_;
+  bool ipc_ = false;
 
   Status Send(const ClientRequest& req, const std::vector<std::string_view>& payload = {}) {
     const std::string header = schema::EncodeClientRequest(req);
@@ -359,6 +387,24 @@ InputBuffer::~InputBuffer() {
   auto* live = static_cast<client_internal::LocalBuffers*>(registry_.get());
   if (live->live.erase(data_) > 0) (void)unlink(path_.c_str());  // never submitted
   if (data_ && size_) munmap(data_, size_);
+}
+
+StatusOr<std::unique_ptr<Region>> Client::NewRegion(uint64_t size, const std::string& tenant) {
+  GPUQ_ASSIGN_OR_RETURN(std::shared_ptr<client_internal::RegionChannel> ch, impl_->Regions());
+  GPUQ_ASSIGN_OR_RETURN(UniqueFd fd, CreateSealedMemfd(size, "gpuq-region"));
+  std::unique_ptr<Region> r(new Region());
+  void* p = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd.get(), 0);
+  if (p == MAP_FAILED) return Error(Code::kResourceExhausted, std::string("mmap: ") + std::strerror(errno));
+  r->data_ = static_cast<char*>(p);
+  r->size_ = size;
+  schema::RegionMessage m;
+  m.op = schema::RegionOp::kRegister;
+  m.tenant = tenant;
+  m.size = size;
+  GPUQ_ASSIGN_OR_RETURN(schema::RegionMessage reply, ch->Call(std::move(m), fd.get()));
+  r->id_ = reply.region;
+  r->channel_ = ch;
+  return r;
 }
 
 StatusOr<std::unique_ptr<InputBuffer>> Client::NewInput(size_t size) {

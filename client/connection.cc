@@ -124,6 +124,7 @@ StatusOr<std::vector<std::string>> UseLocalFiles(const std::string& dir, size_t 
   }
   for (size_t i : small) frames->push_back(inputs[i]);
   for (schema::Arg& a : spec->buffer_list()) {
+    if (a.in_region()) continue;  // its bytes stay where they are
     if ((a.kind == schema::ArgKind::kIn || a.kind == schema::ArgKind::kInOut) &&
         a.frame < index.size()) {
       if (a.kind == schema::ArgKind::kInOut && inputs[a.frame].size() >= min_bytes) {

@@ -2,6 +2,7 @@
 // the broker and the conversion of a result reply. Internal to client/.
 #pragma once
 
+#include <chrono>
 #include <map>
 #include <string>
 #include <vector>
@@ -9,6 +10,7 @@
 
 #include "gpuq/client.h"
 #include "schema/messages.h"
+#include "util/fd.h"
 
 namespace gpuq::client_internal {
 
@@ -46,5 +48,17 @@ StatusOr<std::vector<std::string>> UseLocalFiles(const std::string& dir, size_t 
                                                  schema::JobSpec* spec,
                                                  std::vector<std::string_view>* frames,
                                                  LocalBuffers* buffers = nullptr);
+
+// A Client's region channel (PROTOCOL.md, "Regions"): one connection for
+// all its regions, shared with them (a region may outlive its Client); the
+// broker ends every region registered on it when it closes.
+struct RegionChannel {
+  UniqueFd fd;
+  uint64_t rid = 0;
+  std::chrono::milliseconds timeout{10000};
+  // Sends `m` (with `pass` unless -1) and waits for its reply: kTimeout,
+  // or the broker's error as a Status.
+  StatusOr<schema::RegionMessage> Call(schema::RegionMessage m, int pass = -1);
+};
 
 }  // namespace gpuq::client_internal

@@ -30,6 +30,9 @@ constexpr std::string_view kWorkerOpNames[] = {"ready", "result", "heartbeat",
 constexpr std::string_view kBrokerOpNames[] = {"job", "heartbeat", "disconnect",
                                                "error"};
 constexpr std::string_view kImageNames[] = {"none", "cubin", "ptx"};
+constexpr std::string_view kRegionOpNames[] = {"hello",        "register", "unregister",
+                                               "registered",   "unregistered", "error",
+                                               "region",       "drop"};
 
 template <typename E, size_t N>
 bool Lookup(const std::string_view (&names)[N], std::string_view s, E* out) {
@@ -65,6 +68,9 @@ std::string_view WorkerOpName(WorkerOp op) {
 }
 std::string_view BrokerOpName(BrokerOp op) {
   return kBrokerOpNames[static_cast<size_t>(op)];
+}
+std::string_view RegionOpName(RegionOp op) {
+  return kRegionOpNames[static_cast<size_t>(op)];
 }
 
 Arg Arg::F32(float v) {
@@ -184,6 +190,18 @@ class MapWriter {
 
 void PackArg(Packer& p, const Arg& a) {
   p.pack_array(2);
+  if (a.in_region() &&
+      (a.kind == ArgKind::kIn || a.kind == ArgKind::kInOut || a.kind == ArgKind::kOut)) {
+    PackStr(p, a.kind == ArgKind::kIn ? "in" : a.kind == ArgKind::kOut ? "out" : "inout");
+    p.pack_map(3);
+    PackStr(p, "region");
+    p.pack_uint64(a.region);
+    PackStr(p, "offset");
+    p.pack_uint64(a.offset);
+    PackStr(p, "size");
+    p.pack_uint64(a.size);
+    return;
+  }
   switch (a.kind) {
     case ArgKind::kIn:
       PackStr(p, "in");
@@ -803,6 +821,21 @@ Status GetArg(const object& o, const Limits& limits, Arg* out) {
   if (a->ptr[0].type != mt::STR) return Malformed("args", "each argument is [type, value]");
   std::string_view t = StrView(a->ptr[0]);
   const object& v = a->ptr[1];
+  if ((t == "in" || t == "inout" || t == "out") && v.type == mt::MAP) {
+    // A range of a registered region (PROTOCOL.md, "Regions").
+    out->kind = t == "in" ? ArgKind::kIn : t == "out" ? ArgKind::kOut : ArgKind::kInOut;
+    GPUQ_RETURN_IF_ERROR(ForEachField(v, "region range", {"region", "offset", "size"},
+                                      [&](std::string_view k, const object& f) -> Status {
+      if (k == "region") return GetUint(f, k, UINT64_MAX, &out->region);
+      if (k == "offset") return GetUint(f, k, UINT64_MAX, &out->offset);
+      if (k == "size") return GetUint(f, k, UINT64_MAX, &out->size);
+      return kUnknownField;
+    }));
+    if (out->region == 0) return Error(Code::kInvalid, "region 0 names no region");
+    if (out->size == 0) return Error(Code::kInvalid, "a region range is at least 1 byte");
+    if (out->size > limits.max_buffer_bytes) return TooLarge("buffer", limits.max_buffer_bytes);
+    return Status::Ok();
+  }
   if (t == "in" || t == "inout") {
     out->kind = t == "in" ? ArgKind::kIn : ArgKind::kInOut;
     return GetU(v, "args", &out->frame);
@@ -1227,7 +1260,7 @@ Status CheckBufferFrames(const std::vector<Arg>& args, size_t first_frame,
   for (size_t i = 0; i < first_frame && i < used.size(); ++i) used[i] = true;
   for (size_t i = 0; i < args.size(); ++i) {
     const Arg& a = args[i];
-    if (a.kind != ArgKind::kIn && a.kind != ArgKind::kInOut) continue;
+    if ((a.kind != ArgKind::kIn && a.kind != ArgKind::kInOut) || a.in_region()) continue;
     if (a.frame < first_frame || a.frame >= payload_sizes.size()) {
       return Error(Code::kInvalid, "argument " + std::to_string(i) +
                                        " names payload frame " + std::to_string(a.frame) +
@@ -1329,7 +1362,8 @@ Status CheckSeveralLaunches(const std::vector<Arg>& buffers,
                                          " of " + std::to_string(buffers.size()));
       }
       const Arg& b = buffers[a.buffer];
-      const bool framed = b.kind == ArgKind::kIn || b.kind == ArgKind::kInOut;
+      const bool framed =
+          (b.kind == ArgKind::kIn || b.kind == ArgKind::kInOut) && !b.in_region();
       // A frame's size is checked with the frames (CheckBufferFrames).
       const uint64_t size = !framed ? b.size : b.frame < sizes.size() ? sizes[b.frame] : 0;
       if (a.offset > size) {
@@ -1916,6 +1950,84 @@ Status DecodeBrokerMessage(std::string_view header, std::span<const uint64_t> pa
   } else if (!payload_sizes.empty()) {
     return Error(Code::kMalformed, "only job carries payload frames");
   }
+  *out = std::move(r);
+  return Status::Ok();
+}
+
+namespace {
+
+// Which fields each region channel message carries, as for replies.
+const ReplyFields& FieldsOf(RegionOp op) {
+  static const ReplyFields kFields[] = {
+      /*hello*/ {{"protocol"}, {"worker", "token"}},
+      /*register*/ {{"rid", "size"}, {"tenant"}},
+      /*unregister*/ {{"rid", "region"}, {}},
+      /*registered*/ {{"rid", "region", "size"}, {}},
+      /*unregistered*/ {{"rid", "region"}, {}},
+      /*error*/ {{"rid", "code", "error"}, {}},
+      /*region*/ {{"region", "size"}, {}},
+      /*drop*/ {{"region"}, {}},
+  };
+  return kFields[static_cast<size_t>(op)];
+}
+
+bool Carries(const ReplyFields& f, std::string_view k) {
+  return std::find(f.required.begin(), f.required.end(), k) != f.required.end() ||
+         std::find(f.optional.begin(), f.optional.end(), k) != f.optional.end();
+}
+
+}  // namespace
+
+std::string EncodeRegionMessage(const RegionMessage& m) {
+  const ReplyFields& f = FieldsOf(m.op);
+  auto has = [&](std::string_view k) { return Carries(f, k); };
+  StringBuffer buf;
+  Packer p(buf);
+  MapWriter w(p);
+  w.Field("op", true, [&] { PackStr(p, RegionOpName(m.op)); })
+      .Field("rid", has("rid"), [&] { p.pack_uint64(m.rid); })
+      .Field("protocol", has("protocol"), [&] { PackStr(p, m.protocol); })
+      .Field("worker", has("worker") && m.worker, [&] { p.pack_true(); })
+      .Field("token", has("token") && !m.token.empty(), [&] { PackStr(p, m.token); })
+      .Field("tenant", has("tenant") && !m.tenant.empty(), [&] { PackStr(p, m.tenant); })
+      .Field("region", has("region"), [&] { p.pack_uint64(m.region); })
+      .Field("size", has("size"), [&] { p.pack_uint64(m.size); })
+      .Field("code", has("code"), [&] { PackStr(p, CodeName(m.code)); })
+      .Field("error", has("error"), [&] { PackStr(p, m.error); });
+  w.Write();
+  return Take(buf);
+}
+
+Status DecodeRegionMessage(std::string_view bytes, const Limits& limits, RegionMessage* out) {
+  if (bytes.size() > kMaxRegionMessageBytes) return TooLarge("region message", kMaxRegionMessageBytes);
+  Unpacked oh;
+  GPUQ_RETURN_IF_ERROR(Unpack(bytes, limits, &oh));
+  if (oh.get().type != mt::MAP) return Malformed("region message", "expected a map");
+  std::string_view op;
+  GPUQ_RETURN_IF_ERROR(GetOp(oh.get(), &op));
+  RegionMessage r;
+  if (!Lookup(kRegionOpNames, op, &r.op)) return UnknownOp(op);
+  const ReplyFields& f = FieldsOf(r.op);
+  bool has_code = false;
+  GPUQ_RETURN_IF_ERROR(ForEachField(oh.get(), "region message", f.required,
+                                    [&](std::string_view k, const object& v) -> Status {
+    if (k == "op") return Status::Ok();
+    if (!Carries(f, k)) return kUnknownField;
+    if (k == "rid") return GetU(v, k, &r.rid);
+    if (k == "protocol") return GetStr(v, k, 16, &r.protocol);
+    if (k == "worker") return GetBool(v, k, &r.worker);
+    if (k == "token") return GetStr(v, k, 64, &r.token);
+    if (k == "tenant") return GetStr(v, k, limits.max_tenant_bytes, &r.tenant);
+    if (k == "region") return GetU(v, k, &r.region);
+    if (k == "size") return GetU(v, k, &r.size);
+    if (k == "code") {
+      has_code = true;
+      return GetCode(v, k, &r.code);
+    }
+    if (k == "error") return GetStr(v, k, kMaxRegionMessageBytes, &r.error);
+    return kUnknownField;
+  }));
+  if (has_code && r.code == Code::kOk) return Malformed("code", "'ok' is not a failure code");
   *out = std::move(r);
   return Status::Ok();
 }

@@ -52,6 +52,10 @@ Status DecodeBrokerMessage(std::string_view header,
 // The header of a batch (worker protocol); `payload_sizes` are the frames
 // after it. kMalformed unless every part has at least its header frame and
 // the parts add up to the frames; kTooLarge over kMaxBatchParts.
+// The region channel's messages (PROTOCOL.md, "Regions").
+std::string EncodeRegionMessage(const RegionMessage& m);
+Status DecodeRegionMessage(std::string_view bytes, const Limits& limits, RegionMessage* out);
+
 std::string EncodeBatch(const Batch& b);
 Status DecodeBatch(std::string_view header, std::span<const uint64_t> payload_sizes,
                    const Limits& limits, Batch* out);

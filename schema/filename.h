@@ -25,6 +25,12 @@ inline constexpr std::string_view kWorkerFilePrefix = "w-";
 inline constexpr std::string_view kInputLogPrefix = "log-i-";
 inline constexpr std::string_view kOutputLogPrefix = "log-o-";
 
+// The region channel's socket (PROTOCOL.md, "Regions"), in the directory.
+inline constexpr std::string_view kRegionSocketName = "regions.sock";
+inline std::string RegionSocketPath(const std::string& local_dir) {
+  return local_dir + "/" + std::string(kRegionSocketName);
+}
+
 // c- followed by 32 random hex digits.
 std::string ClientFileName();
 std::string WorkerOutputName(uint64_t job, uint32_t attempt, uint32_t arg);

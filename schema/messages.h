@@ -193,4 +193,41 @@ struct BrokerMessage {
   bool operator==(const BrokerMessage&) const = default;
 };
 
+// ---------------------------------------------------------------- regions
+
+// The region channel (PROTOCOL.md, "Regions"): a Unix seqpacket socket in the
+// broker's local directory, where a client on the broker's host hands over
+// memory it shares (a sealed memfd, as SCM_RIGHTS) and the local workers are
+// handed it. One message per packet, a msgpack map; `register` and `region`
+// carry exactly one descriptor, every other message none.
+inline constexpr std::string_view kRegionProtocol = "GPUQR/1";
+inline constexpr size_t kMaxRegionMessageBytes = 4096;
+
+enum class RegionOp : uint8_t {
+  kHello,         // first message of a connection: protocol, role (and worker token)
+  kRegister,      // client: rid, tenant, size (+ the descriptor)
+  kUnregister,    // client: rid, region
+  kRegistered,    // broker to client: rid, region, size
+  kUnregistered,  // broker to client: rid, region
+  kError,         // broker to client: rid, code, error
+  kRegion,        // broker to worker: region, size (+ the descriptor)
+  kDrop,          // broker to worker: region
+};
+std::string_view RegionOpName(RegionOp op);
+
+struct RegionMessage {
+  RegionOp op = RegionOp::kHello;
+  uint64_t rid = 0;
+  // hello: "GPUQR/1"; `worker` true for a worker's channel (with its token)
+  std::string protocol;
+  bool worker = false;
+  std::string token;
+  std::string tenant;   // register
+  uint64_t region = 0;  // unregister, registered, unregistered, region, drop
+  uint64_t size = 0;    // register, registered, region
+  Code code = Code::kOk;  // error
+  std::string error;
+  bool operator==(const RegionMessage&) const = default;
+};
+
 }  // namespace gpuq::schema

@@ -27,9 +27,11 @@
 
 #include "schema/codec.h"
 #include "schema/filename.h"
+#include "schema/region_channel.h"
 #include "tests/fake_device.h"
 #include "util/curve_keys.h"
 #include "util/plain_file.h"
+#include "util/sealed_memfd.h"
 
 using namespace gpuq;
 using namespace gpuq::schema;
@@ -180,6 +182,36 @@ int main(int argc, char** argv) {
     registered = false;
     send(m);
   };
+  // The region channel (PROTOCOL.md, "Regions"), as gpuq-worker keeps it:
+  // connected before ready when the worker is local, again after the broker
+  // closed it; every region handed over is mapped until dropped.
+  UniqueFd region_chan;
+  std::map<uint64_t, Mapping> regions;
+  auto connect_regions = [&] {
+    if (local_dir.empty() || region_chan.valid()) return;
+    auto c = ConnectRegionChannel(local_dir, token);
+    if (c.ok()) region_chan = std::move(*c);
+  };
+  auto read_regions = [&] {
+    while (region_chan.valid()) {
+      RegionMessage m;
+      UniqueFd fd;
+      auto got = ReadRegionMessage(region_chan.get(), /*dontwait=*/true, &m, &fd);
+      if (got.ok() && !*got) return;
+      if (!got.ok()) {
+        region_chan.Reset();
+        regions.clear();
+        return;
+      }
+      if (m.op == RegionOp::kRegion && fd.valid()) {
+        auto map = Mapping::Map(fd.get(), m.size);
+        if (map.ok()) regions[m.region] = std::move(*map);
+      } else if (m.op == RegionOp::kDrop) {
+        regions.erase(m.region);
+      }
+    }
+  };
+  connect_regions();
   ready();
   ModuleSet modules(module_slots);
   std::vector<Pending> pending;
@@ -208,7 +240,8 @@ int main(int argc, char** argv) {
   };
   for (;;) {
     zmq::pollitem_t items[] = {{sock.handle(), 0, ZMQ_POLLIN, 0},
-                               {liveness->handle(), 0, ZMQ_POLLIN, 0}};
+                               {liveness->handle(), 0, ZMQ_POLLIN, 0},
+                               {nullptr, region_chan.get(), ZMQ_POLLIN, 0}};
     // Awake for the next job due, so that a job's time is what it asked.
     auto wait = std::chrono::milliseconds(5);
     for (const Pending& p : pending) {
@@ -216,9 +249,11 @@ int main(int argc, char** argv) {
       const auto left = std::chrono::ceil<std::chrono::milliseconds>(p.due - Clock::now());
       wait = std::max(std::chrono::milliseconds(0), std::min(wait, left));
     }
-    zmq::poll(items, 2, wait);
+    zmq::poll(items, region_chan.valid() ? 3 : 2, wait);
     const auto now = Clock::now();
+    read_regions();
     if (registered && now >= next_beat) {
+      connect_regions();
       next_beat = now + std::chrono::milliseconds(heartbeat_ms);
       WorkerMessage hb;
       hb.op = WorkerOp::kHeartbeat;
@@ -341,8 +376,27 @@ int main(int argc, char** argv) {
       } else {
         r.state = JobState::kDone;
         const std::vector<Arg>& buffers = p.job.launches.empty() ? p.job.args : p.job.buffers;
+        read_regions();  // a region is handed over before the first job naming it
         for (uint32_t a = 0; a < buffers.size(); ++a) {
           const Arg& arg = buffers[a];
+          if (arg.in_region()) {
+            // The same bytes as a sent buffer would get, in the region.
+            auto it = regions.find(arg.region);
+            if (it == regions.end() || arg.offset + arg.size > it->second.size()) {
+              r.state = JobState::kFailed;
+              r.code = Code::kUnavailable;
+              r.error = "region " + std::to_string(arg.region) + " is not mapped here";
+              r.outputs.clear();
+              out.clear();
+              break;
+            }
+            auto* bytes = reinterpret_cast<uint8_t*>(it->second.data()) + arg.offset;
+            if (arg.kind == ArgKind::kOut) memset(bytes, static_cast<int>(a + 1), arg.size);
+            if (arg.kind == ArgKind::kInOut) {
+              for (uint64_t b = 0; b < arg.size; ++b) bytes[b] = static_cast<uint8_t>(bytes[b] + 1);
+            }
+            continue;
+          }
           if (arg.kind == ArgKind::kOut) {
             out.emplace_back(arg.size);
             memset(out.back().data(), static_cast<int>(a + 1), arg.size);

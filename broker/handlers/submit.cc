@@ -42,6 +42,18 @@ void Submit(BrokerCore& core, const RequestContext& ctx, schema::ClientRequest& 
   if (!spec.placement.arch.empty()) {
     if (gpuq::Status s = compile::ValidateArch(spec.placement.arch); !s.ok()) return reject(s);
   }
+  // Ranges of registered regions: the tenant's own, live, in bounds, and
+  // written by no other unfinished job (PROTOCOL.md, "Regions").
+  const bool regions = NamesRegions(spec);
+  if (regions) {
+    if (!core.LocalClients() || !core.region_server().listening()) {
+      return reject(Error(Code::kInvalid, "regions need the broker's ipc endpoint and its "
+                                          "local directory"));
+    }
+    if (gpuq::Status s = core.regions().Check(tenant, spec.buffer_list()); !s.ok()) {
+      return reject(s);
+    }
+  }
   if (!core.store_failure().ok()) {
     return reject(Error(core.store_failure().code(),
                         "the job store cannot write (" + core.store_failure().message() +
@@ -92,6 +104,13 @@ void Submit(BrokerCore& core, const RequestContext& ctx, schema::ClientRequest& 
   job->deadline_ms =
       spec.deadline_ms ? job->accepted_ms + static_cast<int64_t>(spec.deadline_ms) : 0;
   job->input_bytes = bytes;
+  if (regions) {
+    job->regions = true;
+    for (const schema::Arg& a : spec.buffer_list()) {
+      if (a.in_region() && a.kind != schema::ArgKind::kIn) job->region_writes = true;
+    }
+    core.regions().Use(job->id, spec.buffer_list());
+  }
 
   InsertOp op;
   op.conn = ctx.conn;

@@ -139,6 +139,47 @@ class InputBuffer {
   std::shared_ptr<void> registry_;  // the client's list of local buffers
 };
 
+// A region (PROTOCOL.md, "Regions"): memory of this process shared with
+// the broker's workers on this host, registered once (Client::NewRegion) and
+// named by jobs as ranges. A job's in and inout ranges are copied from it
+// to the GPU, its out and inout ranges copied back into it, and nothing
+// else moves: the workers keep it mapped and page-locked, so the copies run
+// at the GPU's full speed. Write inputs before submitting and read outputs
+// after the result; two unfinished jobs may not write overlapping bytes.
+//
+// Ownership: the Region owns its mapping and its registration; destroying
+// it (or Unregister()) ends the region: jobs that name it and have not
+// started fail, those running finish first. A region also ends when the
+// process that registered it exits. Not thread-safe, like its Client; may
+// outlive it.
+class Region {
+ public:
+  ~Region();
+  Region(const Region&) = delete;
+  Region& operator=(const Region&) = delete;
+  char* data() { return data_; }
+  const char* data() const { return data_; }
+  uint64_t size() const { return size_; }
+  uint64_t id() const { return id_; }
+  // Arguments (or buffers of a job of several launches) naming bytes
+  // [offset, offset + size) of the region; size 0: up to its end.
+  schema::Arg In(uint64_t offset = 0, uint64_t size = 0) const;
+  schema::Arg Out(uint64_t offset = 0, uint64_t size = 0) const;
+  schema::Arg InOut(uint64_t offset = 0, uint64_t size = 0) const;
+  // Ends the region now; the memory stays this process's until the Region
+  // is destroyed.
+  Status Unregister();
+
+ private:
+  friend class Client;
+  Region() = default;
+  schema::Arg Range(schema::ArgKind kind, uint64_t offset, uint64_t size) const;
+  char* data_ = nullptr;
+  uint64_t size_ = 0;
+  uint64_t id_ = 0;
+  std::shared_ptr<void> channel_;  // the Client's region channel
+};
+
 class Client {
  public:
   // Connects to `endpoint` (ipc://PATH or tcp://HOST:PORT). ZeroMQ connects
@@ -195,6 +236,12 @@ class Client {
   // A buffer of `size` bytes for an input (see InputBuffer). Asks the broker
   // for its local directory the first time (kTimeout if it does not answer).
   StatusOr<std::unique_ptr<InputBuffer>> NewInput(size_t size);
+
+  // Registers a new region of `size` bytes (zeros) for `tenant` (empty:
+  // "default"; a job names it only with the same tenant). Needs the broker's
+  // ipc endpoint (kInvalid otherwise); kResourceExhausted past the tenant's
+  // region limits.
+  StatusOr<std::unique_ptr<Region>> NewRegion(uint64_t size, const std::string& tenant = "");
 
  private:
   class Impl;

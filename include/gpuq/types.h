@@ -24,15 +24,19 @@ size_t ScalarSize(ScalarType t);
 // carry their value as a bit pattern in the low ScalarSize(type) bytes of
 // `bits` (two's complement or IEEE 754). Buffers name a payload frame (in,
 // inout) or a size in bytes (out, scratch). A launch's kBuffer argument names
-// the job's buffer `buffer`, at byte `offset` into it.
+// the job's buffer `buffer`, at byte `offset` into it. An in, out or inout
+// buffer with a `region` lives in that registered region (PROTOCOL.md,
+// "Regions"): its bytes are [offset, offset + size) of it, copied from there
+// to the GPU (in, inout) and back into it (out, inout), never sent.
 struct Arg {
   ArgKind kind = ArgKind::kScalar;
   ScalarType type = ScalarType::kU32;
   uint64_t bits = 0;
   uint32_t frame = 0;   // in, inout
-  uint64_t size = 0;    // out, scratch
+  uint64_t size = 0;    // out, scratch; a region range's
   uint32_t buffer = 0;  // buffer
-  uint64_t offset = 0;  // buffer
+  uint64_t offset = 0;  // buffer; a region range's
+  uint64_t region = 0;  // in, out, inout: the region's id, 0 for none
 
   static Arg U32(uint32_t v) { return Scalar(ScalarType::kU32, v); }
   static Arg I32(int32_t v) {
@@ -58,6 +62,15 @@ struct Arg {
     a.offset = offset;
     return a;
   }
+  // Bytes [offset, offset + size) of registered region `region` as an in,
+  // out or inout buffer (gpuq::Region makes these for its own ranges).
+  static Arg InRegion(ArgKind k, uint64_t region, uint64_t offset, uint64_t size) {
+    Arg a = Buffer(k, 0, size);
+    a.region = region;
+    a.offset = offset;
+    return a;
+  }
+  bool in_region() const { return region != 0; }
   static Arg Buffer(ArgKind k, uint32_t frame, uint64_t size) {
     Arg a;
     a.kind = k;

@@ -1,0 +1,75 @@
+// gpuq::Region and its channel (include/gpuq/client.h; PROTOCOL.md,
+// "Regions").
+#include <poll.h>
+#include <sys/mman.h>
+
+#include "client/connection.h"
+#include "gpuq/client.h"
+#include "schema/region_channel.h"
+#include "util/sealed_memfd.h"
+#include "util/status.h"
+
+namespace gpuq {
+namespace client_internal {
+
+StatusOr<schema::RegionMessage> RegionChannel::Call(schema::RegionMessage m, int pass) {
+  if (!fd.valid()) return Status(Code::kUnavailable, "the region channel is closed");
+  m.rid = ++rid;
+  GPUQ_RETURN_IF_ERROR(schema::SendRegionMessage(fd.get(), m, pass));
+  const auto until = std::chrono::steady_clock::now() + timeout;
+  for (;;) {
+    const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
+        until - std::chrono::steady_clock::now());
+    pollfd p{fd.get(), POLLIN, 0};
+    if (left.count() <= 0 || poll(&p, 1, static_cast<int>(left.count())) == 0) {
+      return Status(Code::kTimeout, "no answer on the region channel");
+    }
+    schema::RegionMessage r;
+    UniqueFd unexpected;
+    auto got = schema::ReadRegionMessage(fd.get(), /*dontwait=*/true, &r, &unexpected);
+    if (!got.ok()) {
+      if (got.status().code() == Code::kUnavailable) fd.Reset();
+      return got.status();
+    }
+    if (!*got) continue;
+    if (r.rid != m.rid) continue;  // an answer to an earlier request that timed out
+    if (r.op == schema::RegionOp::kError) return Status(r.code, r.error);
+    return r;
+  }
+}
+
+}  // namespace client_internal
+
+Region::~Region() {
+  (void)Unregister();
+  // The mapping is this process's own: unmapped here, whatever the broker
+  // does (the workers' mappings are theirs).
+  if (data_) munmap(data_, size_);
+}
+
+Status Region::Unregister() {
+  if (!channel_) return Status::Ok();
+  auto* ch = static_cast<client_internal::RegionChannel*>(channel_.get());
+  schema::RegionMessage m;
+  m.op = schema::RegionOp::kUnregister;
+  m.region = id_;
+  auto r = ch->Call(std::move(m));
+  channel_.reset();
+  return r.ok() ? Status::Ok() : r.status();
+}
+
+schema::Arg Region::Range(schema::ArgKind kind, uint64_t offset, uint64_t size) const {
+  if (size == 0 && offset <= size_) size = size_ - offset;
+  return schema::Arg::InRegion(kind, id_, offset, size);
+}
+schema::Arg Region::In(uint64_t offset, uint64_t size) const {
+  return Range(schema::ArgKind::kIn, offset, size);
+}
+schema::Arg Region::Out(uint64_t offset, uint64_t size) const {
+  return Range(schema::ArgKind::kOut, offset, size);
+}
+schema::Arg Region::InOut(uint64_t offset, uint64_t size) const {
+  return Range(schema::ArgKind::kInOut, offset, size);
+}
+
+}  // namespace gpuq

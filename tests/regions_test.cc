@@ -1,0 +1,378 @@
+// Registered regions through gpuqd, with the worker test double (PROTOCOL.md,
+// "Regions"): memory a client shares once as a sealed memfd over the region
+// channel, named by jobs as ranges that are read and written in place. The
+// test double maps the region as gpuq-worker does and gives its ranges the
+// bytes a sent buffer would get (out: the argument's index + 1; inout: +1).
+// The bytes on a GPU are the GPU tests' (tests/gpu/).
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
+
+#include "schema/filename.h"
+#include "schema/region_channel.h"
+#include "tests/broker_fixture.h"
+#include "util/sealed_memfd.h"
+#include "util/unix_socket.h"
+
+namespace gpuq::testing {
+namespace {
+
+using schema::Arg;
+using schema::JobState;
+using schema::RegionMessage;
+using schema::RegionOp;
+
+class RegionsTest : public BrokerTest {
+ protected:
+  Process& AddLocalWorker(std::vector<std::string> extra = {}) {
+    extra.insert(extra.end(), {"--local-dir", LocalDir()});
+    return AddWorker(extra);
+  }
+  // A job whose buffers are `args` (the test double's kernel `entry`).
+  JobRequest RegionJob(std::vector<Arg> args, const std::string& entry = "k",
+                       const std::string& tenant = "") {
+    JobRequest j;
+    j.spec.kernel.source = kKernels;
+    j.spec.kernel.entry = entry;
+    j.spec.launch.grid = {1, 1, 1};
+    j.spec.launch.block = {32, 1, 1};
+    j.spec.args = std::move(args);
+    j.spec.tenant = tenant;
+    return j;
+  }
+  // The region channel as a raw peer: hello sent.
+  UniqueFd RawChannel() {
+    auto fd = schema::ConnectRegionChannel(LocalDir(), "");
+    EXPECT_TRUE(fd.ok()) << fd.status().ToString();
+    return fd.ok() ? std::move(*fd) : UniqueFd();
+  }
+  static RegionMessage Call(int fd, RegionMessage m, int pass = -1) {
+    EXPECT_TRUE(schema::SendRegionMessage(fd, m, pass).ok());
+    return Read(fd);
+  }
+  static RegionMessage Read(int fd) {
+    RegionMessage r;
+    UniqueFd got;
+    auto ok = schema::ReadRegionMessage(fd, /*dontwait=*/false, &r, &got);
+    EXPECT_TRUE(ok.ok() && *ok) << ok.status().ToString();
+    return r;
+  }
+  nlohmann::json Stats(Client& c) {
+    auto s = c.Stats();
+    EXPECT_TRUE(s.ok());
+    return s.ok() ? nlohmann::json::from_msgpack(*s) : nlohmann::json();
+  }
+};
+
+TEST_F(RegionsTest, RangesAreReadAndWrittenInPlaceAndNothingComesBack) {
+  AddLocalWorker();
+  auto c = Connect();
+  ASSERT_TRUE(WaitForWorkers(*c, 1));
+  auto region = c->NewRegion(1 << 20);
+  ASSERT_TRUE(region.ok()) << region.status().ToString();
+  Region& r = **region;
+  ASSERT_EQ(r.size(), 1u << 20);
+  for (size_t i = 0; i < 4096; ++i) r.data()[i] = static_cast<char>(i);
+  memset(r.data() + 4096, 0x55, 8192);  // the out range: overwritten
+  auto id = c->Submit(RegionJob({r.InOut(0, 4096), Arg::U32(7), r.Out(4096, 4096), r.In(0, 64)}));
+  ASSERT_TRUE(id.ok()) << id.status().ToString();
+  auto res = c->Wait(*id);
+  ASSERT_TRUE(res.ok()) << res.status().ToString();
+  ASSERT_TRUE(res->ok()) << res->error;
+  EXPECT_TRUE(res->outputs.empty()) << "a region's bytes never travel";
+  EXPECT_TRUE(res->output_args.empty());
+  for (size_t i = 0; i < 4096; ++i) {
+    ASSERT_EQ(static_cast<uint8_t>(r.data()[i]), static_cast<uint8_t>(i + 1)) << i;
+  }
+  for (size_t i = 4096; i < 8192; ++i) ASSERT_EQ(r.data()[i], 3) << i;
+  for (size_t i = 8192; i < 12288; ++i) ASSERT_EQ(r.data()[i], 0x55) << "outside every range";
+  // A sent buffer and a region range in one job.
+  auto mixed = c->Wait(*c->Submit(Job("k", "ab")));
+  ASSERT_TRUE(mixed.ok() && mixed->ok());
+  JobRequest both = Job("k", "xy");
+  both.spec.args.push_back(r.Out(100000, 10));
+  auto b = c->Wait(*c->Submit(both));
+  ASSERT_TRUE(b.ok() && b->ok()) << (b.ok() ? b->error : b.status().ToString());
+  EXPECT_EQ(b->output_args, (std::vector<uint32_t>{0, 2}));
+  ASSERT_NE(b->Output(0), nullptr);
+  EXPECT_EQ(b->Output(0)->str(), "yz");
+  EXPECT_EQ(r.data()[100000], 4);
+}
+
+TEST_F(RegionsTest, AJobOfSeveralLaunchesUsesRangesAsItsBuffers) {
+  AddLocalWorker();
+  auto c = Connect();
+  ASSERT_TRUE(WaitForWorkers(*c, 1));
+  auto region = c->NewRegion(4096);
+  ASSERT_TRUE(region.ok()) << region.status().ToString();
+  Region& r = **region;
+  JobRequest j;
+  j.spec.kernel.source = kKernels;
+  j.spec.buffers = {r.InOut(0, 16), Arg::Scratch(64), r.Out(16, 16)};
+  schema::KernelLaunch l;
+  l.launch.grid = {1, 1, 1};
+  l.launch.block = {32, 1, 1};
+  l.entry = "k";
+  l.args = {Arg::Ref(0), Arg::Ref(2, 8)};
+  j.spec.launches = {l, l};
+  auto res = c->Wait(*c->Submit(j));
+  ASSERT_TRUE(res.ok()) << res.status().ToString();
+  ASSERT_TRUE(res->ok()) << res->error;
+  EXPECT_TRUE(res->output_args.empty());
+  EXPECT_EQ(r.data()[0], 1);
+  EXPECT_EQ(r.data()[16], 3);
+}
+
+TEST_F(RegionsTest, BadRangesAreRefusedWithAClearError) {
+  auto c = Connect();
+  auto region = c->NewRegion(4096);
+  ASSERT_TRUE(region.ok()) << region.status().ToString();
+  Region& r = **region;
+  auto past = c->Submit(RegionJob({r.In(4000, 200)}));
+  ASSERT_FALSE(past.ok());
+  EXPECT_EQ(past.status().code(), Code::kInvalid);
+  EXPECT_NE(past.status().message().find("outside"), std::string::npos) << past.status().ToString();
+  // An offset that wraps around 2^64.
+  auto wrap = c->Submit(RegionJob({Arg::InRegion(schema::ArgKind::kIn, r.id(), ~0ull - 10, 100)}));
+  ASSERT_FALSE(wrap.ok());
+  EXPECT_EQ(wrap.status().code(), Code::kInvalid);
+  auto unknown = c->Submit(RegionJob({Arg::InRegion(schema::ArgKind::kIn, r.id() ^ 1, 0, 8)}));
+  ASSERT_FALSE(unknown.ok());
+  EXPECT_EQ(unknown.status().code(), Code::kNotFound);
+  auto self = c->Submit(RegionJob({r.Out(0, 100), r.InOut(50, 100)}));
+  ASSERT_FALSE(self.ok());
+  EXPECT_NE(self.status().message().find("overlap"), std::string::npos) << self.status().ToString();
+  auto empty = c->Submit(RegionJob({r.Out(0, 0)}));  // size 0: to the end, fine
+  EXPECT_TRUE(empty.ok()) << empty.status().ToString();
+  auto s = Stats(*c);
+  EXPECT_EQ(s["submitted"], 1) << s.dump();
+}
+
+TEST_F(RegionsTest, TwoUnfinishedJobsNeverWriteTheSameBytes) {
+  AddLocalWorker();
+  auto c = Connect();
+  ASSERT_TRUE(WaitForWorkers(*c, 1));
+  auto region = c->NewRegion(4096);
+  ASSERT_TRUE(region.ok()) << region.status().ToString();
+  Region& r = **region;
+  auto first = c->Submit(RegionJob({r.Out(0, 100)}, "slow"));
+  ASSERT_TRUE(first.ok()) << first.status().ToString();
+  auto overlap = c->Submit(RegionJob({r.InOut(99, 10)}));
+  ASSERT_FALSE(overlap.ok());
+  EXPECT_EQ(overlap.status().code(), Code::kInvalid);
+  EXPECT_NE(overlap.status().message().find("job " + std::to_string(*first)), std::string::npos)
+      << overlap.status().ToString();
+  // Reading those bytes, and writing the next ones, is fine.
+  auto reader = c->Submit(RegionJob({r.In(0, 100), r.Out(100, 100)}));
+  ASSERT_TRUE(reader.ok()) << reader.status().ToString();
+  ASSERT_TRUE(c->Wait(*first)->ok());
+  auto again = c->Submit(RegionJob({r.InOut(99, 10)}));
+  EXPECT_TRUE(again.ok()) << again.status().ToString();
+  ASSERT_TRUE(c->Wait(*again)->ok());
+  ASSERT_TRUE(c->Wait(*reader)->ok());
+}
+
+TEST_F(RegionsTest, AnotherTenantsRegionIsNoRegionAtAll) {
+  auto c = Connect();
+  auto region = c->NewRegion(4096, "alice");
+  ASSERT_TRUE(region.ok()) << region.status().ToString();
+  auto theirs = c->Submit(RegionJob({(*region)->In(0, 8)}, "k", "bob"));
+  ASSERT_FALSE(theirs.ok());
+  EXPECT_EQ(theirs.status().code(), Code::kNotFound);
+  auto own = c->Submit(RegionJob({(*region)->In(0, 8)}, "k", "alice"));
+  EXPECT_TRUE(own.ok()) << own.status().ToString();
+  // The default tenant is not alice either.
+  auto plain = c->Submit(RegionJob({(*region)->In(0, 8)}));
+  EXPECT_EQ(plain.status().code(), Code::kNotFound);
+}
+
+TEST_F(RegionsTest, AQueuedJobFailsWhenItsRegionEndsAndRunsOnNothingElse) {
+  auto c = Connect();  // no worker yet: the jobs wait
+  auto region = c->NewRegion(4096);
+  ASSERT_TRUE(region.ok()) << region.status().ToString();
+  auto id = c->Submit(RegionJob({(*region)->Out(0, 16)}));
+  ASSERT_TRUE(id.ok()) << id.status().ToString();
+  const uint64_t rid = (*region)->id();
+  EXPECT_EQ(Stats(*c)["regions"][0]["jobs"], 1);
+  ASSERT_TRUE((*region)->Unregister().ok());
+  auto res = c->Wait(*id);
+  ASSERT_TRUE(res.ok()) << res.status().ToString();
+  EXPECT_EQ(res->state, JobState::kFailed);
+  EXPECT_EQ(res->code, Code::kUnavailable);
+  EXPECT_NE(res->error.find("region " + std::to_string(rid) + " ended (unregistered)"),
+            std::string::npos)
+      << res->error;
+  EXPECT_TRUE(Stats(*c)["regions"].empty());
+  auto after = c->Submit(RegionJob({Arg::InRegion(schema::ArgKind::kIn, rid, 0, 8)}));
+  EXPECT_EQ(after.status().code(), Code::kNotFound);
+}
+
+// A client process killed with a job queued on its region: the region ends
+// with the process, and the job fails instead of running on other memory.
+TEST_F(RegionsTest, AClientThatDiesTakesItsRegionsWithIt) {
+  int ids[2];
+  ASSERT_EQ(pipe(ids), 0);
+  const std::string endpoint = broker_->client_endpoint();
+  const pid_t child = fork();
+  ASSERT_GE(child, 0);
+  if (child == 0) {
+    close(ids[0]);
+    auto c = Client::Connect(endpoint);
+    if (!c.ok()) _exit(1);
+    auto region = (*c)->NewRegion(4096);
+    if (!region.ok()) _exit(2);
+    JobRequest j = RegionJob({(*region)->Out(0, 16)});
+    auto id = (*c)->Submit(j);
+    if (!id.ok()) _exit(3);
+    uint64_t v = *id;
+    if (write(ids[1], &v, sizeof v) != sizeof v) _exit(4);
+    pause();
+    _exit(0);
+  }
+  close(ids[1]);
+  uint64_t id = 0;
+  ASSERT_EQ(read(ids[0], &id, sizeof id), static_cast<ssize_t>(sizeof id));
+  close(ids[0]);
+  kill(child, SIGKILL);
+  int status = 0;
+  waitpid(child, &status, 0);
+  auto c = Connect();
+  AddLocalWorker();
+  std::optional<JobResult> st;
+  for (int i = 0; i < 500; ++i) {
+    auto s = c->GetStatus(id);
+    ASSERT_TRUE(s.ok()) << s.status().ToString();
+    if (s->state != JobState::kQueued) {
+      st = *s;
+      break;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  ASSERT_TRUE(st);
+  EXPECT_EQ(st->state, JobState::kFailed);
+  EXPECT_NE(st->error.find("its client went away"), std::string::npos) << st->error;
+  EXPECT_TRUE(Stats(*c)["regions"].empty());
+}
+
+TEST_F(RegionsTest, ARestartedBrokerFailsJobsThatNamedRegions) {
+  auto c = Connect();
+  auto region = c->NewRegion(4096);
+  ASSERT_TRUE(region.ok()) << region.status().ToString();
+  auto id = c->Submit(RegionJob({(*region)->Out(0, 16)}));
+  ASSERT_TRUE(id.ok());
+  auto plain = c->Submit(Job("k", "ab"));
+  ASSERT_TRUE(plain.ok());
+  broker_->Kill();
+  ASSERT_TRUE(broker_->Start()) << Log();
+  AddLocalWorker();
+  auto c2 = Connect();
+  auto res = c2->Wait(*id);
+  ASSERT_TRUE(res.ok()) << res.status().ToString();
+  EXPECT_EQ(res->state, JobState::kFailed);
+  EXPECT_EQ(res->code, Code::kUnavailable);
+  EXPECT_NE(res->error.find("restarted"), std::string::npos) << res->error;
+  auto other = c2->Wait(*plain);
+  ASSERT_TRUE(other.ok());
+  EXPECT_TRUE(other->ok()) << "jobs whose bytes travel keep their durability";
+  // The old region is gone with the old broker; the old channel is closed.
+  auto later = c->Submit(RegionJob({(*region)->Out(0, 16)}));
+  EXPECT_FALSE(later.ok());
+}
+
+TEST_F(RegionsTest, OnlySealedMemfdsOfTheDeclaredSizeAreTaken) {
+  UniqueFd ch = RawChannel();
+  RegionMessage m;
+  m.op = RegionOp::kRegister;
+  m.rid = 1;
+  m.size = 4096;
+  // Unsealed: its owner could shrink it under a worker's mapping (SIGBUS).
+  UniqueFd unsealed(memfd_create("t", MFD_CLOEXEC | MFD_ALLOW_SEALING));
+  ASSERT_EQ(ftruncate(unsealed.get(), 4096), 0);
+  RegionMessage r = Call(ch.get(), m, unsealed.get());
+  EXPECT_EQ(r.op, RegionOp::kError);
+  EXPECT_EQ(r.code, Code::kInvalid);
+  EXPECT_NE(r.error.find("sealed"), std::string::npos) << r.error;
+  // A plain file.
+  const std::string path = dir_.File("plain");
+  UniqueFd plain(open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600));
+  ASSERT_EQ(ftruncate(plain.get(), 4096), 0);
+  m.rid = 2;
+  r = Call(ch.get(), m, plain.get());
+  EXPECT_EQ(r.code, Code::kInvalid) << r.error;
+  // Sealed, but not of the size declared.
+  auto sealed = CreateSealedMemfd(8192, "t");
+  ASSERT_TRUE(sealed.ok());
+  m.rid = 3;
+  r = Call(ch.get(), m, sealed->get());
+  EXPECT_EQ(r.code, Code::kInvalid) << r.error;
+  // No descriptor.
+  m.rid = 4;
+  r = Call(ch.get(), m);
+  EXPECT_EQ(r.code, Code::kInvalid) << r.error;
+  // Taken: and then its size can change no more.
+  m.rid = 5;
+  m.size = 8192;
+  r = Call(ch.get(), m, sealed->get());
+  ASSERT_EQ(r.op, RegionOp::kRegistered) << r.error;
+  EXPECT_NE(r.region, 0u);
+  EXPECT_NE(ftruncate(sealed->get(), 4096), 0) << "a sealed memfd cannot shrink";
+  EXPECT_EQ(errno, EPERM);
+  // Garbage, and a message of another op: errors, and the channel serves on.
+  ASSERT_TRUE(SendPacket(ch.get(), "\xc1 not msgpack").ok());
+  r = Read(ch.get());
+  EXPECT_EQ(r.op, RegionOp::kError);
+  RegionMessage wrong;
+  wrong.op = RegionOp::kDrop;
+  wrong.region = r.region;
+  r = Call(ch.get(), wrong);
+  EXPECT_EQ(r.op, RegionOp::kError);
+  RegionMessage un;
+  un.op = RegionOp::kUnregister;
+  un.rid = 6;
+  un.region = 12345;
+  r = Call(ch.get(), un);
+  EXPECT_EQ(r.code, Code::kNotFound) << "only the connection's own regions";
+}
+
+TEST_F(RegionsTest, RegionsPerTenantAreBounded) {
+  ASSERT_TRUE(StartBroker({"--max-regions", "2", "--max-region-mb", "3"})) << Log();
+  auto c = Connect();
+  auto a = c->NewRegion(1 << 20), b = c->NewRegion(1 << 20);
+  ASSERT_TRUE(a.ok() && b.ok());
+  auto third = c->NewRegion(4096);
+  ASSERT_FALSE(third.ok());
+  EXPECT_EQ(third.status().code(), Code::kResourceExhausted);
+  EXPECT_NE(third.status().message().find("--max-regions"), std::string::npos);
+  auto other = c->NewRegion(4096, "someone-else");
+  EXPECT_TRUE(other.ok()) << "the bound is per tenant";
+  a->reset();
+  auto big = c->NewRegion(3 << 20);
+  ASSERT_FALSE(big.ok());
+  EXPECT_NE(big.status().message().find("--max-region-mb"), std::string::npos)
+      << big.status().ToString();
+  auto fits = c->NewRegion(2 << 20);
+  EXPECT_TRUE(fits.ok()) << fits.status().ToString();
+  auto s = Stats(*c);
+  EXPECT_EQ(s["regions"].size(), 3u) << s.dump();
+}
+
+TEST_F(RegionsTest, OnlyWorkersOfTheBrokersHostTakeJobsOnRegions) {
+  ASSERT_TRUE(StartBroker({"--unmatched-grace-ms", "300"})) << Log();
+  AddWorker();  // no local directory: elsewhere, as far as the broker knows
+  auto c = Connect();
+  ASSERT_TRUE(WaitForWorkers(*c, 1));
+  auto region = c->NewRegion(4096);
+  ASSERT_TRUE(region.ok());
+  auto res = c->Wait(*c->Submit(RegionJob({(*region)->Out(0, 16)})));
+  ASSERT_TRUE(res.ok());
+  EXPECT_EQ(res->state, JobState::kFailed);
+  EXPECT_EQ(res->code, Code::kUnavailable);
+  EXPECT_TRUE(c->Wait(*c->Submit(Job("k", "a")))->ok());
+}
+
+}  // namespace
+}  // namespace gpuq::testing
