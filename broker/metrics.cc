@@ -73,21 +73,6 @@ std::string EncodeStats(const StatsSnapshot& s) {
   msgpack::sbuffer buf;
   Packer p(buf);
   p.pack_map(s.tenant_view ? 7 : 19);
-  Str(p, "regions");
-  p.pack_array(static_cast<uint32_t>(s.regions.size()));
-  for (const StatsSnapshot::RegionView& r : s.regions) {
-    p.pack_map(5);
-    Str(p, "region");
-    p.pack_uint64(r.id);
-    Str(p, "tenant");
-    Str(p, r.tenant);
-    Str(p, "size");
-    p.pack_uint64(r.size);
-    Str(p, "jobs");
-    p.pack_uint64(r.jobs);
-    Str(p, "ended");
-    p.pack(r.ended);
-  }
   Str(p, "queued");
   p.pack_uint64(s.queued);
   Str(p, "queued_by_priority");
@@ -197,6 +182,21 @@ std::string EncodeStats(const StatsSnapshot& s) {
       Str(p, "drained");
       Str(p, w.health.drain);
     }
+  }
+  Str(p, "regions");
+  p.pack_array(static_cast<uint32_t>(s.regions.size()));
+  for (const StatsSnapshot::RegionView& r : s.regions) {
+    p.pack_map(5);
+    Str(p, "region");
+    p.pack_uint64(r.id);
+    Str(p, "tenant");
+    Str(p, r.tenant);
+    Str(p, "size");
+    p.pack_uint64(r.size);
+    Str(p, "jobs");
+    p.pack_uint64(r.jobs);
+    Str(p, "ended");
+    p.pack(r.ended);
   }
   Str(p, "uptime_s");
   p.pack_double(s.uptime_s);

@@ -45,6 +45,8 @@ T DecodeAs(const std::vector<std::string>& frames, Status* status) {
     *status = DecodeWorkerMessage(frames[1], sizes, limits, &out);
   } else if constexpr (std::is_same_v<T, Batch>) {
     *status = DecodeBatch(frames[1], sizes, limits, &out);
+  } else if constexpr (std::is_same_v<T, RegionMessage>) {
+    *status = DecodeRegionMessage(frames[1], limits, &out);
   } else {
     *status = DecodeBrokerMessage(frames[1], sizes, limits, &out);
   }
@@ -77,7 +79,10 @@ TEST_P(GoldenTest, FileDecodesToTheMessageAndReencodesIdentically) {
       [&](const auto& expected) {
         using T = std::decay_t<decltype(expected)>;
         const bool client = std::is_same_v<T, ClientRequest> || std::is_same_v<T, ClientReply>;
-        EXPECT_TRUE(CheckProtocolFrame(frames[0], client ? kClientProtocol : kWorkerProtocol)
+        const bool region = std::is_same_v<T, RegionMessage>;
+        EXPECT_TRUE(CheckProtocolFrame(frames[0], client   ? kClientProtocol
+                                                  : region ? kRegionProtocol
+                                                           : kWorkerProtocol)
                         .ok());
         Status s;
         T decoded = DecodeAs<T>(frames, &s);

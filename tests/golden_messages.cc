@@ -28,7 +28,7 @@ std::string SomeStats() {
       p.pack_uint64(v);
     }
   };
-  p.pack_map(18);
+  p.pack_map(19);
   key("queued"), p.pack_uint64(3);
   key("queued_by_priority"), counts({{"5", 2}, {"9", 1}});
   key("queued_by_tenant"), counts({{"vm-7", 3}});
@@ -61,6 +61,14 @@ std::string SomeStats() {
   key("slots"), p.pack_uint32(8);
   key("inflight"), p.pack_uint32(2);
   key("heartbeat_age_ms"), p.pack_uint64(120);
+  key("regions");
+  p.pack_array(1);
+  p.pack_map(5);
+  key("region"), p.pack_uint64(0x5eed0000cafe0001ull);
+  key("tenant"), key("vm-7");
+  key("size"), p.pack_uint64(64ull << 20);
+  key("jobs"), p.pack_uint64(2);
+  key("ended"), p.pack_false();
   key("uptime_s"), p.pack_double(3600.5);
   return std::string(buf.data(), buf.size());
 }
@@ -221,6 +229,27 @@ std::vector<GoldenMessage> GoldenMessages() {
     j.launches = {first, second, third};
     j.graph = true;
     g.push_back({"client_submit_launches", r, {Bytes(1024, 4)}});
+  }
+  {
+    // Buffers in a registered region (PROTOCOL.md, "Regions"): x read from
+    // one range, y read and written in another, and nothing sent.
+    ClientRequest r;
+    r.op = ClientOp::kSubmit;
+    r.rid = 9;
+    JobSpec& j = r.job;
+    j.tenant = "guest-17";
+    j.kernel.source =
+        "extern \"C\" __global__ void saxpy(float a, const float* x, float* y, unsigned n) {\n"
+        "  unsigned i = blockIdx.x * blockDim.x + threadIdx.x;\n"
+        "  if (i < n) y[i] = a * x[i] + y[i];\n"
+        "}\n";
+    j.kernel.entry = "saxpy";
+    j.launch.grid = {4096, 1, 1};
+    j.launch.block = {256, 1, 1};
+    const uint64_t region = 0x5eed0000cafe0001ull, bytes = 4096 * 256 * 4;
+    j.args = {Arg::F32(2.0f), Arg::InRegion(ArgKind::kIn, region, 0, bytes),
+              Arg::InRegion(ArgKind::kInOut, region, bytes, bytes), Arg::U32(4096 * 256)};
+    g.push_back({"client_submit_region", r, {}});
   }
   {
     ClientRequest r;
@@ -612,6 +641,52 @@ std::vector<GoldenMessage> GoldenMessages() {
     m.error = "broker shutting down";
     g.push_back({"broker_disconnect", m, {}});
   }
+  // The region channel (PROTOCOL.md, "Regions").
+  {
+    RegionMessage m;
+    m.op = RegionOp::kHello;
+    m.protocol = std::string(kRegionProtocol);
+    g.push_back({"region_hello", m, {}});
+    m.worker = true;
+    m.token = "9f86d081884c7d659a2feaa0c55ad015";
+    g.push_back({"region_hello_worker", m, {}});
+  }
+  {
+    RegionMessage m;
+    m.op = RegionOp::kRegister;
+    m.rid = 1;
+    m.tenant = "guest-17";
+    m.size = 64ull << 20;
+    g.push_back({"region_register", m, {}});
+    m = {};
+    m.op = RegionOp::kRegistered;
+    m.rid = 1;
+    m.region = 0x5eed0000cafe0001ull;
+    m.size = 64ull << 20;
+    g.push_back({"region_registered", m, {}});
+    m = {};
+    m.op = RegionOp::kUnregister;
+    m.rid = 2;
+    m.region = 0x5eed0000cafe0001ull;
+    g.push_back({"region_unregister", m, {}});
+    m.op = RegionOp::kUnregistered;
+    g.push_back({"region_unregistered", m, {}});
+    m = {};
+    m.op = RegionOp::kError;
+    m.rid = 3;
+    m.code = Code::kResourceExhausted;
+    m.error = "tenant 'guest-17' holds 64 regions, its limit (--max-regions)";
+    g.push_back({"region_error", m, {}});
+    m = {};
+    m.op = RegionOp::kRegion;
+    m.region = 0x5eed0000cafe0001ull;
+    m.size = 64ull << 20;
+    g.push_back({"region_region", m, {}});
+    m = {};
+    m.op = RegionOp::kDrop;
+    m.region = 0x5eed0000cafe0001ull;
+    g.push_back({"region_drop", m, {}});
+  }
   return g;
 }
 
@@ -628,6 +703,8 @@ std::vector<std::string> EncodeFrames(const GoldenMessage& g) {
           frames = {std::string(kWorkerProtocol), EncodeWorkerMessage(m)};
         } else if constexpr (std::is_same_v<T, Batch>) {
           frames = {std::string(kWorkerProtocol), EncodeBatch(m)};
+        } else if constexpr (std::is_same_v<T, RegionMessage>) {
+          frames = {std::string(kRegionProtocol), EncodeRegionMessage(m)};
         } else {
           frames = {std::string(kWorkerProtocol), EncodeBrokerMessage(m)};
         }

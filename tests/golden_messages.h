@@ -14,8 +14,12 @@
 namespace gpuq::testing {
 
 // A Batch's payload is the frames of its messages (headers included).
+// A region channel message (PROTOCOL.md, "Regions") has no protocol frame on
+// the wire (its connection's hello names the protocol); its golden file has
+// one, GPUQR/1, so that every golden file has the same shape.
 using AnyMessage = std::variant<schema::ClientRequest, schema::ClientReply,
-                                schema::WorkerMessage, schema::BrokerMessage, schema::Batch>;
+                                schema::WorkerMessage, schema::BrokerMessage, schema::Batch,
+                                schema::RegionMessage>;
 
 struct GoldenMessage {
   std::string name;                  // file name without .bin

@@ -1,5 +1,5 @@
 // libFuzzer target: every decoder of the wire protocol on arbitrary input.
-// The first byte picks the decoder and the payload frame sizes; the rest is
+// The first byte picks the decoders and the payload frame sizes; the rest is
 // the header frame. A decoder must return a Status for any input, never
 // crash, leak, hang or read out of bounds; what decodes must re-encode and
 // decode to the same message.
@@ -52,6 +52,15 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
         RoundTrip<BrokerMessage>(header, sizes, DecodeBrokerMessage, EncodeBrokerMessage);
       }
       break;
+  }
+  if (selector & 0x20) {
+    // The region channel's messages (one packet each, no payload frames).
+    RoundTrip<RegionMessage>(
+        header, sizes,
+        [](std::string_view h, const std::vector<uint64_t>&, const Limits& l, RegionMessage* m) {
+          return DecodeRegionMessage(h, l, m);
+        },
+        EncodeRegionMessage);
   }
   (void)PeekBool(header, "local_out");
   return 0;
