@@ -15,6 +15,7 @@
 #include <thread>
 #include <vector>
 
+#include "util/sealed_memfd.h"
 #include "worker/cuda_driver.h"
 
 using gpuq::worker::CudaDriver;
@@ -288,6 +289,60 @@ int main(int argc, char** argv) {
               with_events, with_memop, with_both, with_both_nb, Summarize(elapsed).p50,
               Summarize(graph_events).p50, Summarize(set_params).p50);
   std::printf("check: out[0] = %.1f (want 4.0)\n", out[0]);
+
+  // The floor of regions (PROTOCOL.md, "Regions"): copies between the GPU and
+  // a mapped sealed memfd, page-locked once, against the same mapping
+  // pageable; and what the locking costs by size.
+  std::printf("\n| copy between the GPU and a mapped memfd | H2D GB/s | D2H GB/s |\n"
+              "|---|---|---|\n");
+  for (uint64_t mib : {64, 256}) {
+    const uint64_t bytes = mib << 20;
+    auto fd = gpuq::CreateSealedMemfd(bytes, "floor");
+    if (!fd.ok()) break;
+    auto map = gpuq::Mapping::Map(fd->get(), bytes);
+    CUdeviceptr dbuf = 0;
+    if (!map.ok() || cu.cuMemAllocAsync(&dbuf, bytes, s) != CUDA_SUCCESS) break;
+    std::memset(map->data(), 0x5a, bytes);
+    auto rate = [&](bool h2d) {
+      std::vector<double> t;
+      for (int i = 0; i < 6; ++i) {
+        auto c0 = Clock::now();
+        if (h2d) {
+          cu.cuMemcpyHtoDAsync(dbuf, map->data(), bytes, s);
+        } else {
+          cu.cuMemcpyDtoHAsync(map->data(), dbuf, bytes, s);
+        }
+        cu.cuStreamSynchronize(s);
+        if (i > 0) t.push_back(Us(c0, Clock::now()));
+      }
+      return bytes / 1e3 / Summarize(t).p50;  // GB/s
+    };
+    const double ph = rate(true), pd = rate(false);
+    const bool pinned =
+        cu.cuMemHostRegister(map->data(), bytes, CU_MEMHOSTREGISTER_PORTABLE) == CUDA_SUCCESS;
+    const double rh = rate(true), rd = rate(false);
+    if (pinned) cu.cuMemHostUnregister(map->data());
+    cu.cuMemFreeAsync(dbuf, s);
+    cu.cuStreamSynchronize(s);
+    std::printf("| %llu MiB, pageable | %.1f | %.1f |\n", (unsigned long long)mib, ph, pd);
+    std::printf("| %llu MiB, page-locked once%s | %.1f | %.1f |\n", (unsigned long long)mib,
+                pinned ? "" : " (FAILED)", rh, rd);
+  }
+  std::printf("\nlocking a mapped memfd (cuMemHostRegister, first touch included):");
+  for (uint64_t mib : {64, 1024, 8192}) {
+    const uint64_t bytes = mib << 20;
+    auto fd = gpuq::CreateSealedMemfd(bytes, "floor");
+    if (!fd.ok()) break;
+    auto map = gpuq::Mapping::Map(fd->get(), bytes);
+    if (!map.ok()) break;
+    auto r0 = Clock::now();
+    const bool ok =
+        cu.cuMemHostRegister(map->data(), bytes, CU_MEMHOSTREGISTER_PORTABLE) == CUDA_SUCCESS;
+    const double ms = Us(r0, Clock::now()) / 1e3;
+    if (ok) cu.cuMemHostUnregister(map->data());
+    std::printf(" %llu MiB %.1f ms%s;", (unsigned long long)mib, ms, ok ? "" : " (FAILED)");
+  }
+  std::printf("\n");
   cu.cuStreamDestroy(s);
   cu.cuModuleUnload(mod);
   cu.cuDevicePrimaryCtxRelease(dev);

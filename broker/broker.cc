@@ -348,7 +348,10 @@ Status Broker::Impl::Run() {
     constexpr size_t kFixed = 4;
     core_->region_server().PollItems(&items);
     auto timeout = tick;
-    if (opt_.spin.count() > 0 && clock_->Now() - last_message_ < opt_.spin) {
+    // With --spin-us: awake for that long after a message, and all the
+    // while a job runs on a worker (its result is taken the moment it comes).
+    if (opt_.spin.count() > 0 &&
+        (clock_->Now() - last_message_ < opt_.spin || core_->AnyRunning())) {
       timeout = std::chrono::milliseconds(0);
     }
     const MonoTime idle_from = clock_->Now();

@@ -179,6 +179,13 @@ class BrokerCore {
   // a tenant its own jobs.
   StatsSnapshot Snapshot(const RequestContext* ctx);
   std::vector<schema::WorkerView> WorkerViews() const;
+  // Whether any worker holds a job.
+  bool AnyRunning() const {
+    for (const auto& [id, w] : workers_.all()) {
+      if (!w.inflight.empty()) return true;
+    }
+    return false;
+  }
   // The kernel cache file's size, refreshed off the loop; `cache_changed`
   // asks for a refresh (a compile stored an entry).
   std::atomic<uint64_t> cache_entries{0}, cache_bytes{0};

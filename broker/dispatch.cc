@@ -180,6 +180,14 @@ bool BrokerCore::Matches(const Job& job, const Worker& w) const {
 
 bool BrokerCore::Eligible(Job& job, const Worker& w) {
   if (job.loading || !Matches(job, w)) return false;
+  // A job may run while its row commits, but not on input files: a client's
+  // file becomes the store's, by that name, in the commit (PROTOCOL.md,
+  // "Local buffers").
+  if (!job.durable) {
+    for (const JobInput& in : job.inputs) {
+      if (!in.in_memory) return false;
+    }
+  }
   // Its last requeue's count has not committed: dispatched now and again
   // after a crash, two attempts could share a number (Job::attempts_stored).
   if (job.attempts > job.attempts_stored) return false;

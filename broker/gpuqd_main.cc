@@ -75,7 +75,8 @@ int main(int argc, char** argv) {
   app.add_option("--heartbeat-ms", heartbeat_ms, "Heartbeat interval")->capture_default_str();
   int64_t spin_us = 0;
   app.add_option("--spin-us", spin_us,
-                 "After a message, poll without sleeping this long (lower latency, one busy core)")
+                 "After a message, and while jobs run, poll without sleeping this long (lower "
+                 "latency, busy cores)")
       ->check(CLI::Range(int64_t{0}, int64_t{100000}))
       ->capture_default_str();
   app.add_option("--max-attempts", o.max_attempts, "Dispatches per job before it fails")

@@ -1,5 +1,8 @@
 #include "broker/store_thread.h"
 
+#include <cstdlib>
+#include <thread>
+
 #include <pthread.h>
 #include <unistd.h>
 
@@ -74,6 +77,10 @@ std::vector<std::unique_ptr<Batch>> StoreThread::TakeDone() {
 
 void StoreThread::Loop() {
   pthread_setname_np(pthread_self(), "gpuq-store");
+  // The test hook GPUQ_TEST_STORE_DELAY_MS: each batch waits this long first,
+  // as on a slow disk (tests of what may happen before a row commits).
+  const char* delay_env = getenv("GPUQ_TEST_STORE_DELAY_MS");
+  const auto delay = std::chrono::milliseconds(delay_env ? std::atoi(delay_env) : 0);
   for (;;) {
     if (spin_.count() > 0) {
       const auto until = std::chrono::steady_clock::now() + spin_;
@@ -90,6 +97,7 @@ void StoreThread::Loop() {
       work.swap(todo_);
     }
     for (auto& b : work) {
+      if (delay.count() > 0) std::this_thread::sleep_for(delay);
       Run(*b);
       {
         MutexLock lock(&mu_);

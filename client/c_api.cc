@@ -27,6 +27,10 @@ struct gpuq_result {
   gpuq::JobResult result;
 };
 
+struct gpuq_region {
+  std::unique_ptr<gpuq::Region> region;
+};
+
 namespace {
 
 gpuq_code Fail(gpuq_client* c, const gpuq::Status& s) {
@@ -180,6 +184,46 @@ void gpuq_job_add_inout(gpuq_job* job, const void* data, size_t size) {
 }
 void gpuq_job_add_out(gpuq_job* job, size_t size) {
   Buffers(job).push_back(gpuq::schema::Arg::Out(size));
+}
+
+gpuq_code gpuq_region_new(gpuq_client* client, uint64_t size, const char* tenant,
+                          gpuq_region** out) {
+  auto r = client->client->NewRegion(size, tenant ? tenant : "");
+  if (!r.ok()) return Fail(client, r.status());
+  *out = new gpuq_region{std::move(*r)};
+  return GPUQ_OK;
+}
+void gpuq_region_free(gpuq_region* region) { delete region; }
+void* gpuq_region_data(gpuq_region* region) { return region->region->data(); }
+uint64_t gpuq_region_size(const gpuq_region* region) { return region->region->size(); }
+uint64_t gpuq_region_id(const gpuq_region* region) { return region->region->id(); }
+gpuq_code gpuq_region_unregister(gpuq_client* client, gpuq_region* region) {
+  gpuq::Status s = region->region->Unregister();
+  if (!s.ok()) return Fail(client, s);
+  return GPUQ_OK;
+}
+
+static void AddRange(gpuq_job* job, gpuq::schema::ArgKind kind, const gpuq_region* region,
+                     uint64_t offset, uint64_t size, const char* call) {
+  if (!region) return Misuse(job, std::string(call) + ": no region (NULL)");
+  const gpuq::Region& r = *region->region;
+  using gpuq::schema::ArgKind;
+  Buffers(job).push_back(kind == ArgKind::kIn      ? r.In(offset, size)
+                         : kind == ArgKind::kInOut ? r.InOut(offset, size)
+                                                   : r.Out(offset, size));
+}
+void gpuq_job_add_region_in(gpuq_job* job, const gpuq_region* region, uint64_t offset,
+                            uint64_t size) {
+  AddRange(job, gpuq::schema::ArgKind::kIn, region, offset, size, "gpuq_job_add_region_in");
+}
+void gpuq_job_add_region_inout(gpuq_job* job, const gpuq_region* region, uint64_t offset,
+                               uint64_t size) {
+  AddRange(job, gpuq::schema::ArgKind::kInOut, region, offset, size,
+           "gpuq_job_add_region_inout");
+}
+void gpuq_job_add_region_out(gpuq_job* job, const gpuq_region* region, uint64_t offset,
+                             uint64_t size) {
+  AddRange(job, gpuq::schema::ArgKind::kOut, region, offset, size, "gpuq_job_add_region_out");
 }
 
 uint32_t gpuq_job_add_source(gpuq_job* job, const char* source) {

@@ -1,4 +1,4 @@
-// gpuq submit, status, result, cancel, stats, devices, usage: talk to a broker.
+// gpuq submit, status, result, cancel, stats, regions, devices, usage: talk to a broker.
 #include <poll.h>
 #include <termios.h>
 #include <unistd.h>
@@ -9,6 +9,7 @@
 #include <ctime>
 #include <map>
 #include <cstdio>
+#include <filesystem>
 #include <fstream>
 #include <iostream>
 #include <nlohmann/json.hpp>
@@ -251,12 +252,53 @@ StatusOr<std::string> ReadWhole(const std::string& path) {
   return b.str();
 }
 
+// A buffer of `gpuq submit --region`: bytes [offset, offset + size) of the
+// region, argument (or buffer) `index` of the job; an in or inout buffer's
+// bytes come from `path`.
+struct RegionBuffer {
+  uint32_t index = 0;
+  schema::ArgKind kind = schema::ArgKind::kIn;
+  std::string path;
+  uint64_t offset = 0, size = 0;
+};
+
+// Where the region's buffers start: each on a page of its own.
+constexpr uint64_t kRegionAlign = 4096;
+
+// Reads `b.size` bytes of b.path into `to`: the file's size when it was
+// looked at, which it must still have.
+Status ReadInto(const RegionBuffer& b, char* to) {
+  std::ifstream f(b.path, std::ios::binary);
+  if (!f) return Error(Code::kUnavailable, "cannot read " + b.path);
+  f.read(to, static_cast<std::streamsize>(b.size));
+  const auto got = static_cast<uint64_t>(f.gcount());
+  if (got != b.size || f.peek() != std::char_traits<char>::eof()) {
+    return Error(Code::kUnavailable, b.path + " changed while it was read (" +
+                                         std::to_string(b.size) + " bytes expected)");
+  }
+  return Status::Ok();
+}
+
+// Writes the out and inout buffers of a region to PREFIX.argN.bin, as
+// WriteOutputs writes those that came back.
+Status WriteRegionOutputs(const Region& region, const std::vector<RegionBuffer>& buffers,
+                          const std::string& prefix) {
+  for (const RegionBuffer& b : buffers) {
+    if (b.kind == schema::ArgKind::kIn) continue;
+    const std::string path = prefix + ".arg" + std::to_string(b.index) + ".bin";
+    std::ofstream out(path, std::ios::binary);
+    out.write(region.data() + b.offset, static_cast<std::streamsize>(b.size));
+    if (!out) return Error(Code::kIoError, "cannot write " + path);
+  }
+  return Status::Ok();
+}
+
 struct SubmitArgs : Common {
   std::string file, kernel, expr, tenant, key;
   std::string grid, block;  // "" reads as 1
   uint32_t shared = 0, priority = schema::kDefaultPriority;
   double deadline_s = 0, limit_s = 0;
-  bool wait = false, graph = false;
+  bool wait = false, graph = false, region = false;
   std::string output_prefix;
   // In the order given on the command line: each --arg, --in, --out,
   // --inout, --scratch, --launch, --launch-expression, --source and
@@ -311,6 +353,28 @@ int RunSubmit(SubmitArgs& a) {
   s.graph = a.graph;
   std::vector<Arg>& buffer_list = several ? s.buffers : s.args;
   std::vector<std::string> buffers;  // keeps input bytes alive
+  // --region: the in, out and inout buffers of at least one byte live in
+  // one region of this process; their arguments are set once it exists.
+  std::vector<RegionBuffer> in_region;
+  const std::string endpoint = a.broker.empty() ? DefaultEndpoint() : a.broker;
+  if (a.region) {
+    if (endpoint.rfind("ipc://", 0) != 0) {
+      return Fail(a, Error(Code::kInvalid,
+                           "--region needs the broker's ipc endpoint: a region is memory "
+                           "shared with the workers of the broker's host, and " + endpoint +
+                           " is not one"));
+    }
+    if (!a.wait) {
+      return Fail(a, Error(Code::kInvalid,
+                           "--region needs --wait: the region is gpuq's own memory, which "
+                           "ends when gpuq exits"));
+    }
+  }
+  auto place = [&](schema::ArgKind kind, std::string path, uint64_t size) {
+    in_region.push_back({static_cast<uint32_t>(buffer_list.size()), kind, std::move(path), 0,
+                         size});
+    buffer_list.push_back(Arg::Buffer(kind, 0, size));  // its range, once the region exists
+  };
   buffers.reserve(a.ordered.size());
   for (const auto& [kind, value] : a.ordered) {
     if (kind == "launch" || kind == "launch-expression") {
@@ -340,7 +404,11 @@ int RunSubmit(SubmitArgs& a) {
       }
       try {
         const uint64_t size = std::stoull(value);
-        buffer_list.push_back(kind == "out" ? Arg::Out(size) : Arg::Scratch(size));
+        if (kind == "out" && a.region && size > 0) {
+          place(schema::ArgKind::kOut, "", size);
+        } else {
+          buffer_list.push_back(kind == "out" ? Arg::Out(size) : Arg::Scratch(size));
+        }
       } catch (...) {
         return Fail(a, Error(Code::kInvalid, "--" + kind + " takes a size in bytes"));
       }
@@ -356,6 +424,23 @@ int RunSubmit(SubmitArgs& a) {
     } else if (kind == "option") {
       (s.sources.empty() ? s.kernel : s.sources.back()).options.push_back(value);
     } else {
+      const auto buffer_kind = kind == "in" ? schema::ArgKind::kIn : schema::ArgKind::kInOut;
+      if (a.region) {
+        // The region is sized before any file is read: only files whose
+        // size is known.
+        std::error_code ec;
+        const bool regular = std::filesystem::is_regular_file(value, ec);
+        const uint64_t size = regular ? std::filesystem::file_size(value, ec) : 0;
+        if (ec || !regular) {
+          return Fail(a, Error(Code::kUnavailable,
+                               "--region: cannot read " + value + ": " +
+                                   (ec ? ec.message() : "not a regular file")));
+        }
+        if (size > 0) {
+          place(buffer_kind, value, size);
+          continue;
+        }
+      }
       auto bytes = ReadWhole(value);
       if (!bytes.ok()) return Fail(a, bytes.status());
       buffers.push_back(std::move(*bytes));
@@ -366,6 +451,28 @@ int RunSubmit(SubmitArgs& a) {
   for (const auto& b : buffers) job.inputs.push_back(b);
   auto client = Connect(a);
   if (!client.ok()) return Fail(a, client.status());
+  std::unique_ptr<Region> region;
+  if (!in_region.empty()) {
+    uint64_t total = 0;
+    for (RegionBuffer& b : in_region) {
+      b.offset = (total + kRegionAlign - 1) / kRegionAlign * kRegionAlign;
+      total = b.offset + b.size;
+    }
+    auto r = (*client)->NewRegion(total, a.tenant);
+    if (!r.ok()) {
+      return Fail(a, Status(r.status().code(), "--region of " + std::to_string(total) +
+                                                   " bytes: " + r.status().message()));
+    }
+    region = std::move(*r);
+    for (const RegionBuffer& b : in_region) {
+      if (b.kind != schema::ArgKind::kOut) {
+        if (Status read = ReadInto(b, region->data() + b.offset); !read.ok()) {
+          return Fail(a, read);
+        }
+      }
+      buffer_list[b.index] = Arg::InRegion(b.kind, region->id(), b.offset, b.size);
+    }
+  }
   auto id = (*client)->Submit(job);
   if (!id.ok()) return Fail(a, id.status());
   if (!a.wait) {
@@ -380,11 +487,39 @@ int RunSubmit(SubmitArgs& a) {
   if (!r.ok()) return Fail(a, r.status());
   if (!a.output_prefix.empty()) {
     if (Status w = WriteOutputs(*r, a.output_prefix); !w.ok()) return Fail(a, w);
+    // The region's out and inout ranges, once the job wrote them.
+    if (region && r->ok()) {
+      if (Status w = WriteRegionOutputs(*region, in_region, a.output_prefix); !w.ok()) {
+        return Fail(a, w);
+      }
+    }
   }
   if (a.json) {
-    std::cout << ResultJson(*r).dump(2) << "\n";
+    json j = ResultJson(*r);
+    if (region) {
+      j["region"] = {{"region", region->id()}, {"size", region->size()}};
+      if (r->ok()) {
+        // The ranges the job wrote are its outputs too, by argument index.
+        json outs = j.value("outputs", json::array());
+        for (const RegionBuffer& b : in_region) {
+          if (b.kind == schema::ArgKind::kIn) continue;
+          outs.push_back({{"arg", b.index}, {"bytes", b.size}, {"region", region->id()},
+                          {"offset", b.offset}});
+        }
+        std::sort(outs.begin(), outs.end(), [](const json& x, const json& y) {
+          return x["arg"].get<uint64_t>() < y["arg"].get<uint64_t>();
+        });
+        if (!outs.empty()) j["outputs"] = outs;
+      }
+    }
+    std::cout << j.dump(2) << "\n";
   } else {
     PrintResult(*r);
+    if (region) {
+      std::printf("  region %llu: %zu buffer(s) in %llu bytes\n",
+                  (unsigned long long)region->id(), in_region.size(),
+                  (unsigned long long)region->size());
+    }
   }
   return r->ok() ? kExitOk : ExitFor(r->code == Code::kOk ? Code::kInternal : r->code);
 }
@@ -450,6 +585,17 @@ void PrintStatsText(FILE* f, const json& s) {
     std::fprintf(f, "kernel cache: %llu hits, %llu misses, %llu entries, %.1f KiB\n",
                 c.value("hits", 0ull), c.value("misses", 0ull), c.value("entries", 0ull),
                 c.value("bytes", 0ull) / 1024.0);
+  }
+  const json regions = s.value("regions", json::array());
+  if (!regions.empty()) {
+    uint64_t bytes = 0, ended = 0;
+    for (const auto& r : regions) {
+      bytes += r.value("size", 0ull);
+      ended += r.value("ended", false) ? 1 : 0;
+    }
+    std::fprintf(f, "regions: %zu of %llu bytes, %llu ended (gpuq regions lists them)\n",
+                 regions.size(), static_cast<unsigned long long>(bytes),
+                 static_cast<unsigned long long>(ended));
   }
   const json workers = s.value("workers", json::array());
   if (workers.empty()) {
@@ -583,7 +729,17 @@ void AddJobCommands(CLI::App& app, Action* action) {
       "  gpuq submit steps.cu --source reduce.cu --in x.bin --scratch 4096 --out 4 \\\n"
       "      --launch square:16:256 --arg buf:0 --arg buf:1 --arg u32:1024 \\\n"
       "      --launch 1/sum:1:256:1024 --arg buf:1 --arg buf:2 --arg u32:1024 \\\n"
-      "      --wait --output result");
+      "      --wait --output result\n"
+      "\n"
+      "--region (PROTOCOL.md, \"Regions\"), on the broker's host: the --in, --inout and --out\n"
+      "buffers live in one region that gpuq registers for the job, sized for all of them;\n"
+      "input files are read into it, the job's arguments name ranges of it, and the GPU\n"
+      "reads and writes them in place, so their bytes never cross the broker's socket.\n"
+      "It needs the ipc endpoint and --wait (the region ends when gpuq exits); --output\n"
+      "writes the out and inout buffers to PREFIX.argN.bin as usual.\n"
+      "\n"
+      "  gpuq submit saxpy.cu --kernel saxpy --grid 4096 --block 256 --region \\\n"
+      "      --arg f32:2.5 --in x.bin --inout y.bin --arg u32:1048576 --wait --output out");
   s->add_option("file", sa->file, "CUDA C++ source file")->required();
   s->add_option("--kernel", sa->kernel, "extern \"C\" kernel to launch");
   s->add_option("--name-expression", sa->expr, "C++ kernel name, e.g. 'scale<float>'");
@@ -638,6 +794,9 @@ void AddJobCommands(CLI::App& app, Action* action) {
   s->add_flag("--graph", sa->graph,
               "With --launch: the worker replays a CUDA graph of the launches for later jobs "
               "of the same shape (timing their span, not each launch)");
+  s->add_flag("--region", sa->region,
+              "--in, --inout and --out buffers in a region of this host's memory, read and "
+              "written in place (ipc only; with --wait)");
   s->add_flag("--wait", sa->wait, "Wait for the result");
   s->add_option("--output", sa->output_prefix,
                 "With --wait: write out/inout buffers to PREFIX.argN.bin");
@@ -790,6 +949,35 @@ void AddJobCommands(CLI::App& app, Action* action) {
                     static_cast<unsigned long long>(u.expired), u.gpu_us / 1e6,
                     u.kernel_us / 1e6, static_cast<unsigned long long>(u.bytes_in),
                     static_cast<unsigned long long>(u.bytes_out));
+      }
+      return kExitOk;
+    };
+  });
+
+  auto rcommon = std::make_shared<Common>();
+  CLI::App* rg = app.add_subcommand("regions", "Registered regions: memory that clients of the "
+                                               "broker's host share with its workers");
+  AddCommon(rg, rcommon.get());
+  rg->callback([=] {
+    *action = [=]() -> int {
+      auto client = Connect(*rcommon);
+      if (!client.ok()) return Fail(*rcommon, client.status());
+      auto stats = (*client)->Stats();
+      if (!stats.ok()) return Fail(*rcommon, stats.status());
+      json j = json::from_msgpack(*stats, true, false);
+      if (j.is_discarded()) return Fail(*rcommon, Error(Code::kMalformed, "bad stats"));
+      const json regions = j.value("regions", json::array());
+      if (rcommon->json) {
+        std::cout << regions.dump(2) << "\n";
+      } else if (regions.empty()) {
+        std::printf("no regions registered\n");
+      } else {
+        std::printf("%-20s %-24s %14s %6s  %s\n", "region", "tenant", "bytes", "jobs", "state");
+        for (const auto& r : regions) {
+          std::printf("%-20llu %-24s %14llu %6llu  %s\n", r.value("region", 0ull),
+                      r.value("tenant", "").c_str(), r.value("size", 0ull), r.value("jobs", 0ull),
+                      r.value("ended", false) ? "ended (waits for its jobs)" : "live");
+        }
       }
       return kExitOk;
     };

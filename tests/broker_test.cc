@@ -904,6 +904,7 @@ TEST_F(BrokerTest, LargeBuffersSurviveAKillAndComeBackWhole) {
   // outputs remain.
   std::set<std::string> files;
   for (const auto& e : std::filesystem::directory_iterator(broker_->store() + ".blobs")) {
+    if (!e.is_regular_file()) continue;  // the region channel's socket
     files.insert(e.path().filename().string());
   }
   std::set<std::string> expect;
@@ -946,6 +947,7 @@ TEST_F(BrokerTest, LocalBuffersTravelAsFilesAndComeBackWhole) {
   // client's or the worker's own, and the input went with the job.
   std::set<std::string> files;
   for (const auto& e : std::filesystem::directory_iterator(local)) {
+    if (!e.is_regular_file()) continue;  // the region channel's socket
     files.insert(e.path().filename().string());
   }
   EXPECT_EQ(files, (std::set<std::string>{"j" + std::to_string(*id) + ".o0",
@@ -966,6 +968,7 @@ TEST_F(BrokerTest, AnInputBufferIsTheFileTheBrokerTakes) {
   // Made in the local directory, mapped.
   std::vector<std::string> made;
   for (const auto& e : std::filesystem::directory_iterator(local)) {
+    if (!e.is_regular_file()) continue;  // the region channel's socket
     made.push_back(e.path().filename().string());
   }
   ASSERT_EQ(made.size(), 1u);

@@ -196,3 +196,171 @@ out:
   gpuq_client_free(c);
   return rc;
 }
+
+/* Regions: a job reads and writes ranges of a registered region in place,
+ * as the arguments of a job of one launch and as the buffers of a job of
+ * several launches; bad ranges, another tenant's region and an ended one
+ * are refused. Needs a worker of the broker's host (one with its local
+ * directory). Returns 0 on success, else writes why into `why`. */
+int gpuq_c_api_region_scenario(const char* endpoint, char* why, size_t why_size) {
+  int rc = 1;
+  gpuq_client* c = NULL;
+  gpuq_client* remote = NULL;
+  gpuq_region* region = NULL;
+  gpuq_region* theirs = NULL;
+  gpuq_job* job = NULL;
+  gpuq_result* r = NULL;
+  unsigned char* bytes = NULL;
+  uint64_t id = 0, region_id = 0;
+  uint32_t seven = 7;
+  size_t size = 0, i = 0;
+  const unsigned char* out = NULL;
+  gpuq_code code;
+
+  code = gpuq_client_new(endpoint, 10000, &c);
+  CHECK(code == GPUQ_OK, "connect: %s", gpuq_code_name(code));
+  code = gpuq_region_new(c, 1 << 16, NULL, &region);
+  CHECK(code == GPUQ_OK, "region: %s: %s", gpuq_code_name(code), gpuq_client_error(c));
+  CHECK(gpuq_region_size(region) == 1 << 16, "region size %llu",
+        (unsigned long long)gpuq_region_size(region));
+  region_id = gpuq_region_id(region);
+  CHECK(region_id != 0, "a region's id is never 0");
+  bytes = (unsigned char*)gpuq_region_data(region);
+  CHECK(bytes != NULL && bytes[0] == 0 && bytes[(1 << 16) - 1] == 0, "a new region is zeros");
+  for (i = 0; i < 4096; ++i) bytes[i] = (unsigned char)i;
+  memset(bytes + 4096, 0x55, 4096); /* an out range, then bytes outside every range */
+
+  /* A job of one launch: an inout and an out range, a scalar, and an out
+   * buffer that travels. */
+  job = gpuq_job_new(kKernels, "k");
+  gpuq_job_set_launch(job, 1, 1, 1, 32, 1, 1, 0);
+  gpuq_job_add_region_inout(job, region, 0, 4096); /* argument 0 */
+  gpuq_job_add_scalar(job, GPUQ_U32, &seven);       /* argument 1 */
+  gpuq_job_add_region_out(job, region, 4096, 1024); /* argument 2 */
+  gpuq_job_add_out(job, 8);                         /* argument 3 */
+  code = gpuq_submit(c, job, &id);
+  CHECK(code == GPUQ_OK, "submit with ranges: %s: %s", gpuq_code_name(code),
+        gpuq_client_error(c));
+  code = gpuq_wait(c, id, 0, &r);
+  CHECK(code == GPUQ_OK, "wait: %s", gpuq_client_error(c));
+  CHECK(gpuq_result_state(r) == GPUQ_DONE, "ranges: state %d: %s", (int)gpuq_result_state(r),
+        gpuq_result_error(r));
+  for (i = 0; i < 4096; ++i) {
+    CHECK(bytes[i] == (unsigned char)(i + 1), "inout range: byte %u is %u, not %u",
+          (unsigned)i, (unsigned)bytes[i], (unsigned)(unsigned char)(i + 1));
+  }
+  for (i = 4096; i < 4096 + 1024; ++i) {
+    CHECK(bytes[i] == 3, "out range: byte %u is %u, not 3", (unsigned)i, (unsigned)bytes[i]);
+  }
+  CHECK(bytes[4096 + 1024] == 0x55 && bytes[8191] == 0x55, "bytes outside every range changed");
+  CHECK(gpuq_result_output(r, 0, &size) == NULL && size == 0, "an inout range came back");
+  CHECK(gpuq_result_output(r, 2, &size) == NULL && size == 0, "an out range came back");
+  out = (const unsigned char*)gpuq_result_output(r, 3, &size);
+  CHECK(out && size == 8 && out[0] == 4 && out[7] == 4, "the sent out buffer came back wrong");
+  gpuq_result_free(r);
+  r = NULL;
+  gpuq_job_free(job);
+  job = NULL;
+
+  /* A job of several launches whose buffers 0 and 2 are ranges. */
+  job = gpuq_job_new(kKernels, NULL);
+  gpuq_job_add_region_inout(job, region, 8192, 16); /* buffer 0 */
+  gpuq_job_add_scratch(job, 64);                     /* buffer 1 */
+  gpuq_job_add_region_out(job, region, 8208, 16);   /* buffer 2 */
+  gpuq_job_add_launch(job, 0, "k", 1, 1, 1, 32, 1, 1, 0);
+  gpuq_job_add_buffer_arg(job, 0, 0);
+  gpuq_job_add_buffer_arg(job, 1, 0);
+  gpuq_job_add_launch(job, 0, "k", 1, 1, 1, 32, 1, 1, 0);
+  gpuq_job_add_buffer_arg(job, 2, 8);
+  gpuq_job_add_buffer_arg(job, 0, 0);
+  code = gpuq_submit(c, job, &id);
+  CHECK(code == GPUQ_OK, "several launches on ranges: %s: %s", gpuq_code_name(code),
+        gpuq_client_error(c));
+  code = gpuq_wait(c, id, 0, &r);
+  CHECK(code == GPUQ_OK, "wait: %s", gpuq_client_error(c));
+  CHECK(gpuq_result_state(r) == GPUQ_DONE, "several launches on ranges: state %d: %s",
+        (int)gpuq_result_state(r), gpuq_result_error(r));
+  CHECK(bytes[8192] == 1 && bytes[8207] == 1, "inout buffer 0: %u, not 1", (unsigned)bytes[8192]);
+  CHECK(bytes[8208] == 3 && bytes[8223] == 3, "out buffer 2: %u, not 3", (unsigned)bytes[8208]);
+  CHECK(bytes[8224] == 0, "a byte after buffer 2 changed");
+  CHECK(gpuq_result_output(r, 2, &size) == NULL, "an out range came back");
+  gpuq_result_free(r);
+  r = NULL;
+  gpuq_job_free(job);
+  job = NULL;
+
+  /* Refusals: a range past the region's end, no region, an overlap of two
+   * ranges the job writes, another tenant's region. Nothing runs. */
+  job = gpuq_job_new(kKernels, "k");
+  gpuq_job_add_region_in(job, region, (1 << 16) - 8, 16);
+  code = gpuq_submit(c, job, &id);
+  CHECK(code == GPUQ_INVALID && strstr(gpuq_client_error(c), "outside"),
+        "a range past the end: %s: %s", gpuq_code_name(code), gpuq_client_error(c));
+  gpuq_job_free(job);
+  job = gpuq_job_new(kKernels, "k");
+  gpuq_job_add_region_out(job, NULL, 0, 16);
+  code = gpuq_submit(c, job, &id);
+  CHECK(code == GPUQ_INVALID && strstr(gpuq_client_error(c), "gpuq_job_add_region_out: no region"),
+        "a NULL region: %s: %s", gpuq_code_name(code), gpuq_client_error(c));
+  gpuq_job_free(job);
+  job = gpuq_job_new(kKernels, "k");
+  gpuq_job_add_region_out(job, region, 0, 100);
+  gpuq_job_add_region_inout(job, region, 50, 0); /* size 0: to the region's end */
+  code = gpuq_submit(c, job, &id);
+  CHECK(code == GPUQ_INVALID && strstr(gpuq_client_error(c), "overlap"),
+        "two of a job's ranges that overlap: %s: %s", gpuq_code_name(code),
+        gpuq_client_error(c));
+  gpuq_job_free(job);
+  job = NULL;
+  code = gpuq_region_new(c, 4096, "alice", &theirs);
+  CHECK(code == GPUQ_OK, "alice's region: %s: %s", gpuq_code_name(code), gpuq_client_error(c));
+  job = gpuq_job_new(kKernels, "k");
+  gpuq_job_add_region_in(job, theirs, 0, 16);
+  code = gpuq_submit(c, job, &id);
+  CHECK(code == GPUQ_NOT_FOUND, "another tenant's region: %s: %s", gpuq_code_name(code),
+        gpuq_client_error(c));
+  gpuq_job_set_tenant(job, "alice");
+  gpuq_job_set_launch(job, 1, 1, 1, 32, 1, 1, 0);
+  code = gpuq_submit(c, job, &id);
+  CHECK(code == GPUQ_OK, "alice's job on alice's region: %s: %s", gpuq_code_name(code),
+        gpuq_client_error(c));
+  code = gpuq_wait(c, id, 0, &r);
+  CHECK(code == GPUQ_OK && gpuq_result_state(r) == GPUQ_DONE, "alice's job did not run");
+  gpuq_result_free(r);
+  r = NULL;
+  gpuq_job_free(job);
+  job = NULL;
+
+  /* Unregistered: no job may name it; its memory is still this process's. */
+  code = gpuq_region_unregister(c, region);
+  CHECK(code == GPUQ_OK, "unregister: %s: %s", gpuq_code_name(code), gpuq_client_error(c));
+  code = gpuq_region_unregister(c, region);
+  CHECK(code == GPUQ_OK, "unregistering again: %s", gpuq_code_name(code));
+  CHECK(bytes[0] == 1 && gpuq_region_id(region) == region_id, "an unregistered region's memory");
+  job = gpuq_job_new(kKernels, "k");
+  gpuq_job_add_region_in(job, region, 0, 16);
+  code = gpuq_submit(c, job, &id);
+  CHECK(code == GPUQ_NOT_FOUND, "a job on an ended region: %s: %s", gpuq_code_name(code),
+        gpuq_client_error(c));
+  gpuq_job_free(job);
+  job = NULL;
+
+  /* Regions are memory of the broker's host: not on tcp. */
+  code = gpuq_client_new("tcp://127.0.0.1:1", 1000, &remote);
+  CHECK(code == GPUQ_OK, "a tcp client: %s", gpuq_code_name(code));
+  {
+    gpuq_region* none = NULL;
+    code = gpuq_region_new(remote, 4096, NULL, &none);
+    CHECK(code == GPUQ_INVALID && none == NULL && strstr(gpuq_client_error(remote), "ipc"),
+          "a region on tcp: %s: %s", gpuq_code_name(code), gpuq_client_error(remote));
+  }
+  rc = 0;
+out:
+  gpuq_result_free(r);
+  gpuq_job_free(job);
+  gpuq_client_free(remote);
+  gpuq_client_free(c);
+  gpuq_region_free(region); /* a region may outlive its client */
+  gpuq_region_free(theirs);
+  return rc;
+}

@@ -27,6 +27,7 @@
 #include "util/sha256.h"
 #include "worker/gpu_health.h"
 #include "worker/pinned_pool.h"
+#include "worker/regions.h"
 
 namespace gpuq::worker {
 namespace {
@@ -290,10 +291,18 @@ class GpuWorker::Impl {
   Done ExecuteLaunches(const std::shared_ptr<Task>& task, CUstream stream, CUevent ev[4],
                        ExecutorState& xs);
   Status LaunchChecks(const schema::LaunchSpec& launch, CUfunction fn);
-  // The job's input buffers among `buffers` (payload frames, then local
-  // files, read into `read`): in[i] for buffer i (in and inout).
-  Status ReadInputs(const Task& task, const std::vector<Arg>& buffers,
-                    std::vector<zmq::message_t>* read, std::vector<std::string_view>* in);
+  // The host side of a job's buffers: in[i], the bytes of buffer i's input
+  // (in and inout: a payload frame, a local file read into `read`, or a
+  // range of a region); region[i], where a range of a region lives (any
+  // kind), null for a buffer that travels. `held` keeps the regions mapped
+  // until the job's copies are done.
+  struct HostBuffers {
+    std::vector<zmq::message_t> read;
+    std::vector<std::string_view> in;
+    std::vector<char*> region;
+    std::vector<std::shared_ptr<const WorkerRegions::Region>> held;
+  };
+  Status ReadInputs(const Task& task, const std::vector<Arg>& buffers, HostBuffers* host);
   // Outputs of kLocalFileMinBytes or more to files of the job's out_dir.
   Status OutputsToFiles(const BrokerMessage& job, Done& d);
 
@@ -326,6 +335,9 @@ class GpuWorker::Impl {
   std::vector<std::pair<std::string, std::vector<zmq::message_t>>> outbox_;
   int done_fd_ = -1;
   std::unique_ptr<PinnedPool> pinned_;  // outputs' host buffers
+  // Registered regions (PROTOCOL.md, "Regions"); null without a local
+  // directory.
+  std::unique_ptr<WorkerRegions> regions_;
   ModuleSet modules_;
   Graveyard graveyard_;
   std::atomic<uint64_t> free_bytes_{0};
@@ -398,6 +410,10 @@ Status GpuWorker::Impl::Init() {
   }
   std::random_device random;
   for (int i = 0; i < 32; ++i) token_.push_back("0123456789abcdef"[random() % 16]);
+  if (!opt_.local_dir.empty()) {
+    regions_ = std::make_unique<WorkerRegions>(cu_, ctx_, opt_.local_dir, token_);
+    regions_->Start();
+  }
   for (uint32_t i = 0; i < std::max<uint32_t>(1, opt_.streams); ++i) {
     executors_.emplace_back([this, i] { ExecutorLoop(static_cast<int>(i)); });
   }
@@ -411,6 +427,7 @@ GpuWorker::Impl::~Impl() {
   }
   cv_.notify_all();
   for (auto& t : executors_) t.join();
+  regions_.reset();
   inflight_.clear();
   modules_.Clear();
   if (ctx_) {
@@ -639,14 +656,35 @@ std::string GraphShape(const BrokerMessage& job) {
 }  // namespace
 
 Status GpuWorker::Impl::ReadInputs(const Task& task, const std::vector<Arg>& buffers,
-                                   std::vector<zmq::message_t>* read,
-                                   std::vector<std::string_view>* in) {
+                                   HostBuffers* host) {
   const BrokerMessage& job = task.job;
+  std::vector<std::string_view>* in = &host->in;
+  std::vector<zmq::message_t>* read = &host->read;
   in->assign(buffers.size(), {});
+  host->region.assign(buffers.size(), nullptr);
   const size_t frames = task.frames.size() - task.first_buffer;
   read->reserve(job.files.size());  // views into read must not move
   for (size_t i = 0; i < buffers.size(); ++i) {
     const Arg& a = buffers[i];
+    if (a.in_region() &&
+        (a.kind == ArgKind::kIn || a.kind == ArgKind::kOut || a.kind == ArgKind::kInOut)) {
+      // The broker hands a region over before any job that names it; it
+      // may still be being locked.
+      std::shared_ptr<const WorkerRegions::Region> r;
+      if (regions_) r = regions_->Get(a.region, std::chrono::seconds(30));
+      if (!r) {
+        return Error(Code::kUnavailable,
+                     "region " + std::to_string(a.region) + " was not handed to this worker");
+      }
+      if (a.offset > r->map.size() || a.size > r->map.size() - a.offset) {
+        return Error(Code::kInvalid, "buffer " + std::to_string(i) + ": range past region " +
+                                         std::to_string(a.region) + "'s end");
+      }
+      host->region[i] = r->map.data() + a.offset;
+      if (a.kind != ArgKind::kOut) (*in)[i] = std::string_view(host->region[i], a.size);
+      host->held.push_back(std::move(r));
+      continue;
+    }
     if (a.kind != ArgKind::kIn && a.kind != ArgKind::kInOut) continue;
     if (a.frame < frames) {
       const zmq::message_t& f = task.frames[task.first_buffer + a.frame];
@@ -747,11 +785,11 @@ Done GpuWorker::Impl::Execute(const std::shared_ptr<Task>& task, CUstream stream
   // Inputs: payload frames, then the job's local files (PROTOCOL.md, "Local
   // buffers"), read for the copy. Declared before the device buffers, whose
   // owner synchronizes the stream: the bytes outlive every copy.
-  std::vector<zmq::message_t> read;
-  std::vector<std::string_view> in;
-  if (Status s = ReadInputs(*task, job.args, &read, &in); !s.ok()) {
-    return f.Fail(Code::kIoError, s.message());
+  HostBuffers host;
+  if (Status s = ReadInputs(*task, job.args, &host); !s.ok()) {
+    return f.Fail(s.code() == Code::kUnavailable ? s.code() : Code::kIoError, s.message());
   }
+  const std::vector<std::string_view>& in = host.in;
 
   DeviceBuffers buffers{*cu_, stream, {}};
   std::vector<uint64_t> slots(job.args.size());
@@ -796,6 +834,12 @@ Done GpuWorker::Impl::Execute(const std::shared_ptr<Task>& task, CUstream stream
   if (e != CUDA_SUCCESS) return f.CuFail(e, "launch");
   cu_->cuEventRecord(ev[2], stream);
   for (auto [i, size] : outs) {
+    if (host.region[i]) {
+      // Back into its region, in place: nothing travels.
+      e = cu_->cuMemcpyDtoHAsync(host.region[i], slots[i], size, stream);
+      if (e != CUDA_SUCCESS) return f.CuFail(e, "copying outputs from the device");
+      continue;
+    }
     zmq::message_t out = pinned_->Message(size);
     if (size > 0) {
       e = cu_->cuMemcpyDtoHAsync(out.data(), slots[i], size, stream);
@@ -866,11 +910,11 @@ Done GpuWorker::Impl::ExecuteLaunches(const std::shared_ptr<Task>& task, CUstrea
     xs.marks.push_back(e);
   }
 
-  std::vector<zmq::message_t> read;
-  std::vector<std::string_view> in;
-  if (Status s = ReadInputs(*task, job.buffers, &read, &in); !s.ok()) {
-    return f.Fail(Code::kIoError, s.message());
+  HostBuffers host;
+  if (Status s = ReadInputs(*task, job.buffers, &host); !s.ok()) {
+    return f.Fail(s.code() == Code::kUnavailable ? s.code() : Code::kIoError, s.message());
   }
+  const std::vector<std::string_view>& in = host.in;
   DeviceBuffers buffers{*cu_, stream, {}};
   std::vector<CUdeviceptr> ptr(job.buffers.size(), 0);
   for (size_t i = 0; i < job.buffers.size(); ++i) {
@@ -995,6 +1039,12 @@ Done GpuWorker::Impl::ExecuteLaunches(const std::shared_ptr<Task>& task, CUstrea
     const Arg& a = job.buffers[i];
     if (a.kind != ArgKind::kOut && a.kind != ArgKind::kInOut) continue;
     const uint64_t size = a.kind == ArgKind::kOut ? a.size : in[i].size();
+    if (host.region[i]) {
+      // Back into its region, in place: nothing travels.
+      e = cu_->cuMemcpyDtoHAsync(host.region[i], ptr[i], size, stream);
+      if (e != CUDA_SUCCESS) return f.CuFail(e, "copying outputs from the device");
+      continue;
+    }
     zmq::message_t out = pinned_->Message(size);
     if (size > 0) {
       e = cu_->cuMemcpyDtoHAsync(out.data(), ptr[i], size, stream);
@@ -1252,7 +1302,11 @@ int GpuWorker::Impl::Run() {
     zmq::pollitem_t items[] = {{sock_.handle(), 0, ZMQ_POLLIN, 0},
                                {nullptr, done_fd_, ZMQ_POLLIN, 0},
                                {live_.handle(), 0, ZMQ_POLLIN, 0}};
-    const bool spin = opt_.spin.count() > 0 && Clock::now() - last_activity < opt_.spin;
+    // With --spin-us: awake for that long after a message or a finished
+    // job, and all the while a job runs (its result is sent the moment it
+    // is done, not a wake-up later).
+    const bool spin = opt_.spin.count() > 0 &&
+                      (!inflight_.empty() || Clock::now() - last_activity < opt_.spin);
     try {
       zmq::poll(items, 3, std::chrono::milliseconds(spin ? 0 : 10));
     } catch (const zmq::error_t& e) {

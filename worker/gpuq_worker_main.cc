@@ -48,7 +48,8 @@ int main(int argc, char** argv) {
                  "The broker's local directory, when on its host (gpuqd passes it)");
   int64_t spin_us = 0;
   app.add_option("--spin-us", spin_us,
-                 "After a message or job, poll without sleeping this long (lower latency)")
+                 "After a message or job, and while jobs run, poll without sleeping this long "
+                 "(lower latency, busy cores)")
       ->check(CLI::Range(int64_t{0}, int64_t{100000}))
       ->capture_default_str();
   size_t pinned_mib = o.pinned_bytes >> 20;

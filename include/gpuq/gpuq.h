@@ -9,7 +9,8 @@
  *   own and must release with the matching gpuq_*_free (NULL is accepted).
  * - Threads: a gpuq_client must not be used by two threads at once; use one
  *   per thread. gpuq_job and gpuq_result objects are plain data: any thread,
- *   one at a time.
+ *   one at a time. A gpuq_region's calls (unregister, free) belong to the
+ *   thread of the client that made it; its memory, to any thread.
  */
 #ifndef GPUQ_GPUQ_H_
 #define GPUQ_GPUQ_H_
@@ -69,6 +70,7 @@ typedef struct gpuq_timing {
 typedef struct gpuq_client gpuq_client;
 typedef struct gpuq_job gpuq_job;
 typedef struct gpuq_result gpuq_result;
+typedef struct gpuq_region gpuq_region;
 
 /* The library's version ("0.1.0"), a static string: GPUQ_VERSION_STRING of
  * the library that runs, which may differ from the header's. */
@@ -156,6 +158,56 @@ void gpuq_job_add_buffer_arg(gpuq_job* job, uint32_t buffer, uint64_t offset);
  * the timing has no launch times (gpuq_result_launch_count is 0). */
 void gpuq_job_set_graph(gpuq_job* job, int yes);
 
+/* ------------------------------------------------------------------ regions */
+
+/* A region (PROTOCOL.md, "Regions"): memory of this process shared once with
+ * the broker's workers on this host, which jobs name as ranges. A job's in
+ * and inout ranges are copied from it to the GPU, its out and inout ranges
+ * copied back into it after the kernel, and nothing else moves: the bytes
+ * never travel in messages and never come back in a result. Write inputs
+ * before gpuq_submit and read outputs after the job ended; two unfinished
+ * jobs may not write overlapping bytes (gpuq_submit fails with GPUQ_INVALID).
+ * A region ends when it is unregistered or freed, or when this process
+ * exits: jobs that name it and have not started fail with GPUQ_UNAVAILABLE,
+ * running ones finish first. Regions do not survive a broker restart. */
+
+/* Registers a new region of `size` bytes (zero-filled) for `tenant` (NULL
+ * or "": "default"; a job names the region only with the same tenant).
+ * Needs the broker's ipc endpoint (GPUQ_INVALID otherwise) and a broker with
+ * a local directory (GPUQ_UNAVAILABLE otherwise); GPUQ_RESOURCE_EXHAUSTED
+ * past the tenant's bounds (the text names the bound). On success *out is a
+ * region to release with gpuq_region_free; it may outlive its client. */
+gpuq_code gpuq_region_new(gpuq_client* client, uint64_t size, const char* tenant,
+                          gpuq_region** out);
+/* Ends the region (as gpuq_region_unregister, ignoring a failure) and unmaps
+ * its memory. */
+void gpuq_region_free(gpuq_region* region);
+/* The region's memory: gpuq_region_size bytes, valid until gpuq_region_free
+ * (after gpuq_region_unregister too). */
+void* gpuq_region_data(gpuq_region* region);
+uint64_t gpuq_region_size(const gpuq_region* region);
+/* The broker's id of the region (never 0), as `gpuq regions` lists it. */
+uint64_t gpuq_region_id(const gpuq_region* region);
+/* Ends the region now; its memory stays this process's until gpuq_region_free.
+ * `client` is the client that made it: a failure's text is its
+ * gpuq_client_error(). Unregistering again does nothing (GPUQ_OK). */
+gpuq_code gpuq_region_unregister(gpuq_client* client, gpuq_region* region);
+
+/* Buffers in a region: bytes [offset, offset + size) of `region` (size 0:
+ * from offset to the region's end), read and written in place. They take
+ * the place of gpuq_job_add_in, _inout and _out: an argument of a job of one
+ * launch, or in a job of several launches the next of its buffers (named by
+ * gpuq_job_add_buffer_arg); gpuq_result_output has nothing for them. The
+ * region must stay registered until the job ended. A range outside the
+ * region fails gpuq_submit with GPUQ_INVALID, a region that is not the job's
+ * tenant's or has ended with GPUQ_NOT_FOUND. */
+void gpuq_job_add_region_in(gpuq_job* job, const gpuq_region* region, uint64_t offset,
+                            uint64_t size);
+void gpuq_job_add_region_inout(gpuq_job* job, const gpuq_region* region, uint64_t offset,
+                               uint64_t size);
+void gpuq_job_add_region_out(gpuq_job* job, const gpuq_region* region, uint64_t offset,
+                             uint64_t size);
+
 /* Submits; on GPUQ_OK the job is stored durably and *id names it. */
 gpuq_code gpuq_submit(gpuq_client* client, const gpuq_job* job, uint64_t* id);
 
@@ -179,7 +231,7 @@ uint32_t gpuq_result_attempts(const gpuq_result* result);
 gpuq_timing gpuq_result_timing(const gpuq_result* result);
 /* The bytes of the out/inout buffer of argument `arg` (in a job of several
  * launches: of buffer `arg`), owned by the result; NULL (and *size 0) when
- * the job has no such output. */
+ * the job has no such output (a region's range is in the region). */
 const void* gpuq_result_output(const gpuq_result* result, uint32_t arg, size_t* size);
 /* A job of several launches: how many launch times its timing holds (one
  * per launch once it ran; 0 for a job of one launch, and for one run as a

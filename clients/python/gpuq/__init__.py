@@ -6,16 +6,17 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any
 
-from gpuq.client import (Arg, Buf, Client, Error, In, InOut, Launch, Out, Result, Scalar,
+from gpuq.client import (Arg, Buf, Client, Error, In, InOut, Launch, Out, Range, Result, Scalar,
                          Scratch, Source, default_endpoint, f32, f64, i8, i16, i32, i64, u8, u16,
                          u32, u64)
+from gpuq.region import Region
 
 if TYPE_CHECKING:
     from gpuq.aio import AsyncClient
 
 __all__ = ["Client", "AsyncClient", "Error", "Result", "In", "InOut", "Out", "Scalar", "Arg",
-           "Launch", "Source", "Scratch", "Buf", "default_endpoint", "u8", "i8", "u16", "i16", "u32", "i32", "u64", "i64", "f32",
-           "f64", "__version__"]
+           "Launch", "Source", "Scratch", "Buf", "Region", "Range", "default_endpoint", "u8",
+           "i8", "u16", "i16", "u32", "i32", "u64", "i64", "f32", "f64", "__version__"]
 
 
 def _find_version() -> str:

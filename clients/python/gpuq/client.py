@@ -6,14 +6,17 @@ import collections
 import mmap
 import os
 import time
-from typing import (Any, Callable, Deque, Dict, Iterable, List, Literal, Mapping, Optional,
-                    Sequence, SupportsFloat, SupportsInt, Tuple, Union)
+from typing import (TYPE_CHECKING, Any, Callable, Deque, Dict, Iterable, List, Literal, Mapping,
+                    Optional, Sequence, SupportsFloat, SupportsInt, Tuple, Union)
 
 import numpy as np
 import numpy.typing as npt
 import zmq
 
 from gpuq import wire
+
+if TYPE_CHECKING:
+    from gpuq.region import Region, RegionChannel
 
 # (The numpy types in quotes: numpy before 1.22 cannot subscript them at run time.)
 # A grid or block size: n, (x, y) or (x, y, z).
@@ -144,10 +147,33 @@ class Buf:
         return "gpuq.Buf(%d, %d)" % (self.index, self.offset)
 
 
+class Range:
+    """A range of a registered region as an argument (or buffer of a job of
+    several launches) of type `type` ("in", "out" or "inout"): bytes
+    [offset, offset + size) of region `region`, copied to the GPU (in, inout)
+    and back into the region (out, inout) in place; it never comes back in
+    a Result (PROTOCOL.md, "Regions"). Made by gpuq.Region's in_(), out()
+    and inout()."""
+
+    __slots__ = ("type", "region", "offset", "size")
+
+    def __init__(self, type_: Literal["in", "out", "inout"], region: int, offset: int,
+                 size: int) -> None:
+        if type_ not in wire.RANGE_TYPES:
+            raise ValueError("a range is of type in, out or inout, not %r" % (type_,))
+        self.type: str = type_
+        self.region: int = int(region)
+        self.offset: int = int(offset)
+        self.size: int = int(size)
+
+    def __repr__(self) -> str:
+        return "gpuq.Range(%r, %d, %d, %d)" % (self.type, self.region, self.offset, self.size)
+
+
 # An argument of a kernel.
-Arg = Union[Scalar, In, Out]
+Arg = Union[Scalar, In, Out, Range]
 # A buffer of a job of several launches.
-JobBuffer = Union[In, Out, Scratch]
+JobBuffer = Union[In, Out, Scratch, Range]
 # An argument of a launch of a job of several launches.
 LaunchArg = Union[Scalar, Buf]
 
@@ -321,6 +347,8 @@ def build_submit(source: str, entry: Optional[str] = None, grid: Optional[Dim] =
             else:
                 wire_args.append([kind, len(payload)])
                 payload.append(data)
+        elif isinstance(a, Range):
+            wire_args.append(wire.region_arg(a.type, a.region, a.offset, a.size))
         elif isinstance(a, Out):
             wire_args.append(["out", a.nbytes])
             out_specs[i] = (a.dtype, a.shape)
@@ -328,9 +356,9 @@ def build_submit(source: str, entry: Optional[str] = None, grid: Optional[Dim] =
         elif isinstance(a, Scratch) and several:
             wire_args.append(["scratch", a.nbytes])
         elif several:
-            raise TypeError("buffer %d: use gpuq.In(...), gpuq.InOut(...), gpuq.Out(...) or "
-                            "gpuq.Scratch(...), not %r (scalars and gpuq.Buf are arguments of "
-                            "a launch)" % (i, a))
+            raise TypeError("buffer %d: use gpuq.In(...), gpuq.InOut(...), gpuq.Out(...), "
+                            "gpuq.Scratch(...) or a region's range, not %r (scalars and gpuq.Buf "
+                            "are arguments of a launch)" % (i, a))
         elif isinstance(a, (Scratch, Buf)):
             raise TypeError("argument %d: gpuq.Scratch and gpuq.Buf belong to jobs of several "
                             "launches (launches=[...])" % i)
@@ -467,7 +495,8 @@ class Client:
         or more as files of the broker's local directory (PROTOCOL.md)."""
         self._ctx: zmq.Context[Any] = context or zmq.Context.instance()
         self._sock = open_socket(self._ctx, endpoint, curve, b"p")
-        self._local = local_buffers and (endpoint or default_endpoint()).startswith("ipc://")
+        self._ipc = (endpoint or default_endpoint()).startswith("ipc://")
+        self._local = local_buffers and self._ipc
         self._local_min = local_min
         self._local_dir: Optional[str] = None             # asked of the broker once
         self._pending_files: Dict[int, List[str]] = {}    # submit rid -> files made for it
@@ -477,9 +506,15 @@ class Client:
         # (header, frames) not yet claimed
         self._events: Deque[Tuple[Header, List[bytes]]] = collections.deque()
         self._out_specs: Dict[int, OutSpecs] = {}         # job id -> output specs
+        self._regions: Optional[RegionChannel] = None     # opened by the first region()
 
     def close(self) -> None:
+        """Closes the connection. Regions registered on this client live on
+        until they are closed too (their channel closes with the last)."""
         self._sock.close(0)
+        channel, self._regions = self._regions, None
+        if channel is not None:
+            channel.release()
 
     def __enter__(self) -> Client:
         return self
@@ -517,6 +552,29 @@ class Client:
 
     # -------------------------------------------------------------- calls
 
+    def _local_directory(self) -> str:
+        """The broker's local directory ("" when it has none), asked once."""
+        if self._local_dir is None:
+            h, _ = self._call({"op": "devices"})
+            self._local_dir = h.get("local_dir", "")
+        return self._local_dir
+
+    def _region_channel(self) -> RegionChannel:
+        """The region channel, opened on the first region() (and again after
+        it closed)."""
+        from gpuq.region import RegionChannel
+        if self._regions is not None and not self._regions.closed:
+            return self._regions
+        if not self._ipc:
+            raise Error("invalid", "regions need the broker's ipc endpoint")
+        local_dir = self._local_directory()
+        if not local_dir:
+            raise Error("unavailable", "the broker has no local directory for regions")
+        if self._regions is not None:
+            self._regions.release()
+        self._regions = RegionChannel(local_dir, self.timeout)
+        return self._regions
+
     def _build(self, source: str, kw: Dict[str, Any]
                ) -> Tuple[Header, List[Payload], OutSpecs, List[str]]:
         local_dir = None
@@ -524,9 +582,8 @@ class Client:
             held = list(kw.get("args") or []) + list(kw.get("buffers") or [])
             large = any((isinstance(a, In) and _nbytes(a.data) >= self._local_min) or
                         (isinstance(a, Out) and a.nbytes >= self._local_min) for a in held)
-            if large and self._local_dir is None:
-                h, _ = self._call({"op": "devices"})
-                self._local_dir = h.get("local_dir", "")
+            if large:
+                self._local_directory()
             local_dir = self._local_dir or None
         return build_submit(source, local_dir=local_dir, local_min=self._local_min, **kw)
 
@@ -570,6 +627,16 @@ class Client:
         job_id: int = h["id"]
         self._out_specs[job_id] = specs
         return job_id
+
+    def region(self, size: int, tenant: Optional[str] = None) -> Region:
+        """Registers `size` bytes of new memory of this process as a region of
+        `tenant` (None: the broker's "default"; PROTOCOL.md, "Regions"), for
+        jobs that name its ranges (region.in_(), out(), inout()) to read and
+        write in place. Needs the broker's ipc endpoint, on its host.
+        Error with the broker's code when it refuses (e.g.
+        `resource_exhausted` past the tenant's bounds)."""
+        from gpuq.region import Region
+        return Region(self._region_channel(), size, tenant)
 
     def submit_async(self, source: str, entry: Optional[str] = None,
                      grid: Optional[Dim] = None, block: Optional[Dim] = None,

@@ -8,14 +8,18 @@ values as msgpack float 32 and every other float as float 64.
 from __future__ import annotations
 
 import struct
-from typing import Any, Dict, Iterable, List, Optional, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
 import msgpack
 
 CLIENT_PROTOCOL = b"GPUQ/1"
 WORKER_PROTOCOL = b"GPUQW/2"
+# The region channel's protocol (PROTOCOL.md, "Regions"): never a frame, the
+# `protocol` field of the channel's hello.
+REGION_PROTOCOL = "GPUQR/1"
 
 SCALAR_TYPES = ("u8", "i8", "u16", "i16", "u32", "i32", "u64", "i64", "f32", "f64")
+RANGE_TYPES = ("in", "out", "inout")
 STATES = ("queued", "dispatched", "done", "failed", "canceled", "expired")
 TERMINAL = ("done", "failed", "canceled", "expired")
 
@@ -138,3 +142,91 @@ def unpack_frames(data: bytes) -> List[bytes]:
         frames.append(data[off:off + n])
         off += n
     return frames
+
+
+def region_arg(type_: str, region: int, offset: int, size: int) -> List[Any]:
+    """An `in`, `out` or `inout` argument (or buffer) naming bytes
+    [offset, offset + size) of a registered region: [type, {region, offset,
+    size}], keys in that order."""
+    if type_ not in RANGE_TYPES:
+        raise ValueError("a range is an argument of type in, out or inout, not %r" % (type_,))
+    for name, v in (("region", region), ("offset", offset), ("size", size)):
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < 1 << 64:
+            raise ValueError("a range's %s is a u64, not %r" % (name, v))
+    return [type_, {"region": region, "offset": offset, "size": size}]
+
+
+# The region channel (PROTOCOL.md, "Regions"): one msgpack map a packet.
+REGION_MESSAGE_MAX = 4096
+REGION_OPS = ("hello", "register", "unregister", "registered", "unregistered", "error",
+              "region", "drop")
+# The keys of every region message, in the order they are written.
+_REGION_KEYS = ("op", "rid", "protocol", "worker", "token", "tenant", "region", "size", "code",
+                "error")
+# By op: (required fields, optional fields).
+_REGION_FIELDS: Dict[str, Tuple[Tuple[str, ...], Tuple[str, ...]]] = {
+    "hello": (("protocol",), ("worker", "token")),
+    "register": (("rid", "size"), ("tenant",)),
+    "unregister": (("rid", "region"), ()),
+    "registered": (("rid", "region", "size"), ()),
+    "unregistered": (("rid", "region"), ()),
+    "error": (("rid", "code", "error"), ()),
+    "region": (("region", "size"), ()),
+    "drop": (("region",), ()),
+}
+_REGION_UINTS = ("rid", "region", "size")
+_REGION_STRS = ("protocol", "token", "tenant", "code", "error")
+
+
+def _check_region_message(m: Mapping[str, Any]) -> str:
+    """The op of region message `m`; ValueError when the message is not one."""
+    op = m.get("op")
+    if op not in _REGION_FIELDS:
+        raise ValueError("not a region message op: %r" % (op,))
+    required, optional = _REGION_FIELDS[op]
+    for k, v in m.items():
+        if k == "op":
+            continue
+        if k not in required and k not in optional:
+            raise ValueError("unknown field %r in region message %r" % (k, op))
+        if k in _REGION_UINTS and (isinstance(v, bool) or not isinstance(v, int) or
+                                   not 0 <= v < 1 << 64):
+            raise ValueError("%s of region message %r is a u64, not %r" % (k, op, v))
+        if k in _REGION_STRS and not isinstance(v, str):
+            raise ValueError("%s of region message %r is a str, not %r" % (k, op, v))
+        if k == "worker" and not isinstance(v, bool):
+            raise ValueError("worker of region message %r is a bool, not %r" % (op, v))
+    for k in required:
+        if k not in m:
+            raise ValueError("%s is required in region message %r" % (k, op))
+    if m.get("code") == "ok":
+        raise ValueError("'ok' is not a failure code")
+    return str(op)
+
+
+def encode_region(message: Mapping[str, Any]) -> bytes:
+    """The msgpack bytes of a region channel message (canonical form: keys in
+    the order of _REGION_KEYS, `worker` only when true, `token` and `tenant`
+    only when not empty); ValueError when it is not a region message."""
+    _check_region_message(message)
+    m: Dict[str, Any] = {}
+    for k in _REGION_KEYS:
+        if k not in message:
+            continue
+        v = message[k]
+        if (k == "worker" and not v) or (k in ("token", "tenant") and not v):
+            continue
+        m[k] = v
+    data = encode(m)
+    if len(data) > REGION_MESSAGE_MAX:
+        raise ValueError("a region message is at most %d bytes" % REGION_MESSAGE_MAX)
+    return data
+
+
+def decode_region(data: Union[bytes, bytearray, memoryview]) -> Dict[str, Any]:
+    """The map of a region channel message; ValueError when it is not one."""
+    if len(data) > REGION_MESSAGE_MAX:
+        raise ValueError("a region message is at most %d bytes" % REGION_MESSAGE_MAX)
+    m = decode(data)
+    _check_region_message(m)
+    return m

@@ -73,6 +73,8 @@ def _rebuild(header, frames):
 
     def buffer(a):
         kind, v = a
+        if isinstance(v, dict):  # a range of a registered region
+            return gpuq.Range(kind, v["region"], v["offset"], v["size"])
         if kind == "in":
             return gpuq.In(frames[v])
         if kind == "inout":
