@@ -350,8 +350,9 @@ Status Broker::Impl::Run() {
     auto timeout = tick;
     // With --spin-us: awake for that long after a message, and all the
     // while a job runs on a worker (its result is taken the moment it comes).
-    if (opt_.spin.count() > 0 &&
-        (clock_->Now() - last_message_ < opt_.spin || core_->AnyRunning())) {
+    const bool running = opt_.spin.count() > 0 && core_->AnyRunning();
+    core_->SetStoreBusy(running);
+    if (opt_.spin.count() > 0 && (clock_->Now() - last_message_ < opt_.spin || running)) {
       timeout = std::chrono::milliseconds(0);
     }
     const MonoTime idle_from = clock_->Now();

@@ -179,6 +179,8 @@ class BrokerCore {
   // a tenant its own jobs.
   StatsSnapshot Snapshot(const RequestContext* ctx);
   std::vector<schema::WorkerView> WorkerViews() const;
+  // With a spin: the store thread stays awake while `busy`.
+  void SetStoreBusy(bool busy) { store_->SetBusy(busy); }
   // Whether any worker holds a job.
   bool AnyRunning() const {
     for (const auto& [id, w] : workers_.all()) {

@@ -85,7 +85,8 @@ void StoreThread::Loop() {
     if (spin_.count() > 0) {
       const auto until = std::chrono::steady_clock::now() + spin_;
       while (!has_work_.load(std::memory_order_acquire) &&
-             std::chrono::steady_clock::now() < until) {
+             (std::chrono::steady_clock::now() < until ||
+              busy_.load(std::memory_order_relaxed))) {
       }
     }
     std::vector<std::unique_ptr<Batch>> work;

@@ -140,6 +140,10 @@ class StoreThread {
   bool Idle() const { return in_flight_ == 0; }
   // The batches done since the last call, in order.
   std::vector<std::unique_ptr<Batch>> TakeDone() LOCKS_EXCLUDED(mu_);
+  // With a spin: while `busy` (jobs run on workers), the thread polls for
+  // the next batch without sleeping however long it waits, so that a
+  // result's commit starts the moment it is handed over.
+  void SetBusy(bool busy) { busy_.store(busy, std::memory_order_relaxed); }
 
  private:
   void Loop();
@@ -150,6 +154,7 @@ class StoreThread {
   const std::function<void()> wake_;
   const std::chrono::microseconds spin_;
   std::atomic<bool> has_work_{false};
+  std::atomic<bool> busy_{false};
   size_t in_flight_ = 0;  // loop thread only
   Mutex mu_;
   CondVar cv_{&mu_};
