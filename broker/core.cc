@@ -433,7 +433,13 @@ void BrokerCore::Forget(Job& job) {
                               [&](const AttemptsOp& op) { return op.id == id; }),
                att->end());
   }
-  if (job.regions) ReleaseRegions(id);
+  if (job.regions) {
+    if (job.state == JobState::kDispatched) {
+      HoldRegions(id, job.worker);  // until the worker answers the abandoned job
+    } else {
+      ReleaseRegions(id);
+    }
+  }
   jobs_.Remove(id);
 }
 
@@ -448,6 +454,24 @@ void BrokerCore::ReleaseRegions(uint64_t id) {
   for (uint64_t gone : regions_.Release(id)) region_server_.Dropped(gone);
 }
 
+void BrokerCore::Answered(uint64_t id, const std::string& worker) {
+  auto it = region_holds_.find(id);
+  if (it == region_holds_.end() || it->second != worker) return;
+  region_holds_.erase(it);
+  ReleaseRegions(id);
+}
+
+void BrokerCore::ReleaseHolds(const std::string& worker) {
+  std::vector<uint64_t> ids;
+  for (const auto& [id, w] : region_holds_) {
+    if (w == worker) ids.push_back(id);
+  }
+  for (uint64_t id : ids) {
+    region_holds_.erase(id);
+    ReleaseRegions(id);
+  }
+}
+
 void BrokerCore::Finish(Job& job, JobState state, Code code, std::string error,
                         const schema::Timing& worker_timing, std::vector<uint32_t> outputs,
                         Frames frames, const std::string& device,
@@ -460,20 +484,23 @@ void BrokerCore::Finish(Job& job, JobState state, Code code, std::string error,
   t.cache_hit = job.cache_hit && !job.modules.empty();
   t.total_us = MicrosBetween(job.accepted, now);
   if (!IsTerminal(state)) state = JobState::kFailed;
-  bool abandoned = false;
   if (ran) {
     LeftGpu(job, /*ended=*/true);
     if (Worker* w = workers_.Find(job.worker)) {
       // The slot stays taken until the worker answers.
-      if (state == JobState::kCanceled) {
-        workers_.Abandon(*w, job.id);
-        abandoned = true;
-      }
+      if (state == JobState::kCanceled) workers_.Abandon(*w, job.id);
     }
   }
-  // A canceled job still running holds its regions' ranges until its
-  // worker answers (or is lost): it may write them until then.
-  if (job.regions && !abandoned) ReleaseRegions(job.id);
+  // A job that ran holds its regions' ranges until its worker has answered
+  // for it (its result, which released them, or a late one) or is gone: an
+  // attempt canceled, or given up on, may write them until then.
+  if (job.regions) {
+    if (ran) {
+      HoldRegions(job.id, job.worker);
+    } else {
+      ReleaseRegions(job.id);
+    }
+  }
   FinishOp op;
   StoredResult& r = op.result;
   r.id = job.id;

@@ -136,6 +136,15 @@ class BrokerCore {
   // Job `id` no longer touches its regions (it ended, or its worker answered
   // an abandoned attempt): regions waiting only for it are dropped.
   void ReleaseRegions(uint64_t id);
+  // A job that ended while its attempt may still run on worker `worker`
+  // (canceled, forgotten, or failed because the broker lost touch with it)
+  // keeps its regions' ranges until that worker answers for it or is gone:
+  // no other job may write them meanwhile.
+  void HoldRegions(uint64_t id, const std::string& worker) { region_holds_[id] = worker; }
+  // Worker `worker` answered for job `id`: a hold of its ranges ends.
+  void Answered(uint64_t id, const std::string& worker);
+  // Worker `worker` is gone (its process with it): every hold of its ends.
+  void ReleaseHolds(const std::string& worker);
   // Ends a job at a client's request; the reply comes after the commit.
   void Cancel(Job& job, const RequestContext& ctx);
   // Compiles `job` for `arch` unless it has been, or is being.
@@ -240,6 +249,7 @@ class BrokerCore {
   WorkerRegistry workers_;
   RegionTable regions_;
   RegionServer region_server_{*this};
+  std::map<uint64_t, std::string> region_holds_;  // job -> the worker that may still run it
   std::unique_ptr<Batch> batch_ = std::make_unique<Batch>();
   // Jobs to send to each worker at the end of this iteration, in order.
   struct Outbox {

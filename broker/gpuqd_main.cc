@@ -123,6 +123,12 @@ int main(int argc, char** argv) {
   uint64_t max_region_mb = o.regions.bytes_per_tenant >> 20;
   app.add_option("--max-region-mb", max_region_mb, "Bytes of registered regions per tenant, in all")
       ->capture_default_str();
+  app.add_option("--max-regions-total", o.regions.regions, "Registered regions at once, in all")
+      ->capture_default_str();
+  uint64_t max_region_mb_total = o.regions.bytes >> 20;
+  app.add_option("--max-region-mb-total", max_region_mb_total,
+                 "Bytes of registered regions, of every tenant, in all")
+      ->capture_default_str();
   app.add_option("--compile-timeout-ms", compile_timeout_ms, "Wall-time bound of a compile")
       ->capture_default_str();
   app.add_option("--compile-memory-mb", compile_memory_mb, "Memory bound of a compile")
@@ -161,6 +167,7 @@ int main(int argc, char** argv) {
   o.max_unread_bytes = max_unread_mb << 20;
   o.limits.max_scratch_bytes = max_scratch_mb << 20;
   o.regions.bytes_per_tenant = max_region_mb << 20;
+  o.regions.bytes = max_region_mb_total << 20;
   o.compile.limits.wall = std::chrono::milliseconds(compile_timeout_ms);
   o.compile.limits.memory_bytes = compile_memory_mb << 20;
   if (!curve_secret.empty()) {

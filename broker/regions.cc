@@ -1,5 +1,6 @@
 #include "broker/regions.h"
 
+#include <fcntl.h>
 #include <spdlog/spdlog.h>
 #include <sys/random.h>
 
@@ -53,6 +54,17 @@ StatusOr<uint64_t> RegionTable::Add(const std::string& tenant, uint64_t size, Un
                       " bytes; " + std::to_string(size) + " more would pass its limit of " +
                       std::to_string(limits_.bytes_per_tenant) + " (--max-region-mb)");
   }
+  if (regions_.size() >= limits_.regions) {
+    return Status(Code::kResourceExhausted,
+                  "the broker holds " + std::to_string(regions_.size()) +
+                      " regions, its limit in all (--max-regions-total)");
+  }
+  if (size > limits_.bytes || total_bytes_ > limits_.bytes - size) {
+    return Status(Code::kResourceExhausted,
+                  "the broker holds regions of " + std::to_string(total_bytes_) + " bytes; " +
+                      std::to_string(size) + " more would pass its limit in all of " +
+                      std::to_string(limits_.bytes) + " (--max-region-mb-total)");
+  }
   uint64_t id = 0;
   while (id == 0 || regions_.count(id)) {
     if (getrandom(&id, sizeof id, 0) != sizeof id) {
@@ -67,6 +79,7 @@ StatusOr<uint64_t> RegionTable::Add(const std::string& tenant, uint64_t size, Un
   r.owner = owner;
   ++count;
   bytes += size;
+  total_bytes_ += size;
   return id;
 }
 
@@ -151,6 +164,7 @@ std::vector<uint64_t> RegionTable::Release(uint64_t job) {
       auto& [count, bytes] = by_tenant_[r.tenant];
       --count;
       bytes -= r.size;
+      total_bytes_ -= r.size;
       gone.push_back(r.id);
       regions_.erase(it);
     }
@@ -170,6 +184,7 @@ std::set<uint64_t> RegionTable::End(uint64_t id, const std::string& why, bool* g
     auto& [count, bytes] = by_tenant_[r.tenant];
     --count;
     bytes -= r.size;
+    total_bytes_ -= r.size;
     regions_.erase(it);
     *gone = true;
     return {};
@@ -207,8 +222,15 @@ Status RegionServer::Listen(const std::string& path) {
 
 void RegionServer::PollItems(std::vector<zmq::pollitem_t>* items) const {
   if (!listener_.valid()) return;
-  items->push_back({nullptr, listener_.get(), ZMQ_POLLIN, 0});
-  for (const auto& [fd, c] : conns_) items->push_back({nullptr, fd, ZMQ_POLLIN, 0});
+  // Paused after an accept failed for want of descriptors: the listener
+  // stays readable, and would keep the loop from sleeping.
+  if (core_.clock().Now() >= accept_paused_until_) {
+    items->push_back({nullptr, listener_.get(), ZMQ_POLLIN, 0});
+  }
+  for (const auto& [fd, c] : conns_) {
+    items->push_back(
+        {nullptr, fd, static_cast<short>(ZMQ_POLLIN | (c.out.empty() ? 0 : ZMQ_POLLOUT)), 0});
+  }
 }
 
 void RegionServer::OnPoll(const zmq::pollitem_t* items, size_t n) {
@@ -220,7 +242,9 @@ void RegionServer::OnPoll(const zmq::pollitem_t* items, size_t n) {
     }
     auto it = conns_.find(items[i].fd);
     if (it == conns_.end()) continue;
-    if (!OnReadable(it->second)) Close(items[i].fd);
+    Conn& c = it->second;
+    if (items[i].revents & ZMQ_POLLOUT) Flush(c);
+    if ((items[i].revents & (ZMQ_POLLIN | ZMQ_POLLERR)) && !OnReadable(c)) c.broken = true;
   }
   Sweep();
 }
@@ -237,10 +261,21 @@ void RegionServer::Accept() {
   for (;;) {
     auto c = AcceptSeqpacket(listener_.get());
     if (!c.ok()) {
-      spdlog::warn("region channel: {}", c.status().ToString());
+      spdlog::warn("region channel: {}; new connections wait 100 ms", c.status().ToString());
+      accept_paused_until_ = core_.clock().Now() + std::chrono::milliseconds(100);
       return;
     }
     if (!c->valid()) return;
+    if (conns_.size() >= core_.options().regions.connections) {
+      // Over the bound: closed at once (a client sees its channel end).
+      if (!refused_logged_) {
+        spdlog::warn("region channel: {} connections, its bound; new ones are closed",
+                     conns_.size());
+        refused_logged_ = true;
+      }
+      continue;
+    }
+    refused_logged_ = false;
     const int fd = c->get();
     conns_[fd].fd = std::move(*c);
   }
@@ -284,47 +319,42 @@ void RegionServer::OnMessage(Conn& c, RegionMessage& m, UniqueFd fd) {
     c.worker = m.worker;
     if (!c.worker) return;
     if (m.token.empty()) {
-      c.hello = false;
-      return ReplyError(c, 0, Status(Code::kInvalid, "a worker's hello names its token"));
+      c.broken = true;  // a worker's hello names its token
+      return;
     }
     c.token = m.token;
-    if (auto old = workers_.find(c.token); old != workers_.end() && old->second != c.fd.get()) {
-      if (auto o = conns_.find(old->second); o != conns_.end()) o->second.broken = true;
-    }
-    workers_[c.token] = c.fd.get();
-    // Every live region, so that any job may go to this worker.
-    for (const auto& [id, r] : core_.regions().all()) {
-      if (!r.ended && !SendRegion(c, r)) return;
-    }
-    spdlog::info("region channel: worker {} attached", c.token.substr(0, 8));
-    return;
+    // Regions go only to a worker the worker endpoint knows, on this host,
+    // by this token: now if it has registered, else when it does.
+    pending_[c.token] = c.fd.get();
+    return Verify(c.token);
   }
   if (c.worker) {
     c.broken = true;  // a worker only listens here
     return;
   }
+  if (m.rid == 0) return ReplyError(c, 0, Status(Code::kMalformed, "rid must be at least 1"));
   switch (m.op) {
     case RegionOp::kRegister: {
-      if (m.rid == 0) return ReplyError(c, 0, Status(Code::kMalformed, "rid must be at least 1"));
       const std::string tenant = m.tenant.empty() ? "default" : m.tenant;
       if (m.size == 0) return ReplyError(c, m.rid, Status(Code::kInvalid, "a region is at least 1 byte"));
       if (Status s = CheckSealedMemfd(fd.get(), m.size); !s.ok()) return ReplyError(c, m.rid, s);
       auto id = core_.regions().Add(tenant, m.size, std::move(fd), c.fd.get());
       if (!id.ok()) return ReplyError(c, m.rid, id.status());
       c.regions.insert(*id);
-      // Handed to the workers now, so that they map and pin it before the
+      // Handed to the workers now, so that they map and lock it before the
       // first job that names it.
-      for (auto it = workers_.begin(); it != workers_.end();) {
-        auto w = conns_.find((it++)->second);
-        if (w != conns_.end()) (void)SendRegion(w->second, *core_.regions().Find(*id));
+      const RegionTable::Region& r = *core_.regions().Find(*id);
+      for (const auto& [token, wfd] : workers_) {
+        auto w = conns_.find(wfd);
+        if (w != conns_.end()) SendRegion(w->second, r);
       }
       spdlog::info("region {} registered: tenant {}, {} bytes", *id, tenant, m.size);
-      RegionMessage r;
-      r.op = RegionOp::kRegistered;
-      r.rid = m.rid;
-      r.region = *id;
-      r.size = m.size;
-      return Reply(c, r);
+      RegionMessage reply;
+      reply.op = RegionOp::kRegistered;
+      reply.rid = m.rid;
+      reply.region = *id;
+      reply.size = m.size;
+      return Reply(c, reply);
     }
     case RegionOp::kUnregister: {
       if (!c.regions.count(m.region)) {
@@ -334,11 +364,11 @@ void RegionServer::OnMessage(Conn& c, RegionMessage& m, UniqueFd fd) {
       }
       c.regions.erase(m.region);
       EndRegion(m.region, "unregistered");
-      RegionMessage r;
-      r.op = RegionOp::kUnregistered;
-      r.rid = m.rid;
-      r.region = m.region;
-      return Reply(c, r);
+      RegionMessage reply;
+      reply.op = RegionOp::kUnregistered;
+      reply.rid = m.rid;
+      reply.region = m.region;
+      return Reply(c, reply);
     }
     default:
       return ReplyError(c, m.rid, Status(Code::kInvalid, "a client sends register or unregister, "
@@ -347,9 +377,31 @@ void RegionServer::OnMessage(Conn& c, RegionMessage& m, UniqueFd fd) {
   }
 }
 
+void RegionServer::WorkerReady(const std::string& token) { Verify(token); }
+
+void RegionServer::Verify(const std::string& token) {
+  auto p = pending_.find(token);
+  if (p == pending_.end()) return;
+  const Worker* w = core_.workers().FindByToken(token);
+  if (!w || !w->local) return;  // not (yet) a worker of this host
+  auto c = conns_.find(p->second);
+  pending_.erase(p);
+  if (c == conns_.end()) return;
+  if (auto old = workers_.find(token); old != workers_.end() && old->second != c->first) {
+    if (auto o = conns_.find(old->second); o != conns_.end()) o->second.broken = true;
+  }
+  workers_[token] = c->first;
+  c->second.verified = true;
+  // Every live region, so that any job may go to this worker.
+  for (const auto& [id, r] : core_.regions().all()) {
+    if (!r.ended) SendRegion(c->second, r);
+  }
+  spdlog::info("region channel: worker {} attached", w->name);
+}
+
 void RegionServer::Reply(Conn& c, const RegionMessage& m) {
   // A client that does not read its replies fills its socket: past that it
-  // hears nothing more, and its channel is closed at the next failure.
+  // hears nothing more.
   if (Status s = SendPacket(c.fd.get(), schema::EncodeRegionMessage(m), -1, true); !s.ok()) {
     spdlog::warn("region channel: a reply was not sent: {}", s.ToString());
   }
@@ -364,33 +416,61 @@ void RegionServer::ReplyError(Conn& c, uint64_t rid, const Status& s) {
   Reply(c, r);
 }
 
-bool RegionServer::SendRegion(Conn& w, const RegionTable::Region& r) {
+void RegionServer::Enqueue(Conn& w, const RegionMessage& m, int pass) {
+  if (w.broken) return;
+  // In order, behind what waits: a region's drop never passes its region.
+  if (w.out.size() >= kMaxQueued) {
+    spdlog::warn("region channel: worker {} does not read its channel; it is closed",
+                 w.token.substr(0, 8));
+    w.broken = true;
+    return;
+  }
+  Outgoing o;
+  o.bytes = schema::EncodeRegionMessage(m);
+  if (pass >= 0) o.fd = UniqueFd(fcntl(pass, F_DUPFD_CLOEXEC, 0));  // the region may go first
+  if (pass >= 0 && !o.fd.valid()) {
+    spdlog::warn("region channel: no descriptor to pass to worker {}; its channel is closed",
+                 w.token.substr(0, 8));
+    w.broken = true;
+    return;
+  }
+  w.out.push_back(std::move(o));
+  Flush(w);
+}
+
+void RegionServer::Flush(Conn& w) {
+  while (!w.out.empty() && !w.broken) {
+    Outgoing& o = w.out.front();
+    Status s = SendPacket(w.fd.get(), o.bytes, o.fd.valid() ? o.fd.get() : -1, /*dontwait=*/true);
+    if (s.code() == Code::kUnavailable) return;  // full: when it can take more (POLLOUT)
+    if (!s.ok()) {
+      // A worker whose channel fails takes no job that names a region until
+      // it connects again.
+      spdlog::warn("region channel: worker {} not reached ({}); its channel is closed",
+                   w.token.substr(0, 8), s.ToString());
+      w.broken = true;
+      return;
+    }
+    w.out.pop_front();
+  }
+}
+
+void RegionServer::SendRegion(Conn& w, const RegionTable::Region& r) {
   RegionMessage m;
   m.op = RegionOp::kRegion;
   m.region = r.id;
   m.size = r.size;
-  if (Status s = SendPacket(w.fd.get(), schema::EncodeRegionMessage(m), r.fd.get(), true);
-      !s.ok()) {
-    // A worker that does not keep up is not handed regions: it takes no job
-    // that names one until it connects its channel again.
-    spdlog::warn("region channel: worker {} not reached ({}); its channel is closed",
-                 w.token.substr(0, 8), s.ToString());
-    w.broken = true;  // closed by the caller, which may hold it
-    return false;
-  }
-  return true;
+  Enqueue(w, m, r.fd.get());
 }
 
 void RegionServer::Dropped(uint64_t id) {
   RegionMessage m;
   m.op = RegionOp::kDrop;
   m.region = id;
-  const std::string bytes = schema::EncodeRegionMessage(m);
   for (const auto& [token, fd] : workers_) {
     auto c = conns_.find(fd);
-    if (c != conns_.end() && !SendPacket(fd, bytes, -1, true).ok()) c->second.broken = true;
+    if (c != conns_.end()) Enqueue(c->second, m, -1);
   }
-  Sweep();
   spdlog::info("region {} dropped", id);
 }
 
@@ -411,6 +491,8 @@ void RegionServer::Close(int fd) {
   if (c.worker) {
     auto w = workers_.find(c.token);
     if (w != workers_.end() && w->second == fd) workers_.erase(w);
+    auto p = pending_.find(c.token);
+    if (p != pending_.end() && p->second == fd) pending_.erase(p);
     return;
   }
   for (uint64_t id : c.regions) EndRegion(id, "its client went away");

@@ -17,6 +17,7 @@
 #pragma once
 
 #include <cstdint>
+#include <deque>
 #include <map>
 #include <set>
 #include <string>
@@ -26,6 +27,7 @@
 
 #include "gpuq/status.h"
 #include "schema/messages.h"
+#include "util/clock.h"
 #include "util/fd.h"
 
 namespace gpuq::broker {
@@ -35,6 +37,11 @@ class BrokerCore;
 struct RegionLimits {
   uint32_t regions_per_tenant = 64;
   uint64_t bytes_per_tenant = 64ull << 30;
+  // In all, whatever the tenants (on the ipc endpoint a tenant is the
+  // caller's word, and every local worker locks every region).
+  uint32_t regions = 1024;
+  uint64_t bytes = 256ull << 30;
+  size_t connections = 1024;  // region channel connections at once
 };
 
 class RegionTable {
@@ -90,6 +97,7 @@ class RegionTable {
   std::map<uint64_t, Region> regions_;
   std::unordered_map<uint64_t, std::vector<Use_>> uses_;  // by job
   std::map<std::string, std::pair<uint32_t, uint64_t>> by_tenant_;  // count, bytes
+  uint64_t total_bytes_ = 0;
 };
 
 // Whether any of a job's buffers lives in a region.
@@ -108,16 +116,28 @@ class RegionServer {
   void OnPoll(const zmq::pollitem_t* items, size_t n);
   // Whether the worker of `token` has its channel, so can be handed regions.
   bool HasWorker(const std::string& token) const { return workers_.count(token) > 0; }
+  // The worker of `token` registered (ready) as a worker of this host: a
+  // channel that said hello with its token is handed the regions now.
+  void WorkerReady(const std::string& token);
   // Tells every worker channel to unmap region `id` (it is gone).
   void Dropped(uint64_t id);
 
  private:
+  // A message waiting for room in a worker's socket, with its own copy of
+  // the descriptor it passes.
+  struct Outgoing {
+    std::string bytes;
+    UniqueFd fd;
+  };
+  static constexpr size_t kMaxQueued = 65536;
   struct Conn {
     UniqueFd fd;
     bool hello = false, worker = false;
+    bool verified = false;  // a worker's: registered, local, by its token
     bool broken = false;  // to be closed (Sweep)
     std::string token;
     std::set<uint64_t> regions;  // a client's, live
+    std::deque<Outgoing> out;    // a worker's, in order
   };
   void Accept();
   // False when the connection is to be closed.
@@ -125,8 +145,13 @@ class RegionServer {
   void OnMessage(Conn& c, schema::RegionMessage& m, UniqueFd fd);
   void Reply(Conn& c, const schema::RegionMessage& m);
   void ReplyError(Conn& c, uint64_t rid, const Status& s);
-  // Hands region `r` to a worker's channel; false if the channel failed.
-  bool SendRegion(Conn& w, const RegionTable::Region& r);
+  // Hands region `r` to a worker's channel (queued behind what waits).
+  void SendRegion(Conn& w, const RegionTable::Region& r);
+  void Enqueue(Conn& w, const schema::RegionMessage& m, int pass);
+  // Sends what waits, as far as the socket takes it.
+  void Flush(Conn& w);
+  // Attaches the channel of `token` once the worker endpoint knows it.
+  void Verify(const std::string& token);
   void Close(int fd);
   // Closes the connections marked broken.
   void Sweep();
@@ -136,7 +161,10 @@ class RegionServer {
   UniqueFd listener_;
   std::string path_;
   std::map<int, Conn> conns_;
-  std::map<std::string, int> workers_;  // token -> its channel's descriptor
+  std::map<std::string, int> workers_;  // token -> its channel's descriptor (attached)
+  std::map<std::string, int> pending_;  // token -> a channel that waits for its ready
+  MonoTime accept_paused_until_{};
+  bool refused_logged_ = false;
 };
 
 }  // namespace gpuq::broker

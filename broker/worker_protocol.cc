@@ -155,6 +155,7 @@ void BrokerCore::OnWorkerMessage(Frames& frames) {
     }
     spdlog::info("worker {} ready: {} ({}, {}), {} slots", (*w)->name, (*w)->device.name,
                  (*w)->arch, (*w)->device.uuid, (*w)->slots);
+    if ((*w)->local && !(*w)->token.empty()) region_server_.WorkerReady((*w)->token);
     if (!m.health.drain.empty()) return OnHealth(**w, m.health);
     // Queued jobs may now run on this architecture.
     const std::string arch = (*w)->arch;
@@ -195,7 +196,10 @@ void BrokerCore::OnWorkerMessage(Frames& frames) {
       if (m.health.known) OnHealth(*w, m.health);
       return;
     case WorkerOp::kResult:
-      return OnWorkerResult(*w, m, frames);
+      OnWorkerResult(*w, m, frames);
+      // Whatever the result was (current, abandoned, stale): this worker no
+      // longer runs that job, and stops writing its regions.
+      return Answered(m.id, id);
     case WorkerOp::kDisconnect:
       return WorkerLost(id, "it disconnected: " + m.reason);
     case WorkerOp::kReady:
@@ -208,9 +212,6 @@ void BrokerCore::OnWorkerResult(Worker& w, WorkerMessage& m, Frames& frames) {
   // result from an earlier attempt or another broker lifetime changes
   // nothing at all); the files it names are removed.
   const auto held = workers_.TakeResult(w, m.id, m.attempt);
-  // An abandoned attempt (canceled while it ran) has now stopped writing
-  // its regions.
-  if (held == WorkerRegistry::ResultFor::kAbandoned) ReleaseRegions(m.id);
   if (held != WorkerRegistry::ResultFor::kCurrent) return DropPeerFiles(m.files, schema::kWorkerFilePrefix);
   Job* job = jobs_.Find(m.id);
   if (!job || job->state != JobState::kDispatched || job->worker != w.id ||
@@ -252,6 +253,9 @@ void BrokerCore::WorkerLost(const std::string& id, const std::string& why, bool 
   spdlog::warn("worker {} ({}) is gone: {}; {} jobs were in flight", w.name, w.device.uuid, why,
                w.inflight.size());
   Requeue(w, w.inflight, why, lives);
+  // A process that is gone writes no region any more; one that lives on
+  // (it registered again) may still run what it held, and answers for it.
+  if (!lives) ReleaseHolds(id);
 }
 
 void BrokerCore::Requeue(const Worker& w, const std::map<uint64_t, Worker::Held>& inflight,
@@ -280,9 +284,16 @@ void BrokerCore::Requeue(const Worker& w, const std::map<uint64_t, Worker::Held>
     // shared it are suspects, replayed one at a time. A worker that lives
     // on (it lost touch with the broker and registered again) convicts no
     // one, and makes no one a suspect.
+    // A job whose region has ended while it ran does not run again.
+    if (job->regions && !regions_.Live(jid)) {
+      Finish(*job, JobState::kFailed, Code::kUnavailable,
+             "its worker was lost while it ran (" + why + "), and a region it names has ended");
+      continue;
+    }
     // A job that writes a region is not run again: the lost attempt may
     // have written part of its ranges (an inout range read again would not
-    // be what the client put there), and may still be writing them.
+    // be what the client put there), and may still be writing them (its
+    // ranges stay held until its worker answers or is gone).
     if (job->region_writes) {
       Finish(*job, JobState::kFailed, Code::kUnavailable,
              "its worker was lost while it ran (" + why +

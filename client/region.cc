@@ -32,7 +32,10 @@ StatusOr<schema::RegionMessage> RegionChannel::Call(schema::RegionMessage m, int
       return got.status();
     }
     if (!*got) continue;
-    if (r.rid != m.rid) continue;  // an answer to an earlier request that timed out
+    // An error without a rid is the broker's answer to a request it could
+    // not read: this one (one request at a time is outstanding). Another
+    // rid answers an earlier request that timed out.
+    if (r.rid != m.rid && !(r.rid == 0 && r.op == schema::RegionOp::kError)) continue;
     if (r.op == schema::RegionOp::kError) return Status(r.code, r.error);
     return r;
   }

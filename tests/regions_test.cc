@@ -338,6 +338,112 @@ TEST_F(RegionsTest, OnlySealedMemfdsOfTheDeclaredSizeAreTaken) {
   EXPECT_EQ(r.code, Code::kNotFound) << "only the connection's own regions";
 }
 
+TEST_F(RegionsTest, AMemfdThatCouldStillChangeIsRefused) {
+  UniqueFd ch = RawChannel();
+  RegionMessage m;
+  m.op = RegionOp::kRegister;
+  m.size = 4096;
+  auto make = [](int seals) {
+    UniqueFd fd(memfd_create("t", MFD_CLOEXEC | MFD_ALLOW_SEALING));
+    EXPECT_EQ(ftruncate(fd.get(), 4096), 0);
+    EXPECT_EQ(fcntl(fd.get(), F_ADD_SEALS, seals), 0);
+    return fd;
+  };
+  // Sealed in size, but a write seal could still come and make the
+  // workers' mappings fail.
+  UniqueFd open_seals = make(F_SEAL_SHRINK | F_SEAL_GROW);
+  m.rid = 1;
+  RegionMessage r = Call(ch.get(), m, open_seals.get());
+  EXPECT_EQ(r.code, Code::kInvalid) << r.error;
+  EXPECT_NE(r.error.find("F_SEAL_SEAL"), std::string::npos) << r.error;
+  // Sealed against writes: no worker could map it writable.
+  UniqueFd no_writes = make(F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_WRITE | F_SEAL_SEAL);
+  m.rid = 2;
+  r = Call(ch.get(), m, no_writes.get());
+  EXPECT_EQ(r.code, Code::kInvalid) << r.error;
+  // A read-only descriptor of a good memfd.
+  auto good = CreateSealedMemfd(4096, "t");
+  ASSERT_TRUE(good.ok());
+  UniqueFd ro(open(("/proc/self/fd/" + std::to_string(good->get())).c_str(), O_RDONLY | O_CLOEXEC));
+  ASSERT_TRUE(ro.valid());
+  m.rid = 3;
+  r = Call(ch.get(), m, ro.get());
+  EXPECT_EQ(r.code, Code::kInvalid) << r.error;
+  m.rid = 4;
+  r = Call(ch.get(), m, good->get());
+  EXPECT_EQ(r.op, RegionOp::kRegistered) << r.error;
+}
+
+// A channel that says hello as a worker gets no region unless a worker of
+// this host registered with that token on the worker endpoint.
+TEST_F(RegionsTest, RegionsGoOnlyToWorkersTheBrokerKnows) {
+  auto stranger = schema::ConnectRegionChannel(LocalDir(), "0123456789abcdef0123456789abcdef");
+  ASSERT_TRUE(stranger.ok());
+  auto c = Connect();
+  auto region = c->NewRegion(4096);
+  ASSERT_TRUE(region.ok()) << region.status().ToString();
+  RegionMessage m;
+  UniqueFd fd;
+  std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  auto got = schema::ReadRegionMessage(stranger->get(), /*dontwait=*/true, &m, &fd);
+  ASSERT_TRUE(got.ok()) << got.status().ToString();
+  EXPECT_FALSE(*got) << "a stranger was handed region " << m.region;
+  // A real local worker is handed it, and runs a job on it.
+  AddLocalWorker();
+  ASSERT_TRUE(WaitForWorkers(*c, 1));
+  auto res = c->Wait(*c->Submit(RegionJob({(*region)->Out(0, 16)})));
+  ASSERT_TRUE(res.ok() && res->ok()) << (res.ok() ? res->error : res.status().ToString());
+  got = schema::ReadRegionMessage(stranger->get(), /*dontwait=*/true, &m, &fd);
+  ASSERT_TRUE(got.ok());
+  EXPECT_FALSE(*got);
+}
+
+// A job canceled while it runs may still write its ranges: they stay taken
+// until its worker answers for it, or is gone.
+TEST_F(RegionsTest, ACanceledJobsRangesStayTakenUntilItsWorkerAnswers) {
+  Process& worker = AddLocalWorker();
+  auto c = Connect();
+  ASSERT_TRUE(WaitForWorkers(*c, 1));
+  auto region = c->NewRegion(4096);
+  ASSERT_TRUE(region.ok()) << region.status().ToString();
+  Region& r = **region;
+  auto first = c->Submit(RegionJob({r.Out(0, 100)}, "slow"));
+  ASSERT_TRUE(first.ok());
+  ASSERT_TRUE(WaitDispatched(*c, *first));
+  ASSERT_TRUE(c->Cancel(*first).ok());
+  auto early = c->Submit(RegionJob({r.Out(0, 100)}));
+  ASSERT_FALSE(early.ok()) << "the canceled attempt may still write these bytes";
+  EXPECT_NE(early.status().message().find("overlaps"), std::string::npos);
+  // The slow job ends on the worker (100 ms): then the bytes are free.
+  bool taken = false;
+  for (int i = 0; i < 200 && !taken; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    auto again = c->Submit(RegionJob({r.Out(0, 100)}, "hang"));
+    if (again.ok()) taken = true;
+  }
+  ASSERT_TRUE(taken);
+  // A job that hangs, canceled: its worker never answers, so its bytes stay
+  // taken until the broker knows the worker's process is gone.
+  const nlohmann::json stats = Stats(*c);
+  ASSERT_EQ(stats["regions"].size(), 1u) << stats.dump();
+  EXPECT_EQ(stats["regions"][0]["jobs"], 1) << stats.dump();
+  std::optional<uint64_t> hang_id;
+  for (uint64_t id = *first + 1; id < *first + 400 && !hang_id; ++id) {
+    auto s = c->GetStatus(id);
+    if (s.ok() && s->state == JobState::kDispatched) hang_id = id;
+  }
+  ASSERT_TRUE(hang_id);
+  ASSERT_TRUE(c->Cancel(*hang_id).ok());
+  EXPECT_FALSE(c->Submit(RegionJob({r.Out(50, 10)})).ok());
+  worker.Kill();
+  bool freed = false;
+  for (int i = 0; i < 300 && !freed; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    freed = c->Submit(RegionJob({r.Out(50, 10)})).ok();
+  }
+  EXPECT_TRUE(freed) << "a lost worker's held ranges are free again";
+}
+
 TEST_F(RegionsTest, RegionsPerTenantAreBounded) {
   ASSERT_TRUE(StartBroker({"--max-regions", "2", "--max-region-mb", "3"})) << Log();
   auto c = Connect();
@@ -358,6 +464,22 @@ TEST_F(RegionsTest, RegionsPerTenantAreBounded) {
   EXPECT_TRUE(fits.ok()) << fits.status().ToString();
   auto s = Stats(*c);
   EXPECT_EQ(s["regions"].size(), 3u) << s.dump();
+}
+
+TEST_F(RegionsTest, RegionsOfAllTenantsAreBoundedToo) {
+  ASSERT_TRUE(StartBroker({"--max-regions-total", "2", "--max-region-mb-total", "3"})) << Log();
+  auto c = Connect();
+  auto a = c->NewRegion(1 << 20, "a"), b = c->NewRegion(1 << 20, "b");
+  ASSERT_TRUE(a.ok() && b.ok());
+  auto third = c->NewRegion(4096, "c");
+  ASSERT_FALSE(third.ok());
+  EXPECT_EQ(third.status().code(), Code::kResourceExhausted);
+  EXPECT_NE(third.status().message().find("--max-regions-total"), std::string::npos);
+  a->reset();
+  auto big = c->NewRegion(3 << 20, "d");
+  ASSERT_FALSE(big.ok());
+  EXPECT_NE(big.status().message().find("--max-region-mb-total"), std::string::npos);
+  EXPECT_TRUE(c->NewRegion(2 << 20, "d").ok());
 }
 
 TEST_F(RegionsTest, OnlyWorkersOfTheBrokersHostTakeJobsOnRegions) {

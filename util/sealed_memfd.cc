@@ -14,6 +14,9 @@ namespace gpuq {
 namespace {
 
 constexpr int kSizeSeals = F_SEAL_SHRINK | F_SEAL_GROW;
+#ifndef F_SEAL_FUTURE_WRITE
+#define F_SEAL_FUTURE_WRITE 0x0010
+#endif
 
 Status Errno(const std::string& what) {
   return Status(errno == ENOMEM ? Code::kResourceExhausted : Code::kIoError,
@@ -32,17 +35,28 @@ StatusOr<UniqueFd> CreateSealedMemfd(uint64_t size, const std::string& name) {
 }
 
 Status CheckSealedMemfd(int fd, uint64_t size) {
-  struct stat st {};
-  if (fstat(fd, &st) != 0) return Errno("fstat");
-  if (!S_ISREG(st.st_mode)) return Status(Code::kInvalid, "a region is a memfd, not this file");
+  // Seals first: only shmem files have them, so nothing after this reaches
+  // a file system that could keep the caller waiting.
   const int seals = fcntl(fd, F_GET_SEALS);
   if (seals < 0) {
     return Status(Code::kInvalid, "a region is a memfd that can be sealed (this file cannot)");
   }
-  if ((seals & kSizeSeals) != kSizeSeals) {
+  struct stat st {};
+  if (fstat(fd, &st) != 0) return Errno("fstat");
+  if (!S_ISREG(st.st_mode)) return Status(Code::kInvalid, "a region is a memfd, not this file");
+  // Sealed for good (F_SEAL_SEAL): no seal can come later that would make a
+  // worker's mapping fail (a write seal) or its pages go (a size change).
+  if ((seals & (kSizeSeals | F_SEAL_SEAL)) != (kSizeSeals | F_SEAL_SEAL)) {
     return Status(Code::kInvalid,
-                  "a region's memfd must be sealed against shrinking and growing "
-                  "(F_SEAL_SHRINK | F_SEAL_GROW)");
+                  "a region's memfd must be sealed against shrinking and growing, and against "
+                  "further seals (F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL)");
+  }
+  if (seals & (F_SEAL_WRITE | F_SEAL_FUTURE_WRITE)) {
+    return Status(Code::kInvalid, "a region's memfd must be writable (it is sealed against writes)");
+  }
+  const int flags = fcntl(fd, F_GETFL);
+  if (flags < 0 || (flags & O_ACCMODE) != O_RDWR) {
+    return Status(Code::kInvalid, "a region's descriptor must be open for reading and writing");
   }
   if (static_cast<uint64_t>(st.st_size) != size) {
     return Status(Code::kInvalid, "the memfd has " + std::to_string(st.st_size) +

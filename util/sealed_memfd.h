@@ -16,8 +16,9 @@ namespace gpuq {
 // and further sealing. `name` shows in /proc/PID/fd only.
 StatusOr<UniqueFd> CreateSealedMemfd(uint64_t size, const std::string& name);
 
-// Whether `fd` is a memfd of exactly `size` bytes sealed against shrinking
-// and growing: kInvalid saying what is wrong otherwise.
+// Whether `fd` is a memfd of exactly `size` bytes, open read-write, sealed
+// against shrinking, growing and further seals, and not against writes:
+// kInvalid saying what is wrong otherwise.
 Status CheckSealedMemfd(int fd, uint64_t size);
 
 // A shared mapping of the whole of `fd`, read-write; unmapped when dropped.

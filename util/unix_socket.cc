@@ -37,11 +37,12 @@ StatusOr<UniqueFd> ListenSeqpacket(const std::string& path) {
   UniqueFd s(socket(AF_UNIX, SOCK_SEQPACKET | SOCK_NONBLOCK | SOCK_CLOEXEC, 0));
   if (!s.valid()) return Errno("socket");
   (void)unlink(path.c_str());
-  // Made with no permission for anyone else, then bound.
-  const mode_t old = umask(0177);
-  const int rc = bind(s.get(), reinterpret_cast<sockaddr*>(&a), sizeof a);
-  umask(old);
-  if (rc != 0) return Errno("binding " + path);
+  if (bind(s.get(), reinterpret_cast<sockaddr*>(&a), sizeof a) != 0) {
+    return Errno("binding " + path);
+  }
+  // Only the owner may connect (the process's umask is left alone: other
+  // threads create files meanwhile).
+  if (chmod(path.c_str(), 0600) != 0) return Errno("chmod " + path);
   if (listen(s.get(), 64) != 0) return Errno("listening on " + path);
   return s;
 }
