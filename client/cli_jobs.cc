@@ -53,6 +53,15 @@ StatusOr<std::unique_ptr<Client>> Connect(const Common& c) {
   return Client::Connect(c.broker.empty() ? DefaultEndpoint() : c.broker, o);
 }
 
+// The broker's stats map, as JSON.
+StatusOr<json> FetchStats(const Common& c) {
+  GPUQ_ASSIGN_OR_RETURN(std::unique_ptr<Client> client, Connect(c));
+  GPUQ_ASSIGN_OR_RETURN(std::string stats, client->Stats());
+  json j = json::from_msgpack(stats, true, false);
+  if (j.is_discarded()) return Error(Code::kMalformed, "bad stats");
+  return j;
+}
+
 json TimingJson(const schema::Timing& t) {
   json j = {{"queue_us", t.queue_us},   {"compile_us", t.compile_us}, {"load_us", t.load_us},
             {"h2d_us", t.h2d_us},       {"kernel_us", t.kernel_us},   {"d2h_us", t.d2h_us},
@@ -870,12 +879,9 @@ void AddJobCommands(CLI::App& app, Action* action) {
   AddCommon(st, common.get());
   st->callback([=] {
     *action = [=]() -> int {
-      auto client = Connect(*common);
-      if (!client.ok()) return Fail(*common, client.status());
-      auto stats = (*client)->Stats();
-      if (!stats.ok()) return Fail(*common, stats.status());
-      json j = json::from_msgpack(*stats, true, false);
-      if (j.is_discarded()) return Fail(*common, Error(Code::kMalformed, "bad stats"));
+      auto fetched = FetchStats(*common);
+      if (!fetched.ok()) return Fail(*common, fetched.status());
+      const json& j = *fetched;
       if (common->json) {
         std::cout << j.dump(2) << "\n";
       } else {
@@ -960,12 +966,9 @@ void AddJobCommands(CLI::App& app, Action* action) {
   AddCommon(rg, rcommon.get());
   rg->callback([=] {
     *action = [=]() -> int {
-      auto client = Connect(*rcommon);
-      if (!client.ok()) return Fail(*rcommon, client.status());
-      auto stats = (*client)->Stats();
-      if (!stats.ok()) return Fail(*rcommon, stats.status());
-      json j = json::from_msgpack(*stats, true, false);
-      if (j.is_discarded()) return Fail(*rcommon, Error(Code::kMalformed, "bad stats"));
+      auto fetched = FetchStats(*rcommon);
+      if (!fetched.ok()) return Fail(*rcommon, fetched.status());
+      const json& j = *fetched;
       const json regions = j.value("regions", json::array());
       if (rcommon->json) {
         std::cout << regions.dump(2) << "\n";
