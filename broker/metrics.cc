@@ -67,6 +67,20 @@ std::string Escape(const std::string& s) {
   return o;
 }
 
+// The kTopTenants tenants with the largest value by name, the rest summed as
+// "other": tenant names on the ipc endpoint are the caller's word, and a
+// series per name would grow without bound.
+std::map<std::string, uint64_t> TopTenants(const std::map<std::string, uint64_t>& by_tenant) {
+  std::vector<std::pair<std::string, uint64_t>> top(by_tenant.begin(), by_tenant.end());
+  std::sort(top.begin(), top.end(),
+            [](const auto& a, const auto& b) { return a.second > b.second; });
+  std::map<std::string, uint64_t> shown;
+  for (size_t i = 0; i < top.size(); ++i) {
+    shown[i < StatsSnapshot::kTopTenants ? top[i].first : "other"] += top[i].second;
+  }
+  return shown;
+}
+
 }  // namespace
 
 std::string EncodeStats(const StatsSnapshot& s) {
@@ -217,24 +231,25 @@ std::string PrometheusText(const StatsSnapshot& s) {
   for (const auto& [p, n] : s.queued_by_priority) {
     o << "gpuq_jobs_queued{priority=\"" << p << "\"} " << n << "\n";
   }
-  gauge("gpuq_tenant_jobs_queued", "Jobs waiting to be dispatched, by tenant.");
-  for (const auto& [t, n] : s.queued_by_tenant) {
+  gauge("gpuq_tenant_jobs_queued",
+        "Jobs waiting to be dispatched, by tenant: the top 20, the rest as \"other\".");
+  for (const auto& [t, n] : TopTenants(s.queued_by_tenant)) {
     o << "gpuq_tenant_jobs_queued{tenant=\"" << Escape(t) << "\"} " << n << "\n";
   }
   {
-    std::map<std::string, std::pair<uint64_t, uint64_t>> by_tenant;  // count, bytes
+    std::map<std::string, uint64_t> count, bytes;
     for (const StatsSnapshot::RegionView& r : s.regions) {
-      auto& [n, bytes] = by_tenant[r.tenant];
-      ++n;
-      bytes += r.size;
+      ++count[r.tenant];
+      bytes[r.tenant] += r.size;
     }
-    gauge("gpuq_tenant_regions", "Registered regions, by tenant.");
-    for (const auto& [t, v] : by_tenant) {
-      o << "gpuq_tenant_regions{tenant=\"" << Escape(t) << "\"} " << v.first << "\n";
+    gauge("gpuq_tenant_regions", "Registered regions, by tenant: the top 20, the rest as \"other\".");
+    for (const auto& [t, n] : TopTenants(count)) {
+      o << "gpuq_tenant_regions{tenant=\"" << Escape(t) << "\"} " << n << "\n";
     }
-    gauge("gpuq_tenant_region_bytes", "Bytes of registered regions, by tenant.");
-    for (const auto& [t, v] : by_tenant) {
-      o << "gpuq_tenant_region_bytes{tenant=\"" << Escape(t) << "\"} " << v.second << "\n";
+    gauge("gpuq_tenant_region_bytes",
+          "Bytes of registered regions, by tenant: the top 20, the rest as \"other\".");
+    for (const auto& [t, n] : TopTenants(bytes)) {
+      o << "gpuq_tenant_region_bytes{tenant=\"" << Escape(t) << "\"} " << n << "\n";
     }
   }
   gauge("gpuq_jobs_inflight", "Jobs dispatched to a worker and not yet finished.");

@@ -2,6 +2,8 @@
 // table and its bounds, the worker registry, the stats encoding.
 #include <gtest/gtest.h>
 
+#include <sstream>
+
 #include <nlohmann/json.hpp>
 
 #include "broker/job_table.h"
@@ -142,6 +144,35 @@ void SameShape(const nlohmann::ordered_json& a, const nlohmann::ordered_json& b,
   } else if (a.is_array() && !a.empty() && !b.empty()) {
     SameShape(a[0], b[0], where + "[0]");
   }
+}
+
+// Tenant names on the ipc endpoint are the caller's word: the series by
+// tenant are the top 20 and "other", however many names there are.
+TEST(StatsTest, TenantSeriesAreBounded) {
+  StatsSnapshot s;
+  uint64_t total = 0;
+  for (int i = 0; i < 50; ++i) {
+    s.queued_by_tenant["t" + std::to_string(i)] = 100 + i;
+    total += 100 + i;
+    s.regions.push_back({static_cast<uint64_t>(i + 1), "t" + std::to_string(i), 4096, 0, false});
+  }
+  const std::string text = PrometheusText(s);
+  auto series = [&](const std::string& name) {
+    size_t n = 0;
+    uint64_t sum = 0;
+    std::istringstream in(text);
+    for (std::string line; std::getline(in, line);) {
+      if (line.rfind(name + "{", 0) != 0) continue;
+      ++n;
+      sum += std::stoull(line.substr(line.rfind(' ') + 1));
+    }
+    return std::make_pair(n, sum);
+  };
+  EXPECT_EQ(series("gpuq_tenant_jobs_queued"), std::make_pair(size_t{21}, total));
+  EXPECT_NE(text.find("gpuq_tenant_jobs_queued{tenant=\"t49\"} 149"), std::string::npos);
+  EXPECT_NE(text.find("gpuq_tenant_jobs_queued{tenant=\"other\"}"), std::string::npos);
+  EXPECT_EQ(series("gpuq_tenant_regions"), std::make_pair(size_t{21}, uint64_t{50}));
+  EXPECT_EQ(series("gpuq_tenant_region_bytes"), std::make_pair(size_t{21}, uint64_t{50 * 4096}));
 }
 
 TEST(StatsTest, TheEncoderWritesTheGoldenStatsShape) {
