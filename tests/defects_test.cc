@@ -774,11 +774,14 @@ TEST_F(BrokerTest, ANewConnectionOnAReusedDescriptorGetsItsReplies) {
 // for the rename (the test's store takes 20 ms per batch, as a slow disk).
 TEST_F(BrokerTest, AJobOnLocalFilesWaitsForTheStoreToTakeThem) {
   setenv("GPUQ_TEST_STORE_DELAY_MS", "20", 1);
-  const bool started = StartBroker({"--durability", "power"});
+  const bool started = StartBroker({"--durability", "power", "--heartbeat-ms", "1000"});
   unsetenv("GPUQ_TEST_STORE_DELAY_MS");
   ASSERT_TRUE(started) << Log();
   const std::string local = LocalDir();
-  AddWorker({"--local-dir", local, "--slots", "64"});
+  // Long heartbeats, both ways: under a sanitizer, a slow machine's
+  // silences must not make the test double register again (which
+  // requeues its jobs).
+  AddWorker({"--local-dir", local, "--slots", "64", "--heartbeat-ms", "1000"});
   auto c = Connect();
   ASSERT_TRUE(WaitForWorkers(*c, 1));
   std::vector<uint64_t> ids;
