@@ -42,7 +42,10 @@ bool NamesRegions(const schema::JobSpec& spec) {
 
 StatusOr<uint64_t> RegionTable::Add(const std::string& tenant, uint64_t size, UniqueFd fd,
                                     int owner) {
-  auto& [count, bytes] = by_tenant_[tenant];
+  // Counted only once taken: a refused tenant's name leaves nothing behind.
+  const auto held = by_tenant_.find(tenant);
+  const uint32_t count = held == by_tenant_.end() ? 0 : held->second.first;
+  const uint64_t bytes = held == by_tenant_.end() ? 0 : held->second.second;
   if (count >= limits_.regions_per_tenant) {
     return Status(Code::kResourceExhausted,
                   "tenant '" + tenant + "' holds " + std::to_string(count) +
@@ -77,8 +80,9 @@ StatusOr<uint64_t> RegionTable::Add(const std::string& tenant, uint64_t size, Un
   r.size = size;
   r.fd = std::move(fd);
   r.owner = owner;
-  ++count;
-  bytes += size;
+  auto& [n, b] = by_tenant_[tenant];
+  ++n;
+  b += size;
   total_bytes_ += size;
   return id;
 }
@@ -161,10 +165,7 @@ std::vector<uint64_t> RegionTable::Release(uint64_t job) {
     }
     r.jobs.erase(job);
     if (r.ended && r.jobs.empty()) {
-      auto& [count, bytes] = by_tenant_[r.tenant];
-      --count;
-      bytes -= r.size;
-      total_bytes_ -= r.size;
+      Uncount(r);
       gone.push_back(r.id);
       regions_.erase(it);
     }
@@ -181,15 +182,22 @@ std::set<uint64_t> RegionTable::End(uint64_t id, const std::string& why, bool* g
   r.ended = true;
   r.why = why;
   if (r.jobs.empty()) {
-    auto& [count, bytes] = by_tenant_[r.tenant];
-    --count;
-    bytes -= r.size;
-    total_bytes_ -= r.size;
+    Uncount(r);
     regions_.erase(it);
     *gone = true;
     return {};
   }
   return r.jobs;
+}
+
+void RegionTable::Uncount(const Region& r) {
+  auto it = by_tenant_.find(r.tenant);
+  if (it == by_tenant_.end()) return;
+  auto& [count, bytes] = it->second;
+  --count;
+  bytes -= r.size;
+  if (count == 0) by_tenant_.erase(it);
+  total_bytes_ -= r.size;
 }
 
 bool RegionTable::Live(uint64_t job) const {
@@ -207,10 +215,6 @@ const RegionTable::Region* RegionTable::Find(uint64_t id) const {
   return it == regions_.end() ? nullptr : &it->second;
 }
 
-uint64_t RegionTable::bytes_of(const std::string& tenant) const {
-  auto it = by_tenant_.find(tenant);
-  return it == by_tenant_.end() ? 0 : it->second.second;
-}
 
 // ---------------------------------------------------------------- channel
 

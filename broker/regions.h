@@ -86,13 +86,16 @@ class RegionTable {
 
   const Region* Find(uint64_t id) const;
   const std::map<uint64_t, Region>& all() const { return regions_; }
-  uint64_t bytes_of(const std::string& tenant) const;
+  // Tenants with a region counted (none is kept for a tenant that holds none).
+  size_t tenants_counted() const { return by_tenant_.size(); }
 
  private:
   struct Use_ {
     uint64_t region = 0, offset = 0, end = 0;
     bool writes = false;
   };
+  // Takes `r` out of its tenant's counts and the total.
+  void Uncount(const Region& r);
   RegionLimits limits_;
   std::map<uint64_t, Region> regions_;
   std::unordered_map<uint64_t, std::vector<Use_>> uses_;  // by job

@@ -8,6 +8,7 @@
 
 #include "broker/job_table.h"
 #include "broker/metrics.h"
+#include "broker/regions.h"
 #include "broker/worker_registry.h"
 #include "schema/filename.h"
 #include "tests/golden_messages.h"
@@ -144,6 +145,36 @@ void SameShape(const nlohmann::ordered_json& a, const nlohmann::ordered_json& b,
   } else if (a.is_array() && !a.empty() && !b.empty()) {
     SameShape(a[0], b[0], where + "[0]");
   }
+}
+
+// On the ipc endpoint a tenant's name is the caller's word: the region
+// table keeps nothing for a name that holds no region (a client trying a
+// million names grew it without bound).
+TEST(RegionTableTest, ATenantWithoutRegionsLeavesNothingBehind) {
+  RegionTable t(RegionLimits{.regions_per_tenant = 1, .bytes_per_tenant = 1 << 20,
+                             .regions = 2, .bytes = 1 << 20});
+  auto memfd = [] { return UniqueFd(dup(0)); };  // the table keeps any descriptor it is given
+  auto a = t.Add("a", 4096, memfd(), -1);
+  ASSERT_TRUE(a.ok());
+  EXPECT_EQ(t.Add("a", 4096, memfd(), -1).status().code(), Code::kResourceExhausted);
+  for (int i = 0; i < 1000; ++i) {
+    EXPECT_EQ(t.Add("t" + std::to_string(i), 2 << 20, memfd(), -1).status().code(),
+              Code::kResourceExhausted);
+  }
+  EXPECT_EQ(t.tenants_counted(), 1u);
+  // Used by a job, ended, released: then nothing is left.
+  std::vector<schema::Arg> buffers = {
+      schema::Arg::InRegion(schema::ArgKind::kOut, *a, 0, 100)};
+  ASSERT_TRUE(t.Check("a", buffers).ok());
+  t.Use(7, buffers);
+  bool gone = true;
+  EXPECT_EQ(t.End(*a, "unregistered", &gone), std::set<uint64_t>{7});
+  EXPECT_FALSE(gone);
+  EXPECT_EQ(t.tenants_counted(), 1u);
+  EXPECT_EQ(t.Release(7), std::vector<uint64_t>{*a});
+  EXPECT_EQ(t.tenants_counted(), 0u);
+  EXPECT_TRUE(t.all().empty());
+  EXPECT_TRUE(t.Add("a", 1 << 20, memfd(), -1).ok()) << "the tenant's bounds are whole again";
 }
 
 // Tenant names on the ipc endpoint are the caller's word: the series by
