@@ -101,8 +101,12 @@ class RegionChannel:
                 reply = wire.decode_region(data)
             except ValueError as e:
                 raise Error("malformed", "region channel: %s" % e) from e
-            if reply.get("rid") != rid:
-                continue  # an answer to an earlier request that timed out
+            # An error without a rid answers a request the broker could not
+            # read: this one (one is outstanding at a time). Another rid
+            # answers an earlier request that timed out.
+            if reply.get("rid") != rid and not (reply.get("rid") == 0
+                                                and reply["op"] == "error"):
+                continue
             if reply["op"] == "error":
                 raise Error(reply["code"], reply["error"])
             return reply
