@@ -31,6 +31,10 @@ struct gpuq_region {
   std::unique_ptr<gpuq::Region> region;
 };
 
+struct gpuq_usage_list {
+  std::vector<gpuq::schema::TenantUsage> rows;
+};
+
 namespace {
 
 gpuq_code Fail(gpuq_client* c, const gpuq::Status& s) {
@@ -346,6 +350,32 @@ size_t gpuq_result_launch_count(const gpuq_result* r) {
 uint64_t gpuq_result_launch_us(const gpuq_result* r, size_t i) {
   const auto& us = r->result.timing.launch_us;
   return i < us.size() ? us[i] : 0;
+}
+
+gpuq_code gpuq_usage(gpuq_client* client, const char* tenant, uint64_t since_ms,
+                     uint64_t until_ms, gpuq_usage_list** out) {
+  auto rows = client->client->Usage(tenant ? tenant : "", since_ms, until_ms);
+  if (!rows.ok()) return Fail(client, rows.status());
+  *out = new gpuq_usage_list{std::move(*rows)};
+  return GPUQ_OK;
+}
+void gpuq_usage_free(gpuq_usage_list* list) { delete list; }
+size_t gpuq_usage_count(const gpuq_usage_list* list) { return list->rows.size(); }
+gpuq_tenant_usage gpuq_usage_at(const gpuq_usage_list* list, size_t i) {
+  gpuq_tenant_usage u = {};
+  u.tenant = "";
+  if (i >= list->rows.size()) return u;
+  const gpuq::schema::TenantUsage& r = list->rows[i];
+  u.tenant = r.tenant.c_str();
+  u.done = r.done;
+  u.failed = r.failed;
+  u.canceled = r.canceled;
+  u.expired = r.expired;
+  u.gpu_us = r.gpu_us;
+  u.kernel_us = r.kernel_us;
+  u.bytes_in = r.bytes_in;
+  u.bytes_out = r.bytes_out;
+  return u;
 }
 
 }  // extern "C"

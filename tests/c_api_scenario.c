@@ -189,6 +189,23 @@ int gpuq_c_api_scenario(const char* endpoint, char* why, size_t why_size) {
   CHECK(code == GPUQ_OK && state == GPUQ_DONE, "cancel of an ended job keeps its state");
 
   if (several_launches(c, why, why_size) != 0) goto out;
+
+  /* Usage: the default tenant's ended jobs (at least the first job, done),
+   * and a row past the end reads as zeros. */
+  {
+    gpuq_usage_list* usage = NULL;
+    gpuq_tenant_usage u;
+    code = gpuq_usage(c, NULL, 0, 0, &usage);
+    CHECK(code == GPUQ_OK, "usage: %s: %s", gpuq_code_name(code), gpuq_client_error(c));
+    CHECK(gpuq_usage_count(usage) == 1, "usage rows: %zu", gpuq_usage_count(usage));
+    u = gpuq_usage_at(usage, 0);
+    CHECK(strcmp(u.tenant, "default") == 0 && u.done >= 1 && u.bytes_in >= sizeof y,
+          "usage of %s: done %llu, bytes in %llu", u.tenant, (unsigned long long)u.done,
+          (unsigned long long)u.bytes_in);
+    u = gpuq_usage_at(usage, 1);
+    CHECK(strcmp(u.tenant, "") == 0 && u.done == 0, "a row past the end");
+    gpuq_usage_free(usage);
+  }
   rc = 0;
 out:
   gpuq_result_free(r);

@@ -241,6 +241,31 @@ const void* gpuq_result_output(const gpuq_result* result, uint32_t arg, size_t* 
 size_t gpuq_result_launch_count(const gpuq_result* result);
 uint64_t gpuq_result_launch_us(const gpuq_result* result, size_t i);
 
+/* -------------------------------------------------------------------- usage */
+
+/* What a tenant used over a time window (PROTOCOL.md, "usage"): its jobs
+ * that ended by outcome, the time they held GPUs and their kernels' time,
+ * and their input and output bytes. `tenant` is owned by the list. */
+typedef struct gpuq_tenant_usage {
+  const char* tenant;
+  uint64_t done, failed, canceled, expired;
+  uint64_t gpu_us, kernel_us;
+  uint64_t bytes_in, bytes_out;
+} gpuq_tenant_usage;
+typedef struct gpuq_usage_list gpuq_usage_list;
+
+/* Usage by tenant of the jobs that ended in [since_ms, until_ms) (Unix ms,
+ * to the hour; until_ms 0: now), sorted by tenant. `tenant` NULL or "": the
+ * caller's own on a CURVE key, every tenant's for an operator key or on ipc;
+ * another tenant's on a tenant's key is GPUQ_FORBIDDEN. On GPUQ_OK, *out is
+ * a list to release with gpuq_usage_free. */
+gpuq_code gpuq_usage(gpuq_client* client, const char* tenant, uint64_t since_ms,
+                     uint64_t until_ms, gpuq_usage_list** out);
+void gpuq_usage_free(gpuq_usage_list* list);
+size_t gpuq_usage_count(const gpuq_usage_list* list);
+/* Row i (a row of zeros, tenant "", past the end). */
+gpuq_tenant_usage gpuq_usage_at(const gpuq_usage_list* list, size_t i);
+
 #ifdef __cplusplus
 }  /* extern "C" */
 #endif
