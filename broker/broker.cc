@@ -199,6 +199,7 @@ Status Broker::Impl::Init() {
   GPUQ_RETURN_IF_ERROR(core_->connections().Monitor(ctx_, client_sock_, "clients"));
   core_->quarantined = resume.quarantined.size();
   core_->regions().SetLimits(opt_.regions);
+  core_->sessions().SetLimits(opt_.sessions);
   // The region channel (PROTOCOL.md, "Regions"), for clients and workers of
   // this host. Without it the broker serves all else.
   if (Status s = core_->region_server().Listen(schema::RegionSocketPath(local_dir_)); !s.ok()) {
@@ -347,6 +348,8 @@ Status Broker::Impl::Run() {
                                            ZMQ_POLLIN, 0}};
     constexpr size_t kFixed = 4;
     core_->region_server().PollItems(&items);
+    const size_t first_session = items.size();
+    core_->sessions().PollItems(&items);
     auto timeout = tick;
     // With --spin-us: awake for that long after a message, and all the
     // while a job runs on a worker (its result is taken the moment it comes).
@@ -385,7 +388,12 @@ Status Broker::Impl::Run() {
       }
     }
     core_->connections().DrainEvents();
-    if (items.size() > kFixed) core_->region_server().OnPoll(items.data() + kFixed, items.size() - kFixed);
+    if (first_session > kFixed) {
+      core_->region_server().OnPoll(items.data() + kFixed, first_session - kFixed);
+    }
+    if (items.size() > first_session) {
+      core_->sessions().OnPoll(items.data() + first_session, items.size() - first_session);
+    }
     // What is ready, in rounds of a few messages from each side, so that
     // neither side starves the other; between rounds the store's finished
     // batches are taken and the next one handed over, and jobs are sent,
@@ -419,6 +427,7 @@ Status Broker::Impl::Run() {
       counters.loop_messages += static_cast<uint64_t>(taken);
       core_->OnBatchesDone();
       core_->OnCompilesDone();
+      core_->sessions().Tick();
       // Timers judge silence against the drain above: read at that moment,
       // their clock cannot stand later than it (a check due later than the
       // drain would find nobody silent and not come again for a period).
@@ -501,6 +510,10 @@ void Broker::Impl::OnClientMessage(Frames& frames) {
       return handlers::Devices(*core_, ctx);
     case ClientOp::kUsage:
       return handlers::Usage(*core_, ctx, req);
+    case ClientOp::kSessionOpen:
+      return core_->sessions().Open(ctx, req.session, req.tenant);
+    case ClientOp::kSessionClose:
+      return core_->sessions().Close(ctx, req.id);
   }
 }
 

@@ -20,6 +20,7 @@
 #include "broker/compile/compile_service.h"
 #include "broker/job_store.h"
 #include "broker/regions.h"
+#include "broker/sessions.h"
 #include "schema/messages.h"
 #include "util/clock.h"
 #include "util/curve_keys.h"
@@ -58,6 +59,8 @@ struct BrokerOptions {
   schema::Limits limits;
   // Registered regions per tenant (PROTOCOL.md, "Regions").
   RegionLimits regions;
+  // Sessions (PROTOCOL.md, "Sessions"): limits, and the session process.
+  SessionLimits sessions;
   // CURVE (schema/PROTOCOL.md, "Security"). With a server secret key, the
   // client endpoint admits only the keys of `allowed_clients` (public key ->
   // tenant, and whether it is an operator's) and binds each connection to

@@ -596,6 +596,10 @@ StatsSnapshot BrokerCore::Snapshot(const RequestContext* ctx) {
     if (!all && r.tenant != ctx->tenant) continue;
     s.regions.push_back({id, r.tenant, r.size, r.jobs.size(), r.ended});
   }
+  for (const SessionView& v : sessions_.Views(all ? nullptr : ctx)) {
+    if (s.sessions.size() >= StatsSnapshot::kMaxRegionViews) break;
+    s.sessions.push_back({v.id, v.tenant, v.gpu, v.memory, v.held, v.age_ms, v.pid});
+  }
   if (all) {
     for (const auto& v : s.workers) s.inflight_by_worker[v.worker] = v.inflight;
     s.cache_entries = cache_entries.load(std::memory_order_relaxed);

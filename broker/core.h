@@ -36,6 +36,7 @@
 #include "broker/tenants.h"
 #include "broker/metrics.h"
 #include "broker/regions.h"
+#include "broker/sessions.h"
 #include "broker/request_context.h"
 #include "broker/store_thread.h"
 #include "broker/worker_registry.h"
@@ -83,6 +84,9 @@ class BrokerCore {
   compile::CompileService& compiler() { return *compiler_; }
   RegionTable& regions() { return regions_; }
   RegionServer& region_server() { return region_server_; }
+  SessionServer& sessions() { return sessions_; }
+  // Wakes the loop (from any thread).
+  void Wake() { wake_(); }
   StatsSnapshot& counters() { return counters_; }
   const std::string& local_dir() const { return local_dir_; }
   // Clients on the ipc endpoint share this host (PROTOCOL.md, "Local buffers").
@@ -249,6 +253,7 @@ class BrokerCore {
   WorkerRegistry workers_;
   RegionTable regions_;
   RegionServer region_server_{*this};
+  SessionServer sessions_{*this};
   std::map<uint64_t, std::string> region_holds_;  // job -> the worker that may still run it
   std::unique_ptr<Batch> batch_ = std::make_unique<Batch>();
   // Jobs to send to each worker at the end of this iteration, in order.

@@ -129,6 +129,24 @@ int main(int argc, char** argv) {
   app.add_option("--max-region-mb-total", max_region_mb_total,
                  "Bytes of registered regions, of every tenant, in all")
       ->capture_default_str();
+  std::string session_bin;
+  app.add_option("--session-bin", session_bin,
+                 "gpuq-session, the session process (default: beside gpuqd; 'none': no "
+                 "sessions)");
+  app.add_option("--max-sessions", o.sessions.per_tenant, "Sessions a tenant may hold open")
+      ->capture_default_str();
+  uint64_t max_session_mb = o.sessions.bytes_per_tenant >> 20;
+  app.add_option("--max-session-mb", max_session_mb,
+                 "Device memory a tenant's sessions may hold, in all (each session's limit "
+                 "counts whole)")
+      ->capture_default_str();
+  uint64_t session_memory_mb = o.sessions.default_memory >> 20;
+  app.add_option("--session-memory-mb", session_memory_mb,
+                 "A session's device memory limit when it names none")
+      ->capture_default_str();
+  app.add_option("--session-idle-ms", o.sessions.default_idle_ms,
+                 "A session ends after this long without a request, unless it names its own")
+      ->capture_default_str();
   app.add_option("--compile-timeout-ms", compile_timeout_ms, "Wall-time bound of a compile")
       ->capture_default_str();
   app.add_option("--compile-memory-mb", compile_memory_mb, "Memory bound of a compile")
@@ -168,6 +186,12 @@ int main(int argc, char** argv) {
   o.limits.max_scratch_bytes = max_scratch_mb << 20;
   o.regions.bytes_per_tenant = max_region_mb << 20;
   o.regions.bytes = max_region_mb_total << 20;
+  o.sessions.bytes_per_tenant = max_session_mb << 20;
+  o.sessions.default_memory = session_memory_mb << 20;
+  o.sessions.spin = o.spin;
+  if (session_bin != "none") {
+    o.sessions.bin = session_bin.empty() ? gpuq::worker::Beside("gpuq-session") : session_bin;
+  }
   o.compile.limits.wall = std::chrono::milliseconds(compile_timeout_ms);
   o.compile.limits.memory_bytes = compile_memory_mb << 20;
   if (!curve_secret.empty()) {

@@ -86,7 +86,7 @@ std::map<std::string, uint64_t> TopTenants(const std::map<std::string, uint64_t>
 std::string EncodeStats(const StatsSnapshot& s) {
   msgpack::sbuffer buf;
   Packer p(buf);
-  p.pack_map(s.tenant_view ? 7 : 19);
+  p.pack_map(s.tenant_view ? 8 : 20);
   Str(p, "queued");
   p.pack_uint64(s.queued);
   Str(p, "queued_by_priority");
@@ -212,6 +212,25 @@ std::string EncodeStats(const StatsSnapshot& s) {
     Str(p, "ended");
     p.pack(r.ended);
   }
+  Str(p, "sessions");
+  p.pack_array(static_cast<uint32_t>(s.sessions.size()));
+  for (const StatsSnapshot::SessionRow& r : s.sessions) {
+    p.pack_map(7);
+    Str(p, "session");
+    p.pack_uint64(r.id);
+    Str(p, "tenant");
+    Str(p, r.tenant);
+    Str(p, "gpu");
+    Str(p, r.gpu);
+    Str(p, "memory");
+    p.pack_uint64(r.memory);
+    Str(p, "held");
+    p.pack_uint64(r.held);
+    Str(p, "age_ms");
+    p.pack_uint64(r.age_ms);
+    Str(p, "pid");
+    p.pack_uint32(r.pid);
+  }
   Str(p, "uptime_s");
   p.pack_double(s.uptime_s);
   return std::string(buf.data(), buf.size());
@@ -250,6 +269,32 @@ std::string PrometheusText(const StatsSnapshot& s) {
           "Bytes of registered regions, by tenant: the top 20, the rest as \"other\".");
     for (const auto& [t, n] : TopTenants(bytes)) {
       o << "gpuq_tenant_region_bytes{tenant=\"" << Escape(t) << "\"} " << n << "\n";
+    }
+  }
+  {
+    std::map<std::string, uint64_t> count, held, gpu_count, gpu_held;
+    for (const StatsSnapshot::SessionRow& r : s.sessions) {
+      ++count[r.tenant];
+      held[r.tenant] += r.held;
+      ++gpu_count[r.gpu];
+      gpu_held[r.gpu] += r.held;
+    }
+    gauge("gpuq_gpu_sessions", "Open sessions, by GPU.");
+    for (const auto& [g, n] : gpu_count) {
+      o << "gpuq_gpu_sessions{gpu=\"" << Escape(g) << "\"} " << n << "\n";
+    }
+    gauge("gpuq_gpu_session_bytes", "Device bytes sessions hold, by GPU.");
+    for (const auto& [g, n] : gpu_held) {
+      o << "gpuq_gpu_session_bytes{gpu=\"" << Escape(g) << "\"} " << n << "\n";
+    }
+    gauge("gpuq_tenant_sessions", "Open sessions, by tenant: the top 20, the rest as \"other\".");
+    for (const auto& [t, n] : TopTenants(count)) {
+      o << "gpuq_tenant_sessions{tenant=\"" << Escape(t) << "\"} " << n << "\n";
+    }
+    gauge("gpuq_tenant_session_bytes",
+          "Device bytes sessions hold, by tenant: the top 20, the rest as \"other\".");
+    for (const auto& [t, n] : TopTenants(held)) {
+      o << "gpuq_tenant_session_bytes{tenant=\"" << Escape(t) << "\"} " << n << "\n";
     }
   }
   gauge("gpuq_jobs_inflight", "Jobs dispatched to a worker and not yet finished.");

@@ -82,6 +82,15 @@ struct StatsSnapshot {
   };
   std::vector<RegionView> regions;
   static constexpr size_t kMaxRegionViews = 1024;
+  // Open sessions (a tenant's view: its own): id, tenant, GPU, memory limit
+  // and bytes held, age, process.
+  struct SessionRow {
+    uint64_t id = 0;
+    std::string tenant, gpu;
+    uint64_t memory = 0, held = 0, age_ms = 0;
+    uint32_t pid = 0;
+  };
+  std::vector<SessionRow> sessions;
   double uptime_s = 0;
 };
 

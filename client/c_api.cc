@@ -87,6 +87,7 @@ std::vector<gpuq::schema::Arg>& Buffers(gpuq_job* job) {
 static_assert(GPUQ_INTERNAL == static_cast<int>(gpuq::Code::kInternal));
 static_assert(GPUQ_CODE_EXPIRED == static_cast<int>(gpuq::Code::kExpired));
 static_assert(GPUQ_QUOTA_EXCEEDED == static_cast<int>(gpuq::Code::kQuotaExceeded));
+static_assert(GPUQ_SESSION_LOST == static_cast<int>(gpuq::Code::kSessionLost));
 static_assert(GPUQ_EXPIRED == static_cast<int>(gpuq::schema::JobState::kExpired));
 static_assert(GPUQ_F64 == static_cast<int>(gpuq::schema::ScalarType::kF64));
 

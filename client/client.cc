@@ -459,4 +459,29 @@ StatusOr<std::vector<schema::TenantUsage>> Client::Usage(const std::string& tena
   return std::move(r.usage);
 }
 
+StatusOr<std::unique_ptr<Session>> Client::OpenSession(const SessionOptions& options) {
+  ClientRequest req;
+  req.op = ClientOp::kSessionOpen;
+  req.tenant = options.tenant;
+  req.session.placement = options.placement;
+  req.session.memory = options.memory;
+  req.session.idle_ms = static_cast<uint64_t>(options.idle.count());
+  GPUQ_ASSIGN_OR_RETURN(ClientReply r, impl_->Call(std::move(req), nullptr));
+  if (r.op != schema::ReplyOp::kSession || r.path.empty()) {
+    return Error(Code::kInternal, "the broker answered session_open with " +
+                                      std::string(schema::ReplyOpName(r.op)));
+  }
+  return Session::Connect(r.id, r.device, r.path, r.token, impl_->opt_.timeout,
+                          impl_->opt_.spin);
+}
+
+Status Client::CloseSession(uint64_t id) {
+  ClientRequest req;
+  req.op = ClientOp::kSessionClose;
+  req.id = id;
+  GPUQ_ASSIGN_OR_RETURN(ClientReply r, impl_->Call(std::move(req), nullptr));
+  (void)r;
+  return Status::Ok();
+}
+
 }  // namespace gpuq

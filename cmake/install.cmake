@@ -37,7 +37,7 @@ if(GPUQ_CLIENT_ONLY)
 endif()
 
 # The programs; gpuqd finds gpuq-nvrtc and gpuq-worker beside itself.
-install(TARGETS gpuqd gpuq-worker gpuq-nvrtc gpuq RUNTIME DESTINATION ${CMAKE_INSTALL_BINDIR})
+install(TARGETS gpuqd gpuq-worker gpuq-session gpuq-nvrtc gpuq RUNTIME DESTINATION ${CMAKE_INSTALL_BINDIR})
 # The systemd units name the programs where the install puts them (the
 # prefix is the one given at install time: `cmake --install --prefix`).
 foreach(unit gpuqd.service gpuq-worker.service)

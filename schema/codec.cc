@@ -21,10 +21,15 @@ constexpr std::string_view kScalarNames[] = {"u8",  "i8",  "u16", "i16", "u32",
 constexpr size_t kScalarSizes[] = {1, 1, 2, 2, 4, 4, 8, 8, 4, 8};
 constexpr std::string_view kStateNames[] = {"queued", "dispatched", "done",
                                             "failed", "canceled",   "expired"};
-constexpr std::string_view kClientOpNames[] = {"submit", "status", "result",
-                                               "cancel", "stats",  "devices", "usage"};
-constexpr std::string_view kReplyOpNames[] = {
-    "accepted", "error", "status", "result", "canceled", "stats", "devices", "usage"};
+constexpr std::string_view kClientOpNames[] = {
+    "submit", "status", "result", "cancel", "stats", "devices", "usage", "session_open",
+    "session_close"};
+constexpr std::string_view kReplyOpNames[] = {"accepted", "error",   "status",
+                                              "result",   "canceled", "stats",
+                                              "devices",  "usage",   "session"};
+constexpr std::string_view kSessionOpNames[] = {
+    "hello", "alloc", "free", "write",  "read",  "copy",   "fill",    "launch", "close",
+    "done",  "error", "open", "end",    "module", "opened", "ended", "compile", "usage"};
 constexpr std::string_view kWorkerOpNames[] = {"ready", "result", "heartbeat",
                                                "disconnect"};
 constexpr std::string_view kBrokerOpNames[] = {"job", "heartbeat", "disconnect",
@@ -71,6 +76,9 @@ std::string_view BrokerOpName(BrokerOp op) {
 }
 std::string_view RegionOpName(RegionOp op) {
   return kRegionOpNames[static_cast<size_t>(op)];
+}
+std::string_view SessionOpName(SessionOp op) {
+  return kSessionOpNames[static_cast<size_t>(op)];
 }
 
 Arg Arg::F32(float v) {
@@ -443,18 +451,32 @@ std::string EncodeClientRequest(const ClientRequest& m) {
   StringBuffer buf;
   Packer p(buf);
   bool has_id = m.op == ClientOp::kStatus || m.op == ClientOp::kResult ||
-                m.op == ClientOp::kCancel;
+                m.op == ClientOp::kCancel || m.op == ClientOp::kSessionClose;
   MapWriter w(p);
   w.Field("op", true, [&] { PackStr(p, ClientOpName(m.op)); })
       .Field("rid", true, [&] { p.pack_uint64(m.rid); })
       .Field("id", has_id, [&] { p.pack_uint64(m.id); })
       .Field("job", m.op == ClientOp::kSubmit, [&] { PackJob(p, m.job); })
-      .Field("tenant", m.op == ClientOp::kUsage && !m.tenant.empty(),
+      .Field("tenant",
+             (m.op == ClientOp::kUsage || m.op == ClientOp::kSessionOpen) && !m.tenant.empty(),
              [&] { PackStr(p, m.tenant); })
       .Field("since_ms", m.op == ClientOp::kUsage && m.since_ms != 0,
              [&] { p.pack_uint64(m.since_ms); })
       .Field("until_ms", m.op == ClientOp::kUsage && m.until_ms != 0,
              [&] { p.pack_uint64(m.until_ms); })
+      .Field("session", m.op == ClientOp::kSessionOpen,
+             [&] {
+               const SessionSpec& ss = m.session;
+               const Placement& pl = ss.placement;
+               MapWriter sw(p);
+               sw.Field("arch", !pl.arch.empty(), [&] { PackStr(p, pl.arch); })
+                   .Field("gpu", !pl.gpu.empty(), [&] { PackStr(p, pl.gpu); })
+                   .Field("min_free", pl.min_free_bytes != 0,
+                          [&] { p.pack_uint64(pl.min_free_bytes); })
+                   .Field("idle_ms", ss.idle_ms != 0, [&] { p.pack_uint64(ss.idle_ms); })
+                   .Field("memory", ss.memory != 0, [&] { p.pack_uint64(ss.memory); })
+                   .Write();
+             })
       .Write();
   return Take(buf);
 }
@@ -465,7 +487,7 @@ std::string EncodeClientReply(const ClientReply& m) {
   const ReplyOp op = m.op;
   bool has_id = op == ReplyOp::kAccepted || op == ReplyOp::kStatus ||
                 op == ReplyOp::kResult || op == ReplyOp::kCanceled ||
-                (op == ReplyOp::kError && m.id != 0);
+                op == ReplyOp::kSession || (op == ReplyOp::kError && m.id != 0);
   bool has_state =
       op == ReplyOp::kStatus || op == ReplyOp::kResult || op == ReplyOp::kCanceled;
   bool failed = op == ReplyOp::kError || m.code != Code::kOk;
@@ -484,7 +506,11 @@ std::string EncodeClientReply(const ClientReply& m) {
       .Field("retry_after_ms", op == ReplyOp::kError && m.retry_after_ms != 0,
              [&] { p.pack_uint64(m.retry_after_ms); })
       .Field("attempts", has_run, [&] { p.pack_uint32(m.attempts); })
-      .Field("device", has_run && !m.device.empty(), [&] { PackStr(p, m.device); })
+      .Field("device", (has_run || op == ReplyOp::kSession) && !m.device.empty(),
+             [&] { PackStr(p, m.device); })
+      .Field("path", op == ReplyOp::kSession && !m.path.empty(), [&] { PackStr(p, m.path); })
+      .Field("token", op == ReplyOp::kSession && !m.token.empty(),
+             [&] { PackStr(p, m.token); })
       .Field("timing", op == ReplyOp::kResult, [&] { PackTiming(p, m.timing); })
       .Field("outputs", op == ReplyOp::kResult, [&] { PackU32List(p, m.outputs); })
       .Field("files", op == ReplyOp::kResult && !m.files.empty(),
@@ -1190,19 +1216,23 @@ class Unpacked {
   msgpack::object obj_;
 };
 
-Status Unpack(std::string_view header, const Limits& limits, Unpacked* oh) {
+bool ReferenceBin(msgpack::type::object_type t, size_t, void*) { return t == mt::BIN; }
+
+// `max_bin` > 0: bin values up to that size are allowed, and referenced in
+// `header` (which must outlive `oh`) rather than copied.
+Status Unpack(std::string_view header, const Limits& limits, Unpacked* oh, size_t max_bin = 0) {
   if (header.size() > limits.max_header_bytes) {
     return TooLarge("header", limits.max_header_bytes);
   }
   const size_t max_str = std::max({limits.max_total_source_bytes,
                                    limits.max_text_bytes, limits.max_source_bytes});
   msgpack::unpack_limit lim(/*array=*/limits.max_list, /*map=*/64,
-                            /*str=*/max_str, /*bin=*/0, /*ext=*/0, /*depth=*/8);
+                            /*str=*/max_str, /*bin=*/max_bin, /*ext=*/0, /*depth=*/8);
   try {
     size_t off = 0;
     bool referenced = false;
-    oh->set(msgpack::unpack(oh->zone(), header.data(), header.size(), off, referenced, nullptr,
-                            nullptr, lim));
+    oh->set(msgpack::unpack(oh->zone(), header.data(), header.size(), off, referenced,
+                            max_bin ? ReferenceBin : nullptr, nullptr, lim));
     if (off != header.size()) {
       return Error(Code::kMalformed, "trailing bytes after the msgpack header");
     }
@@ -1612,8 +1642,8 @@ Status DecodeClientRequest(std::string_view header,
   GPUQ_RETURN_IF_ERROR(GetOp(oh.get(), &op));
   ClientRequest r;
   if (!Lookup(kClientOpNames, op, &r.op)) return UnknownOp(op);
-  const bool needs_id =
-      r.op == ClientOp::kStatus || r.op == ClientOp::kResult || r.op == ClientOp::kCancel;
+  const bool needs_id = r.op == ClientOp::kStatus || r.op == ClientOp::kResult ||
+                        r.op == ClientOp::kCancel || r.op == ClientOp::kSessionClose;
   const bool submit = r.op == ClientOp::kSubmit;
   bool has_id = false, has_job = false;
   GPUQ_RETURN_IF_ERROR(ForEachField(oh.get(), "header", {"rid"},
@@ -1632,6 +1662,20 @@ Status DecodeClientRequest(std::string_view header,
       if (k == "tenant") return GetStr(v, k, limits.max_tenant_bytes, &r.tenant);
       if (k == "since_ms") return GetU(v, k, &r.since_ms);
       if (k == "until_ms") return GetU(v, k, &r.until_ms);
+    }
+    if (r.op == ClientOp::kSessionOpen && k == "tenant") {
+      return GetStr(v, k, limits.max_tenant_bytes, &r.tenant);
+    }
+    if (r.op == ClientOp::kSessionOpen && k == "session") {
+      SessionSpec& ss = r.session;
+      return ForEachField(v, k, {}, [&](std::string_view sk, const object& sv) -> Status {
+        if (sk == "arch") return GetStr(sv, sk, 16, &ss.placement.arch);
+        if (sk == "gpu") return GetStr(sv, sk, 64, &ss.placement.gpu);
+        if (sk == "min_free") return GetU(sv, sk, &ss.placement.min_free_bytes);
+        if (sk == "idle_ms") return GetU(sv, sk, &ss.idle_ms, kMaxDeadlineMs);
+        if (sk == "memory") return GetU(sv, sk, &ss.memory);
+        return kUnknownField;
+      });
     }
     return kUnknownField;
   }));
@@ -1672,6 +1716,7 @@ const ReplyFields& FieldsOf(ReplyOp op) {
       /*stats*/ {{"rid", "stats"}, {}},
       /*devices*/ {{"rid", "workers"}, {"local_dir"}},
       /*usage*/ {{"rid", "usage"}, {}},
+      /*session*/ {{"rid", "id"}, {"device", "path", "token"}},
   };
   return kFields[static_cast<size_t>(op)];
 }
@@ -1725,6 +1770,8 @@ Status DecodeClientReply(std::string_view header, std::span<const uint64_t> payl
     if (k == "outputs") return GetUList(v, k, limits.max_args, &r.outputs);
     if (k == "files") return GetFiles(v, k, limits, true, &r.files);
     if (k == "local_dir") return GetStr(v, k, 4096, &r.local_dir);
+    if (k == "path") return GetStr(v, k, 4096, &r.path);
+    if (k == "token") return GetStr(v, k, 64, &r.token);
     if (k == "stats") {
       if (v.type != mt::MAP) return Malformed(k, "expected a map");
       msgpack::sbuffer b;
@@ -2028,6 +2075,201 @@ Status DecodeRegionMessage(std::string_view bytes, const Limits& limits, RegionM
     return kUnknownField;
   }));
   if (has_code && r.code == Code::kOk) return Malformed("code", "'ok' is not a failure code");
+  *out = std::move(r);
+  return Status::Ok();
+}
+
+// ---------------------------------------------------------------- sessions
+
+namespace {
+
+const ReplyFields& FieldsOf(SessionOp op) {
+  static const ReplyFields kFields[] = {
+      /*hello*/ {{"protocol", "session", "token"}, {}},
+      /*alloc*/ {{"rid", "size"}, {}},
+      /*free*/ {{"rid", "buffer"}, {}},
+      /*write*/ {{"rid", "buffer", "offset", "data"}, {}},
+      /*read*/ {{"rid", "buffer", "offset", "size"}, {}},
+      /*copy*/ {{"rid", "buffer", "offset", "src", "src_offset", "size"}, {}},
+      /*fill*/ {{"rid", "buffer", "offset", "size", "value"}, {}},
+      /*launch*/
+      {{"rid", "src", "entry", "grid", "block", "args"}, {"expr", "opts", "headers", "shared"}},
+      /*close*/ {{"rid"}, {}},
+      /*done*/ {{"rid"}, {"buffer", "data", "kernel_ns"}},
+      /*error*/ {{"rid", "code", "error"}, {}},
+      /*open*/ {{"session", "token", "memory", "idle_ms"}, {}},
+      /*end*/ {{"session"}, {}},
+      /*module*/ {{"rid"}, {"image", "kind", "symbol", "code", "error"}},
+      /*opened*/ {{"session"}, {"code", "error"}},
+      /*ended*/ {{"session", "error"}, {"code"}},
+      /*compile*/ {{"rid", "src", "entry"}, {"expr", "opts", "headers"}},
+      /*usage*/ {{"session", "size"}, {}},
+  };
+  return kFields[static_cast<size_t>(op)];
+}
+
+void PackBin(Packer& p, std::string_view b) {
+  p.pack_bin(static_cast<uint32_t>(b.size()));
+  p.pack_bin_body(b.data(), static_cast<uint32_t>(b.size()));
+}
+
+Status GetBin(const object& o, std::string_view field, size_t max, std::string* out) {
+  if (o.type != mt::BIN) return Malformed(field, "expected bytes (bin)");
+  if (o.via.bin.size > max) return TooLarge(field, max);
+  out->assign(o.via.bin.ptr, o.via.bin.size);
+  return Status::Ok();
+}
+
+}  // namespace
+
+std::string EncodeSessionMessage(const SessionMessage& m) {
+  const ReplyFields& f = FieldsOf(m.op);
+  auto has = [&](std::string_view k) { return Carries(f, k); };
+  const bool failed = m.code != Code::kOk;
+  StringBuffer buf;
+  buf.bytes.reserve(256 + m.data.size() + m.image.size() + m.kernel.source.size());
+  Packer p(buf);
+  MapWriter w(p);
+  w.Field("op", true, [&] { PackStr(p, SessionOpName(m.op)); })
+      .Field("rid", has("rid"), [&] { p.pack_uint64(m.rid); })
+      .Field("protocol", has("protocol"), [&] { PackStr(p, m.protocol); })
+      .Field("session", has("session"), [&] { p.pack_uint64(m.session); })
+      .Field("token", has("token"), [&] { PackStr(p, m.token); })
+      .Field("buffer", has("buffer") && (m.op != SessionOp::kDone || m.buffer != 0),
+             [&] { p.pack_uint32(m.buffer); })
+      .Field("offset", has("offset"), [&] { p.pack_uint64(m.offset); })
+      .Field("src", m.op == SessionOp::kCopy, [&] { p.pack_uint32(m.src); })
+      .Field("src_offset", has("src_offset"), [&] { p.pack_uint64(m.src_offset); })
+      .Field("size", has("size"), [&] { p.pack_uint64(m.size); })
+      .Field("value", has("value"), [&] { p.pack_uint32(m.value); })
+      .Field("data", has("data") && (m.op != SessionOp::kDone || !m.data.empty()),
+             [&] { PackBin(p, m.data); })
+      .Field("kernel_ns", has("kernel_ns") && m.kernel_ns != 0,
+             [&] { p.pack_uint64(m.kernel_ns); })
+      .Field("memory", has("memory"), [&] { p.pack_uint64(m.memory); })
+      .Field("idle_ms", has("idle_ms"), [&] { p.pack_uint64(m.idle_ms); });
+  if (m.op == SessionOp::kLaunch || m.op == SessionOp::kCompile) {
+    w.Field("src", true, [&] { PackStr(p, m.kernel.source); })
+        .Field("entry", true, [&] { PackStr(p, m.kernel.entry); })
+        .Field("expr", m.kernel.name_expression, [&] { p.pack_true(); });
+    PackSourceExtras(w, p, m.kernel);
+  }
+  if (m.op == SessionOp::kLaunch) {
+    PackLaunchFields(w, p, m.launch);
+    w.Field("args", true, [&] { PackArgs(p, m.args); });
+  }
+  w.Field("image", has("image") && !failed, [&] { PackBin(p, m.image); })
+      .Field("kind", has("kind") && !failed,
+             [&] { PackStr(p, kImageNames[static_cast<size_t>(m.image_kind)]); })
+      .Field("symbol", has("symbol") && !failed, [&] { PackStr(p, m.symbol); })
+      .Field("code", has("code") && failed, [&] { PackStr(p, CodeName(m.code)); })
+      .Field("error", has("error") && (failed || m.op == SessionOp::kEnded),
+             [&] { PackStr(p, m.error); });
+  w.Write();
+  return Take(buf);
+}
+
+namespace {
+
+Status DecodeSessionFields(const object& o, const Limits& limits, size_t max_data,
+                           SessionMessage* out) {
+  SessionMessage& r = *out;
+  const ReplyFields& f = FieldsOf(r.op);
+  const bool kernel = r.op == SessionOp::kLaunch || r.op == SessionOp::kCompile;
+  bool has_code = false, has_error = false;
+  GPUQ_RETURN_IF_ERROR(ForEachField(o, "session message", f.required,
+                                    [&](std::string_view k, const object& v) -> Status {
+    if (k == "op") return Status::Ok();
+    if (!Carries(f, k)) return kUnknownField;
+    if (kernel) {
+      bool handled = false;
+      GPUQ_RETURN_IF_ERROR(GetLaunchField(k, v, &r.launch, &handled));
+      if (handled) return Status::Ok();
+      GPUQ_RETURN_IF_ERROR(GetSourceField(k, v, limits, &r.kernel, &handled));
+      if (handled) return Status::Ok();
+      if (k == "entry") return GetStr(v, k, limits.max_name_bytes, &r.kernel.entry);
+      if (k == "expr") return GetBool(v, k, &r.kernel.name_expression);
+      if (k == "args") return GetArgs(v, limits, &r.args);
+    }
+    if (k == "rid") return GetU(v, k, &r.rid);
+    if (k == "protocol") return GetStr(v, k, 16, &r.protocol);
+    if (k == "session") return GetU(v, k, &r.session);
+    if (k == "token") return GetStr(v, k, 64, &r.token);
+    if (k == "buffer") return GetU(v, k, &r.buffer);
+    if (k == "offset") return GetU(v, k, &r.offset);
+    if (k == "src") return GetU(v, k, &r.src);
+    if (k == "src_offset") return GetU(v, k, &r.src_offset);
+    if (k == "size") return GetU(v, k, &r.size);
+    if (k == "value") return GetU(v, k, &r.value, 255);
+    if (k == "data") return GetBin(v, k, max_data, &r.data);
+    if (k == "kernel_ns") return GetU(v, k, &r.kernel_ns);
+    if (k == "memory") return GetU(v, k, &r.memory);
+    if (k == "idle_ms") return GetU(v, k, &r.idle_ms, kMaxDeadlineMs);
+    if (k == "image") return GetBin(v, k, max_data, &r.image);
+    if (k == "kind") return GetEnum(v, k, kImageNames, &r.image_kind);
+    if (k == "symbol") return GetStr(v, k, limits.max_name_bytes * 4, &r.symbol);
+    if (k == "code") {
+      has_code = true;
+      return GetCode(v, k, &r.code);
+    }
+    if (k == "error") {
+      has_error = true;
+      return GetStr(v, k, limits.max_text_bytes, &r.error);
+    }
+    return kUnknownField;
+  }));
+  if (r.op == SessionOp::kEnded) {
+    if (has_code && r.code == Code::kOk) return Malformed("code", "'ok' is not a failure code");
+  } else {
+    GPUQ_RETURN_IF_ERROR(CheckFailure(has_code, has_error, r.code));
+  }
+  if (r.op == SessionOp::kLaunch) {
+    size_t total = 0;
+    GPUQ_RETURN_IF_ERROR(CheckSource(r.kernel, &total));
+    if (total > limits.max_total_source_bytes) {
+      return TooLarge("source and headers", limits.max_total_source_bytes);
+    }
+    if (r.kernel.entry.empty()) return Error(Code::kInvalid, "kernel entry is empty");
+    GPUQ_RETURN_IF_ERROR(CheckLaunch(r.launch));
+    GPUQ_RETURN_IF_ERROR(CheckShared(r.launch));
+    for (size_t i = 0; i < r.args.size(); ++i) {
+      if (r.args[i].kind != ArgKind::kScalar && r.args[i].kind != ArgKind::kBuffer) {
+        return Error(Code::kInvalid, "argument " + std::to_string(i) +
+                                         ": a session's launch takes scalars and its buffers "
+                                         "(\"buf\")");
+      }
+    }
+  }
+  if (r.op == SessionOp::kModule && !has_code && r.image.empty()) {
+    return Malformed("image", "required unless the module failed");
+  }
+  if (r.op == SessionOp::kHello && r.protocol != kSessionProtocol) {
+    return CheckProtocolFrame(r.protocol, kSessionProtocol);
+  }
+  return Status::Ok();
+}
+
+}  // namespace
+
+
+Status DecodeSessionMessage(std::string_view bytes, const Limits& limits, size_t max_data,
+                            SessionMessage* out) {
+  Unpacked oh;
+  Limits big = limits;
+  big.max_header_bytes = std::max<size_t>(limits.max_header_bytes, max_data + (1u << 20));
+  GPUQ_RETURN_IF_ERROR(Unpack(bytes, big, &oh, std::max<size_t>(max_data, 1)));
+  if (oh.get().type != mt::MAP) return Malformed("session message", "expected a map");
+  std::string_view op;
+  GPUQ_RETURN_IF_ERROR(GetOp(oh.get(), &op));
+  SessionMessage r;
+  if (!Lookup(kSessionOpNames, op, &r.op)) return UnknownOp(op);
+  Status s = DecodeSessionFields(oh.get(), limits, max_data, &r);
+  if (!s.ok()) {
+    // The request's rid, where it could be read: the error answers it.
+    out->rid = r.rid;
+    out->op = r.op;
+    return s;
+  }
   *out = std::move(r);
   return Status::Ok();
 }

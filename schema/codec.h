@@ -56,6 +56,12 @@ Status DecodeBrokerMessage(std::string_view header,
 std::string EncodeRegionMessage(const RegionMessage& m);
 Status DecodeRegionMessage(std::string_view bytes, const Limits& limits, RegionMessage* out);
 
+// Session channel messages (PROTOCOL.md, "Sessions"): one frame's bytes.
+// `max_data` bounds a write's or a read's data and a module's image.
+std::string EncodeSessionMessage(const SessionMessage& m);
+Status DecodeSessionMessage(std::string_view bytes, const Limits& limits, size_t max_data,
+                            SessionMessage* out);
+
 std::string EncodeBatch(const Batch& b);
 Status DecodeBatch(std::string_view header, std::span<const uint64_t> payload_sizes,
                    const Limits& limits, Batch* out);

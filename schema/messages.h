@@ -57,11 +57,21 @@ struct Limits {
 
 // ---------------------------------------------------------------- client side
 
-enum class ClientOp : uint8_t { kSubmit, kStatus, kResult, kCancel, kStats, kDevices, kUsage };
+enum class ClientOp : uint8_t {
+  kSubmit, kStatus, kResult, kCancel, kStats, kDevices, kUsage, kSessionOpen, kSessionClose
+};
 std::string_view ClientOpName(ClientOp op);
 
+// What a client asks of a new session (PROTOCOL.md, "Sessions").
+struct SessionSpec {
+  Placement placement;
+  uint64_t idle_ms = 0;  // ends after this long without a request; 0: the broker's default
+  uint64_t memory = 0;   // device bytes it may hold; 0: the broker's default
+  bool operator==(const SessionSpec&) const = default;
+};
+
 // A request from a client. `job` is meaningful for submit, `id` for status,
-// result and cancel.
+// result, cancel and session_close, `session` for session_open.
 struct ClientRequest {
   ClientOp op = ClientOp::kStats;
   uint64_t rid = 0;  // request id, chosen by the client, echoed in the reply
@@ -69,13 +79,15 @@ struct ClientRequest {
   JobSpec job;
   // usage: whose ("" the asker's own, or every tenant's for an operator),
   // and the window [since_ms, until_ms) in Unix ms (until 0: now).
+  // session_open: whose session, off CURVE (on CURVE the key's tenant).
   std::string tenant;
   uint64_t since_ms = 0, until_ms = 0;
+  SessionSpec session;
   bool operator==(const ClientRequest&) const = default;
 };
 
 enum class ReplyOp : uint8_t {
-  kAccepted, kError, kStatus, kResult, kCanceled, kStats, kDevices, kUsage
+  kAccepted, kError, kStatus, kResult, kCanceled, kStats, kDevices, kUsage, kSession
 };
 std::string_view ReplyOpName(ReplyOp op);
 
@@ -106,6 +118,9 @@ struct ClientReply {
   std::string local_dir;  // to clients on the broker's host: its local directory
   // usage: by tenant, sorted by name
   std::vector<TenantUsage> usage;
+  // session (id is the session's): where its process listens and the token
+  // that opens it; device as above
+  std::string path, token;
   bool operator==(const ClientReply&) const = default;
 };
 
@@ -228,6 +243,66 @@ struct RegionMessage {
   Code code = Code::kOk;  // error
   std::string error;
   bool operator==(const RegionMessage&) const = default;
+};
+
+// ---------------------------------------------------------------- sessions
+
+// The session channel (PROTOCOL.md, "Sessions"): a stream socket from a
+// client of the GPU's host to its session's process, and the control
+// channel between the broker and that process. Every message is a frame: a
+// 4-byte little-endian length, then a msgpack map.
+inline constexpr std::string_view kSessionProtocol = "GPUQS/1";
+inline constexpr size_t kMaxSessionControlBytes = 1u << 20;  // a frame without data or image
+
+enum class SessionOp : uint8_t {
+  // client to session process
+  kHello,   // protocol, session, token
+  kAlloc,   // rid, size
+  kFree,    // rid, buffer
+  kWrite,   // rid, buffer, offset, data
+  kRead,    // rid, buffer, offset, size
+  kCopy,    // rid, buffer, offset, src, src_offset, size
+  kFill,    // rid, buffer, offset, size, value
+  kLaunch,  // rid, kernel, launch, args
+  kClose,   // rid
+  // session process to client, one per request, in the order asked
+  kDone,    // rid; alloc: buffer; read: data; launch: kernel_ns
+  kError,   // rid, code, error (rid 0: the session ended)
+  // broker to session process
+  kOpen,    // session, token, memory, idle_ms
+  kEnd,     // session
+  kModule,  // rid, image, image kind, symbol (or code, error)
+  // session process to broker
+  kOpened,   // session (or an error with code, error)
+  kEnded,    // session, code, error: why it ended
+  kCompile,  // rid, kernel (its entry the one name to lower)
+  kUsage,    // session, size: the device bytes it holds now
+};
+std::string_view SessionOpName(SessionOp op);
+
+struct SessionMessage {
+  SessionOp op = SessionOp::kHello;
+  uint64_t rid = 0;
+  std::string protocol;  // hello
+  uint64_t session = 0;
+  std::string token;  // hello, open
+  uint32_t buffer = 0;
+  uint64_t offset = 0, size = 0;
+  uint32_t src = 0;
+  uint64_t src_offset = 0;
+  uint32_t value = 0;  // fill: the byte
+  std::string data;    // write; done of read
+  KernelSpec kernel;   // launch, compile
+  LaunchSpec launch;
+  std::vector<Arg> args;  // scalars, and buffers: ["buf", handle] or ["buf", [handle, offset]]
+  uint64_t kernel_ns = 0;  // done of launch: its time on the GPU (CUDA events)
+  uint64_t memory = 0, idle_ms = 0;  // open
+  std::string image;                 // module
+  ImageKind image_kind = ImageKind::kNone;
+  std::string symbol;
+  Code code = Code::kOk;  // error, ended, opened and module when they fail
+  std::string error;
+  bool operator==(const SessionMessage&) const = default;
 };
 
 }  // namespace gpuq::schema

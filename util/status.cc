@@ -5,7 +5,7 @@
 namespace gpuq {
 namespace {
 
-constexpr std::array<std::string_view, 20> kCodeNames = {
+constexpr std::array<std::string_view, 21> kCodeNames = {
     "ok",
     "malformed",
     "too_large",
@@ -26,8 +26,9 @@ constexpr std::array<std::string_view, 20> kCodeNames = {
     "internal",
     "expired",
     "quota_exceeded",
+    "session_lost",
 };
-static_assert(kCodeNames.size() == static_cast<size_t>(Code::kQuotaExceeded) + 1);
+static_assert(kCodeNames.size() == static_cast<size_t>(Code::kSessionLost) + 1);
 
 }  // namespace
 

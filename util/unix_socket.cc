@@ -32,9 +32,10 @@ StatusOr<sockaddr_un> Address(const std::string& path) {
 
 }  // namespace
 
-StatusOr<UniqueFd> ListenSeqpacket(const std::string& path) {
+namespace {
+StatusOr<UniqueFd> Listen(const std::string& path, int type) {
   GPUQ_ASSIGN_OR_RETURN(sockaddr_un a, Address(path));
-  UniqueFd s(socket(AF_UNIX, SOCK_SEQPACKET | SOCK_NONBLOCK | SOCK_CLOEXEC, 0));
+  UniqueFd s(socket(AF_UNIX, type | SOCK_NONBLOCK | SOCK_CLOEXEC, 0));
   if (!s.valid()) return Errno("socket");
   (void)unlink(path.c_str());
   if (bind(s.get(), reinterpret_cast<sockaddr*>(&a), sizeof a) != 0) {
@@ -47,14 +48,157 @@ StatusOr<UniqueFd> ListenSeqpacket(const std::string& path) {
   return s;
 }
 
-StatusOr<UniqueFd> ConnectSeqpacket(const std::string& path) {
+StatusOr<UniqueFd> Connect(const std::string& path, int type) {
   GPUQ_ASSIGN_OR_RETURN(sockaddr_un a, Address(path));
-  UniqueFd s(socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0));
+  UniqueFd s(socket(AF_UNIX, type | SOCK_CLOEXEC, 0));
   if (!s.valid()) return Errno("socket");
   if (connect(s.get(), reinterpret_cast<sockaddr*>(&a), sizeof a) != 0) {
     return Errno("connecting to " + path);
   }
   return s;
+}
+}  // namespace
+
+StatusOr<UniqueFd> ListenSeqpacket(const std::string& path) {
+  return Listen(path, SOCK_SEQPACKET);
+}
+StatusOr<UniqueFd> ConnectSeqpacket(const std::string& path) {
+  return Connect(path, SOCK_SEQPACKET);
+}
+StatusOr<UniqueFd> ListenStream(const std::string& path) { return Listen(path, SOCK_STREAM); }
+StatusOr<UniqueFd> ConnectStream(const std::string& path) { return Connect(path, SOCK_STREAM); }
+
+Status WriteFrame(int sock, std::string_view bytes) {
+  if (bytes.size() > UINT32_MAX) return Status(Code::kTooLarge, "a frame is at most 4 GiB");
+  const uint32_t n = static_cast<uint32_t>(bytes.size());
+  const unsigned char len[4] = {static_cast<unsigned char>(n), static_cast<unsigned char>(n >> 8),
+                                static_cast<unsigned char>(n >> 16),
+                                static_cast<unsigned char>(n >> 24)};
+  iovec iov[2] = {{const_cast<unsigned char*>(len), 4},
+                  {const_cast<char*>(bytes.data()), bytes.size()}};
+  size_t left = 4 + bytes.size();
+  int first = 0;
+  while (left > 0) {
+    msghdr m{};
+    m.msg_iov = iov + first;
+    m.msg_iovlen = 2 - first;
+    ssize_t w = sendmsg(sock, &m, MSG_NOSIGNAL);
+    if (w < 0) {
+      if (errno == EINTR) continue;
+      return Errno("writing a frame");
+    }
+    left -= static_cast<size_t>(w);
+    size_t done = static_cast<size_t>(w);
+    while (first < 2 && done >= iov[first].iov_len) {
+      done -= iov[first].iov_len;
+      iov[first].iov_len = 0;
+      ++first;
+    }
+    if (first < 2) {
+      iov[first].iov_base = static_cast<char*>(iov[first].iov_base) + done;
+      iov[first].iov_len -= done;
+    }
+  }
+  return Status::Ok();
+}
+
+namespace {
+Status ReadAll(int sock, char* p, size_t n, bool* eof) {
+  while (n > 0) {
+    ssize_t r = recv(sock, p, n, 0);
+    if (r == 0) {
+      *eof = true;
+      return Status(Code::kUnavailable, "the peer closed the connection");
+    }
+    if (r < 0) {
+      if (errno == EINTR) continue;
+      return Errno("reading a frame");
+    }
+    p += r;
+    n -= static_cast<size_t>(r);
+  }
+  return Status::Ok();
+}
+}  // namespace
+
+StatusOr<std::string> ReadFrame(int sock, size_t max) {
+  unsigned char len[4];
+  bool eof = false;
+  GPUQ_RETURN_IF_ERROR(ReadAll(sock, reinterpret_cast<char*>(len), 4, &eof));
+  const size_t n = len[0] | (len[1] << 8) | (len[2] << 16) | (size_t{len[3]} << 24);
+  if (n > max) {
+    return Status(Code::kTooLarge, "a frame of " + std::to_string(n) +
+                                       " bytes is over the limit of " + std::to_string(max));
+  }
+  std::string out(n, '\0');
+  GPUQ_RETURN_IF_ERROR(ReadAll(sock, out.data(), n, &eof));
+  return out;
+}
+
+Status FrameReader::Fill(int sock) {
+  char chunk[65536];
+  for (;;) {
+    ssize_t r = recv(sock, chunk, sizeof chunk, MSG_DONTWAIT);
+    if (r == 0) return Status(Code::kUnavailable, "the peer closed the connection");
+    if (r < 0) {
+      if (errno == EINTR) continue;
+      if (errno == EAGAIN || errno == EWOULDBLOCK) return Status::Ok();
+      return Errno("reading");
+    }
+    buf_.append(chunk, static_cast<size_t>(r));
+    // A frame's length is known once 4 bytes are in: stop taking bytes past
+    // a frame over the limit (Next() reports it).
+    if (buf_.size() >= 4 && FrameLength() > max_) return Status::Ok();
+    if (static_cast<size_t>(r) < sizeof chunk) return Status::Ok();
+  }
+}
+
+size_t FrameReader::FrameLength() const {
+  const auto* b = reinterpret_cast<const unsigned char*>(buf_.data()) + pos_;
+  return b[0] | (b[1] << 8) | (b[2] << 16) | (size_t{b[3]} << 24);
+}
+
+StatusOr<bool> FrameReader::Next(std::string* frame) {
+  if (buf_.size() - pos_ < 4) return false;
+  const size_t n = FrameLength();
+  if (n > max_) {
+    return Status(Code::kTooLarge, "a frame of " + std::to_string(n) +
+                                       " bytes is over the limit of " + std::to_string(max_));
+  }
+  if (buf_.size() - pos_ - 4 < n) return false;
+  frame->assign(buf_, pos_ + 4, n);
+  pos_ += 4 + n;
+  if (pos_ == buf_.size()) {
+    buf_.clear();
+    pos_ = 0;
+  } else if (pos_ > (1u << 20)) {
+    buf_.erase(0, pos_);
+    pos_ = 0;
+  }
+  return true;
+}
+
+void FrameWriter::Push(std::string_view bytes) {
+  const uint32_t n = static_cast<uint32_t>(bytes.size());
+  const char len[4] = {static_cast<char>(n), static_cast<char>(n >> 8),
+                       static_cast<char>(n >> 16), static_cast<char>(n >> 24)};
+  buf_.append(len, 4);
+  buf_.append(bytes);
+}
+
+Status FrameWriter::Flush(int sock) {
+  while (pos_ < buf_.size()) {
+    ssize_t w = send(sock, buf_.data() + pos_, buf_.size() - pos_, MSG_NOSIGNAL | MSG_DONTWAIT);
+    if (w < 0) {
+      if (errno == EINTR) continue;
+      if (errno == EAGAIN || errno == EWOULDBLOCK) return Status::Ok();
+      return Errno("writing");
+    }
+    pos_ += static_cast<size_t>(w);
+  }
+  buf_.clear();
+  pos_ = 0;
+  return Status::Ok();
 }
 
 StatusOr<UniqueFd> AcceptSeqpacket(int listener) {

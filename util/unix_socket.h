@@ -35,4 +35,48 @@ struct Packet {
 // never kept); received descriptors are close-on-exec.
 StatusOr<Packet> RecvPacket(int sock, size_t max, bool dontwait = false);
 
+// ---- stream sockets of frames (the session channel, PROTOCOL.md
+// "Sessions"): each frame is a 4-byte little-endian length, then its bytes.
+
+StatusOr<UniqueFd> ListenStream(const std::string& path);  // as ListenSeqpacket
+StatusOr<UniqueFd> ConnectStream(const std::string& path);  // blocking
+
+// Writes one frame whole (blocking; never raises SIGPIPE).
+Status WriteFrame(int sock, std::string_view bytes);
+// Reads one frame whole (blocking); kTooLarge over `max` (the stream is then
+// unusable), kUnavailable when the peer closed it.
+StatusOr<std::string> ReadFrame(int sock, size_t max);
+
+// Frames from a non-blocking stream, as they arrive.
+class FrameReader {
+ public:
+  explicit FrameReader(size_t max) : max_(max) {}
+  // Takes what is waiting. kUnavailable when the peer closed the stream.
+  Status Fill(int sock);
+  // The next whole frame: false when none is whole yet; kTooLarge for a
+  // frame over the limit (the stream is then unusable).
+  StatusOr<bool> Next(std::string* frame);
+  size_t buffered() const { return buf_.size() - pos_; }
+
+ private:
+  size_t FrameLength() const;
+  const size_t max_;
+  std::string buf_;
+  size_t pos_ = 0;
+};
+
+// Frames to a non-blocking stream: what the socket does not take yet waits.
+class FrameWriter {
+ public:
+  void Push(std::string_view bytes);
+  // Writes what it can; kIoError when the peer is gone.
+  Status Flush(int sock);
+  bool pending() const { return pos_ < buf_.size(); }
+  size_t queued() const { return buf_.size() - pos_; }
+
+ private:
+  std::string buf_;
+  size_t pos_ = 0;
+};
+
 }  // namespace gpuq

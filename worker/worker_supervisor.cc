@@ -13,7 +13,6 @@
 extern char** environ;
 
 namespace gpuq::worker {
-namespace {
 
 std::string Beside(const std::string& name) {
   char buf[PATH_MAX];
@@ -21,6 +20,8 @@ std::string Beside(const std::string& name) {
   std::filesystem::path exe(std::string(buf, n > 0 ? n : 0));
   return (exe.parent_path() / name).string();
 }
+
+namespace {
 
 pid_t SpawnArgs(const std::vector<std::string>& args) {
   std::vector<char*> argv;

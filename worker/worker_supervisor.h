@@ -18,6 +18,9 @@
 
 namespace gpuq::worker {
 
+// The program `name` in the running executable's directory.
+std::string Beside(const std::string& name);
+
 class WorkerSupervisor {
  public:
   // `worker_bin` empty: gpuq-worker beside the running executable.

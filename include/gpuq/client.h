@@ -180,6 +180,73 @@ class Region {
   std::shared_ptr<void> channel_;  // the Client's region channel
 };
 
+// A session (PROTOCOL.md, "Sessions"): device memory that stays on the GPU
+// between launches, in a process that serves this tenant only, reached
+// directly over a socket of the GPU's host (Client::OpenSession). Buffers are
+// handles of this session; kernels come from the broker's compile cache and
+// run in the order asked on the session's stream.
+//
+// Every request is answered in the order made. LaunchAsync sends a launch
+// and returns at once; Wait(ticket) takes its answer. A call's error is its
+// own (a bad handle, a range outside a buffer, a compile error), and the
+// session goes on; kSessionLost means it ended (a kernel fault or a kill in
+// this tenant's process on that GPU, its idle timeout, a close through the
+// broker), and every later call fails the same way.
+//
+// Not thread-safe; may outlive its Client. Destroying it closes it.
+struct SessionOptions {
+  std::string tenant;                // off CURVE, whose it is; on CURVE the key's tenant
+  schema::Placement placement;       // architecture, GPU, free memory
+  uint64_t memory = 0;               // device bytes it may hold; 0: the broker's default
+  std::chrono::milliseconds idle{0};  // ends after this long unused; 0: the broker's default
+};
+
+struct SessionLaunch {
+  schema::KernelSpec kernel;  // source, entry (extern "C" name or name expression), options
+  schema::LaunchSpec launch;  // grid, block, dynamic shared memory
+  // Scalars (Arg::U32, Arg::F32...) and the session's buffers:
+  // Arg::Ref(handle, byte offset).
+  std::vector<schema::Arg> args;
+};
+
+class Session {
+ public:
+  ~Session();
+  Session(const Session&) = delete;
+  Session& operator=(const Session&) = delete;
+  uint64_t id() const;
+  const std::string& device() const;  // the GPU's UUID
+
+  // A buffer of `size` bytes on the GPU, zero-filled: its handle.
+  StatusOr<uint32_t> Alloc(uint64_t size);
+  Status Free(uint32_t buffer);
+  Status Write(uint32_t buffer, uint64_t offset, const void* data, size_t size);
+  StatusOr<std::string> Read(uint32_t buffer, uint64_t offset, uint64_t size);
+  Status Copy(uint32_t dst, uint64_t dst_offset, uint32_t src, uint64_t src_offset,
+              uint64_t size);
+  Status Fill(uint32_t buffer, uint64_t offset, uint64_t size, uint8_t value);
+  // Runs a kernel and waits for it: its time on the GPU, in nanoseconds.
+  StatusOr<uint64_t> Launch(const SessionLaunch& launch);
+  // Sends a launch without waiting: a ticket for Wait().
+  StatusOr<uint64_t> LaunchAsync(const SessionLaunch& launch);
+  // The launch of `ticket`'s end: its time on the GPU, in nanoseconds.
+  StatusOr<uint64_t> Wait(uint64_t ticket);
+  // Ends the session: its buffers are freed.
+  Status Close();
+
+ private:
+  friend class Client;
+  class Impl;
+  explicit Session(std::unique_ptr<Impl> impl);
+  // Connects to the session's process and says hello.
+  static StatusOr<std::unique_ptr<Session>> Connect(uint64_t id, const std::string& device,
+                                                    const std::string& path,
+                                                    const std::string& token,
+                                                    std::chrono::milliseconds timeout,
+                                                    std::chrono::microseconds spin);
+  std::unique_ptr<Impl> impl_;
+};
+
 class Client {
  public:
   // Connects to `endpoint` (ipc://PATH or tcp://HOST:PORT). ZeroMQ connects
@@ -242,6 +309,14 @@ class Client {
   // ipc endpoint (kInvalid otherwise); kResourceExhausted past the tenant's
   // region limits.
   StatusOr<std::unique_ptr<Region>> NewRegion(uint64_t size, const std::string& tenant = "");
+
+  // Opens a session on a GPU of the broker's host (see Session): the broker
+  // places it and starts this tenant's process there if there is none.
+  // kResourceExhausted past the tenant's session limits; kUnavailable when
+  // no GPU of the broker's host matches.
+  StatusOr<std::unique_ptr<Session>> OpenSession(const SessionOptions& options = {});
+  // Ends session `id` through the broker (any client of its tenant).
+  Status CloseSession(uint64_t id);
 
  private:
   class Impl;

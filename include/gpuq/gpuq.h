@@ -44,7 +44,8 @@ typedef enum gpuq_code {
   GPUQ_IO_ERROR,
   GPUQ_INTERNAL,
   GPUQ_CODE_EXPIRED, /* "expired": not started by its deadline (state GPUQ_EXPIRED) */
-  GPUQ_QUOTA_EXCEEDED /* over a tenant's rate limit: retry later */
+  GPUQ_QUOTA_EXCEEDED, /* over a tenant's rate limit: retry later */
+  GPUQ_SESSION_LOST /* a session ended under its client */
 } gpuq_code;
 
 typedef enum gpuq_state {

@@ -34,6 +34,7 @@ enum class Code : int {
   kInternal,          // a bug: an invariant did not hold
   kExpired,           // a job was not started by its deadline
   kQuotaExceeded,     // over a tenant's limit (rate): retry later
+  kSessionLost,       // a session ended under its client (fault, kill, idle)
 };
 
 std::string_view CodeName(Code code);

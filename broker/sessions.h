@@ -1,0 +1,127 @@
+// Sessions (PROTOCOL.md, "Sessions"; docs/DESIGN.md, "Sessions"): device
+// memory that stays between launches, in a process of the tenant's own.
+//
+// The broker places a session on a GPU of its host, starts the session
+// process of (tenant, GPU) when there is none (worker/session_host.h;
+// gpuq-session), and hands the client the process's socket and the
+// session's token. From then on the client talks to that process directly;
+// the broker keeps what it must know of every session: its placement, its
+// limits, whether its process lives, and what it holds. It also compiles the
+// kernels a session process asks for, through the same compile service and
+// cache as jobs.
+//
+// Everything here runs on the broker loop thread, except the compile
+// service's callbacks (which only queue their answer and wake the loop).
+#pragma once
+
+#include <sys/types.h>
+
+#include <chrono>
+#include <cstdint>
+#include <map>
+#include <optional>
+#include <set>
+#include <string>
+#include <vector>
+#include <zmq.hpp>
+
+#include "broker/compile/compile_service.h"
+#include "broker/request_context.h"
+#include "schema/messages.h"
+#include "util/clock.h"
+#include "util/fd.h"
+#include "util/mutex.h"
+#include "util/unix_socket.h"
+
+namespace gpuq::broker {
+
+class BrokerCore;
+
+struct SessionLimits {
+  uint32_t per_tenant = 16;                // sessions open at once
+  uint64_t bytes_per_tenant = 64ull << 30; // device memory across a tenant's sessions
+  uint64_t default_memory = 1ull << 30;    // a session that does not say
+  uint64_t default_idle_ms = 5 * 60 * 1000;
+  std::string bin;                         // the session process; empty: none (no sessions)
+  std::chrono::microseconds spin{0};       // passed to session processes
+  uint64_t max_data_mb = 256;              // a write's or read's bytes
+};
+
+struct SessionView {
+  uint64_t id = 0;
+  std::string tenant, gpu;
+  uint64_t memory = 0, held = 0;
+  uint64_t age_ms = 0;
+  uint32_t pid = 0;
+};
+
+class SessionServer {
+ public:
+  explicit SessionServer(BrokerCore& core) : core_(core) {}
+  // Ends every session process (their sessions end).
+  ~SessionServer();
+  void SetLimits(SessionLimits l) { limits_ = std::move(l); }
+
+  // session_open: answered once the session process has opened it.
+  // `tenant`: the request's own, which counts off CURVE only.
+  void Open(const RequestContext& ctx, const schema::SessionSpec& spec,
+            const std::string& tenant);
+  // session_close: answered once it has ended.
+  void Close(const RequestContext& ctx, uint64_t id);
+
+  void PollItems(std::vector<zmq::pollitem_t>* items) const;
+  void OnPoll(const zmq::pollitem_t* items, size_t n);
+  // Compiles done, processes gone: called every turn of the loop.
+  void Tick();
+  // What `ctx` may see (every session off CURVE or for an operator).
+  std::vector<SessionView> Views(const RequestContext* ctx) const;
+
+ private:
+  struct Host {
+    std::string tenant, gpu, arch, path;
+    pid_t pid = -1;
+    UniqueFd control;
+    FrameReader reader{64u << 20};
+    FrameWriter writer;
+    std::set<uint64_t> sessions;
+    MonoTime started;
+  };
+  struct Session {
+    uint64_t id = 0;
+    std::string tenant, token;
+    std::string host;  // key of hosts_
+    uint64_t memory = 0, held = 0;
+    MonoTime opened;
+    bool open = false;
+    std::optional<RequestContext> opening;
+    std::vector<RequestContext> closing;
+  };
+  struct Compiled {
+    std::string host;
+    uint64_t rid = 0;
+    std::string entry;
+    StatusOr<compile::EntryPtr> result = Status(Code::kInternal, "not run");
+  };
+
+  static std::string HostKey(const std::string& tenant, const std::string& gpu) {
+    return tenant + '\n' + gpu;
+  }
+  StatusOr<Host*> Start(const std::string& tenant, const std::string& gpu,
+                        const std::string& arch);
+  void Send(Host& h, const schema::SessionMessage& m);
+  void OnMessage(const std::string& key, Host& h, schema::SessionMessage& m);
+  // Session `id` ended (`why`); its client hears of it if it waits.
+  void Ended(uint64_t id, Code code, const std::string& why);
+  // The process of `key` is gone, or is to go: its sessions end.
+  void Drop(const std::string& key, const std::string& why);
+
+  BrokerCore& core_;
+  SessionLimits limits_;
+  std::map<std::string, Host> hosts_;
+  std::map<uint64_t, Session> sessions_;
+  std::vector<pid_t> exiting_;  // processes told to go, not yet reaped
+  Mutex mu_;
+  std::vector<Compiled> compiled_ GUARDED_BY(mu_);
+};
+
+}  // namespace gpuq::broker

@@ -1,0 +1,215 @@
+// gpuq::Session (include/gpuq/client.h; PROTOCOL.md, "Sessions"): the
+// client's end of a session's direct channel.
+#include <poll.h>
+#include <sys/socket.h>
+
+#include <map>
+
+#include "gpuq/client.h"
+#include "schema/codec.h"
+#include "util/unix_socket.h"
+
+namespace gpuq {
+
+using schema::SessionMessage;
+using schema::SessionOp;
+
+class Session::Impl {
+ public:
+  uint64_t id = 0;
+  std::string device;
+  UniqueFd fd;
+  std::chrono::milliseconds timeout{10000};
+  std::chrono::microseconds spin{0};
+  uint64_t rid = 0;
+  std::map<uint64_t, SessionMessage> early;  // answers read before they were asked for
+  Status lost;  // once the session has ended under us
+  bool closed = false;
+
+  StatusOr<uint64_t> Send(SessionMessage m) {
+    if (!lost.ok()) return lost;
+    m.rid = ++rid;
+    if (Status s = WriteFrame(fd.get(), schema::EncodeSessionMessage(m)); !s.ok()) {
+      // Why it ended may be waiting to be read.
+      for (pollfd p{fd.get(), POLLIN, 0}; lost.ok() && poll(&p, 1, 0) == 1;) {
+        if (!ReadOne().ok()) break;
+      }
+      return Lose(Status(Code::kSessionLost, "the session's process is gone: " + s.message()));
+    }
+    return m.rid;
+  }
+
+  Status Lose(Status why) {
+    if (lost.ok()) lost = std::move(why);
+    fd.Reset();
+    return lost;
+  }
+
+  // The answer to request `want`.
+  StatusOr<SessionMessage> Answer(uint64_t want) {
+    for (;;) {
+      if (auto it = early.find(want); it != early.end()) {
+        SessionMessage m = std::move(it->second);
+        early.erase(it);
+        if (m.op == SessionOp::kError) return Status(m.code, m.error);
+        return m;
+      }
+      if (!lost.ok()) return lost;
+      GPUQ_RETURN_IF_ERROR(ReadOne());
+    }
+  }
+
+  Status ReadOne() {
+    const auto spin_until = std::chrono::steady_clock::now() + spin;
+    pollfd p{fd.get(), POLLIN, 0};
+    int ready = 0;
+    while (spin.count() > 0 && (ready = poll(&p, 1, 0)) == 0 &&
+           std::chrono::steady_clock::now() < spin_until) {
+    }
+    if (ready == 0 && poll(&p, 1, static_cast<int>(timeout.count())) == 0) {
+      return Status(Code::kTimeout, "no answer from the session in " +
+                                        std::to_string(timeout.count()) + " ms");
+    }
+    auto frame = ReadFrame(fd.get(), size_t{1} << 32);
+    if (!frame.ok()) {
+      return Lose(Status(Code::kSessionLost, "the session's process ended (a kernel fault or a "
+                                             "kill there ends its tenant's sessions on that "
+                                             "GPU): " + frame.status().message()));
+    }
+    SessionMessage m;
+    if (Status d = schema::DecodeSessionMessage(*frame, schema::Limits{}, UINT32_MAX, &m);
+        !d.ok()) {
+      return Lose(Status(Code::kMalformed, "the session's process sent " + d.message()));
+    }
+    if (m.op == SessionOp::kError && m.rid == 0) {
+      return Lose(Status(m.code, m.error));
+    }
+    early[m.rid] = std::move(m);
+    return Status::Ok();
+  }
+
+  StatusOr<SessionMessage> Call(SessionMessage m) {
+    GPUQ_ASSIGN_OR_RETURN(uint64_t r, Send(std::move(m)));
+    return Answer(r);
+  }
+};
+
+Session::Session(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+Session::~Session() { (void)Close(); }
+uint64_t Session::id() const { return impl_->id; }
+const std::string& Session::device() const { return impl_->device; }
+
+StatusOr<std::unique_ptr<Session>> Session::Connect(uint64_t id, const std::string& device,
+                                                    const std::string& path,
+                                                    const std::string& token,
+                                                    std::chrono::milliseconds timeout,
+                                                    std::chrono::microseconds spin) {
+  auto impl = std::make_unique<Impl>();
+  impl->id = id;
+  impl->device = device;
+  impl->timeout = timeout;
+  impl->spin = spin;
+  auto fd = ConnectStream(path);
+  if (!fd.ok()) {
+    return Status(Code::kUnavailable, "the session's process: " + fd.status().message());
+  }
+  impl->fd = std::move(*fd);
+  SessionMessage hello;
+  hello.op = SessionOp::kHello;
+  hello.protocol = std::string(schema::kSessionProtocol);
+  hello.session = id;
+  hello.token = token;
+  GPUQ_RETURN_IF_ERROR(WriteFrame(impl->fd.get(), schema::EncodeSessionMessage(hello)));
+  GPUQ_ASSIGN_OR_RETURN(SessionMessage ok, impl->Answer(0));
+  (void)ok;
+  return std::unique_ptr<Session>(new Session(std::move(impl)));
+}
+
+StatusOr<uint32_t> Session::Alloc(uint64_t size) {
+  SessionMessage m;
+  m.op = SessionOp::kAlloc;
+  m.size = size;
+  GPUQ_ASSIGN_OR_RETURN(SessionMessage r, impl_->Call(std::move(m)));
+  return r.buffer;
+}
+
+Status Session::Free(uint32_t buffer) {
+  SessionMessage m;
+  m.op = SessionOp::kFree;
+  m.buffer = buffer;
+  return impl_->Call(std::move(m)).status();
+}
+
+Status Session::Write(uint32_t buffer, uint64_t offset, const void* data, size_t size) {
+  SessionMessage m;
+  m.op = SessionOp::kWrite;
+  m.buffer = buffer;
+  m.offset = offset;
+  m.data.assign(static_cast<const char*>(data), size);
+  return impl_->Call(std::move(m)).status();
+}
+
+StatusOr<std::string> Session::Read(uint32_t buffer, uint64_t offset, uint64_t size) {
+  SessionMessage m;
+  m.op = SessionOp::kRead;
+  m.buffer = buffer;
+  m.offset = offset;
+  m.size = size;
+  GPUQ_ASSIGN_OR_RETURN(SessionMessage r, impl_->Call(std::move(m)));
+  return std::move(r.data);
+}
+
+Status Session::Copy(uint32_t dst, uint64_t dst_offset, uint32_t src, uint64_t src_offset,
+                     uint64_t size) {
+  SessionMessage m;
+  m.op = SessionOp::kCopy;
+  m.buffer = dst;
+  m.offset = dst_offset;
+  m.src = src;
+  m.src_offset = src_offset;
+  m.size = size;
+  return impl_->Call(std::move(m)).status();
+}
+
+Status Session::Fill(uint32_t buffer, uint64_t offset, uint64_t size, uint8_t value) {
+  SessionMessage m;
+  m.op = SessionOp::kFill;
+  m.buffer = buffer;
+  m.offset = offset;
+  m.size = size;
+  m.value = value;
+  return impl_->Call(std::move(m)).status();
+}
+
+StatusOr<uint64_t> Session::LaunchAsync(const SessionLaunch& launch) {
+  SessionMessage m;
+  m.op = SessionOp::kLaunch;
+  m.kernel = launch.kernel;
+  m.launch = launch.launch;
+  m.args = launch.args;
+  return impl_->Send(std::move(m));
+}
+
+StatusOr<uint64_t> Session::Wait(uint64_t ticket) {
+  GPUQ_ASSIGN_OR_RETURN(SessionMessage r, impl_->Answer(ticket));
+  return r.kernel_ns;
+}
+
+StatusOr<uint64_t> Session::Launch(const SessionLaunch& launch) {
+  GPUQ_ASSIGN_OR_RETURN(uint64_t t, LaunchAsync(launch));
+  return Wait(t);
+}
+
+Status Session::Close() {
+  if (impl_->closed) return Status::Ok();
+  if (!impl_->fd.valid()) return impl_->lost;
+  SessionMessage m;
+  m.op = SessionOp::kClose;
+  Status s = impl_->Call(std::move(m)).status();
+  impl_->fd.Reset();
+  impl_->closed = true;
+  if (impl_->lost.ok()) impl_->lost = Status(Code::kSessionLost, "the session is closed");
+  return s;
+}
+
+}  // namespace gpuq

@@ -1,0 +1,127 @@
+// gpuq-fake-session: a session process (worker/session_host.h) whose device
+// is this test double's memory, for tests without a GPU. The session logic
+// is gpuq-session's own; only the device differs. Kernels are known by
+// their symbol:
+//   inc(buf, n, v)   adds v (a byte) to each of n bytes at buf
+//   fault(...)       a fault: the wait for it fails, as a sticky CUDA error
+//   sleep_ms(ms)     takes ms milliseconds
+// any other symbol runs as a kernel that does nothing.
+#include <chrono>
+#include <cstring>
+#include <thread>
+
+#include "tests/fake_device.h"
+#include "worker/session_host.h"
+
+namespace {
+
+using namespace gpuq;
+using namespace gpuq::worker;
+
+class FakeKernel : public SessionKernel {
+ public:
+  explicit FakeKernel(std::string symbol) : symbol(std::move(symbol)) {}
+  std::string symbol;
+};
+
+class FakeMark : public SessionMark {
+ public:
+  bool fault = false;
+  uint64_t ns = 0;
+};
+
+uint8_t* At(uint64_t p) { return reinterpret_cast<uint8_t*>(p); }
+
+class FakeStream : public SessionStream {
+ public:
+  StatusOr<uint64_t> Alloc(uint64_t size) override {
+    auto* p = static_cast<uint8_t*>(calloc(1, size));
+    if (!p) return Status(Code::kResourceExhausted, "out of memory");
+    return reinterpret_cast<uint64_t>(p);
+  }
+  void Free(uint64_t ptr) override { free(At(ptr)); }
+  Status Write(uint64_t dst, const std::string& src) override {
+    memcpy(At(dst), src.data(), src.size());
+    return Status::Ok();
+  }
+  Status Read(uint64_t src, std::string* dst) override {
+    memcpy(dst->data(), At(src), dst->size());
+    return Status::Ok();
+  }
+  Status Copy(uint64_t dst, uint64_t src, uint64_t size) override {
+    memmove(At(dst), At(src), size);
+    return Status::Ok();
+  }
+  Status Fill(uint64_t dst, uint8_t value, uint64_t size) override {
+    memset(At(dst), value, size);
+    return Status::Ok();
+  }
+  StatusOr<std::unique_ptr<SessionMark>> Launch(const SessionKernel& k,
+                                                const schema::LaunchSpec&,
+                                                std::vector<void*>& params) override {
+    const std::string& sym = static_cast<const FakeKernel&>(k).symbol;
+    auto arg = [&](size_t i) { return i < params.size() ? *static_cast<uint64_t*>(params[i]) : 0; };
+    auto mark = std::make_unique<FakeMark>();
+    const auto start = std::chrono::steady_clock::now();
+    if (sym == "inc") {
+      uint8_t* p = At(arg(0));
+      const uint64_t n = arg(1);
+      const uint8_t v = static_cast<uint8_t>(arg(2));
+      for (uint64_t i = 0; i < n; ++i) p[i] = static_cast<uint8_t>(p[i] + v);
+    } else if (sym == "fault") {
+      mark->fault = true;
+    } else if (sym == "sleep_ms") {
+      std::this_thread::sleep_for(std::chrono::milliseconds(arg(0)));
+    }
+    mark->ns = static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(
+                                         std::chrono::steady_clock::now() - start)
+                                         .count()) + 1;
+    return std::unique_ptr<SessionMark>(std::move(mark));
+  }
+  StatusOr<std::unique_ptr<SessionMark>> Mark() override {
+    return std::unique_ptr<SessionMark>(std::make_unique<FakeMark>());
+  }
+  StatusOr<uint64_t> Wait(SessionMark& m) override {
+    auto& fm = static_cast<FakeMark&>(m);
+    if (fm.fault) return Status(Code::kKernelFault, "CUDA_ERROR_ILLEGAL_ADDRESS (test double)");
+    return fm.ns;
+  }
+};
+
+class FakeSessionDevice : public SessionDevice {
+ public:
+  explicit FakeSessionDevice(const std::string& uuid)
+      : info_(gpuq::testing::FakeDevice("Test Double", uuid, "sm_90")) {}
+  const schema::DeviceInfo& info() const override { return info_; }
+  StatusOr<std::unique_ptr<SessionStream>> NewStream() override {
+    return std::unique_ptr<SessionStream>(std::make_unique<FakeStream>());
+  }
+  StatusOr<std::shared_ptr<SessionKernel>> Load(const std::string& image, schema::ImageKind,
+                                                const std::string& symbol) override {
+    // The image is the broker's real compile: the kernel must be in it.
+    if (image.find(symbol) == std::string::npos) {
+      return Status(Code::kNotFound, "no kernel '" + symbol + "' in the module");
+    }
+    return std::shared_ptr<SessionKernel>(std::make_shared<FakeKernel>(symbol));
+  }
+  Status CheckLaunch(const SessionKernel&, const schema::LaunchSpec& l) override {
+    if (l.block.Count() > info_.max_threads_per_block) {
+      return Status(Code::kInvalid, "block is over the device's limits");
+    }
+    return Status::Ok();
+  }
+
+ private:
+  schema::DeviceInfo info_;
+};
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  return SessionProcessMain(
+      argc, argv,
+      [](const std::string& uuid,
+         std::chrono::microseconds) -> StatusOr<std::unique_ptr<SessionDevice>> {
+        return std::unique_ptr<SessionDevice>(std::make_unique<FakeSessionDevice>(uuid));
+      });
+}

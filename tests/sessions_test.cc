@@ -1,0 +1,413 @@
+// Sessions (PROTOCOL.md, "Sessions") through gpuqd, a worker test double of
+// the broker's host, and session processes whose device is the test
+// double's memory (gpuq-fake-session: the session logic is gpuq-session's;
+// its kernels are known by name, tests/fake_session.cc). Kernels compile
+// for real, through the broker's compile service.
+#include <signal.h>
+#include <sys/stat.h>
+
+#include <gtest/gtest.h>
+
+#include <chrono>
+#include <filesystem>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "tests/broker_fixture.h"
+#include "schema/codec.h"
+#include "util/curve_keys.h"
+#include "util/unix_socket.h"
+
+namespace gpuq::testing {
+namespace {
+
+using nlohmann::json;
+using schema::Arg;
+
+constexpr char kSessionKernels[] =
+    "extern \"C\" __global__ void inc(unsigned char* p, unsigned n, unsigned v) {\n"
+    "  unsigned i = blockIdx.x * blockDim.x + threadIdx.x;\n"
+    "  if (i < n) p[i] += (unsigned char)v;\n"
+    "}\n"
+    "extern \"C\" __global__ void fault(unsigned char* p) { *(volatile int*)0 = 1; }\n"
+    "extern \"C\" __global__ void sleep_ms(unsigned ms) {}\n";
+
+SessionLaunch Inc(uint32_t buffer, uint32_t n, uint32_t v, uint64_t offset = 0) {
+  SessionLaunch l;
+  l.kernel.source = kSessionKernels;
+  l.kernel.entry = "inc";
+  l.launch.grid = {(n + 255) / 256, 1, 1};
+  l.launch.block = {256, 1, 1};
+  l.args = {Arg::Ref(buffer, offset), Arg::U32(n), Arg::U32(v)};
+  return l;
+}
+
+SessionLaunch Named(const std::string& entry, std::vector<Arg> args) {
+  SessionLaunch l;
+  l.kernel.source = kSessionKernels;
+  l.kernel.entry = entry;
+  l.launch.grid = {1, 1, 1};
+  l.launch.block = {1, 1, 1};
+  l.args = std::move(args);
+  return l;
+}
+
+class SessionsTest : public BrokerTest {
+ protected:
+  void SetUp() override {}
+  void Start(std::vector<std::string> extra = {}) {
+    extra.insert(extra.end(), {"--session-bin", BinPath("gpuq-fake-session")});
+    ASSERT_TRUE(StartBroker(extra)) << Log();
+    AddWorker({"--local-dir", LocalDir()});
+    client_ = Connect();
+    ASSERT_TRUE(WaitForWorkers(*client_, 1));
+  }
+  StatusOr<std::unique_ptr<Session>> Open(const std::string& tenant = "",
+                                          std::chrono::milliseconds idle = {},
+                                          uint64_t memory = 0) {
+    SessionOptions o;
+    o.tenant = tenant;
+    o.idle = idle;
+    o.memory = memory;
+    return client_->OpenSession(o);
+  }
+  json Sessions() {
+    auto s = client_->Stats();
+    EXPECT_TRUE(s.ok()) << s.status().ToString();
+    return json::from_msgpack(*s)["sessions"];
+  }
+  // Polls the stats until `n` sessions are open.
+  bool WaitSessions(size_t n) {
+    for (int i = 0; i < 500; ++i) {
+      if (Sessions().size() == n) return true;
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+    return false;
+  }
+  std::unique_ptr<Client> client_;
+};
+
+TEST_F(SessionsTest, BuffersStayBetweenLaunchesAndEachAnswerComesInOrder) {
+  Start();
+  auto s = Open();
+  ASSERT_TRUE(s.ok()) << s.status().ToString() << Log();
+  auto a = (*s)->Alloc(1000);
+  ASSERT_TRUE(a.ok()) << a.status().ToString();
+  auto zeros = (*s)->Read(*a, 0, 1000);
+  ASSERT_TRUE(zeros.ok());
+  EXPECT_EQ(*zeros, std::string(1000, '\0')) << "a new buffer reads as zeros";
+  std::string bytes(1000, '\0');
+  for (size_t i = 0; i < bytes.size(); ++i) bytes[i] = static_cast<char>(i * 7);
+  ASSERT_TRUE((*s)->Write(*a, 0, bytes.data(), bytes.size()).ok());
+  // Many launches in flight, each answered in order.
+  std::vector<uint64_t> tickets;
+  for (int i = 0; i < 100; ++i) {
+    auto t = (*s)->LaunchAsync(Inc(*a, 1000, 1));
+    ASSERT_TRUE(t.ok()) << t.status().ToString();
+    tickets.push_back(*t);
+  }
+  for (uint64_t t : tickets) {
+    auto ns = (*s)->Wait(t);
+    ASSERT_TRUE(ns.ok()) << ns.status().ToString() << Log();
+    EXPECT_GT(*ns, 0u) << "each launch is timed";
+  }
+  auto b = (*s)->Alloc(600);
+  ASSERT_TRUE(b.ok());
+  ASSERT_TRUE((*s)->Copy(*b, 100, *a, 10, 500).ok());
+  ASSERT_TRUE((*s)->Fill(*b, 0, 100, 0xAB).ok());
+  auto got = (*s)->Read(*b, 0, 600);
+  ASSERT_TRUE(got.ok());
+  for (size_t i = 0; i < 600; ++i) {
+    const unsigned char want = i < 100   ? 0xAB
+                               : i < 600 ? static_cast<unsigned char>(bytes[i - 90] + 100)
+                                         : 0;
+    ASSERT_EQ(static_cast<unsigned char>((*got)[i]), want) << "byte " << i;
+  }
+  // The broker knows it: its GPU, its limit, what it holds.
+  json rows = Sessions();
+  ASSERT_EQ(rows.size(), 1u);
+  EXPECT_EQ(rows[0]["session"].get<uint64_t>(), (*s)->id());
+  EXPECT_EQ(rows[0]["gpu"].get<std::string>(), (*s)->device());
+  for (int i = 0; i < 200 && Sessions()[0]["held"].get<uint64_t>() != 1600; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  EXPECT_EQ(Sessions()[0]["held"].get<uint64_t>(), 1600u);
+  const pid_t pid = rows[0]["pid"].get<pid_t>();
+  EXPECT_EQ(kill(pid, 0), 0) << "the session's process lives";
+  ASSERT_TRUE((*s)->Close().ok());
+  EXPECT_TRUE(WaitSessions(0));
+  for (int i = 0; i < 500 && kill(pid, 0) == 0; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  EXPECT_NE(kill(pid, 0), 0) << "its tenant's last session closed: the process is gone";
+  EXPECT_EQ((*s)->Alloc(1).status().code(), Code::kSessionLost);
+}
+
+TEST_F(SessionsTest, EveryMisuseGetsAClearErrorAndTheSessionGoesOn) {
+  Start();
+  auto s = Open("", {}, 1 << 20);
+  ASSERT_TRUE(s.ok()) << s.status().ToString() << Log();
+  Session& x = **s;
+  auto a = x.Alloc(100);
+  ASSERT_TRUE(a.ok());
+  EXPECT_EQ(x.Alloc(0).status().code(), Code::kInvalid);
+  auto over = x.Alloc((1 << 20) - 50);
+  EXPECT_EQ(over.status().code(), Code::kResourceExhausted) << "over the session's memory";
+  EXPECT_NE(over.status().message().find("holds 100"), std::string::npos)
+      << over.status().ToString();
+  const std::string ten(10, 'x');
+  EXPECT_EQ(x.Write(*a, 95, ten.data(), ten.size()).code(), Code::kInvalid) << "past the end";
+  EXPECT_EQ(x.Write(*a, UINT64_MAX - 2, ten.data(), ten.size()).code(), Code::kInvalid)
+      << "an offset that wraps";
+  EXPECT_EQ(x.Read(*a, 50, 51).status().code(), Code::kInvalid);
+  EXPECT_EQ(x.Copy(*a, 0, *a, 90, 20).code(), Code::kInvalid);
+  EXPECT_EQ(x.Fill(*a, 100, 1, 0).code(), Code::kInvalid);
+  EXPECT_EQ(x.Read(*a + 1, 0, 1).status().code(), Code::kNotFound) << "no such handle";
+  auto freed = x.Alloc(10);
+  ASSERT_TRUE(freed.ok());
+  ASSERT_TRUE(x.Free(*freed).ok());
+  EXPECT_EQ(x.Free(*freed).code(), Code::kNotFound) << "a double free";
+  EXPECT_EQ(x.Write(*freed, 0, "a", 1).code(), Code::kNotFound) << "use after free";
+  EXPECT_EQ(x.Launch(Inc(*freed, 10, 1)).status().code(), Code::kNotFound)
+      << "a launch on a freed buffer";
+  EXPECT_EQ(x.Launch(Inc(*a, 10, 1, 101)).status().code(), Code::kInvalid)
+      << "an offset past the buffer";
+  SessionLaunch bad = Inc(*a, 10, 1);
+  bad.kernel.source = "this is not CUDA";
+  EXPECT_EQ(x.Launch(bad).status().code(), Code::kCompileError);
+  EXPECT_EQ(x.Launch(Named("missing", {})).status().code(), Code::kNotFound);
+  SessionLaunch job_arg = Inc(*a, 10, 1);
+  job_arg.args[0] = Arg::Out(10);
+  EXPECT_EQ(x.Launch(job_arg).status().code(), Code::kInvalid)
+      << "a job's buffer kinds are not a session's";
+  // None of it changed anything: the buffer is as it was, and works.
+  auto fine = x.Launch(Inc(*a, 100, 3));
+  ASSERT_TRUE(fine.ok()) << fine.status().ToString();
+  auto got = x.Read(*a, 0, 100);
+  ASSERT_TRUE(got.ok()) << got.status().ToString();
+  EXPECT_EQ(*got, std::string(100, '\3'));
+}
+
+TEST_F(SessionsTest, ATenantsSessionsAndTheirMemoryAreBounded) {
+  Start({"--max-sessions", "2", "--max-session-mb", "3", "--session-memory-mb", "1"});
+  auto one = Open("a"), two = Open("a");
+  ASSERT_TRUE(one.ok() && two.ok()) << Log();
+  auto three = Open("a");
+  EXPECT_EQ(three.status().code(), Code::kResourceExhausted);
+  EXPECT_NE(three.status().message().find("--max-sessions"), std::string::npos)
+      << three.status().ToString();
+  auto other = Open("b", {}, 3 << 20);
+  EXPECT_TRUE(other.ok()) << "another tenant's limits are its own: " << other.status().ToString();
+  ASSERT_TRUE((*two)->Close().ok());
+  auto big = Open("a", {}, 3 << 20);
+  EXPECT_EQ(big.status().code(), Code::kResourceExhausted);
+  EXPECT_NE(big.status().message().find("holds 1 MiB"), std::string::npos)
+      << big.status().ToString();
+  EXPECT_TRUE(Open("a", {}, 2 << 20).ok()) << "what is left fits";
+}
+
+TEST_F(SessionsTest, AnIdleSessionEndsByItselfAndFreesItsMemory) {
+  Start();
+  auto s = Open("", std::chrono::milliseconds(300));
+  ASSERT_TRUE(s.ok()) << s.status().ToString();
+  ASSERT_TRUE((*s)->Alloc(100).ok());
+  ASSERT_TRUE(WaitSessions(0)) << "ended within the test's wait";
+  auto late = (*s)->Alloc(1);
+  EXPECT_EQ(late.status().code(), Code::kSessionLost);
+  EXPECT_NE(late.status().message().find("idle"), std::string::npos) << late.status().ToString();
+}
+
+TEST_F(SessionsTest, AFaultEndsOnlyItsTenantsSessionsOnThatGpu) {
+  Start();
+  auto a1 = Open("a"), a2 = Open("a"), b = Open("b");
+  ASSERT_TRUE(a1.ok() && a2.ok() && b.ok()) << Log();
+  auto bb = (*b)->Alloc(64);
+  ASSERT_TRUE(bb.ok());
+  ASSERT_TRUE((*b)->Fill(*bb, 0, 64, 42).ok());
+  json rows = Sessions();
+  std::set<pid_t> pids;
+  for (const auto& r : rows) pids.insert(r["pid"].get<pid_t>());
+  EXPECT_EQ(pids.size(), 2u) << "one process per tenant: " << rows.dump();
+  auto buf = (*a1)->Alloc(16);
+  ASSERT_TRUE(buf.ok());
+  auto f = (*a1)->Launch(Named("fault", {Arg::Ref(*buf)}));
+  EXPECT_EQ(f.status().code(), Code::kSessionLost);
+  EXPECT_NE(f.status().message().find("fault"), std::string::npos) << f.status().ToString();
+  EXPECT_EQ((*a2)->Alloc(1).status().code(), Code::kSessionLost)
+      << "the tenant's other session shared the process";
+  EXPECT_TRUE(WaitSessions(1));
+  auto got = (*b)->Read(*bb, 0, 64);
+  ASSERT_TRUE(got.ok()) << got.status().ToString();
+  EXPECT_EQ(*got, std::string(64, 42)) << "another tenant's session is intact";
+}
+
+TEST_F(SessionsTest, AKilledSessionProcessEndsOnlyItsSessions) {
+  Start();
+  auto a = Open("a"), b = Open("b");
+  ASSERT_TRUE(a.ok() && b.ok()) << Log();
+  pid_t pid_a = 0;
+  for (const auto& r : Sessions()) {
+    if (r["tenant"] == "a") pid_a = r["pid"].get<pid_t>();
+  }
+  ASSERT_GT(pid_a, 0);
+  ASSERT_EQ(kill(pid_a, SIGKILL), 0);
+  EXPECT_EQ((*a)->Alloc(1).status().code(), Code::kSessionLost);
+  ASSERT_TRUE(WaitSessions(1)) << Log();
+  EXPECT_EQ(Sessions()[0]["tenant"], "b");
+  EXPECT_NE(Log().find("killed by signal 9"), std::string::npos) << Log();
+  EXPECT_TRUE((*b)->Alloc(1).ok());
+  // The tenant opens a new one: a new process.
+  auto again = Open("a");
+  ASSERT_TRUE(again.ok()) << again.status().ToString();
+  EXPECT_TRUE((*again)->Alloc(1).ok());
+}
+
+TEST_F(SessionsTest, ClosingThroughTheBrokerEndsTheSessionForItsClient) {
+  Start();
+  auto s = Open("a");
+  ASSERT_TRUE(s.ok());
+  EXPECT_EQ(client_->CloseSession((*s)->id() + 1).code(), Code::kNotFound);
+  ASSERT_TRUE(client_->CloseSession((*s)->id()).ok());
+  EXPECT_EQ((*s)->Alloc(1).status().code(), Code::kSessionLost);
+  EXPECT_TRUE(WaitSessions(0));
+}
+
+TEST_F(SessionsTest, AStrangerWithoutTheTokenIsRefused) {
+  Start();
+  auto s = Open("a");
+  ASSERT_TRUE(s.ok());
+  json rows = Sessions();
+  ASSERT_EQ(rows.size(), 1u);
+  // The socket is the owner's alone, and its directory too.
+  struct stat st;
+  ASSERT_EQ(stat(LocalDir().c_str(), &st), 0);
+  EXPECT_EQ(st.st_mode & 077, 0u);
+  std::string sock;
+  for (const auto& e : std::filesystem::directory_iterator(LocalDir())) {
+    const std::string n = e.path().filename();
+    if (n.size() > 6 && n[0] == 's' && n.ends_with(".sock")) sock = e.path();
+  }
+  ASSERT_FALSE(sock.empty());
+  ASSERT_EQ(stat(sock.c_str(), &st), 0);
+  EXPECT_EQ(st.st_mode & 077, 0u);
+  // Right session, wrong token: refused, and the session is untouched.
+  auto fd = ConnectStream(sock);
+  ASSERT_TRUE(fd.ok());
+  schema::SessionMessage hello;
+  hello.op = schema::SessionOp::kHello;
+  hello.protocol = std::string(schema::kSessionProtocol);
+  hello.session = (*s)->id();
+  hello.token = std::string(32, '0');
+  ASSERT_TRUE(WriteFrame(fd->get(), schema::EncodeSessionMessage(hello)).ok());
+  auto frame = ReadFrame(fd->get(), 1 << 20);
+  ASSERT_TRUE(frame.ok());
+  schema::SessionMessage reply;
+  ASSERT_TRUE(schema::DecodeSessionMessage(*frame, schema::Limits{}, 0, &reply).ok());
+  EXPECT_EQ(reply.op, schema::SessionOp::kError);
+  EXPECT_EQ(reply.code, Code::kNotFound);
+  EXPECT_FALSE(ReadFrame(fd->get(), 1 << 20).ok()) << "and the connection is closed";
+  // Garbage instead of a hello: refused the same way.
+  auto junk = ConnectStream(sock);
+  ASSERT_TRUE(junk.ok());
+  ASSERT_TRUE(WriteFrame(junk->get(), "\x93\x01\x02\x03").ok());
+  EXPECT_TRUE(ReadFrame(junk->get(), 1 << 20).ok());
+  EXPECT_TRUE((*s)->Alloc(8).ok());
+}
+
+TEST_F(SessionsTest, TheBrokerGoingAwayEndsItsSessionProcesses) {
+  Start();
+  auto s = Open("a");
+  ASSERT_TRUE(s.ok());
+  const pid_t pid = Sessions()[0]["pid"].get<pid_t>();
+  broker_->Kill();
+  for (int i = 0; i < 500 && kill(pid, 0) == 0; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  EXPECT_NE(kill(pid, 0), 0) << "no session process outlives its broker";
+  EXPECT_EQ((*s)->Alloc(1).status().code(), Code::kSessionLost);
+}
+
+TEST_F(SessionsTest, WithoutAGpuOfTheBrokersHostThereIsNoSession) {
+  ASSERT_TRUE(StartBroker({"--session-bin", BinPath("gpuq-fake-session")})) << Log();
+  AddWorker();  // not of this host: no local directory
+  client_ = Connect();
+  ASSERT_TRUE(WaitForWorkers(*client_, 1));
+  EXPECT_EQ(Open().status().code(), Code::kUnavailable);
+  SessionOptions o;
+  o.placement.arch = "sm_10";
+  EXPECT_EQ(client_->OpenSession(o).status().code(), Code::kUnavailable);
+}
+
+// Tenants on CURVE keys: the tenant is the key's, another tenant's session
+// cannot be closed, and each tenant's sessions live in its own process.
+TEST(SessionsCurveTest, ATenantCannotReachAnotherTenantsSession) {
+  TempDir dir;
+  std::map<std::string, CurveKeyPair> keys;
+  for (const char* name : {"broker", "alpha", "beta"}) {
+    auto k = NewCurveKeyPair();
+    ASSERT_TRUE(k.ok());
+    ASSERT_TRUE(WriteCurveKeyPair(*k, dir.File(name)).ok());
+    keys[name] = *k;
+  }
+  WriteFile(dir.File("clients.keys"),
+            keys["alpha"].public_key + " alpha\n" + keys["beta"].public_key + " beta\n");
+  const std::string ready = dir.File("ready.json");
+  Process broker = Process::Start(
+      {BinPath("gpuqd"), "--listen", "tcp://127.0.0.1:*", "--worker-listen", "ipc://" +
+       dir.File("w.sock"), "--store", dir.File("jobs.db"), "--cache", dir.File("k.db"),
+       "--workers", "0", "--curve-secret", dir.File("broker.key"), "--allowed-keys",
+       dir.File("clients.keys"), "--ready-file", ready, "--session-bin",
+       BinPath("gpuq-fake-session")},
+      dir.File("gpuqd.log"));
+  for (int i = 0; i < 500 && !std::filesystem::exists(ready); ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  auto j = json::parse(ReadFile(ready), nullptr, false);
+  ASSERT_FALSE(j.is_discarded()) << ReadFile(dir.File("gpuqd.log"));
+  Process worker = Process::Start({BinPath("gpuq-fake-worker"), "--broker", "ipc://" +
+                                   dir.File("w.sock"), "--local-dir", dir.File("jobs.db.blobs")},
+                                  dir.File("worker.log"));
+  auto as = [&](const std::string& who) {
+    ClientOptions o;
+    o.timeout = Millis(5000);
+    o.server_key = keys["broker"].public_key;
+    o.public_key = keys[who].public_key;
+    o.secret_key = keys[who].secret_key;
+    auto c = Client::Connect(j["client"], o);
+    EXPECT_TRUE(c.ok());
+    return std::move(*c);
+  };
+  auto alpha = as("alpha"), beta = as("beta");
+  std::unique_ptr<Session> sa;
+  for (int i = 0; i < 200 && !sa; ++i) {  // until the worker has registered
+    auto s = alpha->OpenSession();
+    if (s.ok()) sa = std::move(*s);
+    else std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  ASSERT_TRUE(sa) << ReadFile(dir.File("gpuqd.log"));
+  SessionOptions claim;
+  claim.tenant = "alpha";
+  EXPECT_EQ(beta->OpenSession(claim).status().code(), Code::kForbidden)
+      << "a key's tenant is the key's";
+  auto sb = beta->OpenSession();
+  ASSERT_TRUE(sb.ok()) << sb.status().ToString();
+  auto ha = sa->Alloc(32);
+  ASSERT_TRUE(ha.ok());
+  ASSERT_TRUE(sa->Fill(*ha, 0, 32, 7).ok());
+  EXPECT_EQ(beta->CloseSession(sa->id()).code(), Code::kNotFound) << "not beta's to close";
+  EXPECT_EQ((*sb)->Read(*ha, 0, 32).status().code(), Code::kNotFound)
+      << "alpha's handle means nothing in beta's session";
+  auto stats = beta->Stats();
+  ASSERT_TRUE(stats.ok());
+  json rows = json::from_msgpack(*stats)["sessions"];
+  ASSERT_EQ(rows.size(), 1u) << "beta sees its own session only: " << rows.dump();
+  EXPECT_EQ(rows[0]["tenant"], "beta");
+  auto got = sa->Read(*ha, 0, 32);
+  ASSERT_TRUE(got.ok());
+  EXPECT_EQ(*got, std::string(32, 7));
+}
+
+}  // namespace
+}  // namespace gpuq::testing

@@ -1,0 +1,268 @@
+#include "worker/cuda_session_device.h"
+
+#include <mutex>
+#include <vector>
+
+#include "worker/gpu_worker.h"
+
+namespace gpuq::worker {
+namespace {
+
+using schema::LaunchSpec;
+
+class CudaKernel : public SessionKernel {
+ public:
+  CudaKernel(std::shared_ptr<const CudaDriver> cu, CUmodule m, CUfunction f)
+      : cu_(std::move(cu)), module_(m), fn_(f) {}
+  ~CudaKernel() override { (void)cu_->cuModuleUnload(module_); }
+  CUfunction fn() const { return fn_; }
+
+ private:
+  std::shared_ptr<const CudaDriver> cu_;
+  CUmodule module_;
+  CUfunction fn_;
+};
+
+class CudaDevice;
+
+// Events come from a pool of the stream's (creating one costs a few µs).
+class CudaMark : public SessionMark {
+ public:
+  CudaMark(class CudaStream* s, CUevent end, CUevent start) : stream_(s), end_(end), start_(start) {}
+  ~CudaMark() override;
+  CUevent end() const { return end_; }
+  CUevent start() const { return start_; }
+
+ private:
+  class CudaStream* stream_;
+  CUevent end_, start_;
+};
+
+class CudaStream : public SessionStream {
+ public:
+  CudaStream(const CudaDriver& cu, CUcontext ctx, CUstream s, std::chrono::microseconds spin)
+      : cu_(cu), ctx_(ctx), stream_(s), spin_(spin) {}
+  ~CudaStream() override {
+    Current();
+    (void)cu_.cuStreamSynchronize(stream_);
+    for (CUevent e : timed_) (void)cu_.cuEventDestroy(e);
+    for (CUevent e : plain_) (void)cu_.cuEventDestroy(e);
+    (void)cu_.cuStreamDestroy(stream_);
+  }
+
+  StatusOr<uint64_t> Alloc(uint64_t size) override {
+    Current();
+    CUdeviceptr p = 0;
+    GPUQ_CU_CHECK(cu_, cuMemAllocAsync(&p, size, stream_), Code::kResourceExhausted);
+    if (CUresult e = cu_.cuMemsetD8Async(p, 0, size, stream_); e != CUDA_SUCCESS) {
+      (void)cu_.cuMemFreeAsync(p, stream_);
+      return Status(Code::kResourceExhausted, "zeroing a buffer: " + cu_.Describe(e));
+    }
+    return static_cast<uint64_t>(p);
+  }
+  void Free(uint64_t ptr) override {
+    Current();
+    (void)cu_.cuMemFreeAsync(ptr, stream_);
+  }
+  Status Write(uint64_t dst, const std::string& src) override {
+    Current();
+    if (src.empty()) return Status::Ok();
+    GPUQ_CU_CHECK(cu_, cuMemcpyHtoDAsync(dst, src.data(), src.size(), stream_), Code::kLaunchError);
+    return Status::Ok();
+  }
+  Status Read(uint64_t src, std::string* dst) override {
+    Current();
+    if (dst->empty()) return Status::Ok();
+    GPUQ_CU_CHECK(cu_, cuMemcpyDtoHAsync(dst->data(), src, dst->size(), stream_),
+                  Code::kLaunchError);
+    return Status::Ok();
+  }
+  Status Copy(uint64_t dst, uint64_t src, uint64_t size) override {
+    Current();
+    GPUQ_CU_CHECK(cu_, cuMemcpyDtoDAsync(dst, src, size, stream_), Code::kLaunchError);
+    return Status::Ok();
+  }
+  Status Fill(uint64_t dst, uint8_t value, uint64_t size) override {
+    Current();
+    GPUQ_CU_CHECK(cu_, cuMemsetD8Async(dst, value, size, stream_), Code::kLaunchError);
+    return Status::Ok();
+  }
+  StatusOr<std::unique_ptr<SessionMark>> Launch(const SessionKernel& k, const LaunchSpec& l,
+                                                std::vector<void*>& params) override {
+    Current();
+    GPUQ_ASSIGN_OR_RETURN(CUevent start, Event(true));
+    GPUQ_ASSIGN_OR_RETURN(CUevent end, Event(true));
+    auto mark = std::make_unique<CudaMark>(this, end, start);
+    GPUQ_CU_CHECK(cu_, cuEventRecord(start, stream_), Code::kLaunchError);
+    const auto& fn = static_cast<const CudaKernel&>(k).fn();
+    GPUQ_CU_CHECK(cu_,
+                  cuLaunchKernel(fn, l.grid.x, l.grid.y, l.grid.z, l.block.x, l.block.y,
+                                 l.block.z, l.shared_bytes, stream_, params.data(), nullptr),
+                  Code::kLaunchError);
+    GPUQ_CU_CHECK(cu_, cuEventRecord(end, stream_), Code::kLaunchError);
+    return std::unique_ptr<SessionMark>(std::move(mark));
+  }
+  StatusOr<std::unique_ptr<SessionMark>> Mark() override {
+    Current();
+    GPUQ_ASSIGN_OR_RETURN(CUevent end, Event(false));
+    auto mark = std::make_unique<CudaMark>(this, end, nullptr);
+    GPUQ_CU_CHECK(cu_, cuEventRecord(end, stream_), Code::kLaunchError);
+    return std::unique_ptr<SessionMark>(std::move(mark));
+  }
+  StatusOr<uint64_t> Wait(SessionMark& m) override {
+    Current();
+    auto& cm = static_cast<CudaMark&>(m);
+    CUresult e = CUDA_ERROR_NOT_READY;
+    if (spin_.count() > 0) {
+      const auto until = std::chrono::steady_clock::now() + spin_;
+      while ((e = cu_.cuEventQuery(cm.end())) == CUDA_ERROR_NOT_READY &&
+             std::chrono::steady_clock::now() < until) {
+      }
+    }
+    if (e == CUDA_ERROR_NOT_READY) e = cu_.cuEventSynchronize(cm.end());
+    if (e != CUDA_SUCCESS) return Status(Code::kKernelFault, cu_.Describe(e));
+    if (!cm.start()) return uint64_t{0};
+    float ms = 0;
+    if (cu_.cuEventElapsedTime(&ms, cm.start(), cm.end()) != CUDA_SUCCESS) return uint64_t{0};
+    return static_cast<uint64_t>(static_cast<double>(ms) * 1e6);
+  }
+
+  void Release(CUevent end, CUevent start) {
+    std::lock_guard lock(mu_);
+    if (start) {
+      timed_.push_back(start);
+      timed_.push_back(end);
+    } else {
+      plain_.push_back(end);
+    }
+  }
+
+ private:
+  void Current() {
+    thread_local CUcontext current = nullptr;
+    if (current != ctx_) {
+      (void)cu_.cuCtxSetCurrent(ctx_);
+      current = ctx_;
+    }
+  }
+  StatusOr<CUevent> Event(bool timed) {
+    {
+      std::lock_guard lock(mu_);
+      auto& pool = timed ? timed_ : plain_;
+      if (!pool.empty()) {
+        CUevent e = pool.back();
+        pool.pop_back();
+        return e;
+      }
+    }
+    // Without a spin, a wait sleeps until the GPU signals (blocking sync).
+    unsigned flags = spin_.count() > 0 ? CU_EVENT_DEFAULT : CU_EVENT_BLOCKING_SYNC;
+    if (!timed) flags |= CU_EVENT_DISABLE_TIMING;
+    CUevent e = nullptr;
+    GPUQ_CU_CHECK(cu_, cuEventCreate(&e, flags), Code::kResourceExhausted);
+    return e;
+  }
+
+  const CudaDriver& cu_;
+  CUcontext ctx_;
+  CUstream stream_;
+  const std::chrono::microseconds spin_;
+  std::mutex mu_;
+  std::vector<CUevent> timed_, plain_;  // guarded by mu_
+};
+
+CudaMark::~CudaMark() { stream_->Release(end_, start_); }
+
+class CudaDevice : public SessionDevice {
+ public:
+  CudaDevice(std::shared_ptr<const CudaDriver> cu, CUdevice dev, CUcontext ctx,
+             schema::DeviceInfo info, std::chrono::microseconds spin)
+      : cu_(std::move(cu)), dev_(dev), ctx_(ctx), info_(std::move(info)), spin_(spin) {}
+  ~CudaDevice() override { (void)cu_->cuDevicePrimaryCtxRelease(dev_); }
+
+  const schema::DeviceInfo& info() const override { return info_; }
+
+  StatusOr<std::unique_ptr<SessionStream>> NewStream() override {
+    (void)cu_->cuCtxSetCurrent(ctx_);
+    CUstream s = nullptr;
+    GPUQ_CU_CHECK(*cu_, cuStreamCreate(&s, CU_STREAM_NON_BLOCKING), Code::kResourceExhausted);
+    return std::unique_ptr<SessionStream>(std::make_unique<CudaStream>(*cu_, ctx_, s, spin_));
+  }
+
+  StatusOr<std::shared_ptr<SessionKernel>> Load(const std::string& image, schema::ImageKind,
+                                                const std::string& symbol) override {
+    (void)cu_->cuCtxSetCurrent(ctx_);
+    CUmodule m = nullptr;
+    GPUQ_CU_CHECK(*cu_, cuModuleLoadData(&m, image.c_str()), Code::kLaunchError);
+    CUfunction f = nullptr;
+    if (CUresult e = cu_->cuModuleGetFunction(&f, m, symbol.c_str()); e != CUDA_SUCCESS) {
+      (void)cu_->cuModuleUnload(m);
+      return Status(Code::kNotFound, "no kernel '" + symbol + "' in the module: " + cu_->Describe(e));
+    }
+    return std::shared_ptr<SessionKernel>(std::make_shared<CudaKernel>(cu_, m, f));
+  }
+
+  Status CheckLaunch(const SessionKernel& k, const LaunchSpec& launch) override {
+    const auto& b = launch.block;
+    const auto& g = launch.grid;
+    const auto& d = info_;
+    if (b.x > d.max_block.x || b.y > d.max_block.y || b.z > d.max_block.z ||
+        b.Count() > d.max_threads_per_block) {
+      return Error(Code::kInvalid, "block " + std::to_string(b.x) + "x" + std::to_string(b.y) +
+                                       "x" + std::to_string(b.z) + " is over the device's limits");
+    }
+    if (g.x > d.max_grid.x || g.y > d.max_grid.y || g.z > d.max_grid.z) {
+      return Error(Code::kInvalid, "grid is over the device's limits");
+    }
+    CUfunction fn = static_cast<const CudaKernel&>(k).fn();
+    int max_threads = 0;
+    if (cu_->cuFuncGetAttribute(&max_threads, CU_FUNC_ATTRIBUTE_MAX_THREADS_PER_BLOCK, fn) ==
+            CUDA_SUCCESS &&
+        b.Count() > static_cast<uint64_t>(max_threads)) {
+      return Error(Code::kLaunchError, "the kernel can run at most " +
+                                           std::to_string(max_threads) + " threads per block");
+    }
+    if (launch.shared_bytes > d.max_shared_optin) {
+      return Error(Code::kInvalid, "dynamic shared memory is over the device's limit of " +
+                                       std::to_string(d.max_shared_optin));
+    }
+    if (launch.shared_bytes > d.max_shared_per_block) {
+      GPUQ_CU_CHECK(*cu_,
+                    cuFuncSetAttribute(fn, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                                       static_cast<int>(launch.shared_bytes)),
+                    Code::kLaunchError);
+    }
+    return Status::Ok();
+  }
+
+ private:
+  std::shared_ptr<const CudaDriver> cu_;
+  CUdevice dev_;
+  CUcontext ctx_;
+  schema::DeviceInfo info_;
+  const std::chrono::microseconds spin_;
+};
+
+}  // namespace
+
+StatusOr<std::unique_ptr<SessionDevice>> OpenCudaSessionDevice(
+    std::shared_ptr<const CudaDriver> cu, const std::string& uuid,
+    std::chrono::microseconds spin) {
+  int count = 0;
+  GPUQ_CU_CHECK(*cu, cuDeviceGetCount(&count), Code::kUnavailable);
+  for (int i = 0; i < count; ++i) {
+    auto info = QueryDevice(*cu, i);
+    if (!info.ok() || info->uuid != uuid) continue;
+    CUdevice dev;
+    GPUQ_CU_CHECK(*cu, cuDeviceGet(&dev, i), Code::kUnavailable);
+    CUcontext ctx = nullptr;
+    GPUQ_CU_CHECK(*cu, cuDevicePrimaryCtxRetain(&ctx, dev), Code::kUnavailable);
+    (void)cu->cuCtxSetCurrent(ctx);
+    (void)KeepPoolMemory(*cu, dev);
+    return std::unique_ptr<SessionDevice>(
+        std::make_unique<CudaDevice>(std::move(cu), dev, ctx, std::move(*info), spin));
+  }
+  return Status(Code::kNotFound, "no GPU " + uuid + " on this host");
+}
+
+}  // namespace gpuq::worker
