@@ -14,6 +14,8 @@ for spin in 0 500; do
   echo; echo "== b: 4 KB saxpy through gpuq, --spin-us $spin"
   gpuq-bench-broker --gpu --job saxpy4k --seconds 3 --spin-us $spin | tail -n +3
 done
+echo; echo "== sessions: a client of the GPU's host and its session's process"
+for spin in 0 500; do gpuq-bench-session --spin-us $spin | tail -n +3; done
 echo; echo "== jobs of several launches (100 empty launches; a 10-step chain vs 10 jobs)"
 gpuq-bench-broker --gpu --job launches | tail -n +3
 echo; echo "== the job store's SQLite work per job (c's share of the broker loop)"

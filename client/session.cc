@@ -3,6 +3,8 @@
 #include <poll.h>
 #include <sys/socket.h>
 
+#include <string.h>
+
 #include <map>
 
 #include "gpuq/client.h"
@@ -22,19 +24,54 @@ class Session::Impl {
   std::chrono::milliseconds timeout{10000};
   std::chrono::microseconds spin{0};
   uint64_t rid = 0;
+  FrameReader reader{size_t{1} << 32};
   std::map<uint64_t, SessionMessage> early;  // answers read before they were asked for
   Status lost;  // once the session has ended under us
   bool closed = false;
 
+  // Sends a request. While the socket cannot take it, the answers that
+  // come are read (the session's process never waits on a client that is
+  // itself waiting to send).
   StatusOr<uint64_t> Send(SessionMessage m) {
     if (!lost.ok()) return lost;
     m.rid = ++rid;
-    if (Status s = WriteFrame(fd.get(), schema::EncodeSessionMessage(m)); !s.ok()) {
-      // Why it ended may be waiting to be read.
-      for (pollfd p{fd.get(), POLLIN, 0}; lost.ok() && poll(&p, 1, 0) == 1;) {
-        if (!ReadOne().ok()) break;
+    const std::string body = schema::EncodeSessionMessage(m);
+    const uint32_t n = static_cast<uint32_t>(body.size());
+    const char len[4] = {static_cast<char>(n), static_cast<char>(n >> 8),
+                         static_cast<char>(n >> 16), static_cast<char>(n >> 24)};
+    iovec iov[2] = {{const_cast<char*>(len), 4}, {const_cast<char*>(body.data()), body.size()}};
+    size_t done = 0;
+    const size_t total = 4 + body.size();
+    while (done < total) {
+      msghdr h{};
+      iovec part[2];
+      int parts = 0;
+      if (done < 4) part[parts++] = {const_cast<char*>(len) + done, 4 - done};
+      const size_t in_body = done > 4 ? done - 4 : 0;
+      part[parts++] = {const_cast<char*>(body.data()) + in_body, body.size() - in_body};
+      (void)iov;
+      h.msg_iov = part;
+      h.msg_iovlen = static_cast<size_t>(parts);
+      const ssize_t w = sendmsg(fd.get(), &h, MSG_NOSIGNAL | MSG_DONTWAIT);
+      if (w > 0) {
+        done += static_cast<size_t>(w);
+        continue;
       }
-      return Lose(Status(Code::kSessionLost, "the session's process is gone: " + s.message()));
+      if (w < 0 && errno == EINTR) continue;
+      if (w < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+        pollfd p{fd.get(), POLLIN | POLLOUT, 0};
+        if (poll(&p, 1, static_cast<int>(timeout.count())) == 0) {
+          return Lose(Status(Code::kTimeout, "the session's process takes no requests"));
+        }
+        if (p.revents & POLLIN) {
+          if (Status r = Fill(); !r.ok() && !lost.ok()) return lost;
+        }
+        continue;
+      }
+      // Why it ended may be waiting to be read.
+      (void)Fill();
+      return Lose(Status(Code::kSessionLost,
+                         std::string("the session's process is gone: ") + strerror(errno)));
     }
     return m.rid;
   }
@@ -55,36 +92,42 @@ class Session::Impl {
         return m;
       }
       if (!lost.ok()) return lost;
-      GPUQ_RETURN_IF_ERROR(ReadOne());
+      const auto spin_until = std::chrono::steady_clock::now() + spin;
+      pollfd p{fd.get(), POLLIN, 0};
+      int ready = 0;
+      while (spin.count() > 0 && (ready = poll(&p, 1, 0)) == 0 &&
+             std::chrono::steady_clock::now() < spin_until) {
+      }
+      if (ready == 0 && poll(&p, 1, static_cast<int>(timeout.count())) == 0) {
+        return Status(Code::kTimeout, "no answer from the session in " +
+                                          std::to_string(timeout.count()) + " ms");
+      }
+      GPUQ_RETURN_IF_ERROR(Fill());
     }
   }
 
-  Status ReadOne() {
-    const auto spin_until = std::chrono::steady_clock::now() + spin;
-    pollfd p{fd.get(), POLLIN, 0};
-    int ready = 0;
-    while (spin.count() > 0 && (ready = poll(&p, 1, 0)) == 0 &&
-           std::chrono::steady_clock::now() < spin_until) {
+  // Takes what the socket holds, and every whole answer in it.
+  Status Fill() {
+    if (!fd.valid()) return lost;
+    Status st = reader.Fill(fd.get());
+    std::string frame;
+    for (;;) {
+      auto next = reader.Next(&frame);
+      if (!next.ok()) return Lose(Status(Code::kMalformed, next.status().message()));
+      if (!*next) break;
+      SessionMessage m;
+      if (Status d = schema::DecodeSessionMessage(frame, schema::Limits{}, UINT32_MAX, &m);
+          !d.ok()) {
+        return Lose(Status(Code::kMalformed, "the session's process sent " + d.message()));
+      }
+      if (m.op == SessionOp::kError && m.rid == 0) return Lose(Status(m.code, m.error));
+      early[m.rid] = std::move(m);
     }
-    if (ready == 0 && poll(&p, 1, static_cast<int>(timeout.count())) == 0) {
-      return Status(Code::kTimeout, "no answer from the session in " +
-                                        std::to_string(timeout.count()) + " ms");
-    }
-    auto frame = ReadFrame(fd.get(), size_t{1} << 32);
-    if (!frame.ok()) {
+    if (!st.ok()) {
       return Lose(Status(Code::kSessionLost, "the session's process ended (a kernel fault or a "
                                              "kill there ends its tenant's sessions on that "
-                                             "GPU): " + frame.status().message()));
+                                             "GPU): " + st.message()));
     }
-    SessionMessage m;
-    if (Status d = schema::DecodeSessionMessage(*frame, schema::Limits{}, UINT32_MAX, &m);
-        !d.ok()) {
-      return Lose(Status(Code::kMalformed, "the session's process sent " + d.message()));
-    }
-    if (m.op == SessionOp::kError && m.rid == 0) {
-      return Lose(Status(m.code, m.error));
-    }
-    early[m.rid] = std::move(m);
     return Status::Ok();
   }
 

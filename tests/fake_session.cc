@@ -81,6 +81,12 @@ class FakeStream : public SessionStream {
   StatusOr<std::unique_ptr<SessionMark>> Mark() override {
     return std::unique_ptr<SessionMark>(std::make_unique<FakeMark>());
   }
+  StatusOr<bool> Ready(SessionMark& m) override {
+    if (static_cast<FakeMark&>(m).fault) {
+      return Status(Code::kKernelFault, "CUDA_ERROR_ILLEGAL_ADDRESS (test double)");
+    }
+    return true;
+  }
   StatusOr<uint64_t> Wait(SessionMark& m) override {
     auto& fm = static_cast<FakeMark&>(m);
     if (fm.fault) return Status(Code::kKernelFault, "CUDA_ERROR_ILLEGAL_ADDRESS (test double)");

@@ -57,6 +57,14 @@ class FrameReader {
   // frame over the limit (the stream is then unusable).
   StatusOr<bool> Next(std::string* frame);
   size_t buffered() const { return buf_.size() - pos_; }
+  // The bytes not taken as frames yet, handed to another reader.
+  std::string TakeRest() {
+    std::string rest = buf_.substr(pos_);
+    buf_.clear();
+    pos_ = 0;
+    return rest;
+  }
+  void Append(std::string_view bytes) { buf_.append(bytes); }
 
  private:
   size_t FrameLength() const;

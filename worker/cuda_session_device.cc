@@ -109,6 +109,13 @@ class CudaStream : public SessionStream {
     GPUQ_CU_CHECK(cu_, cuEventRecord(end, stream_), Code::kLaunchError);
     return std::unique_ptr<SessionMark>(std::move(mark));
   }
+  StatusOr<bool> Ready(SessionMark& m) override {
+    Current();
+    CUresult e = cu_.cuEventQuery(static_cast<CudaMark&>(m).end());
+    if (e == CUDA_ERROR_NOT_READY) return false;
+    if (e != CUDA_SUCCESS) return Status(Code::kKernelFault, cu_.Describe(e));
+    return true;
+  }
   StatusOr<uint64_t> Wait(SessionMark& m) override {
     Current();
     auto& cm = static_cast<CudaMark&>(m);
@@ -203,6 +210,11 @@ class CudaDevice : public SessionDevice {
   }
 
   Status CheckLaunch(const SessionKernel& k, const LaunchSpec& launch) override {
+    thread_local CUcontext current = nullptr;
+    if (current != ctx_) {
+      (void)cu_->cuCtxSetCurrent(ctx_);
+      current = ctx_;
+    }
     const auto& b = launch.block;
     const auto& g = launch.grid;
     const auto& d = info_;

@@ -1,8 +1,8 @@
 // What a session process (worker/session_host.h) asks of its device: memory,
 // copies, launches and marks on one stream per session. The GPU's is
 // cuda_session_device.cc; the tests' double (tests/, no GPU) keeps memory
-// of its own. A stream's work is enqueued by one thread and waited for by
-// another (its session's completion thread).
+// of its own. A stream is used by one thread (its session's); Load and
+// CheckLaunch by any.
 #pragma once
 
 #include <cstdint>
@@ -48,8 +48,10 @@ class SessionStream {
                                                         const schema::LaunchSpec& launch,
                                                         std::vector<void*>& params) = 0;
   virtual StatusOr<std::unique_ptr<SessionMark>> Mark() = 0;
-  // Waits for `m`; the nanoseconds a launch's mark took. An error here is a
-  // fault that ends the process (the context is unusable, Sticky()).
+  // Whether `m` is reached, without waiting.
+  virtual StatusOr<bool> Ready(SessionMark& m) = 0;
+  // Waits for `m`; the nanoseconds a launch's mark took. An error here (or
+  // from Ready) is a fault that ends the process: the context is unusable.
   virtual StatusOr<uint64_t> Wait(SessionMark& m) = 0;
 };
 

@@ -12,6 +12,7 @@
 #include <mutex>
 #include <optional>
 #include <random>
+#include <set>
 #include <thread>
 #include <vector>
 
@@ -82,41 +83,43 @@ class SessionHost::Impl {
   int Run();
 
  private:
-  // What a session's completion thread does, in order: wait for `mark`
-  // (if any), then send `reply` (a read's bytes from `read`).
+  // A request whose answer waits for `mark` (if any): a read's bytes come
+  // from `read`; a write's bytes are kept until then.
   struct Entry {
     SessionMessage reply;
     std::unique_ptr<SessionMark> mark;
     bool timed = false;
-    std::shared_ptr<const std::string> keep;  // a write's bytes, until the mark
+    std::string keep;
     std::unique_ptr<std::string> read;
-    bool stop = false;
   };
   struct Buffer {
     uint64_t ptr = 0, size = 0;
   };
+  // A session. Its thread (Serve) owns the connection, the stream and the
+  // buffers while it runs; the control thread sets it up before and takes
+  // them back after (Reap).
   struct Session {
     uint64_t id = 0;
     std::string token;
     uint64_t memory = 0, held = 0;
     std::chrono::milliseconds idle{0};
-    Clock::time_point last;
     UniqueFd conn;
+    UniqueFd wake;  // an eventfd: the control thread asks it to end
     std::unique_ptr<FrameReader> reader;
+    FrameWriter out;  // answers the socket has not taken yet
     std::unique_ptr<SessionStream> stream;
     std::map<uint32_t, Buffer> buffers;
-    std::optional<SessionMessage> stalled;  // a launch waiting for its module
-    uint64_t close_rid = 0;  // its client's close, answered once the broker knows
-    bool ending = false;
+    std::deque<Entry> pending;  // answered in order
+    uint64_t close_rid = 0;     // its client's close, answered once the broker knows
+    std::thread thread;
+    // Shared with the control thread.
+    std::atomic<int64_t> last_ns{0};  // its latest request (steady clock)
+    std::atomic<uint64_t> unanswered{0};
+    std::atomic<bool> stop{false}, finished{false};
+    std::mutex mu;
+    bool ending = false;  // guarded by mu
     Code end_code = Code::kOk;
     std::string end_why;
-    // The completion thread and what it waits for.
-    std::mutex mu;
-    std::condition_variable cv;
-    std::deque<Entry> queue;  // guarded by mu
-    std::atomic<uint64_t> unanswered{0};
-    std::atomic<bool> finished{false};
-    std::thread thread;
   };
   struct Pending {
     UniqueFd fd;
@@ -127,9 +130,9 @@ class SessionHost::Impl {
     std::shared_ptr<SessionKernel> kernel;
     Status failed;
     bool ready = false;
-    std::vector<uint64_t> waiting;  // sessions stalled on it
   };
 
+  static int64_t NowNs() { return Clock::now().time_since_epoch().count(); }
   size_t MaxFrame() const { return opt_.max_data + (1u << 20); }
   void Control(const SessionMessage& m);
   void OnControl(SessionMessage& m);
@@ -137,10 +140,21 @@ class SessionHost::Impl {
   void OnModule(SessionMessage& m);
   void Accept();
   void OnPending(size_t i);
-  bool OnClient(Session& s);  // false: stop reading it for now
+  // The session's thread: reads its requests, enqueues their work, and
+  // answers them in order as the work is done.
+  void Serve(Session* s);
+  // False when the connection has ended.
+  bool Read(Session& s);
   void Handle(Session& s, SessionMessage& m);
   void Launch(Session& s, SessionMessage& m);
-  void Push(Session& s, Entry e);
+  StatusOr<std::shared_ptr<SessionKernel>> Kernel(Session& s, const schema::KernelSpec& k);
+  // Answers what is done at the head of `pending`; with `wait`, waits for
+  // the head first. False after a fault.
+  bool Complete(Session& s, bool wait);
+  void Push(Session& s, Entry e) {
+    s.unanswered.fetch_add(1);
+    s.pending.push_back(std::move(e));
+  }
   void Answer(Session& s, uint64_t rid, const Status& st) {
     Entry e;
     e.reply = ErrorReply(rid, st);
@@ -149,9 +163,9 @@ class SessionHost::Impl {
   void Done(Session& s, uint64_t rid) { Done(s, rid, Entry()); }
   void Done(Session& s, uint64_t rid, Entry e);
   void Usage(Session& s);
+  // Asks session `s` to end (from any thread); the first reason stands.
   void End(Session& s, Code code, std::string why);
   void Reap();
-  void Completions(Session* s);
   void Fault(const Status& s);
   void Wake() {
     uint64_t one = 1;
@@ -164,19 +178,24 @@ class SessionHost::Impl {
   UniqueFd wake_;
   UniqueFd listener_;
   std::mutex control_mu_;  // writes to the control channel
-  std::map<uint64_t, std::unique_ptr<Session>> sessions_;
+  bool broker_gone_ = false;  // guarded by control_mu_
+  std::map<uint64_t, std::unique_ptr<Session>> sessions_;  // the control thread's
   std::vector<std::unique_ptr<Pending>> pending_;
-  std::map<std::string, Module> modules_;
-  std::deque<std::string> module_order_;
-  std::map<uint64_t, std::string> compiling_;  // rid -> module key
-  uint64_t next_rid_ = 1;
+  // Kernels, loaded once for every session of the process.
+  std::mutex modules_mu_;
+  std::condition_variable modules_cv_;
+  std::map<std::string, Module> modules_;  // guarded by modules_mu_
+  std::deque<std::string> module_order_;   // guarded by modules_mu_
+  std::map<uint64_t, std::string> compiling_;  // guarded by modules_mu_: rid -> key
+  uint64_t next_rid_ = 1;                      // guarded by modules_mu_
   // Handles start at a random number per process: another process's
   // handles are almost never this one's.
-  uint32_t next_buffer_ = 1 + static_cast<uint32_t>(std::random_device{}() % (1u << 30));
-  std::mutex fault_mu_;
-  std::optional<Status> fault_;  // guarded by fault_mu_
+  std::atomic<uint32_t> next_buffer_{1 + static_cast<uint32_t>(std::random_device{}() %
+                                                               (1u << 30))};
+  std::mutex fault_mu_;  // held by the thread that ends the process
   std::atomic<bool> faulted_{false};
-  bool broker_gone_ = false;
+  std::mutex ids_mu_;
+  std::set<uint64_t> ids_;  // guarded by ids_mu_: the sessions, for a fault's report
 };
 
 SessionHost::SessionHost(SessionHostOptions options, std::unique_ptr<SessionDevice> device)
@@ -214,30 +233,16 @@ int SessionHost::Impl::Run() {
     if (pending_.size() < kMaxPending) fds.push_back({listener_.get(), POLLIN, 0});
     const size_t first_pending = fds.size();
     for (auto& p : pending_) fds.push_back({p->fd.get(), POLLIN, 0});
-    const size_t first_session = fds.size();
-    std::vector<Session*> polled;
-    auto now = Clock::now();
-    auto timeout = std::chrono::milliseconds(1000);
+    const int64_t now = NowNs();
+    int64_t timeout_ms = 1000;
     for (auto& [id, s] : sessions_) {
-      if (s->ending) continue;
-      if (s->conn.valid() && !s->stalled) {
-        fds.push_back({s->conn.get(), POLLIN, 0});
-        polled.push_back(s.get());
-      }
-      if (s->unanswered.load() == 0) {
-        auto left = std::chrono::duration_cast<std::chrono::milliseconds>(s->last + s->idle - now);
-        timeout = std::min(timeout, std::max(left, std::chrono::milliseconds(0)));
-      }
+      if (s->stop.load() || s->unanswered.load() != 0) continue;
+      const int64_t left = (s->last_ns.load() + s->idle.count() * 1000000 - now) / 1000000;
+      timeout_ms = std::min(timeout_ms, std::max<int64_t>(left, 0));
     }
-    if (poll(fds.data(), fds.size(), static_cast<int>(timeout.count()) + 1) < 0 &&
-        errno != EINTR) {
+    if (poll(fds.data(), fds.size(), static_cast<int>(timeout_ms) + 1) < 0 && errno != EINTR) {
       spdlog::error("session process: poll: {}", strerror(errno));
       return 1;
-    }
-    if (faulted_.load()) {
-      std::lock_guard lock(fault_mu_);
-      Fault(*fault_);
-      return kExitFault;
     }
     if (fds[1].revents) {
       uint64_t n;
@@ -268,7 +273,12 @@ int SessionHost::Impl::Run() {
           broker_gone_ = true;
         }
         for (auto& [id, s] : sessions_) {
-          if (!s->ending) End(*s, Code::kSessionLost, "the broker ended the session's process");
+          End(*s, Code::kSessionLost, "the broker ended the session's process");
+        }
+        {
+          // Sessions waiting for a kernel wait no more.
+          std::lock_guard lock(modules_mu_);
+          modules_cv_.notify_all();
         }
         while (!sessions_.empty()) {
           Reap();
@@ -279,16 +289,12 @@ int SessionHost::Impl::Run() {
       }
     }
     if (first_pending > 2 && fds[2].revents) Accept();
-    for (size_t i = first_session; i > first_pending; --i) {
+    for (size_t i = fds.size(); i > first_pending; --i) {
       if (fds[i - 1].revents) OnPending(i - 1 - first_pending);
     }
-    for (size_t i = 0; i < polled.size(); ++i) {
-      Session& s = *polled[i];
-      if (fds[first_session + i].revents && !s.ending) OnClient(s);
-    }
-    now = Clock::now();
+    const int64_t later = NowNs();
     for (auto& [id, s] : sessions_) {
-      if (!s->ending && s->unanswered.load() == 0 && now - s->last >= s->idle) {
+      if (s->unanswered.load() == 0 && later - s->last_ns.load() >= s->idle.count() * 1000000) {
         End(*s, Code::kSessionLost,
             "idle for " + std::to_string(s->idle.count()) + " ms, its timeout");
       }
@@ -304,9 +310,7 @@ void SessionHost::Impl::OnControl(SessionMessage& m) {
       return;
     case SessionOp::kEnd: {
       auto it = sessions_.find(m.session);
-      if (it != sessions_.end() && !it->second->ending) {
-        End(*it->second, Code::kSessionLost, "closed through the broker");
-      }
+      if (it != sessions_.end()) End(*it->second, Code::kSessionLost, "closed through the broker");
       return;
     }
     case SessionOp::kModule:
@@ -328,23 +332,18 @@ void SessionHost::Impl::Open(const SessionMessage& m) {
     Control(r);
     return;
   }
-  auto stream = device_->NewStream();
-  if (!stream.ok()) {
-    r.code = stream.status().code();
-    r.error = stream.status().message();
-    Control(r);
-    return;
-  }
   auto s = std::make_unique<Session>();
   s->id = m.session;
   s->token = m.token;
   s->memory = m.memory;
   s->idle = std::chrono::milliseconds(m.idle_ms);
-  s->last = Clock::now();
-  s->stream = std::move(*stream);
-  Session* raw = s.get();
-  s->thread = std::thread([this, raw] { Completions(raw); });
+  s->last_ns = NowNs();
+  s->wake = UniqueFd(eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC));
   sessions_.emplace(m.session, std::move(s));
+  {
+    std::lock_guard lock(ids_mu_);
+    ids_.insert(m.session);
+  }
   Control(r);
 }
 
@@ -352,7 +351,7 @@ void SessionHost::Impl::Accept() {
   for (;;) {
     auto c = AcceptSeqpacket(listener_.get());  // any socket type: accept4
     if (!c.ok() || !c->valid()) return;
-    // Blocking, for the completion thread's writes; reads never wait
+    // Blocking, for the session thread's writes; reads never wait
     // (FrameReader reads with MSG_DONTWAIT).
     (void)fcntl(c->get(), F_SETFL, fcntl(c->get(), F_GETFL) & ~O_NONBLOCK);
     pending_.push_back(std::make_unique<Pending>(std::move(*c), 4096));
@@ -366,7 +365,7 @@ void SessionHost::Impl::OnPending(size_t i) {
   std::string frame;
   auto next = p.reader.Next(&frame);
   auto drop = [&] { pending_.erase(pending_.begin() + static_cast<std::ptrdiff_t>(i)); };
-  if (!next.ok() || (!st.ok() && !(next.ok() && *next))) {
+  if (!next.ok() || (!st.ok() && !*next)) {
     drop();
     return;
   }
@@ -382,7 +381,8 @@ void SessionHost::Impl::OnPending(size_t i) {
     return refuse(Error(Code::kInvalid, "a connection begins with hello"));
   }
   auto it = sessions_.find(m.session);
-  if (it == sessions_.end() || !SameToken(it->second->token, m.token) || it->second->ending) {
+  if (it == sessions_.end() || !SameToken(it->second->token, m.token) ||
+      it->second->stop.load()) {
     return refuse(Error(Code::kNotFound, "no session " + std::to_string(m.session) +
                                              " with that token here"));
   }
@@ -391,21 +391,76 @@ void SessionHost::Impl::OnPending(size_t i) {
     return refuse(Error(Code::kInvalid, "session " + std::to_string(s.id) +
                                             " has its client's connection already"));
   }
+  auto stream = device_->NewStream();
+  if (!stream.ok()) return refuse(stream.status());
+  s.stream = std::move(*stream);
   s.conn = std::move(p.fd);
   s.reader = std::make_unique<FrameReader>(MaxFrame());
-  s.last = Clock::now();
+  // What came after the hello is the session's.
+  s.reader->Append(p.reader.TakeRest());
+  s.last_ns = NowNs();
   SessionMessage ok;
   ok.op = SessionOp::kDone;
   (void)WriteFrame(s.conn.get(), schema::EncodeSessionMessage(ok));
   drop();
-  // What came after the hello is the session's.
-  OnClient(s);
+  Session* raw = &s;
+  s.thread = std::thread([this, raw] { Serve(raw); });
 }
 
-bool SessionHost::Impl::OnClient(Session& s) {
+void SessionHost::Impl::Serve(Session* sp) {
+  Session& s = *sp;
+  bool open = true;
+  auto spin_until = Clock::now() + opt_.spin;
+  // Past this many bytes of answers its client has not taken, no more
+  // requests are read until it takes them.
+  constexpr size_t kMaxUnread = 64u << 20;
+  while (!s.stop.load()) {
+    if (open && s.out.queued() < kMaxUnread) {
+      const bool took = s.reader->buffered() > 0;
+      open = Read(s);
+      if (took || s.reader->buffered() > 0) spin_until = Clock::now() + opt_.spin;
+    }
+    if (!Complete(s, false)) return;
+    if (s.out.pending() && !s.out.Flush(s.conn.get()).ok()) open = false;
+    if (s.stop.load()) break;
+    if (!open) {
+      if (s.pending.empty()) break;
+      if (!Complete(s, true)) return;
+      continue;
+    }
+    if (!s.pending.empty() && opt_.spin.count() > 0) continue;  // polls the GPU and the socket
+    // Nothing to take: wait for a request, for room for the answers, or
+    // for the work ahead.
+    pollfd fds[2] = {{s.conn.get(), 0, 0}, {s.wake.get(), POLLIN, 0}};
+    if (s.out.queued() < kMaxUnread) fds[0].events |= POLLIN;
+    if (s.out.pending()) fds[0].events |= POLLOUT;
+    const bool spinning = opt_.spin.count() > 0 && Clock::now() < spin_until;
+    const int ready = poll(fds, 2, spinning || !s.pending.empty() ? 0 : 1000);
+    if (ready == 0 && !s.pending.empty()) {
+      if (!Complete(s, true)) return;
+    }
+    if (fds[1].revents) {
+      uint64_t n;
+      (void)!read(s.wake.get(), &n, sizeof n);
+    }
+  }
+  // Ending: what was asked is answered first.
+  while (!s.pending.empty()) {
+    if (!Complete(s, true)) return;
+  }
+  for (int i = 0; i < 1000 && s.out.pending(); ++i) {
+    pollfd p{s.conn.get(), POLLOUT, 0};
+    if (poll(&p, 1, 10) < 0 || !s.out.Flush(s.conn.get()).ok()) break;
+  }
+  if (!open) End(s, Code::kSessionLost, "its client's connection closed");
+  s.finished = true;
+  Wake();
+}
+
+bool SessionHost::Impl::Read(Session& s) {
   Status st = s.reader->Fill(s.conn.get());
   std::string frame;
-  while (!s.stalled && !s.ending) {
+  for (;;) {
     auto next = s.reader->Next(&frame);
     if (!next.ok()) {
       Answer(s, 0, next.status());
@@ -413,7 +468,7 @@ bool SessionHost::Impl::OnClient(Session& s) {
       return false;
     }
     if (!*next) break;
-    s.last = Clock::now();
+    s.last_ns = NowNs();
     SessionMessage m;
     Status d = schema::DecodeSessionMessage(frame, schema::Limits{}, opt_.max_data, &m);
     if (!d.ok()) {
@@ -421,21 +476,43 @@ bool SessionHost::Impl::OnClient(Session& s) {
       continue;
     }
     Handle(s, m);
+    if (s.stop.load()) return true;
   }
-  if (!st.ok() && !s.ending && !s.stalled) {
-    End(s, Code::kSessionLost, "its client's connection closed");
-    return false;
-  }
-  return true;
+  return st.ok();
 }
 
-void SessionHost::Impl::Push(Session& s, Entry e) {
-  s.unanswered.fetch_add(1);
-  {
-    std::lock_guard lock(s.mu);
-    s.queue.push_back(std::move(e));
+bool SessionHost::Impl::Complete(Session& s, bool wait) {
+  while (!s.pending.empty()) {
+    Entry& e = s.pending.front();
+    if (e.mark) {
+      StatusOr<uint64_t> ns = uint64_t{0};
+      if (!wait) {
+        auto ready = s.stream->Ready(*e.mark);
+        if (ready.ok() && !*ready) return true;
+        ns = ready.ok() ? s.stream->Wait(*e.mark) : StatusOr<uint64_t>(ready.status());
+      } else {
+        ns = s.stream->Wait(*e.mark);
+      }
+      if (!ns.ok()) {
+        // A fault: the context is gone, and with it every session here. No
+        // session of this process answers anything from now on.
+        Status lost(Code::kSessionLost, "a kernel faulted: " + ns.status().message());
+        faulted_ = true;
+        (void)s.out.Flush(s.conn.get());
+        (void)WriteFrame(s.conn.get(), schema::EncodeSessionMessage(ErrorReply(e.reply.rid, lost)));
+        Fault(lost);
+        return false;
+      }
+      if (e.timed) e.reply.kernel_ns = *ns;
+      if (e.read) e.reply.data = std::move(*e.read);
+    }
+    if (faulted_.load()) return false;
+    s.out.Push(schema::EncodeSessionMessage(e.reply));
+    s.pending.pop_front();
+    s.unanswered.fetch_sub(1);
+    wait = false;
   }
-  s.cv.notify_one();
+  return true;
 }
 
 void SessionHost::Impl::Done(Session& s, uint64_t rid, Entry e) {
@@ -451,9 +528,7 @@ void SessionHost::Impl::Done(Session& s, uint64_t rid, Entry e) {
 
 void SessionHost::Impl::Handle(Session& s, SessionMessage& m) {
   const uint64_t rid = m.rid;
-  if (rid == 0 && m.op != SessionOp::kHello) {
-    return Answer(s, 0, Error(Code::kMalformed, "rid must be at least 1"));
-  }
+  if (rid == 0) return Answer(s, 0, Error(Code::kMalformed, "rid must be at least 1"));
   auto buffer = [&](uint32_t h, uint64_t offset, uint64_t size) -> StatusOr<Buffer> {
     auto it = s.buffers.find(h);
     if (it == s.buffers.end()) {
@@ -476,12 +551,12 @@ void SessionHost::Impl::Handle(Session& s, SessionMessage& m) {
                                         std::to_string(s.memory) + " bytes; " +
                                         std::to_string(m.size) + " more asked"));
       }
-      if (next_buffer_ == 0) {
+      const uint32_t h = next_buffer_.fetch_add(1);
+      if (h == 0 || s.buffers.count(h)) {
         return Answer(s, rid, Error(Code::kResourceExhausted, "buffer handles ran out"));
       }
       auto p = s.stream->Alloc(m.size);
       if (!p.ok()) return Answer(s, rid, p.status());
-      const uint32_t h = next_buffer_++;
       s.buffers[h] = Buffer{*p, m.size};
       s.held += m.size;
       Entry e;
@@ -503,12 +578,11 @@ void SessionHost::Impl::Handle(Session& s, SessionMessage& m) {
     case SessionOp::kWrite: {
       auto b = buffer(m.buffer, m.offset, m.data.size());
       if (!b.ok()) return Answer(s, rid, b.status());
-      auto keep = std::make_shared<const std::string>(std::move(m.data));
-      if (Status w = s.stream->Write(b->ptr + m.offset, *keep); !w.ok()) {
+      Entry e;
+      e.keep = std::move(m.data);
+      if (Status w = s.stream->Write(b->ptr + m.offset, e.keep); !w.ok()) {
         return Answer(s, rid, w);
       }
-      Entry e;
-      e.keep = std::move(keep);
       Done(s, rid, std::move(e));
       return;
     }
@@ -570,29 +644,47 @@ void SessionHost::Impl::Handle(Session& s, SessionMessage& m) {
   }
 }
 
-void SessionHost::Impl::Launch(Session& s, SessionMessage& m) {
-  const std::string key = KernelKey(m.kernel);
+StatusOr<std::shared_ptr<SessionKernel>> SessionHost::Impl::Kernel(Session& s,
+                                                                   const schema::KernelSpec& k) {
+  const std::string key = KernelKey(k);
+  std::unique_lock lock(modules_mu_);
   auto it = modules_.find(key);
-  if (it == modules_.end() || !it->second.ready) {
-    if (it == modules_.end()) {
-      // Compiled once by the broker's compile service (its cache and its
-      // sandbox), loaded here once.
-      it = modules_.emplace(key, Module{}).first;
-      module_order_.push_back(key);
-      SessionMessage c;
-      c.op = SessionOp::kCompile;
-      c.rid = next_rid_++;
-      c.kernel = m.kernel;
-      compiling_[c.rid] = key;
-      Control(c);
-    }
-    it->second.waiting.push_back(s.id);
-    s.stalled = std::move(m);
-    return;
+  if (it == modules_.end()) {
+    // Compiled once by the broker's compile service (its cache and its
+    // sandbox), loaded here once.
+    it = modules_.emplace(key, Module{}).first;
+    module_order_.push_back(key);
+    SessionMessage c;
+    c.op = SessionOp::kCompile;
+    c.rid = next_rid_++;
+    c.kernel = k;
+    compiling_[c.rid] = key;
+    Control(c);
   }
-  if (!it->second.failed.ok()) return Answer(s, m.rid, it->second.failed);
-  const SessionKernel& kernel = *it->second.kernel;
-  if (Status c = device_->CheckLaunch(kernel, m.launch); !c.ok()) return Answer(s, m.rid, c);
+  modules_cv_.wait(lock, [&] {
+    auto m = modules_.find(key);
+    return m == modules_.end() || m->second.ready || s.stop.load();
+  });
+  it = modules_.find(key);
+  if (it == modules_.end() || !it->second.ready) {
+    return Error(Code::kUnavailable, "the session ended while its kernel compiled");
+  }
+  Module& mod = it->second;
+  if (!mod.failed.ok()) {
+    // Failures are not kept: a later launch asks again (the broker's cache
+    // answers a failed compile at once).
+    Status failed = mod.failed;
+    modules_.erase(it);
+    std::erase(module_order_, key);
+    return failed;
+  }
+  return mod.kernel;
+}
+
+void SessionHost::Impl::Launch(Session& s, SessionMessage& m) {
+  auto kernel = Kernel(s, m.kernel);
+  if (!kernel.ok()) return Answer(s, m.rid, kernel.status());
+  if (Status c = device_->CheckLaunch(**kernel, m.launch); !c.ok()) return Answer(s, m.rid, c);
   std::vector<uint64_t> slots(m.args.size());
   std::vector<void*> params(m.args.size());
   for (size_t i = 0; i < m.args.size(); ++i) {
@@ -617,7 +709,7 @@ void SessionHost::Impl::Launch(Session& s, SessionMessage& m) {
     }
     slots[i] = b->second.ptr + a.offset;
   }
-  auto mark = s.stream->Launch(kernel, m.launch, params);
+  auto mark = s.stream->Launch(**kernel, m.launch, params);
   if (!mark.ok()) return Answer(s, m.rid, mark.status());
   Entry e;
   e.mark = std::move(*mark);
@@ -626,6 +718,7 @@ void SessionHost::Impl::Launch(Session& s, SessionMessage& m) {
 }
 
 void SessionHost::Impl::OnModule(SessionMessage& m) {
+  std::lock_guard lock(modules_mu_);
   auto c = compiling_.extract(m.rid);
   if (c.empty()) return;
   auto it = modules_.find(c.mapped());
@@ -642,72 +735,67 @@ void SessionHost::Impl::OnModule(SessionMessage& m) {
       mod.failed = k.status();
     }
   }
-  std::vector<uint64_t> waiting = std::move(mod.waiting);
-  // Failures are not kept: a later launch asks again (the broker's cache
-  // answers a failed compile at once).
-  const bool drop = !mod.failed.ok();
-  for (uint64_t id : waiting) {
-    auto s = sessions_.find(id);
-    if (s == sessions_.end() || !s->second->stalled) continue;
-    Session& ss = *s->second;
-    SessionMessage launch = std::move(*ss.stalled);
-    ss.stalled.reset();
-    if (ss.ending) continue;
-    if (drop) {
-      Answer(ss, launch.rid, mod.failed);
-    } else {
-      Launch(ss, launch);
-    }
-    if (ss.conn.valid() && !ss.stalled) OnClient(ss);
-  }
-  if (drop) {
-    modules_.erase(it);
-    std::erase(module_order_, c.mapped());
-  }
+  // Kernels no session holds are dropped, oldest first.
   while (module_order_.size() > kMaxModules) {
     auto old = modules_.find(module_order_.front());
-    if (old != modules_.end() && old->second.waiting.empty() && old->second.ready) {
+    if (old != modules_.end() && old->second.ready && old->second.kernel.use_count() == 1) {
       modules_.erase(old);
     }
     module_order_.pop_front();
   }
+  modules_cv_.notify_all();
 }
 
 void SessionHost::Impl::End(Session& s, Code code, std::string why) {
-  s.ending = true;
-  s.end_code = code;
-  s.end_why = std::move(why);
-  Entry stop;
-  stop.stop = true;
   {
     std::lock_guard lock(s.mu);
-    s.queue.push_back(std::move(stop));
+    if (s.ending) return;
+    s.ending = true;
+    s.end_code = code;
+    s.end_why = std::move(why);
   }
-  s.cv.notify_one();
+  s.stop = true;
+  uint64_t one = 1;
+  (void)!write(s.wake.get(), &one, sizeof one);
+  {
+    std::lock_guard lock(modules_mu_);
+    modules_cv_.notify_all();
+  }
+  Wake();
 }
 
 void SessionHost::Impl::Reap() {
   for (auto it = sessions_.begin(); it != sessions_.end();) {
     Session& s = *it->second;
-    if (!s.ending || !s.finished.load()) {
+    // A session whose client never came ends here; one with a thread once
+    // its thread has answered what it was asked.
+    if (!s.stop.load() || (s.thread.joinable() && !s.finished.load())) {
       ++it;
       continue;
     }
-    s.thread.join();
-    // Its work is done: its memory goes back, in stream order.
-    for (auto& [h, b] : s.buffers) s.stream->Free(b.ptr);
-    if (auto m = s.stream->Mark(); m.ok()) (void)s.stream->Wait(**m);
-    s.buffers.clear();
-    s.stream.reset();
-    if (s.conn.valid() && s.end_code != Code::kOk) {
-      SessionMessage lost = ErrorReply(0, Status(s.end_code, s.end_why));
-      (void)WriteFrame(s.conn.get(), schema::EncodeSessionMessage(lost));
+    if (s.thread.joinable()) s.thread.join();
+    if (s.stream) {
+      // Its work is done: its memory goes back, in stream order.
+      for (auto& [h, b] : s.buffers) s.stream->Free(b.ptr);
+      if (auto m = s.stream->Mark(); m.ok()) (void)s.stream->Wait(**m);
+      s.buffers.clear();
+      s.stream.reset();
+    }
+    Code code;
+    std::string why;
+    {
+      std::lock_guard lock(s.mu);
+      code = s.end_code;
+      why = s.end_why;
+    }
+    if (s.conn.valid() && code != Code::kOk) {
+      (void)WriteFrame(s.conn.get(), schema::EncodeSessionMessage(ErrorReply(0, Status(code, why))));
     }
     SessionMessage ended;
     ended.op = SessionOp::kEnded;
     ended.session = s.id;
-    ended.code = s.end_code;
-    ended.error = s.end_why;
+    ended.code = code;
+    ended.error = why;
     Control(ended);
     if (s.conn.valid() && s.close_rid) {
       SessionMessage done;
@@ -715,54 +803,25 @@ void SessionHost::Impl::Reap() {
       done.rid = s.close_rid;
       (void)WriteFrame(s.conn.get(), schema::EncodeSessionMessage(done));
     }
-    spdlog::info("session {} ended: {}", s.id, s.end_why);
+    spdlog::info("session {} ended: {}", s.id, why);
+    {
+      std::lock_guard lock(ids_mu_);
+      ids_.erase(s.id);
+    }
     it = sessions_.erase(it);
   }
 }
 
-void SessionHost::Impl::Completions(Session* s) {
-  for (;;) {
-    Entry e;
-    {
-      std::unique_lock lock(s->mu);
-      s->cv.wait(lock, [&] { return !s->queue.empty(); });
-      e = std::move(s->queue.front());
-      s->queue.pop_front();
-    }
-    if (e.stop) break;
-    if (e.mark) {
-      auto ns = s->stream->Wait(*e.mark);
-      if (!ns.ok()) {
-        // A fault: the context is gone, and with it every session here.
-        Status lost(Code::kSessionLost, "a kernel faulted: " + ns.status().message());
-        if (s->conn.valid()) {
-          (void)WriteFrame(s->conn.get(),
-                           schema::EncodeSessionMessage(ErrorReply(e.reply.rid, lost)));
-        }
-        {
-          std::lock_guard lock(fault_mu_);
-          if (!fault_) fault_ = lost;
-        }
-        faulted_ = true;
-        Wake();
-        break;
-      }
-      if (e.timed) e.reply.kernel_ns = *ns;
-      if (e.read) e.reply.data = std::move(*e.read);
-    }
-    if (s->conn.valid()) {
-      (void)WriteFrame(s->conn.get(), schema::EncodeSessionMessage(e.reply));
-    }
-    s->unanswered.fetch_sub(1);
-  }
-  s->finished = true;
-  Wake();
-}
-
 void SessionHost::Impl::Fault(const Status& why) {
+  std::lock_guard once(fault_mu_);  // the first thread to come ends the process
   spdlog::error("session process for tenant '{}': {}; its sessions end", opt_.tenant,
                 why.ToString());
-  for (auto& [id, s] : sessions_) {
+  std::set<uint64_t> ids;
+  {
+    std::lock_guard lock(ids_mu_);
+    ids = ids_;
+  }
+  for (uint64_t id : ids) {
     SessionMessage ended;
     ended.op = SessionOp::kEnded;
     ended.session = id;
@@ -771,7 +830,7 @@ void SessionHost::Impl::Fault(const Status& why) {
     Control(ended);
   }
   (void)unlink(opt_.socket_path.c_str());
-  // Completion threads may be blocked on a dead context: the process ends
+  // Session threads may be blocked on a dead context: the process ends
   // without waiting for them.
   spdlog::shutdown();
   _exit(kExitFault);

@@ -1,0 +1,207 @@
+// Session benchmark (PROTOCOL.md, "Sessions"): a client of the GPU's host
+// and its session's process, through gpuqd with one real gpuq-worker.
+//   gpuq-bench-session [--spin-us N] [--iterations N]
+// Prints, p50 / p99 over N after a warm-up:
+//   empty: an empty kernel launched and its end known by the client;
+//   saxpy: write 2 x 4 KB, launch saxpy, read 4 KB;
+//   in flight: 1000 empty launches sent at once, then their answers;
+// and each launch's time on the GPU (CUDA events). The in-process floors
+// come from gpuq-bench-floor and CuPy in the same run (bench/run_gpu.sh).
+#include <CLI/CLI.hpp>
+#include <limits.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <filesystem>
+#include <thread>
+#include <vector>
+
+#include "gpuq/client.h"
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+using gpuq::schema::Arg;
+
+std::string Beside(const std::string& name) {
+  char buf[PATH_MAX];
+  ssize_t n = readlink("/proc/self/exe", buf, sizeof buf - 1);
+  return (std::filesystem::path(std::string(buf, n > 0 ? n : 0)).parent_path() / name).string();
+}
+
+struct Stats {
+  double p50, p99, mean;
+};
+
+Stats Summarize(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  double sum = 0;
+  for (double x : v) sum += x;
+  return {v[v.size() / 2], v[std::min(v.size() - 1, v.size() * 99 / 100)], sum / v.size()};
+}
+
+double Us(Clock::time_point a, Clock::time_point b) {
+  return std::chrono::duration<double, std::micro>(b - a).count();
+}
+
+constexpr char kKernels[] = R"(
+extern "C" __global__ void empty() {}
+extern "C" __global__ void saxpy(float a, const float* x, float* y, unsigned n) {
+  unsigned i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < n) y[i] = a * x[i] + y[i];
+}
+)";
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  int spin_us = 0, iterations = 5000;
+  CLI::App app{"gpuq-bench-session"};
+  app.add_option("--spin-us", spin_us,
+                 "gpuqd's --spin-us (its session processes poll that long) and the client's");
+  app.add_option("--iterations", iterations, "Samples per figure");
+  bool fake = false;
+  app.add_flag("--fake", fake,
+               "The test doubles' worker and session device (no GPU): the path's own cost");
+  CLI11_PARSE(app, argc, argv);
+
+  std::string dir = std::filesystem::temp_directory_path().string() + "/gpuq-bench-XXXXXX";
+  if (!mkdtemp(dir.data())) return 1;
+  const std::string client_ep = "ipc://" + dir + "/c.sock";
+  pid_t broker = fork();
+  if (broker == 0) {
+    FILE* f = freopen((dir + "/gpuqd.log").c_str(), "a", stdout);
+    (void)f;
+    dup2(1, 2);
+    std::vector<std::string> args = {Beside("gpuqd"), "--listen", client_ep, "--worker-listen",
+                                     "ipc://" + dir + "/w.sock", "--store", dir + "/jobs.db",
+                                     "--cache", dir + "/k.db", "--workers", fake ? "0" : "1",
+                                     "--log-level", "warn", "--spin-us", std::to_string(spin_us)};
+    if (fake) {
+      args.insert(args.end(), {"--session-bin", Beside("gpuq-fake-session")});
+    }
+    std::vector<char*> a;
+    for (auto& s : args) a.push_back(s.data());
+    a.push_back(nullptr);
+    execv(a[0], a.data());
+    _exit(127);
+  }
+  pid_t worker = -1;
+  if (fake) {
+    worker = fork();
+    if (worker == 0) {
+      std::vector<std::string> args = {Beside("gpuq-fake-worker"), "--broker",
+                                       "ipc://" + dir + "/w.sock", "--local-dir",
+                                       dir + "/jobs.db.blobs"};
+      std::vector<char*> a;
+      for (auto& s : args) a.push_back(s.data());
+      a.push_back(nullptr);
+      execv(a[0], a.data());
+      _exit(127);
+    }
+  }
+  auto cleanup = [&](int rc) {
+    if (worker > 0) kill(worker, SIGKILL), waitpid(worker, nullptr, 0);
+    kill(broker, SIGTERM);
+    waitpid(broker, nullptr, 0);
+    std::filesystem::remove_all(dir);
+    return rc;
+  };
+  gpuq::ClientOptions o;
+  o.spin = std::chrono::microseconds(spin_us);
+  o.timeout = gpuq::Millis(60000);
+  auto client = gpuq::Client::Connect(client_ep, o);
+  if (!client.ok()) return cleanup(1);
+  std::unique_ptr<gpuq::Session> s;
+  for (int i = 0; i < 600 && !s; ++i) {  // until the worker has registered
+    auto opened = (*client)->OpenSession();
+    if (opened.ok()) {
+      s = std::move(*opened);
+    } else {
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+  }
+  if (!s) {
+    fprintf(stderr, "no session\n");
+    return cleanup(1);
+  }
+
+  gpuq::SessionLaunch empty;
+  empty.kernel.source = kKernels;
+  empty.kernel.entry = "empty";
+  empty.launch.grid = empty.launch.block = {1, 1, 1};
+  const unsigned n = 1024;
+  auto x = s->Alloc(n * 4), y = s->Alloc(n * 4);
+  if (!x.ok() || !y.ok()) return cleanup(1);
+  gpuq::SessionLaunch saxpy;
+  saxpy.kernel.source = kKernels;
+  saxpy.kernel.entry = "saxpy";
+  saxpy.launch.grid = {n / 256, 1, 1};
+  saxpy.launch.block = {256, 1, 1};
+  saxpy.args = {Arg::F32(2.0f), Arg::Ref(*x), Arg::Ref(*y), Arg::U32(n)};
+  const std::vector<float> hx(n, 1.0f), hy(n, 2.0f);
+
+  std::vector<double> e2e, gpu;
+  for (int i = 0; i < iterations + 200; ++i) {
+    auto t0 = Clock::now();
+    auto ns = s->Launch(empty);
+    auto t1 = Clock::now();
+    if (!ns.ok()) {
+      fprintf(stderr, "launch: %s\n", ns.status().ToString().c_str());
+      return cleanup(1);
+    }
+    if (i >= 200) {
+      e2e.push_back(Us(t0, t1));
+      gpu.push_back(*ns / 1e3);
+    }
+  }
+  const Stats empty_s = Summarize(e2e), empty_gpu = Summarize(gpu);
+
+  std::vector<double> sx;
+  for (int i = 0; i < iterations + 200; ++i) {
+    auto t0 = Clock::now();
+    bool ok = s->Write(*x, 0, hx.data(), n * 4).ok() && s->Write(*y, 0, hy.data(), n * 4).ok() &&
+              s->Launch(saxpy).ok();
+    auto r = s->Read(*y, 0, n * 4);
+    auto t1 = Clock::now();
+    if (!ok || !r.ok() || (!fake && reinterpret_cast<const float*>(r->data())[7] != 4.0f)) {
+      fprintf(stderr, "saxpy failed\n");
+      return cleanup(1);
+    }
+    if (i >= 200) sx.push_back(Us(t0, t1));
+  }
+  const Stats saxpy_s = Summarize(sx);
+
+  std::vector<double> rates;
+  for (int round = 0; round < 7; ++round) {
+    std::vector<uint64_t> tickets;
+    tickets.reserve(1000);
+    auto t0 = Clock::now();
+    for (int i = 0; i < 1000; ++i) {
+      auto t = s->LaunchAsync(empty);
+      if (!t.ok()) return cleanup(1);
+      tickets.push_back(*t);
+    }
+    for (uint64_t t : tickets) {
+      if (!s->Wait(t).ok()) return cleanup(1);
+    }
+    auto t1 = Clock::now();
+    if (round >= 2) rates.push_back(1000 / (Us(t0, t1) / 1e6));
+  }
+  const Stats rate = Summarize(rates);
+
+  printf("gpuq sessions, client on the GPU's host, --spin-us %d (%s)\n\n", spin_us,
+         spin_us ? "both sides poll" : "threads sleep");
+  printf("| | p50 | p99 | GPU time (CUDA events) p50 |\n|---|---|---|---|\n");
+  printf("| empty kernel, launch to end known by the client | %.1f µs | %.1f µs | %.1f µs |\n",
+         empty_s.p50, empty_s.p99, empty_gpu.p50);
+  printf("| 4 KB saxpy: write 2 x 4 KB, launch, read 4 KB | %.1f µs | %.1f µs | |\n",
+         saxpy_s.p50, saxpy_s.p99);
+  printf("| 1000 empty launches in flight | %.0f launches/s | | |\n", rate.p50);
+  (void)s->Close();
+  return cleanup(0);
+}

@@ -1,0 +1,155 @@
+// Sessions on a real GPU (PROTOCOL.md, "Sessions"): a chain of kernels over
+// session buffers against a CPU reference on fresh random inputs; freed and
+// foreign handles refused; a kernel fault in one tenant's session leaving
+// another tenant's session on the same GPU intact, byte for byte.
+#include <cmath>
+#include <cstring>
+
+#include "tests/gpu/gpu_fixture.h"
+
+namespace gpuq::testing {
+namespace {
+
+using schema::Arg;
+
+class SessionsGpuTest : public GpuFixture {
+ protected:
+  static void SetUpTestSuite() { StartBroker("1"); }
+  static void TearDownTestSuite() { StopBroker(); }
+
+  std::unique_ptr<Session> Open(const std::string& tenant) {
+    SessionOptions o;
+    o.tenant = tenant;
+    auto s = client_->OpenSession(o);
+    EXPECT_TRUE(s.ok()) << s.status().ToString() << Log();
+    return s.ok() ? std::move(*s) : nullptr;
+  }
+  static SessionLaunch L(const std::string& entry, unsigned n, std::vector<Arg> args) {
+    SessionLaunch l;
+    l.kernel.source = kKernels;
+    l.kernel.entry = entry;
+    l.launch.grid = {(n + 255) / 256, 1, 1};
+    l.launch.block = {256, 1, 1};
+    l.args = std::move(args);
+    return l;
+  }
+  static constexpr char kKernels[] = R"(
+extern "C" __global__ void saxpy(float a, const float* x, float* y, unsigned n) {
+  unsigned i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < n) y[i] = a * x[i] + y[i];
+}
+extern "C" __global__ void scale_add(float* y, float s, float c, unsigned n) {
+  unsigned i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < n) y[i] = y[i] * s + c;
+}
+extern "C" __global__ void fault(float* p, unsigned n) {
+  *(volatile float*)(p + (1ull << 40)) = 1.0f;
+}
+)";
+};
+
+TEST_F(SessionsGpuTest, AChainOfKernelsOverSessionBuffersMatchesTheCpu) {
+  auto s = Open("chain");
+  ASSERT_TRUE(s);
+  const unsigned n = 1 << 20;
+  const uint64_t bytes = uint64_t{n} * 4;
+  std::uniform_real_distribution<float> d(-1.0f, 1.0f);
+  std::vector<float> x(n), y(n);
+  for (unsigned i = 0; i < n; ++i) x[i] = d(rng_), y[i] = d(rng_);
+  auto bx = s->Alloc(bytes), by = s->Alloc(bytes);
+  ASSERT_TRUE(bx.ok() && by.ok());
+  ASSERT_TRUE(s->Write(*bx, 0, x.data(), bytes).ok());
+  ASSERT_TRUE(s->Write(*by, 0, y.data(), bytes).ok());
+  // Ten steps, all in flight at once, the buffers never leaving the GPU.
+  std::vector<float> want = y;
+  std::vector<uint64_t> tickets;
+  for (int step = 0; step < 10; ++step) {
+    const float a = d(rng_), sc = d(rng_), c = d(rng_);
+    auto t1 = s->LaunchAsync(L("saxpy", n, {Arg::F32(a), Arg::Ref(*bx), Arg::Ref(*by), Arg::U32(n)}));
+    auto t2 = s->LaunchAsync(L("scale_add", n, {Arg::Ref(*by), Arg::F32(sc), Arg::F32(c), Arg::U32(n)}));
+    ASSERT_TRUE(t1.ok() && t2.ok());
+    tickets.push_back(*t1);
+    tickets.push_back(*t2);
+    for (unsigned i = 0; i < n; ++i) {
+      want[i] = std::fmaf(a, x[i], want[i]);
+      want[i] = std::fmaf(want[i], sc, c);
+    }
+  }
+  for (uint64_t t : tickets) {
+    auto ns = s->Wait(t);
+    ASSERT_TRUE(ns.ok()) << ns.status().ToString();
+    EXPECT_GT(*ns, 0u);
+  }
+  auto got = s->Read(*by, 0, bytes);
+  ASSERT_TRUE(got.ok()) << got.status().ToString();
+  const float* g = reinterpret_cast<const float*>(got->data());
+  for (unsigned i = 0; i < n; ++i) {
+    ASSERT_NEAR(g[i], want[i], 1e-4f * (1 + std::fabs(want[i]))) << "element " << i;
+  }
+  // Bytes of a buffer at an offset, and a copy between buffers.
+  ASSERT_TRUE(s->Copy(*bx, 4, *by, 0, 8).ok());
+  auto part = s->Read(*bx, 0, 12);
+  ASSERT_TRUE(part.ok());
+  EXPECT_EQ(std::memcmp(part->data(), x.data(), 4), 0);
+  EXPECT_EQ(std::memcmp(part->data() + 4, g, 8), 0);
+  EXPECT_TRUE(s->Close().ok());
+}
+
+TEST_F(SessionsGpuTest, FreedAndForeignHandlesAreRefused) {
+  auto a = Open("hands-a"), b = Open("hands-b");
+  ASSERT_TRUE(a && b);
+  auto ha = a->Alloc(4096), hb = b->Alloc(4096);
+  ASSERT_TRUE(ha.ok() && hb.ok());
+  ASSERT_TRUE(a->Fill(*ha, 0, 4096, 0x5a).ok());
+  EXPECT_EQ(b->Read(*ha, 0, 16).status().code(), Code::kNotFound)
+      << "a's handle means nothing in b's session (another process)";
+  EXPECT_EQ(b->Launch(L("scale_add", 16, {Arg::Ref(*ha), Arg::F32(1), Arg::F32(1), Arg::U32(16)}))
+                .status()
+                .code(),
+            Code::kNotFound);
+  ASSERT_TRUE(a->Free(*ha).ok());
+  EXPECT_EQ(a->Read(*ha, 0, 16).status().code(), Code::kNotFound) << "use after free";
+  EXPECT_EQ(a->Launch(L("scale_add", 16, {Arg::Ref(*ha), Arg::F32(1), Arg::F32(1), Arg::U32(16)}))
+                .status()
+                .code(),
+            Code::kNotFound);
+  auto fresh = a->Alloc(4096);
+  ASSERT_TRUE(fresh.ok());
+  auto zeros = a->Read(*fresh, 0, 4096);
+  ASSERT_TRUE(zeros.ok());
+  EXPECT_EQ(*zeros, std::string(4096, '\0')) << "new memory reads as zeros, not freed bytes";
+}
+
+TEST_F(SessionsGpuTest, AFaultInOneTenantsSessionLeavesAnotherTenantsIntact) {
+  auto a = Open("fault-a"), b = Open("fault-b");
+  ASSERT_TRUE(a && b);
+  const unsigned n = 1 << 16;
+  std::vector<float> keep(n);
+  std::uniform_real_distribution<float> d(-1.0f, 1.0f);
+  for (float& v : keep) v = d(rng_);
+  auto hb = b->Alloc(n * 4);
+  ASSERT_TRUE(hb.ok());
+  ASSERT_TRUE(b->Write(*hb, 0, keep.data(), n * 4).ok());
+  auto ha = a->Alloc(n * 4);
+  ASSERT_TRUE(ha.ok());
+  auto f = a->Launch(L("fault", 1, {Arg::Ref(*ha), Arg::U32(n)}));
+  EXPECT_EQ(f.status().code(), Code::kSessionLost) << f.status().ToString();
+  EXPECT_EQ(a->Alloc(16).status().code(), Code::kSessionLost);
+  auto got = b->Read(*hb, 0, n * 4);
+  ASSERT_TRUE(got.ok()) << got.status().ToString();
+  EXPECT_EQ(std::memcmp(got->data(), keep.data(), n * 4), 0) << "b's bytes, exactly";
+  // b's session still runs kernels.
+  ASSERT_TRUE(b->Launch(L("scale_add", n, {Arg::Ref(*hb), Arg::F32(2), Arg::F32(0), Arg::U32(n)})).ok());
+  auto twice = b->Read(*hb, 0, 4);
+  ASSERT_TRUE(twice.ok());
+  float v;
+  std::memcpy(&v, twice->data(), 4);
+  EXPECT_EQ(v, 2 * keep[0]);
+  // And the tenant that faulted opens a new session.
+  auto again = Open("fault-a");
+  ASSERT_TRUE(again);
+  EXPECT_TRUE(again->Alloc(16).ok());
+}
+
+}  // namespace
+}  // namespace gpuq::testing
