@@ -23,6 +23,7 @@ int ExitFor(Code code) {
     case Code::kIoError:
     case Code::kQueueFull:
     case Code::kQuotaExceeded:
+    case Code::kSessionLost:
       return kExitUnavailable;
     case Code::kInternal:
       return kExitInternal;

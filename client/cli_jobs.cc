@@ -1,4 +1,5 @@
-// gpuq submit, status, result, cancel, stats, regions, devices, usage: talk to a broker.
+// gpuq submit, status, result, cancel, stats, regions, session, devices, usage: talk to a
+// broker.
 #include <poll.h>
 #include <termios.h>
 #include <unistd.h>
@@ -606,6 +607,13 @@ void PrintStatsText(FILE* f, const json& s) {
                  regions.size(), static_cast<unsigned long long>(bytes),
                  static_cast<unsigned long long>(ended));
   }
+  const json sessions = s.value("sessions", json::array());
+  if (!sessions.empty()) {
+    uint64_t held = 0;
+    for (const auto& x : sessions) held += x.value("held", 0ull);
+    std::fprintf(f, "sessions: %zu open, holding %llu bytes of device memory (gpuq session ls)\n",
+                 sessions.size(), static_cast<unsigned long long>(held));
+  }
   const json workers = s.value("workers", json::array());
   if (workers.empty()) {
     std::fprintf(f, "workers: none attached\n");
@@ -981,6 +989,54 @@ void AddJobCommands(CLI::App& app, Action* action) {
                       r.value("tenant", "").c_str(), r.value("size", 0ull), r.value("jobs", 0ull),
                       r.value("ended", false) ? "ended (waits for its jobs)" : "live");
         }
+      }
+      return kExitOk;
+    };
+  });
+
+  // gpuq session ls | close ID
+  CLI::App* se = app.add_subcommand("session", "Sessions: device memory that stays between "
+                                               "launches, in a process of its tenant's own");
+  se->require_subcommand(1);
+  auto lcommon = std::make_shared<Common>();
+  CLI::App* sl = se->add_subcommand("ls", "The open sessions (a tenant's key: its own)");
+  AddCommon(sl, lcommon.get());
+  sl->callback([=] {
+    *action = [=]() -> int {
+      auto fetched = FetchStats(*lcommon);
+      if (!fetched.ok()) return Fail(*lcommon, fetched.status());
+      const json sessions = fetched->value("sessions", json::array());
+      if (lcommon->json) {
+        std::cout << sessions.dump(2) << "\n";
+      } else if (sessions.empty()) {
+        std::printf("no sessions open\n");
+      } else {
+        std::printf("%-20s %-20s %-40s %14s %14s %10s %8s\n", "session", "tenant", "gpu", "held",
+                    "memory", "age_s", "pid");
+        for (const auto& x : sessions) {
+          std::printf("%-20llu %-20s %-40s %14llu %14llu %10.1f %8llu\n",
+                      x.value("session", 0ull), x.value("tenant", "").c_str(),
+                      x.value("gpu", "").c_str(), x.value("held", 0ull), x.value("memory", 0ull),
+                      x.value("age_ms", 0ull) / 1e3, x.value("pid", 0ull));
+        }
+      }
+      return kExitOk;
+    };
+  });
+  auto ccommon = std::make_shared<Common>();
+  auto close_id = std::make_shared<uint64_t>(0);
+  CLI::App* sc = se->add_subcommand("close", "Ends a session (its buffers are freed)");
+  AddCommon(sc, ccommon.get());
+  sc->add_option("id", *close_id, "The session's id (gpuq session ls)")->required();
+  sc->callback([=] {
+    *action = [=]() -> int {
+      auto client = Connect(*ccommon);
+      if (!client.ok()) return Fail(*ccommon, client.status());
+      if (Status s = (*client)->CloseSession(*close_id); !s.ok()) return Fail(*ccommon, s);
+      if (ccommon->json) {
+        std::cout << json{{"session", *close_id}, {"closed", true}}.dump(2) << "\n";
+      } else {
+        std::printf("session %llu closed\n", static_cast<unsigned long long>(*close_id));
       }
       return kExitOk;
     };

@@ -219,6 +219,7 @@ TEST(StatsTest, TheEncoderWritesTheGoldenStatsShape) {
   w.worker = "gpu-host-1:3112:0";
   s.workers = {w};
   s.regions = {{0x5eed0000cafe0001ull, "vm-7", 64ull << 20, 2, false}};
+  s.sessions = {{0x5e55000000000001ull, "vm-7", "GPU-5f1b", 1ull << 30, 8ull << 20, 91000, 4242}};
   s.uptime_s = 1.5;
   std::string golden;
   for (const auto& g : testing::GoldenMessages()) {

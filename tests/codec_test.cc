@@ -47,6 +47,8 @@ T DecodeAs(const std::vector<std::string>& frames, Status* status) {
     *status = DecodeBatch(frames[1], sizes, limits, &out);
   } else if constexpr (std::is_same_v<T, RegionMessage>) {
     *status = DecodeRegionMessage(frames[1], limits, &out);
+  } else if constexpr (std::is_same_v<T, SessionMessage>) {
+    *status = DecodeSessionMessage(frames[1], limits, 1u << 20, &out);
   } else {
     *status = DecodeBrokerMessage(frames[1], sizes, limits, &out);
   }
@@ -80,9 +82,11 @@ TEST_P(GoldenTest, FileDecodesToTheMessageAndReencodesIdentically) {
         using T = std::decay_t<decltype(expected)>;
         const bool client = std::is_same_v<T, ClientRequest> || std::is_same_v<T, ClientReply>;
         const bool region = std::is_same_v<T, RegionMessage>;
-        EXPECT_TRUE(CheckProtocolFrame(frames[0], client   ? kClientProtocol
-                                                  : region ? kRegionProtocol
-                                                           : kWorkerProtocol)
+        const bool session = std::is_same_v<T, SessionMessage>;
+        EXPECT_TRUE(CheckProtocolFrame(frames[0], client    ? kClientProtocol
+                                                  : region  ? kRegionProtocol
+                                                  : session ? kSessionProtocol
+                                                            : kWorkerProtocol)
                         .ok());
         Status s;
         T decoded = DecodeAs<T>(frames, &s);

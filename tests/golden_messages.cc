@@ -28,7 +28,7 @@ std::string SomeStats() {
       p.pack_uint64(v);
     }
   };
-  p.pack_map(19);
+  p.pack_map(20);
   key("queued"), p.pack_uint64(3);
   key("queued_by_priority"), counts({{"5", 2}, {"9", 1}});
   key("queued_by_tenant"), counts({{"vm-7", 3}});
@@ -69,6 +69,16 @@ std::string SomeStats() {
   key("size"), p.pack_uint64(64ull << 20);
   key("jobs"), p.pack_uint64(2);
   key("ended"), p.pack_false();
+  key("sessions");
+  p.pack_array(1);
+  p.pack_map(7);
+  key("session"), p.pack_uint64(0x5e55000000000001ull);
+  key("tenant"), key("vm-7");
+  key("gpu"), key("GPU-5f1b2c3d-0a1b-2c3d-4e5f-60718293a4b5");
+  key("memory"), p.pack_uint64(1ull << 30);
+  key("held"), p.pack_uint64(8ull << 20);
+  key("age_ms"), p.pack_uint64(91000);
+  key("pid"), p.pack_uint32(4242);
   key("uptime_s"), p.pack_double(3600.5);
   return std::string(buf.data(), buf.size());
 }
@@ -687,6 +697,158 @@ std::vector<GoldenMessage> GoldenMessages() {
     m.region = 0x5eed0000cafe0001ull;
     g.push_back({"region_drop", m, {}});
   }
+  // Sessions (PROTOCOL.md, "Sessions"): the broker's requests and reply,
+  // then the session channel.
+  {
+    ClientRequest r;
+    r.op = ClientOp::kSessionOpen;
+    r.rid = 41;
+    r.tenant = "guest-17";
+    r.session.placement.arch = "sm_90";
+    r.session.idle_ms = 60000;
+    r.session.memory = 1ull << 30;
+    g.push_back({"client_session_open", r, {}});
+    r = {};
+    r.op = ClientOp::kSessionClose;
+    r.rid = 42;
+    r.id = 0x5e55000000000001ull;
+    g.push_back({"client_session_close", r, {}});
+    ClientReply rep;
+    rep.op = ReplyOp::kSession;
+    rep.rid = 41;
+    rep.id = 0x5e55000000000001ull;
+    rep.device = "GPU-5a1c3f0e-8d2b-4c6a-9e71-0b3d5f7a9c21";
+    rep.path = "/var/lib/gpuq/jobs.db.blobs/s3f2a9c1d7e5b8a06.sock";
+    rep.token = "c0ffee0123456789abcdef0123456789";
+    g.push_back({"reply_session", rep, {}});
+  }
+  {
+    const uint64_t session = 0x5e55000000000001ull;
+    SessionMessage m;
+    m.op = SessionOp::kHello;
+    m.protocol = std::string(kSessionProtocol);
+    m.session = session;
+    m.token = "c0ffee0123456789abcdef0123456789";
+    g.push_back({"session_hello", m, {}});
+    m = {};
+    m.op = SessionOp::kAlloc;
+    m.rid = 1;
+    m.size = 4096;
+    g.push_back({"session_alloc", m, {}});
+    m = {};
+    m.op = SessionOp::kDone;
+    m.rid = 1;
+    m.buffer = 7340033;
+    g.push_back({"session_done_alloc", m, {}});
+    m = {};
+    m.op = SessionOp::kWrite;
+    m.rid = 2;
+    m.buffer = 7340033;
+    m.offset = 16;
+    m.data = std::string("\x00\x00\x80\x3f\x00\x00\x00\x40", 8);
+    g.push_back({"session_write", m, {}});
+    m = {};
+    m.op = SessionOp::kLaunch;
+    m.rid = 3;
+    m.kernel.source =
+        "extern \"C\" __global__ void saxpy(float a, const float* x, float* y, unsigned n) {\n"
+        "  unsigned i = blockIdx.x * blockDim.x + threadIdx.x;\n"
+        "  if (i < n) y[i] = a * x[i] + y[i];\n}\n";
+    m.kernel.entry = "saxpy";
+    m.launch.grid = {4, 1, 1};
+    m.launch.block = {256, 1, 1};
+    m.args = {Arg::F32(2.0f), Arg::Ref(7340033), Arg::Ref(7340034, 64), Arg::U32(1024)};
+    g.push_back({"session_launch", m, {}});
+    m = {};
+    m.op = SessionOp::kDone;
+    m.rid = 3;
+    m.kernel_ns = 5312;
+    g.push_back({"session_done_launch", m, {}});
+    m = {};
+    m.op = SessionOp::kRead;
+    m.rid = 4;
+    m.buffer = 7340034;
+    m.offset = 0;
+    m.size = 8;
+    g.push_back({"session_read", m, {}});
+    m = {};
+    m.op = SessionOp::kDone;
+    m.rid = 4;
+    m.data = std::string("\x00\x00\x40\x40\x00\x00\x80\x40", 8);
+    g.push_back({"session_done_read", m, {}});
+    m = {};
+    m.op = SessionOp::kCopy;
+    m.rid = 5;
+    m.buffer = 7340034;
+    m.offset = 0;
+    m.src = 7340033;
+    m.src_offset = 16;
+    m.size = 8;
+    g.push_back({"session_copy", m, {}});
+    m = {};
+    m.op = SessionOp::kFill;
+    m.rid = 6;
+    m.buffer = 7340033;
+    m.offset = 0;
+    m.size = 4096;
+    m.value = 0;
+    g.push_back({"session_fill", m, {}});
+    m = {};
+    m.op = SessionOp::kFree;
+    m.rid = 7;
+    m.buffer = 7340033;
+    g.push_back({"session_free", m, {}});
+    m = {};
+    m.op = SessionOp::kError;
+    m.rid = 8;
+    m.code = Code::kNotFound;
+    m.error = "no buffer 7340033 in this session";
+    g.push_back({"session_error", m, {}});
+    m = {};
+    m.op = SessionOp::kClose;
+    m.rid = 9;
+    g.push_back({"session_close", m, {}});
+    m = {};
+    m.op = SessionOp::kOpen;
+    m.session = session;
+    m.token = "c0ffee0123456789abcdef0123456789";
+    m.memory = 1ull << 30;
+    m.idle_ms = 60000;
+    g.push_back({"session_open", m, {}});
+    m = {};
+    m.op = SessionOp::kOpened;
+    m.session = session;
+    g.push_back({"session_opened", m, {}});
+    m = {};
+    m.op = SessionOp::kCompile;
+    m.rid = 1;
+    m.kernel.source = "extern \"C\" __global__ void empty() {}\n";
+    m.kernel.entry = "empty";
+    m.kernel.options = {"-use_fast_math"};
+    g.push_back({"session_compile", m, {}});
+    m = {};
+    m.op = SessionOp::kModule;
+    m.rid = 1;
+    m.image = std::string("\x7f""ELF\x02\x01\x01\x33", 8);
+    m.image_kind = ImageKind::kCubin;
+    m.symbol = "empty";
+    g.push_back({"session_module", m, {}});
+    m = {};
+    m.op = SessionOp::kUsage;
+    m.session = session;
+    m.size = 8192;
+    g.push_back({"session_usage", m, {}});
+    m = {};
+    m.op = SessionOp::kEnd;
+    m.session = session;
+    g.push_back({"session_end", m, {}});
+    m = {};
+    m.op = SessionOp::kEnded;
+    m.session = session;
+    m.code = Code::kSessionLost;
+    m.error = "idle for 60000 ms, its timeout";
+    g.push_back({"session_ended", m, {}});
+  }
   return g;
 }
 
@@ -705,6 +867,8 @@ std::vector<std::string> EncodeFrames(const GoldenMessage& g) {
           frames = {std::string(kWorkerProtocol), EncodeBatch(m)};
         } else if constexpr (std::is_same_v<T, RegionMessage>) {
           frames = {std::string(kRegionProtocol), EncodeRegionMessage(m)};
+        } else if constexpr (std::is_same_v<T, SessionMessage>) {
+          frames = {std::string(kSessionProtocol), EncodeSessionMessage(m)};
         } else {
           frames = {std::string(kWorkerProtocol), EncodeBrokerMessage(m)};
         }

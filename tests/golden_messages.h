@@ -16,10 +16,11 @@ namespace gpuq::testing {
 // A Batch's payload is the frames of its messages (headers included).
 // A region channel message (PROTOCOL.md, "Regions") has no protocol frame on
 // the wire (its connection's hello names the protocol); its golden file has
-// one, GPUQR/1, so that every golden file has the same shape.
+// one, GPUQR/1, so that every golden file has the same shape; so does a
+// session channel message (PROTOCOL.md, "Sessions"), with GPUQS/1.
 using AnyMessage = std::variant<schema::ClientRequest, schema::ClientReply,
                                 schema::WorkerMessage, schema::BrokerMessage, schema::Batch,
-                                schema::RegionMessage>;
+                                schema::RegionMessage, schema::SessionMessage>;
 
 struct GoldenMessage {
   std::string name;                  // file name without .bin

@@ -274,6 +274,37 @@ TEST_F(SessionsTest, ClosingThroughTheBrokerEndsTheSessionForItsClient) {
   EXPECT_TRUE(WaitSessions(0));
 }
 
+TEST_F(SessionsTest, TheCommandLineListsAndClosesSessions) {
+  Start();
+  auto s = Open("vm-3");
+  ASSERT_TRUE(s.ok());
+  ASSERT_TRUE((*s)->Alloc(4096).ok());
+  std::string out;
+  ASSERT_EQ(RunProgram({BinPath("gpuq"), "session", "ls", "--broker", broker_->client_endpoint(),
+                        "--json"},
+                       &out),
+            0)
+      << out;
+  json rows = json::parse(out, nullptr, false);
+  ASSERT_TRUE(rows.is_array()) << out;
+  ASSERT_EQ(rows.size(), 1u);
+  EXPECT_EQ(rows[0]["tenant"], "vm-3");
+  ASSERT_EQ(RunProgram({BinPath("gpuq"), "stats", "--broker", broker_->client_endpoint()}, &out),
+            0);
+  EXPECT_NE(out.find("sessions: 1 open"), std::string::npos) << out;
+  EXPECT_NE(RunProgram({BinPath("gpuq"), "session", "close", "12345", "--broker",
+                        broker_->client_endpoint()},
+                       &out),
+            0)
+      << "no such session";
+  ASSERT_EQ(RunProgram({BinPath("gpuq"), "session", "close", std::to_string((*s)->id()),
+                        "--broker", broker_->client_endpoint()},
+                       &out),
+            0)
+      << out;
+  EXPECT_EQ((*s)->Alloc(1).status().code(), Code::kSessionLost);
+}
+
 TEST_F(SessionsTest, AStrangerWithoutTheTokenIsRefused) {
   Start();
   auto s = Open("a");

@@ -62,6 +62,15 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
         },
         EncodeRegionMessage);
   }
+  if (selector & 0x40) {
+    // The session channel's messages (one frame each, no payload frames).
+    RoundTrip<SessionMessage>(
+        header, sizes,
+        [](std::string_view h, const std::vector<uint64_t>&, const Limits& l, SessionMessage* m) {
+          return DecodeSessionMessage(h, l, 1u << 20, m);
+        },
+        EncodeSessionMessage);
+  }
   (void)PeekBool(header, "local_out");
   return 0;
 }

@@ -10,12 +10,13 @@ from gpuq.client import (Arg, Buf, Client, Error, In, InOut, Launch, Out, Range,
                          Scratch, Source, default_endpoint, f32, f64, i8, i16, i32, i64, u8, u16,
                          u32, u64)
 from gpuq.region import Region
+from gpuq.session import Session
 
 if TYPE_CHECKING:
     from gpuq.aio import AsyncClient
 
 __all__ = ["Client", "AsyncClient", "Error", "Result", "In", "InOut", "Out", "Scalar", "Arg",
-           "Launch", "Source", "Scratch", "Buf", "Region", "Range", "default_endpoint", "u8",
+           "Launch", "Source", "Scratch", "Buf", "Region", "Range", "Session", "default_endpoint", "u8",
            "i8", "u16", "i16", "u32", "i32", "u64", "i64", "f32", "f64", "__version__"]
 
 

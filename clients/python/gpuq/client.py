@@ -17,6 +17,7 @@ from gpuq import wire
 
 if TYPE_CHECKING:
     from gpuq.region import Region, RegionChannel
+    from gpuq.session import Session
 
 # (The numpy types in quotes: numpy before 1.22 cannot subscript them at run time.)
 # A grid or block size: n, (x, y) or (x, y, z).
@@ -637,6 +638,37 @@ class Client:
         `resource_exhausted` past the tenant's bounds)."""
         from gpuq.region import Region
         return Region(self._region_channel(), size, tenant)
+
+    def session(self, tenant: Optional[str] = None, memory: int = 0, idle_ms: int = 0,
+                placement: Optional[Mapping[str, Any]] = None) -> Session:
+        """Opens a session on a GPU of the broker's host (PROTOCOL.md,
+        "Sessions"): device buffers that stay between launches, in a process
+        of the tenant's own. `memory`: the device bytes it may hold, `idle_ms`:
+        it ends after this long unused (0: the broker's defaults); `placement`
+        as a job's (arch, gpu, min_free). `tenant` counts off CURVE only.
+        Error "resource_exhausted" past the tenant's session limits,
+        "unavailable" when no GPU of the broker's host matches."""
+        from gpuq.session import Session
+        spec: Dict[str, Any] = {}
+        for k, v in (placement or {}).items():
+            if k not in ("arch", "gpu", "min_free"):
+                raise TypeError("placement takes arch, gpu and min_free, not %r" % k)
+            spec[k] = v
+        if idle_ms:
+            spec["idle_ms"] = int(idle_ms)
+        if memory:
+            spec["memory"] = int(memory)
+        header: Header = {"op": "session_open"}
+        if tenant:
+            header["tenant"] = tenant
+        header["session"] = spec
+        reply, _ = self._call(header)
+        return Session(reply, self.timeout)
+
+    def close_session(self, session_id: int) -> None:
+        """Ends session `session_id` through the broker (any client of its
+        tenant may)."""
+        self._call({"op": "session_close", "id": int(session_id)})
 
     def submit_async(self, source: str, entry: Optional[str] = None,
                      grid: Optional[Dim] = None, block: Optional[Dim] = None,

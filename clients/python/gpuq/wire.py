@@ -17,6 +17,8 @@ WORKER_PROTOCOL = b"GPUQW/2"
 # The region channel's protocol (PROTOCOL.md, "Regions"): never a frame, the
 # `protocol` field of the channel's hello.
 REGION_PROTOCOL = "GPUQR/1"
+# The session channel (PROTOCOL.md, "Sessions"): named in its hello.
+SESSION_PROTOCOL = "GPUQS/1"
 
 SCALAR_TYPES = ("u8", "i8", "u16", "i16", "u32", "i32", "u64", "i64", "f32", "f64")
 RANGE_TYPES = ("in", "out", "inout")

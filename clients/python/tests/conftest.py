@@ -41,7 +41,8 @@ class Service:
             [os.path.join(BIN, "gpuqd"), "--listen", self.client_endpoint,
              "--worker-listen", self.worker_endpoint, "--store", folder + "/jobs.db",
              "--cache", folder + "/kernels.db", "--workers", "0", "--heartbeat-ms", "100",
-             "--max-queued-per-tenant", "50", "--ready-file", ready],
+             "--max-queued-per-tenant", "50", "--ready-file", ready,
+             "--session-bin", os.path.join(BIN, "gpuq-fake-session")],
             stdout=self.log, stderr=self.log)
         self.workers = []
         for _ in range(200):

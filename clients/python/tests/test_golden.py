@@ -33,6 +33,12 @@ def test_golden_message_round_trips(path):
         # Canonical whatever order the keys come in.
         assert wire.encode_region(dict(reversed(list(message.items())))) == frames[1]
         return
+    if name.startswith("session_"):
+        # The session channel's messages: one frame each on the wire.
+        assert frames[0] == wire.SESSION_PROTOCOL.encode()
+        assert len(frames) == 2
+        assert wire.encode(wire.decode(frames[1])) == frames[1]
+        return
     assert frames[0] == (wire.CLIENT_PROTOCOL if name.startswith(("client_", "reply_"))
                          else wire.WORKER_PROTOCOL)
     header = wire.decode(frames[1])

@@ -1,0 +1,237 @@
+"""Sessions (PROTOCOL.md, "Sessions"): device memory that stays on the GPU
+between launches, in a process that serves this tenant only, reached
+directly over a socket of the GPU's host. Made by gpuq.Client.session().
+
+Every request is answered in the order made; launch_async() sends a launch
+and returns a ticket for wait(). A call's error is its own (a bad handle, a
+range outside a buffer, a compile error) and the session goes on; an Error
+with code "session_lost" means it ended (a kernel fault or a kill in this
+tenant's process on that GPU, its idle timeout, a close through the broker),
+and every later call fails the same way."""
+
+from __future__ import annotations
+
+import select
+import socket
+import struct
+import time
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+
+import numpy as np
+import numpy.typing as npt
+
+from gpuq import wire
+from gpuq.client import Buf, Error, Scalar
+
+PROTOCOL = wire.SESSION_PROTOCOL
+Dim = Union[int, Sequence[int]]
+Header = Dict[str, Any]
+
+
+def _dim3(d: Dim) -> List[int]:
+    if isinstance(d, int):
+        return [d, 1, 1]
+    v = [int(x) for x in d]
+    return v + [1] * (3 - len(v))
+
+
+class Session:
+    """A session's direct channel. Not thread-safe; a context manager that
+    closes it."""
+
+    def __init__(self, reply: Mapping[str, Any], timeout: float) -> None:
+        self.id: int = reply["id"]
+        self.device: str = reply.get("device", "")
+        self.timeout = timeout
+        self._rid = 0
+        self._buf = bytearray()
+        self._early: Dict[int, Header] = {}
+        self._lost: Optional[Error] = None
+        self._closed = False
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            sock.connect(reply["path"])
+        except OSError as e:
+            sock.close()
+            raise Error("unavailable", "the session's process: %s" % e) from e
+        self._sock: Optional[socket.socket] = sock
+        self._write({"op": "hello", "protocol": PROTOCOL, "session": self.id,
+                     "token": reply["token"]})
+        self._answer(0)
+
+    # -------------------------------------------------------------- plumbing
+
+    def _lose(self, e: Error) -> Error:
+        if self._lost is None:
+            self._lost = e
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        return self._lost
+
+    def _write(self, message: Header) -> None:
+        body = wire.encode(message)
+        data = struct.pack("<I", len(body)) + body
+        assert self._sock is not None
+        view = memoryview(data)
+        while view:
+            # Answers are read while the socket cannot take the request.
+            r, w, _ = select.select([self._sock], [self._sock], [], self.timeout)
+            if r:
+                self._fill()
+                if self._sock is None:
+                    raise self._lost  # type: ignore[misc]
+            if w:
+                try:
+                    sent = self._sock.send(view, socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    continue
+                except OSError as e:
+                    self._fill()
+                    raise self._lose(Error("session_lost",
+                                           "the session's process is gone: %s" % e)) from e
+                view = view[sent:]
+            elif not r:
+                raise self._lose(Error("timeout", "the session's process takes no requests"))
+
+    def _fill(self) -> None:
+        """Takes what the socket holds, and every whole answer in it."""
+        if self._sock is None:
+            return
+        try:
+            chunk = self._sock.recv(1 << 20, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return
+        except OSError:
+            chunk = b""
+        self._buf += chunk
+        while len(self._buf) >= 4:
+            (n,) = struct.unpack_from("<I", self._buf)
+            if len(self._buf) < 4 + n:
+                break
+            m = wire.decode(bytes(self._buf[4:4 + n]))
+            del self._buf[:4 + n]
+            if m.get("op") == "error" and m.get("rid") == 0:
+                self._lose(Error(m.get("code", "session_lost"), m.get("error", "")))
+                return
+            self._early[m["rid"]] = m
+        if not chunk:
+            self._lose(Error("session_lost", "the session's process ended (a kernel fault or a "
+                                             "kill there ends its tenant's sessions on that "
+                                             "GPU)"))
+
+    def _answer(self, rid: int) -> Header:
+        deadline = time.monotonic() + self.timeout
+        while True:
+            m = self._early.pop(rid, None)
+            if m is not None:
+                if m["op"] == "error":
+                    raise Error(m["code"], m["error"])
+                return m
+            if self._lost is not None:
+                raise self._lost
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self._sock], [], [], left)[0]:
+                raise Error("timeout", "no answer from the session in time")
+            self._fill()
+
+    def _send(self, message: Header) -> int:
+        if self._lost is not None:
+            raise self._lost
+        self._rid += 1
+        self._write(dict(op=message.pop("op"), rid=self._rid, **message))
+        return self._rid
+
+    def _call(self, message: Header) -> Header:
+        return self._answer(self._send(message))
+
+    # -------------------------------------------------------------- calls
+
+    def alloc(self, nbytes: int) -> int:
+        """A buffer of `nbytes` on the GPU, zero-filled: its handle."""
+        return int(self._call({"op": "alloc", "size": int(nbytes)})["buffer"])
+
+    def free(self, buffer: int) -> None:
+        self._call({"op": "free", "buffer": int(buffer)})
+
+    def write(self, buffer: int, data: Any, offset: int = 0) -> None:
+        """Copies `data` (bytes, or any array: its bytes) into the buffer at
+        `offset`."""
+        raw = data.tobytes() if isinstance(data, np.ndarray) else bytes(data)
+        self._call({"op": "write", "buffer": int(buffer), "offset": int(offset), "data": raw})
+
+    def read(self, buffer: int, nbytes: int, offset: int = 0,
+             dtype: npt.DTypeLike = np.uint8) -> np.ndarray:
+        """`nbytes` of the buffer from `offset`, as a numpy array of `dtype`."""
+        m = self._call({"op": "read", "buffer": int(buffer), "offset": int(offset),
+                        "size": int(nbytes)})
+        return np.frombuffer(m.get("data", b""), dtype=dtype)
+
+    def copy(self, dst: int, src: int, nbytes: int, dst_offset: int = 0,
+             src_offset: int = 0) -> None:
+        self._call({"op": "copy", "buffer": int(dst), "offset": int(dst_offset),
+                    "src": int(src), "src_offset": int(src_offset), "size": int(nbytes)})
+
+    def fill(self, buffer: int, value: int, nbytes: int, offset: int = 0) -> None:
+        """Sets `nbytes` bytes from `offset` to `value` (a byte)."""
+        self._call({"op": "fill", "buffer": int(buffer), "offset": int(offset),
+                    "size": int(nbytes), "value": int(value)})
+
+    def launch_async(self, source: str, entry: str, grid: Dim, block: Dim,
+                     args: Sequence[Union[Scalar, Buf]], *, shared: int = 0,
+                     options: Optional[Sequence[str]] = None,
+                     headers: Optional[Mapping[str, str]] = None,
+                     name_expression: bool = False) -> int:
+        """Sends a launch without waiting: a ticket for wait(). Arguments are
+        scalars (gpuq.u32(...), gpuq.f32(...)) and gpuq.Buf(handle, offset)
+        of this session's buffers."""
+        m: Header = {"op": "launch", "src": source, "entry": entry}
+        if name_expression:
+            m["expr"] = True
+        if options:
+            m["opts"] = list(options)
+        if headers:
+            m["headers"] = [[k, v] for k, v in headers.items()]
+        m["grid"] = _dim3(grid)
+        m["block"] = _dim3(block)
+        if shared:
+            m["shared"] = int(shared)
+        out: List[List[Any]] = []
+        for i, a in enumerate(args):
+            if isinstance(a, Scalar):
+                out.append([a.type, a.value])
+            elif isinstance(a, Buf):
+                out.append(["buf", a.index if a.offset == 0 else [a.index, a.offset]])
+            else:
+                raise TypeError("argument %d: a session's launch takes scalars and "
+                                "gpuq.Buf(handle) of its buffers, not %r" % (i, a))
+        m["args"] = out
+        return self._send(m)
+
+    def wait(self, ticket: int) -> int:
+        """The end of the launch of `ticket`: its time on the GPU, in ns."""
+        return int(self._answer(ticket).get("kernel_ns", 0))
+
+    def launch(self, source: str, entry: str, grid: Dim, block: Dim,
+               args: Sequence[Union[Scalar, Buf]], **kw: Any) -> int:
+        """Runs a kernel and waits for it: its time on the GPU, in ns."""
+        return self.wait(self.launch_async(source, entry, grid, block, args, **kw))
+
+    def close(self) -> None:
+        """Ends the session: its buffers are freed."""
+        if self._closed or self._sock is None:
+            return
+        try:
+            self._call({"op": "close"})
+        finally:
+            self._closed = True
+            self._lose(Error("session_lost", "the session is closed"))
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self.close()
+        except Error:
+            pass

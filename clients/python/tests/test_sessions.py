@@ -1,0 +1,95 @@
+"""Sessions (PROTOCOL.md, "Sessions") through a live gpuqd, a worker test
+double of its host, and session processes whose device is the test double's
+memory (gpuq-fake-session: kernels known by name; `inc(buf, n, v)` adds v to
+n bytes). The kernels compile for real, through the broker."""
+
+import os
+
+import numpy as np
+import pytest
+
+import gpuq
+
+KERNELS = ('extern "C" __global__ void inc(unsigned char* p, unsigned n, unsigned v) {\n'
+           '  unsigned i = blockIdx.x * blockDim.x + threadIdx.x;\n'
+           '  if (i < n) p[i] += (unsigned char)v;\n}\n'
+           'extern "C" __global__ void fault(unsigned char* p) { *(volatile int*)0 = 1; }\n')
+
+
+def local(service):
+    service.add_worker("--local-dir", os.path.join(service.folder, "jobs.db.blobs"))
+
+
+def test_buffers_stay_between_launches(service):
+    local(service)
+    with gpuq.Client(service.client_endpoint) as c, c.session() as s:
+        assert s.id != 0 and s.device
+        a = s.alloc(256)
+        assert (s.read(a, 256) == 0).all(), "a new buffer reads as zeros"
+        s.write(a, np.arange(256, dtype=np.uint8))
+        tickets = [s.launch_async(KERNELS, "inc", 1, 256, [gpuq.Buf(a), gpuq.u32(256),
+                                                          gpuq.u32(1)]) for _ in range(50)]
+        assert all(s.wait(t) > 0 for t in tickets)
+        got = s.read(a, 256)
+        assert (got == (np.arange(256) + 50) % 256).all()
+        b = s.alloc(16)
+        s.copy(b, a, 8, dst_offset=8)
+        s.fill(b, 7, 8)
+        assert list(s.read(b, 16)) == [7] * 8 + list(range(50, 58))
+        sessions = c.stats()["sessions"]
+        assert [x["session"] for x in sessions] == [s.id]
+    assert c is not None
+
+
+def test_misuse_gets_clear_errors_and_the_session_goes_on(service):
+    local(service)
+    with gpuq.Client(service.client_endpoint) as c, c.session(memory=1 << 20) as s:
+        a = s.alloc(100)
+        with pytest.raises(gpuq.Error) as e:
+            s.alloc(1 << 20)
+        assert e.value.code == "resource_exhausted"
+        with pytest.raises(gpuq.Error) as e:
+            s.write(a, b"x" * 10, offset=95)
+        assert e.value.code == "invalid"
+        s.free(a)
+        with pytest.raises(gpuq.Error) as e:
+            s.read(a, 1)
+        assert e.value.code == "not_found", "use after free"
+        with pytest.raises(gpuq.Error) as e:
+            s.launch("not CUDA", "inc", 1, 1, [])
+        assert e.value.code == "compile_error"
+        with pytest.raises(TypeError):
+            s.launch(KERNELS, "inc", 1, 1, [gpuq.In(b"x")])
+        b = s.alloc(4)
+        s.launch(KERNELS, "inc", 1, 4, [gpuq.Buf(b), gpuq.u32(4), gpuq.u32(9)])
+        assert list(s.read(b, 4)) == [9] * 4
+
+
+def test_a_fault_ends_the_session_and_another_tenants_goes_on(service):
+    local(service)
+    with gpuq.Client(service.client_endpoint) as c:
+        a, b = c.session(tenant="a"), c.session(tenant="b")
+        hb = b.alloc(8)
+        b.fill(hb, 5, 8)
+        ha = a.alloc(8)
+        with pytest.raises(gpuq.Error) as e:
+            a.launch(KERNELS, "fault", 1, 1, [gpuq.Buf(ha)])
+        assert e.value.code == "session_lost"
+        with pytest.raises(gpuq.Error) as e:
+            a.alloc(1)
+        assert e.value.code == "session_lost"
+        assert list(b.read(hb, 8)) == [5] * 8
+        b.close()
+
+
+def test_close_through_the_broker(service):
+    local(service)
+    with gpuq.Client(service.client_endpoint) as c:
+        s = c.session()
+        with pytest.raises(gpuq.Error) as e:
+            c.close_session(s.id + 1)
+        assert e.value.code == "not_found"
+        c.close_session(s.id)
+        with pytest.raises(gpuq.Error) as e:
+            s.alloc(1)
+        assert e.value.code == "session_lost"
