@@ -31,6 +31,11 @@ struct gpuq_region {
   std::unique_ptr<gpuq::Region> region;
 };
 
+struct gpuq_session {
+  std::unique_ptr<gpuq::Session> session;
+  std::string error;
+};
+
 struct gpuq_usage_list {
   std::vector<gpuq::schema::TenantUsage> rows;
 };
@@ -380,3 +385,92 @@ gpuq_tenant_usage gpuq_usage_at(const gpuq_usage_list* list, size_t i) {
 }
 
 }  // extern "C"
+
+// ---------------------------------------------------------------- sessions
+
+static gpuq_code SessionFail(gpuq_session* s, const gpuq::Status& st) {
+  s->error = st.message();
+  return static_cast<gpuq_code>(st.code());
+}
+
+gpuq_code gpuq_session_open(gpuq_client* client, const char* tenant, uint64_t memory,
+                            uint64_t idle_ms, gpuq_session** out) {
+  gpuq::SessionOptions o;
+  o.tenant = tenant ? tenant : "";
+  o.memory = memory;
+  o.idle = std::chrono::milliseconds(idle_ms);
+  auto s = client->client->OpenSession(o);
+  if (!s.ok()) return Fail(client, s.status());
+  *out = new gpuq_session{std::move(*s), ""};
+  return GPUQ_OK;
+}
+void gpuq_session_free(gpuq_session* session) { delete session; }
+uint64_t gpuq_session_id(const gpuq_session* session) { return session->session->id(); }
+const char* gpuq_session_error(const gpuq_session* session) { return session->error.c_str(); }
+
+gpuq_code gpuq_session_alloc(gpuq_session* session, uint64_t size, uint32_t* buffer) {
+  auto h = session->session->Alloc(size);
+  if (!h.ok()) return SessionFail(session, h.status());
+  *buffer = *h;
+  return GPUQ_OK;
+}
+gpuq_code gpuq_session_release(gpuq_session* session, uint32_t buffer) {
+  gpuq::Status s = session->session->Free(buffer);
+  return s.ok() ? GPUQ_OK : SessionFail(session, s);
+}
+gpuq_code gpuq_session_write(gpuq_session* session, uint32_t buffer, uint64_t offset,
+                             const void* data, size_t size) {
+  if (!data && size > 0) {
+    return SessionFail(session, gpuq::Status(gpuq::Code::kInvalid, "no data (NULL)"));
+  }
+  gpuq::Status s = session->session->Write(buffer, offset, data, size);
+  return s.ok() ? GPUQ_OK : SessionFail(session, s);
+}
+gpuq_code gpuq_session_read(gpuq_session* session, uint32_t buffer, uint64_t offset, void* out,
+                            size_t size) {
+  if (!out && size > 0) {
+    return SessionFail(session, gpuq::Status(gpuq::Code::kInvalid, "nowhere to read to (NULL)"));
+  }
+  auto r = session->session->Read(buffer, offset, size);
+  if (!r.ok()) return SessionFail(session, r.status());
+  if (size) std::memcpy(out, r->data(), std::min(size, r->size()));
+  return GPUQ_OK;
+}
+gpuq_code gpuq_session_copy(gpuq_session* session, uint32_t dst, uint64_t dst_offset,
+                            uint32_t src, uint64_t src_offset, uint64_t size) {
+  gpuq::Status s = session->session->Copy(dst, dst_offset, src, src_offset, size);
+  return s.ok() ? GPUQ_OK : SessionFail(session, s);
+}
+gpuq_code gpuq_session_fill(gpuq_session* session, uint32_t buffer, uint64_t offset,
+                            uint64_t size, uint8_t value) {
+  gpuq::Status s = session->session->Fill(buffer, offset, size, value);
+  return s.ok() ? GPUQ_OK : SessionFail(session, s);
+}
+void gpuq_job_add_session_buffer(gpuq_job* job, uint32_t buffer, uint64_t offset) {
+  if (job->several) {
+    return Misuse(job, "gpuq_job_add_session_buffer: a session's launch is a job of one launch");
+  }
+  job->request.spec.args.push_back(gpuq::schema::Arg::Ref(buffer, offset));
+}
+gpuq_code gpuq_session_launch(gpuq_session* session, const gpuq_job* launch,
+                              uint64_t* kernel_ns) {
+  if (!launch->misuse.empty()) {
+    return SessionFail(session, gpuq::Status(gpuq::Code::kInvalid, launch->misuse));
+  }
+  if (launch->several) {
+    return SessionFail(session, gpuq::Status(gpuq::Code::kInvalid,
+                                             "a session's launch is a job of one launch"));
+  }
+  gpuq::SessionLaunch l;
+  l.kernel = launch->request.spec.kernel;
+  l.launch = launch->request.spec.launch;
+  l.args = launch->request.spec.args;
+  auto ns = session->session->Launch(l);
+  if (!ns.ok()) return SessionFail(session, ns.status());
+  if (kernel_ns) *kernel_ns = *ns;
+  return GPUQ_OK;
+}
+gpuq_code gpuq_session_close(gpuq_session* session) {
+  gpuq::Status s = session->session->Close();
+  return s.ok() ? GPUQ_OK : SessionFail(session, s);
+}

@@ -183,23 +183,38 @@ Status Session::Free(uint32_t buffer) {
   return impl_->Call(std::move(m)).status();
 }
 
-Status Session::Write(uint32_t buffer, uint64_t offset, const void* data, size_t size) {
+StatusOr<uint64_t> Session::WriteAsync(uint32_t buffer, uint64_t offset, const void* data,
+                                       size_t size) {
   SessionMessage m;
   m.op = SessionOp::kWrite;
   m.buffer = buffer;
   m.offset = offset;
   m.data.assign(static_cast<const char*>(data), size);
-  return impl_->Call(std::move(m)).status();
+  return impl_->Send(std::move(m));
 }
 
-StatusOr<std::string> Session::Read(uint32_t buffer, uint64_t offset, uint64_t size) {
+Status Session::Write(uint32_t buffer, uint64_t offset, const void* data, size_t size) {
+  GPUQ_ASSIGN_OR_RETURN(uint64_t t, WriteAsync(buffer, offset, data, size));
+  return Wait(t).status();
+}
+
+StatusOr<uint64_t> Session::ReadAsync(uint32_t buffer, uint64_t offset, uint64_t size) {
   SessionMessage m;
   m.op = SessionOp::kRead;
   m.buffer = buffer;
   m.offset = offset;
   m.size = size;
-  GPUQ_ASSIGN_OR_RETURN(SessionMessage r, impl_->Call(std::move(m)));
+  return impl_->Send(std::move(m));
+}
+
+StatusOr<std::string> Session::WaitRead(uint64_t ticket) {
+  GPUQ_ASSIGN_OR_RETURN(SessionMessage r, impl_->Answer(ticket));
   return std::move(r.data);
+}
+
+StatusOr<std::string> Session::Read(uint32_t buffer, uint64_t offset, uint64_t size) {
+  GPUQ_ASSIGN_OR_RETURN(uint64_t t, ReadAsync(buffer, offset, size));
+  return WaitRead(t);
 }
 
 Status Session::Copy(uint32_t dst, uint64_t dst_offset, uint32_t src, uint64_t src_offset,

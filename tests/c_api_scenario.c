@@ -381,3 +381,61 @@ out:
   gpuq_region_free(theirs);
   return rc;
 }
+
+/* Sessions through the C API (PROTOCOL.md, "Sessions"), against the test
+ * double's session device: `inc(buf, n, v)` adds v to n bytes. */
+int gpuq_c_api_session_scenario(const char* endpoint, char* why, size_t why_size) {
+  static const char kInc[] =
+      "extern \"C\" __global__ void inc(unsigned char* p, unsigned n, unsigned v) {\n"
+      "  unsigned i = threadIdx.x; if (i < n) p[i] += (unsigned char)v;\n}\n";
+  int rc = 1;
+  gpuq_client* c = NULL;
+  gpuq_session* s = NULL;
+  gpuq_job* launch = NULL;
+  uint32_t buf = 0, n = 16, v = 5;
+  uint64_t ns = 0;
+  unsigned char bytes[16];
+  size_t i = 0;
+  gpuq_code code;
+
+  code = gpuq_client_new(endpoint, 10000, &c);
+  CHECK(code == GPUQ_OK, "connect: %s", gpuq_code_name(code));
+  code = gpuq_session_open(c, "c-tenant", 1 << 20, 0, &s);
+  CHECK(code == GPUQ_OK, "open: %s: %s", gpuq_code_name(code), gpuq_client_error(c));
+  CHECK(gpuq_session_id(s) != 0, "a session's id is never 0");
+  code = gpuq_session_alloc(s, 16, &buf);
+  CHECK(code == GPUQ_OK, "alloc: %s", gpuq_session_error(s));
+  for (i = 0; i < 16; ++i) bytes[i] = (unsigned char)i;
+  code = gpuq_session_write(s, buf, 0, bytes, 16);
+  CHECK(code == GPUQ_OK, "write: %s", gpuq_session_error(s));
+  launch = gpuq_job_new(kInc, "inc");
+  gpuq_job_set_launch(launch, 1, 1, 1, 16, 1, 1, 0);
+  gpuq_job_add_session_buffer(launch, buf, 0);
+  gpuq_job_add_scalar(launch, GPUQ_U32, &n);
+  gpuq_job_add_scalar(launch, GPUQ_U32, &v);
+  code = gpuq_session_launch(s, launch, &ns);
+  CHECK(code == GPUQ_OK, "launch: %s", gpuq_session_error(s));
+  CHECK(ns > 0, "a launch is timed");
+  memset(bytes, 0, sizeof bytes);
+  code = gpuq_session_read(s, buf, 0, bytes, 16);
+  CHECK(code == GPUQ_OK, "read: %s", gpuq_session_error(s));
+  for (i = 0; i < 16; ++i) CHECK(bytes[i] == i + 5, "byte %u is %u", (unsigned)i, bytes[i]);
+  code = gpuq_session_read(s, buf, 8, bytes, 16);
+  CHECK(code == GPUQ_INVALID, "a read past the end: %s", gpuq_code_name(code));
+  CHECK(strstr(gpuq_session_error(s), "outside buffer") != NULL, "its text: %s",
+        gpuq_session_error(s));
+  code = gpuq_session_release(s, buf);
+  CHECK(code == GPUQ_OK, "release: %s", gpuq_session_error(s));
+  code = gpuq_session_fill(s, buf, 0, 1, 0);
+  CHECK(code == GPUQ_NOT_FOUND, "use after release: %s", gpuq_code_name(code));
+  code = gpuq_session_close(s);
+  CHECK(code == GPUQ_OK, "close: %s", gpuq_session_error(s));
+  code = gpuq_session_alloc(s, 1, &buf);
+  CHECK(code == GPUQ_SESSION_LOST, "after close: %s", gpuq_code_name(code));
+  rc = 0;
+out:
+  gpuq_job_free(launch);
+  gpuq_session_free(s);
+  gpuq_client_free(c);
+  return rc;
+}

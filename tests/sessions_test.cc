@@ -20,6 +20,8 @@
 #include "util/curve_keys.h"
 #include "util/unix_socket.h"
 
+extern "C" int gpuq_c_api_session_scenario(const char* endpoint, char* why, size_t why_size);
+
 namespace gpuq::testing {
 namespace {
 
@@ -303,6 +305,14 @@ TEST_F(SessionsTest, TheCommandLineListsAndClosesSessions) {
             0)
       << out;
   EXPECT_EQ((*s)->Alloc(1).status().code(), Code::kSessionLost);
+}
+
+TEST_F(SessionsTest, TheCApiRunsASession) {
+  Start();
+  char why[512] = "";
+  EXPECT_EQ(gpuq_c_api_session_scenario(broker_->client_endpoint().c_str(), why, sizeof why), 0)
+      << why;
+  EXPECT_TRUE(WaitSessions(0));
 }
 
 TEST_F(SessionsTest, AStrangerWithoutTheTokenIsRefused) {

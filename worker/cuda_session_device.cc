@@ -120,8 +120,12 @@ class CudaStream : public SessionStream {
     Current();
     auto& cm = static_cast<CudaMark&>(m);
     CUresult e = CUDA_ERROR_NOT_READY;
-    if (spin_.count() > 0) {
-      const auto until = std::chrono::steady_clock::now() + spin_;
+    {
+      // Polled for a while before sleeping, as the runtime's default
+      // schedule does (a short kernel ends before a sleep would): the
+      // configured spin, or 50 µs.
+      const auto until = std::chrono::steady_clock::now() +
+                         std::max<std::chrono::microseconds>(spin_, std::chrono::microseconds(50));
       while ((e = cu_.cuEventQuery(cm.end())) == CUDA_ERROR_NOT_READY &&
              std::chrono::steady_clock::now() < until) {
       }

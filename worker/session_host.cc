@@ -110,6 +110,10 @@ class SessionHost::Impl {
     std::unique_ptr<SessionStream> stream;
     std::map<uint32_t, Buffer> buffers;
     std::deque<Entry> pending;  // answered in order
+    // The kernel of its latest launch: the next launch of the same kernel
+    // (the common case: a loop) finds it without hashing its source.
+    schema::KernelSpec last_spec;
+    std::shared_ptr<SessionKernel> last_kernel;
     uint64_t close_rid = 0;     // its client's close, answered once the broker knows
     std::thread thread;
     // Shared with the control thread.
@@ -682,8 +686,13 @@ StatusOr<std::shared_ptr<SessionKernel>> SessionHost::Impl::Kernel(Session& s,
 }
 
 void SessionHost::Impl::Launch(Session& s, SessionMessage& m) {
-  auto kernel = Kernel(s, m.kernel);
-  if (!kernel.ok()) return Answer(s, m.rid, kernel.status());
+  StatusOr<std::shared_ptr<SessionKernel>> kernel = s.last_kernel;
+  if (!s.last_kernel || !(m.kernel == s.last_spec)) {
+    kernel = Kernel(s, m.kernel);
+    if (!kernel.ok()) return Answer(s, m.rid, kernel.status());
+    s.last_spec = m.kernel;
+    s.last_kernel = *kernel;
+  }
   if (Status c = device_->CheckLaunch(**kernel, m.launch); !c.ok()) return Answer(s, m.rid, c);
   std::vector<uint64_t> slots(m.args.size());
   std::vector<void*> params(m.args.size());

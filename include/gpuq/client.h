@@ -227,10 +227,16 @@ class Session {
   Status Fill(uint32_t buffer, uint64_t offset, uint64_t size, uint8_t value);
   // Runs a kernel and waits for it: its time on the GPU, in nanoseconds.
   StatusOr<uint64_t> Launch(const SessionLaunch& launch);
-  // Sends a launch without waiting: a ticket for Wait().
+  // Send without waiting: a ticket for Wait() (WaitRead() for a read).
+  // Requests run, and are answered, in the order sent.
   StatusOr<uint64_t> LaunchAsync(const SessionLaunch& launch);
-  // The launch of `ticket`'s end: its time on the GPU, in nanoseconds.
+  StatusOr<uint64_t> WriteAsync(uint32_t buffer, uint64_t offset, const void* data, size_t size);
+  StatusOr<uint64_t> ReadAsync(uint32_t buffer, uint64_t offset, uint64_t size);
+  // The end of the request of `ticket`: for a launch, its time on the GPU
+  // in nanoseconds (0 for others).
   StatusOr<uint64_t> Wait(uint64_t ticket);
+  // The bytes of the read of `ticket`.
+  StatusOr<std::string> WaitRead(uint64_t ticket);
   // Ends the session: its buffers are freed.
   Status Close();
 

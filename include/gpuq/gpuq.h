@@ -72,6 +72,7 @@ typedef struct gpuq_client gpuq_client;
 typedef struct gpuq_job gpuq_job;
 typedef struct gpuq_result gpuq_result;
 typedef struct gpuq_region gpuq_region;
+typedef struct gpuq_session gpuq_session;
 
 /* The library's version ("0.1.0"), a static string: GPUQ_VERSION_STRING of
  * the library that runs, which may differ from the header's. */
@@ -241,6 +242,51 @@ const void* gpuq_result_output(const gpuq_result* result, uint32_t arg, size_t* 
  * timing's kernel_us spans them all. */
 size_t gpuq_result_launch_count(const gpuq_result* result);
 uint64_t gpuq_result_launch_us(const gpuq_result* result, size_t i);
+
+/* ----------------------------------------------------------------- sessions */
+
+/* A session (PROTOCOL.md, "Sessions"): device memory that stays on the GPU
+ * between launches, in a process that serves this tenant only, reached
+ * directly on the GPU's host. Buffers are handles of the session; each call
+ * waits for its answer, and calls run in the order made. A call's failure
+ * is its own (the session goes on) unless it is GPUQ_SESSION_LOST: the
+ * session ended (a kernel fault or a kill in its process, its idle timeout,
+ * a close through the broker), and every later call fails the same way. A
+ * failure's text is gpuq_session_error(). One thread at a time. */
+
+/* Opens a session for `tenant` (NULL or "": off CURVE, the default tenant;
+ * on a CURVE key, the key's) that may hold `memory` bytes of device memory
+ * and ends after `idle_ms` unused (0: the broker's defaults). On GPUQ_OK
+ * *out is a session to release with gpuq_session_free; it may outlive its
+ * client. A failure's text is the client's gpuq_client_error(). */
+gpuq_code gpuq_session_open(gpuq_client* client, const char* tenant, uint64_t memory,
+                            uint64_t idle_ms, gpuq_session** out);
+/* Closes the session (ignoring a failure) and releases it. */
+void gpuq_session_free(gpuq_session* session);
+uint64_t gpuq_session_id(const gpuq_session* session);
+/* The text of the session's latest failure ("" when none); owned by it. */
+const char* gpuq_session_error(const gpuq_session* session);
+/* A buffer of `size` bytes, zero-filled: *buffer is its handle. */
+gpuq_code gpuq_session_alloc(gpuq_session* session, uint64_t size, uint32_t* buffer);
+gpuq_code gpuq_session_release(gpuq_session* session, uint32_t buffer);
+gpuq_code gpuq_session_write(gpuq_session* session, uint32_t buffer, uint64_t offset,
+                             const void* data, size_t size);
+gpuq_code gpuq_session_read(gpuq_session* session, uint32_t buffer, uint64_t offset, void* out,
+                            size_t size);
+gpuq_code gpuq_session_copy(gpuq_session* session, uint32_t dst, uint64_t dst_offset,
+                            uint32_t src, uint64_t src_offset, uint64_t size);
+gpuq_code gpuq_session_fill(gpuq_session* session, uint32_t buffer, uint64_t offset,
+                            uint64_t size, uint8_t value);
+/* Runs the kernel `launch` describes (a job of one launch: gpuq_job_new with
+ * an entry, its dimensions, gpuq_job_add_scalar and
+ * gpuq_job_add_session_buffer arguments) and waits for it; *kernel_ns (if
+ * not NULL) is its time on the GPU. */
+gpuq_code gpuq_session_launch(gpuq_session* session, const gpuq_job* launch,
+                              uint64_t* kernel_ns);
+/* An argument naming the session's buffer `buffer` at `offset` bytes. */
+void gpuq_job_add_session_buffer(gpuq_job* job, uint32_t buffer, uint64_t offset);
+/* Ends the session: its buffers are freed. */
+gpuq_code gpuq_session_close(gpuq_session* session);
 
 /* -------------------------------------------------------------------- usage */
 
