@@ -92,13 +92,17 @@ class Session::Impl {
         return m;
       }
       if (!lost.ok()) return lost;
-      const auto spin_until = std::chrono::steady_clock::now() + spin;
-      pollfd p{fd.get(), POLLIN, 0};
-      int ready = 0;
-      while (spin.count() > 0 && (ready = poll(&p, 1, 0)) == 0 &&
-             std::chrono::steady_clock::now() < spin_until) {
+      if (spin.count() > 0) {
+        // Reads without waiting, one system call a turn, for a while.
+        const auto spin_until = std::chrono::steady_clock::now() + spin;
+        while (!early.count(want) && lost.ok() &&
+               std::chrono::steady_clock::now() < spin_until) {
+          GPUQ_RETURN_IF_ERROR(Fill());
+        }
+        if (early.count(want) || !lost.ok()) continue;
       }
-      if (ready == 0 && poll(&p, 1, static_cast<int>(timeout.count())) == 0) {
+      pollfd p{fd.get(), POLLIN, 0};
+      if (poll(&p, 1, static_cast<int>(timeout.count())) == 0) {
         return Status(Code::kTimeout, "no answer from the session in " +
                                           std::to_string(timeout.count()) + " ms");
       }

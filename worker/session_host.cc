@@ -432,13 +432,15 @@ void SessionHost::Impl::Serve(Session* sp) {
       if (!Complete(s, true)) return;
       continue;
     }
-    if (!s.pending.empty() && opt_.spin.count() > 0) continue;  // polls the GPU and the socket
+    // Spinning (for --spin-us after a request): the socket (Read, above)
+    // and the GPU (Complete) in turn, one system call a turn.
+    const bool spinning = opt_.spin.count() > 0 && Clock::now() < spin_until;
+    if (spinning && !s.out.pending()) continue;
     // Nothing to take: wait for a request, for room for the answers, or
     // for the work ahead.
     pollfd fds[2] = {{s.conn.get(), 0, 0}, {s.wake.get(), POLLIN, 0}};
     if (s.out.queued() < kMaxUnread) fds[0].events |= POLLIN;
     if (s.out.pending()) fds[0].events |= POLLOUT;
-    const bool spinning = opt_.spin.count() > 0 && Clock::now() < spin_until;
     const int ready = poll(fds, 2, spinning || !s.pending.empty() ? 0 : 1000);
     if (ready == 0 && !s.pending.empty()) {
       if (!Complete(s, true)) return;
