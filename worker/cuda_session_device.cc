@@ -1,8 +1,8 @@
 #include "worker/cuda_session_device.h"
 
-#include <mutex>
 #include <vector>
 
+#include "util/mutex.h"
 #include "worker/gpu_worker.h"
 
 namespace gpuq::worker {
@@ -45,6 +45,7 @@ class CudaStream : public SessionStream {
   ~CudaStream() override {
     Current();
     (void)cu_.cuStreamSynchronize(stream_);
+    MutexLock lock(&mu_);
     for (CUevent e : timed_) (void)cu_.cuEventDestroy(e);
     for (CUevent e : plain_) (void)cu_.cuEventDestroy(e);
     (void)cu_.cuStreamDestroy(stream_);
@@ -139,7 +140,7 @@ class CudaStream : public SessionStream {
   }
 
   void Release(CUevent end, CUevent start) {
-    std::lock_guard lock(mu_);
+    MutexLock lock(&mu_);
     if (start) {
       timed_.push_back(start);
       timed_.push_back(end);
@@ -158,7 +159,7 @@ class CudaStream : public SessionStream {
   }
   StatusOr<CUevent> Event(bool timed) {
     {
-      std::lock_guard lock(mu_);
+      MutexLock lock(&mu_);
       auto& pool = timed ? timed_ : plain_;
       if (!pool.empty()) {
         CUevent e = pool.back();
@@ -178,8 +179,8 @@ class CudaStream : public SessionStream {
   CUcontext ctx_;
   CUstream stream_;
   const std::chrono::microseconds spin_;
-  std::mutex mu_;
-  std::vector<CUevent> timed_, plain_;  // guarded by mu_
+  Mutex mu_;
+  std::vector<CUevent> timed_ GUARDED_BY(mu_), plain_ GUARDED_BY(mu_);
 };
 
 CudaMark::~CudaMark() { stream_->Release(end_, start_); }

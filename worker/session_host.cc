@@ -6,10 +6,8 @@
 #include <unistd.h>
 
 #include <atomic>
-#include <condition_variable>
 #include <deque>
 #include <map>
-#include <mutex>
 #include <optional>
 #include <random>
 #include <set>
@@ -21,6 +19,7 @@
 
 #include "schema/codec.h"
 #include "util/fd.h"
+#include "util/mutex.h"
 #include "util/sha256.h"
 #include "util/unix_socket.h"
 #include "worker/exit_codes.h"
@@ -120,10 +119,10 @@ class SessionHost::Impl {
     std::atomic<int64_t> last_ns{0};  // its latest request (steady clock)
     std::atomic<uint64_t> unanswered{0};
     std::atomic<bool> stop{false}, finished{false};
-    std::mutex mu;
-    bool ending = false;  // guarded by mu
-    Code end_code = Code::kOk;
-    std::string end_why;
+    Mutex mu;
+    bool ending GUARDED_BY(mu) = false;
+    Code end_code GUARDED_BY(mu) = Code::kOk;
+    std::string end_why GUARDED_BY(mu);
   };
   struct Pending {
     UniqueFd fd;
@@ -181,25 +180,25 @@ class SessionHost::Impl {
   FrameReader control_reader_;
   UniqueFd wake_;
   UniqueFd listener_;
-  std::mutex control_mu_;  // writes to the control channel
-  bool broker_gone_ = false;  // guarded by control_mu_
+  Mutex control_mu_;  // held for each write to the control channel
+  bool broker_gone_ GUARDED_BY(control_mu_) = false;
   std::map<uint64_t, std::unique_ptr<Session>> sessions_;  // the control thread's
   std::vector<std::unique_ptr<Pending>> pending_;
   // Kernels, loaded once for every session of the process.
-  std::mutex modules_mu_;
-  std::condition_variable modules_cv_;
-  std::map<std::string, Module> modules_;  // guarded by modules_mu_
-  std::deque<std::string> module_order_;   // guarded by modules_mu_
-  std::map<uint64_t, std::string> compiling_;  // guarded by modules_mu_: rid -> key
-  uint64_t next_rid_ = 1;                      // guarded by modules_mu_
+  Mutex modules_mu_;
+  CondVar modules_cv_{&modules_mu_};
+  std::map<std::string, Module> modules_ GUARDED_BY(modules_mu_);
+  std::deque<std::string> module_order_ GUARDED_BY(modules_mu_);
+  std::map<uint64_t, std::string> compiling_ GUARDED_BY(modules_mu_);  // rid -> key
+  uint64_t next_rid_ GUARDED_BY(modules_mu_) = 1;
   // Handles start at a random number per process: another process's
   // handles are almost never this one's.
   std::atomic<uint32_t> next_buffer_{1 + static_cast<uint32_t>(std::random_device{}() %
                                                                (1u << 30))};
-  std::mutex fault_mu_;  // held by the thread that ends the process
+  Mutex fault_mu_;  // held by the thread that ends the process
   std::atomic<bool> faulted_{false};
-  std::mutex ids_mu_;
-  std::set<uint64_t> ids_;  // guarded by ids_mu_: the sessions, for a fault's report
+  Mutex ids_mu_;
+  std::set<uint64_t> ids_ GUARDED_BY(ids_mu_);  // the sessions, for a fault's report
 };
 
 SessionHost::SessionHost(SessionHostOptions options, std::unique_ptr<SessionDevice> device)
@@ -208,7 +207,7 @@ SessionHost::~SessionHost() = default;
 int SessionHost::Run() { return impl_->Run(); }
 
 void SessionHost::Impl::Control(const SessionMessage& m) {
-  std::lock_guard lock(control_mu_);
+  MutexLock lock(&control_mu_);
   if (broker_gone_) return;
   if (Status s = WriteFrame(opt_.control_fd, schema::EncodeSessionMessage(m)); !s.ok()) {
     spdlog::warn("session process: the broker's channel: {}", s.ToString());
@@ -273,7 +272,7 @@ int SessionHost::Impl::Run() {
       if (!st.ok()) {
         // The broker is gone, or done with this process: every session ends.
         {
-          std::lock_guard lock(control_mu_);
+          MutexLock lock(&control_mu_);
           broker_gone_ = true;
         }
         for (auto& [id, s] : sessions_) {
@@ -281,8 +280,8 @@ int SessionHost::Impl::Run() {
         }
         {
           // Sessions waiting for a kernel wait no more.
-          std::lock_guard lock(modules_mu_);
-          modules_cv_.notify_all();
+          MutexLock lock(&modules_mu_);
+          modules_cv_.SignalAll();
         }
         while (!sessions_.empty()) {
           Reap();
@@ -345,7 +344,7 @@ void SessionHost::Impl::Open(const SessionMessage& m) {
   s->wake = UniqueFd(eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC));
   sessions_.emplace(m.session, std::move(s));
   {
-    std::lock_guard lock(ids_mu_);
+    MutexLock lock(&ids_mu_);
     ids_.insert(m.session);
   }
   Control(r);
@@ -653,7 +652,7 @@ void SessionHost::Impl::Handle(Session& s, SessionMessage& m) {
 StatusOr<std::shared_ptr<SessionKernel>> SessionHost::Impl::Kernel(Session& s,
                                                                    const schema::KernelSpec& k) {
   const std::string key = KernelKey(k);
-  std::unique_lock lock(modules_mu_);
+  MutexLock lock(&modules_mu_);
   auto it = modules_.find(key);
   if (it == modules_.end()) {
     // Compiled once by the broker's compile service (its cache and its
@@ -667,10 +666,11 @@ StatusOr<std::shared_ptr<SessionKernel>> SessionHost::Impl::Kernel(Session& s,
     compiling_[c.rid] = key;
     Control(c);
   }
-  modules_cv_.wait(lock, [&] {
+  for (;;) {
     auto m = modules_.find(key);
-    return m == modules_.end() || m->second.ready || s.stop.load();
-  });
+    if (m == modules_.end() || m->second.ready || s.stop.load()) break;
+    modules_cv_.Wait();
+  }
   it = modules_.find(key);
   if (it == modules_.end() || !it->second.ready) {
     return Error(Code::kUnavailable, "the session ended while its kernel compiled");
@@ -729,7 +729,7 @@ void SessionHost::Impl::Launch(Session& s, SessionMessage& m) {
 }
 
 void SessionHost::Impl::OnModule(SessionMessage& m) {
-  std::lock_guard lock(modules_mu_);
+  MutexLock lock(&modules_mu_);
   auto c = compiling_.extract(m.rid);
   if (c.empty()) return;
   auto it = modules_.find(c.mapped());
@@ -754,12 +754,12 @@ void SessionHost::Impl::OnModule(SessionMessage& m) {
     }
     module_order_.pop_front();
   }
-  modules_cv_.notify_all();
+  modules_cv_.SignalAll();
 }
 
 void SessionHost::Impl::End(Session& s, Code code, std::string why) {
   {
-    std::lock_guard lock(s.mu);
+    MutexLock lock(&s.mu);
     if (s.ending) return;
     s.ending = true;
     s.end_code = code;
@@ -769,8 +769,8 @@ void SessionHost::Impl::End(Session& s, Code code, std::string why) {
   uint64_t one = 1;
   (void)!write(s.wake.get(), &one, sizeof one);
   {
-    std::lock_guard lock(modules_mu_);
-    modules_cv_.notify_all();
+    MutexLock lock(&modules_mu_);
+    modules_cv_.SignalAll();
   }
   Wake();
 }
@@ -795,7 +795,7 @@ void SessionHost::Impl::Reap() {
     Code code;
     std::string why;
     {
-      std::lock_guard lock(s.mu);
+      MutexLock lock(&s.mu);
       code = s.end_code;
       why = s.end_why;
     }
@@ -816,20 +816,20 @@ void SessionHost::Impl::Reap() {
     }
     spdlog::info("session {} ended: {}", s.id, why);
     {
-      std::lock_guard lock(ids_mu_);
+      MutexLock lock(&ids_mu_);
       ids_.erase(s.id);
     }
     it = sessions_.erase(it);
   }
 }
 
-void SessionHost::Impl::Fault(const Status& why) {
-  std::lock_guard once(fault_mu_);  // the first thread to come ends the process
+void SessionHost::Impl::Fault(const Status& why) NO_THREAD_SAFETY_ANALYSIS {
+  fault_mu_.Lock();  // the first thread to come ends the process; never unlocked
   spdlog::error("session process for tenant '{}': {}; its sessions end", opt_.tenant,
                 why.ToString());
   std::set<uint64_t> ids;
   {
-    std::lock_guard lock(ids_mu_);
+    MutexLock lock(&ids_mu_);
     ids = ids_;
   }
   for (uint64_t id : ids) {
