@@ -82,7 +82,10 @@ void SessionServer::Open(const RequestContext& ctx, const schema::SessionSpec& s
                                        "the key's tenant is '" + ctx.tenant + "', not '" +
                                            claimed + "'"));
   }
-  const std::string tenant = ctx.tenant.empty() ? claimed : ctx.tenant;
+  // As a job's: the key's tenant on CURVE, else the request's word ("default"
+  // when it says none).
+  const std::string tenant =
+      !ctx.tenant.empty() ? ctx.tenant : claimed.empty() ? "default" : claimed;
   const uint64_t memory = spec.memory ? spec.memory : limits_.default_memory;
   uint32_t count = 0;
   uint64_t reserved = 0;
@@ -419,14 +422,11 @@ void SessionServer::Drop(const std::string& key, const std::string& why) {
   const pid_t pid = h->second.pid;
   std::string cause = why;
   int status = 0;
-  // A process whose channel closed is ending: its status says how.
-  for (int i = 0; i < 50; ++i) {
-    if (waitpid(pid, &status, WNOHANG) == pid) {
-      cause = "its process " + Describe(status);
-      h->second.pid = -1;
-      break;
-    }
-    std::this_thread::sleep_for(std::chrono::microseconds(200));
+  // A process whose channel closed is ending: its status says how, if it
+  // has ended already (the loop does not wait for it; Tick() reaps it).
+  if (waitpid(pid, &status, WNOHANG) == pid) {
+    cause = "its process " + Describe(status);
+    h->second.pid = -1;
   }
   spdlog::warn("session process {} of tenant '{}' on {}: {}", pid, h->second.tenant,
                h->second.gpu, cause);

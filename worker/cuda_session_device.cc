@@ -25,17 +25,19 @@ class CudaKernel : public SessionKernel {
 
 class CudaDevice;
 
-// Events come from a pool of the stream's (creating one costs a few µs).
+// An event of a stream's pool (creating one costs a few µs), back to the
+// pool when its last holder lets it go: a launch's end event is also the
+// start of the launch after it when they run back to back.
+using Event = std::shared_ptr<CUevent>;
+
 class CudaMark : public SessionMark {
  public:
-  CudaMark(class CudaStream* s, CUevent end, CUevent start) : stream_(s), end_(end), start_(start) {}
-  ~CudaMark() override;
-  CUevent end() const { return end_; }
-  CUevent start() const { return start_; }
+  CudaMark(Event end, Event start) : end_(std::move(end)), start_(std::move(start)) {}
+  CUevent end() const { return *end_; }
+  CUevent start() const { return start_ ? *start_ : nullptr; }
 
  private:
-  class CudaStream* stream_;
-  CUevent end_, start_;
+  Event end_, start_;
 };
 
 class CudaStream : public SessionStream {
@@ -45,14 +47,16 @@ class CudaStream : public SessionStream {
   ~CudaStream() override {
     Current();
     (void)cu_.cuStreamSynchronize(stream_);
+    last_end_.reset();
     MutexLock lock(&mu_);
-    for (CUevent e : timed_) (void)cu_.cuEventDestroy(e);
-    for (CUevent e : plain_) (void)cu_.cuEventDestroy(e);
+    for (auto* pool : {&timed_, &plain_, &waited_}) {
+      for (CUevent e : *pool) (void)cu_.cuEventDestroy(e);
+    }
     (void)cu_.cuStreamDestroy(stream_);
   }
 
   StatusOr<uint64_t> Alloc(uint64_t size) override {
-    Current();
+    Other();
     CUdeviceptr p = 0;
     GPUQ_CU_CHECK(cu_, cuMemAllocAsync(&p, size, stream_), Code::kResourceExhausted);
     if (CUresult e = cu_.cuMemsetD8Async(p, 0, size, stream_); e != CUDA_SUCCESS) {
@@ -62,53 +66,60 @@ class CudaStream : public SessionStream {
     return static_cast<uint64_t>(p);
   }
   void Free(uint64_t ptr) override {
-    Current();
+    Other();
     (void)cu_.cuMemFreeAsync(ptr, stream_);
   }
   Status Write(uint64_t dst, const std::string& src) override {
-    Current();
+    Other();
     if (src.empty()) return Status::Ok();
     GPUQ_CU_CHECK(cu_, cuMemcpyHtoDAsync(dst, src.data(), src.size(), stream_), Code::kLaunchError);
     return Status::Ok();
   }
   Status Read(uint64_t src, std::string* dst) override {
-    Current();
+    Other();
     if (dst->empty()) return Status::Ok();
     GPUQ_CU_CHECK(cu_, cuMemcpyDtoHAsync(dst->data(), src, dst->size(), stream_),
                   Code::kLaunchError);
     return Status::Ok();
   }
   Status Copy(uint64_t dst, uint64_t src, uint64_t size) override {
-    Current();
+    Other();
     GPUQ_CU_CHECK(cu_, cuMemcpyDtoDAsync(dst, src, size, stream_), Code::kLaunchError);
     return Status::Ok();
   }
   Status Fill(uint64_t dst, uint8_t value, uint64_t size) override {
-    Current();
+    Other();
     GPUQ_CU_CHECK(cu_, cuMemsetD8Async(dst, value, size, stream_), Code::kLaunchError);
     return Status::Ok();
   }
   StatusOr<std::unique_ptr<SessionMark>> Launch(const SessionKernel& k, const LaunchSpec& l,
                                                 std::vector<void*>& params) override {
     Current();
-    GPUQ_ASSIGN_OR_RETURN(CUevent start, Event(true));
-    GPUQ_ASSIGN_OR_RETURN(CUevent end, Event(true));
-    auto mark = std::make_unique<CudaMark>(this, end, start);
-    GPUQ_CU_CHECK(cu_, cuEventRecord(start, stream_), Code::kLaunchError);
+    // A launch behind one that has not ended starts when that one ends: the
+    // end event before it is its start. Otherwise it gets a start event.
+    Event start;
+    if (last_end_ && cu_.cuEventQuery(*last_end_) == CUDA_ERROR_NOT_READY) {
+      start = last_end_;
+    } else {
+      GPUQ_ASSIGN_OR_RETURN(start, NewEvent(kTimed));
+      GPUQ_CU_CHECK(cu_, cuEventRecord(*start, stream_), Code::kLaunchError);
+    }
+    last_end_.reset();
+    GPUQ_ASSIGN_OR_RETURN(Event end, NewEvent(kWaited));
     const auto& fn = static_cast<const CudaKernel&>(k).fn();
     GPUQ_CU_CHECK(cu_,
                   cuLaunchKernel(fn, l.grid.x, l.grid.y, l.grid.z, l.block.x, l.block.y,
                                  l.block.z, l.shared_bytes, stream_, params.data(), nullptr),
                   Code::kLaunchError);
-    GPUQ_CU_CHECK(cu_, cuEventRecord(end, stream_), Code::kLaunchError);
-    return std::unique_ptr<SessionMark>(std::move(mark));
+    GPUQ_CU_CHECK(cu_, cuEventRecord(*end, stream_), Code::kLaunchError);
+    last_end_ = end;
+    return std::unique_ptr<SessionMark>(std::make_unique<CudaMark>(end, start));
   }
   StatusOr<std::unique_ptr<SessionMark>> Mark() override {
-    Current();
-    GPUQ_ASSIGN_OR_RETURN(CUevent end, Event(false));
-    auto mark = std::make_unique<CudaMark>(this, end, nullptr);
-    GPUQ_CU_CHECK(cu_, cuEventRecord(end, stream_), Code::kLaunchError);
-    return std::unique_ptr<SessionMark>(std::move(mark));
+    Other();
+    GPUQ_ASSIGN_OR_RETURN(Event end, NewEvent(kPlain));
+    GPUQ_CU_CHECK(cu_, cuEventRecord(*end, stream_), Code::kLaunchError);
+    return std::unique_ptr<SessionMark>(std::make_unique<CudaMark>(end, nullptr));
   }
   StatusOr<bool> Ready(SessionMark& m) override {
     Current();
@@ -139,17 +150,11 @@ class CudaStream : public SessionStream {
     return static_cast<uint64_t>(static_cast<double>(ms) * 1e6);
   }
 
-  void Release(CUevent end, CUevent start) {
-    MutexLock lock(&mu_);
-    if (start) {
-      timed_.push_back(start);
-      timed_.push_back(end);
-    } else {
-      plain_.push_back(end);
-    }
-  }
-
  private:
+  // Plain marks are never timed; a launch's end is waited for (without a
+  // spin, asleep: blocking sync) and times it; a start is only timed.
+  enum Kind { kPlain, kWaited, kTimed };
+
   void Current() {
     thread_local CUcontext current = nullptr;
     if (current != ctx_) {
@@ -157,33 +162,42 @@ class CudaStream : public SessionStream {
       current = ctx_;
     }
   }
-  StatusOr<CUevent> Event(bool timed) {
+  // Work other than a launch: the next launch is not back to back.
+  void Other() {
+    Current();
+    last_end_.reset();
+  }
+  StatusOr<Event> NewEvent(Kind kind) {
+    CUevent e = nullptr;
     {
       MutexLock lock(&mu_);
-      auto& pool = timed ? timed_ : plain_;
+      auto& pool = kind == kPlain ? plain_ : kind == kWaited ? waited_ : timed_;
       if (!pool.empty()) {
-        CUevent e = pool.back();
+        e = pool.back();
         pool.pop_back();
-        return e;
       }
     }
-    // Without a spin, a wait sleeps until the GPU signals (blocking sync).
-    unsigned flags = spin_.count() > 0 ? CU_EVENT_DEFAULT : CU_EVENT_BLOCKING_SYNC;
-    if (!timed) flags |= CU_EVENT_DISABLE_TIMING;
-    CUevent e = nullptr;
-    GPUQ_CU_CHECK(cu_, cuEventCreate(&e, flags), Code::kResourceExhausted);
-    return e;
+    if (!e) {
+      unsigned flags = CU_EVENT_DEFAULT;
+      if (kind != kTimed && spin_.count() == 0) flags |= CU_EVENT_BLOCKING_SYNC;
+      if (kind == kPlain) flags |= CU_EVENT_DISABLE_TIMING;
+      GPUQ_CU_CHECK(cu_, cuEventCreate(&e, flags), Code::kResourceExhausted);
+    }
+    return Event(new CUevent(e), [this, kind](CUevent* ev) {
+      MutexLock lock(&mu_);
+      (kind == kPlain ? plain_ : kind == kWaited ? waited_ : timed_).push_back(*ev);
+      delete ev;
+    });
   }
 
   const CudaDriver& cu_;
   CUcontext ctx_;
   CUstream stream_;
   const std::chrono::microseconds spin_;
+  Event last_end_;  // the latest launch's end, while nothing else follows it
   Mutex mu_;
-  std::vector<CUevent> timed_ GUARDED_BY(mu_), plain_ GUARDED_BY(mu_);
+  std::vector<CUevent> timed_ GUARDED_BY(mu_), plain_ GUARDED_BY(mu_), waited_ GUARDED_BY(mu_);
 };
-
-CudaMark::~CudaMark() { stream_->Release(end_, start_); }
 
 class CudaDevice : public SessionDevice {
  public:

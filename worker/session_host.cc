@@ -33,6 +33,7 @@ using Clock = std::chrono::steady_clock;
 namespace {
 
 constexpr size_t kMaxPending = 64;   // connections that have not said hello
+constexpr int64_t kHelloMs = 5000;   // how long one may take to say it
 constexpr size_t kMaxModules = 256;  // kernels kept loaded (oldest dropped)
 
 bool SameToken(const std::string& a, const std::string& b) {
@@ -127,7 +128,8 @@ class SessionHost::Impl {
   struct Pending {
     UniqueFd fd;
     FrameReader reader;
-    explicit Pending(UniqueFd f, size_t max) : fd(std::move(f)), reader(max) {}
+    int64_t since_ns;  // a connection that says no hello within kHelloMs is closed
+    explicit Pending(UniqueFd f, size_t max) : fd(std::move(f)), reader(max), since_ns(NowNs()) {}
   };
   struct Module {
     std::shared_ptr<SessionKernel> kernel;
@@ -237,7 +239,7 @@ int SessionHost::Impl::Run() {
     const size_t first_pending = fds.size();
     for (auto& p : pending_) fds.push_back({p->fd.get(), POLLIN, 0});
     const int64_t now = NowNs();
-    int64_t timeout_ms = 1000;
+    int64_t timeout_ms = pending_.empty() ? 1000 : 100;
     for (auto& [id, s] : sessions_) {
       if (s->stop.load() || s->unanswered.load() != 0) continue;
       const int64_t left = (s->last_ns.load() + s->idle.count() * 1000000 - now) / 1000000;
@@ -296,6 +298,9 @@ int SessionHost::Impl::Run() {
       if (fds[i - 1].revents) OnPending(i - 1 - first_pending);
     }
     const int64_t later = NowNs();
+    std::erase_if(pending_, [&](const std::unique_ptr<Pending>& p) {
+      return later - p->since_ns > kHelloMs * 1000000;
+    });
     for (auto& [id, s] : sessions_) {
       if (s->unanswered.load() == 0 && later - s->last_ns.load() >= s->idle.count() * 1000000) {
         End(*s, Code::kSessionLost,
