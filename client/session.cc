@@ -9,6 +9,8 @@
 
 #include "gpuq/client.h"
 #include "schema/codec.h"
+#include "util/sealed_memfd.h"
+#include "util/shm_ring.h"
 #include "util/unix_socket.h"
 
 namespace gpuq {
@@ -28,6 +30,11 @@ class Session::Impl {
   std::map<uint64_t, SessionMessage> early;  // answers read before they were asked for
   Status lost;  // once the session has ended under us
   bool closed = false;
+  // The shared-memory rings (PROTOCOL.md, "Sessions"), when the session's
+  // process gave them: requests go out in `out`, answers come in `in`.
+  Mapping rings;
+  ByteRing out, in;
+  static constexpr std::chrono::microseconds kSlice{20000};
 
   // Sends a request. While the socket cannot take it, the answers that
   // come are read (the session's process never waits on a client that is
@@ -39,6 +46,22 @@ class Session::Impl {
     const uint32_t n = static_cast<uint32_t>(body.size());
     const char len[4] = {static_cast<char>(n), static_cast<char>(n >> 8),
                          static_cast<char>(n >> 16), static_cast<char>(n >> 24)};
+    if (out.valid()) {
+      // Into the ring; while it is full, answers are taken (the session's
+      // process may be waiting for room for them).
+      const auto deadline = std::chrono::steady_clock::now() + timeout;
+      size_t done = out.Write(len, 4);
+      while (done < 4) {
+        GPUQ_RETURN_IF_ERROR(RingWait(deadline));
+        done += out.Write(len + done, 4 - done);
+      }
+      done = 0;
+      while (done < body.size()) {
+        done += out.Write(body.data() + done, body.size() - done);
+        if (done < body.size()) GPUQ_RETURN_IF_ERROR(RingWait(deadline));
+      }
+      return m.rid;
+    }
     iovec iov[2] = {{const_cast<char*>(len), 4}, {const_cast<char*>(body.data()), body.size()}};
     size_t done = 0;
     const size_t total = 4 + body.size();
@@ -76,6 +99,18 @@ class Session::Impl {
     return m.rid;
   }
 
+  // With rings, while a request waits for room: takes answers, then sleeps
+  // a slice.
+  Status RingWait(std::chrono::steady_clock::time_point deadline) {
+    GPUQ_RETURN_IF_ERROR(Fill());
+    if (!lost.ok()) return lost;
+    if (std::chrono::steady_clock::now() > deadline) {
+      return Lose(Status(Code::kTimeout, "the session's process takes no requests"));
+    }
+    if (out.Writable() == 0) out.WaitWritable(kSlice);
+    return Status::Ok();
+  }
+
   Status Lose(Status why) {
     if (lost.ok()) lost = std::move(why);
     fd.Reset();
@@ -101,6 +136,18 @@ class Session::Impl {
         }
         if (early.count(want) || !lost.ok()) continue;
       }
+      if (in.valid()) {
+        const auto deadline = std::chrono::steady_clock::now() + timeout;
+        while (!early.count(want) && lost.ok()) {
+          if (std::chrono::steady_clock::now() > deadline) {
+            return Status(Code::kTimeout, "no answer from the session in " +
+                                              std::to_string(timeout.count()) + " ms");
+          }
+          if (in.Readable() == 0) in.WaitReadable(kSlice);
+          GPUQ_RETURN_IF_ERROR(Fill());
+        }
+        continue;
+      }
       pollfd p{fd.get(), POLLIN, 0};
       if (poll(&p, 1, static_cast<int>(timeout.count())) == 0) {
         return Status(Code::kTimeout, "no answer from the session in " +
@@ -113,7 +160,27 @@ class Session::Impl {
   // Takes what the socket holds, and every whole answer in it.
   Status Fill() {
     if (!fd.valid()) return lost;
-    Status st = reader.Fill(fd.get());
+    Status st;
+    if (in.valid()) {
+      char chunk[65536];
+      size_t took = 0;
+      for (size_t n; (n = in.Read(chunk, sizeof chunk)) > 0; took += n) {
+        reader.Append(std::string_view(chunk, n));
+      }
+      if (took == 0) {
+        // Nothing in the ring: is the session's process still there? (Its
+        // socket carries nothing once the rings are up: readable is closed.)
+        pollfd p{fd.get(), POLLIN, 0};
+        if (poll(&p, 1, 0) > 0) {
+          for (size_t n; (n = in.Read(chunk, sizeof chunk)) > 0;) {
+            reader.Append(std::string_view(chunk, n));
+          }
+          st = Status(Code::kUnavailable, "the peer closed the connection");
+        }
+      }
+    } else {
+      st = reader.Fill(fd.get());
+    }
     std::string frame;
     for (;;) {
       auto next = reader.Next(&frame);
@@ -166,9 +233,30 @@ StatusOr<std::unique_ptr<Session>> Session::Connect(uint64_t id, const std::stri
   hello.protocol = std::string(schema::kSessionProtocol);
   hello.session = id;
   hello.token = token;
+  hello.ring = 1;  // the shared-memory rings, please
   GPUQ_RETURN_IF_ERROR(WriteFrame(impl->fd.get(), schema::EncodeSessionMessage(hello)));
+  // The answer, with the rings' memfd when they come: read as one packet
+  // (nothing else is on the socket yet), then its frame.
+  pollfd p{impl->fd.get(), POLLIN, 0};
+  if (poll(&p, 1, static_cast<int>(timeout.count())) == 0) {
+    return Status(Code::kTimeout, "no answer from the session's process");
+  }
+  auto packet = RecvPacket(impl->fd.get(), 4096);
+  if (!packet.ok()) return packet.status();
+  if (packet->eof) return Status(Code::kUnavailable, "the session's process closed the connection");
+  impl->reader.Append(packet->bytes);
+  GPUQ_RETURN_IF_ERROR(impl->Fill());  // the rest of the frame, if it came apart
   GPUQ_ASSIGN_OR_RETURN(SessionMessage ok, impl->Answer(0));
-  (void)ok;
+  if (ok.ring > 0 && packet->fd.valid()) {
+    const uint64_t bytes = 2 * ByteRing::Bytes(ok.ring);
+    if ((ok.ring & (ok.ring - 1)) != 0 || ok.ring > (64u << 20)) {
+      return Status(Code::kMalformed, "the session's rings are not a power of two");
+    }
+    GPUQ_RETURN_IF_ERROR(CheckSealedMemfd(packet->fd.get(), bytes));
+    GPUQ_ASSIGN_OR_RETURN(impl->rings, Mapping::Map(packet->fd.get(), bytes));
+    impl->out = ByteRing(impl->rings.data(), ok.ring);
+    impl->in = ByteRing(impl->rings.data() + ByteRing::Bytes(ok.ring), ok.ring);
+  }
   return std::unique_ptr<Session>(new Session(std::move(impl)));
 }
 

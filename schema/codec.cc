@@ -2085,7 +2085,7 @@ namespace {
 
 const ReplyFields& FieldsOf(SessionOp op) {
   static const ReplyFields kFields[] = {
-      /*hello*/ {{"protocol", "session", "token"}, {}},
+      /*hello*/ {{"protocol", "session", "token"}, {"ring"}},
       /*alloc*/ {{"rid", "size"}, {}},
       /*free*/ {{"rid", "buffer"}, {}},
       /*write*/ {{"rid", "buffer", "offset", "data"}, {}},
@@ -2095,7 +2095,7 @@ const ReplyFields& FieldsOf(SessionOp op) {
       /*launch*/
       {{"rid", "src", "entry", "grid", "block", "args"}, {"expr", "opts", "headers", "shared"}},
       /*close*/ {{"rid"}, {}},
-      /*done*/ {{"rid"}, {"buffer", "data", "kernel_ns"}},
+      /*done*/ {{"rid"}, {"buffer", "data", "kernel_ns", "ring"}},
       /*error*/ {{"rid", "code", "error"}, {}},
       /*open*/ {{"session", "token", "memory", "idle_ms"}, {}},
       /*end*/ {{"session"}, {}},
@@ -2146,6 +2146,7 @@ std::string EncodeSessionMessage(const SessionMessage& m) {
              [&] { PackBin(p, m.data); })
       .Field("kernel_ns", has("kernel_ns") && m.kernel_ns != 0,
              [&] { p.pack_uint64(m.kernel_ns); })
+      .Field("ring", has("ring") && m.ring != 0, [&] { p.pack_uint64(m.ring); })
       .Field("memory", has("memory"), [&] { p.pack_uint64(m.memory); })
       .Field("idle_ms", has("idle_ms"), [&] { p.pack_uint64(m.idle_ms); });
   if (m.op == SessionOp::kLaunch || m.op == SessionOp::kCompile) {
@@ -2203,6 +2204,7 @@ Status DecodeSessionFields(const object& o, const Limits& limits, size_t max_dat
     if (k == "value") return GetU(v, k, &r.value, 255);
     if (k == "data") return GetBin(v, k, max_data, &r.data);
     if (k == "kernel_ns") return GetU(v, k, &r.kernel_ns);
+    if (k == "ring") return GetU(v, k, &r.ring);
     if (k == "memory") return GetU(v, k, &r.memory);
     if (k == "idle_ms") return GetU(v, k, &r.idle_ms, kMaxDeadlineMs);
     if (k == "image") return GetBin(v, k, max_data, &r.image);

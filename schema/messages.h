@@ -296,6 +296,9 @@ struct SessionMessage {
   LaunchSpec launch;
   std::vector<Arg> args;  // scalars, and buffers: ["buf", handle] or ["buf", [handle, offset]]
   uint64_t kernel_ns = 0;  // done of launch: its time on the GPU (CUDA events)
+  // hello: 1 asks for the shared-memory rings; done of hello: their
+  // capacity each (the memfd travels with it)
+  uint64_t ring = 0;
   uint64_t memory = 0, idle_ms = 0;  // open
   std::string image;                 // module
   ImageKind image_kind = ImageKind::kNone;

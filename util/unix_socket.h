@@ -81,6 +81,15 @@ class FrameWriter {
   Status Flush(int sock);
   bool pending() const { return pos_ < buf_.size(); }
   size_t queued() const { return buf_.size() - pos_; }
+  // What waits, and taking `n` bytes of it (for a writer other than a socket).
+  std::string_view Waiting() const { return std::string_view(buf_).substr(pos_); }
+  void Taken(size_t n) {
+    pos_ += n;
+    if (pos_ == buf_.size()) {
+      buf_.clear();
+      pos_ = 0;
+    }
+  }
 
  private:
   std::string buf_;

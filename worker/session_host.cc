@@ -20,7 +20,9 @@
 #include "schema/codec.h"
 #include "util/fd.h"
 #include "util/mutex.h"
+#include "util/sealed_memfd.h"
 #include "util/sha256.h"
+#include "util/shm_ring.h"
 #include "util/unix_socket.h"
 #include "worker/exit_codes.h"
 
@@ -34,6 +36,9 @@ namespace {
 
 constexpr size_t kMaxPending = 64;   // connections that have not said hello
 constexpr int64_t kHelloMs = 5000;   // how long one may take to say it
+constexpr size_t kRingBytes = 256u << 10;  // each way, for a client that asks for rings
+// A sleeping side of the rings checks its socket (for the peer's end) this often.
+constexpr std::chrono::microseconds kRingSlice{20000};
 constexpr size_t kMaxModules = 256;  // kernels kept loaded (oldest dropped)
 
 bool SameToken(const std::string& a, const std::string& b) {
@@ -106,7 +111,11 @@ class SessionHost::Impl {
     UniqueFd conn;
     UniqueFd wake;  // an eventfd: the control thread asks it to end
     std::unique_ptr<FrameReader> reader;
-    FrameWriter out;  // answers the socket has not taken yet
+    FrameWriter out;  // answers the socket (or ring) has not taken yet
+    // With rings (the client asked): requests come in `in`, answers go out
+    // in `back`; the socket then only tells that the client is gone.
+    Mapping rings;
+    ByteRing in, back;
     std::unique_ptr<SessionStream> stream;
     std::map<uint32_t, Buffer> buffers;
     std::deque<Entry> pending;  // answered in order
@@ -148,6 +157,13 @@ class SessionHost::Impl {
   // The session's thread: reads its requests, enqueues their work, and
   // answers them in order as the work is done.
   void Serve(Session* s);
+  // Hands the answers waiting to the socket or the ring: false when the
+  // socket is gone.
+  bool FlushOut(Session& s);
+  // With rings: whether the client's socket is still open.
+  bool ClientThere(Session& s);
+  // Sends one frame on the session's way back (after its thread ended).
+  void Last(Session& s, const SessionMessage& m);
   // False when the connection has ended.
   bool Read(Session& s);
   void Handle(Session& s, SessionMessage& m);
@@ -409,7 +425,30 @@ void SessionHost::Impl::OnPending(size_t i) {
   s.last_ns = NowNs();
   SessionMessage ok;
   ok.op = SessionOp::kDone;
-  (void)WriteFrame(s.conn.get(), schema::EncodeSessionMessage(ok));
+  UniqueFd memfd;
+  if (m.ring) {
+    // Two rings in one sealed memfd, handed over with the answer.
+    auto fd = CreateSealedMemfd(2 * ByteRing::Bytes(kRingBytes), "gpuq-session-rings");
+    auto map = fd.ok() ? Mapping::Map(fd->get(), 2 * ByteRing::Bytes(kRingBytes))
+                       : StatusOr<Mapping>(fd.status());
+    if (map.ok()) {
+      s.rings = std::move(*map);
+      s.in = ByteRing(s.rings.data(), kRingBytes);
+      s.back = ByteRing(s.rings.data() + ByteRing::Bytes(kRingBytes), kRingBytes);
+      ok.ring = kRingBytes;
+      memfd = std::move(*fd);
+    } else {
+      spdlog::warn("session {}: no rings, the socket serves: {}", s.id, map.status().ToString());
+    }
+  }
+  {
+    const std::string body = schema::EncodeSessionMessage(ok);
+    const uint32_t n = static_cast<uint32_t>(body.size());
+    std::string frame = {static_cast<char>(n), static_cast<char>(n >> 8),
+                         static_cast<char>(n >> 16), static_cast<char>(n >> 24)};
+    frame += body;
+    (void)SendPacket(s.conn.get(), frame, memfd.valid() ? memfd.get() : -1);
+  }
   drop();
   Session* raw = &s;
   s.thread = std::thread([this, raw] { Serve(raw); });
@@ -429,7 +468,7 @@ void SessionHost::Impl::Serve(Session* sp) {
       if (took || s.reader->buffered() > 0) spin_until = Clock::now() + opt_.spin;
     }
     if (!Complete(s, false)) return;
-    if (s.out.pending() && !s.out.Flush(s.conn.get()).ok()) open = false;
+    if (s.out.pending() && !FlushOut(s)) open = false;
     if (s.stop.load()) break;
     if (!open) {
       if (s.pending.empty()) break;
@@ -440,6 +479,21 @@ void SessionHost::Impl::Serve(Session* sp) {
     // and the GPU (Complete) in turn, one system call a turn.
     const bool spinning = opt_.spin.count() > 0 && Clock::now() < spin_until;
     if (spinning && !s.out.pending()) continue;
+    if (s.in.valid()) {
+      // Rings: wait for the work ahead, for room for the answers, or for a
+      // request; the socket only says whether the client is still there.
+      if (!s.pending.empty()) {
+        if (s.in.Readable() == 0 && !Complete(s, true)) return;
+        continue;
+      }
+      if (s.out.pending()) {
+        s.back.WaitWritable(kRingSlice);
+      } else if (s.in.Readable() == 0) {
+        s.in.WaitReadable(kRingSlice);
+      }
+      if (s.in.Readable() == 0 && !ClientThere(s)) open = false;
+      continue;
+    }
     // Nothing to take: wait for a request, for room for the answers, or
     // for the work ahead.
     pollfd fds[2] = {{s.conn.get(), 0, 0}, {s.wake.get(), POLLIN, 0}};
@@ -459,6 +513,11 @@ void SessionHost::Impl::Serve(Session* sp) {
     if (!Complete(s, true)) return;
   }
   for (int i = 0; i < 1000 && s.out.pending(); ++i) {
+    if (s.back.valid()) {
+      if (!FlushOut(s)) break;
+      if (s.out.pending()) s.back.WaitWritable(std::chrono::milliseconds(10));
+      continue;
+    }
     pollfd p{s.conn.get(), POLLOUT, 0};
     if (poll(&p, 1, 10) < 0 || !s.out.Flush(s.conn.get()).ok()) break;
   }
@@ -467,8 +526,34 @@ void SessionHost::Impl::Serve(Session* sp) {
   Wake();
 }
 
+bool SessionHost::Impl::FlushOut(Session& s) {
+  if (!s.back.valid()) return s.out.Flush(s.conn.get()).ok();
+  while (s.out.pending()) {
+    const std::string_view w = s.out.Waiting();
+    const size_t n = s.back.Write(w.data(), w.size());
+    if (n == 0) break;
+    s.out.Taken(n);
+  }
+  return true;
+}
+
+bool SessionHost::Impl::ClientThere(Session& s) {
+  pollfd p{s.conn.get(), POLLIN, 0};
+  if (poll(&p, 1, 0) <= 0) return true;
+  // With rings, nothing comes on the socket: readable means closed.
+  return false;
+}
+
 bool SessionHost::Impl::Read(Session& s) {
-  Status st = s.reader->Fill(s.conn.get());
+  Status st;
+  if (s.in.valid()) {
+    char chunk[65536];
+    for (size_t n; (n = s.in.Read(chunk, sizeof chunk)) > 0;) {
+      s.reader->Append(std::string_view(chunk, n));
+    }
+  } else {
+    st = s.reader->Fill(s.conn.get());
+  }
   std::string frame;
   for (;;) {
     auto next = s.reader->Next(&frame);
@@ -508,8 +593,9 @@ bool SessionHost::Impl::Complete(Session& s, bool wait) {
         // session of this process answers anything from now on.
         Status lost(Code::kSessionLost, "a kernel faulted: " + ns.status().message());
         faulted_ = true;
-        (void)s.out.Flush(s.conn.get());
-        (void)WriteFrame(s.conn.get(), schema::EncodeSessionMessage(ErrorReply(e.reply.rid, lost)));
+        s.out.Push(schema::EncodeSessionMessage(ErrorReply(e.reply.rid, lost)));
+        (void)FlushOut(s);
+        if (s.back.valid()) s.back.Wake();
         Fault(lost);
         return false;
       }
@@ -773,6 +859,7 @@ void SessionHost::Impl::End(Session& s, Code code, std::string why) {
   s.stop = true;
   uint64_t one = 1;
   (void)!write(s.wake.get(), &one, sizeof one);
+  if (s.in.valid()) s.in.Wake();
   {
     MutexLock lock(&modules_mu_);
     modules_cv_.SignalAll();
@@ -804,9 +891,7 @@ void SessionHost::Impl::Reap() {
       code = s.end_code;
       why = s.end_why;
     }
-    if (s.conn.valid() && code != Code::kOk) {
-      (void)WriteFrame(s.conn.get(), schema::EncodeSessionMessage(ErrorReply(0, Status(code, why))));
-    }
+    if (s.conn.valid() && code != Code::kOk) Last(s, ErrorReply(0, Status(code, why)));
     SessionMessage ended;
     ended.op = SessionOp::kEnded;
     ended.session = s.id;
@@ -817,7 +902,7 @@ void SessionHost::Impl::Reap() {
       SessionMessage done;
       done.op = SessionOp::kDone;
       done.rid = s.close_rid;
-      (void)WriteFrame(s.conn.get(), schema::EncodeSessionMessage(done));
+      Last(s, done);
     }
     spdlog::info("session {} ended: {}", s.id, why);
     {
@@ -826,6 +911,18 @@ void SessionHost::Impl::Reap() {
     }
     it = sessions_.erase(it);
   }
+}
+
+void SessionHost::Impl::Last(Session& s, const SessionMessage& m) {
+  if (!s.back.valid()) {
+    (void)WriteFrame(s.conn.get(), schema::EncodeSessionMessage(m));
+    return;
+  }
+  // Into the ring if it has room (the client may have stopped reading);
+  // the socket's close then tells the client to read what is left.
+  s.out.Push(schema::EncodeSessionMessage(m));
+  (void)FlushOut(s);
+  if (s.back.valid()) s.back.Wake();
 }
 
 void SessionHost::Impl::Fault(const Status& why) NO_THREAD_SAFETY_ANALYSIS {
