@@ -124,6 +124,7 @@ class SessionHost::Impl {
     schema::KernelSpec last_spec;
     std::shared_ptr<SessionKernel> last_kernel;
     uint64_t close_rid = 0;     // its client's close, answered once the broker knows
+    uint64_t requests = 0;      // taken so far
     std::thread thread;
     // Shared with the control thread.
     std::atomic<int64_t> last_ns{0};  // its latest request (steady clock)
@@ -462,12 +463,13 @@ void SessionHost::Impl::Serve(Session* sp) {
   // requests are read until it takes them.
   constexpr size_t kMaxUnread = 64u << 20;
   while (!s.stop.load()) {
-    if (open && s.out.queued() < kMaxUnread) {
-      const bool took = s.reader->buffered() > 0;
-      open = Read(s);
-      if (took || s.reader->buffered() > 0) spin_until = Clock::now() + opt_.spin;
-    }
-    if (!Complete(s, false)) return;
+    const uint64_t before = s.requests;
+    if (open && s.out.queued() < kMaxUnread) open = Read(s);
+    const bool took = s.requests != before;
+    if (took) spin_until = Clock::now() + opt_.spin;
+    // New requests first: launches are enqueued before the GPU is asked
+    // what has ended (the answers come on a turn that took none).
+    if (!took && !Complete(s, false)) return;
     if (s.out.pending() && !FlushOut(s)) open = false;
     if (s.stop.load()) break;
     if (!open) {
@@ -564,6 +566,7 @@ bool SessionHost::Impl::Read(Session& s) {
     }
     if (!*next) break;
     s.last_ns = NowNs();
+    ++s.requests;
     SessionMessage m;
     Status d = schema::DecodeSessionMessage(frame, schema::Limits{}, opt_.max_data, &m);
     if (!d.ok()) {
