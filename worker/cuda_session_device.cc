@@ -234,36 +234,7 @@ class CudaDevice : public SessionDevice {
       (void)cu_->cuCtxSetCurrent(ctx_);
       current = ctx_;
     }
-    const auto& b = launch.block;
-    const auto& g = launch.grid;
-    const auto& d = info_;
-    if (b.x > d.max_block.x || b.y > d.max_block.y || b.z > d.max_block.z ||
-        b.Count() > d.max_threads_per_block) {
-      return Error(Code::kInvalid, "block " + std::to_string(b.x) + "x" + std::to_string(b.y) +
-                                       "x" + std::to_string(b.z) + " is over the device's limits");
-    }
-    if (g.x > d.max_grid.x || g.y > d.max_grid.y || g.z > d.max_grid.z) {
-      return Error(Code::kInvalid, "grid is over the device's limits");
-    }
-    CUfunction fn = static_cast<const CudaKernel&>(k).fn();
-    int max_threads = 0;
-    if (cu_->cuFuncGetAttribute(&max_threads, CU_FUNC_ATTRIBUTE_MAX_THREADS_PER_BLOCK, fn) ==
-            CUDA_SUCCESS &&
-        b.Count() > static_cast<uint64_t>(max_threads)) {
-      return Error(Code::kLaunchError, "the kernel can run at most " +
-                                           std::to_string(max_threads) + " threads per block");
-    }
-    if (launch.shared_bytes > d.max_shared_optin) {
-      return Error(Code::kInvalid, "dynamic shared memory is over the device's limit of " +
-                                       std::to_string(d.max_shared_optin));
-    }
-    if (launch.shared_bytes > d.max_shared_per_block) {
-      GPUQ_CU_CHECK(*cu_,
-                    cuFuncSetAttribute(fn, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                                       static_cast<int>(launch.shared_bytes)),
-                    Code::kLaunchError);
-    }
-    return Status::Ok();
+    return CheckLaunchLimits(*cu_, info_, launch, static_cast<const CudaKernel&>(k).fn());
   }
 
  private:

@@ -548,10 +548,10 @@ void GpuWorker::Impl::RefreshFreeBytes() {
   if (cu_->cuMemGetInfo(&free, &total) == CUDA_SUCCESS) free_bytes_ = free;
 }
 
-Status GpuWorker::Impl::LaunchChecks(const schema::LaunchSpec& launch, CUfunction fn) {
+Status CheckLaunchLimits(const CudaDriver& cu, const schema::DeviceInfo& d,
+                         const schema::LaunchSpec& launch, CUfunction fn) {
   const auto& b = launch.block;
   const auto& g = launch.grid;
-  const auto& d = device_;
   if (b.x > d.max_block.x || b.y > d.max_block.y || b.z > d.max_block.z ||
       b.Count() > d.max_threads_per_block) {
     return Error(Code::kInvalid, "block " + std::to_string(b.x) + "x" + std::to_string(b.y) +
@@ -561,7 +561,7 @@ Status GpuWorker::Impl::LaunchChecks(const schema::LaunchSpec& launch, CUfunctio
     return Error(Code::kInvalid, "grid is over the device's limits");
   }
   int fn_max_threads = 0;
-  if (cu_->cuFuncGetAttribute(&fn_max_threads, CU_FUNC_ATTRIBUTE_MAX_THREADS_PER_BLOCK, fn) ==
+  if (cu.cuFuncGetAttribute(&fn_max_threads, CU_FUNC_ATTRIBUTE_MAX_THREADS_PER_BLOCK, fn) ==
           CUDA_SUCCESS &&
       b.Count() > static_cast<uint64_t>(fn_max_threads)) {
     return Error(Code::kLaunchError, "the kernel can run at most " +
@@ -577,12 +577,16 @@ Status GpuWorker::Impl::LaunchChecks(const schema::LaunchSpec& launch, CUfunctio
   }
   if (shared > d.max_shared_per_block) {
     // Above 48 KB a kernel must opt in through its function attribute.
-    GPUQ_CU_CHECK(*cu_,
+    GPUQ_CU_CHECK(cu,
                   cuFuncSetAttribute(fn, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                                      static_cast<int>(shared)),
                   Code::kLaunchError);
   }
   return Status::Ok();
+}
+
+Status GpuWorker::Impl::LaunchChecks(const schema::LaunchSpec& launch, CUfunction fn) {
+  return CheckLaunchLimits(*cu_, device_, launch, fn);
 }
 
 namespace {

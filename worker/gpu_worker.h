@@ -46,6 +46,12 @@ struct WorkerOptions {
 // Reads the device's properties (the `ready` message's device map).
 StatusOr<schema::DeviceInfo> QueryDevice(const CudaDriver& cu, int ordinal);
 
+// Checks a launch of `fn` against the device's limits (block, grid, shared
+// memory) and the kernel's (threads per block); opts the kernel in to more
+// than 48 KiB of dynamic shared memory when it asks for it.
+Status CheckLaunchLimits(const CudaDriver& cu, const schema::DeviceInfo& device,
+                         const schema::LaunchSpec& launch, CUfunction fn);
+
 class GpuWorker {
  public:
   static StatusOr<std::unique_ptr<GpuWorker>> Create(

@@ -438,17 +438,23 @@ def _launch_map(i: int, launch: Launch) -> Header:
     m["block"] = _dim3(launch.block)
     if launch.shared:
         m["shared"] = int(launch.shared)
-    args: List[List[Any]] = []
-    for k, a in enumerate(launch.args):
-        if isinstance(a, Scalar):
-            args.append([a.type, a.value])
-        elif isinstance(a, Buf):
-            args.append(["buf", a.index if a.offset == 0 else [a.index, a.offset]])
-        else:
-            raise TypeError("launch %d, argument %d: a launch's arguments are scalars and "
-                            "gpuq.Buf(index) of the job's buffers, not %r" % (i, k, a))
-    m["args"] = args
+    m["args"] = launch_args(launch.args, "launch %d, " % i, "the job's buffers")
     return m
+
+
+def launch_args(args: Sequence[Any], where: str, whose: str) -> List[List[Any]]:
+    """The wire form of a launch's arguments: scalars, and gpuq.Buf of
+    `whose` buffers (a job's by index, a session's by handle)."""
+    out: List[List[Any]] = []
+    for k, a in enumerate(args):
+        if isinstance(a, Scalar):
+            out.append([a.type, a.value])
+        elif isinstance(a, Buf):
+            out.append(["buf", a.index if a.offset == 0 else [a.index, a.offset]])
+        else:
+            raise TypeError("%sargument %d: a launch's arguments are scalars and gpuq.Buf of %s, "
+                            "not %r" % (where, k, whose, a))
+    return out
 
 
 def _nbytes(data: Buffer) -> int:

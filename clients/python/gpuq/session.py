@@ -21,7 +21,7 @@ import numpy as np
 import numpy.typing as npt
 
 from gpuq import wire
-from gpuq.client import Buf, Error, Scalar
+from gpuq.client import Buf, Error, Scalar, launch_args
 
 PROTOCOL = wire.SESSION_PROTOCOL
 Dim = Union[int, Sequence[int]]
@@ -196,16 +196,7 @@ class Session:
         m["block"] = _dim3(block)
         if shared:
             m["shared"] = int(shared)
-        out: List[List[Any]] = []
-        for i, a in enumerate(args):
-            if isinstance(a, Scalar):
-                out.append([a.type, a.value])
-            elif isinstance(a, Buf):
-                out.append(["buf", a.index if a.offset == 0 else [a.index, a.offset]])
-            else:
-                raise TypeError("argument %d: a session's launch takes scalars and "
-                                "gpuq.Buf(handle) of its buffers, not %r" % (i, a))
-        m["args"] = out
+        m["args"] = launch_args(args, "", "the session's buffers (by handle)")
         return self._send(m)
 
     def wait(self, ticket: int) -> int:
