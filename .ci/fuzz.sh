@@ -24,8 +24,10 @@ for path in glob.glob("schema/golden/*.bin"):
         (n,) = struct.unpack_from("<I", data, off); off += 4
         frames.append(data[off:off + n]); off += n
     name = os.path.basename(path)
-    # Bit 5: the region channel's decoder (any selector may carry it).
-    sel = {"client": 0, "reply": 1, "worker": 2, "broker": 3, "region": 0x20}[name.split("_")[0]]
+    # Bit 5: the region channel's decoder, bit 6 the session channel's (any
+    # selector may carry them).
+    sel = {"client": 0, "reply": 1, "worker": 2, "broker": 3, "region": 0x20,
+           "session": 0x40}[name.split("_")[0]]
     sel |= min(len(frames) - 2, 7) << 2
     open(os.path.join(out, name), "wb").write(bytes([sel]) + frames[1])
 PY
