@@ -69,7 +69,11 @@ class RegionsTest : public BrokerTest {
 };
 
 TEST_F(RegionsTest, RangesAreReadAndWrittenInPlaceAndNothingComesBack) {
-  AddLocalWorker();
+  // Long heartbeats, both ways: under ThreadSanitizer a stall of the test
+  // double made it register again, and a job that writes a region is not
+  // run again after its worker is lost (it fails, as it must).
+  ASSERT_TRUE(StartBroker({"--heartbeat-ms", "1000"})) << Log();
+  AddLocalWorker({"--heartbeat-ms", "1000"});
   auto c = Connect();
   ASSERT_TRUE(WaitForWorkers(*c, 1));
   auto region = c->NewRegion(1 << 20);
@@ -104,7 +108,8 @@ TEST_F(RegionsTest, RangesAreReadAndWrittenInPlaceAndNothingComesBack) {
 }
 
 TEST_F(RegionsTest, AJobOfSeveralLaunchesUsesRangesAsItsBuffers) {
-  AddLocalWorker();
+  ASSERT_TRUE(StartBroker({"--heartbeat-ms", "1000"})) << Log();  // as above
+  AddLocalWorker({"--heartbeat-ms", "1000"});
   auto c = Connect();
   ASSERT_TRUE(WaitForWorkers(*c, 1));
   auto region = c->NewRegion(4096);
@@ -153,7 +158,8 @@ TEST_F(RegionsTest, BadRangesAreRefusedWithAClearError) {
 }
 
 TEST_F(RegionsTest, TwoUnfinishedJobsNeverWriteTheSameBytes) {
-  AddLocalWorker();
+  ASSERT_TRUE(StartBroker({"--heartbeat-ms", "1000"})) << Log();  // as above
+  AddLocalWorker({"--heartbeat-ms", "1000"});
   auto c = Connect();
   ASSERT_TRUE(WaitForWorkers(*c, 1));
   auto region = c->NewRegion(4096);
