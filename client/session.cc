@@ -42,40 +42,18 @@ class Session::Impl {
   StatusOr<uint64_t> Send(SessionMessage m) {
     if (!lost.ok()) return lost;
     m.rid = ++rid;
-    const std::string body = schema::EncodeSessionMessage(m);
-    const uint32_t n = static_cast<uint32_t>(body.size());
-    const char len[4] = {static_cast<char>(n), static_cast<char>(n >> 8),
-                         static_cast<char>(n >> 16), static_cast<char>(n >> 24)};
-    if (out.valid()) {
-      // Into the ring; while it is full, answers are taken (the session's
-      // process may be waiting for room for them).
-      const auto deadline = std::chrono::steady_clock::now() + timeout;
-      size_t done = out.Write(len, 4);
-      while (done < 4) {
-        GPUQ_RETURN_IF_ERROR(RingWait(deadline));
-        done += out.Write(len + done, 4 - done);
+    const std::string frame = schema::EncodeSessionFrame(m);
+    const auto deadline = std::chrono::steady_clock::now() + timeout;
+    for (size_t done = 0; done < frame.size();) {
+      if (out.valid()) {
+        // Into the ring; while it is full, answers are taken (the session's
+        // process may be waiting for room for them).
+        done += out.Write(frame.data() + done, frame.size() - done);
+        if (done < frame.size()) GPUQ_RETURN_IF_ERROR(RingWait(deadline));
+        continue;
       }
-      done = 0;
-      while (done < body.size()) {
-        done += out.Write(body.data() + done, body.size() - done);
-        if (done < body.size()) GPUQ_RETURN_IF_ERROR(RingWait(deadline));
-      }
-      return m.rid;
-    }
-    iovec iov[2] = {{const_cast<char*>(len), 4}, {const_cast<char*>(body.data()), body.size()}};
-    size_t done = 0;
-    const size_t total = 4 + body.size();
-    while (done < total) {
-      msghdr h{};
-      iovec part[2];
-      int parts = 0;
-      if (done < 4) part[parts++] = {const_cast<char*>(len) + done, 4 - done};
-      const size_t in_body = done > 4 ? done - 4 : 0;
-      part[parts++] = {const_cast<char*>(body.data()) + in_body, body.size() - in_body};
-      (void)iov;
-      h.msg_iov = part;
-      h.msg_iovlen = static_cast<size_t>(parts);
-      const ssize_t w = sendmsg(fd.get(), &h, MSG_NOSIGNAL | MSG_DONTWAIT);
+      const ssize_t w = send(fd.get(), frame.data() + done, frame.size() - done,
+                             MSG_NOSIGNAL | MSG_DONTWAIT);
       if (w > 0) {
         done += static_cast<size_t>(w);
         continue;

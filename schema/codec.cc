@@ -2122,12 +2122,17 @@ Status GetBin(const object& o, std::string_view field, size_t max, std::string* 
 
 }  // namespace
 
-std::string EncodeSessionMessage(const SessionMessage& m) {
+namespace {
+
+// `framed`: the frame's 4-byte length first (PROTOCOL.md, "Sessions"),
+// written in place rather than by copying the message behind it.
+std::string EncodeSession(const SessionMessage& m, bool framed) {
   const ReplyFields& f = FieldsOf(m.op);
   auto has = [&](std::string_view k) { return Carries(f, k); };
   const bool failed = m.code != Code::kOk;
   StringBuffer buf;
   buf.bytes.reserve(256 + m.data.size() + m.image.size() + m.kernel.source.size());
+  if (framed) buf.bytes.assign(4, '\0');
   Packer p(buf);
   MapWriter w(p);
   w.Field("op", true, [&] { PackStr(p, SessionOpName(m.op)); })
@@ -2167,8 +2172,17 @@ std::string EncodeSessionMessage(const SessionMessage& m) {
       .Field("error", has("error") && (failed || m.op == SessionOp::kEnded),
              [&] { PackStr(p, m.error); });
   w.Write();
+  if (framed) {
+    const uint32_t n = static_cast<uint32_t>(buf.bytes.size() - 4);
+    for (int i = 0; i < 4; ++i) buf.bytes[i] = static_cast<char>(n >> (8 * i));
+  }
   return Take(buf);
 }
+
+}  // namespace
+
+std::string EncodeSessionMessage(const SessionMessage& m) { return EncodeSession(m, false); }
+std::string EncodeSessionFrame(const SessionMessage& m) { return EncodeSession(m, true); }
 
 namespace {
 

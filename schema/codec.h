@@ -59,6 +59,8 @@ Status DecodeRegionMessage(std::string_view bytes, const Limits& limits, RegionM
 // Session channel messages (PROTOCOL.md, "Sessions"): one frame's bytes.
 // `max_data` bounds a write's or a read's data and a module's image.
 std::string EncodeSessionMessage(const SessionMessage& m);
+// The same with the frame's length in front: what goes on the channel.
+std::string EncodeSessionFrame(const SessionMessage& m);
 Status DecodeSessionMessage(std::string_view bytes, const Limits& limits, size_t max_data,
                             SessionMessage* out);
 

@@ -612,3 +612,23 @@ TEST_F(SeveralLaunchesTest, WorkerJobsAreCheckedToo) {
 
 }  // namespace
 }  // namespace gpuq::schema
+
+namespace gpuq::schema {
+namespace {
+
+// A session frame is its message with the message's length in front.
+TEST(SessionFrameTest, AFrameIsItsLengthThenItsMessage) {
+  SessionMessage m;
+  m.op = SessionOp::kWrite;
+  m.rid = 7;
+  m.buffer = 3;
+  m.data = std::string(70000, 'x');
+  const std::string body = EncodeSessionMessage(m), frame = EncodeSessionFrame(m);
+  ASSERT_EQ(frame.size(), body.size() + 4);
+  EXPECT_EQ(frame.substr(4), body);
+  const auto* b = reinterpret_cast<const unsigned char*>(frame.data());
+  EXPECT_EQ(b[0] | (b[1] << 8) | (b[2] << 16) | (size_t{b[3]} << 24), body.size());
+}
+
+}  // namespace
+}  // namespace gpuq::schema

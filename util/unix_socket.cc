@@ -68,36 +68,25 @@ StatusOr<UniqueFd> ConnectSeqpacket(const std::string& path) {
 StatusOr<UniqueFd> ListenStream(const std::string& path) { return Listen(path, SOCK_STREAM); }
 StatusOr<UniqueFd> ConnectStream(const std::string& path) { return Connect(path, SOCK_STREAM); }
 
+void AppendFrame(std::string* out, std::string_view body) {
+  const uint32_t n = static_cast<uint32_t>(body.size());
+  const char len[4] = {static_cast<char>(n), static_cast<char>(n >> 8),
+                       static_cast<char>(n >> 16), static_cast<char>(n >> 24)};
+  out->append(len, 4);
+  out->append(body);
+}
+
 Status WriteFrame(int sock, std::string_view bytes) {
   if (bytes.size() > UINT32_MAX) return Status(Code::kTooLarge, "a frame is at most 4 GiB");
-  const uint32_t n = static_cast<uint32_t>(bytes.size());
-  const unsigned char len[4] = {static_cast<unsigned char>(n), static_cast<unsigned char>(n >> 8),
-                                static_cast<unsigned char>(n >> 16),
-                                static_cast<unsigned char>(n >> 24)};
-  iovec iov[2] = {{const_cast<unsigned char*>(len), 4},
-                  {const_cast<char*>(bytes.data()), bytes.size()}};
-  size_t left = 4 + bytes.size();
-  int first = 0;
-  while (left > 0) {
-    msghdr m{};
-    m.msg_iov = iov + first;
-    m.msg_iovlen = 2 - first;
-    ssize_t w = sendmsg(sock, &m, MSG_NOSIGNAL);
+  std::string frame;
+  AppendFrame(&frame, bytes);
+  for (size_t done = 0; done < frame.size();) {
+    ssize_t w = send(sock, frame.data() + done, frame.size() - done, MSG_NOSIGNAL);
     if (w < 0) {
       if (errno == EINTR) continue;
       return Errno("writing a frame");
     }
-    left -= static_cast<size_t>(w);
-    size_t done = static_cast<size_t>(w);
-    while (first < 2 && done >= iov[first].iov_len) {
-      done -= iov[first].iov_len;
-      iov[first].iov_len = 0;
-      ++first;
-    }
-    if (first < 2) {
-      iov[first].iov_base = static_cast<char*>(iov[first].iov_base) + done;
-      iov[first].iov_len -= done;
-    }
+    done += static_cast<size_t>(w);
   }
   return Status::Ok();
 }
@@ -178,13 +167,7 @@ StatusOr<bool> FrameReader::Next(std::string* frame) {
   return true;
 }
 
-void FrameWriter::Push(std::string_view bytes) {
-  const uint32_t n = static_cast<uint32_t>(bytes.size());
-  const char len[4] = {static_cast<char>(n), static_cast<char>(n >> 8),
-                       static_cast<char>(n >> 16), static_cast<char>(n >> 24)};
-  buf_.append(len, 4);
-  buf_.append(bytes);
-}
+void FrameWriter::Push(std::string_view bytes) { AppendFrame(&buf_, bytes); }
 
 Status FrameWriter::Flush(int sock) {
   while (pos_ < buf_.size()) {

@@ -41,6 +41,9 @@ StatusOr<Packet> RecvPacket(int sock, size_t max, bool dontwait = false);
 StatusOr<UniqueFd> ListenStream(const std::string& path);  // as ListenSeqpacket
 StatusOr<UniqueFd> ConnectStream(const std::string& path);  // blocking
 
+// Appends `body` as a frame to `out`: its length, then its bytes.
+void AppendFrame(std::string* out, std::string_view body);
+
 // Writes one frame whole (blocking; never raises SIGPIPE).
 Status WriteFrame(int sock, std::string_view bytes);
 // Reads one frame whole (blocking); kTooLarge over `max` (the stream is then

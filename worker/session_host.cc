@@ -442,14 +442,7 @@ void SessionHost::Impl::OnPending(size_t i) {
       spdlog::warn("session {}: no rings, the socket serves: {}", s.id, map.status().ToString());
     }
   }
-  {
-    const std::string body = schema::EncodeSessionMessage(ok);
-    const uint32_t n = static_cast<uint32_t>(body.size());
-    std::string frame = {static_cast<char>(n), static_cast<char>(n >> 8),
-                         static_cast<char>(n >> 16), static_cast<char>(n >> 24)};
-    frame += body;
-    (void)SendPacket(s.conn.get(), frame, memfd.valid() ? memfd.get() : -1);
-  }
+  (void)SendPacket(s.conn.get(), schema::EncodeSessionFrame(ok), memfd.valid() ? memfd.get() : -1);
   drop();
   Session* raw = &s;
   s.thread = std::thread([this, raw] { Serve(raw); });
