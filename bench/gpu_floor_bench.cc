@@ -266,6 +266,70 @@ int main(int argc, char** argv) {
     cu.cuGraphExecDestroy(gx);
   }
   cu.cuGraphDestroy(g);
+
+  // Ways to learn that one launch has ended (a session's answer to a launch,
+  // PROTOCOL.md "Sessions"), each launch on an idle stream: a sync; polling
+  // the stream; polling an event recorded after it; a word the GPU writes
+  // after it into mapped host memory, polled; and the last two with the
+  // launch's time from a start and an end event.
+  volatile uint32_t* const seen = static_cast<volatile uint32_t*>(word);
+  uint32_t seq = 0;
+  *seen = 0;
+  auto ended = [&](int how) {
+    std::vector<double> v;
+    for (int i = 0; i < iterations / 2 + 500; ++i) {
+      auto e0 = Clock::now();
+      const bool timed = how >= 4;
+      if (timed) cu.cuEventRecord(marks[0], s);
+      cu.cuLaunchKernel(empty, 1, 1, 1, 1, 1, 1, 0, s, nullptr, nullptr);
+      if (timed || how == 2) cu.cuEventRecord(marks[1], s);
+      if (how == 3 || how == 5) cu.cuStreamWriteValue32(s, word_dev, ++seq, 0);
+      switch (how) {
+        case 0: cu.cuStreamSynchronize(s); break;
+        case 1: while (cu.cuStreamQuery(s) == CUDA_ERROR_NOT_READY) {} break;
+        case 2: case 4: while (cu.cuEventQuery(marks[1]) == CUDA_ERROR_NOT_READY) {} break;
+        case 3: case 5: while (*seen != seq) {} break;
+      }
+      if (timed) {
+        float ms = 0;
+        cu.cuEventElapsedTime(&ms, marks[0], marks[1]);
+      }
+      if (i >= 500) v.push_back(Us(e0, Clock::now()));
+    }
+    return Summarize(v);
+  };
+  Stats ways[6];
+  for (int how = 0; how < 6; ++how) ways[how] = ended(how);
+  // 1000 launches in flight, and each one's end learnt in turn: with an
+  // event after each; with a word written after each; with neither, the end
+  // of the last standing for all.
+  auto in_flight = [&](int how) {
+    constexpr int kN = 1000;
+    std::vector<CUevent> ev(how == 1 ? kN : 0);
+    for (auto& e : ev) cu.cuEventCreate(&e, CU_EVENT_DEFAULT);
+    std::vector<double> r;
+    for (int round = 0; round < 12; ++round) {
+      auto f0 = Clock::now();
+      for (int k = 0; k < kN; ++k) {
+        cu.cuLaunchKernel(empty, 1, 1, 1, 1, 1, 1, 0, s, nullptr, nullptr);
+        if (how == 1) cu.cuEventRecord(ev[k], s);
+        if (how == 2) cu.cuStreamWriteValue32(s, word_dev, ++seq, 0);
+      }
+      if (how == 1) {
+        for (int k = 0; k < kN; ++k) {
+          while (cu.cuEventQuery(ev[k]) == CUDA_ERROR_NOT_READY) {}
+        }
+      } else if (how == 2) {
+        while (*seen != seq) {}
+      } else {
+        cu.cuStreamSynchronize(s);
+      }
+      if (round >= 2) r.push_back(kN / (Us(f0, Clock::now()) / 1e6));
+    }
+    for (auto& e : ev) cu.cuEventDestroy(e);
+    return Summarize(r).p50;
+  };
+  const double fl_plain = in_flight(0), fl_events = in_flight(1), fl_words = in_flight(2);
   for (auto& e : marks) cu.cuEventDestroy(e);
   cu.cuMemFreeHost(word);
 
@@ -289,6 +353,18 @@ int main(int argc, char** argv) {
               with_events, with_memop, with_both, with_both_nb, Summarize(elapsed).p50,
               Summarize(graph_events).p50, Summarize(set_params).p50);
   std::printf("check: out[0] = %.1f (want 4.0)\n", out[0]);
+  std::printf("\n| one empty launch on an idle stream, its end learnt by | p50 | p99 |\n"
+              "|---|---|---|\n");
+  const char* way_names[] = {
+      "a stream sync", "polling the stream", "polling an event after it",
+      "polling a word the GPU writes after it", "polling an end event; time from two events",
+      "polling a word; time from two events"};
+  for (int how = 0; how < 6; ++how) {
+    std::printf("| %s | %.1f us | %.1f us |\n", way_names[how], ways[how].p50, ways[how].p99);
+  }
+  std::printf("\n1000 launches in flight, each end learnt: %.0f launches/s with an event after "
+              "each, %.0f/s with a word written after each; %.0f/s learning only the last\n",
+              fl_events, fl_words, fl_plain);
 
   // The floor of regions (PROTOCOL.md, "Regions"): copies between the GPU and
   // a mapped sealed memfd, page-locked once, against the same mapping

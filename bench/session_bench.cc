@@ -5,7 +5,9 @@
 //   empty: an empty kernel launched and its end known by the client;
 //   saxpy: write 2 x 4 KB, launch saxpy, read 4 KB;
 //   in flight: 1000 empty launches sent at once, then their answers;
-// and each launch's time on the GPU (CUDA events). The in-process floors
+// and each launch's time on the GPU (CUDA events); each for timed launches
+// and for untimed ones (no events: the client learns of the end from the
+// word the GPU writes). The in-process floors
 // come from gpuq-bench-floor and CuPy in the same run (bench/run_gpu.sh).
 #include <CLI/CLI.hpp>
 #include <limits.h>
@@ -17,6 +19,7 @@
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
+#include <optional>
 #include <thread>
 #include <vector>
 
@@ -38,6 +41,7 @@ struct Stats {
 };
 
 Stats Summarize(std::vector<double> v) {
+  if (v.empty()) return {0, 0, 0};
   std::sort(v.begin(), v.end());
   double sum = 0;
   for (double x : v) sum += x;
@@ -145,84 +149,104 @@ int main(int argc, char** argv) {
   saxpy.args = {Arg::F32(2.0f), Arg::Ref(*x), Arg::Ref(*y), Arg::U32(n)};
   const std::vector<float> hx(n, 1.0f), hy(n, 2.0f);
 
-  std::vector<double> e2e, gpu;
-  for (int i = 0; i < iterations + 200; ++i) {
-    auto t0 = Clock::now();
-    auto ns = s->Launch(empty);
-    auto t1 = Clock::now();
-    if (!ns.ok()) {
-      fprintf(stderr, "launch: %s\n", ns.status().ToString().c_str());
-      return cleanup(1);
+  // Every figure twice: launches timed (two CUDA events each, the time in
+  // the answer) and untimed (no events; the client learns of the end from
+  // the word the GPU writes, when it polls).
+  struct Figures {
+    Stats empty, gpu, saxpy, saxpy_pipe, rate;
+  };
+  auto measure = [&](bool timed) -> std::optional<Figures> {
+    empty.timed = saxpy.timed = timed;
+    Figures f;
+    std::vector<double> e2e, gpu;
+    for (int i = 0; i < iterations + 200; ++i) {
+      auto t0 = Clock::now();
+      auto ns = s->Launch(empty);
+      auto t1 = Clock::now();
+      if (!ns.ok()) {
+        fprintf(stderr, "launch: %s\n", ns.status().ToString().c_str());
+        return std::nullopt;
+      }
+      if (i >= 200) {
+        e2e.push_back(Us(t0, t1));
+        gpu.push_back(*ns / 1e3);
+      }
     }
-    if (i >= 200) {
-      e2e.push_back(Us(t0, t1));
-      gpu.push_back(*ns / 1e3);
+    f.empty = Summarize(e2e);
+    f.gpu = Summarize(gpu);
+    // Each request waited for in turn (four round trips), and the four sent
+    // at once (one round trip: they run and are answered in order).
+    std::vector<double> sx, sx_pipe;
+    for (int i = 0; i < iterations + 200; ++i) {
+      auto t0 = Clock::now();
+      bool ok = s->Write(*x, 0, hx.data(), n * 4).ok() &&
+                s->Write(*y, 0, hy.data(), n * 4).ok() && s->Launch(saxpy).ok();
+      auto r = s->Read(*y, 0, n * 4);
+      auto t1 = Clock::now();
+      if (!ok || !r.ok() || (!fake && reinterpret_cast<const float*>(r->data())[7] != 4.0f)) {
+        fprintf(stderr, "saxpy failed\n");
+        return std::nullopt;
+      }
+      if (i >= 200) sx.push_back(Us(t0, t1));
     }
-  }
-  const Stats empty_s = Summarize(e2e), empty_gpu = Summarize(gpu);
-
-  // Each request waited for in turn (four round trips), and the four sent
-  // at once (one round trip: they run and are answered in order).
-  std::vector<double> sx, sx_pipe;
-  for (int i = 0; i < iterations + 200; ++i) {
-    auto t0 = Clock::now();
-    bool ok = s->Write(*x, 0, hx.data(), n * 4).ok() && s->Write(*y, 0, hy.data(), n * 4).ok() &&
-              s->Launch(saxpy).ok();
-    auto r = s->Read(*y, 0, n * 4);
-    auto t1 = Clock::now();
-    if (!ok || !r.ok() || (!fake && reinterpret_cast<const float*>(r->data())[7] != 4.0f)) {
-      fprintf(stderr, "saxpy failed\n");
-      return cleanup(1);
+    for (int i = 0; i < iterations + 200; ++i) {
+      auto t0 = Clock::now();
+      auto w1 = s->WriteAsync(*x, 0, hx.data(), n * 4);
+      auto w2 = s->WriteAsync(*y, 0, hy.data(), n * 4);
+      auto l = s->LaunchAsync(saxpy);
+      auto rd = s->ReadAsync(*y, 0, n * 4);
+      bool ok = w1.ok() && w2.ok() && l.ok() && rd.ok() && s->Wait(*w1).ok() &&
+                s->Wait(*w2).ok() && s->Wait(*l).ok();
+      auto r = ok ? s->WaitRead(*rd)
+                  : gpuq::StatusOr<std::string>(gpuq::Status(gpuq::Code::kInternal, ""));
+      auto t1 = Clock::now();
+      if (!r.ok() || (!fake && reinterpret_cast<const float*>(r->data())[7] != 4.0f)) {
+        fprintf(stderr, "saxpy (pipelined) failed\n");
+        return std::nullopt;
+      }
+      if (i >= 200) sx_pipe.push_back(Us(t0, t1));
     }
-    if (i >= 200) sx.push_back(Us(t0, t1));
-  }
-  for (int i = 0; i < iterations + 200; ++i) {
-    auto t0 = Clock::now();
-    auto w1 = s->WriteAsync(*x, 0, hx.data(), n * 4);
-    auto w2 = s->WriteAsync(*y, 0, hy.data(), n * 4);
-    auto l = s->LaunchAsync(saxpy);
-    auto rd = s->ReadAsync(*y, 0, n * 4);
-    bool ok = w1.ok() && w2.ok() && l.ok() && rd.ok() && s->Wait(*w1).ok() &&
-              s->Wait(*w2).ok() && s->Wait(*l).ok();
-    auto r = ok ? s->WaitRead(*rd) : gpuq::StatusOr<std::string>(gpuq::Status(gpuq::Code::kInternal, ""));
-    auto t1 = Clock::now();
-    if (!r.ok() || (!fake && reinterpret_cast<const float*>(r->data())[7] != 4.0f)) {
-      fprintf(stderr, "saxpy (pipelined) failed\n");
-      return cleanup(1);
+    f.saxpy = Summarize(sx);
+    f.saxpy_pipe = Summarize(sx_pipe);
+    std::vector<double> rates;
+    for (int round = 0; round < 7; ++round) {
+      std::vector<uint64_t> tickets;
+      tickets.reserve(1000);
+      auto t0 = Clock::now();
+      for (int i = 0; i < 1000; ++i) {
+        auto t = s->LaunchAsync(empty);
+        if (!t.ok()) return std::nullopt;
+        tickets.push_back(*t);
+      }
+      for (uint64_t t : tickets) {
+        if (!s->Wait(t).ok()) return std::nullopt;
+      }
+      auto t1 = Clock::now();
+      if (round >= 2) rates.push_back(1000 / (Us(t0, t1) / 1e6));
     }
-    if (i >= 200) sx_pipe.push_back(Us(t0, t1));
-  }
-  const Stats saxpy_s = Summarize(sx), saxpy_p = Summarize(sx_pipe);
-
-  std::vector<double> rates;
-  for (int round = 0; round < 7; ++round) {
-    std::vector<uint64_t> tickets;
-    tickets.reserve(1000);
-    auto t0 = Clock::now();
-    for (int i = 0; i < 1000; ++i) {
-      auto t = s->LaunchAsync(empty);
-      if (!t.ok()) return cleanup(1);
-      tickets.push_back(*t);
-    }
-    for (uint64_t t : tickets) {
-      if (!s->Wait(t).ok()) return cleanup(1);
-    }
-    auto t1 = Clock::now();
-    if (round >= 2) rates.push_back(1000 / (Us(t0, t1) / 1e6));
-  }
-  const Stats rate = Summarize(rates);
+    f.rate = Summarize(rates);
+    return f;
+  };
+  const auto timed = measure(true), untimed = measure(false);
+  if (!timed || !untimed) return cleanup(1);
 
   printf("gpuq sessions, client on the GPU's host, --spin-us %d (%s)\n\n", spin_us,
          spin_us ? "both sides poll" : "threads sleep");
-  printf("| | p50 | p99 | GPU time (CUDA events) p50 |\n|---|---|---|---|\n");
-  printf("| empty kernel, launch to end known by the client | %.1f µs | %.1f µs | %.1f µs |\n",
-         empty_s.p50, empty_s.p99, empty_gpu.p50);
+  printf("| | timed launches, p50 | p99 | untimed, p50 | p99 |\n|---|---|---|---|---|\n");
+  printf("| empty kernel, launch to end known by the client | %.1f µs | %.1f µs | %.1f µs | "
+         "%.1f µs |\n",
+         timed->empty.p50, timed->empty.p99, untimed->empty.p50, untimed->empty.p99);
   printf("| 4 KB saxpy: write 2 x 4 KB, launch, read 4 KB, each waited for | %.1f µs | %.1f µs "
-         "| |\n",
-         saxpy_s.p50, saxpy_s.p99);
-  printf("| 4 KB saxpy, the four requests sent at once | %.1f µs | %.1f µs | |\n", saxpy_p.p50,
-         saxpy_p.p99);
-  printf("| 1000 empty launches in flight | %.0f launches/s | | |\n", rate.p50);
+         "| %.1f µs | %.1f µs |\n",
+         timed->saxpy.p50, timed->saxpy.p99, untimed->saxpy.p50, untimed->saxpy.p99);
+  printf("| 4 KB saxpy, the four requests sent at once | %.1f µs | %.1f µs | %.1f µs | %.1f µs "
+         "|\n",
+         timed->saxpy_pipe.p50, timed->saxpy_pipe.p99, untimed->saxpy_pipe.p50,
+         untimed->saxpy_pipe.p99);
+  printf("| 1000 empty launches in flight | %.0f launches/s | | %.0f launches/s | |\n",
+         timed->rate.p50, untimed->rate.p50);
+  printf("| an empty launch's time on the GPU (its events), p50 | %.1f µs | | | |\n",
+         timed->gpu.p50);
   (void)s->Close();
   return cleanup(0);
 }

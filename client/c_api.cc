@@ -452,8 +452,9 @@ void gpuq_job_add_session_buffer(gpuq_job* job, uint32_t buffer, uint64_t offset
   }
   job->request.spec.args.push_back(gpuq::schema::Arg::Ref(buffer, offset));
 }
-gpuq_code gpuq_session_launch(gpuq_session* session, const gpuq_job* launch,
-                              uint64_t* kernel_ns) {
+namespace {
+gpuq_code SessionLaunch(gpuq_session* session, const gpuq_job* launch, bool timed,
+                        uint64_t* kernel_ns) {
   if (!launch->misuse.empty()) {
     return SessionFail(session, gpuq::Status(gpuq::Code::kInvalid, launch->misuse));
   }
@@ -465,10 +466,19 @@ gpuq_code gpuq_session_launch(gpuq_session* session, const gpuq_job* launch,
   l.kernel = launch->request.spec.kernel;
   l.launch = launch->request.spec.launch;
   l.args = launch->request.spec.args;
+  l.timed = timed;
   auto ns = session->session->Launch(l);
   if (!ns.ok()) return SessionFail(session, ns.status());
   if (kernel_ns) *kernel_ns = *ns;
   return GPUQ_OK;
+}
+}  // namespace
+gpuq_code gpuq_session_launch(gpuq_session* session, const gpuq_job* launch,
+                              uint64_t* kernel_ns) {
+  return SessionLaunch(session, launch, true, kernel_ns);
+}
+gpuq_code gpuq_session_launch_untimed(gpuq_session* session, const gpuq_job* launch) {
+  return SessionLaunch(session, launch, false, nullptr);
 }
 gpuq_code gpuq_session_close(gpuq_session* session) {
   gpuq::Status s = session->session->Close();

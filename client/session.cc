@@ -5,7 +5,9 @@
 
 #include <string.h>
 
+#include <atomic>
 #include <map>
+#include <set>
 
 #include "gpuq/client.h"
 #include "schema/codec.h"
@@ -34,6 +36,11 @@ class Session::Impl {
   // process gave them: requests go out in `out`, answers come in `in`.
   Mapping rings;
   ByteRing out, in;
+  // With the rings, the end word: the GPU writes the rid of the latest
+  // request whose work has ended (PROTOCOL.md, "Sessions").
+  uint32_t* ended = nullptr;
+  std::set<uint64_t> untimed;  // launches sent untimed: the word tells their end
+  std::set<uint64_t> skip;     // answers to drop: the word told their end
   static constexpr std::chrono::microseconds kSlice{20000};
 
   // Sends a request. While the socket cannot take it, the answers that
@@ -108,9 +115,12 @@ class Session::Impl {
       if (spin.count() > 0) {
         // Reads without waiting, one system call a turn, for a while.
         const auto spin_until = std::chrono::steady_clock::now() + spin;
-        while (!early.count(want) && lost.ok() &&
-               std::chrono::steady_clock::now() < spin_until) {
-          GPUQ_RETURN_IF_ERROR(Fill());
+        for (uint32_t turn = 1; !early.count(want) && lost.ok() &&
+                                std::chrono::steady_clock::now() < spin_until;
+             ++turn) {
+          // The rings cost no system call; the socket (is the process
+          // there?) is asked every 1024 turns.
+          GPUQ_RETURN_IF_ERROR(Fill(!in.valid() || turn % 1024 == 0));
         }
         if (early.count(want) || !lost.ok()) continue;
       }
@@ -135,8 +145,40 @@ class Session::Impl {
     }
   }
 
-  // Takes what the socket holds, and every whole answer in it.
-  Status Fill() {
+  // Whether the end word has reached request `rid` (serial arithmetic).
+  bool Reached(uint64_t rid) const {
+    const uint32_t w = std::atomic_ref<uint32_t>(*ended).load(std::memory_order_acquire);
+    return static_cast<int32_t>(w - static_cast<uint32_t>(rid)) >= 0;
+  }
+
+  // The end of untimed launch `want`: from the end word while spinning,
+  // else from its answer. A refusal is in the ring before the word passes
+  // its request, so the ring is read once more when the word has.
+  StatusOr<SessionMessage> Ended(uint64_t want) {
+    untimed.erase(want);
+    if (!ended || spin.count() == 0) return Answer(want);
+    const auto spin_until = std::chrono::steady_clock::now() + spin;
+    for (uint32_t turn = 1;; ++turn) {
+      if (early.count(want) || !lost.ok()) return Answer(want);
+      if (Reached(want)) {
+        GPUQ_RETURN_IF_ERROR(Fill(false));
+        if (early.count(want) || !lost.ok()) return Answer(want);
+        skip.insert(want);
+        SessionMessage m;
+        m.op = SessionOp::kDone;
+        m.rid = want;
+        return m;
+      }
+      if (turn % 256 == 0) {
+        GPUQ_RETURN_IF_ERROR(Fill(turn % 4096 == 0));  // a fault's answer; the process there
+        if (std::chrono::steady_clock::now() > spin_until) return Answer(want);
+      }
+    }
+  }
+
+  // Takes what the socket holds, and every whole answer in it. With the
+  // rings, `socket` also asks whether the process is still there.
+  Status Fill(bool socket = true) {
     if (!fd.valid()) return lost;
     Status st;
     if (in.valid()) {
@@ -145,7 +187,7 @@ class Session::Impl {
       for (size_t n; (n = in.Read(chunk, sizeof chunk)) > 0; took += n) {
         reader.Append(std::string_view(chunk, n));
       }
-      if (took == 0) {
+      if (took == 0 && socket) {
         // Nothing in the ring: is the session's process still there? (Its
         // socket carries nothing once the rings are up: readable is closed.)
         pollfd p{fd.get(), POLLIN, 0};
@@ -170,6 +212,7 @@ class Session::Impl {
         return Lose(Status(Code::kMalformed, "the session's process sent " + d.message()));
       }
       if (m.op == SessionOp::kError && m.rid == 0) return Lose(Status(m.code, m.error));
+      if (skip.erase(m.rid)) continue;
       early[m.rid] = std::move(m);
     }
     if (!st.ok()) {
@@ -226,14 +269,15 @@ StatusOr<std::unique_ptr<Session>> Session::Connect(uint64_t id, const std::stri
   GPUQ_RETURN_IF_ERROR(impl->Fill());  // the rest of the frame, if it came apart
   GPUQ_ASSIGN_OR_RETURN(SessionMessage ok, impl->Answer(0));
   if (ok.ring > 0 && packet->fd.valid()) {
-    const uint64_t bytes = 2 * ByteRing::Bytes(ok.ring);
-    if ((ok.ring & (ok.ring - 1)) != 0 || ok.ring > (64u << 20)) {
+    if ((ok.ring & (ok.ring - 1)) != 0 || ok.ring < 4096 || ok.ring > (64u << 20)) {
       return Status(Code::kMalformed, "the session's rings are not a power of two");
     }
+    const uint64_t bytes = ByteRing::PairBytes(ok.ring);
     GPUQ_RETURN_IF_ERROR(CheckSealedMemfd(packet->fd.get(), bytes));
     GPUQ_ASSIGN_OR_RETURN(impl->rings, Mapping::Map(packet->fd.get(), bytes));
     impl->out = ByteRing(impl->rings.data(), ok.ring);
     impl->in = ByteRing(impl->rings.data() + ByteRing::Bytes(ok.ring), ok.ring);
+    impl->ended = reinterpret_cast<uint32_t*>(impl->rings.data() + ByteRing::EndPage(ok.ring));
   }
   return std::unique_ptr<Session>(new Session(std::move(impl)));
 }
@@ -315,10 +359,17 @@ StatusOr<uint64_t> Session::LaunchAsync(const SessionLaunch& launch) {
   m.kernel = launch.kernel;
   m.launch = launch.launch;
   m.args = launch.args;
-  return impl_->Send(std::move(m));
+  m.untimed = !launch.timed;
+  GPUQ_ASSIGN_OR_RETURN(uint64_t t, impl_->Send(std::move(m)));
+  if (!launch.timed && impl_->ended) impl_->untimed.insert(t);
+  return t;
 }
 
 StatusOr<uint64_t> Session::Wait(uint64_t ticket) {
+  if (impl_->untimed.count(ticket)) {
+    GPUQ_RETURN_IF_ERROR(impl_->Ended(ticket).status());
+    return uint64_t{0};
+  }
   GPUQ_ASSIGN_OR_RETURN(SessionMessage r, impl_->Answer(ticket));
   return r.kernel_ns;
 }

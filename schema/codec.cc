@@ -2093,7 +2093,8 @@ const ReplyFields& FieldsOf(SessionOp op) {
       /*copy*/ {{"rid", "buffer", "offset", "src", "src_offset", "size"}, {}},
       /*fill*/ {{"rid", "buffer", "offset", "size", "value"}, {}},
       /*launch*/
-      {{"rid", "src", "entry", "grid", "block", "args"}, {"expr", "opts", "headers", "shared"}},
+      {{"rid", "src", "entry", "grid", "block", "args"},
+       {"expr", "opts", "headers", "shared", "untimed"}},
       /*close*/ {{"rid"}, {}},
       /*done*/ {{"rid"}, {"buffer", "data", "kernel_ns", "ring"}},
       /*error*/ {{"rid", "code", "error"}, {}},
@@ -2162,7 +2163,8 @@ std::string EncodeSession(const SessionMessage& m, bool framed) {
   }
   if (m.op == SessionOp::kLaunch) {
     PackLaunchFields(w, p, m.launch);
-    w.Field("args", true, [&] { PackArgs(p, m.args); });
+    w.Field("args", true, [&] { PackArgs(p, m.args); })
+        .Field("untimed", m.untimed, [&] { p.pack_true(); });
   }
   w.Field("image", has("image") && !failed, [&] { PackBin(p, m.image); })
       .Field("kind", has("kind") && !failed,
@@ -2205,6 +2207,7 @@ Status DecodeSessionFields(const object& o, const Limits& limits, size_t max_dat
       if (k == "entry") return GetStr(v, k, limits.max_name_bytes, &r.kernel.entry);
       if (k == "expr") return GetBool(v, k, &r.kernel.name_expression);
       if (k == "args") return GetArgs(v, limits, &r.args);
+      if (k == "untimed") return GetBool(v, k, &r.untimed);
     }
     if (k == "rid") return GetU(v, k, &r.rid);
     if (k == "protocol") return GetStr(v, k, 16, &r.protocol);

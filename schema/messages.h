@@ -295,6 +295,7 @@ struct SessionMessage {
   KernelSpec kernel;   // launch, compile
   LaunchSpec launch;
   std::vector<Arg> args;  // scalars, and buffers: ["buf", handle] or ["buf", [handle, offset]]
+  bool untimed = false;    // launch: no CUDA events, so no kernel_ns in its answer
   uint64_t kernel_ns = 0;  // done of launch: its time on the GPU (CUDA events)
   // hello: 1 asks for the shared-memory rings; done of hello: their
   // capacity each (the memfd travels with it)

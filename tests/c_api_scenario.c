@@ -416,10 +416,12 @@ int gpuq_c_api_session_scenario(const char* endpoint, char* why, size_t why_size
   code = gpuq_session_launch(s, launch, &ns);
   CHECK(code == GPUQ_OK, "launch: %s", gpuq_session_error(s));
   CHECK(ns > 0, "a launch is timed");
+  code = gpuq_session_launch_untimed(s, launch);
+  CHECK(code == GPUQ_OK, "untimed launch: %s", gpuq_session_error(s));
   memset(bytes, 0, sizeof bytes);
   code = gpuq_session_read(s, buf, 0, bytes, 16);
   CHECK(code == GPUQ_OK, "read: %s", gpuq_session_error(s));
-  for (i = 0; i < 16; ++i) CHECK(bytes[i] == i + 5, "byte %u is %u", (unsigned)i, bytes[i]);
+  for (i = 0; i < 16; ++i) CHECK(bytes[i] == i + 10, "byte %u is %u", (unsigned)i, bytes[i]);
   code = gpuq_session_read(s, buf, 8, bytes, 16);
   CHECK(code == GPUQ_INVALID, "a read past the end: %s", gpuq_code_name(code));
   CHECK(strstr(gpuq_session_error(s), "outside buffer") != NULL, "its text: %s",

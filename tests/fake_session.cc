@@ -6,6 +6,7 @@
 //   fault(...)       a fault: the wait for it fails, as a sticky CUDA error
 //   sleep_ms(ms)     takes ms milliseconds
 // any other symbol runs as a kernel that does nothing.
+#include <atomic>
 #include <chrono>
 #include <cstring>
 #include <thread>
@@ -26,7 +27,6 @@ class FakeKernel : public SessionKernel {
 
 class FakeMark : public SessionMark {
  public:
-  bool fault = false;
   uint64_t ns = 0;
 };
 
@@ -58,10 +58,10 @@ class FakeStream : public SessionStream {
   }
   StatusOr<std::unique_ptr<SessionMark>> Launch(const SessionKernel& k,
                                                 const schema::LaunchSpec&,
-                                                std::vector<void*>& params) override {
+                                                std::vector<void*>& params,
+                                                bool timed) override {
     const std::string& sym = static_cast<const FakeKernel&>(k).symbol;
     auto arg = [&](size_t i) { return i < params.size() ? *static_cast<uint64_t*>(params[i]) : 0; };
-    auto mark = std::make_unique<FakeMark>();
     const auto start = std::chrono::steady_clock::now();
     if (sym == "inc") {
       uint8_t* p = At(arg(0));
@@ -69,29 +69,41 @@ class FakeStream : public SessionStream {
       const uint8_t v = static_cast<uint8_t>(arg(2));
       for (uint64_t i = 0; i < n; ++i) p[i] = static_cast<uint8_t>(p[i] + v);
     } else if (sym == "fault") {
-      mark->fault = true;
+      faulted_ = true;  // sticky, as a CUDA context's: nothing after it runs
     } else if (sym == "sleep_ms") {
       std::this_thread::sleep_for(std::chrono::milliseconds(arg(0)));
     }
+    if (!timed) return std::unique_ptr<SessionMark>();
+    auto mark = std::make_unique<FakeMark>();
     mark->ns = static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(
                                          std::chrono::steady_clock::now() - start)
                                          .count()) + 1;
     return std::unique_ptr<SessionMark>(std::move(mark));
   }
-  StatusOr<std::unique_ptr<SessionMark>> Mark() override {
-    return std::unique_ptr<SessionMark>(std::make_unique<FakeMark>());
+  Status UseEndWord(void* page) override {
+    word_ = static_cast<uint32_t*>(page);
+    return Status::Ok();
   }
-  StatusOr<bool> Ready(SessionMark& m) override {
-    if (static_cast<FakeMark&>(m).fault) {
-      return Status(Code::kKernelFault, "CUDA_ERROR_ILLEGAL_ADDRESS (test double)");
-    }
-    return true;
+  // The work is done by now (this device runs it at once): the word is
+  // written at once, unless a fault stopped the stream.
+  Status Announce(uint32_t seq) override {
+    if (!faulted_) std::atomic_ref<uint32_t>(*word_).store(seq, std::memory_order_release);
+    return Status::Ok();
   }
-  StatusOr<uint64_t> Wait(SessionMark& m) override {
-    auto& fm = static_cast<FakeMark&>(m);
-    if (fm.fault) return Status(Code::kKernelFault, "CUDA_ERROR_ILLEGAL_ADDRESS (test double)");
-    return fm.ns;
+  bool Reached(uint32_t seq) override {
+    const uint32_t w = std::atomic_ref<uint32_t>(*word_).load(std::memory_order_acquire);
+    return static_cast<int32_t>(w - seq) >= 0;
   }
+  Status Wait(uint32_t) override {
+    if (faulted_) return Status(Code::kKernelFault, "CUDA_ERROR_ILLEGAL_ADDRESS (test double)");
+    return Status::Ok();
+  }
+  uint64_t Elapsed(SessionMark& m) override { return static_cast<FakeMark&>(m).ns; }
+
+ private:
+  bool faulted_ = false;
+  alignas(64) uint32_t own_word_ = 0;
+  uint32_t* word_ = &own_word_;
 };
 
 class FakeSessionDevice : public SessionDevice {

@@ -759,6 +759,9 @@ std::vector<GoldenMessage> GoldenMessages() {
     m.launch.block = {256, 1, 1};
     m.args = {Arg::F32(2.0f), Arg::Ref(7340033), Arg::Ref(7340034, 64), Arg::U32(1024)};
     g.push_back({"session_launch", m, {}});
+    m.rid = 5;
+    m.untimed = true;
+    g.push_back({"session_launch_untimed", m, {}});
     m = {};
     m.op = SessionOp::kDone;
     m.rid = 3;

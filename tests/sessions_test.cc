@@ -194,6 +194,61 @@ TEST_F(SessionsTest, EveryMisuseGetsAClearErrorAndTheSessionGoesOn) {
   EXPECT_EQ(*got, std::string(100, '\3'));
 }
 
+// Untimed launches, with a client that polls: it learns of their end from
+// the word the GPU writes into the rings' memory, not from their answers,
+// and still never misses a refusal (PROTOCOL.md, "Sessions").
+TEST_F(SessionsTest, AnUntimedLaunchsEndComesFromTheWordAndNoRefusalIsMissed) {
+  Start();
+  ClientOptions o;
+  o.spin = std::chrono::milliseconds(200);
+  auto polling = Client::Connect(broker_->client_endpoint(), o);
+  ASSERT_TRUE(polling.ok());
+  auto s = (*polling)->OpenSession();
+  ASSERT_TRUE(s.ok()) << s.status().ToString() << Log();
+  Session& x = **s;
+  auto a = x.Alloc(1000);
+  ASSERT_TRUE(a.ok());
+  auto untimed = [](SessionLaunch l) {
+    l.timed = false;
+    return l;
+  };
+  std::vector<uint64_t> tickets;
+  for (int i = 0; i < 50; ++i) {
+    auto t = x.LaunchAsync(untimed(Inc(*a, 1000, 1)));
+    ASSERT_TRUE(t.ok());
+    tickets.push_back(*t);
+  }
+  for (uint64_t t : tickets) {
+    auto ns = x.Wait(t);
+    ASSERT_TRUE(ns.ok()) << ns.status().ToString();
+    EXPECT_EQ(*ns, 0u) << "an untimed launch has no time";
+  }
+  // A refused launch between good ones: its error comes whichever is
+  // waited for first.
+  const uint32_t gone = *a + 1000;
+  auto bad1 = x.LaunchAsync(untimed(Inc(gone, 10, 1)));
+  auto good1 = x.LaunchAsync(untimed(Inc(*a, 1000, 1)));
+  ASSERT_TRUE(bad1.ok() && good1.ok());
+  EXPECT_TRUE(x.Wait(*good1).ok());
+  EXPECT_EQ(x.Wait(*bad1).status().code(), Code::kNotFound);
+  auto bad2 = x.LaunchAsync(untimed(Inc(gone, 10, 1)));
+  auto good2 = x.LaunchAsync(untimed(Inc(*a, 1000, 1)));
+  ASSERT_TRUE(bad2.ok() && good2.ok());
+  EXPECT_EQ(x.Wait(*bad2).status().code(), Code::kNotFound);
+  EXPECT_TRUE(x.Wait(*good2).ok());
+  // Timed launches beside them, and every later answer its own.
+  auto ns = x.Launch(Inc(*a, 1000, 1));
+  ASSERT_TRUE(ns.ok());
+  EXPECT_GT(*ns, 0u);
+  auto got = x.Read(*a, 0, 1000);
+  ASSERT_TRUE(got.ok()) << got.status().ToString();
+  EXPECT_EQ(*got, std::string(1000, static_cast<char>(53)));
+  auto b = x.Alloc(10);
+  ASSERT_TRUE(b.ok());
+  EXPECT_NE(*b, *a);
+  EXPECT_EQ(*x.Read(*b, 0, 10), std::string(10, '\0'));
+}
+
 TEST_F(SessionsTest, ATenantsSessionsAndTheirMemoryAreBounded) {
   Start({"--max-sessions", "2", "--max-session-mb", "3", "--session-memory-mb", "1"});
   auto one = Open("a"), two = Open("a");

@@ -26,6 +26,13 @@ class ByteRing {
   };
   static_assert(sizeof(Header) == 256, "the layout PROTOCOL.md gives");
   static constexpr size_t Bytes(size_t capacity) { return sizeof(Header) + capacity; }
+  // A session's channel: two rings of `capacity`, then, at the next
+  // multiple of 4096, a page whose first 32-bit word the GPU writes (the
+  // end word: PROTOCOL.md, "Sessions").
+  static constexpr size_t EndPage(size_t capacity) {
+    return (2 * Bytes(capacity) + 4095) & ~size_t{4095};
+  }
+  static constexpr size_t PairBytes(size_t capacity) { return EndPage(capacity) + 4096; }
 
   ByteRing() = default;
   // `base` holds Bytes(capacity) bytes; `capacity` a power of two.

@@ -1,5 +1,7 @@
 #include "worker/cuda_session_device.h"
 
+#include <atomic>
+#include <cstring>
 #include <vector>
 
 #include "util/mutex.h"
@@ -48,11 +50,27 @@ class CudaStream : public SessionStream {
     Current();
     (void)cu_.cuStreamSynchronize(stream_);
     last_end_.reset();
-    MutexLock lock(&mu_);
-    for (auto* pool : {&timed_, &plain_, &waited_}) {
-      for (CUevent e : *pool) (void)cu_.cuEventDestroy(e);
+    {
+      MutexLock lock(&mu_);
+      for (auto* pool : {&timed_, &waited_}) {
+        for (CUevent e : *pool) (void)cu_.cuEventDestroy(e);
+      }
     }
+    if (registered_) (void)cu_.cuMemHostUnregister(registered_);
+    if (own_word_) (void)cu_.cuMemFreeHost(own_word_);
     (void)cu_.cuStreamDestroy(stream_);
+  }
+
+  // The stream's own end word, until UseEndWord moves it.
+  Status Init() {
+    Current();
+    GPUQ_CU_CHECK(cu_, cuMemHostAlloc(&own_word_, 64, CU_MEMHOSTALLOC_DEVICEMAP),
+                  Code::kResourceExhausted);
+    std::memset(own_word_, 0, 64);
+    word_ = static_cast<uint32_t*>(own_word_);
+    GPUQ_CU_CHECK(cu_, cuMemHostGetDevicePointer(&word_dev_, own_word_, 0),
+                  Code::kResourceExhausted);
+    return Status::Ok();
   }
 
   StatusOr<uint64_t> Alloc(uint64_t size) override {
@@ -93,8 +111,18 @@ class CudaStream : public SessionStream {
     return Status::Ok();
   }
   StatusOr<std::unique_ptr<SessionMark>> Launch(const SessionKernel& k, const LaunchSpec& l,
-                                                std::vector<void*>& params) override {
+                                                std::vector<void*>& params,
+                                                bool timed) override {
     Current();
+    const auto& fn = static_cast<const CudaKernel&>(k).fn();
+    if (!timed) {
+      last_end_.reset();
+      GPUQ_CU_CHECK(cu_,
+                    cuLaunchKernel(fn, l.grid.x, l.grid.y, l.grid.z, l.block.x, l.block.y,
+                                   l.block.z, l.shared_bytes, stream_, params.data(), nullptr),
+                    Code::kLaunchError);
+      return std::unique_ptr<SessionMark>();
+    }
     // A launch behind one that has not ended starts when that one ends: the
     // end event before it is its start. Otherwise it gets a start event.
     Event start;
@@ -105,8 +133,7 @@ class CudaStream : public SessionStream {
       GPUQ_CU_CHECK(cu_, cuEventRecord(*start, stream_), Code::kLaunchError);
     }
     last_end_.reset();
-    GPUQ_ASSIGN_OR_RETURN(Event end, NewEvent(kWaited));
-    const auto& fn = static_cast<const CudaKernel&>(k).fn();
+    GPUQ_ASSIGN_OR_RETURN(Event end, NewEvent(kTimed));
     GPUQ_CU_CHECK(cu_,
                   cuLaunchKernel(fn, l.grid.x, l.grid.y, l.grid.z, l.block.x, l.block.y,
                                  l.block.z, l.shared_bytes, stream_, params.data(), nullptr),
@@ -115,45 +142,67 @@ class CudaStream : public SessionStream {
     last_end_ = end;
     return std::unique_ptr<SessionMark>(std::make_unique<CudaMark>(end, start));
   }
-  StatusOr<std::unique_ptr<SessionMark>> Mark() override {
-    Other();
-    GPUQ_ASSIGN_OR_RETURN(Event end, NewEvent(kPlain));
-    GPUQ_CU_CHECK(cu_, cuEventRecord(*end, stream_), Code::kLaunchError);
-    return std::unique_ptr<SessionMark>(std::make_unique<CudaMark>(end, nullptr));
-  }
-  StatusOr<bool> Ready(SessionMark& m) override {
+  Status UseEndWord(void* page) override {
     Current();
-    CUresult e = cu_.cuEventQuery(static_cast<CudaMark&>(m).end());
-    if (e == CUDA_ERROR_NOT_READY) return false;
-    if (e != CUDA_SUCCESS) return Status(Code::kKernelFault, cu_.Describe(e));
-    return true;
+    GPUQ_CU_CHECK(cu_, cuMemHostRegister(page, 4096, CU_MEMHOSTREGISTER_DEVICEMAP),
+                  Code::kResourceExhausted);
+    CUdeviceptr dev = 0;
+    if (CUresult e = cu_.cuMemHostGetDevicePointer(&dev, page, 0); e != CUDA_SUCCESS) {
+      (void)cu_.cuMemHostUnregister(page);
+      return Status(Code::kResourceExhausted, "mapping the end word: " + cu_.Describe(e));
+    }
+    registered_ = page;
+    word_ = static_cast<uint32_t*>(page);
+    word_dev_ = dev;
+    return Status::Ok();
   }
-  StatusOr<uint64_t> Wait(SessionMark& m) override {
+  Status Announce(uint32_t seq) override {
     Current();
-    auto& cm = static_cast<CudaMark&>(m);
-    CUresult e = CUDA_ERROR_NOT_READY;
-    {
-      // Polled for a while before sleeping, as the runtime's default
-      // schedule does (a short kernel ends before a sleep would): the
-      // configured spin, or 50 µs.
-      const auto until = std::chrono::steady_clock::now() +
-                         std::max<std::chrono::microseconds>(spin_, std::chrono::microseconds(50));
-      while ((e = cu_.cuEventQuery(cm.end())) == CUDA_ERROR_NOT_READY &&
-             std::chrono::steady_clock::now() < until) {
+    GPUQ_CU_CHECK(cu_, cuStreamWriteValue32(stream_, word_dev_, seq, 0), Code::kLaunchError);
+    return Status::Ok();
+  }
+  bool Reached(uint32_t seq) override {
+    // Written by the device (and, for a word the client maps, perhaps by
+    // the client: it only misleads its own session's answers).
+    const uint32_t w = std::atomic_ref<uint32_t>(*word_).load(std::memory_order_acquire);
+    return static_cast<int32_t>(w - seq) >= 0;
+  }
+  Status Wait(uint32_t seq) override {
+    Current();
+    // Polled for a while before sleeping, as the runtime's default
+    // schedule does (a short kernel ends before a sleep would): the
+    // configured spin, or 50 µs.
+    const auto until = std::chrono::steady_clock::now() +
+                       std::max<std::chrono::microseconds>(spin_, std::chrono::microseconds(50));
+    for (int i = 0; !Reached(seq); ++i) {
+      if ((i & 63) == 63 && std::chrono::steady_clock::now() > until) {
+        // Then asleep (a blocking-sync event, without a spin) on an event
+        // after everything enqueued so far; a fault shows here.
+        GPUQ_ASSIGN_OR_RETURN(Event e, NewEvent(kWaited));
+        CUresult r = cu_.cuEventRecord(*e, stream_);
+        if (r == CUDA_SUCCESS) r = cu_.cuEventSynchronize(*e);
+        if (r != CUDA_SUCCESS) return Status(Code::kKernelFault, cu_.Describe(r));
+        return Status::Ok();
       }
     }
-    if (e == CUDA_ERROR_NOT_READY) e = cu_.cuEventSynchronize(cm.end());
-    if (e != CUDA_SUCCESS) return Status(Code::kKernelFault, cu_.Describe(e));
-    if (!cm.start()) return uint64_t{0};
+    return Status::Ok();
+  }
+  uint64_t Elapsed(SessionMark& m) override {
+    Current();
+    auto& cm = static_cast<CudaMark&>(m);
     float ms = 0;
-    if (cu_.cuEventElapsedTime(&ms, cm.start(), cm.end()) != CUDA_SUCCESS) return uint64_t{0};
+    CUresult r = cu_.cuEventElapsedTime(&ms, cm.start(), cm.end());
+    if (r == CUDA_ERROR_NOT_READY && cu_.cuEventSynchronize(cm.end()) == CUDA_SUCCESS) {
+      r = cu_.cuEventElapsedTime(&ms, cm.start(), cm.end());
+    }
+    if (r != CUDA_SUCCESS) return 0;
     return static_cast<uint64_t>(static_cast<double>(ms) * 1e6);
   }
 
  private:
-  // Plain marks are never timed; a launch's end is waited for (without a
-  // spin, asleep: blocking sync) and times it; a start is only timed.
-  enum Kind { kPlain, kWaited, kTimed };
+  // Timed events time launches; a waited one is slept on (blocking sync,
+  // without a spin) and never timed.
+  enum Kind { kTimed, kWaited };
 
   void Current() {
     thread_local CUcontext current = nullptr;
@@ -171,7 +220,7 @@ class CudaStream : public SessionStream {
     CUevent e = nullptr;
     {
       MutexLock lock(&mu_);
-      auto& pool = kind == kPlain ? plain_ : kind == kWaited ? waited_ : timed_;
+      auto& pool = kind == kWaited ? waited_ : timed_;
       if (!pool.empty()) {
         e = pool.back();
         pool.pop_back();
@@ -179,13 +228,15 @@ class CudaStream : public SessionStream {
     }
     if (!e) {
       unsigned flags = CU_EVENT_DEFAULT;
-      if (kind != kTimed && spin_.count() == 0) flags |= CU_EVENT_BLOCKING_SYNC;
-      if (kind == kPlain) flags |= CU_EVENT_DISABLE_TIMING;
+      if (kind == kWaited) {
+        flags |= CU_EVENT_DISABLE_TIMING;
+        if (spin_.count() == 0) flags |= CU_EVENT_BLOCKING_SYNC;
+      }
       GPUQ_CU_CHECK(cu_, cuEventCreate(&e, flags), Code::kResourceExhausted);
     }
     return Event(new CUevent(e), [this, kind](CUevent* ev) {
       MutexLock lock(&mu_);
-      (kind == kPlain ? plain_ : kind == kWaited ? waited_ : timed_).push_back(*ev);
+      (kind == kWaited ? waited_ : timed_).push_back(*ev);
       delete ev;
     });
   }
@@ -195,8 +246,12 @@ class CudaStream : public SessionStream {
   CUstream stream_;
   const std::chrono::microseconds spin_;
   Event last_end_;  // the latest launch's end, while nothing else follows it
+  void* own_word_ = nullptr;    // cuMemHostAlloc'd, the default end word
+  void* registered_ = nullptr;  // the client's page, while it holds the word
+  uint32_t* word_ = nullptr;
+  CUdeviceptr word_dev_ = 0;
   Mutex mu_;
-  std::vector<CUevent> timed_ GUARDED_BY(mu_), plain_ GUARDED_BY(mu_), waited_ GUARDED_BY(mu_);
+  std::vector<CUevent> timed_ GUARDED_BY(mu_), waited_ GUARDED_BY(mu_);
 };
 
 class CudaDevice : public SessionDevice {
@@ -212,7 +267,9 @@ class CudaDevice : public SessionDevice {
     (void)cu_->cuCtxSetCurrent(ctx_);
     CUstream s = nullptr;
     GPUQ_CU_CHECK(*cu_, cuStreamCreate(&s, CU_STREAM_NON_BLOCKING), Code::kResourceExhausted);
-    return std::unique_ptr<SessionStream>(std::make_unique<CudaStream>(*cu_, ctx_, s, spin_));
+    auto stream = std::make_unique<CudaStream>(*cu_, ctx_, s, spin_);
+    GPUQ_RETURN_IF_ERROR(stream->Init());
+    return std::unique_ptr<SessionStream>(std::move(stream));
   }
 
   StatusOr<std::shared_ptr<SessionKernel>> Load(const std::string& image, schema::ImageKind,

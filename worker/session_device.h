@@ -15,7 +15,7 @@
 
 namespace gpuq::worker {
 
-// A point in a stream, after what was enqueued before it.
+// A timed launch's two events (its time on the device, once it ended).
 class SessionMark {
  public:
   virtual ~SessionMark() = default;
@@ -36,23 +36,37 @@ class SessionStream {
   virtual StatusOr<uint64_t> Alloc(uint64_t size) = 0;
   // After what was enqueued before it.
   virtual void Free(uint64_t ptr) = 0;
-  // `src` must stay as it is until the mark after it is reached.
+  // `src` must stay as it is until a later Wait or Reached covers it.
   virtual Status Write(uint64_t dst, const std::string& src) = 0;
-  // `dst` (sized by the caller) is filled once the mark after it is reached.
+  // `dst` (sized by the caller) is filled once a later Wait or Reached
+  // covers it.
   virtual Status Read(uint64_t src, std::string* dst) = 0;
   virtual Status Copy(uint64_t dst, uint64_t src, uint64_t size) = 0;
   virtual Status Fill(uint64_t dst, uint8_t value, uint64_t size) = 0;
-  // `params` as cuLaunchKernel takes them. Returns a mark after the launch
-  // that times it (Wait gives its nanoseconds on the device).
+  // `params` as cuLaunchKernel takes them. With `timed`, a mark that times
+  // the launch (Elapsed); otherwise null.
   virtual StatusOr<std::unique_ptr<SessionMark>> Launch(const SessionKernel& k,
                                                         const schema::LaunchSpec& launch,
-                                                        std::vector<void*>& params) = 0;
-  virtual StatusOr<std::unique_ptr<SessionMark>> Mark() = 0;
-  // Whether `m` is reached, without waiting.
-  virtual StatusOr<bool> Ready(SessionMark& m) = 0;
-  // Waits for `m`; the nanoseconds a launch's mark took. An error here (or
-  // from Ready) is a fault that ends the process: the context is unusable.
-  virtual StatusOr<uint64_t> Wait(SessionMark& m) = 0;
+                                                        std::vector<void*>& params,
+                                                        bool timed) = 0;
+  // The stream's end word: a 32-bit word in host memory that the device
+  // writes (Announce). By default the stream's own; UseEndWord moves it to
+  // the start of `page` (4096 bytes, page-aligned, mapped until the stream
+  // ends): memory its client maps too, which then learns of ends without
+  // asking (PROTOCOL.md, "Sessions").
+  virtual Status UseEndWord(void* page) = 0;
+  // Enqueues the write of `seq` into the end word, after everything
+  // enqueued before it.
+  virtual Status Announce(uint32_t seq) = 0;
+  // Whether the end word has reached `seq` (serial arithmetic: a word less
+  // than 2^31 past it counts).
+  virtual bool Reached(uint32_t seq) = 0;
+  // Waits for `seq` to be reached, polling a while, then for everything
+  // enqueued so far to end (which covers a seq never announced). An error
+  // is a fault that ends the process: the context is unusable.
+  virtual Status Wait(uint32_t seq) = 0;
+  // A timed launch's nanoseconds on the device, once it has ended.
+  virtual uint64_t Elapsed(SessionMark& m) = 0;
 };
 
 class SessionDevice {

@@ -88,12 +88,14 @@ class SessionHost::Impl {
   int Run();
 
  private:
-  // A request whose answer waits for `mark` (if any): a read's bytes come
-  // from `read`; a write's bytes are kept until then.
+  // A request whose answer waits for the stream's end word to reach `seq`
+  // (its rid; 0: nothing to wait for): a read's bytes come from `read`; a
+  // write's bytes are kept until then; a timed launch's time from `mark`.
   struct Entry {
     SessionMessage reply;
+    uint64_t seq = 0;
     std::unique_ptr<SessionMark> mark;
-    bool timed = false;
+    bool refused = false;
     std::string keep;
     std::unique_ptr<std::string> read;
   };
@@ -125,6 +127,13 @@ class SessionHost::Impl {
     std::shared_ptr<SessionKernel> last_kernel;
     uint64_t close_rid = 0;     // its client's close, answered once the broker knows
     uint64_t requests = 0;      // taken so far
+    // The end word (PROTOCOL.md, "Sessions"): the latest rid of work
+    // enqueued, the latest announced (its write enqueued after it), and all
+    // up to `done_through` known ended by a full wait. While a refusal waits
+    // in `pending` nothing is announced: a client that learns of ends from
+    // the word finds a refusal in its ring before the word passes it.
+    uint64_t last_rid = 0, enqueued = 0, announced = 0, done_through = 0;
+    size_t refused = 0;
     std::thread thread;
     // Shared with the control thread.
     std::atomic<int64_t> last_ns{0};  // its latest request (steady clock)
@@ -180,7 +189,15 @@ class SessionHost::Impl {
   void Answer(Session& s, uint64_t rid, const Status& st) {
     Entry e;
     e.reply = ErrorReply(rid, st);
+    e.refused = true;
+    ++s.refused;
     Push(s, std::move(e));
+  }
+  // Enqueues the end word's write after the work enqueued so far.
+  void Announce(Session& s) {
+    if (s.enqueued == s.announced || s.refused > 0 || s.out.pending()) return;
+    (void)s.stream->Announce(static_cast<uint32_t>(s.enqueued));
+    s.announced = s.enqueued;
   }
   void Done(Session& s, uint64_t rid) { Done(s, rid, Entry()); }
   void Done(Session& s, uint64_t rid, Entry e);
@@ -428,10 +445,14 @@ void SessionHost::Impl::OnPending(size_t i) {
   ok.op = SessionOp::kDone;
   UniqueFd memfd;
   if (m.ring) {
-    // Two rings in one sealed memfd, handed over with the answer.
-    auto fd = CreateSealedMemfd(2 * ByteRing::Bytes(kRingBytes), "gpuq-session-rings");
-    auto map = fd.ok() ? Mapping::Map(fd->get(), 2 * ByteRing::Bytes(kRingBytes))
+    // Two rings and the end word's page in one sealed memfd, handed over
+    // with the answer.
+    auto fd = CreateSealedMemfd(ByteRing::PairBytes(kRingBytes), "gpuq-session-rings");
+    auto map = fd.ok() ? Mapping::Map(fd->get(), ByteRing::PairBytes(kRingBytes))
                        : StatusOr<Mapping>(fd.status());
+    Status word = map.ok() ? s.stream->UseEndWord(map->data() + ByteRing::EndPage(kRingBytes))
+                           : map.status();
+    if (!word.ok()) map = word;
     if (map.ok()) {
       s.rings = std::move(*map);
       s.in = ByteRing(s.rings.data(), kRingBytes);
@@ -464,6 +485,7 @@ void SessionHost::Impl::Serve(Session* sp) {
     // what has ended (the answers come on a turn that took none).
     if (!took && !Complete(s, false)) return;
     if (s.out.pending() && !FlushOut(s)) open = false;
+    Announce(s);
     if (s.stop.load()) break;
     if (!open) {
       if (s.pending.empty()) break;
@@ -567,27 +589,23 @@ bool SessionHost::Impl::Read(Session& s) {
       continue;
     }
     Handle(s, m);
-    if (s.stop.load()) return true;
+    if (s.stop.load()) break;
   }
-  return st.ok();
+  // One write of the end word after all that came at once.
+  Announce(s);
+  return s.stop.load() || st.ok();
 }
 
 bool SessionHost::Impl::Complete(Session& s, bool wait) {
   while (!s.pending.empty()) {
     Entry& e = s.pending.front();
-    if (e.mark) {
-      StatusOr<uint64_t> ns = uint64_t{0};
-      if (!wait) {
-        auto ready = s.stream->Ready(*e.mark);
-        if (ready.ok() && !*ready) return true;
-        ns = ready.ok() ? s.stream->Wait(*e.mark) : StatusOr<uint64_t>(ready.status());
-      } else {
-        ns = s.stream->Wait(*e.mark);
-      }
-      if (!ns.ok()) {
+    if (e.seq > s.done_through && !s.stream->Reached(static_cast<uint32_t>(e.seq))) {
+      if (!wait) return true;
+      const uint64_t through = s.enqueued;
+      if (Status w = s.stream->Wait(static_cast<uint32_t>(e.seq)); !w.ok()) {
         // A fault: the context is gone, and with it every session here. No
         // session of this process answers anything from now on.
-        Status lost(Code::kSessionLost, "a kernel faulted: " + ns.status().message());
+        Status lost(Code::kSessionLost, "a kernel faulted: " + w.message());
         faulted_ = true;
         s.out.Push(schema::EncodeSessionMessage(ErrorReply(e.reply.rid, lost)));
         (void)FlushOut(s);
@@ -595,11 +613,14 @@ bool SessionHost::Impl::Complete(Session& s, bool wait) {
         Fault(lost);
         return false;
       }
-      if (e.timed) e.reply.kernel_ns = *ns;
-      if (e.read) e.reply.data = std::move(*e.read);
+      // Either the word reached it, or everything enqueued has ended.
+      if (!s.stream->Reached(static_cast<uint32_t>(e.seq))) s.done_through = through;
     }
+    if (e.mark) e.reply.kernel_ns = s.stream->Elapsed(*e.mark);
+    if (e.read) e.reply.data = std::move(*e.read);
     if (faulted_.load()) return false;
     s.out.Push(schema::EncodeSessionMessage(e.reply));
+    if (e.refused) --s.refused;
     s.pending.pop_front();
     s.unanswered.fetch_sub(1);
     wait = false;
@@ -608,11 +629,8 @@ bool SessionHost::Impl::Complete(Session& s, bool wait) {
 }
 
 void SessionHost::Impl::Done(Session& s, uint64_t rid, Entry e) {
-  if (!e.mark) {
-    auto mark = s.stream->Mark();
-    if (!mark.ok()) return Answer(s, rid, mark.status());
-    e.mark = std::move(*mark);
-  }
+  e.seq = rid;
+  s.enqueued = rid;
   e.reply.op = SessionOp::kDone;
   e.reply.rid = rid;
   Push(s, std::move(e));
@@ -621,6 +639,12 @@ void SessionHost::Impl::Done(Session& s, uint64_t rid, Entry e) {
 void SessionHost::Impl::Handle(Session& s, SessionMessage& m) {
   const uint64_t rid = m.rid;
   if (rid == 0) return Answer(s, 0, Error(Code::kMalformed, "rid must be at least 1"));
+  if (rid <= s.last_rid) {
+    return Answer(s, rid, Error(Code::kMalformed, "rid " + std::to_string(rid) +
+                                                      " is not past the previous request's, " +
+                                                      std::to_string(s.last_rid)));
+  }
+  s.last_rid = rid;
   auto buffer = [&](uint32_t h, uint64_t offset, uint64_t size) -> StatusOr<Buffer> {
     auto it = s.buffers.find(h);
     if (it == s.buffers.end()) {
@@ -807,11 +831,10 @@ void SessionHost::Impl::Launch(Session& s, SessionMessage& m) {
     }
     slots[i] = b->second.ptr + a.offset;
   }
-  auto mark = s.stream->Launch(**kernel, m.launch, params);
+  auto mark = s.stream->Launch(**kernel, m.launch, params, !m.untimed);
   if (!mark.ok()) return Answer(s, m.rid, mark.status());
   Entry e;
   e.mark = std::move(*mark);
-  e.timed = true;
   Done(s, m.rid, std::move(e));
 }
 
@@ -876,9 +899,8 @@ void SessionHost::Impl::Reap() {
     if (s.stream) {
       // Its work is done: its memory goes back, in stream order.
       for (auto& [h, b] : s.buffers) s.stream->Free(b.ptr);
-      if (auto m = s.stream->Mark(); m.ok()) (void)s.stream->Wait(**m);
       s.buffers.clear();
-      s.stream.reset();
+      s.stream.reset();  // after its work has ended
     }
     Code code;
     std::string why;

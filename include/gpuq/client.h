@@ -207,6 +207,10 @@ struct SessionLaunch {
   // Scalars (Arg::U32, Arg::F32...) and the session's buffers:
   // Arg::Ref(handle, byte offset).
   std::vector<schema::Arg> args;
+  // Timed: the answer carries the launch's time on the GPU from two CUDA
+  // events. Untimed costs no events, and a client on the GPU's host that
+  // polls learns of its end from the GPU itself (PROTOCOL.md, "Sessions").
+  bool timed = true;
 };
 
 class Session {
@@ -232,8 +236,8 @@ class Session {
   StatusOr<uint64_t> LaunchAsync(const SessionLaunch& launch);
   StatusOr<uint64_t> WriteAsync(uint32_t buffer, uint64_t offset, const void* data, size_t size);
   StatusOr<uint64_t> ReadAsync(uint32_t buffer, uint64_t offset, uint64_t size);
-  // The end of the request of `ticket`: for a launch, its time on the GPU
-  // in nanoseconds (0 for others).
+  // The end of the request of `ticket`: for a timed launch, its time on
+  // the GPU in nanoseconds (0 for others).
   StatusOr<uint64_t> Wait(uint64_t ticket);
   // The bytes of the read of `ticket`.
   StatusOr<std::string> WaitRead(uint64_t ticket);

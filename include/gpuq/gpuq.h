@@ -283,6 +283,9 @@ gpuq_code gpuq_session_fill(gpuq_session* session, uint32_t buffer, uint64_t off
  * not NULL) is its time on the GPU. */
 gpuq_code gpuq_session_launch(gpuq_session* session, const gpuq_job* launch,
                               uint64_t* kernel_ns);
+/* The same untimed: the GPU records no CUDA events for it (cheaper), and no
+ * time comes back. */
+gpuq_code gpuq_session_launch_untimed(gpuq_session* session, const gpuq_job* launch);
 /* An argument naming the session's buffer `buffer` at `offset` bytes. */
 void gpuq_job_add_session_buffer(gpuq_job* job, uint32_t buffer, uint64_t offset);
 /* Ends the session: its buffers are freed. */

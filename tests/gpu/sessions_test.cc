@@ -95,6 +95,52 @@ TEST_F(SessionsGpuTest, AChainOfKernelsOverSessionBuffersMatchesTheCpu) {
   EXPECT_TRUE(s->Close().ok());
 }
 
+// Untimed launches with a client that polls: it learns of each end from
+// the word the GPU writes into the memory it shares with the session's
+// process; the bytes are the CPU's.
+TEST_F(SessionsGpuTest, UntimedLaunchesEndByTheGpusWordAndMatchTheCpu) {
+  ClientOptions o;
+  o.timeout = Millis(60000);
+  o.spin = std::chrono::milliseconds(50);
+  auto polling = Client::Connect(broker_->client_endpoint(), o);
+  ASSERT_TRUE(polling.ok());
+  SessionOptions so;
+  so.tenant = "untimed";
+  auto opened = (*polling)->OpenSession(so);
+  ASSERT_TRUE(opened.ok()) << opened.status().ToString() << Log();
+  Session& s = **opened;
+  const unsigned n = 1 << 16;
+  const uint64_t bytes = uint64_t{n} * 4;
+  std::uniform_real_distribution<float> d(-1.0f, 1.0f);
+  std::vector<float> y(n);
+  for (auto& v : y) v = d(rng_);
+  auto by = s.Alloc(bytes);
+  ASSERT_TRUE(by.ok());
+  ASSERT_TRUE(s.Write(*by, 0, y.data(), bytes).ok());
+  std::vector<float> want = y;
+  for (int step = 0; step < 200; ++step) {
+    const float sc = d(rng_), c = d(rng_);
+    SessionLaunch l = L("scale_add", n, {Arg::Ref(*by), Arg::F32(sc), Arg::F32(c), Arg::U32(n)});
+    l.timed = false;
+    // Every tenth waited for at once, the rest kept in flight.
+    auto t = s.LaunchAsync(l);
+    ASSERT_TRUE(t.ok());
+    if (step % 10 == 0) {
+      auto ns = s.Wait(*t);
+      ASSERT_TRUE(ns.ok()) << ns.status().ToString();
+      EXPECT_EQ(*ns, 0u);
+    }
+    for (unsigned i = 0; i < n; ++i) want[i] = std::fmaf(want[i], sc, c);
+  }
+  auto got = s.Read(*by, 0, bytes);
+  ASSERT_TRUE(got.ok()) << got.status().ToString();
+  const float* g = reinterpret_cast<const float*>(got->data());
+  for (unsigned i = 0; i < n; ++i) {
+    ASSERT_NEAR(g[i], want[i], 1e-4f * (1 + std::fabs(want[i]))) << "element " << i;
+  }
+  EXPECT_TRUE(s.Close().ok());
+}
+
 TEST_F(SessionsGpuTest, FreedAndForeignHandlesAreRefused) {
   auto a = Open("hands-a"), b = Open("hands-b");
   ASSERT_TRUE(a && b);

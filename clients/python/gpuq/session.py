@@ -181,10 +181,11 @@ class Session:
                      args: Sequence[Union[Scalar, Buf]], *, shared: int = 0,
                      options: Optional[Sequence[str]] = None,
                      headers: Optional[Mapping[str, str]] = None,
-                     name_expression: bool = False) -> int:
+                     name_expression: bool = False, timed: bool = True) -> int:
         """Sends a launch without waiting: a ticket for wait(). Arguments are
         scalars (gpuq.u32(...), gpuq.f32(...)) and gpuq.Buf(handle, offset)
-        of this session's buffers."""
+        of this session's buffers. timed=False: no CUDA events, and wait()
+        gives 0."""
         m: Header = {"op": "launch", "src": source, "entry": entry}
         if name_expression:
             m["expr"] = True
@@ -197,10 +198,13 @@ class Session:
         if shared:
             m["shared"] = int(shared)
         m["args"] = launch_args(args, "", "the session's buffers (by handle)")
+        if not timed:
+            m["untimed"] = True
         return self._send(m)
 
     def wait(self, ticket: int) -> int:
-        """The end of the launch of `ticket`: its time on the GPU, in ns."""
+        """The end of the launch of `ticket`: its time on the GPU, in ns (0
+        for an untimed launch)."""
         return int(self._answer(ticket).get("kernel_ns", 0))
 
     def launch(self, source: str, entry: str, grid: Dim, block: Dim,

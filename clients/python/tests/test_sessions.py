@@ -93,3 +93,23 @@ def test_close_through_the_broker(service):
         with pytest.raises(gpuq.Error) as e:
             s.alloc(1)
         assert e.value.code == "session_lost"
+
+
+def test_untimed_launches_and_rids_that_do_not_increase(service):
+    local(service)
+    with gpuq.Client(service.client_endpoint) as c, c.session() as s:
+        a = s.alloc(64)
+        tickets = [s.launch_async(KERNELS, "inc", 1, 64, [gpuq.Buf(a), gpuq.u32(64),
+                                                         gpuq.u32(2)], timed=False)
+                   for _ in range(10)]
+        assert [s.wait(t) for t in tickets] == [0] * 10, "untimed: no time"
+        assert s.launch(KERNELS, "inc", 1, 64, [gpuq.Buf(a), gpuq.u32(64), gpuq.u32(1)]) > 0
+        assert (s.read(a, 64) == 21).all()
+        # A request whose rid is not past the previous one's is refused, and
+        # changes nothing.
+        rid = s._rid
+        s._write({"op": "alloc", "rid": rid, "size": 8})
+        with pytest.raises(gpuq.Error) as e:
+            s._answer(rid)
+        assert e.value.code == "malformed" and "not past" in str(e.value)
+        assert (s.read(a, 64) == 21).all()
