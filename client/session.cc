@@ -41,6 +41,17 @@ class Session::Impl {
   uint32_t* ended = nullptr;
   std::set<uint64_t> untimed;  // launches sent untimed: the word tells their end
   std::set<uint64_t> skip;     // answers to drop: the word told their end
+  // Kernels this client launched by source, and the handles the session
+  // gave them: later launches of one name it by handle (PROTOCOL.md,
+  // "Sessions"). `naming`: the launch whose answer brings the handle.
+  struct Known {
+    schema::KernelSpec spec;
+    uint32_t ref = 0;
+    uint64_t naming = 0;
+  };
+  std::vector<Known> kernels;
+  size_t naming = 0;  // kernels waiting for their handle
+  static constexpr size_t kMaxKnown = 64;
   static constexpr std::chrono::microseconds kSlice{20000};
 
   // Sends a request. While the socket cannot take it, the answers that
@@ -212,6 +223,15 @@ class Session::Impl {
         return Lose(Status(Code::kMalformed, "the session's process sent " + d.message()));
       }
       if (m.op == SessionOp::kError && m.rid == 0) return Lose(Status(m.code, m.error));
+      if (naming > 0) {
+        for (Known& k : kernels) {
+          if (k.naming != m.rid) continue;
+          k.ref = m.kernel_ref;  // 0 (none given): the next launch names it again
+          k.naming = 0;
+          --naming;
+          break;
+        }
+      }
       if (skip.erase(m.rid)) continue;
       early[m.rid] = std::move(m);
     }
@@ -356,11 +376,29 @@ Status Session::Fill(uint32_t buffer, uint64_t offset, uint64_t size, uint8_t va
 StatusOr<uint64_t> Session::LaunchAsync(const SessionLaunch& launch) {
   SessionMessage m;
   m.op = SessionOp::kLaunch;
-  m.kernel = launch.kernel;
   m.launch = launch.launch;
   m.args = launch.args;
   m.untimed = !launch.timed;
+  auto& kernels = impl_->kernels;
+  Impl::Known* known = nullptr;
+  for (auto& k : kernels) {
+    if (k.spec == launch.kernel) {
+      known = &k;
+      break;
+    }
+  }
+  if (known && known->ref != 0) {
+    m.kernel_ref = known->ref;  // by handle: none of its source travels
+  } else {
+    m.kernel = launch.kernel;
+    if (!known && kernels.size() < Impl::kMaxKnown) known = &kernels.emplace_back(Impl::Known{launch.kernel});
+  }
+  const bool names = known && known->ref == 0 && known->naming == 0;
   GPUQ_ASSIGN_OR_RETURN(uint64_t t, impl_->Send(std::move(m)));
+  if (names) {
+    known->naming = t;
+    ++impl_->naming;
+  }
   if (!launch.timed && impl_->ended) impl_->untimed.insert(t);
   return t;
 }

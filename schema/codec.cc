@@ -2093,10 +2093,10 @@ const ReplyFields& FieldsOf(SessionOp op) {
       /*copy*/ {{"rid", "buffer", "offset", "src", "src_offset", "size"}, {}},
       /*fill*/ {{"rid", "buffer", "offset", "size", "value"}, {}},
       /*launch*/
-      {{"rid", "src", "entry", "grid", "block", "args"},
-       {"expr", "opts", "headers", "shared", "untimed"}},
+      {{"rid", "grid", "block", "args"},
+       {"src", "entry", "kernel", "expr", "opts", "headers", "shared", "untimed"}},
       /*close*/ {{"rid"}, {}},
-      /*done*/ {{"rid"}, {"buffer", "data", "kernel_ns", "ring"}},
+      /*done*/ {{"rid"}, {"buffer", "data", "kernel_ns", "kernel", "ring"}},
       /*error*/ {{"rid", "code", "error"}, {}},
       /*open*/ {{"session", "token", "memory", "idle_ms"}, {}},
       /*end*/ {{"session"}, {}},
@@ -2155,7 +2155,9 @@ std::string EncodeSession(const SessionMessage& m, bool framed) {
       .Field("ring", has("ring") && m.ring != 0, [&] { p.pack_uint64(m.ring); })
       .Field("memory", has("memory"), [&] { p.pack_uint64(m.memory); })
       .Field("idle_ms", has("idle_ms"), [&] { p.pack_uint64(m.idle_ms); });
-  if (m.op == SessionOp::kLaunch || m.op == SessionOp::kCompile) {
+  w.Field("kernel", (m.op == SessionOp::kLaunch || m.op == SessionOp::kDone) && m.kernel_ref != 0,
+          [&] { p.pack_uint32(m.kernel_ref); });
+  if (m.op == SessionOp::kCompile || (m.op == SessionOp::kLaunch && m.kernel_ref == 0)) {
     w.Field("src", true, [&] { PackStr(p, m.kernel.source); })
         .Field("entry", true, [&] { PackStr(p, m.kernel.entry); })
         .Field("expr", m.kernel.name_expression, [&] { p.pack_true(); });
@@ -2221,6 +2223,7 @@ Status DecodeSessionFields(const object& o, const Limits& limits, size_t max_dat
     if (k == "value") return GetU(v, k, &r.value, 255);
     if (k == "data") return GetBin(v, k, max_data, &r.data);
     if (k == "kernel_ns") return GetU(v, k, &r.kernel_ns);
+    if (k == "kernel") return GetU(v, k, &r.kernel_ref);
     if (k == "ring") return GetU(v, k, &r.ring);
     if (k == "memory") return GetU(v, k, &r.memory);
     if (k == "idle_ms") return GetU(v, k, &r.idle_ms, kMaxDeadlineMs);
@@ -2243,12 +2246,22 @@ Status DecodeSessionFields(const object& o, const Limits& limits, size_t max_dat
     GPUQ_RETURN_IF_ERROR(CheckFailure(has_code, has_error, r.code));
   }
   if (r.op == SessionOp::kLaunch) {
-    size_t total = 0;
-    GPUQ_RETURN_IF_ERROR(CheckSource(r.kernel, &total));
-    if (total > limits.max_total_source_bytes) {
-      return TooLarge("source and headers", limits.max_total_source_bytes);
+    if (r.kernel_ref != 0) {
+      // A kernel named by the handle an earlier launch's answer gave:
+      // nothing of its source comes with it.
+      if (!r.kernel.source.empty() || !r.kernel.entry.empty() || r.kernel.name_expression ||
+          !r.kernel.options.empty() || !r.kernel.headers.empty()) {
+        return Malformed("kernel", "a launch names its kernel by handle or by source, not both");
+      }
+    } else {
+      if (r.kernel.source.empty()) return Malformed("src", "required (or a kernel handle)");
+      size_t total = 0;
+      GPUQ_RETURN_IF_ERROR(CheckSource(r.kernel, &total));
+      if (total > limits.max_total_source_bytes) {
+        return TooLarge("source and headers", limits.max_total_source_bytes);
+      }
+      if (r.kernel.entry.empty()) return Error(Code::kInvalid, "kernel entry is empty");
     }
-    if (r.kernel.entry.empty()) return Error(Code::kInvalid, "kernel entry is empty");
     GPUQ_RETURN_IF_ERROR(CheckLaunch(r.launch));
     GPUQ_RETURN_IF_ERROR(CheckShared(r.launch));
     for (size_t i = 0; i < r.args.size(); ++i) {

@@ -296,6 +296,9 @@ struct SessionMessage {
   LaunchSpec launch;
   std::vector<Arg> args;  // scalars, and buffers: ["buf", handle] or ["buf", [handle, offset]]
   bool untimed = false;    // launch: no CUDA events, so no kernel_ns in its answer
+  // launch: the session's handle of a kernel an earlier launch named by
+  // its source, instead of the source; done of a launch: that handle
+  uint32_t kernel_ref = 0;
   uint64_t kernel_ns = 0;  // done of launch: its time on the GPU (CUDA events)
   // hello: 1 asks for the shared-memory rings; done of hello: their
   // capacity each (the memfd travels with it)

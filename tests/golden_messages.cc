@@ -762,11 +762,18 @@ std::vector<GoldenMessage> GoldenMessages() {
     m.rid = 5;
     m.untimed = true;
     g.push_back({"session_launch_untimed", m, {}});
+    m.rid = 6;
+    m.untimed = false;
+    m.kernel = {};
+    m.kernel_ref = 1;
+    g.push_back({"session_launch_by_handle", m, {}});
     m = {};
     m.op = SessionOp::kDone;
     m.rid = 3;
     m.kernel_ns = 5312;
     g.push_back({"session_done_launch", m, {}});
+    m.kernel_ref = 1;
+    g.push_back({"session_done_launch_handle", m, {}});
     m = {};
     m.op = SessionOp::kRead;
     m.rid = 4;

@@ -249,6 +249,26 @@ TEST_F(SessionsTest, AnUntimedLaunchsEndComesFromTheWordAndNoRefusalIsMissed) {
   EXPECT_EQ(*x.Read(*b, 0, 10), std::string(10, '\0'));
 }
 
+// A kernel's first launch names it by source; its answer gives a handle,
+// by which the client's later launches name it (PROTOCOL.md, "Sessions").
+// Two kernels of one source, alternating: each launch runs its own.
+TEST_F(SessionsTest, LaterLaunchesNameTheirKernelByHandle) {
+  Start();
+  auto s = Open();
+  ASSERT_TRUE(s.ok()) << s.status().ToString() << Log();
+  auto a = (*s)->Alloc(100);
+  ASSERT_TRUE(a.ok());
+  for (int i = 0; i < 20; ++i) {
+    ASSERT_TRUE((*s)->Launch(Inc(*a, 100, 1)).ok());
+    auto other = (*s)->Launch(Named("sleep_ms", {Arg::U32(0)}));
+    ASSERT_TRUE(other.ok()) << other.status().ToString();
+  }
+  SessionLaunch changed = Inc(*a, 100, 2);
+  changed.kernel.options = {"-DUNUSED=1"};  // another kernel: named by source again
+  ASSERT_TRUE((*s)->Launch(changed).ok());
+  EXPECT_EQ(*(*s)->Read(*a, 0, 100), std::string(100, static_cast<char>(22)));
+}
+
 TEST_F(SessionsTest, ATenantsSessionsAndTheirMemoryAreBounded) {
   Start({"--max-sessions", "2", "--max-session-mb", "3", "--session-memory-mb", "1"});
   auto one = Open("a"), two = Open("a");

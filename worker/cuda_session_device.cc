@@ -15,14 +15,21 @@ using schema::LaunchSpec;
 class CudaKernel : public SessionKernel {
  public:
   CudaKernel(std::shared_ptr<const CudaDriver> cu, CUmodule m, CUfunction f)
-      : cu_(std::move(cu)), module_(m), fn_(f) {}
+      : cu_(std::move(cu)), module_(m), fn_(f) {
+    if (cu_->cuFuncGetAttribute(&max_threads_, CU_FUNC_ATTRIBUTE_MAX_THREADS_PER_BLOCK, fn_) !=
+        CUDA_SUCCESS) {
+      max_threads_ = -1;
+    }
+  }
   ~CudaKernel() override { (void)cu_->cuModuleUnload(module_); }
   CUfunction fn() const { return fn_; }
+  int max_threads() const { return max_threads_; }  // per block (registers), once
 
  private:
   std::shared_ptr<const CudaDriver> cu_;
   CUmodule module_;
   CUfunction fn_;
+  int max_threads_ = -1;
 };
 
 class CudaDevice;
@@ -291,7 +298,8 @@ class CudaDevice : public SessionDevice {
       (void)cu_->cuCtxSetCurrent(ctx_);
       current = ctx_;
     }
-    return CheckLaunchLimits(*cu_, info_, launch, static_cast<const CudaKernel&>(k).fn());
+    const auto& kernel = static_cast<const CudaKernel&>(k);
+    return CheckLaunchLimits(*cu_, info_, launch, kernel.fn(), kernel.max_threads());
   }
 
  private:

@@ -549,7 +549,7 @@ void GpuWorker::Impl::RefreshFreeBytes() {
 }
 
 Status CheckLaunchLimits(const CudaDriver& cu, const schema::DeviceInfo& d,
-                         const schema::LaunchSpec& launch, CUfunction fn) {
+                         const schema::LaunchSpec& launch, CUfunction fn, int fn_max_threads) {
   const auto& b = launch.block;
   const auto& g = launch.grid;
   if (b.x > d.max_block.x || b.y > d.max_block.y || b.z > d.max_block.z ||
@@ -560,10 +560,12 @@ Status CheckLaunchLimits(const CudaDriver& cu, const schema::DeviceInfo& d,
   if (g.x > d.max_grid.x || g.y > d.max_grid.y || g.z > d.max_grid.z) {
     return Error(Code::kInvalid, "grid is over the device's limits");
   }
-  int fn_max_threads = 0;
-  if (cu.cuFuncGetAttribute(&fn_max_threads, CU_FUNC_ATTRIBUTE_MAX_THREADS_PER_BLOCK, fn) ==
-          CUDA_SUCCESS &&
-      b.Count() > static_cast<uint64_t>(fn_max_threads)) {
+  if (fn_max_threads < 0 &&
+      cu.cuFuncGetAttribute(&fn_max_threads, CU_FUNC_ATTRIBUTE_MAX_THREADS_PER_BLOCK, fn) !=
+          CUDA_SUCCESS) {
+    fn_max_threads = -1;
+  }
+  if (fn_max_threads >= 0 && b.Count() > static_cast<uint64_t>(fn_max_threads)) {
     return Error(Code::kLaunchError, "the kernel can run at most " +
                                          std::to_string(fn_max_threads) +
                                          " threads per block (registers), " +

@@ -49,8 +49,11 @@ StatusOr<schema::DeviceInfo> QueryDevice(const CudaDriver& cu, int ordinal);
 // Checks a launch of `fn` against the device's limits (block, grid, shared
 // memory) and the kernel's (threads per block); opts the kernel in to more
 // than 48 KiB of dynamic shared memory when it asks for it.
+// `fn_max_threads`: the kernel's threads-per-block limit when the caller
+// knows it (asked of the driver otherwise).
 Status CheckLaunchLimits(const CudaDriver& cu, const schema::DeviceInfo& device,
-                         const schema::LaunchSpec& launch, CUfunction fn);
+                         const schema::LaunchSpec& launch, CUfunction fn,
+                         int fn_max_threads = -1);
 
 class GpuWorker {
  public:

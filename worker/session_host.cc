@@ -40,6 +40,7 @@ constexpr size_t kRingBytes = 256u << 10;  // each way, for a client that asks f
 // A sleeping side of the rings checks its socket (for the peer's end) this often.
 constexpr std::chrono::microseconds kRingSlice{20000};
 constexpr size_t kMaxModules = 256;  // kernels kept loaded (oldest dropped)
+constexpr size_t kMaxKernelRefs = 1024;  // kernel handles per session
 
 bool SameToken(const std::string& a, const std::string& b) {
   if (a.size() != b.size()) return false;
@@ -125,6 +126,11 @@ class SessionHost::Impl {
     // (the common case: a loop) finds it without hashing its source.
     schema::KernelSpec last_spec;
     std::shared_ptr<SessionKernel> last_kernel;
+    uint32_t last_ref = 0;
+    // Kernels by the handles their launches' answers gave (handle - 1), and
+    // the handle of each kernel's key: a later launch names one by handle.
+    std::vector<std::shared_ptr<SessionKernel>> kernels;
+    std::map<std::string, uint32_t> kernel_refs;
     uint64_t close_rid = 0;     // its client's close, answered once the broker knows
     uint64_t requests = 0;      // taken so far
     // The end word (PROTOCOL.md, "Sessions"): the latest rid of work
@@ -800,11 +806,32 @@ StatusOr<std::shared_ptr<SessionKernel>> SessionHost::Impl::Kernel(Session& s,
 
 void SessionHost::Impl::Launch(Session& s, SessionMessage& m) {
   StatusOr<std::shared_ptr<SessionKernel>> kernel = s.last_kernel;
-  if (!s.last_kernel || !(m.kernel == s.last_spec)) {
-    kernel = Kernel(s, m.kernel);
-    if (!kernel.ok()) return Answer(s, m.rid, kernel.status());
+  uint32_t ref = 0;  // the handle the answer gives, for a kernel named by source
+  if (m.kernel_ref != 0) {
+    if (m.kernel_ref > s.kernels.size()) {
+      return Answer(s, m.rid, Error(Code::kNotFound, "no kernel " + std::to_string(m.kernel_ref) +
+                                                         " in this session"));
+    }
+    kernel = s.kernels[m.kernel_ref - 1];
+  } else if (s.last_kernel && m.kernel == s.last_spec) {
+    ref = s.last_ref;
+  } else {
+    const std::string key = KernelKey(m.kernel);
+    if (auto known = s.kernel_refs.find(key); known != s.kernel_refs.end()) {
+      ref = known->second;
+      kernel = s.kernels[ref - 1];
+    } else {
+      kernel = Kernel(s, m.kernel);
+      if (!kernel.ok()) return Answer(s, m.rid, kernel.status());
+      if (s.kernels.size() < kMaxKernelRefs) {
+        s.kernels.push_back(*kernel);
+        ref = static_cast<uint32_t>(s.kernels.size());
+        s.kernel_refs.emplace(key, ref);
+      }
+    }
     s.last_spec = m.kernel;
     s.last_kernel = *kernel;
+    s.last_ref = ref;
   }
   if (Status c = device_->CheckLaunch(**kernel, m.launch); !c.ok()) return Answer(s, m.rid, c);
   std::vector<uint64_t> slots(m.args.size());
@@ -835,6 +862,7 @@ void SessionHost::Impl::Launch(Session& s, SessionMessage& m) {
   if (!mark.ok()) return Answer(s, m.rid, mark.status());
   Entry e;
   e.mark = std::move(*mark);
+  e.reply.kernel_ref = ref;
   Done(s, m.rid, std::move(e));
 }
 

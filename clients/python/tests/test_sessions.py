@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import gpuq
+from gpuq.client import launch_args
 
 KERNELS = ('extern "C" __global__ void inc(unsigned char* p, unsigned n, unsigned v) {\n'
            '  unsigned i = blockIdx.x * blockDim.x + threadIdx.x;\n'
@@ -113,3 +114,25 @@ def test_untimed_launches_and_rids_that_do_not_increase(service):
             s._answer(rid)
         assert e.value.code == "malformed" and "not past" in str(e.value)
         assert (s.read(a, 64) == 21).all()
+
+
+def test_a_kernel_is_named_by_the_handle_its_first_launch_gave(service):
+    local(service)
+    with gpuq.Client(service.client_endpoint) as c, c.session() as s:
+        a = s.alloc(64)
+        args = [gpuq.Buf(a), gpuq.u32(64), gpuq.u32(3)]
+        first = s.launch_async(KERNELS, "inc", 1, 64, args)
+        done = s._answer(first)
+        handle = done["kernel"]
+        assert handle >= 1
+        m = {"op": "launch", "kernel": handle, "grid": [1, 1, 1], "block": [64, 1, 1],
+             "args": launch_args(args, "", "the session's buffers (by handle)")}
+        assert s._call(dict(m))["op"] == "done"
+        assert (s.read(a, 64) == 6).all()
+        with pytest.raises(gpuq.Error) as e:
+            s._call(dict(m, kernel=handle + 100))
+        assert e.value.code == "not_found"
+        with pytest.raises(gpuq.Error) as e:
+            s._call(dict(m, src=KERNELS, entry="inc"))
+        assert e.value.code == "malformed", "by handle or by source, not both"
+        assert (s.read(a, 64) == 6).all()
