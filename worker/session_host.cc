@@ -41,6 +41,7 @@ constexpr size_t kRingBytes = 256u << 10;  // each way, for a client that asks f
 constexpr std::chrono::microseconds kRingSlice{20000};
 constexpr size_t kMaxModules = 256;  // kernels kept loaded (oldest dropped)
 constexpr size_t kMaxKernelRefs = 1024;  // kernel handles per session
+constexpr uint64_t kAnnounceEvery = 64;   // requests between end-word writes at most
 
 bool SameToken(const std::string& a, const std::string& b) {
   if (a.size() != b.size()) return false;
@@ -491,7 +492,9 @@ void SessionHost::Impl::Serve(Session* sp) {
     // what has ended (the answers come on a turn that took none).
     if (!took && !Complete(s, false)) return;
     if (s.out.pending() && !FlushOut(s)) open = false;
-    Announce(s);
+    // The end word once no more requests are coming (one write for all that
+    // came together), or every kAnnounceEvery while they keep coming.
+    if (!took) Announce(s);
     if (s.stop.load()) break;
     if (!open) {
       if (s.pending.empty()) break;
@@ -597,8 +600,7 @@ bool SessionHost::Impl::Read(Session& s) {
     Handle(s, m);
     if (s.stop.load()) break;
   }
-  // One write of the end word after all that came at once.
-  Announce(s);
+  if (s.enqueued - s.announced >= kAnnounceEvery) Announce(s);
   return s.stop.load() || st.ok();
 }
 
@@ -607,6 +609,7 @@ bool SessionHost::Impl::Complete(Session& s, bool wait) {
     Entry& e = s.pending.front();
     if (e.seq > s.done_through && !s.stream->Reached(static_cast<uint32_t>(e.seq))) {
       if (!wait) return true;
+      Announce(s);
       const uint64_t through = s.enqueued;
       if (Status w = s.stream->Wait(static_cast<uint32_t>(e.seq)); !w.ok()) {
         // A fault: the context is gone, and with it every session here. No
