@@ -1704,6 +1704,18 @@ struct ReplyFields {
   std::vector<std::string_view> required, optional;
 };
 
+// Whether `k` is one of `names`: the length and first byte first (most
+// names differ there), the bytes after; a field lookup on every message.
+bool Listed(const std::vector<std::string_view>& names, std::string_view k) {
+  for (std::string_view n : names) {
+    if (n.size() == k.size() && !k.empty() && n[0] == k[0] &&
+        std::memcmp(n.data(), k.data(), k.size()) == 0) {
+      return true;
+    }
+  }
+  return false;
+}
+
 const ReplyFields& FieldsOf(ReplyOp op) {
   static const ReplyFields kFields[] = {
       /*accepted*/ {{"rid", "id"}, {"existing"}},
@@ -1745,12 +1757,7 @@ Status DecodeClientReply(std::string_view header, std::span<const uint64_t> payl
   GPUQ_RETURN_IF_ERROR(ForEachField(oh.get(), "header", fields.required,
                                     [&](std::string_view k, const object& v) -> Status {
     if (k == "op") return Status::Ok();
-    if (std::find(fields.required.begin(), fields.required.end(), k) ==
-            fields.required.end() &&
-        std::find(fields.optional.begin(), fields.optional.end(), k) ==
-            fields.optional.end()) {
-      return kUnknownField;
-    }
+    if (!Listed(fields.required, k) && !Listed(fields.optional, k)) return kUnknownField;
     if (k == "rid") return GetU(v, k, &r.rid);
     if (k == "id") return GetU(v, k, &r.id);
     if (k == "existing") return GetBool(v, k, &r.existing);
@@ -2019,8 +2026,7 @@ const ReplyFields& FieldsOf(RegionOp op) {
 }
 
 bool Carries(const ReplyFields& f, std::string_view k) {
-  return std::find(f.required.begin(), f.required.end(), k) != f.required.end() ||
-         std::find(f.optional.begin(), f.optional.end(), k) != f.optional.end();
+  return Listed(f.required, k) || Listed(f.optional, k);
 }
 
 }  // namespace
