@@ -144,6 +144,9 @@ int main(int argc, char** argv) {
   app.add_option("--session-memory-mb", session_memory_mb,
                  "A session's device memory limit when it names none")
       ->capture_default_str();
+  app.add_option("--session-attach-mb", o.sessions.max_attach_mb,
+                 "Host memory (regions) a session may attach, page-locked while attached")
+      ->capture_default_str();
   app.add_option("--session-idle-ms", o.sessions.default_idle_ms,
                  "A session ends after this long without a request, unless it names its own")
       ->capture_default_str();

@@ -404,6 +404,7 @@ StatusOr<std::unique_ptr<Region>> Client::NewRegion(uint64_t size, const std::st
   GPUQ_ASSIGN_OR_RETURN(schema::RegionMessage reply, ch->Call(std::move(m), fd.get()));
   r->id_ = reply.region;
   r->channel_ = ch;
+  r->fd_ = fd.Release();
   return r;
 }
 

@@ -48,6 +48,7 @@ Region::~Region() {
   // The mapping is this process's own: unmapped here, whatever the broker
   // does (the workers' mappings are theirs).
   if (data_) munmap(data_, size_);
+  if (fd_ >= 0) close(fd_);
 }
 
 Status Region::Unregister() {

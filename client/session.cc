@@ -23,7 +23,7 @@ using schema::SessionOp;
 class Session::Impl {
  public:
   uint64_t id = 0;
-  std::string device;
+  std::string device, path, token;  // where it is, and its token (attach)
   UniqueFd fd;
   std::chrono::milliseconds timeout{10000};
   std::chrono::microseconds spin{0};
@@ -262,6 +262,8 @@ StatusOr<std::unique_ptr<Session>> Session::Connect(uint64_t id, const std::stri
   auto impl = std::make_unique<Impl>();
   impl->id = id;
   impl->device = device;
+  impl->path = path;
+  impl->token = token;
   impl->timeout = timeout;
   impl->spin = spin;
   auto fd = ConnectStream(path);
@@ -415,6 +417,73 @@ StatusOr<uint64_t> Session::Wait(uint64_t ticket) {
 StatusOr<uint64_t> Session::Launch(const SessionLaunch& launch) {
   GPUQ_ASSIGN_OR_RETURN(uint64_t t, LaunchAsync(launch));
   return Wait(t);
+}
+
+StatusOr<uint32_t> Session::Attach(const Region& region) {
+  if (!impl_->lost.ok()) return impl_->lost;
+  if (region.fd_ < 0) return Status(Code::kInvalid, "the region has no memfd");
+  // A connection of its own, whose first message carries the memfd.
+  auto fd = ConnectStream(impl_->path);
+  if (!fd.ok()) {
+    return Status(Code::kUnavailable, "the session's process: " + fd.status().message());
+  }
+  SessionMessage m;
+  m.op = SessionOp::kAttach;
+  m.protocol = std::string(schema::kSessionProtocol);
+  m.session = impl_->id;
+  m.token = impl_->token;
+  m.size = region.size();
+  GPUQ_RETURN_IF_ERROR(SendPacket(fd->get(), schema::EncodeSessionFrame(m), region.fd_));
+  // Pinning takes a while for a large region (milliseconds per GiB).
+  pollfd p{fd->get(), POLLIN, 0};
+  if (poll(&p, 1, static_cast<int>(std::max<int64_t>(impl_->timeout.count(), 60000))) <= 0) {
+    return Status(Code::kTimeout, "no answer from the session's process to the attach");
+  }
+  auto frame = ReadFrame(fd->get(), 1 << 20);
+  if (!frame.ok()) return frame.status();
+  SessionMessage r;
+  GPUQ_RETURN_IF_ERROR(schema::DecodeSessionMessage(*frame, schema::Limits{}, 0, &r));
+  if (r.op == SessionOp::kError) return Status(r.code, r.error);
+  if (r.op != SessionOp::kDone || r.region == 0) {
+    return Status(Code::kMalformed, "the session's process answered the attach without a region");
+  }
+  return r.region;
+}
+
+StatusOr<uint64_t> Session::WriteFromAsync(uint32_t buffer, uint64_t offset, uint32_t region,
+                                           uint64_t region_offset, uint64_t size) {
+  SessionMessage m;
+  m.op = SessionOp::kWrite;
+  m.buffer = buffer;
+  m.offset = offset;
+  m.region = region;
+  m.region_offset = region_offset;
+  m.size = size;
+  return impl_->Send(std::move(m));
+}
+
+Status Session::WriteFrom(uint32_t buffer, uint64_t offset, uint32_t region,
+                          uint64_t region_offset, uint64_t size) {
+  GPUQ_ASSIGN_OR_RETURN(uint64_t t, WriteFromAsync(buffer, offset, region, region_offset, size));
+  return Wait(t).status();
+}
+
+StatusOr<uint64_t> Session::ReadIntoAsync(uint32_t buffer, uint64_t offset, uint64_t size,
+                                          uint32_t region, uint64_t region_offset) {
+  SessionMessage m;
+  m.op = SessionOp::kRead;
+  m.buffer = buffer;
+  m.offset = offset;
+  m.size = size;
+  m.region = region;
+  m.region_offset = region_offset;
+  return impl_->Send(std::move(m));
+}
+
+Status Session::ReadInto(uint32_t buffer, uint64_t offset, uint64_t size, uint32_t region,
+                         uint64_t region_offset) {
+  GPUQ_ASSIGN_OR_RETURN(uint64_t t, ReadIntoAsync(buffer, offset, size, region, region_offset));
+  return Wait(t).status();
 }
 
 Status Session::Close() {

@@ -29,7 +29,8 @@ constexpr std::string_view kReplyOpNames[] = {"accepted", "error",   "status",
                                               "devices",  "usage",   "session"};
 constexpr std::string_view kSessionOpNames[] = {
     "hello", "alloc", "free", "write",  "read",  "copy",   "fill",    "launch", "close",
-    "done",  "error", "open", "end",    "module", "opened", "ended", "compile", "usage"};
+    "done",  "error", "open", "end",    "module", "opened", "ended", "compile", "usage",
+    "attach"};
 constexpr std::string_view kWorkerOpNames[] = {"ready", "result", "heartbeat",
                                                "disconnect"};
 constexpr std::string_view kBrokerOpNames[] = {"job", "heartbeat", "disconnect",
@@ -2094,15 +2095,15 @@ const ReplyFields& FieldsOf(SessionOp op) {
       /*hello*/ {{"protocol", "session", "token"}, {"ring"}},
       /*alloc*/ {{"rid", "size"}, {}},
       /*free*/ {{"rid", "buffer"}, {}},
-      /*write*/ {{"rid", "buffer", "offset", "data"}, {}},
-      /*read*/ {{"rid", "buffer", "offset", "size"}, {}},
+      /*write*/ {{"rid", "buffer", "offset"}, {"data", "region", "region_offset", "size"}},
+      /*read*/ {{"rid", "buffer", "offset", "size"}, {"region", "region_offset"}},
       /*copy*/ {{"rid", "buffer", "offset", "src", "src_offset", "size"}, {}},
       /*fill*/ {{"rid", "buffer", "offset", "size", "value"}, {}},
       /*launch*/
       {{"rid", "grid", "block", "args"},
        {"src", "entry", "kernel", "expr", "opts", "headers", "shared", "untimed"}},
       /*close*/ {{"rid"}, {}},
-      /*done*/ {{"rid"}, {"buffer", "data", "kernel_ns", "kernel", "ring"}},
+      /*done*/ {{"rid"}, {"buffer", "data", "kernel_ns", "kernel", "ring", "region"}},
       /*error*/ {{"rid", "code", "error"}, {}},
       /*open*/ {{"session", "token", "memory", "idle_ms"}, {}},
       /*end*/ {{"session"}, {}},
@@ -2111,6 +2112,7 @@ const ReplyFields& FieldsOf(SessionOp op) {
       /*ended*/ {{"session", "error"}, {"code"}},
       /*compile*/ {{"rid", "src", "entry"}, {"expr", "opts", "headers"}},
       /*usage*/ {{"session", "size"}, {}},
+      /*attach*/ {{"protocol", "session", "token", "size"}, {}},
   };
   return kFields[static_cast<size_t>(op)];
 }
@@ -2152,9 +2154,15 @@ std::string EncodeSession(const SessionMessage& m, bool framed) {
       .Field("offset", has("offset"), [&] { p.pack_uint64(m.offset); })
       .Field("src", m.op == SessionOp::kCopy, [&] { p.pack_uint32(m.src); })
       .Field("src_offset", has("src_offset"), [&] { p.pack_uint64(m.src_offset); })
-      .Field("size", has("size"), [&] { p.pack_uint64(m.size); })
+      .Field("region", has("region") && m.region != 0, [&] { p.pack_uint32(m.region); })
+      .Field("region_offset", has("region_offset") && m.region != 0,
+             [&] { p.pack_uint64(m.region_offset); })
+      .Field("size", has("size") && (m.op != SessionOp::kWrite || m.region != 0),
+             [&] { p.pack_uint64(m.size); })
       .Field("value", has("value"), [&] { p.pack_uint32(m.value); })
-      .Field("data", has("data") && (m.op != SessionOp::kDone || !m.data.empty()),
+      .Field("data",
+             has("data") && (m.op != SessionOp::kDone || !m.data.empty()) &&
+                 (m.op != SessionOp::kWrite || m.region == 0),
              [&] { PackBin(p, m.data); })
       .Field("kernel_ns", has("kernel_ns") && m.kernel_ns != 0,
              [&] { p.pack_uint64(m.kernel_ns); })
@@ -2201,7 +2209,7 @@ Status DecodeSessionFields(const object& o, const Limits& limits, size_t max_dat
   SessionMessage& r = *out;
   const ReplyFields& f = FieldsOf(r.op);
   const bool kernel = r.op == SessionOp::kLaunch || r.op == SessionOp::kCompile;
-  bool has_code = false, has_error = false;
+  bool has_code = false, has_error = false, has_data = false, has_size = false;
   GPUQ_RETURN_IF_ERROR(ForEachField(o, "session message", f.required,
                                     [&](std::string_view k, const object& v) -> Status {
     if (k == "op") return Status::Ok();
@@ -2225,11 +2233,19 @@ Status DecodeSessionFields(const object& o, const Limits& limits, size_t max_dat
     if (k == "offset") return GetU(v, k, &r.offset);
     if (k == "src") return GetU(v, k, &r.src);
     if (k == "src_offset") return GetU(v, k, &r.src_offset);
-    if (k == "size") return GetU(v, k, &r.size);
+    if (k == "size") {
+      has_size = true;
+      return GetU(v, k, &r.size);
+    }
     if (k == "value") return GetU(v, k, &r.value, 255);
-    if (k == "data") return GetBin(v, k, max_data, &r.data);
+    if (k == "data") {
+      has_data = true;
+      return GetBin(v, k, max_data, &r.data);
+    }
     if (k == "kernel_ns") return GetU(v, k, &r.kernel_ns);
     if (k == "kernel") return GetU(v, k, &r.kernel_ref);
+    if (k == "region") return GetU(v, k, &r.region);
+    if (k == "region_offset") return GetU(v, k, &r.region_offset);
     if (k == "ring") return GetU(v, k, &r.ring);
     if (k == "memory") return GetU(v, k, &r.memory);
     if (k == "idle_ms") return GetU(v, k, &r.idle_ms, kMaxDeadlineMs);
@@ -2278,10 +2294,21 @@ Status DecodeSessionFields(const object& o, const Limits& limits, size_t max_dat
       }
     }
   }
+  if (r.op == SessionOp::kWrite) {
+    // Bytes in the message, or a range of an attached region: one of them.
+    if (r.region != 0 ? has_data || !has_size : !has_data || has_size) {
+      return Malformed("data", "a write carries data, or region and size, not both");
+    }
+  }
+  if ((r.op == SessionOp::kWrite || r.op == SessionOp::kRead) && r.region == 0 &&
+      r.region_offset != 0) {
+    return Malformed("region_offset", "needs a region");
+  }
   if (r.op == SessionOp::kModule && !has_code && r.image.empty()) {
     return Malformed("image", "required unless the module failed");
   }
-  if (r.op == SessionOp::kHello && r.protocol != kSessionProtocol) {
+  if ((r.op == SessionOp::kHello || r.op == SessionOp::kAttach) &&
+      r.protocol != kSessionProtocol) {
     return CheckProtocolFrame(r.protocol, kSessionProtocol);
   }
   return Status::Ok();

@@ -259,8 +259,8 @@ enum class SessionOp : uint8_t {
   kHello,   // protocol, session, token
   kAlloc,   // rid, size
   kFree,    // rid, buffer
-  kWrite,   // rid, buffer, offset, data
-  kRead,    // rid, buffer, offset, size
+  kWrite,   // rid, buffer, offset, data (or region, region_offset, size)
+  kRead,    // rid, buffer, offset, size (and region, region_offset)
   kCopy,    // rid, buffer, offset, src, src_offset, size
   kFill,    // rid, buffer, offset, size, value
   kLaunch,  // rid, kernel, launch, args
@@ -277,6 +277,9 @@ enum class SessionOp : uint8_t {
   kEnded,    // session, code, error: why it ended
   kCompile,  // rid, kernel (its entry the one name to lower)
   kUsage,    // session, size: the device bytes it holds now
+  // client to session process, the first message of a connection of its
+  // own: a region's memfd (SCM_RIGHTS) to attach; done carries `region`
+  kAttach,  // protocol, session, token, size
 };
 std::string_view SessionOpName(SessionOp op);
 
@@ -299,6 +302,10 @@ struct SessionMessage {
   // launch: the session's handle of a kernel an earlier launch named by
   // its source, instead of the source; done of a launch: that handle
   uint32_t kernel_ref = 0;
+  // write, read: bytes of the session's attached region `region` from
+  // `region_offset` instead of `data`; done of attach: the region's handle
+  uint32_t region = 0;
+  uint64_t region_offset = 0;
   uint64_t kernel_ns = 0;  // done of launch: its time on the GPU (CUDA events)
   // hello: 1 asks for the shared-memory rings; done of hello: their
   // capacity each (the memfd travels with it)

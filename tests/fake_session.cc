@@ -99,6 +99,14 @@ class FakeStream : public SessionStream {
     return Status::Ok();
   }
   uint64_t Elapsed(SessionMark& m) override { return static_cast<FakeMark&>(m).ns; }
+  Status CopyIn(uint64_t dst, const void* src, uint64_t size) override {
+    memcpy(At(dst), src, size);
+    return Status::Ok();
+  }
+  Status CopyOut(void* dst, uint64_t src, uint64_t size) override {
+    memcpy(dst, At(src), size);
+    return Status::Ok();
+  }
 
  private:
   bool faulted_ = false;
@@ -121,6 +129,9 @@ class FakeSessionDevice : public SessionDevice {
       return Status(Code::kNotFound, "no kernel '" + symbol + "' in the module");
     }
     return std::shared_ptr<SessionKernel>(std::make_shared<FakeKernel>(symbol));
+  }
+  StatusOr<std::unique_ptr<SessionPinned>> Pin(void*, uint64_t) override {
+    return std::make_unique<SessionPinned>();
   }
   Status CheckLaunch(const SessionKernel&, const schema::LaunchSpec& l) override {
     if (l.block.Count() > info_.max_threads_per_block) {

@@ -269,6 +269,56 @@ TEST_F(SessionsTest, LaterLaunchesNameTheirKernelByHandle) {
   EXPECT_EQ(*(*s)->Read(*a, 0, 100), std::string(100, static_cast<char>(22)));
 }
 
+// A region attached to a session: its bytes go to buffers and back without
+// travelling in messages; every misuse is refused and changes nothing.
+TEST_F(SessionsTest, AnAttachedRegionsBytesGoToAndFromBuffers) {
+  Start({"--session-attach-mb", "3"});
+  auto s = Open();
+  ASSERT_TRUE(s.ok()) << s.status().ToString() << Log();
+  Session& x = **s;
+  auto region = client_->NewRegion(1 << 20);
+  ASSERT_TRUE(region.ok()) << region.status().ToString();
+  char* mem = (*region)->data();
+  for (size_t i = 0; i < (1 << 20); ++i) mem[i] = static_cast<char>(i * 13 + 1);
+  auto h = x.Attach(**region);
+  ASSERT_TRUE(h.ok()) << h.status().ToString() << Log();
+  auto a = x.Alloc(8192);
+  ASSERT_TRUE(a.ok());
+  ASSERT_TRUE(x.WriteFrom(*a, 0, *h, 4096, 8192).ok());
+  ASSERT_TRUE(x.Launch(Inc(*a, 4096, 1)).ok());
+  ASSERT_TRUE(x.ReadInto(*a, 0, 8192, *h, 100000).ok());
+  for (size_t i = 0; i < 8192; ++i) {
+    const char want = static_cast<char>((i + 4096) * 13 + 1 + (i < 4096 ? 1 : 0));
+    ASSERT_EQ(mem[100000 + i], want) << "byte " << i;
+  }
+  EXPECT_EQ(mem[100000 + 8192], static_cast<char>((100000 + 8192) * 13 + 1))
+      << "nothing past the range";
+  // Misuse: refused, nothing changes.
+  const std::string before(mem, 1 << 20);
+  EXPECT_EQ(x.WriteFrom(*a, 0, *h + 7, 0, 10).code(), Code::kNotFound) << "not attached";
+  EXPECT_EQ(x.WriteFrom(*a, 0, *h, (1 << 20) - 5, 10).code(), Code::kInvalid)
+      << "past the region's end";
+  EXPECT_EQ(x.ReadInto(*a, 0, 10, *h, UINT64_MAX - 3).code(), Code::kInvalid)
+      << "an offset that wraps";
+  EXPECT_EQ(x.ReadInto(*a, 8190, 10, *h, 0).code(), Code::kInvalid) << "past the buffer's end";
+  EXPECT_EQ(x.ReadInto(*a + 1000, 0, 10, *h, 0).code(), Code::kNotFound) << "no such buffer";
+  EXPECT_EQ(std::string(mem, 1 << 20), before);
+  // Limits: 3 MiB attached per session here.
+  auto big = client_->NewRegion(2 << 20);
+  ASSERT_TRUE(big.ok());
+  EXPECT_TRUE(x.Attach(**big).ok());
+  auto more = client_->NewRegion(1 << 20);
+  ASSERT_TRUE(more.ok());
+  auto over = x.Attach(**more);
+  EXPECT_EQ(over.status().code(), Code::kResourceExhausted) << over.status().ToString();
+  // The session goes on.
+  auto got = x.Read(*a, 0, 4);
+  ASSERT_TRUE(got.ok());
+  EXPECT_EQ((*got)[0], static_cast<char>(4096 * 13 + 2));
+  ASSERT_TRUE(x.Close().ok());
+  EXPECT_EQ(x.Attach(**region).status().code(), Code::kSessionLost);
+}
+
 TEST_F(SessionsTest, ATenantsSessionsAndTheirMemoryAreBounded) {
   Start({"--max-sessions", "2", "--max-session-mb", "3", "--session-memory-mb", "1"});
   auto one = Open("a"), two = Open("a");

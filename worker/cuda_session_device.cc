@@ -194,6 +194,18 @@ class CudaStream : public SessionStream {
     }
     return Status::Ok();
   }
+  Status CopyIn(uint64_t dst, const void* src, uint64_t size) override {
+    Other();
+    if (size == 0) return Status::Ok();
+    GPUQ_CU_CHECK(cu_, cuMemcpyHtoDAsync(dst, src, size, stream_), Code::kLaunchError);
+    return Status::Ok();
+  }
+  Status CopyOut(void* dst, uint64_t src, uint64_t size) override {
+    Other();
+    if (size == 0) return Status::Ok();
+    GPUQ_CU_CHECK(cu_, cuMemcpyDtoHAsync(dst, src, size, stream_), Code::kLaunchError);
+    return Status::Ok();
+  }
   uint64_t Elapsed(SessionMark& m) override {
     Current();
     auto& cm = static_cast<CudaMark&>(m);
@@ -261,6 +273,23 @@ class CudaStream : public SessionStream {
   std::vector<CUevent> timed_ GUARDED_BY(mu_), waited_ GUARDED_BY(mu_);
 };
 
+// A mapping page-locked for the device (cuMemHostRegister), unlocked when it
+// goes (after the streams that copied with it have ended).
+class CudaPinned : public SessionPinned {
+ public:
+  CudaPinned(std::shared_ptr<const CudaDriver> cu, CUcontext ctx, void* p)
+      : cu_(std::move(cu)), ctx_(ctx), p_(p) {}
+  ~CudaPinned() override {
+    (void)cu_->cuCtxSetCurrent(ctx_);
+    (void)cu_->cuMemHostUnregister(p_);
+  }
+
+ private:
+  std::shared_ptr<const CudaDriver> cu_;
+  CUcontext ctx_;
+  void* p_;
+};
+
 class CudaDevice : public SessionDevice {
  public:
   CudaDevice(std::shared_ptr<const CudaDriver> cu, CUdevice dev, CUcontext ctx,
@@ -290,6 +319,13 @@ class CudaDevice : public SessionDevice {
       return Status(Code::kNotFound, "no kernel '" + symbol + "' in the module: " + cu_->Describe(e));
     }
     return std::shared_ptr<SessionKernel>(std::make_shared<CudaKernel>(cu_, m, f));
+  }
+
+  StatusOr<std::unique_ptr<SessionPinned>> Pin(void* p, uint64_t size) override {
+    (void)cu_->cuCtxSetCurrent(ctx_);
+    GPUQ_CU_CHECK(*cu_, cuMemHostRegister(p, size, CU_MEMHOSTREGISTER_PORTABLE),
+                  Code::kResourceExhausted);
+    return std::unique_ptr<SessionPinned>(std::make_unique<CudaPinned>(cu_, ctx_, p));
   }
 
   Status CheckLaunch(const SessionKernel& k, const LaunchSpec& launch) override {

@@ -67,6 +67,17 @@ class SessionStream {
   virtual Status Wait(uint32_t seq) = 0;
   // A timed launch's nanoseconds on the device, once it has ended.
   virtual uint64_t Elapsed(SessionMark& m) = 0;
+  // Copies between the device and host memory the device has pinned
+  // (SessionDevice::Pin): enqueued, done once a later Wait or Reached
+  // covers them.
+  virtual Status CopyIn(uint64_t dst, const void* src, uint64_t size) = 0;
+  virtual Status CopyOut(void* dst, uint64_t src, uint64_t size) = 0;
+};
+
+// Host memory pinned (page-locked) for the device, until this goes.
+class SessionPinned {
+ public:
+  virtual ~SessionPinned() = default;
 };
 
 class SessionDevice {
@@ -80,6 +91,8 @@ class SessionDevice {
                                                         const std::string& symbol) = 0;
   // Checks a launch against the device's and the kernel's limits.
   virtual Status CheckLaunch(const SessionKernel& k, const schema::LaunchSpec& launch) = 0;
+  // Pins [p, p + size) of a mapping for copies at the bus's speed.
+  virtual StatusOr<std::unique_ptr<SessionPinned>> Pin(void* p, uint64_t size) = 0;
 };
 
 }  // namespace gpuq::worker

@@ -43,6 +43,7 @@ constexpr size_t kMaxModules = 256;  // kernels kept loaded (oldest dropped)
 constexpr size_t kMaxKernelRefs = 1024;  // kernel handles per session
 constexpr uint64_t kAnnounceEvery = 64;   // requests between end-word writes at most
 constexpr size_t kBatch = 32;             // requests decoded before they are handled
+constexpr size_t kMaxAttached = 16;       // regions attached to a session
 
 bool SameToken(const std::string& a, const std::string& b) {
   if (a.size() != b.size()) return false;
@@ -99,11 +100,21 @@ class SessionHost::Impl {
     uint64_t seq = 0;
     std::unique_ptr<SessionMark> mark;
     bool refused = false;
+    std::shared_ptr<const void> hold;  // an attached region its copy uses
     std::string keep;
     std::unique_ptr<std::string> read;
   };
   struct Buffer {
     uint64_t ptr = 0, size = 0;
+  };
+  // A region its client attached (PROTOCOL.md, "Sessions"): a sealed memfd
+  // mapped here and pinned for the device. Copies that use it hold it until
+  // they are answered; the session's stream ends before its last holder.
+  struct Attached {
+    Mapping map;
+    uint64_t size = 0;
+    std::unique_ptr<SessionPinned> pinned;
+    ~Attached() { pinned.reset(); }  // unpinned before it is unmapped
   };
   // A session. Its thread (Serve) owns the connection, the stream and the
   // buffers while it runs; the control thread sets it up before and takes
@@ -121,6 +132,12 @@ class SessionHost::Impl {
     // in `back`; the socket then only tells that the client is gone.
     Mapping rings;
     ByteRing in, back;
+    // Attached by the control thread, used by the session's thread. Before
+    // the stream: it ends (and waits for its copies) first.
+    Mutex attach_mu;
+    std::map<uint32_t, std::shared_ptr<Attached>> attached GUARDED_BY(attach_mu);
+    uint64_t attached_bytes GUARDED_BY(attach_mu) = 0;
+    uint32_t next_region GUARDED_BY(attach_mu) = 1;
     std::unique_ptr<SessionStream> stream;
     std::map<uint32_t, Buffer> buffers;
     std::deque<Entry> pending;  // answered in order
@@ -155,6 +172,7 @@ class SessionHost::Impl {
   };
   struct Pending {
     UniqueFd fd;
+    UniqueFd passed;  // a descriptor its first message carried (an attach's memfd)
     FrameReader reader;
     int64_t since_ns;  // a connection that says no hello within kHelloMs is closed
     explicit Pending(UniqueFd f, size_t max) : fd(std::move(f)), reader(max), since_ns(NowNs()) {}
@@ -173,6 +191,10 @@ class SessionHost::Impl {
   void OnModule(SessionMessage& m);
   void Accept();
   void OnPending(size_t i);
+  // An attach (a connection's first message, with a memfd): its answer.
+  SessionMessage Attach(const SessionMessage& m, UniqueFd fd);
+  StatusOr<std::shared_ptr<Attached>> AttachedRegion(Session& s, uint32_t region, uint64_t offset,
+                                                     uint64_t size);
   // The session's thread: reads its requests, enqueues their work, and
   // answers them in order as the work is done.
   void Serve(Session* s);
@@ -398,6 +420,71 @@ void SessionHost::Impl::Open(const SessionMessage& m) {
   Control(r);
 }
 
+SessionMessage SessionHost::Impl::Attach(const SessionMessage& m, UniqueFd fd) {
+  auto it = sessions_.find(m.session);
+  if (it == sessions_.end() || !SameToken(it->second->token, m.token) ||
+      it->second->stop.load()) {
+    return ErrorReply(0, Error(Code::kNotFound, "no session " + std::to_string(m.session) +
+                                                    " with that token here"));
+  }
+  Session& s = *it->second;
+  if (!fd.valid()) {
+    return ErrorReply(0, Error(Code::kInvalid, "an attach carries the region's memfd"));
+  }
+  if (m.size == 0) return ErrorReply(0, Error(Code::kInvalid, "a region is at least 1 byte"));
+  {
+    MutexLock lock(&s.attach_mu);
+    if (s.attached.size() >= kMaxAttached) {
+      return ErrorReply(0, Error(Code::kResourceExhausted,
+                                 "the session has " + std::to_string(kMaxAttached) +
+                                     " regions attached, its limit"));
+    }
+    if (m.size > opt_.max_attach - s.attached_bytes) {
+      return ErrorReply(0, Error(Code::kResourceExhausted,
+                                 "the session has " + std::to_string(s.attached_bytes) +
+                                     " bytes attached of its " + std::to_string(opt_.max_attach) +
+                                     "; " + std::to_string(m.size) + " more asked"));
+    }
+  }
+  // Sealed as a region's must be: it can neither shrink under the mapping
+  // (no SIGBUS here) nor change its seals.
+  if (Status c = CheckSealedMemfd(fd.get(), m.size); !c.ok()) return ErrorReply(0, c);
+  auto a = std::make_shared<Attached>();
+  auto map = Mapping::Map(fd.get(), m.size);
+  if (!map.ok()) return ErrorReply(0, map.status());
+  a->map = std::move(*map);
+  a->size = m.size;
+  auto pinned = device_->Pin(a->map.data(), m.size);
+  if (!pinned.ok()) return ErrorReply(0, pinned.status());
+  a->pinned = std::move(*pinned);
+  SessionMessage ok;
+  ok.op = SessionOp::kDone;
+  MutexLock lock(&s.attach_mu);
+  ok.region = s.next_region++;
+  s.attached_bytes += m.size;
+  s.attached.emplace(ok.region, std::move(a));
+  return ok;
+}
+
+StatusOr<std::shared_ptr<SessionHost::Impl::Attached>> SessionHost::Impl::AttachedRegion(
+    Session& s, uint32_t region, uint64_t offset, uint64_t size) {
+  std::shared_ptr<Attached> a;
+  {
+    MutexLock lock(&s.attach_mu);
+    auto it = s.attached.find(region);
+    if (it == s.attached.end()) {
+      return Error(Code::kNotFound, "no region " + std::to_string(region) + " attached to this session");
+    }
+    a = it->second;
+  }
+  if (!InRange(offset, size, a->size)) {
+    return Error(Code::kInvalid, "bytes [" + std::to_string(offset) + ", +" + std::to_string(size) +
+                                     ") are outside region " + std::to_string(region) + " of " +
+                                     std::to_string(a->size) + " bytes");
+  }
+  return a;
+}
+
 void SessionHost::Impl::Accept() {
   for (;;) {
     auto c = AcceptSeqpacket(listener_.get());  // any socket type: accept4
@@ -412,7 +499,17 @@ void SessionHost::Impl::Accept() {
 
 void SessionHost::Impl::OnPending(size_t i) {
   Pending& p = *pending_[i];
-  Status st = p.reader.Fill(p.fd.get());
+  // A packet at a time: an attach carries its memfd with its bytes.
+  Status st;
+  auto packet = RecvPacket(p.fd.get(), 4096, /*dontwait=*/true);
+  if (!packet.ok()) {
+    st = packet.status();
+  } else if (packet->eof) {
+    st = Status(Code::kUnavailable, "the peer closed the connection");
+  } else {
+    p.reader.Append(packet->bytes);
+    if (packet->fd.valid() && !p.passed.valid()) p.passed = std::move(packet->fd);
+  }
   std::string frame;
   auto next = p.reader.Next(&frame);
   auto drop = [&] { pending_.erase(pending_.begin() + static_cast<std::ptrdiff_t>(i)); };
@@ -428,8 +525,13 @@ void SessionHost::Impl::OnPending(size_t i) {
     drop();
   };
   if (!d.ok()) return refuse(d);
+  if (m.op == SessionOp::kAttach) {
+    (void)WriteFrame(p.fd.get(), schema::EncodeSessionMessage(Attach(m, std::move(p.passed))));
+    drop();
+    return;
+  }
   if (m.op != SessionOp::kHello) {
-    return refuse(Error(Code::kInvalid, "a connection begins with hello"));
+    return refuse(Error(Code::kInvalid, "a connection begins with hello (or attach)"));
   }
   auto it = sessions_.find(m.session);
   if (it == sessions_.end() || !SameToken(it->second->token, m.token) ||
@@ -718,6 +820,21 @@ void SessionHost::Impl::Handle(Session& s, SessionMessage& m) {
       return;
     }
     case SessionOp::kWrite: {
+      if (m.region != 0) {
+        auto a = AttachedRegion(s, m.region, m.region_offset, m.size);
+        if (!a.ok()) return Answer(s, rid, a.status());
+        auto b = buffer(m.buffer, m.offset, m.size);
+        if (!b.ok()) return Answer(s, rid, b.status());
+        if (Status c = s.stream->CopyIn(b->ptr + m.offset, (*a)->map.data() + m.region_offset,
+                                        m.size);
+            !c.ok()) {
+          return Answer(s, rid, c);
+        }
+        Entry e;
+        e.hold = std::move(*a);
+        Done(s, rid, std::move(e));
+        return;
+      }
       auto b = buffer(m.buffer, m.offset, m.data.size());
       if (!b.ok()) return Answer(s, rid, b.status());
       Entry e;
@@ -729,6 +846,21 @@ void SessionHost::Impl::Handle(Session& s, SessionMessage& m) {
       return;
     }
     case SessionOp::kRead: {
+      if (m.region != 0) {
+        auto a = AttachedRegion(s, m.region, m.region_offset, m.size);
+        if (!a.ok()) return Answer(s, rid, a.status());
+        auto b = buffer(m.buffer, m.offset, m.size);
+        if (!b.ok()) return Answer(s, rid, b.status());
+        if (Status c = s.stream->CopyOut((*a)->map.data() + m.region_offset, b->ptr + m.offset,
+                                         m.size);
+            !c.ok()) {
+          return Answer(s, rid, c);
+        }
+        Entry e;
+        e.hold = std::move(*a);
+        Done(s, rid, std::move(e));
+        return;
+      }
       if (m.size > opt_.max_data) {
         return Answer(s, rid, Error(Code::kTooLarge, "a read is at most " +
                                                          std::to_string(opt_.max_data) +
@@ -1019,14 +1151,16 @@ int SessionProcessMain(int argc, char** argv, const OpenSessionDevice& open) {
   CLI::App app{"A session process of gpuqd: one tenant's sessions on one GPU"};
   SessionHostOptions o;
   std::string uuid;
-  uint64_t spin_us = 0, max_data_mb = 256;
+  uint64_t spin_us = 0, max_data_mb = 256, max_attach_mb = 16384;
   app.add_option("--control-fd", o.control_fd, "the broker's control channel")->required();
   app.add_option("--socket", o.socket_path, "where the tenant's clients connect")->required();
   app.add_option("--tenant", o.tenant, "whose sessions these are");
   app.add_option("--device", uuid, "the GPU's UUID")->required();
   app.add_option("--spin-us", spin_us, "completion threads poll this long before sleeping");
   app.add_option("--max-data-mb", max_data_mb, "a write's or a read's bytes, at most");
+  app.add_option("--max-attach-mb", max_attach_mb, "host memory a session may attach");
   CLI11_PARSE(app, argc, argv);
+  o.max_attach = max_attach_mb << 20;
   o.spin = std::chrono::microseconds(spin_us);
   o.max_data = static_cast<size_t>(max_data_mb) << 20;
   auto device = open(uuid, o.spin);

@@ -26,6 +26,7 @@ struct SessionHostOptions {
   std::string socket_path;  // where clients connect (created here, 0600)
   std::string tenant;
   size_t max_data = 256u << 20;       // a write's or a read's bytes
+  uint64_t max_attach = 16ull << 30;  // host memory attached to a session, in all
   std::chrono::microseconds spin{0};  // completion threads poll this long before sleeping
 };
 
@@ -43,7 +44,8 @@ class SessionHost {
 };
 
 // A session process's main: its command line (--control-fd, --socket,
-// --tenant, --device, --spin-us, --max-data-mb, as the broker starts it),
+// --tenant, --device, --spin-us, --max-data-mb, --max-attach-mb, as the
+// broker starts it),
 // its device from `open`, and Run(). Returns the exit code.
 using OpenSessionDevice = std::function<StatusOr<std::unique_ptr<SessionDevice>>(
     const std::string& uuid, std::chrono::microseconds spin)>;

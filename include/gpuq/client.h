@@ -177,7 +177,9 @@ class Region {
   char* data_ = nullptr;
   uint64_t size_ = 0;
   uint64_t id_ = 0;
+  int fd_ = -1;                    // its sealed memfd (a session attaches it)
   std::shared_ptr<void> channel_;  // the Client's region channel
+  friend class Session;
 };
 
 // A session (PROTOCOL.md, "Sessions"): device memory that stays on the GPU
@@ -241,6 +243,25 @@ class Session {
   StatusOr<uint64_t> Wait(uint64_t ticket);
   // The bytes of the read of `ticket`.
   StatusOr<std::string> WaitRead(uint64_t ticket);
+  // Registered memory (PROTOCOL.md, "Sessions", attach): `region`'s memory,
+  // page-locked by the session's process, so that copies between it and
+  // the session's buffers run at the bus's speed and no bytes travel in
+  // messages. The handle names it in WriteFrom and ReadInto; it stays
+  // attached while the session lives. The region must outlive the session.
+  StatusOr<uint32_t> Attach(const Region& region);
+  // Bytes [region_offset, region_offset + size) of attached region
+  // `region` into the buffer at `offset`; they must not change until the
+  // ticket's Wait returns.
+  StatusOr<uint64_t> WriteFromAsync(uint32_t buffer, uint64_t offset, uint32_t region,
+                                    uint64_t region_offset, uint64_t size);
+  Status WriteFrom(uint32_t buffer, uint64_t offset, uint32_t region, uint64_t region_offset,
+                   uint64_t size);
+  // The buffer's bytes [offset, offset + size) into attached region
+  // `region` at `region_offset`: there once the ticket's Wait returns.
+  StatusOr<uint64_t> ReadIntoAsync(uint32_t buffer, uint64_t offset, uint64_t size,
+                                   uint32_t region, uint64_t region_offset);
+  Status ReadInto(uint32_t buffer, uint64_t offset, uint64_t size, uint32_t region,
+                  uint64_t region_offset);
   // Ends the session: its buffers are freed.
   Status Close();
 

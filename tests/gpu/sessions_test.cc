@@ -141,6 +141,34 @@ TEST_F(SessionsGpuTest, UntimedLaunchesEndByTheGpusWordAndMatchTheCpu) {
   EXPECT_TRUE(s.Close().ok());
 }
 
+// A region attached to a session: 64 MiB of fresh random floats from it to
+// a buffer, a kernel over them, and back into another part of it, against
+// the CPU; nothing travels in messages.
+TEST_F(SessionsGpuTest, AnAttachedRegionsBytesRoundTripThroughAKernel) {
+  auto s = Open("attach");
+  ASSERT_TRUE(s);
+  const unsigned n = 16u << 20;  // floats: 64 MiB
+  const uint64_t bytes = uint64_t{n} * 4;
+  auto region = client_->NewRegion(2 * bytes);
+  ASSERT_TRUE(region.ok()) << region.status().ToString();
+  float* mem = reinterpret_cast<float*>((*region)->data());
+  std::uniform_real_distribution<float> d(-1.0f, 1.0f);
+  for (unsigned i = 0; i < n; ++i) mem[i] = d(rng_);
+  auto h = s->Attach(**region);
+  ASSERT_TRUE(h.ok()) << h.status().ToString() << Log();
+  auto b = s->Alloc(bytes);
+  ASSERT_TRUE(b.ok());
+  const float sc = d(rng_), c = d(rng_);
+  ASSERT_TRUE(s->WriteFrom(*b, 0, *h, 0, bytes).ok());
+  ASSERT_TRUE(s->Launch(L("scale_add", n, {Arg::Ref(*b), Arg::F32(sc), Arg::F32(c), Arg::U32(n)})).ok());
+  ASSERT_TRUE(s->ReadInto(*b, 0, bytes, *h, bytes).ok());
+  for (unsigned i = 0; i < n; ++i) {
+    const float want = std::fmaf(mem[i], sc, c);
+    ASSERT_NEAR(mem[n + i], want, 1e-5f * (1 + std::fabs(want))) << "element " << i;
+  }
+  EXPECT_TRUE(s->Close().ok());
+}
+
 TEST_F(SessionsGpuTest, FreedAndForeignHandlesAreRefused) {
   auto a = Open("hands-a"), b = Open("hands-b");
   ASSERT_TRUE(a && b);

@@ -160,8 +160,11 @@ class Region:
             except BaseException:
                 self._mm.close()
                 raise
-        finally:
-            os.close(fd)  # the mapping and the broker hold their own
+        except BaseException:
+            os.close(fd)
+            raise
+        # Kept for a session to attach (Session.attach); closed with the region.
+        self._fd: Optional[int] = fd
         self.id: int = reply["region"]
         self.size: int = size
         self.tenant: str = tenant or "default"
@@ -236,6 +239,9 @@ class Region:
         except Error:
             pass  # ended all the same when the channel closes
         finally:
+            fd, self._fd = self._fd, None
+            if fd is not None:
+                os.close(fd)
             view, self._view = self._view, None
             mm, self._mm = self._mm, None
             try:

@@ -42,6 +42,8 @@ class Session:
     def __init__(self, reply: Mapping[str, Any], timeout: float) -> None:
         self.id: int = reply["id"]
         self.device: str = reply.get("device", "")
+        self._path: str = reply["path"]
+        self._token: str = reply["token"]
         self.timeout = timeout
         self._rid = 0
         self._buf = bytearray()
@@ -176,6 +178,53 @@ class Session:
         """Sets `nbytes` bytes from `offset` to `value` (a byte)."""
         self._call({"op": "fill", "buffer": int(buffer), "offset": int(offset),
                     "size": int(nbytes), "value": int(value)})
+
+    def attach(self, region: Any) -> int:
+        """Attaches a gpuq.Region (PROTOCOL.md, "Sessions", attach): the
+        session's process maps its memory and page-locks it, so that
+        write_from() and read_into() copy between it and buffers at the
+        bus's speed, no bytes in messages. Its handle; attached while the
+        session lives (the region must outlive it)."""
+        fd = getattr(region, "_fd", None)
+        if fd is None:
+            raise ValueError("the region is closed")
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            sock.settimeout(max(self.timeout, 60.0))
+            sock.connect(self._path)
+            body = wire.encode({"op": "attach", "protocol": PROTOCOL, "session": self.id,
+                                "token": self._token, "size": int(region.size)})
+            socket.send_fds(sock, [struct.pack("<I", len(body)) + body], [fd])
+            data = b""
+            while len(data) < 4 or len(data) < 4 + struct.unpack_from("<I", data)[0]:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    raise Error("unavailable", "the session's process closed the connection")
+                data += chunk
+        except OSError as e:
+            raise Error("unavailable", "the session's process: %s" % e) from e
+        finally:
+            sock.close()
+        m = wire.decode(data[4:4 + struct.unpack_from("<I", data)[0]])
+        if m.get("op") == "error":
+            raise Error(m.get("code", "internal"), m.get("error", ""))
+        return int(m["region"])
+
+    def write_from(self, buffer: int, region: int, nbytes: int, *, offset: int = 0,
+                   region_offset: int = 0) -> None:
+        """Bytes [region_offset, region_offset + nbytes) of attached region
+        `region` into the buffer at `offset`."""
+        self._call({"op": "write", "buffer": int(buffer), "offset": int(offset),
+                    "region": int(region), "region_offset": int(region_offset),
+                    "size": int(nbytes)})
+
+    def read_into(self, buffer: int, region: int, nbytes: int, *, offset: int = 0,
+                  region_offset: int = 0) -> None:
+        """The buffer's bytes [offset, offset + nbytes) into attached region
+        `region` at `region_offset`: there when this returns."""
+        self._call({"op": "read", "buffer": int(buffer), "offset": int(offset),
+                    "size": int(nbytes), "region": int(region),
+                    "region_offset": int(region_offset)})
 
     def launch_async(self, source: str, entry: str, grid: Dim, block: Dim,
                      args: Sequence[Union[Scalar, Buf]], *, shared: int = 0,

@@ -136,3 +136,65 @@ def test_a_kernel_is_named_by_the_handle_its_first_launch_gave(service):
             s._call(dict(m, src=KERNELS, entry="inc"))
         assert e.value.code == "malformed", "by handle or by source, not both"
         assert (s.read(a, 64) == 6).all()
+
+
+def test_an_attached_region_moves_bytes_to_and_from_buffers(service):
+    local(service)
+    with gpuq.Client(service.client_endpoint) as c, c.session() as s, \
+            c.region(1 << 16) as r:
+        mem = r.array(np.uint8)
+        mem[:] = np.arange(1 << 16) % 251
+        h = s.attach(r)
+        a = s.alloc(4096)
+        s.write_from(a, h, 4096, region_offset=1000)
+        s.launch(KERNELS, "inc", 16, 256, [gpuq.Buf(a), gpuq.u32(4096), gpuq.u32(1)])
+        s.read_into(a, h, 4096, region_offset=20000)
+        assert (mem[20000:24096] == (np.arange(1000, 5096) % 251 + 1) % 256).all()
+        before = mem.copy()
+        with pytest.raises(gpuq.Error) as e:
+            s.read_into(a, h, 4096, region_offset=(1 << 16) - 100)
+        assert e.value.code == "invalid", "past the region's end"
+        with pytest.raises(gpuq.Error) as e:
+            s.write_from(a, h + 9, 16)
+        assert e.value.code == "not_found"
+        with pytest.raises(gpuq.Error) as e:
+            s._call({"op": "write", "buffer": a, "offset": 0, "data": b"x",
+                     "region": h, "size": 1})
+        assert e.value.code == "malformed", "data or a region, not both"
+        assert (mem == before).all(), "nothing changed"
+
+
+def test_an_attach_needs_the_token_and_a_sealed_memfd(service):
+    import socket
+    import struct
+    from gpuq import wire
+    local(service)
+    with gpuq.Client(service.client_endpoint) as c, c.session() as s:
+        def attach(token, fd):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(10)
+            sock.connect(s._path)
+            body = wire.encode({"op": "attach", "protocol": "GPUQS/1", "session": s.id,
+                                "token": token, "size": 4096})
+            frame = struct.pack("<I", len(body)) + body
+            if fd is None:
+                sock.sendall(frame)
+            else:
+                socket.send_fds(sock, [frame], [fd])
+            data = sock.recv(65536)
+            sock.close()
+            return wire.decode(data[4:])
+        unsealed = os.memfd_create("x", os.MFD_CLOEXEC)
+        os.ftruncate(unsealed, 4096)
+        try:
+            m = attach(s._token, unsealed)
+            assert m["op"] == "error" and m["code"] == "invalid", m
+            assert "seal" in m["error"]
+            m = attach("0" * 32, unsealed)
+            assert m["op"] == "error" and m["code"] == "not_found", m
+            m = attach(s._token, None)
+            assert m["op"] == "error" and m["code"] == "invalid", m
+        finally:
+            os.close(unsealed)
+        a = s.alloc(8)
+        assert (s.read(a, 8) == 0).all(), "the session goes on"
