@@ -45,7 +45,7 @@ struct SessionLimits {
   std::string bin;                         // the session process; empty: none (no sessions)
   std::chrono::microseconds spin{0};       // passed to session processes
   uint64_t max_data_mb = 256;              // a write's or read's bytes
-  uint64_t max_attach_mb = 16384;          // host memory a session may attach (page-locked)
+  uint64_t max_attach_mb = 4096;           // host memory a session may attach (page-locked)
 };
 
 struct SessionView {

@@ -1151,7 +1151,7 @@ int SessionProcessMain(int argc, char** argv, const OpenSessionDevice& open) {
   CLI::App app{"A session process of gpuqd: one tenant's sessions on one GPU"};
   SessionHostOptions o;
   std::string uuid;
-  uint64_t spin_us = 0, max_data_mb = 256, max_attach_mb = 16384;
+  uint64_t spin_us = 0, max_data_mb = 256, max_attach_mb = 4096;
   app.add_option("--control-fd", o.control_fd, "the broker's control channel")->required();
   app.add_option("--socket", o.socket_path, "where the tenant's clients connect")->required();
   app.add_option("--tenant", o.tenant, "whose sessions these are");

@@ -26,7 +26,7 @@ struct SessionHostOptions {
   std::string socket_path;  // where clients connect (created here, 0600)
   std::string tenant;
   size_t max_data = 256u << 20;       // a write's or a read's bytes
-  uint64_t max_attach = 16ull << 30;  // host memory attached to a session, in all
+  uint64_t max_attach = 4ull << 30;   // host memory attached to a session, in all
   std::chrono::microseconds spin{0};  // completion threads poll this long before sleeping
 };
 
