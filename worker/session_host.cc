@@ -786,6 +786,21 @@ void SessionHost::Impl::Handle(Session& s, SessionMessage& m) {
     }
     return it->second;
   };
+  // A write or read naming a range of an attached region: the GPU copies
+  // between it and the buffer; the copy holds the region until answered.
+  auto region_copy = [&](bool into_buffer) {
+    auto a = AttachedRegion(s, m.region, m.region_offset, m.size);
+    if (!a.ok()) return Answer(s, rid, a.status());
+    auto b = buffer(m.buffer, m.offset, m.size);
+    if (!b.ok()) return Answer(s, rid, b.status());
+    char* host = (*a)->map.data() + m.region_offset;
+    Status c = into_buffer ? s.stream->CopyIn(b->ptr + m.offset, host, m.size)
+                           : s.stream->CopyOut(host, b->ptr + m.offset, m.size);
+    if (!c.ok()) return Answer(s, rid, c);
+    Entry e;
+    e.hold = std::move(*a);
+    Done(s, rid, std::move(e));
+  };
   switch (m.op) {
     case SessionOp::kAlloc: {
       if (m.size == 0) return Answer(s, rid, Error(Code::kInvalid, "a buffer is at least 1 byte"));
@@ -820,21 +835,7 @@ void SessionHost::Impl::Handle(Session& s, SessionMessage& m) {
       return;
     }
     case SessionOp::kWrite: {
-      if (m.region != 0) {
-        auto a = AttachedRegion(s, m.region, m.region_offset, m.size);
-        if (!a.ok()) return Answer(s, rid, a.status());
-        auto b = buffer(m.buffer, m.offset, m.size);
-        if (!b.ok()) return Answer(s, rid, b.status());
-        if (Status c = s.stream->CopyIn(b->ptr + m.offset, (*a)->map.data() + m.region_offset,
-                                        m.size);
-            !c.ok()) {
-          return Answer(s, rid, c);
-        }
-        Entry e;
-        e.hold = std::move(*a);
-        Done(s, rid, std::move(e));
-        return;
-      }
+      if (m.region != 0) return region_copy(/*into_buffer=*/true);
       auto b = buffer(m.buffer, m.offset, m.data.size());
       if (!b.ok()) return Answer(s, rid, b.status());
       Entry e;
@@ -846,21 +847,7 @@ void SessionHost::Impl::Handle(Session& s, SessionMessage& m) {
       return;
     }
     case SessionOp::kRead: {
-      if (m.region != 0) {
-        auto a = AttachedRegion(s, m.region, m.region_offset, m.size);
-        if (!a.ok()) return Answer(s, rid, a.status());
-        auto b = buffer(m.buffer, m.offset, m.size);
-        if (!b.ok()) return Answer(s, rid, b.status());
-        if (Status c = s.stream->CopyOut((*a)->map.data() + m.region_offset, b->ptr + m.offset,
-                                         m.size);
-            !c.ok()) {
-          return Answer(s, rid, c);
-        }
-        Entry e;
-        e.hold = std::move(*a);
-        Done(s, rid, std::move(e));
-        return;
-      }
+      if (m.region != 0) return region_copy(/*into_buffer=*/false);
       if (m.size > opt_.max_data) {
         return Answer(s, rid, Error(Code::kTooLarge, "a read is at most " +
                                                          std::to_string(opt_.max_data) +
