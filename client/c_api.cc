@@ -446,6 +446,23 @@ gpuq_code gpuq_session_fill(gpuq_session* session, uint32_t buffer, uint64_t off
   gpuq::Status s = session->session->Fill(buffer, offset, size, value);
   return s.ok() ? GPUQ_OK : SessionFail(session, s);
 }
+gpuq_code gpuq_session_attach(gpuq_session* session, const gpuq_region* region,
+                              uint32_t* handle) {
+  auto h = session->session->Attach(*region->region);
+  if (!h.ok()) return SessionFail(session, h.status());
+  *handle = *h;
+  return GPUQ_OK;
+}
+gpuq_code gpuq_session_write_from(gpuq_session* session, uint32_t buffer, uint64_t offset,
+                                  uint32_t handle, uint64_t region_offset, uint64_t size) {
+  gpuq::Status s = session->session->WriteFrom(buffer, offset, handle, region_offset, size);
+  return s.ok() ? GPUQ_OK : SessionFail(session, s);
+}
+gpuq_code gpuq_session_read_into(gpuq_session* session, uint32_t buffer, uint64_t offset,
+                                 uint64_t size, uint32_t handle, uint64_t region_offset) {
+  gpuq::Status s = session->session->ReadInto(buffer, offset, size, handle, region_offset);
+  return s.ok() ? GPUQ_OK : SessionFail(session, s);
+}
 void gpuq_job_add_session_buffer(gpuq_job* job, uint32_t buffer, uint64_t offset) {
   if (job->several) {
     return Misuse(job, "gpuq_job_add_session_buffer: a session's launch is a job of one launch");

@@ -392,7 +392,9 @@ int gpuq_c_api_session_scenario(const char* endpoint, char* why, size_t why_size
   gpuq_client* c = NULL;
   gpuq_session* s = NULL;
   gpuq_job* launch = NULL;
-  uint32_t buf = 0, n = 16, v = 5;
+  gpuq_region* region = NULL;
+  unsigned char* mem = NULL;
+  uint32_t buf = 0, n = 16, v = 5, handle = 0;
   uint64_t ns = 0;
   unsigned char bytes[16];
   size_t i = 0;
@@ -422,6 +424,23 @@ int gpuq_c_api_session_scenario(const char* endpoint, char* why, size_t why_size
   code = gpuq_session_read(s, buf, 0, bytes, 16);
   CHECK(code == GPUQ_OK, "read: %s", gpuq_session_error(s));
   for (i = 0; i < 16; ++i) CHECK(bytes[i] == i + 10, "byte %u is %u", (unsigned)i, bytes[i]);
+  /* An attached region: the buffer's bytes into it, and back from it. */
+  code = gpuq_region_new(c, 4096, "c-tenant", &region);
+  CHECK(code == GPUQ_OK, "region: %s", gpuq_client_error(c));
+  code = gpuq_session_attach(s, region, &handle);
+  CHECK(code == GPUQ_OK, "attach: %s", gpuq_session_error(s));
+  mem = (unsigned char*)gpuq_region_data(region);
+  code = gpuq_session_read_into(s, buf, 0, 16, handle, 100);
+  CHECK(code == GPUQ_OK, "read into: %s", gpuq_session_error(s));
+  for (i = 0; i < 16; ++i) CHECK(mem[100 + i] == i + 10, "region byte %u", (unsigned)i);
+  for (i = 0; i < 16; ++i) mem[200 + i] = (unsigned char)(3 * i);
+  code = gpuq_session_write_from(s, buf, 0, handle, 200, 16);
+  CHECK(code == GPUQ_OK, "write from: %s", gpuq_session_error(s));
+  code = gpuq_session_read(s, buf, 0, bytes, 16);
+  CHECK(code == GPUQ_OK, "read: %s", gpuq_session_error(s));
+  for (i = 0; i < 16; ++i) CHECK(bytes[i] == 3 * i, "byte %u after write_from", (unsigned)i);
+  code = gpuq_session_write_from(s, buf, 0, handle, 4090, 16);
+  CHECK(code == GPUQ_INVALID, "past the region: %s", gpuq_code_name(code));
   code = gpuq_session_read(s, buf, 8, bytes, 16);
   CHECK(code == GPUQ_INVALID, "a read past the end: %s", gpuq_code_name(code));
   CHECK(strstr(gpuq_session_error(s), "outside buffer") != NULL, "its text: %s",
@@ -438,6 +457,7 @@ int gpuq_c_api_session_scenario(const char* endpoint, char* why, size_t why_size
 out:
   gpuq_job_free(launch);
   gpuq_session_free(s);
+  if (region) gpuq_region_free(region);
   gpuq_client_free(c);
   return rc;
 }

@@ -286,6 +286,18 @@ gpuq_code gpuq_session_launch(gpuq_session* session, const gpuq_job* launch,
 /* The same untimed: the GPU records no CUDA events for it (cheaper), and no
  * time comes back. */
 gpuq_code gpuq_session_launch_untimed(gpuq_session* session, const gpuq_job* launch);
+/* Attaches `region` to the session (PROTOCOL.md, "Attached regions"): the
+ * session's process page-locks its memory once; *handle names it in
+ * gpuq_session_write_from and gpuq_session_read_into. The region must
+ * outlive the session. */
+gpuq_code gpuq_session_attach(gpuq_session* session, const gpuq_region* region,
+                              uint32_t* handle);
+/* Bytes [region_offset, +size) of attached region `handle` into the buffer
+ * at `offset`, copied by the GPU; and the reverse. */
+gpuq_code gpuq_session_write_from(gpuq_session* session, uint32_t buffer, uint64_t offset,
+                                  uint32_t handle, uint64_t region_offset, uint64_t size);
+gpuq_code gpuq_session_read_into(gpuq_session* session, uint32_t buffer, uint64_t offset,
+                                 uint64_t size, uint32_t handle, uint64_t region_offset);
 /* An argument naming the session's buffer `buffer` at `offset` bytes. */
 void gpuq_job_add_session_buffer(gpuq_job* job, uint32_t buffer, uint64_t offset);
 /* Ends the session: its buffers are freed. */
