@@ -767,10 +767,13 @@ void SessionHost::Impl::Done(Session& s, uint64_t rid, Entry e) {
 void SessionHost::Impl::Handle(Session& s, SessionMessage& m) {
   const uint64_t rid = m.rid;
   if (rid == 0) return Answer(s, 0, Error(Code::kMalformed, "rid must be at least 1"));
-  if (rid <= s.last_rid) {
+  // Past the previous rid, by less than 2^31: the end word compares the low
+  // 32 bits (serial arithmetic).
+  if (rid <= s.last_rid || rid - s.last_rid >= (uint64_t{1} << 31)) {
     return Answer(s, rid, Error(Code::kMalformed, "rid " + std::to_string(rid) +
                                                       " is not past the previous request's, " +
-                                                      std::to_string(s.last_rid)));
+                                                      std::to_string(s.last_rid) +
+                                                      ", by less than 2^31"));
   }
   s.last_rid = rid;
   auto buffer = [&](uint32_t h, uint64_t offset, uint64_t size) -> StatusOr<Buffer> {

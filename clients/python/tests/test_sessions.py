@@ -198,3 +198,15 @@ def test_an_attach_needs_the_token_and_a_sealed_memfd(service):
             os.close(unsealed)
         a = s.alloc(8)
         assert (s.read(a, 8) == 0).all(), "the session goes on"
+
+
+def test_a_rid_that_jumps_by_2_31_or_more_is_refused(service):
+    local(service)
+    with gpuq.Client(service.client_endpoint) as c, c.session() as s:
+        s.alloc(8)
+        rid = s._rid + (1 << 31)
+        s._write({"op": "alloc", "rid": rid, "size": 8})
+        with pytest.raises(gpuq.Error) as e:
+            s._answer(rid)
+        assert e.value.code == "malformed"
+        s.alloc(8)  # the session goes on, its rids as they were
