@@ -452,6 +452,7 @@ StatusOr<uint32_t> Session::Attach(const Region& region) {
 
 StatusOr<uint64_t> Session::WriteFromAsync(uint32_t buffer, uint64_t offset, uint32_t region,
                                            uint64_t region_offset, uint64_t size) {
+  if (region == 0) return Status(Code::kInvalid, "no region 0: Attach gives handles from 1");
   SessionMessage m;
   m.op = SessionOp::kWrite;
   m.buffer = buffer;
@@ -470,6 +471,7 @@ Status Session::WriteFrom(uint32_t buffer, uint64_t offset, uint32_t region,
 
 StatusOr<uint64_t> Session::ReadIntoAsync(uint32_t buffer, uint64_t offset, uint64_t size,
                                           uint32_t region, uint64_t region_offset) {
+  if (region == 0) return Status(Code::kInvalid, "no region 0: Attach gives handles from 1");
   SessionMessage m;
   m.op = SessionOp::kRead;
   m.buffer = buffer;

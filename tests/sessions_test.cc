@@ -302,6 +302,8 @@ TEST_F(SessionsTest, AnAttachedRegionsBytesGoToAndFromBuffers) {
       << "an offset that wraps";
   EXPECT_EQ(x.ReadInto(*a, 8190, 10, *h, 0).code(), Code::kInvalid) << "past the buffer's end";
   EXPECT_EQ(x.ReadInto(*a + 1000, 0, 10, *h, 0).code(), Code::kNotFound) << "no such buffer";
+  EXPECT_EQ(x.WriteFrom(*a, 0, 0, 0, 10).code(), Code::kInvalid) << "region handles start at 1";
+  EXPECT_EQ(x.ReadInto(*a, 0, 10, 0, 0).code(), Code::kInvalid);
   EXPECT_EQ(std::string(mem, 1 << 20), before);
   // Limits: 3 MiB attached per session here.
   auto big = client_->NewRegion(2 << 20);

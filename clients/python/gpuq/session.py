@@ -214,6 +214,8 @@ class Session:
                    region_offset: int = 0) -> None:
         """Bytes [region_offset, region_offset + nbytes) of attached region
         `region` into the buffer at `offset`."""
+        if int(region) < 1:
+            raise ValueError("no region %d: attach() gives handles from 1" % region)
         self._call({"op": "write", "buffer": int(buffer), "offset": int(offset),
                     "region": int(region), "region_offset": int(region_offset),
                     "size": int(nbytes)})
@@ -222,6 +224,8 @@ class Session:
                   region_offset: int = 0) -> None:
         """The buffer's bytes [offset, offset + nbytes) into attached region
         `region` at `region_offset`: there when this returns."""
+        if int(region) < 1:
+            raise ValueError("no region %d: attach() gives handles from 1" % region)
         self._call({"op": "read", "buffer": int(buffer), "offset": int(offset),
                     "size": int(nbytes), "region": int(region),
                     "region_offset": int(region_offset)})

@@ -161,6 +161,8 @@ def test_an_attached_region_moves_bytes_to_and_from_buffers(service):
             s._call({"op": "write", "buffer": a, "offset": 0, "data": b"x",
                      "region": h, "size": 1})
         assert e.value.code == "malformed", "data or a region, not both"
+        with pytest.raises(ValueError):
+            s.read_into(a, 0, 16)
         assert (mem == before).all(), "nothing changed"
 
 
