@@ -5,7 +5,6 @@
 
 #include <string.h>
 
-#include <atomic>
 #include <map>
 #include <set>
 
@@ -157,10 +156,7 @@ class Session::Impl {
   }
 
   // Whether the end word has reached request `rid` (serial arithmetic).
-  bool Reached(uint64_t rid) const {
-    const uint32_t w = std::atomic_ref<uint32_t>(*ended).load(std::memory_order_acquire);
-    return static_cast<int32_t>(w - static_cast<uint32_t>(rid)) >= 0;
-  }
+  bool Reached(uint64_t rid) const { return ByteRing::Reached(ended, rid); }
 
   // The end of untimed launch `want`: from the end word while spinning,
   // else from its answer. A refusal is in the ring before the word passes

@@ -12,6 +12,7 @@
 #include <thread>
 
 #include "tests/fake_device.h"
+#include "util/shm_ring.h"
 #include "worker/session_host.h"
 
 namespace {
@@ -40,14 +41,6 @@ class FakeStream : public SessionStream {
     return reinterpret_cast<uint64_t>(p);
   }
   void Free(uint64_t ptr) override { free(At(ptr)); }
-  Status Write(uint64_t dst, const std::string& src) override {
-    memcpy(At(dst), src.data(), src.size());
-    return Status::Ok();
-  }
-  Status Read(uint64_t src, std::string* dst) override {
-    memcpy(dst->data(), At(src), dst->size());
-    return Status::Ok();
-  }
   Status Copy(uint64_t dst, uint64_t src, uint64_t size) override {
     memmove(At(dst), At(src), size);
     return Status::Ok();
@@ -90,10 +83,7 @@ class FakeStream : public SessionStream {
     if (!faulted_) std::atomic_ref<uint32_t>(*word_).store(seq, std::memory_order_release);
     return Status::Ok();
   }
-  bool Reached(uint32_t seq) override {
-    const uint32_t w = std::atomic_ref<uint32_t>(*word_).load(std::memory_order_acquire);
-    return static_cast<int32_t>(w - seq) >= 0;
-  }
+  bool Reached(uint32_t seq) override { return ByteRing::Reached(word_, seq); }
   Status Wait(uint32_t) override {
     if (faulted_) return Status(Code::kKernelFault, "CUDA_ERROR_ILLEGAL_ADDRESS (test double)");
     return Status::Ok();

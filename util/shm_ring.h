@@ -33,6 +33,13 @@ class ByteRing {
     return (2 * Bytes(capacity) + 4095) & ~size_t{4095};
   }
   static constexpr size_t PairBytes(size_t capacity) { return EndPage(capacity) + 4096; }
+  // Whether the end word `word` (read with acquire) has reached request
+  // `rid`: serial arithmetic on the low 32 bits, so a word less than 2^31
+  // past it counts.
+  static bool Reached(uint32_t* word, uint64_t rid) {
+    const uint32_t w = std::atomic_ref<uint32_t>(*word).load(std::memory_order_acquire);
+    return static_cast<int32_t>(w - static_cast<uint32_t>(rid)) >= 0;
+  }
 
   ByteRing() = default;
   // `base` holds Bytes(capacity) bytes; `capacity` a power of two.

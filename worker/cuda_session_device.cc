@@ -1,10 +1,10 @@
 #include "worker/cuda_session_device.h"
 
-#include <atomic>
 #include <cstring>
 #include <vector>
 
 #include "util/mutex.h"
+#include "util/shm_ring.h"
 #include "worker/gpu_worker.h"
 
 namespace gpuq::worker {
@@ -94,19 +94,6 @@ class CudaStream : public SessionStream {
     Other();
     (void)cu_.cuMemFreeAsync(ptr, stream_);
   }
-  Status Write(uint64_t dst, const std::string& src) override {
-    Other();
-    if (src.empty()) return Status::Ok();
-    GPUQ_CU_CHECK(cu_, cuMemcpyHtoDAsync(dst, src.data(), src.size(), stream_), Code::kLaunchError);
-    return Status::Ok();
-  }
-  Status Read(uint64_t src, std::string* dst) override {
-    Other();
-    if (dst->empty()) return Status::Ok();
-    GPUQ_CU_CHECK(cu_, cuMemcpyDtoHAsync(dst->data(), src, dst->size(), stream_),
-                  Code::kLaunchError);
-    return Status::Ok();
-  }
   Status Copy(uint64_t dst, uint64_t src, uint64_t size) override {
     Other();
     GPUQ_CU_CHECK(cu_, cuMemcpyDtoDAsync(dst, src, size, stream_), Code::kLaunchError);
@@ -171,8 +158,7 @@ class CudaStream : public SessionStream {
   bool Reached(uint32_t seq) override {
     // Written by the device (and, for a word the client maps, perhaps by
     // the client: it only misleads its own session's answers).
-    const uint32_t w = std::atomic_ref<uint32_t>(*word_).load(std::memory_order_acquire);
-    return static_cast<int32_t>(w - seq) >= 0;
+    return ByteRing::Reached(word_, seq);
   }
   Status Wait(uint32_t seq) override {
     Current();

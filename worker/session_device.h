@@ -36,11 +36,6 @@ class SessionStream {
   virtual StatusOr<uint64_t> Alloc(uint64_t size) = 0;
   // After what was enqueued before it.
   virtual void Free(uint64_t ptr) = 0;
-  // `src` must stay as it is until a later Wait or Reached covers it.
-  virtual Status Write(uint64_t dst, const std::string& src) = 0;
-  // `dst` (sized by the caller) is filled once a later Wait or Reached
-  // covers it.
-  virtual Status Read(uint64_t src, std::string* dst) = 0;
   virtual Status Copy(uint64_t dst, uint64_t src, uint64_t size) = 0;
   virtual Status Fill(uint64_t dst, uint8_t value, uint64_t size) = 0;
   // `params` as cuLaunchKernel takes them. With `timed`, a mark that times
@@ -67,9 +62,10 @@ class SessionStream {
   virtual Status Wait(uint32_t seq) = 0;
   // A timed launch's nanoseconds on the device, once it has ended.
   virtual uint64_t Elapsed(SessionMark& m) = 0;
-  // Copies between the device and host memory the device has pinned
-  // (SessionDevice::Pin): enqueued, done once a later Wait or Reached
-  // covers them.
+  // Copies between host memory and the device, enqueued. Host memory the
+  // device has pinned (SessionDevice::Pin) must stay as it is (CopyIn), and
+  // holds the bytes (CopyOut), once a later Wait or Reached covers the copy;
+  // other host memory is copied through staging before the call returns.
   virtual Status CopyIn(uint64_t dst, const void* src, uint64_t size) = 0;
   virtual Status CopyOut(void* dst, uint64_t src, uint64_t size) = 0;
 };

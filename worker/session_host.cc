@@ -209,7 +209,9 @@ class SessionHost::Impl {
   bool Read(Session& s);
   void Handle(Session& s, SessionMessage& m);
   void Launch(Session& s, SessionMessage& m);
-  StatusOr<std::shared_ptr<SessionKernel>> Kernel(Session& s, const schema::KernelSpec& k);
+  // The kernel of `k` (its KernelKey `key`), compiled and loaded once per process.
+  StatusOr<std::shared_ptr<SessionKernel>> Kernel(Session& s, const schema::KernelSpec& k,
+                                                  const std::string& key);
   // Answers what is done at the head of `pending`; with `wait`, waits for
   // the head first. False after a fault.
   bool Complete(Session& s, bool wait);
@@ -843,7 +845,8 @@ void SessionHost::Impl::Handle(Session& s, SessionMessage& m) {
       if (!b.ok()) return Answer(s, rid, b.status());
       Entry e;
       e.keep = std::move(m.data);
-      if (Status w = s.stream->Write(b->ptr + m.offset, e.keep); !w.ok()) {
+      if (Status w = s.stream->CopyIn(b->ptr + m.offset, e.keep.data(), e.keep.size());
+          !w.ok()) {
         return Answer(s, rid, w);
       }
       Done(s, rid, std::move(e));
@@ -860,7 +863,8 @@ void SessionHost::Impl::Handle(Session& s, SessionMessage& m) {
       if (!b.ok()) return Answer(s, rid, b.status());
       Entry e;
       e.read = std::make_unique<std::string>(m.size, '\0');
-      if (Status r = s.stream->Read(b->ptr + m.offset, e.read.get()); !r.ok()) {
+      if (Status r = s.stream->CopyOut(e.read->data(), b->ptr + m.offset, e.read->size());
+          !r.ok()) {
         return Answer(s, rid, r);
       }
       Done(s, rid, std::move(e));
@@ -909,8 +913,8 @@ void SessionHost::Impl::Handle(Session& s, SessionMessage& m) {
 }
 
 StatusOr<std::shared_ptr<SessionKernel>> SessionHost::Impl::Kernel(Session& s,
-                                                                   const schema::KernelSpec& k) {
-  const std::string key = KernelKey(k);
+                                                                   const schema::KernelSpec& k,
+                                                                   const std::string& key) {
   MutexLock lock(&modules_mu_);
   auto it = modules_.find(key);
   if (it == modules_.end()) {
@@ -963,7 +967,7 @@ void SessionHost::Impl::Launch(Session& s, SessionMessage& m) {
       ref = known->second;
       kernel = s.kernels[ref - 1];
     } else {
-      kernel = Kernel(s, m.kernel);
+      kernel = Kernel(s, m.kernel, key);
       if (!kernel.ok()) return Answer(s, m.rid, kernel.status());
       if (s.kernels.size() < kMaxKernelRefs) {
         s.kernels.push_back(*kernel);
