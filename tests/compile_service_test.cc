@@ -859,6 +859,67 @@ TEST(SandboxedCompilerTest, AHelperSaysHowItIsConfined) {
   EXPECT_TRUE(out->ok) << out->log;
 }
 
+// The NUL-separated strings of a /proc file (cmdline, environ).
+std::vector<std::string> ProcStrings(pid_t pid, const std::string& file) {
+  const std::string raw = testing::ReadFile("/proc/" + std::to_string(pid) + "/" + file);
+  std::vector<std::string> out;
+  for (size_t at = 0; at < raw.size();) {
+    size_t end = raw.find('\0', at);
+    if (end == std::string::npos) end = raw.size();
+    out.push_back(raw.substr(at, end - at));
+    at = end + 1;
+  }
+  return out;
+}
+
+// NVRTC's first compile for an architecture costs more when it last
+// compiled for another: helpers started after a compile warm up for its.
+TEST_F(CompileServiceTest, HelpersStartedAfterACompileWarmUpForItsArchitecture) {
+  for (const std::string arch : {"sm_80", "compute_90"}) {
+    auto e = Compile(Request(kSaxpy + std::string("// ") + arch + "\n", arch));
+    ASSERT_TRUE(e.ok()) << e.status().ToString();
+    ASSERT_TRUE((*e)->ok) << (*e)->log;
+    ASSERT_TRUE(service_->WaitForWarmHelpers(std::chrono::seconds(30)));
+    std::vector<std::string> warm_archs;
+    for (pid_t pid : service_->helpers().WaitingPids()) {
+      const std::vector<std::string> args = ProcStrings(pid, "cmdline");
+      if (!args.empty()) warm_archs.push_back(args.back());
+    }
+    EXPECT_NE(std::find(warm_archs.begin(), warm_archs.end(), arch), warm_archs.end())
+        << "the waiting helpers warm up for: " << ::testing::PrintToString(warm_archs);
+  }
+}
+
+// NVRTC keeps machine code in the driver's compute cache where a driver is
+// installed; a helper is told not to use it, whatever its parent's setting.
+TEST(SandboxedCompilerTest, HelpersAreToldNotToUseTheDriversComputeCache) {
+  // No other thread runs here (no service), so changing the environment is safe.
+  setenv("CUDA_CACHE_DISABLE", "0", 1);
+  auto helper = SandboxedCompiler().Start();
+  unsetenv("CUDA_CACHE_DISABLE");
+  ASSERT_TRUE(helper.ok()) << helper.status().ToString();
+  ASSERT_TRUE(helper->WaitReady(std::chrono::steady_clock::now() + std::chrono::seconds(30)).ok());
+  std::vector<std::string> cache_settings;
+  for (const std::string& var : ProcStrings(helper->pid(), "environ")) {
+    if (var.rfind("CUDA_CACHE_DISABLE=", 0) == 0) cache_settings.push_back(var);
+  }
+  EXPECT_EQ(cache_settings, std::vector<std::string>{"CUDA_CACHE_DISABLE=1"});
+}
+
+TEST(SandboxedCompilerTest, AWarmUpArchitectureItCannotTargetIsIgnored) {
+  for (const std::string& arch :
+       std::vector<std::string>{"sm_10", "sm_90; touch /tmp/x", std::string(300, 'a')}) {
+    auto helper = SandboxedCompiler().Start(arch);
+    ASSERT_TRUE(helper.ok()) << helper.status().ToString();
+    CompileRequest saxpy;
+    saxpy.source = kSaxpy;
+    saxpy.arch = "sm_90";
+    auto out = SandboxedCompiler().Run(*helper, saxpy);
+    ASSERT_TRUE(out.ok()) << arch << ": " << out.status().ToString();
+    EXPECT_TRUE(out->ok) << out->log;
+  }
+}
+
 // ------------------------------------------------------------ bounds
 
 using BoundsTest = CompileServiceTest;

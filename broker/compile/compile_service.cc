@@ -450,12 +450,14 @@ StatusOr<EntryPtr> CompileService::Resolve(const Flight& flight, CacheSource* so
 
 StatusOr<EntryPtr> CompileService::CompileNow(const CompileRequest& request, const Digest& key) {
   const auto t0 = std::chrono::steady_clock::now();
+  helpers_->NoteArch(request.arch);
   StatusOr<Helper> helper = helpers_->Take();
   if (!helper.ok()) {
     MutexLock lock(&mu_);
     ++stats_.errors;
     return helper.status();
   }
+  const uint64_t take_us = MicrosSince(t0);
   StatusOr<CompileOutput> out = compiler_.Run(*helper, request, stop_read_.get());
   helpers_->Retire(std::move(*helper));
   if (!out.ok()) {
@@ -463,6 +465,7 @@ StatusOr<EntryPtr> CompileService::CompileNow(const CompileRequest& request, con
     ++stats_.errors;
     return out.status();
   }
+  const uint64_t helper_us = MicrosSince(t0) - take_us;
   auto e = std::make_shared<CacheEntry>();
   e->key = key;
   e->arch = request.arch;
@@ -479,6 +482,10 @@ StatusOr<EntryPtr> CompileService::CompileNow(const CompileRequest& request, con
   {
     MutexLock lock(&mu_);
     ++stats_.compiles;
+    stats_.take_us += take_us;
+    stats_.helper_us += helper_us;
+    stats_.nvrtc_us += out->nvrtc_us;
+    stats_.insert_us += MicrosSince(t0) - e->compile_us;
     if (!e->ok) ++stats_.rejected;
     if (!stored.ok()) ++stats_.errors;
   }

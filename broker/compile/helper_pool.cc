@@ -35,6 +35,7 @@ HelperPool::~HelperPool() {
 }
 
 StatusOr<Helper> HelperPool::Take() {
+  std::string arch;
   {
     MutexLock lock(&mu_);
     for (;;) {
@@ -57,13 +58,19 @@ StatusOr<Helper> HelperPool::Take() {
     }
     ++counts_.cold;
     ++at_work_;
+    arch = warm_arch_;
   }
-  StatusOr<Helper> started = compiler_->Start();
+  StatusOr<Helper> started = compiler_->Start(arch);
   if (!started.ok()) {
     MutexLock lock(&mu_);
     --at_work_;
   }
   return started;
+}
+
+void HelperPool::NoteArch(const std::string& arch) {
+  MutexLock lock(&mu_);
+  warm_arch_ = arch;
 }
 
 void HelperPool::Retire(Helper spent) {
@@ -109,6 +116,7 @@ void HelperPool::StarterLoop() {
   for (;;) {
     size_t need = 0;
     std::vector<Helper> spent;
+    std::string arch;
     {
       MutexLock lock(&mu_);
       starting_ = starting.size();
@@ -133,10 +141,11 @@ void HelperPool::StarterLoop() {
         // than start helpers of its own while these are spawned.
         starting_ = starting.size() + need;
       }
+      arch = warm_arch_;
     }
     spent.clear();  // reaped here, outside the lock
     for (size_t i = 0; i < need; ++i) {
-      StatusOr<Helper> h = compiler_->Start();
+      StatusOr<Helper> h = compiler_->Start(arch);
       if (!h.ok()) {
         next_start = Clock::now() + Backoff(++failures);
         break;

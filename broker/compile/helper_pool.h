@@ -8,6 +8,7 @@
 #include <chrono>
 #include <cstddef>
 #include <deque>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -47,6 +48,10 @@ class HelperPool {
   // for its exit. Also counts it as no longer at work.
   void Retire(Helper spent) LOCKS_EXCLUDED(mu_);
 
+  // The architecture helpers started from now on warm NVRTC up for (the
+  // one compiled for last: see SandboxedCompiler::Start).
+  void NoteArch(const std::string& arch) LOCKS_EXCLUDED(mu_);
+
   // Blocks until `warm` helpers are ready and waiting, or `timeout` passes;
   // returns whether they are. For benchmarks and tests.
   bool WaitUntilWarm(std::chrono::milliseconds timeout) LOCKS_EXCLUDED(mu_);
@@ -73,6 +78,7 @@ class HelperPool {
   size_t at_work_ GUARDED_BY(mu_) = 0;          // taken and not yet retired
   std::vector<Helper> retired_ GUARDED_BY(mu_);  // spent, for the starter to reap
   bool stop_ GUARDED_BY(mu_) = false;
+  std::string warm_arch_ GUARDED_BY(mu_);
   Counts counts_ GUARDED_BY(mu_);
   std::thread starter_;
 };

@@ -36,6 +36,7 @@
 #include <dlfcn.h>
 #include <fcntl.h>
 #include <linux/landlock.h>
+#include <malloc.h>
 #include <nvrtc.h>
 #include <sched.h>
 #include <signal.h>
@@ -52,6 +53,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <memory>
 #include <string>
 #include <vector>
@@ -159,23 +161,41 @@ struct ProgramDeleter {
 using Program = std::unique_ptr<_nvrtcProgram, ProgramDeleter>;
 
 // Pays NVRTC's first-use cost (loading its builtins, initializing the front
-// end and the code generator) on a fixed kernel, before any request. Its
-// outcome does not matter: a compile that needs what failed here fails later.
-void WarmUp() {
+// end and the code generator) on a fixed kernel, before any request, for
+// `arch` (the architecture the service compiled for last: NVRTC's first
+// compile for another architecture than its last still costs several
+// milliseconds more), else for the newest it knows. Its outcome does not
+// matter: a compile that needs what failed here fails later.
+void WarmUp(const std::string& arch) {
   PreloadBuiltins();
-  int n = 0;
-  if (nvrtcGetNumSupportedArchs(&n) != NVRTC_SUCCESS || n <= 0) return;
-  std::vector<int> archs(n);
-  if (nvrtcGetSupportedArchs(archs.data()) != NVRTC_SUCCESS) return;
+  std::string target;
+  if (CanTarget(arch)) {
+    target = arch;
+  } else {
+    int n = 0;
+    if (nvrtcGetNumSupportedArchs(&n) != NVRTC_SUCCESS || n <= 0) return;
+    std::vector<int> archs(n);
+    if (nvrtcGetSupportedArchs(archs.data()) != NVRTC_SUCCESS) return;
+    target = "sm_" + std::to_string(archs.back());
+  }
   nvrtcProgram raw = nullptr;
   if (nvrtcCreateProgram(&raw, "extern \"C\" __global__ void gpuq_warm_up(int* x) { *x = 1; }\n",
                          "warm_up.cu", 0, nullptr, nullptr) != NVRTC_SUCCESS) {
     return;
   }
   Program prog(raw);
-  const std::string arch = "--gpu-architecture=sm_" + std::to_string(archs.back());
-  const char* opts[] = {arch.c_str()};
+  const std::string option = "--gpu-architecture=" + target;
+  const char* opts[] = {option.c_str()};
   (void)nvrtcCompileProgram(raw, 1, opts);
+}
+
+// A helper serves one compile and exits, so memory it frees need never go
+// back to the kernel: kept in the heap, the pages the warm-up faulted in
+// serve the compile again (fresh pages cost a fault and zeroing each, about
+// 800 per small compile). Allocations up to 32 MiB come from the heap.
+void KeepFreedMemory() {
+  mallopt(M_MMAP_THRESHOLD, 32 << 20);
+  mallopt(M_TRIM_THRESHOLD, std::numeric_limits<int>::max());
 }
 
 void SetLimit(int resource, rlim_t value) {
@@ -464,18 +484,20 @@ int Main(int argc, char** argv) {
   // Nothing inherited beyond the three pipes stays open.
   syscall(SYS_close_range, 3, ~0U, 0);
   prctl(PR_SET_PDEATHSIG, SIGKILL);
-  const std::string mode = argc == 5 ? argv[3] : "";
+  const std::string mode = argc == 5 || argc == 6 ? argv[3] : "";
   if (mode != "namespaces" && mode != "landlock") {
     fprintf(stderr,
-            "usage: gpuq-nvrtc MEMORY_BYTES CPU_SECONDS namespaces|landlock CUDA_INCLUDE "
-            "(run by gpuq only)\n");
+            "usage: gpuq-nvrtc MEMORY_BYTES CPU_SECONDS namespaces|landlock "
+            "CUDA_INCLUDE "
+            "[WARM_UP_ARCH] (run by gpuq only)\n");
     return 2;
   }
   const rlim_t memory = strtoull(argv[1], nullptr, 10);
   const rlim_t cpu = strtoull(argv[2], nullptr, 10);
   const std::string cuda_include = argv[4];
 
-  WarmUp();
+  KeepFreedMemory();
+  WarmUp(argc == 6 ? argv[5] : "");
   StatusOr<char> confined = Confine(cuda_include, mode == "namespaces", memory, cpu);
   if (!confined.ok()) {
     std::string reply(1, kCannotConfine);

@@ -14,6 +14,9 @@
 #include <cstring>
 #include <filesystem>
 #include <mutex>
+#include <string>
+#include <string_view>
+#include <vector>
 
 #include "broker/compile/sandbox_io.h"
 
@@ -253,7 +256,7 @@ SandboxedCompiler::SandboxedCompiler(SandboxOptions options) : options_(std::mov
   std::call_once(ignore_sigpipe, [] { signal(SIGPIPE, SIG_IGN); });
 }
 
-StatusOr<Helper> SandboxedCompiler::Start() const {
+StatusOr<Helper> SandboxedCompiler::Start(const std::string& warm_arch) const {
   const std::string& path = options_.helper_path;
   if (access(path.c_str(), X_OK) != 0) {
     return Error(Code::kUnavailable, "compile helper " + path + " is missing");
@@ -287,10 +290,28 @@ StatusOr<Helper> SandboxedCompiler::Start() const {
   std::string cpu = std::to_string(wall_s + 2);
   std::string mode = options_.namespaces ? "namespaces" : "landlock";
   std::string include = options_.cuda_include;
-  char* argv[] = {const_cast<char*>(path.c_str()), mem.data(), cpu.data(), mode.data(),
-                  include.data(), nullptr};
+  std::string arch = warm_arch.empty() ? "newest" : warm_arch;
+  char* argv[] = {const_cast<char*>(path.c_str()),
+                  mem.data(),
+                  cpu.data(),
+                  mode.data(),
+                  include.data(),
+                  arch.data(),
+                  nullptr};
+  // The driver's compute cache (~/.nv/ComputeCache, which NVRTC uses where a
+  // driver is installed) is not the helper's to read or write: it could not
+  // write it under Landlock anyway, and a cache shared with other programs
+  // is no place for output of untrusted source.
+  std::vector<std::string> env_strings;
+  for (char** e = environ; *e != nullptr; ++e) {
+    if (std::string_view(*e).rfind("CUDA_CACHE_DISABLE=", 0) != 0) env_strings.push_back(*e);
+  }
+  env_strings.push_back("CUDA_CACHE_DISABLE=1");
+  std::vector<char*> env;
+  for (std::string& e : env_strings) env.push_back(e.data());
+  env.push_back(nullptr);
   pid_t pid = -1;
-  int rc = posix_spawn(&pid, path.c_str(), &fa, &attr, argv, environ);
+  int rc = posix_spawn(&pid, path.c_str(), &fa, &attr, argv, env.data());
   posix_spawn_file_actions_destroy(&fa);
   posix_spawnattr_destroy(&attr);
   if (rc != 0) return Error(Code::kUnavailable, "spawn " + path + ": " + strerror(rc));
@@ -300,7 +321,7 @@ StatusOr<Helper> SandboxedCompiler::Start() const {
 }
 
 StatusOr<CompileOutput> SandboxedCompiler::Compile(const CompileRequest& request) const {
-  GPUQ_ASSIGN_OR_RETURN(Helper helper, Start());
+  GPUQ_ASSIGN_OR_RETURN(Helper helper, Start(request.arch));
   return Run(helper, request);
 }
 

@@ -86,10 +86,12 @@ class SandboxedCompiler {
  public:
   explicit SandboxedCompiler(SandboxOptions options = {});
 
-  // Starts a helper. It warms NVRTC up on a fixed kernel, confines itself
-  // and waits for one request; Run() serves it. Errors: kUnavailable (no
-  // helper program, spawn failed), kResourceExhausted (no pipes).
-  StatusOr<Helper> Start() const;
+  // Starts a helper. It warms NVRTC up on a fixed kernel compiled for
+  // `warm_arch` (when it names an architecture NVRTC can target; else the
+  // newest), confines itself and waits for one request; Run() serves it.
+  // Errors: kUnavailable (no helper program, spawn failed),
+  // kResourceExhausted (no pipes).
+  StatusOr<Helper> Start(const std::string& warm_arch = {}) const;
 
   // Serves one request with `helper`; waits for it to be ready first if it
   // is not. The wall limit runs from this call. Returns once the reply is
