@@ -10,6 +10,7 @@
 
 #include "gpuq/client.h"
 #include "schema/codec.h"
+#include "util/cpu_relax.h"
 #include "util/sealed_memfd.h"
 #include "util/shm_ring.h"
 #include "util/unix_socket.h"
@@ -131,6 +132,7 @@ class Session::Impl {
           // The rings cost no system call; the socket (is the process
           // there?) is asked every 1024 turns.
           GPUQ_RETURN_IF_ERROR(Fill(!in.valid() || turn % 1024 == 0));
+          CpuRelax();
         }
         if (early.count(want) || !lost.ok()) continue;
       }
@@ -180,6 +182,7 @@ class Session::Impl {
         GPUQ_RETURN_IF_ERROR(Fill(turn % 4096 == 0));  // a fault's answer; the process there
         if (std::chrono::steady_clock::now() > spin_until) return Answer(want);
       }
+      CpuRelax();
     }
   }
 

@@ -2135,7 +2135,55 @@ namespace {
 
 // `framed`: the frame's 4-byte length first (PROTOCOL.md, "Sessions"),
 // written in place rather than by copying the message behind it.
-std::string EncodeSession(const SessionMessage& m, bool framed) {
+// A launch that names its kernel by handle, the message a session's client
+// sends most: the fields a launch carries, without asking of each of the
+// others whether a launch carries it.
+std::string EncodeLaunchByHandle(const SessionMessage& m, bool framed) {
+  StringBuffer buf;
+  if (framed) buf.bytes.assign(4, '\0');
+  Packer p(buf);
+  MapWriter w(p);
+  w.Field("op", true, [&] { PackStr(p, "launch"); })
+      .Field("rid", true, [&] { p.pack_uint64(m.rid); })
+      .Field("kernel", true, [&] { p.pack_uint32(m.kernel_ref); });
+  PackLaunchFields(w, p, m.launch);
+  w.Field("args", true, [&] { PackArgs(p, m.args); })
+      .Field("untimed", m.untimed, [&] { p.pack_true(); });
+  w.Write();
+  if (framed) {
+    const uint32_t n = static_cast<uint32_t>(buf.bytes.size() - 4);
+    for (int i = 0; i < 4; ++i) buf.bytes[i] = static_cast<char>(n >> (8 * i));
+  }
+  return Take(buf);
+}
+
+// The answer of a request that carries nothing back but its rid (and a
+// launch's time and kernel handle): what a session sends most.
+std::string EncodePlainDone(const SessionMessage& m, bool framed) {
+  StringBuffer buf;
+  if (framed) buf.bytes.assign(4, '\0');
+  Packer p(buf);
+  MapWriter w(p);
+  w.Field("op", true, [&] { PackStr(p, "done"); })
+      .Field("rid", true, [&] { p.pack_uint64(m.rid); })
+      .Field("kernel_ns", m.kernel_ns != 0, [&] { p.pack_uint64(m.kernel_ns); })
+      .Field("kernel", m.kernel_ref != 0, [&] { p.pack_uint32(m.kernel_ref); });
+  w.Write();
+  if (framed) {
+    const uint32_t n = static_cast<uint32_t>(buf.bytes.size() - 4);
+    for (int i = 0; i < 4; ++i) buf.bytes[i] = static_cast<char>(n >> (8 * i));
+  }
+  return Take(buf);
+}
+
+std::string EncodeSession(const SessionMessage& m, bool framed, bool fast = true) {
+  if (fast && m.op == SessionOp::kLaunch && m.kernel_ref != 0) {
+    return EncodeLaunchByHandle(m, framed);
+  }
+  if (fast && m.op == SessionOp::kDone && m.buffer == 0 && m.data.empty() && m.ring == 0 &&
+      m.region == 0) {
+    return EncodePlainDone(m, framed);
+  }
   const ReplyFields& f = FieldsOf(m.op);
   auto has = [&](std::string_view k) { return Carries(f, k); };
   const bool failed = m.code != Code::kOk;
@@ -2201,6 +2249,9 @@ std::string EncodeSession(const SessionMessage& m, bool framed) {
 
 std::string EncodeSessionMessage(const SessionMessage& m) { return EncodeSession(m, false); }
 std::string EncodeSessionFrame(const SessionMessage& m) { return EncodeSession(m, true); }
+std::string EncodeSessionMessageSlowly(const SessionMessage& m) {
+  return EncodeSession(m, false, false);
+}
 
 namespace {
 
@@ -2314,11 +2365,272 @@ Status DecodeSessionFields(const object& o, const Limits& limits, size_t max_dat
   return Status::Ok();
 }
 
+// The launch that a session's client sends most: a kernel named by its
+// handle, read straight from the bytes with no msgpack object tree. It takes
+// only a message the general decoder would take, and gives the same
+// SessionMessage; anything else it leaves to the general decoder (false),
+// which then gives the answer, error or not.
+class FastReader {
+ public:
+  explicit FastReader(std::string_view b)
+      : p_(reinterpret_cast<const uint8_t*>(b.data())), end_(p_ + b.size()) {}
+  bool done() const { return p_ == end_; }
+
+  // A map's or an array's size.
+  bool Map(uint32_t* n) { return Container(0x80, 0xde, n); }
+  bool Array(uint32_t* n) { return Container(0x90, 0xdc, n); }
+
+  bool Str(std::string_view* s) {
+    if (p_ == end_) return false;
+    const uint8_t t = *p_++;
+    uint64_t n = 0;
+    if ((t & 0xe0) == 0xa0) {
+      n = t & 0x1f;
+    } else if (t == 0xd9 || t == 0xda || t == 0xdb) {
+      if (!Big(t == 0xd9 ? 1 : t == 0xda ? 2 : 4, &n)) return false;
+    } else {
+      return false;
+    }
+    if (static_cast<uint64_t>(end_ - p_) < n) return false;
+    *s = std::string_view(reinterpret_cast<const char*>(p_), n);
+    p_ += n;
+    return true;
+  }
+
+  bool Bool(bool* b) {
+    if (p_ == end_ || (*p_ != 0xc2 && *p_ != 0xc3)) return false;
+    *b = *p_++ == 0xc3;
+    return true;
+  }
+
+  // What msgpack-cxx makes of a number: POSITIVE_INTEGER (any integer
+  // format holding a value >= 0), NEGATIVE_INTEGER, FLOAT32 or FLOAT64.
+  enum class Num { kPositive, kNegative, kFloat };
+  bool Number(Num* kind, uint64_t* u, int64_t* i, double* d) {
+    if (p_ == end_) return false;
+    const uint8_t t = *p_++;
+    if (t <= 0x7f) {
+      *kind = Num::kPositive;
+      *u = t;
+      return true;
+    }
+    if (t >= 0xe0) {
+      *kind = Num::kNegative;
+      *i = static_cast<int8_t>(t);
+      return true;
+    }
+    uint64_t v = 0;
+    switch (t) {
+      case 0xcc: case 0xcd: case 0xce: case 0xcf:
+        if (!Big(size_t{1} << (t - 0xcc), &v)) return false;
+        *kind = Num::kPositive;
+        *u = v;
+        return true;
+      case 0xd0: case 0xd1: case 0xd2: case 0xd3: {
+        const size_t n = size_t{1} << (t - 0xd0);
+        if (!Big(n, &v)) return false;
+        const int64_t x = n == 8 ? static_cast<int64_t>(v)
+                                 : static_cast<int64_t>(v << (64 - 8 * n)) >> (64 - 8 * n);
+        if (x >= 0) {
+          *kind = Num::kPositive;
+          *u = static_cast<uint64_t>(x);
+        } else {
+          *kind = Num::kNegative;
+          *i = x;
+        }
+        return true;
+      }
+      case 0xca:
+        if (!Big(4, &v)) return false;
+        *kind = Num::kFloat;
+        *d = std::bit_cast<float>(static_cast<uint32_t>(v));
+        return true;
+      case 0xcb:
+        if (!Big(8, &v)) return false;
+        *kind = Num::kFloat;
+        *d = std::bit_cast<double>(v);
+        return true;
+      default:
+        return false;
+    }
+  }
+
+  bool Uint(uint64_t max, uint64_t* out) {
+    Num kind;
+    uint64_t u = 0;
+    int64_t i = 0;
+    double d = 0;
+    if (!Number(&kind, &u, &i, &d) || kind != Num::kPositive || u > max) return false;
+    *out = u;
+    return true;
+  }
+  template <typename T>
+  bool U(T* out) {
+    uint64_t v = 0;
+    if (!Uint(std::numeric_limits<T>::max(), &v)) return false;
+    *out = static_cast<T>(v);
+    return true;
+  }
+
+ private:
+  bool Container(uint8_t fix, uint8_t first_long, uint32_t* n) {
+    if (p_ == end_) return false;
+    const uint8_t t = *p_++;
+    if ((t & 0xf0) == fix) {
+      *n = t & 0x0f;
+      return true;
+    }
+    uint64_t v = 0;
+    if (t != first_long && t != first_long + 1) return false;
+    if (!Big(t == first_long ? 2 : 4, &v)) return false;
+    *n = static_cast<uint32_t>(v);
+    return true;
+  }
+  bool Big(size_t n, uint64_t* v) {
+    if (static_cast<size_t>(end_ - p_) < n) return false;
+    uint64_t x = 0;
+    for (size_t k = 0; k < n; ++k) x = (x << 8) | p_[k];
+    p_ += n;
+    *v = x;
+    return true;
+  }
+
+  const uint8_t* p_;
+  const uint8_t* end_;
+};
+
+bool FastDim3(FastReader& in, Dim3* d) {
+  uint32_t n = 0;
+  return in.Array(&n) && n == 3 && in.U(&d->x) && in.U(&d->y) && in.U(&d->z);
+}
+
+bool FastArg(FastReader& in, Arg* a) {
+  uint32_t n = 0;
+  std::string_view t;
+  if (!in.Array(&n) || n != 2 || !in.Str(&t)) return false;
+  *a = Arg{};
+  if (t == "buf") {
+    a->kind = ArgKind::kBuffer;
+    // A handle, or [handle, offset]: peek at which.
+    FastReader peek = in;
+    uint32_t pair = 0;
+    if (peek.Array(&pair)) {
+      if (pair != 2) return false;
+      in = peek;
+      return in.U(&a->buffer) && in.Uint(UINT64_MAX, &a->offset);
+    }
+    return in.U(&a->buffer);
+  }
+  if (!Lookup(kScalarNames, t, &a->type)) return false;
+  FastReader::Num kind;
+  uint64_t u = 0;
+  int64_t i = 0;
+  double d = 0;
+  if (!in.Number(&kind, &u, &i, &d)) return false;
+  const ScalarType st = a->type;
+  if (st == ScalarType::kF32 || st == ScalarType::kF64) {
+    if (kind == FastReader::Num::kPositive) d = static_cast<double>(u);
+    if (kind == FastReader::Num::kNegative) d = static_cast<double>(i);
+    a->bits = st == ScalarType::kF32 ? std::bit_cast<uint32_t>(static_cast<float>(d))
+                                     : std::bit_cast<uint64_t>(d);
+    return true;
+  }
+  const size_t bytes = ScalarSize(st);
+  const bool is_signed = st == ScalarType::kI8 || st == ScalarType::kI16 ||
+                         st == ScalarType::kI32 || st == ScalarType::kI64;
+  const uint64_t mask = bytes == 8 ? ~uint64_t{0} : (uint64_t{1} << (8 * bytes)) - 1;
+  if (kind == FastReader::Num::kPositive) {
+    if (u > (is_signed ? mask >> 1 : mask)) return false;
+    a->bits = u;
+    return true;
+  }
+  if (kind == FastReader::Num::kNegative && is_signed) {
+    const int64_t min = bytes == 8 ? std::numeric_limits<int64_t>::min()
+                                   : -(int64_t{1} << (8 * bytes - 1));
+    if (i < min) return false;
+    a->bits = static_cast<uint64_t>(i) & mask;
+    return true;
+  }
+  return false;
+}
+
+bool DecodeLaunchByHandle(std::string_view bytes, const Limits& limits, SessionMessage* out) {
+  FastReader in(bytes);
+  uint32_t fields = 0;
+  if (!in.Map(&fields) || fields > 8) return false;
+  uint64_t rid = 0;
+  uint32_t kernel = 0;
+  LaunchSpec launch;
+  bool untimed = false;
+  std::vector<Arg> args = std::move(out->args);
+  args.clear();
+  // One bit per field seen: op, rid, kernel, grid, block, shared, args, untimed.
+  unsigned seen = 0;
+  auto once = [&seen](unsigned bit) {
+    if (seen & bit) return false;
+    seen |= bit;
+    return true;
+  };
+  bool ok = true;
+  for (uint32_t f = 0; ok && f < fields; ++f) {
+    std::string_view k;
+    if (!in.Str(&k)) {
+      ok = false;
+      break;
+    }
+    if (k == "op") {
+      std::string_view op;
+      ok = once(1) && in.Str(&op) && op == "launch";
+    } else if (k == "rid") {
+      ok = once(2) && in.Uint(UINT64_MAX, &rid);
+    } else if (k == "kernel") {
+      ok = once(4) && in.U(&kernel) && kernel != 0;
+    } else if (k == "grid") {
+      ok = once(8) && FastDim3(in, &launch.grid);
+    } else if (k == "block") {
+      ok = once(16) && FastDim3(in, &launch.block);
+    } else if (k == "shared") {
+      ok = once(32) && in.U(&launch.shared_bytes);
+    } else if (k == "args") {
+      uint32_t n = 0;
+      ok = once(64) && in.Array(&n) && n <= limits.max_args;
+      if (ok) args.resize(n);
+      for (uint32_t a = 0; ok && a < n; ++a) ok = FastArg(in, &args[a]);
+    } else if (k == "untimed") {
+      ok = once(128) && in.Bool(&untimed);
+    } else {
+      ok = false;
+    }
+  }
+  // op, rid, kernel, grid, block and args are needed; nothing may follow.
+  if (!ok || (seen & 0x5f) != 0x5f || !in.done() || !CheckLaunch(launch).ok() ||
+      !CheckShared(launch).ok()) {
+    out->args = std::move(args);
+    return false;
+  }
+  *out = SessionMessage{};
+  out->op = SessionOp::kLaunch;
+  out->rid = rid;
+  out->kernel_ref = kernel;
+  out->launch = launch;
+  out->untimed = untimed;
+  out->args = std::move(args);
+  return true;
+}
+
 }  // namespace
 
 
 Status DecodeSessionMessage(std::string_view bytes, const Limits& limits, size_t max_data,
                             SessionMessage* out) {
+  if (bytes.size() <= limits.max_header_bytes && DecodeLaunchByHandle(bytes, limits, out)) {
+    return Status::Ok();
+  }
+  return DecodeSessionMessageSlowly(bytes, limits, max_data, out);
+}
+
+Status DecodeSessionMessageSlowly(std::string_view bytes, const Limits& limits,
+                                  size_t max_data, SessionMessage* out) {
   Unpacked oh;
   Limits big = limits;
   big.max_header_bytes = std::max<size_t>(limits.max_header_bytes, max_data + (1u << 20));

@@ -61,8 +61,16 @@ Status DecodeRegionMessage(std::string_view bytes, const Limits& limits, RegionM
 std::string EncodeSessionMessage(const SessionMessage& m);
 // The same with the frame's length in front: what goes on the channel.
 std::string EncodeSessionFrame(const SessionMessage& m);
+// EncodeSessionMessage without its fast paths for a launch by handle and a
+// plain done: the same bytes. For tests that hold them to it.
+std::string EncodeSessionMessageSlowly(const SessionMessage& m);
 Status DecodeSessionMessage(std::string_view bytes, const Limits& limits, size_t max_data,
                             SessionMessage* out);
+// DecodeSessionMessage without its fast path for a launch that names its
+// kernel by handle (read straight from the bytes, no msgpack object tree):
+// every answer of the one is the other's. For tests that hold them to it.
+Status DecodeSessionMessageSlowly(std::string_view bytes, const Limits& limits,
+                                  size_t max_data, SessionMessage* out);
 
 std::string EncodeBatch(const Batch& b);
 Status DecodeBatch(std::string_view header, std::span<const uint64_t> payload_sizes,

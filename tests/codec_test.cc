@@ -2,7 +2,10 @@
 // input a peer can send.
 #include <gtest/gtest.h>
 
+#include <cstdio>
 #include <fstream>
+#include <functional>
+#include <random>
 #include <sstream>
 
 #include <msgpack.hpp>
@@ -628,6 +631,316 @@ TEST(SessionFrameTest, AFrameIsItsLengthThenItsMessage) {
   EXPECT_EQ(frame.substr(4), body);
   const auto* b = reinterpret_cast<const unsigned char*>(frame.data());
   EXPECT_EQ(b[0] | (b[1] << 8) | (b[2] << 16) | (size_t{b[3]} << 24), body.size());
+}
+
+}  // namespace
+}  // namespace gpuq::schema
+
+namespace gpuq::schema {
+namespace {
+
+// DecodeSessionMessage reads a launch that names its kernel by handle
+// straight from the bytes; for every input, its answer must be the general
+// decoder's: the same status, and the same message when it is ok.
+class SessionFastPathTest : public ::testing::Test {
+ protected:
+  void Same(const std::string& bytes, const std::string& what) {
+    SessionMessage fast, slow;
+    const Status f = DecodeSessionMessage(bytes, Limits{}, 1u << 20, &fast);
+    const Status s = DecodeSessionMessageSlowly(bytes, Limits{}, 1u << 20, &slow);
+    ++compared_;
+    if (s.ok()) ++accepted_;
+    ASSERT_EQ(f.code(), s.code()) << what << ": " << f.ToString() << " / " << s.ToString();
+    ASSERT_EQ(f.message(), s.message()) << what;
+    if (s.ok()) {
+      ASSERT_TRUE(fast == slow) << what;
+    } else {
+      ASSERT_EQ(fast.rid, slow.rid) << what;
+      ASSERT_EQ(fast.op, slow.op) << what;
+    }
+  }
+
+  // A launch by handle: `fields` packs the map's values after their keys.
+  template <typename F>
+  static std::string Launch(uint32_t n, F&& fields) {
+    msgpack::sbuffer b;
+    msgpack::packer<msgpack::sbuffer> p(b);
+    p.pack_map(n);
+    fields(p);
+    return std::string(b.data(), b.size());
+  }
+
+  size_t compared_ = 0, accepted_ = 0;
+};
+
+using Packer = msgpack::packer<msgpack::sbuffer>;
+
+void Key(Packer& p, std::string_view k) {
+  p.pack_str(static_cast<uint32_t>(k.size()));
+  p.pack_str_body(k.data(), static_cast<uint32_t>(k.size()));
+}
+
+void Dims(Packer& p, uint32_t x, uint32_t y, uint32_t z) {
+  p.pack_array(3);
+  p.pack(x);
+  p.pack(y);
+  p.pack(z);
+}
+
+// Op, rid, kernel, grid, block: the fields every launch by handle has.
+void Common(Packer& p, uint64_t rid = 9) {
+  Key(p, "op");
+  Key(p, "launch");
+  Key(p, "rid");
+  p.pack(rid);
+  Key(p, "kernel");
+  p.pack(3);
+  Key(p, "grid");
+  Dims(p, 4, 1, 1);
+  Key(p, "block");
+  Dims(p, 256, 1, 1);
+}
+
+TEST_F(SessionFastPathTest, EveryGoldenSessionMessageAndItsMutationsDecodeAlike) {
+  std::mt19937 rng(20261130);
+  for (const GoldenMessage& g : GoldenMessages()) {
+    if (g.name.rfind("session_", 0) != 0) continue;
+    std::vector<std::string> frames;
+    ASSERT_TRUE(testing::UnpackFrames(ReadGolden(g.name), &frames));
+    const std::string header = frames[1];
+    Same(header, g.name);
+    const bool launch = g.name.rfind("session_launch", 0) == 0;
+    for (int i = 0; i < (launch ? 20000 : 500); ++i) {
+      std::string m = header;
+      switch (rng() % 4) {
+        case 0:
+          m[rng() % m.size()] = static_cast<char>(rng());
+          break;
+        case 1:
+          m.resize(rng() % m.size());
+          break;
+        case 2:
+          m.insert(m.begin() + static_cast<long>(rng() % (m.size() + 1)), static_cast<char>(rng()));
+          break;
+        default:
+          m[rng() % m.size()] ^= static_cast<char>(1u << (rng() % 8));
+          m[rng() % m.size()] ^= static_cast<char>(1u << (rng() % 8));
+          break;
+      }
+      Same(m, g.name + " mutated");
+      if (HasFailure()) return;
+    }
+  }
+  std::printf("compared %zu messages, %zu of them accepted\n", compared_, accepted_);
+}
+
+// Launches by handle and plain answers are encoded by paths of their own
+// too: the same bytes as the general encoder's, read back as the same launch.
+TEST_F(SessionFastPathTest, LaunchesByHandleAndTheirAnswersEncodeAsTheGeneralEncoderDoes) {
+  std::mt19937_64 rng(7);
+  for (int i = 0; i < 5000; ++i) {
+    SessionMessage m;
+    m.op = SessionOp::kLaunch;
+    m.rid = rng() >> (rng() % 64);
+    m.kernel_ref = 1 + static_cast<uint32_t>(rng() % 1024);
+    m.launch.grid = {1 + static_cast<uint32_t>(rng() % 70000), 1 + static_cast<uint32_t>(rng() % 9), 1};
+    m.launch.block = {1 + static_cast<uint32_t>(rng() % 1024), 1, 1};
+    m.launch.shared_bytes = rng() % 2 ? 0 : static_cast<uint32_t>(rng() % (1 << 20));
+    m.untimed = rng() % 2;
+    const size_t n = rng() % 12;
+    for (size_t a = 0; a < n; ++a) {
+      switch (rng() % 4) {
+        case 0:
+          m.args.push_back(Arg::Ref(static_cast<uint32_t>(rng()), rng() % 2 ? 0 : rng()));
+          break;
+        case 1:
+          m.args.push_back(Arg::F32(static_cast<float>(static_cast<int64_t>(rng())) / 7.0f));
+          break;
+        case 2:
+          m.args.push_back(Arg::F64(static_cast<double>(static_cast<int64_t>(rng())) / 3.0));
+          break;
+        default: {
+          const auto t = static_cast<ScalarType>(rng() % 8);
+          const size_t bytes = ScalarSize(t);
+          const uint64_t mask = bytes == 8 ? ~uint64_t{0} : (uint64_t{1} << (8 * bytes)) - 1;
+          m.args.push_back(Arg::Scalar(t, rng() & mask));
+          break;
+        }
+      }
+    }
+    for (bool framed : {false, true}) {
+      const std::string bytes = framed ? EncodeSessionFrame(m).substr(4) : EncodeSessionMessage(m);
+      SessionMessage back;
+      const Status s = DecodeSessionMessageSlowly(bytes, Limits{}, 1u << 20, &back);
+      ASSERT_TRUE(s.ok()) << i << ": " << s.ToString();
+      ASSERT_TRUE(back == m) << i;
+      Same(bytes, "launch " + std::to_string(i));
+    }
+    ASSERT_EQ(EncodeSessionMessage(m), EncodeSessionMessageSlowly(m)) << i;
+    // Its answer: a done with the launch's time and kernel handle, or not.
+    SessionMessage done;
+    done.op = SessionOp::kDone;
+    done.rid = m.rid;
+    done.kernel_ns = rng() % 2 ? 0 : rng() >> (rng() % 64);
+    done.kernel_ref = rng() % 2 ? 0 : m.kernel_ref;
+    if (rng() % 8 == 0) done.buffer = 1 + rng() % 9;
+    if (rng() % 8 == 0) done.data = "bytes";
+    if (rng() % 8 == 0) done.region = 1 + rng() % 9;
+    ASSERT_EQ(EncodeSessionMessage(done), EncodeSessionMessageSlowly(done)) << i;
+    ASSERT_EQ(EncodeSessionFrame(done).substr(4), EncodeSessionMessageSlowly(done)) << i;
+  }
+}
+
+TEST_F(SessionFastPathTest, EdgesOfEachFieldDecodeAlike) {
+  // Each scalar type at and past its edges, in every encoding the packer
+  // picks for those values.
+  const std::vector<std::pair<std::string, std::vector<int64_t>>> ints = {
+      {"u8", {0, 255, 256, -1}},
+      {"i8", {-128, -129, 127, 128}},
+      {"u16", {65535, 65536, -1}},
+      {"i16", {-32768, -32769, 32767, 32768}},
+      {"u32", {0, 4294967295LL, 4294967296LL, -5}},
+      {"i32", {-2147483648LL, -2147483649LL, 2147483647, 2147483648LL}},
+      {"u64", {0, INT64_MAX, -1}},
+      {"i64", {INT64_MIN, INT64_MAX, -1}},
+      {"f32", {0, -7, 1 << 30}},
+      {"f64", {0, -7, INT64_MIN}},
+      {"x32", {1}},
+      {"buf", {0, 4294967295LL, 4294967296LL, -1}},
+  };
+  for (const auto& entry : ints) {
+    const std::string& type = entry.first;
+    for (int64_t v : entry.second) {
+      Same(Launch(6,
+                  [&](Packer& p) {
+                    Common(p);
+                    Key(p, "args");
+                    p.pack_array(1);
+                    p.pack_array(2);
+                    Key(p, type);
+                    p.pack(v);
+                  }),
+           type + " " + std::to_string(v));
+    }
+  }
+  for (double d : {0.5, -1e300, 1e300, 3.25}) {
+    for (const char* type : {"f32", "f64", "u32", "i64"}) {
+      for (bool as_float : {true, false}) {
+        Same(Launch(6,
+                    [&](Packer& p) {
+                      Common(p);
+                      Key(p, "args");
+                      p.pack_array(1);
+                      p.pack_array(2);
+                      Key(p, type);
+                      if (as_float) {
+                        p.pack_float(static_cast<float>(d));
+                      } else {
+                        p.pack_double(d);
+                      }
+                    }),
+             std::string(type) + " " + std::to_string(d));
+      }
+    }
+  }
+  // A buffer at an offset, and misshapen ones.
+  for (int shape = 0; shape < 5; ++shape) {
+    Same(Launch(6,
+                [&](Packer& p) {
+                  Common(p);
+                  Key(p, "args");
+                  p.pack_array(1);
+                  p.pack_array(2);
+                  Key(p, "buf");
+                  const int n = shape == 0 ? 2 : shape == 1 ? 1 : shape == 2 ? 3 : 2;
+                  p.pack_array(n);
+                  for (int i = 0; i < n; ++i) {
+                    if (shape == 3 && i == 1) {
+                      p.pack(-4);
+                    } else if (shape == 4 && i == 0) {
+                      p.pack(uint64_t{1} << 40);
+                    } else {
+                      p.pack(7 + i);
+                    }
+                  }
+                }),
+         "buf shape " + std::to_string(shape));
+  }
+  // Fields: the optional ones, unknown, twice, missing, of the wrong type.
+  using Extra = std::function<void(Packer&)>;
+  const std::vector<std::pair<std::string, std::pair<uint32_t, Extra>>> forms = {
+      {"shared and untimed", {8, [](Packer& p) { Key(p, "shared"); p.pack(1024); Key(p, "untimed"); p.pack(true); }}},
+      {"shared over 1 MiB", {7, [](Packer& p) { Key(p, "shared"); p.pack((1 << 20) + 1); }}},
+      {"untimed nil", {7, [](Packer& p) { Key(p, "untimed"); p.pack_nil(); }}},
+      {"rid twice", {7, [](Packer& p) { Key(p, "rid"); p.pack(3); }}},
+      {"unknown field", {7, [](Packer& p) { Key(p, "colour"); p.pack(3); }}},
+      {"source too", {7, [](Packer& p) { Key(p, "src"); Key(p, "x"); }}},
+      {"entry too", {7, [](Packer& p) { Key(p, "entry"); Key(p, "k"); }}},
+      {"a key that is not a string", {7, [](Packer& p) { p.pack(1); p.pack(3); }}},
+      {"a map that says more fields than it has", {8, [](Packer& p) { Key(p, "untimed"); p.pack(false); }}},
+  };
+  for (const auto& entry : forms) {
+    const std::string& what = entry.first;
+    const auto& form = entry.second;
+    Same(Launch(form.first,
+                [&](Packer& p) {
+                  Common(p);
+                  Key(p, "args");
+                  p.pack_array(0);
+                  form.second(p);
+                }),
+         what);
+  }
+  // Without each of the common fields, with a kernel of 0, a bad block, a
+  // grid of two, another op, and a byte after the map.
+  for (int variant = 0; variant < 9; ++variant) {
+    std::string m = Launch(variant < 5 ? 5 : 6, [&](Packer& p) {
+      const char* keys[] = {"op", "rid", "kernel", "grid", "block"};
+      for (int k = 0; k < 5; ++k) {
+        if (variant == k) continue;
+        Key(p, keys[k]);
+        if (k == 0) Key(p, variant == 8 ? "free" : "launch");
+        if (k == 1) p.pack(5);
+        if (k == 2) p.pack(variant == 5 ? 0 : 2);
+        if (k == 3) {
+          if (variant == 7) {
+            p.pack_array(2);
+            p.pack(1);
+            p.pack(1);
+          } else {
+            Dims(p, 1, 1, 1);
+          }
+        }
+        if (k == 4) Dims(p, variant == 6 ? 2048 : 32, 1, 1);
+      }
+      Key(p, "args");
+      p.pack_array(0);
+    });
+    Same(m, "variant " + std::to_string(variant));
+    Same(m + '\0', "variant " + std::to_string(variant) + " and a byte after");
+  }
+  // Numbers in wider formats than they need, and positive numbers in signed
+  // formats: what the packer would not choose, but another client might.
+  const std::string base = Launch(6, [](Packer& p) {
+    Common(p, 0x11);
+    Key(p, "args");
+    p.pack_array(0);
+  });
+  const size_t at = base.find('\x11');
+  ASSERT_NE(at, std::string::npos);
+  for (const std::string& wide :
+       {std::string("\xcc\x11", 2), std::string("\xcd\x00\x11", 3),
+        std::string("\xce\x00\x00\x00\x11", 5), std::string("\xcf\0\0\0\0\0\0\0\x11", 9),
+        std::string("\xd0\x11", 2), std::string("\xd3\0\0\0\0\0\0\0\x11", 9),
+        std::string("\xd0\xef", 2), std::string("\xd0\x00", 2), std::string("\xd1\0\0", 3),
+        std::string("\xca\x41\x88\x00\x00", 5)}) {
+    Same(base.substr(0, at) + wide + base.substr(at + 1), "rid as " + wide);
+  }
+  // Maps and arrays in their 16-bit formats.
+  std::string map16 = base;
+  map16.replace(0, 1, std::string("\xde\x00\x06", 3));
+  Same(map16, "map16");
+  std::printf("compared %zu messages, %zu of them accepted\n", compared_, accepted_);
 }
 
 }  // namespace

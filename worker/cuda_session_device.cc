@@ -3,6 +3,7 @@
 #include <cstring>
 #include <vector>
 
+#include "util/cpu_relax.h"
 #include "util/mutex.h"
 #include "util/shm_ring.h"
 #include "worker/gpu_worker.h"
@@ -168,6 +169,7 @@ class CudaStream : public SessionStream {
     const auto until = std::chrono::steady_clock::now() +
                        std::max<std::chrono::microseconds>(spin_, std::chrono::microseconds(50));
     for (int i = 0; !Reached(seq); ++i) {
+      CpuRelax();
       if ((i & 63) == 63 && std::chrono::steady_clock::now() > until) {
         // Then asleep (a blocking-sync event, without a spin) on an event
         // after everything enqueued so far; a fault shows here.

@@ -20,6 +20,7 @@
 #include "schema/codec.h"
 #include "util/fd.h"
 #include "util/mutex.h"
+#include "util/cpu_relax.h"
 #include "util/sealed_memfd.h"
 #include "util/sha256.h"
 #include "util/shm_ring.h"
@@ -145,6 +146,10 @@ class SessionHost::Impl {
     // (the common case: a loop) finds it without hashing its source.
     schema::KernelSpec last_spec;
     std::shared_ptr<SessionKernel> last_kernel;
+    // A launch's arguments as the driver takes them, kept between launches
+    // so that a launch allocates nothing.
+    std::vector<uint64_t> slots;
+    std::vector<void*> params;
     uint32_t last_ref = 0;
     // Kernels by the handles their launches' answers gave (handle - 1), and
     // the handle of each kernel's key: a later launch names one by handle.
@@ -610,7 +615,10 @@ void SessionHost::Impl::Serve(Session* sp) {
     // Spinning (for --spin-us after a request): the socket (Read, above)
     // and the GPU (Complete) in turn, one system call a turn.
     const bool spinning = opt_.spin.count() > 0 && Clock::now() < spin_until;
-    if (spinning && !s.out.pending()) continue;
+    if (spinning && !s.out.pending()) {
+      CpuRelax();
+      continue;
+    }
     if (s.in.valid()) {
       // Rings: wait for the work ahead, for room for the answers, or for a
       // request; the socket only says whether the client is still there.
@@ -980,8 +988,10 @@ void SessionHost::Impl::Launch(Session& s, SessionMessage& m) {
     s.last_ref = ref;
   }
   if (Status c = device_->CheckLaunch(**kernel, m.launch); !c.ok()) return Answer(s, m.rid, c);
-  std::vector<uint64_t> slots(m.args.size());
-  std::vector<void*> params(m.args.size());
+  std::vector<uint64_t>& slots = s.slots;
+  std::vector<void*>& params = s.params;
+  slots.resize(m.args.size());
+  params.resize(m.args.size());
   for (size_t i = 0; i < m.args.size(); ++i) {
     const schema::Arg& a = m.args[i];
     params[i] = &slots[i];

@@ -2,7 +2,8 @@
 // The first byte picks the decoders and the payload frame sizes; the rest is
 // the header frame. A decoder must return a Status for any input, never
 // crash, leak, hang or read out of bounds; what decodes must re-encode and
-// decode to the same message.
+// decode to the same message; a session message's fast path must answer as
+// its general decoder does.
 #include <cstddef>
 #include <cstdint>
 #include <cstdlib>
@@ -70,6 +71,12 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
           return DecodeSessionMessage(h, l, 1u << 20, m);
         },
         EncodeSessionMessage);
+    // Its fast path for launches by handle answers as the general decoder.
+    SessionMessage fast, slow;
+    const gpuq::Status f = DecodeSessionMessage(header, Limits{}, 1u << 20, &fast);
+    const gpuq::Status s = DecodeSessionMessageSlowly(header, Limits{}, 1u << 20, &slow);
+    if (f.code() != s.code() || f.message() != s.message()) std::abort();
+    if (s.ok() ? !(fast == slow) : fast.rid != slow.rid || fast.op != slow.op) std::abort();
   }
   (void)PeekBool(header, "local_out");
   return 0;
