@@ -8,6 +8,7 @@
 
 #include <set>
 
+#include "util/cpu_relax.h"
 #include "util/plain_file.h"
 
 namespace gpuq::broker {
@@ -87,6 +88,7 @@ void StoreThread::Loop() {
       while (!has_work_.load(std::memory_order_acquire) &&
              (std::chrono::steady_clock::now() < until ||
               busy_.load(std::memory_order_relaxed))) {
+        CpuRelax();
       }
     }
     std::vector<std::unique_ptr<Batch>> work;

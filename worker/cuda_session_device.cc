@@ -1,6 +1,8 @@
 #include "worker/cuda_session_device.h"
 
 #include <cstring>
+#include <functional>
+#include <map>
 #include <vector>
 
 #include "util/cpu_relax.h"
@@ -50,6 +52,23 @@ class CudaMark : public SessionMark {
   Event end_, start_;
 };
 
+// A write's or a read's bytes in page-locked memory from its stream's pool,
+// back to the pool when it goes.
+class PinnedStaging : public SessionStaging {
+ public:
+  using Release = std::function<void(char*, uint64_t)>;
+  PinnedStaging(char* block, uint64_t block_bytes, uint64_t size, Release release)
+      : block_bytes_(block_bytes), release_(std::move(release)) {
+    data_ = block;
+    size_ = size;
+  }
+  ~PinnedStaging() override { release_(data_, block_bytes_); }
+
+ private:
+  uint64_t block_bytes_;
+  Release release_;
+};
+
 class CudaStream : public SessionStream {
  public:
   CudaStream(const CudaDriver& cu, CUcontext ctx, CUstream s, std::chrono::microseconds spin)
@@ -66,7 +85,44 @@ class CudaStream : public SessionStream {
     }
     if (registered_) (void)cu_.cuMemHostUnregister(registered_);
     if (own_word_) (void)cu_.cuMemFreeHost(own_word_);
+    {
+      MutexLock lock(&mu_);
+      for (auto& [bytes, blocks] : staging_free_) {
+        for (char* b : blocks) (void)cu_.cuMemFreeHost(b);
+      }
+    }
     (void)cu_.cuStreamDestroy(stream_);
+  }
+
+  // Blocks of 4 KiB to 1 MiB (powers of two) kept for reuse, up to
+  // kStagingCap bytes in all; none for larger sizes or past the cap (the
+  // driver stages those, as it always did).
+  std::unique_ptr<SessionStaging> Staging(uint64_t size) override {
+    static constexpr uint64_t kLargest = 1u << 20, kStagingCap = 16u << 20;
+    if (size == 0 || size > kLargest) return nullptr;
+    uint64_t bytes = 4096;
+    while (bytes < size) bytes <<= 1;
+    char* block = nullptr;
+    {
+      MutexLock lock(&mu_);
+      auto& free = staging_free_[bytes];
+      if (!free.empty()) {
+        block = free.back();
+        free.pop_back();
+      } else if (staging_held_ + bytes <= kStagingCap) {
+        Current();
+        void* p = nullptr;
+        if (cu_.cuMemHostAlloc(&p, bytes, CU_MEMHOSTALLOC_PORTABLE) == CUDA_SUCCESS) {
+          block = static_cast<char*>(p);
+          staging_held_ += bytes;
+        }
+      }
+    }
+    if (!block) return nullptr;
+    return std::make_unique<PinnedStaging>(block, bytes, size, [this](char* b, uint64_t n) {
+      MutexLock lock(&mu_);
+      staging_free_[n].push_back(b);
+    });
   }
 
   // The stream's own end word, until UseEndWord moves it.
@@ -259,6 +315,8 @@ class CudaStream : public SessionStream {
   CUdeviceptr word_dev_ = 0;
   Mutex mu_;
   std::vector<CUevent> timed_ GUARDED_BY(mu_), waited_ GUARDED_BY(mu_);
+  std::map<uint64_t, std::vector<char*>> staging_free_ GUARDED_BY(mu_);  // by block size
+  uint64_t staging_held_ GUARDED_BY(mu_) = 0;
 };
 
 // A mapping page-locked for the device (cuMemHostRegister), unlocked when it

@@ -22,6 +22,7 @@
 
 #include "schema/codec.h"
 #include "schema/filename.h"
+#include "util/cpu_relax.h"
 #include "util/file_io.h"
 #include "util/plain_file.h"
 #include "util/sha256.h"
@@ -496,11 +497,7 @@ void GpuWorker::Impl::ExecutorLoop(int index) {
       // One executor waits for the next job awake, so that a job arriving
       // soon starts without a futex wake-up.
       const auto until = Clock::now() + opt_.spin;
-      while (queued_.load(std::memory_order_relaxed) == 0 && Clock::now() < until) {
-#if defined(__x86_64__)
-        __builtin_ia32_pause();
-#endif
-      }
+      while (queued_.load(std::memory_order_relaxed) == 0 && Clock::now() < until) CpuRelax();
       spinning_.store(false);
     }
     {

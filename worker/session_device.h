@@ -27,6 +27,19 @@ class SessionKernel {
   virtual ~SessionKernel() = default;
 };
 
+// Host memory for the bytes of one write or read, until this goes: from
+// SessionStream::Staging.
+class SessionStaging {
+ public:
+  virtual ~SessionStaging() = default;
+  char* data() { return data_; }
+  uint64_t size() const { return size_; }
+
+ protected:
+  char* data_ = nullptr;
+  uint64_t size_ = 0;
+};
+
 class SessionStream {
  public:
   virtual ~SessionStream() = default;
@@ -68,6 +81,12 @@ class SessionStream {
   // other host memory is copied through staging before the call returns.
   virtual Status CopyIn(uint64_t dst, const void* src, uint64_t size) = 0;
   virtual Status CopyOut(void* dst, uint64_t src, uint64_t size) = 0;
+  // `size` bytes of host memory pinned for the device, for a write's or a
+  // read's bytes (so that CopyIn and CopyOut of them are DMAs the stream
+  // runs in order, not staged copies the call waits for); null where the
+  // stream has none to give (its bytes are staged as other memory's are).
+  // Destroyed on the stream's thread, before the stream.
+  virtual std::unique_ptr<SessionStaging> Staging(uint64_t) { return nullptr; }
 };
 
 // Host memory pinned (page-locked) for the device, until this goes.

@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <cstring>
 #include <deque>
 #include <map>
 #include <optional>
@@ -102,8 +103,11 @@ class SessionHost::Impl {
     std::unique_ptr<SessionMark> mark;
     bool refused = false;
     std::shared_ptr<const void> hold;  // an attached region its copy uses
+    // A write's bytes until the copy has run; a read's until answered: in
+    // the stream's pinned memory where it has some, else here.
+    std::unique_ptr<SessionStaging> staged;
     std::string keep;
-    std::unique_ptr<std::string> read;
+    bool read = false;
   };
   struct Buffer {
     uint64_t ptr = 0, size = 0;
@@ -755,7 +759,8 @@ bool SessionHost::Impl::Complete(Session& s, bool wait) {
       if (!s.stream->Reached(static_cast<uint32_t>(e.seq))) s.done_through = through;
     }
     if (e.mark) e.reply.kernel_ns = s.stream->Elapsed(*e.mark);
-    if (e.read) e.reply.data = std::move(*e.read);
+    if (e.read && e.staged) e.reply.data.assign(e.staged->data(), e.staged->size());
+    if (e.read && !e.staged) e.reply.data = std::move(e.keep);
     if (faulted_.load()) return false;
     s.out.Push(schema::EncodeSessionMessage(e.reply));
     if (e.refused) --s.refused;
@@ -852,9 +857,16 @@ void SessionHost::Impl::Handle(Session& s, SessionMessage& m) {
       auto b = buffer(m.buffer, m.offset, m.data.size());
       if (!b.ok()) return Answer(s, rid, b.status());
       Entry e;
-      e.keep = std::move(m.data);
-      if (Status w = s.stream->CopyIn(b->ptr + m.offset, e.keep.data(), e.keep.size());
-          !w.ok()) {
+      const uint64_t n = m.data.size();
+      const char* bytes = nullptr;
+      if ((e.staged = s.stream->Staging(n))) {
+        std::memcpy(e.staged->data(), m.data.data(), m.data.size());
+        bytes = e.staged->data();
+      } else {
+        e.keep = std::move(m.data);
+        bytes = e.keep.data();
+      }
+      if (Status w = s.stream->CopyIn(b->ptr + m.offset, bytes, n); !w.ok()) {
         return Answer(s, rid, w);
       }
       Done(s, rid, std::move(e));
@@ -870,9 +882,15 @@ void SessionHost::Impl::Handle(Session& s, SessionMessage& m) {
       auto b = buffer(m.buffer, m.offset, m.size);
       if (!b.ok()) return Answer(s, rid, b.status());
       Entry e;
-      e.read = std::make_unique<std::string>(m.size, '\0');
-      if (Status r = s.stream->CopyOut(e.read->data(), b->ptr + m.offset, e.read->size());
-          !r.ok()) {
+      e.read = true;
+      char* bytes = nullptr;
+      if ((e.staged = s.stream->Staging(m.size))) {
+        bytes = e.staged->data();
+      } else {
+        e.keep.assign(m.size, '\0');
+        bytes = e.keep.data();
+      }
+      if (Status r = s.stream->CopyOut(bytes, b->ptr + m.offset, m.size); !r.ok()) {
         return Answer(s, rid, r);
       }
       Done(s, rid, std::move(e));
@@ -1084,7 +1102,8 @@ void SessionHost::Impl::Reap() {
       // Its work is done: its memory goes back, in stream order.
       for (auto& [h, b] : s.buffers) s.stream->Free(b.ptr);
       s.buffers.clear();
-      s.stream.reset();  // after its work has ended
+      s.pending.clear();  // what they hold of the stream goes before it
+      s.stream.reset();   // after its work has ended
     }
     Code code;
     std::string why;
