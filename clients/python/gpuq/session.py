@@ -15,7 +15,7 @@ import select
 import socket
 import struct
 import time
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import numpy.typing as npt
@@ -48,6 +48,10 @@ class Session:
         self._rid = 0
         self._buf = bytearray()
         self._early: Dict[int, Header] = {}
+        # Kernels by the handle the session's answer to their first launch
+        # gave (PROTOCOL.md, "Sessions"): later launches name them by it.
+        self._kernels: Dict[Tuple[Any, ...], int] = {}
+        self._naming: Dict[int, Tuple[Any, ...]] = {}  # rid of a launch by source
         self._lost: Optional[Error] = None
         self._closed = False
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
@@ -117,6 +121,9 @@ class Session:
                 self._lose(Error(m.get("code", "session_lost"), m.get("error", "")))
                 return
             self._early[m["rid"]] = m
+            key = self._naming.pop(m["rid"], None)
+            if key is not None and m.get("op") == "done" and "kernel" in m:
+                self._kernels[key] = int(m["kernel"])
         if not chunk:
             self._lose(Error("session_lost", "the session's process ended (a kernel fault or a "
                                              "kill there ends its tenant's sessions on that "
@@ -239,13 +246,20 @@ class Session:
         scalars (gpuq.u32(...), gpuq.f32(...)) and gpuq.Buf(handle, offset)
         of this session's buffers. timed=False: no CUDA events, and wait()
         gives 0."""
-        m: Header = {"op": "launch", "src": source, "entry": entry}
-        if name_expression:
-            m["expr"] = True
-        if options:
-            m["opts"] = list(options)
-        if headers:
-            m["headers"] = [[k, v] for k, v in headers.items()]
+        key = (source, entry, bool(name_expression), tuple(options or ()),
+               tuple((headers or {}).items()))
+        handle = self._kernels.get(key)
+        m: Header = {"op": "launch"}
+        if handle is not None:
+            m["kernel"] = handle
+        else:
+            m.update(src=source, entry=entry)
+            if name_expression:
+                m["expr"] = True
+            if options:
+                m["opts"] = list(options)
+            if headers:
+                m["headers"] = [[k, v] for k, v in headers.items()]
         m["grid"] = _dim3(grid)
         m["block"] = _dim3(block)
         if shared:
@@ -253,7 +267,10 @@ class Session:
         m["args"] = launch_args(args, "", "the session's buffers (by handle)")
         if not timed:
             m["untimed"] = True
-        return self._send(m)
+        rid = self._send(m)
+        if handle is None:
+            self._naming[rid] = key
+        return rid
 
     def wait(self, ticket: int) -> int:
         """The end of the launch of `ticket`: its time on the GPU, in ns (0

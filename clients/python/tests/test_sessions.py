@@ -138,6 +138,26 @@ def test_a_kernel_is_named_by_the_handle_its_first_launch_gave(service):
         assert (s.read(a, 64) == 6).all()
 
 
+def test_the_client_names_a_kernel_by_its_handle_after_its_first_launch(service):
+    local(service)
+    with gpuq.Client(service.client_endpoint) as c, c.session() as s:
+        a = s.alloc(64)
+        sent = []
+        write = s._write
+        s._write = lambda m: (sent.append(m), write(m))[1]
+        args = [gpuq.Buf(a), gpuq.u32(64), gpuq.u32(1)]
+        for _ in range(3):
+            s.launch(KERNELS, "inc", 1, 64, args)
+        s.launch(KERNELS, "inc", 1, 64, args, options=["-default-device"])
+        s.launch(KERNELS, "inc", 1, 64, args, options=["-default-device"], timed=False)
+        launches = [m for m in sent if m["op"] == "launch"]
+        assert ["src" in m for m in launches] == [True, False, False, True, False]
+        assert [m.get("kernel") for m in launches][1:3] == [launches[1]["kernel"]] * 2
+        assert launches[4]["kernel"] != launches[1]["kernel"], "other options, other kernel"
+        assert all("entry" not in m and "opts" not in m for m in launches if "kernel" in m)
+        assert (s.read(a, 64) == 5).all()
+
+
 def test_an_attached_region_moves_bytes_to_and_from_buffers(service):
     local(service)
     with gpuq.Client(service.client_endpoint) as c, c.session() as s, \
