@@ -2135,6 +2135,16 @@ namespace {
 
 // `framed`: the frame's 4-byte length first (PROTOCOL.md, "Sessions"),
 // written in place rather than by copying the message behind it.
+// A session message's bytes; `framed`: with the 4 bytes the encoder left at
+// the front set to the message's length (little-endian), as on the channel.
+std::string Framed(StringBuffer& buf, bool framed) {
+  if (framed) {
+    const uint32_t n = static_cast<uint32_t>(buf.bytes.size() - 4);
+    for (int i = 0; i < 4; ++i) buf.bytes[i] = static_cast<char>(n >> (8 * i));
+  }
+  return Take(buf);
+}
+
 // A launch that names its kernel by handle, the message a session's client
 // sends most: the fields a launch carries, without asking of each of the
 // others whether a launch carries it.
@@ -2150,11 +2160,7 @@ std::string EncodeLaunchByHandle(const SessionMessage& m, bool framed) {
   w.Field("args", true, [&] { PackArgs(p, m.args); })
       .Field("untimed", m.untimed, [&] { p.pack_true(); });
   w.Write();
-  if (framed) {
-    const uint32_t n = static_cast<uint32_t>(buf.bytes.size() - 4);
-    for (int i = 0; i < 4; ++i) buf.bytes[i] = static_cast<char>(n >> (8 * i));
-  }
-  return Take(buf);
+  return Framed(buf, framed);
 }
 
 // The answer of a request that carries nothing back but its rid (and a
@@ -2169,11 +2175,7 @@ std::string EncodePlainDone(const SessionMessage& m, bool framed) {
       .Field("kernel_ns", m.kernel_ns != 0, [&] { p.pack_uint64(m.kernel_ns); })
       .Field("kernel", m.kernel_ref != 0, [&] { p.pack_uint32(m.kernel_ref); });
   w.Write();
-  if (framed) {
-    const uint32_t n = static_cast<uint32_t>(buf.bytes.size() - 4);
-    for (int i = 0; i < 4; ++i) buf.bytes[i] = static_cast<char>(n >> (8 * i));
-  }
-  return Take(buf);
+  return Framed(buf, framed);
 }
 
 std::string EncodeSession(const SessionMessage& m, bool framed, bool fast = true) {
@@ -2238,11 +2240,7 @@ std::string EncodeSession(const SessionMessage& m, bool framed, bool fast = true
       .Field("error", has("error") && (failed || m.op == SessionOp::kEnded),
              [&] { PackStr(p, m.error); });
   w.Write();
-  if (framed) {
-    const uint32_t n = static_cast<uint32_t>(buf.bytes.size() - 4);
-    for (int i = 0; i < 4; ++i) buf.bytes[i] = static_cast<char>(n >> (8 * i));
-  }
-  return Take(buf);
+  return Framed(buf, framed);
 }
 
 }  // namespace
