@@ -2560,7 +2560,10 @@ bool DecodeLaunchByHandle(std::string_view bytes, const Limits& limits, SessionM
   uint32_t kernel = 0;
   LaunchSpec launch;
   bool untimed = false;
-  std::vector<Arg> args = std::move(out->args);
+  // Decoded here, so that a message it leaves to the general decoder finds
+  // `out` as it was; the two vectors' capacity is reused, turn by turn.
+  thread_local std::vector<Arg> spare;
+  std::vector<Arg>& args = spare;
   args.clear();
   // One bit per field seen: op, rid, kernel, grid, block, shared, args, untimed.
   unsigned seen = 0;
@@ -2603,16 +2606,17 @@ bool DecodeLaunchByHandle(std::string_view bytes, const Limits& limits, SessionM
   // op, rid, kernel, grid, block and args are needed; nothing may follow.
   if (!ok || (seen & 0x5f) != 0x5f || !in.done() || !CheckLaunch(launch).ok() ||
       !CheckShared(launch).ok()) {
-    out->args = std::move(args);
     return false;
   }
+  std::vector<Arg> previous = std::move(out->args);
   *out = SessionMessage{};
   out->op = SessionOp::kLaunch;
   out->rid = rid;
   out->kernel_ref = kernel;
   out->launch = launch;
   out->untimed = untimed;
-  out->args = std::move(args);
+  out->args.swap(args);
+  spare = std::move(previous);
   return true;
 }
 

@@ -95,10 +95,11 @@ class CudaStream : public SessionStream {
   }
 
   // Blocks of 4 KiB to 1 MiB (powers of two) kept for reuse, up to
-  // kStagingCap bytes in all; none for larger sizes or past the cap (the
+  // kStagingCap bytes of page-locked host memory per session in all (they
+  // go with the session); none for larger sizes or past the cap (the
   // driver stages those, as it always did).
   std::unique_ptr<SessionStaging> Staging(uint64_t size) override {
-    static constexpr uint64_t kLargest = 1u << 20, kStagingCap = 16u << 20;
+    static constexpr uint64_t kLargest = 1u << 20, kStagingCap = 8u << 20;
     if (size == 0 || size > kLargest) return nullptr;
     uint64_t bytes = 4096;
     while (bytes < size) bytes <<= 1;

@@ -95,18 +95,21 @@ class SessionHost::Impl {
 
  private:
   // A request whose answer waits for the stream's end word to reach `seq`
-  // (its rid; 0: nothing to wait for): a read's bytes come from `read`; a
-  // write's bytes are kept until then; a timed launch's time from `mark`.
+  // (its rid; 0: nothing to wait for): a read's bytes come from `staged`
+  // or `unstaged`; a write's bytes are kept until then; a timed launch's
+  // time from `mark`.
   struct Entry {
     SessionMessage reply;
     uint64_t seq = 0;
     std::unique_ptr<SessionMark> mark;
     bool refused = false;
     std::shared_ptr<const void> hold;  // an attached region its copy uses
-    // A write's bytes until the copy has run; a read's until answered: in
-    // the stream's pinned memory where it has some, else here.
+    // A write's bytes until the copy has run, a read's until answered: in
+    // the stream's page-locked memory where it has some to give, else on
+    // the heap (whose copies the driver stages before CopyIn or CopyOut
+    // returns; the heap keeps their address while the entry moves).
     std::unique_ptr<SessionStaging> staged;
-    std::string keep;
+    std::unique_ptr<std::string> unstaged;
     bool read = false;
   };
   struct Buffer {
@@ -760,7 +763,7 @@ bool SessionHost::Impl::Complete(Session& s, bool wait) {
     }
     if (e.mark) e.reply.kernel_ns = s.stream->Elapsed(*e.mark);
     if (e.read && e.staged) e.reply.data.assign(e.staged->data(), e.staged->size());
-    if (e.read && !e.staged) e.reply.data = std::move(e.keep);
+    if (e.read && e.unstaged) e.reply.data = std::move(*e.unstaged);
     if (faulted_.load()) return false;
     s.out.Push(schema::EncodeSessionMessage(e.reply));
     if (e.refused) --s.refused;
@@ -863,8 +866,8 @@ void SessionHost::Impl::Handle(Session& s, SessionMessage& m) {
         std::memcpy(e.staged->data(), m.data.data(), m.data.size());
         bytes = e.staged->data();
       } else {
-        e.keep = std::move(m.data);
-        bytes = e.keep.data();
+        e.unstaged = std::make_unique<std::string>(std::move(m.data));
+        bytes = e.unstaged->data();
       }
       if (Status w = s.stream->CopyIn(b->ptr + m.offset, bytes, n); !w.ok()) {
         return Answer(s, rid, w);
@@ -887,8 +890,8 @@ void SessionHost::Impl::Handle(Session& s, SessionMessage& m) {
       if ((e.staged = s.stream->Staging(m.size))) {
         bytes = e.staged->data();
       } else {
-        e.keep.assign(m.size, '\0');
-        bytes = e.keep.data();
+        e.unstaged = std::make_unique<std::string>(m.size, '\0');
+        bytes = e.unstaged->data();
       }
       if (Status r = s.stream->CopyOut(bytes, b->ptr + m.offset, m.size); !r.ok()) {
         return Answer(s, rid, r);

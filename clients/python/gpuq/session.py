@@ -70,6 +70,7 @@ class Session:
     def _lose(self, e: Error) -> Error:
         if self._lost is None:
             self._lost = e
+        self._naming.clear()
         if self._sock is not None:
             self._sock.close()
             self._sock = None
@@ -246,7 +247,8 @@ class Session:
         scalars (gpuq.u32(...), gpuq.f32(...)) and gpuq.Buf(handle, offset)
         of this session's buffers. timed=False: no CUDA events, and wait()
         gives 0."""
-        key = (source, entry, bool(name_expression), tuple(options or ()),
+        options = list(options or [])
+        key = (source, entry, bool(name_expression), tuple(options),
                tuple((headers or {}).items()))
         handle = self._kernels.get(key)
         m: Header = {"op": "launch"}
