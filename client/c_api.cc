@@ -453,6 +453,10 @@ gpuq_code gpuq_session_attach(gpuq_session* session, const gpuq_region* region,
   *handle = *h;
   return GPUQ_OK;
 }
+gpuq_code gpuq_session_detach(gpuq_session* session, uint32_t handle) {
+  gpuq::Status s = session->session->Detach(handle);
+  return s.ok() ? GPUQ_OK : SessionFail(session, s);
+}
 gpuq_code gpuq_session_write_from(gpuq_session* session, uint32_t buffer, uint64_t offset,
                                   uint32_t handle, uint64_t region_offset, uint64_t size) {
   gpuq::Status s = session->session->WriteFrom(buffer, offset, handle, region_offset, size);

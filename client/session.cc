@@ -487,6 +487,13 @@ Status Session::ReadInto(uint32_t buffer, uint64_t offset, uint64_t size, uint32
   return Wait(t).status();
 }
 
+Status Session::Detach(uint32_t region) {
+  SessionMessage m;
+  m.op = SessionOp::kDetach;
+  m.region = region;
+  return impl_->Call(std::move(m)).status();
+}
+
 Status Session::Close() {
   if (impl_->closed) return Status::Ok();
   if (!impl_->fd.valid()) return impl_->lost;

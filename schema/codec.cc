@@ -30,7 +30,7 @@ constexpr std::string_view kReplyOpNames[] = {"accepted", "error",   "status",
 constexpr std::string_view kSessionOpNames[] = {
     "hello", "alloc", "free", "write",  "read",  "copy",   "fill",    "launch", "close",
     "done",  "error", "open", "end",    "module", "opened", "ended", "compile", "usage",
-    "attach"};
+    "attach", "detach"};
 constexpr std::string_view kWorkerOpNames[] = {"ready", "result", "heartbeat",
                                                "disconnect"};
 constexpr std::string_view kBrokerOpNames[] = {"job", "heartbeat", "disconnect",
@@ -2113,6 +2113,7 @@ const ReplyFields& FieldsOf(SessionOp op) {
       /*compile*/ {{"rid", "src", "entry"}, {"expr", "opts", "headers"}},
       /*usage*/ {{"session", "size"}, {}},
       /*attach*/ {{"protocol", "session", "token", "size"}, {}},
+      /*detach*/ {{"rid", "region"}, {}},
   };
   return kFields[static_cast<size_t>(op)];
 }

@@ -280,6 +280,9 @@ enum class SessionOp : uint8_t {
   // client to session process, the first message of a connection of its
   // own: a region's memfd (SCM_RIGHTS) to attach; done carries `region`
   kAttach,  // protocol, session, token, size
+  // client to session process: the region goes once the copies that use it
+  // are answered
+  kDetach,  // rid, region
 };
 std::string_view SessionOpName(SessionOp op);
 

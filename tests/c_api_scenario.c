@@ -441,6 +441,10 @@ int gpuq_c_api_session_scenario(const char* endpoint, char* why, size_t why_size
   for (i = 0; i < 16; ++i) CHECK(bytes[i] == 3 * i, "byte %u after write_from", (unsigned)i);
   code = gpuq_session_write_from(s, buf, 0, handle, 4090, 16);
   CHECK(code == GPUQ_INVALID, "past the region: %s", gpuq_code_name(code));
+  code = gpuq_session_detach(s, handle);
+  CHECK(code == GPUQ_OK, "detach: %s", gpuq_session_error(s));
+  code = gpuq_session_write_from(s, buf, 0, handle, 200, 16);
+  CHECK(code == GPUQ_NOT_FOUND, "after detach: %s", gpuq_code_name(code));
   code = gpuq_session_read(s, buf, 8, bytes, 16);
   CHECK(code == GPUQ_INVALID, "a read past the end: %s", gpuq_code_name(code));
   CHECK(strstr(gpuq_session_error(s), "outside buffer") != NULL, "its text: %s",

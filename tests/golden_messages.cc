@@ -738,6 +738,11 @@ std::vector<GoldenMessage> GoldenMessages() {
     m.region = 1;
     g.push_back({"session_done_attach", m, {}});
     m = {};
+    m.op = SessionOp::kDetach;
+    m.rid = 9;
+    m.region = 1;
+    g.push_back({"session_detach", m, {}});
+    m = {};
     m.op = SessionOp::kWrite;
     m.rid = 7;
     m.buffer = 7340033;

@@ -11,6 +11,7 @@
 #include <gtest/gtest.h>
 
 #include <chrono>
+#include <cstring>
 #include <filesystem>
 #include <nlohmann/json.hpp>
 #include <string>
@@ -317,6 +318,21 @@ TEST_F(SessionsTest, AnAttachedRegionsBytesGoToAndFromBuffers) {
   auto got = x.Read(*a, 0, 4);
   ASSERT_TRUE(got.ok());
   EXPECT_EQ((*got)[0], static_cast<char>(4096 * 13 + 2));
+  // Detached: a copy sent before the detach runs; the handle is refused
+  // after it, twice over; and the region's bytes count no longer, so that
+  // another fits.
+  auto before_detach = x.WriteFromAsync(*a, 0, *h, 0, 16);
+  ASSERT_TRUE(before_detach.ok());
+  EXPECT_TRUE(x.Detach(*h).ok());
+  EXPECT_TRUE(x.Wait(*before_detach).ok()) << "sent before the detach";
+  EXPECT_EQ(x.WriteFrom(*a, 0, *h, 0, 16).code(), Code::kNotFound);
+  EXPECT_EQ(x.Detach(*h).code(), Code::kNotFound);
+  EXPECT_EQ(x.Detach(*h + 1000).code(), Code::kNotFound);
+  auto again = x.Attach(**more);
+  ASSERT_TRUE(again.ok()) << again.status().ToString();
+  EXPECT_NE(*again, *h) << "handles are not reused";
+  ASSERT_TRUE(x.ReadInto(*a, 0, 16, *again, 0).ok());
+  EXPECT_EQ(std::memcmp((*more)->data(), mem, 16), 0) << "the bytes copied before the detach";
   ASSERT_TRUE(x.Close().ok());
   EXPECT_EQ(x.Attach(**region).status().code(), Code::kSessionLost);
 }

@@ -845,6 +845,20 @@ void SessionHost::Impl::Handle(Session& s, SessionMessage& m) {
       Usage(s);
       return;
     }
+    case SessionOp::kDetach: {
+      // The region goes when the last copy that uses it is answered (each
+      // holds it); its handle is refused from now on.
+      MutexLock lock(&s.attach_mu);
+      auto it = s.attached.find(m.region);
+      if (it == s.attached.end()) {
+        return Answer(s, rid, Error(Code::kNotFound, "no region " + std::to_string(m.region) +
+                                                         " attached to this session"));
+      }
+      s.attached_bytes -= it->second->size;
+      s.attached.erase(it);
+      Done(s, rid);
+      return;
+    }
     case SessionOp::kFree: {
       auto b = buffer(m.buffer, 0, 0);
       if (!b.ok()) return Answer(s, rid, b.status());

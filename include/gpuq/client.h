@@ -247,8 +247,13 @@ class Session {
   // page-locked by the session's process, so that copies between it and
   // the session's buffers run at the bus's speed and no bytes travel in
   // messages. The handle names it in WriteFrom and ReadInto; it stays
-  // attached while the session lives. The region must outlive the session.
+  // attached until Detach or the session's end. The region must outlive
+  // its attachment.
   StatusOr<uint32_t> Attach(const Region& region);
+  // Ends attached region `region`'s attachment once the copies sent before
+  // this that use it have run; its handle is refused from then on, and it
+  // no longer counts against the session's limits.
+  Status Detach(uint32_t region);
   // Bytes [region_offset, region_offset + size) of attached region
   // `region` into the buffer at `offset`; they must not change until the
   // ticket's Wait returns.

@@ -292,6 +292,9 @@ gpuq_code gpuq_session_launch_untimed(gpuq_session* session, const gpuq_job* lau
  * outlive the session. */
 gpuq_code gpuq_session_attach(gpuq_session* session, const gpuq_region* region,
                               uint32_t* handle);
+/* Ends attached region `handle`'s attachment, once the copies sent before
+ * this that use it have run. */
+gpuq_code gpuq_session_detach(gpuq_session* session, uint32_t handle);
 /* Bytes [region_offset, +size) of attached region `handle` into the buffer
  * at `offset`, copied by the GPU; and the reverse. */
 gpuq_code gpuq_session_write_from(gpuq_session* session, uint32_t buffer, uint64_t offset,

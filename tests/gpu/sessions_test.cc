@@ -225,6 +225,15 @@ TEST_F(SessionsGpuTest, AnAttachedRegionsBytesRoundTripThroughAKernel) {
     const float want = std::fmaf(mem[i], sc, c);
     ASSERT_NEAR(mem[n + i], want, 1e-5f * (1 + std::fabs(want))) << "element " << i;
   }
+  // Detached with a copy in flight: the copy runs, then the region is
+  // unpinned; the session goes on.
+  auto last = s->ReadIntoAsync(*b, 0, 4096, *h, 0);
+  ASSERT_TRUE(last.ok());
+  ASSERT_TRUE(s->Detach(*h).ok());
+  ASSERT_TRUE(s->Wait(*last).ok());
+  EXPECT_EQ(std::memcmp(mem, mem + n, 4096), 0) << "the copy sent before the detach ran";
+  EXPECT_EQ(s->WriteFrom(*b, 0, *h, 0, 16).code(), Code::kNotFound);
+  EXPECT_TRUE(s->Fill(*b, 0, 16, 0).ok());
   EXPECT_TRUE(s->Close().ok());
 }
 

@@ -191,8 +191,8 @@ class Session:
         """Attaches a gpuq.Region (PROTOCOL.md, "Sessions", attach): the
         session's process maps its memory and page-locks it, so that
         write_from() and read_into() copy between it and buffers at the
-        bus's speed, no bytes in messages. Its handle; attached while the
-        session lives (the region must outlive it)."""
+        bus's speed, no bytes in messages. Its handle; attached until
+        detach() or the session's end (the region must outlive that)."""
         fd = getattr(region, "_fd", None)
         if fd is None:
             raise ValueError("the region is closed")
@@ -217,6 +217,11 @@ class Session:
         if m.get("op") == "error":
             raise Error(m.get("code", "internal"), m.get("error", ""))
         return int(m["region"])
+
+    def detach(self, region: int) -> None:
+        """Ends attached region `region`'s attachment, once the copies sent
+        before this that use it have run; its handle is refused from then on."""
+        self._call({"op": "detach", "region": int(region)})
 
     def write_from(self, buffer: int, region: int, nbytes: int, *, offset: int = 0,
                    region_offset: int = 0) -> None:

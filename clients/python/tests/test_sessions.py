@@ -184,6 +184,15 @@ def test_an_attached_region_moves_bytes_to_and_from_buffers(service):
         with pytest.raises(ValueError):
             s.read_into(a, 0, 16)
         assert (mem == before).all(), "nothing changed"
+        # Detached: its handle is refused from then on.
+        s.detach(h)
+        with pytest.raises(gpuq.Error) as e:
+            s.write_from(a, h, 16)
+        assert e.value.code == "not_found"
+        with pytest.raises(gpuq.Error) as e:
+            s.detach(h)
+        assert e.value.code == "not_found"
+        assert (mem == before).all(), "nothing changed"
 
 
 def test_an_attach_needs_the_token_and_a_sealed_memfd(service):
