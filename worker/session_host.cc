@@ -19,9 +19,9 @@
 #include <spdlog/spdlog.h>
 
 #include "schema/codec.h"
+#include "util/cpu_relax.h"
 #include "util/fd.h"
 #include "util/mutex.h"
-#include "util/cpu_relax.h"
 #include "util/sealed_memfd.h"
 #include "util/sha256.h"
 #include "util/shm_ring.h"
@@ -877,7 +877,7 @@ void SessionHost::Impl::Handle(Session& s, SessionMessage& m) {
       const uint64_t n = m.data.size();
       const char* bytes = nullptr;
       if ((e.staged = s.stream->Staging(n))) {
-        std::memcpy(e.staged->data(), m.data.data(), m.data.size());
+        std::memcpy(e.staged->data(), m.data.data(), n);
         bytes = e.staged->data();
       } else {
         e.unstaged = std::make_unique<std::string>(std::move(m.data));

@@ -487,8 +487,7 @@ int Main(int argc, char** argv) {
   const std::string mode = argc == 5 || argc == 6 ? argv[3] : "";
   if (mode != "namespaces" && mode != "landlock") {
     fprintf(stderr,
-            "usage: gpuq-nvrtc MEMORY_BYTES CPU_SECONDS namespaces|landlock "
-            "CUDA_INCLUDE "
+            "usage: gpuq-nvrtc MEMORY_BYTES CPU_SECONDS namespaces|landlock CUDA_INCLUDE "
             "[WARM_UP_ARCH] (run by gpuq only)\n");
     return 2;
   }
