@@ -793,53 +793,64 @@ Status ForEachField(const object& o, std::string_view what,
 
 const Status kUnknownField(Code::kNotFound, "");
 
-Status GetScalar(const object& v, ScalarType t, uint64_t* bits) {
+// A number as msgpack-cxx reads it: POSITIVE_INTEGER (any integer format
+// holding a value >= 0), NEGATIVE_INTEGER, FLOAT32 or FLOAT64, or not one.
+enum class NumKind { kPositive, kNegative, kFloat, kOther };
+
+// The bit pattern of scalar type `t` for a number of `kind` (its value in
+// `u`, `i` or `d`), or why it has none. The one rule for every decoder.
+Status ScalarBits(ScalarType t, NumKind kind, uint64_t u, int64_t i, double d,
+                  uint64_t* bits) {
   std::string_view f = ScalarTypeName(t);
-  switch (t) {
-    case ScalarType::kF32:
-    case ScalarType::kF64: {
-      double d;
-      if (v.type == mt::FLOAT32 || v.type == mt::FLOAT64) {
-        d = v.via.f64;
-      } else if (v.type == mt::POSITIVE_INTEGER) {
-        d = static_cast<double>(v.via.u64);
-      } else if (v.type == mt::NEGATIVE_INTEGER) {
-        d = static_cast<double>(v.via.i64);
-      } else {
-        return Malformed(f, "expected a number");
-      }
-      *bits = t == ScalarType::kF32 ? std::bit_cast<uint32_t>(static_cast<float>(d))
-                                    : std::bit_cast<uint64_t>(d);
-      return Status::Ok();
+  if (t == ScalarType::kF32 || t == ScalarType::kF64) {
+    if (kind == NumKind::kPositive) {
+      d = static_cast<double>(u);
+    } else if (kind == NumKind::kNegative) {
+      d = static_cast<double>(i);
+    } else if (kind != NumKind::kFloat) {
+      return Malformed(f, "expected a number");
     }
-    default:
-      break;
+    *bits = t == ScalarType::kF32
+                ? std::bit_cast<uint32_t>(static_cast<float>(d))
+                : std::bit_cast<uint64_t>(d);
+    return Status::Ok();
   }
   const size_t bytes = ScalarSize(t);
   const bool is_signed = t == ScalarType::kI8 || t == ScalarType::kI16 ||
                          t == ScalarType::kI32 || t == ScalarType::kI64;
   const uint64_t mask = bytes == 8 ? ~uint64_t{0} : (uint64_t{1} << (8 * bytes)) - 1;
-  if (v.type == mt::POSITIVE_INTEGER) {
+  if (kind == NumKind::kPositive) {
     uint64_t max = is_signed ? mask >> 1 : mask;
-    if (v.via.u64 > max) {
+    if (u > max) {
       return Error(Code::kInvalid, "argument value out of range for " + std::string(f));
     }
-    *bits = v.via.u64;
+    *bits = u;
     return Status::Ok();
   }
-  if (v.type == mt::NEGATIVE_INTEGER) {
+  if (kind == NumKind::kNegative) {
     if (!is_signed) {
       return Error(Code::kInvalid, "negative value for unsigned " + std::string(f));
     }
     int64_t min = bytes == 8 ? std::numeric_limits<int64_t>::min()
                              : -(int64_t{1} << (8 * bytes - 1));
-    if (v.via.i64 < min) {
+    if (i < min) {
       return Error(Code::kInvalid, "argument value out of range for " + std::string(f));
     }
-    *bits = static_cast<uint64_t>(v.via.i64) & mask;
+    *bits = static_cast<uint64_t>(i) & mask;
     return Status::Ok();
   }
   return Malformed(f, "expected an integer");
+}
+
+Status GetScalar(const object& v, ScalarType t, uint64_t* bits) {
+  const NumKind kind = v.type == mt::POSITIVE_INTEGER   ? NumKind::kPositive
+                       : v.type == mt::NEGATIVE_INTEGER ? NumKind::kNegative
+                       : v.type == mt::FLOAT32 || v.type == mt::FLOAT64
+                           ? NumKind::kFloat
+                           : NumKind::kOther;
+  return ScalarBits(t, kind, kind == NumKind::kPositive ? v.via.u64 : 0,
+                    kind == NumKind::kNegative ? v.via.i64 : 0,
+                    kind == NumKind::kFloat ? v.via.f64 : 0, bits);
 }
 
 Status GetArg(const object& o, const Limits& limits, Arg* out) {
@@ -2402,19 +2413,17 @@ class FastReader {
     return true;
   }
 
-  // What msgpack-cxx makes of a number: POSITIVE_INTEGER (any integer
-  // format holding a value >= 0), NEGATIVE_INTEGER, FLOAT32 or FLOAT64.
-  enum class Num { kPositive, kNegative, kFloat };
-  bool Number(Num* kind, uint64_t* u, int64_t* i, double* d) {
+  // A number, of the kind msgpack-cxx would make of it.
+  bool Number(NumKind* kind, uint64_t* u, int64_t* i, double* d) {
     if (p_ == end_) return false;
     const uint8_t t = *p_++;
     if (t <= 0x7f) {
-      *kind = Num::kPositive;
+      *kind = NumKind::kPositive;
       *u = t;
       return true;
     }
     if (t >= 0xe0) {
-      *kind = Num::kNegative;
+      *kind = NumKind::kNegative;
       *i = static_cast<int8_t>(t);
       return true;
     }
@@ -2422,7 +2431,7 @@ class FastReader {
     switch (t) {
       case 0xcc: case 0xcd: case 0xce: case 0xcf:
         if (!Big(size_t{1} << (t - 0xcc), &v)) return false;
-        *kind = Num::kPositive;
+        *kind = NumKind::kPositive;
         *u = v;
         return true;
       case 0xd0: case 0xd1: case 0xd2: case 0xd3: {
@@ -2431,22 +2440,22 @@ class FastReader {
         const int64_t x = n == 8 ? static_cast<int64_t>(v)
                                  : static_cast<int64_t>(v << (64 - 8 * n)) >> (64 - 8 * n);
         if (x >= 0) {
-          *kind = Num::kPositive;
+          *kind = NumKind::kPositive;
           *u = static_cast<uint64_t>(x);
         } else {
-          *kind = Num::kNegative;
+          *kind = NumKind::kNegative;
           *i = x;
         }
         return true;
       }
       case 0xca:
         if (!Big(4, &v)) return false;
-        *kind = Num::kFloat;
+        *kind = NumKind::kFloat;
         *d = std::bit_cast<float>(static_cast<uint32_t>(v));
         return true;
       case 0xcb:
         if (!Big(8, &v)) return false;
-        *kind = Num::kFloat;
+        *kind = NumKind::kFloat;
         *d = std::bit_cast<double>(v);
         return true;
       default:
@@ -2455,11 +2464,12 @@ class FastReader {
   }
 
   bool Uint(uint64_t max, uint64_t* out) {
-    Num kind;
+    NumKind kind;
     uint64_t u = 0;
     int64_t i = 0;
     double d = 0;
-    if (!Number(&kind, &u, &i, &d) || kind != Num::kPositive || u > max) return false;
+    if (!Number(&kind, &u, &i, &d) || kind != NumKind::kPositive || u > max)
+      return false;
     *out = u;
     return true;
   }
@@ -2521,36 +2531,12 @@ bool FastArg(FastReader& in, Arg* a) {
     return in.U(&a->buffer);
   }
   if (!Lookup(kScalarNames, t, &a->type)) return false;
-  FastReader::Num kind;
+  NumKind kind;
   uint64_t u = 0;
   int64_t i = 0;
   double d = 0;
-  if (!in.Number(&kind, &u, &i, &d)) return false;
-  const ScalarType st = a->type;
-  if (st == ScalarType::kF32 || st == ScalarType::kF64) {
-    if (kind == FastReader::Num::kPositive) d = static_cast<double>(u);
-    if (kind == FastReader::Num::kNegative) d = static_cast<double>(i);
-    a->bits = st == ScalarType::kF32 ? std::bit_cast<uint32_t>(static_cast<float>(d))
-                                     : std::bit_cast<uint64_t>(d);
-    return true;
-  }
-  const size_t bytes = ScalarSize(st);
-  const bool is_signed = st == ScalarType::kI8 || st == ScalarType::kI16 ||
-                         st == ScalarType::kI32 || st == ScalarType::kI64;
-  const uint64_t mask = bytes == 8 ? ~uint64_t{0} : (uint64_t{1} << (8 * bytes)) - 1;
-  if (kind == FastReader::Num::kPositive) {
-    if (u > (is_signed ? mask >> 1 : mask)) return false;
-    a->bits = u;
-    return true;
-  }
-  if (kind == FastReader::Num::kNegative && is_signed) {
-    const int64_t min = bytes == 8 ? std::numeric_limits<int64_t>::min()
-                                   : -(int64_t{1} << (8 * bytes - 1));
-    if (i < min) return false;
-    a->bits = static_cast<uint64_t>(i) & mask;
-    return true;
-  }
-  return false;
+  return in.Number(&kind, &u, &i, &d) &&
+         ScalarBits(a->type, kind, u, i, d, &a->bits).ok();
 }
 
 bool DecodeLaunchByHandle(std::string_view bytes, const Limits& limits, SessionMessage* out) {
