@@ -1,6 +1,6 @@
 // Session benchmark (PROTOCOL.md, "Sessions"): a client of the GPU's host
 // and its session's process, through gpuqd with one real gpuq-worker.
-//   gpuq-bench-session [--spin-us N] [--iterations N]
+//   gpuq-bench-session [--spin-us N] [--iterations N] [--session-limit-ms N]
 // Prints, p50 / p99 over N after a warm-up:
 //   empty: an empty kernel launched and its end known by the client;
 //   saxpy: write 2 x 4 KB, launch saxpy, read 4 KB;
@@ -75,6 +75,10 @@ int main(int argc, char** argv) {
   app.add_option("--spin-us", spin_us,
                  "gpuqd's --spin-us (its session processes poll that long) and the client's");
   app.add_option("--iterations", iterations, "Samples per figure");
+  int64_t limit_ms = -1;
+  app.add_option("--session-limit-ms", limit_ms,
+                 "gpuqd's --session-time-limit-ms (0: launches run without a limit, so without "
+                 "the watchdog's write after each); default: gpuqd's");
   bool fake = false;
   app.add_flag("--fake", fake,
                "The test doubles' worker and session device (no GPU): the path's own cost");
@@ -94,6 +98,9 @@ int main(int argc, char** argv) {
                                      "--log-level", "warn", "--spin-us", std::to_string(spin_us)};
     if (fake) {
       args.insert(args.end(), {"--session-bin", Beside("gpuq-fake-session")});
+    }
+    if (limit_ms >= 0) {
+      args.insert(args.end(), {"--session-time-limit-ms", std::to_string(limit_ms)});
     }
     std::vector<char*> a;
     for (auto& s : args) a.push_back(s.data());
@@ -237,8 +244,9 @@ int main(int argc, char** argv) {
   const auto timed = measure(true), untimed = measure(false);
   if (!timed || !untimed) return cleanup(1);
 
-  printf("gpuq sessions, client on the GPU's host, --spin-us %d (%s)\n\n", spin_us,
-         spin_us ? "both sides poll" : "threads sleep");
+  printf("gpuq sessions, client on the GPU's host, --spin-us %d (%s), launch run-time limit %s\n\n",
+         spin_us, spin_us ? "both sides poll" : "threads sleep",
+         limit_ms < 0 ? "gpuqd's default" : limit_ms == 0 ? "none" : "set");
   printf("| | timed launches, p50 | p99 | untimed, p50 | p99 |\n|---|---|---|---|---|\n");
   printf("| empty kernel, launch to end known by the client | %.1f µs | %.1f µs | %.1f µs | "
          "%.1f µs |\n",

@@ -86,7 +86,7 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--max-queued-bytes", o.max_queued_bytes, "Input bytes held at most")
       ->capture_default_str();
-  app.add_option("--time-limit-ms", o.default_time_limit_ms, "Default run-time limit of a job")
+  app.add_option("--time-limit-ms", o.default_time_limit_ms, "Default run-time limit of a job, and of a session's launch")
       ->capture_default_str();
   app.add_option("--retention-s", retention_s, "How long results stay fetchable")
       ->capture_default_str();
@@ -147,6 +147,11 @@ int main(int argc, char** argv) {
   app.add_option("--session-attach-mb", o.sessions.max_attach_mb,
                  "Host memory (regions) a session may attach, page-locked while attached")
       ->capture_default_str();
+  int64_t session_limit_ms = -1;
+  app.add_option("--session-time-limit-ms", session_limit_ms,
+                 "A session launch's run-time limit where its session names none (default: "
+                 "--time-limit-ms; 0: none)")
+      ->check(CLI::Range(int64_t{-1}, int64_t{86400000}));
   app.add_option("--session-idle-ms", o.sessions.default_idle_ms,
                  "A session ends after this long without a request, unless it names its own")
       ->capture_default_str();
@@ -192,6 +197,8 @@ int main(int argc, char** argv) {
   o.sessions.bytes_per_tenant = max_session_mb << 20;
   o.sessions.default_memory = session_memory_mb << 20;
   o.sessions.spin = o.spin;
+  o.sessions.default_limit_ms = session_limit_ms >= 0 ? static_cast<uint64_t>(session_limit_ms)
+                                                      : o.default_time_limit_ms;
   if (session_bin != "none") {
     o.sessions.bin = session_bin.empty() ? gpuq::worker::Beside("gpuq-session") : session_bin;
   }

@@ -16,6 +16,7 @@
 #include "schema/codec.h"
 #include "schema/filename.h"
 #include "util/sha256.h"
+#include "worker/exit_codes.h"
 
 extern char** environ;
 
@@ -45,8 +46,12 @@ uint64_t RandomId() {
 
 std::string Describe(int status) {
   if (WIFSIGNALED(status)) return "killed by signal " + std::to_string(WTERMSIG(status));
-  if (WIFEXITED(status)) return "exited with status " + std::to_string(WEXITSTATUS(status));
-  return "ended";
+  if (!WIFEXITED(status)) return "ended";
+  const int code = WEXITSTATUS(status);
+  const char* why = code == worker::kExitFault     ? " (a kernel fault)"
+                    : code == worker::kExitTimeout ? " (a launch past its run-time limit)"
+                                                   : "";
+  return "exited with status " + std::to_string(code) + why;
 }
 
 }  // namespace
@@ -158,6 +163,7 @@ void SessionServer::Open(const RequestContext& ctx, const schema::SessionSpec& s
   open.token = s.token;
   open.memory = memory;
   open.idle_ms = spec.idle_ms ? spec.idle_ms : limits_.default_idle_ms;
+  open.limit_ms = spec.limit_ms ? spec.limit_ms : limits_.default_limit_ms;
   sessions_.emplace(s.id, std::move(s));
   Send(*host, open);
 }

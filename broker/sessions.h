@@ -42,6 +42,7 @@ struct SessionLimits {
   uint64_t bytes_per_tenant = 64ull << 30; // device memory across a tenant's sessions
   uint64_t default_memory = 1ull << 30;    // a session that does not say
   uint64_t default_idle_ms = 5 * 60 * 1000;
+  uint64_t default_limit_ms = 10000;       // a launch's run-time limit, where the open names none
   std::string bin;                         // the session process; empty: none (no sessions)
   std::chrono::microseconds spin{0};       // passed to session processes
   uint64_t max_data_mb = 256;              // a write's or read's bytes

@@ -395,10 +395,15 @@ static gpuq_code SessionFail(gpuq_session* s, const gpuq::Status& st) {
 
 gpuq_code gpuq_session_open(gpuq_client* client, const char* tenant, uint64_t memory,
                             uint64_t idle_ms, gpuq_session** out) {
+  return gpuq_session_open_limited(client, tenant, memory, idle_ms, 0, out);
+}
+gpuq_code gpuq_session_open_limited(gpuq_client* client, const char* tenant, uint64_t memory,
+                                    uint64_t idle_ms, uint64_t limit_ms, gpuq_session** out) {
   gpuq::SessionOptions o;
   o.tenant = tenant ? tenant : "";
   o.memory = memory;
   o.idle = std::chrono::milliseconds(idle_ms);
+  o.time_limit = std::chrono::milliseconds(limit_ms);
   auto s = client->client->OpenSession(o);
   if (!s.ok()) return Fail(client, s.status());
   *out = new gpuq_session{std::move(*s), ""};

@@ -467,6 +467,7 @@ StatusOr<std::unique_ptr<Session>> Client::OpenSession(const SessionOptions& opt
   req.session.placement = options.placement;
   req.session.memory = options.memory;
   req.session.idle_ms = static_cast<uint64_t>(options.idle.count());
+  req.session.limit_ms = static_cast<uint64_t>(options.time_limit.count());
   GPUQ_ASSIGN_OR_RETURN(ClientReply r, impl_->Call(std::move(req), nullptr));
   if (r.op != schema::ReplyOp::kSession || r.path.empty()) {
     return Error(Code::kInternal, "the broker answered session_open with " +

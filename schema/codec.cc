@@ -476,6 +476,7 @@ std::string EncodeClientRequest(const ClientRequest& m) {
                           [&] { p.pack_uint64(pl.min_free_bytes); })
                    .Field("idle_ms", ss.idle_ms != 0, [&] { p.pack_uint64(ss.idle_ms); })
                    .Field("memory", ss.memory != 0, [&] { p.pack_uint64(ss.memory); })
+                   .Field("limit_ms", ss.limit_ms != 0, [&] { p.pack_uint64(ss.limit_ms); })
                    .Write();
              })
       .Write();
@@ -1686,6 +1687,7 @@ Status DecodeClientRequest(std::string_view header,
         if (sk == "min_free") return GetU(sv, sk, &ss.placement.min_free_bytes);
         if (sk == "idle_ms") return GetU(sv, sk, &ss.idle_ms, kMaxDeadlineMs);
         if (sk == "memory") return GetU(sv, sk, &ss.memory);
+        if (sk == "limit_ms") return GetU(sv, sk, &ss.limit_ms, kMaxTimeLimitMs);
         return kUnknownField;
       });
     }
@@ -2116,7 +2118,7 @@ const ReplyFields& FieldsOf(SessionOp op) {
       /*close*/ {{"rid"}, {}},
       /*done*/ {{"rid"}, {"buffer", "data", "kernel_ns", "kernel", "ring", "region"}},
       /*error*/ {{"rid", "code", "error"}, {}},
-      /*open*/ {{"session", "token", "memory", "idle_ms"}, {}},
+      /*open*/ {{"session", "token", "memory", "idle_ms"}, {"limit_ms"}},
       /*end*/ {{"session"}, {}},
       /*module*/ {{"rid"}, {"image", "kind", "symbol", "code", "error"}},
       /*opened*/ {{"session"}, {"code", "error"}},
@@ -2230,7 +2232,8 @@ std::string EncodeSession(const SessionMessage& m, bool framed, bool fast = true
              [&] { p.pack_uint64(m.kernel_ns); })
       .Field("ring", has("ring") && m.ring != 0, [&] { p.pack_uint64(m.ring); })
       .Field("memory", has("memory"), [&] { p.pack_uint64(m.memory); })
-      .Field("idle_ms", has("idle_ms"), [&] { p.pack_uint64(m.idle_ms); });
+      .Field("idle_ms", has("idle_ms"), [&] { p.pack_uint64(m.idle_ms); })
+      .Field("limit_ms", has("limit_ms") && m.limit_ms != 0, [&] { p.pack_uint64(m.limit_ms); });
   w.Field("kernel", (m.op == SessionOp::kLaunch || m.op == SessionOp::kDone) && m.kernel_ref != 0,
           [&] { p.pack_uint32(m.kernel_ref); });
   if (m.op == SessionOp::kCompile || (m.op == SessionOp::kLaunch && m.kernel_ref == 0)) {
@@ -2310,6 +2313,7 @@ Status DecodeSessionFields(const object& o, const Limits& limits, size_t max_dat
     if (k == "ring") return GetU(v, k, &r.ring);
     if (k == "memory") return GetU(v, k, &r.memory);
     if (k == "idle_ms") return GetU(v, k, &r.idle_ms, kMaxDeadlineMs);
+    if (k == "limit_ms") return GetU(v, k, &r.limit_ms, kMaxTimeLimitMs);
     if (k == "image") return GetBin(v, k, max_data, &r.image);
     if (k == "kind") return GetEnum(v, k, kImageNames, &r.image_kind);
     if (k == "symbol") return GetStr(v, k, limits.max_name_bytes * 4, &r.symbol);

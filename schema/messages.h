@@ -67,6 +67,8 @@ struct SessionSpec {
   Placement placement;
   uint64_t idle_ms = 0;  // ends after this long without a request; 0: the broker's default
   uint64_t memory = 0;   // device bytes it may hold; 0: the broker's default
+  // A launch's run-time limit on the GPU; 0: the broker's default (a job's)
+  uint64_t limit_ms = 0;
   bool operator==(const SessionSpec&) const = default;
 };
 
@@ -269,7 +271,7 @@ enum class SessionOp : uint8_t {
   kDone,    // rid; alloc: buffer; read: data; launch: kernel_ns
   kError,   // rid, code, error (rid 0: the session ended)
   // broker to session process
-  kOpen,    // session, token, memory, idle_ms
+  kOpen,    // session, token, memory, idle_ms, limit_ms
   kEnd,     // session
   kModule,  // rid, image, image kind, symbol (or code, error)
   // session process to broker
@@ -314,6 +316,7 @@ struct SessionMessage {
   // capacity each (the memfd travels with it)
   uint64_t ring = 0;
   uint64_t memory = 0, idle_ms = 0;  // open
+  uint64_t limit_ms = 0;             // open: a launch's run-time limit (0: none)
   std::string image;                 // module
   ImageKind image_kind = ImageKind::kNone;
   std::string symbol;

@@ -402,7 +402,7 @@ int gpuq_c_api_session_scenario(const char* endpoint, char* why, size_t why_size
 
   code = gpuq_client_new(endpoint, 10000, &c);
   CHECK(code == GPUQ_OK, "connect: %s", gpuq_code_name(code));
-  code = gpuq_session_open(c, "c-tenant", 1 << 20, 0, &s);
+  code = gpuq_session_open_limited(c, "c-tenant", 1 << 20, 0, 60000, &s);
   CHECK(code == GPUQ_OK, "open: %s: %s", gpuq_code_name(code), gpuq_client_error(c));
   CHECK(gpuq_session_id(s) != 0, "a session's id is never 0");
   code = gpuq_session_alloc(s, 16, &buf);

@@ -5,6 +5,8 @@
 //   inc(buf, n, v)   adds v (a byte) to each of n bytes at buf
 //   fault(...)       a fault: the wait for it fails, as a sticky CUDA error
 //   sleep_ms(ms)     takes ms milliseconds
+//   endless(...)     never ends: nothing after it runs, and a wait for it
+//                    never returns (as a kernel's endless loop)
 // any other symbol runs as a kernel that does nothing.
 #include <atomic>
 #include <chrono>
@@ -63,6 +65,8 @@ class FakeStream : public SessionStream {
       for (uint64_t i = 0; i < n; ++i) p[i] = static_cast<uint8_t>(p[i] + v);
     } else if (sym == "fault") {
       faulted_ = true;  // sticky, as a CUDA context's: nothing after it runs
+    } else if (sym == "endless") {
+      endless_ = true;
     } else if (sym == "sleep_ms") {
       std::this_thread::sleep_for(std::chrono::milliseconds(arg(0)));
     }
@@ -80,12 +84,21 @@ class FakeStream : public SessionStream {
   // The work is done by now (this device runs it at once): the word is
   // written at once, unless a fault stopped the stream.
   Status Announce(uint32_t seq) override {
-    if (!faulted_) std::atomic_ref<uint32_t>(*word_).store(seq, std::memory_order_release);
+    if (!faulted_ && !endless_) {
+      std::atomic_ref<uint32_t>(*word_).store(seq, std::memory_order_release);
+    }
     return Status::Ok();
   }
+  Status Watch(uint32_t seq) override {
+    if (!faulted_ && !endless_) watch_.store(seq, std::memory_order_release);
+    return Status::Ok();
+  }
+  uint32_t Watched() const override { return watch_.load(std::memory_order_acquire); }
   bool Reached(uint32_t seq) override { return ByteRing::Reached(word_, seq); }
   Status Wait(uint32_t) override {
     if (faulted_) return Status(Code::kKernelFault, "CUDA_ERROR_ILLEGAL_ADDRESS (test double)");
+    // An endless kernel's wait ends with its process.
+    while (endless_) std::this_thread::sleep_for(std::chrono::milliseconds(10));
     return Status::Ok();
   }
   uint64_t Elapsed(SessionMark& m) override { return static_cast<FakeMark&>(m).ns; }
@@ -100,6 +113,8 @@ class FakeStream : public SessionStream {
 
  private:
   bool faulted_ = false;
+  bool endless_ = false;  // sticky too: an endless kernel holds the stream
+  std::atomic<uint32_t> watch_{0};
   alignas(64) uint32_t own_word_ = 0;
   uint32_t* word_ = &own_word_;
 };

@@ -707,6 +707,7 @@ std::vector<GoldenMessage> GoldenMessages() {
     r.session.placement.arch = "sm_90";
     r.session.idle_ms = 60000;
     r.session.memory = 1ull << 30;
+    r.session.limit_ms = 5000;
     g.push_back({"client_session_open", r, {}});
     r = {};
     r.op = ClientOp::kSessionClose;
@@ -850,6 +851,7 @@ std::vector<GoldenMessage> GoldenMessages() {
     m.token = "c0ffee0123456789abcdef0123456789";
     m.memory = 1ull << 30;
     m.idle_ms = 60000;
+    m.limit_ms = 5000;
     g.push_back({"session_open", m, {}});
     m = {};
     m.op = SessionOp::kOpened;

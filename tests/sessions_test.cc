@@ -37,7 +37,8 @@ constexpr char kSessionKernels[] =
     "  if (i < n) p[i] += (unsigned char)v;\n"
     "}\n"
     "extern \"C\" __global__ void fault(unsigned char* p) { *(volatile int*)0 = 1; }\n"
-    "extern \"C\" __global__ void sleep_ms(unsigned ms) {}\n";
+    "extern \"C\" __global__ void sleep_ms(unsigned ms) {}\n"
+    "extern \"C\" __global__ void endless() { for (;;) {} }\n";
 
 SessionLaunch Inc(uint32_t buffer, uint32_t n, uint32_t v, uint64_t offset = 0) {
   SessionLaunch l;
@@ -388,6 +389,47 @@ TEST_F(SessionsTest, AFaultEndsOnlyItsTenantsSessionsOnThatGpu) {
   auto got = (*b)->Read(*bb, 0, 64);
   ASSERT_TRUE(got.ok()) << got.status().ToString();
   EXPECT_EQ(*got, std::string(64, 42)) << "another tenant's session is intact";
+}
+
+TEST_F(SessionsTest, ALaunchPastItsRunTimeLimitEndsOnlyItsTenantsSessions) {
+  Start();
+  SessionOptions limited;
+  limited.tenant = "a";
+  limited.time_limit = std::chrono::milliseconds(300);
+  auto a1 = client_->OpenSession(limited);
+  auto a2 = Open("a"), b = Open("b");
+  ASSERT_TRUE(a1.ok() && a2.ok() && b.ok()) << Log();
+  auto bb = (*b)->Alloc(64);
+  ASSERT_TRUE(bb.ok());
+  ASSERT_TRUE((*b)->Fill(*bb, 0, 64, 42).ok());
+  // A launch that ends is no matter for the limit, however long the
+  // session lives.
+  ASSERT_TRUE((*a1)->Launch(Named("sleep_ms", {Arg::U32(100)})).ok());
+  const auto t0 = std::chrono::steady_clock::now();
+  auto f = (*a1)->Launch(Named("endless", {}));
+  const auto waited = std::chrono::steady_clock::now() - t0;
+  EXPECT_EQ(f.status().code(), Code::kSessionLost);
+  EXPECT_NE(f.status().message().find("run-time limit of 300 ms"), std::string::npos)
+      << f.status().ToString();
+  EXPECT_GE(waited, std::chrono::milliseconds(300)) << "never before its limit";
+  // The tenant's other session shared the process; its client hears why.
+  auto other = (*a2)->Alloc(1);
+  EXPECT_EQ(other.status().code(), Code::kSessionLost);
+  EXPECT_NE(other.status().message().find("run-time limit"), std::string::npos)
+      << other.status().ToString();
+  ASSERT_TRUE(WaitSessions(1)) << Log();
+  auto got = (*b)->Read(*bb, 0, 64);
+  ASSERT_TRUE(got.ok()) << got.status().ToString();
+  EXPECT_EQ(*got, std::string(64, 42)) << "another tenant's session is intact";
+  for (int i = 0; i < 200 && Log().find("a launch past its run-time limit") == std::string::npos;
+       ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  EXPECT_NE(Log().find("a launch past its run-time limit"), std::string::npos)
+      << "the log says how it ended";
+  auto again = Open("a");
+  ASSERT_TRUE(again.ok()) << again.status().ToString();
+  EXPECT_TRUE((*again)->Launch(Named("sleep_ms", {Arg::U32(1)})).ok());
 }
 
 TEST_F(SessionsTest, AKilledSessionProcessEndsOnlyItsSessions) {

@@ -1,5 +1,6 @@
 #include "worker/cuda_session_device.h"
 
+#include <atomic>
 #include <cstring>
 #include <functional>
 #include <map>
@@ -135,6 +136,9 @@ class CudaStream : public SessionStream {
     word_ = static_cast<uint32_t*>(own_word_);
     GPUQ_CU_CHECK(cu_, cuMemHostGetDevicePointer(&word_dev_, own_word_, 0),
                   Code::kResourceExhausted);
+    // The watch word: the same allocation's second half, never moved.
+    watch_ = word_ + kWatchOffset / sizeof(uint32_t);
+    watch_dev_ = word_dev_ + kWatchOffset;
     return Status::Ok();
   }
 
@@ -212,6 +216,14 @@ class CudaStream : public SessionStream {
     Current();
     GPUQ_CU_CHECK(cu_, cuStreamWriteValue32(stream_, word_dev_, seq, 0), Code::kLaunchError);
     return Status::Ok();
+  }
+  Status Watch(uint32_t seq) override {
+    Current();
+    GPUQ_CU_CHECK(cu_, cuStreamWriteValue32(stream_, watch_dev_, seq, 0), Code::kLaunchError);
+    return Status::Ok();
+  }
+  uint32_t Watched() const override {
+    return std::atomic_ref<uint32_t>(*watch_).load(std::memory_order_acquire);
   }
   bool Reached(uint32_t seq) override {
     // Written by the device (and, for a word the client maps, perhaps by
@@ -310,10 +322,14 @@ class CudaStream : public SessionStream {
   CUstream stream_;
   const std::chrono::microseconds spin_;
   Event last_end_;  // the latest launch's end, while nothing else follows it
-  void* own_word_ = nullptr;    // cuMemHostAlloc'd, the default end word
+  // cuMemHostAlloc'd: the default end word, and the watch word at kWatchOffset
+  static constexpr size_t kWatchOffset = 32;
+  void* own_word_ = nullptr;
   void* registered_ = nullptr;  // the client's page, while it holds the word
   uint32_t* word_ = nullptr;
   CUdeviceptr word_dev_ = 0;
+  uint32_t* watch_ = nullptr;
+  CUdeviceptr watch_dev_ = 0;
   Mutex mu_;
   std::vector<CUevent> timed_ GUARDED_BY(mu_), waited_ GUARDED_BY(mu_);
   std::map<uint64_t, std::vector<char*>> staging_free_ GUARDED_BY(mu_);  // by block size

@@ -73,6 +73,13 @@ class SessionStream {
   // enqueued so far to end (which covers a seq never announced). An error
   // is a fault that ends the process: the context is unusable.
   virtual Status Wait(uint32_t seq) = 0;
+  // The stream's watch word, which only its process sees (never its
+  // client): Watch enqueues the write of `seq` into it, after everything
+  // enqueued before it; Watched reads it, from any thread. The run-time
+  // limit's watchdog writes a launch's rid after it and times how long the
+  // word stands still while a launch is outstanding.
+  virtual Status Watch(uint32_t seq) = 0;
+  virtual uint32_t Watched() const = 0;
   // A timed launch's nanoseconds on the device, once it has ended.
   virtual uint64_t Elapsed(SessionMark& m) = 0;
   // Copies between host memory and the device, enqueued. Host memory the

@@ -94,6 +94,7 @@ class SessionHost::Impl {
   int Run();
 
  private:
+  enum Hold { kRunning, kWaiting, kTaken };  // Session::hold
   // A request whose answer waits for the stream's end word to reach `seq`
   // (its rid; 0: nothing to wait for): a read's bytes come from `staged`
   // or `unstaged`; a write's bytes are kept until then; a timed launch's
@@ -177,6 +178,20 @@ class SessionHost::Impl {
     std::atomic<int64_t> last_ns{0};  // its latest request (steady clock)
     std::atomic<uint64_t> unanswered{0};
     std::atomic<bool> stop{false}, finished{false};
+    // A launch's run-time limit (0: none). Each launch is followed by the
+    // write of its rid into the stream's watch word; `watch_sent` is the
+    // latest so enqueued (written by the session's thread).
+    std::chrono::milliseconds limit{0};
+    std::atomic<uint64_t> watch_sent{0};
+    // The watchdog's own (the control thread's): the watch word as last
+    // seen, and since when it has stood there with a launch after it.
+    uint32_t watch_seen = 0;
+    int64_t watch_since_ns = 0;  // 0: no launch outstanding
+    // While its thread waits for the GPU (kWaiting) it touches neither its
+    // answers nor its connection; the control thread may then take them
+    // over (kTaken) to tell its client why the process ends.
+    std::atomic<int> hold{kRunning};
+    std::atomic<bool> told{false};  // its client has been told why the process ends
     Mutex mu;
     bool ending GUARDED_BY(mu) = false;
     Code end_code GUARDED_BY(mu) = Code::kOk;
@@ -250,7 +265,18 @@ class SessionHost::Impl {
   // Asks session `s` to end (from any thread); the first reason stands.
   void End(Session& s, Code code, std::string why);
   void Reap();
-  void Fault(const Status& s);
+  // Ends the process: tells the broker why each session ends, and exits
+  // with `exit_code`. From any thread; the first to come ends it.
+  void Fault(const Status& s, int exit_code = kExitFault);
+  // The run-time limit (PROTOCOL.md, "Sessions"): ends the process when a
+  // launch has run past its session's limit. Returns the milliseconds
+  // until it should look again. The control thread's.
+  int64_t Watchdog();
+  // Tells every session's client why the process ends, then ends it.
+  [[noreturn]] void Doom(const Status& why);
+  // Tells session `s`'s client why the process ends (from its thread, or
+  // from the control thread once it has taken the session over).
+  void Tell(Session& s);
   void Wake() {
     uint64_t one = 1;
     (void)!write(wake_.get(), &one, sizeof one);
@@ -278,6 +304,10 @@ class SessionHost::Impl {
                                                                (1u << 30))};
   Mutex fault_mu_;  // held by the thread that ends the process
   std::atomic<bool> faulted_{false};
+  // Why the process ends, once the watchdog has found a launch past its limit.
+  std::atomic<bool> doomed_{false};
+  Mutex doom_mu_;
+  Status doom_ GUARDED_BY(doom_mu_);
   Mutex ids_mu_;
   std::set<uint64_t> ids_ GUARDED_BY(ids_mu_);  // the sessions, for a fault's report
 };
@@ -318,7 +348,7 @@ int SessionHost::Impl::Run() {
     const size_t first_pending = fds.size();
     for (auto& p : pending_) fds.push_back({p->fd.get(), POLLIN, 0});
     const int64_t now = NowNs();
-    int64_t timeout_ms = pending_.empty() ? 1000 : 100;
+    int64_t timeout_ms = std::min<int64_t>(pending_.empty() ? 1000 : 100, Watchdog());
     for (auto& [id, s] : sessions_) {
       if (s->stop.load() || s->unanswered.load() != 0) continue;
       const int64_t left = (s->last_ns.load() + s->idle.count() * 1000000 - now) / 1000000;
@@ -424,6 +454,7 @@ void SessionHost::Impl::Open(const SessionMessage& m) {
   s->token = m.token;
   s->memory = m.memory;
   s->idle = std::chrono::milliseconds(m.idle_ms);
+  s->limit = std::chrono::milliseconds(m.limit_ms);
   s->last_ns = NowNs();
   s->wake = UniqueFd(eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC));
   sessions_.emplace(m.session, std::move(s));
@@ -602,6 +633,7 @@ void SessionHost::Impl::Serve(Session* sp) {
   // requests are read until it takes them.
   constexpr size_t kMaxUnread = 64u << 20;
   while (!s.stop.load()) {
+    if (doomed_.load(std::memory_order_relaxed)) return Tell(s);
     const uint64_t before = s.requests;
     if (open && s.out.queued() < kMaxUnread) open = Read(s);
     const bool took = s.requests != before;
@@ -747,7 +779,21 @@ bool SessionHost::Impl::Complete(Session& s, bool wait) {
       if (!wait) return true;
       Announce(s);
       const uint64_t through = s.enqueued;
-      if (Status w = s.stream->Wait(static_cast<uint32_t>(e.seq)); !w.ok()) {
+      // While it waits, the watchdog may take the session over (Doom).
+      if (doomed_.load()) {
+        Tell(s);
+        return false;
+      }
+      s.hold.store(kWaiting);
+      const Status w = s.stream->Wait(static_cast<uint32_t>(e.seq));
+      if (int waiting = kWaiting; !s.hold.compare_exchange_strong(waiting, kRunning)) {
+        return false;  // taken over: its client has been told
+      }
+      if (doomed_.load()) {
+        Tell(s);
+        return false;
+      }
+      if (!w.ok()) {
         // A fault: the context is gone, and with it every session here. No
         // session of this process answers anything from now on.
         Status lost(Code::kSessionLost, "a kernel faulted: " + w.message());
@@ -1051,6 +1097,13 @@ void SessionHost::Impl::Launch(Session& s, SessionMessage& m) {
   }
   auto mark = s.stream->Launch(**kernel, m.launch, params, !m.untimed);
   if (!mark.ok()) return Answer(s, m.rid, mark.status());
+  if (s.limit.count() > 0) {
+    // The watchdog's mark: this launch's end (Watchdog). Should it fail to
+    // enqueue, the launch goes unwatched, and the next one's mark covers it.
+    if (s.stream->Watch(static_cast<uint32_t>(m.rid)).ok()) {
+      s.watch_sent.store(m.rid, std::memory_order_release);
+    }
+  }
   Entry e;
   e.mark = std::move(*mark);
   e.reply.kernel_ref = ref;
@@ -1163,7 +1216,89 @@ void SessionHost::Impl::Last(Session& s, const SessionMessage& m) {
   if (s.back.valid()) s.back.Wake();
 }
 
-void SessionHost::Impl::Fault(const Status& why) NO_THREAD_SAFETY_ANALYSIS {
+int64_t SessionHost::Impl::Watchdog() {
+  int64_t next = 1000;
+  const int64_t now = NowNs();
+  for (auto& [id, sp] : sessions_) {
+    Session& s = *sp;
+    if (s.limit.count() == 0 || !s.stream || !s.thread.joinable() || s.finished.load()) continue;
+    // A look every tenth of the limit (at most 100 ms apart) while the
+    // session lives, so that a launch sent while this thread sleeps is
+    // seen soon after it starts.
+    next = std::min<int64_t>(next, std::clamp<int64_t>(s.limit.count() / 10, 1, 100));
+    // Sent, then seen: a word that has passed what was sent is only
+    // counted as outstanding for a turn.
+    const uint32_t sent = static_cast<uint32_t>(s.watch_sent.load(std::memory_order_acquire));
+    const uint32_t seen = s.stream->Watched();
+    if (seen == sent) {
+      s.watch_since_ns = 0;
+      continue;
+    }
+    // A launch is outstanding: the one after `seen` in the stream, which
+    // began no earlier than the word reached `seen` (and no earlier than
+    // it was sent). The time since the watchdog saw the word get there is
+    // at least its time on the GPU so far: it ends no launch early.
+    if (s.watch_since_ns == 0 || seen != s.watch_seen) {
+      s.watch_seen = seen;
+      s.watch_since_ns = now;
+    } else if (now - s.watch_since_ns >= s.limit.count() * 1000000) {
+      Doom(Status(Code::kSessionLost,
+                  "a launch ran past its session's run-time limit of " +
+                      std::to_string(s.limit.count()) +
+                      " ms (the kill of a session process ends its tenant's sessions on that "
+                      "GPU)"));
+    }
+  }
+  return next;
+}
+
+void SessionHost::Impl::Doom(const Status& why) {
+  spdlog::error("session process for tenant '{}': {}", opt_.tenant, why.ToString());
+  {
+    MutexLock lock(&doom_mu_);
+    doom_ = why;
+  }
+  doomed_ = true;
+  // Each session's client hears why: from its thread, at its next turn, or
+  // from here, once its thread waits on the GPU (where the launch that ran
+  // too long keeps it). A thread that does neither within the grace (one
+  // waiting for a compile) leaves its client to learn of the end from its
+  // connection's close.
+  const auto grace = Clock::now() + std::chrono::milliseconds(200);
+  for (;;) {
+    bool all = true;
+    for (auto& [id, sp] : sessions_) {
+      Session& s = *sp;
+      if (!s.thread.joinable() || s.finished.load() || s.told.load()) continue;
+      if (int waiting = kWaiting; s.hold.compare_exchange_strong(waiting, kTaken)) {
+        Tell(s);
+        continue;
+      }
+      if (s.hold.load() == kTaken) continue;
+      all = false;
+      uint64_t one = 1;
+      (void)!write(s.wake.get(), &one, sizeof one);
+    }
+    if (all || Clock::now() > grace) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  Fault(why, kExitTimeout);
+  __builtin_unreachable();
+}
+
+void SessionHost::Impl::Tell(Session& s) {
+  Status why;
+  {
+    MutexLock lock(&doom_mu_);
+    why = doom_;
+  }
+  s.out.Push(schema::EncodeSessionMessage(ErrorReply(0, why)));
+  (void)FlushOut(s);
+  if (s.back.valid()) s.back.Wake();
+  s.told = true;
+}
+
+void SessionHost::Impl::Fault(const Status& why, int exit_code) NO_THREAD_SAFETY_ANALYSIS {
   fault_mu_.Lock();  // the first thread to come ends the process; never unlocked
   spdlog::error("session process for tenant '{}': {}; its sessions end", opt_.tenant,
                 why.ToString());
@@ -1184,7 +1319,7 @@ void SessionHost::Impl::Fault(const Status& why) NO_THREAD_SAFETY_ANALYSIS {
   // Session threads may be blocked on a dead context: the process ends
   // without waiting for them.
   spdlog::shutdown();
-  _exit(kExitFault);
+  _exit(exit_code);
 }
 
 int SessionProcessMain(int argc, char** argv, const OpenSessionDevice& open) {

@@ -201,6 +201,9 @@ struct SessionOptions {
   schema::Placement placement;       // architecture, GPU, free memory
   uint64_t memory = 0;               // device bytes it may hold; 0: the broker's default
   std::chrono::milliseconds idle{0};  // ends after this long unused; 0: the broker's default
+  // A launch's run-time limit on the GPU; 0: the broker's default (a job's).
+  // A launch past it ends the tenant's sessions on that GPU (session_lost).
+  std::chrono::milliseconds time_limit{0};
 };
 
 struct SessionLaunch {

@@ -261,6 +261,11 @@ uint64_t gpuq_result_launch_us(const gpuq_result* result, size_t i);
  * client. A failure's text is the client's gpuq_client_error(). */
 gpuq_code gpuq_session_open(gpuq_client* client, const char* tenant, uint64_t memory,
                             uint64_t idle_ms, gpuq_session** out);
+/* The same, with a run-time limit of `limit_ms` for each of its launches (0:
+ * the broker's default, a job's). A launch past it ends the tenant's
+ * sessions on that GPU: GPUQ_SESSION_LOST, saying so. */
+gpuq_code gpuq_session_open_limited(gpuq_client* client, const char* tenant, uint64_t memory,
+                                    uint64_t idle_ms, uint64_t limit_ms, gpuq_session** out);
 /* Closes the session (ignoring a failure) and releases it. */
 void gpuq_session_free(gpuq_session* session);
 uint64_t gpuq_session_id(const gpuq_session* session);

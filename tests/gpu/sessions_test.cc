@@ -2,7 +2,8 @@
 // session buffers against a CPU reference on fresh random inputs; writes
 // and reads in flight against a CPU model; freed and
 // foreign handles refused; a kernel fault in one tenant's session leaving
-// another tenant's session on the same GPU intact, byte for byte.
+// another tenant's session on the same GPU intact, byte for byte; a launch
+// past its run-time limit doing the same, and launches within it not.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -46,6 +47,17 @@ extern "C" __global__ void scale_add(float* y, float s, float c, unsigned n) {
 }
 extern "C" __global__ void fault(float* p, unsigned n) {
   *(volatile float*)(p + (1ull << 40)) = 1.0f;
+}
+extern "C" __global__ void spin_ns(unsigned long long ns) {
+  unsigned long long t0, t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
+  do {
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  } while (t - t0 < ns);
+}
+extern "C" __global__ void endless(const unsigned* never) {
+  while (*(volatile const unsigned*)never == 0) {
+  }
 }
 )";
 };
@@ -291,6 +303,56 @@ TEST_F(SessionsGpuTest, AFaultInOneTenantsSessionLeavesAnotherTenantsIntact) {
   auto again = Open("fault-a");
   ASSERT_TRUE(again);
   EXPECT_TRUE(again->Alloc(16).ok());
+}
+
+TEST_F(SessionsGpuTest, ALaunchPastItsRunTimeLimitEndsOnlyItsTenantsSessions) {
+  SessionOptions limited;
+  limited.tenant = "limit-a";
+  limited.time_limit = std::chrono::milliseconds(400);
+  auto opened = client_->OpenSession(limited);
+  ASSERT_TRUE(opened.ok()) << opened.status().ToString();
+  auto& a = *opened;
+  auto b = Open("limit-b");
+  ASSERT_TRUE(b);
+  const unsigned n = 1 << 16;
+  std::vector<float> keep(n);
+  std::uniform_real_distribution<float> d(-1.0f, 1.0f);
+  for (float& v : keep) v = d(rng_);
+  auto hb = b->Alloc(n * 4);
+  ASSERT_TRUE(hb.ok());
+  ASSERT_TRUE(b->Write(*hb, 0, keep.data(), n * 4).ok());
+  // Eight launches of 150 ms sent at once: 1.2 s of work, each launch well
+  // within the limit. None is cut short.
+  std::vector<uint64_t> tickets;
+  for (int i = 0; i < 8; ++i) {
+    auto t = a->LaunchAsync(L("spin_ns", 1, {Arg::Scalar(schema::ScalarType::kU64, 150'000'000)}));
+    ASSERT_TRUE(t.ok()) << t.status().ToString();
+    tickets.push_back(*t);
+  }
+  for (uint64_t t : tickets) {
+    auto ns = a->Wait(t);
+    ASSERT_TRUE(ns.ok()) << ns.status().ToString() << Log();
+    EXPECT_GE(*ns, 140'000'000u) << "it ran its whole time";
+  }
+  auto never = a->Alloc(4);  // zeros: the kernel waits for a word nothing writes
+  ASSERT_TRUE(never.ok());
+  const auto t0 = std::chrono::steady_clock::now();
+  auto f = a->Launch(L("endless", 1, {Arg::Ref(*never)}));
+  const auto waited = std::chrono::steady_clock::now() - t0;
+  EXPECT_EQ(f.status().code(), Code::kSessionLost) << f.status().ToString();
+  EXPECT_NE(f.status().message().find("run-time limit of 400 ms"), std::string::npos)
+      << f.status().ToString();
+  EXPECT_GE(waited, std::chrono::milliseconds(400)) << "never before its limit";
+  auto got = b->Read(*hb, 0, n * 4);
+  ASSERT_TRUE(got.ok()) << got.status().ToString();
+  EXPECT_EQ(std::memcmp(got->data(), keep.data(), n * 4), 0) << "b's bytes, exactly";
+  ASSERT_TRUE(
+      b->Launch(L("scale_add", n, {Arg::Ref(*hb), Arg::F32(2), Arg::F32(0), Arg::U32(n)})).ok());
+  auto again = Open("limit-a");
+  ASSERT_TRUE(again);
+  EXPECT_TRUE(again->Launch(L("spin_ns", 1, {Arg::Scalar(schema::ScalarType::kU64, 1000)})).ok());
+  printf("an endless launch under a 400 ms limit ended its session after %.0f ms\n",
+         std::chrono::duration<double, std::milli>(waited).count());
 }
 
 }  // namespace

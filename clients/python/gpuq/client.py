@@ -646,12 +646,15 @@ class Client:
         return Region(self._region_channel(), size, tenant)
 
     def session(self, tenant: Optional[str] = None, memory: int = 0, idle_ms: int = 0,
-                placement: Optional[Mapping[str, Any]] = None) -> Session:
+                placement: Optional[Mapping[str, Any]] = None, limit_ms: int = 0) -> Session:
         """Opens a session on a GPU of the broker's host (PROTOCOL.md,
         "Sessions"): device buffers that stay between launches, in a process
         of the tenant's own. `memory`: the device bytes it may hold, `idle_ms`:
         it ends after this long unused (0: the broker's defaults); `placement`
-        as a job's (arch, gpu, min_free). `tenant` counts off CURVE only.
+        as a job's (arch, gpu, min_free); `limit_ms`: each launch's run-time
+        limit (0: the broker's default, a job's; a launch past it ends the
+        tenant's sessions on that GPU, "session_lost"). `tenant` counts off
+        CURVE only.
         Error "resource_exhausted" past the tenant's session limits,
         "unavailable" when no GPU of the broker's host matches."""
         from gpuq.session import Session
@@ -664,6 +667,8 @@ class Client:
             spec["idle_ms"] = int(idle_ms)
         if memory:
             spec["memory"] = int(memory)
+        if limit_ms:
+            spec["limit_ms"] = int(limit_ms)
         header: Header = {"op": "session_open"}
         if tenant:
             header["tenant"] = tenant

@@ -14,7 +14,8 @@ from gpuq.client import launch_args
 KERNELS = ('extern "C" __global__ void inc(unsigned char* p, unsigned n, unsigned v) {\n'
            '  unsigned i = blockIdx.x * blockDim.x + threadIdx.x;\n'
            '  if (i < n) p[i] += (unsigned char)v;\n}\n'
-           'extern "C" __global__ void fault(unsigned char* p) { *(volatile int*)0 = 1; }\n')
+           'extern "C" __global__ void fault(unsigned char* p) { *(volatile int*)0 = 1; }\n'
+           'extern "C" __global__ void endless() { for (;;) {} }\n')
 
 
 def local(service):
@@ -80,6 +81,20 @@ def test_a_fault_ends_the_session_and_another_tenants_goes_on(service):
             a.alloc(1)
         assert e.value.code == "session_lost"
         assert list(b.read(hb, 8)) == [5] * 8
+        b.close()
+
+
+def test_a_launch_past_its_limit_ends_the_session_saying_so(service):
+    local(service)
+    with gpuq.Client(service.client_endpoint) as c:
+        a, b = c.session(tenant="a", limit_ms=200), c.session(tenant="b")
+        hb = b.alloc(8)
+        b.fill(hb, 7, 8)
+        with pytest.raises(gpuq.Error) as e:
+            a.launch(KERNELS, "endless", 1, 1, [])
+        assert e.value.code == "session_lost"
+        assert "run-time limit of 200 ms" in str(e.value)
+        assert list(b.read(hb, 8)) == [7] * 8
         b.close()
 
 
