@@ -86,7 +86,8 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--max-queued-bytes", o.max_queued_bytes, "Input bytes held at most")
       ->capture_default_str();
-  app.add_option("--time-limit-ms", o.default_time_limit_ms, "Default run-time limit of a job, and of a session's launch")
+  app.add_option("--time-limit-ms", o.default_time_limit_ms,
+                 "Default run-time limit of a job, and of a session's launch")
       ->capture_default_str();
   app.add_option("--retention-s", retention_s, "How long results stay fetchable")
       ->capture_default_str();
