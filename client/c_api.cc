@@ -480,7 +480,7 @@ void gpuq_job_add_session_buffer(gpuq_job* job, uint32_t buffer, uint64_t offset
 }
 namespace {
 gpuq_code SessionLaunch(gpuq_session* session, const gpuq_job* launch, bool timed,
-                        uint64_t* kernel_ns) {
+                        uint64_t* kernel_ns, gpuq_result** result = nullptr) {
   if (!launch->misuse.empty()) {
     return SessionFail(session, gpuq::Status(gpuq::Code::kInvalid, launch->misuse));
   }
@@ -492,10 +492,26 @@ gpuq_code SessionLaunch(gpuq_session* session, const gpuq_job* launch, bool time
   l.kernel = launch->request.spec.kernel;
   l.launch = launch->request.spec.launch;
   l.args = launch->request.spec.args;
+  l.inputs = launch->request.inputs;
   l.timed = timed;
-  auto ns = session->session->Launch(l);
+  std::vector<std::string> outputs;
+  auto ns = session->session->Launch(l, &outputs);
   if (!ns.ok()) return SessionFail(session, ns.status());
   if (kernel_ns) *kernel_ns = *ns;
+  if (result) {
+    // As a job's result: outputs by argument index.
+    auto r = std::make_unique<gpuq_result>();
+    r->result.state = gpuq::schema::JobState::kDone;
+    r->result.timing.kernel_us = *ns / 1000;
+    size_t k = 0;
+    for (uint32_t i = 0; i < l.args.size() && k < outputs.size(); ++i) {
+      const auto kind = l.args[i].kind;
+      if (kind != gpuq::schema::ArgKind::kOut && kind != gpuq::schema::ArgKind::kInOut) continue;
+      r->result.output_args.push_back(i);
+      r->result.outputs.emplace_back(std::move(outputs[k++]));
+    }
+    *result = r.release();
+  }
   return GPUQ_OK;
 }
 }  // namespace
@@ -505,6 +521,9 @@ gpuq_code gpuq_session_launch(gpuq_session* session, const gpuq_job* launch,
 }
 gpuq_code gpuq_session_launch_untimed(gpuq_session* session, const gpuq_job* launch) {
   return SessionLaunch(session, launch, false, nullptr);
+}
+gpuq_code gpuq_session_run(gpuq_session* session, const gpuq_job* launch, gpuq_result** result) {
+  return SessionLaunch(session, launch, true, nullptr, result);
 }
 gpuq_code gpuq_session_close(gpuq_session* session) {
   gpuq::Status s = session->session->Close();

@@ -5,6 +5,7 @@
 
 #include <string.h>
 
+#include <algorithm>
 #include <map>
 #include <set>
 
@@ -380,6 +381,11 @@ StatusOr<uint64_t> Session::LaunchAsync(const SessionLaunch& launch) {
   m.launch = launch.launch;
   m.args = launch.args;
   m.untimed = !launch.timed;
+  m.inputs.assign(launch.inputs.begin(), launch.inputs.end());
+  // Outputs come in the answer: its end from the word would not carry them.
+  const bool outputs = std::any_of(launch.args.begin(), launch.args.end(), [](const schema::Arg& a) {
+    return a.kind == schema::ArgKind::kOut || a.kind == schema::ArgKind::kInOut;
+  });
   auto& kernels = impl_->kernels;
   Impl::Known* known = nullptr;
   for (auto& k : kernels) {
@@ -400,22 +406,31 @@ StatusOr<uint64_t> Session::LaunchAsync(const SessionLaunch& launch) {
     known->naming = t;
     ++impl_->naming;
   }
-  if (!launch.timed && impl_->ended) impl_->untimed.insert(t);
+  if (!launch.timed && impl_->ended && !outputs) impl_->untimed.insert(t);
   return t;
 }
 
-StatusOr<uint64_t> Session::Wait(uint64_t ticket) {
+StatusOr<uint64_t> Session::Wait(uint64_t ticket) { return Wait(ticket, nullptr); }
+
+StatusOr<uint64_t> Session::Wait(uint64_t ticket, std::vector<std::string>* outputs) {
+  if (outputs) outputs->clear();
   if (impl_->untimed.count(ticket)) {
     GPUQ_RETURN_IF_ERROR(impl_->Ended(ticket).status());
     return uint64_t{0};
   }
   GPUQ_ASSIGN_OR_RETURN(SessionMessage r, impl_->Answer(ticket));
+  if (outputs) *outputs = std::move(r.outputs);
   return r.kernel_ns;
 }
 
 StatusOr<uint64_t> Session::Launch(const SessionLaunch& launch) {
+  return Launch(launch, nullptr);
+}
+
+StatusOr<uint64_t> Session::Launch(const SessionLaunch& launch,
+                                   std::vector<std::string>* outputs) {
   GPUQ_ASSIGN_OR_RETURN(uint64_t t, LaunchAsync(launch));
-  return Wait(t);
+  return Wait(t, outputs);
 }
 
 StatusOr<uint32_t> Session::Attach(const Region& region) {

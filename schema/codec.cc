@@ -2114,9 +2114,10 @@ const ReplyFields& FieldsOf(SessionOp op) {
       /*fill*/ {{"rid", "buffer", "offset", "size", "value"}, {}},
       /*launch*/
       {{"rid", "grid", "block", "args"},
-       {"src", "entry", "kernel", "expr", "opts", "headers", "shared", "untimed"}},
+       {"src", "entry", "kernel", "expr", "opts", "headers", "shared", "untimed", "inputs"}},
       /*close*/ {{"rid"}, {}},
-      /*done*/ {{"rid"}, {"buffer", "data", "kernel_ns", "kernel", "ring", "region"}},
+      /*done*/
+      {{"rid"}, {"buffer", "data", "kernel_ns", "kernel", "ring", "region", "outputs"}},
       /*error*/ {{"rid", "code", "error"}, {}},
       /*open*/ {{"session", "token", "memory", "idle_ms"}, {"limit_ms"}},
       /*end*/ {{"session"}, {}},
@@ -2141,6 +2142,25 @@ Status GetBin(const object& o, std::string_view field, size_t max, std::string* 
   if (o.via.bin.size > max) return TooLarge(field, max);
   out->assign(o.via.bin.ptr, o.via.bin.size);
   return Status::Ok();
+}
+
+// At most `count` byte strings of `max` bytes in all.
+Status GetBins(const object& o, std::string_view field, size_t count, size_t max,
+               std::vector<std::string>* out) {
+  const msgpack::object_array* a = nullptr;
+  GPUQ_RETURN_IF_ERROR(GetArray(o, field, count, &a));
+  out->resize(a->size);
+  size_t left = max;
+  for (uint32_t i = 0; i < a->size; ++i) {
+    GPUQ_RETURN_IF_ERROR(GetBin(a->ptr[i], field, left, &(*out)[i]));
+    left -= (*out)[i].size();
+  }
+  return Status::Ok();
+}
+
+void PackBins(Packer& p, const std::vector<std::string>& bins) {
+  p.pack_array(static_cast<uint32_t>(bins.size()));
+  for (const std::string& b : bins) PackBin(p, b);
 }
 
 }  // namespace
@@ -2193,11 +2213,11 @@ std::string EncodePlainDone(const SessionMessage& m, bool framed) {
 }
 
 std::string EncodeSession(const SessionMessage& m, bool framed, bool fast = true) {
-  if (fast && m.op == SessionOp::kLaunch && m.kernel_ref != 0) {
+  if (fast && m.op == SessionOp::kLaunch && m.kernel_ref != 0 && m.inputs.empty()) {
     return EncodeLaunchByHandle(m, framed);
   }
   if (fast && m.op == SessionOp::kDone && m.buffer == 0 && m.data.empty() && m.ring == 0 &&
-      m.region == 0) {
+      m.region == 0 && m.outputs.empty()) {
     return EncodePlainDone(m, framed);
   }
   const ReplyFields& f = FieldsOf(m.op);
@@ -2245,8 +2265,11 @@ std::string EncodeSession(const SessionMessage& m, bool framed, bool fast = true
   if (m.op == SessionOp::kLaunch) {
     PackLaunchFields(w, p, m.launch);
     w.Field("args", true, [&] { PackArgs(p, m.args); })
-        .Field("untimed", m.untimed, [&] { p.pack_true(); });
+        .Field("untimed", m.untimed, [&] { p.pack_true(); })
+        .Field("inputs", !m.inputs.empty(), [&] { PackBins(p, m.inputs); });
   }
+  w.Field("outputs", m.op == SessionOp::kDone && !m.outputs.empty(),
+          [&] { PackBins(p, m.outputs); });
   w.Field("image", has("image") && !failed, [&] { PackBin(p, m.image); })
       .Field("kind", has("kind") && !failed,
              [&] { PackStr(p, kImageNames[static_cast<size_t>(m.image_kind)]); })
@@ -2288,7 +2311,9 @@ Status DecodeSessionFields(const object& o, const Limits& limits, size_t max_dat
       if (k == "expr") return GetBool(v, k, &r.kernel.name_expression);
       if (k == "args") return GetArgs(v, limits, &r.args);
       if (k == "untimed") return GetBool(v, k, &r.untimed);
+      if (k == "inputs") return GetBins(v, k, limits.max_args, max_data, &r.inputs);
     }
+    if (k == "outputs") return GetBins(v, k, limits.max_args, max_data, &r.outputs);
     if (k == "rid") return GetU(v, k, &r.rid);
     if (k == "protocol") return GetStr(v, k, 16, &r.protocol);
     if (k == "session") return GetU(v, k, &r.session);
@@ -2351,11 +2376,31 @@ Status DecodeSessionFields(const object& o, const Limits& limits, size_t max_dat
     }
     GPUQ_RETURN_IF_ERROR(CheckLaunch(r.launch));
     GPUQ_RETURN_IF_ERROR(CheckShared(r.launch));
+    // Scalars, the session's buffers, and buffers of the launch's own:
+    // each of `inputs` named by exactly one in or inout argument.
+    std::vector<bool> named(r.inputs.size(), false);
     for (size_t i = 0; i < r.args.size(); ++i) {
-      if (r.args[i].kind != ArgKind::kScalar && r.args[i].kind != ArgKind::kBuffer) {
-        return Error(Code::kInvalid, "argument " + std::to_string(i) +
-                                         ": a session's launch takes scalars and its buffers "
-                                         "(\"buf\")");
+      const Arg& a = r.args[i];
+      const std::string which = "argument " + std::to_string(i);
+      if (a.region != 0) {
+        return Error(Code::kInvalid, which + ": a session's launch names no region range (a "
+                                             "write or a read does)");
+      }
+      if (a.kind != ArgKind::kIn && a.kind != ArgKind::kInOut) continue;
+      if (a.frame >= r.inputs.size()) {
+        return Error(Code::kInvalid, which + ": input " + std::to_string(a.frame) +
+                                         " is not among the launch's " +
+                                         std::to_string(r.inputs.size()) + " inputs");
+      }
+      if (named[a.frame]) {
+        return Error(Code::kInvalid, which + ": input " + std::to_string(a.frame) +
+                                         " is named twice");
+      }
+      named[a.frame] = true;
+    }
+    for (size_t f = 0; f < named.size(); ++f) {
+      if (!named[f]) {
+        return Error(Code::kInvalid, "input " + std::to_string(f) + " is named by no argument");
       }
     }
   }

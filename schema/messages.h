@@ -302,7 +302,12 @@ struct SessionMessage {
   std::string data;    // write; done of read
   KernelSpec kernel;   // launch, compile
   LaunchSpec launch;
-  std::vector<Arg> args;  // scalars, and buffers: ["buf", handle] or ["buf", [handle, offset]]
+  // scalars, the session's buffers (["buf", handle] or ["buf", [handle, offset]]),
+  // and the launch's own: ["in", i] and ["inout", i] of `inputs`, ["out", size],
+  // ["scratch", size]
+  std::vector<Arg> args;
+  std::vector<std::string> inputs;   // launch: its in and inout buffers' bytes
+  std::vector<std::string> outputs;  // done of launch: its out and inout buffers', in argument order
   bool untimed = false;    // launch: no CUDA events, so no kernel_ns in its answer
   // launch: the session's handle of a kernel an earlier launch named by
   // its source, instead of the source; done of a launch: that handle

@@ -397,7 +397,10 @@ int gpuq_c_api_session_scenario(const char* endpoint, char* why, size_t why_size
   uint32_t buf = 0, n = 16, v = 5, handle = 0;
   uint64_t ns = 0;
   unsigned char bytes[16];
-  size_t i = 0;
+  size_t i = 0, out_size = 0;
+  gpuq_job* own = NULL;
+  gpuq_result* result = NULL;
+  const unsigned char* got = NULL;
   gpuq_code code;
 
   code = gpuq_client_new(endpoint, 10000, &c);
@@ -424,6 +427,17 @@ int gpuq_c_api_session_scenario(const char* endpoint, char* why, size_t why_size
   code = gpuq_session_read(s, buf, 0, bytes, 16);
   CHECK(code == GPUQ_OK, "read: %s", gpuq_session_error(s));
   for (i = 0; i < 16; ++i) CHECK(bytes[i] == i + 10, "byte %u is %u", (unsigned)i, bytes[i]);
+  /* A launch with a buffer of its own: in and out again, in the result. */
+  own = gpuq_job_new(kInc, "inc");
+  gpuq_job_set_launch(own, 1, 1, 1, 16, 1, 1, 0);
+  gpuq_job_add_inout(own, bytes, 16);
+  gpuq_job_add_scalar(own, GPUQ_U32, &n);
+  gpuq_job_add_scalar(own, GPUQ_U32, &v);
+  code = gpuq_session_run(s, own, &result);
+  CHECK(code == GPUQ_OK, "run: %s", gpuq_session_error(s));
+  got = (const unsigned char*)gpuq_result_output(result, 0, &out_size);
+  CHECK(got != NULL && out_size == 16, "run's output: %u bytes", (unsigned)out_size);
+  for (i = 0; i < 16; ++i) CHECK(got[i] == i + 15, "run's byte %u is %u", (unsigned)i, got[i]);
   /* An attached region: the buffer's bytes into it, and back from it. */
   code = gpuq_region_new(c, 4096, "c-tenant", &region);
   CHECK(code == GPUQ_OK, "region: %s", gpuq_client_error(c));
@@ -460,6 +474,8 @@ int gpuq_c_api_session_scenario(const char* endpoint, char* why, size_t why_size
   rc = 0;
 out:
   gpuq_job_free(launch);
+  gpuq_job_free(own);
+  if (result) gpuq_result_free(result);
   gpuq_session_free(s);
   if (region) gpuq_region_free(region);
   gpuq_client_free(c);

@@ -794,6 +794,18 @@ std::vector<GoldenMessage> GoldenMessages() {
     m.kernel = {};
     m.kernel_ref = 1;
     g.push_back({"session_launch_by_handle", m, {}});
+    // Buffers of the launch's own: x in, y in and out, a scratch.
+    m.rid = 7;
+    m.args = {Arg::F32(2.0f), Arg::In(0), Arg::InOut(1), Arg::U32(2), Arg::Scratch(256)};
+    m.inputs = {std::string("\x00\x00\x80\x3f\x00\x00\x00\x40", 8),
+                std::string("\x00\x00\x40\x40\x00\x00\x80\x40", 8)};
+    g.push_back({"session_launch_own_buffers", m, {}});
+    m = {};
+    m.op = SessionOp::kDone;
+    m.rid = 7;
+    m.kernel_ns = 4160;
+    m.outputs = {std::string("\x00\x00\xa0\x40\x00\x00\x00\x41", 8)};
+    g.push_back({"session_done_launch_outputs", m, {}});
     m = {};
     m.op = SessionOp::kDone;
     m.rid = 3;

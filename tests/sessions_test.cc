@@ -184,10 +184,11 @@ TEST_F(SessionsTest, EveryMisuseGetsAClearErrorAndTheSessionGoesOn) {
   bad.kernel.source = "this is not CUDA";
   EXPECT_EQ(x.Launch(bad).status().code(), Code::kCompileError);
   EXPECT_EQ(x.Launch(Named("missing", {})).status().code(), Code::kNotFound);
-  SessionLaunch job_arg = Inc(*a, 10, 1);
-  job_arg.args[0] = Arg::Out(10);
-  EXPECT_EQ(x.Launch(job_arg).status().code(), Code::kInvalid)
-      << "a job's buffer kinds are not a session's";
+  SessionLaunch region_arg = Inc(*a, 10, 1);
+  region_arg.args[0] = Arg::Out(10);
+  region_arg.args[0].region = 7;  // a region's range: a write or a read names one
+  EXPECT_EQ(x.Launch(region_arg).status().code(), Code::kInvalid)
+      << "a region's range is not a launch's argument in a session";
   // None of it changed anything: the buffer is as it was, and works.
   auto fine = x.Launch(Inc(*a, 100, 3));
   ASSERT_TRUE(fine.ok()) << fine.status().ToString();
@@ -254,6 +255,70 @@ TEST_F(SessionsTest, AnUntimedLaunchsEndComesFromTheWordAndNoRefusalIsMissed) {
 // A kernel's first launch names it by source; its answer gives a handle,
 // by which the client's later launches name it (PROTOCOL.md, "Sessions").
 // Two kernels of one source, alternating: each launch runs its own.
+TEST_F(SessionsTest, ALaunchsOwnBuffersComeInAndGoOut) {
+  Start();
+  auto s = Open("", {}, 1 << 20);
+  ASSERT_TRUE(s.ok()) << s.status().ToString() << Log();
+  Session& ss = **s;
+  auto kept = ss.Alloc(16);
+  ASSERT_TRUE(kept.ok());
+  ASSERT_TRUE(ss.Fill(*kept, 0, 16, 1).ok());
+  auto inc = [](Arg buffer, uint32_t n, uint32_t v, std::vector<std::string_view> inputs = {}) {
+    SessionLaunch l = Named("inc", {buffer, Arg::U32(n), Arg::U32(v)});
+    l.inputs = std::move(inputs);
+    return l;
+  };
+  std::vector<std::string> out;
+  // inout: its bytes in, the kernel's out.
+  const std::string ones(8, 1);
+  ASSERT_TRUE(ss.Launch(inc(Arg::InOut(0), 8, 5, {ones}), &out).ok());
+  ASSERT_EQ(out.size(), 1u);
+  EXPECT_EQ(out[0], std::string(8, 6));
+  // out: zeros in.
+  ASSERT_TRUE(ss.Launch(inc(Arg::Out(8), 8, 3), &out).ok());
+  ASSERT_EQ(out.size(), 1u);
+  EXPECT_EQ(out[0], std::string(8, 3));
+  // in and scratch: nothing comes back.
+  ASSERT_TRUE(ss.Launch(inc(Arg::In(0), 8, 3, {ones}), &out).ok());
+  EXPECT_TRUE(out.empty());
+  ASSERT_TRUE(ss.Launch(inc(Arg::Scratch(64), 64, 9), &out).ok());
+  EXPECT_TRUE(out.empty());
+  // Several in flight, each with its own bytes.
+  std::vector<std::string> ins;
+  for (int i = 0; i < 20; ++i) ins.push_back(std::string(100 + i, static_cast<char>(i)));
+  std::vector<uint64_t> tickets;
+  for (int i = 0; i < 20; ++i) {
+    auto t = ss.LaunchAsync(inc(Arg::InOut(0), 100 + i, 1, {ins[i]}));
+    ASSERT_TRUE(t.ok());
+    tickets.push_back(*t);
+  }
+  for (int i = 0; i < 20; ++i) {
+    ASSERT_TRUE(ss.Wait(tickets[i], &out).ok());
+    ASSERT_EQ(out.size(), 1u);
+    EXPECT_EQ(out[0], std::string(100 + i, static_cast<char>(i + 1))) << i;
+  }
+  // Misuse: a clear error, and the session goes on.
+  auto code = [&](SessionLaunch l) { return ss.Launch(l, &out).status().code(); };
+  EXPECT_EQ(code(inc(Arg::In(1), 8, 1, {ones})), Code::kInvalid) << "no input 1";
+  SessionLaunch twice = Named("inc", {Arg::In(0), Arg::In(0)});
+  twice.inputs = {ones};
+  EXPECT_EQ(code(twice), Code::kInvalid) << "an input named twice";
+  EXPECT_EQ(code(inc(Arg::In(0), 8, 1, {ones, ones})), Code::kInvalid) << "an input unnamed";
+  EXPECT_EQ(code(inc(Arg::Out(2 << 20), 8, 1)), Code::kResourceExhausted)
+      << "past the session's memory";
+  // What a launch's own buffers held is free again once it is answered.
+  ASSERT_TRUE(ss.Launch(inc(Arg::Out(600 << 10), 8, 1), &out).ok());
+  auto big = ss.Alloc(600 << 10);
+  ASSERT_TRUE(big.ok()) << big.status().ToString();
+  auto over = ss.Launch(inc(Arg::Out(600 << 10), 8, 1), &out);
+  EXPECT_EQ(over.status().code(), Code::kResourceExhausted);
+  EXPECT_NE(over.status().message().find("own buffers"), std::string::npos)
+      << over.status().ToString();
+  auto kept_bytes = ss.Read(*kept, 0, 16);
+  ASSERT_TRUE(kept_bytes.ok());
+  EXPECT_EQ(*kept_bytes, std::string(16, 1));
+}
+
 TEST_F(SessionsTest, LaterLaunchesNameTheirKernelByHandle) {
   Start();
   auto s = Open();

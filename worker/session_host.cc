@@ -99,6 +99,14 @@ class SessionHost::Impl {
   // (its rid; 0: nothing to wait for): a read's bytes come from `staged`
   // or `unstaged`; a write's bytes are kept until then; a timed launch's
   // time from `mark`.
+  // Host bytes of a copy until it has run (or been answered): the
+  // stream's page-locked memory where it has some to give, else the heap.
+  struct HostBytes {
+    std::unique_ptr<SessionStaging> staged;
+    std::unique_ptr<std::string> unstaged;
+    char* data() { return staged ? staged->data() : unstaged ? unstaged->data() : nullptr; }
+    uint64_t size() const { return staged ? staged->size() : unstaged ? unstaged->size() : 0; }
+  };
   struct Entry {
     SessionMessage reply;
     uint64_t seq = 0;
@@ -112,6 +120,10 @@ class SessionHost::Impl {
     std::unique_ptr<SessionStaging> staged;
     std::unique_ptr<std::string> unstaged;
     bool read = false;
+    // A launch's buffers of its own: its inputs' bytes until copied, its
+    // outputs' (in argument order) until answered; its device bytes.
+    std::vector<HostBytes> ins, outs;
+    uint64_t own = 0;
   };
   struct Buffer {
     uint64_t ptr = 0, size = 0;
@@ -132,6 +144,7 @@ class SessionHost::Impl {
     uint64_t id = 0;
     std::string token;
     uint64_t memory = 0, held = 0;
+    uint64_t own = 0;  // device bytes of launches' own buffers, until they are answered
     std::chrono::milliseconds idle{0};
     UniqueFd conn;
     UniqueFd wake;  // an eventfd: the control thread asks it to end
@@ -158,6 +171,7 @@ class SessionHost::Impl {
     // so that a launch allocates nothing.
     std::vector<uint64_t> slots;
     std::vector<void*> params;
+    std::vector<uint64_t> own_sizes;  // a launch's own buffers' sizes, by argument
     uint32_t last_ref = 0;
     // Kernels by the handles their launches' answers gave (handle - 1), and
     // the handle of each kernel's key: a later launch names one by handle.
@@ -236,6 +250,19 @@ class SessionHost::Impl {
   bool Read(Session& s);
   void Handle(Session& s, SessionMessage& m);
   void Launch(Session& s, SessionMessage& m);
+  // A launch's buffers of its own (in, inout, out, scratch): device memory
+  // for it alone (zero-filled; inputs copied in), pointers into `s.slots`,
+  // input bytes held by `e` until copied, device bytes counted in e->own,
+  // each argument's size in `s.own_sizes`. On an error, nothing is left
+  // allocated.
+  Status OwnBuffers(Session& s, SessionMessage& m, Entry* e, std::vector<uint64_t>* ptrs);
+  // Host memory for `size` bytes a copy reads or writes.
+  HostBytes Bytes(Session& s, uint64_t size) {
+    HostBytes h;
+    if (size == 0) return h;
+    if (!(h.staged = s.stream->Staging(size))) h.unstaged = std::make_unique<std::string>(size, '\0');
+    return h;
+  }
   // The kernel of `k` (its KernelKey `key`), compiled and loaded once per process.
   StatusOr<std::shared_ptr<SessionKernel>> Kernel(Session& s, const schema::KernelSpec& k,
                                                   const std::string& key);
@@ -810,6 +837,8 @@ bool SessionHost::Impl::Complete(Session& s, bool wait) {
     if (e.mark) e.reply.kernel_ns = s.stream->Elapsed(*e.mark);
     if (e.read && e.staged) e.reply.data.assign(e.staged->data(), e.staged->size());
     if (e.read && e.unstaged) e.reply.data = std::move(*e.unstaged);
+    for (HostBytes& o : e.outs) e.reply.outputs.emplace_back(o.data(), o.size());
+    s.own -= e.own;
     if (faulted_.load()) return false;
     s.out.Push(schema::EncodeSessionMessage(e.reply));
     if (e.refused) --s.refused;
@@ -1073,11 +1102,16 @@ void SessionHost::Impl::Launch(Session& s, SessionMessage& m) {
   std::vector<void*>& params = s.params;
   slots.resize(m.args.size());
   params.resize(m.args.size());
+  bool own = false;  // buffers of its own (in, inout, out, scratch)
   for (size_t i = 0; i < m.args.size(); ++i) {
     const schema::Arg& a = m.args[i];
     params[i] = &slots[i];
     if (a.kind == schema::ArgKind::kScalar) {
       slots[i] = a.bits;
+      continue;
+    }
+    if (a.kind != schema::ArgKind::kBuffer) {
+      own = true;
       continue;
     }
     auto b = s.buffers.find(a.buffer);
@@ -1095,8 +1129,20 @@ void SessionHost::Impl::Launch(Session& s, SessionMessage& m) {
     }
     slots[i] = b->second.ptr + a.offset;
   }
+  Entry e;
+  std::vector<uint64_t> own_ptrs;
+  if (own) {
+    if (Status o = OwnBuffers(s, m, &e, &own_ptrs); !o.ok()) return Answer(s, m.rid, o);
+  }
+  // The launch's own buffers go once the copies of their outputs have run.
+  auto free_own = [&] {
+    for (uint64_t p : own_ptrs) s.stream->Free(p);
+  };
   auto mark = s.stream->Launch(**kernel, m.launch, params, !m.untimed);
-  if (!mark.ok()) return Answer(s, m.rid, mark.status());
+  if (!mark.ok()) {
+    free_own();
+    return Answer(s, m.rid, mark.status());
+  }
   if (s.limit.count() > 0) {
     // The watchdog's mark: this launch's end (Watchdog). Should it fail to
     // enqueue, the launch goes unwatched, and the next one's mark covers it.
@@ -1104,10 +1150,95 @@ void SessionHost::Impl::Launch(Session& s, SessionMessage& m) {
       s.watch_sent.store(m.rid, std::memory_order_release);
     }
   }
-  Entry e;
+  for (size_t i = 0; own && i < m.args.size(); ++i) {
+    const schema::Arg& a = m.args[i];
+    if (a.kind != schema::ArgKind::kOut && a.kind != schema::ArgKind::kInOut) continue;
+    const uint64_t size = s.own_sizes[i];  // an inout's input has moved
+    HostBytes h = Bytes(s, size);
+    if (size > 0) {
+      if (Status c = s.stream->CopyOut(h.data(), slots[i], size); !c.ok()) {
+        // The launch was sent: its answer waits for the stream as any
+        // does (the copies sent keep their bytes until then).
+        free_own();
+        s.own += e.own;
+        e.reply = ErrorReply(m.rid, c.WithContext("argument " + std::to_string(i)));
+        e.refused = true;
+        ++s.refused;
+        e.seq = m.rid;
+        s.enqueued = m.rid;
+        return Push(s, std::move(e));
+      }
+    }
+    e.outs.push_back(std::move(h));
+  }
+  free_own();
+  s.own += e.own;
   e.mark = std::move(*mark);
   e.reply.kernel_ref = ref;
   Done(s, m.rid, std::move(e));
+}
+
+Status SessionHost::Impl::OwnBuffers(Session& s, SessionMessage& m, Entry* e,
+                                     std::vector<uint64_t>* ptrs) {
+  using schema::ArgKind;
+  auto size_of = [&](const schema::Arg& a) -> uint64_t {
+    if (a.kind == ArgKind::kIn || a.kind == ArgKind::kInOut) return m.inputs[a.frame].size();
+    return a.kind == ArgKind::kOut || a.kind == ArgKind::kScratch ? a.size : 0;
+  };
+  // Sizes are bounded by the decoder (each by the largest buffer, at most
+  // max_args of them): their sums do not overflow.
+  uint64_t bytes = 0, out = 0;
+  s.own_sizes.resize(m.args.size());
+  for (size_t i = 0; i < m.args.size(); ++i) {
+    const schema::Arg& a = m.args[i];
+    s.own_sizes[i] = size_of(a);
+    bytes += s.own_sizes[i];
+    if (a.kind == ArgKind::kOut || a.kind == ArgKind::kInOut) out += s.own_sizes[i];
+  }
+  if (bytes > s.memory - s.held - s.own) {
+    return Error(Code::kResourceExhausted,
+                 "the session holds " + std::to_string(s.held + s.own) + " of its " +
+                     std::to_string(s.memory) + " bytes (" + std::to_string(s.own) +
+                     " in launches' own buffers); this launch's own buffers need " +
+                     std::to_string(bytes) + " more");
+  }
+  if (out > opt_.max_data) {
+    return Error(Code::kTooLarge, "a launch's outputs are at most " +
+                                      std::to_string(opt_.max_data) + " bytes in all; " +
+                                      std::to_string(out) + " asked");
+  }
+  for (size_t i = 0; i < m.args.size(); ++i) {
+    const schema::Arg& a = m.args[i];
+    if (a.kind == ArgKind::kScalar || a.kind == ArgKind::kBuffer) continue;
+    const uint64_t size = s.own_sizes[i];
+    s.slots[i] = 0;  // an empty buffer: a null pointer
+    if (size == 0) continue;
+    auto p = s.stream->Alloc(size);  // zero-filled
+    Status st = p.status();
+    if (p.ok()) {
+      ptrs->push_back(*p);
+      s.slots[i] = *p;
+      if (a.kind == ArgKind::kIn || a.kind == ArgKind::kInOut) {
+        std::string& bytes_in = m.inputs[a.frame];
+        HostBytes h;
+        if ((h.staged = s.stream->Staging(size))) {
+          std::memcpy(h.staged->data(), bytes_in.data(), size);
+        } else {
+          h.unstaged = std::make_unique<std::string>(std::move(bytes_in));
+        }
+        st = s.stream->CopyIn(*p, h.data(), size);
+        e->ins.push_back(std::move(h));
+      }
+    }
+    if (!st.ok()) {
+      for (uint64_t q : *ptrs) s.stream->Free(q);
+      ptrs->clear();
+      e->ins.clear();
+      return st.WithContext("argument " + std::to_string(i));
+    }
+  }
+  e->own = bytes;
+  return Status::Ok();
 }
 
 void SessionHost::Impl::OnModule(SessionMessage& m) {

@@ -209,9 +209,14 @@ struct SessionOptions {
 struct SessionLaunch {
   schema::KernelSpec kernel;  // source, entry (extern "C" name or name expression), options
   schema::LaunchSpec launch;  // grid, block, dynamic shared memory
-  // Scalars (Arg::U32, Arg::F32...) and the session's buffers:
-  // Arg::Ref(handle, byte offset).
+  // Scalars (Arg::U32, Arg::F32...), the session's buffers
+  // (Arg::Ref(handle, byte offset)), and buffers of the launch's own: device
+  // memory for it alone, zero-filled, freed after it: Arg::In(i) and
+  // Arg::InOut(i) hold `inputs[i]` (each input named once), Arg::Out(size)
+  // and Arg::InOut come back (Launch and Wait with `outputs`),
+  // Arg::Scratch(size) never leaves the GPU.
   std::vector<schema::Arg> args;
+  std::vector<std::string_view> inputs;  // read while the call that sends it runs
   // Timed: the answer carries the launch's time on the GPU from two CUDA
   // events. Untimed costs no events, and a client on the GPU's host that
   // polls learns of its end from the GPU itself (PROTOCOL.md, "Sessions").
@@ -236,6 +241,9 @@ class Session {
   Status Fill(uint32_t buffer, uint64_t offset, uint64_t size, uint8_t value);
   // Runs a kernel and waits for it: its time on the GPU, in nanoseconds.
   StatusOr<uint64_t> Launch(const SessionLaunch& launch);
+  // The same, with the bytes of its own out and inout buffers, in argument
+  // order, into *outputs.
+  StatusOr<uint64_t> Launch(const SessionLaunch& launch, std::vector<std::string>* outputs);
   // Send without waiting: a ticket for Wait() (WaitRead() for a read).
   // Requests run, and are answered, in the order sent.
   StatusOr<uint64_t> LaunchAsync(const SessionLaunch& launch);
@@ -244,6 +252,8 @@ class Session {
   // The end of the request of `ticket`: for a timed launch, its time on
   // the GPU in nanoseconds (0 for others).
   StatusOr<uint64_t> Wait(uint64_t ticket);
+  // For a launch: the same, with its own out and inout buffers' bytes.
+  StatusOr<uint64_t> Wait(uint64_t ticket, std::vector<std::string>* outputs);
   // The bytes of the read of `ticket`.
   StatusOr<std::string> WaitRead(uint64_t ticket);
   // Registered memory (PROTOCOL.md, "Sessions", attach): `region`'s memory,

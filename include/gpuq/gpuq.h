@@ -291,6 +291,13 @@ gpuq_code gpuq_session_launch(gpuq_session* session, const gpuq_job* launch,
 /* The same untimed: the GPU records no CUDA events for it (cheaper), and no
  * time comes back. */
 gpuq_code gpuq_session_launch_untimed(gpuq_session* session, const gpuq_job* launch);
+/* Runs a launch whose arguments may include buffers of its own
+ * (gpuq_job_add_in, _inout, _out, beside scalars and session buffers):
+ * device memory for it alone, zero-filled, inputs copied in before it,
+ * freed after it. On GPUQ_OK *result (release with gpuq_result_free) holds
+ * its out and inout buffers' bytes by argument index (gpuq_result_output)
+ * and its time on the GPU (timing's kernel_us). */
+gpuq_code gpuq_session_run(gpuq_session* session, const gpuq_job* launch, gpuq_result** result);
 /* Attaches `region` to the session (PROTOCOL.md, "Attached regions"): the
  * session's process page-locks its memory once; *handle names it in
  * gpuq_session_write_from and gpuq_session_read_into. The region must

@@ -3,7 +3,8 @@
 // and reads in flight against a CPU model; freed and
 // foreign handles refused; a kernel fault in one tenant's session leaving
 // another tenant's session on the same GPU intact, byte for byte; a launch
-// past its run-time limit doing the same, and launches within it not.
+// past its run-time limit doing the same, and launches within it not; a
+// launch's own buffers (in, inout, out) beside the session's.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -303,6 +304,63 @@ TEST_F(SessionsGpuTest, AFaultInOneTenantsSessionLeavesAnotherTenantsIntact) {
   auto again = Open("fault-a");
   ASSERT_TRUE(again);
   EXPECT_TRUE(again->Alloc(16).ok());
+}
+
+TEST_F(SessionsGpuTest, ALaunchsOwnBuffersMatchTheCpuBesideTheSessionsBuffers) {
+  auto s = Open("own");
+  ASSERT_TRUE(s);
+  const unsigned n = 1 << 18;
+  const uint64_t bytes = uint64_t{n} * 4;
+  std::uniform_real_distribution<float> d(-1.0f, 1.0f);
+  std::vector<float> x(n), y(n);
+  for (unsigned i = 0; i < n; ++i) x[i] = d(rng_), y[i] = d(rng_);
+  auto by = s->Alloc(bytes);
+  ASSERT_TRUE(by.ok());
+  ASSERT_TRUE(s->Write(*by, 0, y.data(), bytes).ok());
+  // x comes with each launch (in), y stays in the session, and a copy of
+  // it goes in and out (inout): all in flight at once.
+  std::vector<uint64_t> tickets;
+  std::vector<float> want = y, a(8);
+  for (int step = 0; step < 8; ++step) {
+    a[step] = d(rng_);
+    SessionLaunch l = L("saxpy", n, {Arg::F32(a[step]), Arg::In(0), Arg::Ref(*by), Arg::U32(n)});
+    l.inputs = {std::string_view(reinterpret_cast<const char*>(x.data()), bytes)};
+    auto t = s->LaunchAsync(l);
+    ASSERT_TRUE(t.ok()) << t.status().ToString();
+    tickets.push_back(*t);
+    for (unsigned i = 0; i < n; ++i) want[i] = std::fmaf(a[step], x[i], want[i]);
+  }
+  SessionLaunch io = L("saxpy", n, {Arg::F32(3), Arg::In(1), Arg::InOut(0), Arg::U32(n)});
+  io.inputs = {std::string_view(reinterpret_cast<const char*>(y.data()), bytes),
+               std::string_view(reinterpret_cast<const char*>(x.data()), bytes)};
+  auto t_io = s->LaunchAsync(io);
+  ASSERT_TRUE(t_io.ok()) << t_io.status().ToString();
+  for (uint64_t t : tickets) ASSERT_TRUE(s->Wait(t).ok());
+  std::vector<std::string> out;
+  auto ns = s->Wait(*t_io, &out);
+  ASSERT_TRUE(ns.ok()) << ns.status().ToString();
+  EXPECT_GT(*ns, 0u);
+  ASSERT_EQ(out.size(), 1u);
+  ASSERT_EQ(out[0].size(), bytes);
+  const float* io_got = reinterpret_cast<const float*>(out[0].data());
+  for (unsigned i = 0; i < n; ++i) {
+    const float w = std::fmaf(3.0f, x[i], y[i]);
+    ASSERT_NEAR(io_got[i], w, 1e-6f * (1 + std::fabs(w))) << "inout element " << i;
+  }
+  auto got = s->Read(*by, 0, bytes);
+  ASSERT_TRUE(got.ok()) << got.status().ToString();
+  const float* g = reinterpret_cast<const float*>(got->data());
+  for (unsigned i = 0; i < n; ++i) {
+    ASSERT_NEAR(g[i], want[i], 1e-5f * (1 + std::fabs(want[i]))) << "element " << i;
+  }
+  // An out buffer starts as zeros: 1 * 0 + 0.5 everywhere.
+  SessionLaunch zeros =
+      L("scale_add", n, {Arg::Out(bytes), Arg::F32(1), Arg::F32(0.5f), Arg::U32(n)});
+  ASSERT_TRUE(s->Launch(zeros, &out).ok());
+  ASSERT_EQ(out.size(), 1u);
+  const float* z = reinterpret_cast<const float*>(out[0].data());
+  EXPECT_EQ(z[0], 0.5f);
+  EXPECT_EQ(z[n - 1], 0.5f);
 }
 
 TEST_F(SessionsGpuTest, ALaunchPastItsRunTimeLimitEndsOnlyItsTenantsSessions) {

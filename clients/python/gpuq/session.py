@@ -21,7 +21,7 @@ import numpy as np
 import numpy.typing as npt
 
 from gpuq import wire
-from gpuq.client import Buf, Error, Scalar, launch_args
+from gpuq.client import Buf, Error, In, InOut, Out, Scalar, Scratch, launch_args
 
 PROTOCOL = wire.SESSION_PROTOCOL
 Dim = Union[int, Sequence[int]]
@@ -52,6 +52,9 @@ class Session:
         # gave (PROTOCOL.md, "Sessions"): later launches name them by it.
         self._kernels: Dict[Tuple[Any, ...], int] = {}
         self._naming: Dict[int, Tuple[Any, ...]] = {}  # rid of a launch by source
+        # A launch's out and inout arguments, by its rid: how to give back
+        # each output (dtype and shape; None: bytes).
+        self._outs: Dict[int, List[Optional[Tuple[Any, Any]]]] = {}
         self._lost: Optional[Error] = None
         self._closed = False
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
@@ -71,6 +74,7 @@ class Session:
         if self._lost is None:
             self._lost = e
         self._naming.clear()
+        self._outs.clear()
         if self._sock is not None:
             self._sock.close()
             self._sock = None
@@ -244,14 +248,15 @@ class Session:
                     "region_offset": int(region_offset)})
 
     def launch_async(self, source: str, entry: str, grid: Dim, block: Dim,
-                     args: Sequence[Union[Scalar, Buf]], *, shared: int = 0,
+                     args: Sequence[Any], *, shared: int = 0,
                      options: Optional[Sequence[str]] = None,
                      headers: Optional[Mapping[str, str]] = None,
                      name_expression: bool = False, timed: bool = True) -> int:
         """Sends a launch without waiting: a ticket for wait(). Arguments are
-        scalars (gpuq.u32(...), gpuq.f32(...)) and gpuq.Buf(handle, offset)
-        of this session's buffers. timed=False: no CUDA events, and wait()
-        gives 0."""
+        scalars (gpuq.u32(...), gpuq.f32(...)), gpuq.Buf(handle, offset)
+        of this session's buffers, and buffers of the launch's own (see
+        run(); their outputs come from wait_outputs()). timed=False: no CUDA
+        events, and wait() gives 0."""
         options = list(options or [])
         key = (source, entry, bool(name_expression), tuple(options),
                tuple((headers or {}).items()))
@@ -271,23 +276,88 @@ class Session:
         m["block"] = _dim3(block)
         if shared:
             m["shared"] = int(shared)
-        m["args"] = launch_args(args, "", "the session's buffers (by handle)")
+        own = [a for a in args if isinstance(a, (In, Out, Scratch))]
+        outs: List[Optional[Tuple[Any, Any]]] = []
+        if own:
+            # Buffers of the launch's own (PROTOCOL.md, "Sessions", launch).
+            wire_args: List[Any] = []
+            inputs: List[bytes] = []
+            plain = [a for a in args if not isinstance(a, (In, Out, Scratch))]
+            plain_wire = iter(launch_args(plain, "", "the session's buffers (by handle)"))
+            for a in args:
+                if isinstance(a, In):
+                    if isinstance(a.data, np.ndarray):
+                        array = np.ascontiguousarray(a.data)
+                        data = array.tobytes()
+                        spec = (array.dtype, array.shape)
+                    else:
+                        data, spec = bytes(memoryview(a.data)), None
+                    kind = "inout" if isinstance(a, InOut) else "in"
+                    wire_args.append([kind, len(inputs)])
+                    inputs.append(data)
+                    if kind == "inout":
+                        outs.append(spec)
+                elif isinstance(a, Out):
+                    wire_args.append(["out", a.nbytes])
+                    outs.append((a.dtype, a.shape))
+                elif isinstance(a, Scratch):
+                    wire_args.append(["scratch", a.nbytes])
+                else:
+                    wire_args.append(next(plain_wire))
+            m["args"] = wire_args
+            if inputs:
+                m["inputs"] = inputs
+        else:
+            m["args"] = launch_args(args, "", "the session's buffers (by handle)")
         if not timed:
             m["untimed"] = True
         rid = self._send(m)
         if handle is None:
             self._naming[rid] = key
+        if outs:
+            self._outs[rid] = outs
         return rid
 
     def wait(self, ticket: int) -> int:
         """The end of the launch of `ticket`: its time on the GPU, in ns (0
         for an untimed launch)."""
+        self._outs.pop(ticket, None)
         return int(self._answer(ticket).get("kernel_ns", 0))
 
     def launch(self, source: str, entry: str, grid: Dim, block: Dim,
                args: Sequence[Union[Scalar, Buf]], **kw: Any) -> int:
         """Runs a kernel and waits for it: its time on the GPU, in ns."""
         return self.wait(self.launch_async(source, entry, grid, block, args, **kw))
+
+    def wait_outputs(self, ticket: int) -> List[Any]:
+        """The end of the launch of `ticket`: the bytes of its own out and
+        inout buffers, in argument order (numpy arrays of their dtype and
+        shape where an array or gpuq.Out said them, else bytes)."""
+        specs = self._outs.pop(ticket, [])
+        got = self._answer(ticket).get("outputs", [])
+        if len(got) != len(specs):
+            raise Error("internal", "the session answered %d outputs for %d out and inout "
+                        "arguments" % (len(got), len(specs)))
+        result: List[Any] = []
+        for data, spec in zip(got, specs):
+            if spec is None:
+                result.append(bytes(data))
+                continue
+            dtype, shape = spec
+            a = np.frombuffer(data, dtype=dtype)
+            result.append(a.reshape(shape) if shape is not None else a)
+        return result
+
+    def run(self, source: str, entry: str, grid: Dim, block: Dim, args: Sequence[Any],
+            **kw: Any) -> List[Any]:
+        """Runs a kernel whose arguments may include buffers of its own, and
+        waits for it: gpuq.In(array or bytes) and gpuq.InOut(...) go to the
+        GPU before it, gpuq.Out(nbytes or dtype and shape) starts as zeros,
+        gpuq.Scratch(nbytes) never leaves the GPU; each is device memory for
+        this launch alone, freed after it. Besides them: scalars and
+        gpuq.Buf of the session's buffers. Returns the out and inout
+        buffers' bytes after it, in argument order (wait_outputs)."""
+        return self.wait_outputs(self.launch_async(source, entry, grid, block, args, **kw))
 
     def close(self) -> None:
         """Ends the session: its buffers are freed."""

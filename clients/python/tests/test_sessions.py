@@ -61,7 +61,7 @@ def test_misuse_gets_clear_errors_and_the_session_goes_on(service):
             s.launch("not CUDA", "inc", 1, 1, [])
         assert e.value.code == "compile_error"
         with pytest.raises(TypeError):
-            s.launch(KERNELS, "inc", 1, 1, [gpuq.In(b"x")])
+            s.launch(KERNELS, "inc", 1, 1, [object()])
         b = s.alloc(4)
         s.launch(KERNELS, "inc", 1, 4, [gpuq.Buf(b), gpuq.u32(4), gpuq.u32(9)])
         assert list(s.read(b, 4)) == [9] * 4
@@ -96,6 +96,32 @@ def test_a_launch_past_its_limit_ends_the_session_saying_so(service):
         assert "run-time limit of 200 ms" in str(e.value)
         assert list(b.read(hb, 8)) == [7] * 8
         b.close()
+
+
+def test_a_launchs_own_buffers_go_in_and_come_out(service):
+    local(service)
+    with gpuq.Client(service.client_endpoint) as c:
+        s = c.session(memory=1 << 20)
+        kept = s.alloc(8)
+        s.fill(kept, 1, 8)
+        x = np.arange(16, dtype=np.uint8).reshape(4, 4)
+        got = s.run(KERNELS, "inc", 1, 16, [gpuq.InOut(x), gpuq.u32(16), gpuq.u32(2)])
+        assert len(got) == 1
+        assert got[0].shape == (4, 4) and got[0].dtype == np.uint8
+        assert (got[0] == x + 2).all()
+        zeros = s.run(KERNELS, "inc", 1, 16, [gpuq.Out(shape=(8,), dtype=np.uint8),
+                                              gpuq.u32(8), gpuq.u32(7)])
+        assert list(zeros[0]) == [7] * 8
+        assert s.run(KERNELS, "inc", 1, 16, [gpuq.In(b"abc"), gpuq.u32(3), gpuq.u32(1)]) == []
+        tickets = [s.launch_async(KERNELS, "inc", 1, 16,
+                                  [gpuq.InOut(bytes([i]) * 4), gpuq.u32(4), gpuq.u32(1)])
+                   for i in range(10)]
+        assert [s.wait_outputs(t) for t in tickets] == [[bytes([i + 1]) * 4] for i in range(10)]
+        with pytest.raises(gpuq.Error) as e:
+            s.run(KERNELS, "inc", 1, 16, [gpuq.Out(4 << 20), gpuq.u32(1), gpuq.u32(1)])
+        assert e.value.code == "resource_exhausted"
+        assert bytes(s.read(kept, 8)) == bytes([1]) * 8
+        s.close()
 
 
 def test_close_through_the_broker(service):
