@@ -3,7 +3,8 @@
 //   gpuq-bench-session [--spin-us N] [--iterations N] [--session-limit-ms N]
 // Prints, p50 / p99 over N after a warm-up:
 //   empty: an empty kernel launched and its end known by the client;
-//   saxpy: write 2 x 4 KB, launch saxpy, read 4 KB;
+//   saxpy: write 2 x 4 KB, launch saxpy, read 4 KB; the same as one launch
+//   with buffers of its own (x in, y inout);
 //   in flight: 1000 empty launches sent at once, then their answers;
 // and each launch's time on the GPU (CUDA events); each for timed launches
 // and for untimed ones (no events: the client learns of the end from the
@@ -162,15 +163,19 @@ int main(int argc, char** argv) {
   saxpy.launch.block = {256, 1, 1};
   saxpy.args = {Arg::F32(2.0f), Arg::Ref(*x), Arg::Ref(*y), Arg::U32(n)};
   const std::vector<float> hx(n, 1.0f), hy(n, 2.0f);
+  gpuq::SessionLaunch own = saxpy;
+  own.args = {Arg::F32(2.0f), Arg::In(0), Arg::InOut(1), Arg::U32(n)};
+  own.inputs = {std::string_view(reinterpret_cast<const char*>(hx.data()), n * 4),
+                std::string_view(reinterpret_cast<const char*>(hy.data()), n * 4)};
 
   // Every figure twice: launches timed (two CUDA events each, the time in
   // the answer) and untimed (no events; the client learns of the end from
   // the word the GPU writes, when it polls).
   struct Figures {
-    Stats empty, gpu, saxpy, saxpy_pipe, rate;
+    Stats empty, gpu, saxpy, saxpy_pipe, saxpy_own, rate;
   };
   auto measure = [&](bool timed) -> std::optional<Figures> {
-    empty.timed = saxpy.timed = timed;
+    empty.timed = saxpy.timed = own.timed = timed;
     Figures f;
     std::vector<double> e2e, gpu;
     for (int i = 0; i < iterations + 200; ++i) {
@@ -220,8 +225,22 @@ int main(int argc, char** argv) {
       }
       if (i >= 200) sx_pipe.push_back(Us(t0, t1));
     }
+    std::vector<double> sx_own;
+    std::vector<std::string> outs;
+    for (int i = 0; i < iterations + 200; ++i) {
+      auto t0 = Clock::now();
+      auto l = s->Launch(own, &outs);
+      auto t1 = Clock::now();
+      if (!l.ok() || outs.size() != 1 || outs[0].size() != n * 4 ||
+          (!fake && reinterpret_cast<const float*>(outs[0].data())[7] != 4.0f)) {
+        fprintf(stderr, "saxpy (own buffers) failed: %s\n", l.status().ToString().c_str());
+        return std::nullopt;
+      }
+      if (i >= 200) sx_own.push_back(Us(t0, t1));
+    }
     f.saxpy = Summarize(sx);
     f.saxpy_pipe = Summarize(sx_pipe);
+    f.saxpy_own = Summarize(sx_own);
     std::vector<double> rates;
     for (int round = 0; round < 7; ++round) {
       std::vector<uint64_t> tickets;
@@ -258,6 +277,10 @@ int main(int argc, char** argv) {
          "|\n",
          timed->saxpy_pipe.p50, timed->saxpy_pipe.p99, untimed->saxpy_pipe.p50,
          untimed->saxpy_pipe.p99);
+  printf("| 4 KB saxpy as one launch with buffers of its own (x in, y inout) | %.1f µs | %.1f µs "
+         "| %.1f µs | %.1f µs |\n",
+         timed->saxpy_own.p50, timed->saxpy_own.p99, untimed->saxpy_own.p50,
+         untimed->saxpy_own.p99);
   printf("| 1000 empty launches in flight | %.0f launches/s | | %.0f launches/s | |\n",
          timed->rate.p50, untimed->rate.p50);
   printf("| an empty launch's time on the GPU (its events), p50 | %.1f µs | | | |\n",

@@ -37,7 +37,7 @@ uint8_t* At(uint64_t p) { return reinterpret_cast<uint8_t*>(p); }
 
 class FakeStream : public SessionStream {
  public:
-  StatusOr<uint64_t> Alloc(uint64_t size) override {
+  StatusOr<uint64_t> Alloc(uint64_t size, bool) override {
     auto* p = static_cast<uint8_t*>(calloc(1, size));
     if (!p) return Status(Code::kResourceExhausted, "out of memory");
     return reinterpret_cast<uint64_t>(p);

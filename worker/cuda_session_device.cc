@@ -142,10 +142,11 @@ class CudaStream : public SessionStream {
     return Status::Ok();
   }
 
-  StatusOr<uint64_t> Alloc(uint64_t size) override {
+  StatusOr<uint64_t> Alloc(uint64_t size, bool zeroed) override {
     Other();
     CUdeviceptr p = 0;
     GPUQ_CU_CHECK(cu_, cuMemAllocAsync(&p, size, stream_), Code::kResourceExhausted);
+    if (!zeroed) return static_cast<uint64_t>(p);
     if (CUresult e = cu_.cuMemsetD8Async(p, 0, size, stream_); e != CUDA_SUCCESS) {
       (void)cu_.cuMemFreeAsync(p, stream_);
       return Status(Code::kResourceExhausted, "zeroing a buffer: " + cu_.Describe(e));

@@ -45,8 +45,9 @@ class SessionStream {
   virtual ~SessionStream() = default;
   // Each enqueues in stream order; an error is immediate and leaves the
   // stream as it was. Pointers are the device's.
-  // `size` bytes, zero-filled before anything after it runs.
-  virtual StatusOr<uint64_t> Alloc(uint64_t size) = 0;
+  // `size` bytes, zero-filled before anything after it runs (unless not
+  // `zeroed`: for memory a copy fills whole next).
+  virtual StatusOr<uint64_t> Alloc(uint64_t size, bool zeroed) = 0;
   // After what was enqueued before it.
   virtual void Free(uint64_t ptr) = 0;
   virtual Status Copy(uint64_t dst, uint64_t src, uint64_t size) = 0;

@@ -910,7 +910,7 @@ void SessionHost::Impl::Handle(Session& s, SessionMessage& m) {
       if (h == 0 || s.buffers.count(h)) {
         return Answer(s, rid, Error(Code::kResourceExhausted, "buffer handles ran out"));
       }
-      auto p = s.stream->Alloc(m.size);
+      auto p = s.stream->Alloc(m.size, /*zeroed=*/true);
       if (!p.ok()) return Answer(s, rid, p.status());
       s.buffers[h] = Buffer{*p, m.size};
       s.held += m.size;
@@ -1213,12 +1213,14 @@ Status SessionHost::Impl::OwnBuffers(Session& s, SessionMessage& m, Entry* e,
     const uint64_t size = s.own_sizes[i];
     s.slots[i] = 0;  // an empty buffer: a null pointer
     if (size == 0) continue;
-    auto p = s.stream->Alloc(size);  // zero-filled
+    // In and inout: the copy fills it whole. Out and scratch: zeros.
+    const bool copied = a.kind == ArgKind::kIn || a.kind == ArgKind::kInOut;
+    auto p = s.stream->Alloc(size, /*zeroed=*/!copied);
     Status st = p.status();
     if (p.ok()) {
       ptrs->push_back(*p);
       s.slots[i] = *p;
-      if (a.kind == ArgKind::kIn || a.kind == ArgKind::kInOut) {
+      if (copied) {
         std::string& bytes_in = m.inputs[a.frame];
         HostBytes h;
         if ((h.staged = s.stream->Staging(size))) {
