@@ -94,6 +94,10 @@ class FakeStream : public SessionStream {
     return Status::Ok();
   }
   uint32_t Watched() const override { return watch_.load(std::memory_order_acquire); }
+  Status AnnounceAndWatch(uint32_t seq, uint32_t watch) override {
+    (void)Watch(watch);
+    return Announce(seq);
+  }
   bool Reached(uint32_t seq) override { return ByteRing::Reached(word_, seq); }
   Status Wait(uint32_t) override {
     if (faulted_) return Status(Code::kKernelFault, "CUDA_ERROR_ILLEGAL_ADDRESS (test double)");

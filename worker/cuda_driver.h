@@ -30,7 +30,8 @@ struct CudaDriver {
   X(cuMemHostAlloc) X(cuMemFreeHost) X(cuMemHostGetDevicePointer) X(cuStreamWriteValue32)   \
   X(cuGraphCreate) X(cuGraphDestroy) X(cuGraphAddKernelNode) X(cuGraphAddEventRecordNode) \
   X(cuGraphInstantiate) X(cuGraphExecDestroy) X(cuGraphExecKernelNodeSetParams)           \
-  X(cuGraphLaunch) X(cuEventQuery) X(cuMemcpyDtoDAsync) X(cuStreamQuery)
+  X(cuGraphLaunch) X(cuEventQuery) X(cuMemcpyDtoDAsync) X(cuStreamQuery)                  \
+  X(cuStreamBatchMemOp)
 #define GPUQ_CUDA_MEMBER(fn) decltype(&::fn) fn = nullptr;
   GPUQ_CUDA_FUNCTIONS(GPUQ_CUDA_MEMBER)
 #undef GPUQ_CUDA_MEMBER

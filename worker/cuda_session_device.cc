@@ -223,6 +223,18 @@ class CudaStream : public SessionStream {
     GPUQ_CU_CHECK(cu_, cuStreamWriteValue32(stream_, watch_dev_, seq, 0), Code::kLaunchError);
     return Status::Ok();
   }
+  Status AnnounceAndWatch(uint32_t seq, uint32_t watch) override {
+    Current();
+    CUstreamBatchMemOpParams ops[2] = {};
+    ops[0].writeValue.operation = CU_STREAM_MEM_OP_WRITE_VALUE_32;
+    ops[0].writeValue.address = word_dev_;
+    ops[0].writeValue.value = seq;
+    ops[1].writeValue.operation = CU_STREAM_MEM_OP_WRITE_VALUE_32;
+    ops[1].writeValue.address = watch_dev_;
+    ops[1].writeValue.value = watch;
+    GPUQ_CU_CHECK(cu_, cuStreamBatchMemOp(stream_, 2, ops, 0), Code::kLaunchError);
+    return Status::Ok();
+  }
   uint32_t Watched() const override {
     return std::atomic_ref<uint32_t>(*watch_).load(std::memory_order_acquire);
   }

@@ -81,6 +81,8 @@ class SessionStream {
   // word stands still while a launch is outstanding.
   virtual Status Watch(uint32_t seq) = 0;
   virtual uint32_t Watched() const = 0;
+  // Announce(seq) and Watch(watch) as one command (cheaper than two).
+  virtual Status AnnounceAndWatch(uint32_t seq, uint32_t watch) = 0;
   // A timed launch's nanoseconds on the device, once it has ended.
   virtual uint64_t Elapsed(SessionMark& m) = 0;
   // Copies between host memory and the device, enqueued. Host memory the

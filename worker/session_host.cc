@@ -192,11 +192,13 @@ class SessionHost::Impl {
     std::atomic<int64_t> last_ns{0};  // its latest request (steady clock)
     std::atomic<uint64_t> unanswered{0};
     std::atomic<bool> stop{false}, finished{false};
-    // A launch's run-time limit (0: none). Each launch is followed by the
-    // write of its rid into the stream's watch word; `watch_sent` is the
-    // latest so enqueued (written by the session's thread).
+    // A launch's run-time limit (0: none). Each launch is followed, before
+    // the next request's work, by the write of its rid into the stream's
+    // watch word; `watch_sent` is the latest so enqueued (written by the
+    // session's thread).
     std::chrono::milliseconds limit{0};
     std::atomic<uint64_t> watch_sent{0};
+    uint64_t watch_due = 0;  // a launch whose watch write is yet to be enqueued
     // The watchdog's own (the control thread's): the watch word as last
     // seen, and since when it has stood there with a launch after it.
     uint32_t watch_seen = 0;
@@ -280,11 +282,28 @@ class SessionHost::Impl {
     ++s.refused;
     Push(s, std::move(e));
   }
-  // Enqueues the end word's write after the work enqueued so far.
+  // Enqueues the end word's write after the work enqueued so far, and the
+  // watch word's write that is due (with it, or alone).
   void Announce(Session& s) {
-    if (s.enqueued == s.announced || s.refused > 0 || s.out.pending()) return;
-    (void)s.stream->Announce(static_cast<uint32_t>(s.enqueued));
+    if (s.enqueued == s.announced || s.refused > 0 || s.out.pending()) return Watch(s);
+    if (s.watch_due == 0) {
+      (void)s.stream->Announce(static_cast<uint32_t>(s.enqueued));
+    } else if (s.stream->AnnounceAndWatch(static_cast<uint32_t>(s.enqueued),
+                                          static_cast<uint32_t>(s.watch_due))
+                   .ok()) {
+      s.watch_sent.store(s.watch_due, std::memory_order_release);
+      s.watch_due = 0;
+    }
     s.announced = s.enqueued;
+  }
+  // Enqueues the watch word's write that is due. Should it fail, the launch
+  // goes unwatched, and the next one's covers it.
+  void Watch(Session& s) {
+    if (s.watch_due == 0) return;
+    if (s.stream->Watch(static_cast<uint32_t>(s.watch_due)).ok()) {
+      s.watch_sent.store(s.watch_due, std::memory_order_release);
+    }
+    s.watch_due = 0;
   }
   void Done(Session& s, uint64_t rid) { Done(s, rid, Entry()); }
   void Done(Session& s, uint64_t rid, Entry e);
@@ -869,6 +888,7 @@ void SessionHost::Impl::Handle(Session& s, SessionMessage& m) {
                                                       ", by less than 2^31"));
   }
   s.last_rid = rid;
+  Watch(s);  // before this request's work
   auto buffer = [&](uint32_t h, uint64_t offset, uint64_t size) -> StatusOr<Buffer> {
     auto it = s.buffers.find(h);
     if (it == s.buffers.end()) {
@@ -1143,13 +1163,10 @@ void SessionHost::Impl::Launch(Session& s, SessionMessage& m) {
     free_own();
     return Answer(s, m.rid, mark.status());
   }
-  if (s.limit.count() > 0) {
-    // The watchdog's mark: this launch's end (Watchdog). Should it fail to
-    // enqueue, the launch goes unwatched, and the next one's mark covers it.
-    if (s.stream->Watch(static_cast<uint32_t>(m.rid)).ok()) {
-      s.watch_sent.store(m.rid, std::memory_order_release);
-    }
-  }
+  // The watchdog's mark of this launch's end (Watchdog): enqueued before
+  // the next request's work, or with the end word's write when that comes
+  // first (one command for both).
+  if (s.limit.count() > 0) s.watch_due = m.rid;
   for (size_t i = 0; own && i < m.args.size(); ++i) {
     const schema::Arg& a = m.args[i];
     if (a.kind != schema::ArgKind::kOut && a.kind != schema::ArgKind::kInOut) continue;
