@@ -2410,6 +2410,9 @@ Status DecodeSessionFields(const object& o, const Limits& limits, size_t max_dat
       return Malformed("data", "a write carries data, or region and size, not both");
     }
   }
+  if (r.op == SessionOp::kDetach && r.region == 0) {
+    return Error(Code::kInvalid, "region 0 names no region");
+  }
   if ((r.op == SessionOp::kWrite || r.op == SessionOp::kRead) && r.region == 0 &&
       r.region_offset != 0) {
     return Malformed("region_offset", "needs a region");

@@ -633,6 +633,50 @@ TEST(SessionFrameTest, AFrameIsItsLengthThenItsMessage) {
   EXPECT_EQ(b[0] | (b[1] << 8) | (b[2] << 16) | (size_t{b[3]} << 24), body.size());
 }
 
+TEST(SessionMessageTest, WhatDecodesEncodesToItself) {
+  // A detach of region 0 decoded, and its encoding (which writes no region
+  // 0) did not: region 0 names no region, so a detach of it is refused.
+  const std::string detach_zero("\x83\xa2op\xa6" "detach\xa3rid\x09\xa6region\x00", 24);
+  SessionMessage m;
+  const Status s = DecodeSessionMessage(detach_zero, Limits{}, 1u << 20, &m);
+  EXPECT_EQ(s.code(), Code::kInvalid) << s.ToString();
+  // A launch's own buffers and its outputs go and come back as they were.
+  SessionMessage launch;
+  launch.op = SessionOp::kLaunch;
+  launch.rid = 4;
+  launch.kernel_ref = 2;
+  launch.launch.grid = launch.launch.block = {1, 1, 1};
+  launch.args = {Arg::InOut(1), Arg::In(0), Arg::Out(16), Arg::Scratch(8), Arg::Ref(5, 4)};
+  launch.inputs = {"abc", std::string(3, '\0')};
+  SessionMessage done;
+  done.op = SessionOp::kDone;
+  done.rid = 4;
+  done.outputs = {"xyz", std::string(16, 'q')};
+  for (const SessionMessage& want : {launch, done}) {
+    SessionMessage got;
+    ASSERT_TRUE(DecodeSessionMessage(EncodeSessionMessage(want), Limits{}, 1u << 20, &got).ok());
+    EXPECT_EQ(got, want);
+  }
+  // Inputs each named by exactly one argument; no region's range.
+  SessionMessage bad = launch;
+  bad.inputs.push_back("unnamed");
+  EXPECT_EQ(DecodeSessionMessage(EncodeSessionMessage(bad), Limits{}, 1u << 20, &m).code(),
+            Code::kInvalid);
+  bad = launch;
+  bad.args[1] = Arg::In(1);
+  EXPECT_EQ(DecodeSessionMessage(EncodeSessionMessage(bad), Limits{}, 1u << 20, &m).code(),
+            Code::kInvalid);
+  bad = launch;
+  bad.args[2].region = 3;
+  EXPECT_EQ(DecodeSessionMessage(EncodeSessionMessage(bad), Limits{}, 1u << 20, &m).code(),
+            Code::kInvalid);
+  // Inputs are bounded by the data limit, in all.
+  bad = launch;
+  bad.inputs = {std::string(600 << 10, 'a'), std::string(600 << 10, 'b')};
+  EXPECT_EQ(DecodeSessionMessage(EncodeSessionMessage(bad), Limits{}, 1u << 20, &m).code(),
+            Code::kTooLarge);
+}
+
 }  // namespace
 }  // namespace gpuq::schema
 
