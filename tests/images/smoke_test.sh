@@ -143,6 +143,18 @@ for image in "$broker_image" "$worker_image"; do
   fi
 done
 
+# --- sessions' processes ---------------------------------------------------------------
+
+# gpuqd starts gpuq-session beside itself for sessions; without a driver it
+# says so rather than failing to load.
+run podman run --rm --network none --entrypoint /usr/local/bin/gpuq-session "$broker_image" \
+  --control-fd 0 --socket /tmp/s.sock --device GPU-none
+if ((rc == 11)) && [[ $out == *"no CUDA driver"* ]]; then
+  pass "the broker image has gpuq-session beside gpuqd, and it starts (exit 11: no driver)"
+else
+  fail "the broker image has gpuq-session beside gpuqd, and it starts" "rc $rc: $out"
+fi
+
 # --- keys and kernels ------------------------------------------------------------------
 
 mkdir -p "$tmp/keys" "$tmp/kernels"
