@@ -46,6 +46,8 @@ constexpr size_t kMaxKernelRefs = 1024;  // kernel handles per session
 constexpr uint64_t kAnnounceEvery = 64;   // requests between end-word writes at most
 constexpr size_t kBatch = 32;             // requests decoded before they are handled
 constexpr size_t kMaxAttached = 16;       // regions attached to a session
+// A session's thread polls at least this long after a request or an answer.
+constexpr std::chrono::microseconds kPollAfter{30};
 
 bool SameToken(const std::string& a, const std::string& b) {
   if (a.size() != b.size()) return false;
@@ -674,7 +676,13 @@ void SessionHost::Impl::OnPending(size_t i) {
 void SessionHost::Impl::Serve(Session* sp) {
   Session& s = *sp;
   bool open = true;
-  auto spin_until = Clock::now() + opt_.spin;
+  // The thread polls (its client and the GPU) for this long after each
+  // request it takes and each answer it gives, then sleeps: --spin-us, and
+  // at least kPollAfter, so that a client that sends its next request soon
+  // after an answer (a request-and-answer loop) finds it awake and need not
+  // wake it, as the CUDA runtime polls a while before it sleeps.
+  const auto poll_for = std::max(opt_.spin, kPollAfter);
+  auto spin_until = Clock::now() + poll_for;
   // Past this many bytes of answers its client has not taken, no more
   // requests are read until it takes them.
   constexpr size_t kMaxUnread = 64u << 20;
@@ -683,10 +691,13 @@ void SessionHost::Impl::Serve(Session* sp) {
     const uint64_t before = s.requests;
     if (open && s.out.queued() < kMaxUnread) open = Read(s);
     const bool took = s.requests != before;
-    if (took) spin_until = Clock::now() + opt_.spin;
     // New requests first: launches are enqueued before the GPU is asked
     // what has ended (the answers come on a turn that took none).
+    const uint64_t unanswered = s.unanswered.load(std::memory_order_relaxed);
     if (!took && !Complete(s, false)) return;
+    if (took || s.unanswered.load(std::memory_order_relaxed) < unanswered) {
+      spin_until = Clock::now() + poll_for;
+    }
     if (s.out.pending() && !FlushOut(s)) open = false;
     // The end word once no more requests are coming (one write for all that
     // came together), or every kAnnounceEvery while they keep coming.
@@ -697,9 +708,9 @@ void SessionHost::Impl::Serve(Session* sp) {
       if (!Complete(s, true)) return;
       continue;
     }
-    // Spinning (for --spin-us after a request): the socket (Read, above)
-    // and the GPU (Complete) in turn, one system call a turn.
-    const bool spinning = opt_.spin.count() > 0 && Clock::now() < spin_until;
+    // Polling: the socket or ring (Read, above) and the GPU (Complete) in
+    // turn, one system call a turn on a socket.
+    const bool spinning = Clock::now() < spin_until;
     if (spinning && !s.out.pending()) {
       CpuRelax();
       continue;
