@@ -88,6 +88,7 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--time-limit-ms", o.default_time_limit_ms,
                  "Default run-time limit of a job, and of a session's launch")
+      ->check(CLI::Range(uint64_t{1}, gpuq::schema::kMaxTimeLimitMs))
       ->capture_default_str();
   app.add_option("--retention-s", retention_s, "How long results stay fetchable")
       ->capture_default_str();

@@ -6,7 +6,8 @@
 //   fault(...)       a fault: the wait for it fails, as a sticky CUDA error
 //   sleep_ms(ms)     takes ms milliseconds
 //   endless(...)     never ends: nothing after it runs, and a wait for it
-//                    never returns (as a kernel's endless loop)
+//                    never returns (as a kernel's endless loop); as the
+//                    driver's module loads do, a Load waits while one runs
 // any other symbol runs as a kernel that does nothing.
 #include <atomic>
 #include <chrono>
@@ -34,6 +35,8 @@ class FakeMark : public SessionMark {
 };
 
 uint8_t* At(uint64_t p) { return reinterpret_cast<uint8_t*>(p); }
+
+std::atomic<bool> endless_running{false};  // in any stream of the process
 
 class FakeStream : public SessionStream {
  public:
@@ -67,6 +70,7 @@ class FakeStream : public SessionStream {
       faulted_ = true;  // sticky, as a CUDA context's: nothing after it runs
     } else if (sym == "endless") {
       endless_ = true;
+      endless_running = true;
     } else if (sym == "sleep_ms") {
       std::this_thread::sleep_for(std::chrono::milliseconds(arg(0)));
     }
@@ -89,13 +93,15 @@ class FakeStream : public SessionStream {
     }
     return Status::Ok();
   }
-  Status Watch(uint32_t seq) override {
-    if (!faulted_ && !endless_) watch_.store(seq, std::memory_order_release);
+  // Written when the work before it has run: at once, but after an endless
+  // kernel or a fault, never.
+  Status Watch(uint32_t value) override {
+    if (!faulted_ && !endless_) std::atomic_ref<uint32_t>(watch_).store(value, std::memory_order_release);
     return Status::Ok();
   }
-  uint32_t Watched() const override { return watch_.load(std::memory_order_acquire); }
-  Status AnnounceAndWatch(uint32_t seq, uint32_t watch) override {
-    (void)Watch(watch);
+  const uint32_t* WatchWord() const override { return &watch_; }
+  Status AnnounceAndWatch(uint32_t seq, uint32_t value) override {
+    (void)Watch(value);
     return Announce(seq);
   }
   bool Reached(uint32_t seq) override { return ByteRing::Reached(word_, seq); }
@@ -118,7 +124,7 @@ class FakeStream : public SessionStream {
  private:
   bool faulted_ = false;
   bool endless_ = false;  // sticky too: an endless kernel holds the stream
-  std::atomic<uint32_t> watch_{0};
+  alignas(4) uint32_t watch_ = 0;
   alignas(64) uint32_t own_word_ = 0;
   uint32_t* word_ = &own_word_;
 };
@@ -133,6 +139,7 @@ class FakeSessionDevice : public SessionDevice {
   }
   StatusOr<std::shared_ptr<SessionKernel>> Load(const std::string& image, schema::ImageKind,
                                                 const std::string& symbol) override {
+    while (endless_running.load()) std::this_thread::sleep_for(std::chrono::milliseconds(10));
     // The image is the broker's real compile: the kernel must be in it.
     if (image.find(symbol) == std::string::npos) {
       return Status(Code::kNotFound, "no kernel '" + symbol + "' in the module");

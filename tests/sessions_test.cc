@@ -497,6 +497,42 @@ TEST_F(SessionsTest, ALaunchPastItsRunTimeLimitEndsOnlyItsTenantsSessions) {
   EXPECT_TRUE((*again)->Launch(Named("sleep_ms", {Arg::U32(1)})).ok());
 }
 
+TEST_F(SessionsTest, TheLimitHoldsWhileTheProcessWaitsInTheDriver) {
+  // A module's load waits for a running kernel (the driver's does; the
+  // test double's too): the watchdog must not wait behind it.
+  Start();
+  SessionOptions limited;
+  limited.time_limit = std::chrono::milliseconds(300);
+  auto s = client_->OpenSession(limited);
+  ASSERT_TRUE(s.ok()) << s.status().ToString();
+  auto buf = (*s)->Alloc(8);
+  ASSERT_TRUE(buf.ok());
+  auto endless = (*s)->LaunchAsync(Named("endless", {}));
+  ASSERT_TRUE(endless.ok());
+  auto next = (*s)->LaunchAsync(Inc(*buf, 8, 1));  // another kernel: a module to load
+  ASSERT_TRUE(next.ok());
+  auto first = (*s)->Wait(*endless);
+  EXPECT_EQ(first.status().code(), Code::kSessionLost) << first.status().ToString();
+  EXPECT_NE(first.status().message().find("run-time limit"), std::string::npos)
+      << first.status().ToString();
+}
+
+TEST_F(SessionsTest, ALaunchsOwnBuffersCountUntilItIsAnswered) {
+  Start();
+  auto s = Open("", {}, 1 << 20);
+  ASSERT_TRUE(s.ok()) << s.status().ToString();
+  // The alloc is taken while the launch (200 ms) is not yet answered: its
+  // 768 KiB of scratch still count.
+  auto held = (*s)->LaunchAsync(Named("sleep_ms", {Arg::U32(200), Arg::Scratch(768 << 10)}));
+  ASSERT_TRUE(held.ok());
+  auto more = (*s)->Alloc(512 << 10);
+  EXPECT_EQ(more.status().code(), Code::kResourceExhausted) << more.status().ToString();
+  EXPECT_NE(more.status().message().find("own buffers"), std::string::npos)
+      << more.status().ToString();
+  EXPECT_TRUE((*s)->Wait(*held).ok());
+  EXPECT_TRUE((*s)->Alloc(512 << 10).ok()) << "once answered, they count no more";
+}
+
 TEST_F(SessionsTest, AKilledSessionProcessEndsOnlyItsSessions) {
   Start();
   auto a = Open("a"), b = Open("b");

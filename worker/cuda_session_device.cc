@@ -218,12 +218,12 @@ class CudaStream : public SessionStream {
     GPUQ_CU_CHECK(cu_, cuStreamWriteValue32(stream_, word_dev_, seq, 0), Code::kLaunchError);
     return Status::Ok();
   }
-  Status Watch(uint32_t seq) override {
+  Status Watch(uint32_t value) override {
     Current();
-    GPUQ_CU_CHECK(cu_, cuStreamWriteValue32(stream_, watch_dev_, seq, 0), Code::kLaunchError);
+    GPUQ_CU_CHECK(cu_, cuStreamWriteValue32(stream_, watch_dev_, value, 0), Code::kLaunchError);
     return Status::Ok();
   }
-  Status AnnounceAndWatch(uint32_t seq, uint32_t watch) override {
+  Status AnnounceAndWatch(uint32_t seq, uint32_t value) override {
     Current();
     CUstreamBatchMemOpParams ops[2] = {};
     ops[0].writeValue.operation = CU_STREAM_MEM_OP_WRITE_VALUE_32;
@@ -231,13 +231,11 @@ class CudaStream : public SessionStream {
     ops[0].writeValue.value = seq;
     ops[1].writeValue.operation = CU_STREAM_MEM_OP_WRITE_VALUE_32;
     ops[1].writeValue.address = watch_dev_;
-    ops[1].writeValue.value = watch;
+    ops[1].writeValue.value = value;
     GPUQ_CU_CHECK(cu_, cuStreamBatchMemOp(stream_, 2, ops, 0), Code::kLaunchError);
     return Status::Ok();
   }
-  uint32_t Watched() const override {
-    return std::atomic_ref<uint32_t>(*watch_).load(std::memory_order_acquire);
-  }
+  const uint32_t* WatchWord() const override { return watch_; }
   bool Reached(uint32_t seq) override {
     // Written by the device (and, for a word the client maps, perhaps by
     // the client: it only misleads its own session's answers).

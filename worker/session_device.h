@@ -75,14 +75,15 @@ class SessionStream {
   // is a fault that ends the process: the context is unusable.
   virtual Status Wait(uint32_t seq) = 0;
   // The stream's watch word, which only its process sees (never its
-  // client): Watch enqueues the write of `seq` into it, after everything
-  // enqueued before it; Watched reads it, from any thread. The run-time
-  // limit's watchdog writes a launch's rid after it and times how long the
-  // word stands still while a launch is outstanding.
-  virtual Status Watch(uint32_t seq) = 0;
-  virtual uint32_t Watched() const = 0;
-  // Announce(seq) and Watch(watch) as one command (cheaper than two).
-  virtual Status AnnounceAndWatch(uint32_t seq, uint32_t watch) = 0;
+  // client): Watch enqueues the write of `value` into it, after everything
+  // enqueued before it. WatchWord is its address, which any thread may read
+  // (atomically) while the stream lives. The run-time limit's watchdog
+  // writes an odd value before each launch and an even one after it, and
+  // times how long the word stays odd.
+  virtual Status Watch(uint32_t value) = 0;
+  virtual const uint32_t* WatchWord() const = 0;
+  // Announce(seq) and Watch(value) as one command (cheaper than two).
+  virtual Status AnnounceAndWatch(uint32_t seq, uint32_t value) = 0;
   // A timed launch's nanoseconds on the device, once it has ended.
   virtual uint64_t Elapsed(SessionMark& m) = 0;
   // Copies between host memory and the device, enqueued. Host memory the

@@ -182,6 +182,7 @@ class SessionHost::Impl {
     std::vector<std::pair<Status, SessionMessage>> batch;  // requests decoded, to handle
     uint64_t close_rid = 0;     // its client's close, answered once the broker knows
     uint64_t requests = 0;      // taken so far
+    uint64_t answered = 0;      // answers given so far
     // The end word (PROTOCOL.md, "Sessions"): the latest rid of work
     // enqueued, the latest announced (its write enqueued after it), and all
     // up to `done_through` known ended by a full wait. While a refusal waits
@@ -194,17 +195,22 @@ class SessionHost::Impl {
     std::atomic<int64_t> last_ns{0};  // its latest request (steady clock)
     std::atomic<uint64_t> unanswered{0};
     std::atomic<bool> stop{false}, finished{false};
-    // A launch's run-time limit (0: none). Each launch is followed, before
-    // the next request's work, by the write of its rid into the stream's
-    // watch word; `watch_sent` is the latest so enqueued (written by the
-    // session's thread).
+    // A launch's run-time limit (0: none). With one, launch n is preceded
+    // in its stream by the write of 2n+1 into the stream's watch word and
+    // followed by 2n+2: the word is odd while a launch runs. The end's
+    // write is put off (`watch_due`) to go with the next launch's start,
+    // which stands for it, or with the end word's, or before the next
+    // request's work. `mark_sent` is the latest value enqueued (the
+    // session's thread writes it; the watchdog reads it).
     std::chrono::milliseconds limit{0};
-    std::atomic<uint64_t> watch_sent{0};
-    uint64_t watch_due = 0;  // a launch whose watch write is yet to be enqueued
-    // The watchdog's own (the control thread's): the watch word as last
-    // seen, and since when it has stood there with a launch after it.
+    uint32_t next_mark = 1;  // the next launch's start
+    uint32_t watch_due = 0;  // an end not yet enqueued, or 0
+    std::atomic<uint32_t> mark_sent{0};
+    const uint32_t* watch_word = nullptr;  // the stream's, set before its thread starts
+    // The watchdog's own (under watch_mu_): the word as last seen odd, and
+    // since when.
     uint32_t watch_seen = 0;
-    int64_t watch_since_ns = 0;  // 0: no launch outstanding
+    int64_t watch_since_ns = 0;  // 0: the word was even (no launch running)
     // While its thread waits for the GPU (kWaiting) it touches neither its
     // answers nor its connection; the control thread may then take them
     // over (kTaken) to tell its client why the process ends.
@@ -290,22 +296,22 @@ class SessionHost::Impl {
     if (s.enqueued == s.announced || s.refused > 0 || s.out.pending()) return Watch(s);
     if (s.watch_due == 0) {
       (void)s.stream->Announce(static_cast<uint32_t>(s.enqueued));
-    } else if (s.stream->AnnounceAndWatch(static_cast<uint32_t>(s.enqueued),
-                                          static_cast<uint32_t>(s.watch_due))
+    } else if (s.stream->AnnounceAndWatch(static_cast<uint32_t>(s.enqueued), s.watch_due)
                    .ok()) {
-      s.watch_sent.store(s.watch_due, std::memory_order_release);
+      s.mark_sent.store(s.watch_due, std::memory_order_release);
       s.watch_due = 0;
     }
     s.announced = s.enqueued;
   }
-  // Enqueues the watch word's write that is due. Should it fail, the launch
-  // goes unwatched, and the next one's covers it.
+  // Enqueues the watch word's write that is due.
   void Watch(Session& s) {
-    if (s.watch_due == 0) return;
-    if (s.stream->Watch(static_cast<uint32_t>(s.watch_due)).ok()) {
-      s.watch_sent.store(s.watch_due, std::memory_order_release);
-    }
-    s.watch_due = 0;
+    if (s.watch_due != 0) Mark(s, s.watch_due);
+  }
+  // Enqueues the write of `value` into the watch word (due or not).
+  void Mark(Session& s, uint32_t value) {
+    if (!s.stream->Watch(value).ok()) return;  // a stream that fails ends the process
+    s.mark_sent.store(value, std::memory_order_release);
+    if (value == s.watch_due) s.watch_due = 0;
   }
   void Done(Session& s, uint64_t rid) { Done(s, rid, Entry()); }
   void Done(Session& s, uint64_t rid, Entry e);
@@ -316,12 +322,14 @@ class SessionHost::Impl {
   // Ends the process: tells the broker why each session ends, and exits
   // with `exit_code`. From any thread; the first to come ends it.
   void Fault(const Status& s, int exit_code = kExitFault);
-  // The run-time limit (PROTOCOL.md, "Sessions"): ends the process when a
-  // launch has run past its session's limit. Returns the milliseconds
-  // until it should look again. The control thread's.
-  int64_t Watchdog();
-  // Tells every session's client why the process ends, then ends it.
-  [[noreturn]] void Doom(const Status& why);
+  // The run-time limit (PROTOCOL.md, "Sessions"): a thread of its own,
+  // which makes no CUDA call (a call can wait for the very kernel that runs
+  // too long), ends the process when a session's watch word has stayed odd
+  // for its limit.
+  void Watchdog();
+  // Tells every watched session's client why the process ends, then ends
+  // it. With watch_mu_ held.
+  [[noreturn]] void Doom(const Status& why) EXCLUSIVE_LOCKS_REQUIRED(watch_mu_);
   // Tells session `s`'s client why the process ends (from its thread, or
   // from the control thread once it has taken the session over).
   void Tell(Session& s);
@@ -352,6 +360,11 @@ class SessionHost::Impl {
                                                                (1u << 30))};
   Mutex fault_mu_;  // held by the thread that ends the process
   std::atomic<bool> faulted_{false};
+  // The sessions whose threads run, for the watchdog (Watchdog), and its stop.
+  Mutex watch_mu_;
+  CondVar watch_cv_{&watch_mu_};
+  std::vector<Session*> watched_ GUARDED_BY(watch_mu_);
+  bool watch_stop_ GUARDED_BY(watch_mu_) = false;
   // Why the process ends, once the watchdog has found a launch past its limit.
   std::atomic<bool> doomed_{false};
   Mutex doom_mu_;
@@ -390,13 +403,26 @@ int SessionHost::Impl::Run() {
   listener_ = std::move(*l);
   spdlog::info("session process for tenant '{}' on {} listening at {}", opt_.tenant,
                device_->info().uuid, opt_.socket_path);
+  std::thread watchdog([this] { Watchdog(); });
+  struct Stop {
+    Impl* impl;
+    std::thread& thread;
+    ~Stop() {
+      {
+        MutexLock lock(&impl->watch_mu_);
+        impl->watch_stop_ = true;
+        impl->watch_cv_.Signal();
+      }
+      thread.join();
+    }
+  } stop{this, watchdog};
   for (;;) {
     std::vector<pollfd> fds = {{opt_.control_fd, POLLIN, 0}, {wake_.get(), POLLIN, 0}};
     if (pending_.size() < kMaxPending) fds.push_back({listener_.get(), POLLIN, 0});
     const size_t first_pending = fds.size();
     for (auto& p : pending_) fds.push_back({p->fd.get(), POLLIN, 0});
     const int64_t now = NowNs();
-    int64_t timeout_ms = std::min<int64_t>(pending_.empty() ? 1000 : 100, Watchdog());
+    int64_t timeout_ms = pending_.empty() ? 1000 : 100;
     for (auto& [id, s] : sessions_) {
       if (s->stop.load() || s->unanswered.load() != 0) continue;
       const int64_t left = (s->last_ns.load() + s->idle.count() * 1000000 - now) / 1000000;
@@ -670,7 +696,10 @@ void SessionHost::Impl::OnPending(size_t i) {
   (void)SendPacket(s.conn.get(), schema::EncodeSessionFrame(ok), memfd.valid() ? memfd.get() : -1);
   drop();
   Session* raw = &s;
+  s.watch_word = s.stream->WatchWord();
   s.thread = std::thread([this, raw] { Serve(raw); });
+  MutexLock lock(&watch_mu_);
+  watched_.push_back(raw);
 }
 
 void SessionHost::Impl::Serve(Session* sp) {
@@ -683,6 +712,7 @@ void SessionHost::Impl::Serve(Session* sp) {
   // wake it, as the CUDA runtime polls a while before it sleeps.
   const auto poll_for = std::max(opt_.spin, kPollAfter);
   auto spin_until = Clock::now() + poll_for;
+  uint64_t answered = 0;
   // Past this many bytes of answers its client has not taken, no more
   // requests are read until it takes them.
   constexpr size_t kMaxUnread = 64u << 20;
@@ -693,10 +723,11 @@ void SessionHost::Impl::Serve(Session* sp) {
     const bool took = s.requests != before;
     // New requests first: launches are enqueued before the GPU is asked
     // what has ended (the answers come on a turn that took none).
-    const uint64_t unanswered = s.unanswered.load(std::memory_order_relaxed);
     if (!took && !Complete(s, false)) return;
-    if (took || s.unanswered.load(std::memory_order_relaxed) < unanswered) {
+    // Answers given this turn or on the last (by a wait): poll on.
+    if (took || s.answered != answered) {
       spin_until = Clock::now() + poll_for;
+      answered = s.answered;
     }
     if (s.out.pending() && !FlushOut(s)) open = false;
     // The end word once no more requests are coming (one write for all that
@@ -811,6 +842,7 @@ bool SessionHost::Impl::Read(Session& s) {
     if (batch.empty()) break;
     s.last_ns = NowNs();
     for (auto& [decoded, m] : batch) {
+      if (doomed_.load()) break;  // the process ends (Serve tells its client why)
       if (!decoded.ok()) {
         Answer(s, m.rid, decoded);
         continue;
@@ -874,6 +906,7 @@ bool SessionHost::Impl::Complete(Session& s, bool wait) {
     if (e.refused) --s.refused;
     s.pending.pop_front();
     s.unanswered.fetch_sub(1);
+    ++s.answered;
     wait = false;
   }
   return true;
@@ -899,7 +932,9 @@ void SessionHost::Impl::Handle(Session& s, SessionMessage& m) {
                                                       ", by less than 2^31"));
   }
   s.last_rid = rid;
-  Watch(s);  // before this request's work
+  // A launch's end still due goes before this request's work (a launch's
+  // start stands for it: Launch).
+  if (m.op != SessionOp::kLaunch) Watch(s);
   auto buffer = [&](uint32_t h, uint64_t offset, uint64_t size) -> StatusOr<Buffer> {
     auto it = s.buffers.find(h);
     if (it == s.buffers.end()) {
@@ -931,10 +966,12 @@ void SessionHost::Impl::Handle(Session& s, SessionMessage& m) {
   switch (m.op) {
     case SessionOp::kAlloc: {
       if (m.size == 0) return Answer(s, rid, Error(Code::kInvalid, "a buffer is at least 1 byte"));
-      if (m.size > s.memory - s.held) {
+      // Its launches' own buffers count until they are answered.
+      if (s.held + s.own > s.memory || m.size > s.memory - s.held - s.own) {
         return Answer(s, rid, Error(Code::kResourceExhausted,
-                                    "the session holds " + std::to_string(s.held) + " of its " +
-                                        std::to_string(s.memory) + " bytes; " +
+                                    "the session holds " + std::to_string(s.held + s.own) +
+                                        " of its " + std::to_string(s.memory) + " bytes (" +
+                                        std::to_string(s.own) + " in launches' own buffers); " +
                                         std::to_string(m.size) + " more asked"));
       }
       const uint32_t h = next_buffer_.fetch_add(1);
@@ -1081,7 +1118,9 @@ StatusOr<std::shared_ptr<SessionKernel>> SessionHost::Impl::Kernel(Session& s,
   for (;;) {
     auto m = modules_.find(key);
     if (m == modules_.end() || m->second.ready || s.stop.load()) break;
-    modules_cv_.Wait();
+    // The run-time limit's end (Doom) does not wake this wait: look.
+    if (doomed_.load()) return Error(Code::kSessionLost, "the session's process is ending");
+    (void)modules_cv_.WaitUntil(Clock::now() + std::chrono::milliseconds(20));
   }
   it = modules_.find(key);
   if (it == modules_.end() || !it->second.ready) {
@@ -1116,6 +1155,7 @@ void SessionHost::Impl::Launch(Session& s, SessionMessage& m) {
       ref = known->second;
       kernel = s.kernels[ref - 1];
     } else {
+      Watch(s);  // a compile may take a while
       kernel = Kernel(s, m.kernel, key);
       if (!kernel.ok()) return Answer(s, m.rid, kernel.status());
       if (s.kernels.size() < kMaxKernelRefs) {
@@ -1163,21 +1203,35 @@ void SessionHost::Impl::Launch(Session& s, SessionMessage& m) {
   Entry e;
   std::vector<uint64_t> own_ptrs;
   if (own) {
+    Watch(s);  // the end still due goes before the copies in
     if (Status o = OwnBuffers(s, m, &e, &own_ptrs); !o.ok()) return Answer(s, m.rid, o);
   }
   // The launch's own buffers go once the copies of their outputs have run.
   auto free_own = [&] {
     for (uint64_t p : own_ptrs) s.stream->Free(p);
   };
+  // The run-time limit's marks (Session::limit): the start right before
+  // the kernel (standing for an end still due), the end right after it
+  // when copies follow (a copy into pageable memory may hold this thread
+  // until the kernel ends), else put off.
+  uint32_t start = 0;
+  if (s.limit.count() > 0) {
+    start = s.next_mark;
+    s.next_mark += 2;
+    s.watch_due = 0;
+    Mark(s, start);
+  }
   auto mark = s.stream->Launch(**kernel, m.launch, params, !m.untimed);
   if (!mark.ok()) {
+    if (start) Mark(s, start + 1);
     free_own();
     return Answer(s, m.rid, mark.status());
   }
-  // The watchdog's mark of this launch's end (Watchdog): enqueued before
-  // the next request's work, or with the end word's write when that comes
-  // first (one command for both).
-  if (s.limit.count() > 0) s.watch_due = m.rid;
+  if (start && own) {
+    Mark(s, start + 1);
+  } else if (start) {
+    s.watch_due = start + 1;
+  }
   for (size_t i = 0; own && i < m.args.size(); ++i) {
     const schema::Arg& a = m.args[i];
     if (a.kind != schema::ArgKind::kOut && a.kind != schema::ArgKind::kInOut) continue;
@@ -1223,7 +1277,7 @@ Status SessionHost::Impl::OwnBuffers(Session& s, SessionMessage& m, Entry* e,
     bytes += s.own_sizes[i];
     if (a.kind == ArgKind::kOut || a.kind == ArgKind::kInOut) out += s.own_sizes[i];
   }
-  if (bytes > s.memory - s.held - s.own) {
+  if (s.held + s.own > s.memory || bytes > s.memory - s.held - s.own) {
     return Error(Code::kResourceExhausted,
                  "the session holds " + std::to_string(s.held + s.own) + " of its " +
                      std::to_string(s.memory) + " bytes (" + std::to_string(s.own) +
@@ -1272,27 +1326,38 @@ Status SessionHost::Impl::OwnBuffers(Session& s, SessionMessage& m, Entry* e,
 }
 
 void SessionHost::Impl::OnModule(SessionMessage& m) {
-  MutexLock lock(&modules_mu_);
-  auto c = compiling_.extract(m.rid);
-  if (c.empty()) return;
-  auto it = modules_.find(c.mapped());
-  if (it == modules_.end()) return;
-  Module& mod = it->second;
-  mod.ready = true;
+  std::string key;
+  {
+    MutexLock lock(&modules_mu_);
+    auto c = compiling_.extract(m.rid);
+    if (c.empty() || !modules_.count(c.mapped())) return;
+    key = c.mapped();
+  }
+  // Loaded (and unloaded, below) without the lock: the driver's module
+  // calls wait for a kernel that runs, and the sessions waiting for other
+  // kernels must not wait behind them, nor see the run-time limit's end
+  // wait (Kernel).
+  Status failed;
+  std::shared_ptr<SessionKernel> kernel;
   if (m.code != Code::kOk) {
-    mod.failed = Status(m.code, m.error);
+    failed = Status(m.code, m.error);
+  } else if (auto k = device_->Load(m.image, m.image_kind, m.symbol); k.ok()) {
+    kernel = std::move(*k);
   } else {
-    auto k = device_->Load(m.image, m.image_kind, m.symbol);
-    if (k.ok()) {
-      mod.kernel = std::move(*k);
-    } else {
-      mod.failed = k.status();
-    }
+    failed = k.status();
+  }
+  std::vector<std::shared_ptr<SessionKernel>> dropped;  // unloaded after the lock
+  MutexLock lock(&modules_mu_);
+  if (auto it = modules_.find(key); it != modules_.end()) {
+    it->second.ready = true;
+    it->second.failed = failed;
+    it->second.kernel = std::move(kernel);
   }
   // Kernels no session holds are dropped, oldest first.
   while (module_order_.size() > kMaxModules) {
     auto old = modules_.find(module_order_.front());
     if (old != modules_.end() && old->second.ready && old->second.kernel.use_count() == 1) {
+      dropped.push_back(std::move(old->second.kernel));
       modules_.erase(old);
     }
     module_order_.pop_front();
@@ -1327,6 +1392,10 @@ void SessionHost::Impl::Reap() {
     if (!s.stop.load() || (s.thread.joinable() && !s.finished.load())) {
       ++it;
       continue;
+    }
+    {
+      MutexLock lock(&watch_mu_);  // before its stream (and watch word) go
+      std::erase(watched_, &s);
     }
     if (s.thread.joinable()) s.thread.join();
     if (s.stream) {
@@ -1377,40 +1446,41 @@ void SessionHost::Impl::Last(Session& s, const SessionMessage& m) {
   if (s.back.valid()) s.back.Wake();
 }
 
-int64_t SessionHost::Impl::Watchdog() {
-  int64_t next = 1000;
-  const int64_t now = NowNs();
-  for (auto& [id, sp] : sessions_) {
-    Session& s = *sp;
-    if (s.limit.count() == 0 || !s.stream || !s.thread.joinable() || s.finished.load()) continue;
-    // A look every tenth of the limit (at most 100 ms apart) while the
-    // session lives, so that a launch sent while this thread sleeps is
-    // seen soon after it starts.
-    next = std::min<int64_t>(next, std::clamp<int64_t>(s.limit.count() / 10, 1, 100));
-    // Sent, then seen: a word that has passed what was sent is only
-    // counted as outstanding for a turn.
-    const uint32_t sent = static_cast<uint32_t>(s.watch_sent.load(std::memory_order_acquire));
-    const uint32_t seen = s.stream->Watched();
-    if (seen == sent) {
-      s.watch_since_ns = 0;
-      continue;
+void SessionHost::Impl::Watchdog() {
+  MutexLock lock(&watch_mu_);
+  while (!watch_stop_) {
+    int64_t next_ms = 100;
+    const int64_t now = NowNs();
+    for (Session* sp : watched_) {
+      Session& s = *sp;
+      if (s.limit.count() == 0 || s.finished.load()) continue;
+      // A look every tenth of the limit (at most 100 ms apart).
+      next_ms = std::min<int64_t>(next_ms, std::clamp<int64_t>(s.limit.count() / 10, 1, 100));
+      const uint32_t word = std::atomic_ref<const uint32_t>(*s.watch_word).load(
+          std::memory_order_acquire);
+      if ((word & 1) == 0) {
+        s.watch_since_ns = 0;  // no launch runs
+        continue;
+      }
+      // Odd: the launch whose start the word names runs (the write before
+      // it passed, the one after it has not), since no later than the
+      // watchdog first saw the word so. While its end has not been
+      // enqueued (put off for a moment), it cannot be told from a launch
+      // that ended: no verdict until it has.
+      if (s.watch_since_ns == 0 || word != s.watch_seen) {
+        s.watch_seen = word;
+        s.watch_since_ns = now;
+      } else if (now - s.watch_since_ns >= s.limit.count() * 1000000 &&
+                 s.mark_sent.load(std::memory_order_acquire) != word) {
+        Doom(Status(Code::kSessionLost,
+                    "a launch ran past its session's run-time limit of " +
+                        std::to_string(s.limit.count()) +
+                        " ms (the kill of a session process ends its tenant's sessions on "
+                        "that GPU)"));
+      }
     }
-    // A launch is outstanding: the one after `seen` in the stream, which
-    // began no earlier than the word reached `seen` (and no earlier than
-    // it was sent). The time since the watchdog saw the word get there is
-    // at least its time on the GPU so far: it ends no launch early.
-    if (s.watch_since_ns == 0 || seen != s.watch_seen) {
-      s.watch_seen = seen;
-      s.watch_since_ns = now;
-    } else if (now - s.watch_since_ns >= s.limit.count() * 1000000) {
-      Doom(Status(Code::kSessionLost,
-                  "a launch ran past its session's run-time limit of " +
-                      std::to_string(s.limit.count()) +
-                      " ms (the kill of a session process ends its tenant's sessions on that "
-                      "GPU)"));
-    }
+    (void)watch_cv_.WaitUntil(Clock::now() + std::chrono::milliseconds(next_ms));
   }
-  return next;
 }
 
 void SessionHost::Impl::Doom(const Status& why) {
@@ -1423,14 +1493,14 @@ void SessionHost::Impl::Doom(const Status& why) {
   // Each session's client hears why: from its thread, at its next turn, or
   // from here, once its thread waits on the GPU (where the launch that ran
   // too long keeps it). A thread that does neither within the grace (one
-  // waiting for a compile) leaves its client to learn of the end from its
-  // connection's close.
+  // blocked in another call to the driver) leaves its client to learn of
+  // the end from its connection's close.
   const auto grace = Clock::now() + std::chrono::milliseconds(200);
   for (;;) {
     bool all = true;
-    for (auto& [id, sp] : sessions_) {
+    for (Session* sp : watched_) {
       Session& s = *sp;
-      if (!s.thread.joinable() || s.finished.load() || s.told.load()) continue;
+      if (s.finished.load() || s.told.load()) continue;
       if (int waiting = kWaiting; s.hold.compare_exchange_strong(waiting, kTaken)) {
         Tell(s);
         continue;

@@ -395,7 +395,14 @@ TEST_F(SessionsGpuTest, ALaunchPastItsRunTimeLimitEndsOnlyItsTenantsSessions) {
   auto never = a->Alloc(4);  // zeros: the kernel waits for a word nothing writes
   ASSERT_TRUE(never.ok());
   const auto t0 = std::chrono::steady_clock::now();
-  auto f = a->Launch(L("endless", 1, {Arg::Ref(*never)}));
+  auto endless = a->LaunchAsync(L("endless", 1, {Arg::Ref(*never)}));
+  ASSERT_TRUE(endless.ok());
+  // A kernel not loaded yet: its module's load waits in the driver for the
+  // endless one (the watchdog must not).
+  auto behind = a->LaunchAsync(L("scale_add", 1, {Arg::Ref(*never), Arg::F32(1), Arg::F32(0),
+                                                  Arg::U32(1)}));
+  ASSERT_TRUE(behind.ok());
+  auto f = a->Wait(*endless);
   const auto waited = std::chrono::steady_clock::now() - t0;
   EXPECT_EQ(f.status().code(), Code::kSessionLost) << f.status().ToString();
   EXPECT_NE(f.status().message().find("run-time limit of 400 ms"), std::string::npos)

@@ -124,6 +124,23 @@ def test_a_launchs_own_buffers_go_in_and_come_out(service):
         s.close()
 
 
+def test_a_launch_past_its_limit_is_found_whatever_its_rid(service):
+    # The watch counts launches: rids whose low 32 bits come round again
+    # (each past the one before by less than 2^31) do not hide one.
+    local(service)
+    with gpuq.Client(service.client_endpoint) as c:
+        s = c.session(limit_ms=200)
+        s.alloc(1)
+        s._rid = 2**31 - 1
+        s.alloc(1)
+        s._rid = 2**32 - 2
+        s.alloc(1)
+        with pytest.raises(gpuq.Error) as e:
+            s.launch(KERNELS, "endless", 1, 1, [])  # rid 2^32: its low 32 bits are 0
+        assert e.value.code == "session_lost"
+        assert "run-time limit" in str(e.value)
+
+
 def test_close_through_the_broker(service):
     local(service)
     with gpuq.Client(service.client_endpoint) as c:
