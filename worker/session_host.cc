@@ -206,6 +206,9 @@ class SessionHost::Impl {
     uint32_t next_mark = 1;  // the next launch's start
     uint32_t watch_due = 0;  // an end not yet enqueued, or 0
     std::atomic<uint32_t> mark_sent{0};
+    // A launch sent to an idle stream has no start mark (it starts at
+    // once): the even mark before it, standing for its start (1: none).
+    std::atomic<uint32_t> idle_after{1};
     const uint32_t* watch_word = nullptr;  // the stream's, set before its thread starts
     // The watchdog's own (under watch_mu_): the word as last seen odd, and
     // since when.
@@ -1218,8 +1221,18 @@ void SessionHost::Impl::Launch(Session& s, SessionMessage& m) {
   if (s.limit.count() > 0) {
     start = s.next_mark;
     s.next_mark += 2;
-    s.watch_due = 0;
-    Mark(s, start);
+    // On an idle stream (its last mark, an end, has passed, and the end
+    // word says everything sent has run) the kernel starts at once: the
+    // mark before it stands for its start, and no write is needed.
+    const uint32_t sent = s.mark_sent.load(std::memory_order_relaxed);
+    if (s.watch_due == 0 && (sent & 1) == 0 &&
+        std::atomic_ref<const uint32_t>(*s.watch_word).load(std::memory_order_acquire) == sent &&
+        s.stream->Reached(static_cast<uint32_t>(s.enqueued))) {
+      s.idle_after.store(sent, std::memory_order_release);
+    } else {
+      s.watch_due = 0;
+      Mark(s, start);
+    }
   }
   auto mark = s.stream->Launch(**kernel, m.launch, params, !m.untimed);
   if (!mark.ok()) {
@@ -1458,15 +1471,15 @@ void SessionHost::Impl::Watchdog() {
       next_ms = std::min<int64_t>(next_ms, std::clamp<int64_t>(s.limit.count() / 10, 1, 100));
       const uint32_t word = std::atomic_ref<const uint32_t>(*s.watch_word).load(
           std::memory_order_acquire);
-      if ((word & 1) == 0) {
+      if ((word & 1) == 0 && word != s.idle_after.load(std::memory_order_acquire)) {
         s.watch_since_ns = 0;  // no launch runs
         continue;
       }
-      // Odd: the launch whose start the word names runs (the write before
-      // it passed, the one after it has not), since no later than the
-      // watchdog first saw the word so. While its end has not been
-      // enqueued (put off for a moment), it cannot be told from a launch
-      // that ended: no verdict until it has.
+      // Odd (or the mark before a launch sent to an idle stream): that
+      // launch runs (the write before it passed, the one after it has
+      // not), since no later than the watchdog first saw the word so.
+      // While its end has not been enqueued (put off for a moment), it
+      // cannot be told from a launch that ended: no verdict until it has.
       if (s.watch_since_ns == 0 || word != s.watch_seen) {
         s.watch_seen = word;
         s.watch_since_ns = now;
