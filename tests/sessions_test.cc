@@ -491,7 +491,7 @@ TEST_F(SessionsTest, ALaunchPastItsRunTimeLimitEndsOnlyItsTenantsSessions) {
     std::this_thread::sleep_for(std::chrono::milliseconds(10));
   }
   EXPECT_NE(Log().find("a launch past its run-time limit"), std::string::npos)
-      << "the log says how it ended";
+      << "the log says how it ended: " << Log();
   auto again = Open("a");
   ASSERT_TRUE(again.ok()) << again.status().ToString();
   EXPECT_TRUE((*again)->Launch(Named("sleep_ms", {Arg::U32(1)})).ok());

@@ -334,8 +334,14 @@ class SessionHost::Impl {
   // it. With watch_mu_ held.
   [[noreturn]] void Doom(const Status& why) EXCLUSIVE_LOCKS_REQUIRED(watch_mu_);
   // Tells session `s`'s client why the process ends (from its thread, or
-  // from the control thread once it has taken the session over).
+  // from the watchdog once it has taken the session over).
   void Tell(Session& s);
+  // A session's thread once the process is ending (Doom): nothing is left
+  // for it to do, and it must not touch its session again; it waits for
+  // the end (which comes within the watchdog's grace) rather than return.
+  [[noreturn]] static void Park() {
+    for (;;) std::this_thread::sleep_for(std::chrono::seconds(1));
+  }
   void Wake() {
     uint64_t one = 1;
     (void)!write(wake_.get(), &one, sizeof one);
@@ -720,7 +726,10 @@ void SessionHost::Impl::Serve(Session* sp) {
   // requests are read until it takes them.
   constexpr size_t kMaxUnread = 64u << 20;
   while (!s.stop.load()) {
-    if (doomed_.load(std::memory_order_relaxed)) return Tell(s);
+    if (doomed_.load(std::memory_order_relaxed)) {
+      Tell(s);
+      Park();
+    }
     const uint64_t before = s.requests;
     if (open && s.out.queued() < kMaxUnread) open = Read(s);
     const bool took = s.requests != before;
@@ -874,16 +883,16 @@ bool SessionHost::Impl::Complete(Session& s, bool wait) {
       // While it waits, the watchdog may take the session over (Doom).
       if (doomed_.load()) {
         Tell(s);
-        return false;
+        Park();
       }
       s.hold.store(kWaiting);
       const Status w = s.stream->Wait(static_cast<uint32_t>(e.seq));
       if (int waiting = kWaiting; !s.hold.compare_exchange_strong(waiting, kRunning)) {
-        return false;  // taken over: its client has been told
+        Park();  // taken over: its client has been told
       }
       if (doomed_.load()) {
         Tell(s);
-        return false;
+        Park();
       }
       if (!w.ok()) {
         // A fault: the context is gone, and with it every session here. No
