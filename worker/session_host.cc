@@ -97,30 +97,29 @@ class SessionHost::Impl {
 
  private:
   enum Hold { kRunning, kWaiting, kTaken };  // Session::hold
-  // A request whose answer waits for the stream's end word to reach `seq`
-  // (its rid; 0: nothing to wait for): a read's bytes come from `staged`
-  // or `unstaged`; a write's bytes are kept until then; a timed launch's
-  // time from `mark`.
-  // Host bytes of a copy until it has run (or been answered): the
-  // stream's page-locked memory where it has some to give, else the heap.
+  // Host bytes of a copy, until it has run (or been answered): in the
+  // stream's page-locked memory where it has some to give, else on the heap
+  // (whose copies the driver stages before CopyIn or CopyOut returns; the
+  // heap keeps their address while the entry moves).
   struct HostBytes {
     std::unique_ptr<SessionStaging> staged;
     std::unique_ptr<std::string> unstaged;
     char* data() { return staged ? staged->data() : unstaged ? unstaged->data() : nullptr; }
     uint64_t size() const { return staged ? staged->size() : unstaged ? unstaged->size() : 0; }
+    // The bytes as a string (moved where they are one).
+    std::string Take() { return unstaged ? std::move(*unstaged) : std::string(data(), size()); }
   };
+  // A request whose answer waits for the stream's end word to reach `seq`
+  // (its rid; 0: nothing to wait for): a read's bytes come from `bytes`; a
+  // write's bytes are kept there until then; a timed launch's time from
+  // `mark`.
   struct Entry {
     SessionMessage reply;
     uint64_t seq = 0;
     std::unique_ptr<SessionMark> mark;
     bool refused = false;
     std::shared_ptr<const void> hold;  // an attached region its copy uses
-    // A write's bytes until the copy has run, a read's until answered: in
-    // the stream's page-locked memory where it has some to give, else on
-    // the heap (whose copies the driver stages before CopyIn or CopyOut
-    // returns; the heap keeps their address while the entry moves).
-    std::unique_ptr<SessionStaging> staged;
-    std::unique_ptr<std::string> unstaged;
+    HostBytes bytes;  // a write's, until its copy has run; a read's, until answered
     bool read = false;
     // A launch's buffers of its own: its inputs' bytes until copied, its
     // outputs' (in argument order) until answered; its device bytes.
@@ -215,8 +214,8 @@ class SessionHost::Impl {
     uint32_t watch_seen = 0;
     int64_t watch_since_ns = 0;  // 0: the word was even (no launch running)
     // While its thread waits for the GPU (kWaiting) it touches neither its
-    // answers nor its connection; the control thread may then take them
-    // over (kTaken) to tell its client why the process ends.
+    // answers nor its connection; the watchdog may then take them over
+    // (kTaken) to tell its client why the process ends.
     std::atomic<int> hold{kRunning};
     std::atomic<bool> told{false};  // its client has been told why the process ends
     Mutex mu;
@@ -269,11 +268,24 @@ class SessionHost::Impl {
   // each argument's size in `s.own_sizes`. On an error, nothing is left
   // allocated.
   Status OwnBuffers(Session& s, SessionMessage& m, Entry* e, std::vector<uint64_t>* ptrs);
-  // Host memory for `size` bytes a copy reads or writes.
+  // Host memory for `size` bytes a copy writes (a read's, a launch's
+  // outputs).
   HostBytes Bytes(Session& s, uint64_t size) {
     HostBytes h;
-    if (size == 0) return h;
-    if (!(h.staged = s.stream->Staging(size))) h.unstaged = std::make_unique<std::string>(size, '\0');
+    h.staged = size > 0 ? s.stream->Staging(size) : nullptr;
+    if (!h.staged) h.unstaged = std::make_unique<std::string>(size, '\0');
+    return h;
+  }
+  // `bytes` where a copy reads them (a write's, a launch's inputs): copied
+  // into page-locked memory, or moved.
+  HostBytes Bytes(Session& s, std::string& bytes) {
+    HostBytes h;
+    h.staged = bytes.empty() ? nullptr : s.stream->Staging(bytes.size());
+    if (h.staged) {
+      std::memcpy(h.staged->data(), bytes.data(), bytes.size());
+    } else {
+      h.unstaged = std::make_unique<std::string>(std::move(bytes));
+    }
     return h;
   }
   // The kernel of `k` (its KernelKey `key`), compiled and loaded once per process.
@@ -909,9 +921,8 @@ bool SessionHost::Impl::Complete(Session& s, bool wait) {
       if (!s.stream->Reached(static_cast<uint32_t>(e.seq))) s.done_through = through;
     }
     if (e.mark) e.reply.kernel_ns = s.stream->Elapsed(*e.mark);
-    if (e.read && e.staged) e.reply.data.assign(e.staged->data(), e.staged->size());
-    if (e.read && e.unstaged) e.reply.data = std::move(*e.unstaged);
-    for (HostBytes& o : e.outs) e.reply.outputs.emplace_back(o.data(), o.size());
+    if (e.read) e.reply.data = e.bytes.Take();
+    for (HostBytes& o : e.outs) e.reply.outputs.push_back(o.Take());
     s.own -= e.own;
     if (faulted_.load()) return false;
     s.out.Push(schema::EncodeSessionMessage(e.reply));
@@ -1030,15 +1041,8 @@ void SessionHost::Impl::Handle(Session& s, SessionMessage& m) {
       if (!b.ok()) return Answer(s, rid, b.status());
       Entry e;
       const uint64_t n = m.data.size();
-      const char* bytes = nullptr;
-      if ((e.staged = s.stream->Staging(n))) {
-        std::memcpy(e.staged->data(), m.data.data(), n);
-        bytes = e.staged->data();
-      } else {
-        e.unstaged = std::make_unique<std::string>(std::move(m.data));
-        bytes = e.unstaged->data();
-      }
-      if (Status w = s.stream->CopyIn(b->ptr + m.offset, bytes, n); !w.ok()) {
+      e.bytes = Bytes(s, m.data);
+      if (Status w = s.stream->CopyIn(b->ptr + m.offset, e.bytes.data(), n); !w.ok()) {
         return Answer(s, rid, w);
       }
       Done(s, rid, std::move(e));
@@ -1055,14 +1059,8 @@ void SessionHost::Impl::Handle(Session& s, SessionMessage& m) {
       if (!b.ok()) return Answer(s, rid, b.status());
       Entry e;
       e.read = true;
-      char* bytes = nullptr;
-      if ((e.staged = s.stream->Staging(m.size))) {
-        bytes = e.staged->data();
-      } else {
-        e.unstaged = std::make_unique<std::string>(m.size, '\0');
-        bytes = e.unstaged->data();
-      }
-      if (Status r = s.stream->CopyOut(bytes, b->ptr + m.offset, m.size); !r.ok()) {
+      e.bytes = Bytes(s, m.size);
+      if (Status r = s.stream->CopyOut(e.bytes.data(), b->ptr + m.offset, m.size); !r.ok()) {
         return Answer(s, rid, r);
       }
       Done(s, rid, std::move(e));
@@ -1325,13 +1323,7 @@ Status SessionHost::Impl::OwnBuffers(Session& s, SessionMessage& m, Entry* e,
       ptrs->push_back(*p);
       s.slots[i] = *p;
       if (copied) {
-        std::string& bytes_in = m.inputs[a.frame];
-        HostBytes h;
-        if ((h.staged = s.stream->Staging(size))) {
-          std::memcpy(h.staged->data(), bytes_in.data(), size);
-        } else {
-          h.unstaged = std::make_unique<std::string>(std::move(bytes_in));
-        }
+        HostBytes h = Bytes(s, m.inputs[a.frame]);
         st = s.stream->CopyIn(*p, h.data(), size);
         e->ins.push_back(std::move(h));
       }
