@@ -34,7 +34,8 @@ Output = Union["npt.NDArray[Any]", bytes]
 # CURVE keys in Z85: (broker public key, our public key, our secret key).
 CurveKeys = Tuple[Union[str, bytes], Union[str, bytes], Union[str, bytes]]
 # How an output of a job is returned: (dtype, shape), by argument index.
-OutSpecs = Dict[int, Tuple["np.dtype[Any]", Optional[Shape]]]
+OutSpec = Tuple["np.dtype[Any]", Optional[Shape]]  # how an output comes back
+OutSpecs = Dict[int, OutSpec]
 # A decoded header map.
 Header = Dict[str, Any]
 # An event of Client.poll().
@@ -230,13 +231,7 @@ class Result:
             with open(path, "rb") as f:
                 buffers.append(mmap.mmap(f.fileno(), size, prot=mmap.PROT_READ))
         for arg, frame in zip(header.get("outputs", []), buffers):
-            spec = (out_specs or {}).get(arg)
-            if spec is None:
-                self.outputs[arg] = bytes(frame)
-            else:
-                dtype, shape = spec
-                a = np.frombuffer(frame, dtype=dtype)
-                self.outputs[arg] = a.reshape(shape) if shape is not None else a
+            self.outputs[arg] = as_output(frame, (out_specs or {}).get(arg))
 
     @property
     def ok(self) -> bool:
@@ -324,15 +319,9 @@ def build_submit(source: str, entry: Optional[str] = None, grid: Optional[Dim] =
         if isinstance(a, Scalar) and not several:
             wire_args.append([a.type, a.value])
         elif isinstance(a, In):
-            data: Payload
-            if isinstance(a.data, np.ndarray):
-                array = np.ascontiguousarray(a.data)
-                if isinstance(a, InOut):
-                    out_specs[i] = (array.dtype, array.shape)
-                data = array.data.cast("B")
-            else:
-                data = a.data
-            # bytes in, bytes back: no spec, the output stays bytes
+            data, spec = in_bytes(a)
+            if spec is not None:
+                out_specs[i] = spec
             kind = "inout" if isinstance(a, InOut) else "in"
             if local_dir and len(data) >= local_min:
                 name = "c-" + os.urandom(16).hex()
@@ -455,6 +444,26 @@ def launch_args(args: Sequence[Any], where: str, whose: str) -> List[List[Any]]:
             raise TypeError("%sargument %d: a launch's arguments are scalars and gpuq.Buf of %s, "
                             "not %r" % (where, k, whose, a))
     return out
+
+
+def in_bytes(a: In) -> Tuple[Payload, Optional[OutSpec]]:
+    """An In's bytes (an array's, contiguous, without a copy where it is),
+    and for an InOut of an array how its output comes back: its dtype and
+    shape (bytes in, bytes back: None)."""
+    if not isinstance(a.data, np.ndarray):
+        return a.data, None
+    array = np.ascontiguousarray(a.data)
+    return array.data.cast("B"), (array.dtype, array.shape) if isinstance(a, InOut) else None
+
+
+def as_output(data: Any, spec: Optional[OutSpec]) -> Output:
+    """An output's bytes as its spec says: an array of that dtype and shape,
+    or bytes."""
+    if spec is None:
+        return bytes(data)
+    dtype, shape = spec
+    a = np.frombuffer(data, dtype=dtype)
+    return a.reshape(shape) if shape is not None else a
 
 
 def _nbytes(data: Buffer) -> int:

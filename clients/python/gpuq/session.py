@@ -21,7 +21,8 @@ import numpy as np
 import numpy.typing as npt
 
 from gpuq import wire
-from gpuq.client import Buf, Error, In, InOut, Out, Scalar, Scratch, launch_args
+from gpuq.client import (Buf, Error, In, InOut, Out, OutSpec, Scalar, Scratch, as_output,
+                         in_bytes, launch_args)
 
 PROTOCOL = wire.SESSION_PROTOCOL
 Dim = Union[int, Sequence[int]]
@@ -54,7 +55,7 @@ class Session:
         self._naming: Dict[int, Tuple[Any, ...]] = {}  # rid of a launch by source
         # A launch's out and inout arguments, by its rid: how to give back
         # each output (dtype and shape; None: bytes).
-        self._outs: Dict[int, List[Optional[Tuple[Any, Any]]]] = {}
+        self._outs: Dict[int, List[Optional[OutSpec]]] = {}
         self._lost: Optional[Error] = None
         self._closed = False
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
@@ -277,7 +278,7 @@ class Session:
         if shared:
             m["shared"] = int(shared)
         own = [a for a in args if isinstance(a, (In, Out, Scratch))]
-        outs: List[Optional[Tuple[Any, Any]]] = []
+        outs: List[Optional[OutSpec]] = []
         if own:
             # Buffers of the launch's own (PROTOCOL.md, "Sessions", launch).
             wire_args: List[Any] = []
@@ -286,15 +287,10 @@ class Session:
             plain_wire = iter(launch_args(plain, "", "the session's buffers (by handle)"))
             for a in args:
                 if isinstance(a, In):
-                    if isinstance(a.data, np.ndarray):
-                        array = np.ascontiguousarray(a.data)
-                        data = array.tobytes()
-                        spec = (array.dtype, array.shape)
-                    else:
-                        data, spec = bytes(memoryview(a.data)), None
+                    data, spec = in_bytes(a)
                     kind = "inout" if isinstance(a, InOut) else "in"
                     wire_args.append([kind, len(inputs)])
-                    inputs.append(data)
+                    inputs.append(bytes(data))
                     if kind == "inout":
                         outs.append(spec)
                 elif isinstance(a, Out):
@@ -338,15 +334,7 @@ class Session:
         if len(got) != len(specs):
             raise Error("internal", "the session answered %d outputs for %d out and inout "
                         "arguments" % (len(got), len(specs)))
-        result: List[Any] = []
-        for data, spec in zip(got, specs):
-            if spec is None:
-                result.append(bytes(data))
-                continue
-            dtype, shape = spec
-            a = np.frombuffer(data, dtype=dtype)
-            result.append(a.reshape(shape) if shape is not None else a)
-        return result
+        return [as_output(data, spec) for data, spec in zip(got, specs)]
 
     def run(self, source: str, entry: str, grid: Dim, block: Dim, args: Sequence[Any],
             **kw: Any) -> List[Any]:
