@@ -36,7 +36,7 @@ CU
 python3 -c "import struct; open('$demo/x.bin','wb').write(struct.pack('<1024f', *range(1024)))"
 python3 -c "import struct; open('$demo/y.bin','wb').write(struct.pack('<1024f', *([1.0]*1024)))"
 "$bin/gpuq" devices
-if "$bin/gpuq" devices --json | grep -q '"uuid"'; then
+if grep -q '"uuid"' <<<"$("$bin/gpuq" devices --json)"; then
   echo "== a saxpy job on the GPU: y = 2 x + y"
   "$bin/gpuq" submit "$demo/saxpy.cu" --kernel saxpy --grid 4 --block 256 \
     --arg f32:2 --in "$demo/x.bin" --inout "$demo/y.bin" --arg u32:1024 \

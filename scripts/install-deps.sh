@@ -8,7 +8,7 @@ packages=(build-essential cmake ninja-build pkg-config python3
   libcpp-httplib-dev prometheus tmux python3-zmq python3-msgpack python3-numpy python3-pytest clang libclang-rt-14-dev sqlite3 "$@")
 missing=()
 for p in "${packages[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  grep -q "install ok installed" <<<"$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null)" || missing+=("$p")
 done
 if ((${#missing[@]})); then
   echo "installing: ${missing[*]}"

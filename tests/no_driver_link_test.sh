@@ -6,7 +6,7 @@ bin_dir=$1
 status=0
 for f in "$bin_dir"/*; do
   [ -x "$f" ] && [ -f "$f" ] || continue
-  if readelf -d "$f" 2>/dev/null | grep -q 'NEEDED.*libcuda\.so'; then
+  if grep -q 'NEEDED.*libcuda\.so' <<<"$(readelf -d "$f" 2>/dev/null)"; then
     echo "FAIL: $(basename "$f") links libcuda" >&2
     status=1
   fi

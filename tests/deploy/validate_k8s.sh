@@ -69,7 +69,7 @@ fi
 kubectl_120() {
   if [ -n "${KUBECTL:-}" ]; then
     echo "$KUBECTL"
-  elif dpkg-query -W -f='${Status}' kubernetes-client 2>/dev/null | grep -q 'ok installed'; then
+  elif grep -q 'ok installed' <<<"$(dpkg-query -W -f='${Status}' kubernetes-client 2>/dev/null)"; then
     echo /usr/bin/kubectl
   elif [ ! -e /usr/bin/kubectl ]; then
     apt_install kubernetes-client

@@ -64,9 +64,9 @@ consumer() {  # PREFIX BUILD_DIR: configure, build and run the consumer project
   "$2/cxx_consumer" "$endpoint"
   "$2/c_consumer" "$endpoint"
   "$2/c_consumer_static" "$endpoint"
-  readelf -d "$2/c_consumer" | grep -q 'NEEDED.*\[libgpuq\.so\.0\]' ||
+  grep -q 'NEEDED.*\[libgpuq\.so\.0\]' <<<"$(readelf -d "$2/c_consumer")" ||
     fail "c_consumer does not load libgpuq.so.0"
-  if readelf -d "$2/c_consumer_static" | grep -q 'libgpuq\.so'; then
+  if grep -q 'libgpuq\.so' <<<"$(readelf -d "$2/c_consumer_static")"; then
     fail "c_consumer_static loads libgpuq.so"
   fi
 }
@@ -88,7 +88,7 @@ cc -std=c11 -o "$tmp/pc_c" "$src/tests/package/consumer/consumer.c" "$src/tests/
 
 step "libgpuq.so exports gpuq_* only"
 so=$(readlink -f "$libdir/libgpuq.so")
-readelf -d "$so" | grep -q 'SONAME.*\[libgpuq\.so\.0\]' || fail "SONAME is not libgpuq.so.0"
+grep -q 'SONAME.*\[libgpuq\.so\.0\]' <<<"$(readelf -d "$so")" || fail "SONAME is not libgpuq.so.0"
 # Defined dynamic symbols, less the version node (GPUQ_0, an absolute symbol).
 others=$(nm -D --defined-only "$so" | awk '$2 != "A" {print $3}' | grep -v '^gpuq_' || true)
 [ -z "$others" ] || fail "libgpuq.so exports more than gpuq_*: $(echo "$others" | head -5)"
@@ -109,7 +109,7 @@ $py -m venv --system-site-packages "$tmp/venv-dir"
   'import gpuq, sys; print("installed", gpuq.__version__, "at", gpuq.__file__)')
 $py -m pip wheel "${pipq[@]}" -w "$tmp/dist" "$tmp/python-src"
 wheel=$(ls "$tmp"/dist/gpuq-*.whl)
-$py -m zipfile -l "$wheel" | grep -q 'gpuq/py.typed' || fail "the wheel has no py.typed"
+grep -q 'gpuq/py.typed' <<<"$($py -m zipfile -l "$wheel")" || fail "the wheel has no py.typed"
 $py -m venv --system-site-packages "$tmp/venv-wheel"
 "$tmp/venv-wheel/bin/pip" install "${pipq[@]}" "$wheel"
 cp -r "$src/clients/python/tests" "$tmp/python-tests"
