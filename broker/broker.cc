@@ -514,6 +514,8 @@ void Broker::Impl::OnClientMessage(Frames& frames) {
       return core_->sessions().Open(ctx, req.session, req.tenant);
     case ClientOp::kSessionClose:
       return core_->sessions().Close(ctx, req.id);
+    case ClientOp::kSessionCall:
+      return core_->sessions().Call(ctx, req.id, req.token, frames[3]);
   }
 }
 

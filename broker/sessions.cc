@@ -5,6 +5,7 @@
 #include <spawn.h>
 #include <sys/random.h>
 #include <sys/socket.h>
+#include <sys/un.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -246,11 +247,24 @@ void SessionServer::PollItems(std::vector<zmq::pollitem_t>* items) const {
     if (h.writer.pending()) events |= ZMQ_POLLOUT;
     items->push_back({nullptr, h.control.get(), events, 0});
   }
+  for (const auto& [id, r] : relays_) {
+    if (!r.fd.valid()) continue;  // ended
+    // Answers are taken only while their client reads what it was sent:
+    // past its bound they wait in the process (which then stops reading
+    // requests), never in the broker.
+    short events = core_.ReplyBudget(r.conn) > MaxFrame() ? ZMQ_POLLIN : 0;
+    if (r.writer.pending()) events |= ZMQ_POLLOUT;
+    items->push_back({nullptr, r.fd.get(), events, 0});
+  }
 }
 
 void SessionServer::OnPoll(const zmq::pollitem_t* items, size_t n) {
   std::vector<std::string> keys;
   for (const auto& [key, h] : hosts_) keys.push_back(key);
+  std::vector<uint64_t> relayed;  // as PollItems listed them
+  for (const auto& [id, r] : relays_) {
+    if (r.fd.valid()) relayed.push_back(id);
+  }
   std::vector<std::string> gone;
   for (size_t i = 0; i < n && i < keys.size(); ++i) {
     if (!items[i].revents) continue;
@@ -278,6 +292,14 @@ void SessionServer::OnPoll(const zmq::pollitem_t* items, size_t n) {
       if (!hosts_.count(keys[i])) break;  // its last session ended
     }
     if (!st.ok() && hosts_.count(keys[i])) gone.push_back(keys[i]);
+  }
+  for (size_t i = keys.size(), k = 0; i < n && k < relayed.size(); ++i, ++k) {
+    if (!items[i].revents) continue;
+    auto it = relays_.find(relayed[k]);
+    if (it == relays_.end() || !it->second.fd.valid() || it->second.fd.get() != items[i].fd) {
+      continue;
+    }
+    (void)OnRelay(it->second, items[i].revents);
   }
   for (const std::string& key : gone) Drop(key, "its process ended");
 }
@@ -385,6 +407,18 @@ void SessionServer::Tick() {
     }
     Send(it->second, r);
   }
+  // A relay lives as long as its client's connection: when that goes, so
+  // does the relay, and the session with it (as a direct client's).
+  const MonoTime now = core_.clock().Now();
+  for (auto it = relays_.begin(); it != relays_.end();) {
+    const Relay& r = it->second;
+    if (core_.connections().Sendable(r.conn) &&
+        (r.ended.ok() || now - r.ended_at < std::chrono::minutes(1))) {
+      ++it;
+      continue;
+    }
+    it = relays_.erase(it);
+  }
   for (auto it = exiting_.begin(); it != exiting_.end();) {
     int status = 0;
     const pid_t r = waitpid(*it, &status, WNOHANG);
@@ -443,6 +477,190 @@ void SessionServer::Drop(const std::string& key, const std::string& why) {
   for (uint64_t id : ids) Ended(id, Code::kSessionLost, cause);
   // (The last Ended() may have removed it already.)
   hosts_.erase(key);
+}
+
+// ---------------------------------------------------------------- relays
+
+namespace {
+
+bool SameToken(const std::string& a, const std::string& b) {
+  if (a.size() != b.size()) return false;
+  unsigned char diff = 0;
+  for (size_t i = 0; i < a.size(); ++i) diff |= static_cast<unsigned char>(a[i] ^ b[i]);
+  return diff == 0;
+}
+
+}  // namespace
+
+void SessionServer::Call(const RequestContext& ctx, uint64_t id, const std::string& token,
+                         zmq::message_t& frame) {
+  auto relay = relays_.find(id);
+  Relay* r = relay == relays_.end() ? nullptr : &relay->second;
+  if (r && r->conn.serial != ctx.conn.serial) {
+    // As the process answers a second connection's hello.
+    return core_.ReplyError(ctx, Error(Code::kForbidden, "session " + std::to_string(id) +
+                                                             " has its client already"));
+  }
+  if (r && !r->ended.ok()) return core_.ReplyError(ctx, r->ended);
+  auto it = sessions_.find(id);
+  if (it == sessions_.end() || !ctx.Sees(it->second.tenant) || !it->second.open ||
+      !SameToken(it->second.token, token)) {
+    if (r) return Refuse(r, ctx, Error(Code::kSessionLost, "the session has ended"));
+    return core_.ReplyError(ctx, Error(Code::kNotFound, "no session " + std::to_string(id)));
+  }
+  const std::string_view bytes(static_cast<const char*>(frame.data()), frame.size());
+  if (!r) {
+    auto h = hosts_.find(it->second.host);
+    if (h == hosts_.end()) {
+      return core_.ReplyError(ctx, Error(Code::kSessionLost, "its process is gone"));
+    }
+    auto opened = OpenRelay(ctx, it->second, h->second);
+    if (!opened.ok()) return core_.ReplyError(ctx, opened.status());
+    r = *opened;
+  }
+  // What the relay reads of a request: a map with an op it may carry and a
+  // rid, so that each answer it takes back is one call's.
+  const std::optional<std::string_view> op = schema::PeekString(bytes, "op");
+  if (bytes.size() > MaxFrame()) {
+    return Refuse(r, ctx, Error(Code::kTooLarge, "a session request is at most " +
+                                                     std::to_string(MaxFrame() >> 20) + " MiB"));
+  }
+  if (!op || *op == "hello" || *op == "attach" || schema::PeekRequestId(bytes) == 0) {
+    return Refuse(r, ctx, Error(Code::kMalformed,
+                                "a session_call carries one session request (a map with its "
+                                "op and a rid); hello and attach are not relayed"));
+  }
+  // What waits for the process is bounded: a client that sends faster than
+  // its session takes requests is told so, in order.
+  if (r->writer.queued() > 2 * MaxFrame() || r->calls.size() >= kMaxRelayedCalls) {
+    return Refuse(r, ctx, Error(Code::kResourceExhausted,
+                                std::to_string(r->calls.size()) + " requests (" +
+                                    std::to_string(r->writer.queued() >> 20) +
+                                    " MiB) of this session wait for its process; take "
+                                    "answers before sending more"));
+  }
+  r->writer.Push(bytes);
+  r->calls.push_back({ctx, Status::Ok()});
+  if (Status st = r->writer.Flush(r->fd.get()); !st.ok()) {
+    EndRelay(id, Error(Code::kSessionLost, "the session's process is gone: " + st.message()));
+  }
+}
+
+StatusOr<SessionServer::Relay*> SessionServer::OpenRelay(const RequestContext& ctx,
+                                                          const Session& s, const Host& h) {
+  UniqueFd fd(socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0));
+  if (!fd.valid()) return Error(Code::kResourceExhausted, std::string("socket: ") + strerror(errno));
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  if (h.path.size() >= sizeof addr.sun_path) return Error(Code::kInternal, "socket path too long");
+  memcpy(addr.sun_path, h.path.c_str(), h.path.size() + 1);
+  if (connect(fd.get(), reinterpret_cast<const sockaddr*>(&addr), sizeof addr) != 0) {
+    // A Unix socket connects at once or not at all (EAGAIN: its backlog is full).
+    return Error(Code::kUnavailable,
+                 std::string("cannot reach the session's process: ") + strerror(errno));
+  }
+  Relay& r = relays_.emplace(s.id, Relay(MaxFrame() + 4096)).first->second;
+  r.session = s.id;
+  r.conn = ctx.conn;
+  r.fd = std::move(fd);
+  SessionMessage hello;
+  hello.op = SessionOp::kHello;
+  hello.protocol = std::string(schema::kSessionProtocol);
+  hello.session = s.id;
+  hello.token = s.token;  // no rings: every frame on the socket
+  r.writer.Push(schema::EncodeSessionMessage(hello));
+  return &r;
+}
+
+void SessionServer::Refuse(Relay* r, const RequestContext& ctx, const Status& st) {
+  if (!r || r->calls.empty()) return core_.ReplyError(ctx, st);
+  r->calls.push_back({ctx, st});
+}
+
+void SessionServer::AnswerRefused(Relay& r) {
+  while (!r.calls.empty() && !r.calls.front().refused.ok()) {
+    core_.ReplyError(r.calls.front().ctx, r.calls.front().refused);
+    r.calls.pop_front();
+  }
+}
+
+bool SessionServer::OnRelay(Relay& r, short revents) {
+  const uint64_t id = r.session;
+  if (revents & ZMQ_POLLOUT) {
+    if (Status st = r.writer.Flush(r.fd.get()); !st.ok()) {
+      EndRelay(id, Error(Code::kSessionLost, "the session's process is gone: " + st.message()));
+      return false;
+    }
+  }
+  if (!(revents & (ZMQ_POLLIN | ZMQ_POLLERR))) return true;
+  const Status st = r.reader.Fill(r.fd.get());
+  std::string frame;
+  for (;;) {
+    auto next = r.reader.Next(&frame);
+    if (!next.ok()) {
+      EndRelay(id, Error(Code::kSessionLost, "the session's process sent " +
+                                                 next.status().message()));
+      return false;
+    }
+    if (!*next) break;
+    const std::optional<std::string_view> op = schema::PeekString(frame, "op");
+    const uint64_t rid = schema::PeekRequestId(frame);
+    const bool error = op == std::optional<std::string_view>("error");
+    if (!r.greeted) {
+      if (!error && rid == 0) {
+        r.greeted = true;
+        continue;
+      }
+    }
+    if (error && rid == 0) {
+      // The session ended (or the hello was refused): why, for every call.
+      SessionMessage m;
+      Status why(Code::kSessionLost, "the session ended");
+      if (schema::DecodeSessionMessage(frame, core_.options().limits, 0, &m).ok()) {
+        why = Status(m.code == Code::kOk ? Code::kSessionLost : m.code, m.error);
+      }
+      EndRelay(id, why);
+      return false;
+    }
+    AnswerRefused(r);
+    if (r.calls.empty()) {
+      EndRelay(id, Error(Code::kSessionLost, "the session's process answered a request never "
+                                             "sent"));
+      return false;
+    }
+    schema::ClientReply reply;
+    reply.op = schema::ReplyOp::kSessionAnswer;
+    reply.id = id;
+    Frames payload;
+    auto* owned = new std::string(std::move(frame));
+    payload.emplace_back(owned->data(), owned->size(),
+                         [](void*, void* hint) { delete static_cast<std::string*>(hint); },
+                         owned);
+    frame = std::string();
+    core_.Reply(r.calls.front().ctx, std::move(reply), std::move(payload));
+    r.calls.pop_front();
+    AnswerRefused(r);
+  }
+  if (!st.ok()) {
+    EndRelay(id, Error(Code::kSessionLost,
+                       "the session ended (its process closed the connection; a kernel fault "
+                       "or a kill there ends its tenant's sessions on that GPU)"));
+    return false;
+  }
+  return true;
+}
+
+void SessionServer::EndRelay(uint64_t session, const Status& why) {
+  auto it = relays_.find(session);
+  if (it == relays_.end()) return;
+  Relay& r = it->second;
+  for (const Relay::Pending& c : r.calls) core_.ReplyError(c.ctx, c.refused.ok() ? why : c.refused);
+  r.calls.clear();
+  r.fd.Reset();  // the process ends the session if it has not
+  (void)r.reader.TakeRest();
+  r.writer = FrameWriter();
+  r.ended = why;
+  r.ended_at = core_.clock().Now();
 }
 
 std::vector<SessionView> SessionServer::Views(const RequestContext* ctx) const {

@@ -18,6 +18,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <deque>
 #include <map>
 #include <optional>
 #include <set>
@@ -70,6 +71,10 @@ class SessionServer {
             const std::string& tenant);
   // session_close: answered once it has ended.
   void Close(const RequestContext& ctx, uint64_t id);
+  // session_call: `frame`, one session request, relayed to session `id`'s
+  // process; answered by its answer, or refused in the order of the calls.
+  void Call(const RequestContext& ctx, uint64_t id, const std::string& token,
+            zmq::message_t& frame);
 
   void PollItems(std::vector<zmq::pollitem_t>* items) const;
   void OnPoll(const zmq::pollitem_t* items, size_t n);
@@ -98,6 +103,28 @@ class SessionServer {
     std::optional<RequestContext> opening;
     std::vector<RequestContext> closing;
   };
+  // A connection of the broker's to a session's process, for the client
+  // connection whose session_calls it carries. Every request it forwards is
+  // answered once, in order; a call refused here is answered in its place
+  // among them.
+  struct Relay {
+    uint64_t session = 0;
+    ConnectionRef conn;
+    UniqueFd fd;
+    FrameReader reader{0};
+    FrameWriter writer;
+    bool greeted = false;  // the hello's answer came
+    struct Pending {
+      RequestContext ctx;
+      Status refused;  // ok: forwarded, its answer to come
+    };
+    std::deque<Pending> calls;
+    // Once the session has ended: why, for the connection's later calls,
+    // until it goes (or a minute has passed).
+    Status ended;
+    MonoTime ended_at;
+    explicit Relay(size_t max_frame) : reader(max_frame) {}
+  };
   struct Compiled {
     std::string host;
     uint64_t rid = 0;
@@ -116,11 +143,24 @@ class SessionServer {
   void Ended(uint64_t id, Code code, const std::string& why);
   // The process of `key` is gone, or is to go: its sessions end.
   void Drop(const std::string& key, const std::string& why);
+  static constexpr size_t kMaxRelayedCalls = 65536;  // per relay, awaiting answers
+  // A session request's frame bound: the session process's own.
+  size_t MaxFrame() const { return (limits_.max_data_mb + 1) << 20; }
+  StatusOr<Relay*> OpenRelay(const RequestContext& ctx, const Session& s, const Host& h);
+  // Answers `ctx`'s call with `st` now, or after the calls before it.
+  void Refuse(Relay* r, const RequestContext& ctx, const Status& st);
+  // Takes the process's answers; false when the relay has ended.
+  bool OnRelay(Relay& r, short revents);
+  // Answers the refusals at the head of the calls.
+  void AnswerRefused(Relay& r);
+  // Every call left fails with `why`; the relay's connection closes.
+  void EndRelay(uint64_t session, const Status& why);
 
   BrokerCore& core_;
   SessionLimits limits_;
   std::map<std::string, Host> hosts_;
   std::map<uint64_t, Session> sessions_;
+  std::map<uint64_t, Relay> relays_;  // by session
   std::vector<pid_t> exiting_;  // processes told to go, not yet reaped
   Mutex mu_;
   std::vector<Compiled> compiled_ GUARDED_BY(mu_);

@@ -65,6 +65,7 @@ class Client::Impl {
 
   Status Open(const std::string& endpoint) {
     GPUQ_ASSIGN_OR_RETURN(socket_, client_internal::ConnectDealer(ctx_, endpoint, opt_, 'c'));
+    endpoint_ = endpoint;
     ipc_ = endpoint.rfind("ipc://", 0) == 0;
     local_possible_ = opt_.local_buffers && ipc_;
     return Status::Ok();
@@ -130,6 +131,7 @@ class Client::Impl {
     return regions_;
   }
   std::shared_ptr<client_internal::RegionChannel> regions_;
+  std::string endpoint_;
   bool ipc_ = false;
 
   Status Send(const ClientRequest& req, const std::vector<std::string_view>& payload = {}) {
@@ -472,6 +474,14 @@ StatusOr<std::unique_ptr<Session>> Client::OpenSession(const SessionOptions& opt
   if (r.op != schema::ReplyOp::kSession || r.path.empty()) {
     return Error(Code::kInternal, "the broker answered session_open with " +
                                       std::string(schema::ReplyOpName(r.op)));
+  }
+  // The session's process listens on the broker's host: a client that
+  // reaches the broker other than by ipc goes through it.
+  if (options.through_broker || !impl_->ipc_) {
+    auto s = Session::ConnectThroughBroker(r.id, r.device, r.token, impl_->endpoint_,
+                                           impl_->opt_);
+    if (!s.ok()) (void)CloseSession(r.id);
+    return s;
   }
   return Session::Connect(r.id, r.device, r.path, r.token, impl_->opt_.timeout,
                           impl_->opt_.spin);

@@ -8,7 +8,9 @@
 #include <algorithm>
 #include <map>
 #include <set>
+#include <zmq_addon.hpp>
 
+#include "client/connection.h"
 #include "gpuq/client.h"
 #include "schema/codec.h"
 #include "util/cpu_relax.h"
@@ -18,6 +20,10 @@
 
 namespace gpuq {
 
+using schema::ClientOp;
+using schema::ClientReply;
+using schema::ClientRequest;
+using schema::ReplyOp;
 using schema::SessionMessage;
 using schema::SessionOp;
 
@@ -42,6 +48,12 @@ class Session::Impl {
   uint32_t* ended = nullptr;
   std::set<uint64_t> untimed;  // launches sent untimed: the word tells their end
   std::set<uint64_t> skip;     // answers to drop: the word told their end
+  // Through the broker (PROTOCOL.md, "Sessions through the broker"): each
+  // request a session_call on this connection of the session's own, each
+  // answer the call's reply. (The socket goes before its context.)
+  std::unique_ptr<zmq::context_t> zctx;
+  zmq::socket_t relay;
+  bool relayed() const { return relay.handle() != nullptr; }
   // Kernels this client launched by source, and the handles the session
   // gave them: later launches of one name it by handle (PROTOCOL.md,
   // "Sessions"). `naming`: the launch whose answer brings the handle.
@@ -61,6 +73,23 @@ class Session::Impl {
   StatusOr<uint64_t> Send(SessionMessage m) {
     if (!lost.ok()) return lost;
     m.rid = ++rid;
+    if (relayed()) {
+      ClientRequest call;
+      call.op = ClientOp::kSessionCall;
+      call.rid = m.rid;  // the call's reply is this request's answer
+      call.id = id;
+      call.token = token;
+      const std::string header = schema::EncodeClientRequest(call);
+      const std::string body = schema::EncodeSessionMessage(m);
+      try {
+        relay.send(zmq::buffer(schema::kClientProtocol), zmq::send_flags::sndmore);
+        relay.send(zmq::buffer(header), zmq::send_flags::sndmore);
+        relay.send(zmq::buffer(body), zmq::send_flags::none);
+      } catch (const zmq::error_t& e) {
+        return Lose(Status(Code::kUnavailable, std::string("send to the broker: ") + e.what()));
+      }
+      return m.rid;
+    }
     const std::string frame = schema::EncodeSessionFrame(m);
     const auto deadline = std::chrono::steady_clock::now() + timeout;
     for (size_t done = 0; done < frame.size();) {
@@ -111,7 +140,22 @@ class Session::Impl {
   Status Lose(Status why) {
     if (lost.ok()) lost = std::move(why);
     fd.Reset();
+    if (relayed()) relay.close();
     return lost;
+  }
+
+  // Waits up to `ms` for something to read; false when nothing came.
+  bool Readable(int64_t ms) {
+    if (relayed()) {
+      zmq::pollitem_t item = {relay.handle(), 0, ZMQ_POLLIN, 0};
+      try {
+        return zmq::poll(&item, 1, std::chrono::milliseconds(ms)) > 0;
+      } catch (const zmq::error_t&) {
+        return true;  // EINTR: look again
+      }
+    }
+    pollfd p{fd.get(), POLLIN, 0};
+    return poll(&p, 1, static_cast<int>(ms)) != 0;
   }
 
   // The answer to request `want`.
@@ -149,8 +193,7 @@ class Session::Impl {
         }
         continue;
       }
-      pollfd p{fd.get(), POLLIN, 0};
-      if (poll(&p, 1, static_cast<int>(timeout.count())) == 0) {
+      if (!Readable(timeout.count())) {
         return Status(Code::kTimeout, "no answer from the session in " +
                                           std::to_string(timeout.count()) + " ms");
       }
@@ -190,6 +233,7 @@ class Session::Impl {
   // Takes what the socket holds, and every whole answer in it. With the
   // rings, `socket` also asks whether the process is still there.
   Status Fill(bool socket = true) {
+    if (relayed()) return FillFromBroker();
     if (!fd.valid()) return lost;
     Status st;
     if (in.valid()) {
@@ -217,23 +261,7 @@ class Session::Impl {
       auto next = reader.Next(&frame);
       if (!next.ok()) return Lose(Status(Code::kMalformed, next.status().message()));
       if (!*next) break;
-      SessionMessage m;
-      if (Status d = schema::DecodeSessionMessage(frame, schema::Limits{}, UINT32_MAX, &m);
-          !d.ok()) {
-        return Lose(Status(Code::kMalformed, "the session's process sent " + d.message()));
-      }
-      if (m.op == SessionOp::kError && m.rid == 0) return Lose(Status(m.code, m.error));
-      if (naming > 0) {
-        for (Known& k : kernels) {
-          if (k.naming != m.rid) continue;
-          k.ref = m.kernel_ref;  // 0 (none given): the next launch names it again
-          k.naming = 0;
-          --naming;
-          break;
-        }
-      }
-      if (skip.erase(m.rid)) continue;
-      early[m.rid] = std::move(m);
+      GPUQ_RETURN_IF_ERROR(Take(frame));
     }
     if (!st.ok()) {
       return Lose(Status(Code::kSessionLost, "the session's process ended (a kernel fault or a "
@@ -241,6 +269,75 @@ class Session::Impl {
                                              "GPU): " + st.message()));
     }
     return Status::Ok();
+  }
+
+  // One answer from the session's process.
+  Status Take(std::string_view frame) {
+    SessionMessage m;
+    if (Status d = schema::DecodeSessionMessage(frame, schema::Limits{}, UINT32_MAX, &m);
+        !d.ok()) {
+      return Lose(Status(Code::kMalformed, "the session's process sent " + d.message()));
+    }
+    if (m.op == SessionOp::kError && m.rid == 0) return Lose(Status(m.code, m.error));
+    Keep(std::move(m));
+    return Status::Ok();
+  }
+
+  void Keep(SessionMessage m) {
+    if (naming > 0) {
+      for (Known& k : kernels) {
+        if (k.naming != m.rid) continue;
+        k.ref = m.kernel_ref;  // 0 (none given): the next launch names it again
+        k.naming = 0;
+        --naming;
+        break;
+      }
+    }
+    if (skip.erase(m.rid)) return;
+    early[m.rid] = std::move(m);
+  }
+
+  // Through the broker: every reply waiting, each a call's answer (the
+  // process's, relayed) or the broker's refusal of it.
+  Status FillFromBroker() {
+    if (!lost.ok()) return lost;
+    for (;;) {
+      std::vector<zmq::message_t> frames;
+      try {
+        if (!zmq::recv_multipart(relay, std::back_inserter(frames), zmq::recv_flags::dontwait)) {
+          return Status::Ok();
+        }
+      } catch (const zmq::error_t& e) {
+        if (e.num() == EINTR) continue;
+        return Lose(Status(Code::kUnavailable, std::string("the broker: ") + e.what()));
+      }
+      if (frames.size() < 2 ||
+          !schema::CheckProtocolFrame(frames[0].to_string_view(), schema::kClientProtocol).ok()) {
+        continue;
+      }
+      std::vector<uint64_t> sizes;
+      for (size_t i = 2; i < frames.size(); ++i) sizes.push_back(frames[i].size());
+      ClientReply r;
+      if (Status d = schema::DecodeClientReply(frames[1].to_string_view(), sizes,
+                                               schema::Limits{}, &r);
+          !d.ok()) {
+        return Lose(Status(Code::kMalformed, "the broker sent " + d.message()));
+      }
+      if (r.op == ReplyOp::kSessionAnswer) {
+        GPUQ_RETURN_IF_ERROR(Take(frames[2].to_string_view()));
+        continue;
+      }
+      if (r.op != ReplyOp::kError || r.rid == 0) continue;
+      // The broker's refusal of this call. A session it no longer knows
+      // (or no longer reaches) has ended, as far as this client can tell.
+      SessionMessage m;
+      m.op = SessionOp::kError;
+      m.rid = r.rid;
+      m.code = r.code == Code::kNotFound ? Code::kSessionLost : r.code;
+      m.error = std::move(r.error);
+      if (m.code == Code::kSessionLost && lost.ok()) lost = Status(m.code, m.error);
+      Keep(std::move(m));
+    }
   }
 
   StatusOr<SessionMessage> Call(SessionMessage m) {
@@ -301,6 +398,21 @@ StatusOr<std::unique_ptr<Session>> Session::Connect(uint64_t id, const std::stri
     impl->in = ByteRing(impl->rings.data() + ByteRing::Bytes(ok.ring), ok.ring);
     impl->ended = reinterpret_cast<uint32_t*>(impl->rings.data() + ByteRing::EndPage(ok.ring));
   }
+  return std::unique_ptr<Session>(new Session(std::move(impl)));
+}
+
+StatusOr<std::unique_ptr<Session>> Session::ConnectThroughBroker(
+    uint64_t id, const std::string& device, const std::string& token, const std::string& endpoint,
+    const ClientOptions& options) {
+  auto impl = std::make_unique<Impl>();
+  impl->id = id;
+  impl->device = device;
+  impl->token = token;
+  impl->timeout = options.timeout;
+  impl->spin = options.spin;
+  impl->zctx = std::make_unique<zmq::context_t>(1);
+  GPUQ_ASSIGN_OR_RETURN(impl->relay,
+                        client_internal::ConnectDealer(*impl->zctx, endpoint, options, 's'));
   return std::unique_ptr<Session>(new Session(std::move(impl)));
 }
 
@@ -436,6 +548,11 @@ StatusOr<uint64_t> Session::Launch(const SessionLaunch& launch,
 StatusOr<uint32_t> Session::Attach(const Region& region) {
   if (!impl_->lost.ok()) return impl_->lost;
   if (region.fd_ < 0) return Status(Code::kInvalid, "the region has no memfd");
+  if (impl_->relayed()) {
+    return Status(Code::kUnavailable, "a session reached through the broker attaches no "
+                                      "regions: they need a client on the GPU's host, "
+                                      "connected directly");
+  }
   // A connection of its own, whose first message carries the memfd.
   auto fd = ConnectStream(impl_->path);
   if (!fd.ok()) {
@@ -511,11 +628,12 @@ Status Session::Detach(uint32_t region) {
 
 Status Session::Close() {
   if (impl_->closed) return Status::Ok();
-  if (!impl_->fd.valid()) return impl_->lost;
+  if (!impl_->fd.valid() && !impl_->relayed()) return impl_->lost;
   SessionMessage m;
   m.op = SessionOp::kClose;
   Status s = impl_->Call(std::move(m)).status();
   impl_->fd.Reset();
+  if (impl_->relayed()) impl_->relay.close();
   impl_->closed = true;
   if (impl_->lost.ok()) impl_->lost = Status(Code::kSessionLost, "the session is closed");
   return s;

@@ -23,10 +23,11 @@ constexpr std::string_view kStateNames[] = {"queued", "dispatched", "done",
                                             "failed", "canceled",   "expired"};
 constexpr std::string_view kClientOpNames[] = {
     "submit", "status", "result", "cancel", "stats", "devices", "usage", "session_open",
-    "session_close"};
+    "session_close", "session_call"};
 constexpr std::string_view kReplyOpNames[] = {"accepted", "error",   "status",
                                               "result",   "canceled", "stats",
-                                              "devices",  "usage",   "session"};
+                                              "devices",  "usage",   "session",
+                                              "session_answer"};
 constexpr std::string_view kSessionOpNames[] = {
     "hello", "alloc", "free", "write",  "read",  "copy",   "fill",    "launch", "close",
     "done",  "error", "open", "end",    "module", "opened", "ended", "compile", "usage",
@@ -452,7 +453,8 @@ std::string EncodeClientRequest(const ClientRequest& m) {
   StringBuffer buf;
   Packer p(buf);
   bool has_id = m.op == ClientOp::kStatus || m.op == ClientOp::kResult ||
-                m.op == ClientOp::kCancel || m.op == ClientOp::kSessionClose;
+                m.op == ClientOp::kCancel || m.op == ClientOp::kSessionClose ||
+                m.op == ClientOp::kSessionCall;
   MapWriter w(p);
   w.Field("op", true, [&] { PackStr(p, ClientOpName(m.op)); })
       .Field("rid", true, [&] { p.pack_uint64(m.rid); })
@@ -461,6 +463,7 @@ std::string EncodeClientRequest(const ClientRequest& m) {
       .Field("tenant",
              (m.op == ClientOp::kUsage || m.op == ClientOp::kSessionOpen) && !m.tenant.empty(),
              [&] { PackStr(p, m.tenant); })
+      .Field("token", m.op == ClientOp::kSessionCall, [&] { PackStr(p, m.token); })
       .Field("since_ms", m.op == ClientOp::kUsage && m.since_ms != 0,
              [&] { p.pack_uint64(m.since_ms); })
       .Field("until_ms", m.op == ClientOp::kUsage && m.until_ms != 0,
@@ -489,7 +492,8 @@ std::string EncodeClientReply(const ClientReply& m) {
   const ReplyOp op = m.op;
   bool has_id = op == ReplyOp::kAccepted || op == ReplyOp::kStatus ||
                 op == ReplyOp::kResult || op == ReplyOp::kCanceled ||
-                op == ReplyOp::kSession || (op == ReplyOp::kError && m.id != 0);
+                op == ReplyOp::kSession || op == ReplyOp::kSessionAnswer ||
+                (op == ReplyOp::kError && m.id != 0);
   bool has_state =
       op == ReplyOp::kStatus || op == ReplyOp::kResult || op == ReplyOp::kCanceled;
   bool failed = op == ReplyOp::kError || m.code != Code::kOk;
@@ -1641,6 +1645,10 @@ std::optional<bool> PeekBool(std::string_view map, std::string_view key) {
   return Find(map, key).bool_;
 }
 
+std::optional<std::string_view> PeekString(std::string_view map, std::string_view key) {
+  return Find(map, key).str_;
+}
+
 bool IsBatch(std::string_view header) {
   // A look at the top-level "op" alone, before the whole decode.
   return Find(header, "op").str_ == std::optional<std::string_view>("batch");
@@ -1655,10 +1663,11 @@ Status DecodeClientRequest(std::string_view header,
   GPUQ_RETURN_IF_ERROR(GetOp(oh.get(), &op));
   ClientRequest r;
   if (!Lookup(kClientOpNames, op, &r.op)) return UnknownOp(op);
+  const bool call = r.op == ClientOp::kSessionCall;
   const bool needs_id = r.op == ClientOp::kStatus || r.op == ClientOp::kResult ||
-                        r.op == ClientOp::kCancel || r.op == ClientOp::kSessionClose;
+                        r.op == ClientOp::kCancel || r.op == ClientOp::kSessionClose || call;
   const bool submit = r.op == ClientOp::kSubmit;
-  bool has_id = false, has_job = false;
+  bool has_id = false, has_job = false, has_token = false;
   GPUQ_RETURN_IF_ERROR(ForEachField(oh.get(), "header", {"rid"},
                                     [&](std::string_view k, const object& v) -> Status {
     if (k == "op") return Status::Ok();
@@ -1679,6 +1688,10 @@ Status DecodeClientRequest(std::string_view header,
     if (r.op == ClientOp::kSessionOpen && k == "tenant") {
       return GetStr(v, k, limits.max_tenant_bytes, &r.tenant);
     }
+    if (call && k == "token") {
+      has_token = true;
+      return GetStr(v, k, 64, &r.token);
+    }
     if (r.op == ClientOp::kSessionOpen && k == "session") {
       SessionSpec& ss = r.session;
       return ForEachField(v, k, {}, [&](std::string_view sk, const object& sv) -> Status {
@@ -1696,7 +1709,18 @@ Status DecodeClientRequest(std::string_view header,
   if (r.rid == 0) return Malformed("rid", "must be at least 1 (0 is reserved for pushes)");
   if (needs_id && !has_id) return Malformed("id", "required");
   if (submit && !has_job) return Malformed("job", "required");
-  if (submit) {
+  if (call && !has_token) return Malformed("token", "required");
+  if (call) {
+    // One session request, as the session channel frames it (less its
+    // length), of at most a session frame's size.
+    if (payload_sizes.size() != 1) {
+      return Error(Code::kMalformed, "session_call carries exactly one payload frame");
+    }
+    if (payload_sizes[0] > limits.max_buffer_bytes + (1u << 20)) {
+      return Error(Code::kTooLarge, "a session request of " + std::to_string(payload_sizes[0]) +
+                                        " bytes is over the limit");
+    }
+  } else if (submit) {
     if (Status s = ValidateJob(r.job, payload_sizes, limits); !s.ok()) {
       // What a refused submit named stays readable: its local files are the
       // broker's to remove.
@@ -1705,7 +1729,7 @@ Status DecodeClientRequest(std::string_view header,
       return s;
     }
   } else if (!payload_sizes.empty()) {
-    return Error(Code::kMalformed, "only submit carries payload frames");
+    return Error(Code::kMalformed, "only submit and session_call carry payload frames");
   }
   *out = std::move(r);
   return Status::Ok();
@@ -1743,6 +1767,7 @@ const ReplyFields& FieldsOf(ReplyOp op) {
       /*devices*/ {{"rid", "workers"}, {"local_dir"}},
       /*usage*/ {{"rid", "usage"}, {}},
       /*session*/ {{"rid", "id"}, {"device", "path", "token"}},
+      /*session_answer*/ {{"rid", "id"}, {}},
   };
   return kFields[static_cast<size_t>(op)];
 }
@@ -1850,8 +1875,12 @@ Status DecodeClientReply(std::string_view header, std::span<const uint64_t> payl
   GPUQ_RETURN_IF_ERROR(CheckFailure(has_code, has_error, r.code));
   if (r.op == ReplyOp::kResult) {
     GPUQ_RETURN_IF_ERROR(CheckOutputs(r.outputs, WithFiles(payload_sizes, r.files)));
+  } else if (r.op == ReplyOp::kSessionAnswer) {
+    if (payload_sizes.size() != 1) {
+      return Error(Code::kMalformed, "session_answer carries exactly one payload frame");
+    }
   } else if (!payload_sizes.empty()) {
-    return Error(Code::kMalformed, "only result carries payload frames");
+    return Error(Code::kMalformed, "only result and session_answer carry payload frames");
   }
   *out = std::move(r);
   return Status::Ok();

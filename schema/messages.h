@@ -58,7 +58,8 @@ struct Limits {
 // ---------------------------------------------------------------- client side
 
 enum class ClientOp : uint8_t {
-  kSubmit, kStatus, kResult, kCancel, kStats, kDevices, kUsage, kSessionOpen, kSessionClose
+  kSubmit, kStatus, kResult, kCancel, kStats, kDevices, kUsage, kSessionOpen, kSessionClose,
+  kSessionCall
 };
 std::string_view ClientOpName(ClientOp op);
 
@@ -85,11 +86,15 @@ struct ClientRequest {
   std::string tenant;
   uint64_t since_ms = 0, until_ms = 0;
   SessionSpec session;
+  // session_call: the session's token (its one payload frame is a session
+  // request, PROTOCOL.md, "Sessions through the broker").
+  std::string token;
   bool operator==(const ClientRequest&) const = default;
 };
 
 enum class ReplyOp : uint8_t {
-  kAccepted, kError, kStatus, kResult, kCanceled, kStats, kDevices, kUsage, kSession
+  kAccepted, kError, kStatus, kResult, kCanceled, kStats, kDevices, kUsage, kSession,
+  kSessionAnswer
 };
 std::string_view ReplyOpName(ReplyOp op);
 

@@ -722,6 +722,27 @@ std::vector<GoldenMessage> GoldenMessages() {
     rep.path = "/var/lib/gpuq/jobs.db.blobs/s3f2a9c1d7e5b8a06.sock";
     rep.token = "c0ffee0123456789abcdef0123456789";
     g.push_back({"reply_session", rep, {}});
+    // Sessions through the broker: a session request in a session_call,
+    // its answer in the call's reply.
+    SessionMessage alloc;
+    alloc.op = SessionOp::kAlloc;
+    alloc.rid = 1;
+    alloc.size = 4096;
+    r = {};
+    r.op = ClientOp::kSessionCall;
+    r.rid = 1;
+    r.id = 0x5e55000000000001ull;
+    r.token = "c0ffee0123456789abcdef0123456789";
+    g.push_back({"client_session_call", r, {schema::EncodeSessionMessage(alloc)}});
+    SessionMessage done;
+    done.op = SessionOp::kDone;
+    done.rid = 1;
+    done.buffer = 0x3a7f0001;
+    rep = {};
+    rep.op = ReplyOp::kSessionAnswer;
+    rep.rid = 1;
+    rep.id = 0x5e55000000000001ull;
+    g.push_back({"reply_session_answer", rep, {schema::EncodeSessionMessage(done)}});
   }
   {
     const uint64_t session = 0x5e55000000000001ull;

@@ -77,6 +77,7 @@ class SessionsTest : public BrokerTest {
     o.tenant = tenant;
     o.idle = idle;
     o.memory = memory;
+    o.through_broker = through_broker_;
     return client_->OpenSession(o);
   }
   json Sessions() {
@@ -93,9 +94,22 @@ class SessionsTest : public BrokerTest {
     return false;
   }
   std::unique_ptr<Client> client_;
+  bool through_broker_ = false;
 };
 
-TEST_F(SessionsTest, BuffersStayBetweenLaunchesAndEachAnswerComesInOrder) {
+// The same tests for a client on the GPU's host, which talks to the
+// session's process directly, and for one whose requests go through the
+// broker (PROTOCOL.md, "Sessions through the broker").
+class SessionsPathTest : public SessionsTest, public ::testing::WithParamInterface<bool> {
+ protected:
+  void SetUp() override { through_broker_ = GetParam(); }
+};
+INSTANTIATE_TEST_SUITE_P(Paths, SessionsPathTest, ::testing::Values(false, true),
+                         [](const ::testing::TestParamInfo<bool>& p) {
+                           return p.param ? "ThroughTheBroker" : "Direct";
+                         });
+
+TEST_P(SessionsPathTest, BuffersStayBetweenLaunchesAndEachAnswerComesInOrder) {
   Start();
   auto s = Open();
   ASSERT_TRUE(s.ok()) << s.status().ToString() << Log();
@@ -151,7 +165,7 @@ TEST_F(SessionsTest, BuffersStayBetweenLaunchesAndEachAnswerComesInOrder) {
   EXPECT_EQ((*s)->Alloc(1).status().code(), Code::kSessionLost);
 }
 
-TEST_F(SessionsTest, EveryMisuseGetsAClearErrorAndTheSessionGoesOn) {
+TEST_P(SessionsPathTest, EveryMisuseGetsAClearErrorAndTheSessionGoesOn) {
   Start();
   auto s = Open("", {}, 1 << 20);
   ASSERT_TRUE(s.ok()) << s.status().ToString() << Log();
@@ -255,7 +269,7 @@ TEST_F(SessionsTest, AnUntimedLaunchsEndComesFromTheWordAndNoRefusalIsMissed) {
 // A kernel's first launch names it by source; its answer gives a handle,
 // by which the client's later launches name it (PROTOCOL.md, "Sessions").
 // Two kernels of one source, alternating: each launch runs its own.
-TEST_F(SessionsTest, ALaunchsOwnBuffersComeInAndGoOut) {
+TEST_P(SessionsPathTest, ALaunchsOwnBuffersComeInAndGoOut) {
   Start();
   auto s = Open("", {}, 1 << 20);
   ASSERT_TRUE(s.ok()) << s.status().ToString() << Log();
@@ -319,7 +333,7 @@ TEST_F(SessionsTest, ALaunchsOwnBuffersComeInAndGoOut) {
   EXPECT_EQ(*kept_bytes, std::string(16, 1));
 }
 
-TEST_F(SessionsTest, LaterLaunchesNameTheirKernelByHandle) {
+TEST_P(SessionsPathTest, LaterLaunchesNameTheirKernelByHandle) {
   Start();
   auto s = Open();
   ASSERT_TRUE(s.ok()) << s.status().ToString() << Log();
@@ -421,7 +435,7 @@ TEST_F(SessionsTest, ATenantsSessionsAndTheirMemoryAreBounded) {
   EXPECT_TRUE(Open("a", {}, 2 << 20).ok()) << "what is left fits";
 }
 
-TEST_F(SessionsTest, AnIdleSessionEndsByItselfAndFreesItsMemory) {
+TEST_P(SessionsPathTest, AnIdleSessionEndsByItselfAndFreesItsMemory) {
   Start();
   auto s = Open("", std::chrono::milliseconds(300));
   ASSERT_TRUE(s.ok()) << s.status().ToString();
@@ -432,7 +446,7 @@ TEST_F(SessionsTest, AnIdleSessionEndsByItselfAndFreesItsMemory) {
   EXPECT_NE(late.status().message().find("idle"), std::string::npos) << late.status().ToString();
 }
 
-TEST_F(SessionsTest, AFaultEndsOnlyItsTenantsSessionsOnThatGpu) {
+TEST_P(SessionsPathTest, AFaultEndsOnlyItsTenantsSessionsOnThatGpu) {
   Start();
   auto a1 = Open("a"), a2 = Open("a"), b = Open("b");
   ASSERT_TRUE(a1.ok() && a2.ok() && b.ok()) << Log();
@@ -557,7 +571,7 @@ TEST_F(SessionsTest, AKilledSessionProcessEndsOnlyItsSessions) {
   EXPECT_TRUE((*again)->Alloc(1).ok());
 }
 
-TEST_F(SessionsTest, ClosingThroughTheBrokerEndsTheSessionForItsClient) {
+TEST_P(SessionsPathTest, ClosingThroughTheBrokerEndsTheSessionForItsClient) {
   Start();
   auto s = Open("a");
   ASSERT_TRUE(s.ok());
@@ -654,6 +668,181 @@ TEST_F(SessionsTest, AStrangerWithoutTheTokenIsRefused) {
   ASSERT_TRUE(WriteFrame(junk->get(), "\x93\x01\x02\x03").ok());
   EXPECT_TRUE(ReadFrame(junk->get(), 1 << 20).ok());
   EXPECT_TRUE((*s)->Alloc(8).ok());
+}
+
+// The broker's relay, as a client of its own would use it: every call is
+// answered once, in the order sent, a refusal of the broker's in its place
+// among the process's answers; only the connection that called first, with
+// the session's token, reaches the session, and its going ends the session.
+TEST_F(SessionsTest, TheBrokerRelaysCallsInOrderAndOnlyForTheSessionsClient) {
+  using schema::ClientOp;
+  using schema::ReplyOp;
+  using schema::SessionOp;
+  Start();
+  auto raw = std::make_unique<RawClient>(broker_->client_endpoint());
+  schema::ClientRequest open;
+  open.op = ClientOp::kSessionOpen;
+  open.rid = 1;
+  raw->Send(open);
+  auto opened = raw->Receive();
+  ASSERT_TRUE(opened && opened->header.op == ReplyOp::kSession) << Log();
+  const uint64_t id = opened->header.id;
+  const std::string token = opened->header.token;
+  auto call = [&](RawClient& c, uint64_t rid, const std::string& tok, const std::string& frame) {
+    schema::ClientRequest r;
+    r.op = ClientOp::kSessionCall;
+    r.rid = rid;
+    r.id = id;
+    r.token = tok;
+    c.Send(r, {frame});
+  };
+  auto request = [](SessionOp op, uint64_t rid, uint64_t size) {
+    schema::SessionMessage m;
+    m.op = op;
+    m.rid = rid;
+    m.size = size;
+    return schema::EncodeSessionMessage(m);
+  };
+  // The answer in a session_answer reply.
+  auto answer = [](const RawClient::Reply& r) {
+    schema::SessionMessage m;
+    EXPECT_EQ(r.header.op, ReplyOp::kSessionAnswer);
+    EXPECT_EQ(r.payload.size(), 1u);
+    if (r.payload.size() == 1) {
+      EXPECT_TRUE(schema::DecodeSessionMessage(r.payload[0], schema::Limits{}, 1 << 20, &m).ok());
+    }
+    return m;
+  };
+  call(*raw, 2, std::string(32, '0'), request(SessionOp::kAlloc, 1, 16));
+  auto refused = raw->Receive();
+  ASSERT_TRUE(refused);
+  EXPECT_EQ(refused->header.rid, 2u);
+  EXPECT_EQ(refused->header.code, Code::kNotFound) << "a wrong token reaches nothing";
+  // Three calls at once, the middle one refused by the broker (a hello is
+  // never relayed): answered in the order sent.
+  call(*raw, 3, token, request(SessionOp::kAlloc, 1, 16));
+  schema::SessionMessage hello;
+  hello.op = SessionOp::kHello;
+  hello.protocol = std::string(schema::kSessionProtocol);
+  hello.session = id;
+  hello.token = token;
+  call(*raw, 4, token, schema::EncodeSessionMessage(hello));
+  call(*raw, 5, token, request(SessionOp::kAlloc, 2, 8));
+  auto r3 = raw->Receive(), r4 = raw->Receive(), r5 = raw->Receive();
+  ASSERT_TRUE(r3 && r4 && r5) << Log();
+  EXPECT_EQ(r3->header.rid, 3u);
+  EXPECT_EQ(r4->header.rid, 4u);
+  EXPECT_EQ(r5->header.rid, 5u);
+  const schema::SessionMessage a3 = answer(*r3), a5 = answer(*r5);
+  EXPECT_EQ(a3.op, SessionOp::kDone);
+  EXPECT_EQ(a3.rid, 1u);
+  EXPECT_NE(a3.buffer, 0u);
+  EXPECT_EQ(r4->header.op, ReplyOp::kError);
+  EXPECT_EQ(r4->header.code, Code::kMalformed);
+  EXPECT_EQ(a5.op, SessionOp::kDone);
+  EXPECT_EQ(a5.rid, 2u);
+  // What is not a session request is refused; the process's own refusal
+  // comes back as its answer; the session goes on.
+  call(*raw, 6, token, "\x93\x01\x02\x03");
+  auto r6 = raw->Receive();
+  ASSERT_TRUE(r6);
+  EXPECT_EQ(r6->header.code, Code::kMalformed);
+  call(*raw, 7, token, request(SessionOp::kAlloc, 3, 0));
+  auto r7 = raw->Receive();
+  ASSERT_TRUE(r7);
+  const schema::SessionMessage a7 = answer(*r7);
+  EXPECT_EQ(a7.op, SessionOp::kError);
+  EXPECT_EQ(a7.code, Code::kInvalid) << "a buffer of 0 bytes";
+  // Another connection, with the token, cannot use it.
+  RawClient other(broker_->client_endpoint());
+  call(other, 1, token, request(SessionOp::kAlloc, 4, 8));
+  auto forbidden = other.Receive();
+  ASSERT_TRUE(forbidden);
+  EXPECT_EQ(forbidden->header.code, Code::kForbidden);
+  call(*raw, 8, token, request(SessionOp::kAlloc, 4, 8));
+  auto r8 = raw->Receive();
+  ASSERT_TRUE(r8);
+  EXPECT_EQ(answer(*r8).op, SessionOp::kDone) << "its own client still can";
+  // Its client's connection going ends it, as a direct client's does.
+  ASSERT_TRUE(WaitSessions(1));
+  raw.reset();
+  EXPECT_TRUE(WaitSessions(0)) << Log();
+}
+
+// A session whose client talks to its process directly has its client:
+// the broker's hello is refused, and so is every call.
+TEST_F(SessionsTest, ASessionHeldByADirectClientIsNotRelayed) {
+  Start();
+  RawClient raw(broker_->client_endpoint());
+  schema::ClientRequest open;
+  open.op = schema::ClientOp::kSessionOpen;
+  open.rid = 1;
+  raw.Send(open);
+  auto opened = raw.Receive();
+  ASSERT_TRUE(opened && opened->header.op == schema::ReplyOp::kSession) << Log();
+  auto fd = ConnectStream(opened->header.path);
+  ASSERT_TRUE(fd.ok());
+  schema::SessionMessage hello;
+  hello.op = schema::SessionOp::kHello;
+  hello.protocol = std::string(schema::kSessionProtocol);
+  hello.session = opened->header.id;
+  hello.token = opened->header.token;
+  ASSERT_TRUE(WriteFrame(fd->get(), schema::EncodeSessionMessage(hello)).ok());
+  auto greeted = ReadFrame(fd->get(), 1 << 20);
+  ASSERT_TRUE(greeted.ok());
+  schema::SessionMessage alloc;
+  alloc.op = schema::SessionOp::kAlloc;
+  alloc.rid = 1;
+  alloc.size = 8;
+  for (uint64_t rid : {2, 3}) {
+    schema::ClientRequest call;
+    call.op = schema::ClientOp::kSessionCall;
+    call.rid = rid;
+    call.id = opened->header.id;
+    call.token = opened->header.token;
+    raw.Send(call, {schema::EncodeSessionMessage(alloc)});
+    auto r = raw.Receive();
+    ASSERT_TRUE(r);
+    EXPECT_EQ(r->header.op, schema::ReplyOp::kError);
+    EXPECT_EQ(r->header.code, Code::kInvalid);
+    EXPECT_NE(r->header.error.find("already"), std::string::npos) << r->header.error;
+  }
+  // The direct client's session is untouched.
+  ASSERT_TRUE(WriteFrame(fd->get(), schema::EncodeSessionMessage(alloc)).ok());
+  auto frame = ReadFrame(fd->get(), 1 << 20);
+  ASSERT_TRUE(frame.ok());
+  schema::SessionMessage done;
+  ASSERT_TRUE(schema::DecodeSessionMessage(*frame, schema::Limits{}, 0, &done).ok());
+  EXPECT_EQ(done.op, schema::SessionOp::kDone);
+}
+
+// Through the broker a session has no attached regions and no end word: an
+// untimed launch ends by its answer.
+TEST_F(SessionsTest, ThroughTheBrokerUntimedLaunchesEndByTheirAnswers) {
+  Start();
+  through_broker_ = true;
+  auto s = Open();
+  ASSERT_TRUE(s.ok()) << s.status().ToString() << Log();
+  auto a = (*s)->Alloc(64);
+  ASSERT_TRUE(a.ok());
+  std::vector<uint64_t> tickets;
+  for (int i = 0; i < 50; ++i) {
+    SessionLaunch l = Inc(*a, 64, 1);
+    l.timed = false;
+    auto t = (*s)->LaunchAsync(l);
+    ASSERT_TRUE(t.ok());
+    tickets.push_back(*t);
+  }
+  for (uint64_t t : tickets) {
+    auto ns = (*s)->Wait(t);
+    ASSERT_TRUE(ns.ok()) << ns.status().ToString();
+    EXPECT_EQ(*ns, 0u) << "untimed";
+  }
+  EXPECT_EQ(*(*s)->Read(*a, 0, 64), std::string(64, 50));
+  auto region = client_->NewRegion(1 << 20);
+  ASSERT_TRUE(region.ok()) << region.status().ToString();
+  EXPECT_EQ((*s)->Attach(**region).status().code(), Code::kUnavailable);
+  EXPECT_TRUE((*s)->Alloc(8).ok()) << "and the session goes on";
 }
 
 TEST_F(SessionsTest, TheBrokerGoingAwayEndsItsSessionProcesses) {

@@ -184,7 +184,8 @@ class Region {
 
 // A session (PROTOCOL.md, "Sessions"): device memory that stays on the GPU
 // between launches, in a process that serves this tenant only, reached
-// directly over a socket of the GPU's host (Client::OpenSession). Buffers are
+// directly over a socket of the GPU's host by a client there, and through
+// the broker by a client elsewhere (Client::OpenSession). Buffers are
 // handles of this session; kernels come from the broker's compile cache and
 // run in the order asked on the session's stream.
 //
@@ -204,6 +205,11 @@ struct SessionOptions {
   // A launch's run-time limit on the GPU; 0: the broker's default (a job's).
   // A launch past it ends the tenant's sessions on that GPU (session_lost).
   std::chrono::milliseconds time_limit{0};
+  // Every request through the broker (PROTOCOL.md, "Sessions through the
+  // broker"), also from the GPU's host: what a client whose endpoint is not
+  // ipc:// does anyway. It costs a hop each way and has no attached regions
+  // and no end word (an untimed launch ends by its answer).
+  bool through_broker = false;
 };
 
 struct SessionLaunch {
@@ -293,6 +299,11 @@ class Session {
                                                     const std::string& token,
                                                     std::chrono::milliseconds timeout,
                                                     std::chrono::microseconds spin);
+  // Connects to the broker at `endpoint`, on a connection of the session's
+  // own, whose session_calls carry its requests.
+  static StatusOr<std::unique_ptr<Session>> ConnectThroughBroker(
+      uint64_t id, const std::string& device, const std::string& token,
+      const std::string& endpoint, const ClientOptions& options);
   std::unique_ptr<Impl> impl_;
 };
 

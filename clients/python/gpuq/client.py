@@ -511,7 +511,9 @@ class Client:
         or more as files of the broker's local directory (PROTOCOL.md)."""
         self._ctx: zmq.Context[Any] = context or zmq.Context.instance()
         self._sock = open_socket(self._ctx, endpoint, curve, b"p")
-        self._ipc = (endpoint or default_endpoint()).startswith("ipc://")
+        self._endpoint = endpoint or default_endpoint()
+        self._curve = curve
+        self._ipc = self._endpoint.startswith("ipc://")
         self._local = local_buffers and self._ipc
         self._local_min = local_min
         self._local_dir: Optional[str] = None             # asked of the broker once
@@ -655,7 +657,8 @@ class Client:
         return Region(self._region_channel(), size, tenant)
 
     def session(self, tenant: Optional[str] = None, memory: int = 0, idle_ms: int = 0,
-                placement: Optional[Mapping[str, Any]] = None, limit_ms: int = 0) -> Session:
+                placement: Optional[Mapping[str, Any]] = None, limit_ms: int = 0,
+                through_broker: bool = False) -> Session:
         """Opens a session on a GPU of the broker's host (PROTOCOL.md,
         "Sessions"): device buffers that stay between launches, in a process
         of the tenant's own. `memory`: the device bytes it may hold, `idle_ms`:
@@ -663,7 +666,9 @@ class Client:
         as a job's (arch, gpu, min_free); `limit_ms`: each launch's run-time
         limit (0: the broker's default, a job's; a launch past it ends the
         tenant's sessions on that GPU, "session_lost"). `tenant` counts off
-        CURVE only.
+        CURVE only. A client whose endpoint is not ipc:// (or that asks with
+        `through_broker`) sends every request through the broker (PROTOCOL.md,
+        "Sessions through the broker"): a hop each way, no attached regions.
         Error "resource_exhausted" past the tenant's session limits,
         "unavailable" when no GPU of the broker's host matches."""
         from gpuq.session import Session
@@ -683,6 +688,11 @@ class Client:
             header["tenant"] = tenant
         header["session"] = spec
         reply, _ = self._call(header)
+        if through_broker or not self._ipc:
+            # A connection of the session's own: the session lives as long
+            # as it does.
+            relay = open_socket(self._ctx, self._endpoint, self._curve, b"s")
+            return Session(reply, self.timeout, relay)
         return Session(reply, self.timeout)
 
     def close_session(self, session_id: int) -> None:

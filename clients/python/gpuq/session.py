@@ -1,6 +1,8 @@
 """Sessions (PROTOCOL.md, "Sessions"): device memory that stays on the GPU
 between launches, in a process that serves this tenant only, reached
-directly over a socket of the GPU's host. Made by gpuq.Client.session().
+directly over a socket of the GPU's host, or through the broker by a client
+elsewhere (PROTOCOL.md, "Sessions through the broker"). Made by
+gpuq.Client.session().
 
 Every request is answered in the order made; launch_async() sends a launch
 and returns a ticket for wait(). A call's error is its own (a bad handle, a
@@ -19,6 +21,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import numpy.typing as npt
+import zmq
 
 from gpuq import wire
 from gpuq.client import (Buf, Error, In, InOut, Out, OutSpec, Scalar, Scratch, as_output,
@@ -37,10 +40,12 @@ def _dim3(d: Dim) -> List[int]:
 
 
 class Session:
-    """A session's direct channel. Not thread-safe; a context manager that
-    closes it."""
+    """A session's channel: the session process's socket, or, with `relay`
+    (a DEALER to the broker of the session's own), the broker. Not
+    thread-safe; a context manager that closes it."""
 
-    def __init__(self, reply: Mapping[str, Any], timeout: float) -> None:
+    def __init__(self, reply: Mapping[str, Any], timeout: float,
+                 relay: Optional[Any] = None) -> None:
         self.id: int = reply["id"]
         self.device: str = reply.get("device", "")
         self._path: str = reply["path"]
@@ -58,13 +63,19 @@ class Session:
         self._outs: Dict[int, List[Optional[OutSpec]]] = {}
         self._lost: Optional[Error] = None
         self._closed = False
+        self._sock: Optional[socket.socket] = None
+        # Through the broker: each request a session_call, each answer its
+        # reply (PROTOCOL.md, "Sessions through the broker").
+        self._relay: Optional[Any] = relay
+        if relay is not None:
+            return
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
             sock.connect(reply["path"])
         except OSError as e:
             sock.close()
             raise Error("unavailable", "the session's process: %s" % e) from e
-        self._sock: Optional[socket.socket] = sock
+        self._sock = sock
         self._write({"op": "hello", "protocol": PROTOCOL, "session": self.id,
                      "token": reply["token"]})
         self._answer(0)
@@ -79,9 +90,21 @@ class Session:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
+        if self._relay is not None:
+            self._relay.close(0)
+            self._relay = None
         return self._lost
 
+    def _connected(self) -> bool:
+        return self._sock is not None or self._relay is not None
+
     def _write(self, message: Header) -> None:
+        if self._relay is not None:
+            call = {"op": "session_call", "rid": message["rid"], "id": self.id,
+                    "token": self._token}
+            self._relay.send_multipart([wire.CLIENT_PROTOCOL, wire.encode(call),
+                                        wire.encode(message)], copy=False)
+            return
         body = wire.encode(message)
         data = struct.pack("<I", len(body)) + body
         assert self._sock is not None
@@ -106,8 +129,49 @@ class Session:
             elif not r:
                 raise self._lose(Error("timeout", "the session's process takes no requests"))
 
+    def _take(self, m: Header) -> None:
+        """One answer from the session's process."""
+        if m.get("op") == "error" and m.get("rid") == 0:
+            self._lose(Error(m.get("code", "session_lost"), m.get("error", "")))
+            return
+        self._early[m["rid"]] = m
+        key = self._naming.pop(m["rid"], None)
+        if key is not None and m.get("op") == "done" and "kernel" in m:
+            self._kernels[key] = int(m["kernel"])
+
+    def _fill_from_broker(self) -> None:
+        """Every reply waiting: a call's answer (the process's, relayed) or
+        the broker's refusal of it."""
+        while self._relay is not None:
+            try:
+                frames = self._relay.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if len(frames) < 2 or frames[0] != wire.CLIENT_PROTOCOL:
+                continue
+            h = wire.decode(frames[1])
+            if h.get("op") == "session_answer" and len(frames) == 3:
+                self._take(wire.decode(frames[2]))
+            elif h.get("op") == "error" and h.get("rid"):
+                # A session the broker no longer knows has ended, as far as
+                # this client can tell.
+                code = h.get("code", "internal")
+                code = "session_lost" if code == "not_found" else code
+                self._early[h["rid"]] = {"op": "error", "rid": h["rid"], "code": code,
+                                         "error": h.get("error", "")}
+                if code == "session_lost" and self._lost is None:
+                    self._lost = Error(code, h.get("error", ""))
+
+    def _readable(self, timeout: float) -> bool:
+        if self._relay is not None:
+            return bool(self._relay.poll(int(timeout * 1000) + 1))
+        return bool(select.select([self._sock], [], [], timeout)[0])
+
     def _fill(self) -> None:
         """Takes what the socket holds, and every whole answer in it."""
+        if self._relay is not None:
+            self._fill_from_broker()
+            return
         if self._sock is None:
             return
         try:
@@ -123,13 +187,9 @@ class Session:
                 break
             m = wire.decode(bytes(self._buf[4:4 + n]))
             del self._buf[:4 + n]
-            if m.get("op") == "error" and m.get("rid") == 0:
-                self._lose(Error(m.get("code", "session_lost"), m.get("error", "")))
+            self._take(m)
+            if self._sock is None:
                 return
-            self._early[m["rid"]] = m
-            key = self._naming.pop(m["rid"], None)
-            if key is not None and m.get("op") == "done" and "kernel" in m:
-                self._kernels[key] = int(m["kernel"])
         if not chunk:
             self._lose(Error("session_lost", "the session's process ended (a kernel fault or a "
                                              "kill there ends its tenant's sessions on that "
@@ -146,7 +206,7 @@ class Session:
             if self._lost is not None:
                 raise self._lost
             left = deadline - time.monotonic()
-            if left <= 0 or not select.select([self._sock], [], [], left)[0]:
+            if left <= 0 or not self._readable(left):
                 raise Error("timeout", "no answer from the session in time")
             self._fill()
 
@@ -201,6 +261,10 @@ class Session:
         fd = getattr(region, "_fd", None)
         if fd is None:
             raise ValueError("the region is closed")
+        if self._relay is not None:
+            raise Error("unavailable", "a session reached through the broker attaches no "
+                                       "regions: they need a client on the GPU's host, "
+                                       "connected directly")
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
             sock.settimeout(max(self.timeout, 60.0))
@@ -349,7 +413,7 @@ class Session:
 
     def close(self) -> None:
         """Ends the session: its buffers are freed."""
-        if self._closed or self._sock is None:
+        if self._closed or not self._connected():
             return
         try:
             self._call({"op": "close"})

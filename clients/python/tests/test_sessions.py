@@ -4,6 +4,7 @@ memory (gpuq-fake-session: kernels known by name; `inc(buf, n, v)` adds v to
 n bytes). The kernels compile for real, through the broker."""
 
 import os
+import time
 
 import numpy as np
 import pytest
@@ -18,13 +19,20 @@ KERNELS = ('extern "C" __global__ void inc(unsigned char* p, unsigned n, unsigne
            'extern "C" __global__ void endless() { for (;;) {} }\n')
 
 
+# The same tests for a client on the GPU's host, which talks to the session's
+# process directly, and for one whose requests go through the broker
+# (PROTOCOL.md, "Sessions through the broker").
+PATHS = pytest.mark.parametrize("through", [False, True], ids=["direct", "through_broker"])
+
+
 def local(service):
     service.add_worker("--local-dir", os.path.join(service.folder, "jobs.db.blobs"))
 
 
-def test_buffers_stay_between_launches(service):
+@PATHS
+def test_buffers_stay_between_launches(service, through):
     local(service)
-    with gpuq.Client(service.client_endpoint) as c, c.session() as s:
+    with gpuq.Client(service.client_endpoint) as c, c.session(through_broker=through) as s:
         assert s.id != 0 and s.device
         a = s.alloc(256)
         assert (s.read(a, 256) == 0).all(), "a new buffer reads as zeros"
@@ -43,9 +51,11 @@ def test_buffers_stay_between_launches(service):
     assert c is not None
 
 
-def test_misuse_gets_clear_errors_and_the_session_goes_on(service):
+@PATHS
+def test_misuse_gets_clear_errors_and_the_session_goes_on(service, through):
     local(service)
-    with gpuq.Client(service.client_endpoint) as c, c.session(memory=1 << 20) as s:
+    with gpuq.Client(service.client_endpoint) as c, \
+            c.session(memory=1 << 20, through_broker=through) as s:
         a = s.alloc(100)
         with pytest.raises(gpuq.Error) as e:
             s.alloc(1 << 20)
@@ -67,10 +77,12 @@ def test_misuse_gets_clear_errors_and_the_session_goes_on(service):
         assert list(s.read(b, 4)) == [9] * 4
 
 
-def test_a_fault_ends_the_session_and_another_tenants_goes_on(service):
+@PATHS
+def test_a_fault_ends_the_session_and_another_tenants_goes_on(service, through):
     local(service)
     with gpuq.Client(service.client_endpoint) as c:
-        a, b = c.session(tenant="a"), c.session(tenant="b")
+        a = c.session(tenant="a", through_broker=through)
+        b = c.session(tenant="b", through_broker=through)
         hb = b.alloc(8)
         b.fill(hb, 5, 8)
         ha = a.alloc(8)
@@ -84,10 +96,12 @@ def test_a_fault_ends_the_session_and_another_tenants_goes_on(service):
         b.close()
 
 
-def test_a_launch_past_its_limit_ends_the_session_saying_so(service):
+@PATHS
+def test_a_launch_past_its_limit_ends_the_session_saying_so(service, through):
     local(service)
     with gpuq.Client(service.client_endpoint) as c:
-        a, b = c.session(tenant="a", limit_ms=200), c.session(tenant="b")
+        a = c.session(tenant="a", limit_ms=200, through_broker=through)
+        b = c.session(tenant="b", through_broker=through)
         hb = b.alloc(8)
         b.fill(hb, 7, 8)
         with pytest.raises(gpuq.Error) as e:
@@ -98,10 +112,11 @@ def test_a_launch_past_its_limit_ends_the_session_saying_so(service):
         b.close()
 
 
-def test_a_launchs_own_buffers_go_in_and_come_out(service):
+@PATHS
+def test_a_launchs_own_buffers_go_in_and_come_out(service, through):
     local(service)
     with gpuq.Client(service.client_endpoint) as c:
-        s = c.session(memory=1 << 20)
+        s = c.session(memory=1 << 20, through_broker=through)
         kept = s.alloc(8)
         s.fill(kept, 1, 8)
         x = np.arange(16, dtype=np.uint8).reshape(4, 4)
@@ -141,10 +156,11 @@ def test_a_launch_past_its_limit_is_found_whatever_its_rid(service):
         assert "run-time limit" in str(e.value)
 
 
-def test_close_through_the_broker(service):
+@PATHS
+def test_close_through_the_broker(service, through):
     local(service)
     with gpuq.Client(service.client_endpoint) as c:
-        s = c.session()
+        s = c.session(through_broker=through)
         with pytest.raises(gpuq.Error) as e:
             c.close_session(s.id + 1)
         assert e.value.code == "not_found"
@@ -196,9 +212,10 @@ def test_a_kernel_is_named_by_the_handle_its_first_launch_gave(service):
         assert (s.read(a, 64) == 6).all()
 
 
-def test_the_client_names_a_kernel_by_its_handle_after_its_first_launch(service):
+@PATHS
+def test_the_client_names_a_kernel_by_its_handle_after_its_first_launch(service, through):
     local(service)
-    with gpuq.Client(service.client_endpoint) as c, c.session() as s:
+    with gpuq.Client(service.client_endpoint) as c, c.session(through_broker=through) as s:
         a = s.alloc(64)
         sent = []
         write = s._write
@@ -299,3 +316,34 @@ def test_a_rid_that_jumps_by_2_31_or_more_is_refused(service):
             s._answer(rid)
         assert e.value.code == "malformed"
         s.alloc(8)  # the session goes on, its rids as they were
+
+
+def test_through_the_broker_untimed_launches_end_by_their_answers(service):
+    local(service)
+    with gpuq.Client(service.client_endpoint) as c, c.session(through_broker=True) as s:
+        a = s.alloc(64)
+        tickets = [s.launch_async(KERNELS, "inc", 1, 64, [gpuq.Buf(a), gpuq.u32(64),
+                                                         gpuq.u32(1)], timed=False)
+                   for _ in range(30)]
+        assert [s.wait(t) for t in tickets] == [0] * 30
+        assert (s.read(a, 64) == 30).all()
+        with c.region(1 << 20) as r:
+            with pytest.raises(gpuq.Error) as e:
+                s.attach(r)
+            assert e.value.code == "unavailable"
+        assert s.alloc(8)
+
+
+def test_a_session_through_the_broker_ends_with_its_connection(service):
+    local(service)
+    with gpuq.Client(service.client_endpoint) as c:
+        s = c.session(through_broker=True)
+        s.alloc(8)
+        assert len(c.stats()["sessions"]) == 1
+        s._relay.close(0)  # the connection goes, as a dying client's does
+        s._relay = None
+        for _ in range(500):
+            if not c.stats()["sessions"]:
+                break
+            time.sleep(0.01)
+        assert not c.stats()["sessions"]
