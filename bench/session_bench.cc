@@ -80,6 +80,10 @@ int main(int argc, char** argv) {
   app.add_option("--session-limit-ms", limit_ms,
                  "gpuqd's --session-time-limit-ms (0: launches run without a limit, so without "
                  "the watchdog's write after each); default: gpuqd's");
+  bool through = false;
+  app.add_flag("--through-broker", through,
+               "Every request through the broker (a session_call each), as a client of "
+               "another host makes them; no attached region");
   bool fake = false;
   app.add_flag("--fake", fake,
                "The test doubles' worker and session device (no GPU): the path's own cost");
@@ -137,7 +141,9 @@ int main(int argc, char** argv) {
   if (!client.ok()) return cleanup(1);
   std::unique_ptr<gpuq::Session> s;
   for (int i = 0; i < 600 && !s; ++i) {  // until the worker has registered
-    auto opened = (*client)->OpenSession();
+    gpuq::SessionOptions so;
+    so.through_broker = through;
+    auto opened = (*client)->OpenSession(so);
     if (opened.ok()) {
       s = std::move(*opened);
     } else {
@@ -263,8 +269,10 @@ int main(int argc, char** argv) {
   const auto timed = measure(true), untimed = measure(false);
   if (!timed || !untimed) return cleanup(1);
 
-  printf("gpuq sessions, client on the GPU's host, --spin-us %d (%s), launch run-time limit %s\n\n",
-         spin_us, spin_us ? "both sides poll" : "threads sleep",
+  printf("gpuq sessions, client on the GPU's host, %s, --spin-us %d (%s), launch run-time "
+         "limit %s\n\n",
+         through ? "every request through the broker" : "direct", spin_us,
+         spin_us ? "both sides poll" : "threads sleep",
          limit_ms < 0 ? "gpuqd's default" : limit_ms == 0 ? "none" : "set");
   printf("| | timed launches, p50 | p99 | untimed, p50 | p99 |\n|---|---|---|---|---|\n");
   printf("| empty kernel, launch to end known by the client | %.1f µs | %.1f µs | %.1f µs | "
@@ -286,6 +294,10 @@ int main(int argc, char** argv) {
   printf("| an empty launch's time on the GPU (its events), p50 | %.1f µs | | | |\n",
          timed->gpu.p50);
 
+  if (through) {
+    (void)s->Close();
+    return cleanup(0);
+  }
   // N MiB in and out through a region attached to the session: its first
   // half copied to a buffer, a copy kernel, the result into its second
   // half; bytes one way over the whole, as bench e reports jobs.

@@ -21,13 +21,15 @@ class SessionsGpuTest : public GpuFixture {
   static void SetUpTestSuite() { StartBroker("1"); }
   static void TearDownTestSuite() { StopBroker(); }
 
-  std::unique_ptr<Session> Open(const std::string& tenant) {
+  std::unique_ptr<Session> Open(const std::string& tenant, bool through_broker = false) {
     SessionOptions o;
     o.tenant = tenant;
+    o.through_broker = through_broker;
     auto s = client_->OpenSession(o);
     EXPECT_TRUE(s.ok()) << s.status().ToString() << Log();
     return s.ok() ? std::move(*s) : nullptr;
   }
+  void Chain(bool through_broker);
   static SessionLaunch L(const std::string& entry, unsigned n, std::vector<Arg> args) {
     SessionLaunch l;
     l.kernel.source = kKernels;
@@ -63,8 +65,15 @@ extern "C" __global__ void endless(const unsigned* never) {
 )";
 };
 
-TEST_F(SessionsGpuTest, AChainOfKernelsOverSessionBuffersMatchesTheCpu) {
-  auto s = Open("chain");
+TEST_F(SessionsGpuTest, AChainOfKernelsOverSessionBuffersMatchesTheCpu) { Chain(false); }
+
+TEST_F(SessionsGpuTest, AChainThroughTheBrokerMatchesTheCpu) { Chain(true); }
+
+// Ten steps of two kernels over two buffers of a session, on fresh random
+// inputs, against the CPU; directly or with every request through the
+// broker (PROTOCOL.md, "Sessions through the broker").
+void SessionsGpuTest::Chain(bool through_broker) {
+  auto s = Open(through_broker ? "chain-relayed" : "chain", through_broker);
   ASSERT_TRUE(s);
   const unsigned n = 1 << 20;
   const uint64_t bytes = uint64_t{n} * 4;
