@@ -35,6 +35,9 @@ class RawClient {
   // `routing_id`: the identity the socket announces (empty: the broker's
   // choice, as every gpuq client does).
   explicit RawClient(const std::string& endpoint, const std::string& routing_id = "");
+  // On CURVE: the broker's public key, and this client's key pair (Z85).
+  RawClient(const std::string& endpoint, const std::string& server_key,
+            const std::string& public_key, const std::string& secret_key);
   struct Reply {
     schema::ClientReply header;
     std::vector<std::string> payload;

@@ -38,6 +38,16 @@ RawClient::RawClient(const std::string& endpoint, const std::string& routing_id)
   socket_.connect(endpoint);
 }
 
+RawClient::RawClient(const std::string& endpoint, const std::string& server_key,
+                     const std::string& public_key, const std::string& secret_key)
+    : socket_(ctx_, zmq::socket_type::dealer) {
+  socket_.set(zmq::sockopt::linger, 0);
+  socket_.set(zmq::sockopt::curve_serverkey, server_key);
+  socket_.set(zmq::sockopt::curve_publickey, public_key);
+  socket_.set(zmq::sockopt::curve_secretkey, secret_key);
+  socket_.connect(endpoint);
+}
+
 void RawClient::Send(const schema::ClientRequest& request,
                      const std::vector<std::string>& payload) {
   std::vector<std::string> frames = {std::string(schema::kClientProtocol),

@@ -936,6 +936,35 @@ TEST(SessionsCurveTest, ATenantCannotReachAnotherTenantsSession) {
   auto got = sa->Read(*ha, 0, 32);
   ASSERT_TRUE(got.ok());
   EXPECT_EQ(*got, std::string(32, 7));
+  // On tcp these sessions went through the broker. Its relay checks the
+  // tenant too: beta, given alpha's session and its token, reaches nothing.
+  RawClient ra(j["client"], keys["broker"].public_key, keys["alpha"].public_key,
+               keys["alpha"].secret_key);
+  RawClient rb(j["client"], keys["broker"].public_key, keys["beta"].public_key,
+               keys["beta"].secret_key);
+  schema::ClientRequest open;
+  open.op = schema::ClientOp::kSessionOpen;
+  open.rid = 1;
+  ra.Send(open);
+  auto opened = ra.Receive();
+  ASSERT_TRUE(opened && opened->header.op == schema::ReplyOp::kSession);
+  schema::SessionMessage alloc;
+  alloc.op = schema::SessionOp::kAlloc;
+  alloc.rid = 1;
+  alloc.size = 8;
+  schema::ClientRequest call;
+  call.op = schema::ClientOp::kSessionCall;
+  call.rid = 2;
+  call.id = opened->header.id;
+  call.token = opened->header.token;
+  rb.Send(call, {schema::EncodeSessionMessage(alloc)});
+  auto refused = rb.Receive();
+  ASSERT_TRUE(refused);
+  EXPECT_EQ(refused->header.code, Code::kNotFound) << "not beta's session";
+  ra.Send(call, {schema::EncodeSessionMessage(alloc)});
+  auto answered = ra.Receive();
+  ASSERT_TRUE(answered);
+  EXPECT_EQ(answered->header.op, schema::ReplyOp::kSessionAnswer) << "alpha's own call";
 }
 
 }  // namespace
