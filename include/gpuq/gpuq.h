@@ -258,7 +258,10 @@ uint64_t gpuq_result_launch_us(const gpuq_result* result, size_t i);
  * on a CURVE key, the key's) that may hold `memory` bytes of device memory
  * and ends after `idle_ms` unused (0: the broker's defaults). On GPUQ_OK
  * *out is a session to release with gpuq_session_free; it may outlive its
- * client. A failure's text is the client's gpuq_client_error(). */
+ * client. A client whose endpoint is not ipc:// reaches the session through
+ * the broker (PROTOCOL.md, "Sessions through the broker"): the same calls,
+ * without attached regions. A failure's text is the client's
+ * gpuq_client_error(). */
 gpuq_code gpuq_session_open(gpuq_client* client, const char* tenant, uint64_t memory,
                             uint64_t idle_ms, gpuq_session** out);
 /* The same, with a run-time limit of `limit_ms` for each of its launches (0:
