@@ -774,14 +774,15 @@ TEST_F(BrokerTest, ANewConnectionOnAReusedDescriptorGetsItsReplies) {
 // for the rename (the test's store takes 20 ms per batch, as a slow disk).
 TEST_F(BrokerTest, AJobOnLocalFilesWaitsForTheStoreToTakeThem) {
   setenv("GPUQ_TEST_STORE_DELAY_MS", "20", 1);
-  const bool started = StartBroker({"--durability", "power", "--heartbeat-ms", "1000"});
+  const bool started = StartBroker({"--durability", "power", "--heartbeat-ms", "3000"});
   unsetenv("GPUQ_TEST_STORE_DELAY_MS");
   ASSERT_TRUE(started) << Log();
   const std::string local = LocalDir();
   // Long heartbeats, both ways: under a sanitizer, a slow machine's
-  // silences must not make the test double register again (which
-  // requeues its jobs).
-  AddWorker({"--local-dir", local, "--slots", "64", "--heartbeat-ms", "1000"});
+  // silences (40 synced 2 MiB files on a disk the other tests share) must
+  // not make the broker take the test double for lost (which fails the
+  // jobs it runs alone). 1 s was too short once under ThreadSanitizer.
+  AddWorker({"--local-dir", local, "--slots", "64", "--heartbeat-ms", "3000"});
   auto c = Connect();
   ASSERT_TRUE(WaitForWorkers(*c, 1));
   std::vector<uint64_t> ids;
