@@ -492,6 +492,12 @@ void Broker::Impl::OnClientMessage(Frames& frames) {
       core_->batch().on_done.push_back([this, ctx, s] { core_->ReplyError(ctx, s); });
       return;
     }
+    // A session call is answered in its place among its session's calls.
+    if (schema::PeekString(View(frames[2]), "op") == std::optional<std::string_view>("session_call")) {
+      if (auto id = schema::PeekUint(View(frames[2]), "id")) {
+        return core_->sessions().Refused(ctx, *id, s);
+      }
+    }
     return core_->ReplyError(ctx, s);
   }
   ctx.rid = req.rid;

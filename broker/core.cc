@@ -70,11 +70,11 @@ uint64_t BrokerCore::ReplyBudget(const ConnectionRef& c) const {
   return opt_.max_unread_bytes > queued ? opt_.max_unread_bytes - queued : 0;
 }
 
-void BrokerCore::Reply(const RequestContext& ctx, ClientReply reply, Frames payload) {
+bool BrokerCore::Reply(const RequestContext& ctx, ClientReply reply, Frames payload) {
   if (!connections_.Sendable(ctx.conn)) {
     spdlog::debug("reply {} to rid {} dropped: its connection {} has gone",
                   schema::ReplyOpName(reply.op), ctx.rid, ctx.conn.serial);
-    return;
+    return false;
   }
   reply.rid = ctx.rid;
   const std::string header = schema::EncodeClientReply(reply);
@@ -85,7 +85,7 @@ void BrokerCore::Reply(const RequestContext& ctx, ClientReply reply, Frames payl
       ++counters_.replies_dropped;
       spdlog::debug("reply to rid {} dropped: connection {} is not reading", ctx.rid,
                     ctx.conn.serial);
-      return;
+      return false;
     }
     client_sock_.send(zmq::buffer(schema::kClientProtocol), zmq::send_flags::sndmore);
     client_sock_.send(zmq::buffer(header),
@@ -97,7 +97,9 @@ void BrokerCore::Reply(const RequestContext& ctx, ClientReply reply, Frames payl
   } catch (const zmq::error_t& e) {
     // EHOSTUNREACH: the client has gone.
     spdlog::debug("client connection {} unreachable: {}", ctx.conn.serial, e.what());
+    return false;
   }
+  return true;
 }
 
 void BrokerCore::ReplyError(const RequestContext& ctx, const Status& s, uint64_t retry_after_ms,
@@ -331,7 +333,7 @@ void BrokerCore::OnRead(ReadOp& r) {
     ClientReply reply;
     reply.op = ReplyOp::kUsage;
     reply.usage = std::move(r.usage);
-    return Reply(ctx, std::move(reply));
+    return (void)Reply(ctx, std::move(reply));
   }
   // A job whose result has not committed (the store failed): ask again
   // once it has.
@@ -362,12 +364,12 @@ void BrokerCore::OnRead(ReadOp& r) {
   switch (r.purpose) {
     case kReadStatus:
       reply.op = ReplyOp::kStatus;
-      return Reply(ctx, std::move(reply));
+      return (void)Reply(ctx, std::move(reply));
     case kReadCancel:
       reply.op = ReplyOp::kCanceled;
       reply.attempts = 0;
       reply.device.clear();
-      return Reply(ctx, std::move(reply));
+      return (void)Reply(ctx, std::move(reply));
     case kReadResult: {
       if (!r.result) {
         if (IsTerminal(job.state)) {
@@ -377,7 +379,7 @@ void BrokerCore::OnRead(ReadOp& r) {
                             0, r.id);
         }
         reply.op = ReplyOp::kStatus;  // not ended yet
-        return Reply(ctx, std::move(reply));
+        return (void)Reply(ctx, std::move(reply));
       }
       reply.op = ReplyOp::kResult;
       reply.timing = r.result->timing;

@@ -93,8 +93,9 @@ class BrokerCore {
   bool LocalClients() const { return local_clients_; }
 
   // ---- replies to clients
-  // Sends now, if the request's connection is still there.
-  void Reply(const RequestContext& ctx, schema::ClientReply reply, Frames payload = {});
+  // Sends now, if the request's connection is still there and takes it:
+  // whether it went.
+  bool Reply(const RequestContext& ctx, schema::ClientReply reply, Frames payload = {});
   void ReplyError(const RequestContext& ctx, const Status& s, uint64_t retry_after_ms = 0,
                   uint64_t id = 0);
   // Bytes a connection may still be sent before what it has not read passes

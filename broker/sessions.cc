@@ -252,7 +252,9 @@ void SessionServer::PollItems(std::vector<zmq::pollitem_t>* items) const {
     // Answers are taken only while their client reads what it was sent:
     // past its bound they wait in the process (which then stops reading
     // requests), never in the broker.
-    short events = core_.ReplyBudget(r.conn) > MaxFrame() ? ZMQ_POLLIN : 0;
+    const uint64_t room =
+        std::min<uint64_t>(MaxFrame(), core_.options().max_unread_bytes / 2);
+    short events = core_.ReplyBudget(r.conn) >= room ? ZMQ_POLLIN : 0;
     if (r.writer.pending()) events |= ZMQ_POLLOUT;
     items->push_back({nullptr, r.fd.get(), events, 0});
   }
@@ -490,23 +492,38 @@ bool SameToken(const std::string& a, const std::string& b) {
   return diff == 0;
 }
 
+// The session requests a relay carries (hello and attach are the broker's
+// own, or need the process's host).
+bool Relayed(std::string_view op) {
+  for (std::string_view o : {"alloc", "free", "write", "read", "copy", "fill", "launch", "close",
+                             "detach"}) {
+    if (op == o) return true;
+  }
+  return false;
+}
+
 }  // namespace
 
 void SessionServer::Call(const RequestContext& ctx, uint64_t id, const std::string& token,
                          zmq::message_t& frame) {
   auto relay = relays_.find(id);
   Relay* r = relay == relays_.end() ? nullptr : &relay->second;
-  if (r && r->conn.serial != ctx.conn.serial) {
-    // As the process answers a second connection's hello.
-    return core_.ReplyError(ctx, Error(Code::kForbidden, "session " + std::to_string(id) +
-                                                             " has its client already"));
-  }
-  if (r && !r->ended.ok()) return core_.ReplyError(ctx, r->ended);
+  const bool mine = r && r->conn.serial == ctx.conn.serial;
+  if (mine && !r->ended.ok()) return core_.ReplyError(ctx, r->ended);
   auto it = sessions_.find(id);
   if (it == sessions_.end() || !ctx.Sees(it->second.tenant) || !it->second.open ||
       !SameToken(it->second.token, token)) {
-    if (r) return Refuse(r, ctx, Error(Code::kSessionLost, "the session has ended"));
-    return core_.ReplyError(ctx, Error(Code::kNotFound, "no session " + std::to_string(id)));
+    // Its own connection's call to a session that has ended: in order.
+    if (mine && it == sessions_.end()) {
+      return Refuse(r, ctx, Error(Code::kSessionLost, "the session has ended"));
+    }
+    const Status none = Error(Code::kNotFound, "no session " + std::to_string(id));
+    return mine ? Refuse(r, ctx, none) : core_.ReplyError(ctx, none);
+  }
+  if (r && !mine) {
+    // As the process answers a second connection's hello.
+    return core_.ReplyError(ctx, Error(Code::kForbidden, "session " + std::to_string(id) +
+                                                             " has its client already"));
   }
   const std::string_view bytes(static_cast<const char*>(frame.data()), frame.size());
   if (!r) {
@@ -518,32 +535,82 @@ void SessionServer::Call(const RequestContext& ctx, uint64_t id, const std::stri
     if (!opened.ok()) return core_.ReplyError(ctx, opened.status());
     r = *opened;
   }
-  // What the relay reads of a request: a map with an op it may carry and a
+  // What the relay reads of a request: a map with an op it carries and a
   // rid, so that each answer it takes back is one call's.
   const std::optional<std::string_view> op = schema::PeekString(bytes, "op");
   if (bytes.size() > MaxFrame()) {
     return Refuse(r, ctx, Error(Code::kTooLarge, "a session request is at most " +
                                                      std::to_string(MaxFrame() >> 20) + " MiB"));
   }
-  if (!op || *op == "hello" || *op == "attach" || schema::PeekRequestId(bytes) == 0) {
-    return Refuse(r, ctx, Error(Code::kMalformed,
-                                "a session_call carries one session request (a map with its "
-                                "op and a rid); hello and attach are not relayed"));
+  if (!op || schema::PeekRequestId(bytes) == 0) {
+    return Refuse(r, ctx, Error(Code::kMalformed, "a session_call carries one session request "
+                                                  "(a map with its op and a rid)"));
   }
-  // What waits for the process is bounded: a client that sends faster than
-  // its session takes requests is told so, in order.
-  if (r->writer.queued() > 2 * MaxFrame() || r->calls.size() >= kMaxRelayedCalls) {
+  if (!Relayed(*op)) {
+    return Refuse(r, ctx, Error(Code::kUnknownCommand,
+                                "no session request '" + std::string(*op) +
+                                    "' through the broker (hello and attach are not relayed)"));
+  }
+  // What waits for the process is bounded, per session and in all: a client
+  // that sends faster than its session takes requests is told so, in order.
+  const size_t queued = Queued(*r);
+  if (queued > 0 && queued + bytes.size() > 2 * MaxFrame()) {
     return Refuse(r, ctx, Error(Code::kResourceExhausted,
-                                std::to_string(r->calls.size()) + " requests (" +
-                                    std::to_string(r->writer.queued() >> 20) +
-                                    " MiB) of this session wait for its process; take "
+                                std::to_string(queued >> 20) +
+                                    " MiB of this session's requests wait for its process; "
+                                    "take answers before sending more"));
+  }
+  size_t all = 0;
+  for (const auto& [sid, other] : relays_) all += Queued(other);
+  if (all + bytes.size() > kRelayBytes) {
+    return Refuse(r, ctx, Error(Code::kResourceExhausted,
+                                "the broker holds " + std::to_string(all >> 20) +
+                                    " MiB of relayed session requests, its bound"));
+  }
+  if (r->forwarded >= kMaxRelayedCalls) {
+    return Refuse(r, ctx, Error(Code::kResourceExhausted,
+                                std::to_string(r->forwarded) +
+                                    " calls of this session wait for their answers; take "
                                     "answers before sending more"));
   }
-  r->writer.Push(bytes);
+  if (!Admit(*r, ctx)) return;
   r->calls.push_back({ctx, Status::Ok()});
-  if (Status st = r->writer.Flush(r->fd.get()); !st.ok()) {
+  ++r->forwarded;
+  if (!r->greeted) {
+    // The process reads its hello alone (a packet, with nothing after it):
+    // requests wait for its answer.
+    r->held_bytes += bytes.size();
+    r->held.push_back(std::move(frame));
+    return;
+  }
+  r->writer.Push(std::move(frame));  // its bytes are not copied
+  if (Status st = r->writer.Flush(r->fd.get(), kRelayTurn); !st.ok()) {
     EndRelay(id, Error(Code::kSessionLost, "the session's process is gone: " + st.message()));
   }
+}
+
+void SessionServer::Refused(const RequestContext& ctx, uint64_t id, const Status& st) {
+  auto relay = relays_.find(id);
+  if (relay != relays_.end() && relay->second.conn.serial == ctx.conn.serial &&
+      relay->second.ended.ok()) {
+    return Refuse(&relay->second, ctx, st);
+  }
+  core_.ReplyError(ctx, st);
+}
+
+size_t SessionServer::Queued(const Relay& r) { return r.writer.queued() + r.held_bytes; }
+
+bool SessionServer::Admit(Relay& r, const RequestContext& ctx) {
+  if (r.calls.size() < 2 * kMaxRelayedCalls) return true;
+  // A client that reads no answers while it sends: the relay ends (what it
+  // holds is bounded) and so does the session.
+  const Status full(Code::kSessionLost,
+                    std::to_string(r.calls.size()) + " calls of this session (refusals among "
+                    "them) waited for their answers, the broker's bound: the session ended "
+                    "(read answers while sending)");
+  EndRelay(r.session, full);
+  core_.ReplyError(ctx, full);
+  return false;
 }
 
 StatusOr<SessionServer::Relay*> SessionServer::OpenRelay(const RequestContext& ctx,
@@ -568,12 +635,13 @@ StatusOr<SessionServer::Relay*> SessionServer::OpenRelay(const RequestContext& c
   hello.protocol = std::string(schema::kSessionProtocol);
   hello.session = s.id;
   hello.token = s.token;  // no rings: every frame on the socket
-  r.writer.Push(schema::EncodeSessionMessage(hello));
+  r.writer.Push(zmq::message_t(schema::EncodeSessionMessage(hello)));
   return &r;
 }
 
 void SessionServer::Refuse(Relay* r, const RequestContext& ctx, const Status& st) {
   if (!r || r->calls.empty()) return core_.ReplyError(ctx, st);
+  if (!Admit(*r, ctx)) return;
   r->calls.push_back({ctx, st});
 }
 
@@ -587,36 +655,40 @@ void SessionServer::AnswerRefused(Relay& r) {
 bool SessionServer::OnRelay(Relay& r, short revents) {
   const uint64_t id = r.session;
   if (revents & ZMQ_POLLOUT) {
-    if (Status st = r.writer.Flush(r.fd.get()); !st.ok()) {
+    if (Status st = r.writer.Flush(r.fd.get(), kRelayTurn); !st.ok()) {
       EndRelay(id, Error(Code::kSessionLost, "the session's process is gone: " + st.message()));
       return false;
     }
   }
   if (!(revents & (ZMQ_POLLIN | ZMQ_POLLERR))) return true;
-  const Status st = r.reader.Fill(r.fd.get());
-  std::string frame;
-  for (;;) {
-    auto next = r.reader.Next(&frame);
-    if (!next.ok()) {
-      EndRelay(id, Error(Code::kSessionLost, "the session's process sent " +
-                                                 next.status().message()));
-      return false;
-    }
-    if (!*next) break;
-    const std::optional<std::string_view> op = schema::PeekString(frame, "op");
-    const uint64_t rid = schema::PeekRequestId(frame);
+  const Status st = r.reader.Fill(r.fd.get(), kRelayTurn);
+  if (st.code() == Code::kTooLarge) {
+    EndRelay(id, Error(Code::kSessionLost, "the session's process sent " + st.message()));
+    return false;
+  }
+  zmq::message_t frame;
+  while (r.reader.Next(&frame)) {
+    const std::string_view bytes(static_cast<const char*>(frame.data()), frame.size());
+    const std::optional<std::string_view> op = schema::PeekString(bytes, "op");
+    const uint64_t rid = schema::PeekRequestId(bytes);
     const bool error = op == std::optional<std::string_view>("error");
-    if (!r.greeted) {
-      if (!error && rid == 0) {
-        r.greeted = true;
-        continue;
+    if (!r.greeted && !error && rid == 0) {
+      // The hello's answer: the requests held for it go.
+      r.greeted = true;
+      for (zmq::message_t& m : r.held) r.writer.Push(std::move(m));
+      r.held.clear();
+      r.held_bytes = 0;
+      if (Status w = r.writer.Flush(r.fd.get(), kRelayTurn); !w.ok()) {
+        EndRelay(id, Error(Code::kSessionLost, "the session's process is gone: " + w.message()));
+        return false;
       }
+      continue;
     }
     if (error && rid == 0) {
       // The session ended (or the hello was refused): why, for every call.
       SessionMessage m;
       Status why(Code::kSessionLost, "the session ended");
-      if (schema::DecodeSessionMessage(frame, core_.options().limits, 0, &m).ok()) {
+      if (schema::DecodeSessionMessage(bytes, core_.options().limits, 0, &m).ok()) {
         why = Status(m.code == Code::kOk ? Code::kSessionLost : m.code, m.error);
       }
       EndRelay(id, why);
@@ -632,13 +704,16 @@ bool SessionServer::OnRelay(Relay& r, short revents) {
     reply.op = schema::ReplyOp::kSessionAnswer;
     reply.id = id;
     Frames payload;
-    auto* owned = new std::string(std::move(frame));
-    payload.emplace_back(owned->data(), owned->size(),
-                         [](void*, void* hint) { delete static_cast<std::string*>(hint); },
-                         owned);
-    frame = std::string();
-    core_.Reply(r.calls.front().ctx, std::move(reply), std::move(payload));
+    payload.push_back(std::move(frame));  // as read: not copied
+    const bool sent = core_.Reply(r.calls.front().ctx, std::move(reply), std::move(payload));
     r.calls.pop_front();
+    --r.forwarded;
+    if (!sent) {
+      // Its client reads nothing (or has gone): the answers after this one
+      // would be taken for the wrong calls.
+      EndRelay(id, Error(Code::kSessionLost, "the session's client did not take its answers"));
+      return false;
+    }
     AnswerRefused(r);
   }
   if (!st.ok()) {
@@ -656,9 +731,12 @@ void SessionServer::EndRelay(uint64_t session, const Status& why) {
   Relay& r = it->second;
   for (const Relay::Pending& c : r.calls) core_.ReplyError(c.ctx, c.refused.ok() ? why : c.refused);
   r.calls.clear();
+  r.forwarded = 0;
   r.fd.Reset();  // the process ends the session if it has not
-  (void)r.reader.TakeRest();
-  r.writer = FrameWriter();
+  r.reader.Clear();
+  r.writer = RelayWriter();
+  r.held.clear();
+  r.held_bytes = 0;
   r.ended = why;
   r.ended_at = core_.clock().Now();
 }

@@ -27,6 +27,7 @@
 #include <zmq.hpp>
 
 #include "broker/compile/compile_service.h"
+#include "broker/relay_io.h"
 #include "broker/request_context.h"
 #include "schema/messages.h"
 #include "util/clock.h"
@@ -75,6 +76,9 @@ class SessionServer {
   // process; answered by its answer, or refused in the order of the calls.
   void Call(const RequestContext& ctx, uint64_t id, const std::string& token,
             zmq::message_t& frame);
+  // A session_call to session `id` that could not be decoded: refused with
+  // `st`, in its place among that connection's calls to it.
+  void Refused(const RequestContext& ctx, uint64_t id, const Status& st);
 
   void PollItems(std::vector<zmq::pollitem_t>* items) const;
   void OnPoll(const zmq::pollitem_t* items, size_t n);
@@ -111,14 +115,17 @@ class SessionServer {
     uint64_t session = 0;
     ConnectionRef conn;
     UniqueFd fd;
-    FrameReader reader{0};
-    FrameWriter writer;
+    RelayReader reader;
+    RelayWriter writer;
     bool greeted = false;  // the hello's answer came
     struct Pending {
       RequestContext ctx;
       Status refused;  // ok: forwarded, its answer to come
     };
     std::deque<Pending> calls;
+    size_t forwarded = 0;  // of `calls`, those the process will answer
+    std::deque<zmq::message_t> held;  // requests waiting for the hello's answer
+    size_t held_bytes = 0;
     // Once the session has ended: why, for the connection's later calls,
     // until it goes (or a minute has passed).
     Status ended;
@@ -143,10 +150,20 @@ class SessionServer {
   void Ended(uint64_t id, Code code, const std::string& why);
   // The process of `key` is gone, or is to go: its sessions end.
   void Drop(const std::string& key, const std::string& why);
-  static constexpr size_t kMaxRelayedCalls = 65536;  // per relay, awaiting answers
+  // Calls a relay forwards at once: more wait for answers, refused. Twice
+  // as many entries in all (refusals held in their place included), and the
+  // relay ends.
+  static constexpr size_t kMaxRelayedCalls = 65536;
+  // Bytes of relayed requests the broker holds for session processes, in all.
+  static constexpr size_t kRelayBytes = size_t{1} << 30;
+  // Bytes a relay reads, and writes, in one turn of the loop.
+  static constexpr size_t kRelayTurn = 4u << 20;
   // A session request's frame bound: the session process's own.
   size_t MaxFrame() const { return (limits_.max_data_mb + 1) << 20; }
   StatusOr<Relay*> OpenRelay(const RequestContext& ctx, const Session& s, const Host& h);
+  static size_t Queued(const Relay& r);
+  // Whether `r` may hold one more call; if not, it ends, and `ctx` is told.
+  bool Admit(Relay& r, const RequestContext& ctx);
   // Answers `ctx`'s call with `st` now, or after the calls before it.
   void Refuse(Relay* r, const RequestContext& ctx, const Status& st);
   // Takes the process's answers; false when the relay has ended.

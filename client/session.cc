@@ -328,14 +328,17 @@ class Session::Impl {
         continue;
       }
       if (r.op != ReplyOp::kError || r.rid == 0) continue;
-      // The broker's refusal of this call. A session it no longer knows
-      // (or no longer reaches) has ended, as far as this client can tell.
+      // The broker's refusal of this call: of the call alone (a request it
+      // does not relay, or not now), else of the session, which this client
+      // can no longer reach (not_found: the broker no longer knows it).
       SessionMessage m;
       m.op = SessionOp::kError;
       m.rid = r.rid;
       m.code = r.code == Code::kNotFound ? Code::kSessionLost : r.code;
       m.error = std::move(r.error);
-      if (m.code == Code::kSessionLost && lost.ok()) lost = Status(m.code, m.error);
+      const bool own = m.code == Code::kMalformed || m.code == Code::kTooLarge ||
+                       m.code == Code::kResourceExhausted || m.code == Code::kUnknownCommand;
+      if (!own && lost.ok()) lost = Status(m.code, m.error);
       Keep(std::move(m));
     }
   }

@@ -1645,6 +1645,10 @@ std::optional<bool> PeekBool(std::string_view map, std::string_view key) {
   return Find(map, key).bool_;
 }
 
+std::optional<uint64_t> PeekUint(std::string_view map, std::string_view key) {
+  return Find(map, key).uint_;
+}
+
 std::optional<std::string_view> PeekString(std::string_view map, std::string_view key) {
   return Find(map, key).str_;
 }

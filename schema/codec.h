@@ -94,6 +94,8 @@ uint64_t PeekRequestId(std::string_view header);
 // map as the job store keeps it), read as PeekRequestId reads the rid;
 // nullopt when it has none.
 std::optional<bool> PeekBool(std::string_view map, std::string_view key);
+// The unsigned value of a top-level key, read the same way.
+std::optional<uint64_t> PeekUint(std::string_view map, std::string_view key);
 // The string value of a top-level key, read the same way (a view into `map`).
 std::optional<std::string_view> PeekString(std::string_view map, std::string_view key);
 

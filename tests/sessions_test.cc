@@ -769,6 +769,147 @@ TEST_F(SessionsTest, TheBrokerRelaysCallsInOrderAndOnlyForTheSessionsClient) {
   EXPECT_TRUE(WaitSessions(0)) << Log();
 }
 
+// What the session's process cannot decode is refused as that request's
+// own, and a request larger than a packet may be a relay's first: neither
+// ends the session.
+TEST_F(SessionsTest, ThroughTheBrokerOddAndLargeFirstRequestsLeaveTheSessionWhole) {
+  using schema::ClientOp;
+  using schema::ReplyOp;
+  using schema::SessionOp;
+  Start();
+  RawClient raw(broker_->client_endpoint());
+  schema::ClientRequest open;
+  open.op = ClientOp::kSessionOpen;
+  open.rid = 1;
+  raw.Send(open);
+  auto opened = raw.Receive();
+  ASSERT_TRUE(opened && opened->header.op == ReplyOp::kSession) << Log();
+  uint64_t rid = 1;
+  auto call = [&](const std::string& frame) {
+    schema::ClientRequest r;
+    r.op = ClientOp::kSessionCall;
+    r.rid = ++rid;
+    r.id = opened->header.id;
+    r.token = opened->header.token;
+    raw.Send(r, {frame});
+    auto reply = raw.Receive();
+    EXPECT_TRUE(reply) << Log();
+    if (reply) {
+      EXPECT_EQ(reply->header.rid, rid);
+    }
+    return reply;
+  };
+  auto answer = [](const std::optional<RawClient::Reply>& r) {
+    schema::SessionMessage m;
+    if (r && r->header.op == ReplyOp::kSessionAnswer && r->payload.size() == 1) {
+      EXPECT_TRUE(schema::DecodeSessionMessage(r->payload[0], schema::Limits{}, 1 << 30, &m).ok());
+    } else {
+      ADD_FAILURE() << "not an answer: " << (r ? r->header.error : "none");
+    }
+    return m;
+  };
+  // The first request: a launch whose own input is 1 MiB (the hello alone
+  // goes before it; the process reads the hello as one packet).
+  schema::SessionMessage launch;
+  launch.op = SessionOp::kLaunch;
+  launch.rid = 1;
+  launch.kernel.source = kSessionKernels;
+  launch.kernel.entry = "inc";
+  launch.launch.grid = {1, 1, 1};
+  launch.launch.block = {1, 1, 1};
+  launch.args = {Arg::InOut(0), Arg::U32(1 << 20), Arg::U32(2)};
+  launch.inputs = {std::string(1 << 20, 5)};
+  schema::SessionMessage got = answer(call(schema::EncodeSessionMessage(launch)));
+  EXPECT_EQ(got.op, SessionOp::kDone) << got.error;
+  ASSERT_EQ(got.outputs.size(), 1u);
+  EXPECT_EQ(got.outputs[0], std::string(1 << 20, 7));
+  // An op no session has: the broker's refusal, in order.
+  auto odd = call(std::string("\x82\xa2" "op" "\xa4" "frob" "\xa3" "rid" "\x02", 14));
+  ASSERT_TRUE(odd);
+  EXPECT_EQ(odd->header.code, Code::kUnknownCommand);
+  // A request the process cannot decode (a byte after its map): its own
+  // refusal, with its rid.
+  schema::SessionMessage alloc;
+  alloc.op = SessionOp::kAlloc;
+  alloc.rid = 3;
+  alloc.size = 8;
+  got = answer(call(schema::EncodeSessionMessage(alloc) + "x"));
+  EXPECT_EQ(got.op, SessionOp::kError);
+  EXPECT_EQ(got.rid, 3u);
+  alloc.rid = 4;
+  got = answer(call(schema::EncodeSessionMessage(alloc)));
+  EXPECT_EQ(got.op, SessionOp::kDone) << "the session goes on: " << got.error;
+  EXPECT_NE(got.buffer, 0u);
+}
+
+// A client that sends and does not read: the broker never drops one answer
+// and sends the next (each would then be taken for the wrong call); past
+// what it can queue for the connection, the session ends and a later call
+// says so.
+TEST_F(SessionsTest, ThroughTheBrokerNoAnswerIsSkipped) {
+  using schema::ClientOp;
+  using schema::ReplyOp;
+  Start();
+  RawClient raw(broker_->client_endpoint());
+  schema::ClientRequest open;
+  open.op = ClientOp::kSessionOpen;
+  open.rid = 1;
+  raw.Send(open);
+  auto opened = raw.Receive();
+  ASSERT_TRUE(opened && opened->header.op == ReplyOp::kSession) << Log();
+  constexpr uint64_t kCalls = 40000;
+  for (uint64_t k = 1; k <= kCalls; ++k) {
+    schema::SessionMessage free;
+    free.op = schema::SessionOp::kFree;
+    free.rid = k;
+    free.buffer = 12345;  // none: each answer is not_found
+    schema::ClientRequest r;
+    r.op = ClientOp::kSessionCall;
+    r.rid = k + 1;
+    r.id = opened->header.id;
+    r.token = opened->header.token;
+    raw.Send(r, {schema::EncodeSessionMessage(free)});
+  }
+  std::this_thread::sleep_for(std::chrono::milliseconds(500));  // the broker fills its queue
+  uint64_t last = 1, answers = 0;
+  bool ended = false;
+  while (auto reply = raw.Receive(std::chrono::milliseconds(2000))) {
+    ASSERT_GT(reply->header.rid, last) << "replies in the order of the calls";
+    last = reply->header.rid;
+    if (reply->header.op == ReplyOp::kSessionAnswer) {
+      ASSERT_FALSE(ended) << "an answer after the session ended";
+      ASSERT_EQ(reply->header.rid, answers + 2) << "no answer skipped";
+      schema::SessionMessage m;
+      ASSERT_TRUE(schema::DecodeSessionMessage(reply->payload[0], schema::Limits{}, 0, &m).ok());
+      EXPECT_EQ(m.rid + 1, reply->header.rid) << "each call's own answer";
+      ++answers;
+    } else {
+      ended = true;
+      EXPECT_EQ(reply->header.code, Code::kSessionLost) << reply->header.error;
+    }
+  }
+  EXPECT_GT(answers, 0u);
+  EXPECT_LT(answers, kCalls) << "the broker could not queue them all: it ended the session";
+  // The refusals it could not queue went too; a later call hears why.
+  schema::ClientRequest r;
+  r.op = ClientOp::kSessionCall;
+  r.rid = kCalls + 2;
+  r.id = opened->header.id;
+  r.token = opened->header.token;
+  schema::SessionMessage alloc;
+  alloc.op = schema::SessionOp::kAlloc;
+  alloc.rid = kCalls + 1;
+  alloc.size = 8;
+  raw.Send(r, {schema::EncodeSessionMessage(alloc)});
+  auto late = raw.Receive();
+  ASSERT_TRUE(late);
+  EXPECT_EQ(late->header.rid, kCalls + 2);
+  EXPECT_EQ(late->header.code, Code::kSessionLost) << late->header.error;
+  EXPECT_NE(late->header.error.find("did not take its answers"), std::string::npos)
+      << late->header.error;
+  EXPECT_TRUE(WaitSessions(0)) << "the session ended";
+}
+
 // A session whose client talks to its process directly has its client:
 // the broker's hello is refused, and so is every call.
 TEST_F(SessionsTest, ASessionHeldByADirectClientIsNotRelayed) {

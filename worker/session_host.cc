@@ -862,6 +862,9 @@ bool SessionHost::Impl::Read(Session& s) {
       ++s.requests;
       auto& [decoded, m] = batch.emplace_back();
       decoded = schema::DecodeSessionMessage(frame, schema::Limits{}, opt_.max_data, &m);
+      // A request that does not decode is answered as its own when its rid
+      // can be read (rid 0 would say the session ended).
+      if (!decoded.ok() && m.rid == 0) m.rid = schema::PeekRequestId(frame);
     }
     if (batch.empty()) break;
     s.last_ns = NowNs();

@@ -16,7 +16,7 @@ void Status(BrokerCore& core, const RequestContext& ctx, uint64_t id) {
     if (job->state == schema::JobState::kDispatched) {
       if (const Worker* w = core.workers().Find(job->worker)) r.device = w->device.uuid;
     }
-    return core.Reply(ctx, std::move(r));
+    return (void)core.Reply(ctx, std::move(r));
   }
   // Ended (its result committed, or about to be): the store answers.
   core.ReadFor(ctx, ReadOp::Kind::kStatus, id, kReadStatus);

@@ -73,7 +73,7 @@ void Submit(BrokerCore& core, const RequestContext& ctx, schema::ClientRequest& 
       r.op = schema::ReplyOp::kAccepted;
       r.id = existing->id;
       r.existing = true;
-      return core.Reply(ctx, std::move(r));
+      return (void)core.Reply(ctx, std::move(r));
     }
   }
   uint64_t bytes = 0;

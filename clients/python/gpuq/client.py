@@ -251,13 +251,15 @@ def default_endpoint() -> str:
 
 
 def open_socket(ctx: zmq.Context[Any], endpoint: Optional[str], curve: Optional[CurveKeys],
-                tag: bytes) -> Any:
+                tag: bytes, rcvhwm: int = 0) -> Any:
     """A DEALER to the broker with a random routing id (tag first: ZeroMQ
     reserves ids that start with a zero byte) and, when given
     (broker public key, our public key, our secret key) in Z85, CURVE."""
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.ROUTING_ID, tag + os.urandom(15))
     sock.setsockopt(zmq.LINGER, 0)
+    if rcvhwm:
+        sock.setsockopt(zmq.RCVHWM, rcvhwm)  # before connect: the pipe takes it then
     if curve:
         server, public, secret = (k.encode() if isinstance(k, str) else k for k in curve)
         sock.curve_serverkey = server
@@ -691,7 +693,10 @@ class Client:
         if through_broker or not self._ipc:
             # A connection of the session's own: the session lives as long
             # as it does.
-            relay = open_socket(self._ctx, self._endpoint, self._curve, b"s")
+            # Answers of many calls in flight are taken in as they come, not
+            # left in the broker (which ends a session whose client does not
+            # take them).
+            relay = open_socket(self._ctx, self._endpoint, self._curve, b"s", rcvhwm=1000000)
             return Session(reply, self.timeout, relay)
         return Session(reply, self.timeout)
 

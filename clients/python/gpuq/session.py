@@ -153,13 +153,17 @@ class Session:
             if h.get("op") == "session_answer" and len(frames) == 3:
                 self._take(wire.decode(frames[2]))
             elif h.get("op") == "error" and h.get("rid"):
-                # A session the broker no longer knows has ended, as far as
-                # this client can tell.
+                # The broker's refusal of this call: of the call alone (a
+                # request it does not relay, or not now), else of the session,
+                # which this client can no longer reach (not_found: the broker
+                # no longer knows it).
                 code = h.get("code", "internal")
                 code = "session_lost" if code == "not_found" else code
                 self._early[h["rid"]] = {"op": "error", "rid": h["rid"], "code": code,
                                          "error": h.get("error", "")}
-                if code == "session_lost" and self._lost is None:
+                own = code in ("malformed", "too_large", "resource_exhausted",
+                               "unknown_command")
+                if not own and self._lost is None:
                     self._lost = Error(code, h.get("error", ""))
 
     def _readable(self, timeout: float) -> bool:
