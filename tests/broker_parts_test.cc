@@ -6,7 +6,10 @@
 
 #include <nlohmann/json.hpp>
 
+#include <sys/socket.h>
+
 #include "broker/job_table.h"
+#include "broker/relay_io.h"
 #include "broker/metrics.h"
 #include "broker/regions.h"
 #include "broker/worker_registry.h"
@@ -270,3 +273,58 @@ TEST(FileNameTest, EveryNameParsesBackToWhatMadeIt) {
 
 }  // namespace
 }  // namespace gpuq::schema
+
+// ---------------------------------------------------------------- relay bytes
+
+namespace gpuq::broker {
+namespace {
+
+// Frames through a socket pair whose buffers are small, written and read a
+// few bytes a turn (the length's 4 bytes split across turns too), arrive
+// whole and in order.
+TEST(RelayIoTest, FramesCrossInSmallTurnsWholeAndInOrder) {
+  int sv[2];
+  ASSERT_EQ(socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK, 0, sv), 0);
+  UniqueFd a(sv[0]), b(sv[1]);
+  const int small = 4096;
+  setsockopt(a.get(), SOL_SOCKET, SO_SNDBUF, &small, sizeof small);
+  setsockopt(b.get(), SOL_SOCKET, SO_RCVBUF, &small, sizeof small);
+  std::vector<std::string> sent;
+  for (size_t size : {size_t{0}, size_t{1}, size_t{3}, size_t{4}, size_t{5000}, size_t{1} << 20,
+                      size_t{7}}) {
+    std::string f(size, '\0');
+    for (size_t i = 0; i < size; ++i) f[i] = static_cast<char>(i * 31 + size);
+    sent.push_back(f);
+  }
+  for (size_t turn : {size_t{3}, size_t{7}, size_t{1000}, size_t{4} << 20}) {
+    RelayWriter w;
+    RelayReader r(2 << 20);
+    for (const std::string& f : sent) w.Push(zmq::message_t(f.data(), f.size()));
+    EXPECT_EQ(w.queued(), 4 * sent.size() + 5000 + (1 << 20) + 15);
+    std::vector<std::string> got;
+    for (int spins = 0; got.size() < sent.size() && spins < 10000000; ++spins) {
+      ASSERT_TRUE(w.Flush(a.get(), turn).ok());
+      ASSERT_TRUE(r.Fill(b.get(), turn + 1).ok());
+      zmq::message_t m;
+      while (r.Next(&m)) got.emplace_back(static_cast<const char*>(m.data()), m.size());
+    }
+    EXPECT_FALSE(w.pending());
+    ASSERT_EQ(got.size(), sent.size()) << "turn " << turn;
+    for (size_t i = 0; i < sent.size(); ++i) EXPECT_TRUE(got[i] == sent[i]) << i;
+  }
+  // A frame over the reader's bound is an error, not an allocation.
+  RelayWriter w;
+  RelayReader r(100);
+  w.Push(zmq::message_t(std::string(101, 'x')));
+  ASSERT_TRUE(w.Flush(a.get(), 1 << 20).ok());
+  EXPECT_EQ(r.Fill(b.get(), 1 << 20).code(), Code::kTooLarge);
+  // The peer gone: the reader says so.
+  ASSERT_EQ(socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK, 0, sv), 0);
+  UniqueFd c(sv[0]), d(sv[1]);
+  c.Reset();
+  RelayReader r2(1 << 20);
+  EXPECT_EQ(r2.Fill(d.get(), 1 << 20).code(), Code::kUnavailable);
+}
+
+}  // namespace
+}  // namespace gpuq::broker
