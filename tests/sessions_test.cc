@@ -938,6 +938,65 @@ TEST_F(SessionsTest, ThroughTheBrokerNoAnswerIsSkipped) {
   EXPECT_TRUE(WaitSessions(0)) << "the session ended";
 }
 
+// A client that stops reading does not hold its session process when the
+// session ends: its last answers wait a bounded while, and the tenant's
+// process goes on serving (here: a close answered, and a new session).
+TEST_F(SessionsTest, AClientThatStopsReadingDoesNotHoldItsProcessAtTheEnd) {
+  Start();
+  RawClient raw(broker_->client_endpoint());
+  schema::ClientRequest open;
+  open.op = schema::ClientOp::kSessionOpen;
+  open.rid = 1;
+  open.tenant = "t";
+  raw.Send(open);
+  auto opened = raw.Receive();
+  ASSERT_TRUE(opened && opened->header.op == schema::ReplyOp::kSession) << Log();
+  auto fd = ConnectStream(opened->header.path);
+  ASSERT_TRUE(fd.ok());
+  schema::SessionMessage m;
+  m.op = schema::SessionOp::kHello;
+  m.protocol = std::string(schema::kSessionProtocol);
+  m.session = opened->header.id;
+  m.token = opened->header.token;
+  ASSERT_TRUE(WriteFrame(fd->get(), schema::EncodeSessionMessage(m)).ok());
+  ASSERT_TRUE(ReadFrame(fd->get(), 1 << 20).ok());
+  m = {};
+  m.op = schema::SessionOp::kAlloc;
+  m.rid = 1;
+  m.size = 1 << 20;
+  ASSERT_TRUE(WriteFrame(fd->get(), schema::EncodeSessionMessage(m)).ok());
+  auto alloc = ReadFrame(fd->get(), 1 << 20);
+  ASSERT_TRUE(alloc.ok());
+  schema::SessionMessage a;
+  ASSERT_TRUE(schema::DecodeSessionMessage(*alloc, schema::Limits{}, 0, &a).ok());
+  // 100 reads of 1 MiB, none of their answers read: more than the process
+  // keeps for a client (64 MiB) and the socket holds.
+  timeval tv{2, 0};
+  ASSERT_EQ(setsockopt(fd->get(), SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv), 0);
+  for (uint64_t rid = 2; rid < 102; ++rid) {
+    m = {};
+    m.op = schema::SessionOp::kRead;
+    m.rid = rid;
+    m.buffer = a.buffer;
+    m.size = 1 << 20;
+    if (!WriteFrame(fd->get(), schema::EncodeSessionMessage(m)).ok()) break;  // it stopped reading
+  }
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  schema::ClientRequest close;
+  close.op = schema::ClientOp::kSessionClose;
+  close.rid = 2;
+  close.id = opened->header.id;
+  raw.Send(close);
+  // The session's thread waits up to 10 s for the client to take what was
+  // answered, then the end's last word is given 200 ms: the close is
+  // answered after that, not never.
+  auto closed = raw.Receive(std::chrono::seconds(20));
+  ASSERT_TRUE(closed) << "the close was answered";
+  EXPECT_EQ(closed->header.op, schema::ReplyOp::kSession) << closed->header.error;
+  auto next = Open("t");
+  EXPECT_TRUE(next.ok()) << "the tenant's process serves: " << next.status().ToString();
+}
+
 // A session whose client talks to its process directly has its client:
 // the broker's hello is refused, and so is every call.
 TEST_F(SessionsTest, ASessionHeldByADirectClientIsNotRelayed) {

@@ -1453,7 +1453,17 @@ void SessionHost::Impl::Reap() {
 
 void SessionHost::Impl::Last(Session& s, const SessionMessage& m) {
   if (!s.back.valid()) {
-    (void)WriteFrame(s.conn.get(), schema::EncodeSessionMessage(m));
+    // After the answers still waiting (a frame is never cut by another),
+    // for at most 200 ms: a client (or the broker's relay for one) that
+    // reads nothing does not hold this thread, which serves the tenant's
+    // other sessions too; the socket's close then tells it the rest.
+    s.out.Push(schema::EncodeSessionMessage(m));
+    const int64_t until = NowNs() + 200 * 1000000ll;
+    while (s.out.Flush(s.conn.get()).ok() && s.out.pending()) {
+      const int64_t left_ms = (until - NowNs()) / 1000000;
+      pollfd p{s.conn.get(), POLLOUT, 0};
+      if (left_ms <= 0 || poll(&p, 1, static_cast<int>(left_ms)) <= 0) return;
+    }
     return;
   }
   // Into the ring if it has room (the client may have stopped reading);
