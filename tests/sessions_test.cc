@@ -93,6 +93,41 @@ class SessionsTest : public BrokerTest {
     }
     return false;
   }
+  // A session opened by a client of the test's own making: the broker's
+  // answer (its id, path and token), or nullopt.
+  std::optional<RawClient::Reply> OpenRaw(RawClient& raw, const std::string& tenant = "") {
+    schema::ClientRequest open;
+    open.op = schema::ClientOp::kSessionOpen;
+    open.rid = 1;
+    open.tenant = tenant;
+    raw.Send(open);
+    auto opened = raw.Receive();
+    if (!opened || opened->header.op != schema::ReplyOp::kSession) return std::nullopt;
+    return opened;
+  }
+  // Sends session request `frame` in a session_call of rid `rid`.
+  static void CallRaw(RawClient& raw, uint64_t rid, const RawClient::Reply& session,
+                      const std::string& frame) {
+    schema::ClientRequest r;
+    r.op = schema::ClientOp::kSessionCall;
+    r.rid = rid;
+    r.id = session.header.id;
+    r.token = session.header.token;
+    raw.Send(r, {frame});
+  }
+  // A connection to the session's process that has said hello (no rings).
+  static StatusOr<UniqueFd> Greeted(const RawClient::Reply& session) {
+    auto fd = ConnectStream(session.header.path);
+    if (!fd.ok()) return fd.status();
+    schema::SessionMessage hello;
+    hello.op = schema::SessionOp::kHello;
+    hello.protocol = std::string(schema::kSessionProtocol);
+    hello.session = session.header.id;
+    hello.token = session.header.token;
+    GPUQ_RETURN_IF_ERROR(WriteFrame(fd->get(), schema::EncodeSessionMessage(hello)));
+    GPUQ_RETURN_IF_ERROR(ReadFrame(fd->get(), 1 << 20).status());
+    return fd;
+  }
   std::unique_ptr<Client> client_;
   bool through_broker_ = false;
 };
@@ -680,12 +715,8 @@ TEST_F(SessionsTest, TheBrokerRelaysCallsInOrderAndOnlyForTheSessionsClient) {
   using schema::SessionOp;
   Start();
   auto raw = std::make_unique<RawClient>(broker_->client_endpoint());
-  schema::ClientRequest open;
-  open.op = ClientOp::kSessionOpen;
-  open.rid = 1;
-  raw->Send(open);
-  auto opened = raw->Receive();
-  ASSERT_TRUE(opened && opened->header.op == ReplyOp::kSession) << Log();
+  auto opened = OpenRaw(*raw);
+  ASSERT_TRUE(opened) << Log();
   const uint64_t id = opened->header.id;
   const std::string token = opened->header.token;
   auto call = [&](RawClient& c, uint64_t rid, const std::string& tok, const std::string& frame) {
@@ -778,20 +809,11 @@ TEST_F(SessionsTest, ThroughTheBrokerOddAndLargeFirstRequestsLeaveTheSessionWhol
   using schema::SessionOp;
   Start();
   RawClient raw(broker_->client_endpoint());
-  schema::ClientRequest open;
-  open.op = ClientOp::kSessionOpen;
-  open.rid = 1;
-  raw.Send(open);
-  auto opened = raw.Receive();
-  ASSERT_TRUE(opened && opened->header.op == ReplyOp::kSession) << Log();
+  auto opened = OpenRaw(raw);
+  ASSERT_TRUE(opened) << Log();
   uint64_t rid = 1;
   auto call = [&](const std::string& frame) {
-    schema::ClientRequest r;
-    r.op = ClientOp::kSessionCall;
-    r.rid = ++rid;
-    r.id = opened->header.id;
-    r.token = opened->header.token;
-    raw.Send(r, {frame});
+    CallRaw(raw, ++rid, *opened, frame);
     auto reply = raw.Receive();
     EXPECT_TRUE(reply) << Log();
     if (reply) {
@@ -879,24 +901,15 @@ TEST_F(SessionsTest, ThroughTheBrokerNoAnswerIsSkipped) {
   using schema::ReplyOp;
   Start();
   RawClient raw(broker_->client_endpoint());
-  schema::ClientRequest open;
-  open.op = ClientOp::kSessionOpen;
-  open.rid = 1;
-  raw.Send(open);
-  auto opened = raw.Receive();
-  ASSERT_TRUE(opened && opened->header.op == ReplyOp::kSession) << Log();
+  auto opened = OpenRaw(raw);
+  ASSERT_TRUE(opened) << Log();
   constexpr uint64_t kCalls = 40000;
   for (uint64_t k = 1; k <= kCalls; ++k) {
     schema::SessionMessage free;
     free.op = schema::SessionOp::kFree;
     free.rid = k;
     free.buffer = 12345;  // none: each answer is not_found
-    schema::ClientRequest r;
-    r.op = ClientOp::kSessionCall;
-    r.rid = k + 1;
-    r.id = opened->header.id;
-    r.token = opened->header.token;
-    raw.Send(r, {schema::EncodeSessionMessage(free)});
+    CallRaw(raw, k + 1, *opened, schema::EncodeSessionMessage(free));
   }
   std::this_thread::sleep_for(std::chrono::milliseconds(500));  // the broker fills its queue
   uint64_t last = 1, answers = 0;
@@ -919,16 +932,11 @@ TEST_F(SessionsTest, ThroughTheBrokerNoAnswerIsSkipped) {
   EXPECT_GT(answers, 0u);
   EXPECT_LT(answers, kCalls) << "the broker could not queue them all: it ended the session";
   // The refusals it could not queue went too; a later call hears why.
-  schema::ClientRequest r;
-  r.op = ClientOp::kSessionCall;
-  r.rid = kCalls + 2;
-  r.id = opened->header.id;
-  r.token = opened->header.token;
   schema::SessionMessage alloc;
   alloc.op = schema::SessionOp::kAlloc;
   alloc.rid = kCalls + 1;
   alloc.size = 8;
-  raw.Send(r, {schema::EncodeSessionMessage(alloc)});
+  CallRaw(raw, kCalls + 2, *opened, schema::EncodeSessionMessage(alloc));
   auto late = raw.Receive();
   ASSERT_TRUE(late);
   EXPECT_EQ(late->header.rid, kCalls + 2);
@@ -944,22 +952,11 @@ TEST_F(SessionsTest, ThroughTheBrokerNoAnswerIsSkipped) {
 TEST_F(SessionsTest, AClientThatStopsReadingDoesNotHoldItsProcessAtTheEnd) {
   Start();
   RawClient raw(broker_->client_endpoint());
-  schema::ClientRequest open;
-  open.op = schema::ClientOp::kSessionOpen;
-  open.rid = 1;
-  open.tenant = "t";
-  raw.Send(open);
-  auto opened = raw.Receive();
-  ASSERT_TRUE(opened && opened->header.op == schema::ReplyOp::kSession) << Log();
-  auto fd = ConnectStream(opened->header.path);
-  ASSERT_TRUE(fd.ok());
+  auto opened = OpenRaw(raw, "t");
+  ASSERT_TRUE(opened) << Log();
+  auto fd = Greeted(*opened);
+  ASSERT_TRUE(fd.ok()) << fd.status().ToString();
   schema::SessionMessage m;
-  m.op = schema::SessionOp::kHello;
-  m.protocol = std::string(schema::kSessionProtocol);
-  m.session = opened->header.id;
-  m.token = opened->header.token;
-  ASSERT_TRUE(WriteFrame(fd->get(), schema::EncodeSessionMessage(m)).ok());
-  ASSERT_TRUE(ReadFrame(fd->get(), 1 << 20).ok());
   m = {};
   m.op = schema::SessionOp::kAlloc;
   m.rid = 1;
@@ -1002,33 +999,16 @@ TEST_F(SessionsTest, AClientThatStopsReadingDoesNotHoldItsProcessAtTheEnd) {
 TEST_F(SessionsTest, ASessionHeldByADirectClientIsNotRelayed) {
   Start();
   RawClient raw(broker_->client_endpoint());
-  schema::ClientRequest open;
-  open.op = schema::ClientOp::kSessionOpen;
-  open.rid = 1;
-  raw.Send(open);
-  auto opened = raw.Receive();
-  ASSERT_TRUE(opened && opened->header.op == schema::ReplyOp::kSession) << Log();
-  auto fd = ConnectStream(opened->header.path);
-  ASSERT_TRUE(fd.ok());
-  schema::SessionMessage hello;
-  hello.op = schema::SessionOp::kHello;
-  hello.protocol = std::string(schema::kSessionProtocol);
-  hello.session = opened->header.id;
-  hello.token = opened->header.token;
-  ASSERT_TRUE(WriteFrame(fd->get(), schema::EncodeSessionMessage(hello)).ok());
-  auto greeted = ReadFrame(fd->get(), 1 << 20);
-  ASSERT_TRUE(greeted.ok());
+  auto opened = OpenRaw(raw);
+  ASSERT_TRUE(opened) << Log();
+  auto fd = Greeted(*opened);
+  ASSERT_TRUE(fd.ok()) << fd.status().ToString();
   schema::SessionMessage alloc;
   alloc.op = schema::SessionOp::kAlloc;
   alloc.rid = 1;
   alloc.size = 8;
   for (uint64_t rid : {2, 3}) {
-    schema::ClientRequest call;
-    call.op = schema::ClientOp::kSessionCall;
-    call.rid = rid;
-    call.id = opened->header.id;
-    call.token = opened->header.token;
-    raw.Send(call, {schema::EncodeSessionMessage(alloc)});
+    CallRaw(raw, rid, *opened, schema::EncodeSessionMessage(alloc));
     auto r = raw.Receive();
     ASSERT_TRUE(r);
     EXPECT_EQ(r->header.op, schema::ReplyOp::kError);
