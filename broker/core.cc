@@ -600,13 +600,15 @@ StatsSnapshot BrokerCore::Snapshot(const RequestContext* ctx) {
   }
   for (const SessionView& v : sessions_.Views(all ? nullptr : ctx)) {
     if (s.sessions.size() >= StatsSnapshot::kMaxRegionViews) break;
-    s.sessions.push_back({v.id, v.tenant, v.gpu, v.memory, v.held, v.age_ms, v.pid});
+    s.sessions.push_back({v.id, v.tenant, v.gpu, v.memory, v.held, v.age_ms, v.pid, v.relayed});
   }
   if (all) {
     for (const auto& v : s.workers) s.inflight_by_worker[v.worker] = v.inflight;
     s.cache_entries = cache_entries.load(std::memory_order_relaxed);
     s.cache_bytes = cache_bytes.load(std::memory_order_relaxed);
     s.quarantined = quarantined;
+    s.session_calls = sessions_.relayed_calls();
+    s.session_call_bytes = sessions_.relayed_bytes();
   }
   s.uptime_s = std::chrono::duration<double>(clock_->Now() - started_).count();
   return s;

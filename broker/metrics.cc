@@ -86,7 +86,7 @@ std::map<std::string, uint64_t> TopTenants(const std::map<std::string, uint64_t>
 std::string EncodeStats(const StatsSnapshot& s) {
   msgpack::sbuffer buf;
   Packer p(buf);
-  p.pack_map(s.tenant_view ? 8 : 20);
+  p.pack_map(s.tenant_view ? 8 : 22);
   Str(p, "queued");
   p.pack_uint64(s.queued);
   Str(p, "queued_by_priority");
@@ -110,6 +110,10 @@ std::string EncodeStats(const StatsSnapshot& s) {
     p.pack_uint64(s.quarantined);
     Str(p, "replies_dropped");
     p.pack_uint64(s.replies_dropped);
+    Str(p, "session_calls");
+    p.pack_uint64(s.session_calls);
+    Str(p, "session_call_bytes");
+    p.pack_uint64(s.session_call_bytes);
     Str(p, "finished");
     CountMap(p, s.finished);
     Str(p, "latency_us");
@@ -215,7 +219,7 @@ std::string EncodeStats(const StatsSnapshot& s) {
   Str(p, "sessions");
   p.pack_array(static_cast<uint32_t>(s.sessions.size()));
   for (const StatsSnapshot::SessionRow& r : s.sessions) {
-    p.pack_map(7);
+    p.pack_map(8);
     Str(p, "session");
     p.pack_uint64(r.id);
     Str(p, "tenant");
@@ -230,6 +234,8 @@ std::string EncodeStats(const StatsSnapshot& s) {
     p.pack_uint64(r.age_ms);
     Str(p, "pid");
     p.pack_uint32(r.pid);
+    Str(p, "relayed");
+    p.pack(r.relayed);
   }
   Str(p, "uptime_s");
   p.pack_double(s.uptime_s);
@@ -355,6 +361,11 @@ std::string PrometheusText(const StatsSnapshot& s) {
   counter("gpuq_client_replies_dropped_total",
           "Replies and pushes not sent to clients that were not reading.");
   o << "gpuq_client_replies_dropped_total " << s.replies_dropped << "\n";
+  counter("gpuq_session_calls_total", "Session requests relayed by the broker.");
+  o << "gpuq_session_calls_total " << s.session_calls << "\n";
+  counter("gpuq_session_call_bytes_total",
+          "Bytes of the session requests the broker relayed and of their answers.");
+  o << "gpuq_session_call_bytes_total " << s.session_call_bytes << "\n";
   counter("gpuq_workers_lost_total", "Workers declared gone (silent, faulted or killed).");
   o << "gpuq_workers_lost_total " << s.workers_lost << "\n";
   counter("gpuq_gpus_drained_total",

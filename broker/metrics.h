@@ -67,6 +67,8 @@ struct StatsSnapshot {
   // waiting for something to do.
   uint64_t loop_iterations = 0, loop_messages = 0, loop_busy_us = 0, loop_idle_us = 0;
   uint64_t replies_dropped = 0;  // pushes and replies to clients that were not reading
+  // Session requests relayed by the broker, and the bytes of them and their answers.
+  uint64_t session_calls = 0, session_call_bytes = 0;
   // A tenant's view (CURVE, not an operator): only its own queue and jobs in
   // flight; the broker's counters, latencies and cache are left out.
   bool tenant_view = false;
@@ -89,6 +91,7 @@ struct StatsSnapshot {
     std::string tenant, gpu;
     uint64_t memory = 0, held = 0, age_ms = 0;
     uint32_t pid = 0;
+    bool relayed = false;
   };
   std::vector<SessionRow> sessions;
   double uptime_s = 0;

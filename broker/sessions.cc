@@ -576,6 +576,8 @@ void SessionServer::Call(const RequestContext& ctx, uint64_t id, const std::stri
   if (!Admit(*r, ctx)) return;
   r->calls.push_back({ctx, Status::Ok()});
   ++r->forwarded;
+  ++relayed_calls_;
+  relayed_bytes_ += bytes.size();
   if (!r->greeted) {
     // The process reads its hello alone (a packet, with nothing after it):
     // requests wait for its answer.
@@ -703,6 +705,7 @@ bool SessionServer::OnRelay(Relay& r, short revents) {
     schema::ClientReply reply;
     reply.op = schema::ReplyOp::kSessionAnswer;
     reply.id = id;
+    relayed_bytes_ += frame.size();
     Frames payload;
     payload.push_back(std::move(frame));  // as read: not copied
     const bool sent = core_.Reply(r.calls.front().ctx, std::move(reply), std::move(payload));
@@ -758,6 +761,8 @@ std::vector<SessionView> SessionServer::Views(const RequestContext* ctx) const {
     v.held = s.held;
     v.age_ms = static_cast<uint64_t>(
         std::chrono::duration_cast<std::chrono::milliseconds>(now - s.opened).count());
+    auto r = relays_.find(id);
+    v.relayed = r != relays_.end() && r->second.ended.ok();
     out.push_back(std::move(v));
   }
   return out;

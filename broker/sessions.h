@@ -57,6 +57,7 @@ struct SessionView {
   uint64_t memory = 0, held = 0;
   uint64_t age_ms = 0;
   uint32_t pid = 0;
+  bool relayed = false;  // its client reaches it through the broker
 };
 
 class SessionServer {
@@ -86,6 +87,9 @@ class SessionServer {
   void Tick();
   // What `ctx` may see (every session off CURVE or for an operator).
   std::vector<SessionView> Views(const RequestContext* ctx) const;
+  // Session requests relayed, and their bytes and their answers', since start.
+  uint64_t relayed_calls() const { return relayed_calls_; }
+  uint64_t relayed_bytes() const { return relayed_bytes_; }
 
  private:
   struct Host {
@@ -178,6 +182,7 @@ class SessionServer {
   std::map<std::string, Host> hosts_;
   std::map<uint64_t, Session> sessions_;
   std::map<uint64_t, Relay> relays_;  // by session
+  uint64_t relayed_calls_ = 0, relayed_bytes_ = 0;
   std::vector<pid_t> exiting_;  // processes told to go, not yet reaped
   Mutex mu_;
   std::vector<Compiled> compiled_ GUARDED_BY(mu_);

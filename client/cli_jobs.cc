@@ -1011,13 +1011,14 @@ void AddJobCommands(CLI::App& app, Action* action) {
       } else if (sessions.empty()) {
         std::printf("no sessions open\n");
       } else {
-        std::printf("%-20s %-20s %-40s %14s %14s %10s %8s\n", "session", "tenant", "gpu", "held",
-                    "memory", "age_s", "pid");
+        std::printf("%-20s %-20s %-40s %14s %14s %10s %8s %s\n", "session", "tenant", "gpu",
+                    "held", "memory", "age_s", "pid", "client");
         for (const auto& x : sessions) {
-          std::printf("%-20llu %-20s %-40s %14llu %14llu %10.1f %8llu\n",
+          std::printf("%-20llu %-20s %-40s %14llu %14llu %10.1f %8llu %s\n",
                       x.value("session", 0ull), x.value("tenant", "").c_str(),
                       x.value("gpu", "").c_str(), x.value("held", 0ull), x.value("memory", 0ull),
-                      x.value("age_ms", 0ull) / 1e3, x.value("pid", 0ull));
+                      x.value("age_ms", 0ull) / 1e3, x.value("pid", 0ull),
+                      x.value("relayed", false) ? "through the broker" : "direct");
         }
       }
       return kExitOk;

@@ -189,6 +189,16 @@ TEST_P(SessionsPathTest, BuffersStayBetweenLaunchesAndEachAnswerComesInOrder) {
     std::this_thread::sleep_for(std::chrono::milliseconds(10));
   }
   EXPECT_EQ(Sessions()[0]["held"].get<uint64_t>(), 1600u);
+  EXPECT_EQ(rows[0]["relayed"].get<bool>(), through_broker_) << "how its client reaches it";
+  auto stats = client_->Stats();
+  ASSERT_TRUE(stats.ok());
+  const json all = json::from_msgpack(*stats);
+  if (through_broker_) {
+    EXPECT_GT(all["session_calls"].get<uint64_t>(), 100u);
+    EXPECT_GT(all["session_call_bytes"].get<uint64_t>(), 2000u) << "a write and a read of 1000";
+  } else {
+    EXPECT_EQ(all["session_calls"].get<uint64_t>(), 0u);
+  }
   const pid_t pid = rows[0]["pid"].get<pid_t>();
   EXPECT_EQ(kill(pid, 0), 0) << "the session's process lives";
   ASSERT_TRUE((*s)->Close().ok());
