@@ -28,7 +28,7 @@ std::string SomeStats() {
       p.pack_uint64(v);
     }
   };
-  p.pack_map(20);
+  p.pack_map(22);
   key("queued"), p.pack_uint64(3);
   key("queued_by_priority"), counts({{"5", 2}, {"9", 1}});
   key("queued_by_tenant"), counts({{"vm-7", 3}});
@@ -40,6 +40,8 @@ std::string SomeStats() {
   key("requeued"), p.pack_uint64(0);
   key("quarantined"), p.pack_uint64(0);
   key("replies_dropped"), p.pack_uint64(0);
+  key("session_calls"), p.pack_uint64(1200);
+  key("session_call_bytes"), p.pack_uint64(5u << 20);
   key("finished"), counts({{"compile_error", 1}, {"done", 114}});
   key("latency_us");
   p.pack_map(2);
@@ -71,7 +73,7 @@ std::string SomeStats() {
   key("ended"), p.pack_false();
   key("sessions");
   p.pack_array(1);
-  p.pack_map(7);
+  p.pack_map(8);
   key("session"), p.pack_uint64(0x5e55000000000001ull);
   key("tenant"), key("vm-7");
   key("gpu"), key("GPU-5f1b2c3d-0a1b-2c3d-4e5f-60718293a4b5");
@@ -79,6 +81,7 @@ std::string SomeStats() {
   key("held"), p.pack_uint64(8ull << 20);
   key("age_ms"), p.pack_uint64(91000);
   key("pid"), p.pack_uint32(4242);
+  key("relayed"), p.pack_true();
   key("uptime_s"), p.pack_double(3600.5);
   return std::string(buf.data(), buf.size());
 }
