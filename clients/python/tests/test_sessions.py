@@ -347,3 +347,54 @@ def test_a_session_through_the_broker_ends_with_its_connection(service):
                 break
             time.sleep(0.01)
         assert not c.stats()["sessions"]
+
+
+def test_a_client_on_tcp_with_curve_reaches_its_session_through_the_broker(tmp_path):
+    import json
+    import subprocess
+    import zmq
+    from conftest import BIN
+    broker_pub, broker_sec = zmq.curve_keypair()
+    a_pub, a_sec = zmq.curve_keypair()
+    (tmp_path / "broker.key").write_text(broker_sec.decode() + "\n")
+    (tmp_path / "clients.keys").write_text(a_pub.decode() + " tenant-a\n")
+    ready = tmp_path / "ready.json"
+    procs = [subprocess.Popen(
+        [os.path.join(BIN, "gpuqd"), "--listen", "tcp://127.0.0.1:*",
+         "--worker-listen", "ipc://%s/w.sock" % tmp_path, "--store", str(tmp_path / "j.db"),
+         "--cache", str(tmp_path / "k.db"), "--workers", "0",
+         "--curve-secret", str(tmp_path / "broker.key"),
+         "--allowed-keys", str(tmp_path / "clients.keys"), "--ready-file", str(ready),
+         "--session-bin", os.path.join(BIN, "gpuq-fake-session")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    try:
+        for _ in range(300):
+            if ready.exists():
+                break
+            time.sleep(0.02)
+        endpoint = json.loads(ready.read_text())["client"]
+        procs.append(subprocess.Popen(
+            [os.path.join(BIN, "gpuq-fake-worker"), "--broker", "ipc://%s/w.sock" % tmp_path,
+             "--local-dir", str(tmp_path / "j.db.blobs")],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        with gpuq.Client(endpoint, curve=(broker_pub, a_pub, a_sec)) as c:
+            s = None
+            for _ in range(300):  # until the worker has registered
+                try:
+                    s = c.session()
+                    break
+                except gpuq.Error as e:
+                    assert e.code == "unavailable", e
+                    time.sleep(0.02)
+            assert s is not None
+            with s:
+                a = s.alloc(64)
+                s.write(a, np.arange(64, dtype=np.uint8))
+                s.launch(KERNELS, "inc", 1, 64, [gpuq.Buf(a), gpuq.u32(64), gpuq.u32(3)])
+                assert (s.read(a, 64) == np.arange(64) + 3).all()
+                rows = c.stats()["sessions"]
+                assert [(r["tenant"], r["relayed"]) for r in rows] == [("tenant-a", True)]
+    finally:
+        for p in reversed(procs):
+            p.terminate()
+            p.wait(timeout=10)
