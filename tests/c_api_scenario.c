@@ -438,7 +438,9 @@ int gpuq_c_api_session_scenario(const char* endpoint, char* why, size_t why_size
   got = (const unsigned char*)gpuq_result_output(result, 0, &out_size);
   CHECK(got != NULL && out_size == 16, "run's output: %u bytes", (unsigned)out_size);
   for (i = 0; i < 16; ++i) CHECK(got[i] == i + 15, "run's byte %u is %u", (unsigned)i, got[i]);
-  /* An attached region: the buffer's bytes into it, and back from it. */
+  /* An attached region: the buffer's bytes into it, and back from it (on
+   * the broker's host: through the broker a session attaches none). */
+  if (strncmp(endpoint, "tcp://", 6) == 0) goto regions_done;
   code = gpuq_region_new(c, 4096, "c-tenant", &region);
   CHECK(code == GPUQ_OK, "region: %s", gpuq_client_error(c));
   code = gpuq_session_attach(s, region, &handle);
@@ -459,6 +461,7 @@ int gpuq_c_api_session_scenario(const char* endpoint, char* why, size_t why_size
   CHECK(code == GPUQ_OK, "detach: %s", gpuq_session_error(s));
   code = gpuq_session_write_from(s, buf, 0, handle, 200, 16);
   CHECK(code == GPUQ_NOT_FOUND, "after detach: %s", gpuq_code_name(code));
+regions_done:
   code = gpuq_session_read(s, buf, 8, bytes, 16);
   CHECK(code == GPUQ_INVALID, "a read past the end: %s", gpuq_code_name(code));
   CHECK(strstr(gpuq_session_error(s), "outside buffer") != NULL, "its text: %s",

@@ -1087,6 +1087,44 @@ TEST_F(SessionsTest, WithoutAGpuOfTheBrokersHostThereIsNoSession) {
   EXPECT_EQ(client_->OpenSession(o).status().code(), Code::kUnavailable);
 }
 
+// The C API on tcp (here without CURVE, --insecure): its session goes
+// through the broker by itself, with every call as on the broker's host
+// but attached regions.
+TEST(SessionsTcpTest, TheCApiRunsASessionThroughTheBroker) {
+  TempDir dir;
+  const std::string ready = dir.File("ready.json");
+  Process broker = Process::Start(
+      {BinPath("gpuqd"), "--listen", "tcp://127.0.0.1:*", "--insecure", "--worker-listen",
+       "ipc://" + dir.File("w.sock"), "--store", dir.File("jobs.db"), "--cache",
+       dir.File("k.db"), "--workers", "0", "--ready-file", ready, "--session-bin",
+       BinPath("gpuq-fake-session")},
+      dir.File("gpuqd.log"));
+  for (int i = 0; i < 500 && !std::filesystem::exists(ready); ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  auto j = json::parse(ReadFile(ready), nullptr, false);
+  ASSERT_FALSE(j.is_discarded()) << ReadFile(dir.File("gpuqd.log"));
+  Process worker = Process::Start({BinPath("gpuq-fake-worker"), "--broker", "ipc://" +
+                                   dir.File("w.sock"), "--local-dir", dir.File("jobs.db.blobs")},
+                                  dir.File("worker.log"));
+  const std::string endpoint = j["client"];
+  ASSERT_EQ(endpoint.rfind("tcp://", 0), 0u);
+  auto c = Client::Connect(endpoint);
+  ASSERT_TRUE(c.ok());
+  for (int i = 0; i < 500; ++i) {  // until the worker has registered
+    auto d = (*c)->Devices();
+    if (d.ok() && !d->empty()) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  char why[512] = "";
+  EXPECT_EQ(gpuq_c_api_session_scenario(endpoint.c_str(), why, sizeof why), 0)
+      << why << ReadFile(dir.File("gpuqd.log"));
+  auto stats = (*c)->Stats();
+  ASSERT_TRUE(stats.ok());
+  EXPECT_GT(json::from_msgpack(*stats)["session_calls"].get<uint64_t>(), 5u)
+      << "its calls went through the broker";
+}
+
 // Tenants on CURVE keys: the tenant is the key's, another tenant's session
 // cannot be closed, and each tenant's sessions live in its own process.
 TEST(SessionsCurveTest, ATenantCannotReachAnotherTenantsSession) {
