@@ -494,9 +494,7 @@ void Broker::Impl::OnClientMessage(Frames& frames) {
     }
     // A session call is answered in its place among its session's calls.
     if (schema::PeekString(View(frames[2]), "op") == std::optional<std::string_view>("session_call")) {
-      if (auto id = schema::PeekUint(View(frames[2]), "id")) {
-        return core_->sessions().Refused(ctx, *id, s);
-      }
+      return core_->sessions().Refused(ctx, schema::PeekUint(View(frames[2]), "id"), s);
     }
     return core_->ReplyError(ctx, s);
   }

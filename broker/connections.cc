@@ -8,12 +8,13 @@ namespace {
 // Holds a frame while ZeroMQ sends it, and its connection's count.
 struct CountedFrame {
   zmq::message_t frame;
-  std::shared_ptr<std::atomic<uint64_t>> queued;
+  std::shared_ptr<ClientConnections::Queued> queued;
 };
 
 void ReleaseCounted(void*, void* hint) {
   auto* c = static_cast<CountedFrame*>(hint);
-  c->queued->fetch_sub(c->frame.size(), std::memory_order_relaxed);
+  c->queued->bytes.fetch_sub(c->frame.size(), std::memory_order_relaxed);
+  c->queued->frames.fetch_sub(1, std::memory_order_relaxed);
   delete c;
 }
 
@@ -87,14 +88,21 @@ bool ClientConnections::Sendable(const ConnectionRef& c) const {
 uint64_t ClientConnections::QueuedBytes(const ConnectionRef& c) const {
   auto it = by_id_.find(c.routing_id);
   if (it == by_id_.end() || it->second.serial != c.serial) return 0;
-  return it->second.queued->load(std::memory_order_relaxed);
+  return it->second.queued->bytes.load(std::memory_order_relaxed);
+}
+
+uint64_t ClientConnections::QueuedFrames(const ConnectionRef& c) const {
+  auto it = by_id_.find(c.routing_id);
+  if (it == by_id_.end() || it->second.serial != c.serial) return 0;
+  return it->second.queued->frames.load(std::memory_order_relaxed);
 }
 
 zmq::message_t ClientConnections::Counted(const ConnectionRef& c, zmq::message_t frame) {
   auto it = by_id_.find(c.routing_id);
   if (it == by_id_.end() || frame.size() == 0) return frame;
   auto* holder = new CountedFrame{std::move(frame), it->second.queued};
-  holder->queued->fetch_add(holder->frame.size(), std::memory_order_relaxed);
+  holder->queued->bytes.fetch_add(holder->frame.size(), std::memory_order_relaxed);
+  holder->queued->frames.fetch_add(1, std::memory_order_relaxed);
   return zmq::message_t(holder->frame.data(), holder->frame.size(), &ReleaseCounted, holder);
 }
 

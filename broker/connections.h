@@ -62,17 +62,25 @@ class ClientConnections {
   bool Sendable(const ConnectionRef& c) const;
   size_t size() const { return by_id_.size(); }
 
-  // Bytes of payload frames queued for `c` and not yet written out.
+  // Bytes of payload frames queued for `c` and not yet written out, and
+  // those frames.
   uint64_t QueuedBytes(const ConnectionRef& c) const;
+  uint64_t QueuedFrames(const ConnectionRef& c) const;
   // Wraps `frame` for sending to `c`: its bytes count as queued until
   // ZeroMQ releases the returned message.
   zmq::message_t Counted(const ConnectionRef& c, zmq::message_t frame);
+
+  // What a connection has queued in ZeroMQ (released by the frames' free
+  // function, on ZeroMQ's I/O thread).
+  struct Queued {
+    std::atomic<uint64_t> bytes{0}, frames{0};
+  };
 
  private:
   struct Conn {
     uint64_t serial = 0;
     int fd = -1;
-    std::shared_ptr<std::atomic<uint64_t>> queued = std::make_shared<std::atomic<uint64_t>>(0);
+    std::shared_ptr<Queued> queued = std::make_shared<Queued>();
   };
   zmq::socket_t monitor_;
   uint64_t next_serial_ = 1;

@@ -113,6 +113,14 @@ void BrokerCore::ReplyError(const RequestContext& ctx, const Status& s, uint64_t
   Reply(ctx, std::move(r));
 }
 
+bool BrokerCore::SendError(const RequestContext& ctx, const Status& s) {
+  ClientReply r;
+  r.op = ReplyOp::kError;
+  r.code = s.code() == Code::kOk ? Code::kInternal : s.code();
+  r.error = s.message();
+  return Reply(ctx, std::move(r));
+}
+
 void BrokerCore::SendResult(const ConnectionRef& conn, uint64_t rid, ClientReply header,
                             std::vector<std::pair<uint32_t, JobInput>> outputs, bool local_out) {
   // Frames first, then files, each in argument order (PROTOCOL.md): an

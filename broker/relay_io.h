@@ -47,6 +47,7 @@ class RelayReader {
   Status Fill(int sock, size_t turn);
   // The next whole frame, if one is.
   bool Next(zmq::message_t* frame);
+  bool ready() const { return !ready_.empty(); }
   // Drops what it holds.
   void Clear();
 

@@ -252,9 +252,7 @@ void SessionServer::PollItems(std::vector<zmq::pollitem_t>* items) const {
     // Answers are taken only while their client reads what it was sent:
     // past its bound they wait in the process (which then stops reading
     // requests), never in the broker.
-    const uint64_t room =
-        std::min<uint64_t>(MaxFrame(), core_.options().max_unread_bytes / 2);
-    short events = core_.ReplyBudget(r.conn) >= room ? ZMQ_POLLIN : 0;
+    short events = Room(r) ? ZMQ_POLLIN : 0;
     if (r.writer.pending()) events |= ZMQ_POLLOUT;
     items->push_back({nullptr, r.fd.get(), events, 0});
   }
@@ -411,6 +409,10 @@ void SessionServer::Tick() {
   }
   // A relay lives as long as its client's connection: when that goes, so
   // does the relay, and the session with it (as a direct client's).
+  // Answers read while their client's queue was full go once it has room.
+  for (auto& [id, r] : relays_) {
+    if (r.fd.valid() && r.reader.ready()) (void)Answers(r);
+  }
   const MonoTime now = core_.clock().Now();
   for (auto it = relays_.begin(); it != relays_.end();) {
     const Relay& r = it->second;
@@ -542,14 +544,14 @@ void SessionServer::Call(const RequestContext& ctx, uint64_t id, const std::stri
     return Refuse(r, ctx, Error(Code::kTooLarge, "a session request is at most " +
                                                      std::to_string(MaxFrame() >> 20) + " MiB"));
   }
-  if (!op || schema::PeekRequestId(bytes) == 0) {
-    return Refuse(r, ctx, Error(Code::kMalformed, "a session_call carries one session request "
-                                                  "(a map with its op and a rid)"));
-  }
-  if (!Relayed(*op)) {
+  if (op && !Relayed(*op)) {
     return Refuse(r, ctx, Error(Code::kUnknownCommand,
                                 "no session request '" + std::string(*op) +
                                     "' through the broker (hello and attach are not relayed)"));
+  }
+  if (!op || schema::PeekRequestId(bytes) == 0) {
+    return Refuse(r, ctx, Error(Code::kMalformed, "a session_call carries one session request "
+                                                  "(a map with its op and a rid)"));
   }
   // What waits for the process is bounded, per session and in all: a client
   // that sends faster than its session takes requests is told so, in order.
@@ -591,7 +593,17 @@ void SessionServer::Call(const RequestContext& ctx, uint64_t id, const std::stri
   }
 }
 
-void SessionServer::Refused(const RequestContext& ctx, uint64_t id, const Status& st) {
+void SessionServer::Refused(const RequestContext& ctx, std::optional<uint64_t> session,
+                            const Status& st) {
+  uint64_t id = session.value_or(0);
+  if (!session) {
+    // No id to read: the connection's relay, if it has exactly one.
+    size_t mine = 0;
+    for (const auto& [sid, r] : relays_) {
+      if (r.conn.serial == ctx.conn.serial) ++mine, id = sid;
+    }
+    if (mine != 1) return core_.ReplyError(ctx, st);
+  }
   auto relay = relays_.find(id);
   if (relay != relays_.end() && relay->second.conn.serial == ctx.conn.serial &&
       relay->second.ended.ok()) {
@@ -647,11 +659,13 @@ void SessionServer::Refuse(Relay* r, const RequestContext& ctx, const Status& st
   r->calls.push_back({ctx, st});
 }
 
-void SessionServer::AnswerRefused(Relay& r) {
+bool SessionServer::AnswerRefused(Relay& r) {
   while (!r.calls.empty() && !r.calls.front().refused.ok()) {
-    core_.ReplyError(r.calls.front().ctx, r.calls.front().refused);
+    const bool sent = core_.SendError(r.calls.front().ctx, r.calls.front().refused);
     r.calls.pop_front();
+    if (!sent) return false;
   }
+  return true;
 }
 
 bool SessionServer::OnRelay(Relay& r, short revents) {
@@ -664,17 +678,38 @@ bool SessionServer::OnRelay(Relay& r, short revents) {
   }
   if (!(revents & (ZMQ_POLLIN | ZMQ_POLLERR))) return true;
   const Status st = r.reader.Fill(r.fd.get(), kRelayTurn);
+  // The answers read before an end or a bad frame go first.
+  if (!Answers(r)) return false;
   if (st.code() == Code::kTooLarge) {
     EndRelay(id, Error(Code::kSessionLost, "the session's process sent " + st.message()));
     return false;
   }
+  if (!st.ok()) {
+    EndRelay(id, Error(Code::kSessionLost,
+                       "the session ended (its process closed the connection; a kernel fault "
+                       "or a kill there ends its tenant's sessions on that GPU)"));
+    return false;
+  }
+  return true;
+}
+
+bool SessionServer::Room(const Relay& r) const {
+  // Bytes and messages: ZeroMQ queues at most sndhwm messages for a
+  // connection, and an answer it cannot queue ends the session.
+  const uint64_t room = std::min<uint64_t>(MaxFrame(), core_.options().max_unread_bytes / 2);
+  return core_.ReplyBudget(r.conn) >= room &&
+         core_.connections().QueuedFrames(r.conn) < kRelayFrames;
+}
+
+bool SessionServer::Answers(Relay& r) {
+  const uint64_t id = r.session;
   zmq::message_t frame;
-  while (r.reader.Next(&frame)) {
+  while (Room(r) && r.reader.Next(&frame)) {
     const std::string_view bytes(static_cast<const char*>(frame.data()), frame.size());
     const std::optional<std::string_view> op = schema::PeekString(bytes, "op");
     const uint64_t rid = schema::PeekRequestId(bytes);
     const bool error = op == std::optional<std::string_view>("error");
-    if (!r.greeted && !error && rid == 0) {
+    if (!r.greeted && op == std::optional<std::string_view>("done") && rid == 0) {
       // The hello's answer: the requests held for it go.
       r.greeted = true;
       for (zmq::message_t& m : r.held) r.writer.Push(std::move(m));
@@ -696,8 +731,12 @@ bool SessionServer::OnRelay(Relay& r, short revents) {
       EndRelay(id, why);
       return false;
     }
-    AnswerRefused(r);
-    if (r.calls.empty()) {
+    const Status taken(Code::kSessionLost, "the session's client did not take its answers");
+    if (!AnswerRefused(r)) {
+      EndRelay(id, taken);
+      return false;
+    }
+    if (!r.greeted || r.calls.empty()) {
       EndRelay(id, Error(Code::kSessionLost, "the session's process answered a request never "
                                              "sent"));
       return false;
@@ -711,19 +750,12 @@ bool SessionServer::OnRelay(Relay& r, short revents) {
     const bool sent = core_.Reply(r.calls.front().ctx, std::move(reply), std::move(payload));
     r.calls.pop_front();
     --r.forwarded;
-    if (!sent) {
+    if (!sent || !AnswerRefused(r)) {
       // Its client reads nothing (or has gone): the answers after this one
       // would be taken for the wrong calls.
-      EndRelay(id, Error(Code::kSessionLost, "the session's client did not take its answers"));
+      EndRelay(id, taken);
       return false;
     }
-    AnswerRefused(r);
-  }
-  if (!st.ok()) {
-    EndRelay(id, Error(Code::kSessionLost,
-                       "the session ended (its process closed the connection; a kernel fault "
-                       "or a kill there ends its tenant's sessions on that GPU)"));
-    return false;
   }
   return true;
 }

@@ -79,7 +79,8 @@ class SessionServer {
             zmq::message_t& frame);
   // A session_call to session `id` that could not be decoded: refused with
   // `st`, in its place among that connection's calls to it.
-  void Refused(const RequestContext& ctx, uint64_t id, const Status& st);
+  // (Without an id: the connection's relay, if it has one.)
+  void Refused(const RequestContext& ctx, std::optional<uint64_t> id, const Status& st);
 
   void PollItems(std::vector<zmq::pollitem_t>* items) const;
   void OnPoll(const zmq::pollitem_t* items, size_t n);
@@ -160,6 +161,9 @@ class SessionServer {
   static constexpr size_t kMaxRelayedCalls = 65536;
   // Bytes of relayed requests the broker holds for session processes, in all.
   static constexpr size_t kRelayBytes = size_t{1} << 30;
+  // Replies queued in ZeroMQ for a connection past which a relay takes no
+  // more answers (well under the client socket's sndhwm of 10,000).
+  static constexpr uint64_t kRelayFrames = 4096;
   // Bytes a relay reads, and writes, in one turn of the loop.
   static constexpr size_t kRelayTurn = 4u << 20;
   // A session request's frame bound: the session process's own.
@@ -172,8 +176,14 @@ class SessionServer {
   void Refuse(Relay* r, const RequestContext& ctx, const Status& st);
   // Takes the process's answers; false when the relay has ended.
   bool OnRelay(Relay& r, short revents);
-  // Answers the refusals at the head of the calls.
-  void AnswerRefused(Relay& r);
+  // Answers the refusals at the head of the calls; false when one could not
+  // be sent.
+  bool AnswerRefused(Relay& r);
+  // Whether `r`'s client may be sent more answers now.
+  bool Room(const Relay& r) const;
+  // Sends the answers read, while the client has room; false when the
+  // relay has ended.
+  bool Answers(Relay& r);
   // Every call left fails with `why`; the relay's connection closes.
   void EndRelay(uint64_t session, const Status& why);
 

@@ -779,7 +779,7 @@ TEST_F(SessionsTest, TheBrokerRelaysCallsInOrderAndOnlyForTheSessionsClient) {
   EXPECT_EQ(a3.rid, 1u);
   EXPECT_NE(a3.buffer, 0u);
   EXPECT_EQ(r4->header.op, ReplyOp::kError);
-  EXPECT_EQ(r4->header.code, Code::kMalformed);
+  EXPECT_EQ(r4->header.code, Code::kUnknownCommand) << "a hello is the broker's own";
   EXPECT_EQ(a5.op, SessionOp::kDone);
   EXPECT_EQ(a5.rid, 2u);
   // What is not a session request is refused; the process's own refusal
@@ -902,18 +902,16 @@ TEST_F(SessionsTest, ThroughTheBrokerLargeWritesAndReadsKeepTheirBytes) {
   EXPECT_TRUE(*g2 == bytes.substr(n / 2)) << "20 MiB back as written";
 }
 
-// A client that sends and does not read: the broker never drops one answer
-// and sends the next (each would then be taken for the wrong call); past
-// what it can queue for the connection, the session ends and a later call
-// says so.
-TEST_F(SessionsTest, ThroughTheBrokerNoAnswerIsSkipped) {
-  using schema::ClientOp;
-  using schema::ReplyOp;
+// A client that sends many calls before it reads: the relay takes answers
+// from the process only while the client's queue in ZeroMQ has room (the
+// rest wait in the process), so none is dropped and each comes in order,
+// its own call's.
+TEST_F(SessionsTest, ThroughTheBrokerALateReaderGetsEveryAnswerInOrder) {
   Start();
   RawClient raw(broker_->client_endpoint());
   auto opened = OpenRaw(raw);
   ASSERT_TRUE(opened) << Log();
-  constexpr uint64_t kCalls = 40000;
+  constexpr uint64_t kCalls = 40000;  // 4x what ZeroMQ queues for a connection
   for (uint64_t k = 1; k <= kCalls; ++k) {
     schema::SessionMessage free;
     free.op = schema::SessionOp::kFree;
@@ -921,39 +919,20 @@ TEST_F(SessionsTest, ThroughTheBrokerNoAnswerIsSkipped) {
     free.buffer = 12345;  // none: each answer is not_found
     CallRaw(raw, k + 1, *opened, schema::EncodeSessionMessage(free));
   }
-  std::this_thread::sleep_for(std::chrono::milliseconds(500));  // the broker fills its queue
-  uint64_t last = 1, answers = 0;
-  bool ended = false;
-  while (auto reply = raw.Receive(std::chrono::milliseconds(2000))) {
-    ASSERT_GT(reply->header.rid, last) << "replies in the order of the calls";
-    last = reply->header.rid;
-    if (reply->header.op == ReplyOp::kSessionAnswer) {
-      ASSERT_FALSE(ended) << "an answer after the session ended";
-      ASSERT_EQ(reply->header.rid, answers + 2) << "no answer skipped";
-      schema::SessionMessage m;
-      ASSERT_TRUE(schema::DecodeSessionMessage(reply->payload[0], schema::Limits{}, 0, &m).ok());
-      EXPECT_EQ(m.rid + 1, reply->header.rid) << "each call's own answer";
-      ++answers;
-    } else {
-      ended = true;
-      EXPECT_EQ(reply->header.code, Code::kSessionLost) << reply->header.error;
-    }
+  // Late: the process has answered them all by now (whatever the machine's
+  // speed, the answers wait somewhere, never dropped).
+  std::this_thread::sleep_for(std::chrono::seconds(1));
+  for (uint64_t k = 1; k <= kCalls; ++k) {
+    auto reply = raw.Receive(std::chrono::seconds(20));
+    ASSERT_TRUE(reply) << "call " << k << " of " << kCalls << " unanswered";
+    ASSERT_EQ(reply->header.rid, k + 1) << "in the order of the calls";
+    ASSERT_EQ(reply->header.op, schema::ReplyOp::kSessionAnswer) << reply->header.error;
+    schema::SessionMessage m;
+    ASSERT_TRUE(schema::DecodeSessionMessage(reply->payload[0], schema::Limits{}, 0, &m).ok());
+    ASSERT_EQ(m.rid, k) << "each call's own answer";
+    ASSERT_EQ(m.code, Code::kNotFound);
   }
-  EXPECT_GT(answers, 0u);
-  EXPECT_LT(answers, kCalls) << "the broker could not queue them all: it ended the session";
-  // The refusals it could not queue went too; a later call hears why.
-  schema::SessionMessage alloc;
-  alloc.op = schema::SessionOp::kAlloc;
-  alloc.rid = kCalls + 1;
-  alloc.size = 8;
-  CallRaw(raw, kCalls + 2, *opened, schema::EncodeSessionMessage(alloc));
-  auto late = raw.Receive();
-  ASSERT_TRUE(late);
-  EXPECT_EQ(late->header.rid, kCalls + 2);
-  EXPECT_EQ(late->header.code, Code::kSessionLost) << late->header.error;
-  EXPECT_NE(late->header.error.find("did not take its answers"), std::string::npos)
-      << late->header.error;
-  EXPECT_TRUE(WaitSessions(0)) << "the session ended";
+  EXPECT_EQ(Sessions().size(), 1u) << "the session goes on";
 }
 
 // A client that stops reading does not hold its session process when the
@@ -997,7 +976,7 @@ TEST_F(SessionsTest, AClientThatStopsReadingDoesNotHoldItsProcessAtTheEnd) {
   // The session's thread waits up to 10 s for the client to take what was
   // answered, then the end's last word is given 200 ms: the close is
   // answered after that, not never.
-  auto closed = raw.Receive(std::chrono::seconds(20));
+  auto closed = raw.Receive(std::chrono::seconds(40));
   ASSERT_TRUE(closed) << "the close was answered";
   EXPECT_EQ(closed->header.op, schema::ReplyOp::kSession) << closed->header.error;
   auto next = Open("t");
@@ -1099,7 +1078,7 @@ TEST(SessionsTcpTest, TheCApiRunsASessionThroughTheBroker) {
        dir.File("k.db"), "--workers", "0", "--ready-file", ready, "--session-bin",
        BinPath("gpuq-fake-session")},
       dir.File("gpuqd.log"));
-  for (int i = 0; i < 500 && !std::filesystem::exists(ready); ++i) {
+  for (int i = 0; i < 2000 && !std::filesystem::exists(ready); ++i) {
     std::this_thread::sleep_for(std::chrono::milliseconds(10));
   }
   auto j = json::parse(ReadFile(ready), nullptr, false);
@@ -1111,11 +1090,13 @@ TEST(SessionsTcpTest, TheCApiRunsASessionThroughTheBroker) {
   ASSERT_EQ(endpoint.rfind("tcp://", 0), 0u);
   auto c = Client::Connect(endpoint);
   ASSERT_TRUE(c.ok());
-  for (int i = 0; i < 500; ++i) {  // until the worker has registered
+  bool registered = false;
+  for (int i = 0; i < 2000 && !registered; ++i) {  // until the worker has registered
     auto d = (*c)->Devices();
-    if (d.ok() && !d->empty()) break;
-    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    registered = d.ok() && !d->empty();
+    if (!registered) std::this_thread::sleep_for(std::chrono::milliseconds(10));
   }
+  ASSERT_TRUE(registered) << ReadFile(dir.File("worker.log"));
   char why[512] = "";
   EXPECT_EQ(gpuq_c_api_session_scenario(endpoint.c_str(), why, sizeof why), 0)
       << why << ReadFile(dir.File("gpuqd.log"));

@@ -256,8 +256,9 @@ class SessionHost::Impl {
   bool FlushOut(Session& s);
   // With rings: whether the client's socket is still open.
   bool ClientThere(Session& s);
-  // Sends one frame on the session's way back (after its thread ended).
-  void Last(Session& s, const SessionMessage& m);
+  // Sends one frame on the session's way back (after its thread ended):
+  // whether it went.
+  bool Last(Session& s, const SessionMessage& m);
   // False when the connection has ended.
   bool Read(Session& s);
   void Handle(Session& s, SessionMessage& m);
@@ -803,7 +804,9 @@ void SessionHost::Impl::Serve(Session* sp) {
   while (!s.pending.empty()) {
     if (!Complete(s, true)) return;
   }
-  for (int i = 0; i < 1000 && s.out.pending(); ++i) {
+  // For at most 10 s: a client that reads nothing holds only this thread.
+  const int64_t until = NowNs() + 10000 * 1000000ll;
+  while (s.out.pending() && NowNs() < until) {
     if (s.back.valid()) {
       if (!FlushOut(s)) break;
       if (s.out.pending()) s.back.WaitWritable(std::chrono::milliseconds(10));
@@ -871,6 +874,8 @@ bool SessionHost::Impl::Read(Session& s) {
     for (auto& [decoded, m] : batch) {
       if (doomed_.load()) break;  // the process ends (Serve tells its client why)
       if (!decoded.ok()) {
+        // Its rid, read past what did not decode, is used up as a request's.
+        if (m.rid > s.last_rid && m.rid - s.last_rid < (uint64_t{1} << 31)) s.last_rid = m.rid;
         Answer(s, m.rid, decoded);
         continue;
       }
@@ -1429,14 +1434,15 @@ void SessionHost::Impl::Reap() {
       code = s.end_code;
       why = s.end_why;
     }
-    if (s.conn.valid() && code != Code::kOk) Last(s, ErrorReply(0, Status(code, why)));
+    bool through = true;  // the client takes what is sent (else no more waits for it)
+    if (s.conn.valid() && code != Code::kOk) through = Last(s, ErrorReply(0, Status(code, why)));
     SessionMessage ended;
     ended.op = SessionOp::kEnded;
     ended.session = s.id;
     ended.code = code;
     ended.error = why;
     Control(ended);
-    if (s.conn.valid() && s.close_rid) {
+    if (s.conn.valid() && s.close_rid && through) {
       SessionMessage done;
       done.op = SessionOp::kDone;
       done.rid = s.close_rid;
@@ -1451,7 +1457,7 @@ void SessionHost::Impl::Reap() {
   }
 }
 
-void SessionHost::Impl::Last(Session& s, const SessionMessage& m) {
+bool SessionHost::Impl::Last(Session& s, const SessionMessage& m) {
   if (!s.back.valid()) {
     // After the answers still waiting (a frame is never cut by another),
     // for at most 200 ms: a client (or the broker's relay for one) that
@@ -1462,15 +1468,16 @@ void SessionHost::Impl::Last(Session& s, const SessionMessage& m) {
     while (s.out.Flush(s.conn.get()).ok() && s.out.pending()) {
       const int64_t left_ms = (until - NowNs()) / 1000000;
       pollfd p{s.conn.get(), POLLOUT, 0};
-      if (left_ms <= 0 || poll(&p, 1, static_cast<int>(left_ms)) <= 0) return;
+      if (left_ms <= 0 || poll(&p, 1, static_cast<int>(left_ms)) <= 0) return false;
     }
-    return;
+    return !s.out.pending();
   }
   // Into the ring if it has room (the client may have stopped reading);
   // the socket's close then tells the client to read what is left.
   s.out.Push(schema::EncodeSessionMessage(m));
   (void)FlushOut(s);
   if (s.back.valid()) s.back.Wake();
+  return true;
 }
 
 void SessionHost::Impl::Watchdog() {
