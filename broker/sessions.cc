@@ -248,7 +248,7 @@ void SessionServer::PollItems(std::vector<zmq::pollitem_t>* items) const {
     items->push_back({nullptr, h.control.get(), events, 0});
   }
   for (const auto& [id, r] : relays_) {
-    if (!r.fd.valid()) continue;  // ended
+    if (!r.fd.valid() || !r.closing.ok()) continue;  // ended, or ending
     // Answers are taken only while their client reads what it was sent:
     // past its bound they wait in the process (which then stops reading
     // requests), never in the broker.
@@ -263,7 +263,7 @@ void SessionServer::OnPoll(const zmq::pollitem_t* items, size_t n) {
   for (const auto& [key, h] : hosts_) keys.push_back(key);
   std::vector<uint64_t> relayed;  // as PollItems listed them
   for (const auto& [id, r] : relays_) {
-    if (r.fd.valid()) relayed.push_back(id);
+    if (r.fd.valid() && r.closing.ok()) relayed.push_back(id);
   }
   std::vector<std::string> gone;
   for (size_t i = 0; i < n && i < keys.size(); ++i) {
@@ -411,7 +411,9 @@ void SessionServer::Tick() {
   // does the relay, and the session with it (as a direct client's).
   // Answers read while their client's queue was full go once it has room.
   for (auto& [id, r] : relays_) {
-    if (r.fd.valid() && r.reader.ready()) (void)Answers(r);
+    if (!r.fd.valid()) continue;
+    if (r.reader.ready() && !Answers(r)) continue;
+    if (!r.closing.ok() && !r.reader.ready()) EndRelay(id, r.closing);
   }
   const MonoTime now = core_.clock().Now();
   for (auto it = relays_.begin(); it != relays_.end();) {
@@ -512,6 +514,7 @@ void SessionServer::Call(const RequestContext& ctx, uint64_t id, const std::stri
   Relay* r = relay == relays_.end() ? nullptr : &relay->second;
   const bool mine = r && r->conn.serial == ctx.conn.serial;
   if (mine && !r->ended.ok()) return core_.ReplyError(ctx, r->ended);
+  if (mine && !r->closing.ok()) return Refuse(r, ctx, r->closing);  // it is ending
   auto it = sessions_.find(id);
   if (it == sessions_.end() || !ctx.Sees(it->second.tenant) || !it->second.open ||
       !SameToken(it->second.token, token)) {
@@ -678,16 +681,18 @@ bool SessionServer::OnRelay(Relay& r, short revents) {
   }
   if (!(revents & (ZMQ_POLLIN | ZMQ_POLLERR))) return true;
   const Status st = r.reader.Fill(r.fd.get(), kRelayTurn);
-  // The answers read before an end or a bad frame go first.
-  if (!Answers(r)) return false;
   if (st.code() == Code::kTooLarge) {
-    EndRelay(id, Error(Code::kSessionLost, "the session's process sent " + st.message()));
-    return false;
+    r.closing = Error(Code::kSessionLost, "the session's process sent " + st.message());
+  } else if (!st.ok()) {
+    r.closing = Error(Code::kSessionLost,
+                      "the session ended (its process closed the connection; a kernel fault "
+                      "or a kill there ends its tenant's sessions on that GPU)");
   }
-  if (!st.ok()) {
-    EndRelay(id, Error(Code::kSessionLost,
-                       "the session ended (its process closed the connection; a kernel fault "
-                       "or a kill there ends its tenant's sessions on that GPU)"));
+  // The answers read before an end or a bad frame go first (Tick sends
+  // those the client has no room for yet, then ends the relay).
+  if (!Answers(r)) return false;
+  if (!r.closing.ok() && !r.reader.ready()) {
+    EndRelay(id, r.closing);
     return false;
   }
   return true;

@@ -131,6 +131,9 @@ class SessionServer {
     size_t forwarded = 0;  // of `calls`, those the process will answer
     std::deque<zmq::message_t> held;  // requests waiting for the hello's answer
     size_t held_bytes = 0;
+    // The process's end of the connection (or a bad frame), to act on once
+    // the answers read before it are sent.
+    Status closing;
     // Once the session has ended: why, for the connection's later calls,
     // until it goes (or a minute has passed).
     Status ended;

@@ -935,6 +935,43 @@ TEST_F(SessionsTest, ThroughTheBrokerALateReaderGetsEveryAnswerInOrder) {
   EXPECT_EQ(Sessions().size(), 1u) << "the session goes on";
 }
 
+// The same, with a close as the last call: the process answers everything,
+// then closes its connection; the answers the relay read with that end go
+// to the client before the end does.
+TEST_F(SessionsTest, ThroughTheBrokerAnswersReadBeforeTheEndGoFirst) {
+  Start();
+  RawClient raw(broker_->client_endpoint());
+  auto opened = OpenRaw(raw);
+  ASSERT_TRUE(opened) << Log();
+  constexpr uint64_t kCalls = 10000;  // more than the relay sends the client at once
+  schema::SessionMessage m;
+  for (uint64_t k = 1; k <= kCalls; ++k) {
+    m = {};
+    m.op = schema::SessionOp::kFree;
+    m.rid = k;
+    m.buffer = 12345;
+    CallRaw(raw, k + 1, *opened, schema::EncodeSessionMessage(m));
+  }
+  m = {};
+  m.op = schema::SessionOp::kClose;
+  m.rid = kCalls + 1;
+  CallRaw(raw, kCalls + 2, *opened, schema::EncodeSessionMessage(m));
+  std::this_thread::sleep_for(std::chrono::seconds(1));
+  for (uint64_t k = 1; k <= kCalls + 1; ++k) {
+    auto reply = raw.Receive(std::chrono::seconds(20));
+    ASSERT_TRUE(reply) << "call " << k << " unanswered";
+    ASSERT_EQ(reply->header.rid, k + 1);
+    ASSERT_EQ(reply->header.op, schema::ReplyOp::kSessionAnswer)
+        << "call " << k << ": " << reply->header.error;
+    ASSERT_TRUE(schema::DecodeSessionMessage(reply->payload[0], schema::Limits{}, 0, &m).ok());
+    ASSERT_EQ(m.rid, k);
+    if (k == kCalls + 1) {
+      EXPECT_EQ(m.op, schema::SessionOp::kDone) << "the close, answered";
+    }
+  }
+  EXPECT_TRUE(WaitSessions(0));
+}
+
 // A client that stops reading does not hold its session process when the
 // session ends: its last answers wait a bounded while, and the tenant's
 // process goes on serving (here: a close answered, and a new session).
