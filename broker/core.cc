@@ -104,20 +104,17 @@ bool BrokerCore::Reply(const RequestContext& ctx, ClientReply reply, Frames payl
 
 void BrokerCore::ReplyError(const RequestContext& ctx, const Status& s, uint64_t retry_after_ms,
                             uint64_t id) {
+  (void)SendError(ctx, s, retry_after_ms, id);
+}
+
+bool BrokerCore::SendError(const RequestContext& ctx, const Status& s, uint64_t retry_after_ms,
+                           uint64_t id) {
   ClientReply r;
   r.op = ReplyOp::kError;
   r.id = id;
   r.code = s.code() == Code::kOk ? Code::kInternal : s.code();
   r.error = s.message();
   r.retry_after_ms = retry_after_ms;
-  Reply(ctx, std::move(r));
-}
-
-bool BrokerCore::SendError(const RequestContext& ctx, const Status& s) {
-  ClientReply r;
-  r.op = ReplyOp::kError;
-  r.code = s.code() == Code::kOk ? Code::kInternal : s.code();
-  r.error = s.message();
   return Reply(ctx, std::move(r));
 }
 

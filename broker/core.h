@@ -99,7 +99,8 @@ class BrokerCore {
   void ReplyError(const RequestContext& ctx, const Status& s, uint64_t retry_after_ms = 0,
                   uint64_t id = 0);
   // The same, saying whether it went (see Reply).
-  bool SendError(const RequestContext& ctx, const Status& s);
+  bool SendError(const RequestContext& ctx, const Status& s, uint64_t retry_after_ms = 0,
+                 uint64_t id = 0);
   // Bytes a connection may still be sent before what it has not read passes
   // its bound (BrokerOptions::max_unread_bytes).
   uint64_t ReplyBudget(const ConnectionRef& c) const;

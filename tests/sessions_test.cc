@@ -1103,27 +1103,43 @@ TEST_F(SessionsTest, WithoutAGpuOfTheBrokersHostThereIsNoSession) {
   EXPECT_EQ(client_->OpenSession(o).status().code(), Code::kUnavailable);
 }
 
+// gpuqd on tcp (with `extra`: CURVE, or --insecure) whose sessions run in
+// the test double's session processes, and a worker test double of its
+// host; `endpoint` is its client endpoint, "" when it did not start.
+struct TcpBroker {
+  Process broker, worker;
+  std::string endpoint;
+};
+TcpBroker StartTcpBroker(TempDir& dir, const std::vector<std::string>& extra) {
+  TcpBroker t;
+  const std::string ready = dir.File("ready.json");
+  std::vector<std::string> argv = {BinPath("gpuqd"), "--listen", "tcp://127.0.0.1:*",
+                                   "--worker-listen", "ipc://" + dir.File("w.sock"), "--store",
+                                   dir.File("jobs.db"), "--cache", dir.File("k.db"), "--workers",
+                                   "0", "--ready-file", ready, "--session-bin",
+                                   BinPath("gpuq-fake-session")};
+  argv.insert(argv.end(), extra.begin(), extra.end());
+  t.broker = Process::Start(argv, dir.File("gpuqd.log"));
+  for (int i = 0; i < 2000 && !std::filesystem::exists(ready); ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  auto j = json::parse(ReadFile(ready), nullptr, false);
+  if (j.is_discarded() || !j.contains("client")) return t;
+  t.endpoint = j["client"];
+  t.worker = Process::Start({BinPath("gpuq-fake-worker"), "--broker", "ipc://" +
+                             dir.File("w.sock"), "--local-dir", dir.File("jobs.db.blobs")},
+                            dir.File("worker.log"));
+  return t;
+}
+
 // The C API on tcp (here without CURVE, --insecure): its session goes
 // through the broker by itself, with every call as on the broker's host
 // but attached regions.
 TEST(SessionsTcpTest, TheCApiRunsASessionThroughTheBroker) {
   TempDir dir;
-  const std::string ready = dir.File("ready.json");
-  Process broker = Process::Start(
-      {BinPath("gpuqd"), "--listen", "tcp://127.0.0.1:*", "--insecure", "--worker-listen",
-       "ipc://" + dir.File("w.sock"), "--store", dir.File("jobs.db"), "--cache",
-       dir.File("k.db"), "--workers", "0", "--ready-file", ready, "--session-bin",
-       BinPath("gpuq-fake-session")},
-      dir.File("gpuqd.log"));
-  for (int i = 0; i < 2000 && !std::filesystem::exists(ready); ++i) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(10));
-  }
-  auto j = json::parse(ReadFile(ready), nullptr, false);
-  ASSERT_FALSE(j.is_discarded()) << ReadFile(dir.File("gpuqd.log"));
-  Process worker = Process::Start({BinPath("gpuq-fake-worker"), "--broker", "ipc://" +
-                                   dir.File("w.sock"), "--local-dir", dir.File("jobs.db.blobs")},
-                                  dir.File("worker.log"));
-  const std::string endpoint = j["client"];
+  TcpBroker tcp = StartTcpBroker(dir, {"--insecure"});
+  ASSERT_FALSE(tcp.endpoint.empty()) << ReadFile(dir.File("gpuqd.log"));
+  const std::string endpoint = tcp.endpoint;
   ASSERT_EQ(endpoint.rfind("tcp://", 0), 0u);
   auto c = Client::Connect(endpoint);
   ASSERT_TRUE(c.ok());
@@ -1156,29 +1172,16 @@ TEST(SessionsCurveTest, ATenantCannotReachAnotherTenantsSession) {
   }
   WriteFile(dir.File("clients.keys"),
             keys["alpha"].public_key + " alpha\n" + keys["beta"].public_key + " beta\n");
-  const std::string ready = dir.File("ready.json");
-  Process broker = Process::Start(
-      {BinPath("gpuqd"), "--listen", "tcp://127.0.0.1:*", "--worker-listen", "ipc://" +
-       dir.File("w.sock"), "--store", dir.File("jobs.db"), "--cache", dir.File("k.db"),
-       "--workers", "0", "--curve-secret", dir.File("broker.key"), "--allowed-keys",
-       dir.File("clients.keys"), "--ready-file", ready, "--session-bin",
-       BinPath("gpuq-fake-session")},
-      dir.File("gpuqd.log"));
-  for (int i = 0; i < 500 && !std::filesystem::exists(ready); ++i) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(10));
-  }
-  auto j = json::parse(ReadFile(ready), nullptr, false);
-  ASSERT_FALSE(j.is_discarded()) << ReadFile(dir.File("gpuqd.log"));
-  Process worker = Process::Start({BinPath("gpuq-fake-worker"), "--broker", "ipc://" +
-                                   dir.File("w.sock"), "--local-dir", dir.File("jobs.db.blobs")},
-                                  dir.File("worker.log"));
+  TcpBroker tcp = StartTcpBroker(
+      dir, {"--curve-secret", dir.File("broker.key"), "--allowed-keys", dir.File("clients.keys")});
+  ASSERT_FALSE(tcp.endpoint.empty()) << ReadFile(dir.File("gpuqd.log"));
   auto as = [&](const std::string& who) {
     ClientOptions o;
     o.timeout = Millis(5000);
     o.server_key = keys["broker"].public_key;
     o.public_key = keys[who].public_key;
     o.secret_key = keys[who].secret_key;
-    auto c = Client::Connect(j["client"], o);
+    auto c = Client::Connect(tcp.endpoint, o);
     EXPECT_TRUE(c.ok());
     return std::move(*c);
   };
@@ -1212,9 +1215,9 @@ TEST(SessionsCurveTest, ATenantCannotReachAnotherTenantsSession) {
   EXPECT_EQ(*got, std::string(32, 7));
   // On tcp these sessions went through the broker. Its relay checks the
   // tenant too: beta, given alpha's session and its token, reaches nothing.
-  RawClient ra(j["client"], keys["broker"].public_key, keys["alpha"].public_key,
+  RawClient ra(tcp.endpoint, keys["broker"].public_key, keys["alpha"].public_key,
                keys["alpha"].secret_key);
-  RawClient rb(j["client"], keys["broker"].public_key, keys["beta"].public_key,
+  RawClient rb(tcp.endpoint, keys["broker"].public_key, keys["beta"].public_key,
                keys["beta"].secret_key);
   schema::ClientRequest open;
   open.op = schema::ClientOp::kSessionOpen;
