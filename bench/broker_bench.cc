@@ -6,6 +6,7 @@
 //   gpuq-bench-broker [--seconds S] [--durability process|power]
 #include <CLI/CLI.hpp>
 #include <limits.h>
+#include <sched.h>
 #include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -38,9 +39,27 @@ std::string Beside(const std::string& name) {
   return (std::filesystem::path(std::string(buf, n > 0 ? n : 0)).parent_path() / name).string();
 }
 
+// With --pin: the CPUs gpuqd runs on (the last one) and the rest (this
+// program, its clients and the workers), so that on a machine of few cores
+// the loop's CPU time per job is not its share of a core fought over.
+cpu_set_t g_broker_cpus, g_other_cpus;
+bool g_pin = false;
+
+void PinCpus() {
+  const int n = static_cast<int>(sysconf(_SC_NPROCESSORS_ONLN));
+  CPU_ZERO(&g_broker_cpus);
+  CPU_ZERO(&g_other_cpus);
+  CPU_SET(n - 1, &g_broker_cpus);
+  for (int c = 0; c < std::max(1, n - 1); ++c) CPU_SET(c, &g_other_cpus);
+  sched_setaffinity(0, sizeof g_other_cpus, &g_other_cpus);
+}
+
 pid_t Spawn(const std::vector<std::string>& argv, const std::string& log) {
   pid_t pid = fork();
   if (pid == 0) {
+    if (g_pin && argv[0].ends_with("/gpuqd")) {
+      sched_setaffinity(0, sizeof g_broker_cpus, &g_broker_cpus);
+    }
     FILE* f = freopen(log.c_str(), "a", stdout);
     (void)f;
     dup2(1, 2);
@@ -56,6 +75,25 @@ pid_t Spawn(const std::vector<std::string>& argv, const std::string& log) {
 struct Stats {
   double p50, p99, mean;
 };
+
+// Time thread `tid` of process `pid` has run on a CPU (ns; its schedstat).
+uint64_t ThreadCpuNs(pid_t pid, pid_t tid) {
+  std::ifstream f("/proc/" + std::to_string(pid) + "/task/" + std::to_string(tid) + "/schedstat");
+  uint64_t ns = 0;
+  f >> ns;
+  return ns;
+}
+
+// The same for every thread of process `pid`.
+uint64_t ProcessCpuNs(pid_t pid) {
+  uint64_t ns = 0;
+  std::error_code ec;
+  for (const auto& t :
+       std::filesystem::directory_iterator("/proc/" + std::to_string(pid) + "/task", ec)) {
+    ns += ThreadCpuNs(pid, static_cast<pid_t>(std::stoi(t.path().filename().string())));
+  }
+  return ns;
+}
 
 Stats Summarize(std::vector<double> us) {
   std::sort(us.begin(), us.end());
@@ -212,7 +250,11 @@ int main(int argc, char** argv) {
   int client_spin_us = 0;
   app.add_option("--client-spin-us", client_spin_us,
                  "The one-in-flight client's ClientOptions::spin");
+  app.add_flag("--pin", g_pin,
+               "Run gpuqd on the last CPU and everything else on the others (for machines of "
+               "few cores)");
   CLI11_PARSE(app, argc, argv);
+  if (g_pin) PinCpus();
 
   std::string dir = std::filesystem::temp_directory_path().string() + "/gpuq-bench-XXXXXX";
   if (!mkdtemp(dir.data())) return 1;
@@ -623,7 +665,13 @@ int main(int argc, char** argv) {
   }
   const Stats one = Summarize(rtt), inside = Summarize(broker_total), q = Summarize(queue);
 
-  // Throughput: C clients, each keeping W jobs in flight.
+  // Throughput: C clients, each keeping W jobs in flight. Beside the rate,
+  // the CPU time per job of gpuqd's loop thread (its main thread) and of
+  // the whole process: figures that a busy machine changes less than it
+  // changes the rate.
+  struct Rate {
+    double jobs_s = 0, loop_us = 0, process_us = 0;
+  };
   auto throughput = [&](int clients, int window) {
     std::atomic<uint64_t> done{0};
     std::atomic<bool> stop{false};
@@ -649,15 +697,26 @@ int main(int argc, char** argv) {
         }
       });
     }
+    // The clients connect and fill their windows first.
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));
+    const uint64_t n0 = done.load();
+    const uint64_t loop0 = ThreadCpuNs(broker, broker), all0 = ProcessCpuNs(broker);
     auto t0 = Clock::now();
     std::this_thread::sleep_for(std::chrono::duration<double>(seconds));
-    const uint64_t n = done.load();
+    const uint64_t n = done.load() - n0;
     const double s = std::chrono::duration<double>(Clock::now() - t0).count();
+    const uint64_t loop = ThreadCpuNs(broker, broker) - loop0, all = ProcessCpuNs(broker) - all0;
     stop = true;
     for (auto& t : threads) t.join();
-    return n / s;
+    Rate r;
+    r.jobs_s = n / s;
+    if (n) {
+      r.loop_us = loop / 1e3 / static_cast<double>(n);
+      r.process_us = all / 1e3 / static_cast<double>(n);
+    }
+    return r;
   };
-  const double t1 = throughput(1, 64), t4 = throughput(4, 64), t16 = throughput(16, 32);
+  const Rate t1 = throughput(1, 64), t4 = throughput(4, 64), t16 = throughput(16, 32);
   // The job store's share: how its batches went over all the runs.
   std::string store_line;
   if (auto c = Client::Connect(client_ep); c.ok()) {
@@ -700,8 +759,12 @@ int main(int argc, char** argv) {
   printf("| of which queued (accept -> dispatch) | %.1f us | %.1f us | %.1f us |\n", q.p50, q.p99,
          q.mean);
   printf("\nlatency / floor: %.2fx (p50)\n\n", one.p50 / floor.p50);
-  printf("| clients x in flight | jobs/s |\n|---|---|\n");
-  printf("| 1 x 64 | %.0f |\n| 4 x 64 | %.0f |\n| 16 x 32 | %.0f |\n", t1, t4, t16);
+  printf("| clients x in flight | jobs/s | gpuqd's loop thread, CPU per job | gpuqd, CPU per job |\n"
+         "|---|---|---|---|\n");
+  for (const auto& [name, r] : {std::pair<const char*, Rate>{"1 x 64", t1}, {"4 x 64", t4},
+                                {"16 x 32", t16}}) {
+    printf("| %s | %.0f | %.2f us | %.2f us |\n", name, r.jobs_s, r.loop_us, r.process_us);
+  }
   printf("\n%s", store_line.c_str());
   return 0;
 }

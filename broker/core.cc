@@ -526,9 +526,14 @@ void BrokerCore::Finish(Job& job, JobState state, Code code, std::string error,
   r.input_bytes = job.input_bytes;
   op.finished_ms = clock_->UnixMs();
 
-  const std::string outcome = state == JobState::kFailed ? std::string(CodeName(r.code))
-                                                          : std::string(JobStateName(state));
-  ++counters_.finished[outcome];
+  if (state == JobState::kDone) {
+    // The common outcome's counter, kept at hand (a map node stays put).
+    if (!done_count_) done_count_ = &counters_.finished[std::string(JobStateName(state))];
+    ++*done_count_;
+  } else {
+    ++counters_.finished[state == JobState::kFailed ? std::string(CodeName(r.code))
+                                                    : std::string(JobStateName(state))];
+  }
   {
     auto& by_tenant = counters_.by_tenant;
     auto it = by_tenant.find(job.tenant);
@@ -546,13 +551,17 @@ void BrokerCore::Finish(Job& job, JobState state, Code code, std::string error,
                                       : tc.failed);
   }
   if (state == JobState::kDone) {
-    auto& lat = counters_.latency;
-    lat["queue"].Observe(t.queue_us);
-    lat["load"].Observe(t.load_us);
-    lat["h2d"].Observe(t.h2d_us);
-    lat["kernel"].Observe(t.kernel_us);
-    lat["d2h"].Observe(t.d2h_us);
-    lat["total"].Observe(t.total_us);
+    if (!done_latency_.total) {
+      auto& lat = counters_.latency;
+      done_latency_ = {&lat["queue"], &lat["load"], &lat["h2d"],
+                       &lat["kernel"], &lat["d2h"], &lat["total"]};
+    }
+    done_latency_.queue->Observe(t.queue_us);
+    done_latency_.load->Observe(t.load_us);
+    done_latency_.h2d->Observe(t.h2d_us);
+    done_latency_.kernel->Observe(t.kernel_us);
+    done_latency_.d2h->Observe(t.d2h_us);
+    done_latency_.total->Observe(t.total_us);
   }
   if (state == JobState::kFailed) {
     spdlog::info("job {} failed: {}: {}", job.id, CodeName(r.code),

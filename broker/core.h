@@ -286,6 +286,13 @@ class BrokerCore {
 
   StatsSnapshot counters_;
   Histogram* compile_latency_ = nullptr;
+  // A done job's counter and phase histograms in counters_, found at the
+  // first (map nodes stay put): a job's end looks nothing up by name.
+  uint64_t* done_count_ = nullptr;
+  struct {
+    Histogram *queue = nullptr, *load = nullptr, *h2d = nullptr, *kernel = nullptr,
+              *d2h = nullptr, *total = nullptr;
+  } done_latency_;
   MonoTime workers_drained_;
   MonoTime started_;
 };

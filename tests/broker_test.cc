@@ -918,8 +918,12 @@ TEST_F(BrokerTest, LargeBuffersSurviveAKillAndComeBackWhole) {
 TEST_F(BrokerTest, LocalBuffersTravelAsFilesAndComeBackWhole) {
   // A client and a worker on the broker's host pass large buffers as files
   // of its local directory: the bytes never cross a socket.
+  // Heartbeats of 1 s both ways: under ThreadSanitizer on a loaded machine,
+  // 300 ms of silence while the files were written once lost the worker
+  // three times over, and the job with it.
+  ASSERT_TRUE(StartBroker({"--heartbeat-ms", "1000"})) << Log();
   const std::string local = broker_->store() + ".blobs";
-  AddWorker({"--local-dir", local});
+  AddWorker({"--local-dir", local, "--heartbeat-ms", "1000"});
   auto c = Connect();
   ASSERT_TRUE(WaitForWorkers(*c, 1));
   std::string input(3 << 20, '\0');
