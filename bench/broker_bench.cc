@@ -231,7 +231,7 @@ int main(int argc, char** argv) {
   app.add_option("--seconds", seconds, "Duration of each throughput run");
   app.add_option("--durability", durability)->check(CLI::IsMember({"process", "power"}));
   app.add_flag("--gpu", gpu, "Use real gpuq-workers instead of the test double");
-  app.add_option("--gpus", gpus, "With --gpu: GPUs to use (one worker process each)");
+  app.add_option("--gpus", gpus, "GPUs to use (one worker process each; without --gpu, test doubles)");
   int worker_slots = 256, worker_streams = 8;
   app.add_option("--worker-slots", worker_slots, "With --gpu: each worker's --slots");
   app.add_option("--worker-streams", worker_streams, "With --gpu: each worker's --streams");
@@ -272,7 +272,7 @@ int main(int argc, char** argv) {
   }
   pid_t broker = Spawn(broker_argv, dir + "/gpuqd.log");
   std::vector<pid_t> workers;
-  for (int g = 0; g < (gpu ? gpus : 1); ++g) {
+  for (int g = 0; g < gpus; ++g) {
     // On the broker's host, as gpuqd's own workers: with its local directory.
     const std::string local_dir = dir + "/jobs.db.blobs";
     workers.push_back(gpu ? Spawn({Beside("gpuq-worker"), "--broker", worker_ep, "--device",
@@ -743,11 +743,11 @@ int main(int argc, char** argv) {
   }
   cleanup();
 
-  printf("gpuq broker benchmark (%s, job %s; durability=%s)\n\n",
-         gpu ? ("real gpuq-workers on " + std::to_string(gpus) + " GPU(s), kernel spins " +
-                std::to_string(g_spin_cycles) + " cycles")
-                   .c_str()
-             : "test-double worker, no GPU work",
+  const std::string workers_used =
+      gpu ? "real gpuq-workers on " + std::to_string(gpus) + " GPU(s), kernel spins " +
+                std::to_string(g_spin_cycles) + " cycles"
+          : std::to_string(gpus) + " test-double worker(s), no GPU work";
+  printf("gpuq broker benchmark (%s, job %s; durability=%s)\n\n", workers_used.c_str(),
          g_job.c_str(), durability.c_str());
   printf("| measure | p50 | p99 | mean |\n|---|---|---|---|\n");
   printf("| bare ZeroMQ 64 B round trip, ipc (floor) | %.1f us | %.1f us | %.1f us |\n", floor.p50,
