@@ -409,9 +409,16 @@ void SessionServer::Tick() {
   }
   // A relay lives as long as its client's connection: when that goes, so
   // does the relay, and the session with it (as a direct client's).
-  // Answers read while their client's queue was full go once it has room.
+  // Answers read while their client's queue was full go once it has room:
+  // sent unasked, so after the connections that have gone are known (a new
+  // connection may have taken a routing id since; ClientConnections).
+  bool drained = false;
   for (auto& [id, r] : relays_) {
     if (!r.fd.valid()) continue;
+    if (r.reader.ready() && !drained) {
+      core_.connections().DrainEvents();
+      drained = true;
+    }
     if (r.reader.ready() && !Answers(r)) continue;
     if (!r.closing.ok() && !r.reader.ready()) EndRelay(id, r.closing);
   }
@@ -515,6 +522,7 @@ void SessionServer::Call(const RequestContext& ctx, uint64_t id, const std::stri
   const bool mine = r && r->conn.serial == ctx.conn.serial;
   if (mine && !r->ended.ok()) return core_.ReplyError(ctx, r->ended);
   if (mine && !r->closing.ok()) return Refuse(r, ctx, r->closing);  // it is ending
+  if (mine && !r->unwritable.ok()) return Refuse(r, ctx, r->unwritable);
   auto it = sessions_.find(id);
   if (it == sessions_.end() || !ctx.Sees(it->second.tenant) || !it->second.open ||
       !SameToken(it->second.token, token)) {
@@ -540,19 +548,22 @@ void SessionServer::Call(const RequestContext& ctx, uint64_t id, const std::stri
     if (!opened.ok()) return core_.ReplyError(ctx, opened.status());
     r = *opened;
   }
-  // What the relay reads of a request: a map with an op it carries and a
-  // rid, so that each answer it takes back is one call's.
-  const std::optional<std::string_view> op = schema::PeekString(bytes, "op");
   if (bytes.size() > MaxFrame()) {
     return Refuse(r, ctx, Error(Code::kTooLarge, "a session request is at most " +
                                                      std::to_string(MaxFrame() >> 20) + " MiB"));
   }
+  // What the relay reads of a request: a map with an op it carries and a
+  // rid, so that each answer it takes back is one call's. It looks at no
+  // more elements than a request the process accepts holds (a launch of
+  // 256 arguments), however many the bytes hold.
+  constexpr size_t kLookAt = size_t{1} << 16;
+  const std::optional<std::string_view> op = schema::PeekString(bytes, "op", kLookAt);
   if (op && !Relayed(*op)) {
     return Refuse(r, ctx, Error(Code::kUnknownCommand,
                                 "no session request '" + std::string(*op) +
                                     "' through the broker (hello and attach are not relayed)"));
   }
-  if (!op || schema::PeekRequestId(bytes) == 0) {
+  if (!op || schema::PeekRequestId(bytes, kLookAt) == 0) {
     return Refuse(r, ctx, Error(Code::kMalformed, "a session_call carries one session request "
                                                   "(a map with its op and a rid)"));
   }
@@ -591,9 +602,16 @@ void SessionServer::Call(const RequestContext& ctx, uint64_t id, const std::stri
     return;
   }
   r->writer.Push(std::move(frame));  // its bytes are not copied
-  if (Status st = r->writer.Flush(r->fd.get(), kRelayTurn); !st.ok()) {
-    EndRelay(id, Error(Code::kSessionLost, "the session's process is gone: " + st.message()));
+  if (Status st = r->writer.Flush(r->fd.get(), kRelayTurn); !st.ok()) Unwritable(*r, st);
+}
+
+void SessionServer::Unwritable(Relay& r, const Status& st) {
+  if (r.unwritable.ok()) {
+    r.unwritable = Error(Code::kSessionLost, "the session's process is gone: " + st.message());
   }
+  r.writer = RelayWriter();
+  r.held.clear();
+  r.held_bytes = 0;
 }
 
 void SessionServer::Refused(const RequestContext& ctx, std::optional<uint64_t> session,
@@ -674,10 +692,9 @@ bool SessionServer::AnswerRefused(Relay& r) {
 bool SessionServer::OnRelay(Relay& r, short revents) {
   const uint64_t id = r.session;
   if (revents & ZMQ_POLLOUT) {
-    if (Status st = r.writer.Flush(r.fd.get(), kRelayTurn); !st.ok()) {
-      EndRelay(id, Error(Code::kSessionLost, "the session's process is gone: " + st.message()));
-      return false;
-    }
+    // A process that has gone may have said why before it went: that is
+    // read (below, and on later turns up to its end) before the relay ends.
+    if (Status st = r.writer.Flush(r.fd.get(), kRelayTurn); !st.ok()) Unwritable(r, st);
   }
   if (!(revents & (ZMQ_POLLIN | ZMQ_POLLERR))) return true;
   const Status st = r.reader.Fill(r.fd.get(), kRelayTurn);
@@ -720,10 +737,7 @@ bool SessionServer::Answers(Relay& r) {
       for (zmq::message_t& m : r.held) r.writer.Push(std::move(m));
       r.held.clear();
       r.held_bytes = 0;
-      if (Status w = r.writer.Flush(r.fd.get(), kRelayTurn); !w.ok()) {
-        EndRelay(id, Error(Code::kSessionLost, "the session's process is gone: " + w.message()));
-        return false;
-      }
+      if (Status w = r.writer.Flush(r.fd.get(), kRelayTurn); !w.ok()) Unwritable(r, w);
       continue;
     }
     if (error && rid == 0) {

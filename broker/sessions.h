@@ -134,6 +134,9 @@ class SessionServer {
     // The process's end of the connection (or a bad frame), to act on once
     // the answers read before it are sent.
     Status closing;
+    // Writing to the process failed (it has gone): later calls are refused,
+    // and what it said before it went is still read, up to its end.
+    Status unwritable;
     // Once the session has ended: why, for the connection's later calls,
     // until it goes (or a minute has passed).
     Status ended;
@@ -189,6 +192,9 @@ class SessionServer {
   bool Answers(Relay& r);
   // Every call left fails with `why`; the relay's connection closes.
   void EndRelay(uint64_t session, const Status& why);
+  // A write to the process failed (`st`): nothing more is written; the
+  // relay ends at the process's end, after what it said before it.
+  static void Unwritable(Relay& r, const Status& st);
 
   BrokerCore& core_;
   SessionLimits limits_;

@@ -1555,10 +1555,12 @@ namespace {
 
 // Finds the value of one top-level key of a map that need not decode:
 // trailing bytes, fields over their limits, bin or ext elsewhere in it do not
-// hide it. Allocates nothing, and stops at the key's value or 8 levels deep.
+// hide it. Allocates nothing, and stops at the key's value, 8 levels deep,
+// or after `max_items` elements (array items and map keys, at any depth).
 class TopLevelFinder : public msgpack::null_visitor {
  public:
-  explicit TopLevelFinder(std::string_view key) : key_(key) {}
+  TopLevelFinder(std::string_view key, size_t max_items) : key_(key), items_left_(max_items) {}
+  bool start_array_item() { return Spend(); }
   bool start_map(uint32_t) {
     if (depth_ == 0 && seen_top_) return false;  // a second top-level value
     seen_top_ = true;
@@ -1572,7 +1574,7 @@ class TopLevelFinder : public msgpack::null_visitor {
   bool end_array() { return Leave(); }
   bool start_map_key() {
     in_key_ = depth_ == 1;
-    return true;
+    return Spend();
   }
   bool end_map_key() {
     in_key_ = false;
@@ -1620,13 +1622,19 @@ class TopLevelFinder : public msgpack::null_visitor {
     --depth_;
     return true;
   }
+  bool Spend() {
+    if (items_left_ == 0) return false;
+    --items_left_;
+    return true;
+  }
   std::string_view key_;
+  size_t items_left_;
   int depth_ = 0;
   bool seen_top_ = false, in_key_ = false, key_matched_ = false, at_value_ = false;
 };
 
-TopLevelFinder Find(std::string_view map, std::string_view key) {
-  TopLevelFinder finder(key);
+TopLevelFinder Find(std::string_view map, std::string_view key, size_t max_items = kPeekItems) {
+  TopLevelFinder finder(key, max_items);
   size_t off = 0;
   try {
     msgpack::parse(map.data(), map.size(), off, finder);
@@ -1637,20 +1645,21 @@ TopLevelFinder Find(std::string_view map, std::string_view key) {
 
 }  // namespace
 
-uint64_t PeekRequestId(std::string_view header) {
-  return Find(header, "rid").uint_.value_or(0);
+uint64_t PeekRequestId(std::string_view header, size_t max_items) {
+  return Find(header, "rid", max_items).uint_.value_or(0);
 }
 
-std::optional<bool> PeekBool(std::string_view map, std::string_view key) {
-  return Find(map, key).bool_;
+std::optional<bool> PeekBool(std::string_view map, std::string_view key, size_t max_items) {
+  return Find(map, key, max_items).bool_;
 }
 
-std::optional<uint64_t> PeekUint(std::string_view map, std::string_view key) {
-  return Find(map, key).uint_;
+std::optional<uint64_t> PeekUint(std::string_view map, std::string_view key, size_t max_items) {
+  return Find(map, key, max_items).uint_;
 }
 
-std::optional<std::string_view> PeekString(std::string_view map, std::string_view key) {
-  return Find(map, key).str_;
+std::optional<std::string_view> PeekString(std::string_view map, std::string_view key,
+                                           size_t max_items) {
+  return Find(map, key, max_items).str_;
 }
 
 bool IsBatch(std::string_view header) {

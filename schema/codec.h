@@ -85,19 +85,29 @@ std::string EncodeJobSpec(const JobSpec& job);
 Status DecodeJobSpec(std::string_view bytes, std::span<const uint64_t> payload_sizes,
                      const Limits& limits, JobSpec* out);
 
+// The elements a peek below looks at, at most, before it gives up (as if the
+// key were absent): more than the largest request the decoders accept holds
+// (256 launches of 256 arguments), so that the work of a look is bounded by
+// that and not by the bytes a peer sends (a frame of a billion nils).
+inline constexpr size_t kPeekItems = size_t{1} << 21;
+
 // Reads only the top-level "rid" of a client request header, so that an
 // error reply to an otherwise undecodable request can still be matched by
 // the client: trailing bytes, fields over their limits, bin or ext do not
-// hide it. Returns 0 when there is none (0 is never a request's rid).
-uint64_t PeekRequestId(std::string_view header);
+// hide it. Returns 0 when there is none (0 is never a request's rid), or
+// when it is not among the first `max_items` elements.
+uint64_t PeekRequestId(std::string_view header, size_t max_items = kPeekItems);
 // The boolean value of a top-level key of a msgpack map (a header, or a job
 // map as the job store keeps it), read as PeekRequestId reads the rid;
 // nullopt when it has none.
-std::optional<bool> PeekBool(std::string_view map, std::string_view key);
+std::optional<bool> PeekBool(std::string_view map, std::string_view key,
+                             size_t max_items = kPeekItems);
 // The unsigned value of a top-level key, read the same way.
-std::optional<uint64_t> PeekUint(std::string_view map, std::string_view key);
+std::optional<uint64_t> PeekUint(std::string_view map, std::string_view key,
+                                 size_t max_items = kPeekItems);
 // The string value of a top-level key, read the same way (a view into `map`).
-std::optional<std::string_view> PeekString(std::string_view map, std::string_view key);
+std::optional<std::string_view> PeekString(std::string_view map, std::string_view key,
+                                           size_t max_items = kPeekItems);
 
 // A local buffer's name from a client or worker: 1 to 128 of [A-Za-z0-9._-],
 // not starting with '.'. Never a path.

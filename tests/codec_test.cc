@@ -323,6 +323,29 @@ TEST_F(BadInputTest, TheRidIsReadWheneverItCanBe) {
   EXPECT_EQ(PeekRequestId(M("\x81\xa3rid")), 0u) << "truncated";
 }
 
+TEST_F(BadInputTest, APeekLooksAtABoundedNumberOfElements) {
+  // {"x": [100,000 nils], "rid": 77} and the rid first: a look that may see
+  // 65,536 elements finds the rid before the nils, not after them; the
+  // default bound sees past them.
+  std::string nils = M("\xa1x\xdd") + std::string("\x00\x01\x86\xa0", 4) +
+                     std::string(100000, '\xc0');
+  const std::string after = M("\x82") + nils + M("\xa3rid\x4d");
+  const std::string before = M("\x82\xa3rid\x4d") + nils;
+  EXPECT_EQ(PeekRequestId(after, 1 << 16), 0u);
+  EXPECT_EQ(PeekRequestId(before, 1 << 16), 77u);
+  EXPECT_EQ(PeekRequestId(after), 77u);
+  EXPECT_EQ(PeekString(M("\x82") + nils + M("\xa2op\xa4" "call"), "op", 1 << 16), std::nullopt);
+  EXPECT_EQ(PeekString(M("\x82") + nils + M("\xa2op\xa4" "call"), "op"),
+            std::optional<std::string_view>("call"));
+  // Nested elements count too: [[nil x 40,000] x 2] before the rid.
+  std::string nested = M("\x82\xa1x\x92");
+  for (int i = 0; i < 2; ++i) {
+    nested += M("\xdc\x9c\x40") + std::string(40000, '\xc0');
+  }
+  EXPECT_EQ(PeekRequestId(nested + M("\xa3rid\x4d"), 1 << 16), 0u);
+  EXPECT_EQ(PeekRequestId(nested + M("\xa3rid\x4d"), 1 << 17), 77u);
+}
+
 TEST_F(BadInputTest, RidZeroIsReservedForPushes) {
   EXPECT_EQ(Decode(M("\x82\xa2op\xa5stats\xa3rid\x00"), {}).code(), Code::kMalformed);
   EXPECT_TRUE(Decode(M("\x82\xa2op\xa5stats\xa3rid\x01"), {}).ok());

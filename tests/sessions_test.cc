@@ -13,6 +13,7 @@
 #include <chrono>
 #include <cstring>
 #include <filesystem>
+#include <fstream>
 #include <nlohmann/json.hpp>
 #include <string>
 #include <thread>
@@ -859,6 +860,15 @@ TEST_F(SessionsTest, ThroughTheBrokerOddAndLargeFirstRequestsLeaveTheSessionWhol
   auto odd = call(std::string("\x82\xa2" "op" "\xa4" "frob" "\xa3" "rid" "\x02", 14));
   ASSERT_TRUE(odd);
   EXPECT_EQ(odd->header.code, Code::kUnknownCommand);
+  // {"x": [100,000 nils], "op": "alloc", "rid": 2}: an op and a rid behind
+  // more elements than any session request holds are not looked for (the
+  // broker's loop reads no more of it); the broker's refusal, in order.
+  auto hidden = call(std::string("\x83\xa1x\xdd\x00\x01\x86\xa0", 8) +
+                     std::string(100000, '\xc0') +
+                     std::string("\xa2op\xa5" "alloc" "\xa3rid\x02", 14));
+  ASSERT_TRUE(hidden);
+  EXPECT_EQ(hidden->header.op, ReplyOp::kError);
+  EXPECT_EQ(hidden->header.code, Code::kMalformed) << hidden->header.error;
   // A request the process cannot decode (a byte after its map): its own
   // refusal, with its rid.
   schema::SessionMessage alloc;
@@ -900,6 +910,76 @@ TEST_F(SessionsTest, ThroughTheBrokerLargeWritesAndReadsKeepTheirBytes) {
   ASSERT_TRUE(g1.ok() && g2.ok()) << g1.status().ToString() << g2.status().ToString();
   EXPECT_TRUE(*g1 == bytes) << "40 MiB back as written";
   EXPECT_TRUE(*g2 == bytes.substr(n / 2)) << "20 MiB back as written";
+}
+
+// A process that ends while the broker still has requests to write to it
+// (writes behind a launch that runs past its limit): the write fails, and
+// what the process said before it went (why) is still read and told.
+TEST_F(SessionsTest, ThroughTheBrokerAProcessThatGoesWithRequestsUnwrittenSaysWhy) {
+  Start();
+  RawClient raw(broker_->client_endpoint());
+  schema::ClientRequest open;
+  open.op = schema::ClientOp::kSessionOpen;
+  open.rid = 1;
+  open.session.limit_ms = 300;
+  raw.Send(open);
+  auto opened = raw.Receive();
+  ASSERT_TRUE(opened && opened->header.op == schema::ReplyOp::kSession) << Log();
+  schema::SessionMessage alloc;
+  alloc.op = schema::SessionOp::kAlloc;
+  alloc.rid = 1;
+  alloc.size = 16;
+  CallRaw(raw, 2, *opened, schema::EncodeSessionMessage(alloc));
+  auto allocated = raw.Receive();
+  ASSERT_TRUE(allocated && allocated->header.op == schema::ReplyOp::kSessionAnswer) << Log();
+  schema::SessionMessage endless;
+  endless.op = schema::SessionOp::kLaunch;
+  endless.rid = 2;
+  endless.kernel.source = kSessionKernels;
+  endless.kernel.entry = "endless";
+  endless.launch.grid = {1, 1, 1};
+  endless.launch.block = {1, 1, 1};
+  const json rows = Sessions();
+  ASSERT_EQ(rows.size(), 1u);
+  const pid_t process = rows[0]["pid"].get<pid_t>();
+  CallRaw(raw, 3, *opened, schema::EncodeSessionMessage(endless));
+  // 32 MiB of writes the process does not read while the launch runs: most
+  // of it waits in the broker when the process goes.
+  for (uint64_t k = 0; k < 4; ++k) {
+    schema::SessionMessage write;
+    write.op = schema::SessionOp::kWrite;
+    write.rid = 3 + k;
+    write.buffer = 1;
+    write.data = std::string(8 << 20, 'w');
+    CallRaw(raw, 4 + k, *opened, schema::EncodeSessionMessage(write));
+  }
+  // The broker stands still from before the process says why until the
+  // process has gone (a zombie: the broker reaps it), so that it finds the
+  // process's words, its end and a failing write all at once.
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  ASSERT_EQ(kill(broker_->process().pid(), SIGSTOP), 0);
+  auto state = [&] {
+    std::ifstream f("/proc/" + std::to_string(process) + "/stat");
+    std::string line;
+    std::getline(f, line);
+    const size_t close = line.rfind(')');
+    return close == std::string::npos || close + 2 >= line.size() ? 'X' : line[close + 2];
+  };
+  for (int i = 0; i < 1000 && state() != 'Z' && state() != 'X'; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  const char gone = state();
+  ASSERT_EQ(kill(broker_->process().pid(), SIGCONT), 0);
+  ASSERT_TRUE(gone == 'Z' || gone == 'X') << "the session's process is still there";
+  for (uint64_t rid = 3; rid <= 7; ++rid) {
+    auto reply = raw.Receive(std::chrono::seconds(20));
+    ASSERT_TRUE(reply) << "call " << rid << " unanswered: " << Log();
+    EXPECT_EQ(reply->header.rid, rid) << "in the order of the calls";
+    EXPECT_EQ(reply->header.code, Code::kSessionLost);
+    EXPECT_NE(reply->header.error.find("run-time limit of 300 ms"), std::string::npos)
+        << "why the process went, not that it could not be written to: "
+        << reply->header.error;
+  }
 }
 
 // A client that sends many calls before it reads: the relay takes answers
