@@ -912,6 +912,62 @@ TEST_F(SessionsTest, ThroughTheBrokerLargeWritesAndReadsKeepTheirBytes) {
   EXPECT_TRUE(*g2 == bytes.substr(n / 2)) << "20 MiB back as written";
 }
 
+// A client that asks for more than it reads: the process reads no more
+// requests while its unread answers and what its requests hold pass 64 MiB,
+// so 32 reads of 16 MiB never held unread cost it about 512 MiB twice over.
+TEST_F(SessionsTest, AClientThatReadsNothingCannotMakeItsProcessHoldMoreThanTheBound) {
+  Start();
+  RawClient raw(broker_->client_endpoint());
+  auto opened = OpenRaw(raw);
+  ASSERT_TRUE(opened) << Log();
+  const json rows = Sessions();
+  ASSERT_EQ(rows.size(), 1u);
+  const pid_t process = rows[0]["pid"].get<pid_t>();
+  auto fd = Greeted(*opened);
+  ASSERT_TRUE(fd.ok()) << fd.status().ToString();
+  constexpr uint64_t kSize = 16 << 20, kReads = 32;
+  schema::SessionMessage alloc;
+  alloc.op = schema::SessionOp::kAlloc;
+  alloc.rid = 1;
+  alloc.size = kSize;
+  ASSERT_TRUE(WriteFrame(fd->get(), schema::EncodeSessionMessage(alloc)).ok());
+  auto allocated = ReadFrame(fd->get(), 1 << 20);
+  ASSERT_TRUE(allocated.ok()) << allocated.status().ToString();
+  schema::SessionMessage buffer;
+  ASSERT_TRUE(schema::DecodeSessionMessage(*allocated, schema::Limits{}, 0, &buffer).ok());
+  ASSERT_EQ(buffer.op, schema::SessionOp::kDone) << buffer.error;
+  for (uint64_t k = 0; k < kReads; ++k) {
+    schema::SessionMessage read;
+    read.op = schema::SessionOp::kRead;
+    read.rid = 2 + k;
+    read.buffer = buffer.buffer;
+    read.size = kSize;
+    ASSERT_TRUE(WriteFrame(fd->get(), schema::EncodeSessionMessage(read)).ok());
+  }
+  // Its peak of resident memory while nothing is read.
+  auto peak_mib = [&] {
+    std::ifstream f("/proc/" + std::to_string(process) + "/status");
+    for (std::string line; std::getline(f, line);) {
+      if (line.rfind("VmHWM:", 0) == 0) return std::stoull(line.substr(6)) >> 10;
+    }
+    return 0ull;
+  };
+  std::this_thread::sleep_for(std::chrono::seconds(1));
+  const uint64_t peak = peak_mib();
+  EXPECT_GT(peak, 0u);
+  EXPECT_LT(peak, 256u) << "MiB resident at its peak, with 512 MiB asked for and none read";
+  // Every answer comes, in order, whole.
+  for (uint64_t rid = 2; rid <= 1 + kReads; ++rid) {
+    auto frame = ReadFrame(fd->get(), 64 << 20);
+    ASSERT_TRUE(frame.ok()) << frame.status().ToString();
+    schema::SessionMessage m;
+    ASSERT_TRUE(schema::DecodeSessionMessage(*frame, schema::Limits{}, 64 << 20, &m).ok());
+    ASSERT_EQ(m.rid, rid);
+    ASSERT_EQ(m.op, schema::SessionOp::kDone) << m.error;
+    ASSERT_EQ(m.data.size(), kSize);
+  }
+}
+
 // A process that ends while the broker still has requests to write to it
 // (writes behind a launch that runs past its limit): the write fails, and
 // what the process said before it went (why) is still read and told.

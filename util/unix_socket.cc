@@ -124,9 +124,9 @@ StatusOr<std::string> ReadFrame(int sock, size_t max) {
   return out;
 }
 
-Status FrameReader::Fill(int sock) {
+Status FrameReader::Fill(int sock, size_t max_buffered) {
   char chunk[65536];
-  for (;;) {
+  while (buffered() < max_buffered) {
     ssize_t r = recv(sock, chunk, sizeof chunk, MSG_DONTWAIT);
     if (r == 0) return Status(Code::kUnavailable, "the peer closed the connection");
     if (r < 0) {
@@ -140,6 +140,7 @@ Status FrameReader::Fill(int sock) {
     if (buf_.size() >= 4 && FrameLength() > max_) return Status::Ok();
     if (static_cast<size_t>(r) < sizeof chunk) return Status::Ok();
   }
+  return Status::Ok();
 }
 
 size_t FrameReader::FrameLength() const {

@@ -3,6 +3,7 @@
 // "Regions"). Each packet is one message; a descriptor travels with it.
 #pragma once
 
+#include <cstdint>
 #include <string>
 #include <string_view>
 
@@ -54,8 +55,13 @@ StatusOr<std::string> ReadFrame(int sock, size_t max);
 class FrameReader {
  public:
   explicit FrameReader(size_t max) : max_(max) {}
-  // Takes what is waiting. kUnavailable when the peer closed the stream.
-  Status Fill(int sock);
+  // Takes what is waiting, until `max_buffered` bytes are held.
+  // kUnavailable when the peer closed the stream.
+  Status Fill(int sock, size_t max_buffered = SIZE_MAX);
+  // Whether a whole frame (or one over the limit) waits for Next().
+  bool HasFrame() const {
+    return buffered() >= 4 && (FrameLength() > max_ || buffered() - 4 >= FrameLength());
+  }
   // The next whole frame: false when none is whole yet; kTooLarge for a
   // frame over the limit (the stream is then unusable).
   StatusOr<bool> Next(std::string* frame);

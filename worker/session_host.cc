@@ -45,6 +45,11 @@ constexpr size_t kMaxModules = 256;  // kernels kept loaded (oldest dropped)
 constexpr size_t kMaxKernelRefs = 1024;  // kernel handles per session
 constexpr uint64_t kAnnounceEvery = 64;   // requests between end-word writes at most
 constexpr size_t kBatch = 32;             // requests decoded before they are handled
+// Past this many bytes of answers its client has not taken and of host
+// memory its requests hold until answered (reads' bytes, writes' held for
+// their copies, launches' own buffers), a session reads no more requests
+// until its client takes answers.
+constexpr uint64_t kMaxUnread = 64u << 20;
 constexpr size_t kMaxAttached = 16;       // regions attached to a session
 // A session's thread polls at least this long after a request or an answer.
 constexpr std::chrono::microseconds kPollAfter{30};
@@ -125,6 +130,7 @@ class SessionHost::Impl {
     // outputs' (in argument order) until answered; its device bytes.
     std::vector<HostBytes> ins, outs;
     uint64_t own = 0;
+    uint64_t host = 0;  // host bytes it holds until answered (Session::holding)
   };
   struct Buffer {
     uint64_t ptr = 0, size = 0;
@@ -146,6 +152,7 @@ class SessionHost::Impl {
     std::string token;
     uint64_t memory = 0, held = 0;
     uint64_t own = 0;  // device bytes of launches' own buffers, until they are answered
+    uint64_t holding = 0;  // host bytes of `pending` (Entry::host)
     std::chrono::milliseconds idle{0};
     UniqueFd conn;
     UniqueFd wake;  // an eventfd: the control thread asks it to end
@@ -296,8 +303,37 @@ class SessionHost::Impl {
   // the head first. False after a fault.
   bool Complete(Session& s, bool wait);
   void Push(Session& s, Entry e) {
+    e.host = e.bytes.size();
+    for (const HostBytes& b : e.ins) e.host += b.size();
+    for (const HostBytes& b : e.outs) e.host += b.size();
+    s.holding += e.host;
     s.unanswered.fetch_add(1);
     s.pending.push_back(std::move(e));
+  }
+  // Whether the session may read more requests: the answers its client has
+  // not taken and what its requests hold are under the bound, with
+  // `promised` more (requests decoded, not yet handled).
+  static bool Takes(const Session& s, uint64_t promised = 0) {
+    return s.out.queued() + s.holding + promised < kMaxUnread;
+  }
+  // The host bytes request `m` will hold until it is answered, at most.
+  static uint64_t HostBytesOf(const SessionMessage& m) {
+    switch (m.op) {
+      case SessionOp::kRead:
+        return m.region == 0 ? m.size : 0;
+      case SessionOp::kWrite:
+        return m.region == 0 ? m.data.size() : 0;
+      case SessionOp::kLaunch: {
+        uint64_t n = 0;
+        for (const std::string& in : m.inputs) n += 2 * in.size();  // in, and out for an inout
+        for (const schema::Arg& a : m.args) {
+          if (a.kind == schema::ArgKind::kOut) n += a.size;
+        }
+        return n;
+      }
+      default:
+        return 0;
+    }
   }
   void Answer(Session& s, uint64_t rid, const Status& st) {
     Entry e;
@@ -735,16 +771,13 @@ void SessionHost::Impl::Serve(Session* sp) {
   const auto poll_for = std::max(opt_.spin, kPollAfter);
   auto spin_until = Clock::now() + poll_for;
   uint64_t answered = 0;
-  // Past this many bytes of answers its client has not taken, no more
-  // requests are read until it takes them.
-  constexpr size_t kMaxUnread = 64u << 20;
   while (!s.stop.load()) {
     if (doomed_.load(std::memory_order_relaxed)) {
       Tell(s);
       Park();
     }
     const uint64_t before = s.requests;
-    if (open && s.out.queued() < kMaxUnread) open = Read(s);
+    if (open && Takes(s)) open = Read(s);
     const bool took = s.requests != before;
     // New requests first: launches are enqueued before the GPU is asked
     // what has ended (the answers come on a turn that took none).
@@ -764,6 +797,9 @@ void SessionHost::Impl::Serve(Session* sp) {
       if (!Complete(s, true)) return;
       continue;
     }
+    // Requests read and not yet decoded (the bound stopped them) go on as
+    // soon as it lets them.
+    if (Takes(s) && s.reader->HasFrame()) continue;
     // Polling: the socket or ring (Read, above) and the GPU (Complete) in
     // turn, one system call a turn on a socket.
     const bool spinning = Clock::now() < spin_until;
@@ -789,7 +825,7 @@ void SessionHost::Impl::Serve(Session* sp) {
     // Nothing to take: wait for a request, for room for the answers, or
     // for the work ahead.
     pollfd fds[2] = {{s.conn.get(), 0, 0}, {s.wake.get(), POLLIN, 0}};
-    if (s.out.queued() < kMaxUnread) fds[0].events |= POLLIN;
+    if (Takes(s)) fds[0].events |= POLLIN;
     if (s.out.pending()) fds[0].events |= POLLOUT;
     const int ready = poll(fds, 2, spinning || !s.pending.empty() ? 0 : 1000);
     if (ready == 0 && !s.pending.empty()) {
@@ -842,11 +878,13 @@ bool SessionHost::Impl::Read(Session& s) {
   Status st;
   if (s.in.valid()) {
     char chunk[65536];
-    for (size_t n; (n = s.in.Read(chunk, sizeof chunk)) > 0;) {
+    for (size_t n; s.reader->buffered() <= opt_.max_data &&
+                   (n = s.in.Read(chunk, sizeof chunk)) > 0;) {
       s.reader->Append(std::string_view(chunk, n));
     }
   } else {
-    st = s.reader->Fill(s.conn.get());
+    // Never more than a frame of the largest size read ahead.
+    st = s.reader->Fill(s.conn.get(), opt_.max_data + (1u << 20));
   }
   // Requests are decoded a group at a time, then handled in order: the
   // launches of a group reach the driver back to back.
@@ -855,7 +893,8 @@ bool SessionHost::Impl::Read(Session& s) {
   auto& batch = s.batch;
   while (framing.ok() && !s.stop.load()) {
     batch.clear();
-    while (batch.size() < kBatch) {
+    uint64_t promised = 0;  // what the batch's requests will hold
+    while (batch.size() < kBatch && Takes(s, promised)) {
       auto next = s.reader->Next(&frame);
       if (!next.ok()) {
         framing = next.status();
@@ -868,6 +907,7 @@ bool SessionHost::Impl::Read(Session& s) {
       // A request that does not decode is answered as its own when its rid
       // can be read (rid 0 would say the session ended).
       if (!decoded.ok() && m.rid == 0) m.rid = schema::PeekRequestId(frame);
+      if (decoded.ok()) promised += HostBytesOf(m);
     }
     if (batch.empty()) break;
     s.last_ns = NowNs();
@@ -935,6 +975,7 @@ bool SessionHost::Impl::Complete(Session& s, bool wait) {
     if (faulted_.load()) return false;
     s.out.Push(schema::EncodeSessionMessage(e.reply));
     if (e.refused) --s.refused;
+    s.holding -= e.host;
     s.pending.pop_front();
     s.unanswered.fetch_sub(1);
     ++s.answered;
@@ -1425,6 +1466,7 @@ void SessionHost::Impl::Reap() {
       for (auto& [h, b] : s.buffers) s.stream->Free(b.ptr);
       s.buffers.clear();
       s.pending.clear();  // what they hold of the stream goes before it
+      s.holding = 0;
       s.stream.reset();   // after its work has ended
     }
     Code code;
