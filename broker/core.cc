@@ -70,7 +70,8 @@ uint64_t BrokerCore::ReplyBudget(const ConnectionRef& c) const {
   return opt_.max_unread_bytes > queued ? opt_.max_unread_bytes - queued : 0;
 }
 
-bool BrokerCore::Reply(const RequestContext& ctx, ClientReply reply, Frames payload) {
+bool BrokerCore::Reply(const RequestContext& ctx, ClientReply reply, Frames payload,
+                       bool counted) {
   if (!connections_.Sendable(ctx.conn)) {
     spdlog::debug("reply {} to rid {} dropped: its connection {} has gone",
                   schema::ReplyOpName(reply.op), ctx.rid, ctx.conn.serial);
@@ -88,8 +89,12 @@ bool BrokerCore::Reply(const RequestContext& ctx, ClientReply reply, Frames payl
       return false;
     }
     client_sock_.send(zmq::buffer(schema::kClientProtocol), zmq::send_flags::sndmore);
-    client_sock_.send(zmq::buffer(header),
-                      payload.empty() ? zmq::send_flags::none : zmq::send_flags::sndmore);
+    const auto last = payload.empty() ? zmq::send_flags::none : zmq::send_flags::sndmore;
+    if (counted) {
+      client_sock_.send(connections_.Counted(ctx.conn, zmq::message_t(header)), last);
+    } else {
+      client_sock_.send(zmq::buffer(header), last);
+    }
     for (size_t i = 0; i < payload.size(); ++i) {
       client_sock_.send(connections_.Counted(ctx.conn, std::move(payload[i])),
                         i + 1 < payload.size() ? zmq::send_flags::sndmore : zmq::send_flags::none);
@@ -107,15 +112,27 @@ void BrokerCore::ReplyError(const RequestContext& ctx, const Status& s, uint64_t
   (void)SendError(ctx, s, retry_after_ms, id);
 }
 
-bool BrokerCore::SendError(const RequestContext& ctx, const Status& s, uint64_t retry_after_ms,
-                           uint64_t id) {
+namespace {
+
+ClientReply ErrorReply(const Status& s, uint64_t retry_after_ms, uint64_t id) {
   ClientReply r;
   r.op = ReplyOp::kError;
   r.id = id;
   r.code = s.code() == Code::kOk ? Code::kInternal : s.code();
   r.error = s.message();
   r.retry_after_ms = retry_after_ms;
-  return Reply(ctx, std::move(r));
+  return r;
+}
+
+}  // namespace
+
+bool BrokerCore::SendError(const RequestContext& ctx, const Status& s, uint64_t retry_after_ms,
+                           uint64_t id) {
+  return Reply(ctx, ErrorReply(s, retry_after_ms, id));
+}
+
+bool BrokerCore::SendCountedError(const RequestContext& ctx, const Status& s) {
+  return Reply(ctx, ErrorReply(s, 0, 0), {}, /*counted=*/true);
 }
 
 void BrokerCore::SendResult(const ConnectionRef& conn, uint64_t rid, ClientReply header,

@@ -95,12 +95,17 @@ class BrokerCore {
   // ---- replies to clients
   // Sends now, if the request's connection is still there and takes it:
   // whether it went.
-  bool Reply(const RequestContext& ctx, schema::ClientReply reply, Frames payload = {});
+  // `counted`: its header frame counts against the connection's queued
+  // replies (ClientConnections::QueuedFrames), as payload frames always do.
+  bool Reply(const RequestContext& ctx, schema::ClientReply reply, Frames payload = {},
+             bool counted = false);
   void ReplyError(const RequestContext& ctx, const Status& s, uint64_t retry_after_ms = 0,
                   uint64_t id = 0);
   // The same, saying whether it went (see Reply).
   bool SendError(const RequestContext& ctx, const Status& s, uint64_t retry_after_ms = 0,
                  uint64_t id = 0);
+  // The same, counted as Reply's `counted` says.
+  bool SendCountedError(const RequestContext& ctx, const Status& s);
   // Bytes a connection may still be sent before what it has not read passes
   // its bound (BrokerOptions::max_unread_bytes).
   uint64_t ReplyBudget(const ConnectionRef& c) const;

@@ -415,11 +415,12 @@ void SessionServer::Tick() {
   bool drained = false;
   for (auto& [id, r] : relays_) {
     if (!r.fd.valid()) continue;
-    if (r.reader.ready() && !drained) {
+    const bool due = r.reader.ready() || Refusing(r);
+    if (due && !drained) {
       core_.connections().DrainEvents();
       drained = true;
     }
-    if (r.reader.ready() && !Answers(r)) continue;
+    if (due && !Answers(r)) continue;
     if (!r.closing.ok() && !r.reader.ready()) EndRelay(id, r.closing);
   }
   const MonoTime now = core_.clock().Now();
@@ -681,8 +682,11 @@ void SessionServer::Refuse(Relay* r, const RequestContext& ctx, const Status& st
 }
 
 bool SessionServer::AnswerRefused(Relay& r) {
-  while (!r.calls.empty() && !r.calls.front().refused.ok()) {
-    const bool sent = core_.SendError(r.calls.front().ctx, r.calls.front().refused);
+  // Counted as answers are, and sent only while its client has room for
+  // them as for answers: a burst of refusals could overflow ZeroMQ's queue
+  // for the connection.
+  while (!r.calls.empty() && !r.calls.front().refused.ok() && Room(r)) {
+    const bool sent = core_.SendCountedError(r.calls.front().ctx, r.calls.front().refused);
     r.calls.pop_front();
     if (!sent) return false;
   }
@@ -725,8 +729,16 @@ bool SessionServer::Room(const Relay& r) const {
 
 bool SessionServer::Answers(Relay& r) {
   const uint64_t id = r.session;
+  const Status taken(Code::kSessionLost, "the session's client did not take its answers");
   zmq::message_t frame;
-  while (Room(r) && r.reader.Next(&frame)) {
+  while (Room(r)) {
+    // The refusals whose turn it is go first; while some wait for room, so
+    // do the answers after them.
+    if (!AnswerRefused(r)) {
+      EndRelay(id, taken);
+      return false;
+    }
+    if (Refusing(r) || !r.reader.Next(&frame)) break;
     const std::string_view bytes(static_cast<const char*>(frame.data()), frame.size());
     const std::optional<std::string_view> op = schema::PeekString(bytes, "op");
     const uint64_t rid = schema::PeekRequestId(bytes);
@@ -750,11 +762,6 @@ bool SessionServer::Answers(Relay& r) {
       EndRelay(id, why);
       return false;
     }
-    const Status taken(Code::kSessionLost, "the session's client did not take its answers");
-    if (!AnswerRefused(r)) {
-      EndRelay(id, taken);
-      return false;
-    }
     if (!r.greeted || r.calls.empty()) {
       EndRelay(id, Error(Code::kSessionLost, "the session's process answered a request never "
                                              "sent"));
@@ -769,7 +776,7 @@ bool SessionServer::Answers(Relay& r) {
     const bool sent = core_.Reply(r.calls.front().ctx, std::move(reply), std::move(payload));
     r.calls.pop_front();
     --r.forwarded;
-    if (!sent || !AnswerRefused(r)) {
+    if (!sent) {
       // Its client reads nothing (or has gone): the answers after this one
       // would be taken for the wrong calls.
       EndRelay(id, taken);

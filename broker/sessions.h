@@ -182,8 +182,8 @@ class SessionServer {
   void Refuse(Relay* r, const RequestContext& ctx, const Status& st);
   // Takes the process's answers; false when the relay has ended.
   bool OnRelay(Relay& r, short revents);
-  // Answers the refusals at the head of the calls; false when one could not
-  // be sent.
+  // Answers the refusals at the head of the calls while the client has room
+  // (Room); false when one could not be sent.
   bool AnswerRefused(Relay& r);
   // Whether `r`'s client may be sent more answers now.
   bool Room(const Relay& r) const;
@@ -195,6 +195,11 @@ class SessionServer {
   // A write to the process failed (`st`): nothing more is written; the
   // relay ends at the process's end, after what it said before it.
   static void Unwritable(Relay& r, const Status& st);
+  // Whether a refusal waits at the head of the relay's calls (for room in
+  // its client's queue).
+  static bool Refusing(const Relay& r) {
+    return !r.calls.empty() && !r.calls.front().refused.ok();
+  }
 
   BrokerCore& core_;
   SessionLimits limits_;

@@ -968,6 +968,46 @@ TEST_F(SessionsTest, AClientThatReadsNothingCannotMakeItsProcessHoldMoreThanTheB
   }
 }
 
+// More calls than the relay forwards at once, read late: those past the
+// bound are refused in their place, and the refusals wait for room in the
+// client's queue as answers do (a burst of them once overflowed ZeroMQ's
+// queue for the connection and ended the session).
+TEST_F(SessionsTest, ThroughTheBrokerRefusalsWaitForRoomAsAnswersDo) {
+  Start();
+  RawClient raw(broker_->client_endpoint());
+  auto opened = OpenRaw(raw);
+  ASSERT_TRUE(opened) << Log();
+  constexpr uint64_t kCalls = 90000;  // past the 65,536 forwarded at once
+  for (uint64_t k = 1; k <= kCalls; ++k) {
+    schema::SessionMessage free;
+    free.op = schema::SessionOp::kFree;
+    free.rid = k;
+    free.buffer = 12345;  // none: each answer is not_found
+    CallRaw(raw, k + 1, *opened, schema::EncodeSessionMessage(free));
+  }
+  std::this_thread::sleep_for(std::chrono::seconds(1));
+  uint64_t answers = 0, refusals = 0;
+  for (uint64_t k = 1; k <= kCalls; ++k) {
+    auto reply = raw.Receive(std::chrono::seconds(20));
+    ASSERT_TRUE(reply) << "call " << k << " of " << kCalls << " unanswered (" << answers
+                       << " answers and " << refusals << " refusals before)";
+    ASSERT_EQ(reply->header.rid, k + 1) << "in the order of the calls: " << reply->header.error;
+    if (reply->header.op == schema::ReplyOp::kSessionAnswer) {
+      schema::SessionMessage m;
+      ASSERT_TRUE(schema::DecodeSessionMessage(reply->payload[0], schema::Limits{}, 0, &m).ok());
+      ASSERT_EQ(m.rid, k) << "each call's own answer";
+      ++answers;
+    } else {
+      ASSERT_EQ(reply->header.code, Code::kResourceExhausted)
+          << "call " << k << ": " << reply->header.error;
+      ++refusals;
+    }
+  }
+  EXPECT_GT(refusals, 10000u) << "more than ZeroMQ queues for a connection";
+  EXPECT_GE(answers, 65536u);
+  EXPECT_EQ(Sessions().size(), 1u) << "the session goes on";
+}
+
 // A process that ends while the broker still has requests to write to it
 // (writes behind a launch that runs past its limit): the write fails, and
 // what the process said before it went (why) is still read and told.
