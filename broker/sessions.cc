@@ -371,6 +371,8 @@ void SessionServer::OnMessage(const std::string& key, Host& h, SessionMessage& m
 }
 
 void SessionServer::Tick() {
+  relay_bytes_ = 0;
+  for (const auto& [id, r] : relays_) relay_bytes_ += Queued(r);
   std::vector<Compiled> done;
   {
     MutexLock lock(&mu_);
@@ -577,11 +579,9 @@ void SessionServer::Call(const RequestContext& ctx, uint64_t id, const std::stri
                                     " MiB of this session's requests wait for its process; "
                                     "take answers before sending more"));
   }
-  size_t all = 0;
-  for (const auto& [sid, other] : relays_) all += Queued(other);
-  if (all + bytes.size() > kRelayBytes) {
+  if (relay_bytes_ + bytes.size() > kRelayBytes) {
     return Refuse(r, ctx, Error(Code::kResourceExhausted,
-                                "the broker holds " + std::to_string(all >> 20) +
+                                "the broker holds " + std::to_string(relay_bytes_ >> 20) +
                                     " MiB of relayed session requests, its bound"));
   }
   if (r->forwarded >= kMaxRelayedCalls) {
@@ -595,6 +595,7 @@ void SessionServer::Call(const RequestContext& ctx, uint64_t id, const std::stri
   ++r->forwarded;
   ++relayed_calls_;
   relayed_bytes_ += bytes.size();
+  relay_bytes_ += bytes.size();
   if (!r->greeted) {
     // The process reads its hello alone (a packet, with nothing after it):
     // requests wait for its answer.

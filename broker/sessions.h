@@ -207,6 +207,10 @@ class SessionServer {
   std::map<uint64_t, Session> sessions_;
   std::map<uint64_t, Relay> relays_;  // by session
   uint64_t relayed_calls_ = 0, relayed_bytes_ = 0;
+  // Bytes of requests all relays held at the latest Tick, plus those taken
+  // since: at least what they hold now (kRelayBytes), without a walk over
+  // every relay for each call.
+  size_t relay_bytes_ = 0;
   std::vector<pid_t> exiting_;  // processes told to go, not yet reaped
   Mutex mu_;
   std::vector<Compiled> compiled_ GUARDED_BY(mu_);

@@ -3,6 +3,7 @@
 // woken by a write from another process, and a header its peer scribbled
 // on never makes it copy out of bounds.
 #include <sys/mman.h>
+#include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -12,6 +13,7 @@
 #include <vector>
 
 #include "util/shm_ring.h"
+#include "util/unix_socket.h"
 
 namespace gpuq {
 namespace {
@@ -85,4 +87,39 @@ TEST(ByteRingTest, ASleepingReaderIsWokenByAWriteOfAnotherProcess) {
 }
 
 }  // namespace
+// The session channel's frames on a socket: a reader told to hold at most
+// so many bytes takes no more than a chunk past them, and a frame of the
+// largest size still comes whole when the bound is its size and length.
+TEST(FrameReaderTest, AFillStopsAtItsBoundAndAFrameOfTheLargestSizeComesWhole) {
+  int sv[2];
+  ASSERT_EQ(socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK, 0, sv), 0);
+  UniqueFd a(sv[0]), b(sv[1]);
+  constexpr size_t kMax = 70000;  // two fit in the socket's buffer
+  std::string frame(kMax, '\0');
+  for (size_t i = 0; i < frame.size(); ++i) frame[i] = static_cast<char>(i * 7);
+  FrameWriter w;
+  w.Push(frame);
+  w.Push(frame);
+  for (int i = 0; i < 1000 && w.pending(); ++i) ASSERT_TRUE(w.Flush(a.get()).ok());
+  ASSERT_FALSE(w.pending());
+  FrameReader r(kMax);
+  ASSERT_TRUE(r.Fill(b.get(), 4).ok());
+  EXPECT_GE(r.buffered(), 4u);
+  EXPECT_LE(r.buffered(), 4u + 65536u) << "a chunk at most past its bound";
+  EXPECT_FALSE(r.HasFrame());
+  ASSERT_TRUE(r.Fill(b.get(), kMax + 4).ok());
+  EXPECT_LE(r.buffered(), kMax + 4 + 65536);
+  ASSERT_TRUE(r.HasFrame());
+  std::string got;
+  auto next = r.Next(&got);
+  ASSERT_TRUE(next.ok() && *next);
+  EXPECT_TRUE(got == frame);
+  ASSERT_TRUE(r.Fill(b.get(), kMax + 4).ok());
+  ASSERT_TRUE(r.HasFrame());
+  next = r.Next(&got);
+  ASSERT_TRUE(next.ok() && *next);
+  EXPECT_TRUE(got == frame);
+  EXPECT_FALSE(r.HasFrame());
+}
+
 }  // namespace gpuq

@@ -878,13 +878,13 @@ bool SessionHost::Impl::Read(Session& s) {
   Status st;
   if (s.in.valid()) {
     char chunk[65536];
-    for (size_t n; s.reader->buffered() <= opt_.max_data &&
+    for (size_t n; s.reader->buffered() < MaxFrame() + 4 &&
                    (n = s.in.Read(chunk, sizeof chunk)) > 0;) {
       s.reader->Append(std::string_view(chunk, n));
     }
   } else {
-    // Never more than a frame of the largest size read ahead.
-    st = s.reader->Fill(s.conn.get(), opt_.max_data + (1u << 20));
+    // At most a frame of the largest size (and its length) read ahead.
+    st = s.reader->Fill(s.conn.get(), MaxFrame() + 4);
   }
   // Requests are decoded a group at a time, then handled in order: the
   // launches of a group reach the driver back to back.
