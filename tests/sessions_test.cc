@@ -22,6 +22,7 @@
 #include "tests/broker_fixture.h"
 #include "schema/codec.h"
 #include "util/curve_keys.h"
+#include "util/sealed_memfd.h"
 #include "util/unix_socket.h"
 
 extern "C" int gpuq_c_api_session_scenario(const char* endpoint, char* why, size_t why_size);
@@ -910,6 +911,87 @@ TEST_F(SessionsTest, ThroughTheBrokerLargeWritesAndReadsKeepTheirBytes) {
   ASSERT_TRUE(g1.ok() && g2.ok()) << g1.status().ToString() << g2.status().ToString();
   EXPECT_TRUE(*g1 == bytes) << "40 MiB back as written";
   EXPECT_TRUE(*g2 == bytes.substr(n / 2)) << "20 MiB back as written";
+}
+
+// A region detached while a copy still holds it stays mapped and pinned
+// until that copy is answered: it counts against the session's attach
+// limits until then (detach and attach again could pin without bound).
+TEST_F(SessionsTest, ARegionDetachedWhileACopyHoldsItCountsUntilItIsLetGo) {
+  Start({"--session-attach-mb", "3"});
+  RawClient raw(broker_->client_endpoint());
+  auto opened = OpenRaw(raw);
+  ASSERT_TRUE(opened) << Log();
+  auto fd = Greeted(*opened);
+  ASSERT_TRUE(fd.ok()) << fd.status().ToString();
+  // An attach on a connection of its own, as the clients make it.
+  auto attach = [&](uint64_t size) -> schema::SessionMessage {
+    schema::SessionMessage r;
+    auto memfd = CreateSealedMemfd(size, "t");
+    auto conn = ConnectStream(opened->header.path);
+    if (!memfd.ok() || !conn.ok()) {
+      ADD_FAILURE() << "no memfd or connection";
+      return r;
+    }
+    schema::SessionMessage m;
+    m.op = schema::SessionOp::kAttach;
+    m.protocol = std::string(schema::kSessionProtocol);
+    m.session = opened->header.id;
+    m.token = opened->header.token;
+    m.size = size;
+    EXPECT_TRUE(SendPacket(conn->get(), schema::EncodeSessionFrame(m), memfd->get()).ok());
+    auto frame = ReadFrame(conn->get(), 1 << 20);
+    EXPECT_TRUE(frame.ok()) << frame.status().ToString();
+    if (frame.ok()) {
+      EXPECT_TRUE(schema::DecodeSessionMessage(*frame, schema::Limits{}, 0, &r).ok());
+    }
+    return r;
+  };
+  auto call = [&](schema::SessionMessage m) {
+    ASSERT_TRUE(WriteFrame(fd->get(), schema::EncodeSessionMessage(m)).ok());
+  };
+  const schema::SessionMessage first = attach(2 << 20);
+  ASSERT_EQ(first.op, schema::SessionOp::kDone) << first.error;
+  schema::SessionMessage m;
+  m.op = schema::SessionOp::kAlloc;
+  m.rid = 1;
+  m.size = 4096;
+  call(m);
+  auto allocated = ReadFrame(fd->get(), 1 << 20);
+  ASSERT_TRUE(allocated.ok());
+  schema::SessionMessage buffer;
+  ASSERT_TRUE(schema::DecodeSessionMessage(*allocated, schema::Limits{}, 0, &buffer).ok());
+  ASSERT_EQ(buffer.op, schema::SessionOp::kDone) << buffer.error;
+  // A launch that never ends, a copy from the region behind it (never
+  // answered, so it holds the region), and the region's detach.
+  schema::SessionMessage endless;
+  endless.op = schema::SessionOp::kLaunch;
+  endless.rid = 2;
+  endless.kernel.source = kSessionKernels;
+  endless.kernel.entry = "endless";
+  endless.launch.grid = {1, 1, 1};
+  endless.launch.block = {1, 1, 1};
+  call(endless);
+  schema::SessionMessage copy;
+  copy.op = schema::SessionOp::kWrite;
+  copy.rid = 3;
+  copy.buffer = buffer.buffer;
+  copy.region = first.region;
+  copy.size = 4096;
+  call(copy);
+  schema::SessionMessage detach;
+  detach.op = schema::SessionOp::kDetach;
+  detach.rid = 4;
+  detach.region = first.region;
+  call(detach);
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));  // all three taken
+  // 2 MiB still pinned for the copy, and 2 MiB more asked, of 3 MiB.
+  const schema::SessionMessage second = attach(2 << 20);
+  EXPECT_EQ(second.op, schema::SessionOp::kError);
+  EXPECT_EQ(second.code, Code::kResourceExhausted) << second.error;
+  EXPECT_NE(second.error.find("detached"), std::string::npos) << second.error;
+  // What the limit leaves is still there.
+  const schema::SessionMessage small = attach(1 << 20);
+  EXPECT_EQ(small.op, schema::SessionOp::kDone) << small.error;
 }
 
 // A client that asks for more than it reads: the process reads no more

@@ -4,7 +4,9 @@
 #include <fcntl.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <linux/magic.h>
 #include <sys/stat.h>
+#include <sys/vfs.h>
 
 #include <utility>
 
@@ -44,6 +46,16 @@ Status CheckSealedMemfd(int fd, uint64_t size) {
   struct stat st {};
   if (fstat(fd, &st) != 0) return Errno("fstat");
   if (!S_ISREG(st.st_mode)) return Status(Code::kInvalid, "a region is a memfd, not this file");
+  // Of ordinary memory (shmem): a memfd of huge pages (hugetlbfs) has seals
+  // too, but a hole its owner punches in it may find no huge page free when
+  // touched again, and the toucher gets SIGBUS.
+  struct statfs fs {};
+  if (fstatfs(fd, &fs) != 0) return Errno("fstatfs");
+  if (static_cast<unsigned long>(fs.f_type) != TMPFS_MAGIC) {
+    return Status(Code::kInvalid,
+                  "a region is a memfd of ordinary memory (not of huge pages or another file "
+                  "system)");
+  }
   // Sealed for good (F_SEAL_SEAL): no seal can come later that would make a
   // worker's mapping fail (a write seal) or its pages go (a size change).
   if ((seals & (kSizeSeals | F_SEAL_SEAL)) != (kSizeSeals | F_SEAL_SEAL)) {

@@ -166,6 +166,9 @@ class SessionHost::Impl {
     // the stream: it ends (and waits for its copies) first.
     Mutex attach_mu;
     std::map<uint32_t, std::shared_ptr<Attached>> attached GUARDED_BY(attach_mu);
+    // Regions detached while copies still hold them: mapped and pinned until
+    // the last is answered, so they count against the limits until then.
+    std::vector<std::weak_ptr<Attached>> detached GUARDED_BY(attach_mu);
     uint64_t attached_bytes GUARDED_BY(attach_mu) = 0;
     uint32_t next_region GUARDED_BY(attach_mu) = 1;
     std::unique_ptr<SessionStream> stream;
@@ -611,16 +614,26 @@ SessionMessage SessionHost::Impl::Attach(const SessionMessage& m, UniqueFd fd) {
   if (m.size == 0) return ErrorReply(0, Error(Code::kInvalid, "a region is at least 1 byte"));
   {
     MutexLock lock(&s.attach_mu);
-    if (s.attached.size() >= kMaxAttached) {
+    std::erase_if(s.detached, [](const std::weak_ptr<Attached>& w) { return w.expired(); });
+    uint64_t held = 0;  // detached, still pinned for copies not yet answered
+    for (const std::weak_ptr<Attached>& w : s.detached) {
+      if (auto a = w.lock()) held += a->size;
+    }
+    const std::string detached =
+        s.detached.empty() ? ""
+                           : " (" + std::to_string(s.detached.size()) +
+                                 " of them detached, held by copies not yet answered)";
+    if (s.attached.size() + s.detached.size() >= kMaxAttached) {
       return ErrorReply(0, Error(Code::kResourceExhausted,
                                  "the session has " + std::to_string(kMaxAttached) +
-                                     " regions attached, its limit"));
+                                     " regions attached, its limit" + detached));
     }
-    if (m.size > opt_.max_attach - s.attached_bytes) {
+    const uint64_t in_use = s.attached_bytes + held;
+    if (in_use > opt_.max_attach || m.size > opt_.max_attach - in_use) {
       return ErrorReply(0, Error(Code::kResourceExhausted,
-                                 "the session has " + std::to_string(s.attached_bytes) +
+                                 "the session has " + std::to_string(in_use) +
                                      " bytes attached of its " + std::to_string(opt_.max_attach) +
-                                     "; " + std::to_string(m.size) + " more asked"));
+                                     detached + "; " + std::to_string(m.size) + " more asked"));
     }
   }
   // Sealed as a region's must be: it can neither shrink under the mapping
@@ -1070,6 +1083,7 @@ void SessionHost::Impl::Handle(Session& s, SessionMessage& m) {
                                                          " attached to this session"));
       }
       s.attached_bytes -= it->second->size;
+      s.detached.push_back(it->second);  // counted while copies hold it
       s.attached.erase(it);
       Done(s, rid);
       return;
