@@ -1037,7 +1037,13 @@ TEST_F(SessionsTest, AClientThatReadsNothingCannotMakeItsProcessHoldMoreThanTheB
   std::this_thread::sleep_for(std::chrono::seconds(1));
   const uint64_t peak = peak_mib();
   EXPECT_GT(peak, 0u);
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+  // A sanitizer's process holds more than it uses (freed memory held back,
+  // shadow memory): the bound is checked by the builds without one.
+  (void)peak;
+#else
   EXPECT_LT(peak, 256u) << "MiB resident at its peak, with 512 MiB asked for and none read";
+#endif
   // Every answer comes, in order, whole.
   for (uint64_t rid = 2; rid <= 1 + kReads; ++rid) {
     auto frame = ReadFrame(fd->get(), 64 << 20);
@@ -1059,17 +1065,29 @@ TEST_F(SessionsTest, ThroughTheBrokerRefusalsWaitForRoomAsAnswersDo) {
   RawClient raw(broker_->client_endpoint());
   auto opened = OpenRaw(raw);
   ASSERT_TRUE(opened) << Log();
-  constexpr uint64_t kCalls = 90000;  // past the 65,536 forwarded at once
-  for (uint64_t k = 1; k <= kCalls; ++k) {
+  auto free_call = [&](uint64_t k) {
     schema::SessionMessage free;
     free.op = schema::SessionOp::kFree;
     free.rid = k;
     free.buffer = 12345;  // none: each answer is not_found
     CallRaw(raw, k + 1, *opened, schema::EncodeSessionMessage(free));
-  }
+  };
+  free_call(1);  // the relay is open and greeted
+  auto first = raw.Receive(std::chrono::seconds(20));
+  ASSERT_TRUE(first && first->header.op == schema::ReplyOp::kSessionAnswer) << Log();
+  // The process stands still while the calls come, however fast the
+  // machine: 65,536 are forwarded and wait, the rest are refused.
+  const json rows = Sessions();
+  ASSERT_EQ(rows.size(), 1u);
+  const pid_t process = rows[0]["pid"].get<pid_t>();
+  ASSERT_EQ(kill(process, SIGSTOP), 0);
+  constexpr uint64_t kCalls = 90000;  // past the 65,536 forwarded at once
+  for (uint64_t k = 2; k <= kCalls; ++k) free_call(k);
   std::this_thread::sleep_for(std::chrono::seconds(1));
-  uint64_t answers = 0, refusals = 0;
-  for (uint64_t k = 1; k <= kCalls; ++k) {
+  ASSERT_EQ(kill(process, SIGCONT), 0);
+  std::this_thread::sleep_for(std::chrono::seconds(1));  // read late
+  uint64_t answers = 1, refusals = 0;
+  for (uint64_t k = 2; k <= kCalls; ++k) {
     auto reply = raw.Receive(std::chrono::seconds(20));
     ASSERT_TRUE(reply) << "call " << k << " of " << kCalls << " unanswered (" << answers
                        << " answers and " << refusals << " refusals before)";
