@@ -983,9 +983,16 @@ TEST_F(SessionsTest, ARegionDetachedWhileACopyHoldsItCountsUntilItIsLetGo) {
   detach.rid = 4;
   detach.region = first.region;
   call(detach);
-  std::this_thread::sleep_for(std::chrono::milliseconds(300));  // all three taken
-  // 2 MiB still pinned for the copy, and 2 MiB more asked, of 3 MiB.
-  const schema::SessionMessage second = attach(2 << 20);
+  // 2 MiB still pinned for the copy, and 2 MiB more asked, of 3 MiB: asked
+  // until the detach has been taken (before, the region is still attached).
+  schema::SessionMessage second;
+  for (int i = 0; i < 200; ++i) {
+    second = attach(2 << 20);
+    const bool taken = second.op != schema::SessionOp::kError ||
+                       second.error.find("detached") != std::string::npos;
+    if (taken) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
   EXPECT_EQ(second.op, schema::SessionOp::kError);
   EXPECT_EQ(second.code, Code::kResourceExhausted) << second.error;
   EXPECT_NE(second.error.find("detached"), std::string::npos) << second.error;
