@@ -1090,7 +1090,16 @@ TEST_F(SessionsTest, ThroughTheBrokerRefusalsWaitForRoomAsAnswersDo) {
   ASSERT_EQ(kill(process, SIGSTOP), 0);
   constexpr uint64_t kCalls = 90000;  // past the 65,536 forwarded at once
   for (uint64_t k = 2; k <= kCalls; ++k) free_call(k);
-  std::this_thread::sleep_for(std::chrono::seconds(1));
+  // A request of the same connection after them: its answer says the
+  // broker has taken every call before it (nothing else is answered while
+  // the process stands still).
+  schema::ClientRequest stats;
+  stats.op = schema::ClientOp::kStats;
+  stats.rid = kCalls + 10;
+  raw.Send(stats);
+  auto taken = raw.Receive(std::chrono::seconds(120));
+  ASSERT_TRUE(taken) << Log();
+  ASSERT_EQ(taken->header.rid, kCalls + 10);
   ASSERT_EQ(kill(process, SIGCONT), 0);
   std::this_thread::sleep_for(std::chrono::seconds(1));  // read late
   uint64_t answers = 1, refusals = 0;
