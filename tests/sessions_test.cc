@@ -52,6 +52,18 @@ SessionLaunch Inc(uint32_t buffer, uint32_t n, uint32_t v, uint64_t offset = 0) 
   return l;
 }
 
+// A raw launch request of the kernel that never ends.
+schema::SessionMessage EndlessLaunch(uint64_t rid) {
+  schema::SessionMessage m;
+  m.op = schema::SessionOp::kLaunch;
+  m.rid = rid;
+  m.kernel.source = kSessionKernels;
+  m.kernel.entry = "endless";
+  m.launch.grid = {1, 1, 1};
+  m.launch.block = {1, 1, 1};
+  return m;
+}
+
 SessionLaunch Named(const std::string& entry, std::vector<Arg> args) {
   SessionLaunch l;
   l.kernel.source = kSessionKernels;
@@ -963,13 +975,7 @@ TEST_F(SessionsTest, ARegionDetachedWhileACopyHoldsItCountsUntilItIsLetGo) {
   ASSERT_EQ(buffer.op, schema::SessionOp::kDone) << buffer.error;
   // A launch that never ends, a copy from the region behind it (never
   // answered, so it holds the region), and the region's detach.
-  schema::SessionMessage endless;
-  endless.op = schema::SessionOp::kLaunch;
-  endless.rid = 2;
-  endless.kernel.source = kSessionKernels;
-  endless.kernel.entry = "endless";
-  endless.launch.grid = {1, 1, 1};
-  endless.launch.block = {1, 1, 1};
+  const schema::SessionMessage endless = EndlessLaunch(2);
   call(endless);
   schema::SessionMessage copy;
   copy.op = schema::SessionOp::kWrite;
@@ -1144,13 +1150,7 @@ TEST_F(SessionsTest, ThroughTheBrokerAProcessThatGoesWithRequestsUnwrittenSaysWh
   CallRaw(raw, 2, *opened, schema::EncodeSessionMessage(alloc));
   auto allocated = raw.Receive();
   ASSERT_TRUE(allocated && allocated->header.op == schema::ReplyOp::kSessionAnswer) << Log();
-  schema::SessionMessage endless;
-  endless.op = schema::SessionOp::kLaunch;
-  endless.rid = 2;
-  endless.kernel.source = kSessionKernels;
-  endless.kernel.entry = "endless";
-  endless.launch.grid = {1, 1, 1};
-  endless.launch.block = {1, 1, 1};
+  const schema::SessionMessage endless = EndlessLaunch(2);
   const json rows = Sessions();
   ASSERT_EQ(rows.size(), 1u);
   const pid_t process = rows[0]["pid"].get<pid_t>();
