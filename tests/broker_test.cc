@@ -1008,9 +1008,13 @@ TEST_F(BrokerTest, AnInputBufferIsTheFileTheBrokerTakes) {
 TEST_F(BrokerTest, OutputFilesOfAWorkerThatDiedAreRemoved) {
   // Each attempt's worker writes its output files, then dies before it can
   // name them: the broker removes what each lost attempt left.
+  // Heartbeats of 1 s both ways: a worker that was silent while it wrote its
+  // files (ThreadSanitizer, a loaded machine) was declared lost before it
+  // wrote them, and the files it wrote afterwards were no lost attempt's.
+  ASSERT_TRUE(StartBroker({"--heartbeat-ms", "1000"})) << Log();
   const std::string local = broker_->store() + ".blobs";
-  AddWorker({"--local-dir", local});
-  AddWorker({"--local-dir", local});
+  AddWorker({"--local-dir", local, "--heartbeat-ms", "1000"});
+  AddWorker({"--local-dir", local, "--heartbeat-ms", "1000"});
   auto c = Connect();
   ASSERT_TRUE(WaitForWorkers(*c, 2));
   auto id = c->Submit(Job("wcrash", std::string(2 << 20, 'x'), 1 << 20));
