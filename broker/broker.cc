@@ -452,6 +452,7 @@ void Broker::Impl::Timers(MonoTime now) {
   if (heartbeat_.Due(now)) {
     core_->Heartbeats();
     core_->EnforceLimits();
+    core_->region_server().Tick();
   }
   if (unmatched_.Due(now)) core_->FailUnmatched();
   if (purge_.Due(now)) core_->Purge();

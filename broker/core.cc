@@ -45,8 +45,8 @@ BrokerCore::BrokerCore(const BrokerOptions& options, const Clock* clock, zmq::so
   started_ = clock_->Now();
 }
 
-void BrokerCore::LeftGpu(Job& job, bool ended) {
-  tenants_.Stopped(job.tenant);
+void BrokerCore::LeftGpu(Job& job, bool ended, bool stopped) {
+  if (stopped) tenants_.Stopped(job.tenant);
   if (ended) {
     jobs_.scheduler().Settle(job.tenant, job.charged_us,
                              static_cast<double>(MicrosBetween(job.dispatched, clock_->Now())));
@@ -343,6 +343,42 @@ ReadOp& BrokerCore::ReadFor(const RequestContext& ctx, ReadOp::Kind kind, uint64
   return read;
 }
 
+void BrokerCore::FetchResult(const RequestContext& ctx, uint64_t id) {
+  auto [it, first] = fetches_.try_emplace(ctx.conn.serial);
+  if (!first) {
+    Fetches& f = it->second;
+    if (f.waiting.size() >= kMaxWaitingFetches) {
+      return ReplyError(ctx,
+                        Error(Code::kResourceExhausted,
+                              std::to_string(f.waiting.size() + 1) +
+                                  " result fetches of this connection wait for the store, the "
+                                  "broker's bound (read the replies before asking for more)"),
+                        0, id);
+    }
+    f.waiting.emplace_back(ctx, id);
+    return;
+  }
+  ReadOp& read = ReadFor(ctx, ReadOp::Kind::kResult, id, kReadResult);
+  read.client_local = LocalClients();
+  read.max_bytes = ReplyBudget(ctx.conn);
+}
+
+void BrokerCore::NextFetch(const ConnectionRef& conn) {
+  auto it = fetches_.find(conn.serial);
+  if (it == fetches_.end()) return;
+  Fetches& f = it->second;
+  while (!f.waiting.empty()) {
+    auto [ctx, id] = std::move(f.waiting.front());
+    f.waiting.pop_front();
+    if (!connections_.Sendable(ctx.conn)) continue;  // no one to answer
+    ReadOp& read = ReadFor(ctx, ReadOp::Kind::kResult, id, kReadResult);
+    read.client_local = LocalClients();
+    read.max_bytes = ReplyBudget(ctx.conn);
+    return;
+  }
+  fetches_.erase(it);
+}
+
 void BrokerCore::OnRead(ReadOp& r) {
   if (r.purpose == kReadDispatch) return OnDispatchInputs(r);
   RequestContext ctx;
@@ -359,7 +395,8 @@ void BrokerCore::OnRead(ReadOp& r) {
   }
   // A job whose result has not committed (the store failed): ask again
   // once it has.
-  if (Job* j = jobs_.Find(r.id); j && j->ended() && (!r.job || !IsTerminal(r.job->state))) {
+  if (Job* j = jobs_.Find(r.id);
+      j && j->ended() && ctx.Sees(j->tenant) && (!r.job || !IsTerminal(r.job->state))) {
     ReadOp again = std::move(r);
     again.status = Status::Ok();
     again.job.reset();
@@ -367,9 +404,19 @@ void BrokerCore::OnRead(ReadOp& r) {
     batch_->reads.push_back(std::move(again));
     return;
   }
+  // A result read, answered below: the connection's next fetch goes once
+  // this reply is queued (its bytes count against the next one's budget).
+  struct NextFetchAfter {
+    BrokerCore* core;
+    const ConnectionRef* conn;
+    ~NextFetchAfter() {
+      if (conn) core->NextFetch(*conn);
+    }
+  } next_fetch{this, r.purpose == kReadResult ? &r.conn : nullptr};
   const Status unknown = Error(Code::kNotFound, "no job " + std::to_string(r.id));
+  if (r.job && !ctx.Sees(r.job->tenant)) return ReplyError(ctx, unknown, 0, r.id);
   if (!r.status.ok()) return ReplyError(ctx, r.status, 0, r.id);
-  if (!r.job || !ctx.Sees(r.job->tenant)) return ReplyError(ctx, unknown, 0, r.id);
+  if (!r.job) return ReplyError(ctx, unknown, 0, r.id);
   const StoredJob& job = *r.job;
   ClientReply reply;
   reply.id = r.id;
@@ -439,9 +486,18 @@ void BrokerCore::Admit(std::unique_ptr<Job> job, InsertOp insert) {
 void BrokerCore::Forget(Job& job) {
   const uint64_t id = job.id;
   // A worker that holds it answers a job the broker no longer knows: its
-  // result is dropped, its slot freed then.
+  // result is dropped, its slot freed then (at once when the job never
+  // reached it: its inputs were still being read), and so does its place
+  // among its tenant's jobs on GPUs.
+  const bool sent = job.state == JobState::kDispatched && !job.loading;
   if (job.state == JobState::kDispatched) {
-    if (Worker* w = workers_.Find(job.worker)) workers_.Abandon(*w, id);
+    Worker* w = workers_.Find(job.worker);
+    LeftGpu(job, /*ended=*/false, /*stopped=*/!(sent && w));
+    if (sent && w) {
+      workers_.Abandon(*w, id, job.tenant);
+    } else if (w) {
+      workers_.TakeResult(*w, id, job.attempt_no);
+    }
   }
   // Its writes gathered since must not reach the store: they name a row
   // that is not there.
@@ -458,7 +514,7 @@ void BrokerCore::Forget(Job& job) {
                att->end());
   }
   if (job.regions) {
-    if (job.state == JobState::kDispatched) {
+    if (sent) {
       HoldRegions(id, job.worker);  // until the worker answers the abandoned job
     } else {
       ReleaseRegions(id);
@@ -496,6 +552,14 @@ void BrokerCore::ReleaseHolds(const std::string& worker) {
   }
 }
 
+void BrokerCore::WorkerChannelClosed(const std::string& token) {
+  auto it = holds_until_closed_.find(token);
+  if (it == holds_until_closed_.end()) return;
+  const std::set<std::string> ids = std::move(it->second);
+  holds_until_closed_.erase(it);
+  for (const std::string& id : ids) ReleaseHolds(id);
+}
+
 void BrokerCore::Finish(Job& job, JobState state, Code code, std::string error,
                         const schema::Timing& worker_timing, std::vector<uint32_t> outputs,
                         Frames frames, const std::string& device,
@@ -508,18 +572,28 @@ void BrokerCore::Finish(Job& job, JobState state, Code code, std::string error,
   t.cache_hit = job.cache_hit && !job.modules.empty();
   t.total_us = MicrosBetween(job.accepted, now);
   if (!IsTerminal(state)) state = JobState::kFailed;
+  // A job whose inputs the store was still reading for its dispatch never
+  // reached its worker: nothing will answer for it.
+  const bool sent = ran && !job.loading;
   if (ran) {
-    LeftGpu(job, /*ended=*/true);
-    if (Worker* w = workers_.Find(job.worker)) {
-      // The slot stays taken until the worker answers.
-      if (state == JobState::kCanceled) workers_.Abandon(*w, job.id);
+    Worker* w = workers_.Find(job.worker);
+    // A canceled attempt that its worker still runs keeps its slot, and its
+    // place among its tenant's jobs on GPUs, until the worker answers for
+    // it or is gone (no message stops a kernel).
+    const bool runs_on = sent && state == JobState::kCanceled && w;
+    LeftGpu(job, /*ended=*/true, /*stopped=*/!runs_on);
+    if (runs_on) {
+      workers_.Abandon(*w, job.id, job.tenant);
+    } else if (!sent && w) {
+      workers_.TakeResult(*w, job.id, job.attempt_no);  // its slot is free now
     }
+    job.loading = false;
   }
   // A job that ran holds its regions' ranges until its worker has answered
   // for it (its result, which released them, or a late one) or is gone: an
   // attempt canceled, or given up on, may write them until then.
   if (job.regions) {
-    if (ran) {
+    if (sent) {
       HoldRegions(job.id, job.worker);
     } else {
       ReleaseRegions(job.id);

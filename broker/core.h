@@ -25,7 +25,9 @@
 #include <map>
 #include <memory>
 #include <optional>
+#include <set>
 #include <string>
+#include <unordered_map>
 #include <vector>
 #include <zmq.hpp>
 
@@ -67,8 +69,10 @@ class BrokerCore {
   // A dispatched job leaves its GPU: its tenant's running count, and its
   // GPU time. An ended job's tenant is charged the time it held the GPU; a
   // requeued one's (its worker was lost: the time is not the job's doing,
-  // and can be long) keeps the estimate its dispatch charged.
-  void LeftGpu(Job& job, bool ended);
+  // and can be long) keeps the estimate its dispatch charged. Not
+  // `stopped`: it still counts among its tenant's jobs on GPUs (an abandoned
+  // attempt its worker still runs; the worker registry stops it later).
+  void LeftGpu(Job& job, bool ended, bool stopped = true);
   // Applies new tenant policies (a reload of the tenants file).
   void SetTenantPolicies(TenantPolicies policies);
   // Stops the compile service and the store thread first: their last
@@ -117,6 +121,13 @@ class BrokerCore {
   // OnRead answers it after the batches before it. The caller may set the
   // read's bounds on the returned op before the batch is handed over.
   ReadOp& ReadFor(const RequestContext& ctx, ReadOp::Kind kind, uint64_t id, ReadPurpose purpose);
+  // Reads job `id`'s result, outputs included, for this request: one read
+  // at a time per connection, each bounded by what the connection may still
+  // leave unread once the reply before it is queued (the store would
+  // otherwise read every fetch of a burst against the same free budget).
+  // Up to kMaxWaitingFetches wait; past that, resource_exhausted.
+  void FetchResult(const RequestContext& ctx, uint64_t id);
+  static constexpr size_t kMaxWaitingFetches = 1024;
   // When the store cannot write (a failed commit): submits are refused until
   // a commit succeeds again. Ok otherwise.
   const Status& store_failure() const { return store_failure_; }
@@ -158,6 +169,11 @@ class BrokerCore {
   void Answered(uint64_t id, const std::string& worker);
   // Worker `worker` is gone (its process with it): every hold of its ends.
   void ReleaseHolds(const std::string& worker);
+  // The region channel of the worker of `token` has closed: a worker lost
+  // while its process may have lived on (silent, unreachable, past a time
+  // limit) held its ranges until now, since the kernel closes the channel
+  // only when that process, which maps the regions, is gone.
+  void WorkerChannelClosed(const std::string& token);
   // Ends a job at a client's request; the reply comes after the commit.
   void Cancel(Job& job, const RequestContext& ctx);
   // Compiles `job` for `arch` unless it has been, or is being.
@@ -224,6 +240,9 @@ class BrokerCore {
   void OnInserted(InsertOp& op);
   void OnFinished(FinishOp& op, const Status& commit);
   void OnRead(ReadOp& r);
+  void OnResultRead(ReadOp& r, const RequestContext& ctx);
+  // The connection's result read has been answered: its next one goes.
+  void NextFetch(const ConnectionRef& conn);
   void OnDispatchInputs(ReadOp& r);
   bool Eligible(Job& job, const Worker& w);
   bool Matches(const Job& job, const Worker& w) const;
@@ -263,7 +282,16 @@ class BrokerCore {
   RegionTable regions_;
   RegionServer region_server_{*this};
   SessionServer sessions_{*this};
+  // Result fetches by connection serial (FetchResult): the one the store
+  // reads, and those that wait for it.
+  struct Fetches {
+    std::deque<std::pair<RequestContext, uint64_t>> waiting;
+  };
+  std::unordered_map<uint64_t, Fetches> fetches_;
   std::map<uint64_t, std::string> region_holds_;  // job -> the worker that may still run it
+  // Lost workers whose holds wait for their region channel to close: token
+  // -> the ids they were known by.
+  std::map<std::string, std::set<std::string>> holds_until_closed_;
   std::unique_ptr<Batch> batch_ = std::make_unique<Batch>();
   // Jobs to send to each worker at the end of this iteration, in order.
   struct Outbox {

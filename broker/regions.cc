@@ -1,6 +1,5 @@
 #include "broker/regions.h"
 
-#include <fcntl.h>
 #include <spdlog/spdlog.h>
 #include <sys/random.h>
 
@@ -78,7 +77,7 @@ StatusOr<uint64_t> RegionTable::Add(const std::string& tenant, uint64_t size, Un
   r.id = id;
   r.tenant = tenant;
   r.size = size;
-  r.fd = std::move(fd);
+  r.fd = std::make_shared<const UniqueFd>(std::move(fd));
   r.owner = owner;
   auto& [n, b] = by_tenant_[tenant];
   ++n;
@@ -281,8 +280,25 @@ void RegionServer::Accept() {
     }
     refused_logged_ = false;
     const int fd = c->get();
-    conns_[fd].fd = std::move(*c);
+    Conn& conn = conns_[fd];
+    conn.fd = std::move(*c);
+    conn.accepted = core_.clock().Now();
   }
+}
+
+void RegionServer::Tick() {
+  const MonoTime now = core_.clock().Now();
+  bool any = false;
+  for (auto& [fd, c] : conns_) {
+    if (!c.hello && now - c.accepted >= kHelloWithin) {
+      c.broken = true;
+      any = true;
+    }
+  }
+  if (!any) return;
+  spdlog::info("region channel: connections that said no hello within {} s are closed",
+               kHelloWithin.count());
+  Sweep();
 }
 
 bool RegionServer::OnReadable(Conn& c) {
@@ -420,8 +436,20 @@ void RegionServer::ReplyError(Conn& c, uint64_t rid, const Status& s) {
   Reply(c, r);
 }
 
-void RegionServer::Enqueue(Conn& w, const RegionMessage& m, int pass) {
+void RegionServer::Enqueue(Conn& w, const RegionMessage& m,
+                           std::shared_ptr<const UniqueFd> pass) {
   if (w.broken) return;
+  if (m.op == RegionOp::kDrop) {
+    // A region dropped before it was handed over is not handed over at
+    // all: a worker slow to read its channel holds no descriptor, and no
+    // place in its queue, for regions that came and went meanwhile.
+    for (auto it = w.out.begin(); it != w.out.end(); ++it) {
+      if (it->region == m.region) {
+        w.out.erase(it);
+        return;
+      }
+    }
+  }
   // In order, behind what waits: a region's drop never passes its region.
   if (w.out.size() >= kMaxQueued) {
     spdlog::warn("region channel: worker {} does not read its channel; it is closed",
@@ -431,13 +459,8 @@ void RegionServer::Enqueue(Conn& w, const RegionMessage& m, int pass) {
   }
   Outgoing o;
   o.bytes = schema::EncodeRegionMessage(m);
-  if (pass >= 0) o.fd = UniqueFd(fcntl(pass, F_DUPFD_CLOEXEC, 0));  // the region may go first
-  if (pass >= 0 && !o.fd.valid()) {
-    spdlog::warn("region channel: no descriptor to pass to worker {}; its channel is closed",
-                 w.token.substr(0, 8));
-    w.broken = true;
-    return;
-  }
+  if (m.op == RegionOp::kRegion) o.region = m.region;
+  o.fd = std::move(pass);
   w.out.push_back(std::move(o));
   Flush(w);
 }
@@ -445,7 +468,7 @@ void RegionServer::Enqueue(Conn& w, const RegionMessage& m, int pass) {
 void RegionServer::Flush(Conn& w) {
   while (!w.out.empty() && !w.broken) {
     Outgoing& o = w.out.front();
-    Status s = SendPacket(w.fd.get(), o.bytes, o.fd.valid() ? o.fd.get() : -1, /*dontwait=*/true);
+    Status s = SendPacket(w.fd.get(), o.bytes, o.fd ? o.fd->get() : -1, /*dontwait=*/true);
     if (s.code() == Code::kUnavailable) return;  // full: when it can take more (POLLOUT)
     if (!s.ok()) {
       // A worker whose channel fails takes no job that names a region until
@@ -464,7 +487,7 @@ void RegionServer::SendRegion(Conn& w, const RegionTable::Region& r) {
   m.op = RegionOp::kRegion;
   m.region = r.id;
   m.size = r.size;
-  Enqueue(w, m, r.fd.get());
+  Enqueue(w, m, r.fd);
 }
 
 void RegionServer::Dropped(uint64_t id) {
@@ -473,7 +496,7 @@ void RegionServer::Dropped(uint64_t id) {
   m.region = id;
   for (const auto& [token, fd] : workers_) {
     auto c = conns_.find(fd);
-    if (c != conns_.end()) Enqueue(c->second, m, -1);
+    if (c != conns_.end()) Enqueue(c->second, m, nullptr);
   }
   spdlog::info("region {} dropped", id);
 }
@@ -494,7 +517,10 @@ void RegionServer::Close(int fd) {
   conns_.erase(it);
   if (c.worker) {
     auto w = workers_.find(c.token);
-    if (w != workers_.end() && w->second == fd) workers_.erase(w);
+    if (w != workers_.end() && w->second == fd) {
+      workers_.erase(w);
+      core_.WorkerChannelClosed(c.token);
+    }
     auto p = pending_.find(c.token);
     if (p != pending_.end() && p->second == fd) pending_.erase(p);
     return;

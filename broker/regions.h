@@ -16,9 +16,11 @@
 // Owned by the broker loop thread: not thread-safe.
 #pragma once
 
+#include <chrono>
 #include <cstdint>
 #include <deque>
 #include <map>
+#include <memory>
 #include <set>
 #include <string>
 #include <unordered_map>
@@ -50,7 +52,9 @@ class RegionTable {
     uint64_t id = 0;
     std::string tenant;
     uint64_t size = 0;
-    UniqueFd fd;
+    // Shared with the messages that hand it to workers and wait in their
+    // queues: one descriptor per region, however many wait.
+    std::shared_ptr<const UniqueFd> fd;
     int owner = -1;  // the client channel that registered it
     bool ended = false;
     std::string why;  // why it ended
@@ -124,13 +128,18 @@ class RegionServer {
   void WorkerReady(const std::string& token);
   // Tells every worker channel to unmap region `id` (it is gone).
   void Dropped(uint64_t id);
+  // Closes connections that have not said hello within kHelloWithin of
+  // their accept: a peer that says nothing holds no place under the bound.
+  void Tick();
+  static constexpr std::chrono::seconds kHelloWithin{5};
 
  private:
-  // A message waiting for room in a worker's socket, with its own copy of
-  // the descriptor it passes.
+  // A message waiting for room in a worker's socket, with the descriptor
+  // it passes (the region's own, kept open while the message waits).
   struct Outgoing {
     std::string bytes;
-    UniqueFd fd;
+    uint64_t region = 0;  // the region a kRegion message hands over
+    std::shared_ptr<const UniqueFd> fd;
   };
   static constexpr size_t kMaxQueued = 65536;
   struct Conn {
@@ -138,6 +147,7 @@ class RegionServer {
     bool hello = false, worker = false;
     bool verified = false;  // a worker's: registered, local, by its token
     bool broken = false;  // to be closed (Sweep)
+    MonoTime accepted{};
     std::string token;
     std::set<uint64_t> regions;  // a client's, live
     std::deque<Outgoing> out;    // a worker's, in order
@@ -150,7 +160,7 @@ class RegionServer {
   void ReplyError(Conn& c, uint64_t rid, const Status& s);
   // Hands region `r` to a worker's channel (queued behind what waits).
   void SendRegion(Conn& w, const RegionTable::Region& r);
-  void Enqueue(Conn& w, const schema::RegionMessage& m, int pass);
+  void Enqueue(Conn& w, const schema::RegionMessage& m, std::shared_ptr<const UniqueFd> pass);
   // Sends what waits, as far as the socket takes it.
   void Flush(Conn& w);
   // Attaches the channel of `token` once the worker endpoint knows it.

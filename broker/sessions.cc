@@ -416,7 +416,15 @@ void SessionServer::Tick() {
   // connection may have taken a routing id since; ClientConnections).
   bool drained = false;
   for (auto& [id, r] : relays_) {
-    if (!r.fd.valid()) continue;
+    if (!r.fd.valid()) {
+      // Ended: the calls that waited for their answers get why.
+      if (Refusing(r)) {
+        if (!drained) core_.connections().DrainEvents();
+        drained = true;
+        if (!AnswerRefused(r)) r.calls.clear();  // its client has gone
+      }
+      continue;
+    }
     const bool due = r.reader.ready() || Refusing(r);
     if (due && !drained) {
       core_.connections().DrainEvents();
@@ -523,7 +531,7 @@ void SessionServer::Call(const RequestContext& ctx, uint64_t id, const std::stri
   auto relay = relays_.find(id);
   Relay* r = relay == relays_.end() ? nullptr : &relay->second;
   const bool mine = r && r->conn.serial == ctx.conn.serial;
-  if (mine && !r->ended.ok()) return core_.ReplyError(ctx, r->ended);
+  if (mine && !r->ended.ok()) return Refuse(r, ctx, r->ended);  // behind those waiting
   if (mine && !r->closing.ok()) return Refuse(r, ctx, r->closing);  // it is ending
   if (mine && !r->unwritable.ok()) return Refuse(r, ctx, r->unwritable);
   auto it = sessions_.find(id);
@@ -791,8 +799,14 @@ void SessionServer::EndRelay(uint64_t session, const Status& why) {
   auto it = relays_.find(session);
   if (it == relays_.end()) return;
   Relay& r = it->second;
-  for (const Relay::Pending& c : r.calls) core_.ReplyError(c.ctx, c.refused.ok() ? why : c.refused);
-  r.calls.clear();
+  if (!r.ended.ok()) return;  // ended already: its calls have their answers
+  // Every call still waiting is answered with why, counted and as its
+  // client has room for them as for answers (Tick sends what waits for
+  // room): up to twice kMaxRelayedCalls errors at once would pass the
+  // connection's bound of unread replies.
+  for (Relay::Pending& c : r.calls) {
+    if (c.refused.ok()) c.refused = why;
+  }
   r.forwarded = 0;
   r.fd.Reset();  // the process ends the session if it has not
   r.reader.Clear();
@@ -801,6 +815,7 @@ void SessionServer::EndRelay(uint64_t session, const Status& why) {
   r.held_bytes = 0;
   r.ended = why;
   r.ended_at = core_.clock().Now();
+  if (!AnswerRefused(r)) r.calls.clear();  // its client has gone
 }
 
 std::vector<SessionView> SessionServer::Views(const RequestContext* ctx) const {

@@ -24,7 +24,7 @@ std::vector<std::string_view> Views(const std::vector<zmq::message_t>& frames) {
 // Reads the files among `buffers` into their bytes, `budget` bytes at most.
 Status ReadFiles(std::vector<StoredBuffer>& buffers, uint64_t budget) {
   uint64_t total = 0;
-  for (const StoredBuffer& b : buffers) total += b.path.empty() ? 0 : b.size;
+  for (const StoredBuffer& b : buffers) total += b.size;  // those held in the database too
   if (total > budget) {
     return Error(Code::kResourceExhausted,
                  "the reply would hold " + std::to_string(total) + " bytes; at most " +
@@ -168,6 +168,9 @@ void StoreThread::RunRead(ReadOp& r) {
       auto job = store_->Get(r.id);
       if (!job.ok()) return fail(job.status());
       r.job = std::move(*job);
+      // Another tenant's job is no job at all (RequestContext::Sees): none
+      // of its result is read, so no error of reading it can tell it apart.
+      if (r.job && !r.tenant.empty() && r.job->tenant != r.tenant) r.job.reset();
       if (!r.job || !schema::IsTerminal(r.job->state)) return;
       auto result = r.kind == ReadOp::Kind::kStatus ? store_->GetResultMeta(r.id)
                                                     : store_->GetResult(r.id);

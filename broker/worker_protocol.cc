@@ -211,7 +211,9 @@ void BrokerCore::OnWorkerResult(Worker& w, WorkerMessage& m, Frames& frames) {
   // Nothing changes unless the worker holds this very attempt (a stale
   // result from an earlier attempt or another broker lifetime changes
   // nothing at all); the files it names are removed.
-  const auto held = workers_.TakeResult(w, m.id, m.attempt);
+  std::optional<std::string> counted;
+  const auto held = workers_.TakeResult(w, m.id, m.attempt, &counted);
+  if (counted) tenants_.Stopped(*counted);  // an abandoned attempt has ended
   if (held != WorkerRegistry::ResultFor::kCurrent) return DropPeerFiles(m.files, schema::kWorkerFilePrefix);
   Job* job = jobs_.Find(m.id);
   if (!job || job->state != JobState::kDispatched || job->worker != w.id ||
@@ -250,12 +252,24 @@ void BrokerCore::WorkerLost(const std::string& id, const std::string& why, bool 
   outboxes_.erase(id);  // jobs not sent yet: requeued below with the rest
   Worker w = workers_.Remove(id);
   ++counters_.workers_lost;
+  for (const auto& [jid, held] : w.inflight) {
+    if (held.tenant_counted) tenants_.Stopped(held.tenant);  // abandoned attempts end with it
+  }
   spdlog::warn("worker {} ({}) is gone: {}; {} jobs were in flight", w.name, w.device.uuid, why,
                w.inflight.size());
   Requeue(w, w.inflight, why, lives);
-  // A process that is gone writes no region any more; one that lives on
-  // (it registered again) may still run what it held, and answers for it.
-  if (!lives) ReleaseHolds(id);
+  // A process that lives on (it registered again) may still run what it
+  // held, and answers for it. One that fell silent, could not be reached or
+  // kept a job past its limit may live on too, and write the ranges it held:
+  // they stay taken until its region channel closes, which the kernel does
+  // when the process that maps the regions is gone. A worker without that
+  // channel was handed no region.
+  if (lives) return;
+  if (w.local && region_server_.HasWorker(w.token)) {
+    holds_until_closed_[w.token].insert(id);
+    return;
+  }
+  ReleaseHolds(id);
 }
 
 void BrokerCore::Requeue(const Worker& w, const std::map<uint64_t, Worker::Held>& inflight,

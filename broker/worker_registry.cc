@@ -71,25 +71,32 @@ Worker WorkerRegistry::Remove(const std::string& id) {
 }
 
 void WorkerRegistry::Dispatched(Worker& w, uint64_t job, uint32_t attempt, bool suspect) {
-  w.inflight[job] = Worker::Held{attempt, false};
+  Worker::Held& held = w.inflight[job] = Worker::Held();
+  held.attempt = attempt;
   --w.credits;
   if (suspect) w.exclusive = true;
 }
 
-WorkerRegistry::ResultFor WorkerRegistry::TakeResult(Worker& w, uint64_t job,
-                                                     uint32_t attempt) {
+WorkerRegistry::ResultFor WorkerRegistry::TakeResult(
+    Worker& w, uint64_t job, uint32_t attempt, std::optional<std::string>* counted_tenant) {
   auto it = w.inflight.find(job);
   if (it == w.inflight.end() || it->second.attempt != attempt) return ResultFor::kStale;
   const bool abandoned = it->second.abandoned;
+  if (counted_tenant && it->second.tenant_counted) *counted_tenant = it->second.tenant;
   w.inflight.erase(it);
   w.credits = std::min(w.slots, w.credits + 1);
   w.exclusive = false;
   return abandoned ? ResultFor::kAbandoned : ResultFor::kCurrent;
 }
 
-void WorkerRegistry::Abandon(Worker& w, uint64_t job) {
+void WorkerRegistry::Abandon(Worker& w, uint64_t job, std::optional<std::string> tenant) {
   auto it = w.inflight.find(job);
-  if (it != w.inflight.end()) it->second.abandoned = true;
+  if (it == w.inflight.end()) return;
+  it->second.abandoned = true;
+  if (tenant) {
+    it->second.tenant_counted = true;
+    it->second.tenant = std::move(*tenant);
+  }
 }
 
 std::vector<std::string> WorkerRegistry::SilentSince(MonoTime before) const {

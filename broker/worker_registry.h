@@ -14,6 +14,7 @@
 #include <functional>
 #include <list>
 #include <map>
+#include <optional>
 #include <string>
 #include <unordered_map>
 #include <vector>
@@ -46,6 +47,10 @@ struct Worker {
   struct Held {
     uint32_t attempt = 0;
     bool abandoned = false;  // the broker no longer waits for its result
+    // Abandoned while it may still run: it counts among `tenant`'s jobs on
+    // GPUs until the worker answers for it or is gone.
+    bool tenant_counted = false;
+    std::string tenant;
   };
   std::map<uint64_t, Held> inflight;  // by job id
   ModuleSet modules;
@@ -82,11 +87,16 @@ class WorkerRegistry {
   // that attempt, and its slot is free again; kStale: it does not, and
   // nothing changed.
   enum class ResultFor { kCurrent, kAbandoned, kStale };
-  ResultFor TakeResult(Worker& w, uint64_t job, uint32_t attempt);
+  // `counted_tenant`, if given, is set to the tenant of an abandoned attempt
+  // that still counted among that tenant's jobs on GPUs (Abandon), else
+  // left as it was.
+  ResultFor TakeResult(Worker& w, uint64_t job, uint32_t attempt,
+                       std::optional<std::string>* counted_tenant = nullptr);
   // Marks a job whose result the broker no longer waits for (it ended on the
   // broker's side: canceled). Its slot stays taken until the worker answers
-  // or is lost.
-  void Abandon(Worker& w, uint64_t job);
+  // or is lost; so does its place among `tenant`'s jobs on GPUs when a
+  // tenant is given.
+  void Abandon(Worker& w, uint64_t job, std::optional<std::string> tenant = std::nullopt);
 
   // Workers not heard from since `before`.
   std::vector<std::string> SilentSince(MonoTime before) const;

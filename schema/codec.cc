@@ -1667,6 +1667,41 @@ bool IsBatch(std::string_view header) {
   return Find(header, "op").str_ == std::optional<std::string_view>("batch");
 }
 
+namespace {
+
+// The local files a submit names (job.files), read on their own from a
+// submit refused before its job decoded whole: they are the broker's to
+// remove, whatever refused it. Only plain file names, as the decoder takes.
+std::vector<LocalFile> FilesOfRefusedSubmit(const object& header, const Limits& limits) {
+  std::vector<LocalFile> files;
+  if (header.type != mt::MAP) return files;
+  for (uint32_t i = 0; i < header.via.map.size; ++i) {
+    const auto& kv = header.via.map.ptr[i];
+    if (kv.key.type != mt::STR ||
+        std::string_view(kv.key.via.str.ptr, kv.key.via.str.size) != "job" ||
+        kv.val.type != mt::MAP) {
+      continue;
+    }
+    for (uint32_t k = 0; k < kv.val.via.map.size; ++k) {
+      const auto& f = kv.val.via.map.ptr[k];
+      if (f.key.type != mt::STR ||
+          std::string_view(f.key.via.str.ptr, f.key.via.str.size) != "files") {
+        continue;
+      }
+      (void)GetFiles(f.val, "files", limits, false, &files);  // those read before an error
+      std::erase_if(files, [](const LocalFile& lf) { return !IsPlainFileName(lf.name); });
+      return files;
+    }
+  }
+  return files;
+}
+
+Status DecodeClientFields(const object& header, ClientOp client_op,
+                          std::span<const uint64_t> payload_sizes, const Limits& limits,
+                          ClientRequest* out);
+
+}  // namespace
+
 Status DecodeClientRequest(std::string_view header,
                            std::span<const uint64_t> payload_sizes,
                            const Limits& limits, ClientRequest* out) {
@@ -1674,14 +1709,32 @@ Status DecodeClientRequest(std::string_view header,
   GPUQ_RETURN_IF_ERROR(Unpack(header, limits, &oh));
   std::string_view op;
   GPUQ_RETURN_IF_ERROR(GetOp(oh.get(), &op));
+  ClientOp client_op{};
+  if (!Lookup(kClientOpNames, op, &client_op)) return UnknownOp(op);
+  Status s = DecodeClientFields(oh.get(), client_op, payload_sizes, limits, out);
+  if (!s.ok() && client_op == ClientOp::kSubmit && out->op != ClientOp::kSubmit) {
+    // Refused before its job decoded whole (a bad field, rid 0): what it
+    // named stays readable too.
+    out->op = ClientOp::kSubmit;
+    out->job.files = FilesOfRefusedSubmit(oh.get(), limits);
+  }
+  return s;
+}
+
+namespace {
+
+Status DecodeClientFields(const object& header, ClientOp client_op,
+                          std::span<const uint64_t> payload_sizes, const Limits& limits,
+                          ClientRequest* out) {
+  const object& oh_object = header;
   ClientRequest r;
-  if (!Lookup(kClientOpNames, op, &r.op)) return UnknownOp(op);
+  r.op = client_op;
   const bool call = r.op == ClientOp::kSessionCall;
   const bool needs_id = r.op == ClientOp::kStatus || r.op == ClientOp::kResult ||
                         r.op == ClientOp::kCancel || r.op == ClientOp::kSessionClose || call;
   const bool submit = r.op == ClientOp::kSubmit;
   bool has_id = false, has_job = false, has_token = false;
-  GPUQ_RETURN_IF_ERROR(ForEachField(oh.get(), "header", {"rid"},
+  GPUQ_RETURN_IF_ERROR(ForEachField(oh_object, "header", {"rid"},
                                     [&](std::string_view k, const object& v) -> Status {
     if (k == "op") return Status::Ok();
     if (k == "rid") return GetU(v, k, &r.rid);
@@ -1747,6 +1800,8 @@ Status DecodeClientRequest(std::string_view header,
   *out = std::move(r);
   return Status::Ok();
 }
+
+}  // namespace
 
 // Which fields each reply carries (PROTOCOL.md, "Replies"). A field outside
 // its op's set is malformed: the encoder would drop it, so accepting it would

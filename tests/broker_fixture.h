@@ -34,7 +34,11 @@ class RawClient {
  public:
   // `routing_id`: the identity the socket announces (empty: the broker's
   // choice, as every gpuq client does).
-  explicit RawClient(const std::string& endpoint, const std::string& routing_id = "");
+  // `rcvhwm` > 0: the socket takes in at most that many messages (and a
+  // small kernel buffer) before its peer must hold the rest, as a client
+  // that reads nothing.
+  explicit RawClient(const std::string& endpoint, const std::string& routing_id = "",
+                     int rcvhwm = 0);
   // On CURVE: the broker's public key, and this client's key pair (Z85).
   RawClient(const std::string& endpoint, const std::string& server_key,
             const std::string& public_key, const std::string& secret_key);

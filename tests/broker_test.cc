@@ -622,6 +622,9 @@ TEST_F(BrokerTest, GpuqTopShowsTheLiveQueueInATerminal) {
 
 class CurveTest : public ::testing::Test {
  protected:
+  CurveTest() = default;
+  // gpuqd's options besides the usual ones.
+  explicit CurveTest(std::vector<std::string> extra) : extra_(std::move(extra)) {}
   void SetUp() override {
     for (const char* name : {"broker", "alpha", "beta", "ops", "stranger", "worker", "rogue"}) {
       auto keys = NewCurveKeyPair();
@@ -635,13 +638,14 @@ class CurveTest : public ::testing::Test {
                            " ops operator\n");
     testing::WriteFile(dir_.File("workers.keys"), keys_["worker"].public_key + " gpu-host-1\n");
     const std::string ready = dir_.File("ready.json");
-    broker_ = Process::Start(
-        {testing::BinPath("gpuqd"), "--listen", "tcp://127.0.0.1:*", "--worker-listen",
-         "tcp://127.0.0.1:*", "--store", dir_.File("jobs.db"), "--cache", dir_.File("k.db"),
-         "--workers", "0", "--heartbeat-ms", "100", "--curve-secret", dir_.File("broker.key"),
-         "--allowed-keys", dir_.File("clients.keys"), "--worker-keys", dir_.File("workers.keys"),
-         "--ready-file", ready},
-        dir_.File("gpuqd.log"));
+    std::vector<std::string> argv = {
+        testing::BinPath("gpuqd"), "--listen", "tcp://127.0.0.1:*", "--worker-listen",
+        "tcp://127.0.0.1:*", "--store", dir_.File("jobs.db"), "--cache", dir_.File("k.db"),
+        "--workers", "0", "--heartbeat-ms", "100", "--curve-secret", dir_.File("broker.key"),
+        "--allowed-keys", dir_.File("clients.keys"), "--worker-keys", dir_.File("workers.keys"),
+        "--ready-file", ready};
+    argv.insert(argv.end(), extra_.begin(), extra_.end());
+    broker_ = Process::Start(argv, dir_.File("gpuqd.log"));
     for (int i = 0; i < 500 && !std::filesystem::exists(ready); ++i) {
       std::this_thread::sleep_for(std::chrono::milliseconds(10));
     }
@@ -677,11 +681,45 @@ class CurveTest : public ::testing::Test {
     return j;
   }
 
+  std::vector<std::string> extra_;
   TempDir dir_;
   std::map<std::string, CurveKeyPair> keys_;
   Process broker_;
   std::string client_ep_, worker_ep_;
 };
+
+// With 1 MiB that a connection may leave unread.
+class CurveSmallBudgetTest : public CurveTest {
+ protected:
+  CurveSmallBudgetTest() : CurveTest({"--max-unread-mb", "1"}) {}
+};
+
+// Another tenant's ended job is no job at all, whatever its result: the
+// store reads none of it for the asker, so no error of that reading (its
+// output larger than the asker may hold unread) tells it apart from a job
+// that does not exist.
+TEST_F(CurveSmallBudgetTest, AnotherTenantsEndedJobIsNoJobWhateverItsResult) {
+  Process worker = Worker("worker");
+  auto alpha = As("alpha"), beta = As("beta");
+  JobRequest j = Job();
+  j.spec.args = {Arg::Out(2 << 20)};  // a file of the store, over beta's budget
+  auto id = alpha->Submit(j);
+  ASSERT_TRUE(id.ok()) << id.status().ToString();
+  bool done = false;
+  for (int i = 0; i < 1000 && !done; ++i) {
+    auto st = alpha->GetStatus(*id);
+    done = st.ok() && st->state == JobState::kDone;
+    if (!done) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  ASSERT_TRUE(done);
+  std::this_thread::sleep_for(std::chrono::milliseconds(200));  // out of memory, in the store
+  auto fetched = beta->Fetch(*id);
+  EXPECT_EQ(fetched.status().code(), Code::kNotFound) << fetched.status().ToString();
+  auto unknown = beta->Fetch(*id + 1000);
+  EXPECT_EQ(unknown.status().code(), Code::kNotFound);
+  EXPECT_EQ(fetched.status().message().find("bytes"), std::string::npos)
+      << "nothing of its size: " << fetched.status().ToString();
+}
 
 TEST_F(CurveTest, AnUnknownKeyIsRefused) {
   auto stranger = As("stranger");

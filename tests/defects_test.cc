@@ -690,6 +690,23 @@ TEST_F(BrokerTest, EveryRefusedSubmitRemovesTheClientsFiles) {
   schema::ClientRequest empty_source = SubmitRequest(0);
   empty_source.job.kernel.source.clear();
   EXPECT_FALSE(refused_keeps_file(empty_source)) << "empty source";
+  // Refused while its job decodes (a field out of its range), and for a rid
+  // of 0: the files it names are read on their own.
+  schema::ClientRequest far_deadline = SubmitRequest(0);
+  far_deadline.job.deadline_ms = schema::kMaxDeadlineMs + 1;
+  EXPECT_FALSE(refused_keeps_file(far_deadline)) << "a deadline past its bound";
+  schema::ClientRequest bad_priority = SubmitRequest(0);
+  bad_priority.job.priority = 10;
+  EXPECT_FALSE(refused_keeps_file(bad_priority)) << "a priority past its bound";
+  const std::string name = "c-refused-rid0";
+  testing::WriteFile(LocalDir() + "/" + name, "1234");
+  schema::ClientRequest no_rid = SubmitRequest(0);
+  no_rid.rid = 0;
+  no_rid.job.files = {{name, 4}, {"../not-plain", 4}};
+  raw.Send(no_rid);
+  auto r = raw.Receive();
+  EXPECT_TRUE(r && r->header.op == ReplyOp::kError);
+  EXPECT_FALSE(std::filesystem::exists(LocalDir() + "/" + name)) << "rid 0";
 }
 
 TEST_F(BrokerTest, AFetchedResultIsTheResultThatWasPushed) {
@@ -806,6 +823,77 @@ TEST_F(BrokerTest, AJobOnLocalFilesWaitsForTheStoreToTakeThem) {
     }
   }
   EXPECT_EQ(ids.size(), 40u);
+}
+
+// A burst of `result` fetches of one large result, from a client that reads
+// nothing: each fetch is measured against what the connection may still
+// leave unread once the replies before it are queued, not all against the
+// same free budget (which let ten 6 MiB results queue against 8 MiB).
+TEST_F(BrokerTest, ABurstOfFetchesPassesNoConnectionsUnreadBound) {
+  ASSERT_TRUE(StartBroker({"--max-unread-mb", "8"})) << Log();
+  AddWorker();
+  ClientOptions o;
+  o.local_buffers = false;  // the output is read by the broker, not by the client
+  auto c = Client::Connect(broker_->client_endpoint(), o);
+  ASSERT_TRUE(c.ok());
+  ASSERT_TRUE(WaitForWorkers(**c, 1));
+  auto id = (*c)->Submit(Job("k", "", 6 << 20));
+  ASSERT_TRUE(id.ok()) << id.status().ToString();
+  auto r = (*c)->Wait(*id, Millis(20000));
+  ASSERT_TRUE(r.ok() && r->ok()) << (r.ok() ? r->error : r.status().ToString());
+  RawClient raw(broker_->client_endpoint(), "", /*rcvhwm=*/1);
+  constexpr int kFetches = 10;
+  for (int i = 1; i <= kFetches; ++i) {
+    schema::ClientRequest fetch;
+    fetch.op = ClientOp::kResult;
+    fetch.rid = static_cast<uint64_t>(i);
+    fetch.id = *id;
+    raw.Send(fetch);
+  }
+  std::this_thread::sleep_for(std::chrono::seconds(1));  // read late
+  int results = 0, refused = 0;
+  for (int i = 0; i < kFetches; ++i) {
+    auto reply = raw.Receive(std::chrono::seconds(20));
+    ASSERT_TRUE(reply) << "fetch " << i + 1 << " unanswered";
+    if (reply->header.op == ReplyOp::kResult) {
+      ++results;
+    } else {
+      EXPECT_EQ(reply->header.code, Code::kResourceExhausted) << reply->header.error;
+      ++refused;
+    }
+  }
+  EXPECT_LE(results, 3) << "6 MiB results queued against a bound of 8 MiB";
+  EXPECT_GE(refused, kFetches - 3);
+}
+
+// A job whose input file the store is still reading for a worker elsewhere
+// (one that cannot reach the local directory), canceled meanwhile: it never
+// reached the worker, so nothing will answer for it, and its slot is free at
+// once (it stayed taken for good).
+TEST_F(BrokerTest, ACancelWhileAJobsInputsAreReadFreesItsWorkersSlot) {
+  setenv("GPUQ_TEST_STORE_DELAY_MS", "500", 1);
+  const bool started = StartBroker({"--heartbeat-ms", "1000"});
+  unsetenv("GPUQ_TEST_STORE_DELAY_MS");
+  ASSERT_TRUE(started) << Log();
+  AddWorker({"--slots", "1", "--heartbeat-ms", "1000"});  // no local directory
+  auto c = Connect(Millis(20000));
+  ASSERT_TRUE(WaitForWorkers(*c, 1));
+  auto buf = c->NewInput(2 << 20);
+  ASSERT_TRUE(buf.ok()) << buf.status().ToString();
+  memset((*buf)->data(), 'q', (*buf)->size());
+  JobRequest j = Job("k", "", 16);
+  j.inputs = {(*buf)->view()};
+  auto id = c->Submit(j);  // answered after its row commits; then sent, its file read first
+  ASSERT_TRUE(id.ok()) << id.status().ToString();
+  auto st = c->GetStatus(*id);
+  ASSERT_TRUE(st.ok());
+  ASSERT_EQ(st->state, JobState::kDispatched) << "the store reads its input for the worker";
+  ASSERT_TRUE(c->Cancel(*id).ok());
+  auto next = c->Submit(Job("k", "after"));
+  ASSERT_TRUE(next.ok()) << next.status().ToString();
+  auto r = c->Wait(*next, Millis(20000));
+  ASSERT_TRUE(r.ok()) << r.status().ToString() << " (the worker's one slot is still taken)";
+  EXPECT_EQ(r->state, JobState::kDone) << r->error;
 }
 
 }  // namespace

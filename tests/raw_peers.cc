@@ -31,10 +31,14 @@ std::vector<uint64_t> Sizes(const std::vector<std::string>& payload) {
 
 }  // namespace
 
-RawClient::RawClient(const std::string& endpoint, const std::string& routing_id)
+RawClient::RawClient(const std::string& endpoint, const std::string& routing_id, int rcvhwm)
     : socket_(ctx_, zmq::socket_type::dealer) {
   socket_.set(zmq::sockopt::linger, 0);
   if (!routing_id.empty()) socket_.set(zmq::sockopt::routing_id, routing_id);
+  if (rcvhwm > 0) {
+    socket_.set(zmq::sockopt::rcvhwm, rcvhwm);
+    socket_.set(zmq::sockopt::rcvbuf, 4096);
+  }
   socket_.connect(endpoint);
 }
 

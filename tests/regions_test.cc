@@ -5,6 +5,7 @@
 // bytes a sent buffer would get (out: the argument's index + 1; inout: +1).
 // The bytes on a GPU are the GPU tests' (tests/gpu/).
 #include <fcntl.h>
+#include <poll.h>
 #include <signal.h>
 #include <sys/mman.h>
 #include <unistd.h>
@@ -12,6 +13,7 @@
 #include <gtest/gtest.h>
 
 #include <cstring>
+#include <filesystem>
 #include <iostream>
 #include <nlohmann/json.hpp>
 
@@ -467,6 +469,104 @@ TEST_F(RegionsTest, ACanceledJobsRangesStayTakenUntilItsWorkerAnswers) {
     freed = c->Submit(RegionJob({r.Out(50, 10)})).ok();
   }
   EXPECT_TRUE(freed) << "a lost worker's held ranges are free again";
+}
+
+// A worker the broker gives up on while its process lives on (stopped, so
+// silent) may still write the ranges its job held: they stay taken until the
+// process is gone, which the close of its region channel tells.
+TEST_F(RegionsTest, AWorkerLostWhileItLivesOnHoldsItsRangesUntilItsProcessEnds) {
+  Process& worker = AddLocalWorker();
+  auto c = Connect();
+  ASSERT_TRUE(WaitForWorkers(*c, 1));
+  auto region = c->NewRegion(4096);
+  ASSERT_TRUE(region.ok()) << region.status().ToString();
+  Region& r = **region;
+  auto id = c->Submit(RegionJob({r.Out(0, 100)}, "hang"));
+  ASSERT_TRUE(id.ok()) << id.status().ToString();
+  ASSERT_TRUE(WaitDispatched(*c, *id));
+  worker.Signal(SIGSTOP);
+  // Silent: the broker gives the worker up and fails the job (one that
+  // writes a region does not run again).
+  auto res = c->Wait(*id, Millis(20000));
+  ASSERT_TRUE(res.ok()) << res.status().ToString();
+  EXPECT_EQ(res->state, JobState::kFailed);
+  EXPECT_EQ(res->code, Code::kUnavailable) << res->error;
+  ASSERT_TRUE(WaitForWorkers(*c, 0));
+  auto early = c->Submit(RegionJob({r.Out(50, 10)}));
+  ASSERT_FALSE(early.ok()) << "the stopped process may still write these bytes";
+  EXPECT_NE(early.status().message().find("overlaps"), std::string::npos)
+      << early.status().ToString();
+  worker.Kill();
+  bool freed = false;
+  for (int i = 0; i < 500 && !freed; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    freed = c->Submit(RegionJob({r.Out(50, 10)})).ok();
+  }
+  EXPECT_TRUE(freed) << "the ranges of a worker whose process is gone are free again";
+}
+
+// A worker that reads nothing of its channel (stopped) while a client
+// registers and unregisters regions over and over: the broker holds one
+// descriptor per live region, not one per message waiting for that worker.
+TEST_F(RegionsTest, AWorkerThatReadsNoRegionMessagesCostsTheBrokerNoDescriptors) {
+  Process& worker = AddLocalWorker();
+  auto c = Connect();
+  ASSERT_TRUE(WaitForWorkers(*c, 1));
+  {
+    // Attached: a job on a region runs there.
+    auto region = c->NewRegion(4096);
+    ASSERT_TRUE(region.ok()) << region.status().ToString();
+    auto res = c->Wait(*c->Submit(RegionJob({(*region)->Out(0, 16)})));
+    ASSERT_TRUE(res.ok() && res->ok()) << (res.ok() ? res->error : res.status().ToString());
+  }
+  worker.Signal(SIGSTOP);
+  auto open_fds = [&] {
+    size_t n = 0;
+    const std::string dir = "/proc/" + std::to_string(broker_->process().pid()) + "/fd";
+    for ([[maybe_unused]] const auto& e : std::filesystem::directory_iterator(dir)) ++n;
+    return n;
+  };
+  UniqueFd ch = RawChannel();
+  auto memfd = CreateSealedMemfd(4096, "t");
+  ASSERT_TRUE(memfd.ok());
+  const size_t before = open_fds();
+  size_t most = before;
+  for (uint64_t i = 0; i < 2000; ++i) {
+    RegionMessage m;
+    m.op = RegionOp::kRegister;
+    m.rid = 2 * i + 1;
+    m.size = 4096;
+    RegionMessage r = Call(ch.get(), m, memfd->get());
+    ASSERT_EQ(r.op, RegionOp::kRegistered) << r.error;
+    RegionMessage un;
+    un.op = RegionOp::kUnregister;
+    un.rid = 2 * i + 2;
+    un.region = r.region;
+    r = Call(ch.get(), un);
+    ASSERT_EQ(r.op, RegionOp::kUnregistered) << r.error;
+    if (i % 100 == 99) most = std::max(most, open_fds());
+  }
+  EXPECT_LE(most, before + 8) << "descriptors held for a worker that reads nothing";
+  worker.Kill();
+}
+
+// A peer of the region channel that says no hello is closed: it holds no
+// place under the channel's bound of connections.
+TEST_F(RegionsTest, AConnectionThatSaysNoHelloIsClosed) {
+  auto mute = ConnectSeqpacket(schema::RegionSocketPath(LocalDir()));
+  ASSERT_TRUE(mute.ok()) << mute.status().ToString();
+  UniqueFd talking = RawChannel();
+  pollfd p{mute->get(), POLLIN, 0};
+  ASSERT_EQ(poll(&p, 1, 20000), 1) << "still open after 20 s";
+  auto got = RecvPacket(mute->get(), 4096);
+  ASSERT_TRUE(got.ok()) << got.status().ToString();
+  EXPECT_TRUE(got->eof);
+  // One that said hello is served on.
+  RegionMessage un;
+  un.op = RegionOp::kUnregister;
+  un.rid = 1;
+  un.region = 7;
+  EXPECT_EQ(Call(talking.get(), un).code, Code::kNotFound);
 }
 
 TEST_F(RegionsTest, RegionsPerTenantAreBounded) {

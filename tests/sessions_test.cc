@@ -1130,6 +1130,53 @@ TEST_F(SessionsTest, ThroughTheBrokerRefusalsWaitForRoomAsAnswersDo) {
   EXPECT_EQ(Sessions().size(), 1u) << "the session goes on";
 }
 
+// A session whose process goes with 20,000 calls forwarded and unanswered,
+// while its client reads nothing: each call is still answered (session_lost),
+// in order, as the client has room for the answers: more at once than ZeroMQ
+// queues for a connection would be dropped.
+TEST_F(SessionsTest, ThroughTheBrokerTheCallsOfAnEndedRelayAreAnsweredAsRoomAllows) {
+  Start();
+  RawClient raw(broker_->client_endpoint());
+  auto opened = OpenRaw(raw);
+  ASSERT_TRUE(opened) << Log();
+  auto free_call = [&](uint64_t k) {
+    schema::SessionMessage free;
+    free.op = schema::SessionOp::kFree;
+    free.rid = k;
+    free.buffer = 12345;
+    CallRaw(raw, k + 1, *opened, schema::EncodeSessionMessage(free));
+  };
+  free_call(1);  // the relay is open and greeted
+  auto first = raw.Receive(std::chrono::seconds(20));
+  ASSERT_TRUE(first && first->header.op == schema::ReplyOp::kSessionAnswer) << Log();
+  const json rows = Sessions();
+  ASSERT_EQ(rows.size(), 1u);
+  const pid_t process = rows[0]["pid"].get<pid_t>();
+  ASSERT_EQ(kill(process, SIGSTOP), 0);
+  constexpr uint64_t kCalls = 20000;  // twice what ZeroMQ queues for a connection
+  for (uint64_t k = 2; k <= kCalls; ++k) free_call(k);
+  schema::ClientRequest stats;
+  stats.op = schema::ClientOp::kStats;
+  stats.rid = kCalls + 10;
+  raw.Send(stats);
+  auto taken = raw.Receive(std::chrono::seconds(120));
+  ASSERT_TRUE(taken) << Log();
+  ASSERT_EQ(taken->header.rid, kCalls + 10) << "every call was taken";
+  ASSERT_EQ(kill(process, SIGKILL), 0);
+  std::this_thread::sleep_for(std::chrono::seconds(1));  // read late
+  uint64_t lost = 0;
+  for (uint64_t k = 2; k <= kCalls; ++k) {
+    auto reply = raw.Receive(std::chrono::seconds(20));
+    ASSERT_TRUE(reply) << "call " << k << " of " << kCalls << " unanswered (" << lost
+                       << " session_lost before)";
+    ASSERT_EQ(reply->header.rid, k + 1) << "in the order of the calls: " << reply->header.error;
+    if (reply->header.op == schema::ReplyOp::kSessionAnswer) continue;  // answered before the stop
+    ASSERT_EQ(reply->header.code, Code::kSessionLost) << "call " << k << ": " << reply->header.error;
+    ++lost;
+  }
+  EXPECT_GT(lost, 10000u) << "more than ZeroMQ queues for a connection";
+}
+
 // A process that ends while the broker still has requests to write to it
 // (writes behind a launch that runs past its limit): the write fails, and
 // what the process said before it went (why) is still read and told.

@@ -155,6 +155,67 @@ TEST_F(TenantsTest, AConcurrencyLimitHoldsWhateverTheFreeSlots) {
   EXPECT_LT(free_result->timing.queue_us, last_capped->timing.queue_us);
 }
 
+// A canceled job whose kernel its worker still runs (no message stops a
+// kernel) keeps its place among its tenant's jobs on GPUs until the worker
+// answers or is gone: a tenant capped at one cannot cancel its way to more.
+TEST_F(TenantsTest, ACanceledJobStillRunningCountsAgainstItsTenantsConcurrency) {
+  ASSERT_TRUE(StartWith(R"({"tenants": {"capped": {"max_concurrent": 1}}})")) << Log();
+  Process& first = AddWorker({"--slots", "4"});
+  auto c = Connect();
+  ASSERT_TRUE(WaitForWorkers(*c, 1));
+  JobRequest hang = Job("hang", "x");
+  hang.spec.tenant = "capped";
+  auto a = c->Submit(hang);
+  ASSERT_TRUE(a.ok()) << a.status().ToString();
+  ASSERT_TRUE(WaitDispatched(*c, *a));
+  ASSERT_TRUE(c->Cancel(*a).ok());
+  JobRequest quick = Job("k", "y");
+  quick.spec.tenant = "capped";
+  auto b = c->Submit(quick);
+  ASSERT_TRUE(b.ok()) << b.status().ToString();
+  std::this_thread::sleep_for(std::chrono::milliseconds(500));
+  auto st = c->GetStatus(*b);
+  ASSERT_TRUE(st.ok());
+  EXPECT_EQ(st->state, JobState::kQueued) << "the canceled kernel still runs on a slot";
+  // Its worker gone, the place is free: the job runs on the next worker.
+  first.Kill();
+  AddWorker({"--slots", "4"});
+  auto r = c->Wait(*b, Millis(20000));
+  ASSERT_TRUE(r.ok()) << r.status().ToString();
+  EXPECT_EQ(r->state, JobState::kDone) << r->error;
+}
+
+// A submit with the idempotency key of a job that ran and left the broker's
+// memory is taken, and may be sent to a worker, before the store finds the
+// key; that attempt is dropped, and so is its place among its tenant's jobs
+// on GPUs (it stayed, and a tenant capped at one ran nothing more).
+TEST_F(TenantsTest, AKeyedSubmitOfAJobThatRanLeavesItsTenantsCountAsItWas) {
+  ASSERT_TRUE(StartWith(R"({"tenants": {"capped": {"max_concurrent": 1}}})")) << Log();
+  AddWorker({"--slots", "4"});
+  auto c = Connect();
+  ASSERT_TRUE(WaitForWorkers(*c, 1));
+  JobRequest keyed = Job("k", "x");
+  keyed.spec.tenant = "capped";
+  keyed.spec.key = "same";
+  auto first = c->Submit(keyed);
+  ASSERT_TRUE(first.ok()) << first.status().ToString();
+  auto done = c->Wait(*first, Millis(20000));
+  ASSERT_TRUE(done.ok() && done->ok());
+  for (int i = 0; i < 3; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));  // out of memory, in the store
+    auto again = c->Submit(keyed);
+    ASSERT_TRUE(again.ok()) << again.status().ToString();
+    EXPECT_EQ(*again, *first) << "the key names the job it named";
+  }
+  JobRequest plain = Job("k", "y");
+  plain.spec.tenant = "capped";
+  auto id = c->Submit(plain);
+  ASSERT_TRUE(id.ok()) << id.status().ToString();
+  auto r = c->Wait(*id, Millis(10000));
+  ASSERT_TRUE(r.ok()) << r.status().ToString() << " (the tenant's count did not come down)";
+  EXPECT_EQ(r->state, JobState::kDone) << r->error;
+}
+
 TEST_F(TenantsTest, ARateLimitRefusesWithQuotaExceededAndAHint) {
   ASSERT_TRUE(StartWith(R"({"default": {"jobs_per_s": 5}})")) << Log();
   auto c = Connect();

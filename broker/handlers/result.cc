@@ -11,9 +11,7 @@ void Result(BrokerCore& core, const RequestContext& ctx, uint64_t id) {
   }
   // The store reads it, output files included unless the client can read
   // them itself; never more than the client's connection may hold unread.
-  ReadOp& read = core.ReadFor(ctx, ReadOp::Kind::kResult, id, kReadResult);
-  read.client_local = core.LocalClients();
-  read.max_bytes = core.ReplyBudget(ctx.conn);
+  core.FetchResult(ctx, id);
 }
 
 }  // namespace gpuq::broker::handlers
