@@ -149,6 +149,10 @@ int main(int argc, char** argv) {
   app.add_option("--session-attach-mb", o.sessions.max_attach_mb,
                  "Host memory (regions) a session may attach, page-locked while attached")
       ->capture_default_str();
+  app.add_option("--session-kernels", o.sessions.max_kernels,
+                 "Kernels a session process keeps loaded that no session holds (oldest dropped)")
+      ->check(CLI::Range(uint64_t{1}, uint64_t{1} << 20))
+      ->capture_default_str();
   int64_t session_limit_ms = -1;
   app.add_option("--session-time-limit-ms", session_limit_ms,
                  "A session launch's run-time limit where its session names none (default: "

@@ -192,7 +192,8 @@ StatusOr<SessionServer::Host*> SessionServer::Start(const std::string& tenant,
                                    "--device", gpu,
                                    "--spin-us", std::to_string(limits_.spin.count()),
                                    "--max-data-mb", std::to_string(limits_.max_data_mb),
-                                   "--max-attach-mb", std::to_string(limits_.max_attach_mb)};
+                                   "--max-attach-mb", std::to_string(limits_.max_attach_mb),
+                                   "--max-kernels", std::to_string(limits_.max_kernels)};
   std::vector<char*> argv;
   for (auto& a : args) argv.push_back(a.data());
   argv.push_back(nullptr);

@@ -49,6 +49,7 @@ struct SessionLimits {
   std::chrono::microseconds spin{0};       // passed to session processes
   uint64_t max_data_mb = 256;              // a write's or read's bytes
   uint64_t max_attach_mb = 4096;           // host memory a session may attach (page-locked)
+  uint64_t max_kernels = 256;              // kernels a session process keeps loaded unheld
 };
 
 struct SessionView {

@@ -11,6 +11,7 @@
 // any other symbol runs as a kernel that does nothing.
 #include <atomic>
 #include <chrono>
+#include <cstdio>
 #include <cstring>
 #include <thread>
 
@@ -23,9 +24,13 @@ namespace {
 using namespace gpuq;
 using namespace gpuq::worker;
 
+// Kernels loaded and not yet unloaded, in the whole process.
+std::atomic<int> kernels_loaded{0};
+
 class FakeKernel : public SessionKernel {
  public:
-  explicit FakeKernel(std::string symbol) : symbol(std::move(symbol)) {}
+  explicit FakeKernel(std::string symbol) : symbol(std::move(symbol)) { ++kernels_loaded; }
+  ~FakeKernel() override { --kernels_loaded; }
   std::string symbol;
 };
 
@@ -144,7 +149,11 @@ class FakeSessionDevice : public SessionDevice {
     if (image.find(symbol) == std::string::npos) {
       return Status(Code::kNotFound, "no kernel '" + symbol + "' in the module");
     }
-    return std::shared_ptr<SessionKernel>(std::make_shared<FakeKernel>(symbol));
+    auto k = std::make_shared<FakeKernel>(symbol);
+    // For the tests that count what the process keeps loaded.
+    fprintf(stderr, "fake session: loaded %s, %d kernels loaded\n", symbol.c_str(),
+            kernels_loaded.load());
+    return std::shared_ptr<SessionKernel>(std::move(k));
   }
   StatusOr<std::unique_ptr<SessionPinned>> Pin(void*, uint64_t) override {
     return std::make_unique<SessionPinned>();

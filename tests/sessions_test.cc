@@ -10,6 +10,7 @@
 
 #include <gtest/gtest.h>
 
+#include <atomic>
 #include <chrono>
 #include <cstring>
 #include <filesystem>
@@ -1069,6 +1070,134 @@ TEST_F(SessionsTest, AClientThatReadsNothingCannotMakeItsProcessHoldMoreThanTheB
   }
 }
 
+// Kernels a session held when the process's bound of loaded kernels was
+// passed keep their place in its order, and are unloaded once let go (they
+// were forgotten, and stayed loaded for the life of the process).
+TEST_F(SessionsTest, KernelsHeldPastTheBoundAreUnloadedOnceLetGo) {
+  Start({"--session-kernels", "2"});
+  auto kernel = [](int i) {
+    SessionLaunch l;
+    l.kernel.source = "extern \"C\" __global__ void k" + std::to_string(i) + "() {}\n";
+    l.kernel.entry = "k" + std::to_string(i);
+    l.launch.grid = {1, 1, 1};
+    l.launch.block = {1, 1, 1};
+    return l;
+  };
+  // A session that stays open keeps the tenant's process.
+  auto keeper = Open();
+  ASSERT_TRUE(keeper.ok()) << keeper.status().ToString();
+  {
+    auto a = Open();
+    ASSERT_TRUE(a.ok()) << a.status().ToString();
+    for (int i = 1; i <= 5; ++i) {
+      auto r = (*a)->Launch(kernel(i));
+      ASSERT_TRUE(r.ok()) << r.status().ToString();
+    }
+    ASSERT_TRUE((*a)->Close().ok());
+  }
+  ASSERT_TRUE(WaitSessions(1));
+  auto b = Open();
+  ASSERT_TRUE(b.ok()) << b.status().ToString();
+  for (int i = 6; i <= 7; ++i) {
+    auto r = (*b)->Launch(kernel(i));
+    ASSERT_TRUE(r.ok()) << r.status().ToString();
+  }
+  // What the process held when it loaded k7: k5 and k6 (the two it keeps)
+  // and k7; k1 to k4 were let go with the first session.
+  const std::string log = Log();
+  const std::string line = "fake session: loaded k7, ";
+  const size_t at = log.rfind(line);
+  ASSERT_NE(at, std::string::npos) << log;
+  const int loaded = std::stoi(log.substr(at + line.size()));
+  EXPECT_LE(loaded, 3) << "kernels loaded when k7 was";
+}
+
+// Two sessions of one tenant launch the same kernel that does not compile,
+// at once: both hear why (the second heard that its session had ended).
+TEST_F(SessionsTest, ACompileFailureReachesEverySessionThatWaitedForIt) {
+  Start();
+  auto a = Open(), b = Open();
+  ASSERT_TRUE(a.ok() && b.ok());
+  SessionLaunch bad = Named("nothing", {});
+  bad.kernel.source = "extern \"C\" __global__ void nothing() { this is not CUDA }\n";
+  StatusOr<uint64_t> ra = Status(Code::kInternal, "not run"), rb = ra;
+  std::thread ta([&] { ra = (*a)->Launch(bad); });
+  std::thread tb([&] { rb = (*b)->Launch(bad); });
+  ta.join();
+  tb.join();
+  EXPECT_EQ(ra.status().code(), Code::kCompileError) << ra.status().ToString();
+  EXPECT_EQ(rb.status().code(), Code::kCompileError) << rb.status().ToString();
+  EXPECT_TRUE((*a)->Launch(Named("nothing_at_all", {})).status().code() == Code::kNotFound)
+      << "the sessions go on";
+}
+
+// A client that sends small requests without a pause (fills, which hold no
+// bytes) while it reads the answers: the answers come while it sends, and
+// the requests waiting for theirs hold no more than the bound (the process
+// answered nothing until the client paused, and held every request).
+TEST_F(SessionsTest, AClientThatNeverPausesHearsBackAndHoldsNoMoreThanTheBound) {
+  Start();
+  RawClient raw(broker_->client_endpoint());
+  auto opened = OpenRaw(raw);
+  ASSERT_TRUE(opened) << Log();
+  const json rows = Sessions();
+  ASSERT_EQ(rows.size(), 1u);
+  const pid_t process = rows[0]["pid"].get<pid_t>();
+  auto fd = Greeted(*opened);
+  ASSERT_TRUE(fd.ok()) << fd.status().ToString();
+  schema::SessionMessage alloc;
+  alloc.op = schema::SessionOp::kAlloc;
+  alloc.rid = 1;
+  alloc.size = 4096;
+  ASSERT_TRUE(WriteFrame(fd->get(), schema::EncodeSessionMessage(alloc)).ok());
+  auto allocated = ReadFrame(fd->get(), 1 << 20);
+  ASSERT_TRUE(allocated.ok()) << allocated.status().ToString();
+  schema::SessionMessage buffer;
+  ASSERT_TRUE(schema::DecodeSessionMessage(*allocated, schema::Limits{}, 0, &buffer).ok());
+  ASSERT_EQ(buffer.op, schema::SessionOp::kDone) << buffer.error;
+  constexpr uint64_t kFills = 500000;
+  std::string all;  // encoded first: the client sends faster than the process takes
+  for (uint64_t k = 0; k < kFills; ++k) {
+    schema::SessionMessage fill;
+    fill.op = schema::SessionOp::kFill;
+    fill.rid = 2 + k;
+    fill.buffer = buffer.buffer;
+    fill.size = 16;
+    fill.value = 7;
+    AppendFrame(&all, schema::EncodeSessionMessage(fill));
+  }
+  std::atomic<bool> sent{false};
+  std::thread sender([&] {
+    for (size_t done = 0; done < all.size();) {
+      const ssize_t w = send(fd->get(), all.data() + done, all.size() - done, MSG_NOSIGNAL);
+      if (w <= 0) return;
+      done += static_cast<size_t>(w);
+    }
+    sent = true;
+  });
+  bool first_while_sending = false;
+  for (uint64_t rid = 2; rid < 2 + kFills; ++rid) {
+    auto frame = ReadFrame(fd->get(), 1 << 20);
+    ASSERT_TRUE(frame.ok()) << frame.status().ToString();
+    if (rid == 2) first_while_sending = !sent.load();
+    schema::SessionMessage m;
+    ASSERT_TRUE(schema::DecodeSessionMessage(*frame, schema::Limits{}, 0, &m).ok());
+    ASSERT_EQ(m.rid, rid) << "in order";
+    ASSERT_EQ(m.op, schema::SessionOp::kDone) << m.error;
+  }
+  sender.join();
+  EXPECT_TRUE(first_while_sending) << "no answer until the client paused";
+  uint64_t peak = 0;
+  std::ifstream f("/proc/" + std::to_string(process) + "/status");
+  for (std::string line; std::getline(f, line);) {
+    if (line.rfind("VmHWM:", 0) == 0) peak = std::stoull(line.substr(6)) >> 10;
+  }
+  EXPECT_GT(peak, 0u);
+#if !defined(__SANITIZE_ADDRESS__) && !defined(__SANITIZE_THREAD__)
+  EXPECT_LT(peak, 200u) << "MiB resident at its peak";
+#endif
+}
+
 // More calls than the relay forwards at once, read late: those past the
 // bound are refused in their place, and the refusals wait for room in the
 // client's queue as answers do (a burst of them once overflowed ZeroMQ's
@@ -1153,6 +1282,22 @@ TEST_F(SessionsTest, ThroughTheBrokerTheCallsOfAnEndedRelayAreAnsweredAsRoomAllo
   ASSERT_EQ(rows.size(), 1u);
   const pid_t process = rows[0]["pid"].get<pid_t>();
   ASSERT_EQ(kill(process, SIGSTOP), 0);
+  // Stopped, not only signaled: a thread still on its way to the stop
+  // answered a call sent at once.
+  auto stopped = [&] {  // every thread of it
+    const std::string tasks = "/proc/" + std::to_string(process) + "/task";
+    for (const auto& t : std::filesystem::directory_iterator(tasks)) {
+      std::ifstream f(t.path() / "stat");
+      std::string stat((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+      const size_t at = stat.rfind(") ");
+      if (at == std::string::npos || at + 2 >= stat.size() || stat[at + 2] != 'T') return false;
+    }
+    return true;
+  };
+  for (int i = 0; i < 500 && !stopped(); ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  ASSERT_TRUE(stopped());
   constexpr uint64_t kCalls = 20000;  // twice what ZeroMQ queues for a connection
   for (uint64_t k = 2; k <= kCalls; ++k) free_call(k);
   schema::ClientRequest stats;
@@ -1161,7 +1306,7 @@ TEST_F(SessionsTest, ThroughTheBrokerTheCallsOfAnEndedRelayAreAnsweredAsRoomAllo
   raw.Send(stats);
   auto taken = raw.Receive(std::chrono::seconds(120));
   ASSERT_TRUE(taken) << Log();
-  ASSERT_EQ(taken->header.rid, kCalls + 10) << "every call was taken";
+  ASSERT_EQ(taken->header.rid, kCalls + 10) << "every call was taken; got " << schema::ReplyOpName(taken->header.op) << " " << taken->header.error;
   ASSERT_EQ(kill(process, SIGKILL), 0);
   std::this_thread::sleep_for(std::chrono::seconds(1));  // read late
   uint64_t lost = 0;

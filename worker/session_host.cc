@@ -41,7 +41,6 @@ constexpr int64_t kHelloMs = 5000;   // how long one may take to say it
 constexpr size_t kRingBytes = 256u << 10;  // each way, for a client that asks for rings
 // A sleeping side of the rings checks its socket (for the peer's end) this often.
 constexpr std::chrono::microseconds kRingSlice{20000};
-constexpr size_t kMaxModules = 256;  // kernels kept loaded (oldest dropped)
 constexpr size_t kMaxKernelRefs = 1024;  // kernel handles per session
 constexpr uint64_t kAnnounceEvery = 64;   // requests between end-word writes at most
 constexpr size_t kBatch = 32;             // requests decoded before they are handled
@@ -50,6 +49,12 @@ constexpr size_t kBatch = 32;             // requests decoded before they are ha
 // their copies, launches' own buffers), a session reads no more requests
 // until its client takes answers.
 constexpr uint64_t kMaxUnread = 64u << 20;
+// What a request waiting for its answer counts toward that bound besides
+// its bytes: its entry (about 700 bytes) and its answer.
+constexpr uint64_t kEntryBytes = 1024;
+// Requests waiting for answers past which the GPU is asked what has ended
+// on every turn, requests or not.
+constexpr size_t kCompleteEvery = 256;
 constexpr size_t kMaxAttached = 16;       // regions attached to a session
 // A session's thread polls at least this long after a request or an answer.
 constexpr std::chrono::microseconds kPollAfter{30};
@@ -244,6 +249,7 @@ class SessionHost::Impl {
     std::shared_ptr<SessionKernel> kernel;
     Status failed;
     bool ready = false;
+    int waiters = 0;  // sessions' threads waiting for it in Kernel()
   };
 
   static int64_t NowNs() { return Clock::now().time_since_epoch().count(); }
@@ -306,7 +312,10 @@ class SessionHost::Impl {
   // the head first. False after a fault.
   bool Complete(Session& s, bool wait);
   void Push(Session& s, Entry e) {
-    e.host = e.bytes.size();
+    // The entry itself counts too (its reply, its mark): a client that
+    // sends small requests faster than they are answered (fills, frees)
+    // holds no more than the bound of them.
+    e.host = kEntryBytes + e.reply.error.size() + e.bytes.size();
     for (const HostBytes& b : e.ins) e.host += b.size();
     for (const HostBytes& b : e.outs) e.host += b.size();
     s.holding += e.host;
@@ -793,8 +802,9 @@ void SessionHost::Impl::Serve(Session* sp) {
     if (open && Takes(s)) open = Read(s);
     const bool took = s.requests != before;
     // New requests first: launches are enqueued before the GPU is asked
-    // what has ended (the answers come on a turn that took none).
-    if (!took && !Complete(s, false)) return;
+    // what has ended (the answers come on a turn that took none, or once
+    // kCompleteEvery wait: a client that never pauses still hears back).
+    if ((!took || s.pending.size() >= kCompleteEvery) && !Complete(s, false)) return;
     // Answers given this turn or on the last (by a wait): poll on.
     if (took || s.answered != answered) {
       spin_until = Clock::now() + poll_for;
@@ -1188,24 +1198,36 @@ StatusOr<std::shared_ptr<SessionKernel>> SessionHost::Impl::Kernel(Session& s,
     compiling_[c.rid] = key;
     Control(c);
   }
+  // Counted while it waits: neither the eviction nor another waiter takes
+  // the entry (a failure told to the first waiter only left the others
+  // saying their session had ended).
+  ++it->second.waiters;
+  bool doomed = false;
   for (;;) {
     auto m = modules_.find(key);
     if (m == modules_.end() || m->second.ready || s.stop.load()) break;
     // The run-time limit's end (Doom) does not wake this wait: look.
-    if (doomed_.load()) return Error(Code::kSessionLost, "the session's process is ending");
+    if (doomed_.load()) {
+      doomed = true;
+      break;
+    }
     (void)modules_cv_.WaitUntil(Clock::now() + std::chrono::milliseconds(20));
   }
   it = modules_.find(key);
+  if (it != modules_.end()) --it->second.waiters;
+  if (doomed) return Error(Code::kSessionLost, "the session's process is ending");
   if (it == modules_.end() || !it->second.ready) {
     return Error(Code::kUnavailable, "the session ended while its kernel compiled");
   }
   Module& mod = it->second;
   if (!mod.failed.ok()) {
     // Failures are not kept: a later launch asks again (the broker's cache
-    // answers a failed compile at once).
+    // answers a failed compile at once). The last waiter drops it.
     Status failed = mod.failed;
-    modules_.erase(it);
-    std::erase(module_order_, key);
+    if (mod.waiters == 0) {
+      modules_.erase(it);
+      std::erase(module_order_, key);
+    }
     return failed;
   }
   return mod.kernel;
@@ -1430,14 +1452,25 @@ void SessionHost::Impl::OnModule(SessionMessage& m) {
     it->second.failed = failed;
     it->second.kernel = std::move(kernel);
   }
-  // Kernels no session holds are dropped, oldest first.
-  while (module_order_.size() > kMaxModules) {
-    auto old = modules_.find(module_order_.front());
-    if (old != modules_.end() && old->second.ready && old->second.kernel.use_count() == 1) {
+  // Kernels no session holds are dropped, oldest first; those held (by a
+  // session, as its last kernel or by a handle), compiling or waited for
+  // keep their place, to be dropped once let go (they were forgotten here,
+  // and stayed loaded for the life of the process).
+  for (auto at = module_order_.begin();
+       module_order_.size() > opt_.max_modules && at != module_order_.end();) {
+    auto old = modules_.find(*at);
+    if (old == modules_.end()) {
+      at = module_order_.erase(at);
+      continue;
+    }
+    const Module& mod = old->second;
+    if (mod.ready && mod.waiters == 0 && mod.kernel.use_count() <= 1) {
       dropped.push_back(std::move(old->second.kernel));
       modules_.erase(old);
+      at = module_order_.erase(at);
+      continue;
     }
-    module_order_.pop_front();
+    ++at;
   }
   modules_cv_.SignalAll();
 }
@@ -1655,6 +1688,8 @@ int SessionProcessMain(int argc, char** argv, const OpenSessionDevice& open) {
   app.add_option("--spin-us", spin_us, "completion threads poll this long before sleeping");
   app.add_option("--max-data-mb", max_data_mb, "a write's or a read's bytes, at most");
   app.add_option("--max-attach-mb", max_attach_mb, "host memory a session may attach");
+  app.add_option("--max-kernels", o.max_modules, "kernels kept loaded, oldest unheld dropped")
+      ->check(CLI::Range(size_t{1}, size_t{1} << 20));
   CLI11_PARSE(app, argc, argv);
   o.max_attach = max_attach_mb << 20;
   o.spin = std::chrono::microseconds(spin_us);

@@ -28,6 +28,7 @@ struct SessionHostOptions {
   size_t max_data = 256u << 20;       // a write's or a read's bytes
   uint64_t max_attach = 4ull << 30;   // host memory attached to a session, in all
   std::chrono::microseconds spin{0};  // completion threads poll this long before sleeping
+  size_t max_modules = 256;           // kernels kept loaded that no session holds, oldest dropped
 };
 
 class SessionHost {
@@ -44,7 +45,7 @@ class SessionHost {
 };
 
 // A session process's main: its command line (--control-fd, --socket,
-// --tenant, --device, --spin-us, --max-data-mb, --max-attach-mb, as the
+// --tenant, --device, --spin-us, --max-data-mb, --max-attach-mb, --max-kernels, as the
 // broker starts it),
 // its device from `open`, and Run(). Returns the exit code.
 using OpenSessionDevice = std::function<StatusOr<std::unique_ptr<SessionDevice>>(
