@@ -359,8 +359,10 @@ class GpuWorker::Impl {
   bool stopping_ = false;                    // GUARDED_BY(mu_)
   std::vector<std::thread> executors_;
 
-  // Jobs received and not yet answered (main thread only).
-  std::map<uint64_t, std::shared_ptr<Task>> inflight_;
+  // Jobs received and not yet answered (main thread only), by id and
+  // attempt: a worker that registered again may hold two attempts of one
+  // job (the broker sent it again), each with its own time limit.
+  std::map<std::pair<uint64_t, uint32_t>, std::shared_ptr<Task>> inflight_;
   std::string name_;
 };
 
@@ -1257,7 +1259,7 @@ void GpuWorker::Impl::OnBrokerMessage(std::vector<zmq::message_t>& frames) {
   }
   task->job = std::move(m);
   task->frames = std::move(frames);
-  inflight_[task->job.id] = task;
+  inflight_[{task->job.id, task->job.attempt}] = task;
   if (!missing.empty()) {
     Done d;
     d.task = task;
@@ -1290,7 +1292,7 @@ void GpuWorker::Impl::Finish(Done& d) {
     Leave(kExitFault, "sticky CUDA error with " + std::to_string(inflight_.size()) +
                           " jobs in flight: " + what);
   }
-  inflight_.erase(d.result.id);
+  inflight_.erase({d.result.id, d.result.attempt});
   Send(d.result, &d.data);
 }
 
@@ -1345,7 +1347,8 @@ int GpuWorker::Impl::Run() {
     const auto now = Clock::now();
     if (!done.empty()) last_activity = now;
     // Run-time limits: a kernel cannot be stopped from inside the process.
-    for (const auto& [id, t] : inflight_) {
+    for (const auto& [key, t] : inflight_) {
+      const uint64_t id = key.first;
       const int64_t started = t->started_ns.load();
       if (!started || !t->job.time_limit_ms) continue;
       const auto ran = now - Clock::time_point(Clock::duration(started));

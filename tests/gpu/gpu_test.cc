@@ -3,6 +3,7 @@
 // reference on fresh random inputs. Where there is no GPU (CI), every test
 // reports itself skipped.
 #include <gtest/gtest.h>
+#include <signal.h>
 
 #include <filesystem>
 
@@ -385,6 +386,66 @@ TEST_F(GpuTest, ARunawayKernelTimesOutAloneAndTheGpuServesAgain) {
               "job %.0f ms after the timeout\n",
               std::chrono::duration<double, std::milli>(timed_out - submitted).count(),
               std::chrono::duration<double, std::milli>(Clock::now() - timed_out).count());
+}
+
+// A worker of one stream that registers again while a runaway kernel of its
+// runs (the broker was stopped, so silent) is sent that job again: a second
+// attempt of the same id, waiting behind the first. The first attempt keeps
+// its run-time limit, and the worker ends itself at it (the second attempt
+// took the first one's place in the worker's books, and the stream stayed
+// taken for good).
+class GpuOneStreamTest : public testing::GpuFixture {
+ protected:
+  static void SetUpTestSuite() { StartBroker("0"); }
+  static void TearDownTestSuite() { StopBroker(); }
+  testing::Process StartWorker() {
+    return testing::Process::Start(
+        {testing::BinPath("gpuq-worker"), "--broker", broker_->worker_endpoint(), "--device", "0",
+         "--streams", "1", "--slots", "4", "--heartbeat-ms", "300"},
+        dir_->File("gpuqd.log"));
+  }
+  bool WaitDevices(size_t n) {
+    for (int i = 0; i < 600; ++i) {
+      auto d = client_->Devices();
+      if (d.ok() && d->size() == n) return true;
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+    return false;
+  }
+};
+
+TEST_F(GpuOneStreamTest, ARunawayAttemptKeepsItsLimitWhenItsJobIsSentAgain) {
+  testing::Process worker = StartWorker();
+  ASSERT_TRUE(WaitDevices(1)) << Log();
+  JobRequest j = Kernel(kRunaway, "runaway", {1, 1, 1}, {1, 1, 1});
+  j.spec.args = {Arg::Out(4)};
+  j.spec.time_limit_ms = 6000;
+  auto id = client_->Submit(j);
+  ASSERT_TRUE(id.ok()) << id.status().ToString();
+  bool dispatched = false;
+  for (int i = 0; i < 500 && !dispatched; ++i) {
+    auto st = client_->GetStatus(*id);
+    dispatched = st.ok() && st->state == JobState::kDispatched;
+    if (!dispatched) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  ASSERT_TRUE(dispatched);
+  std::this_thread::sleep_for(std::chrono::milliseconds(500));  // running
+  const pid_t broker = broker_->process().pid();
+  ASSERT_EQ(kill(broker, SIGSTOP), 0);
+  std::this_thread::sleep_for(std::chrono::seconds(2));  // the worker hears nothing: ready again
+  ASSERT_EQ(kill(broker, SIGCONT), 0);
+  const int status = worker.Wait(Millis(30000));
+  EXPECT_NE(status, -1) << "the worker still runs the runaway kernel, 30 s on";
+  if (status == -1) worker.Kill();
+  auto r = client_->Wait(*id, Millis(120000));
+  ASSERT_TRUE(r.ok()) << r.status().ToString();
+  EXPECT_EQ(r->state, JobState::kFailed) << r->error;
+  std::printf("a runaway job sent again: %s: %s\n", CodeName(r->code).data(), r->error.c_str());
+  // A new worker serves the GPU.
+  testing::Process next = StartWorker();
+  ASSERT_TRUE(WaitDevices(1)) << Log();
+  auto after = Run(Spin(1000));
+  EXPECT_EQ(after.state, JobState::kDone) << after.error;
 }
 
 // ------------------------------------------------------------ several GPUs
