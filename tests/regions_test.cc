@@ -66,6 +66,15 @@ class RegionsTest : public BrokerTest {
     EXPECT_TRUE(ok.ok() && *ok) << ok.status().ToString();
     return r;
   }
+  // Whether a job that writes `range` is taken within `tries` turns of 10 ms
+  // (no unfinished job, or lost attempt, holds those bytes).
+  bool TakenWithin(Client& c, const Arg& range, int tries, const std::string& entry = "k") {
+    for (int i = 0; i < tries; ++i) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+      if (c.Submit(RegionJob({range}, entry)).ok()) return true;
+    }
+    return false;
+  }
   nlohmann::json Stats(Client& c) {
     auto s = c.Stats();
     EXPECT_TRUE(s.ok());
@@ -442,13 +451,7 @@ TEST_F(RegionsTest, ACanceledJobsRangesStayTakenUntilItsWorkerAnswers) {
   ASSERT_FALSE(early.ok()) << "the canceled attempt may still write these bytes";
   EXPECT_NE(early.status().message().find("overlaps"), std::string::npos);
   // The slow job ends on the worker (100 ms): then the bytes are free.
-  bool taken = false;
-  for (int i = 0; i < 200 && !taken; ++i) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(10));
-    auto again = c->Submit(RegionJob({r.Out(0, 100)}, "hang"));
-    if (again.ok()) taken = true;
-  }
-  ASSERT_TRUE(taken);
+  ASSERT_TRUE(TakenWithin(*c, r.Out(0, 100), 200, "hang"));
   // A job that hangs, canceled: its worker never answers, so its bytes stay
   // taken until the broker knows the worker's process is gone.
   const nlohmann::json stats = Stats(*c);
@@ -463,12 +466,8 @@ TEST_F(RegionsTest, ACanceledJobsRangesStayTakenUntilItsWorkerAnswers) {
   ASSERT_TRUE(c->Cancel(*hang_id).ok());
   EXPECT_FALSE(c->Submit(RegionJob({r.Out(50, 10)})).ok());
   worker.Kill();
-  bool freed = false;
-  for (int i = 0; i < 300 && !freed; ++i) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(10));
-    freed = c->Submit(RegionJob({r.Out(50, 10)})).ok();
-  }
-  EXPECT_TRUE(freed) << "a lost worker's held ranges are free again";
+  EXPECT_TRUE(TakenWithin(*c, r.Out(50, 10), 300))
+      << "a lost worker's held ranges are free again";
 }
 
 // A worker the broker gives up on while its process lives on (stopped, so
@@ -497,12 +496,8 @@ TEST_F(RegionsTest, AWorkerLostWhileItLivesOnHoldsItsRangesUntilItsProcessEnds) 
   EXPECT_NE(early.status().message().find("overlaps"), std::string::npos)
       << early.status().ToString();
   worker.Kill();
-  bool freed = false;
-  for (int i = 0; i < 500 && !freed; ++i) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(10));
-    freed = c->Submit(RegionJob({r.Out(50, 10)})).ok();
-  }
-  EXPECT_TRUE(freed) << "the ranges of a worker whose process is gone are free again";
+  EXPECT_TRUE(TakenWithin(*c, r.Out(50, 10), 500))
+      << "the ranges of a worker whose process is gone are free again";
 }
 
 // A worker that reads nothing of its channel (stopped) while a client

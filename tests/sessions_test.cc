@@ -130,6 +130,46 @@ class SessionsTest : public BrokerTest {
     r.token = session.header.token;
     raw.Send(r, {frame});
   }
+  // A session opened by a raw client, its process, and a connection to the
+  // process that has said hello.
+  struct Direct {
+    std::unique_ptr<RawClient> raw;
+    pid_t process = -1;
+    UniqueFd fd;
+  };
+  void OpenDirect(Direct* d) {
+    d->raw = std::make_unique<RawClient>(broker_->client_endpoint());
+    auto opened = OpenRaw(*d->raw);
+    ASSERT_TRUE(opened) << Log();
+    const json rows = Sessions();
+    ASSERT_EQ(rows.size(), 1u);
+    d->process = rows[0]["pid"].get<pid_t>();
+    auto fd = Greeted(*opened);
+    ASSERT_TRUE(fd.ok()) << fd.status().ToString();
+    d->fd = std::move(*fd);
+  }
+  // A buffer of `size` bytes allocated on the greeted connection `fd`: its handle.
+  static void AllocRaw(int fd, uint64_t size, uint64_t* buffer) {
+    schema::SessionMessage alloc;
+    alloc.op = schema::SessionOp::kAlloc;
+    alloc.rid = 1;
+    alloc.size = size;
+    ASSERT_TRUE(WriteFrame(fd, schema::EncodeSessionMessage(alloc)).ok());
+    auto allocated = ReadFrame(fd, 1 << 20);
+    ASSERT_TRUE(allocated.ok()) << allocated.status().ToString();
+    schema::SessionMessage m;
+    ASSERT_TRUE(schema::DecodeSessionMessage(*allocated, schema::Limits{}, 0, &m).ok());
+    ASSERT_EQ(m.op, schema::SessionOp::kDone) << m.error;
+    *buffer = m.buffer;
+  }
+  // The peak of a process's resident memory, in MiB.
+  static uint64_t PeakMib(pid_t process) {
+    std::ifstream f("/proc/" + std::to_string(process) + "/status");
+    for (std::string line; std::getline(f, line);) {
+      if (line.rfind("VmHWM:", 0) == 0) return std::stoull(line.substr(6)) >> 10;
+    }
+    return 0;
+  }
   // A connection to the session's process that has said hello (no rings).
   static StatusOr<UniqueFd> Greeted(const RawClient::Reply& session) {
     auto fd = ConnectStream(session.header.path);
@@ -1013,43 +1053,23 @@ TEST_F(SessionsTest, ARegionDetachedWhileACopyHoldsItCountsUntilItIsLetGo) {
 // so 32 reads of 16 MiB never held unread cost it about 512 MiB twice over.
 TEST_F(SessionsTest, AClientThatReadsNothingCannotMakeItsProcessHoldMoreThanTheBound) {
   Start();
-  RawClient raw(broker_->client_endpoint());
-  auto opened = OpenRaw(raw);
-  ASSERT_TRUE(opened) << Log();
-  const json rows = Sessions();
-  ASSERT_EQ(rows.size(), 1u);
-  const pid_t process = rows[0]["pid"].get<pid_t>();
-  auto fd = Greeted(*opened);
-  ASSERT_TRUE(fd.ok()) << fd.status().ToString();
+  Direct d;
+  ASSERT_NO_FATAL_FAILURE(OpenDirect(&d));
+  const int fd = d.fd.get();
   constexpr uint64_t kSize = 16 << 20, kReads = 32;
-  schema::SessionMessage alloc;
-  alloc.op = schema::SessionOp::kAlloc;
-  alloc.rid = 1;
-  alloc.size = kSize;
-  ASSERT_TRUE(WriteFrame(fd->get(), schema::EncodeSessionMessage(alloc)).ok());
-  auto allocated = ReadFrame(fd->get(), 1 << 20);
-  ASSERT_TRUE(allocated.ok()) << allocated.status().ToString();
-  schema::SessionMessage buffer;
-  ASSERT_TRUE(schema::DecodeSessionMessage(*allocated, schema::Limits{}, 0, &buffer).ok());
-  ASSERT_EQ(buffer.op, schema::SessionOp::kDone) << buffer.error;
+  uint64_t buffer = 0;
+  ASSERT_NO_FATAL_FAILURE(AllocRaw(fd, kSize, &buffer));
   for (uint64_t k = 0; k < kReads; ++k) {
     schema::SessionMessage read;
     read.op = schema::SessionOp::kRead;
     read.rid = 2 + k;
-    read.buffer = buffer.buffer;
+    read.buffer = buffer;
     read.size = kSize;
-    ASSERT_TRUE(WriteFrame(fd->get(), schema::EncodeSessionMessage(read)).ok());
+    ASSERT_TRUE(WriteFrame(fd, schema::EncodeSessionMessage(read)).ok());
   }
   // Its peak of resident memory while nothing is read.
-  auto peak_mib = [&] {
-    std::ifstream f("/proc/" + std::to_string(process) + "/status");
-    for (std::string line; std::getline(f, line);) {
-      if (line.rfind("VmHWM:", 0) == 0) return std::stoull(line.substr(6)) >> 10;
-    }
-    return 0ull;
-  };
   std::this_thread::sleep_for(std::chrono::seconds(1));
-  const uint64_t peak = peak_mib();
+  const uint64_t peak = PeakMib(d.process);
   EXPECT_GT(peak, 0u);
 #if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
   // A sanitizer's process holds more than it uses (freed memory held back,
@@ -1060,7 +1080,7 @@ TEST_F(SessionsTest, AClientThatReadsNothingCannotMakeItsProcessHoldMoreThanTheB
 #endif
   // Every answer comes, in order, whole.
   for (uint64_t rid = 2; rid <= 1 + kReads; ++rid) {
-    auto frame = ReadFrame(fd->get(), 64 << 20);
+    auto frame = ReadFrame(fd, 64 << 20);
     ASSERT_TRUE(frame.ok()) << frame.status().ToString();
     schema::SessionMessage m;
     ASSERT_TRUE(schema::DecodeSessionMessage(*frame, schema::Limits{}, 64 << 20, &m).ok());
@@ -1137,31 +1157,18 @@ TEST_F(SessionsTest, ACompileFailureReachesEverySessionThatWaitedForIt) {
 // answered nothing until the client paused, and held every request).
 TEST_F(SessionsTest, AClientThatNeverPausesHearsBackAndHoldsNoMoreThanTheBound) {
   Start();
-  RawClient raw(broker_->client_endpoint());
-  auto opened = OpenRaw(raw);
-  ASSERT_TRUE(opened) << Log();
-  const json rows = Sessions();
-  ASSERT_EQ(rows.size(), 1u);
-  const pid_t process = rows[0]["pid"].get<pid_t>();
-  auto fd = Greeted(*opened);
-  ASSERT_TRUE(fd.ok()) << fd.status().ToString();
-  schema::SessionMessage alloc;
-  alloc.op = schema::SessionOp::kAlloc;
-  alloc.rid = 1;
-  alloc.size = 4096;
-  ASSERT_TRUE(WriteFrame(fd->get(), schema::EncodeSessionMessage(alloc)).ok());
-  auto allocated = ReadFrame(fd->get(), 1 << 20);
-  ASSERT_TRUE(allocated.ok()) << allocated.status().ToString();
-  schema::SessionMessage buffer;
-  ASSERT_TRUE(schema::DecodeSessionMessage(*allocated, schema::Limits{}, 0, &buffer).ok());
-  ASSERT_EQ(buffer.op, schema::SessionOp::kDone) << buffer.error;
+  Direct d;
+  ASSERT_NO_FATAL_FAILURE(OpenDirect(&d));
+  const int fd = d.fd.get();
+  uint64_t buffer = 0;
+  ASSERT_NO_FATAL_FAILURE(AllocRaw(fd, 4096, &buffer));
   constexpr uint64_t kFills = 500000;
   std::string all;  // encoded first: the client sends faster than the process takes
   for (uint64_t k = 0; k < kFills; ++k) {
     schema::SessionMessage fill;
     fill.op = schema::SessionOp::kFill;
     fill.rid = 2 + k;
-    fill.buffer = buffer.buffer;
+    fill.buffer = buffer;
     fill.size = 16;
     fill.value = 7;
     AppendFrame(&all, schema::EncodeSessionMessage(fill));
@@ -1169,7 +1176,7 @@ TEST_F(SessionsTest, AClientThatNeverPausesHearsBackAndHoldsNoMoreThanTheBound) 
   std::atomic<bool> sent{false};
   std::thread sender([&] {
     for (size_t done = 0; done < all.size();) {
-      const ssize_t w = send(fd->get(), all.data() + done, all.size() - done, MSG_NOSIGNAL);
+      const ssize_t w = send(fd, all.data() + done, all.size() - done, MSG_NOSIGNAL);
       if (w <= 0) return;
       done += static_cast<size_t>(w);
     }
@@ -1177,7 +1184,7 @@ TEST_F(SessionsTest, AClientThatNeverPausesHearsBackAndHoldsNoMoreThanTheBound) 
   });
   bool first_while_sending = false;
   for (uint64_t rid = 2; rid < 2 + kFills; ++rid) {
-    auto frame = ReadFrame(fd->get(), 1 << 20);
+    auto frame = ReadFrame(fd, 1 << 20);
     ASSERT_TRUE(frame.ok()) << frame.status().ToString();
     if (rid == 2) first_while_sending = !sent.load();
     schema::SessionMessage m;
@@ -1187,11 +1194,7 @@ TEST_F(SessionsTest, AClientThatNeverPausesHearsBackAndHoldsNoMoreThanTheBound) 
   }
   sender.join();
   EXPECT_TRUE(first_while_sending) << "no answer until the client paused";
-  uint64_t peak = 0;
-  std::ifstream f("/proc/" + std::to_string(process) + "/status");
-  for (std::string line; std::getline(f, line);) {
-    if (line.rfind("VmHWM:", 0) == 0) peak = std::stoull(line.substr(6)) >> 10;
-  }
+  const uint64_t peak = PeakMib(d.process);
   EXPECT_GT(peak, 0u);
 #if !defined(__SANITIZE_ADDRESS__) && !defined(__SANITIZE_THREAD__)
   EXPECT_LT(peak, 200u) << "MiB resident at its peak";
