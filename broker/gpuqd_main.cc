@@ -149,6 +149,10 @@ int main(int argc, char** argv) {
   app.add_option("--session-attach-mb", o.sessions.max_attach_mb,
                  "Host memory (regions) a session may attach, page-locked while attached")
       ->capture_default_str();
+  app.add_option("--max-session-processes", o.sessions.processes,
+                 "Session processes at once (one per tenant with a session on a GPU), in all")
+      ->check(CLI::Range(size_t{1}, size_t{4096}))
+      ->capture_default_str();
   app.add_option("--session-kernels", o.sessions.max_kernels,
                  "Kernels a session process keeps loaded that no session holds (oldest dropped)")
       ->check(CLI::Range(uint64_t{1}, uint64_t{1} << 20))

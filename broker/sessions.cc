@@ -144,6 +144,16 @@ void SessionServer::Open(const RequestContext& ctx, const schema::SessionSpec& s
   if (auto it = hosts_.find(key); it != hosts_.end()) {
     host = &it->second;
   } else {
+    // Each tenant with a session on a GPU has a process there, and a CUDA
+    // context in it; on ipc a tenant is the caller's word, so the processes
+    // are bounded in all (those ending count until they are gone).
+    if (hosts_.size() + exiting_.size() >= limits_.processes) {
+      return core_.ReplyError(
+          ctx, Error(Code::kResourceExhausted,
+                     "the broker runs " + std::to_string(hosts_.size() + exiting_.size()) +
+                         " session processes, its limit in all (--max-session-processes " +
+                         std::to_string(limits_.processes) + ")"));
+    }
     auto started = Start(tenant, best->device.uuid, best->arch);
     if (!started.ok()) return core_.ReplyError(ctx, started.status());
     host = *started;

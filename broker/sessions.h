@@ -41,6 +41,7 @@ class BrokerCore;
 
 struct SessionLimits {
   uint32_t per_tenant = 16;                // sessions open at once
+  size_t processes = 64;                   // session processes at once, whatever the tenants
   uint64_t bytes_per_tenant = 64ull << 30; // device memory across a tenant's sessions
   uint64_t default_memory = 1ull << 30;    // a session that does not say
   uint64_t default_idle_ms = 5 * 60 * 1000;

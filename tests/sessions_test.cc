@@ -1090,6 +1090,30 @@ TEST_F(SessionsTest, AClientThatReadsNothingCannotMakeItsProcessHoldMoreThanTheB
   }
 }
 
+// Each tenant with a session on a GPU has a process there (a CUDA context);
+// on ipc a tenant is the caller's word, so the processes are bounded in all.
+TEST_F(SessionsTest, SessionProcessesAreBoundedWhateverTheTenants) {
+  Start({"--max-session-processes", "2"});
+  auto a = Open("a");
+  auto b = Open("b");
+  ASSERT_TRUE(a.ok() && b.ok());
+  auto c = Open("c");
+  ASSERT_FALSE(c.ok());
+  EXPECT_EQ(c.status().code(), Code::kResourceExhausted);
+  EXPECT_NE(c.status().message().find("--max-session-processes"), std::string::npos)
+      << c.status().ToString();
+  auto more = Open("a");  // a tenant's process already there takes another session
+  ASSERT_TRUE(more.ok()) << more.status().ToString();
+  // Once b's process has gone, c has its own.
+  ASSERT_TRUE((*b)->Close().ok());
+  bool opened = false;
+  for (int i = 0; i < 500 && !opened; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    opened = Open("c").ok();
+  }
+  EXPECT_TRUE(opened) << Log();
+}
+
 // Kernels a session held when the process's bound of loaded kernels was
 // passed keep their place in its order, and are unloaded once let go (they
 // were forgotten, and stayed loaded for the life of the process).
