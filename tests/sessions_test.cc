@@ -170,6 +170,26 @@ class SessionsTest : public BrokerTest {
     }
     return 0;
   }
+  // Sends SIGSTOP and waits until every thread of `process` has stopped:
+  // one still on its way to the stop answered a call sent at once.
+  static bool Stop(pid_t process) {
+    if (kill(process, SIGSTOP) != 0) return false;
+    auto stopped = [&] {
+      const std::string tasks = "/proc/" + std::to_string(process) + "/task";
+      for (const auto& t : std::filesystem::directory_iterator(tasks)) {
+        std::ifstream f(t.path() / "stat");
+        std::string stat((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+        const size_t at = stat.rfind(") ");
+        if (at == std::string::npos || at + 2 >= stat.size() || stat[at + 2] != 'T') return false;
+      }
+      return true;
+    };
+    for (int i = 0; i < 500; ++i) {
+      if (stopped()) return true;
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+    return false;
+  }
   // A connection to the session's process that has said hello (no rings).
   static StatusOr<UniqueFd> Greeted(const RawClient::Reply& session) {
     auto fd = ConnectStream(session.header.path);
@@ -1249,7 +1269,7 @@ TEST_F(SessionsTest, ThroughTheBrokerRefusalsWaitForRoomAsAnswersDo) {
   const json rows = Sessions();
   ASSERT_EQ(rows.size(), 1u);
   const pid_t process = rows[0]["pid"].get<pid_t>();
-  ASSERT_EQ(kill(process, SIGSTOP), 0);
+  ASSERT_TRUE(Stop(process));
   constexpr uint64_t kCalls = 90000;  // past the 65,536 forwarded at once
   for (uint64_t k = 2; k <= kCalls; ++k) free_call(k);
   // A request of the same connection after them: its answer says the
@@ -1308,23 +1328,7 @@ TEST_F(SessionsTest, ThroughTheBrokerTheCallsOfAnEndedRelayAreAnsweredAsRoomAllo
   const json rows = Sessions();
   ASSERT_EQ(rows.size(), 1u);
   const pid_t process = rows[0]["pid"].get<pid_t>();
-  ASSERT_EQ(kill(process, SIGSTOP), 0);
-  // Stopped, not only signaled: a thread still on its way to the stop
-  // answered a call sent at once.
-  auto stopped = [&] {  // every thread of it
-    const std::string tasks = "/proc/" + std::to_string(process) + "/task";
-    for (const auto& t : std::filesystem::directory_iterator(tasks)) {
-      std::ifstream f(t.path() / "stat");
-      std::string stat((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
-      const size_t at = stat.rfind(") ");
-      if (at == std::string::npos || at + 2 >= stat.size() || stat[at + 2] != 'T') return false;
-    }
-    return true;
-  };
-  for (int i = 0; i < 500 && !stopped(); ++i) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(10));
-  }
-  ASSERT_TRUE(stopped());
+  ASSERT_TRUE(Stop(process));
   constexpr uint64_t kCalls = 20000;  // twice what ZeroMQ queues for a connection
   for (uint64_t k = 2; k <= kCalls; ++k) free_call(k);
   schema::ClientRequest stats;
@@ -1388,7 +1392,7 @@ TEST_F(SessionsTest, ThroughTheBrokerAProcessThatGoesWithRequestsUnwrittenSaysWh
   // process has gone (a zombie: the broker reaps it), so that it finds the
   // process's words, its end and a failing write all at once.
   std::this_thread::sleep_for(std::chrono::milliseconds(100));
-  ASSERT_EQ(kill(broker_->process().pid(), SIGSTOP), 0);
+  ASSERT_TRUE(Stop(broker_->process().pid()));
   auto state = [&] {
     std::ifstream f("/proc/" + std::to_string(process) + "/stat");
     std::string line;
