@@ -578,7 +578,10 @@ TEST_F(BrokerTest, GpuqTopShowsTheLiveQueueInATerminal) {
   if (testing::RunProgram({"/bin/sh", "-c", "command -v tmux >/dev/null"}) != 0) {
     GTEST_SKIP() << "tmux is not installed";
   }
-  AddWorker({"--slots", "1", "--delay-us", "20000"});
+  // Heartbeats of 1 s both ways: on a loaded machine a worker silent for
+  // 3 x 100 ms was declared lost, and the view showed no worker.
+  ASSERT_TRUE(StartBroker({"--heartbeat-ms", "1000"})) << Log();
+  AddWorker({"--slots", "1", "--delay-us", "20000", "--heartbeat-ms", "1000"});
   auto c = Connect();
   ASSERT_TRUE(WaitForWorkers(*c, 1));
   for (int i = 0; i < 30; ++i) {
@@ -598,7 +601,8 @@ TEST_F(BrokerTest, GpuqTopShowsTheLiveQueueInATerminal) {
     std::this_thread::sleep_for(std::chrono::milliseconds(100));
     testing::RunProgram({"/bin/sh", "-c", tmux + " capture-pane -p -t top"}, &screen);
     if (screen.find("guest-7") != std::string::npos &&
-        screen.find("throughput") != std::string::npos) {
+        screen.find("throughput") != std::string::npos &&
+        screen.find("fake:") != std::string::npos) {
       break;
     }
   }
