@@ -358,6 +358,10 @@ void BrokerCore::FetchResult(const RequestContext& ctx, uint64_t id) {
     f.waiting.emplace_back(ctx, id);
     return;
   }
+  ReadResult(ctx, id);
+}
+
+void BrokerCore::ReadResult(const RequestContext& ctx, uint64_t id) {
   ReadOp& read = ReadFor(ctx, ReadOp::Kind::kResult, id, kReadResult);
   read.client_local = LocalClients();
   read.max_bytes = ReplyBudget(ctx.conn);
@@ -371,10 +375,7 @@ void BrokerCore::NextFetch(const ConnectionRef& conn) {
     auto [ctx, id] = std::move(f.waiting.front());
     f.waiting.pop_front();
     if (!connections_.Sendable(ctx.conn)) continue;  // no one to answer
-    ReadOp& read = ReadFor(ctx, ReadOp::Kind::kResult, id, kReadResult);
-    read.client_local = LocalClients();
-    read.max_bytes = ReplyBudget(ctx.conn);
-    return;
+    return ReadResult(ctx, id);
   }
   fetches_.erase(it);
 }

@@ -240,7 +240,9 @@ class BrokerCore {
   void OnInserted(InsertOp& op);
   void OnFinished(FinishOp& op, const Status& commit);
   void OnRead(ReadOp& r);
-  void OnResultRead(ReadOp& r, const RequestContext& ctx);
+  // Asks the store for job `id`'s result, read against what the
+  // connection may still be sent (ReplyBudget).
+  void ReadResult(const RequestContext& ctx, uint64_t id);
   // The connection's result read has been answered: its next one goes.
   void NextFetch(const ConnectionRef& conn);
   void OnDispatchInputs(ReadOp& r);
