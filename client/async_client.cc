@@ -177,14 +177,29 @@ class AsyncClient::Impl {
 
   void Send(std::unique_ptr<Outgoing> o, std::map<uint64_t, Pending>& pending, uint64_t& rid) {
     o->request.rid = ++rid;
-    const std::string header = schema::EncodeClientRequest(o->request);
-    std::vector<zmq::message_t> frames;
-    frames.emplace_back(schema::kClientProtocol.data(), schema::kClientProtocol.size());
-    frames.emplace_back(header.data(), header.size());
-    for (auto& p : o->payload) frames.emplace_back(p.data(), p.size());
+    const std::vector<std::string_view> payload(o->payload.begin(), o->payload.end());
+    if (Status s = client_internal::SendRequest(sock_, schema::EncodeClientRequest(o->request),
+                                                payload);
+        !s.ok()) {
+      if (o->request.op == ClientOp::kSubmit) {
+        for (const std::string& p : o->files) (void)unlink(p.c_str());  // never sent
+      }
+      return Unanswered(*o, s);
+    }
     o->payload.clear();
-    zmq::send_multipart(sock_, frames);
     pending[rid] = {std::move(o), Clock::now() + opt_.timeout};
+  }
+
+  // Resolves a request that will have no answer: a submit or devices call
+  // with `why`, a fetch's waiters too (a refetch's wait goes on).
+  void Unanswered(Outgoing& o, const Status& why) {
+    if (o.request.op == ClientOp::kSubmit) {
+      o.submitted.set_value(why);
+    } else if (o.request.op == ClientOp::kDevices) {
+      o.local_dir.set_value("");
+    } else if (!o.refetch) {
+      Deliver(o.result_of, why);
+    }
   }
 
   void Loop() {
@@ -194,7 +209,8 @@ class AsyncClient::Impl {
     auto next_refetch = Clock::now();
     while (!stop_) {
       zmq::pollitem_t items[] = {{sock_.handle(), 0, ZMQ_POLLIN, 0}, {nullptr, wake_, ZMQ_POLLIN, 0}};
-      zmq::poll(items, 2, std::chrono::milliseconds(50));
+      // A signal that interrupts the poll is an empty turn.
+      client_internal::PollOnce(items, 2, std::chrono::milliseconds(50));
       if (items[1].revents) {
         uint64_t n;
         (void)!read(wake_, &n, sizeof n);
@@ -211,8 +227,14 @@ class AsyncClient::Impl {
       }
       for (int i = 0; i < 4096; ++i) {
         std::vector<zmq::message_t> frames;
-        if (!zmq::recv_multipart(sock_, std::back_inserter(frames), zmq::recv_flags::dontwait)) {
-          break;
+        try {
+          if (!zmq::recv_multipart(sock_, std::back_inserter(frames),
+                                   zmq::recv_flags::dontwait)) {
+            break;
+          }
+        } catch (const zmq::error_t& e) {
+          if (e.num() == EINTR) break;  // the next turn takes it
+          throw;
         }
         if (frames.size() < 2) continue;
         std::vector<uint64_t> sizes;
@@ -231,9 +253,15 @@ class AsyncClient::Impl {
         if (o.request.op == ClientOp::kSubmit) {
           if (r.op == ReplyOp::kAccepted) {
             o.submitted.set_value(r.id);
-          } else {
+          } else if (r.op == ReplyOp::kError) {
             for (const std::string& p : o.files) (void)unlink(p.c_str());  // not the broker's
             o.submitted.set_value(Error(r.code, r.error));
+          } else {
+            // Neither taken nor refused: whether the broker has the job (and
+            // its files) is not known, so they are left as a timeout leaves them.
+            o.submitted.set_value(Error(Code::kInternal,
+                                        "the broker answered a submit with a '" +
+                                            std::string(schema::ReplyOpName(r.op)) + "' reply"));
           }
         } else if (o.request.op == ClientOp::kDevices) {
           o.local_dir.set_value(r.op == ReplyOp::kDevices ? r.local_dir : "");
@@ -250,15 +278,7 @@ class AsyncClient::Impl {
           ++it;
           continue;
         }
-        Outgoing& o = *it->second.out;
-        Status late = Error(Code::kTimeout, "no answer from the broker in time");
-        if (o.request.op == ClientOp::kSubmit) {
-          o.submitted.set_value(late);
-        } else if (o.request.op == ClientOp::kDevices) {
-          o.local_dir.set_value("");
-        } else if (!o.refetch) {
-          Deliver(o.result_of, late);
-        }
+        Unanswered(*it->second.out, Error(Code::kTimeout, "no answer from the broker in time"));
         it = pending.erase(it);
       }
     }

@@ -32,6 +32,7 @@ using schema::ClientOp;
 using schema::ClientReply;
 using schema::ClientRequest;
 using schema::ReplyOp;
+using client_internal::SendRequest;
 using client_internal::ToResult;
 using Clock = std::chrono::steady_clock;
 
@@ -135,19 +136,7 @@ class Client::Impl {
   bool ipc_ = false;
 
   Status Send(const ClientRequest& req, const std::vector<std::string_view>& payload = {}) {
-    const std::string header = schema::EncodeClientRequest(req);
-    try {
-      socket_.send(zmq::buffer(schema::kClientProtocol), zmq::send_flags::sndmore);
-      socket_.send(zmq::buffer(header),
-                   payload.empty() ? zmq::send_flags::none : zmq::send_flags::sndmore);
-      for (size_t i = 0; i < payload.size(); ++i) {
-        socket_.send(zmq::buffer(payload[i].data(), payload[i].size()),
-                     i + 1 < payload.size() ? zmq::send_flags::sndmore : zmq::send_flags::none);
-      }
-    } catch (const zmq::error_t& e) {
-      return Error(Code::kUnavailable, std::string("send: ") + e.what());
-    }
-    return Status::Ok();
+    return SendRequest(socket_, schema::EncodeClientRequest(req), payload);
   }
 
   // Receives one message into `reply` and `frames`, waiting until `deadline`.

@@ -15,6 +15,35 @@
 
 namespace gpuq::client_internal {
 
+Status SendRequest(zmq::socket_t& socket, std::string_view header,
+                   const std::vector<std::string_view>& payload) {
+  const size_t n = 2 + payload.size();
+  for (size_t i = 0; i < n; ++i) {
+    const std::string_view part =
+        i == 0 ? std::string_view(schema::kClientProtocol) : i == 1 ? header : payload[i - 2];
+    const auto flags = i + 1 < n ? zmq::send_flags::sndmore : zmq::send_flags::none;
+    for (;;) {
+      try {
+        (void)socket.send(zmq::buffer(part.data(), part.size()), flags);
+        break;
+      } catch (const zmq::error_t& e) {
+        if (e.num() == EINTR) continue;
+        return Error(Code::kUnavailable, std::string("send: ") + e.what());
+      }
+    }
+  }
+  return Status::Ok();
+}
+
+void PollOnce(zmq::pollitem_t* items, size_t count, std::chrono::milliseconds timeout) {
+  try {
+    zmq::poll(items, count, timeout);
+  } catch (const zmq::error_t& e) {
+    if (e.num() != EINTR) throw;
+    for (size_t i = 0; i < count; ++i) items[i].revents = 0;
+  }
+}
+
 StatusOr<zmq::socket_t> ConnectDealer(zmq::context_t& ctx, const std::string& endpoint,
                                       const ClientOptions& options, char tag) {
   try {

@@ -21,6 +21,17 @@ namespace gpuq::client_internal {
 StatusOr<zmq::socket_t> ConnectDealer(zmq::context_t& ctx, const std::string& endpoint,
                                       const ClientOptions& options, char tag);
 
+// Sends one message of the client protocol: its version frame, `header`,
+// then `payload`. A signal that interrupts a frame's send does not end it
+// (each frame is sent again until it is taken: a message is never left
+// partial); kUnavailable when ZeroMQ refuses it.
+Status SendRequest(zmq::socket_t& socket, std::string_view header,
+                   const std::vector<std::string_view>& payload = {});
+
+// zmq::poll that a signal does not end: EINTR is an empty poll (other
+// errors throw, as zmq::poll's do).
+void PollOnce(zmq::pollitem_t* items, size_t count, std::chrono::milliseconds timeout);
+
 // A status or result reply, with its payload frames (from frame 2 on), as a
 // JobResult; takes the reply's strings and the frames' bytes, and reads the
 // outputs that came as local files. A file that cannot be read makes the

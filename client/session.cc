@@ -79,14 +79,10 @@ class Session::Impl {
       call.rid = m.rid;  // the call's reply is this request's answer
       call.id = id;
       call.token = token;
-      const std::string header = schema::EncodeClientRequest(call);
       const std::string body = schema::EncodeSessionMessage(m);
-      try {
-        relay.send(zmq::buffer(schema::kClientProtocol), zmq::send_flags::sndmore);
-        relay.send(zmq::buffer(header), zmq::send_flags::sndmore);
-        relay.send(zmq::buffer(body), zmq::send_flags::none);
-      } catch (const zmq::error_t& e) {
-        return Lose(Status(Code::kUnavailable, std::string("send to the broker: ") + e.what()));
+      if (Status s = client_internal::SendRequest(relay, schema::EncodeClientRequest(call), {body});
+          !s.ok()) {
+        return Lose(s.WithContext("to the broker"));
       }
       return m.rid;
     }

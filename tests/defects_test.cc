@@ -2,6 +2,7 @@
 // attackers would: each test reproduces one with real processes and sockets
 // (gpuqd, worker test doubles, raw peers) and holds the fix in place.
 #include <fcntl.h>
+#include <pthread.h>
 #include <signal.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
@@ -13,6 +14,7 @@
 #include <set>
 #include <sqlite3.h>
 #include <thread>
+#include <zmq_addon.hpp>
 
 #include "tests/broker_fixture.h"
 
@@ -901,6 +903,118 @@ TEST_F(BrokerTest, ACancelWhileAJobsInputsAreReadFreesItsWorkersSlot) {
   auto r = c->Wait(*next, Millis(20000));
   ASSERT_TRUE(r.ok()) << r.status().ToString() << " (the worker's one slot is still taken)";
   EXPECT_EQ(r->state, JobState::kDone) << r->error;
+}
+
+// A broker played by a test: a ROUTER on loopback that takes the async
+// client's requests and answers them as the test says.
+class RawBroker {
+ public:
+  RawBroker() : router_(ctx_, zmq::socket_type::router) {
+    router_.set(zmq::sockopt::rcvtimeo, 10000);
+    router_.bind("tcp://127.0.0.1:*");
+    endpoint_ = router_.get(zmq::sockopt::last_endpoint);
+  }
+  const std::string& endpoint() const { return endpoint_; }
+
+  // The next request (its sender's routing id in `from`), or nullopt after 10 s.
+  std::optional<schema::ClientRequest> Next(std::string* from) {
+    std::vector<zmq::message_t> frames;
+    if (!zmq::recv_multipart(router_, std::back_inserter(frames)) || frames.size() < 3) {
+      return std::nullopt;
+    }
+    *from = frames[0].to_string();
+    std::vector<uint64_t> sizes;
+    for (size_t i = 3; i < frames.size(); ++i) sizes.push_back(frames[i].size());
+    schema::ClientRequest r;
+    if (!schema::DecodeClientRequest(frames[2].to_string_view(), sizes, {}, &r).ok()) {
+      return std::nullopt;
+    }
+    return r;
+  }
+  void Answer(const std::string& to, const schema::ClientReply& r) {
+    const std::string header = schema::EncodeClientReply(r);
+    router_.send(zmq::buffer(to), zmq::send_flags::sndmore);
+    router_.send(zmq::buffer(schema::kClientProtocol), zmq::send_flags::sndmore);
+    router_.send(zmq::buffer(header), zmq::send_flags::none);
+  }
+
+ private:
+  zmq::context_t ctx_;
+  zmq::socket_t router_;
+  std::string endpoint_;
+};
+
+JobRequest SmallJob() {
+  JobRequest j;
+  j.spec.kernel.source = "extern \"C\" __global__ void k() {}";
+  j.spec.kernel.entry = "k";
+  j.spec.launch.grid = {1, 1, 1};
+  j.spec.launch.block = {32, 1, 1};
+  return j;
+}
+
+TEST(AsyncClientDefectsTest, ASignalOnItsThreadEndsNothing) {
+  // The async client's thread polls its socket; a signal delivered to it
+  // (a profiler's, a SIGCHLD handler's) made the poll fail with EINTR, which
+  // was thrown out of the thread: the process ended in std::terminate.
+  RawBroker broker;
+  struct sigaction quiet = {}, before = {};
+  quiet.sa_handler = [](int) {};
+  ASSERT_EQ(sigaction(SIGUSR1, &quiet, &before), 0);
+  ClientOptions o;
+  o.timeout = Millis(10000);
+  auto c = AsyncClient::Connect(broker.endpoint(), o);
+  ASSERT_TRUE(c.ok()) << c.status().ToString();
+  // From here only the client's thread takes SIGUSR1 (this thread blocks
+  // it, and ZeroMQ's own threads block every signal).
+  sigset_t usr1, mask;
+  sigemptyset(&usr1);
+  sigaddset(&usr1, SIGUSR1);
+  ASSERT_EQ(pthread_sigmask(SIG_BLOCK, &usr1, &mask), 0);
+  for (int i = 0; i < 20; ++i) {
+    kill(getpid(), SIGUSR1);
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  auto submitted = (*c)->Submit(SmallJob());
+  std::string from;
+  auto req = broker.Next(&from);
+  ASSERT_TRUE(req.has_value());
+  EXPECT_EQ(req->op, ClientOp::kSubmit);
+  kill(getpid(), SIGUSR1);
+  schema::ClientReply accepted;
+  accepted.op = ReplyOp::kAccepted;
+  accepted.rid = req->rid;
+  accepted.id = 41;
+  broker.Answer(from, accepted);
+  auto id = submitted.get();
+  ASSERT_TRUE(id.ok()) << id.status().ToString();
+  EXPECT_EQ(*id, 41u);
+  c->reset();
+  pthread_sigmask(SIG_SETMASK, &mask, nullptr);
+  sigaction(SIGUSR1, &before, nullptr);
+}
+
+TEST(AsyncClientDefectsTest, ASubmitAnsweredWithNeitherAcceptedNorErrorFails) {
+  // A submit answered with a reply of another kind (a broker's defect, or
+  // a hostile one) resolved to a StatusOr that was ok and held no id.
+  RawBroker broker;
+  auto c = AsyncClient::Connect(broker.endpoint());
+  ASSERT_TRUE(c.ok()) << c.status().ToString();
+  for (ReplyOp op : {ReplyOp::kCanceled, ReplyOp::kStatus}) {
+    auto submitted = (*c)->Submit(SmallJob());
+    std::string from;
+    auto req = broker.Next(&from);
+    ASSERT_TRUE(req.has_value());
+    schema::ClientReply odd;
+    odd.op = op;
+    odd.rid = req->rid;
+    odd.id = 5;
+    odd.state = op == ReplyOp::kCanceled ? JobState::kCanceled : JobState::kQueued;
+    broker.Answer(from, odd);
+    auto id = submitted.get();
+    EXPECT_FALSE(id.ok()) << schema::ReplyOpName(op) << " gave job " << *id;
+    EXPECT_EQ(id.status().code(), Code::kInternal) << id.status().ToString();
+  }
 }
 
 }  // namespace
