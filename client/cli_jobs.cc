@@ -127,18 +127,23 @@ Status WriteOutputs(const JobResult& r, const std::string& prefix) {
   return Status::Ok();
 }
 
+// Digits only, at least one.
+bool IsNumber(const std::string& s) {
+  return !s.empty() && s.find_first_not_of("0123456789") == std::string::npos;
+}
+
 bool ParseDim3(const std::string& s, schema::Dim3* d) {
   uint32_t v[3] = {1, 1, 1};
   std::stringstream ss(s);
   std::string part;
   int n = 0;
   while (std::getline(ss, part, ',')) {
-    if (n == 3 || part.empty()) return false;
-    try {
-      v[n++] = static_cast<uint32_t>(std::stoul(part));
-    } catch (...) {
-      return false;
-    }
+    // Digits only, and at most 2^32 - 1 (stoul takes "-1" and wider values,
+    // which a cast would have wrapped).
+    if (n == 3 || !IsNumber(part) || part.size() > 10) return false;
+    const unsigned long long x = std::stoull(part);
+    if (x > UINT32_MAX) return false;
+    v[n++] = static_cast<uint32_t>(x);
   }
   *d = {v[0], v[1], v[2]};
   return n > 0;
@@ -178,11 +183,6 @@ StatusOr<Arg> ParseScalar(const std::string& s) {
     }
   }
   return Error(Code::kInvalid, "unknown argument type '" + type + "'");
-}
-
-// Digits only, at least one.
-bool IsNumber(const std::string& s) {
-  return !s.empty() && s.find_first_not_of("0123456789") == std::string::npos;
 }
 
 // A launch of a job of several launches: [SOURCE/]ENTRY:GRID:BLOCK[:SHARED],
@@ -367,6 +367,11 @@ int RunSubmit(SubmitArgs& a) {
   // one region of this process; their arguments are set once it exists.
   std::vector<RegionBuffer> in_region;
   const std::string endpoint = a.broker.empty() ? DefaultEndpoint() : a.broker;
+  if (!a.output_prefix.empty() && !a.wait) {
+    return Fail(a, Error(Code::kInvalid,
+                         "--output needs --wait: the buffers are written once the job ends "
+                         "(without waiting, 'gpuq result ID --output PREFIX' writes them)"));
+  }
   if (a.region) {
     if (endpoint.rfind("ipc://", 0) != 0) {
       return Fail(a, Error(Code::kInvalid,
@@ -916,6 +921,10 @@ void AddJobCommands(CLI::App& app, Action* action) {
       auto when = [](const std::string& text, uint64_t* ms) -> Status {
         if (text.empty()) return Status::Ok();
         if (text.find_first_not_of("0123456789") == std::string::npos) {
+          // Seconds that fit in milliseconds of a u64.
+          if (text.size() > 19 || std::stoull(text) > UINT64_MAX / 1000) {
+            return Error(Code::kInvalid, "'" + text + "' is past any time gpuq counts");
+          }
           *ms = std::stoull(text) * 1000;
           return Status::Ok();
         }

@@ -1,5 +1,6 @@
 // gpuq: the command line client. `gpuq --help` lists the commands.
 #include <cstdio>
+#include <exception>
 
 #include "client/cli.h"
 
@@ -15,5 +16,13 @@ int main(int argc, char** argv) {
     int rc = app.exit(e);
     return rc == 0 ? 0 : gpuq::cli::kExitUsage;
   }
-  return action ? action() : gpuq::cli::kExitUsage;
+  if (!action) return gpuq::cli::kExitUsage;
+  try {
+    return action();
+  } catch (const std::exception& e) {
+    // A reply the command could not take (a field of an unexpected type
+    // from a broker it does not know), said plainly instead of an abort.
+    std::fprintf(stderr, "gpuq: internal: %s\n", e.what());
+    return gpuq::cli::kExitInternal;
+  }
 }

@@ -560,6 +560,12 @@ TEST_F(BrokerTest, GpuqSubmitWaitsForAJobOfSeveralLaunchesAndWritesItsBuffers) {
       {{"--kernel", "k", "--graph"}, "--graph belongs"},
       {{"--launch", "k:32"}, "--launch is [SOURCE/]ENTRY:GRID:BLOCK[:SHARED]"},
       {{"--launch", "k:1:32:x"}, "--launch is"},
+      // Dimensions past 2^32 - 1, or negative, were cast: 4294967297 ran as 1.
+      {{"--launch", "k:4294967297:32"}, "--launch is"},
+      {{"--kernel", "k", "--grid", "4294967297"}, "--grid and --block are"},
+      {{"--kernel", "k", "--block", "-1"}, "--grid and --block are"},
+      // --output without --wait wrote nothing and exited 0.
+      {{"--kernel", "k", "--out", "8", "--output", dir.File("never")}, "--output needs --wait"},
       {{"--launch", "k:1:32", "--arg", "buf:x"}, "buf:INDEX[:OFFSET]"},
       // The broker's refusal: a buffer the job does not declare.
       {{"--out", "8", "--launch", "k:1:32", "--arg", "buf:5"}, "buffer 5"},

@@ -333,6 +333,16 @@ TEST_F(TenantsTest, UsageEqualsWhatRanAcrossARestart) {
             2)
       << out;
   EXPECT_NE(out.find("neither Unix seconds nor"), std::string::npos) << out;
+  // Seconds past what milliseconds of a u64 hold: refused (the CLI aborted
+  // on one past a u64, and wrapped one past a thousandth of it).
+  for (const char* since : {"99999999999999999999", "18446744073709552"}) {
+    ASSERT_EQ(RunProgram({BinPath("gpuq"), "usage", "--broker", broker_->client_endpoint(),
+                          "--since", since, "--json"},
+                         &out),
+              2)
+        << out;
+    EXPECT_NE(out.find("past any time"), std::string::npos) << out;
+  }
 }
 
 
