@@ -16,7 +16,6 @@
 #include <thread>
 
 #include "tests/fake_device.h"
-#include "util/shm_ring.h"
 #include "worker/session_host.h"
 
 namespace {
@@ -92,9 +91,13 @@ class FakeStream : public SessionStream {
   }
   // The work is done by now (this device runs it at once): the word is
   // written at once, unless a fault stopped the stream.
-  Status Announce(uint32_t seq) override {
+  Status Announce(uint64_t seq, bool end_word) override {
     if (!faulted_ && !endless_) {
-      std::atomic_ref<uint32_t>(*word_).store(seq, std::memory_order_release);
+      if (end_word) {
+        std::atomic_ref<uint32_t>(*word_).store(static_cast<uint32_t>(seq),
+                                                std::memory_order_release);
+      }
+      reached_ = seq;
     }
     return Status::Ok();
   }
@@ -105,12 +108,14 @@ class FakeStream : public SessionStream {
     return Status::Ok();
   }
   const uint32_t* WatchWord() const override { return &watch_; }
-  Status AnnounceAndWatch(uint32_t seq, uint32_t value) override {
+  Status AnnounceAndWatch(uint64_t seq, bool end_word, uint32_t value) override {
     (void)Watch(value);
-    return Announce(seq);
+    return Announce(seq, end_word);
   }
-  bool Reached(uint32_t seq) override { return ByteRing::Reached(word_, seq); }
-  Status Wait(uint32_t) override {
+  // The process's own word, as the device's: the client's end word is
+  // never read.
+  bool Reached(uint64_t seq) override { return reached_ >= seq; }
+  Status Wait(uint64_t) override {
     if (faulted_) return Status(Code::kKernelFault, "CUDA_ERROR_ILLEGAL_ADDRESS (test double)");
     // An endless kernel's wait ends with its process.
     while (endless_) std::this_thread::sleep_for(std::chrono::milliseconds(10));
@@ -131,6 +136,7 @@ class FakeStream : public SessionStream {
   bool endless_ = false;  // sticky too: an endless kernel holds the stream
   alignas(4) uint32_t watch_ = 0;
   alignas(64) uint32_t own_word_ = 0;
+  uint64_t reached_ = 0;  // written and read on the session's thread
   uint32_t* word_ = &own_word_;
 };
 

@@ -3,6 +3,7 @@
 // double's memory (gpuq-fake-session: the session logic is gpuq-session's;
 // its kernels are known by name, tests/fake_session.cc). Kernels compile
 // for real, through the broker's compile service.
+#include <poll.h>
 #include <signal.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -16,6 +17,7 @@
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
+#include <sstream>
 #include <string>
 #include <thread>
 #include <vector>
@@ -1373,20 +1375,33 @@ TEST_F(SessionsTest, ThroughTheBrokerAProcessThatGoesWithRequestsUnwrittenSaysWh
   CallRaw(raw, 2, *opened, schema::EncodeSessionMessage(alloc));
   auto allocated = raw.Receive();
   ASSERT_TRUE(allocated && allocated->header.op == schema::ReplyOp::kSessionAnswer) << Log();
-  const schema::SessionMessage endless = EndlessLaunch(2);
+  // The kernels' module first (the broker compiles it, and is stopped
+  // below: a compile that came after the stop never came, and the launch
+  // never started).
+  schema::SessionMessage warm;
+  warm.op = schema::SessionOp::kLaunch;
+  warm.rid = 2;
+  warm.kernel.source = kSessionKernels;
+  warm.kernel.entry = "sleep_ms";
+  warm.launch.grid = warm.launch.block = {1, 1, 1};
+  warm.args = {Arg::U32(0)};
+  CallRaw(raw, 3, *opened, schema::EncodeSessionMessage(warm));
+  auto warmed = raw.Receive(std::chrono::seconds(60));
+  ASSERT_TRUE(warmed && warmed->header.op == schema::ReplyOp::kSessionAnswer) << Log();
+  const schema::SessionMessage endless = EndlessLaunch(3);
   const json rows = Sessions();
   ASSERT_EQ(rows.size(), 1u);
   const pid_t process = rows[0]["pid"].get<pid_t>();
-  CallRaw(raw, 3, *opened, schema::EncodeSessionMessage(endless));
+  CallRaw(raw, 4, *opened, schema::EncodeSessionMessage(endless));
   // 32 MiB of writes the process does not read while the launch runs: most
   // of it waits in the broker when the process goes.
   for (uint64_t k = 0; k < 4; ++k) {
     schema::SessionMessage write;
     write.op = schema::SessionOp::kWrite;
-    write.rid = 3 + k;
+    write.rid = 4 + k;
     write.buffer = 1;
     write.data = std::string(8 << 20, 'w');
-    CallRaw(raw, 4 + k, *opened, schema::EncodeSessionMessage(write));
+    CallRaw(raw, 5 + k, *opened, schema::EncodeSessionMessage(write));
   }
   // The broker stands still from before the process says why until the
   // process has gone (a zombie: the broker reaps it), so that it finds the
@@ -1406,7 +1421,7 @@ TEST_F(SessionsTest, ThroughTheBrokerAProcessThatGoesWithRequestsUnwrittenSaysWh
   const char gone = state();
   ASSERT_EQ(kill(broker_->process().pid(), SIGCONT), 0);
   ASSERT_TRUE(gone == 'Z' || gone == 'X') << "the session's process is still there";
-  for (uint64_t rid = 3; rid <= 7; ++rid) {
+  for (uint64_t rid = 4; rid <= 8; ++rid) {
     auto reply = raw.Receive(std::chrono::seconds(20));
     ASSERT_TRUE(reply) << "call " << rid << " unanswered: " << Log();
     EXPECT_EQ(reply->header.rid, rid) << "in the order of the calls";
@@ -1757,6 +1772,160 @@ TEST(SessionsCurveTest, ATenantCannotReachAnotherTenantsSession) {
   auto answered = ra.Receive();
   ASSERT_TRUE(answered);
   EXPECT_EQ(answered->header.op, schema::ReplyOp::kSessionAnswer) << "alpha's own call";
+}
+
+// The CPU time a process has used, in seconds.
+double CpuSeconds(pid_t process) {
+  std::ifstream f("/proc/" + std::to_string(process) + "/stat");
+  std::string stat((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+  const size_t at = stat.rfind(") ");
+  if (at == std::string::npos) return 0;
+  std::istringstream fields(stat.substr(at + 2));
+  std::string field;
+  uint64_t utime = 0, stime = 0;
+  for (int i = 3; fields >> field; ++i) {  // field 3 is the state
+    if (i == 14) utime = std::stoull(field);
+    if (i == 15) {
+      stime = std::stoull(field);
+      break;
+    }
+  }
+  return static_cast<double>(utime + stime) / static_cast<double>(sysconf(_SC_CLK_TCK));
+}
+
+// A ring client whose work ahead has not ended, and which sends more while
+// its unread answers and held bytes keep the bound shut: with a request in
+// the ring the session's thread neither waited for the work ahead nor for
+// its client, and went round at once: it spun a core for as long as the
+// work ran (here a kernel that never ends), and never looked whether its
+// client was still there.
+TEST_F(SessionsTest, ARingClientHeldByTheBoundCostsItsProcessNoCpu) {
+  Start({"--session-time-limit-ms", "0"});
+  auto s = Open("", {}, 128u << 20);
+  ASSERT_TRUE(s.ok()) << s.status().ToString() << Log();
+  auto b = (*s)->Alloc(64u << 20);
+  ASSERT_TRUE(b.ok()) << b.status().ToString();
+  const json rows = Sessions();
+  ASSERT_EQ(rows.size(), 1u);
+  const pid_t process = rows[0]["pid"].get<pid_t>();
+  // The kernels' module compiled and loaded first (a launch that waits for
+  // its compile waits asleep).
+  ASSERT_TRUE((*s)->Launch(Named("sleep_ms", {Arg::U32(0)})).ok());
+  // A kernel that takes the thread 500 ms (the test double runs it on the
+  // session's thread), so that the write below comes into the ring after
+  // the requests before it have been read from it.
+  ASSERT_TRUE((*s)->LaunchAsync(Named("sleep_ms", {Arg::U32(500)})).ok());
+  SessionLaunch endless = Named("endless", {});
+  endless.timed = false;
+  ASSERT_TRUE((*s)->LaunchAsync(endless).ok());
+  ASSERT_TRUE((*s)->ReadAsync(*b, 0, 64u << 20).ok());  // behind it, holding the bound
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  const char eight[8] = {1, 2, 3, 4, 5, 6, 7, 8};
+  ASSERT_TRUE((*s)->WriteAsync(*b, 0, eight, sizeof eight).ok());  // the bound keeps it in the ring
+  std::this_thread::sleep_for(std::chrono::milliseconds(600));
+  const double before = CpuSeconds(process);
+  std::this_thread::sleep_for(std::chrono::seconds(2));
+  const double used = CpuSeconds(process) - before;
+  EXPECT_LT(used, 0.5) << "CPU seconds in 2 s of a session waiting for its work";
+  kill(process, SIGKILL);  // the kernel never ends
+}
+
+// A client that reads its answers, but always a few behind: the answers
+// it had read stayed in the process's buffer with those it had not (the
+// buffer was emptied only when everything in it had been sent), so the
+// process held every answer it ever sent.
+TEST_F(SessionsTest, AClientThatReadsBehindHoldsOnlyWhatItHasNotRead) {
+  Start();
+  Direct d;
+  ASSERT_NO_FATAL_FAILURE(OpenDirect(&d));
+  const int fd = d.fd.get();
+  constexpr uint64_t kSize = 1u << 20;
+  uint64_t buffer = 0;
+  ASSERT_NO_FATAL_FAILURE(AllocRaw(fd, kSize, &buffer));
+  auto read = [&](uint64_t rid) {
+    schema::SessionMessage m;
+    m.op = schema::SessionOp::kRead;
+    m.rid = rid;
+    m.buffer = buffer;
+    m.size = kSize;
+    return WriteFrame(fd, schema::EncodeSessionMessage(m)).ok();
+  };
+  uint64_t rid = 2, answered = 2;
+  for (int k = 0; k < 4; ++k) ASSERT_TRUE(read(rid++));
+  for (int k = 0; k < 400; ++k) {
+    ASSERT_TRUE(read(rid++));
+    auto frame = ReadFrame(fd, 2 * kSize);
+    ASSERT_TRUE(frame.ok()) << frame.status().ToString();
+    schema::SessionMessage m;
+    ASSERT_TRUE(schema::DecodeSessionMessage(*frame, schema::Limits{}, 2 * kSize, &m).ok());
+    ASSERT_EQ(m.rid, answered++) << "in order";
+    ASSERT_EQ(m.data.size(), kSize) << m.error;
+  }
+  const uint64_t peak = PeakMib(d.process);
+  EXPECT_GT(peak, 0u);
+#if !defined(__SANITIZE_ADDRESS__) && !defined(__SANITIZE_THREAD__)
+  EXPECT_LT(peak, 200u) << "MiB resident at its peak, after 400 MiB read a few answers behind";
+#endif
+}
+
+// Rids may jump (by less than 2^31 each), and the end word holds a rid's
+// low 32 bits: a launch 2^32 past the last rid the GPU wrote counted as
+// ended before it had run (its done came at once; on a GPU, a read's
+// bytes before the copy, a staging block reused under its DMA). The
+// process's own word is a whole u64 the client cannot write. And answers
+// of work that had ended are not held back while the thread waits for
+// later work (the read's answer, partly sent, waited for the launch).
+TEST_F(SessionsTest, ARidFarPastTheLastEndedIsNotTakenAsEnded) {
+  Start({"--session-time-limit-ms", "0"});
+  Direct d;
+  ASSERT_NO_FATAL_FAILURE(OpenDirect(&d));
+  const int fd = d.fd.get();
+  timeval five{5, 0};  // a read that gets no bytes for 5 s fails
+  ASSERT_EQ(setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &five, sizeof five), 0);
+  uint64_t buffer = 0;
+  ASSERT_NO_FATAL_FAILURE(AllocRaw(fd, 4u << 20, &buffer));
+  // The kernels' module compiled and loaded first.
+  schema::SessionMessage warm;
+  warm.op = schema::SessionOp::kLaunch;
+  warm.rid = 2;
+  warm.kernel.source = kSessionKernels;
+  warm.kernel.entry = "sleep_ms";
+  warm.launch.grid = warm.launch.block = {1, 1, 1};
+  warm.args = {Arg::U32(0)};
+  ASSERT_TRUE(WriteFrame(fd, schema::EncodeSessionMessage(warm)).ok());
+  pollfd warmed{fd, POLLIN, 0};
+  ASSERT_EQ(poll(&warmed, 1, 60000), 1);
+  ASSERT_TRUE(ReadFrame(fd, 1 << 20).ok());
+  // A read left unread (so no end word is written while its answer waits),
+  // a fill 2^31 - 2 on, and then a launch that never ends, at 2^32.
+  schema::SessionMessage read;
+  read.op = schema::SessionOp::kRead;
+  read.rid = 3;
+  read.buffer = buffer;
+  read.size = 4u << 20;
+  ASSERT_TRUE(WriteFrame(fd, schema::EncodeSessionMessage(read)).ok());
+  schema::SessionMessage fill;
+  fill.op = schema::SessionOp::kFill;
+  fill.rid = (uint64_t{1} << 31) + 1;
+  fill.buffer = buffer;
+  fill.size = 16;
+  fill.value = 7;
+  ASSERT_TRUE(WriteFrame(fd, schema::EncodeSessionMessage(fill)).ok());
+  std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  ASSERT_TRUE(WriteFrame(fd, schema::EncodeSessionMessage(EndlessLaunch(uint64_t{1} << 32))).ok());
+  // The answers: the read's, the fill's, and nothing for the launch.
+  std::vector<uint64_t> answered;
+  for (;;) {
+    pollfd p{fd, POLLIN, 0};
+    if (poll(&p, 1, answered.size() < 2 ? 5000 : 1000) <= 0) break;
+    auto frame = ReadFrame(fd, 8u << 20);
+    if (!frame.ok()) break;
+    schema::SessionMessage m;
+    ASSERT_TRUE(schema::DecodeSessionMessage(*frame, schema::Limits{}, 8u << 20, &m).ok());
+    answered.push_back(m.rid);
+  }
+  EXPECT_EQ(answered, (std::vector<uint64_t>{3, (uint64_t{1} << 31) + 1}))
+      << "the launch that never ends was answered";
 }
 
 }  // namespace

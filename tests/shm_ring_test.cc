@@ -62,6 +62,18 @@ TEST(ByteRingTest, AScribbledHeaderNeverMakesItCopyOutOfBounds) {
   h->head = 3;
   h->tail = 1ull << 50;
   EXPECT_LE(ring.Write(buf.data(), buf.size()), kCap);
+  // What the ring says it holds and has room for is clamped as its copies
+  // are: a tail one past the head made Writable() cap + 1 while Write
+  // wrote nothing, so a writer that waited for room never slept.
+  h->head = 1000;
+  h->tail = 1001;
+  EXPECT_EQ(ring.Writable(), 0u);
+  EXPECT_EQ(ring.Write(buf.data(), 10), 0u);
+  EXPECT_EQ(ring.Readable(), kCap);
+  h->head = 5;
+  h->tail = 1ull << 50;
+  EXPECT_LE(ring.Readable(), kCap);
+  EXPECT_EQ(ring.Writable(), 0u);
 }
 
 TEST(ByteRingTest, ASleepingReaderIsWokenByAWriteOfAnotherProcess) {

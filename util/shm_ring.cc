@@ -27,14 +27,19 @@ void FutexWake(std::atomic<uint32_t>* word) {
 
 }  // namespace
 
+// Both clamp as Read and Write do: a peer that wrote nonsense into the
+// header makes the ring look full or empty, never hold more than its
+// capacity or less than nothing (a wait on it then sleeps, as it should).
 size_t ByteRing::Readable() const {
-  return static_cast<size_t>(h_->head.load(std::memory_order_acquire) -
-                             h_->tail.load(std::memory_order_relaxed));
+  return static_cast<size_t>(std::min<uint64_t>(
+      h_->head.load(std::memory_order_acquire) - h_->tail.load(std::memory_order_relaxed), cap_));
 }
 
 size_t ByteRing::Writable() const {
-  return cap_ - static_cast<size_t>(h_->head.load(std::memory_order_relaxed) -
-                                    h_->tail.load(std::memory_order_acquire));
+  return cap_ - static_cast<size_t>(std::min<uint64_t>(
+                    h_->head.load(std::memory_order_relaxed) -
+                        h_->tail.load(std::memory_order_acquire),
+                    cap_));
 }
 
 size_t ByteRing::Write(const char* p, size_t n) {

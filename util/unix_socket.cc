@@ -175,14 +175,24 @@ Status FrameWriter::Flush(int sock) {
     ssize_t w = send(sock, buf_.data() + pos_, buf_.size() - pos_, MSG_NOSIGNAL | MSG_DONTWAIT);
     if (w < 0) {
       if (errno == EINTR) continue;
-      if (errno == EAGAIN || errno == EWOULDBLOCK) return Status::Ok();
+      if (errno == EAGAIN || errno == EWOULDBLOCK) break;
       return Errno("writing");
     }
     pos_ += static_cast<size_t>(w);
   }
-  buf_.clear();
-  pos_ = 0;
+  Compact();
   return Status::Ok();
+}
+
+void FrameWriter::Compact() {
+  if (pos_ == buf_.size()) {
+    buf_.clear();
+    pos_ = 0;
+  } else if (pos_ > (1u << 20) && pos_ >= buf_.size() / 2) {
+    // At least half taken: the move costs no more than what was taken.
+    buf_.erase(0, pos_);
+    pos_ = 0;
+  }
 }
 
 StatusOr<UniqueFd> AcceptSeqpacket(int listener) {

@@ -94,13 +94,15 @@ class FrameWriter {
   std::string_view Waiting() const { return std::string_view(buf_).substr(pos_); }
   void Taken(size_t n) {
     pos_ += n;
-    if (pos_ == buf_.size()) {
-      buf_.clear();
-      pos_ = 0;
-    }
+    Compact();
   }
 
  private:
+  // Drops what was taken once it is all taken, or past 1 MiB and half of
+  // what the buffer holds: a peer that always leaves some unread holds at
+  // most twice what it has not read, not every frame ever sent.
+  void Compact();
+
   std::string buf_;
   size_t pos_ = 0;
 };

@@ -8,7 +8,6 @@
 
 #include "util/cpu_relax.h"
 #include "util/mutex.h"
-#include "util/shm_ring.h"
 #include "worker/gpu_worker.h"
 
 namespace gpuq::worker {
@@ -127,16 +126,26 @@ class CudaStream : public SessionStream {
     });
   }
 
-  // The stream's own end word, until UseEndWord moves it.
-  Status Init() {
+  // The stream's own end word, until UseEndWord moves it; the reached
+  // word and the watch word, which never move.
+  Status Init(CUdevice dev) {
     Current();
+    int wide = 0;
+    if (cu_.cuDeviceGetAttribute(&wide, CU_DEVICE_ATTRIBUTE_CAN_USE_64_BIT_STREAM_MEM_OPS,
+                                 dev) != CUDA_SUCCESS ||
+        !wide) {
+      return Status(Code::kUnavailable,
+                    "the GPU cannot write 64-bit words from a stream "
+                    "(CU_DEVICE_ATTRIBUTE_CAN_USE_64_BIT_STREAM_MEM_OPS), which sessions need");
+    }
     GPUQ_CU_CHECK(cu_, cuMemHostAlloc(&own_word_, 64, CU_MEMHOSTALLOC_DEVICEMAP),
                   Code::kResourceExhausted);
     std::memset(own_word_, 0, 64);
     word_ = static_cast<uint32_t*>(own_word_);
     GPUQ_CU_CHECK(cu_, cuMemHostGetDevicePointer(&word_dev_, own_word_, 0),
                   Code::kResourceExhausted);
-    // The watch word: the same allocation's second half, never moved.
+    reached_ = reinterpret_cast<uint64_t*>(static_cast<char*>(own_word_) + kReachedOffset);
+    reached_dev_ = word_dev_ + kReachedOffset;
     watch_ = word_ + kWatchOffset / sizeof(uint32_t);
     watch_dev_ = word_dev_ + kWatchOffset;
     return Status::Ok();
@@ -213,9 +222,30 @@ class CudaStream : public SessionStream {
     word_dev_ = dev;
     return Status::Ok();
   }
-  Status Announce(uint32_t seq) override {
+  Status Announce(uint64_t seq, bool end_word) override { return Write(seq, end_word, nullptr); }
+  // Enqueues, as one command after everything before it: `seq` into the
+  // reached word, with `end_word` its low 32 bits into the end word (the
+  // client's, once moved), and `watch` into the watch word when given.
+  Status Write(uint64_t seq, bool end_word, const uint32_t* watch) {
     Current();
-    GPUQ_CU_CHECK(cu_, cuStreamWriteValue32(stream_, word_dev_, seq, 0), Code::kLaunchError);
+    CUstreamBatchMemOpParams ops[3] = {};
+    ops[0].writeValue.operation = CU_STREAM_MEM_OP_WRITE_VALUE_64;
+    ops[0].writeValue.address = reached_dev_;
+    ops[0].writeValue.value64 = seq;
+    unsigned n = 1;
+    if (end_word) {
+      ops[n].writeValue.operation = CU_STREAM_MEM_OP_WRITE_VALUE_32;
+      ops[n].writeValue.address = word_dev_;
+      ops[n].writeValue.value = static_cast<uint32_t>(seq);
+      ++n;
+    }
+    if (watch) {
+      ops[n].writeValue.operation = CU_STREAM_MEM_OP_WRITE_VALUE_32;
+      ops[n].writeValue.address = watch_dev_;
+      ops[n].writeValue.value = *watch;
+      ++n;
+    }
+    GPUQ_CU_CHECK(cu_, cuStreamBatchMemOp(stream_, n, ops, 0), Code::kLaunchError);
     return Status::Ok();
   }
   Status Watch(uint32_t value) override {
@@ -223,25 +253,16 @@ class CudaStream : public SessionStream {
     GPUQ_CU_CHECK(cu_, cuStreamWriteValue32(stream_, watch_dev_, value, 0), Code::kLaunchError);
     return Status::Ok();
   }
-  Status AnnounceAndWatch(uint32_t seq, uint32_t value) override {
-    Current();
-    CUstreamBatchMemOpParams ops[2] = {};
-    ops[0].writeValue.operation = CU_STREAM_MEM_OP_WRITE_VALUE_32;
-    ops[0].writeValue.address = word_dev_;
-    ops[0].writeValue.value = seq;
-    ops[1].writeValue.operation = CU_STREAM_MEM_OP_WRITE_VALUE_32;
-    ops[1].writeValue.address = watch_dev_;
-    ops[1].writeValue.value = value;
-    GPUQ_CU_CHECK(cu_, cuStreamBatchMemOp(stream_, 2, ops, 0), Code::kLaunchError);
-    return Status::Ok();
+  Status AnnounceAndWatch(uint64_t seq, bool end_word, uint32_t value) override {
+    return Write(seq, end_word, &value);
   }
   const uint32_t* WatchWord() const override { return watch_; }
-  bool Reached(uint32_t seq) override {
-    // Written by the device (and, for a word the client maps, perhaps by
-    // the client: it only misleads its own session's answers).
-    return ByteRing::Reached(word_, seq);
+  bool Reached(uint64_t seq) override {
+    // The process's own word, which only the device writes (the client's
+    // end word, which the client may write too, is never read here).
+    return std::atomic_ref<const uint64_t>(*reached_).load(std::memory_order_acquire) >= seq;
   }
-  Status Wait(uint32_t seq) override {
+  Status Wait(uint64_t seq) override {
     Current();
     // Polled for a while before sleeping, as the runtime's default
     // schedule does (a short kernel ends before a sleep would): the
@@ -333,12 +354,16 @@ class CudaStream : public SessionStream {
   CUstream stream_;
   const std::chrono::microseconds spin_;
   Event last_end_;  // the latest launch's end, while nothing else follows it
-  // cuMemHostAlloc'd: the default end word, and the watch word at kWatchOffset
+  // cuMemHostAlloc'd: the default end word (the first 4 bytes), the
+  // reached word at kReachedOffset and the watch word at kWatchOffset
   static constexpr size_t kWatchOffset = 32;
+  static constexpr size_t kReachedOffset = 8;
   void* own_word_ = nullptr;
   void* registered_ = nullptr;  // the client's page, while it holds the word
   uint32_t* word_ = nullptr;
   CUdeviceptr word_dev_ = 0;
+  uint64_t* reached_ = nullptr;     // in own_word_ at kReachedOffset
+  CUdeviceptr reached_dev_ = 0;
   uint32_t* watch_ = nullptr;
   CUdeviceptr watch_dev_ = 0;
   Mutex mu_;
@@ -378,7 +403,7 @@ class CudaDevice : public SessionDevice {
     CUstream s = nullptr;
     GPUQ_CU_CHECK(*cu_, cuStreamCreate(&s, CU_STREAM_NON_BLOCKING), Code::kResourceExhausted);
     auto stream = std::make_unique<CudaStream>(*cu_, ctx_, s, spin_);
-    GPUQ_RETURN_IF_ERROR(stream->Init());
+    GPUQ_RETURN_IF_ERROR(stream->Init(dev_));
     return std::unique_ptr<SessionStream>(std::move(stream));
   }
 

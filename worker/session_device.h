@@ -64,16 +64,19 @@ class SessionStream {
   // ends): memory its client maps too, which then learns of ends without
   // asking (PROTOCOL.md, "Sessions").
   virtual Status UseEndWord(void* page) = 0;
-  // Enqueues the write of `seq` into the end word, after everything
-  // enqueued before it.
-  virtual Status Announce(uint32_t seq) = 0;
-  // Whether the end word has reached `seq` (serial arithmetic: a word less
-  // than 2^31 past it counts).
-  virtual bool Reached(uint32_t seq) = 0;
+  // Enqueues, after everything enqueued before it, the write of `seq` into
+  // the stream's reached word and, with `end_word`, of its low 32 bits into
+  // the end word.
+  virtual Status Announce(uint64_t seq, bool end_word) = 0;
+  // Whether the reached word has reached `seq`. The reached word is the
+  // process's own, a whole u64, which only the device writes: neither a
+  // client that writes its end word nor a rid far past another (a u32
+  // compare wraps) can make work that has not run look ended.
+  virtual bool Reached(uint64_t seq) = 0;
   // Waits for `seq` to be reached, polling a while, then for everything
   // enqueued so far to end (which covers a seq never announced). An error
   // is a fault that ends the process: the context is unusable.
-  virtual Status Wait(uint32_t seq) = 0;
+  virtual Status Wait(uint64_t seq) = 0;
   // The stream's watch word, which only its process sees (never its
   // client): Watch enqueues the write of `value` into it, after everything
   // enqueued before it. WatchWord is its address, which any thread may read
@@ -83,7 +86,7 @@ class SessionStream {
   virtual Status Watch(uint32_t value) = 0;
   virtual const uint32_t* WatchWord() const = 0;
   // Announce(seq) and Watch(value) as one command (cheaper than two).
-  virtual Status AnnounceAndWatch(uint32_t seq, uint32_t value) = 0;
+  virtual Status AnnounceAndWatch(uint64_t seq, bool end_word, uint32_t value) = 0;
   // A timed launch's nanoseconds on the device, once it has ended.
   virtual uint64_t Elapsed(SessionMark& m) = 0;
   // Copies between host memory and the device, enqueued. Host memory the

@@ -41,6 +41,9 @@ constexpr int64_t kHelloMs = 5000;   // how long one may take to say it
 constexpr size_t kRingBytes = 256u << 10;  // each way, for a client that asks for rings
 // A sleeping side of the rings checks its socket (for the peer's end) this often.
 constexpr std::chrono::microseconds kRingSlice{20000};
+// Work ahead whose answers would wait behind others (their client reads
+// slowly) is looked at again this often, instead of waited for.
+constexpr std::chrono::microseconds kWorkSlice{1000};
 constexpr size_t kMaxKernelRefs = 1024;  // kernel handles per session
 constexpr uint64_t kAnnounceEvery = 64;   // requests between end-word writes at most
 constexpr size_t kBatch = 32;             // requests decoded before they are handled
@@ -197,12 +200,15 @@ class SessionHost::Impl {
     uint64_t close_rid = 0;     // its client's close, answered once the broker knows
     uint64_t requests = 0;      // taken so far
     uint64_t answered = 0;      // answers given so far
-    // The end word (PROTOCOL.md, "Sessions"): the latest rid of work
-    // enqueued, the latest announced (its write enqueued after it), and all
-    // up to `done_through` known ended by a full wait. While a refusal waits
-    // in `pending` nothing is announced: a client that learns of ends from
-    // the word finds a refusal in its ring before the word passes it.
-    uint64_t last_rid = 0, enqueued = 0, announced = 0, done_through = 0;
+    // The reached word (the process's own) and the end word (PROTOCOL.md,
+    // "Sessions"): the latest rid of work enqueued, the latest announced
+    // (its write into the reached word enqueued after it), the latest
+    // written into the end word too, and all up to `done_through`
+    // known ended by a full wait. While a refusal waits in `pending`, or
+    // answers wait for room, the end word is not written: a client that
+    // learns of ends from it finds a refusal in its ring before the word
+    // passes it.
+    uint64_t last_rid = 0, enqueued = 0, announced = 0, in_end_word = 0, done_through = 0;
     size_t refused = 0;
     std::thread thread;
     // Shared with the control thread.
@@ -354,18 +360,20 @@ class SessionHost::Impl {
     ++s.refused;
     Push(s, std::move(e));
   }
-  // Enqueues the end word's write after the work enqueued so far, and the
-  // watch word's write that is due (with it, or alone).
+  // Enqueues the reached word's write after the work enqueued so far, the
+  // end word's with it when the client may be told, and the watch word's
+  // write that is due (with them, or alone).
   void Announce(Session& s) {
-    if (s.enqueued == s.announced || s.refused > 0 || s.out.pending()) return Watch(s);
+    const bool tell = s.in_end_word != s.enqueued && s.refused == 0 && !s.out.pending();
+    if (s.enqueued == s.announced && !tell) return Watch(s);
     if (s.watch_due == 0) {
-      (void)s.stream->Announce(static_cast<uint32_t>(s.enqueued));
-    } else if (s.stream->AnnounceAndWatch(static_cast<uint32_t>(s.enqueued), s.watch_due)
-                   .ok()) {
+      (void)s.stream->Announce(s.enqueued, tell);
+    } else if (s.stream->AnnounceAndWatch(s.enqueued, tell, s.watch_due).ok()) {
       s.mark_sent.store(s.watch_due, std::memory_order_release);
       s.watch_due = 0;
     }
     s.announced = s.enqueued;
+    if (tell) s.in_end_word = s.enqueued;
   }
   // Enqueues the watch word's write that is due.
   void Watch(Session& s) {
@@ -833,16 +841,22 @@ void SessionHost::Impl::Serve(Session* sp) {
     if (s.in.valid()) {
       // Rings: wait for the work ahead, for room for the answers, or for a
       // request; the socket only says whether the client is still there.
-      if (!s.pending.empty()) {
-        if (s.in.Readable() == 0 && !Complete(s, true)) return;
+      // A request that waits counts as none while the bound holds it (its
+      // client has not read its answers): the thread sleeps then too. The
+      // work ahead is waited for only when its answers can go at once:
+      // behind answers that wait for room, it is looked at again after a
+      // short wait for room (Complete, at the top of the loop).
+      const bool none = s.in.Readable() == 0 || !Takes(s);
+      if (!s.pending.empty() && !s.out.pending()) {
+        if (none && !Complete(s, true)) return;
         continue;
       }
       if (s.out.pending()) {
-        s.back.WaitWritable(kRingSlice);
+        if (none) s.back.WaitWritable(s.pending.empty() ? kRingSlice : kWorkSlice);
       } else if (s.in.Readable() == 0) {
         s.in.WaitReadable(kRingSlice);
       }
-      if (s.in.Readable() == 0 && !ClientThere(s)) open = false;
+      if (none && !ClientThere(s)) open = false;
       continue;
     }
     // Nothing to take: wait for a request, for room for the answers, or
@@ -850,8 +864,14 @@ void SessionHost::Impl::Serve(Session* sp) {
     pollfd fds[2] = {{s.conn.get(), 0, 0}, {s.wake.get(), POLLIN, 0}};
     if (Takes(s)) fds[0].events |= POLLIN;
     if (s.out.pending()) fds[0].events |= POLLOUT;
-    const int ready = poll(fds, 2, spinning || !s.pending.empty() ? 0 : 1000);
-    if (ready == 0 && !s.pending.empty()) {
+    // As with rings: the work ahead is waited for only when its answers can
+    // go at once.
+    const bool wait_work = !s.pending.empty() && !s.out.pending();
+    const int timeout_ms = spinning || wait_work       ? 0
+                           : !s.pending.empty()        ? static_cast<int>(kWorkSlice.count() / 1000)
+                                                       : 1000;
+    const int ready = poll(fds, 2, timeout_ms);
+    if (ready == 0 && wait_work) {
       if (!Complete(s, true)) return;
     }
     if (fds[1].revents) {
@@ -959,7 +979,7 @@ bool SessionHost::Impl::Read(Session& s) {
 bool SessionHost::Impl::Complete(Session& s, bool wait) {
   while (!s.pending.empty()) {
     Entry& e = s.pending.front();
-    if (e.seq > s.done_through && !s.stream->Reached(static_cast<uint32_t>(e.seq))) {
+    if (e.seq > s.done_through && !s.stream->Reached(e.seq)) {
       if (!wait) return true;
       Announce(s);
       const uint64_t through = s.enqueued;
@@ -969,7 +989,7 @@ bool SessionHost::Impl::Complete(Session& s, bool wait) {
         Park();
       }
       s.hold.store(kWaiting);
-      const Status w = s.stream->Wait(static_cast<uint32_t>(e.seq));
+      const Status w = s.stream->Wait(e.seq);
       if (int waiting = kWaiting; !s.hold.compare_exchange_strong(waiting, kRunning)) {
         Park();  // taken over: its client has been told
       }
@@ -989,7 +1009,7 @@ bool SessionHost::Impl::Complete(Session& s, bool wait) {
         return false;
       }
       // Either the word reached it, or everything enqueued has ended.
-      if (!s.stream->Reached(static_cast<uint32_t>(e.seq))) s.done_through = through;
+      if (!s.stream->Reached(e.seq)) s.done_through = through;
     }
     if (e.mark) e.reply.kernel_ns = s.stream->Elapsed(*e.mark);
     if (e.read) e.reply.data = e.bytes.Take();
@@ -1319,7 +1339,7 @@ void SessionHost::Impl::Launch(Session& s, SessionMessage& m) {
     const uint32_t sent = s.mark_sent.load(std::memory_order_relaxed);
     if (s.watch_due == 0 && (sent & 1) == 0 &&
         std::atomic_ref<const uint32_t>(*s.watch_word).load(std::memory_order_acquire) == sent &&
-        s.stream->Reached(static_cast<uint32_t>(s.enqueued))) {
+        s.stream->Reached(s.enqueued)) {
       s.idle_after.store(sent, std::memory_order_release);
     } else {
       s.watch_due = 0;
