@@ -164,7 +164,8 @@ class FakeSessionDevice : public SessionDevice {
   StatusOr<std::unique_ptr<SessionPinned>> Pin(void*, uint64_t) override {
     return std::make_unique<SessionPinned>();
   }
-  Status CheckLaunch(const SessionKernel&, const schema::LaunchSpec& l) override {
+  Status CheckLaunch(const SessionKernel&, const schema::LaunchSpec& l,
+                     const std::vector<schema::Arg>&) override {
     if (l.block.Count() > info_.max_threads_per_block) {
       return Status(Code::kInvalid, "block is over the device's limits");
     }

@@ -40,6 +40,8 @@ StatusOr<std::shared_ptr<const CudaDriver>> LoadCudaDriver() {
   }
   GPUQ_CUDA_FUNCTIONS(GPUQ_CUDA_LOAD)
 #undef GPUQ_CUDA_LOAD
+  d->cuFuncGetParamInfo =
+      reinterpret_cast<decltype(&::cuFuncGetParamInfo)>(dlsym(lib, "cuFuncGetParamInfo"));
   CUresult r = d->cuInit(0);
   if (r == CUDA_ERROR_NO_DEVICE) {
     return Error(Code::kNotFound, "the CUDA driver sees no GPU");
@@ -48,6 +50,21 @@ StatusOr<std::shared_ptr<const CudaDriver>> LoadCudaDriver() {
     return Error(Code::kUnavailable, "cuInit: " + d->Describe(r));
   }
   return std::shared_ptr<const CudaDriver>(std::move(d));
+}
+
+std::optional<std::vector<size_t>> ParamSizes(const CudaDriver& cu, CUfunction fn) {
+  if (!cu.cuFuncGetParamInfo) return std::nullopt;
+  std::vector<size_t> sizes;
+  // A kernel takes at most 32 KiB of parameters: 4096 of 8 bytes, or
+  // fewer than that of any size.
+  for (size_t i = 0; i <= 32768; ++i) {
+    size_t offset = 0, size = 0;
+    const CUresult r = cu.cuFuncGetParamInfo(fn, i, &offset, &size);
+    if (r == CUDA_ERROR_INVALID_VALUE) return sizes;  // past the last
+    if (r != CUDA_SUCCESS) return std::nullopt;
+    sizes.push_back(size);
+  }
+  return std::nullopt;
 }
 
 Status KeepPoolMemory(const CudaDriver& cu, CUdevice dev) {

@@ -6,7 +6,9 @@
 #include <cuda.h>
 
 #include <memory>
+#include <optional>
 #include <string>
+#include <vector>
 
 #include "util/status.h"
 
@@ -35,11 +37,17 @@ struct CudaDriver {
 #define GPUQ_CUDA_MEMBER(fn) decltype(&::fn) fn = nullptr;
   GPUQ_CUDA_FUNCTIONS(GPUQ_CUDA_MEMBER)
 #undef GPUQ_CUDA_MEMBER
+  // Optional (drivers of CUDA 12.4 on): null where the driver lacks it.
+  decltype(&::cuFuncGetParamInfo) cuFuncGetParamInfo = nullptr;
 
   // "CUDA_ERROR_ILLEGAL_ADDRESS: an illegal memory access was encountered"
   std::string Describe(CUresult r) const;
   std::string Name(CUresult r) const;
 };
+
+// The size of each of `fn`'s parameters, in order; nullopt where the
+// driver cannot say (a driver before CUDA 12.4).
+std::optional<std::vector<size_t>> ParamSizes(const CudaDriver& cu, CUfunction fn);
 
 // Loads the driver and calls cuInit. kUnavailable with a plain message when
 // there is no driver (libcuda.so.1 missing) or it cannot initialize.

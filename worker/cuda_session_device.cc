@@ -23,16 +23,20 @@ class CudaKernel : public SessionKernel {
         CUDA_SUCCESS) {
       max_threads_ = -1;
     }
+    params_ = ParamSizes(*cu_, fn_);
   }
   ~CudaKernel() override { (void)cu_->cuModuleUnload(module_); }
   CUfunction fn() const { return fn_; }
   int max_threads() const { return max_threads_; }  // per block (registers), once
+  // Its parameters' sizes, asked once; null where the driver cannot say.
+  const std::vector<size_t>* params() const { return params_ ? &*params_ : nullptr; }
 
  private:
   std::shared_ptr<const CudaDriver> cu_;
   CUmodule module_;
   CUfunction fn_;
   int max_threads_ = -1;
+  std::optional<std::vector<size_t>> params_;
 };
 
 class CudaDevice;
@@ -427,14 +431,17 @@ class CudaDevice : public SessionDevice {
     return std::unique_ptr<SessionPinned>(std::make_unique<CudaPinned>(cu_, ctx_, p));
   }
 
-  Status CheckLaunch(const SessionKernel& k, const LaunchSpec& launch) override {
+  Status CheckLaunch(const SessionKernel& k, const LaunchSpec& launch,
+                     const std::vector<schema::Arg>& args) override {
     thread_local CUcontext current = nullptr;
     if (current != ctx_) {
       (void)cu_->cuCtxSetCurrent(ctx_);
       current = ctx_;
     }
     const auto& kernel = static_cast<const CudaKernel&>(k);
-    return CheckLaunchLimits(*cu_, info_, launch, kernel.fn(), kernel.max_threads());
+    GPUQ_RETURN_IF_ERROR(
+        CheckLaunchLimits(*cu_, info_, launch, kernel.fn(), kernel.max_threads()));
+    return CheckArgs(kernel.params(), args);
   }
 
  private:

@@ -84,7 +84,11 @@ struct Module {
   Graveyard* const graveyard;
   std::mutex mu;
   CUmodule loaded = nullptr;                  // GUARDED_BY(mu)
-  std::map<std::string, CUfunction> functions;  // GUARDED_BY(mu)
+  struct Function {
+    CUfunction fn = nullptr;
+    std::optional<std::vector<size_t>> params;  // ParamSizes, asked once
+  };
+  std::map<std::string, Function> functions;  // GUARDED_BY(mu)
 };
 
 struct Task {
@@ -291,7 +295,10 @@ class GpuWorker::Impl {
                ExecutorState& xs);
   Done ExecuteLaunches(const std::shared_ptr<Task>& task, CUstream stream, CUevent ev[4],
                        ExecutorState& xs);
-  Status LaunchChecks(const schema::LaunchSpec& launch, CUfunction fn);
+  // The launch's limits and its arguments against the kernel's parameters.
+  // `params`: the kernel's parameters' sizes (null: unknown).
+  Status LaunchChecks(const schema::LaunchSpec& launch, CUfunction fn,
+                      const std::vector<size_t>* params, const std::vector<schema::Arg>& args);
   // The host side of a job's buffers: in[i], the bytes of buffer i's input
   // (in and inout: a payload frame, a local file read into `read`, or a
   // range of a region); region[i], where a range of a region lives (any
@@ -586,8 +593,30 @@ Status CheckLaunchLimits(const CudaDriver& cu, const schema::DeviceInfo& d,
   return Status::Ok();
 }
 
-Status GpuWorker::Impl::LaunchChecks(const schema::LaunchSpec& launch, CUfunction fn) {
-  return CheckLaunchLimits(*cu_, device_, launch, fn);
+Status CheckArgs(const std::vector<size_t>* params, const std::vector<schema::Arg>& args) {
+  if (!params) return Status::Ok();
+  if (params->size() != args.size()) {
+    return Error(Code::kInvalid, "the kernel takes " + std::to_string(params->size()) +
+                                     " arguments, " + std::to_string(args.size()) + " given");
+  }
+  for (size_t i = 0; i < args.size(); ++i) {
+    const schema::Arg& a = args[i];
+    const size_t given = a.kind == schema::ArgKind::kScalar ? schema::ScalarSize(a.type) : 8;
+    if ((*params)[i] != given) {
+      return Error(Code::kInvalid, "argument " + std::to_string(i) + " is " +
+                                       std::to_string(given) + " bytes, and the kernel's " +
+                                       "parameter " + std::to_string(i) + " " +
+                                       std::to_string((*params)[i]));
+    }
+  }
+  return Status::Ok();
+}
+
+Status GpuWorker::Impl::LaunchChecks(const schema::LaunchSpec& launch, CUfunction fn,
+                                     const std::vector<size_t>* params,
+                                     const std::vector<schema::Arg>& args) {
+  GPUQ_RETURN_IF_ERROR(CheckLaunchLimits(*cu_, device_, launch, fn));
+  return CheckArgs(params, args);
 }
 
 namespace {
@@ -595,7 +624,8 @@ namespace {
 // The module loaded (once, by whichever executor needs it first) and its
 // kernel `entry`.
 CUresult LoadFunction(const CudaDriver& cu, Module& m, const std::string& entry,
-                      CUfunction* fn, const char** what) {
+                      CUfunction* fn, const char** what,
+                      const std::vector<size_t>** params) {
   std::lock_guard lock(m.mu);
   if (!m.loaded) {
     CUresult e = cu.cuModuleLoadData(&m.loaded, m.image.c_str());
@@ -606,16 +636,18 @@ CUresult LoadFunction(const CudaDriver& cu, Module& m, const std::string& entry,
     }
   }
   auto it = m.functions.find(entry);
-  if (it != m.functions.end()) {
-    *fn = it->second;
-    return CUDA_SUCCESS;
+  if (it == m.functions.end()) {
+    CUfunction found = nullptr;
+    CUresult e = cu.cuModuleGetFunction(&found, m.loaded, entry.c_str());
+    if (e != CUDA_SUCCESS) {
+      *what = "finding the kernel";
+      return e;
+    }
+    it = m.functions.emplace(entry, Module::Function{found, ParamSizes(cu, found)}).first;
   }
-  CUresult e = cu.cuModuleGetFunction(fn, m.loaded, entry.c_str());
-  if (e != CUDA_SUCCESS) {
-    *what = "finding the kernel";
-    return e;
-  }
-  m.functions[entry] = *fn;
+  *fn = it->second.fn;
+  // The entry stays while the module does (the task holds it).
+  *params = it->second.params ? &*it->second.params : nullptr;
   return CUDA_SUCCESS;
 }
 
@@ -781,11 +813,15 @@ Done GpuWorker::Impl::Execute(const std::shared_ptr<Task>& task, CUstream stream
   const auto t_load = Clock::now();
   CUfunction fn = nullptr;
   const char* what = "";
-  if (CUresult e = LoadFunction(*cu_, *task->module, job.entry, &fn, &what); e != CUDA_SUCCESS) {
+  const std::vector<size_t>* param_sizes = nullptr;
+  if (CUresult e = LoadFunction(*cu_, *task->module, job.entry, &fn, &what, &param_sizes);
+      e != CUDA_SUCCESS) {
     return f.CuFail(e, std::string(what) + " '" + job.entry + "'");
   }
   r.timing.load_us = MicrosSince(t_load);
-  if (Status s = LaunchChecks(job.launch, fn); !s.ok()) return f.Fail(s.code(), s.message());
+  if (Status s = LaunchChecks(job.launch, fn, param_sizes, job.args); !s.ok()) {
+    return f.Fail(s.code(), s.message());
+  }
 
   // Inputs: payload frames, then the job's local files (PROTOCOL.md, "Local
   // buffers"), read for the copy. Declared before the device buffers, whose
@@ -893,16 +929,23 @@ Done GpuWorker::Impl::ExecuteLaunches(const std::shared_ptr<Task>& task, CUstrea
     // A launch like the one before it (a chain of one kernel) passed its
     // checks already.
     if (i > 0 && l.source == job.launches[i - 1].source && l.entry == job.launches[i - 1].entry &&
-        l.launch == job.launches[i - 1].launch) {
+        l.launch == job.launches[i - 1].launch &&
+        l.args.size() == job.launches[i - 1].args.size() &&
+        std::equal(l.args.begin(), l.args.end(), job.launches[i - 1].args.begin(),
+                   [](const Arg& a, const Arg& b) {
+                     return a.kind == b.kind && (a.kind != ArgKind::kScalar || a.type == b.type);
+                   })) {
       fns[i] = fns[i - 1];
       continue;
     }
     const char* what = "";
-    if (CUresult e = LoadFunction(*cu_, *task->modules[l.source], l.entry, &fns[i], &what);
+    const std::vector<size_t>* param_sizes = nullptr;
+    if (CUresult e =
+            LoadFunction(*cu_, *task->modules[l.source], l.entry, &fns[i], &what, &param_sizes);
         e != CUDA_SUCCESS) {
       return f.CuFail(e, which(i) + ": " + what + " '" + l.entry + "'");
     }
-    if (Status s = LaunchChecks(l.launch, fns[i]); !s.ok()) {
+    if (Status s = LaunchChecks(l.launch, fns[i], param_sizes, l.args); !s.ok()) {
       return f.Fail(s.code(), which(i) + ": " + s.message());
     }
   }

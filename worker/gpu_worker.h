@@ -55,6 +55,14 @@ Status CheckLaunchLimits(const CudaDriver& cu, const schema::DeviceInfo& device,
                          const schema::LaunchSpec& launch, CUfunction fn,
                          int fn_max_threads = -1);
 
+// Checks a launch's arguments against the kernel's parameters (`params`:
+// their sizes, from ParamSizes; null where the driver cannot say): as many,
+// and each of the parameter's size (a scalar's type; 8 bytes for a buffer).
+// cuLaunchKernel reads one pointer per parameter the kernel declares, and
+// that parameter's bytes behind it: fewer or narrower arguments made it read
+// past what the launch gave (a crash of the process, or garbage passed).
+Status CheckArgs(const std::vector<size_t>* params, const std::vector<schema::Arg>& args);
+
 class GpuWorker {
  public:
   static StatusOr<std::unique_ptr<GpuWorker>> Create(

@@ -119,7 +119,8 @@ class SessionDevice {
                                                         schema::ImageKind kind,
                                                         const std::string& symbol) = 0;
   // Checks a launch against the device's and the kernel's limits.
-  virtual Status CheckLaunch(const SessionKernel& k, const schema::LaunchSpec& launch) = 0;
+  virtual Status CheckLaunch(const SessionKernel& k, const schema::LaunchSpec& launch,
+                             const std::vector<schema::Arg>& args) = 0;
   // Pins [p, p + size) of a mapping for copies at the bus's speed.
   virtual StatusOr<std::unique_ptr<SessionPinned>> Pin(void* p, uint64_t size) = 0;
 };

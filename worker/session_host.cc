@@ -1283,7 +1283,9 @@ void SessionHost::Impl::Launch(Session& s, SessionMessage& m) {
     s.last_kernel = *kernel;
     s.last_ref = ref;
   }
-  if (Status c = device_->CheckLaunch(**kernel, m.launch); !c.ok()) return Answer(s, m.rid, c);
+  if (Status c = device_->CheckLaunch(**kernel, m.launch, m.args); !c.ok()) {
+    return Answer(s, m.rid, c);
+  }
   std::vector<uint64_t>& slots = s.slots;
   std::vector<void*>& params = s.params;
   slots.resize(m.args.size());

@@ -124,6 +124,34 @@ extern "C" __global__ void k(unsigned char a, signed char b, unsigned short c, s
   EXPECT_EQ(*r.Output(10), want);
 }
 
+// The driver reads one argument per parameter the kernel declares, and as
+// many bytes as the parameter has: a job with fewer arguments, or a
+// narrower one, made the worker pass what lay past its argument array
+// (garbage, or a crash of the worker). Refused, naming what differs; the
+// worker serves on.
+TEST_F(GpuTest, ArgumentsThatDoNotMatchTheKernelsParametersAreRefused) {
+  const char* src = R"(
+extern "C" __global__ void three(int* a, int* b, int* c) { *a = 1; *b = 2; *c = 3; }
+extern "C" __global__ void wide(unsigned long long n, unsigned* out) { *out = (unsigned)n; }
+)";
+  JobRequest few = Kernel(src, "three", {1, 1, 1}, {1, 1, 1});
+  few.spec.args = {Arg::Out(4)};
+  JobResult r = Run(few);
+  EXPECT_EQ(r.state, JobState::kFailed);
+  EXPECT_EQ(r.code, Code::kInvalid) << r.error;
+  EXPECT_NE(r.error.find("takes 3 arguments, 1 given"), std::string::npos) << r.error;
+  JobRequest narrow = Kernel(src, "wide", {1, 1, 1}, {1, 1, 1});
+  narrow.spec.args = {Arg::U32(7), Arg::Out(4)};
+  r = Run(narrow);
+  EXPECT_EQ(r.code, Code::kInvalid) << r.error;
+  EXPECT_NE(r.error.find("argument 0 is 4 bytes"), std::string::npos) << r.error;
+  // Matching arguments run, on the same worker.
+  narrow.spec.args = {Arg::Scalar(ScalarType::kU64, 0x1234567800000009ull), Arg::Out(4)};
+  r = Run(narrow);
+  ASSERT_EQ(r.state, JobState::kDone) << r.error;
+  EXPECT_EQ(*r.Output(1), std::string("\x09\0\0\0", 4));
+}
+
 TEST_F(GpuTest, InOutAndInoutBuffersMatchTheCpu) {
   const unsigned n = 1 << 20;
   std::uniform_real_distribution<float> u(-100, 100);

@@ -284,6 +284,31 @@ TEST_F(SessionsGpuTest, FreedAndForeignHandlesAreRefused) {
   EXPECT_EQ(*zeros, std::string(4096, '\0')) << "new memory reads as zeros, not freed bytes";
 }
 
+// A launch with fewer arguments than the kernel's parameters, or a
+// narrower one, made the driver read past the session process's argument
+// array: garbage passed, or the process (every session of its tenant on
+// that GPU) gone. Refused; the session goes on.
+TEST_F(SessionsGpuTest, ArgumentsThatDoNotMatchTheKernelsParametersAreRefused) {
+  auto s = Open("args");
+  ASSERT_TRUE(s);
+  auto y = s->Alloc(64);
+  ASSERT_TRUE(y.ok());
+  auto few = s->Launch(L("scale_add", 16, {Arg::Ref(*y)}));
+  EXPECT_EQ(few.status().code(), Code::kInvalid) << few.status().ToString();
+  EXPECT_NE(few.status().message().find("takes 4 arguments, 1 given"), std::string::npos)
+      << few.status().ToString();
+  auto narrow =
+      s->Launch(L("scale_add", 16, {Arg::Ref(*y), Arg::F32(1), Arg::F64(1), Arg::U32(16)}));
+  EXPECT_EQ(narrow.status().code(), Code::kInvalid) << narrow.status().ToString();
+  ASSERT_TRUE(s->Fill(*y, 0, 64, 0).ok());
+  ASSERT_TRUE(
+      s->Launch(L("scale_add", 16, {Arg::Ref(*y), Arg::F32(1), Arg::F32(2), Arg::U32(16)})).ok());
+  auto got = s->Read(*y, 0, 64);
+  ASSERT_TRUE(got.ok()) << got.status().ToString();
+  std::vector<float> twos(16, 2.0f);
+  EXPECT_EQ(*got, std::string(reinterpret_cast<const char*>(twos.data()), 64));
+}
+
 TEST_F(SessionsGpuTest, AFaultInOneTenantsSessionLeavesAnotherTenantsIntact) {
   auto a = Open("fault-a"), b = Open("fault-b");
   ASSERT_TRUE(a && b);
