@@ -53,15 +53,22 @@ class Client:
             frames: List[bytes] = await self._sock.recv_multipart()
             if len(frames) < 2 or frames[0] != wire.CLIENT_PROTOCOL:
                 continue
-            h = wire.decode(frames[1])
-            if h.get("op") == "result" and h.get("rid") == 0:
-                fut = self._result_future(h["id"])
-                if not fut.done():
-                    fut.set_result(Result(h, frames[2:], self._specs.pop(h["id"], None)))
-                continue
-            reply = self._replies.pop(h.get("rid", 0), None)
-            if reply and not reply.done():
-                reply.set_result((h, frames[2:]))
+            try:
+                h = wire.decode(frames[1])
+                if not isinstance(h, dict):
+                    continue
+                if h.get("op") == "result" and h.get("rid") == 0:
+                    # Pushed: kept for a job this client submitted and has not
+                    # yet waited for (wait() fetches the others).
+                    fut = self._results.get(h["id"])
+                    if fut is not None and not fut.done():
+                        fut.set_result(Result(h, frames[2:], self._specs.pop(h["id"], None)))
+                    continue
+                reply = self._replies.pop(h.get("rid", 0), None)
+                if reply and not reply.done():
+                    reply.set_result((h, frames[2:]))
+            except Exception:  # a reply this client cannot read is dropped; the
+                continue       # reader goes on (it ended, and every call timed out)
 
     async def _call(self, header: Header,
                     payload: Iterable[Any] = ()) -> Tuple[Header, List[bytes]]:
@@ -126,6 +133,10 @@ class Client:
                 await asyncio.wait_for(asyncio.shield(fut), min(left, REFETCH_S))
             except asyncio.TimeoutError:
                 pass
+        # Waited for: the client keeps nothing of it (its outputs are the
+        # caller's now).
+        self._results.pop(job_id, None)
+        self._specs.pop(job_id, None)
         return fut.result()
 
     async def status(self, job_id: int) -> Result:

@@ -228,8 +228,15 @@ class Result:
             if size == 0:
                 buffers.append(b"")
                 continue
-            with open(path, "rb") as f:
-                buffers.append(mmap.mmap(f.fileno(), size, prot=mmap.PROT_READ))
+            try:
+                with open(path, "rb") as f:
+                    buffers.append(mmap.mmap(f.fileno(), size, prot=mmap.PROT_READ))
+            except (OSError, ValueError) as e:
+                # As the C++ client: an output file that cannot be read (gone,
+                # shorter than named) makes the result failed, not an exception.
+                self.state, self.code = "failed", "io_error"
+                self.error = "cannot read output file %s: %s" % (path, e)
+                return
         for arg, frame in zip(header.get("outputs", []), buffers):
             self.outputs[arg] = as_output(frame, (out_specs or {}).get(arg))
 
@@ -295,6 +302,27 @@ def build_submit(source: str, entry: Optional[str] = None, grid: Optional[Dim] =
     several launches (PROTOCOL.md, "Jobs of several launches") has
     `launches` and `buffers` instead, and may have `sources` and `graph`.
     Output specs are by argument index, or by buffer index."""
+    made: List[str] = []
+    try:
+        return _build_submit(made, source, entry, grid, block, args, shared, key, tenant,
+                             priority, deadline_ms, limit_ms, options, headers,
+                             name_expression, placement, local_dir, local_min, launches,
+                             buffers, sources, graph)
+    except BaseException:
+        _remove(made)  # files written before the argument that failed
+        raise
+
+
+def _build_submit(made: List[str], source: str, entry: Optional[str],
+                  grid: Optional[Dim], block: Optional[Dim], args: Optional[Sequence[Arg]],
+                  shared: int, key: Optional[str], tenant: Optional[str], priority: int,
+                  deadline_ms: int, limit_ms: int, options: Optional[Iterable[str]],
+                  headers: Optional[Mapping[str, str]], name_expression: bool,
+                  placement: Optional[Mapping[str, Any]], local_dir: Optional[str],
+                  local_min: int, launches: Optional[Sequence[Launch]],
+                  buffers: Optional[Sequence[JobBuffer]],
+                  sources: Optional[Sequence[Union[Source, str]]], graph: bool
+                  ) -> Tuple[Header, List[Payload], OutSpecs, List[str]]:
     several = launches is not None
     if several:
         if (entry is not None or grid is not None or block is not None or args is not None or
@@ -315,7 +343,6 @@ def build_submit(source: str, entry: Optional[str] = None, grid: Optional[Dim] =
     payload: List[Payload] = []
     out_specs: OutSpecs = {}
     files: List[List[Any]] = []
-    made: List[str] = []
     local_out = False
     for i, a in enumerate(held):
         if isinstance(a, Scalar) and not several:
@@ -555,7 +582,12 @@ class Client:
                 raise Error("timeout", "no answer from the broker in time")
             frames: List[bytes] = self._sock.recv_multipart(copy=True)
             if len(frames) >= 2 and frames[0] == wire.CLIENT_PROTOCOL:
-                return wire.decode(frames[1]), frames[2:]
+                try:
+                    h = wire.decode(frames[1])
+                except Exception:  # not a reply this client can read: dropped
+                    continue
+                if isinstance(h, dict):
+                    return h, frames[2:]
 
     def _call(self, header: Header, payload: Iterable[Any] = (),
               timeout: Optional[float] = None) -> Tuple[Header, List[bytes]]:
@@ -641,8 +673,11 @@ class Client:
         job, payload, specs, made = self._build(source, kw)
         try:
             h, _ = self._call({"op": "submit", "job": job}, payload)
-        except Error:
-            _remove(made)  # a refused submit's files are not the broker's
+        except Error as e:
+            # A refused submit's files are not the broker's; after a timeout
+            # the broker may yet take the job, and them (as the C++ client).
+            if e.code != "timeout":
+                _remove(made)
             raise
         job_id: int = h["id"]
         self._out_specs[job_id] = specs

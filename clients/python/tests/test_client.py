@@ -216,3 +216,96 @@ def test_local_buffers_pass_large_arrays_as_files(service):
     with gpuq.Client(service.client_endpoint, local_buffers=False) as c:
         r = c.wait(c.submit(KERNELS, "k", 1, 32, [gpuq.InOut(y)]))
         np.testing.assert_array_equal(r.outputs[0], y + 1)
+
+
+class RawBroker:
+    """A broker played by a test: a ROUTER that answers each request with
+    the frames `answer(header)` gives (a list of replies, each a frame list)."""
+
+    def __init__(self, answer):
+        import threading
+        self._ctx = zmq.Context()
+        self._sock = self._ctx.socket(zmq.ROUTER)
+        self._sock.bind("tcp://127.0.0.1:*")
+        self.endpoint = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._answer = answer
+        self._stop = False
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self):
+        from gpuq import wire
+        while not self._stop:
+            if not self._sock.poll(50):
+                continue
+            frames = self._sock.recv_multipart()
+            for reply in self._answer(wire.decode(frames[2])):
+                self._sock.send_multipart([frames[0]] + reply)
+
+    def close(self):
+        self._stop = True
+        self._thread.join()
+        self._sock.close(0)
+        self._ctx.term()
+
+
+def test_the_asyncio_client_reads_on_after_a_reply_it_cannot_read():
+    # One undecodable reply ended the asyncio client's reader task: every
+    # later call timed out, and pushed results were never delivered.
+    from gpuq import wire
+
+    def answer(h):
+        return [[wire.CLIENT_PROTOCOL, b"\xc1"],  # not msgpack
+                [wire.CLIENT_PROTOCOL, wire.encode({"op": "result", "rid": 0})],  # no id
+                [wire.CLIENT_PROTOCOL,
+                 wire.encode({"op": "stats", "rid": h["rid"], "stats": {"queued": 3}})]]
+    broker = RawBroker(answer)
+    try:
+        async def main():
+            c = gpuq.aio.Client(broker.endpoint, timeout=5)
+            try:
+                assert (await c.stats())["queued"] == 3
+                assert (await c.stats())["queued"] == 3
+            finally:
+                await c.close()
+        asyncio.run(main())
+    finally:
+        broker.close()
+
+
+def test_the_asyncio_client_keeps_no_result_it_has_given(service):
+    # Every job's result stayed in the client, outputs and all, for as long
+    # as it lived.
+    service.add_worker("--slots", "4")
+
+    async def main():
+        async with gpuq.aio.Client(service.client_endpoint) as c:
+            jobs = [await c.submit(KERNELS, "k", 1, 1, [gpuq.InOut(np.full(4, i, dtype=np.uint8))])
+                    for i in range(5)]
+            for j in jobs:
+                assert (await c.wait(j)).ok
+            assert not c._results and not c._specs
+    asyncio.run(main())
+
+
+def test_a_submit_that_fails_while_built_leaves_no_local_file(service):
+    # The files of the inputs before the argument that failed were left in
+    # the broker's local directory.
+    import os
+    local = os.path.join(service.folder, "jobs.db.blobs")
+    service.add_worker("--local-dir", local)
+    with gpuq.Client(service.client_endpoint, local_min=16) as c:
+        c.devices()
+        with pytest.raises(TypeError):
+            c.submit(KERNELS, "k", 1, 1, [gpuq.In(bytes(64)), object()])
+        assert not [n for n in os.listdir(local) if n.startswith("c-")]
+
+
+def test_an_output_file_that_cannot_be_read_fails_the_result():
+    # It raised FileNotFoundError out of wait() and poll() (where the event
+    # was lost), where the C++ client gives a failed result.
+    from gpuq.client import Result
+    r = Result({"id": 4, "state": "done", "files": [["/nonexistent/gpuq-out", 65536]],
+                "outputs": [0]}, [])
+    assert not r.ok
+    assert r.code == "io_error" and "/nonexistent/gpuq-out" in r.error
