@@ -44,7 +44,10 @@ Job& JobTable::Add(std::unique_ptr<Job> job) {
   active_bytes_ += j.input_bytes;
   if (j.input_bytes) active_bytes_by_tenant_[j.tenant] += j.input_bytes;
   if (!j.key.empty()) keys_[{j.tenant, j.key}] = j.id;
-  if (j.deadline_ms) deadlines_.push({j.deadline_ms, j.id});
+  if (j.deadline_ms) {
+    deadlines_.push({j.deadline_ms, j.id});
+    ++with_deadline_;
+  }
   jobs_[j.id] = std::move(job);
   return j;
 }
@@ -68,13 +71,16 @@ void JobTable::Queue(Job& job) {
 void JobTable::Unqueue(Job& job) { scheduler_.Remove(job.id); }
 
 void JobTable::End(Job& job, schema::JobState state) {
-  if (!job.ended()) Release(job);
+  const bool was_active = !job.ended();
+  if (was_active) Release(job);
   scheduler_.Remove(job.id);
   job.state = state;
+  if (was_active) CompactDeadlines();
 }
 
 void JobTable::Release(Job& job) {
   --active_;
+  if (job.deadline_ms) with_deadline_ -= std::min<uint64_t>(with_deadline_, 1);
   active_bytes_ -= std::min(active_bytes_, job.input_bytes);
   auto t = active_by_tenant_.find(job.tenant);
   if (t != active_by_tenant_.end() && --t->second == 0) active_by_tenant_.erase(t);
@@ -96,6 +102,18 @@ void JobTable::Remove(uint64_t id) {
     if (k != keys_.end() && k->second == id) keys_.erase(k);
   }
   jobs_.erase(it);
+  CompactDeadlines();
+}
+
+void JobTable::CompactDeadlines() {
+  constexpr size_t kSmall = 1024;  // below this, never worth a pass
+  if (deadlines_.size() <= kSmall || deadlines_.size() <= 2 * with_deadline_) return;
+  std::vector<Deadline> live;
+  live.reserve(with_deadline_);
+  for (const auto& [id, job] : jobs_) {
+    if (job->deadline_ms && !job->ended()) live.emplace_back(job->deadline_ms, id);
+  }
+  deadlines_ = decltype(deadlines_)(std::greater<>(), std::move(live));
 }
 
 std::vector<uint64_t> JobTable::Expired(int64_t now_ms) {

@@ -129,6 +129,10 @@ class JobTable {
 
   // Queued jobs whose deadline is at or before `now_ms`.
   std::vector<uint64_t> Expired(int64_t now_ms);
+  // Entries of the deadline heap: at most about twice the jobs with a
+  // deadline that have not ended (an ended job's entry is dropped when the
+  // heap is rebuilt, not left until its deadline, up to 366 days on).
+  size_t deadlines_held() const { return deadlines_.size(); }
 
   size_t size() const { return jobs_.size(); }
   uint64_t active() const { return active_; }
@@ -141,6 +145,9 @@ class JobTable {
 
  private:
   void Release(Job& job);
+  // Rebuilds the deadline heap from the jobs not ended once it holds more
+  // than twice as many entries as they have.
+  void CompactDeadlines();
 
   Bounds bounds_;
   std::unordered_map<uint64_t, std::unique_ptr<Job>> jobs_;
@@ -151,6 +158,7 @@ class JobTable {
   std::map<std::string, uint64_t> active_bytes_by_tenant_;
   using Deadline = std::pair<int64_t, uint64_t>;
   std::priority_queue<Deadline, std::vector<Deadline>, std::greater<>> deadlines_;
+  uint64_t with_deadline_ = 0;  // jobs not ended that have a deadline
 };
 
 }  // namespace gpuq::broker

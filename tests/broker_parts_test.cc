@@ -73,6 +73,25 @@ TEST(JobTableTest, DeadlinesExpireQueuedJobsInOrderAndWaitForTheirRow) {
       << "the waiting job first: its deadline passed first";
 }
 
+TEST(JobTableTest, EndedJobsLeaveTheDeadlineHeap) {
+  // Every job with a deadline left 16 bytes in the heap until that deadline
+  // came (up to 366 days): at 50,000 such jobs a second, gigabytes an hour.
+  ManualClock clock;
+  JobTable t({});
+  const int64_t far = clock.UnixMs() + 366LL * 24 * 3600 * 1000;
+  for (uint64_t id = 1; id <= 100000; ++id) {
+    t.Queue(t.Add(NewJob(id, "a", 0, far)));
+    if (id > 10) {  // ten stay queued; the others end and go
+      t.End(*t.Find(id), id % 2 ? JobState::kDone : JobState::kCanceled);
+      t.Remove(id);
+    }
+  }
+  EXPECT_LE(t.deadlines_held(), 2048u) << "entries for 10 jobs with a deadline";
+  // The ten still expire, in order, when their deadline comes.
+  clock.Advance(std::chrono::hours(366 * 24 + 1));
+  EXPECT_EQ(t.Expired(clock.UnixMs()), std::vector<uint64_t>({1, 2, 3, 4, 5, 6, 7, 8, 9, 10}));
+}
+
 schema::WorkerMessage Ready(uint32_t slots, const std::string& arch = "sm_90") {
   schema::WorkerMessage m;
   m.op = schema::WorkerOp::kReady;
