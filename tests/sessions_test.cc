@@ -55,6 +55,19 @@ SessionLaunch Inc(uint32_t buffer, uint32_t n, uint32_t v, uint64_t offset = 0) 
   return l;
 }
 
+// A raw launch request of sleep_ms(0): its kernels' module compiled and
+// loaded, so that later launches of that source start at once.
+schema::SessionMessage WarmLaunch(uint64_t rid) {
+  schema::SessionMessage m;
+  m.op = schema::SessionOp::kLaunch;
+  m.rid = rid;
+  m.kernel.source = kSessionKernels;
+  m.kernel.entry = "sleep_ms";
+  m.launch.grid = m.launch.block = {1, 1, 1};
+  m.args = {Arg::U32(0)};
+  return m;
+}
+
 // A raw launch request of the kernel that never ends.
 schema::SessionMessage EndlessLaunch(uint64_t rid) {
   schema::SessionMessage m;
@@ -1378,14 +1391,7 @@ TEST_F(SessionsTest, ThroughTheBrokerAProcessThatGoesWithRequestsUnwrittenSaysWh
   // The kernels' module first (the broker compiles it, and is stopped
   // below: a compile that came after the stop never came, and the launch
   // never started).
-  schema::SessionMessage warm;
-  warm.op = schema::SessionOp::kLaunch;
-  warm.rid = 2;
-  warm.kernel.source = kSessionKernels;
-  warm.kernel.entry = "sleep_ms";
-  warm.launch.grid = warm.launch.block = {1, 1, 1};
-  warm.args = {Arg::U32(0)};
-  CallRaw(raw, 3, *opened, schema::EncodeSessionMessage(warm));
+  CallRaw(raw, 3, *opened, schema::EncodeSessionMessage(WarmLaunch(2)));
   auto warmed = raw.Receive(std::chrono::seconds(60));
   ASSERT_TRUE(warmed && warmed->header.op == schema::ReplyOp::kSessionAnswer) << Log();
   const schema::SessionMessage endless = EndlessLaunch(3);
@@ -1891,14 +1897,7 @@ TEST_F(SessionsTest, ARidFarPastTheLastEndedIsNotTakenAsEnded) {
   uint64_t buffer = 0;
   ASSERT_NO_FATAL_FAILURE(AllocRaw(fd, 4u << 20, &buffer));
   // The kernels' module compiled and loaded first.
-  schema::SessionMessage warm;
-  warm.op = schema::SessionOp::kLaunch;
-  warm.rid = 2;
-  warm.kernel.source = kSessionKernels;
-  warm.kernel.entry = "sleep_ms";
-  warm.launch.grid = warm.launch.block = {1, 1, 1};
-  warm.args = {Arg::U32(0)};
-  ASSERT_TRUE(WriteFrame(fd, schema::EncodeSessionMessage(warm)).ok());
+  ASSERT_TRUE(WriteFrame(fd, schema::EncodeSessionMessage(WarmLaunch(2))).ok());
   pollfd warmed{fd, POLLIN, 0};
   ASSERT_EQ(poll(&warmed, 1, 60000), 1);
   ASSERT_TRUE(ReadFrame(fd, 1 << 20).ok());
