@@ -30,6 +30,10 @@ for path in glob.glob("schema/golden/*.bin"):
            "session": 0x40}[name.split("_")[0]]
     sel |= min(len(frames) - 2, 7) << 2
     open(os.path.join(out, name), "wb").write(bytes([sel]) + frames[1])
+# Module images (bit 7): a CUBIN with initialized and uninitialized variables.
+for path in glob.glob("tests/fuzz/*.cubin"):
+    data = open(path, "rb").read()
+    open(os.path.join(out, os.path.basename(path)), "wb").write(bytes([0x80]) + data)
 PY
 "$build/bin/gpuq-decode-fuzzer" "$corpus" -max_total_time="$seconds" -max_len=65536 \
   -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 2>&1 | tail -n 20

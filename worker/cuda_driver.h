@@ -33,7 +33,7 @@ struct CudaDriver {
   X(cuGraphCreate) X(cuGraphDestroy) X(cuGraphAddKernelNode) X(cuGraphAddEventRecordNode) \
   X(cuGraphInstantiate) X(cuGraphExecDestroy) X(cuGraphExecKernelNodeSetParams)           \
   X(cuGraphLaunch) X(cuEventQuery) X(cuMemcpyDtoDAsync) X(cuStreamQuery)                  \
-  X(cuStreamBatchMemOp)
+  X(cuStreamBatchMemOp) X(cuLinkCreate) X(cuLinkAddData) X(cuLinkComplete) X(cuLinkDestroy)
 #define GPUQ_CUDA_MEMBER(fn) decltype(&::fn) fn = nullptr;
   GPUQ_CUDA_FUNCTIONS(GPUQ_CUDA_MEMBER)
 #undef GPUQ_CUDA_MEMBER
@@ -48,6 +48,38 @@ struct CudaDriver {
 // The size of each of `fn`'s parameters, in order; nullopt where the
 // driver cannot say (a driver before CUDA 12.4).
 std::optional<std::vector<size_t>> ParamSizes(const CudaDriver& cu, CUfunction fn);
+
+// Device memory that a module and its kernels take beyond the buffers of
+// the jobs and sessions that use them (worker/module_image.h): the
+// module's variables and code, allocated when it loads, and the local
+// memory (per-thread stack and arrays) the driver reserves for every
+// thread the device can hold at once, kept grown after the kernel that
+// needed it. Each is bounded; 0 means no bound.
+struct ModuleBounds {
+  uint64_t module_bytes = 64ull << 20;
+  uint64_t local_bytes = 4ull << 30;
+  uint64_t resident_threads = 0;  // multiprocessors × threads each; 0: not checked
+};
+
+// The threads `dev` holds at once: its multiprocessors × threads each.
+uint64_t ResidentThreads(const CudaDriver& cu, CUdevice dev);
+
+// A module loaded into the current context, or why not: `error` from the
+// driver (possibly sticky: IsSticky), or `refused` (kResourceExhausted)
+// where the module would take more device memory than `bounds` allow, in
+// which case nothing was loaded. PTX is compiled for the context's device
+// first (cuLink), so that its variables are counted as a CUBIN's are.
+struct LoadedModule {
+  CUmodule module = nullptr;
+  CUresult error = CUDA_SUCCESS;
+  Status refused;
+};
+LoadedModule LoadModule(const CudaDriver& cu, const std::string& image,
+                        const ModuleBounds& bounds);
+
+// kResourceExhausted where the local memory `fn` needs, for every thread
+// the device holds, is over `bounds.local_bytes`.
+Status CheckLocalMemory(const CudaDriver& cu, CUfunction fn, const ModuleBounds& bounds);
 
 // Loads the driver and calls cuInit. kUnavailable with a plain message when
 // there is no driver (libcuda.so.1 missing) or it cannot initialize.

@@ -397,7 +397,9 @@ class CudaDevice : public SessionDevice {
  public:
   CudaDevice(std::shared_ptr<const CudaDriver> cu, CUdevice dev, CUcontext ctx,
              schema::DeviceInfo info, std::chrono::microseconds spin)
-      : cu_(std::move(cu)), dev_(dev), ctx_(ctx), info_(std::move(info)), spin_(spin) {}
+      : cu_(std::move(cu)), dev_(dev), ctx_(ctx), info_(std::move(info)), spin_(spin) {
+    bounds_.resident_threads = ResidentThreads(*cu_, dev_);
+  }
   ~CudaDevice() override { (void)cu_->cuDevicePrimaryCtxRelease(dev_); }
 
   const schema::DeviceInfo& info() const override { return info_; }
@@ -414,12 +416,23 @@ class CudaDevice : public SessionDevice {
   StatusOr<std::shared_ptr<SessionKernel>> Load(const std::string& image, schema::ImageKind,
                                                 const std::string& symbol) override {
     (void)cu_->cuCtxSetCurrent(ctx_);
-    CUmodule m = nullptr;
-    GPUQ_CU_CHECK(*cu_, cuModuleLoadData(&m, image.c_str()), Code::kLaunchError);
+    // The module's variables and the kernel's local memory are bounded as
+    // in a worker (ModuleBounds, at their defaults): they are device memory
+    // outside the session's buffers and its limit.
+    LoadedModule load = LoadModule(*cu_, image, bounds_);
+    if (load.error != CUDA_SUCCESS) {
+      return Status(Code::kLaunchError, "loading the module: " + cu_->Describe(load.error));
+    }
+    if (!load.refused.ok()) return load.refused;
+    CUmodule m = load.module;
     CUfunction f = nullptr;
     if (CUresult e = cu_->cuModuleGetFunction(&f, m, symbol.c_str()); e != CUDA_SUCCESS) {
       (void)cu_->cuModuleUnload(m);
       return Status(Code::kNotFound, "no kernel '" + symbol + "' in the module: " + cu_->Describe(e));
+    }
+    if (Status local = CheckLocalMemory(*cu_, f, bounds_); !local.ok()) {
+      (void)cu_->cuModuleUnload(m);
+      return local;
     }
     return std::shared_ptr<SessionKernel>(std::make_shared<CudaKernel>(cu_, m, f));
   }
@@ -450,6 +463,7 @@ class CudaDevice : public SessionDevice {
   CUcontext ctx_;
   schema::DeviceInfo info_;
   const std::chrono::microseconds spin_;
+  ModuleBounds bounds_;  // set once, at construction
 };
 
 }  // namespace

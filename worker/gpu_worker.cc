@@ -84,9 +84,11 @@ struct Module {
   Graveyard* const graveyard;
   std::mutex mu;
   CUmodule loaded = nullptr;                  // GUARDED_BY(mu)
+  Status refused;  // GUARDED_BY(mu): over the worker's ModuleBounds, never loaded
   struct Function {
     CUfunction fn = nullptr;
     std::optional<std::vector<size_t>> params;  // ParamSizes, asked once
+    Status refused;                             // its local memory over the bound
   };
   std::map<std::string, Function> functions;  // GUARDED_BY(mu)
 };
@@ -333,6 +335,7 @@ class GpuWorker::Impl {
   schema::DeviceInfo device_;
   CUdevice dev_ = 0;
   CUcontext ctx_ = nullptr;  // the primary context, retained
+  ModuleBounds bounds_;      // set once, before the executors start
   zmq::context_t zctx_;
   zmq::socket_t sock_;
   // The liveness connection (PROTOCOL.md, "Liveness"): heartbeats with the
@@ -392,6 +395,9 @@ Status GpuWorker::Impl::Init() {
   GPUQ_CU_CHECK(*cu_, cuDevicePrimaryCtxRetain(&ctx_, dev_), Code::kUnavailable);
   GPUQ_CU_CHECK(*cu_, cuCtxSetCurrent(ctx_), Code::kUnavailable);
   GPUQ_RETURN_IF_ERROR(KeepPoolMemory(*cu_, dev_));
+  bounds_ = {.module_bytes = opt_.module_bytes,
+             .local_bytes = opt_.local_bytes,
+             .resident_threads = ResidentThreads(*cu_, dev_)};
   pinned_ = std::make_unique<PinnedPool>(*cu_, opt_.pinned_bytes);
   size_t free = 0, total = 0;
   GPUQ_CU_CHECK(*cu_, cuMemGetInfo(&free, &total), Code::kUnavailable);
@@ -622,18 +628,28 @@ Status GpuWorker::Impl::LaunchChecks(const schema::LaunchSpec& launch, CUfunctio
 namespace {
 
 // The module loaded (once, by whichever executor needs it first) and its
-// kernel `entry`.
-CUresult LoadFunction(const CudaDriver& cu, Module& m, const std::string& entry,
-                      CUfunction* fn, const char** what,
-                      const std::vector<size_t>** params) {
+// kernel `entry`. CUDA_SUCCESS with `refused` set where the module or the
+// kernel would take more device memory than `bounds` allow (remembered:
+// the module is never loaded, the kernel never launched).
+CUresult LoadFunction(const CudaDriver& cu, const ModuleBounds& bounds, Module& m,
+                      const std::string& entry, CUfunction* fn, const char** what,
+                      const std::vector<size_t>** params, Status* refused) {
   std::lock_guard lock(m.mu);
+  if (!m.refused.ok()) {
+    *refused = m.refused;
+    return CUDA_SUCCESS;
+  }
   if (!m.loaded) {
-    CUresult e = cu.cuModuleLoadData(&m.loaded, m.image.c_str());
-    if (e != CUDA_SUCCESS) {
-      m.loaded = nullptr;
+    LoadedModule load = LoadModule(cu, m.image, bounds);
+    if (load.error != CUDA_SUCCESS) {
       *what = "loading the module";
-      return e;
+      return load.error;
     }
+    if (!load.refused.ok()) {
+      m.refused = *refused = load.refused;
+      return CUDA_SUCCESS;
+    }
+    m.loaded = load.module;
   }
   auto it = m.functions.find(entry);
   if (it == m.functions.end()) {
@@ -643,7 +659,14 @@ CUresult LoadFunction(const CudaDriver& cu, Module& m, const std::string& entry,
       *what = "finding the kernel";
       return e;
     }
-    it = m.functions.emplace(entry, Module::Function{found, ParamSizes(cu, found)}).first;
+    it = m.functions
+             .emplace(entry, Module::Function{found, ParamSizes(cu, found),
+                                              CheckLocalMemory(cu, found, bounds)})
+             .first;
+  }
+  if (!it->second.refused.ok()) {
+    *refused = it->second.refused;
+    return CUDA_SUCCESS;
   }
   *fn = it->second.fn;
   // The entry stays while the module does (the task holds it).
@@ -814,10 +837,13 @@ Done GpuWorker::Impl::Execute(const std::shared_ptr<Task>& task, CUstream stream
   CUfunction fn = nullptr;
   const char* what = "";
   const std::vector<size_t>* param_sizes = nullptr;
-  if (CUresult e = LoadFunction(*cu_, *task->module, job.entry, &fn, &what, &param_sizes);
+  Status refused;
+  if (CUresult e = LoadFunction(*cu_, bounds_, *task->module, job.entry, &fn, &what,
+                                &param_sizes, &refused);
       e != CUDA_SUCCESS) {
     return f.CuFail(e, std::string(what) + " '" + job.entry + "'");
   }
+  if (!refused.ok()) return f.Fail(refused.code(), "'" + job.entry + "': " + refused.message());
   r.timing.load_us = MicrosSince(t_load);
   if (Status s = LaunchChecks(job.launch, fn, param_sizes, job.args); !s.ok()) {
     return f.Fail(s.code(), s.message());
@@ -940,10 +966,14 @@ Done GpuWorker::Impl::ExecuteLaunches(const std::shared_ptr<Task>& task, CUstrea
     }
     const char* what = "";
     const std::vector<size_t>* param_sizes = nullptr;
-    if (CUresult e =
-            LoadFunction(*cu_, *task->modules[l.source], l.entry, &fns[i], &what, &param_sizes);
+    Status refused;
+    if (CUresult e = LoadFunction(*cu_, bounds_, *task->modules[l.source], l.entry, &fns[i],
+                                  &what, &param_sizes, &refused);
         e != CUDA_SUCCESS) {
       return f.CuFail(e, which(i) + ": " + what + " '" + l.entry + "'");
+    }
+    if (!refused.ok()) {
+      return f.Fail(refused.code(), which(i) + ": '" + l.entry + "': " + refused.message());
     }
     if (Status s = LaunchChecks(l.launch, fns[i], param_sizes, l.args); !s.ok()) {
       return f.Fail(s.code(), which(i) + ": " + s.message());

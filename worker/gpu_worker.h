@@ -26,6 +26,11 @@ struct WorkerOptions {
   uint32_t slots = 16;     // jobs held at once (credits)
   uint32_t streams = 4;    // executor threads, one stream each
   uint32_t module_slots = 256;
+  // Device memory a module may take when it loads (its variables and
+  // code), and a kernel's local memory over every resident thread
+  // (ModuleBounds); over either, its jobs fail resource_exhausted. 0: none.
+  uint64_t module_bytes = ModuleBounds{}.module_bytes;
+  uint64_t local_bytes = ModuleBounds{}.local_bytes;
   // CUDA graphs of jobs of several launches kept per stream (LRU).
   uint32_t graph_slots = 64;
   // Page-locked host memory kept for outputs' device-to-host copies.

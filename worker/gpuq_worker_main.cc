@@ -56,6 +56,17 @@ int main(int argc, char** argv) {
   app.add_option("--pinned-mib", pinned_mib,
                  "Page-locked host memory kept for outputs (MiB); past it, pageable")
       ->capture_default_str();
+  uint64_t module_mib = o.module_bytes >> 20, local_mib = o.local_bytes >> 20;
+  app.add_option("--module-memory-mib", module_mib,
+                 "Device memory a module may take when loaded, its __device__ variables and "
+                 "code (MiB; 0: no limit)")
+      ->check(CLI::Range(uint64_t{0}, uint64_t{1} << 30))
+      ->capture_default_str();
+  app.add_option("--local-memory-mib", local_mib,
+                 "Local memory a kernel may need over all the threads the GPU holds at once "
+                 "(MiB; 0: no limit)")
+      ->check(CLI::Range(uint64_t{0}, uint64_t{1} << 30))
+      ->capture_default_str();
   app.add_flag("--count", count, "Print the number of GPUs and exit");
   app.add_flag("--info", info, "Print the GPUs' properties as JSON and exit");
   app.add_option("--log-level", log_level)->capture_default_str();
@@ -67,6 +78,8 @@ int main(int argc, char** argv) {
   spdlog::set_pattern("%Y-%m-%dT%H:%M:%S.%e %^%l%$ gpuq-worker[%P]: %v");
   o.heartbeat = std::chrono::milliseconds(heartbeat_ms);
   o.pinned_bytes = pinned_mib << 20;
+  o.module_bytes = module_mib << 20;
+  o.local_bytes = local_mib << 20;
   o.spin = std::chrono::microseconds(spin_us);
   if (!key.empty()) {
     auto server = gpuq::ReadCurvePublicKey(server_key);

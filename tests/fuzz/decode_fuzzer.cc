@@ -1,6 +1,6 @@
 // libFuzzer target: every decoder of the wire protocol on arbitrary input.
 // The first byte picks the decoders and the payload frame sizes; the rest is
-// the header frame. A decoder must return a Status for any input, never
+// the header frame (or, with bit 7, a module image for the ELF reader). A decoder must return a Status for any input, never
 // crash, leak, hang or read out of bounds; what decodes must re-encode and
 // decode to the same message; a session message's fast path must answer as
 // its general decoder does.
@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "schema/codec.h"
+#include "worker/module_image.h"
 
 using namespace gpuq::schema;
 
@@ -53,6 +54,11 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
         RoundTrip<BrokerMessage>(header, sizes, DecodeBrokerMessage, EncodeBrokerMessage);
       }
       break;
+  }
+  if (selector & 0x80) {
+    // A module image, read for the device memory it takes before it loads
+    // (worker/module_image.h): an answer or kInvalid, nothing read outside.
+    (void)gpuq::worker::ModuleDeviceBytes(header);
   }
   if (selector & 0x20) {
     // The region channel's messages (one packet each, no payload frames).

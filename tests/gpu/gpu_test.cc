@@ -152,6 +152,56 @@ extern "C" __global__ void wide(unsigned long long n, unsigned* out) { *out = (u
   EXPECT_EQ(*r.Output(1), std::string("\x09\0\0\0", 4));
 }
 
+// A module's __device__ variables are allocated when it loads, outside
+// every buffer: one line of source took 16 GiB of the GPU for as long as
+// the worker kept the module, from every other tenant's jobs. A kernel's
+// local memory is reserved for every thread the GPU holds, and kept. Both
+// are refused over the worker's bounds (64 MiB per module, 4 GiB of local
+// memory by default; PTX is counted as the CUBIN it compiles to, in
+// module_bounds_test.cc); a module within them runs, and its variables work.
+TEST_F(GpuTest, ModulesAndKernelsOverTheirDeviceMemoryBoundsAreRefused) {
+  const char* big = R"(
+__device__ char big[1ull << 34];
+extern "C" __global__ void touch(unsigned* out) { big[(1ull << 34) - 1] = 7; *out = big[(1ull << 34) - 1]; }
+)";
+  JobRequest job = Kernel(big, "touch", {1, 1, 1}, {1, 1, 1});
+  job.spec.args = {Arg::Out(4)};
+  JobResult r = Run(job);
+  EXPECT_EQ(r.state, JobState::kFailed);
+  EXPECT_EQ(r.code, Code::kResourceExhausted) << r.error;
+  EXPECT_NE(r.error.find("over the limit of 64 MiB per module"), std::string::npos) << r.error;
+
+  const char* local = R"(
+extern "C" __global__ void deep(const unsigned* in, unsigned* out) {
+  volatile unsigned stack[16384];
+  for (unsigned i = 0; i < 16384; ++i) stack[i] = in[i & 3] + i;
+  out[0] = stack[in[0] & 16383];
+}
+)";
+  JobRequest deep = Kernel(local, "deep", {1, 1, 1}, {1, 1, 1});
+  deep.inputs = {Keep(std::string(16, '\0'))};
+  deep.spec.args = {Arg::In(0), Arg::Out(4)};
+  r = Run(deep);
+  EXPECT_EQ(r.code, Code::kResourceExhausted) << r.error;
+  EXPECT_NE(r.error.find("bytes of local memory per thread"), std::string::npos) << r.error;
+
+  const char* small = R"(
+__device__ unsigned counter[1024];
+extern "C" __global__ void count(unsigned* out) {
+  atomicAdd(&counter[7], 1u);
+  __syncthreads();
+  if (threadIdx.x == 0) *out = counter[7];
+}
+)";
+  JobRequest ok = Kernel(small, "count", {1, 1, 1}, {256, 1, 1});
+  ok.spec.args = {Arg::Out(4)};
+  r = Run(ok);
+  ASSERT_EQ(r.state, JobState::kDone) << r.error;
+  uint32_t got = 0;
+  std::memcpy(&got, r.Output(0)->data(), 4);
+  EXPECT_GE(got, 256u);
+}
+
 TEST_F(GpuTest, InOutAndInoutBuffersMatchTheCpu) {
   const unsigned n = 1 << 20;
   std::uniform_real_distribution<float> u(-100, 100);

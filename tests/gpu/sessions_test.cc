@@ -309,6 +309,33 @@ TEST_F(SessionsGpuTest, ArgumentsThatDoNotMatchTheKernelsParametersAreRefused) {
   EXPECT_EQ(*got, std::string(reinterpret_cast<const char*>(twos.data()), 64));
 }
 
+// A module's variables and a kernel's local memory are device memory
+// outside the session's buffers and its limit: over the session process's
+// bounds (64 MiB per module, 4 GiB of local memory) the launch is refused
+// and the session goes on.
+TEST_F(SessionsGpuTest, ModulesOverTheirDeviceMemoryBoundIsRefused) {
+  auto s = Open("module-bounds");
+  ASSERT_TRUE(s);
+  auto y = s->Alloc(64);
+  ASSERT_TRUE(y.ok());
+  SessionLaunch big = L("touch", 1, {Arg::Ref(*y)});
+  big.kernel.source = R"(
+__device__ char big[1ull << 34];
+extern "C" __global__ void touch(unsigned* out) { big[(1ull << 34) - 1] = 7; *out = big[(1ull << 34) - 1]; }
+)";
+  auto r = s->Launch(big);
+  EXPECT_EQ(r.status().code(), Code::kResourceExhausted) << r.status().ToString();
+  EXPECT_NE(r.status().message().find("over the limit of 64 MiB per module"), std::string::npos)
+      << r.status().ToString();
+  ASSERT_TRUE(s->Fill(*y, 0, 64, 0).ok());
+  ASSERT_TRUE(
+      s->Launch(L("scale_add", 16, {Arg::Ref(*y), Arg::F32(1), Arg::F32(2), Arg::U32(16)})).ok());
+  auto got = s->Read(*y, 0, 64);
+  ASSERT_TRUE(got.ok()) << got.status().ToString();
+  std::vector<float> twos(16, 2.0f);
+  EXPECT_EQ(*got, std::string(reinterpret_cast<const char*>(twos.data()), 64));
+}
+
 TEST_F(SessionsGpuTest, AFaultInOneTenantsSessionLeavesAnotherTenantsIntact) {
   auto a = Open("fault-a"), b = Open("fault-b");
   ASSERT_TRUE(a && b);
