@@ -4,6 +4,7 @@
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
+#include <tuple>
 
 #include "schema/codec.h"
 #include "schema/filename.h"
@@ -607,6 +608,12 @@ void BrokerCore::Finish(Job& job, JobState state, Code code, std::string error,
   r.code = state == JobState::kDone || state == JobState::kCanceled ? Code::kOk : code;
   if (state == JobState::kExpired) r.code = Code::kExpired;
   r.error = r.code == Code::kOk ? "" : std::move(error);
+  // Every client decoder refuses error text past the wire's bound: a
+  // longer one (a worker's, a compile's with its context) is cut to fit.
+  if (const size_t most = schema::Limits{}.max_text_bytes - 64; r.error.size() > most) {
+    r.error.resize(most);
+    r.error += "\n[gpuq: cut]";
+  }
   r.device = device;
   r.attempts = job.attempts;
   r.timing = t;
@@ -630,10 +637,11 @@ void BrokerCore::Finish(Job& job, JobState state, Code code, std::string error,
     auto& by_tenant = counters_.by_tenant;
     auto it = by_tenant.find(job.tenant);
     if (it == by_tenant.end()) {
-      it = by_tenant
-               .try_emplace(by_tenant.size() < StatsSnapshot::kMaxTenantCounters ? job.tenant
-                                                                                  : "other")
-               .first;
+      const uint32_t order = static_cast<uint32_t>(by_tenant.size());
+      bool added = false;
+      std::tie(it, added) = by_tenant.try_emplace(
+          order < StatsSnapshot::kMaxTenantCounters ? job.tenant : "other");
+      if (added) it->second.first_seen = order;
     }
     TenantCounters& tc = it->second;
     tc.gpu_us += t.total_us - std::min(t.total_us, t.queue_us);

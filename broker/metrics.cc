@@ -5,6 +5,7 @@
 
 #include <cstdio>
 #include <sstream>
+#include <string_view>
 
 namespace gpuq::broker {
 
@@ -54,15 +55,54 @@ void CountMap(Packer& p, const std::map<K, uint64_t>& m) {
   }
 }
 
+// The length of the well-formed UTF-8 sequence at s[i], or 0.
+size_t Utf8Length(std::string_view s, size_t i) {
+  const auto b = [&](size_t k) { return static_cast<unsigned char>(s[k]); };
+  const unsigned char c = b(i);
+  if (c < 0x80) return 1;
+  size_t n = c >= 0xC2 && c <= 0xDF ? 2 : c >= 0xE0 && c <= 0xEF ? 3 : c >= 0xF0 && c <= 0xF4 ? 4 : 0;
+  if (n == 0 || i + n > s.size()) return 0;
+  for (size_t k = 1; k < n; ++k) {
+    if ((b(i + k) & 0xC0) != 0x80) return 0;
+  }
+  // No overlong forms, surrogates, or code points past U+10FFFF.
+  if ((c == 0xE0 && b(i + 1) < 0xA0) || (c == 0xED && b(i + 1) > 0x9F) ||
+      (c == 0xF0 && b(i + 1) < 0x90) || (c == 0xF4 && b(i + 1) > 0x8F)) {
+    return 0;
+  }
+  return n;
+}
+
+// A label value of the text format: valid UTF-8 (a scraper refuses the
+// whole page otherwise), with \\, \" and \n escaped. Tenant names are any
+// bytes: each byte that is not part of well-formed UTF-8, and '%', is
+// written %XX, so that two names never give one label.
 std::string Escape(const std::string& s) {
+  static constexpr char kHex[] = "0123456789ABCDEF";
   std::string o;
-  for (char c : s) {
+  for (size_t i = 0; i < s.size();) {
+    const char c = s[i];
+    const size_t n = Utf8Length(s, i);
+    if (n == 0 || c == '%') {
+      const auto u = static_cast<unsigned char>(c);
+      o += '%';
+      o += kHex[u >> 4];
+      o += kHex[u & 15];
+      ++i;
+      continue;
+    }
+    if (n > 1) {
+      o.append(s, i, n);
+      i += n;
+      continue;
+    }
     if (c == '\\' || c == '"') o += '\\';
     if (c == '\n') {
       o += "\\n";
-      continue;
+    } else {
+      o += c;
     }
-    o += c;
+    ++i;
   }
   return o;
 }
@@ -322,24 +362,21 @@ std::string PrometheusText(const StatsSnapshot& s) {
       << (it == s.finished.end() ? 0 : it->second) << "\n";
   }
   {
-    // The tenants with the most GPU time by name, the rest as "other": a
-    // bounded set of series.
-    std::vector<std::pair<std::string, TenantCounters>> top(s.by_tenant.begin(),
-                                                           s.by_tenant.end());
-    std::sort(top.begin(), top.end(),
-              [](const auto& a, const auto& b) { return a.second.gpu_us > b.second.gpu_us; });
+    // The first tenants to finish a job by name, the rest as "other": a
+    // bounded set of series, each of which only grows.
     std::map<std::string, TenantCounters> shown;
-    for (size_t i = 0; i < top.size(); ++i) {
-      TenantCounters& c = shown[i < StatsSnapshot::kTopTenants ? top[i].first : "other"];
-      c.gpu_us += top[i].second.gpu_us;
-      c.done += top[i].second.done;
-      c.failed += top[i].second.failed;
-      c.canceled += top[i].second.canceled;
-      c.expired += top[i].second.expired;
+    for (const auto& [tenant, t] : s.by_tenant) {
+      const bool named = t.first_seen < StatsSnapshot::kTopTenants && tenant != "other";
+      TenantCounters& c = shown[named ? tenant : "other"];
+      c.gpu_us += t.gpu_us;
+      c.done += t.done;
+      c.failed += t.failed;
+      c.canceled += t.canceled;
+      c.expired += t.expired;
     }
     counter("gpuq_tenant_gpu_seconds_total",
-            "Time tenants' ended jobs held GPUs (dispatch to result), by tenant: the top 20, "
-            "the rest as other.");
+            "Time tenants' ended jobs held GPUs (dispatch to result), by tenant: the first 20 "
+            "to finish a job, the rest as other.");
     for (const auto& [t, c] : shown) {
       o << "gpuq_tenant_gpu_seconds_total{tenant=\"" << Escape(t) << "\"} " << c.gpu_us / 1e6
         << "\n";

@@ -42,6 +42,11 @@ struct WorkerSnapshot {
 // usage table keeps it durably).
 struct TenantCounters {
   uint64_t gpu_us = 0, done = 0, failed = 0, canceled = 0, expired = 0;
+  // The order in which tenants first finished a job (0, 1, ...): /metrics
+  // names the first kTopTenants and sums the rest as "other", so that no
+  // counter it shows ever goes down (re-ranked by value, a tenant that
+  // passed another would move their totals between series).
+  uint32_t first_seen = 0;
 };
 
 struct StatsSnapshot {
@@ -52,7 +57,7 @@ struct StatsSnapshot {
   std::map<std::string, uint64_t> finished;  // by outcome
   // By tenant: at most kMaxTenantCounters, the rest under "other" (tenant
   // names on the ipc endpoint are the caller's word). /metrics shows the
-  // kTopTenants with the most GPU time and sums the rest as "other".
+  // first kTopTenants to finish a job and sums the rest as "other".
   std::map<std::string, TenantCounters> by_tenant;
   static constexpr size_t kMaxTenantCounters = 4096, kTopTenants = 20;
   uint64_t submitted = 0, rejected = 0, requeued = 0, workers_lost = 0;

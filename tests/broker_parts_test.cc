@@ -228,6 +228,68 @@ TEST(StatsTest, TenantSeriesAreBounded) {
   EXPECT_EQ(series("gpuq_tenant_region_bytes"), std::make_pair(size_t{21}, uint64_t{50 * 4096}));
 }
 
+// A counter by tenant never goes down. The series were the top 20 by GPU
+// time with the rest summed as "other": when the 21st passed the 20th, their
+// totals swapped series, and "other" fell (a counter reset to a scraper,
+// whose rate() then spiked). The first 20 tenants to finish keep their
+// series.
+TEST(StatsTest, TenantCountersNeverGoDown) {
+  StatsSnapshot s;
+  for (uint32_t i = 0; i < 21; ++i) {
+    TenantCounters& c = s.by_tenant["t" + std::to_string(i)];
+    c.gpu_us = 1000000 * (30 - i);
+    c.done = 30 - i;
+    c.first_seen = i;
+  }
+  auto value = [](const std::string& text, const std::string& series) {
+    const size_t at = text.find(series + " ");
+    EXPECT_NE(at, std::string::npos) << series;
+    return at == std::string::npos ? -1.0 : std::stod(text.substr(at + series.size() + 1));
+  };
+  const std::string before = PrometheusText(s);
+  const std::string other_gpu = "gpuq_tenant_gpu_seconds_total{tenant=\"other\"}";
+  const std::string other_done = "gpuq_tenant_jobs_finished_total{tenant=\"other\",outcome=\"done\"}";
+  const double gpu = value(before, other_gpu), done = value(before, other_done);
+  // The 21st tenant passes the 20th; nothing else changes.
+  s.by_tenant["t20"].gpu_us += 5000000;
+  s.by_tenant["t20"].done += 5;
+  const std::string after = PrometheusText(s);
+  EXPECT_GE(value(after, other_gpu), gpu);
+  EXPECT_GE(value(after, other_done), done);
+  EXPECT_EQ(value(after, "gpuq_tenant_gpu_seconds_total{tenant=\"t19\"}"),
+            value(before, "gpuq_tenant_gpu_seconds_total{tenant=\"t19\"}"));
+}
+
+// A tenant's name is any bytes; the text format's label values are UTF-8,
+// and a scraper refuses the whole page for one byte that is not. Such bytes
+// (and '%') are written %XX; UTF-8 names are kept; two names never meet.
+TEST(StatsTest, ATenantNameThatIsNotUtf8LeavesThePageUtf8) {
+  StatsSnapshot s;
+  s.queued_by_tenant["\xff\xfe"] = 1;
+  s.queued_by_tenant["\xfe\xff"] = 2;
+  s.queued_by_tenant["100%"] = 3;
+  s.queued_by_tenant["na\xc3\xafve \"q\"\\\n"] = 4;  // naïve "q"\\ and a newline
+  s.queued_by_tenant["\xed\xa0\x80"] = 5;  // a surrogate: not UTF-8
+  const std::string text = PrometheusText(s);
+  // Valid UTF-8 throughout.
+  for (size_t i = 0; i < text.size();) {
+    const auto c = static_cast<unsigned char>(text[i]);
+    size_t n = c < 0x80 ? 1 : (c >> 5) == 6 ? 2 : (c >> 4) == 14 ? 3 : (c >> 3) == 30 ? 4 : 0;
+    ASSERT_NE(n, 0u) << "byte " << i;
+    for (size_t k = 1; k < n; ++k) {
+      ASSERT_EQ(static_cast<unsigned char>(text[i + k]) & 0xC0, 0x80) << "byte " << i + k;
+    }
+    ASSERT_FALSE(c == 0xED && static_cast<unsigned char>(text[i + 1]) > 0x9F);
+    i += n;
+  }
+  EXPECT_NE(text.find("gpuq_tenant_jobs_queued{tenant=\"%FF%FE\"} 1"), std::string::npos) << text;
+  EXPECT_NE(text.find("gpuq_tenant_jobs_queued{tenant=\"%FE%FF\"} 2"), std::string::npos);
+  EXPECT_NE(text.find("gpuq_tenant_jobs_queued{tenant=\"100%25\"} 3"), std::string::npos);
+  EXPECT_NE(text.find("gpuq_tenant_jobs_queued{tenant=\"na\xc3\xafve \\\"q\\\"\\\\\\n\"} 4"),
+            std::string::npos);
+  EXPECT_NE(text.find("gpuq_tenant_jobs_queued{tenant=\"%ED%A0%80\"} 5"), std::string::npos);
+}
+
 TEST(StatsTest, TheEncoderWritesTheGoldenStatsShape) {
   StatsSnapshot s;
   s.queued = 3;

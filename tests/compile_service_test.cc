@@ -242,6 +242,47 @@ TEST_F(CompileServiceTest, CompileErrorKeepsTheFullLogAndIsCached) {
   EXPECT_EQ((*again)->log, (*e)->log);
 }
 
+// A header of warnings included a few hundred times made NVRTC write
+// megabytes of log (a hundred with 20,000 includes), all of it kept in the
+// cache and sent in the job's error, past the wire's 1 MiB bound for error
+// text: the client could not read its own job's result. The log is cut to
+// its first kMaxLogBytes, saying so.
+TEST_F(CompileServiceTest, AnAmplifiedLogIsCutToItsBound) {
+  CompileRequest r;
+  r.arch = "sm_90";
+  r.headers.push_back({"w.h", "#warning " + std::string(3000, 'A') + "\n"});
+  for (int i = 0; i < 400; ++i) r.source += "#include \"w.h\"\n";
+  r.source += "extern \"C\" __global__ void k() { undefined_thing(); }\n";
+  auto e = Compile(r);
+  ASSERT_TRUE(e.ok()) << e.status().ToString();
+  EXPECT_FALSE((*e)->ok);
+  EXPECT_EQ((*e)->code, Code::kCompileError);
+  EXPECT_LE((*e)->log.size(), kMaxLogBytes + 200);
+  EXPECT_NE((*e)->log.find("[gpuq: the compile log was "), std::string::npos)
+      << (*e)->log.substr((*e)->log.size() - 200);
+  EXPECT_NE((*e)->log.find("warning"), std::string::npos);
+}
+
+// The outcome of a compile follows NVRTC's own diagnostics, never the text
+// of the author's #error: one that says "cannot open source file" named a
+// host file and was reported a sandbox violation; one that says
+// "catastrophic error: out of memory" was taken for the memory bound, never
+// cached, and compiled again at every submit.
+TEST_F(CompileServiceTest, AnErrorDirectiveCannotForgeTheOutcome) {
+  auto forged = Compile(Request("#error cannot open source file \"/etc/shadow\" (a message)\n"));
+  ASSERT_TRUE(forged.ok()) << forged.status().ToString();
+  EXPECT_EQ((*forged)->code, Code::kCompileError) << (*forged)->log;
+  EXPECT_NE((*forged)->log.find("(a message)"), std::string::npos) << (*forged)->log;
+  const std::string oom = "#error catastrophic error: out of memory\n";
+  CompileInfo info;
+  auto first = Compile(Request(oom), &info);
+  ASSERT_TRUE(first.ok()) << first.status().ToString();
+  EXPECT_EQ((*first)->code, Code::kCompileError) << (*first)->log;
+  auto again = Compile(Request(oom), &info);
+  ASSERT_TRUE(again.ok()) << again.status().ToString();
+  EXPECT_EQ(info.source, CacheSource::kMemory) << "a rejected source is cached like any other";
+}
+
 TEST_F(CompileServiceTest, MissThenDiskHitThenMemoryHit) {
   CompileInfo info;
   ASSERT_TRUE(Compile(Request(kSaxpy), &info).ok());

@@ -105,6 +105,31 @@ Status ValidateOptions(const std::vector<std::string>& options) {
   return Status::Ok();
 }
 
+void TruncateLog(std::string* log) {
+  if (log->size() <= kMaxLogBytes) return;
+  const size_t was = log->size();
+  log->resize(kMaxLogBytes);
+  *log += "\n[gpuq: the compile log was " + std::to_string(was) + " bytes; its first " +
+          std::to_string(kMaxLogBytes) + " are kept]\n";
+}
+
+bool HasCatastrophicError(std::string_view log, std::string_view what) {
+  static constexpr std::string_view kCatastrophic = "catastrophic error: ";
+  for (size_t begin = 0; begin < log.size();) {
+    size_t end = log.find('\n', begin);
+    if (end == std::string_view::npos) end = log.size();
+    const std::string_view line = log.substr(begin, end - begin);
+    begin = end + 1;
+    if (line.empty() || line[0] == ' ' || line[0] == '\t') continue;  // an echoed source line
+    // "file(12): catastrophic error: what...", or the line starting with it.
+    const size_t at = line.find(kCatastrophic);
+    if (at == std::string_view::npos) continue;
+    if (at != 0 && line.substr(0, at).find("): ") != at - 3) continue;
+    if (StartsWith(line.substr(at + kCatastrophic.size()), what)) return true;
+  }
+  return false;
+}
+
 Status ValidateArch(const std::string& arch) {
   // sm_NN[N][a|f] or compute_NN[N][a|f], NN not starting with 0.
   std::string_view v = arch;

@@ -3,6 +3,7 @@
 
 #include <cstdint>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "schema/messages.h"
@@ -36,6 +37,19 @@ struct CompileOutput {
   std::vector<LoweredName> lowered;
   uint64_t nvrtc_us = 0;  // time inside nvrtcCompileProgram
 };
+
+// A compile log is kept to its first kMaxLogBytes (a few includes of a
+// header full of warnings make NVRTC write a hundred megabytes: the log
+// travels in every failed job's error, whose bound on the wire is 1 MiB, and
+// fills the kernel cache). TruncateLog cuts a longer one, saying so.
+inline constexpr size_t kMaxLogBytes = 256 << 10;
+void TruncateLog(std::string* log);
+
+// NVRTC's own diagnostic `what` ("cannot open source file \"",
+// "out of memory") as a catastrophic error, on a line of its own: never a
+// source line the log echoes (indented), nor the text of an #error or
+// #warning directive, which a kernel's author writes.
+bool HasCatastrophicError(std::string_view log, std::string_view what);
 
 // Rejects options that are not on the allowed list (compile_options.cc):
 // anything that names files (-I, --pre-include, --time, ...), sets the

@@ -475,6 +475,7 @@ StatusOr<EntryPtr> CompileService::CompileNow(const CompileRequest& request, con
   e->ptx = std::move(out->ptx);
   e->cubin = std::move(out->cubin);
   e->log = std::move(out->log);
+  TruncateLog(&e->log);  // the helper cuts it too; this service keeps no more
   e->lowered = std::move(out->lowered);
   e->compile_us = MicrosSince(t0);
   e->created_ms = e->last_used_ms = NowMs();

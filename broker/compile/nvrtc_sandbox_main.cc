@@ -337,13 +337,20 @@ bool NamesAFileOutside(const std::string& path, const std::string& cuda_include)
 // denied", ": Not a directory") to "cannot open source file" only when it is
 // not ENOENT. Returns the first path named outside the toolkit, if any.
 std::string NormalizeCannotOpen(std::string* log, const std::string& cuda_include) {
-  static constexpr std::string_view kCannotOpen = "cannot open source file \"";
+  // Only NVRTC's own "catastrophic error: cannot open source file" lines:
+  // an #error that says the same, or a source line echoed, is the author's.
+  static constexpr std::string_view kCannotOpen = "catastrophic error: cannot open source file \"";
   std::string outside;
   for (size_t at = log->find(kCannotOpen); at != std::string::npos;
        at = log->find(kCannotOpen, at + 1)) {
+    const size_t line_begin = at == 0 ? 0 : log->rfind('\n', at - 1) + 1;  // npos + 1 == 0
     const size_t path_begin = at + kCannotOpen.size();
     size_t line_end = log->find('\n', path_begin);
     if (line_end == std::string::npos) line_end = log->size();
+    if (!HasCatastrophicError(std::string_view(*log).substr(line_begin, line_end - line_begin),
+                              "cannot open source file \"")) {
+      continue;
+    }
     // The path ends at the line's last quote: an errno's text has none.
     const size_t quote = log->rfind('"', line_end - 1);
     if (quote == std::string::npos || quote < path_begin) continue;
@@ -417,8 +424,7 @@ CompileOutput Compile(const CompileRequest& c, const std::string& cuda_include) 
   }
   // NVRTC reports running out of memory (our rlimit) as a compile error; it
   // depends on the limit, not the source, so it must not be cached as one.
-  if (rc == NVRTC_ERROR_COMPILATION &&
-      out.log.find("catastrophic error: out of memory") != std::string::npos) {
+  if (rc == NVRTC_ERROR_COMPILATION && HasCatastrophicError(out.log, "out of memory")) {
     return Fail(Code::kResourceExhausted, "the compile ran out of memory at its limit:\n" + out.log);
   }
   if (rc != NVRTC_SUCCESS) {
@@ -514,7 +520,9 @@ int Main(int argc, char** argv) {
     fprintf(stderr, "gpuq-nvrtc: %s\n", s.ToString().c_str());
     return 3;
   }
-  const bool written = WriteAll(1, EncodeSandboxReply(Compile(request, cuda_include)));
+  CompileOutput out = Compile(request, cuda_include);
+  TruncateLog(&out.log);
+  const bool written = WriteAll(1, EncodeSandboxReply(out));
   // Done: skip NVRTC's static destructors, which the parent would wait for.
   _exit(written ? 0 : 5);
 }
