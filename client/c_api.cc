@@ -43,7 +43,7 @@ struct gpuq_usage_list {
 namespace {
 
 gpuq_code Fail(gpuq_client* c, const gpuq::Status& s) {
-  c->error = s.message();
+  if (c) c->error = s.message();
   return static_cast<gpuq_code>(s.code());
 }
 
@@ -108,6 +108,8 @@ const char* gpuq_code_name(gpuq_code code) {
 gpuq_code gpuq_client_new(const char* endpoint, int timeout_ms, gpuq_client** out) {
   gpuq::ClientOptions o;
   if (timeout_ms > 0) o.timeout = gpuq::Millis(timeout_ms);
+  if (out) *out = nullptr;
+  if (!out) return GPUQ_INVALID;
   auto c = gpuq::Client::Connect(endpoint ? endpoint : gpuq::DefaultEndpoint(), o);
   if (!c.ok()) return static_cast<gpuq_code>(c.status().code());
   *out = new gpuq_client{std::move(*c), ""};

@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "gpuq/gpuq.h"
 #include "tests/broker_fixture.h"
 
 extern "C" int gpuq_c_api_region_scenario(const char* endpoint, char* why, size_t why_size);
@@ -52,6 +53,26 @@ std::string Pattern(size_t n, unsigned seed) {
 std::string PlusOne(std::string s) {
   for (char& c : s) c = static_cast<char>(static_cast<unsigned char>(c) + 1);
   return s;
+}
+
+// A region may outlive its client (gpuq.h): unregistering it then, with no
+// client to name, failed by writing the failure's text through the NULL
+// client (the process ended). It fails plainly.
+TEST_F(RegionsClientsTest, TheCApiUnregistersARegionThatOutlivedItsClient) {
+  gpuq_client* c = nullptr;
+  ASSERT_EQ(gpuq_client_new(broker_->client_endpoint().c_str(), 2000, &c), GPUQ_OK);
+  gpuq_region* region = nullptr;
+  ASSERT_EQ(gpuq_region_new(c, 4096, nullptr, &region), GPUQ_OK) << gpuq_client_error(c);
+  gpuq_client_free(c);
+  broker_->Kill();  // the region's channel is gone with the broker
+  EXPECT_NE(gpuq_region_unregister(nullptr, region), GPUQ_OK);
+  EXPECT_EQ(gpuq_region_unregister(nullptr, region), GPUQ_OK) << "once is enough";
+  gpuq_region_free(region);
+  ASSERT_TRUE(broker_->Start()) << Log();
+  // A client that cannot connect leaves *out NULL.
+  gpuq_client* none = reinterpret_cast<gpuq_client*>(1);
+  EXPECT_NE(gpuq_client_new("no-such-scheme://x", 100, &none), GPUQ_OK);
+  EXPECT_EQ(none, nullptr);
 }
 
 TEST_F(RegionsClientsTest, TheCApiRegistersARegionAndJobsUseItsRangesInPlace) {

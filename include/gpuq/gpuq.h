@@ -85,7 +85,7 @@ const char* gpuq_code_name(gpuq_code code);
 
 /* Connects to `endpoint` (NULL: $GPUQ_BROKER or the local default).
  * `timeout_ms` bounds each wait for a reply (0: 10 s). On success *out is a
- * client to release with gpuq_client_free. */
+ * client to release with gpuq_client_free; on failure it is NULL. */
 gpuq_code gpuq_client_new(const char* endpoint, int timeout_ms, gpuq_client** out);
 void gpuq_client_free(gpuq_client* client);
 /* The text of the client's last failure; valid until its next call. */
@@ -191,8 +191,9 @@ uint64_t gpuq_region_size(const gpuq_region* region);
 /* The broker's id of the region (never 0), as `gpuq regions` lists it. */
 uint64_t gpuq_region_id(const gpuq_region* region);
 /* Ends the region now; its memory stays this process's until gpuq_region_free.
- * `client` is the client that made it: a failure's text is its
- * gpuq_client_error(). Unregistering again does nothing (GPUQ_OK). */
+ * `client` is the client that made it, whose gpuq_client_error() then says
+ * why a failure failed, or NULL (a region may outlive its client). Unregistering
+ * again does nothing (GPUQ_OK). */
 gpuq_code gpuq_region_unregister(gpuq_client* client, gpuq_region* region);
 
 /* Buffers in a region: bytes [offset, offset + size) of `region` (size 0:
