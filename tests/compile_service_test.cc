@@ -514,6 +514,33 @@ TEST_F(CompileServiceTest, OneTenantsSlowCompilesDoNotHoldUpAnothers) {
   EXPECT_LE(b, 3) << "completions: " << ::testing::PrintToString(order);
 }
 
+// A tenant that asks for what another tenant's queued compile will build
+// waits for that compile: it waited in the other tenant's queue, behind all
+// of that tenant's work. The compile is queued for it too, and goes at the
+// first turn of either.
+TEST_F(CompileServiceTest, JoiningAnotherTenantsQueuedCompileKeepsOnesOwnTurn) {
+  CompileServiceOptions o;
+  o.max_concurrent = 1;
+  o.limits.wall = std::chrono::seconds(120);
+  auto s = Make(o);
+  ASSERT_TRUE(s->WaitForWarmHelpers(std::chrono::seconds(30)));
+  Answers answers;
+  for (int i = 0; i < 6; ++i) s->Submit(Request(SlowSource(i)), "a", answers.For("a"));
+  s->Submit(Request(kSaxpy), "a", answers.For("a-saxpy"));
+  s->Submit(Request(kSaxpy), "b", answers.For("b"));
+  ASSERT_TRUE(answers.WaitFor(8));
+  std::vector<std::string> order;
+  for (const auto& a : answers.All()) {
+    ASSERT_TRUE(a.result.ok()) << a.name << ": " << a.result.status().ToString();
+    order.push_back(a.name);
+  }
+  // One of a's had the compile thread when b's came, and a's turn was next:
+  // the third compile was b's (answering a's saxpy too, just before b).
+  const auto b = std::find(order.begin(), order.end(), "b") - order.begin();
+  EXPECT_LE(b, 3) << "completions: " << ::testing::PrintToString(order);
+  EXPECT_EQ(s->stats().compiles, 7u) << "the shared kernel compiled once";
+}
+
 TEST_F(CompileServiceTest, ACompileStoppedAtItsBoundIsRememberedForTheNegativeTtl) {
   auto offset = std::make_shared<std::atomic<int64_t>>(0);  // ms added to the clock
   CompileServiceOptions o;

@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <set>
 #include <cstring>
 #include <future>
 #include <thread>
@@ -260,12 +261,19 @@ void CompileService::Enqueue(Digest key, CompileRequest request, std::string ten
     return;
   }
   if (auto it = inflight_.find(key); it != inflight_.end()) {
-    it->second->waiters.push_back(std::move(waiter));
+    const FlightPtr& flight = it->second;
+    flight->waiters.push_back(std::move(waiter));
+    if (std::find(flight->tenants.begin(), flight->tenants.end(), tenant) ==
+        flight->tenants.end()) {
+      flight->tenants.push_back(tenant);
+      if (flight->queued && !flight->taken) QueueForTenantLocked(flight, tenant);
+    }
     return;
   }
   auto flight = std::make_shared<Flight>();
   flight->key = key;
   flight->request = std::move(request);
+  flight->tenants.push_back(tenant);
   flight->tenant = std::move(tenant);
   flight->waiters.push_back(std::move(waiter));
   inflight_.emplace(key, flight);
@@ -313,26 +321,39 @@ std::vector<CompileService::Answer> CompileService::FinishLocked(const FlightPtr
 }
 
 void CompileService::QueueForCompileLocked(const FlightPtr& flight) {
-  auto& queue = queues_[flight->tenant];
-  if (queue.empty()) turns_.push_back(flight->tenant);
+  flight->queued = true;
+  for (const std::string& tenant : flight->tenants) QueueForTenantLocked(flight, tenant);
+}
+
+void CompileService::QueueForTenantLocked(const FlightPtr& flight, const std::string& tenant) {
+  auto& queue = queues_[tenant];
+  if (queue.empty()) turns_.push_back(tenant);
   queue.push_back(flight);
   compile_wanted_.Signal();
 }
 
 CompileService::FlightPtr CompileService::NextForCompileLocked() {
   // Round robin: the tenant whose turn it is gives its oldest flight, and
-  // goes to the back of the line if it has more.
-  std::string tenant = std::move(turns_.front());
-  turns_.pop_front();
-  auto it = queues_.find(tenant);
-  FlightPtr flight = std::move(it->second.front());
-  it->second.pop_front();
-  if (it->second.empty()) {
-    queues_.erase(it);
-  } else {
-    turns_.push_back(std::move(tenant));
+  // goes to the back of the line if it has more. A flight another tenant's
+  // turn took already is dropped, and the turn goes on.
+  while (!turns_.empty()) {
+    std::string tenant = std::move(turns_.front());
+    turns_.pop_front();
+    auto it = queues_.find(tenant);
+    FlightPtr flight = std::move(it->second.front());
+    it->second.pop_front();
+    if (it->second.empty()) {
+      queues_.erase(it);
+    } else if (flight->taken) {
+      turns_.push_front(std::move(tenant));  // still its turn
+    } else {
+      turns_.push_back(std::move(tenant));
+    }
+    if (flight->taken) continue;
+    flight->taken = true;
+    return flight;
   }
-  return flight;
+  return nullptr;
 }
 
 void CompileService::Run(std::vector<Answer> answers) {
@@ -385,7 +406,9 @@ void CompileService::DispatchLoop() {
     } else if (!turns_.empty()) {
       // Stopping, and the compile threads are gone: whatever still waits
       // for one is answered.
-      answers = FinishLocked(NextForCompileLocked(), Stopping(), CacheSource::kCompiled);
+      FlightPtr flight = NextForCompileLocked();
+      if (!flight) continue;
+      answers = FinishLocked(flight, Stopping(), CacheSource::kCompiled);
     } else {
       break;  // stopping, and nothing is left to answer
     }
@@ -402,6 +425,7 @@ void CompileService::CompileLoop() {
     while (!stopping_ && turns_.empty()) compile_wanted_.Wait();
     if (stopping_) break;
     FlightPtr flight = NextForCompileLocked();
+    if (!flight) continue;
     mu_.Unlock();
     CacheSource source = CacheSource::kCompiled;
     StatusOr<EntryPtr> result = Resolve(*flight, &source);
@@ -500,7 +524,13 @@ CompileService::Stats CompileService::stats() const {
   s.memory_entries = hot_.size();
   s.memory_bytes = hot_bytes_;
   s.queued = 0;
-  for (const auto& [tenant, queue] : queues_) s.queued += queue.size();
+  std::set<const Flight*> queued;  // a flight may wait in several tenants' queues
+  for (const auto& [tenant, queue] : queues_) {
+    for (const FlightPtr& f : queue) {
+      if (!f->taken) queued.insert(f.get());
+    }
+  }
+  s.queued += queued.size();
   return s;
 }
 

@@ -169,6 +169,13 @@ class CompileService {
     CompileRequest request;
     std::string tenant;
     std::vector<Waiter> waiters;
+    // Every tenant that waits for it, the first's first. Queued for a
+    // compile, it waits in each one's queue and goes at the first turn of
+    // any of them: a tenant that asks for what another's flight will build
+    // waits its own turn, never behind that tenant's whole queue.
+    std::vector<std::string> tenants;
+    bool queued = false;  // in the compile queues (of each of `tenants`)
+    bool taken = false;   // taken from them: its copies left there are skipped
   };
   using FlightPtr = std::shared_ptr<Flight>;
   // A callback ready to run, with its arguments.
@@ -217,6 +224,10 @@ class CompileService {
   std::vector<Answer> FinishLocked(const FlightPtr& flight, StatusOr<EntryPtr> result,
                                    CacheSource source) EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void QueueForCompileLocked(const FlightPtr& flight) EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void QueueForTenantLocked(const FlightPtr& flight, const std::string& tenant)
+      EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The next flight to compile, by round robin over the tenants, or null
+  // where every flight queued was taken already.
   FlightPtr NextForCompileLocked() EXCLUSIVE_LOCKS_REQUIRED(mu_);
   static void Run(std::vector<Answer> answers);
 
