@@ -1,6 +1,7 @@
 // The compile service with real NVRTC, the real sandbox helper and a real
 // SQLite file. No GPU is needed.
 #include <gtest/gtest.h>
+#include <sys/resource.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -539,6 +540,34 @@ TEST_F(CompileServiceTest, JoiningAnotherTenantsQueuedCompileKeepsOnesOwnTurn) {
   const auto b = std::find(order.begin(), order.end(), "b") - order.begin();
   EXPECT_LE(b, 3) << "completions: " << ::testing::PrintToString(order);
   EXPECT_EQ(s->stats().compiles, 7u) << "the shared kernel compiled once";
+}
+
+// A compile that failed for want of descriptors in this process was
+// answered resource_exhausted and remembered for the negative TTL, as a
+// source that hit its bound is: every submit of that kernel failed for a
+// minute after the shortage had passed. It is unavailable, and not kept.
+TEST_F(CompileServiceTest, AFailureOfThisProcessIsNotRememberedAsTheSources) {
+  CompileServiceOptions o;
+  o.warm_helpers = 0;  // each compile starts its helper: pipes, then a spawn
+  auto s = Make(o);
+  rlimit was{};
+  ASSERT_EQ(getrlimit(RLIMIT_NOFILE, &was), 0);
+  size_t open_now = 0;
+  for ([[maybe_unused]] const auto& e : std::filesystem::directory_iterator("/proc/self/fd")) {
+    ++open_now;
+  }
+  rlimit tight = was;
+  tight.rlim_cur = open_now;  // no descriptor left to open
+  ASSERT_EQ(setrlimit(RLIMIT_NOFILE, &tight), 0);
+  auto starved = s->Compile(Request(kSaxpy));
+  ASSERT_EQ(setrlimit(RLIMIT_NOFILE, &was), 0);
+  ASSERT_FALSE(starved.ok());
+  EXPECT_EQ(starved.status().code(), Code::kUnavailable) << starved.status().ToString();
+  CompileInfo info;
+  auto again = s->Compile(Request(kSaxpy), &info);
+  ASSERT_TRUE(again.ok()) << again.status().ToString();
+  EXPECT_TRUE((*again)->ok);
+  EXPECT_EQ(info.source, CacheSource::kCompiled);
 }
 
 TEST_F(CompileServiceTest, ACompileStoppedAtItsBoundIsRememberedForTheNegativeTtl) {

@@ -31,7 +31,9 @@ constexpr size_t kMaxStderrBytes = 16u << 10;
 Status MakePipe(UniqueFd* read_end, UniqueFd* write_end) {
   int fds[2];
   if (pipe2(fds, O_CLOEXEC) != 0) {
-    return Error(Code::kResourceExhausted, std::string("pipe2: ") + strerror(errno));
+    // The broker's state, not the source's: never remembered as the
+    // source's outcome (a retry may find descriptors free).
+    return Error(Code::kUnavailable, std::string("pipe2: ") + strerror(errno));
   }
   *read_end = UniqueFd(fds[0]);
   *write_end = UniqueFd(fds[1]);
@@ -332,7 +334,14 @@ StatusOr<CompileOutput> SandboxedCompiler::Run(Helper& helper, const CompileRequ
   if (!helper.ready()) {
     auto ready = helper.WaitReady(deadline, cancel_fd);
     if (!ready.ok()) {
-      return ready.status().code() == Code::kTimeout ? WallTimeout(limits) : ready.status();
+      // A helper slow to start says nothing about the source (a loaded
+      // machine): unavailable, which is not remembered, not the source's
+      // timeout, which is.
+      return ready.status().code() == Code::kTimeout
+                 ? Error(Code::kUnavailable,
+                         "the compile helper was not ready within the compile's wall-time "
+                         "limit of " + std::to_string(limits.wall.count()) + " ms")
+                 : ready.status();
     }
   }
   const std::string input = EncodeSandboxRequest(request);
