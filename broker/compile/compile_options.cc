@@ -57,7 +57,7 @@ constexpr std::string_view kFlags[] = {
     "--use_fast_math", "-use_fast_math", "--extra-device-vectorization",
     "-extra-device-vectorization", "--restrict", "-restrict", "--generate-line-info",
     "-lineinfo", "--device-as-default-execution-space", "-default-device",
-    "--disable-warnings", "-w", "--device-debug", "-G", "--Wreorder", "-Wreorder",
+    "--disable-warnings", "-w", "--device-debug", "-G",
     "--no-source-include", "-no-source-include",
 };
 
@@ -71,12 +71,14 @@ constexpr Valued kValued[] = {
     {"--prec-div=", Bool},     {"-prec-div=", Bool},
     {"--prec-sqrt=", Bool},    {"-prec-sqrt=", Bool},
     {"--fmad=", Bool},         {"-fmad=", Bool},
-    {"--builtin-move-forward=", Bool}, {"--builtin-initializer-list=", Bool},
+    {"--builtin-move-forward=", Bool}, {"-builtin-move-forward=", Bool},
+    {"--builtin-initializer-list=", Bool}, {"-builtin-initializer-list=", Bool},
     {"--std=", Std},           {"-std=", Std},
     {"--maxrregcount=", SmallNumber}, {"-maxrregcount=", SmallNumber},
     {"--dopt=", OnOff},        {"-dopt=", OnOff},
     {"--diag-suppress=", DiagList}, {"-diag-suppress=", DiagList},
-    {"--diag-error=", DiagList}, {"--diag-warn=", DiagList},
+    {"--diag-error=", DiagList}, {"-diag-error=", DiagList},
+    {"--diag-warn=", DiagList},  {"-diag-warn=", DiagList},
     {"--define-macro=", Macro}, {"-D", Macro},
     {"--undefine-macro=", Identifier}, {"-U", Identifier},
 };

@@ -419,6 +419,10 @@ CompileOutput Compile(const CompileRequest& c, const std::string& cuda_include) 
   if (rc == NVRTC_ERROR_OUT_OF_MEMORY) {
     return Fail(Code::kResourceExhausted, "NVRTC ran out of memory");
   }
+  if (rc == NVRTC_ERROR_INVALID_OPTION) {
+    // An option on gpuq's list that this NVRTC does not take: the request's.
+    return Fail(Code::kInvalid, "this NVRTC refuses one of the compile options");
+  }
   if (rc != NVRTC_SUCCESS && rc != NVRTC_ERROR_COMPILATION) {
     return Fail(Code::kInternal, std::string("nvrtcCompileProgram: ") + nvrtcGetErrorString(rc));
   }
