@@ -284,6 +284,22 @@ TEST_F(CompileServiceTest, AnErrorDirectiveCannotForgeTheOutcome) {
   EXPECT_EQ(info.source, CacheSource::kMemory) << "a rejected source is cached like any other";
 }
 
+// A key named NVRTC's major.minor version only: after a patch release of
+// the toolkit (another libnvrtc.so.13.0.N, other headers), or with another
+// toolkit's headers, kernels and errors compiled by the old one were served.
+// The key holds NVRTC's library file and the headers' directory too.
+TEST_F(CompileServiceTest, KeysFollowTheToolkitNotJustNvrtcsVersion) {
+  const CompileRequest r = Request(kSaxpy);
+  EXPECT_EQ(Make()->KeyFor(r), service_->KeyFor(r)) << "the same toolkit, the same key";
+  std::filesystem::create_directories(dir_.File("other-include"));
+  CompileServiceOptions o;
+  o.cuda_include = dir_.File("other-include");
+  o.warm_helpers = 0;
+  auto other = Make(o);
+  ASSERT_TRUE(other);
+  EXPECT_NE(other->KeyFor(r), service_->KeyFor(r));
+}
+
 TEST_F(CompileServiceTest, MissThenDiskHitThenMemoryHit) {
   CompileInfo info;
   ASSERT_TRUE(Compile(Request(kSaxpy), &info).ok());

@@ -1,11 +1,15 @@
 #include "broker/compile/compile_service.h"
 
+#include <dlfcn.h>
+#include <sys/stat.h>
+
 #include <fcntl.h>
 #include <nvrtc.h>
 #include <poll.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <filesystem>
 #include <set>
 #include <cstring>
 #include <future>
@@ -28,6 +32,28 @@ std::string NvrtcVersion() {
   int major = 0, minor = 0;
   if (nvrtcVersion(&major, &minor) != NVRTC_SUCCESS) return "unknown";
   return std::to_string(major) + "." + std::to_string(minor);
+}
+
+// What a compile's output depends on beyond its request: NVRTC's version,
+// and which NVRTC and which toolkit headers, each by its real path and what
+// its file system says of it (a patch release keeps the major.minor version
+// and, as Debian installs it, the library's path: its size and time change,
+// and the include directory's time with the headers replaced in it).
+std::string Identity(const std::string& path) {
+  std::error_code ec;
+  const auto real = std::filesystem::canonical(path, ec);
+  const std::string name = ec ? path : real.string();
+  struct stat st {};
+  if (stat(name.c_str(), &st) != 0) return name;
+  return name + " " + std::to_string(st.st_size) + " " + std::to_string(st.st_mtim.tv_sec) + "." +
+         std::to_string(st.st_mtim.tv_nsec);
+}
+
+std::string Toolchain(const std::string& version, const std::string& cuda_include) {
+  Dl_info info{};
+  const bool found = dladdr(reinterpret_cast<void*>(&nvrtcVersion), &info) && info.dli_fname;
+  return version + "\n" + (found ? Identity(info.dli_fname) : "unknown") + "\n" +
+         Identity(cuda_include.empty() ? DefaultCudaInclude() : cuda_include);
 }
 
 bool HasByte(const std::string& s, std::string_view bytes) {
@@ -68,6 +94,7 @@ CompileService::CompileService(CompileServiceOptions options,
     : options_(std::move(options)),
       cache_(std::move(cache)),
       nvrtc_version_(std::move(nvrtc_version)),
+      toolchain_(Toolchain(nvrtc_version_, options_.cuda_include)),
       compiler_(SandboxOptions{options_.helper_path, options_.cuda_include, options_.limits,
                                options_.namespaces}) {
   int fds[2];
@@ -112,7 +139,7 @@ std::chrono::steady_clock::time_point CompileService::Now() const {
 Digest CompileService::KeyFor(const CompileRequest& r) const {
   Sha256 h;
   h.UpdateField(kCacheFormat);
-  h.UpdateField(nvrtc_version_);
+  h.UpdateField(toolchain_);
   h.UpdateField(r.arch);
   h.UpdateField(r.source_name);
   h.UpdateField(r.source);

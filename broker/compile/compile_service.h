@@ -240,6 +240,9 @@ class CompileService {
   const CompileServiceOptions options_;
   std::unique_ptr<KernelCache> cache_;
   const std::string nvrtc_version_;
+  // NVRTC's version, its library's file and the toolkit's headers: part of
+  // every key (KeyFor).
+  const std::string toolchain_;
   const SandboxedCompiler compiler_;
   std::unique_ptr<HelperPool> helpers_;  // uses compiler_
   // Readable once the service stops: cancels compiles under way and waits
