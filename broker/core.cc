@@ -691,7 +691,7 @@ StatsSnapshot BrokerCore::Snapshot(const RequestContext* ctx) {
     s = counters_;
     s.queued = queue.size();
     s.queued_by_priority = queue.SizeByPriority();
-    s.queued_by_tenant = queue.SizeByTenant();
+    s.queued_by_tenant = queue.SizeByTenant(StatsSnapshot::kMaxTenantCounters);
     for (const auto& [key, ids] : waiting_compile_) s.compiling += ids.size();
   } else {
     // A tenant sees its own queue and jobs in flight, and no one else's.

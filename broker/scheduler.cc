@@ -130,8 +130,21 @@ std::map<uint32_t, uint64_t> Scheduler::SizeByPriority(const std::string& tenant
   return out;
 }
 
-std::map<std::string, uint64_t> Scheduler::SizeByTenant() const {
-  return {tenant_sizes_.begin(), tenant_sizes_.end()};
+std::map<std::string, uint64_t> Scheduler::SizeByTenant(size_t most) const {
+  if (tenant_sizes_.size() <= most) return {tenant_sizes_.begin(), tenant_sizes_.end()};
+  // Chosen without copying a name (linear time); only the chosen are copied.
+  std::vector<std::pair<uint64_t, const std::string*>> by_size;
+  by_size.reserve(tenant_sizes_.size());
+  for (const auto& [tenant, n] : tenant_sizes_) by_size.emplace_back(n, &tenant);
+  const auto cut = by_size.begin() + static_cast<std::ptrdiff_t>(most);
+  std::nth_element(by_size.begin(), cut, by_size.end(),
+                   [](const auto& a, const auto& b) { return a.first > b.first; });
+  std::map<std::string, uint64_t> out;
+  for (auto it = by_size.begin(); it != cut; ++it) out[*it->second] += it->first;
+  uint64_t rest = 0;
+  for (auto it = cut; it != by_size.end(); ++it) rest += it->first;
+  out["other"] += rest;
+  return out;
 }
 
 }  // namespace gpuq::broker

@@ -53,7 +53,10 @@ class Scheduler {
   std::map<uint32_t, uint64_t> SizeByPriority() const;
   // One tenant's queued jobs by priority.
   std::map<uint32_t, uint64_t> SizeByPriority(const std::string& tenant) const;
-  std::map<std::string, uint64_t> SizeByTenant() const;
+  // Jobs queued by tenant: the `most` tenants with the most, the rest summed
+  // as "other" (tenant names on the ipc endpoint are the caller's word: a
+  // stats reply, and the loop that makes it, stay bounded however many).
+  std::map<std::string, uint64_t> SizeByTenant(size_t most) const;
 
  private:
   struct Level {
