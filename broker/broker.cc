@@ -230,6 +230,7 @@ Status Broker::Impl::Init() {
       job->input_bytes += b.size;
       job->inputs.push_back(std::move(in));
     }
+    job->held_bytes = job->input_bytes + SpecTextBytes(*job->spec);
     Job& j = core_->jobs().Add(std::move(job));
     j.last_matched = now;
     core_->jobs().Queue(j);

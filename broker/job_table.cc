@@ -2,6 +2,18 @@
 
 namespace gpuq::broker {
 
+uint64_t SpecTextBytes(const schema::JobSpec& spec) {
+  uint64_t n = 0;
+  auto add = [&n](const schema::KernelSpec& k) {
+    n += k.source.size() + k.entry.size();
+    for (const auto& h : k.headers) n += h.name.size() + h.content.size();
+    for (const auto& o : k.options) n += o.size();
+  };
+  add(spec.kernel);
+  for (const schema::KernelSpec& k : spec.sources) add(k);
+  return n;
+}
+
 Status JobTable::CanAdmit(const std::string& tenant, uint64_t bytes, uint64_t* retry_after_ms,
                           uint64_t max_queued, uint64_t max_queued_bytes) const {
   if (active_ + 1 > bounds_.jobs) {
@@ -20,7 +32,7 @@ Status JobTable::CanAdmit(const std::string& tenant, uint64_t bytes, uint64_t* r
     const uint64_t has = held == active_bytes_by_tenant_.end() ? 0 : held->second;
     if (bytes > max_queued_bytes - std::min(max_queued_bytes, has)) {
       *retry_after_ms = 250;
-      return Error(Code::kQueueFull, "tenant " + tenant + "'s queued inputs would pass its limit of " +
+      return Error(Code::kQueueFull, "tenant " + tenant + "'s queued jobs' bytes (inputs, sources) would pass its limit of " +
                                          std::to_string(max_queued_bytes) + " bytes (" +
                                          std::to_string(has) + " held, " +
                                          std::to_string(bytes) + " more asked)");
@@ -29,7 +41,7 @@ Status JobTable::CanAdmit(const std::string& tenant, uint64_t bytes, uint64_t* r
   if (bytes > bounds_.bytes - std::min(bounds_.bytes, active_bytes_)) {
     *retry_after_ms = 250;
     return Error(Code::kQueueFull,
-                 "the inputs of queued jobs would pass their limit of " +
+                 "the bytes of queued jobs (inputs, sources) would pass their limit of " +
                      std::to_string(bounds_.bytes) + " bytes (" +
                      std::to_string(active_bytes_) + " held, " + std::to_string(bytes) +
                      " more asked)");
@@ -41,8 +53,8 @@ Job& JobTable::Add(std::unique_ptr<Job> job) {
   Job& j = *job;
   ++active_;
   ++active_by_tenant_[j.tenant];
-  active_bytes_ += j.input_bytes;
-  if (j.input_bytes) active_bytes_by_tenant_[j.tenant] += j.input_bytes;
+  active_bytes_ += j.held_bytes;
+  if (j.held_bytes) active_bytes_by_tenant_[j.tenant] += j.held_bytes;
   if (!j.key.empty()) keys_[{j.tenant, j.key}] = j.id;
   if (j.deadline_ms) {
     deadlines_.push({j.deadline_ms, j.id});
@@ -81,12 +93,12 @@ void JobTable::End(Job& job, schema::JobState state) {
 void JobTable::Release(Job& job) {
   --active_;
   if (job.deadline_ms) with_deadline_ -= std::min<uint64_t>(with_deadline_, 1);
-  active_bytes_ -= std::min(active_bytes_, job.input_bytes);
+  active_bytes_ -= std::min(active_bytes_, job.held_bytes);
   auto t = active_by_tenant_.find(job.tenant);
   if (t != active_by_tenant_.end() && --t->second == 0) active_by_tenant_.erase(t);
   auto b = active_bytes_by_tenant_.find(job.tenant);
   if (b != active_bytes_by_tenant_.end()) {
-    b->second -= std::min(b->second, job.input_bytes);
+    b->second -= std::min(b->second, job.held_bytes);
     if (b->second == 0) active_bytes_by_tenant_.erase(b);
   }
 }

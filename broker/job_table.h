@@ -29,6 +29,10 @@
 
 namespace gpuq::broker {
 
+// The bytes of a spec's texts: every source, header (name and content) and
+// option, of the job's kernel and of its other sources.
+uint64_t SpecTextBytes(const schema::JobSpec& spec);
+
 // One input buffer of a job, in payload-index order (frames, then files, as
 // the submit named them).
 struct JobInput {
@@ -50,6 +54,10 @@ struct Job {
   std::shared_ptr<const schema::JobSpec> spec;
   std::vector<JobInput> inputs;
   uint64_t input_bytes = 0;
+  // What it holds of the broker while it is active, which the queue's byte
+  // bounds count: its inputs, and its spec's texts (sources, headers,
+  // options: up to megabytes each, held in memory until it ends).
+  uint64_t held_bytes = 0;
   // Buffers in registered regions (broker/regions.h): it names some, and
   // some of those it writes (out, inout).
   bool regions = false, region_writes = false;

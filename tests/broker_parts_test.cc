@@ -28,7 +28,7 @@ std::unique_ptr<Job> NewJob(uint64_t id, const std::string& tenant, uint64_t byt
   auto j = std::make_unique<Job>();
   j->id = id;
   j->tenant = tenant;
-  j->input_bytes = bytes;
+  j->input_bytes = j->held_bytes = bytes;
   j->deadline_ms = deadline_ms;
   j->durable = true;
   return j;

@@ -16,6 +16,7 @@
 #include <thread>
 #include <zmq_addon.hpp>
 
+#include "broker/job_table.h"
 #include "tests/broker_fixture.h"
 
 namespace gpuq {
@@ -538,7 +539,10 @@ TEST_F(BrokerTest, BoundsCountJobsAcceptedInTheSameIteration) {
     accepted += r->header.op == ReplyOp::kAccepted;
   }
   EXPECT_EQ(accepted, 30) << "the per-tenant bound let pipelined submits through";
-  // Bytes: 60 KiB inputs against a 1 MiB bound, as another tenant.
+  // Bytes: 60 KiB inputs and their spec's texts against a 1 MiB bound, as
+  // another tenant.
+  const schema::ClientRequest shape = SubmitRequest(1);
+  const uint64_t each = 60 * 1024 + broker::SpecTextBytes(shape.job);
   for (uint64_t rid = 101; rid <= 140; ++rid) {
     schema::ClientRequest req = SubmitRequest(rid);
     req.job.tenant = "bytes";
@@ -550,7 +554,38 @@ TEST_F(BrokerTest, BoundsCountJobsAcceptedInTheSameIteration) {
     ASSERT_TRUE(r);
     accepted += r->header.op == ReplyOp::kAccepted;
   }
-  EXPECT_EQ(accepted, 17) << "1 MiB holds 17 inputs of 60 KiB";
+  // The bound is the broker's too, where the first 30 jobs hold their input
+  // byte and their texts.
+  const uint64_t first = 30 * (1 + broker::SpecTextBytes(shape.job));
+  EXPECT_EQ(accepted, static_cast<int>(((1u << 20) - first) / each)) << "each job holds " << each;
+}
+
+// A queued job holds its spec in the broker's memory: its sources and
+// headers, up to megabytes each. The byte bounds counted inputs only, so a
+// tenant could queue its whole job count of large sources, gigabytes of
+// them, past --max-queued-bytes. A spec's texts count now.
+TEST_F(BrokerTest, TheByteBoundsCountAJobsSourcesNotOnlyItsInputs) {
+  ASSERT_TRUE(StartBroker({"--max-queued-bytes", "1048576"})) << Log();
+  RawClient raw(broker_->client_endpoint());
+  for (uint64_t rid = 1; rid <= 10; ++rid) {
+    schema::ClientRequest req = SubmitRequest(rid);
+    req.job.kernel.source += "// " + std::string(200 * 1024, 's') + "\n";
+    raw.Send(req, {"x"});
+  }
+  int accepted = 0;
+  std::string refusal;
+  for (int i = 0; i < 10; ++i) {
+    auto r = raw.Receive();
+    ASSERT_TRUE(r);
+    if (r->header.op == ReplyOp::kAccepted) {
+      ++accepted;
+    } else {
+      refusal = r->header.error;
+      EXPECT_EQ(r->header.code, Code::kQueueFull) << r->header.error;
+    }
+  }
+  EXPECT_EQ(accepted, 5) << "1 MiB holds 5 sources of 200 KiB";
+  EXPECT_NE(refusal.find("sources"), std::string::npos) << refusal;
 }
 
 uint64_t RssKib(pid_t pid) {

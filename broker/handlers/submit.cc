@@ -79,9 +79,10 @@ void Submit(BrokerCore& core, const RequestContext& ctx, schema::ClientRequest& 
   uint64_t bytes = 0;
   for (size_t i = 3; i < frames.size(); ++i) bytes += frames[i].size();
   for (const schema::LocalFile& f : spec.files) bytes += f.size;
+  const uint64_t held = bytes + SpecTextBytes(spec);
   uint64_t retry_after_ms = 0;
   const TenantPolicy& policy = core.tenants().Policy(tenant);
-  if (gpuq::Status s = core.jobs().CanAdmit(tenant, bytes, &retry_after_ms, policy.max_queued,
+  if (gpuq::Status s = core.jobs().CanAdmit(tenant, held, &retry_after_ms, policy.max_queued,
                                             policy.max_queued_bytes);
       !s.ok()) {
     return reject(s, retry_after_ms);
@@ -104,6 +105,7 @@ void Submit(BrokerCore& core, const RequestContext& ctx, schema::ClientRequest& 
   job->deadline_ms =
       spec.deadline_ms ? job->accepted_ms + static_cast<int64_t>(spec.deadline_ms) : 0;
   job->input_bytes = bytes;
+  job->held_bytes = held;
   if (regions) {
     job->regions = true;
     for (const schema::Arg& a : spec.buffer_list()) {
