@@ -91,11 +91,15 @@ compile::CompileRequest BrokerCore::CompileRequestOf(const Job& job, uint32_t so
 std::string BrokerCore::MissingKernel(const Job& job, uint32_t source,
                                       const compile::CacheEntry& module) {
   const schema::JobSpec& spec = *job.spec;
-  if (!spec.multi()) {
-    return module.HasKernel(module.Symbol(spec.kernel.entry)) ? "" : spec.kernel.entry;
-  }
+  // A kernel whose lowered name is longer than a worker reads counts as
+  // missing: sent, the job would not decode there.
+  auto has = [&module](const std::string& entry) {
+    const std::string symbol = module.Symbol(entry);
+    return symbol.size() <= schema::Limits::kMaxLoweredNameBytes && module.HasKernel(symbol);
+  };
+  if (!spec.multi()) return has(spec.kernel.entry) ? "" : spec.kernel.entry;
   for (const schema::KernelLaunch& l : spec.launches) {
-    if (l.source == source && !module.HasKernel(module.Symbol(l.entry))) return l.entry;
+    if (l.source == source && !has(l.entry)) return l.entry;
   }
   return "";
 }
@@ -131,10 +135,18 @@ void BrokerCore::OnCompilesDone() {
       } else if (!(*d.result)->ok) {
         failed = Status((*d.result)->code, (*d.result)->log);
       } else if (missing = MissingKernel(*job, src, **d.result); !missing.empty()) {
-        failed = Error(Code::kInvalid,
-                       "no kernel named '" + missing +
-                           "' in the compiled source (is it extern \"C\" __global__, or "
-                           "should 'expr' be set for a C++ name?)");
+        const std::string symbol = (*d.result)->Symbol(missing);
+        failed = symbol.size() > schema::Limits::kMaxLoweredNameBytes
+                     ? Error(Code::kInvalid, "the kernel '" + missing.substr(0, 256) +
+                                                 "' has a lowered name of " +
+                                                 std::to_string(symbol.size()) +
+                                                 " bytes, over the " +
+                                                 std::to_string(schema::Limits::kMaxLoweredNameBytes) +
+                                                 " a worker takes")
+                     : Error(Code::kInvalid,
+                             "no kernel named '" + missing +
+                                 "' in the compiled source (is it extern \"C\" __global__, or "
+                                 "should 'expr' be set for a C++ name?)");
       } else {
         if (src < modules.size()) modules[src] = *d.result;
         if (job->Compiled(d.arch)) job->compiling.erase(d.arch);

@@ -407,6 +407,12 @@ void SessionServer::Tick() {
         r.code = Code::kNotFound;
         r.error = "no kernel '" + c.entry + "' in the compiled source (is it extern \"C\" "
                   "__global__, or a name expression?)";
+      } else if (symbol.size() > schema::Limits::kMaxLoweredNameBytes) {
+        // Sent, the session process could not read the answer.
+        r.code = Code::kInvalid;
+        r.error = "the kernel '" + c.entry.substr(0, 256) + "' has a lowered name of " +
+                  std::to_string(symbol.size()) + " bytes, over the " +
+                  std::to_string(schema::Limits::kMaxLoweredNameBytes) + " a session takes";
       } else {
         r.symbol = symbol;
         if (!e.cubin.empty()) {

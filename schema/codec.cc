@@ -2438,7 +2438,7 @@ Status DecodeSessionFields(const object& o, const Limits& limits, size_t max_dat
     if (k == "limit_ms") return GetU(v, k, &r.limit_ms, kMaxTimeLimitMs);
     if (k == "image") return GetBin(v, k, max_data, &r.image);
     if (k == "kind") return GetEnum(v, k, kImageNames, &r.image_kind);
-    if (k == "symbol") return GetStr(v, k, limits.max_name_bytes * 4, &r.symbol);
+    if (k == "symbol") return GetStr(v, k, Limits::kMaxLoweredNameBytes, &r.symbol);
     if (k == "code") {
       has_code = true;
       return GetCode(v, k, &r.code);

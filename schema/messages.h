@@ -44,15 +44,25 @@ struct Limits {
   uint64_t max_scratch_bytes = 16ull << 30;  // scratch bytes per job, in all
 
   // The limits a worker decodes jobs with: those of jobs of several launches
-  // at the highest a broker may be configured with (it applied its own).
+  // at the highest a broker may be configured with (it applied its own), the
+  // payload frames those buffers and every source's module image may take,
+  // and entries as long as the lowered C++ names the broker sends (a
+  // template's can pass a client's 1 KiB bound on names). A job the worker
+  // could not decode was dropped, and the broker waited its time limit and
+  // gave the worker up, with every job it held.
   static Limits ForWorkers() {
     Limits l;
     l.max_launches = 4096;
     l.max_job_buffers = 4096;
     l.max_sources = 64;
     l.max_scratch_bytes = UINT64_MAX;
+    l.max_payload_frames = l.max_job_buffers + l.max_sources;
+    l.max_name_bytes = kMaxLoweredNameBytes;
     return l;
   }
+  // The longest lowered kernel name the broker sends a worker; a job whose
+  // kernel's is longer fails `invalid` at the broker.
+  static constexpr size_t kMaxLoweredNameBytes = 64u << 10;
 };
 
 // ---------------------------------------------------------------- client side

@@ -133,6 +133,55 @@ TEST_F(LaunchesTest, NameExpressionsOfOneSourceCompileTogether) {
   EXPECT_EQ(r->timing.launch_us.size(), 5u);
 }
 
+// What the broker admits, its workers must read. A job of 256 buffers and
+// two sources took 258 payload frames on its first dispatch (the images
+// travel with it), past the 257 a worker decoded; a name expression whose
+// lowered name passed 1 KiB (a long type behind a short alias) made an
+// entry past the worker's bound on names. The worker dropped such a job,
+// and the broker waited its time limit and gave the worker up. Both run.
+TEST_F(LaunchesTest, WhatTheBrokerAdmitsAWorkerReads) {
+  AddWorker();
+  auto c = Connect();
+  ASSERT_TRUE(WaitForWorkers(*c, 1));
+  JobRequest wide;
+  wide.spec.kernel.source = kKernels;
+  wide.spec.sources.emplace_back().source = kSecondSource;
+  wide.spec.time_limit_ms = 2000;
+  for (uint32_t i = 0; i < 256; ++i) {
+    wide.spec.buffers.push_back(Arg::In(i));
+    wide.inputs.push_back("x");
+  }
+  KernelLaunch l;
+  l.launch.block = {1, 1, 1};
+  l.entry = "k";
+  l.args = {Arg::Ref(0), Arg::Ref(1)};
+  wide.spec.launches.push_back(l);
+  l.source = 1;
+  l.entry = "m";
+  l.args = {Arg::Ref(254), Arg::Ref(255)};
+  wide.spec.launches.push_back(l);
+  auto id = c->Submit(wide);
+  ASSERT_TRUE(id.ok()) << id.status().ToString();
+  auto r = c->Wait(*id);
+  ASSERT_TRUE(r.ok()) << r.status().ToString();
+  EXPECT_EQ(r->state, JobState::kDone) << r->error;
+
+  const std::string name(1500, 'L');
+  JobRequest deep = Job("t<Long>", "ab");
+  deep.spec.kernel.source = "struct " + name + " {};\nusing Long = " + name + ";\n" +
+                            "template <typename T> __global__ void t(unsigned char* a) {}\n";
+  deep.spec.kernel.name_expression = true;
+  deep.spec.time_limit_ms = 2000;
+  id = c->Submit(deep);
+  ASSERT_TRUE(id.ok()) << id.status().ToString();
+  r = c->Wait(*id);
+  ASSERT_TRUE(r.ok()) << r.status().ToString();
+  EXPECT_EQ(r->state, JobState::kDone) << r->error;
+  auto d = c->Devices();
+  ASSERT_TRUE(d.ok());
+  EXPECT_EQ(d->size(), 1u) << "the worker was given up";
+}
+
 TEST_F(LaunchesTest, AFaultNamesItsLaunch) {
   AddWorker();
   auto c = Connect();
