@@ -590,10 +590,26 @@ Status CheckLaunchLimits(const CudaDriver& cu, const schema::DeviceInfo& d,
                                      std::to_string(d.max_shared_optin));
   }
   if (shared > d.max_shared_per_block) {
-    // Above 48 KB a kernel must opt in through its function attribute.
+    // Above 48 KB a kernel must opt in through its function attribute. The
+    // attribute is the function's, which every stream's launches share: it
+    // is set to all this kernel can have (the device's opt-in limit less its
+    // static shared memory), the same value whoever sets it. Set to each
+    // launch's own size, a launch of less between another's check and its
+    // launch made that launch fail.
+    int fixed = 0;
+    GPUQ_CU_CHECK(cu, cuFuncGetAttribute(&fixed, CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES, fn),
+                  Code::kLaunchError);
+    const uint32_t most = d.max_shared_optin - std::min<uint32_t>(d.max_shared_optin,
+                                                                   static_cast<uint32_t>(fixed));
+    if (shared > most) {
+      return Error(Code::kInvalid, "dynamic shared memory " + std::to_string(shared) +
+                                       " bytes and the kernel's own " + std::to_string(fixed) +
+                                       " pass the device's limit of " +
+                                       std::to_string(d.max_shared_optin));
+    }
     GPUQ_CU_CHECK(cu,
                   cuFuncSetAttribute(fn, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                                     static_cast<int>(shared)),
+                                     static_cast<int>(most)),
                   Code::kLaunchError);
   }
   return Status::Ok();

@@ -12,8 +12,10 @@
 #include <cmath>
 #include <cstring>
 #include <deque>
+#include <mutex>
 #include <random>
 #include <thread>
+#include <vector>
 
 #include "gpuq/client.h"
 #include "tests/gpu/gpu_fixture.h"
@@ -319,6 +321,56 @@ extern "C" __global__ void reverse(const float* in, float* out, unsigned n) {
   JobResult too_much = Run(j);
   EXPECT_EQ(too_much.state, JobState::kFailed);
   EXPECT_EQ(too_much.code, Code::kInvalid) << too_much.error;
+}
+
+// The opt-in to more than 48 KB of shared memory is the kernel's attribute,
+// shared by the worker's streams: it was set to each launch's own size, so
+// a job asking for 64 KB, checked between another's check (160 KB) and its
+// launch, made that launch fail (CUDA_ERROR_INVALID_VALUE). Jobs of both
+// sizes at once from several clients all run, each with its own bytes.
+TEST_F(GpuTest, ConcurrentJobsOfOneKernelWithDifferentSharedMemoryAllRun) {
+  const char* src = R"(
+extern "C" __global__ void last(unsigned n, unsigned* out) {
+  extern __shared__ unsigned char s[];
+  for (unsigned i = threadIdx.x; i < n; i += blockDim.x) s[i] = (unsigned char)(i * 7 + n);
+  __syncthreads();
+  if (threadIdx.x == 0) *out = s[n - 1] + n;
+})";
+  constexpr int kClients = 4, kJobs = 60;
+  std::vector<std::thread> threads;
+  std::atomic<int> done{0}, wrong{0};
+  std::mutex mu;
+  std::string first_error;
+  for (int c = 0; c < kClients; ++c) {
+    threads.emplace_back([&, c] {
+      auto client = Client::Connect(broker_->client_endpoint());
+      if (!client.ok()) return;
+      std::vector<std::pair<uint64_t, uint32_t>> ids;
+      for (int i = 0; i < kJobs; ++i) {
+        const uint32_t n = (i + c) % 2 ? 160u << 10 : 64u << 10;
+        JobRequest j = Kernel(src, "last", {1, 1, 1}, {256, 1, 1});
+        j.spec.launch.shared_bytes = n;
+        j.spec.args = {Arg::U32(n), Arg::Out(4)};
+        auto id = (*client)->Submit(j);
+        if (id.ok()) ids.emplace_back(*id, n);
+      }
+      for (auto [id, n] : ids) {
+        auto r = (*client)->Wait(id, Millis(60000));
+        if (!r.ok() || !r->ok()) {
+          std::lock_guard lock(mu);
+          if (first_error.empty()) first_error = r.ok() ? r->error : r.status().ToString();
+          continue;
+        }
+        uint32_t got = 0;
+        std::memcpy(&got, r->Output(1)->data(), 4);
+        const uint32_t want = static_cast<unsigned char>((n - 1) * 7 + n) + n;
+        (got == want ? done : wrong)++;
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  EXPECT_EQ(done.load(), kClients * kJobs) << first_error;
+  EXPECT_EQ(wrong.load(), 0);
 }
 
 TEST_F(GpuTest, TemplatesThroughNameExpressions) {
