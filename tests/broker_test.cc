@@ -587,7 +587,10 @@ TEST_F(BrokerTest, GpuqTopShowsTheLiveQueueInATerminal) {
   // Heartbeats of 1 s both ways: on a loaded machine a worker silent for
   // 3 x 100 ms was declared lost, and the view showed no worker.
   ASSERT_TRUE(StartBroker({"--heartbeat-ms", "1000"})) << Log();
-  AddWorker({"--slots", "1", "--delay-us", "20000", "--heartbeat-ms", "1000"});
+  // Jobs of 300 ms each, one at a time: the queue lasts 9 s, and the view
+  // finds it there however long tmux and gpuq take to start (with 20 ms jobs
+  // a loaded machine drained the queue before the first screen).
+  AddWorker({"--slots", "1", "--delay-us", "300000", "--heartbeat-ms", "1000"});
   auto c = Connect();
   ASSERT_TRUE(WaitForWorkers(*c, 1));
   for (int i = 0; i < 30; ++i) {

@@ -40,7 +40,7 @@ class Service:
         self.broker = subprocess.Popen(
             [os.path.join(BIN, "gpuqd"), "--listen", self.client_endpoint,
              "--worker-listen", self.worker_endpoint, "--store", folder + "/jobs.db",
-             "--cache", folder + "/kernels.db", "--workers", "0", "--heartbeat-ms", "100",
+             "--cache", folder + "/kernels.db", "--workers", "0", "--heartbeat-ms", "1000",
              "--max-queued-per-tenant", "50", "--ready-file", ready,
              "--session-bin", os.path.join(BIN, "gpuq-fake-session")],
             stdout=self.log, stderr=self.log)
@@ -55,7 +55,9 @@ class Service:
     def add_worker(self, *args):
         self.workers.append(subprocess.Popen(
             [os.path.join(BIN, "gpuq-fake-worker"), "--broker", self.worker_endpoint,
-             "--heartbeat-ms", "100"] + list(args), stdout=self.log, stderr=self.log))
+             # 1 s both ways: on a loaded machine a worker silent for 3 x 100 ms
+             # was declared lost, and a job on a region then never ran in time.
+             "--heartbeat-ms", "1000"] + list(args), stdout=self.log, stderr=self.log))
         with gpuq.Client(self.client_endpoint) as c:
             for _ in range(200):
                 if len(c.devices()) == len(self.workers):
