@@ -583,6 +583,12 @@ TEST_F(CompileServiceTest, JoiningAnotherTenantsQueuedCompileKeepsOnesOwnTurn) {
 // source that hit its bound is: every submit of that kernel failed for a
 // minute after the shortage had passed. It is unavailable, and not kept.
 TEST_F(CompileServiceTest, AFailureOfThisProcessIsNotRememberedAsTheSources) {
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+  // The sanitizers' runtime opens files of its own (UBSan's check of a
+  // vtable read the process's maps): with no descriptor left it reported
+  // an object it could not check as invalid. The Release build runs this.
+  GTEST_SKIP() << "no descriptors to spare under a sanitizer";
+#endif
   CompileServiceOptions o;
   o.warm_helpers = 0;  // each compile starts its helper: pipes, then a spawn
   auto s = Make(o);
