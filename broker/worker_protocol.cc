@@ -240,6 +240,14 @@ void BrokerCore::OnWorkerResult(Worker& w, WorkerMessage& m, Frames& frames) {
       return;
     }
     job->suspect = false;
+  } else {
+    // A failed result is its code and error: whatever outputs a worker
+    // sent with it (those copied before a failure) are unchecked bytes of
+    // a job that did not run to its end, and are not kept.
+    DropPeerFiles(m.files, schema::kWorkerFilePrefix);
+    m.files.clear();
+    m.outputs.clear();
+    frames.resize(std::min<size_t>(frames.size(), 3));
   }
   Frames data;
   for (size_t i = 3; i < frames.size(); ++i) data.push_back(std::move(frames[i]));

@@ -302,6 +302,41 @@ TEST_F(BrokerTest, AResultWithoutEveryOutputIsRefused) {
   EXPECT_NE(r.error.find("output"), std::string::npos) << r.error;
 }
 
+TEST_F(BrokerTest, AFailedResultCarriesNoOutputs) {
+  // A worker whose copy back failed half way sent the outputs it had: bytes
+  // of a failed job, unchecked against the job's arguments, were served as
+  // its result. A failed result is its code and error only.
+  ASSERT_TRUE(StartBroker({"--heartbeat-ms", "1000"})) << Log();
+  RawWorker w(broker_->worker_endpoint());
+  w.Ready();
+  auto c = Connect();
+  ASSERT_TRUE(WaitForWorkers(*c, 1));
+  auto id = c->Submit(Job("k", "abc", 16));
+  ASSERT_TRUE(id.ok());
+  auto job = w.Receive();
+  ASSERT_TRUE(job && job->header.op == BrokerOp::kJob);
+  schema::WorkerMessage r;
+  r.op = schema::WorkerOp::kResult;
+  r.id = job->header.id;
+  r.attempt = job->header.attempt;
+  r.state = JobState::kFailed;
+  r.code = Code::kLaunchError;
+  r.error = "copying outputs from the device: failed";
+  r.outputs = {0, 1};  // argument 1 is a scalar: not an output at all
+  w.Send(r, {"half", "junk"});
+  // Pushed as it ends, and fetched from the store after.
+  for (bool fetch : {false, true}) {
+    auto got = fetch ? c->Fetch(*id) : c->Wait(*id, Millis(10000));
+    ASSERT_TRUE(got.ok()) << got.status().ToString();
+    EXPECT_EQ(got->state, JobState::kFailed);
+    EXPECT_EQ(got->code, Code::kLaunchError);
+    EXPECT_EQ(got->error, r.error);
+    EXPECT_TRUE(got->outputs.empty()) << got->outputs.size() << " outputs of a failed job";
+    EXPECT_TRUE(got->output_args.empty());
+    EXPECT_EQ(got->Output(0), nullptr);
+  }
+}
+
 TEST_F(BrokerTest, AFetchInTheSameIterationAsTheResultSeesIt) {
   ASSERT_TRUE(StartBroker({"--heartbeat-ms", "1000"})) << Log();
   RawWorker w(broker_->worker_endpoint());

@@ -6,6 +6,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <condition_variable>
 #include <cerrno>
@@ -234,11 +235,15 @@ StatusOr<zmq::message_t> ReadLocalInput(PinnedPool& pool, const std::string& pat
   return m;
 }
 
+// A new file (never one that is there already, nor through a symbolic link),
+// removed again unless it was written whole: a disk that fills half way
+// leaves nothing behind, and says resource_exhausted (util/file_io.h).
 Status WriteFile(const std::string& path, const void* data, size_t size) {
-  const int fd = open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
-  if (fd < 0) return Error(Code::kIoError, path + ": " + std::strerror(errno));
-  const Status s = WriteAll(fd, std::string_view(static_cast<const char*>(data), size), path);
-  close(fd);
+  const int fd = open(path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
+  if (fd < 0) return FileError("creating " + path, errno);
+  Status s = WriteAll(fd, std::string_view(static_cast<const char*>(data), size), path);
+  if (close(fd) != 0 && s.ok()) s = FileError("writing " + path, errno);
+  if (!s.ok()) (void)unlink(path.c_str());
   return s;
 }
 
@@ -815,6 +820,10 @@ struct Failer {
   const CudaDriver& cu;
   Done& d;
   Done Fail(Code code, std::string error) {
+    // A failed result is its code and error: outputs copied before the
+    // failure do not go with it.
+    d.data.clear();
+    d.result.outputs.clear();
     d.result.code = code;
     d.result.error = std::move(error);
     return std::move(d);
@@ -938,7 +947,7 @@ Done GpuWorker::Impl::Execute(const std::shared_ptr<Task>& task, CUstream stream
     r.outputs.clear();
     return f.CuFail(e, "kernel");
   }
-  if (Status s = OutputsToFiles(job, d); !s.ok()) return f.Fail(Code::kIoError, s.message());
+  if (Status s = OutputsToFiles(job, d); !s.ok()) return f.Fail(s.code(), s.message());
   float ms[3] = {};
   for (int k = 0; k < 3; ++k) cu_->cuEventElapsedTime(&ms[k], ev[k], ev[k + 1]);
   r.timing.h2d_us = static_cast<uint64_t>(ms[0] * 1000.0f);
@@ -1159,7 +1168,7 @@ Done GpuWorker::Impl::ExecuteLaunches(const std::shared_ptr<Task>& task, CUstrea
                                : "launches 0-" + std::to_string(n - 1);
     return f.CuFail(e, at);
   }
-  if (Status s = OutputsToFiles(job, d); !s.ok()) return f.Fail(Code::kIoError, s.message());
+  if (Status s = OutputsToFiles(job, d); !s.ok()) return f.Fail(s.code(), s.message());
   float ms[3] = {};
   for (int k = 0; k < 3; ++k) cu_->cuEventElapsedTime(&ms[k], ev[k], ev[k + 1]);
   r.timing.h2d_us = static_cast<uint64_t>(ms[0] * 1000.0f);
@@ -1431,6 +1440,10 @@ int GpuWorker::Impl::Run() {
       std::lock_guard lock(mu_);
       done.swap(done_);
     }
+    // A sticky fault ends this process in Finish(): the jobs that finished
+    // whole beside it go first, so that their results are sent (not run
+    // again elsewhere) and the fault's culprit may be the one left.
+    std::stable_partition(done.begin(), done.end(), [](const Done& d) { return !d.sticky; });
     for (Done& d : done) Finish(d);
     FlushResults();  // what finished together goes together
     const auto now = Clock::now();
@@ -1450,9 +1463,12 @@ int GpuWorker::Impl::Run() {
         r.code = Code::kTimeout;
         r.error = "the kernel ran past its limit of " + std::to_string(t->job.time_limit_ms) +
                   " ms and was stopped (its worker process was ended)";
-        if (const volatile uint32_t* progress = t->progress.load()) {
-          // The launches that finished, as the GPU wrote them.
-          r.error = "launch " + std::to_string(*progress) + ": " + r.error;
+        const volatile uint32_t* progress = t->progress.load();
+        const uint32_t finished = progress ? *progress : 0;
+        if (progress && finished < t->job.launches.size()) {
+          // The launches that finished, as the GPU wrote them: the next one
+          // ran past the limit (after the last, the copies back did).
+          r.error = "launch " + std::to_string(finished) + ": " + r.error;
         } else if (!t->job.launches.empty()) {
           r.error = "launches 0-" + std::to_string(t->job.launches.size() - 1) + ": " + r.error;
         }

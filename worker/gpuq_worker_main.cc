@@ -143,6 +143,9 @@ int main(int argc, char** argv) {
   sigaction(SIGINT, &sa, nullptr);
   sigaction(SIGTERM, &sa, nullptr);
   signal(SIGPIPE, SIG_IGN);
+  // A file size limit (ulimit -f) fails an output file's write with EFBIG
+  // (the job: resource_exhausted) instead of ending the process.
+  signal(SIGXFSZ, SIG_IGN);
 
   if (device < 0) {
     // Every GPU of this host, one supervised process each.

@@ -4,6 +4,7 @@
 // reports itself skipped.
 #include <gtest/gtest.h>
 #include <signal.h>
+#include <sys/resource.h>
 
 #include <filesystem>
 
@@ -576,6 +577,59 @@ TEST_F(GpuOneStreamTest, ARunawayAttemptKeepsItsLimitWhenItsJobIsSentAgain) {
   ASSERT_TRUE(WaitDevices(1)) << Log();
   auto after = Run(Spin(1000));
   EXPECT_EQ(after.state, JobState::kDone) << after.error;
+}
+
+// A worker whose output file cannot be written whole (a file size limit
+// here; a full disk does the same) fails that job resource_exhausted,
+// leaves no part of the file behind, and serves on. Before: SIGXFSZ ended
+// the worker (its jobs were run again elsewhere), and on a full disk the
+// partial file stayed and the job said io_error.
+TEST_F(GpuOneStreamTest, AnOutputFileThatCannotBeWrittenWholeFailsItsJobAlone) {
+  ASSERT_TRUE(WaitDevices(0)) << Log();  // the last test's worker is gone
+  const std::string blobs = broker_->store() + ".blobs";
+  rlimit old{};
+  ASSERT_EQ(getrlimit(RLIMIT_FSIZE, &old), 0);
+  rlimit small = old;
+  small.rlim_cur = 1 << 20;  // inherited by the worker forked below
+  ASSERT_EQ(setrlimit(RLIMIT_FSIZE, &small), 0);
+  testing::Process worker = testing::Process::Start(
+      {testing::BinPath("gpuq-worker"), "--broker", broker_->worker_endpoint(), "--device", "0",
+       "--local-dir", blobs, "--heartbeat-ms", "300"},
+      dir_->File("fsize-worker.log"));
+  ASSERT_EQ(setrlimit(RLIMIT_FSIZE, &old), 0);
+  ASSERT_TRUE(WaitDevices(1)) << Log();
+  const char* kFill =
+      "extern \"C\" __global__ void fill(unsigned* out, unsigned n) {\n"
+      "  unsigned i = blockIdx.x * blockDim.x + threadIdx.x;\n"
+      "  if (i < n) out[i] = i * 2654435761u;\n}\n";
+  auto job = [&](unsigned n) {
+    JobRequest j = Kernel(kFill, "fill", {(n + 255) / 256, 1, 1}, {256, 1, 1});
+    j.spec.args = {Arg::Out(n * 4ull), Arg::U32(n)};
+    return j;
+  };
+  // 4 MiB out: asked as a file of the local directory (ClientOptions::
+  // local_min_bytes), over the worker's 1 MiB limit on a file.
+  JobResult big = Run(job(1u << 20));
+  EXPECT_EQ(big.state, JobState::kFailed);
+  EXPECT_EQ(big.code, Code::kResourceExhausted) << big.error;
+  EXPECT_EQ(big.attempts, 1u) << "the job ran again: its worker was lost";
+  EXPECT_TRUE(big.outputs.empty());
+  std::vector<std::string> left;
+  for (const auto& e : std::filesystem::directory_iterator(blobs)) {
+    const std::string name = e.path().filename().string();
+    if (name.rfind("w-", 0) == 0) left.push_back(name);
+  }
+  EXPECT_TRUE(left.empty()) << left.size() << " partial output files left, e.g. " << left[0];
+  EXPECT_TRUE(worker.running()) << testing::ReadFile(dir_->File("fsize-worker.log"));
+  // The same worker serves on.
+  JobResult after = Run(job(1u << 16));
+  ASSERT_EQ(after.state, JobState::kDone) << after.error;
+  std::vector<uint32_t> got = As<uint32_t>(*after.Output(0));
+  ASSERT_EQ(got.size(), 1u << 16);
+  for (uint32_t i = 0; i < got.size(); ++i) ASSERT_EQ(got[i], i * 2654435761u) << i;
+  EXPECT_TRUE(worker.running());
+  worker.Kill();
+  ASSERT_TRUE(WaitDevices(0)) << Log();
 }
 
 // ------------------------------------------------------------ several GPUs
