@@ -200,6 +200,8 @@ class BrokerCore {
   // A worker's health from its ready or heartbeat: drains its GPU when the
   // health says so (PROTOCOL.md, "GPU health").
   void OnHealth(Worker& w, const schema::GpuHealth& h);
+  // A heartbeat's free memory, health and running jobs.
+  void OnHeartbeat(Worker& w, const schema::WorkerMessage& m, MonoTime now);
   bool SendWorker(const std::string& id, const schema::BrokerMessage& m, Frames* payload = nullptr);
 
   // ---- timers

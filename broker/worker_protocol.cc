@@ -176,9 +176,7 @@ void BrokerCore::OnWorkerMessage(Frames& frames) {
       }
       named->liveness_id = id;
       named->last_seen = now;
-      named->device.free_bytes = m.free_bytes;
-      if (m.health.known) OnHealth(*named, m.health);
-      return;
+      return OnHeartbeat(*named, m, now);
     }
   }
   if (!w) {
@@ -192,10 +190,9 @@ void BrokerCore::OnWorkerMessage(Frames& frames) {
   w->last_seen = now;
   switch (m.op) {
     case WorkerOp::kHeartbeat:
-      w->device.free_bytes = m.free_bytes;
-      if (m.health.known) OnHealth(*w, m.health);
-      return;
+      return OnHeartbeat(*w, m, now);
     case WorkerOp::kResult:
+      w->last_progress = now;
       OnWorkerResult(*w, m, frames);
       // Whatever the result was (current, abandoned, stale): this worker no
       // longer runs that job, and stops writing its regions.
@@ -205,6 +202,24 @@ void BrokerCore::OnWorkerMessage(Frames& frames) {
     case WorkerOp::kReady:
       return;
   }
+}
+
+void BrokerCore::OnHeartbeat(Worker& w, const WorkerMessage& m, MonoTime now) {
+  w.device.free_bytes = m.free_bytes;
+  if (m.running) {
+    // The jobs it has begun: each one's run-time limit counts from the
+    // first heartbeat that names it (EnforceLimits).
+    w.reports_running = true;
+    for (const WorkerMessage::Running& r : *m.running) {
+      auto it = w.inflight.find(r.id);
+      if (it == w.inflight.end() || it->second.attempt != r.attempt || it->second.started) {
+        continue;
+      }
+      it->second.started = now;
+      w.last_progress = now;
+    }
+  }
+  if (m.health.known) OnHealth(w, m.health);
 }
 
 void BrokerCore::OnWorkerResult(Worker& w, WorkerMessage& m, Frames& frames) {

@@ -41,6 +41,7 @@ StatusOr<Worker*> WorkerRegistry::Ready(const std::string& id, const schema::Wor
   w.slots = w.credits = ready.slots;
   w.modules = ModuleSet(ready.module_slots);
   w.last_seen = now;
+  w.last_progress = now;
   w.local = local;
   w.health = ready.health;
   w.token = ready.token;

@@ -51,10 +51,18 @@ struct Worker {
     // GPUs until the worker answers for it or is gone.
     bool tenant_counted = false;
     std::string tenant;
+    // When a heartbeat first named it among the jobs the worker has begun
+    // (PROTOCOL.md, "Worker lifecycle"); unset until then.
+    std::optional<MonoTime> started;
   };
   std::map<uint64_t, Held> inflight;  // by job id
   ModuleSet modules;
   MonoTime last_seen;
+  // Its heartbeats name the jobs it has begun (`running`); and when it last
+  // began or ended one, which a worker holding jobs it has not begun must
+  // keep doing (EnforceLimits).
+  bool reports_running = false;
+  MonoTime last_progress;
   bool exclusive = false;  // running a suspect alone
   schema::GpuHealth health;  // as its latest ready or heartbeat said
   // Why its GPU takes no more jobs (a critical Xid, an uncorrectable ECC

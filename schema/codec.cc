@@ -600,7 +600,15 @@ std::string EncodeWorkerMessage(const WorkerMessage& m) {
       w.Field("free_bytes", true, [&] { p.pack_uint64(m.free_bytes); })
           .Field("inflight", true, [&] { p.pack_uint32(m.inflight); })
           .Field("token", !m.token.empty(), [&] { PackStr(p, m.token); })
-          .Field("health", m.health.known, [&] { PackHealth(p, m.health); });
+          .Field("health", m.health.known, [&] { PackHealth(p, m.health); })
+          .Field("running", m.running.has_value(), [&] {
+            p.pack_array(static_cast<uint32_t>(m.running->size()));
+            for (const WorkerMessage::Running& r : *m.running) {
+              p.pack_array(2);
+              p.pack_uint64(r.id);
+              p.pack_uint32(r.attempt);
+            }
+          });
       break;
     case WorkerOp::kDisconnect:
       w.Field("reason", true, [&] { PackStr(p, m.reason); });
@@ -947,6 +955,23 @@ Status GetFiles(const object& o, std::string_view field, const Limits& limits, b
                                               : "' is not a plain file name"));
     }
   }
+  return Status::Ok();
+}
+
+// A heartbeat's running jobs: [[id, attempt]...], at most as many as a
+// worker may hold (its slots).
+Status GetRunning(const object& o, std::string_view field,
+                  std::optional<std::vector<WorkerMessage::Running>>* out) {
+  const msgpack::object_array* a = nullptr;
+  GPUQ_RETURN_IF_ERROR(GetArray(o, field, 65536, &a));
+  std::vector<WorkerMessage::Running> running(a->size);
+  for (uint32_t i = 0; i < a->size; ++i) {
+    const msgpack::object_array* t = nullptr;
+    GPUQ_RETURN_IF_ERROR(GetTuple(a->ptr[i], field, 2, "each job as [id, attempt]", &t));
+    GPUQ_RETURN_IF_ERROR(GetU(t->ptr[0], field, &running[i].id));
+    GPUQ_RETURN_IF_ERROR(GetU(t->ptr[1], field, &running[i].attempt));
+  }
+  *out = std::move(running);
   return Status::Ok();
 }
 
@@ -2010,6 +2035,7 @@ Status DecodeWorkerMessage(std::string_view header, std::span<const uint64_t> pa
       if (k == "inflight") return GetU(v, k, &r.inflight);
       if (k == "token") return GetToken(v, k, &r.token);
       if (k == "health") return GetHealth(v, limits, &r.health);
+      if (k == "running") return GetRunning(v, k, &r.running);
     } else if (k == "reason") {
       return GetStr(v, k, limits.max_text_bytes, &r.reason);
     }

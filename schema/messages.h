@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <utility>
@@ -178,6 +179,15 @@ struct WorkerMessage {
   // heartbeat
   uint64_t free_bytes = 0;
   uint32_t inflight = 0;
+  // heartbeat: the jobs (id, attempt) that have begun to run and not ended;
+  // unset where the worker does not say (then the broker measures a job's
+  // run-time limit from its dispatch).
+  struct Running {
+    uint64_t id = 0;
+    uint32_t attempt = 0;
+    bool operator==(const Running&) const = default;
+  };
+  std::optional<std::vector<Running>> running;
   // ready, heartbeat: the GPU's health (absent where the worker has no NVML)
   GpuHealth health;
   // disconnect

@@ -248,6 +248,105 @@ TEST_F(ClockBrokerTest, TheBrokerEndsAJobPastItsLimitAndLosesItsWorker) {
   EXPECT_EQ(bye->header.op, BrokerOp::kDisconnect);
 }
 
+// A worker that holds more jobs than it runs at once (slots over streams)
+// begins a job when another ends. Measured from the dispatch, a job that
+// waited there longer than its limit was "past" it: its healthy worker was
+// given up, and every job it held ran again. A worker that names the jobs it
+// has begun has each limit counted from there.
+TEST_F(ClockBrokerTest, AJobThatWaitedInItsWorkerHasItsLimitCountedFromItsBeginning) {
+  Start();  // heartbeats 10 s: the grace past a limit is 30 s
+  using Running = std::vector<schema::WorkerMessage::Running>;
+  auto w = std::make_unique<RawWorker>(broker_->worker_endpoint());
+  w->Ready("sm_90", /*slots=*/2, "GPU-raw");
+  WaitHeard("GPU-raw");
+  JobRequest j = Job();
+  j.spec.time_limit_ms = 20000;
+  auto a = client_->Submit(j);
+  auto b = client_->Submit(j);
+  ASSERT_TRUE(a.ok() && b.ok());
+  auto ja = w->Receive(), jb = w->Receive();
+  ASSERT_TRUE(ja && jb);
+  ASSERT_EQ(ja->header.id, *a);
+  // a runs for 40 s of its 20 s + 30 s; b waits behind it.
+  auto beat = [&](Running running, int seconds) {
+    for (int t = 0; t < seconds; t += 20) {
+      clock_.Advance(std::chrono::seconds(20));
+      w->Heartbeat(running);
+      WaitHeard("GPU-raw");
+    }
+  };
+  // A heartbeat that names a job begun, taken before the clock moves on
+  // (the clock moves first, so that WaitHeard waits for this very one).
+  auto begin = [&](Running running) {
+    clock_.Advance(std::chrono::milliseconds(1));
+    w->Heartbeat(running);
+    WaitHeard("GPU-raw");
+  };
+  begin(Running{{*a, ja->header.attempt}});
+  beat(Running{{*a, ja->header.attempt}}, 40);
+  w->Done(*ja);
+  ASSERT_EQ(WaitEnded(*a).state, JobState::kDone);
+  // b begins at 40 s and runs 40 s: 80 s after its dispatch.
+  begin(Running{{*b, jb->header.attempt}});
+  beat(Running{{*b, jb->header.attempt}}, 40);
+  Settle();
+  auto st = client_->GetStatus(*b);
+  ASSERT_TRUE(st.ok());
+  EXPECT_EQ(st->state, JobState::kDispatched) << CodeName(st->code) << ": " << st->error;
+  w->Done(*jb);
+  JobResult rb = WaitEnded(*b);
+  EXPECT_EQ(rb.state, JobState::kDone) << rb.error;
+  EXPECT_EQ(rb.attempts, 1u);
+  // A begun job past its limit and the grace still ends, and its worker
+  // is given up.
+  auto c = client_->Submit(j);
+  ASSERT_TRUE(c.ok());
+  auto jc = w->Receive();
+  ASSERT_TRUE(jc && jc->header.id == *c);
+  begin(Running{{*c, jc->header.attempt}});
+  beat(Running{{*c, jc->header.attempt}}, 40);
+  EXPECT_EQ(client_->GetStatus(*c)->state, JobState::kDispatched);
+  clock_.Advance(std::chrono::seconds(20));  // 60 s since it began
+  w->Heartbeat(Running{{*c, jc->header.attempt}});
+  JobResult rc = WaitEnded(*c);
+  EXPECT_EQ(rc.state, JobState::kFailed);
+  EXPECT_EQ(rc.code, Code::kTimeout) << rc.error;
+  auto bye = w->Receive();
+  ASSERT_TRUE(bye);
+  EXPECT_EQ(bye->header.op, BrokerOp::kDisconnect);
+}
+
+// A worker that names the jobs it has begun, holds jobs, and begins and ends
+// none for longer than the longest limit among them (and the grace) is
+// given up; its jobs did not run, and are queued again, not failed.
+TEST_F(ClockBrokerTest, AWorkerThatBeginsNoJobItHoldsIsGivenUp) {
+  Start();
+  using Running = std::vector<schema::WorkerMessage::Running>;
+  auto w = std::make_unique<RawWorker>(broker_->worker_endpoint());
+  w->Ready("sm_90", /*slots=*/2, "GPU-raw");
+  WaitHeard("GPU-raw");
+  JobRequest j = Job();
+  j.spec.time_limit_ms = 20000;
+  auto a = client_->Submit(j);
+  ASSERT_TRUE(a.ok());
+  auto ja = w->Receive();
+  ASSERT_TRUE(ja);
+  for (int t = 0; t < 40; t += 20) {
+    clock_.Advance(std::chrono::seconds(20));
+    w->Heartbeat(Running{});
+    WaitHeard("GPU-raw");
+  }
+  Settle();
+  EXPECT_EQ(client_->GetStatus(*a)->state, JobState::kDispatched);
+  clock_.Advance(std::chrono::seconds(20));  // 60 s: past 20 s + 30 s
+  w->Heartbeat(Running{});
+  auto bye = w->Receive();
+  ASSERT_TRUE(bye);
+  EXPECT_EQ(bye->header.op, BrokerOp::kDisconnect);
+  JobResult r = WaitFor(*a, [](const JobResult& r) { return r.state != JobState::kDispatched; });
+  EXPECT_EQ(r.state, JobState::kQueued) << CodeName(r.code) << ": " << r.error;
+}
+
 TEST_F(ClockBrokerTest, ResultsLiveForTheirRetentionAndIdsAreNeverReused) {
   Start([](broker::BrokerOptions& o) { o.retention = std::chrono::seconds(3600); });
   auto w = Worker();

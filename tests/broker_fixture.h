@@ -71,7 +71,8 @@ class RawWorker {
   void Ready(const std::string& arch = "sm_90", uint32_t slots = 1,
              const std::string& uuid = "GPU-raw");
   void Send(const schema::WorkerMessage& m, const std::vector<std::string>& payload = {});
-  void Heartbeat();
+  // `running`: the jobs it says it has begun (unset: it does not say).
+  void Heartbeat(std::optional<std::vector<schema::WorkerMessage::Running>> running = {});
   // The next message other than a heartbeat, or nullopt after `timeout`.
   std::optional<Message> Receive(std::chrono::milliseconds timeout = std::chrono::seconds(5));
   // Answers `job` as done: every out and inout buffer comes back, filled

@@ -138,6 +138,30 @@ TEST(BatchTest, PartsMustAddUpToTheFrames) {
   EXPECT_FALSE(IsBatch(EncodeWorkerMessage(WorkerMessage{})));
 }
 
+TEST(WorkerMessageTest, AHeartbeatsRunningJobsArePairsAndAnAbsentListIsNotAnEmptyOne) {
+  WorkerMessage hb;
+  hb.op = WorkerOp::kHeartbeat;
+  WorkerMessage out;
+  ASSERT_TRUE(DecodeWorkerMessage(EncodeWorkerMessage(hb), {}, {}, &out).ok());
+  EXPECT_FALSE(out.running.has_value()) << "a worker that does not say said it runs nothing";
+  hb.running.emplace();
+  ASSERT_TRUE(DecodeWorkerMessage(EncodeWorkerMessage(hb), {}, {}, &out).ok());
+  ASSERT_TRUE(out.running.has_value());
+  EXPECT_TRUE(out.running->empty());
+  // [[id]] and [[id, attempt, x]] and [id] are malformed.
+  for (const char* bad : {"\x91\x91\x07", "\x91\x93\x07\x01\x01", "\x91\x07"}) {
+    const std::string h =
+        M("\x84\xa2op\xa9heartbeat\xaa" "free_bytes\x00\xa8inflight\x00\xa7running") + bad;
+    EXPECT_EQ(DecodeWorkerMessage(h, {}, {}, &out).code(), Code::kMalformed) << bad;
+  }
+  const std::string good =
+      M("\x84\xa2op\xa9heartbeat\xaa" "free_bytes\x00\xa8inflight\x00\xa7running") +
+      "\x91\x92\x07\x01";
+  ASSERT_TRUE(DecodeWorkerMessage(good, {}, {}, &out).ok());
+  ASSERT_EQ(out.running->size(), 1u);
+  EXPECT_EQ((*out.running)[0], (WorkerMessage::Running{7, 1}));
+}
+
 INSTANTIATE_TEST_SUITE_P(Schema, GoldenTest, ::testing::ValuesIn(GoldenMessages()),
                          [](const auto& info) { return info.param.name; });
 

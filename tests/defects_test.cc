@@ -337,6 +337,33 @@ TEST_F(BrokerTest, AFailedResultCarriesNoOutputs) {
   }
 }
 
+TEST_F(BrokerTest, JobsWaitingInTheirWorkerBehindOthersAreNotPastTheirLimits) {
+  // A worker holding 8 jobs of 300 ms and running one at a time: the last
+  // begins 2.1 s after its dispatch, past its 500 ms limit and the 600 ms
+  // grace if counted from there (the worker was given up, and its jobs ran
+  // again). Counted from each job's beginning, none is past its limit.
+  ASSERT_TRUE(StartBroker({"--heartbeat-ms", "200"})) << Log();
+  AddWorker({"--streams", "1", "--slots", "8", "--heartbeat-ms", "200"});
+  auto c = Connect();
+  ASSERT_TRUE(WaitForWorkers(*c, 1));
+  std::vector<uint64_t> ids;
+  for (int i = 0; i < 8; ++i) {
+    JobRequest j = Job("ms300", "abc", 16);
+    j.spec.kernel.source =
+        "extern \"C\" __global__ void ms300(unsigned char* a, unsigned char* b) {}\n";
+    j.spec.time_limit_ms = 500;
+    auto id = c->Submit(j);
+    ASSERT_TRUE(id.ok()) << id.status().ToString();
+    ids.push_back(*id);
+  }
+  for (uint64_t id : ids) {
+    auto r = c->Wait(id, Millis(30000));
+    ASSERT_TRUE(r.ok()) << r.status().ToString();
+    EXPECT_EQ(r->state, JobState::kDone) << CodeName(r->code) << ": " << r->error;
+    EXPECT_EQ(r->attempts, 1u) << "job " << id << " ran again: its worker was given up";
+  }
+}
+
 TEST_F(BrokerTest, AFetchInTheSameIterationAsTheResultSeesIt) {
   ASSERT_TRUE(StartBroker({"--heartbeat-ms", "1000"})) << Log();
   RawWorker w(broker_->worker_endpoint());

@@ -9,6 +9,8 @@
 //     answers (heartbeats go on).
 // It keeps the module set of PROTOCOL.md ("Module images") and fails a job
 // whose module it was never sent, so tests also check the broker's side.
+// With --streams N it runs N jobs at once and the others wait, in arrival
+// order; its heartbeats name the jobs begun (`running`) unless --no-running.
 // Lives in tests/ only; never a product, demo or benchmark.
 #include <CLI/CLI.hpp>
 #include <unistd.h>
@@ -40,9 +42,12 @@ using Clock = std::chrono::steady_clock;
 namespace {
 
 struct Pending {
-  Clock::time_point due;
+  Clock::time_point due;  // once begun
   BrokerMessage job;
   std::vector<zmq::message_t> frames;
+  Clock::duration runs{};  // how long it takes once begun
+  uint64_t seq = 0;        // arrival order
+  bool begun = false;
 };
 
 class ModuleSet {
@@ -83,6 +88,12 @@ int main(int argc, char** argv) {
   app.add_option("--module-slots", module_slots);
   app.add_option("--heartbeat-ms", heartbeat_ms);
   app.add_option("--delay-us", delay_us, "Time each job takes");
+  uint32_t streams = 0;
+  app.add_option("--streams", streams,
+                 "Jobs run at once, the others wait in arrival order (0: every job held)");
+  bool no_running = false;
+  app.add_flag("--no-running", no_running,
+               "Heartbeats do not name the jobs begun (as a worker of an earlier protocol)");
   std::string local_dir;
   app.add_option("--local-dir", local_dir, "The broker's local directory (local buffers)");
   std::string server_key, key;
@@ -215,6 +226,24 @@ int main(int argc, char** argv) {
   ready();
   ModuleSet modules(module_slots);
   std::vector<Pending> pending;
+  uint64_t next_seq = 0;
+  // Begins waiting jobs, oldest first, while fewer than --streams run.
+  auto begin_waiting = [&] {
+    for (;;) {
+      size_t running = 0;
+      Pending* oldest = nullptr;
+      for (Pending& p : pending) {
+        if (p.begun) {
+          ++running;
+        } else if (!oldest || p.seq < oldest->seq) {
+          oldest = &p;
+        }
+      }
+      if (!oldest || (streams && running >= streams)) return;
+      oldest->begun = true;
+      oldest->due = Clock::now() + oldest->runs;
+    }
+  };
   auto last_heard = Clock::now();
   auto next_beat = Clock::now();
   const Limits limits = Limits::ForWorkers();
@@ -245,7 +274,7 @@ int main(int argc, char** argv) {
     // Awake for the next job due, so that a job's time is what it asked.
     auto wait = std::chrono::milliseconds(5);
     for (const Pending& p : pending) {
-      if (p.job.entry.rfind("hang", 0) == 0) continue;  // never due
+      if (!p.begun || p.job.entry.rfind("hang", 0) == 0) continue;  // never due
       const auto left = std::chrono::ceil<std::chrono::milliseconds>(p.due - Clock::now());
       wait = std::max(std::chrono::milliseconds(0), std::min(wait, left));
     }
@@ -261,6 +290,12 @@ int main(int argc, char** argv) {
       hb.inflight = static_cast<uint32_t>(pending.size());
       hb.token = token;
       hb.health = health();
+      if (!no_running) {
+        hb.running.emplace();
+        for (const Pending& p : pending) {
+          if (p.begun) hb.running->push_back({p.job.id, p.job.attempt});
+        }
+      }
       const std::string h = EncodeWorkerMessage(hb);
       std::vector<zmq::message_t> frames;
       frames.emplace_back(kWorkerProtocol.data(), kWorkerProtocol.size());
@@ -326,11 +361,11 @@ int main(int argc, char** argv) {
           }
           m.entry = m.launches.back().entry;
         }
-        Pending p{Clock::now() + std::chrono::microseconds(delay_us), m, std::move(frames)};
-        if (m.entry.rfind("slow", 0) == 0) p.due += std::chrono::milliseconds(100);
+        Pending p{{}, m, std::move(frames), std::chrono::microseconds(delay_us), next_seq++};
+        if (m.entry.rfind("slow", 0) == 0) p.runs += std::chrono::milliseconds(100);
         // "msN...": runs N milliseconds.
         if (m.entry.rfind("ms", 0) == 0) {
-          p.due += std::chrono::milliseconds(std::atoi(m.entry.c_str() + 2));
+          p.runs += std::chrono::milliseconds(std::atoi(m.entry.c_str() + 2));
         }
         if (m.entry.rfind("crash", 0) == 0) _exit(3);
         if (!missing.empty()) p.job.entry = "!module " + missing + " was never sent";
@@ -338,9 +373,10 @@ int main(int argc, char** argv) {
       }
     }
     // Finish what is due.
+    begin_waiting();
     for (size_t i = 0; i < pending.size();) {
       Pending& p = pending[i];
-      if (p.job.entry.rfind("hang", 0) == 0 || Clock::now() < p.due) {
+      if (!p.begun || p.job.entry.rfind("hang", 0) == 0 || Clock::now() < p.due) {
         ++i;
         continue;
       }
@@ -465,6 +501,7 @@ int main(int argc, char** argv) {
       if (i + 1 != pending.size()) std::swap(pending[i], pending.back());
       pending.pop_back();
     }
+    begin_waiting();
     flush();
   }
 }

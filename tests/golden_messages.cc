@@ -515,6 +515,7 @@ std::vector<GoldenMessage> GoldenMessages() {
     m.free_bytes = 84000000000ull;
     m.inflight = 3;
     m.token = "9f2c4e6a8b0d1f3e5a7c9e1b3d5f7a90";
+    m.running = std::vector<WorkerMessage::Running>{{41, 1}, {43, 2}};
     g.push_back({"worker_heartbeat_liveness", m, {}});
   }
   {

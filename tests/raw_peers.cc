@@ -97,10 +97,11 @@ void RawWorker::Send(const schema::WorkerMessage& m, const std::vector<std::stri
   SendStrings(socket_, frames);
 }
 
-void RawWorker::Heartbeat() {
+void RawWorker::Heartbeat(std::optional<std::vector<schema::WorkerMessage::Running>> running) {
   schema::WorkerMessage m;
   m.op = schema::WorkerOp::kHeartbeat;
   m.free_bytes = 1ull << 34;
+  m.running = std::move(running);
   Send(m);
 }
 

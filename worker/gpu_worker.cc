@@ -1230,6 +1230,13 @@ void GpuWorker::Impl::Heartbeat() {
   hb.inflight = static_cast<uint32_t>(inflight_.size());
   hb.token = token_;
   if (health_) hb.health = health_->Sample();
+  // The jobs an executor has begun: the broker's backstop for run-time
+  // limits counts from there, not from the dispatch (a job may wait here
+  // behind others for longer than its limit).
+  hb.running.emplace();
+  for (const auto& [key, t] : inflight_) {
+    if (t->started_ns.load()) hb.running->push_back({key.first, key.second});
+  }
   const std::string h = schema::EncodeWorkerMessage(hb);
   try {
     live_.send(zmq::buffer(schema::kWorkerProtocol), zmq::send_flags::sndmore);
