@@ -98,13 +98,23 @@ class ClockBrokerTest : public ::testing::Test {
     }
     ADD_FAILURE() << "the broker did not take " << uuid << "'s heartbeat";
   }
+  // Job `id` of raw worker `w` ends with `timeout`, and `w` is given up.
+  void ExpectTimedOutAndGivenUp(uint64_t id, RawWorker& w) {
+    JobResult r = WaitEnded(id);
+    EXPECT_EQ(r.state, JobState::kFailed);
+    EXPECT_EQ(r.code, Code::kTimeout) << r.error;
+    auto bye = w.Receive();
+    ASSERT_TRUE(bye);
+    EXPECT_EQ(bye->header.op, BrokerOp::kDisconnect);
+  }
+  using Running = std::vector<schema::WorkerMessage::Running>;
   JobResult WaitEnded(uint64_t id) {
     return WaitFor(id, [](const JobResult& r) { return schema::IsTerminal(r.state); });
   }
   std::unique_ptr<RawWorker> Worker(const std::string& arch = "sm_90",
-                                    const std::string& uuid = "GPU-raw") {
+                                    const std::string& uuid = "GPU-raw", uint32_t slots = 1) {
     auto w = std::make_unique<RawWorker>(broker_->worker_endpoint());
-    w->Ready(arch, 1, uuid);
+    w->Ready(arch, slots, uuid);
     // Registered once the broker lists it.
     for (int i = 0; i < 1000; ++i) {
       auto d = client_->Devices();
@@ -240,12 +250,7 @@ TEST_F(ClockBrokerTest, TheBrokerEndsAJobPastItsLimitAndLosesItsWorker) {
   WaitHeard("GPU-raw");
   clock_.Advance(std::chrono::seconds(12));
   w->Heartbeat();
-  JobResult r = WaitEnded(*id);
-  EXPECT_EQ(r.state, JobState::kFailed);
-  EXPECT_EQ(r.code, Code::kTimeout) << r.error;
-  auto bye = w->Receive();
-  ASSERT_TRUE(bye);
-  EXPECT_EQ(bye->header.op, BrokerOp::kDisconnect);
+  ExpectTimedOutAndGivenUp(*id, *w);
 }
 
 // A worker that holds more jobs than it runs at once (slots over streams)
@@ -255,10 +260,7 @@ TEST_F(ClockBrokerTest, TheBrokerEndsAJobPastItsLimitAndLosesItsWorker) {
 // has begun has each limit counted from there.
 TEST_F(ClockBrokerTest, AJobThatWaitedInItsWorkerHasItsLimitCountedFromItsBeginning) {
   Start();  // heartbeats 10 s: the grace past a limit is 30 s
-  using Running = std::vector<schema::WorkerMessage::Running>;
-  auto w = std::make_unique<RawWorker>(broker_->worker_endpoint());
-  w->Ready("sm_90", /*slots=*/2, "GPU-raw");
-  WaitHeard("GPU-raw");
+  auto w = Worker("sm_90", "GPU-raw", /*slots=*/2);
   JobRequest j = Job();
   j.spec.time_limit_ms = 20000;
   auto a = client_->Submit(j);
@@ -308,12 +310,7 @@ TEST_F(ClockBrokerTest, AJobThatWaitedInItsWorkerHasItsLimitCountedFromItsBeginn
   EXPECT_EQ(client_->GetStatus(*c)->state, JobState::kDispatched);
   clock_.Advance(std::chrono::seconds(20));  // 60 s since it began
   w->Heartbeat(Running{{*c, jc->header.attempt}});
-  JobResult rc = WaitEnded(*c);
-  EXPECT_EQ(rc.state, JobState::kFailed);
-  EXPECT_EQ(rc.code, Code::kTimeout) << rc.error;
-  auto bye = w->Receive();
-  ASSERT_TRUE(bye);
-  EXPECT_EQ(bye->header.op, BrokerOp::kDisconnect);
+  ExpectTimedOutAndGivenUp(*c, *w);
 }
 
 // A worker that names the jobs it has begun, holds jobs, and begins and ends
@@ -321,10 +318,7 @@ TEST_F(ClockBrokerTest, AJobThatWaitedInItsWorkerHasItsLimitCountedFromItsBeginn
 // given up; its jobs did not run, and are queued again, not failed.
 TEST_F(ClockBrokerTest, AWorkerThatBeginsNoJobItHoldsIsGivenUp) {
   Start();
-  using Running = std::vector<schema::WorkerMessage::Running>;
-  auto w = std::make_unique<RawWorker>(broker_->worker_endpoint());
-  w->Ready("sm_90", /*slots=*/2, "GPU-raw");
-  WaitHeard("GPU-raw");
+  auto w = Worker("sm_90", "GPU-raw", /*slots=*/2);
   JobRequest j = Job();
   j.spec.time_limit_ms = 20000;
   auto a = client_->Submit(j);

@@ -159,6 +159,33 @@ class BrokerTest : public ::testing::Test {
     return false;
   }
 
+  // The broker restarted with 1 s heartbeats and one raw worker; a new
+  // client's Job("k", input, out) taken by that worker, for the test to
+  // answer. `job` is empty (check it) when something on the way failed.
+  struct Taken {
+    std::unique_ptr<RawWorker> worker;
+    std::unique_ptr<Client> client;
+    uint64_t id = 0;
+    std::optional<RawWorker::Message> job;
+  };
+  Taken TakeOneJob(const std::string& input, uint64_t out = 16) {
+    Taken t;
+    if (!StartBroker({"--heartbeat-ms", "1000"})) {
+      ADD_FAILURE() << Log();
+      return t;
+    }
+    t.worker = std::make_unique<RawWorker>(broker_->worker_endpoint());
+    t.worker->Ready();
+    t.client = Connect();
+    if (!t.client || !WaitForWorkers(*t.client, 1)) return t;
+    auto id = t.client->Submit(Job("k", input, out));
+    if (!id.ok()) return t;
+    t.id = *id;
+    t.job = t.worker->Receive();
+    if (t.job && t.job->header.op != schema::BrokerOp::kJob) t.job.reset();
+    return t;
+  }
+
   std::string Log() { return ReadFile(dir_.File("gpuqd.log")); }
   std::string LocalDir() { return broker_->store() + ".blobs"; }
 

@@ -283,20 +283,13 @@ TEST_F(BrokerTest, AWorkerThatRegistersAgainConvictsNoJob) {
 }
 
 TEST_F(BrokerTest, AResultWithoutEveryOutputIsRefused) {
-  ASSERT_TRUE(StartBroker({"--heartbeat-ms", "1000"})) << Log();
-  RawWorker w(broker_->worker_endpoint());
-  w.Ready();
-  auto c = Connect();
-  ASSERT_TRUE(WaitForWorkers(*c, 1));
-  auto id = c->Submit(Job("k", "abc", 16));
-  ASSERT_TRUE(id.ok());
-  auto job = w.Receive();
-  ASSERT_TRUE(job && job->header.op == BrokerOp::kJob);
-  w.Done(*job, 'r', /*drop=*/1);  // the out buffer is missing
-  auto refused = w.Receive(Millis(2000));
+  Taken t = TakeOneJob("abc");
+  ASSERT_TRUE(t.job);
+  t.worker->Done(*t.job, 'r', /*drop=*/1);  // the out buffer is missing
+  auto refused = t.worker->Receive(Millis(2000));
   ASSERT_TRUE(refused);
   EXPECT_EQ(refused->header.op, BrokerOp::kError);
-  JobResult r = WaitEnded(*c, *id);
+  JobResult r = WaitEnded(*t.client, t.id);
   EXPECT_EQ(r.state, JobState::kFailed) << "done without its buffers";
   EXPECT_EQ(r.code, Code::kInternal);
   EXPECT_NE(r.error.find("output"), std::string::npos) << r.error;
@@ -306,27 +299,20 @@ TEST_F(BrokerTest, AFailedResultCarriesNoOutputs) {
   // A worker whose copy back failed half way sent the outputs it had: bytes
   // of a failed job, unchecked against the job's arguments, were served as
   // its result. A failed result is its code and error only.
-  ASSERT_TRUE(StartBroker({"--heartbeat-ms", "1000"})) << Log();
-  RawWorker w(broker_->worker_endpoint());
-  w.Ready();
-  auto c = Connect();
-  ASSERT_TRUE(WaitForWorkers(*c, 1));
-  auto id = c->Submit(Job("k", "abc", 16));
-  ASSERT_TRUE(id.ok());
-  auto job = w.Receive();
-  ASSERT_TRUE(job && job->header.op == BrokerOp::kJob);
+  Taken t = TakeOneJob("abc");
+  ASSERT_TRUE(t.job);
   schema::WorkerMessage r;
   r.op = schema::WorkerOp::kResult;
-  r.id = job->header.id;
-  r.attempt = job->header.attempt;
+  r.id = t.job->header.id;
+  r.attempt = t.job->header.attempt;
   r.state = JobState::kFailed;
   r.code = Code::kLaunchError;
   r.error = "copying outputs from the device: failed";
   r.outputs = {0, 1};  // argument 1 is a scalar: not an output at all
-  w.Send(r, {"half", "junk"});
+  t.worker->Send(r, {"half", "junk"});
   // Pushed as it ends, and fetched from the store after.
   for (bool fetch : {false, true}) {
-    auto got = fetch ? c->Fetch(*id) : c->Wait(*id, Millis(10000));
+    auto got = fetch ? t.client->Fetch(t.id) : t.client->Wait(t.id, Millis(10000));
     ASSERT_TRUE(got.ok()) << got.status().ToString();
     EXPECT_EQ(got->state, JobState::kFailed);
     EXPECT_EQ(got->code, Code::kLaunchError);
