@@ -169,6 +169,16 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--compile-memory-mb", compile_memory_mb, "Memory bound of a compile")
       ->capture_default_str();
+  app.add_option("--module-memory-mib", o.sessions.module_memory_mib,
+                 "Device memory a module may take when loaded, its __device__ variables and "
+                 "code (MiB; 0: no limit), in the workers gpuqd starts and in session processes")
+      ->check(CLI::Range(uint64_t{0}, uint64_t{1} << 30))
+      ->capture_default_str();
+  app.add_option("--local-memory-mib", o.sessions.local_memory_mib,
+                 "Local memory a kernel may need over all the threads the GPU holds at once "
+                 "(MiB; 0: no limit), in the workers gpuqd starts and in session processes")
+      ->check(CLI::Range(uint64_t{0}, uint64_t{1} << 30))
+      ->capture_default_str();
   app.add_option("--workers", workers,
                  "GPU workers to start and supervise: -1 one per visible GPU, 0 none")
       ->capture_default_str();
@@ -270,7 +280,11 @@ int main(int argc, char** argv) {
   gpuq::worker::WorkerSupervisor supervisor((*broker)->worker_endpoint(), worker_bin,
                                             heartbeat_ms,
                                             {"--spin-us", std::to_string(spin_us),
-                                             "--local-dir", (*broker)->local_dir()});
+                                             "--local-dir", (*broker)->local_dir(),
+                                             "--module-memory-mib",
+                                             std::to_string(o.sessions.module_memory_mib),
+                                             "--local-memory-mib",
+                                             std::to_string(o.sessions.local_memory_mib)});
   if (workers != 0) supervisor.Start(workers);
   (*broker)->ExpectWorkers(std::max<size_t>(expect_workers, supervisor.started()));
 

@@ -203,7 +203,9 @@ StatusOr<SessionServer::Host*> SessionServer::Start(const std::string& tenant,
                                    "--spin-us", std::to_string(limits_.spin.count()),
                                    "--max-data-mb", std::to_string(limits_.max_data_mb),
                                    "--max-attach-mb", std::to_string(limits_.max_attach_mb),
-                                   "--max-kernels", std::to_string(limits_.max_kernels)};
+                                   "--max-kernels", std::to_string(limits_.max_kernels),
+                                   "--module-memory-mib", std::to_string(limits_.module_memory_mib),
+                                   "--local-memory-mib", std::to_string(limits_.local_memory_mib)};
   std::vector<char*> argv;
   for (auto& a : args) argv.push_back(a.data());
   argv.push_back(nullptr);

@@ -181,8 +181,8 @@ class FakeSessionDevice : public SessionDevice {
 int main(int argc, char** argv) {
   return SessionProcessMain(
       argc, argv,
-      [](const std::string& uuid,
-         std::chrono::microseconds) -> StatusOr<std::unique_ptr<SessionDevice>> {
+      [](const std::string& uuid, std::chrono::microseconds,
+         const ModuleBounds&) -> StatusOr<std::unique_ptr<SessionDevice>> {
         return std::unique_ptr<SessionDevice>(std::make_unique<FakeSessionDevice>(uuid));
       });
 }

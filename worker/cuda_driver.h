@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "util/status.h"
+#include "worker/module_image.h"
 
 namespace gpuq::worker {
 
@@ -49,17 +50,6 @@ struct CudaDriver {
 // driver cannot say (a driver before CUDA 12.4).
 std::optional<std::vector<size_t>> ParamSizes(const CudaDriver& cu, CUfunction fn);
 
-// Device memory that a module and its kernels take beyond the buffers of
-// the jobs and sessions that use them (worker/module_image.h): the
-// module's variables and code, allocated when it loads, and the local
-// memory (per-thread stack and arrays) the driver reserves for every
-// thread the device can hold at once, kept grown after the kernel that
-// needed it. Each is bounded; 0 means no bound.
-struct ModuleBounds {
-  uint64_t module_bytes = 64ull << 20;
-  uint64_t local_bytes = 4ull << 30;
-  uint64_t resident_threads = 0;  // multiprocessors × threads each; 0: not checked
-};
 
 // The threads `dev` holds at once: its multiprocessors × threads each.
 uint64_t ResidentThreads(const CudaDriver& cu, CUdevice dev);

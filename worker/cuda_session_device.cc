@@ -396,8 +396,9 @@ class CudaPinned : public SessionPinned {
 class CudaDevice : public SessionDevice {
  public:
   CudaDevice(std::shared_ptr<const CudaDriver> cu, CUdevice dev, CUcontext ctx,
-             schema::DeviceInfo info, std::chrono::microseconds spin)
-      : cu_(std::move(cu)), dev_(dev), ctx_(ctx), info_(std::move(info)), spin_(spin) {
+             schema::DeviceInfo info, std::chrono::microseconds spin, const ModuleBounds& bounds)
+      : cu_(std::move(cu)), dev_(dev), ctx_(ctx), info_(std::move(info)), spin_(spin),
+        bounds_(bounds) {
     bounds_.resident_threads = ResidentThreads(*cu_, dev_);
   }
   ~CudaDevice() override { (void)cu_->cuDevicePrimaryCtxRelease(dev_); }
@@ -470,7 +471,7 @@ class CudaDevice : public SessionDevice {
 
 StatusOr<std::unique_ptr<SessionDevice>> OpenCudaSessionDevice(
     std::shared_ptr<const CudaDriver> cu, const std::string& uuid,
-    std::chrono::microseconds spin) {
+    std::chrono::microseconds spin, const ModuleBounds& bounds) {
   int count = 0;
   GPUQ_CU_CHECK(*cu, cuDeviceGetCount(&count), Code::kUnavailable);
   for (int i = 0; i < count; ++i) {
@@ -483,7 +484,7 @@ StatusOr<std::unique_ptr<SessionDevice>> OpenCudaSessionDevice(
     (void)cu->cuCtxSetCurrent(ctx);
     (void)KeepPoolMemory(*cu, dev);
     return std::unique_ptr<SessionDevice>(
-        std::make_unique<CudaDevice>(std::move(cu), dev, ctx, std::move(*info), spin));
+        std::make_unique<CudaDevice>(std::move(cu), dev, ctx, std::move(*info), spin, bounds));
   }
   return Status(Code::kNotFound, "no GPU " + uuid + " on this host");
 }

@@ -9,10 +9,11 @@
 int main(int argc, char** argv) {
   using namespace gpuq::worker;
   return SessionProcessMain(argc, argv, [](const std::string& uuid,
-                                           std::chrono::microseconds spin)
+                                           std::chrono::microseconds spin,
+                                           const ModuleBounds& bounds)
                                             -> gpuq::StatusOr<std::unique_ptr<SessionDevice>> {
     auto cu = LoadCudaDriver();
     if (!cu.ok()) return cu.status();
-    return OpenCudaSessionDevice(*cu, uuid, spin);
+    return OpenCudaSessionDevice(*cu, uuid, spin, bounds);
   });
 }

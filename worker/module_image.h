@@ -18,6 +18,18 @@
 
 namespace gpuq::worker {
 
+// Device memory that a module and its kernels take beyond the buffers of
+// the jobs and sessions that use them (below): the
+// module's variables and code, allocated when it loads, and the local
+// memory (per-thread stack and arrays) the driver reserves for every
+// thread the device can hold at once, kept grown after the kernel that
+// needed it. Each is bounded; 0 means no bound.
+struct ModuleBounds {
+  uint64_t module_bytes = 64ull << 20;
+  uint64_t local_bytes = 4ull << 30;
+  uint64_t resident_threads = 0;  // multiprocessors × threads each; 0: not checked
+};
+
 // The bytes of device memory the image's loadable sections span: every
 // section the loader allocates (SHF_ALLOC: code, constant banks, global
 // variables initialized or not), each to the end of its furthest symbol,

@@ -1712,11 +1712,22 @@ int SessionProcessMain(int argc, char** argv, const OpenSessionDevice& open) {
   app.add_option("--max-attach-mb", max_attach_mb, "host memory a session may attach");
   app.add_option("--max-kernels", o.max_modules, "kernels kept loaded, oldest unheld dropped")
       ->check(CLI::Range(size_t{1}, size_t{1} << 20));
+  ModuleBounds bounds;
+  uint64_t module_mib = bounds.module_bytes >> 20, local_mib = bounds.local_bytes >> 20;
+  app.add_option("--module-memory-mib", module_mib,
+                 "device memory a module may take when loaded (MiB; 0: no limit)")
+      ->check(CLI::Range(uint64_t{0}, uint64_t{1} << 30));
+  app.add_option("--local-memory-mib", local_mib,
+                 "local memory a kernel may need over all the threads the GPU holds (MiB; 0: "
+                 "no limit)")
+      ->check(CLI::Range(uint64_t{0}, uint64_t{1} << 30));
   CLI11_PARSE(app, argc, argv);
+  bounds.module_bytes = module_mib << 20;
+  bounds.local_bytes = local_mib << 20;
   o.max_attach = max_attach_mb << 20;
   o.spin = std::chrono::microseconds(spin_us);
   o.max_data = static_cast<size_t>(max_data_mb) << 20;
-  auto device = open(uuid, o.spin);
+  auto device = open(uuid, o.spin, bounds);
   if (!device.ok()) {
     spdlog::error("session process: {}", device.status().ToString());
     return kExitNoDevice;

@@ -17,6 +17,7 @@
 #include <memory>
 #include <string>
 
+#include "worker/module_image.h"
 #include "worker/session_device.h"
 
 namespace gpuq::worker {
@@ -45,11 +46,11 @@ class SessionHost {
 };
 
 // A session process's main: its command line (--control-fd, --socket,
-// --tenant, --device, --spin-us, --max-data-mb, --max-attach-mb, --max-kernels, as the
-// broker starts it),
-// its device from `open`, and Run(). Returns the exit code.
+// --tenant, --device, --spin-us, --max-data-mb, --max-attach-mb, --max-kernels,
+// --module-memory-mib, --local-memory-mib, as the broker starts it), its device
+// from `open`, and Run(). Returns the exit code.
 using OpenSessionDevice = std::function<StatusOr<std::unique_ptr<SessionDevice>>(
-    const std::string& uuid, std::chrono::microseconds spin)>;
+    const std::string& uuid, std::chrono::microseconds spin, const ModuleBounds& bounds)>;
 int SessionProcessMain(int argc, char** argv, const OpenSessionDevice& open);
 
 }  // namespace gpuq::worker

@@ -48,12 +48,13 @@ class GpuFixture : public ::testing::Test {
   }
 
  protected:
-  // gpuqd with `workers` (its --workers: "-1" one per visible GPU, "1" one).
-  static void StartBroker(const std::string& workers) {
+  // gpuqd with `workers` (its --workers: "-1" one per visible GPU, "1" one),
+  // and `extra` options.
+  static void StartBroker(const std::string& workers, std::vector<std::string> extra = {}) {
     if (!HaveGpu()) return;
     workers_ = workers == "-1" ? static_cast<size_t>(GpuCount()) : std::stoul(workers);
     dir_ = new TempDir();
-    broker_ = new BrokerProcess(dir_->path(), {}, workers);
+    broker_ = new BrokerProcess(dir_->path(), std::move(extra), workers);
     ASSERT_TRUE(broker_->Start()) << ReadFile(dir_->File("gpuqd.log"));
   }
   static void StopBroker() {

@@ -15,6 +15,7 @@ namespace gpuq::testing {
 namespace {
 
 using schema::Arg;
+using schema::JobState;
 
 class SessionsGpuTest : public GpuFixture {
  protected:
@@ -334,6 +335,46 @@ extern "C" __global__ void touch(unsigned* out) { big[(1ull << 34) - 1] = 7; *ou
   ASSERT_TRUE(got.ok()) << got.status().ToString();
   std::vector<float> twos(16, 2.0f);
   EXPECT_EQ(*got, std::string(reinterpret_cast<const char*>(twos.data()), 64));
+}
+
+// gpuqd's module bound reaches the workers it starts and the session
+// processes: 1 MiB refuses a module of a 2 MiB __device__ array in a job and
+// in a session (the session process kept its default of 64 MiB, and gpuqd
+// had no such option).
+class SessionsBoundGpuTest : public SessionsGpuTest {
+ protected:
+  static void SetUpTestSuite() { StartBroker("1", {"--module-memory-mib", "1"}); }
+  static void TearDownTestSuite() { StopBroker(); }
+};
+
+TEST_F(SessionsBoundGpuTest, GpuqdsModuleBoundReachesItsWorkersAndSessionProcesses) {
+  const std::string source = R"(
+__device__ char big[2 << 20];
+extern "C" __global__ void touch(unsigned* out) { big[(2 << 20) - 1] = 7; *out = big[(2 << 20) - 1]; }
+)";
+  const char* kSaid = "over the limit of 1 MiB per module";
+  JobRequest j = Kernel(source, "touch", {1, 1, 1}, {1, 1, 1});
+  j.spec.args = {Arg::Out(4)};
+  JobResult job = Run(j);
+  EXPECT_EQ(job.state, JobState::kFailed);
+  EXPECT_EQ(job.code, Code::kResourceExhausted) << job.error;
+  EXPECT_NE(job.error.find(kSaid), std::string::npos) << job.error;
+  auto s = Open("module-bound-1mib");
+  ASSERT_TRUE(s);
+  auto y = s->Alloc(4);
+  ASSERT_TRUE(y.ok());
+  SessionLaunch l = L("touch", 1, {Arg::Ref(*y)});
+  l.kernel.source = source;
+  auto r = s->Launch(l);
+  EXPECT_EQ(r.status().code(), Code::kResourceExhausted) << r.status().ToString();
+  EXPECT_NE(r.status().message().find(kSaid), std::string::npos) << r.status().ToString();
+  // Under the bound, the session serves on.
+  ASSERT_TRUE(s->Fill(*y, 0, 4, 0).ok());
+  ASSERT_TRUE(s->Launch(L("scale_add", 1, {Arg::Ref(*y), Arg::F32(1), Arg::F32(2), Arg::U32(1)})).ok());
+  auto got = s->Read(*y, 0, 4);
+  ASSERT_TRUE(got.ok()) << got.status().ToString();
+  const float two = 2.0f;
+  EXPECT_EQ(*got, std::string(reinterpret_cast<const char*>(&two), 4));
 }
 
 TEST_F(SessionsGpuTest, AFaultInOneTenantsSessionLeavesAnotherTenantsIntact) {
