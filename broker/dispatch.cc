@@ -199,6 +199,11 @@ bool BrokerCore::Eligible(Job& job, const Worker& w) {
     for (const JobInput& in : job.inputs) {
       if (!in.in_memory) return false;
     }
+    // Nor a keyed job that writes a region: its key may turn out, in the
+    // commit, to be an earlier job's that the broker no longer holds; the
+    // submit then answers that job, and this one must not have written the
+    // client's memory (PROTOCOL.md, "submit": `key`).
+    if (job.region_writes && !job.key.empty()) return false;
   }
   // Its last requeue's count has not committed: dispatched now and again
   // after a crash, two attempts could share a number (Job::attempts_stored).

@@ -157,6 +157,10 @@ int main(int argc, char** argv) {
                  "Kernels a session process keeps loaded that no session holds (oldest dropped)")
       ->check(CLI::Range(uint64_t{1}, uint64_t{1} << 20))
       ->capture_default_str();
+  app.add_option("--session-buffers", o.sessions.max_buffers,
+                 "Buffers a session holds at once")
+      ->check(CLI::Range(uint64_t{1}, uint64_t{1} << 24))
+      ->capture_default_str();
   int64_t session_limit_ms = -1;
   app.add_option("--session-time-limit-ms", session_limit_ms,
                  "A session launch's run-time limit where its session names none (default: "

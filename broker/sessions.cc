@@ -204,6 +204,7 @@ StatusOr<SessionServer::Host*> SessionServer::Start(const std::string& tenant,
                                    "--max-data-mb", std::to_string(limits_.max_data_mb),
                                    "--max-attach-mb", std::to_string(limits_.max_attach_mb),
                                    "--max-kernels", std::to_string(limits_.max_kernels),
+                                   "--max-buffers", std::to_string(limits_.max_buffers),
                                    "--module-memory-mib", std::to_string(limits_.module_memory_mib),
                                    "--local-memory-mib", std::to_string(limits_.local_memory_mib)};
   std::vector<char*> argv;

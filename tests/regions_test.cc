@@ -196,6 +196,39 @@ TEST_F(RegionsTest, TwoUnfinishedJobsNeverWriteTheSameBytes) {
   ASSERT_TRUE(c->Wait(*reader)->ok());
 }
 
+// A job that writes a region, submitted with a key and submitted again:
+// while it ran, the retry was refused (its own ranges "overlapped"); after
+// it ended, the retry ran a second time and wrote the client's memory again
+// before the store found the key taken. Both times the retry is the first
+// job, and the bytes are written once.
+TEST_F(RegionsTest, AKeyedJobThatWritesARegionRunsOnceWhateverItsRetries) {
+  ASSERT_TRUE(StartBroker({"--heartbeat-ms", "1000"})) << Log();  // as above
+  AddLocalWorker({"--heartbeat-ms", "1000"});
+  auto c = Connect();
+  ASSERT_TRUE(WaitForWorkers(*c, 1));
+  auto region = c->NewRegion(4096);
+  ASSERT_TRUE(region.ok()) << region.status().ToString();
+  Region& r = **region;
+  JobRequest j = RegionJob({r.InOut(0, 16)}, "slow");
+  j.spec.key = "write-once";
+  auto first = c->Submit(j);
+  ASSERT_TRUE(first.ok()) << first.status().ToString();
+  auto during = c->Submit(j);
+  ASSERT_TRUE(during.ok()) << during.status().ToString();
+  EXPECT_EQ(*during, *first);
+  auto done = c->Wait(*first);
+  ASSERT_TRUE(done.ok() && done->ok());
+  for (int round = 0; round < 3; ++round) {
+    auto after = c->Submit(j);
+    ASSERT_TRUE(after.ok()) << after.status().ToString();
+    EXPECT_EQ(*after, *first);
+  }
+  // A second run would be over by now (the test double's "slow" takes
+  // 100 ms), and would have added 1 to each byte again.
+  std::this_thread::sleep_for(std::chrono::milliseconds(500));
+  for (int i = 0; i < 16; ++i) ASSERT_EQ(r.data()[i], 1) << "byte " << i << " written twice";
+}
+
 TEST_F(RegionsTest, AnotherTenantsRegionIsNoRegionAtAll) {
   auto c = Connect();
   auto region = c->NewRegion(4096, "alice");

@@ -275,10 +275,10 @@ TEST_P(SessionsPathTest, BuffersStayBetweenLaunchesAndEachAnswerComesInOrder) {
   ASSERT_EQ(rows.size(), 1u);
   EXPECT_EQ(rows[0]["session"].get<uint64_t>(), (*s)->id());
   EXPECT_EQ(rows[0]["gpu"].get<std::string>(), (*s)->device());
-  for (int i = 0; i < 200 && Sessions()[0]["held"].get<uint64_t>() != 1600; ++i) {
+  for (int i = 0; i < 200 && Sessions()[0]["held"].get<uint64_t>() != 2048; ++i) {
     std::this_thread::sleep_for(std::chrono::milliseconds(10));
   }
-  EXPECT_EQ(Sessions()[0]["held"].get<uint64_t>(), 1600u);
+  EXPECT_EQ(Sessions()[0]["held"].get<uint64_t>(), 2048u);  // 1000 and 600, each rounded up to 512
   EXPECT_EQ(rows[0]["relayed"].get<bool>(), through_broker_) << "how its client reaches it";
   auto stats = client_->Stats();
   ASSERT_TRUE(stats.ok());
@@ -310,7 +310,7 @@ TEST_P(SessionsPathTest, EveryMisuseGetsAClearErrorAndTheSessionGoesOn) {
   EXPECT_EQ(x.Alloc(0).status().code(), Code::kInvalid);
   auto over = x.Alloc((1 << 20) - 50);
   EXPECT_EQ(over.status().code(), Code::kResourceExhausted) << "over the session's memory";
-  EXPECT_NE(over.status().message().find("holds 100"), std::string::npos)
+  EXPECT_NE(over.status().message().find("holds 512"), std::string::npos)  // 100, rounded up
       << over.status().ToString();
   const std::string ten(10, 'x');
   EXPECT_EQ(x.Write(*a, 95, ten.data(), ten.size()).code(), Code::kInvalid) << "past the end";
@@ -550,6 +550,34 @@ TEST_F(SessionsTest, AnAttachedRegionsBytesGoToAndFromBuffers) {
   EXPECT_EQ(std::memcmp((*more)->data(), mem, 16), 0) << "the bytes copied before the detach";
   ASSERT_TRUE(x.Close().ok());
   EXPECT_EQ(x.Attach(**region).status().code(), Code::kSessionLost);
+}
+
+// A buffer of one byte takes 512 on the device: counted by size alone, a
+// session of 1 MiB held a million of them, hundreds of times its memory;
+// nor was the number of buffers bounded.
+TEST_F(SessionsTest, SmallBuffersCountWhatTheDeviceTakesAndTheirNumberIsBounded) {
+  Start({"--session-buffers", "3000"});
+  auto s = Open("", {}, 1 << 20);
+  ASSERT_TRUE(s.ok()) << s.status().ToString() << Log();
+  std::vector<uint32_t> held;
+  for (int i = 0; i < 2048; ++i) {
+    auto b = (*s)->Alloc(1);
+    ASSERT_TRUE(b.ok()) << i << ": " << b.status().ToString();
+    held.push_back(*b);
+  }
+  auto over = (*s)->Alloc(1);
+  EXPECT_EQ(over.status().code(), Code::kResourceExhausted) << "2049 x 512 bytes in 1 MiB";
+  ASSERT_TRUE((*s)->Free(held.back()).ok());
+  held.pop_back();
+  EXPECT_TRUE((*s)->Alloc(1).ok()) << "a freed buffer's 512 bytes are the session's again";
+  auto more = Open("", {}, 4 << 20);
+  ASSERT_TRUE(more.ok()) << more.status().ToString();
+  for (int i = 0; i < 3000; ++i) ASSERT_TRUE((*more)->Alloc(1).ok()) << i;
+  auto past = (*more)->Alloc(1);
+  EXPECT_EQ(past.status().code(), Code::kResourceExhausted) << "a 3001st buffer";
+  EXPECT_NE(past.status().message().find("3000 buffers"), std::string::npos)
+      << past.status().ToString();
+  EXPECT_TRUE((*s)->Alloc(0).status().code() == Code::kInvalid) << "the sessions go on";
 }
 
 TEST_F(SessionsTest, ATenantsSessionsAndTheirMemoryAreBounded) {

@@ -45,6 +45,11 @@ constexpr std::chrono::microseconds kRingSlice{20000};
 // slowly) is looked at again this often, instead of waited for.
 constexpr std::chrono::microseconds kWorkSlice{1000};
 constexpr size_t kMaxKernelRefs = 1024;  // kernel handles per session
+// What a buffer of `size` bytes counts against its session's memory: the
+// device's allocator takes at least 512 bytes for any buffer (a million
+// 1-byte buffers took 512 MiB), and a limit on sizes alone let a session
+// take hundreds of times its memory.
+constexpr uint64_t Charged(uint64_t size) { return (size + 511) / 512 * 512; }
 constexpr uint64_t kAnnounceEvery = 64;   // requests between end-word writes at most
 constexpr size_t kBatch = 32;             // requests decoded before they are handled
 // Past this many bytes of answers its client has not taken and of host
@@ -1082,12 +1087,19 @@ void SessionHost::Impl::Handle(Session& s, SessionMessage& m) {
     case SessionOp::kAlloc: {
       if (m.size == 0) return Answer(s, rid, Error(Code::kInvalid, "a buffer is at least 1 byte"));
       // Its launches' own buffers count until they are answered.
-      if (s.held + s.own > s.memory || m.size > s.memory - s.held - s.own) {
+      const uint64_t charged = Charged(m.size);
+      if (s.held + s.own > s.memory || charged > s.memory - s.held - s.own) {
         return Answer(s, rid, Error(Code::kResourceExhausted,
                                     "the session holds " + std::to_string(s.held + s.own) +
                                         " of its " + std::to_string(s.memory) + " bytes (" +
                                         std::to_string(s.own) + " in launches' own buffers); " +
-                                        std::to_string(m.size) + " more asked"));
+                                        std::to_string(charged) + " more asked (" +
+                                        std::to_string(m.size) + " rounded up to 512)"));
+      }
+      if (s.buffers.size() >= opt_.max_buffers) {
+        return Answer(s, rid, Error(Code::kResourceExhausted,
+                                    "the session holds " + std::to_string(s.buffers.size()) +
+                                        " buffers, the most it may"));
       }
       const uint32_t h = next_buffer_.fetch_add(1);
       if (h == 0 || s.buffers.count(h)) {
@@ -1096,7 +1108,7 @@ void SessionHost::Impl::Handle(Session& s, SessionMessage& m) {
       auto p = s.stream->Alloc(m.size, /*zeroed=*/true);
       if (!p.ok()) return Answer(s, rid, p.status());
       s.buffers[h] = Buffer{*p, m.size};
-      s.held += m.size;
+      s.held += charged;
       Entry e;
       e.reply.buffer = h;
       Done(s, rid, std::move(e));
@@ -1122,7 +1134,7 @@ void SessionHost::Impl::Handle(Session& s, SessionMessage& m) {
       auto b = buffer(m.buffer, 0, 0);
       if (!b.ok()) return Answer(s, rid, b.status());
       s.stream->Free(b->ptr);
-      s.held -= b->size;
+      s.held -= Charged(b->size);
       s.buffers.erase(m.buffer);
       Done(s, rid);
       Usage(s);
@@ -1712,6 +1724,8 @@ int SessionProcessMain(int argc, char** argv, const OpenSessionDevice& open) {
   app.add_option("--max-attach-mb", max_attach_mb, "host memory a session may attach");
   app.add_option("--max-kernels", o.max_modules, "kernels kept loaded, oldest unheld dropped")
       ->check(CLI::Range(size_t{1}, size_t{1} << 20));
+  app.add_option("--max-buffers", o.max_buffers, "buffers a session holds at once")
+      ->check(CLI::Range(size_t{1}, size_t{1} << 24));
   ModuleBounds bounds;
   uint64_t module_mib = bounds.module_bytes >> 20, local_mib = bounds.local_bytes >> 20;
   app.add_option("--module-memory-mib", module_mib,

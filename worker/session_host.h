@@ -30,6 +30,7 @@ struct SessionHostOptions {
   uint64_t max_attach = 4ull << 30;   // host memory attached to a session, in all
   std::chrono::microseconds spin{0};  // completion threads poll this long before sleeping
   size_t max_modules = 256;           // kernels kept loaded that no session holds, oldest dropped
+  size_t max_buffers = 65536;         // buffers a session holds at once
 };
 
 class SessionHost {

@@ -42,18 +42,6 @@ void Submit(BrokerCore& core, const RequestContext& ctx, schema::ClientRequest& 
   if (!spec.placement.arch.empty()) {
     if (gpuq::Status s = compile::ValidateArch(spec.placement.arch); !s.ok()) return reject(s);
   }
-  // Ranges of registered regions: the tenant's own, live, in bounds, and
-  // written by no other unfinished job (PROTOCOL.md, "Regions").
-  const bool regions = NamesRegions(spec);
-  if (regions) {
-    if (!core.LocalClients() || !core.region_server().listening()) {
-      return reject(Error(Code::kInvalid, "regions need the broker's ipc endpoint and its "
-                                          "local directory"));
-    }
-    if (gpuq::Status s = core.regions().Check(tenant, spec.buffer_list()); !s.ok()) {
-      return reject(s);
-    }
-  }
   if (!core.store_failure().ok()) {
     return reject(Error(core.store_failure().code(),
                         "the job store cannot write (" + core.store_failure().message() +
@@ -74,6 +62,20 @@ void Submit(BrokerCore& core, const RequestContext& ctx, schema::ClientRequest& 
       r.id = existing->id;
       r.existing = true;
       return (void)core.Reply(ctx, std::move(r));
+    }
+  }
+  // Ranges of registered regions: the tenant's own, live, in bounds, and
+  // written by no other unfinished job (PROTOCOL.md, "Regions"); after the
+  // key, so that a retry of a job that writes a range is answered with
+  // that job, not refused for the ranges it holds.
+  const bool regions = NamesRegions(spec);
+  if (regions) {
+    if (!core.LocalClients() || !core.region_server().listening()) {
+      return reject(Error(Code::kInvalid, "regions need the broker's ipc endpoint and its "
+                                          "local directory"));
+    }
+    if (gpuq::Status s = core.regions().Check(tenant, spec.buffer_list()); !s.ok()) {
+      return reject(s);
     }
   }
   uint64_t bytes = 0;
