@@ -230,6 +230,7 @@ StatusOr<SessionServer::Host*> SessionServer::Start(const std::string& tenant,
   h.pid = pid;
   h.control = std::move(mine);
   h.started = core_.clock().Now();
+  h.generation = next_generation_++;
   return &h;
 }
 
@@ -364,15 +365,15 @@ void SessionServer::OnMessage(const std::string& key, Host& h, SessionMessage& m
       req.options = m.kernel.options;
       if (m.kernel.name_expression) req.name_expressions = {m.kernel.entry};
       req.arch = h.arch;
-      const uint64_t rid = m.rid;
+      const uint64_t rid = m.rid, generation = h.generation;
       const std::string entry = m.kernel.entry;
       core_.compiler().Submit(
           std::move(req), h.tenant,
-          [this, key, rid, entry](const Digest&, StatusOr<compile::EntryPtr> result,
-                                  const compile::CompileInfo&) {
+          [this, key, generation, rid, entry](const Digest&, StatusOr<compile::EntryPtr> result,
+                                              const compile::CompileInfo&) {
             {
               MutexLock lock(&mu_);
-              compiled_.push_back(Compiled{key, rid, entry, std::move(result)});
+              compiled_.push_back(Compiled{key, generation, rid, entry, std::move(result)});
             }
             core_.Wake();
           });
@@ -394,7 +395,10 @@ void SessionServer::Tick() {
   }
   for (Compiled& c : done) {
     auto it = hosts_.find(c.host);
-    if (it == hosts_.end()) continue;
+    // Asked by a process that has ended since: a later one of the same
+    // tenant and GPU numbers its requests again, and would take this
+    // kernel for another it asked for.
+    if (it == hosts_.end() || it->second.generation != c.generation) continue;
     SessionMessage r;
     r.op = SessionOp::kModule;
     r.rid = c.rid;

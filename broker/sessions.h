@@ -106,6 +106,9 @@ class SessionServer {
     FrameWriter writer;
     std::set<uint64_t> sessions;
     MonoTime started;
+    // Which process of its key this is: a compile asked by an earlier one
+    // (whose rids a later one numbers again from 1) is not answered to it.
+    uint64_t generation = 0;
   };
   struct Session {
     uint64_t id = 0;
@@ -150,6 +153,7 @@ class SessionServer {
   };
   struct Compiled {
     std::string host;
+    uint64_t generation = 0;  // of the host that asked
     uint64_t rid = 0;
     std::string entry;
     StatusOr<compile::EntryPtr> result = Status(Code::kInternal, "not run");
@@ -209,6 +213,7 @@ class SessionServer {
   BrokerCore& core_;
   SessionLimits limits_;
   std::map<std::string, Host> hosts_;
+  uint64_t next_generation_ = 1;
   std::map<uint64_t, Session> sessions_;
   std::map<uint64_t, Relay> relays_;  // by session
   uint64_t relayed_calls_ = 0, relayed_bytes_ = 0;

@@ -580,6 +580,52 @@ TEST_F(SessionsTest, SmallBuffersCountWhatTheDeviceTakesAndTheirNumberIsBounded)
   EXPECT_TRUE((*s)->Alloc(0).status().code() == Code::kInvalid) << "the sessions go on";
 }
 
+// A compile asked by a session process that ends before it is answered is
+// not answered to the next process of the same tenant and GPU, which numbers
+// its compiles again from 1: that process's first kernel was the ended one's
+// (here `inc` ran in place of a kernel that does nothing).
+TEST_F(SessionsTest, ACompileAskedByAnEndedProcessIsNotAnsweredToTheNext) {
+  Start({"--compile-threads", "1"});  // the next process's compile waits behind it
+  Direct d;
+  OpenDirect(&d);
+  uint64_t buffer = 0;
+  AllocRaw(d.fd.get(), 16, &buffer);
+  // `inc` in a source that takes NVRTC a second or two (an unrolled loop).
+  schema::SessionMessage slow;
+  slow.op = schema::SessionOp::kLaunch;
+  slow.rid = 2;
+  slow.kernel.source =
+      "__device__ unsigned slow_fn(unsigned x) {\n"
+      "#pragma unroll\n"
+      "  for (int i = 0; i < 1500; ++i) x = (x * 1664525u + 1013904223u) ^ (x >> 7);\n"
+      "  return x;\n}\n"
+      "extern \"C\" __global__ void inc(unsigned char* p, unsigned n, unsigned v) {\n"
+      "  unsigned i = blockIdx.x * blockDim.x + threadIdx.x;\n"
+      "  if (i < n) p[i] += (unsigned char)v;\n"
+      "  if (n == 12345u) p[0] = (unsigned char)slow_fn(v);\n}\n";
+  slow.kernel.entry = "inc";
+  slow.launch.grid = slow.launch.block = {1, 1, 1};
+  slow.args = {Arg::Ref(static_cast<uint32_t>(buffer)), Arg::U32(16), Arg::U32(7)};
+  ASSERT_TRUE(WriteFrame(d.fd.get(), schema::EncodeSessionMessage(slow)).ok());
+  // Its process asks the broker for the kernel, and ends before the answer.
+  std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  ASSERT_EQ(kill(d.process, SIGKILL), 0);
+  ASSERT_TRUE(WaitSessions(0)) << Log();
+  auto s = Open();
+  ASSERT_TRUE(s.ok()) << s.status().ToString() << Log();
+  auto b = (*s)->Alloc(16);
+  ASSERT_TRUE(b.ok());
+  SessionLaunch nothing = Inc(*b, 16, 7);
+  nothing.kernel.source =
+      "extern \"C\" __global__ void other(unsigned char* p, unsigned n, unsigned v) {}\n";
+  nothing.kernel.entry = "other";
+  auto launched = (*s)->Launch(nothing);
+  ASSERT_TRUE(launched.ok()) << launched.status().ToString();
+  auto got = (*s)->Read(*b, 0, 16);
+  ASSERT_TRUE(got.ok()) << got.status().ToString();
+  EXPECT_EQ(*got, std::string(16, '\0')) << "another process's kernel ran";
+}
+
 TEST_F(SessionsTest, ATenantsSessionsAndTheirMemoryAreBounded) {
   Start({"--max-sessions", "2", "--max-session-mb", "3", "--session-memory-mb", "1"});
   auto one = Open("a"), two = Open("a");
