@@ -472,8 +472,12 @@ StatusOr<std::unique_ptr<Session>> Client::OpenSession(const SessionOptions& opt
     if (!s.ok()) (void)CloseSession(r.id);
     return s;
   }
-  return Session::Connect(r.id, r.device, r.path, r.token, impl_->opt_.timeout,
-                          impl_->opt_.spin);
+  // A session this client cannot reach is closed, not left to count
+  // against the tenant's bounds until its idle timeout.
+  auto s = Session::Connect(r.id, r.device, r.path, r.token, impl_->opt_.timeout,
+                            impl_->opt_.spin);
+  if (!s.ok()) (void)CloseSession(r.id);
+  return s;
 }
 
 Status Client::CloseSession(uint64_t id) {

@@ -2420,11 +2420,14 @@ Status DecodeSessionFields(const object& o, const Limits& limits, size_t max_dat
   const ReplyFields& f = FieldsOf(r.op);
   const bool kernel = r.op == SessionOp::kLaunch || r.op == SessionOp::kCompile;
   bool has_code = false, has_error = false, has_data = false, has_size = false;
+  bool by_source = false;  // a launch with any of src, entry, expr, opts, headers
   GPUQ_RETURN_IF_ERROR(ForEachField(o, "session message", f.required,
                                     [&](std::string_view k, const object& v) -> Status {
     if (k == "op") return Status::Ok();
     if (!Carries(f, k)) return kUnknownField;
     if (kernel) {
+      by_source = by_source || k == "src" || k == "entry" || k == "expr" || k == "opts" ||
+                  k == "headers";
       bool handled = false;
       GPUQ_RETURN_IF_ERROR(GetLaunchField(k, v, &r.launch, &handled));
       if (handled) return Status::Ok();
@@ -2484,8 +2487,8 @@ Status DecodeSessionFields(const object& o, const Limits& limits, size_t max_dat
     if (r.kernel_ref != 0) {
       // A kernel named by the handle an earlier launch's answer gave:
       // nothing of its source comes with it.
-      if (!r.kernel.source.empty() || !r.kernel.entry.empty() || r.kernel.name_expression ||
-          !r.kernel.options.empty() || !r.kernel.headers.empty()) {
+      // Present at all, even empty or false (PROTOCOL.md, "Sessions").
+      if (by_source) {
         return Malformed("kernel", "a launch names its kernel by handle or by source, not both");
       }
     } else {

@@ -897,6 +897,30 @@ TEST_F(SessionFastPathTest, LaunchesByHandleAndTheirAnswersEncodeAsTheGeneralEnc
   }
 }
 
+TEST_F(SessionFastPathTest, ALaunchByHandleWithAnyKeyOfASourceIsMalformed) {
+  // Present at all, even empty or false: the source keys were taken when
+  // empty, against PROTOCOL.md ("Sessions": with none of them).
+  const std::vector<std::pair<std::string, std::function<void(Packer&)>>> keys = {
+      {"src", [](Packer& p) { p.pack_str(0); }},
+      {"entry", [](Packer& p) { p.pack_str(0); }},
+      {"expr", [](Packer& p) { p.pack_false(); }},
+      {"opts", [](Packer& p) { p.pack_array(0); }},
+      {"headers", [](Packer& p) { p.pack_array(0); }},
+  };
+  for (const auto& [key, value] : keys) {
+    const std::string m = Launch(7, [&](Packer& p) {
+      Common(p);
+      Key(p, "args");
+      p.pack_array(0);
+      Key(p, key);
+      value(p);
+    });
+    SessionMessage out;
+    EXPECT_EQ(DecodeSessionMessage(m, Limits{}, 1u << 20, &out).code(), Code::kMalformed) << key;
+    Same(m, key);
+  }
+}
+
 TEST_F(SessionFastPathTest, EdgesOfEachFieldDecodeAlike) {
   // Each scalar type at and past its edges, in every encoding the packer
   // picks for those values.

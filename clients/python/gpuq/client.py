@@ -733,7 +733,16 @@ class Client:
             # take them).
             relay = open_socket(self._ctx, self._endpoint, self._curve, b"s", rcvhwm=1000000)
             return Session(reply, self.timeout, relay)
-        return Session(reply, self.timeout)
+        try:
+            return Session(reply, self.timeout)
+        except Error:
+            # A session this client cannot reach is closed, not left to
+            # count against the tenant's bounds until its idle timeout.
+            try:
+                self.close_session(reply["id"])
+            except Error:
+                pass
+            raise
 
     def close_session(self, session_id: int) -> None:
         """Ends session `session_id` through the broker (any client of its
