@@ -5,10 +5,13 @@
 // no GPU, and serves queue, compile and stats all the same).
 #include <CLI/CLI.hpp>
 #include <signal.h>
+#include <sys/resource.h>
 #include <spdlog/spdlog.h>
 #include <unistd.h>
 
+#include <cerrno>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -266,6 +269,21 @@ int main(int argc, char** argv) {
   // Past the file size limit a write fails (EFBIG), as on a full disk; the
   // broker refuses what it cannot store and goes on.
   signal(SIGXFSZ, SIG_IGN);
+  // Descriptors: the bounds on regions (each holds one) and connections are
+  // set for more than a shell's or a service manager's usual soft limit of
+  // 1024; the soft limit goes up to the hard one, and the log says if that
+  // leaves less than the bounds need.
+  if (rlimit nofile{}; getrlimit(RLIMIT_NOFILE, &nofile) == 0 && nofile.rlim_cur < nofile.rlim_max) {
+    nofile.rlim_cur = nofile.rlim_max;
+    if (setrlimit(RLIMIT_NOFILE, &nofile) != 0) {
+      spdlog::warn("cannot raise the descriptor limit to {}: {}", nofile.rlim_max,
+                   strerror(errno));
+    }
+  }
+  if (rlimit nofile{}; getrlimit(RLIMIT_NOFILE, &nofile) == 0 && nofile.rlim_cur < 4096) {
+    spdlog::warn("descriptor limit {}: regions and connections at their bounds need about 4096 "
+                 "(ulimit -n)", nofile.rlim_cur);
+  }
   auto broker = gpuq::broker::Broker::Create(o);
   if (!broker.ok()) {
     spdlog::error("cannot start: {}", broker.status().ToString());

@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include <filesystem>
+#include <fstream>
 #include <msgpack.hpp>
 #include <nlohmann/json.hpp>
 #include <set>
@@ -348,6 +349,28 @@ TEST_F(BrokerTest, JobsWaitingInTheirWorkerBehindOthersAreNotPastTheirLimits) {
     EXPECT_EQ(r->state, JobState::kDone) << CodeName(r->code) << ": " << r->error;
     EXPECT_EQ(r->attempts, 1u) << "job " << id << " ran again: its worker was given up";
   }
+}
+
+// Each region holds a descriptor, and the bounds on regions and
+// connections allow more than 1024 of them, a shell's or a service
+// manager's usual soft limit: gpuqd raises its soft limit to the hard one.
+TEST_F(BrokerTest, GpuqdRaisesItsDescriptorLimitToTheHardOne) {
+  rlimit old{};
+  ASSERT_EQ(getrlimit(RLIMIT_NOFILE, &old), 0);
+  if (old.rlim_max <= 256) GTEST_SKIP() << "hard descriptor limit " << old.rlim_max;
+  rlimit low = old;
+  low.rlim_cur = 256;  // inherited by the broker forked below
+  ASSERT_EQ(setrlimit(RLIMIT_NOFILE, &low), 0);
+  const bool started = StartBroker({"--heartbeat-ms", "1000"});
+  ASSERT_EQ(setrlimit(RLIMIT_NOFILE, &old), 0);
+  ASSERT_TRUE(started) << Log();
+  std::ifstream limits("/proc/" + std::to_string(broker_->process().pid()) + "/limits");
+  std::string line;
+  uint64_t soft = 0;
+  while (std::getline(limits, line)) {
+    if (line.rfind("Max open files", 0) == 0) soft = std::stoull(line.substr(26));
+  }
+  EXPECT_EQ(soft, old.rlim_max);
 }
 
 TEST_F(BrokerTest, AFetchInTheSameIterationAsTheResultSeesIt) {
