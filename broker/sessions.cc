@@ -247,9 +247,18 @@ void SessionServer::Close(const RequestContext& ctx, uint64_t id) {
     return core_.ReplyError(ctx, Error(Code::kNotFound, "no session " + std::to_string(id)));
   }
   Session& s = it->second;
+  // One end is asked of the process; later closes wait for its answer with
+  // the first, up to a bound (each costs the broker its request's context).
+  const bool asked = !s.closing.empty();
+  if (s.closing.size() >= kMaxClosesWaiting) {
+    return core_.ReplyError(ctx, Error(Code::kResourceExhausted,
+                                       std::to_string(s.closing.size()) + " closes of session " +
+                                           std::to_string(id) + " already wait for its end"));
+  }
   s.closing.push_back(ctx);
   auto h = hosts_.find(s.host);
   if (h == hosts_.end()) return Ended(id, Code::kSessionLost, "its process is gone");
+  if (asked) return;
   SessionMessage end;
   end.op = SessionOp::kEnd;
   end.session = id;

@@ -110,6 +110,7 @@ class SessionServer {
     // (whose rids a later one numbers again from 1) is not answered to it.
     uint64_t generation = 0;
   };
+  static constexpr size_t kMaxClosesWaiting = 64;  // closes of one session awaiting its end
   struct Session {
     uint64_t id = 0;
     std::string tenant, token;

@@ -19,6 +19,7 @@
 #include <nlohmann/json.hpp>
 #include <sstream>
 #include <string>
+#include <set>
 #include <thread>
 #include <vector>
 
@@ -1628,6 +1629,46 @@ TEST_F(SessionsTest, AClientThatStopsReadingDoesNotHoldItsProcessAtTheEnd) {
   EXPECT_EQ(closed->header.op, schema::ReplyOp::kSession) << closed->header.error;
   auto next = Open("t");
   EXPECT_TRUE(next.ok()) << "the tenant's process serves: " << next.status().ToString();
+}
+
+// Closes of a session whose process has not answered the first: each one
+// sent the process another end and kept its request in the broker, without
+// bound. One end is asked; 64 closes wait for it, and more are refused.
+TEST_F(SessionsTest, ClosesWaitingForASessionsEndAreBounded) {
+  Start();
+  RawClient raw(broker_->client_endpoint());
+  auto opened = OpenRaw(raw);
+  ASSERT_TRUE(opened) << Log();
+  const pid_t process = Sessions()[0]["pid"].get<pid_t>();
+  ASSERT_TRUE(Stop(process));
+  schema::ClientRequest close;
+  close.op = schema::ClientOp::kSessionClose;
+  close.id = opened->header.id;
+  for (uint64_t rid = 1; rid <= 100; ++rid) {
+    close.rid = rid;
+    raw.Send(close);
+  }
+  std::set<uint64_t> refused;
+  for (int i = 0; i < 36; ++i) {
+    auto r = raw.Receive(std::chrono::seconds(5));
+    ASSERT_TRUE(r) << "refusal " << i;
+    EXPECT_EQ(r->header.code, Code::kResourceExhausted) << r->header.error;
+    refused.insert(r->header.rid);
+  }
+  EXPECT_EQ(refused.size(), 36u);
+  EXPECT_EQ(*refused.begin(), 65u) << "the first 64 wait";
+  EXPECT_FALSE(raw.Receive(std::chrono::milliseconds(200))) << "answered before the end";
+  ASSERT_EQ(kill(process, SIGCONT), 0);
+  std::set<uint64_t> closed;
+  for (int i = 0; i < 64; ++i) {
+    auto r = raw.Receive(std::chrono::seconds(10));
+    ASSERT_TRUE(r) << "close " << i << " unanswered";
+    EXPECT_EQ(r->header.op, schema::ReplyOp::kSession) << r->header.error;
+    closed.insert(r->header.rid);
+  }
+  EXPECT_EQ(closed.size(), 64u);
+  EXPECT_EQ(*closed.rbegin(), 64u);
+  EXPECT_TRUE(WaitSessions(0));
 }
 
 // A session whose client talks to its process directly has its client:
