@@ -907,7 +907,9 @@ TEST_F(SessionFastPathTest, ALaunchByHandleWithAnyKeyOfASourceIsMalformed) {
       {"opts", [](Packer& p) { p.pack_array(0); }},
       {"headers", [](Packer& p) { p.pack_array(0); }},
   };
-  for (const auto& [key, value] : keys) {
+  for (const auto& kv : keys) {
+    const std::string& key = kv.first;
+    const std::function<void(Packer&)>& value = kv.second;
     const std::string m = Launch(7, [&](Packer& p) {
       Common(p);
       Key(p, "args");
