@@ -181,6 +181,11 @@ int main(int argc, char** argv) {
                  "code (MiB; 0: no limit), in the workers gpuqd starts and in session processes")
       ->check(CLI::Range(uint64_t{0}, uint64_t{1} << 30))
       ->capture_default_str();
+  app.add_option("--session-kernels-memory-mib", o.sessions.kernels_memory_mib,
+                 "Device memory the modules of a tenant's session kernels on one GPU may take "
+                 "in all, loaded in its session process (MiB; 0: no limit)")
+      ->check(CLI::Range(uint64_t{0}, uint64_t{1} << 30))
+      ->capture_default_str();
   app.add_option("--local-memory-mib", o.sessions.local_memory_mib,
                  "Local memory a kernel may need over all the threads the GPU holds at once "
                  "(MiB; 0: no limit), in the workers gpuqd starts and in session processes")

@@ -206,6 +206,7 @@ StatusOr<SessionServer::Host*> SessionServer::Start(const std::string& tenant,
                                    "--max-kernels", std::to_string(limits_.max_kernels),
                                    "--max-buffers", std::to_string(limits_.max_buffers),
                                    "--module-memory-mib", std::to_string(limits_.module_memory_mib),
+                                   "--kernels-memory-mib", std::to_string(limits_.kernels_memory_mib),
                                    "--local-memory-mib", std::to_string(limits_.local_memory_mib)};
   std::vector<char*> argv;
   for (auto& a : args) argv.push_back(a.data());

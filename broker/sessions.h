@@ -53,6 +53,7 @@ struct SessionLimits {
   uint64_t max_kernels = 256;              // kernels a session process keeps loaded unheld
   uint64_t max_buffers = 65536;            // buffers a session holds at once
   uint64_t module_memory_mib = 64;         // a module's device memory when loaded (0: no bound)
+  uint64_t kernels_memory_mib = 1024;      // all of a session process's modules (0: no bound)
   uint64_t local_memory_mib = 4096;        // a kernel's local memory, all threads (0: no bound)
 };
 

@@ -16,6 +16,7 @@
 #include <thread>
 
 #include "tests/fake_device.h"
+#include "worker/module_image.h"
 #include "worker/session_host.h"
 
 namespace {
@@ -156,6 +157,10 @@ class FakeSessionDevice : public SessionDevice {
       return Status(Code::kNotFound, "no kernel '" + symbol + "' in the module");
     }
     auto k = std::make_shared<FakeKernel>(symbol);
+    // What the module would take loaded, as the real device counts it.
+    if (IsElfImage(image)) {
+      if (auto bytes = ModuleDeviceBytes(image); bytes.ok()) k->device_bytes = *bytes;
+    }
     // For the tests that count what the process keeps loaded.
     fprintf(stderr, "fake session: loaded %s, %d kernels loaded\n", symbol.c_str(),
             kernels_loaded.load());

@@ -1266,6 +1266,44 @@ TEST_F(SessionsTest, KernelsHeldPastTheBoundAreUnloadedOnceLetGo) {
   EXPECT_LE(loaded, 3) << "kernels loaded when k7 was";
 }
 
+// The modules of the kernels a tenant's sessions hold are device memory
+// outside every session's buffers and limit: 1,024 kernel handles per
+// session, each module up to --module-memory-mib, took what the tenant
+// liked. With 1 MiB for all of them, a second kernel of 600 KiB is refused
+// while the first is held, and loads once it is let go.
+TEST_F(SessionsTest, TheModulesOfHeldKernelsAreBoundedInAll) {
+  Start({"--session-kernels-memory-mib", "1"});
+  auto kernel = [](int i) {
+    SessionLaunch l;
+    l.kernel.source = "__device__ unsigned char big" + std::to_string(i) + "[600 << 10];\n" +
+                      "extern \"C\" __global__ void k" + std::to_string(i) +
+                      "() { big" + std::to_string(i) + "[threadIdx.x] = 1; }\n";
+    l.kernel.entry = "k" + std::to_string(i);
+    l.launch.grid = {1, 1, 1};
+    l.launch.block = {1, 1, 1};
+    return l;
+  };
+  auto keeper = Open();  // keeps the tenant's process
+  ASSERT_TRUE(keeper.ok()) << keeper.status().ToString();
+  {
+    auto a = Open();
+    ASSERT_TRUE(a.ok()) << a.status().ToString();
+    auto first = (*a)->Launch(kernel(1));
+    ASSERT_TRUE(first.ok()) << first.status().ToString();
+    auto second = (*a)->Launch(kernel(2));
+    EXPECT_EQ(second.status().code(), Code::kResourceExhausted) << second.status().ToString();
+    EXPECT_NE(second.status().message().find("of the 1048576 bytes"), std::string::npos)
+        << second.status().ToString();
+    EXPECT_TRUE((*a)->Launch(kernel(1)).ok()) << "the session goes on";
+    ASSERT_TRUE((*a)->Close().ok());
+  }
+  ASSERT_TRUE(WaitSessions(1));
+  auto b = Open();
+  ASSERT_TRUE(b.ok()) << b.status().ToString();
+  auto second = (*b)->Launch(kernel(2));
+  EXPECT_TRUE(second.ok()) << second.status().ToString();
+}
+
 // Two sessions of one tenant launch the same kernel that does not compile,
 // at once: both hear why (the second heard that its session had ended).
 TEST_F(SessionsTest, ACompileFailureReachesEverySessionThatWaitedForIt) {

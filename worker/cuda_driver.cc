@@ -127,8 +127,9 @@ LoadedModule LoadModule(const CudaDriver& cu, const std::string& image,
     if (out.error != CUDA_SUCCESS) return out;
     cubin = &jitted;
   }
+  auto bytes = ModuleDeviceBytes(*cubin);
+  if (bytes.ok()) out.device_bytes = *bytes;
   if (bounds.module_bytes) {
-    auto bytes = ModuleDeviceBytes(*cubin);
     if (!bytes.ok()) {
       out.refused = bytes.status();
       return out;

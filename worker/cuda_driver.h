@@ -63,6 +63,7 @@ struct LoadedModule {
   CUmodule module = nullptr;
   CUresult error = CUDA_SUCCESS;
   Status refused;
+  uint64_t device_bytes = 0;  // what it takes loaded (ModuleDeviceBytes)
 };
 LoadedModule LoadModule(const CudaDriver& cu, const std::string& image,
                         const ModuleBounds& bounds);

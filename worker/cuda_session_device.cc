@@ -435,7 +435,9 @@ class CudaDevice : public SessionDevice {
       (void)cu_->cuModuleUnload(m);
       return local;
     }
-    return std::shared_ptr<SessionKernel>(std::make_shared<CudaKernel>(cu_, m, f));
+    auto kernel = std::make_shared<CudaKernel>(cu_, m, f);
+    kernel->device_bytes = load.device_bytes;
+    return std::shared_ptr<SessionKernel>(std::move(kernel));
   }
 
   StatusOr<std::unique_ptr<SessionPinned>> Pin(void* p, uint64_t size) override {

@@ -25,6 +25,9 @@ class SessionMark {
 class SessionKernel {
  public:
   virtual ~SessionKernel() = default;
+  // What its module took of the device when loaded (its variables and
+  // code: ModuleDeviceBytes), outside every buffer.
+  uint64_t device_bytes = 0;
 };
 
 // Host memory for the bytes of one write or read, until this goes: from

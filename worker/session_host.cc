@@ -1486,12 +1486,20 @@ void SessionHost::Impl::OnModule(SessionMessage& m) {
     it->second.failed = failed;
     it->second.kernel = std::move(kernel);
   }
-  // Kernels no session holds are dropped, oldest first; those held (by a
+  // Kernels no session holds are dropped, oldest first, past their count
+  // or past the device memory their modules take; those held (by a
   // session, as its last kernel or by a handle), compiling or waited for
   // keep their place, to be dropped once let go (they were forgotten here,
   // and stayed loaded for the life of the process).
-  for (auto at = module_order_.begin();
-       module_order_.size() > opt_.max_modules && at != module_order_.end();) {
+  uint64_t loaded = 0;
+  for (const auto& [k, mod] : modules_) {
+    if (mod.kernel) loaded += mod.kernel->device_bytes;
+  }
+  const uint64_t budget = opt_.module_budget;
+  auto over = [&] {
+    return module_order_.size() > opt_.max_modules || (budget && loaded > budget);
+  };
+  for (auto at = module_order_.begin(); over() && at != module_order_.end();) {
     auto old = modules_.find(*at);
     if (old == modules_.end()) {
       at = module_order_.erase(at);
@@ -1499,12 +1507,28 @@ void SessionHost::Impl::OnModule(SessionMessage& m) {
     }
     const Module& mod = old->second;
     if (mod.ready && mod.waiters == 0 && mod.kernel.use_count() <= 1) {
+      if (mod.kernel) loaded -= mod.kernel->device_bytes;
       dropped.push_back(std::move(old->second.kernel));
       modules_.erase(old);
       at = module_order_.erase(at);
       continue;
     }
     ++at;
+  }
+  // The modules of kernels that sessions hold are device memory outside
+  // every session's buffers: a kernel that does not fit beside them is
+  // refused (its waiters are told, and a later launch asks again).
+  if (auto it = modules_.find(key); budget && loaded > budget && it != modules_.end() &&
+                                     it->second.kernel) {
+    const uint64_t bytes = it->second.kernel->device_bytes;
+    it->second.failed = Status(
+        Code::kResourceExhausted,
+        "the kernel's module takes " + std::to_string(bytes) +
+            " bytes of device memory when loaded; the tenant's kernels loaded on this GPU "
+            "that sessions hold take " + std::to_string(loaded - bytes) + " of the " +
+            std::to_string(budget) +
+            " bytes their modules may (a session lets go of its kernels when it ends)");
+    dropped.push_back(std::move(it->second.kernel));
   }
   modules_cv_.SignalAll();
 }
@@ -1726,6 +1750,11 @@ int SessionProcessMain(int argc, char** argv, const OpenSessionDevice& open) {
       ->check(CLI::Range(size_t{1}, size_t{1} << 20));
   app.add_option("--max-buffers", o.max_buffers, "buffers a session holds at once")
       ->check(CLI::Range(size_t{1}, size_t{1} << 24));
+  uint64_t kernels_mib = o.module_budget >> 20;
+  app.add_option("--kernels-memory-mib", kernels_mib,
+                 "device memory the loaded kernels' modules may take in all, held by sessions or "
+                 "not (MiB; 0: no limit)")
+      ->check(CLI::Range(uint64_t{0}, uint64_t{1} << 30));
   ModuleBounds bounds;
   uint64_t module_mib = bounds.module_bytes >> 20, local_mib = bounds.local_bytes >> 20;
   app.add_option("--module-memory-mib", module_mib,
@@ -1738,6 +1767,7 @@ int SessionProcessMain(int argc, char** argv, const OpenSessionDevice& open) {
   CLI11_PARSE(app, argc, argv);
   bounds.module_bytes = module_mib << 20;
   bounds.local_bytes = local_mib << 20;
+  o.module_budget = kernels_mib << 20;
   o.max_attach = max_attach_mb << 20;
   o.spin = std::chrono::microseconds(spin_us);
   o.max_data = static_cast<size_t>(max_data_mb) << 20;

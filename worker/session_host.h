@@ -30,6 +30,10 @@ struct SessionHostOptions {
   uint64_t max_attach = 4ull << 30;   // host memory attached to a session, in all
   std::chrono::microseconds spin{0};  // completion threads poll this long before sleeping
   size_t max_modules = 256;           // kernels kept loaded that no session holds, oldest dropped
+  // Device memory the loaded kernels' modules take in all (their
+  // variables and code), held or not; 0: no bound. Past it the oldest
+  // unheld are dropped, and a kernel that still does not fit is refused.
+  uint64_t module_budget = 1ull << 30;
   size_t max_buffers = 65536;         // buffers a session holds at once
 };
 
