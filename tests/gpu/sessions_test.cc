@@ -343,7 +343,9 @@ extern "C" __global__ void touch(unsigned* out) { big[(1ull << 34) - 1] = 7; *ou
 // had no such option).
 class SessionsBoundGpuTest : public SessionsGpuTest {
  protected:
-  static void SetUpTestSuite() { StartBroker("1", {"--module-memory-mib", "1"}); }
+  static void SetUpTestSuite() {
+    StartBroker("1", {"--module-memory-mib", "1", "--session-kernels-memory-mib", "1"});
+  }
   static void TearDownTestSuite() { StopBroker(); }
 };
 
@@ -375,6 +377,51 @@ extern "C" __global__ void touch(unsigned* out) { big[(2 << 20) - 1] = 7; *out =
   ASSERT_TRUE(got.ok()) << got.status().ToString();
   const float two = 2.0f;
   EXPECT_EQ(*got, std::string(reinterpret_cast<const char*>(&two), 4));
+}
+
+// The modules of the kernels a tenant's sessions hold count together
+// (--session-kernels-memory-mib 1): with a kernel of a 600 KiB array held,
+// another is refused; the first goes on computing, and once its session
+// ends the second loads and computes.
+TEST_F(SessionsBoundGpuTest, TheModulesOfHeldKernelsAreBoundedInAll) {
+  auto kernel = [](int i, Arg out) {
+    const std::string n = std::to_string(i);
+    SessionLaunch l = L("set" + n, 1, {out});
+    l.kernel.source = "__device__ unsigned big" + n + "[150 << 10];\n" +
+                      "extern \"C\" __global__ void set" + n + "(unsigned* out) { big" + n +
+                      "[(150 << 10) - 1] = " + n + "; *out = big" + n + "[(150 << 10) - 1]; }\n";
+    return l;
+  };
+  auto read = [](Session& s, uint64_t buffer) -> uint32_t {
+    auto got = s.Read(buffer, 0, 4);
+    if (!got.ok() || got->size() != 4) return 0;
+    uint32_t v = 0;
+    memcpy(&v, got->data(), 4);
+    return v;
+  };
+  {
+    auto s = Open("kernels-bound");
+    ASSERT_TRUE(s);
+    auto y = s->Alloc(4);
+    ASSERT_TRUE(y.ok());
+    ASSERT_TRUE(s->Launch(kernel(1, Arg::Ref(*y))).ok());
+    EXPECT_EQ(read(*s, *y), 1u);
+    auto r = s->Launch(kernel(2, Arg::Ref(*y)));
+    EXPECT_EQ(r.status().code(), Code::kResourceExhausted) << r.status().ToString();
+    EXPECT_NE(r.status().message().find("of the 1048576 bytes"), std::string::npos)
+        << r.status().ToString();
+    ASSERT_TRUE(s->Fill(*y, 0, 4, 0).ok());
+    ASSERT_TRUE(s->Launch(kernel(1, Arg::Ref(*y))).ok());
+    EXPECT_EQ(read(*s, *y), 1u) << "the held kernel goes on";
+    ASSERT_TRUE(s->Close().ok());
+  }
+  auto s = Open("kernels-bound");
+  ASSERT_TRUE(s);
+  auto y = s->Alloc(4);
+  ASSERT_TRUE(y.ok());
+  auto r = s->Launch(kernel(2, Arg::Ref(*y)));
+  ASSERT_TRUE(r.ok()) << r.status().ToString();
+  EXPECT_EQ(read(*s, *y), 2u);
 }
 
 TEST_F(SessionsGpuTest, AFaultInOneTenantsSessionLeavesAnotherTenantsIntact) {
