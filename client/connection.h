@@ -4,6 +4,7 @@
 
 #include <chrono>
 #include <map>
+#include <set>
 #include <string>
 #include <vector>
 #include <zmq.hpp>
@@ -67,9 +68,15 @@ struct RegionChannel {
   UniqueFd fd;
   uint64_t rid = 0;
   std::chrono::milliseconds timeout{10000};
+  // Registers that timed out: a region their late answers name is
+  // unregistered at once (it had no owner here, and counted against the
+  // tenant's bounds until the channel closed).
+  std::set<uint64_t> abandoned;
   // Sends `m` (with `pass` unless -1) and waits for its reply: kTimeout,
   // or the broker's error as a Status.
   StatusOr<schema::RegionMessage> Call(schema::RegionMessage m, int pass = -1);
+  // A reply to a call that stopped waiting; false if the channel failed.
+  bool Late(const schema::RegionMessage& r);
 };
 
 }  // namespace gpuq::client_internal

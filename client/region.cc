@@ -12,8 +12,34 @@
 namespace gpuq {
 namespace client_internal {
 
+bool RegionChannel::Late(const schema::RegionMessage& r) {
+  if (abandoned.erase(r.rid) && r.op == schema::RegionOp::kRegistered) {
+    // A register that timed out: the region has no owner here. Its
+    // answer is ignored like any other that comes late.
+    schema::RegionMessage drop;
+    drop.op = schema::RegionOp::kUnregister;
+    drop.rid = ++rid;
+    drop.region = r.region;
+    return schema::SendRegionMessage(fd.get(), drop, -1).ok();
+  }
+  return true;
+}
+
 StatusOr<schema::RegionMessage> RegionChannel::Call(schema::RegionMessage m, int pass) {
   if (!fd.valid()) return Status(Code::kUnavailable, "the region channel is closed");
+  // Answers that came after their calls stopped waiting, first: a region
+  // registered too late goes before this request counts it.
+  while (!abandoned.empty()) {
+    schema::RegionMessage r;
+    UniqueFd unexpected;
+    auto got = schema::ReadRegionMessage(fd.get(), /*dontwait=*/true, &r, &unexpected);
+    if (!got.ok()) {
+      if (got.status().code() == Code::kUnavailable) fd.Reset();
+      return got.status();
+    }
+    if (!*got) break;
+    (void)Late(r);
+  }
   m.rid = ++rid;
   GPUQ_RETURN_IF_ERROR(schema::SendRegionMessage(fd.get(), m, pass));
   const auto until = std::chrono::steady_clock::now() + timeout;
@@ -22,6 +48,7 @@ StatusOr<schema::RegionMessage> RegionChannel::Call(schema::RegionMessage m, int
         until - std::chrono::steady_clock::now());
     pollfd p{fd.get(), POLLIN, 0};
     if (left.count() <= 0 || poll(&p, 1, static_cast<int>(left.count())) == 0) {
+      if (m.op == schema::RegionOp::kRegister && abandoned.size() < 1024) abandoned.insert(m.rid);
       return Status(Code::kTimeout, "no answer on the region channel");
     }
     schema::RegionMessage r;
@@ -35,7 +62,10 @@ StatusOr<schema::RegionMessage> RegionChannel::Call(schema::RegionMessage m, int
     // An error without a rid is the broker's answer to a request it could
     // not read: this one (one request at a time is outstanding). Another
     // rid answers an earlier request that timed out.
-    if (r.rid != m.rid && !(r.rid == 0 && r.op == schema::RegionOp::kError)) continue;
+    if (r.rid != m.rid && !(r.rid == 0 && r.op == schema::RegionOp::kError)) {
+      (void)Late(r);
+      continue;
+    }
     if (r.op == schema::RegionOp::kError) return Status(r.code, r.error);
     return r;
   }

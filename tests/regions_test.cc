@@ -619,6 +619,32 @@ TEST_F(RegionsTest, RegionsPerTenantAreBounded) {
   EXPECT_EQ(s["regions"].size(), 3u) << s.dump();
 }
 
+// A register whose answer came after its client stopped waiting: the
+// region had no owner in the client, and counted against its tenant's
+// bounds until the client went away. Its late answer is read with the
+// next call's, and the region unregistered.
+TEST_F(RegionsTest, ARegionWhoseRegisterTimedOutDoesNotStayRegistered) {
+  ASSERT_TRUE(StartBroker({"--max-regions", "2"})) << Log();
+  auto c = Connect(Millis(300));
+  auto kept = c->NewRegion(4096);  // the region channel is open
+  ASSERT_TRUE(kept.ok()) << kept.status().ToString();
+  broker_->process().Signal(SIGSTOP);
+  auto late = c->NewRegion(4096);
+  broker_->process().Signal(SIGCONT);
+  ASSERT_FALSE(late.ok());
+  EXPECT_EQ(late.status().code(), Code::kTimeout) << late.status().ToString();
+  // The broker registers it once it runs again.
+  bool registered = false;
+  for (int i = 0; i < 200 && !registered; ++i) {
+    registered = Stats(*c)["regions"].size() == 2;
+    if (!registered) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  ASSERT_TRUE(registered) << Stats(*c).dump();
+  auto next = c->NewRegion(4096);
+  EXPECT_TRUE(next.ok()) << "the tenant holds two regions: " << next.status().ToString();
+  EXPECT_EQ(Stats(*c)["regions"].size(), 2u) << Stats(*c).dump();
+}
+
 TEST_F(RegionsTest, RegionsOfAllTenantsAreBoundedToo) {
   ASSERT_TRUE(StartBroker({"--max-regions-total", "2", "--max-region-mb-total", "3"})) << Log();
   auto c = Connect();

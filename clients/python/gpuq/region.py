@@ -11,7 +11,7 @@ import os
 import select
 import socket
 import time
-from typing import Any, Dict, Literal, Optional
+from typing import Any, Dict, Literal, Optional, Set
 
 import numpy as np
 import numpy.typing as npt
@@ -32,6 +32,7 @@ class RegionChannel:
     def __init__(self, local_dir: str, timeout: float) -> None:
         self.timeout = timeout
         self._rid = 0
+        self._abandoned: Set[int] = set()  # registers that timed out
         self._users = 1
         path = os.path.join(local_dir, SOCKET_NAME)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
@@ -69,11 +70,57 @@ class RegionChannel:
         else:
             socket.send_fds(self._sock, [data], [fd], socket.MSG_NOSIGNAL)
 
+    def _receive(self) -> Optional[Dict[str, Any]]:
+        """One message that has come (None when none has)."""
+        assert self._sock is not None
+        try:
+            data, fds, _, _ = socket.recv_fds(self._sock, wire.REGION_MESSAGE_MAX + 1, 4,
+                                              socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return None
+        except OSError as e:
+            self._close()
+            raise Error("unavailable", "the region channel: %s" % e) from e
+        for stray in fds:  # a client is never handed a descriptor
+            os.close(stray)
+        if not data:
+            self._close()
+            raise Error("unavailable", "the broker closed the region channel")
+        try:
+            return wire.decode_region(data)
+        except ValueError as e:
+            raise Error("malformed", "region channel: %s" % e) from e
+
+    def _late(self, reply: Dict[str, Any]) -> None:
+        """A reply to a call that stopped waiting: a region registered after
+        its register timed out has no owner here, and is unregistered (it
+        counted against the tenant's bounds until the channel closed)."""
+        rid = reply.get("rid")
+        if rid in self._abandoned:
+            self._abandoned.discard(rid)
+            if reply["op"] == "registered":
+                self._rid += 1
+                try:
+                    self._send({"op": "unregister", "rid": self._rid,
+                                "region": reply["region"]})
+                except OSError as e:
+                    self._close()
+                    raise Error("unavailable", "the region channel: %s" % e) from e
+
     def call(self, message: Dict[str, Any], fd: Optional[int] = None) -> Dict[str, Any]:
         """Sends a request (with descriptor `fd`) and returns its reply;
         Error with the reply's code when it is `error`."""
         if self._sock is None:
             raise Error("unavailable", "the region channel is closed")
+        # Replies that came after their calls stopped waiting, first: a region
+        # registered too late goes before this request counts it.
+        while self._abandoned:
+            late = self._receive()
+            if late is None:
+                break
+            self._late(late)
+            if self._sock is None:
+                raise Error("unavailable", "the region channel is closed")
         self._rid += 1
         rid = self._rid
         request = dict(message, rid=rid)  # written in canonical order
@@ -86,26 +133,20 @@ class RegionChannel:
         while True:
             left = deadline - time.monotonic()
             if left <= 0 or not select.select([self._sock], [], [], left)[0]:
+                if message.get("op") == "register" and len(self._abandoned) < 1024:
+                    self._abandoned.add(rid)
                 raise Error("timeout", "no answer on the region channel")
-            try:
-                data, fds, _, _ = socket.recv_fds(self._sock, wire.REGION_MESSAGE_MAX + 1, 4)
-            except OSError as e:
-                self._close()
-                raise Error("unavailable", "the region channel: %s" % e) from e
-            for stray in fds:  # a client is never handed a descriptor
-                os.close(stray)
-            if not data:
-                self._close()
-                raise Error("unavailable", "the broker closed the region channel")
-            try:
-                reply = wire.decode_region(data)
-            except ValueError as e:
-                raise Error("malformed", "region channel: %s" % e) from e
+            reply = self._receive()
+            if reply is None:
+                continue
             # An error without a rid answers a request the broker could not
             # read: this one (one is outstanding at a time). Another rid
             # answers an earlier request that timed out.
             if reply.get("rid") != rid and not (reply.get("rid") == 0
                                                 and reply["op"] == "error"):
+                self._late(reply)
+                if self._sock is None:
+                    raise Error("unavailable", "the region channel is closed")
                 continue
             if reply["op"] == "error":
                 raise Error(reply["code"], reply["error"])

@@ -5,6 +5,8 @@ inout bytes + 1, in ranges untouched. No range ever comes back in a Result."""
 
 import asyncio
 import os
+import signal
+import time
 
 import numpy as np
 import pytest
@@ -140,6 +142,32 @@ def test_regions_outlive_their_client_and_end_with_their_channel(service):
         assert [x["size"] for x in watcher.stats()["regions"]] == [8192]
         second.close()   # the last user of the channel: it closes
         assert watcher.stats()["regions"] == []
+
+
+def test_a_region_whose_register_timed_out_does_not_stay_registered(service):
+    """The late answer is read before the next request, and its region
+    unregistered: it counted against the tenant's regions until the
+    client went away."""
+    with gpuq.Client(service.client_endpoint, timeout=0.3) as c:
+        kept = c.region(4096)                      # the channel is open
+        service.broker.send_signal(signal.SIGSTOP)
+        try:
+            with pytest.raises(gpuq.Error) as e:
+                c.region(4096)
+        finally:
+            service.broker.send_signal(signal.SIGCONT)
+        assert e.value.code == "timeout"
+        for _ in range(200):                       # the broker registers it
+            if len(c.stats()["regions"]) == 2:
+                break
+            time.sleep(0.01)
+        assert len(c.stats()["regions"]) == 2
+        # Past what is left of the tenant's bytes unless the late one goes.
+        nxt = c.region((65536 << 20) - 4096)
+        assert nxt.registered
+        assert sorted(x["size"] for x in c.stats()["regions"]) == [4096, (65536 << 20) - 4096]
+        nxt.close()
+        kept.close()
 
 
 def test_region_refusals_raise_with_the_protocol_code(service):
