@@ -208,6 +208,42 @@ class Client::Impl {
         return;  // a late answer to a request that timed out
     }
     events_.push_back(std::move(e));
+    BoundKeptResults();
+  }
+
+  // Pushed results nobody has taken are bounded (kMaxKeptResults, and
+  // kMaxKeptResultBytes of outputs): past either, the oldest go, as the
+  // broker drops the pushes of a client that does not read. A dropped
+  // result is fetched (Fetch, Wait).
+  static constexpr size_t kMaxKeptResults = 1024;
+  static constexpr uint64_t kMaxKeptResultBytes = 256ull << 20;
+  static uint64_t OutputBytes(const Event& e) {
+    uint64_t n = 0;
+    for (const Bytes& b : e.result.outputs) n += b.size();
+    return n;
+  }
+  void BoundKeptResults() {
+    size_t count = 0;
+    uint64_t bytes = 0;
+    for (const Event& e : events_) {
+      if (e.kind != Event::kResult) continue;
+      ++count;
+      bytes += OutputBytes(e);
+    }
+    for (auto it = events_.begin();
+         it != events_.end() && (count > kMaxKeptResults || bytes > kMaxKeptResultBytes);) {
+      if (it->kind != Event::kResult) {
+        ++it;
+        continue;
+      }
+      --count;
+      bytes -= OutputBytes(*it);
+      it = events_.erase(it);
+    }
+  }
+  // Job `id`'s pushed results, once its result has been taken another way.
+  void ForgetResults(uint64_t id) {
+    std::erase_if(events_, [id](const Event& e) { return e.kind == Event::kResult && e.id == id; });
   }
 
   // A status or result request for job `id`, answered as a JobResult.
@@ -336,7 +372,11 @@ StatusOr<JobResult> Client::Wait(uint64_t id, std::optional<Millis> timeout) {
   for (;;) {
     if (auto r = kept()) return std::move(*r);
     GPUQ_ASSIGN_OR_RETURN(JobResult fetched, Fetch(id));
-    if (schema::IsTerminal(fetched.state)) return fetched;
+    if (schema::IsTerminal(fetched.state)) {
+      // Its push, if it came meanwhile, is the same result: not kept twice.
+      impl_->ForgetResults(id);
+      return fetched;
+    }
     if (auto r = kept()) return std::move(*r);
     const auto refetch = std::min(deadline, Clock::now() + kRefetchInterval);
     for (;;) {

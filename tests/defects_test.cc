@@ -825,6 +825,69 @@ TEST_F(BrokerTest, EveryRefusedSubmitRemovesTheClientsFiles) {
   EXPECT_FALSE(std::filesystem::exists(LocalDir() + "/" + name)) << "rid 0";
 }
 
+// A job that ended before its client waited: Wait's fetch read the push
+// that had come meanwhile, kept it for Poll, and returned the fetched
+// copy, so the result came back twice and the push stayed held (outputs
+// and all) until someone polled, which a C program cannot.
+TEST_F(BrokerTest, AResultTakenByWaitIsNotAlsoKeptForPoll) {
+  AddWorker();
+  auto c = Connect(), watcher = Connect();
+  ASSERT_TRUE(WaitForWorkers(*c, 1));
+  auto id = c->Submit(Job("k", "ab"));
+  ASSERT_TRUE(id.ok()) << id.status().ToString();
+  // Ended, its push waiting unread on c's connection.
+  bool ended = false;
+  for (int i = 0; i < 500 && !ended; ++i) {
+    auto st = watcher->GetStatus(*id);
+    ended = st.ok() && schema::IsTerminal(st->state);
+    if (!ended) std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  ASSERT_TRUE(ended);
+  auto r = c->Wait(*id);
+  ASSERT_TRUE(r.ok()) << r.status().ToString();
+  EXPECT_EQ(r->state, JobState::kDone) << r->error;
+  auto again = c->Poll(Millis(200));
+  EXPECT_EQ(again.status().code(), Code::kTimeout)
+      << "job " << (again.ok() ? again->id : 0) << " came back again";
+}
+
+// Pushed results that no one takes are bounded: a client that submits and
+// never polls (the C API cannot) held every result it was pushed.
+TEST_F(BrokerTest, PushedResultsNoOneTakesAreBounded) {
+  AddWorker({"--slots", "64"});
+  auto c = Connect();
+  ASSERT_TRUE(WaitForWorkers(*c, 1));
+  std::vector<uint64_t> ids;
+  for (int i = 0; i < 1030; ++i) {
+    auto id = c->Submit(Job("k", "ab"));
+    ASSERT_TRUE(id.ok()) << id.status().ToString();
+    ids.push_back(*id);
+  }
+  for (uint64_t id : ids) {
+    bool ended = false;
+    for (int i = 0; i < 1000 && !ended; ++i) {
+      auto st = c->GetStatus(id);
+      ended = st.ok() && schema::IsTerminal(st->state);
+      if (!ended) std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    }
+    ASSERT_TRUE(ended) << "job " << id;
+  }
+  ASSERT_TRUE(c->Stats().ok());  // every push before its answer is read
+  std::set<uint64_t> kept;
+  for (auto e = c->Poll(Millis(0)); e.ok(); e = c->Poll(Millis(0))) {
+    if (e->kind == Client::Event::kResult) {
+      EXPECT_TRUE(kept.insert(e->id).second) << e->id;
+    }
+  }
+  EXPECT_EQ(kept.size(), 1024u) << "the oldest go past 1,024";
+  for (uint64_t id : ids) {
+    if (kept.count(id)) continue;
+    auto dropped = c->Fetch(id);
+    ASSERT_TRUE(dropped.ok()) << dropped.status().ToString();
+    EXPECT_EQ(dropped->state, JobState::kDone) << "a dropped push is fetched";
+  }
+}
+
 TEST_F(BrokerTest, AFetchedResultIsTheResultThatWasPushed) {
   AddWorker({"--local-dir", LocalDir()});
   RawClient raw(broker_->client_endpoint());

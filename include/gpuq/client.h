@@ -335,7 +335,9 @@ class Client {
     JobResult result;     // kResult
   };
   // The next acknowledgement, rejection or pushed result, waiting up to
-  // `timeout`; kTimeout when none came.
+  // `timeout`; kTimeout when none came. Pushed results not yet taken are
+  // kept up to 1,024 and 256 MiB of outputs; past either the oldest are
+  // dropped (Fetch or Wait gets them).
   StatusOr<Event> Poll(Millis timeout);
   // Waits for the result of job `id` (pushed, or fetched if it ended before
   // this Client was told). Events for other jobs that arrive meanwhile are

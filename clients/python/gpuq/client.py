@@ -600,7 +600,36 @@ class Client:
             if h.get("rid") == header["rid"]:
                 raise_for(h)
                 return h, frames
-            self._events.append((h, frames))
+            self._keep(h, frames)
+
+    # Pushed results nobody has taken are bounded: past either bound the
+    # oldest go, as the broker drops the pushes of a client that does not
+    # read (fetch() and wait() still get them).
+    MAX_KEPT_RESULTS = 1024
+    MAX_KEPT_RESULT_BYTES = 256 << 20
+
+    def _keep(self, h: Header, frames: List[bytes]) -> None:
+        """Files a message that is not the awaited one for poll():
+        acknowledgements, rejections and pushed results; anything else
+        answers a request that timed out, and is dropped."""
+        op = h.get("op")
+        if op not in ("accepted", "error") and not (op == "result" and h.get("rid") == 0):
+            return
+        self._events.append((h, frames))
+        results = [e for e in self._events if e[0].get("op") == "result"]
+        count = len(results)
+        size = sum(len(f) for e in results for f in e[1])
+        if count <= self.MAX_KEPT_RESULTS and size <= self.MAX_KEPT_RESULT_BYTES:
+            return
+        kept: Deque[Tuple[Header, List[bytes]]] = collections.deque()
+        for e in self._events:
+            if e[0].get("op") == "result" and (count > self.MAX_KEPT_RESULTS
+                                                or size > self.MAX_KEPT_RESULT_BYTES):
+                count -= 1
+                size -= sum(len(f) for f in e[1])
+                continue
+            kept.append(e)
+        self._events = kept
 
     # -------------------------------------------------------------- calls
 
@@ -816,6 +845,11 @@ class Client:
                     return Result(h, frames, self._out_specs.pop(job_id, None))
             fetched = self.result(job_id)
             if fetched.state in wire.TERMINAL:
+                # Its push, if it came meanwhile, is the same result: not
+                # kept twice.
+                self._events = collections.deque(
+                    e for e in self._events
+                    if not (e[0].get("op") == "result" and e[0].get("id") == job_id))
                 return fetched
             refetch = min(deadline, time.monotonic() + REFETCH_S)
             while True:
@@ -827,7 +861,7 @@ class Client:
                     raise
                 if h.get("op") == "result" and h.get("rid") == 0 and h.get("id") == job_id:
                     return Result(h, frames, self._out_specs.pop(job_id, None))
-                self._events.append((h, frames))
+                self._keep(h, frames)
 
     def status(self, job_id: int) -> Result:
         """The job's state (no outputs)."""

@@ -2,6 +2,7 @@
 out buffers come back filled with (argument index + 1), inout bytes + 1."""
 
 import asyncio
+import time
 
 import numpy as np
 import pytest
@@ -111,6 +112,47 @@ def test_many_in_flight_with_submit_async_and_poll(service):
         assert len(accepted) == 40
         for job, i in accepted.items():
             assert done[job].outputs[0] == bytes([i + 1])
+
+
+def test_a_result_taken_by_wait_is_not_also_kept_for_poll(service):
+    """A job that ended before wait(): the push that came during wait's
+    fetch was kept as well, and poll() gave the result a second time."""
+    service.add_worker()
+    with gpuq.Client(service.client_endpoint) as c, \
+            gpuq.Client(service.client_endpoint) as watcher:
+        job = c.submit(KERNELS, "k", 1, 32, [gpuq.InOut(b"ab")])
+        for _ in range(500):                 # ended, its push unread on c
+            if watcher.status(job).state == "done":
+                break
+            time.sleep(0.005)
+        assert c.wait(job).ok
+        with pytest.raises(gpuq.Error) as e:
+            c.poll(0.2)
+        assert e.value.code == "timeout"
+
+
+def test_pushed_results_no_one_takes_are_bounded(service):
+    service.add_worker("--slots", "64")
+    with gpuq.Client(service.client_endpoint) as c:
+        c.MAX_KEPT_RESULTS = 16                # the bound, made small
+        jobs = [c.submit(KERNELS, "k", 1, 32, [gpuq.InOut(b"ab")]) for _ in range(20)]
+        for job in jobs:
+            for _ in range(500):
+                if c.status(job).state == "done":
+                    break
+                time.sleep(0.005)
+        c.stats()                              # every push before it is read
+        kept = []
+        while True:
+            try:
+                event = c.poll(0)
+            except gpuq.Error:
+                break
+            if event[0] == "result":
+                kept.append(event[1].id)
+        assert len(kept) == 16 and len(set(kept)) == 16
+        for job in set(jobs) - set(kept):
+            assert c.result(job).outputs[0] == b"bc", "a dropped push is fetched"
 
 
 def test_compile_error_comes_back_with_the_log(service):
