@@ -9,6 +9,7 @@
 #include <spdlog/spdlog.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cerrno>
 #include <cstdlib>
 #include <cstring>
@@ -23,14 +24,14 @@
 
 namespace {
 
-gpuq::broker::Broker* g_broker = nullptr;
+std::atomic<gpuq::broker::Broker*> g_broker{nullptr};
 
 void OnSignal(int) {
-  if (g_broker) g_broker->Stop();
+  if (gpuq::broker::Broker* b = g_broker.load()) b->Stop();
 }
 
 void OnHangup(int) {
-  if (g_broker) g_broker->Reload();
+  if (gpuq::broker::Broker* b = g_broker.load()) b->Reload();
 }
 
 std::string Folder(const char* xdg, const char* fallback, const char* leaf) {
@@ -72,10 +73,21 @@ int main(int argc, char** argv) {
                  "process: jobs survive a broker crash; power: and a power loss (fsync)")
       ->check(CLI::IsMember({"process", "power"}))
       ->capture_default_str();
-  app.add_option("--metrics", o.metrics_address, "Serve Prometheus /metrics on HOST:PORT");
+  app.add_option("--metrics", o.metrics_address, "Serve Prometheus /metrics on HOST:PORT")
+      ->check([](const std::string& v) -> std::string {
+        const size_t colon = v.rfind(':');
+        const std::string port = colon == std::string::npos ? "" : v.substr(colon + 1);
+        if (colon == 0 || port.empty() || port.size() > 5 ||
+            port.find_first_not_of("0123456789") != std::string::npos || std::stoul(port) > 65535) {
+          return "HOST:PORT, with a port of 0 to 65535 (0: any free one)";
+        }
+        return "";
+      });
   app.add_option("--tenants", o.tenants_path,
                  "Tenants file (JSON): weights and limits by tenant; read again on SIGHUP");
-  app.add_option("--heartbeat-ms", heartbeat_ms, "Heartbeat interval")->capture_default_str();
+  app.add_option("--heartbeat-ms", heartbeat_ms, "Heartbeat interval")
+      ->check(CLI::Range(10, 60000))
+      ->capture_default_str();
   int64_t spin_us = 0;
   app.add_option("--spin-us", spin_us,
                  "After a message, and while jobs run, poll without sleeping this long (lower "
@@ -94,6 +106,7 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(uint64_t{1}, gpuq::schema::kMaxTimeLimitMs))
       ->capture_default_str();
   app.add_option("--retention-s", retention_s, "How long results stay fetchable")
+      ->check(CLI::Range(1, 366 * 86400))
       ->capture_default_str();
   size_t compile_threads = 2;
   app.add_option("--compile-threads", compile_threads, "Compiles at once")
@@ -171,6 +184,7 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(int64_t{-1}, int64_t{86400000}));
   app.add_option("--session-idle-ms", o.sessions.default_idle_ms,
                  "A session ends after this long without a request, unless it names its own")
+      ->check(CLI::Range(uint64_t{1}, gpuq::schema::kMaxDeadlineMs))
       ->capture_default_str();
   app.add_option("--compile-timeout-ms", compile_timeout_ms, "Wall-time bound of a compile")
       ->capture_default_str();
@@ -289,6 +303,14 @@ int main(int argc, char** argv) {
     spdlog::warn("descriptor limit {}: regions and connections at their bounds need about 4096 "
                  "(ulimit -n)", nofile.rlim_cur);
   }
+  // SIGHUP reads the tenants file again: from now on, before the store's
+  // opening (which may take minutes), so that a reload asked during the
+  // start neither ends the process (its default) nor interrupts a call
+  // (SA_RESTART); one before the broker exists is the start's own read.
+  struct sigaction hup = {};
+  hup.sa_handler = OnHangup;
+  hup.sa_flags = SA_RESTART;
+  sigaction(SIGHUP, &hup, nullptr);
   auto broker = gpuq::broker::Broker::Create(o);
   if (!broker.ok()) {
     spdlog::error("cannot start: {}", broker.status().ToString());
@@ -299,9 +321,6 @@ int main(int argc, char** argv) {
   sa.sa_handler = OnSignal;
   sigaction(SIGINT, &sa, nullptr);
   sigaction(SIGTERM, &sa, nullptr);
-  struct sigaction hup = {};
-  hup.sa_handler = OnHangup;
-  sigaction(SIGHUP, &hup, nullptr);
   signal(SIGPIPE, SIG_IGN);
 
   gpuq::worker::WorkerSupervisor supervisor((*broker)->worker_endpoint(), worker_bin,

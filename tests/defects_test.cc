@@ -697,6 +697,55 @@ TEST_F(BrokerTest, LocalFileInputsCountAgainstTheByteBoundAndARestartReadsNone) 
   EXPECT_LT(rss_kib, empty_kib + (30u << 10)) << "60 MiB of queued inputs were read at start";
 }
 
+// Options out of their ranges stop gpuqd's start with the option named:
+// a heartbeat of 0 ms spun the loop and lost every worker each turn, a
+// negative one made the loop's poll wait forever, a negative retention
+// purged every result at once, an idle time of 0 ended every session at
+// its first look, and a metrics port that was not a number aborted.
+TEST_F(BrokerTest, OptionsOutOfTheirRangesStopTheStart) {
+  const std::vector<std::pair<std::string, std::string>> bad = {
+      {"--heartbeat-ms", "0"},      {"--heartbeat-ms", "-100"},
+      {"--retention-s", "-1"},      {"--session-idle-ms", "0"},
+      {"--metrics", "127.0.0.1:abc"}, {"--metrics", "127.0.0.1:99999999999"}};
+  for (const auto& [option, value] : bad) {
+    const size_t before = Log().size();
+    EXPECT_FALSE(StartBroker({option, value})) << option << " " << value;
+    EXPECT_NE(Log().find(option, before), std::string::npos) << option << " " << value << "\n"
+                                                            << Log().substr(before);
+  }
+  EXPECT_NE(Log().find("with a port of 0 to 65535"), std::string::npos) << Log();
+  EXPECT_TRUE(StartBroker({"--heartbeat-ms", "10"})) << Log();
+}
+
+// A reload asked (SIGHUP) while gpuqd opens its store, which may wait for
+// minutes, ended the process: the handler was set only after the opening.
+// Here the store is locked by another connection while the signal comes.
+TEST_F(BrokerTest, ASighupDuringTheStartIsAReloadNotAnEnd) {
+  testing::TempDir other;
+  sqlite3* lock = nullptr;
+  ASSERT_EQ(sqlite3_open(other.File("jobs.db").c_str(), &lock), SQLITE_OK);
+  ASSERT_EQ(sqlite3_exec(lock, "BEGIN EXCLUSIVE", nullptr, nullptr, nullptr), SQLITE_OK);
+  const std::string ready = other.File("ready.json");
+  testing::Process p = testing::Process::Start(
+      {testing::BinPath("gpuqd"), "--listen", "ipc://" + other.File("c.sock"), "--worker-listen",
+       "ipc://" + other.File("w.sock"), "--store", other.File("jobs.db"), "--cache",
+       other.File("kernels.db"), "--workers", "0", "--ready-file", ready},
+      other.File("gpuqd.log"));
+  std::this_thread::sleep_for(std::chrono::milliseconds(500));  // waiting for the lock
+  EXPECT_FALSE(std::filesystem::exists(ready));
+  p.Signal(SIGHUP);
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  sqlite3_exec(lock, "COMMIT", nullptr, nullptr, nullptr);
+  sqlite3_close(lock);
+  bool served = false;
+  for (int i = 0; i < 1000 && !served && p.running(); ++i) {
+    served = std::filesystem::exists(ready);
+    if (!served) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  EXPECT_TRUE(served) << testing::ReadFile(other.File("gpuqd.log"));
+  EXPECT_TRUE(p.running());
+}
+
 TEST_F(BrokerTest, DeadlinesAndLimitsAreRangeChecked) {
   auto c = Connect();
   JobRequest j = Job("k", "x");

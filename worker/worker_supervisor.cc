@@ -7,6 +7,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <cerrno>
 #include <cstdio>
 #include <filesystem>
 
@@ -74,10 +75,19 @@ void WorkerSupervisor::Start(int count) {
     posix_spawn_file_actions_destroy(&fa);
     close(fds[1]);
     char buf[64] = {};
-    ssize_t n = rc == 0 ? read(fds[0], buf, sizeof buf - 1) : 0;
+    ssize_t n = 0;
+    if (rc == 0) {
+      // A signal (a reload's SIGHUP) is not the end of the answer.
+      do {
+        n = read(fds[0], buf, sizeof buf - 1);
+      } while (n < 0 && errno == EINTR);
+    }
     close(fds[0]);
     int status = 0;
-    if (rc == 0) waitpid(pid, &status, 0);
+    if (rc == 0) {
+      while (waitpid(pid, &status, 0) < 0 && errno == EINTR) {
+      }
+    }
     const int exit = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
     if (rc != 0 || exit == kExitNoDriver) {
       spdlog::warn("no GPU worker attached: no CUDA driver on this machine "
