@@ -6,6 +6,7 @@
 #include <string.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <map>
 #include <set>
 #include <zmq_addon.hpp>
@@ -430,8 +431,22 @@ Status Session::Free(uint32_t buffer) {
   return impl_->Call(std::move(m)).status();
 }
 
+namespace {
+
+// A message's bytes (msgpack bin) are at most 4 GiB - 1: more were cut to
+// their size modulo 4 GiB, and the request went out whole-looking.
+Status CheckBin(uint64_t size, const char* what) {
+  if (size <= UINT32_MAX) return Status::Ok();
+  return Status(Code::kTooLarge, std::string(what) + " of " + std::to_string(size) +
+                                     " bytes: a session request carries at most " +
+                                     std::to_string(UINT32_MAX));
+}
+
+}  // namespace
+
 StatusOr<uint64_t> Session::WriteAsync(uint32_t buffer, uint64_t offset, const void* data,
                                        size_t size) {
+  GPUQ_RETURN_IF_ERROR(CheckBin(size, "a write"));
   SessionMessage m;
   m.op = SessionOp::kWrite;
   m.buffer = buffer;
@@ -487,6 +502,7 @@ Status Session::Fill(uint32_t buffer, uint64_t offset, uint64_t size, uint8_t va
 }
 
 StatusOr<uint64_t> Session::LaunchAsync(const SessionLaunch& launch) {
+  for (const auto& in : launch.inputs) GPUQ_RETURN_IF_ERROR(CheckBin(in.size(), "an input"));
   SessionMessage m;
   m.op = SessionOp::kLaunch;
   m.launch = launch.launch;

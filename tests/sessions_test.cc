@@ -9,6 +9,8 @@
 #include <sys/stat.h>
 #include <sys/time.h>
 
+#include <sys/mman.h>
+
 #include <gtest/gtest.h>
 
 #include <atomic>
@@ -551,6 +553,29 @@ TEST_F(SessionsTest, AnAttachedRegionsBytesGoToAndFromBuffers) {
   EXPECT_EQ(std::memcmp((*more)->data(), mem, 16), 0) << "the bytes copied before the detach";
   ASSERT_TRUE(x.Close().ok());
   EXPECT_EQ(x.Attach(**region).status().code(), Code::kSessionLost);
+}
+
+// A write or a launch input of 4 GiB or more went out cut to its size
+// modulo 4 GiB (a msgpack bin's length is 32 bits), and the call said ok
+// (a 4 GiB + 16 write wrote 16 bytes). They are refused before any byte is
+// read; the memory here is never touched.
+TEST_F(SessionsTest, BytesOfFourGibOrMoreAreRefusedNotCut) {
+  Start();
+  auto s = Open();
+  ASSERT_TRUE(s.ok()) << s.status().ToString() << Log();
+  auto b = (*s)->Alloc(16);
+  ASSERT_TRUE(b.ok());
+  const size_t huge = (size_t{1} << 32) + 16;
+  void* p = mmap(nullptr, huge, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  ASSERT_NE(p, MAP_FAILED);
+  auto w = (*s)->WriteAsync(*b, 0, p, huge);
+  EXPECT_EQ(w.status().code(), Code::kTooLarge) << w.status().ToString();
+  SessionLaunch l = Named("inc", {schema::Arg::In(0)});
+  l.inputs = {std::string_view(static_cast<const char*>(p), huge)};
+  auto r = (*s)->LaunchAsync(l);
+  EXPECT_EQ(r.status().code(), Code::kTooLarge) << r.status().ToString();
+  munmap(p, huge);
+  EXPECT_TRUE((*s)->Write(*b, 0, "x", 1).ok()) << "the session goes on";
 }
 
 // A buffer of one byte takes 512 on the device: counted by size alone, a
