@@ -47,6 +47,14 @@ gpuq_code Fail(gpuq_client* c, const gpuq::Status& s) {
   return static_cast<gpuq_code>(s.code());
 }
 
+// A NULL client, job, session or place for an answer: GPUQ_INVALID, and
+// nothing done (a wait with nowhere to put its result took the result and
+// then crashed). The client's error says which, where there is a client.
+gpuq_code Null(gpuq_client* c, const char* what) {
+  if (!c) return GPUQ_INVALID;
+  return Fail(c, gpuq::Status(gpuq::Code::kInvalid, std::string(what) + " is NULL"));
+}
+
 gpuq_state State(gpuq::schema::JobState s) { return static_cast<gpuq_state>(s); }
 
 // Keeps the first misuse of a job: the calls return nothing, so the text
@@ -118,7 +126,9 @@ gpuq_code gpuq_client_new(const char* endpoint, int timeout_ms, gpuq_client** ou
 
 void gpuq_client_free(gpuq_client* client) { delete client; }
 
-const char* gpuq_client_error(const gpuq_client* client) { return client->error.c_str(); }
+const char* gpuq_client_error(const gpuq_client* client) {
+  return client ? client->error.c_str() : "no client (NULL)";
+}
 
 gpuq_job* gpuq_job_new(const char* source, const char* entry) {
   auto* j = new gpuq_job;
@@ -200,6 +210,8 @@ void gpuq_job_add_out(gpuq_job* job, size_t size) {
 
 gpuq_code gpuq_region_new(gpuq_client* client, uint64_t size, const char* tenant,
                           gpuq_region** out) {
+  if (out) *out = nullptr;
+  if (!client || !out) return Null(client, "the region's place (out)");
   auto r = client->client->NewRegion(size, tenant ? tenant : "");
   if (!r.ok()) return Fail(client, r.status());
   *out = new gpuq_region{std::move(*r)};
@@ -210,6 +222,7 @@ void* gpuq_region_data(gpuq_region* region) { return region->region->data(); }
 uint64_t gpuq_region_size(const gpuq_region* region) { return region->region->size(); }
 uint64_t gpuq_region_id(const gpuq_region* region) { return region->region->id(); }
 gpuq_code gpuq_region_unregister(gpuq_client* client, gpuq_region* region) {
+  if (!client || !region) return Null(client, "the region");
   gpuq::Status s = region->region->Unregister();
   if (!s.ok()) return Fail(client, s);
   return GPUQ_OK;
@@ -299,6 +312,7 @@ void gpuq_job_set_graph(gpuq_job* job, int yes) {
 }
 
 gpuq_code gpuq_submit(gpuq_client* client, const gpuq_job* job, uint64_t* id) {
+  if (!client || !job || !id) return Null(client, !job ? "the job" : "the id's place (id)");
   if (!job->misuse.empty()) return Fail(client, gpuq::Error(gpuq::Code::kInvalid, job->misuse));
   if (job->several && job->request.spec.launches.empty()) {
     return Fail(client, gpuq::Error(gpuq::Code::kInvalid,
@@ -312,6 +326,8 @@ gpuq_code gpuq_submit(gpuq_client* client, const gpuq_job* job, uint64_t* id) {
 }
 
 gpuq_code gpuq_wait(gpuq_client* client, uint64_t id, int timeout_ms, gpuq_result** out) {
+  if (out) *out = nullptr;
+  if (!client || !out) return Null(client, "the result's place (out)");
   std::optional<gpuq::Millis> t;
   if (timeout_ms > 0) t = gpuq::Millis(timeout_ms);
   auto r = client->client->Wait(id, t);
@@ -321,6 +337,8 @@ gpuq_code gpuq_wait(gpuq_client* client, uint64_t id, int timeout_ms, gpuq_resul
 }
 
 gpuq_code gpuq_status(gpuq_client* client, uint64_t id, gpuq_result** out) {
+  if (out) *out = nullptr;
+  if (!client || !out) return Null(client, "the result's place (out)");
   auto r = client->client->GetStatus(id);
   if (!r.ok()) return Fail(client, r.status());
   *out = new gpuq_result{std::move(*r)};
@@ -328,6 +346,7 @@ gpuq_code gpuq_status(gpuq_client* client, uint64_t id, gpuq_result** out) {
 }
 
 gpuq_code gpuq_cancel(gpuq_client* client, uint64_t id, gpuq_state* state) {
+  if (!client || !state) return Null(client, "the state's place (state)");
   auto r = client->client->Cancel(id);
   if (!r.ok()) return Fail(client, r.status());
   *state = State(*r);
@@ -362,6 +381,8 @@ uint64_t gpuq_result_launch_us(const gpuq_result* r, size_t i) {
 
 gpuq_code gpuq_usage(gpuq_client* client, const char* tenant, uint64_t since_ms,
                      uint64_t until_ms, gpuq_usage_list** out) {
+  if (out) *out = nullptr;
+  if (!client || !out) return Null(client, "the list's place (out)");
   auto rows = client->client->Usage(tenant ? tenant : "", since_ms, until_ms);
   if (!rows.ok()) return Fail(client, rows.status());
   *out = new gpuq_usage_list{std::move(*rows)};
@@ -401,6 +422,8 @@ gpuq_code gpuq_session_open(gpuq_client* client, const char* tenant, uint64_t me
 }
 gpuq_code gpuq_session_open_limited(gpuq_client* client, const char* tenant, uint64_t memory,
                                     uint64_t idle_ms, uint64_t limit_ms, gpuq_session** out) {
+  if (out) *out = nullptr;
+  if (!client || !out) return Null(client, "the session's place (out)");
   gpuq::SessionOptions o;
   o.tenant = tenant ? tenant : "";
   o.memory = memory;
@@ -416,6 +439,10 @@ uint64_t gpuq_session_id(const gpuq_session* session) { return session->session-
 const char* gpuq_session_error(const gpuq_session* session) { return session->error.c_str(); }
 
 gpuq_code gpuq_session_alloc(gpuq_session* session, uint64_t size, uint32_t* buffer) {
+  if (!session) return GPUQ_INVALID;
+  if (!buffer) {
+    return SessionFail(session, gpuq::Status(gpuq::Code::kInvalid, "the handle's place is NULL"));
+  }
   auto h = session->session->Alloc(size);
   if (!h.ok()) return SessionFail(session, h.status());
   *buffer = *h;
@@ -455,6 +482,11 @@ gpuq_code gpuq_session_fill(gpuq_session* session, uint32_t buffer, uint64_t off
 }
 gpuq_code gpuq_session_attach(gpuq_session* session, const gpuq_region* region,
                               uint32_t* handle) {
+  if (!session) return GPUQ_INVALID;
+  if (!region || !handle) {
+    return SessionFail(session, gpuq::Status(gpuq::Code::kInvalid, "the region or the handle's "
+                                                                   "place is NULL"));
+  }
   auto h = session->session->Attach(*region->region);
   if (!h.ok()) return SessionFail(session, h.status());
   *handle = *h;
@@ -483,6 +515,8 @@ void gpuq_job_add_session_buffer(gpuq_job* job, uint32_t buffer, uint64_t offset
 namespace {
 gpuq_code SessionLaunch(gpuq_session* session, const gpuq_job* launch, bool timed,
                         uint64_t* kernel_ns, gpuq_result** result = nullptr) {
+  if (!session) return GPUQ_INVALID;
+  if (!launch) return SessionFail(session, gpuq::Status(gpuq::Code::kInvalid, "the launch is NULL"));
   if (!launch->misuse.empty()) {
     return SessionFail(session, gpuq::Status(gpuq::Code::kInvalid, launch->misuse));
   }

@@ -441,6 +441,15 @@ TEST_F(BrokerTest, ClosingAnAsyncClientResolvesWhatIsPending) {
 }
 
 extern "C" int gpuq_c_api_scenario(const char* endpoint, char* why, size_t why_size);
+extern "C" int gpuq_c_api_nulls(const char* endpoint, char* why, size_t why_size);
+
+TEST_F(BrokerTest, TheCApiRefusesNullsAndDoesNothing) {
+  AddWorker();
+  auto c = Connect();
+  ASSERT_TRUE(WaitForWorkers(*c, 1));
+  char why[512] = "";
+  EXPECT_EQ(gpuq_c_api_nulls(broker_->client_endpoint().c_str(), why, sizeof why), 0) << why;
+}
 
 TEST_F(BrokerTest, TheCApiSubmitsWaitsAndReadsResults) {
   AddWorker();

@@ -484,3 +484,47 @@ out:
   gpuq_client_free(c);
   return rc;
 }
+
+/* NULL where the API takes a client or a place for an answer: GPUQ_INVALID
+ * and nothing done (each crashed; a wait with no place for its result took
+ * the result first). */
+int gpuq_c_api_nulls(const char* endpoint, char* why, size_t why_size) {
+  int rc = 1;
+  gpuq_client* c = NULL;
+  gpuq_job* job = NULL;
+  gpuq_result* r = NULL;
+  /* Not NULL: the failing calls below set them to NULL (never freed). */
+  gpuq_result* probe = (gpuq_result*)&rc;
+  gpuq_region* region = (gpuq_region*)&rc;
+  uint64_t id = 0;
+  unsigned char x[2] = {1, 2};
+  gpuq_code code;
+
+  CHECK(gpuq_client_new(endpoint, 10000, &c) == GPUQ_OK, "connect");
+  CHECK(gpuq_client_error(NULL) != NULL, "gpuq_client_error(NULL) gives a text");
+  job = gpuq_job_new(kKernels, "k");
+  gpuq_job_set_launch(job, 1, 1, 1, 32, 1, 1, 0);
+  gpuq_job_add_inout(job, x, sizeof x);
+  gpuq_job_add_out(job, 4);
+  CHECK(gpuq_submit(c, job, NULL) == GPUQ_INVALID, "submit with no place for the id");
+  CHECK(gpuq_submit(c, NULL, &id) == GPUQ_INVALID, "submit of no job");
+  CHECK(gpuq_submit(NULL, job, &id) == GPUQ_INVALID, "submit on no client");
+  code = gpuq_submit(c, job, &id);
+  CHECK(code == GPUQ_OK, "submit: %s: %s", gpuq_code_name(code), gpuq_client_error(c));
+  CHECK(gpuq_wait(c, id, 0, NULL) == GPUQ_INVALID, "wait with no place for the result");
+  CHECK(gpuq_status(c, id, NULL) == GPUQ_INVALID, "status with no place for the result");
+  CHECK(gpuq_cancel(c, id, NULL) == GPUQ_INVALID, "cancel with no place for the state");
+  CHECK(gpuq_status(NULL, id, &probe) == GPUQ_INVALID && probe == NULL, "status on no client");
+  CHECK(gpuq_region_new(c, 4096, NULL, NULL) == GPUQ_INVALID, "a region with no place");
+  CHECK(gpuq_region_new(NULL, 4096, NULL, &region) == GPUQ_INVALID && region == NULL,
+        "a region on no client");
+  code = gpuq_wait(c, id, 0, &r);
+  CHECK(code == GPUQ_OK && gpuq_result_state(r) == GPUQ_DONE,
+        "the job is still there to wait for: %s: %s", gpuq_code_name(code), gpuq_client_error(c));
+  rc = 0;
+out:
+  gpuq_result_free(r);
+  gpuq_job_free(job);
+  gpuq_client_free(c);
+  return rc;
+}
