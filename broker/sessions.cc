@@ -214,6 +214,9 @@ StatusOr<SessionServer::Host*> SessionServer::Start(const std::string& tenant,
   posix_spawn_file_actions_t fa;
   posix_spawn_file_actions_init(&fa);
   posix_spawn_file_actions_adddup2(&fa, theirs.get(), 3);
+  // Nothing else of gpuqd's: connections accepted without O_CLOEXEC (the
+  // metrics server's) stayed open in the process for its life.
+  posix_spawn_file_actions_addclosefrom_np(&fa, 4);
   pid_t pid = -1;
   const int rc = posix_spawn(&pid, limits_.bin.c_str(), &fa, nullptr, argv.data(), environ);
   posix_spawn_file_actions_destroy(&fa);

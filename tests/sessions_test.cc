@@ -3,6 +3,8 @@
 // double's memory (gpuq-fake-session: the session logic is gpuq-session's;
 // its kernels are known by name, tests/fake_session.cc). Kernels compile
 // for real, through the broker's compile service.
+#include <netinet/in.h>
+#include <arpa/inet.h>
 #include <poll.h>
 #include <signal.h>
 #include <sys/socket.h>
@@ -21,6 +23,7 @@
 #include <nlohmann/json.hpp>
 #include <sstream>
 #include <string>
+#include <map>
 #include <set>
 #include <thread>
 #include <vector>
@@ -780,6 +783,50 @@ TEST_F(SessionsTest, ALaunchsOwnBuffersCountUntilItIsAnswered) {
       << more.status().ToString();
   EXPECT_TRUE((*s)->Wait(*held).ok());
   EXPECT_TRUE((*s)->Alloc(512 << 10).ok()) << "once answered, they count no more";
+}
+
+// What a session process holds of gpuqd's: its control channel (fd 3)
+// and the standard three, nothing else. A connection the metrics server
+// had accepted (without O_CLOEXEC) when the process started stayed open in
+// it for its life, and the scraper waited on it.
+TEST_F(SessionsTest, ASessionProcessHoldsNoneOfGpuqdsDescriptors) {
+  Start();
+  // A scrape under way: its request not yet whole, its connection accepted.
+  const int scrape = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  ASSERT_GE(scrape, 0);
+  sockaddr_in to{};
+  to.sin_family = AF_INET;
+  to.sin_port = htons(static_cast<uint16_t>(broker_->metrics_port()));
+  to.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  ASSERT_EQ(connect(scrape, reinterpret_cast<sockaddr*>(&to), sizeof to), 0);
+  const char partial[] = "GET /metrics HTTP/1.1\r\nHost: x\r\n";
+  ASSERT_EQ(write(scrape, partial, sizeof partial - 1), static_cast<ssize_t>(sizeof partial - 1));
+  std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  auto links = [](pid_t pid) {
+    std::map<int, std::string> out;
+    const std::string dir = "/proc/" + std::to_string(pid) + "/fd";
+    for (const auto& e : std::filesystem::directory_iterator(dir)) {
+      std::error_code ec;
+      auto target = std::filesystem::read_symlink(e.path(), ec);
+      if (!ec) out[std::stoi(e.path().filename().string())] = target.string();
+    }
+    return out;
+  };
+  const std::map<int, std::string> gpuqd = links(broker_->process().pid());
+  auto a = Open("a");
+  ASSERT_TRUE(a.ok()) << Log();
+  pid_t pid = 0;
+  for (const auto& r : Sessions()) pid = r["pid"].get<pid_t>();
+  ASSERT_GT(pid, 0);
+  std::set<std::string> theirs;
+  for (const auto& [fd, target] : gpuqd) {
+    if (target.rfind("socket:", 0) == 0) theirs.insert(target);
+  }
+  for (const auto& [fd, target] : links(pid)) {
+    if (fd <= 3) continue;
+    EXPECT_EQ(theirs.count(target), 0u) << "fd " << fd << ": " << target << " is gpuqd's";
+  }
+  close(scrape);
 }
 
 TEST_F(SessionsTest, AKilledSessionProcessEndsOnlyItsSessions) {

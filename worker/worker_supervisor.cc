@@ -28,9 +28,15 @@ pid_t SpawnArgs(const std::vector<std::string>& args) {
   std::vector<char*> argv;
   for (const auto& a : args) argv.push_back(const_cast<char*>(a.c_str()));
   argv.push_back(nullptr);
+  // Nothing of gpuqd's but the standard three: connections accepted
+  // without O_CLOEXEC (the metrics server's) stayed open in every worker.
+  posix_spawn_file_actions_t fa;
+  posix_spawn_file_actions_init(&fa);
+  posix_spawn_file_actions_addclosefrom_np(&fa, 3);
   pid_t pid = -1;
-  if (posix_spawn(&pid, argv[0], nullptr, nullptr, argv.data(), environ) != 0) return -1;
-  return pid;
+  const int rc = posix_spawn(&pid, argv[0], &fa, nullptr, argv.data(), environ);
+  posix_spawn_file_actions_destroy(&fa);
+  return rc == 0 ? pid : -1;
 }
 
 }  // namespace
@@ -68,6 +74,7 @@ void WorkerSupervisor::Start(int count) {
     posix_spawn_file_actions_t fa;
     posix_spawn_file_actions_init(&fa);
     posix_spawn_file_actions_adddup2(&fa, fds[1], 1);
+    posix_spawn_file_actions_addclosefrom_np(&fa, 3);
     std::string b = bin_, flag = "--count";
     char* argv[] = {b.data(), flag.data(), nullptr};
     pid_t pid = -1;
