@@ -1,10 +1,17 @@
 #include "broker/tenants.h"
 
+#include <fcntl.h>
 #include <nlohmann/json.hpp>
+#include <sys/stat.h>
+#include <unistd.h>
 
+#include <cerrno>
 #include <cmath>
+#include <cstring>
 #include <fstream>
 #include <sstream>
+
+#include "util/fd.h"
 
 namespace gpuq::broker {
 namespace {
@@ -80,12 +87,27 @@ StatusOr<TenantPolicies> TenantPolicies::Parse(std::string_view text) {
 }
 
 StatusOr<TenantPolicies> TenantPolicies::Load(const std::string& path) {
-  std::ifstream in(path);
-  if (!in) return Error(Code::kIoError, "tenants file " + path + ": cannot be read");
-  std::stringstream text;
-  text << in.rdbuf();
-  if (text.str().size() > (1u << 20)) return Bad(path, "over 1 MiB");
-  return Parse(text.str());
+  // Read on the broker's loop (SIGHUP): a FIFO or a device named here held
+  // it, and a file of any size was read whole before its size was checked.
+  // Links are followed (a Kubernetes ConfigMap's files are links); what
+  // they reach must be a regular file of at most 1 MiB.
+  UniqueFd fd(open(path.c_str(), O_RDONLY | O_NONBLOCK | O_CLOEXEC));
+  if (!fd.valid()) {
+    return Error(Code::kIoError, "tenants file " + path + ": cannot be read: " + strerror(errno));
+  }
+  struct stat st {};
+  if (fstat(fd.get(), &st) != 0 || !S_ISREG(st.st_mode)) return Bad(path, "not a regular file");
+  if (st.st_size > (1 << 20)) return Bad(path, "over 1 MiB");
+  std::string text(static_cast<size_t>(st.st_size), '\0');
+  size_t got = 0;
+  while (got < text.size()) {
+    const ssize_t n = pread(fd.get(), text.data() + got, text.size() - got, static_cast<off_t>(got));
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) break;
+    got += static_cast<size_t>(n);
+  }
+  text.resize(got);  // a file that shrank meanwhile: what it holds now
+  return Parse(text);
 }
 
 const TenantPolicy& TenantPolicies::For(const std::string& tenant) const {

@@ -1,10 +1,13 @@
 // Tenants through gpuqd, with the worker test double: GPU time divided by
 // weight, concurrency and rate limits, and the tenants file read again on
 // SIGHUP (a bad file keeps the settings as they were).
-#include <gtest/gtest.h>
 #include <signal.h>
+#include <sys/stat.h>
+
+#include <gtest/gtest.h>
 
 #include <algorithm>
+#include <filesystem>
 #include <httplib.h>
 #include <nlohmann/json.hpp>
 
@@ -255,6 +258,26 @@ TEST_F(TenantsTest, SighupReadsTheFileAgainAndABadFileChangesNothing) {
   auto id = c->Submit(As("t", "ms10"));
   ASSERT_FALSE(id.ok()) << "the old limit of 1 job/s stays";
   EXPECT_EQ(id.status().code(), Code::kQuotaExceeded);
+}
+
+// The file is read on the broker's loop: a FIFO put in its place held the
+// loop in open() until a writer came (every client waited), and a file of
+// any size was read whole first. Neither is read now; a link to a good
+// file (as a Kubernetes ConfigMap mounts it) is.
+TEST_F(TenantsTest, ATenantsFileThatIsNoRegularFileIsRefusedWithoutBlocking) {
+  ASSERT_TRUE(StartWith(R"({"default": {"jobs_per_s": 1000}})")) << Log();
+  auto c = Connect(Millis(3000));
+  std::filesystem::remove(path_);
+  ASSERT_EQ(mkfifo(path_.c_str(), 0600), 0);
+  broker_->process().Signal(SIGHUP);
+  ASSERT_TRUE(LogSays("not a regular file")) << Log();
+  EXPECT_TRUE(c->Stats().ok()) << "the loop serves on";
+  std::filesystem::remove(path_);
+  const std::string real = dir_.File("real-tenants.json");
+  WriteFile(real, R"({"default": {"jobs_per_s": 500}})");
+  std::filesystem::create_symlink(real, path_);
+  broker_->process().Signal(SIGHUP);
+  ASSERT_TRUE(LogSays(path_ + " reloaded: ")) << Log();
 }
 
 TEST_F(TenantsTest, ABadTenantsFileStopsTheStart) {
