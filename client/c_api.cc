@@ -222,7 +222,9 @@ void* gpuq_region_data(gpuq_region* region) { return region->region->data(); }
 uint64_t gpuq_region_size(const gpuq_region* region) { return region->region->size(); }
 uint64_t gpuq_region_id(const gpuq_region* region) { return region->region->id(); }
 gpuq_code gpuq_region_unregister(gpuq_client* client, gpuq_region* region) {
-  if (!client || !region) return Null(client, "the region");
+  // `client` only takes the error's text, and may be NULL (the region may
+  // outlive it).
+  if (!region) return Null(client, "the region");
   gpuq::Status s = region->region->Unregister();
   if (!s.ok()) return Fail(client, s);
   return GPUQ_OK;

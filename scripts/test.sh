@@ -46,7 +46,11 @@ export TSAN_OPTIONS="halt_on_error=1 second_deadlock_stack=1 suppressions=$PWD/t
 echo "== tests, AddressSanitizer + UndefinedBehaviorSanitizer build"
 ctest --test-dir build-asan -j "$jobs" --output-on-failure --timeout 600
 echo "== tests, ThreadSanitizer build (unit and broker)"
-ctest --test-dir build-tsan -j "$jobs" --output-on-failure --timeout 900 -L "unit|broker"
+# Heartbeats of 300 ms where a test names none (tests/test_util.h): the
+# sanitizer slows every process several times over, and on a small machine
+# a worker held up past 3 x 100 ms was taken for a silent one.
+GPUQ_TEST_HEARTBEAT_MS=300 \
+  ctest --test-dir build-tsan -j "$jobs" --output-on-failure --timeout 900 -L "unit|broker"
 echo "== tests, Release build"
 ctest --test-dir build-release -j "$jobs" --output-on-failure --timeout 600
 echo "== Kubernetes manifests"

@@ -94,12 +94,13 @@ class BrokerTest : public ::testing::Test {
     return broker_->Start();
   }
 
-  // A worker test double; its heartbeat is 100 ms unless `extra` names one.
+  // A worker test double; its heartbeat is TestHeartbeatMs() unless `extra`
+  // names one.
   Process& AddWorker(std::vector<std::string> extra = {}) {
     std::vector<std::string> argv = {BinPath("gpuq-fake-worker"), "--broker",
                                      broker_->worker_endpoint()};
     if (std::find(extra.begin(), extra.end(), "--heartbeat-ms") == extra.end()) {
-      argv.insert(argv.end(), {"--heartbeat-ms", "100"});
+      argv.insert(argv.end(), {"--heartbeat-ms", TestHeartbeatMs()});
     }
     argv.insert(argv.end(), extra.begin(), extra.end());
     workers_.push_back(Process::Start(argv, dir_.File("workers.log")));

@@ -106,7 +106,7 @@ bool BrokerProcess::Start() {
                                    "--log-level", "debug"};
   // A test may choose its own heartbeat (a raw worker answers slowly).
   if (std::find(extra_.begin(), extra_.end(), "--heartbeat-ms") == extra_.end()) {
-    argv.insert(argv.end(), {"--heartbeat-ms", "100"});
+    argv.insert(argv.end(), {"--heartbeat-ms", TestHeartbeatMs()});
   }
   argv.insert(argv.end(), extra_.begin(), extra_.end());
   process_ = Process::Start(argv, dir_ + "/gpuqd.log");

@@ -36,6 +36,11 @@ std::string ReadFile(const std::string& path) {
   return ss.str();
 }
 
+std::string TestHeartbeatMs() {
+  const char* env = getenv("GPUQ_TEST_HEARTBEAT_MS");
+  return env && *env ? std::string(env) : std::string("100");
+}
+
 std::string BinPath(const std::string& name) {
   char buf[PATH_MAX];
   ssize_t n = readlink("/proc/self/exe", buf, sizeof buf - 1);

@@ -25,6 +25,11 @@ std::string ReadFile(const std::string& path);
 
 // A program built beside the test binary (build/bin/NAME).
 std::string BinPath(const std::string& name);
+// The heartbeat interval (ms, as text) of gpuqd and the worker test doubles
+// where a test names none: $GPUQ_TEST_HEARTBEAT_MS, else 100. A sanitizer
+// build on a small machine sets more, so that a worker the sanitizer slows
+// is not taken for a silent one.
+std::string TestHeartbeatMs();
 
 // Runs argv to completion; returns its exit status (or 128+signal) and what
 // it wrote on stdout.

@@ -8,8 +8,9 @@
  * - Objects are opaque. What a gpuq_*_new or an out-parameter gives you, you
  *   own and must release with the matching gpuq_*_free (NULL is accepted).
  *   A call that gives an object sets its out-parameter to NULL first, so it
- *   is NULL after any failure. A NULL client, session, job or out-parameter
- *   makes a call that returns a gpuq_code return GPUQ_INVALID and do nothing.
+ *   is NULL after any failure. A NULL client (but gpuq_region_unregister's),
+ *   session, job or out-parameter makes a call that returns a gpuq_code
+ *   return GPUQ_INVALID and do nothing.
  * - Threads: a gpuq_client must not be used by two threads at once; use one
  *   per thread. gpuq_job and gpuq_result objects are plain data: any thread,
  *   one at a time. A gpuq_region's calls (unregister, free) belong to the
