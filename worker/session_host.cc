@@ -1496,10 +1496,9 @@ void SessionHost::Impl::OnModule(SessionMessage& m) {
     if (mod.kernel) loaded += mod.kernel->device_bytes;
   }
   const uint64_t budget = opt_.module_budget;
-  auto over = [&] {
-    return module_order_.size() > opt_.max_modules || (budget && loaded > budget);
-  };
-  for (auto at = module_order_.begin(); over() && at != module_order_.end();) {
+  for (auto at = module_order_.begin();
+       (module_order_.size() > opt_.max_modules || (budget && loaded > budget)) &&
+       at != module_order_.end();) {
     auto old = modules_.find(*at);
     if (old == modules_.end()) {
       at = module_order_.erase(at);
