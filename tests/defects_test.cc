@@ -731,7 +731,21 @@ TEST_F(BrokerTest, ASighupDuringTheStartIsAReloadNotAnEnd) {
        "ipc://" + other.File("w.sock"), "--store", other.File("jobs.db"), "--cache",
        other.File("kernels.db"), "--workers", "0", "--ready-file", ready},
       other.File("gpuqd.log"));
-  std::this_thread::sleep_for(std::chrono::milliseconds(500));  // waiting for the lock
+  // Signalled once it catches SIGHUP (SigCgt), which the fix makes it do
+  // before it opens the store: before it had reached main(), the signal's
+  // default would end any program. Without the fix it never does while the
+  // store is locked, and the signal comes after 10 s.
+  auto catches_hup = [&] {
+    std::ifstream status("/proc/" + std::to_string(p.pid()) + "/status");
+    for (std::string line; std::getline(status, line);) {
+      if (line.rfind("SigCgt:", 0) == 0) return (std::stoull(line.substr(7), nullptr, 16) & 1) != 0;
+    }
+    return false;
+  };
+  for (int i = 0; i < 1000 && !catches_hup(); ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));  // waiting for the lock
   EXPECT_FALSE(std::filesystem::exists(ready));
   p.Signal(SIGHUP);
   std::this_thread::sleep_for(std::chrono::milliseconds(100));
