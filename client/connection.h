@@ -77,6 +77,9 @@ struct RegionChannel {
   StatusOr<schema::RegionMessage> Call(schema::RegionMessage m, int pass = -1);
   // A reply to a call that stopped waiting; false if the channel failed.
   bool Late(const schema::RegionMessage& r);
+  // One message that has come (false: none has); the channel is closed
+  // when the broker's end has gone.
+  StatusOr<bool> ReadOne(schema::RegionMessage* r);
 };
 
 }  // namespace gpuq::client_internal

@@ -25,19 +25,21 @@ bool RegionChannel::Late(const schema::RegionMessage& r) {
   return true;
 }
 
+StatusOr<bool> RegionChannel::ReadOne(schema::RegionMessage* r) {
+  UniqueFd unexpected;  // a client is never handed one: closed
+  auto got = schema::ReadRegionMessage(fd.get(), /*dontwait=*/true, r, &unexpected);
+  if (!got.ok() && got.status().code() == Code::kUnavailable) fd.Reset();
+  return got;
+}
+
 StatusOr<schema::RegionMessage> RegionChannel::Call(schema::RegionMessage m, int pass) {
   if (!fd.valid()) return Status(Code::kUnavailable, "the region channel is closed");
   // Answers that came after their calls stopped waiting, first: a region
   // registered too late goes before this request counts it.
   while (!abandoned.empty()) {
     schema::RegionMessage r;
-    UniqueFd unexpected;
-    auto got = schema::ReadRegionMessage(fd.get(), /*dontwait=*/true, &r, &unexpected);
-    if (!got.ok()) {
-      if (got.status().code() == Code::kUnavailable) fd.Reset();
-      return got.status();
-    }
-    if (!*got) break;
+    GPUQ_ASSIGN_OR_RETURN(bool got, ReadOne(&r));
+    if (!got) break;
     (void)Late(r);
   }
   m.rid = ++rid;
@@ -52,13 +54,8 @@ StatusOr<schema::RegionMessage> RegionChannel::Call(schema::RegionMessage m, int
       return Status(Code::kTimeout, "no answer on the region channel");
     }
     schema::RegionMessage r;
-    UniqueFd unexpected;
-    auto got = schema::ReadRegionMessage(fd.get(), /*dontwait=*/true, &r, &unexpected);
-    if (!got.ok()) {
-      if (got.status().code() == Code::kUnavailable) fd.Reset();
-      return got.status();
-    }
-    if (!*got) continue;
+    GPUQ_ASSIGN_OR_RETURN(bool got, ReadOne(&r));
+    if (!got) continue;
     // An error without a rid is the broker's answer to a request it could
     // not read: this one (one request at a time is outstanding). Another
     // rid answers an earlier request that timed out.
