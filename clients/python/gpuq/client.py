@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import mmap
+import operator
 import os
 import time
 from typing import (TYPE_CHECKING, Any, Callable, Deque, Dict, Iterable, List, Literal, Mapping,
@@ -224,21 +225,29 @@ class Result:
         self.timing: Dict[str, Any] = header.get("timing", {})
         self.outputs: Dict[int, Output] = {}
         buffers: List[Union[bytes, mmap.mmap]] = list(frames)
-        for path, size in header.get("files", []):
-            if size == 0:
-                buffers.append(b"")
-                continue
+        args, files = _check_outputs(header, len(buffers))
+        for path, size in files:
             try:
                 with open(path, "rb") as f:
-                    buffers.append(mmap.mmap(f.fileno(), size, prot=mmap.PROT_READ))
+                    found = os.fstat(f.fileno()).st_size
+                    if found != size:
+                        raise ValueError("it has %d bytes, the reply names %d" % (found, size))
+                    buffers.append(mmap.mmap(f.fileno(), size, prot=mmap.PROT_READ)
+                                   if size else b"")
             except (OSError, ValueError) as e:
                 # As the C++ client: an output file that cannot be read (gone,
-                # shorter than named) makes the result failed, not an exception.
+                # not of the size named) makes the result failed, not an exception.
                 self.state, self.code = "failed", "io_error"
                 self.error = "cannot read output file %s: %s" % (path, e)
                 return
-        for arg, frame in zip(header.get("outputs", []), buffers):
-            self.outputs[arg] = as_output(frame, (out_specs or {}).get(arg))
+        for arg, frame in zip(args, buffers):
+            spec = (out_specs or {}).get(arg)
+            try:
+                self.outputs[arg] = as_output(frame, spec)
+            except ValueError as e:  # its size does not fit its dtype and shape
+                assert spec is not None
+                raise Error("malformed", "reply from the broker: output %d of %d bytes is not "
+                            "of %s, shape %s" % (arg, len(frame), spec[0], spec[1])) from e
 
     @property
     def ok(self) -> bool:
@@ -246,6 +255,37 @@ class Result:
 
     def __repr__(self) -> str:
         return "Result(id=%d, state=%s, code=%s)" % (self.id, self.state, self.code)
+
+
+def _check_outputs(header: Mapping[str, Any], frames: int
+                   ) -> Tuple[List[int], List[Tuple[str, int]]]:
+    """A reply's `outputs` and `files`, checked as the C++ client checks
+    them: one output, each a distinct argument index, per payload frame and
+    file, and files as [full path, size]; Error "malformed" or "invalid"
+    when they are not."""
+    def refuse(code: str, what: str) -> Error:
+        return Error(code, "reply from the broker: " + what)
+
+    def u64(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 64
+
+    args = header.get("outputs", [])
+    files = header.get("files", [])
+    if not isinstance(args, list) or not all(u64(a) and a < 1 << 32 for a in args):
+        raise refuse("malformed", "outputs: expected a list of u32")
+    if not isinstance(files, list) or not all(
+            isinstance(f, list) and len(f) == 2 and isinstance(f[0], str) and u64(f[1])
+            for f in files):
+        raise refuse("malformed", "files: expected each file as [path, size]")
+    for path, _ in files:
+        if not path.startswith("/"):
+            raise refuse("invalid", "files: %r is not a full path" % path[:128])
+    if len(args) != frames + len(files):
+        raise refuse("malformed", "one payload frame per output is required (%d outputs, "
+                     "%d frames)" % (len(args), frames + len(files)))
+    if len(set(args)) != len(args):
+        raise refuse("malformed", "outputs: an argument is named more than once")
+    return args, [(path, size) for path, size in files]
 
 
 def default_endpoint() -> str:
@@ -277,8 +317,8 @@ def open_socket(ctx: zmq.Context[Any], endpoint: Optional[str], curve: Optional[
 
 
 def _dim3(d: Dim) -> List[int]:
-    t = (d,) if isinstance(d, int) else tuple(d)
-    return list(t) + [1] * (3 - len(t))
+    t = (d,) if isinstance(d, (int, np.integer)) else tuple(d)
+    return [operator.index(x) for x in t] + [1] * (3 - len(t))
 
 
 def build_submit(source: str, entry: Optional[str] = None, grid: Optional[Dim] = None,
@@ -346,7 +386,7 @@ def _build_submit(made: List[str], source: str, entry: Optional[str],
     local_out = False
     for i, a in enumerate(held):
         if isinstance(a, Scalar) and not several:
-            wire_args.append([a.type, a.value])
+            wire_args.append(scalar_arg(a, "argument %d" % i))
         elif isinstance(a, In):
             data, spec = in_bytes(a)
             if spec is not None:
@@ -390,7 +430,7 @@ def _build_submit(made: List[str], source: str, entry: Optional[str],
     if tenant:
         job["tenant"] = tenant
     if priority != 5:
-        job["priority"] = priority
+        job["priority"] = operator.index(priority)
     if deadline_ms:
         job["deadline_ms"] = int(deadline_ms)
     if limit_ms:
@@ -466,13 +506,36 @@ def launch_args(args: Sequence[Any], where: str, whose: str) -> List[List[Any]]:
     out: List[List[Any]] = []
     for k, a in enumerate(args):
         if isinstance(a, Scalar):
-            out.append([a.type, a.value])
+            out.append(scalar_arg(a, "%sargument %d" % (where, k)))
         elif isinstance(a, Buf):
             out.append(["buf", a.index if a.offset == 0 else [a.index, a.offset]])
         else:
             raise TypeError("%sargument %d: a launch's arguments are scalars and gpuq.Buf of %s, "
                             "not %r" % (where, k, whose, a))
     return out
+
+
+_INT_TYPES = ("u8", "i8", "u16", "i16", "u32", "i32", "u64", "i64")
+
+
+def scalar_arg(a: Scalar, what: str) -> List[Any]:
+    """The wire form of scalar argument `what`: [type, value], a numpy
+    scalar's value as the int (or, for f32 and f64, the float) it holds;
+    TypeError naming it when its value is not a number of its type."""
+    v = a.value
+    if a.type in _INT_TYPES:
+        if isinstance(v, np.integer):
+            v = int(v)
+        ok = isinstance(v, int)
+    else:
+        if isinstance(v, (np.integer, np.floating)):
+            v = float(v)
+        ok = isinstance(v, (int, float))
+    if not ok or isinstance(v, bool):
+        raise TypeError("%s: a %s value is %s, not %r of type %s"
+                        % (what, a.type, "an int" if a.type in _INT_TYPES else "a number",
+                           a.value, type(a.value).__name__))
+    return [a.type, v]
 
 
 def in_bytes(a: In) -> Tuple[Payload, Optional[OutSpec]]:
@@ -591,13 +654,21 @@ class Client:
 
     def _call(self, header: Header, payload: Iterable[Any] = (),
               timeout: Optional[float] = None) -> Tuple[Header, List[bytes]]:
+        return self._reply(self._request(header, payload), timeout)
+
+    def _request(self, header: Header, payload: Iterable[Any] = ()) -> int:
+        """Sends a request with the next rid: that rid. Nothing is sent when
+        its header cannot be encoded."""
         self._rid += 1
-        header = dict(op=header.pop("op"), rid=self._rid, **header)
-        self._send(header, payload)
+        self._send(dict(op=header.pop("op"), rid=self._rid, **header), payload)
+        return self._rid
+
+    def _reply(self, rid: int, timeout: Optional[float] = None) -> Tuple[Header, List[bytes]]:
+        """The reply to request `rid` (an Error for an error reply)."""
         deadline = time.monotonic() + (timeout or self.timeout)
         while True:
             h, frames = self._recv(deadline)
-            if h.get("rid") == header["rid"]:
+            if h.get("rid") == rid:
                 raise_for(h)
                 return h, frames
             self._keep(h, frames)
@@ -701,7 +772,12 @@ class Client:
                   graph=graph)
         job, payload, specs, made = self._build(source, kw)
         try:
-            h, _ = self._call({"op": "submit", "job": job}, payload)
+            rid = self._request({"op": "submit", "job": job}, payload)
+        except BaseException:
+            _remove(made)  # not sent (a value the encoder refuses): the files are ours
+            raise
+        try:
+            h, _ = self._reply(rid)
         except Error as e:
             # A refused submit's files are not the broker's; after a timeout
             # the broker may yet take the job, and them (as the C++ client).
@@ -799,12 +875,15 @@ class Client:
                   placement=placement, launches=launches, buffers=buffers, sources=sources,
                   graph=graph)
         job, payload, specs, made = self._build(source, kw)
-        self._rid += 1
+        try:
+            rid = self._request({"op": "submit", "job": job}, payload)
+        except BaseException:
+            _remove(made)  # not sent: the files are ours
+            raise
         if made:
-            self._pending_files[self._rid] = made
-        self._send({"op": "submit", "rid": self._rid, "job": job}, payload)
-        self._pending_specs[self._rid] = specs
-        return self._rid
+            self._pending_files[rid] = made
+        self._pending_specs[rid] = specs
+        return rid
 
     def poll(self, timeout: Optional[float] = None) -> Event:
         """The next event: ("accepted", rid, id), ("rejected", rid, Error) or ("result", Result)."""

@@ -30,6 +30,25 @@ from gpuq.client import (Buf, Error, In, InOut, Out, OutSpec, Scalar, Scratch, a
 PROTOCOL = wire.SESSION_PROTOCOL
 Dim = Union[int, Sequence[int]]
 Header = Dict[str, Any]
+# The most bytes a request carries in one field (a msgpack bin): a write's
+# data, each of a launch's inputs.
+MAX_BIN = (1 << 32) - 1
+
+
+def _check_bin(data: Any, what: str) -> None:
+    """Error "too_large" for an array or bytes-like `data` of more than
+    MAX_BIN bytes, before any of them is read or sent (as the C++ client);
+    other data is checked once it is bytes."""
+    if isinstance(data, np.ndarray):
+        size = int(data.nbytes)
+    else:
+        try:
+            size = memoryview(data).nbytes
+        except TypeError:
+            return
+    if size > MAX_BIN:
+        raise Error("too_large", "%s of %d bytes: a session request carries at most %d"
+                    % (what, size, MAX_BIN))
 
 
 def _dim3(d: Dim) -> List[int]:
@@ -235,8 +254,10 @@ class Session:
 
     def write(self, buffer: int, data: Any, offset: int = 0) -> None:
         """Copies `data` (bytes, or any array: its bytes) into the buffer at
-        `offset`."""
+        `offset`. Error "too_large" for 4 GiB or more."""
+        _check_bin(data, "a write")
         raw = data.tobytes() if isinstance(data, np.ndarray) else bytes(data)
+        _check_bin(raw, "a write")
         self._call({"op": "write", "buffer": int(buffer), "offset": int(offset), "data": raw})
 
     def read(self, buffer: int, nbytes: int, offset: int = 0,
@@ -325,7 +346,8 @@ class Session:
         scalars (gpuq.u32(...), gpuq.f32(...)), gpuq.Buf(handle, offset)
         of this session's buffers, and buffers of the launch's own (see
         run(); their outputs come from wait_outputs()). timed=False: no CUDA
-        events, and wait() gives 0."""
+        events, and wait() gives 0. Error "too_large" for an input of 4 GiB
+        or more."""
         options = list(options or [])
         key = (source, entry, bool(name_expression), tuple(options),
                tuple((headers or {}).items()))
@@ -355,10 +377,12 @@ class Session:
             plain_wire = iter(launch_args(plain, "", "the session's buffers (by handle)"))
             for a in args:
                 if isinstance(a, In):
+                    _check_bin(a.data, "an input")
                     data, spec = in_bytes(a)
                     kind = "inout" if isinstance(a, InOut) else "in"
                     wire_args.append([kind, len(inputs)])
                     inputs.append(bytes(data))
+                    _check_bin(inputs[-1], "an input")
                     if kind == "inout":
                         outs.append(spec)
                 elif isinstance(a, Out):

@@ -351,3 +351,106 @@ def test_an_output_file_that_cannot_be_read_fails_the_result():
                 "outputs": [0]}, [])
     assert not r.ok
     assert r.code == "io_error" and "/nonexistent/gpuq-out" in r.error
+
+
+def test_a_submit_whose_message_cannot_be_encoded_leaves_no_local_file(service):
+    # numpy scalars as the values of scalar arguments could not be encoded,
+    # and the files of the inputs before them were left in the broker's
+    # local directory (so was anything else the encoder refused).
+    import os
+    local = os.path.join(service.folder, "jobs.db.blobs")
+    service.add_worker("--local-dir", local)
+
+    def left():
+        return [n for n in os.listdir(local) if n.startswith("c-")]
+    with gpuq.Client(service.client_endpoint, local_min=16) as c:
+        c.devices()
+        x = np.arange(64, dtype=np.uint8)
+        job = c.submit(KERNELS, "k", np.int64(1), (np.int32(32),),
+                       [gpuq.InOut(x), gpuq.Scalar("u32", np.int64(3)),
+                        gpuq.Scalar("f32", np.float32(1.5)), gpuq.Scalar("f64", np.int16(2))],
+                       priority=np.uint8(6))
+        r = c.wait(job)
+        assert r.ok, r.error
+        np.testing.assert_array_equal(r.outputs[0], x + 1)
+        for bad in (gpuq.Scalar("u32", np.float32(3.0)), gpuq.Scalar("i64", "3"),
+                    gpuq.Scalar("f32", None)):
+            with pytest.raises(TypeError, match="argument 1"):
+                c.submit(KERNELS, "k", 1, 1, [gpuq.In(bytes(64)), bad])
+            assert not left()
+        with pytest.raises(TypeError):
+            c.submit(KERNELS, "k", 1, 1, [gpuq.In(bytes(64))], placement={"min_free": object()})
+        assert not left()
+        with pytest.raises(TypeError):
+            c.submit_async(KERNELS, "k", 1, 1, [gpuq.In(bytes(64))],
+                           placement={"min_free": object()})
+        assert not left() and not c._pending_files
+        assert c.wait(c.submit(KERNELS, "k", 1, 32, [gpuq.InOut(x)])).ok
+
+
+def test_numpy_scalars_are_written_as_the_numbers_they_hold():
+    from gpuq import wire
+    from gpuq.client import build_submit
+    job, _, _, _ = build_submit(
+        KERNELS, buffers=[gpuq.Out(4)],
+        launches=[gpuq.Launch("k", np.int64(2), (np.uint16(32), 1),
+                              [gpuq.Buf(0), gpuq.Scalar("u8", np.uint8(7)),
+                               gpuq.Scalar("f32", np.float32(2.5)),
+                               gpuq.Scalar("f64", np.float64(0.25))])])
+    launch = job["launches"][0]
+    assert launch["grid"] == [2, 1, 1] and launch["block"] == [32, 1, 1]
+    assert launch["args"] == [["buf", 0], ["u8", 7], ["f32", 2.5], ["f64", 0.25]]
+    assert [type(v) for _, v in launch["args"][1:]] == [int, float, float]
+    assert b"\xa2u8\x07" in wire.encode({"job": job})
+    with pytest.raises(TypeError, match="launch 0, argument 1"):
+        build_submit(KERNELS, buffers=[gpuq.Out(4)],
+                     launches=[gpuq.Launch("k", 1, 1, [gpuq.Buf(0),
+                                                       gpuq.Scalar("u8", np.float64(1))])])
+
+
+def test_a_result_that_does_not_match_its_frames_is_refused(tmp_path):
+    # Outputs and frames were zipped (the surplus of either dropped), an
+    # output named twice kept one of its frames, and an output file longer
+    # than the reply named was read as if it were right: the C++ client
+    # refuses each.
+    from gpuq import wire
+    from gpuq.client import Result
+    done = {"op": "result", "id": 4, "state": "done", "attempts": 1, "timing": {}}
+    for outputs, frames in (([0, 2], [b"ab"]), ([], [b"ab"]), ([0, 0], [b"ab", b"cd"]),
+                            ([-1], [b"ab"]), ("0", [b"ab"])):
+        with pytest.raises(gpuq.Error) as e:
+            Result(dict(done, outputs=outputs), frames)
+        assert e.value.code == "malformed", outputs
+    with pytest.raises(gpuq.Error) as e:
+        Result(dict(done, outputs=[0], files=[["relative/out", 2]]), [])
+    assert e.value.code == "invalid"
+    with pytest.raises(gpuq.Error) as e:
+        Result(dict(done, outputs=[0]), [b"abc"], {0: (np.dtype(np.uint16), None)})
+    assert e.value.code == "malformed"
+    with pytest.raises(gpuq.Error) as e:
+        Result(dict(done, outputs=[0]), [b"abcd"], {0: (np.dtype(np.uint8), (3,))})
+    assert e.value.code == "malformed"
+    longer = tmp_path / "out"
+    longer.write_bytes(bytes(100))
+    r = Result(dict(done, outputs=[0], files=[[str(longer), 64]]), [])
+    assert not r.ok and r.code == "io_error" and str(longer) in r.error
+    assert r.outputs == {}
+    empty = Result(dict(done, outputs=[0], files=[[str(tmp_path / "gone"), 0]]), [])
+    assert empty.code == "io_error", "an empty output file is looked for too"
+    (tmp_path / "empty").write_bytes(b"")
+    r = Result(dict(done, outputs=[1, 0], files=[[str(tmp_path / "empty"), 0]]), [b"ab"])
+    assert r.ok and r.outputs == {1: b"ab", 0: b""}
+    longer_frames = Result(dict(done, outputs=[0]), [b"abcd"], {0: (np.dtype(np.uint8), (4,))})
+    assert list(longer_frames.outputs[0]) == list(b"abcd")
+
+    def answer(h):
+        return [[wire.CLIENT_PROTOCOL, wire.encode(dict(done, rid=h["rid"], outputs=[0, 1]))],
+                ]
+    broker = RawBroker(answer)
+    try:
+        with gpuq.Client(broker.endpoint, timeout=5) as c:
+            with pytest.raises(gpuq.Error) as e:
+                c.result(4)
+            assert e.value.code == "malformed" and "2 outputs, 0 frames" in e.value.message
+    finally:
+        broker.close()

@@ -398,3 +398,26 @@ def test_a_client_on_tcp_with_curve_reaches_its_session_through_the_broker(tmp_p
         for p in reversed(procs):
             p.terminate()
             p.wait(timeout=10)
+
+
+@PATHS
+def test_a_request_of_4_gib_or_more_is_too_large_and_the_session_goes_on(service, through):
+    # It raised struct.error from the framing (after copying the bytes);
+    # the C++ client refuses it with too_large before sending anything.
+    local(service)
+    huge = np.broadcast_to(np.zeros(1, dtype=np.uint8), (1 << 32,))  # no memory of its own
+    with gpuq.Client(service.client_endpoint) as c, c.session(through_broker=through) as s:
+        a = s.alloc(4)
+        for data in (huge, memoryview(huge)):
+            with pytest.raises(gpuq.Error) as e:
+                s.write(a, data)
+            assert e.value.code == "too_large" and "4294967296" in e.value.message
+        for arg in (gpuq.In(huge), gpuq.InOut(huge)):
+            with pytest.raises(gpuq.Error) as e:
+                s.run(KERNELS, "inc", 1, 4, [arg, gpuq.u32(4), gpuq.u32(1)])
+            assert e.value.code == "too_large"
+        s.write(a, b"\x01\x02\x03\x04")
+        s.launch(KERNELS, "inc", 1, 4, [gpuq.Buf(a), gpuq.u32(4), gpuq.u32(1)])
+        assert list(s.read(a, 4)) == [2, 3, 4, 5]
+        assert s.run(KERNELS, "inc", 1, 4, [gpuq.InOut(b"\x00\x01"), gpuq.u32(2),
+                                             gpuq.u32(3)]) == [b"\x03\x04"]
