@@ -16,6 +16,7 @@
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
+#include <optional>
 
 #include "broker/broker.h"
 #include "worker/worker_supervisor.h"
@@ -250,6 +251,7 @@ int main(int argc, char** argv) {
   }
   o.compile.limits.wall = std::chrono::milliseconds(compile_timeout_ms);
   o.compile.limits.memory_bytes = compile_memory_mb << 20;
+  std::string broker_public_key;
   if (!curve_secret.empty()) {
     auto keys = gpuq::ReadCurveSecretKey(curve_secret);
     if (!keys.ok()) {
@@ -257,6 +259,7 @@ int main(int argc, char** argv) {
       return 2;
     }
     o.curve_secret_key = keys->secret_key;
+    broker_public_key = keys->public_key;
     spdlog::info("CURVE on; the broker's public key is {}", keys->public_key);
   }
   for (auto [path, into] : {std::pair{&allowed_keys, &o.allowed_clients},
@@ -274,6 +277,19 @@ int main(int argc, char** argv) {
       spdlog::error("--allowed-keys and --worker-keys need --curve-secret");
       return 2;
     }
+  }
+  // With CURVE on the worker endpoint, the workers gpuqd supervises get a
+  // key pair of their own, made for this run and allowed beside
+  // --worker-keys (without one they were refused, silently, for ever).
+  std::optional<gpuq::CurveKeyPair> supervised_keys;
+  if (workers != 0 && !o.allowed_workers.empty()) {
+    auto keys = gpuq::NewCurveKeyPair();
+    if (!keys.ok()) {
+      spdlog::error("a key pair for the supervised workers: {}", keys.status().ToString());
+      return 2;
+    }
+    o.allowed_workers[keys->public_key] = gpuq::AllowedKey{"supervised"};
+    supervised_keys = std::move(*keys);
   }
   // tcp reaches other machines: without CURVE anyone there could submit.
   const bool client_tcp = o.client_endpoint.rfind("tcp://", 0) == 0;
@@ -323,14 +339,26 @@ int main(int argc, char** argv) {
   sigaction(SIGTERM, &sa, nullptr);
   signal(SIGPIPE, SIG_IGN);
 
+  std::vector<std::string> worker_args = {"--spin-us", std::to_string(spin_us),
+                                          "--local-dir", (*broker)->local_dir(),
+                                          "--module-memory-mib",
+                                          std::to_string(o.sessions.module_memory_mib),
+                                          "--local-memory-mib",
+                                          std::to_string(o.sessions.local_memory_mib)};
+  if (supervised_keys) {
+    // In the local directory (mode 0700), the secret key's file 0600.
+    const std::string prefix = (*broker)->local_dir() + "/supervised-worker";
+    gpuq::Status w = gpuq::WriteCurveKeyPair(*supervised_keys, prefix);
+    if (w.ok()) w = gpuq::WriteCurvePublicKey(broker_public_key, prefix + ".server.pub");
+    if (!w.ok()) {
+      spdlog::error("the supervised workers' keys: {}", w.ToString());
+      return 2;
+    }
+    worker_args.insert(worker_args.end(), {"--server-key", prefix + ".server.pub", "--key",
+                                           prefix + ".key"});
+  }
   gpuq::worker::WorkerSupervisor supervisor((*broker)->worker_endpoint(), worker_bin,
-                                            heartbeat_ms,
-                                            {"--spin-us", std::to_string(spin_us),
-                                             "--local-dir", (*broker)->local_dir(),
-                                             "--module-memory-mib",
-                                             std::to_string(o.sessions.module_memory_mib),
-                                             "--local-memory-mib",
-                                             std::to_string(o.sessions.local_memory_mib)});
+                                            heartbeat_ms, worker_args);
   if (workers != 0) supervisor.Start(workers);
   (*broker)->ExpectWorkers(std::max<size_t>(expect_workers, supervisor.started()));
 

@@ -11,7 +11,9 @@
 #include <sqlite3.h>
 
 #include <atomic>
+#include <algorithm>
 #include <deque>
+#include <fstream>
 #include <sys/stat.h>
 
 #include <filesystem>
@@ -663,10 +665,13 @@ class CurveTest : public ::testing::Test {
     std::vector<std::string> argv = {
         testing::BinPath("gpuqd"), "--listen", "tcp://127.0.0.1:*", "--worker-listen",
         "tcp://127.0.0.1:*", "--store", dir_.File("jobs.db"), "--cache", dir_.File("k.db"),
-        "--workers", "0", "--heartbeat-ms", "100", "--curve-secret", dir_.File("broker.key"),
+        "--heartbeat-ms", "100", "--curve-secret", dir_.File("broker.key"),
         "--allowed-keys", dir_.File("clients.keys"), "--worker-keys", dir_.File("workers.keys"),
         "--ready-file", ready};
     argv.insert(argv.end(), extra_.begin(), extra_.end());
+    if (std::find(extra_.begin(), extra_.end(), "--workers") == extra_.end()) {
+      argv.insert(argv.end(), {"--workers", "0"});
+    }
     broker_ = Process::Start(argv, dir_.File("gpuqd.log"));
     for (int i = 0; i < 500 && !std::filesystem::exists(ready); ++i) {
       std::this_thread::sleep_for(std::chrono::milliseconds(10));
@@ -825,6 +830,72 @@ TEST_F(CurveTest, OnlyWorkersWithAllowedKeysRegister) {
   auto r = alpha->Wait(*alpha->Submit(Job()));
   ASSERT_TRUE(r.ok());
   EXPECT_EQ(r->state, JobState::kDone);
+}
+
+// gpuqd supervising one worker (the test double, which takes gpuq-worker's
+// command line) with CURVE on its worker endpoint.
+class CurveSupervisedTest : public CurveTest {
+ protected:
+  CurveSupervisedTest()
+      : CurveTest({"--workers", "1", "--worker-bin", testing::BinPath("gpuq-fake-worker")}) {}
+
+  // The supervised worker's pid, once it has registered.
+  pid_t Registered() {
+    auto alpha = As("alpha");
+    for (int i = 0; i < 1000 && alpha->Devices()->empty(); ++i) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+    if (alpha->Devices()->size() != 1) return -1;
+    // gpuqd's children (every thread's): the worker is the only one.
+    pid_t child = -1;
+    for (const auto& task : std::filesystem::directory_iterator(
+             "/proc/" + std::to_string(broker_.pid()) + "/task")) {
+      std::ifstream children(task.path() / "children");
+      for (pid_t p; children >> p;) child = p;
+    }
+    return child;
+  }
+};
+
+// The workers gpuqd supervised had no key for a CURVE worker endpoint: they
+// were refused, silently, and tried again for ever.
+TEST_F(CurveSupervisedTest, SupervisedWorkersReachACurveWorkerEndpoint) {
+  ASSERT_GT(Registered(), 0) << testing::ReadFile(dir_.File("gpuqd.log"));
+  auto alpha = As("alpha");
+  auto r = alpha->Wait(*alpha->Submit(Job()));
+  ASSERT_TRUE(r.ok());
+  EXPECT_EQ(r->state, JobState::kDone);
+  // The secret key the workers were given is for the owner's eyes only.
+  bool found = false;
+  for (const auto& f : std::filesystem::recursive_directory_iterator(dir_.path())) {
+    if (f.path().filename() != "supervised-worker.key") continue;
+    found = true;
+    struct stat st {};
+    ASSERT_EQ(stat(f.path().c_str(), &st), 0);
+    EXPECT_EQ(st.st_mode & 0777, 0600u) << f.path();
+  }
+  EXPECT_TRUE(found);
+}
+
+// A gpuqd killed by SIGKILL left its supervised workers behind: each
+// connected to the next gpuqd beside the workers that one started, two
+// processes for one GPU.
+TEST_F(CurveSupervisedTest, SupervisedWorkersEndWithAKilledGpuqd) {
+  const pid_t worker = Registered();
+  ASSERT_GT(worker, 0) << testing::ReadFile(dir_.File("gpuqd.log"));
+  broker_.Kill();
+  // Gone, or a zombie that its new parent has yet to reap.
+  auto ended = [worker] {
+    std::ifstream stat("/proc/" + std::to_string(worker) + "/stat");
+    std::string pid, comm, state;
+    return !(stat >> pid >> comm >> state) || state == "Z";
+  };
+  for (int i = 0; i < 500 && !ended(); ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  const bool gone = ended();
+  if (!gone) kill(worker, SIGKILL);
+  EXPECT_TRUE(gone);
 }
 
 TEST(CurveConfigTest, TcpWithoutCurveIsRefusedUnlessInsecure) {

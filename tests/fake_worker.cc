@@ -34,6 +34,7 @@
 #include "util/curve_keys.h"
 #include "util/plain_file.h"
 #include "util/sealed_memfd.h"
+#include "worker/worker_supervisor.h"
 
 using namespace gpuq;
 using namespace gpuq::schema;
@@ -108,7 +109,18 @@ int main(int argc, char** argv) {
   app.add_option("--xid-after-jobs", xid_after_jobs,
                  "With --health: report a critical Xid once this many jobs have finished");
   app.add_option("--xid", xid, "The Xid of --xid-after-jobs");
+  // What a supervisor gives gpuq-worker (gpuqd --workers N --worker-bin
+  // gpuq-fake-worker): the double takes the same command line.
+  int device = 0, spin_us = 0;
+  uint64_t module_mib = 0, local_mib = 0;
+  pid_t parent = 0;
+  app.add_option("--device", device);
+  app.add_option("--spin-us", spin_us);
+  app.add_option("--module-memory-mib", module_mib);
+  app.add_option("--local-memory-mib", local_mib);
+  app.add_option("--parent-pid", parent);
   CLI11_PARSE(app, argc, argv);
+  if (parent > 0 && !gpuq::worker::EndWithParent(parent)) return 1;
   uint64_t jobs_done = 0;
   auto health = [&] {
     schema::GpuHealth h;

@@ -1,10 +1,18 @@
 #include "util/curve_keys.h"
 
+#include <fcntl.h>
 #include <sys/stat.h>
+#include <unistd.h>
 #include <zmq.h>
+
+#include <cerrno>
+#include <cstring>
 
 #include <fstream>
 #include <sstream>
+
+#include "util/fd.h"
+#include "util/file_io.h"
 
 namespace gpuq {
 namespace {
@@ -70,18 +78,28 @@ StatusOr<std::map<std::string, AllowedKey>> ReadAllowedKeys(const std::string& p
   return keys;
 }
 
+namespace {
+
+// `line` and a newline into `path`, created (or truncated) with `mode`: a
+// secret key is never readable by others, not even between the open and a
+// chmod.
+Status WriteKeyFile(const std::string& path, const std::string& line, mode_t mode) {
+  UniqueFd fd(open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, mode));
+  if (!fd.valid()) return Error(Code::kIoError, "cannot write " + path + ": " + strerror(errno));
+  // A file that was there before keeps its mode through open(): set it.
+  if (fchmod(fd.get(), mode) != 0) return Error(Code::kIoError, "cannot chmod " + path);
+  return WriteAll(fd.get(), line + "\n", path);
+}
+
+}  // namespace
+
 Status WriteCurveKeyPair(const CurveKeyPair& keys, const std::string& prefix) {
-  const std::string secret = prefix + ".key", pub = prefix + ".pub";
-  {
-    std::ofstream out(secret, std::ios::trunc);
-    out << keys.secret_key << "\n";
-    if (!out) return Error(Code::kIoError, "cannot write " + secret);
-  }
-  chmod(secret.c_str(), 0600);
-  std::ofstream out(pub, std::ios::trunc);
-  out << keys.public_key << "\n";
-  if (!out) return Error(Code::kIoError, "cannot write " + pub);
-  return Status::Ok();
+  GPUQ_RETURN_IF_ERROR(WriteKeyFile(prefix + ".key", keys.secret_key, 0600));
+  return WriteCurvePublicKey(keys.public_key, prefix + ".pub");
+}
+
+Status WriteCurvePublicKey(const std::string& public_key, const std::string& path) {
+  return WriteKeyFile(path, public_key, 0644);
 }
 
 }  // namespace gpuq

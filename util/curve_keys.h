@@ -32,5 +32,7 @@ struct AllowedKey {
 StatusOr<std::map<std::string, AllowedKey>> ReadAllowedKeys(const std::string& path);
 // Writes the secret key (mode 0600) to PREFIX.key and the public to PREFIX.pub.
 Status WriteCurveKeyPair(const CurveKeyPair& keys, const std::string& prefix);
+// Writes a public key file.
+Status WriteCurvePublicKey(const std::string& public_key, const std::string& path);
 
 }  // namespace gpuq

@@ -73,7 +73,11 @@ int main(int argc, char** argv) {
   std::string server_key, key;
   app.add_option("--server-key", server_key, "CURVE: the broker's public key file");
   app.add_option("--key", key, "CURVE: this worker's secret key file (gpuq keygen)");
+  pid_t parent = 0;
+  app.add_option("--parent-pid", parent,
+                 "End with this process, the supervisor that started this one");
   CLI11_PARSE(app, argc, argv);
+  if (parent > 0 && !EndWithParent(parent)) return 1;  // the supervisor has gone
   spdlog::set_level(spdlog::level::from_str(log_level));
   spdlog::set_pattern("%Y-%m-%dT%H:%M:%S.%e %^%l%$ gpuq-worker[%P]: %v");
   o.heartbeat = std::chrono::milliseconds(heartbeat_ms);

@@ -4,6 +4,7 @@
 #include <signal.h>
 #include <spawn.h>
 #include <spdlog/spdlog.h>
+#include <sys/prctl.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -20,6 +21,13 @@ std::string Beside(const std::string& name) {
   ssize_t n = readlink("/proc/self/exe", buf, sizeof buf - 1);
   std::filesystem::path exe(std::string(buf, n > 0 ? n : 0));
   return (exe.parent_path() / name).string();
+}
+
+bool EndWithParent(pid_t parent) {
+  if (prctl(PR_SET_PDEATHSIG, SIGTERM) != 0) return false;
+  // A parent that ended before the call above has left this process to
+  // another (init, a subreaper): no signal will come.
+  return getppid() == parent;
 }
 
 namespace {
@@ -52,13 +60,14 @@ WorkerSupervisor::~WorkerSupervisor() { Stop(); }
 
 pid_t WorkerSupervisor::Spawn(int ordinal) {
   std::vector<std::string> args = {bin_, "--broker", endpoint_, "--device", std::to_string(ordinal),
-                                   "--heartbeat-ms", std::to_string(heartbeat_ms_)};
+                                   "--heartbeat-ms", std::to_string(heartbeat_ms_),
+                                   "--parent-pid", std::to_string(getpid())};
   args.insert(args.end(), extra_args_.begin(), extra_args_.end());
   return SpawnArgs(args);
 }
 
 size_t WorkerSupervisor::started() {
-  std::lock_guard lock(mu_);
+  MutexLock lock(&mu_);
   return children_.size();
 }
 
@@ -109,7 +118,7 @@ void WorkerSupervisor::Start(int count) {
     }
   }
   {
-    std::lock_guard lock(mu_);
+    MutexLock lock(&mu_);
     for (int i = 0; i < count; ++i) {
       Child c;
       c.ordinal = i;
@@ -125,7 +134,7 @@ void WorkerSupervisor::Loop() {
   using namespace std::chrono;
   while (!stop_.load()) {
     {
-      std::lock_guard lock(mu_);
+      MutexLock lock(&mu_);
       const auto now = steady_clock::now();
       for (Child& c : children_) {
         if (c.retired) continue;
@@ -162,7 +171,7 @@ void WorkerSupervisor::Loop() {
 void WorkerSupervisor::Stop() {
   if (stop_.exchange(true)) return;
   if (thread_.joinable()) thread_.join();
-  std::lock_guard lock(mu_);
+  MutexLock lock(&mu_);
   for (Child& c : children_) {
     if (c.pid > 0) kill(c.pid, SIGTERM);
   }

@@ -9,17 +9,24 @@
 
 #include <atomic>
 #include <chrono>
-#include <mutex>
 #include <string>
 #include <thread>
 #include <vector>
 
+#include "util/mutex.h"
 #include "worker/exit_codes.h"
 
 namespace gpuq::worker {
 
 // The program `name` in the running executable's directory.
 std::string Beside(const std::string& name);
+
+// For a process a supervisor started (its --parent-pid): SIGTERM comes when
+// the thread that started it ends, which the supervisor's does only when it
+// stops or its process dies, however it dies (a SIGKILLed gpuqd left its
+// workers connecting to the next gpuqd beside the ones that one starts).
+// False when `parent` is no longer this process's parent (it ended first).
+bool EndWithParent(pid_t parent);
 
 class WorkerSupervisor {
  public:
@@ -31,6 +38,7 @@ class WorkerSupervisor {
 
   // Starts `count` workers, or one per visible GPU when count < 0 (asks
   // `gpuq-worker --count`). Logs plainly when there is no driver or no GPU.
+  // Each worker ends with the supervisor (--parent-pid: EndWithParent).
   void Start(int count);
   // Stops every worker (SIGTERM, then SIGKILL after 2 s) and waits for them.
   void Stop();
@@ -53,8 +61,8 @@ class WorkerSupervisor {
   const std::string endpoint_, bin_;
   const int heartbeat_ms_;
   const std::vector<std::string> extra_args_;
-  std::mutex mu_;
-  std::vector<Child> children_;  // GUARDED_BY(mu_)
+  Mutex mu_;
+  std::vector<Child> children_ GUARDED_BY(mu_);
   std::atomic<bool> stop_{false};
   std::atomic<int> restarts_{0};
   std::thread thread_;
