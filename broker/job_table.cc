@@ -80,6 +80,13 @@ void JobTable::Queue(Job& job) {
   scheduler_.Push(job.id, job.tenant, job.priority);
 }
 
+void JobTable::Requeue(Job& job) {
+  Queue(job);
+  // A second entry for a job whose first is still there changes nothing:
+  // Expired() ends a job once, and CompactDeadlines() drops what is left.
+  if (job.deadline_ms) deadlines_.push({job.deadline_ms, job.id});
+}
+
 void JobTable::Unqueue(Job& job) { scheduler_.Remove(job.id); }
 
 void JobTable::End(Job& job, schema::JobState state) {

@@ -126,6 +126,10 @@ class JobTable {
 
   // Queued for dispatch (scheduler order).
   void Queue(Job& job);
+  // Queued again after an attempt was lost: the attempt did not start it
+  // for good, so its deadline holds again (Expired() let it go while the
+  // job was away on a worker).
+  void Requeue(Job& job);
   // Out of the dispatch order (dispatched, canceled, expired, failed).
   void Unqueue(Job& job);
   Scheduler& scheduler() { return scheduler_; }

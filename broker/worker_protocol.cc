@@ -353,7 +353,7 @@ void BrokerCore::Requeue(const Worker& w, const std::map<uint64_t, Worker::Held>
     ++counters_.requeued;
     LeftGpu(*job, /*ended=*/false);
     batch_->attempts.push_back({job->id, job->attempts, job->suspect});
-    jobs_.Queue(*job);
+    jobs_.Requeue(*job);
   }
 }
 

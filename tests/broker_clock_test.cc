@@ -202,6 +202,33 @@ TEST_F(ClockBrokerTest, ASilentWorkerIsLostAndItsJobRunsElsewhere) {
   EXPECT_EQ(r.attempts, 2u);
 }
 
+// A job whose deadline passed while it was away on a worker that was then
+// lost is queued again, not started: its deadline holds. It ran later,
+// whenever a worker came, once the deadline had let it go.
+TEST_F(ClockBrokerTest, AJobRequeuedPastItsDeadlineExpires) {
+  Start();
+  auto silent = Worker("sm_90", "GPU-silent");
+  JobRequest j = Job();
+  j.spec.deadline_ms = 5000;
+  auto id = client_->Submit(j);
+  ASSERT_TRUE(id.ok());
+  auto job = silent->Receive();
+  ASSERT_TRUE(job && job->header.op == BrokerOp::kJob);
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));  // its heartbeat taken
+  Settle();
+  clock_.Advance(std::chrono::seconds(6));  // past the deadline, dispatched
+  Settle();
+  EXPECT_EQ(client_->GetStatus(*id)->state, JobState::kDispatched);
+  clock_.Advance(std::chrono::seconds(25));  // the worker is lost, the job requeued
+  Settle();
+  clock_.Advance(std::chrono::milliseconds(10));
+  JobResult r = WaitEnded(*id);
+  EXPECT_EQ(r.state, JobState::kExpired) << r.error;
+  auto other = Worker("sm_90", "GPU-other");
+  Settle();
+  EXPECT_FALSE(other->Receive(std::chrono::milliseconds(200))) << "it ran past its deadline";
+}
+
 // A job whose worker is lost leaves its tenant charged with what its
 // dispatch estimated, not with the time it was stuck: that tenant's jobs
 // keep their turns among another tenant's.
