@@ -359,6 +359,11 @@ int main(int argc, char** argv) {
   }
   gpuq::worker::WorkerSupervisor supervisor((*broker)->worker_endpoint(), worker_bin,
                                             heartbeat_ms, worker_args);
+  // /readyz waits for the workers supervised, but not for one retired (no
+  // driver, no such GPU): it would wait for ever.
+  gpuq::broker::Broker* b = broker->get();
+  supervisor.OnRetired(
+      [b, expect_workers](size_t kept) { b->ExpectWorkers(std::max(expect_workers, kept)); });
   if (workers != 0) supervisor.Start(workers);
   (*broker)->ExpectWorkers(std::max<size_t>(expect_workers, supervisor.started()));
 

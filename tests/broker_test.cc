@@ -1624,6 +1624,26 @@ TEST_F(BrokerTest, HealthAndReadinessEndpoints) {
   EXPECT_EQ(status, 200);
 }
 
+// A supervised worker that can never run (no driver, no such GPU) is
+// retired; /readyz waited for it for ever ("0 of 3 expected workers").
+// Here the real gpuq-worker: with no driver (CI) all three retire; with a
+// one-GPU driver, two.
+TEST(ReadinessTest, RetiredWorkersAreNotWaitedFor) {
+  TempDir dir;
+  BrokerProcess broker(dir.path(), {"--worker-bin", testing::BinPath("gpuq-worker")}, "3");
+  ASSERT_TRUE(broker.Start()) << testing::ReadFile(dir.File("gpuqd.log"));
+  httplib::Client http("127.0.0.1", broker.metrics_port());
+  int status = 0;
+  std::string body;
+  for (int i = 0; i < 500 && status != 200; ++i) {
+    auto r = http.Get("/readyz");
+    status = r ? r->status : 0;
+    body = r ? r->body : "";
+    if (status != 200) std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  EXPECT_EQ(status, 200) << body << testing::ReadFile(dir.File("gpuqd.log"));
+}
+
 // ------------------------------------------------------------ bulk data
 
 // A large result travels beside the control plane: it delays no other

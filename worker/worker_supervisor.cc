@@ -8,9 +8,11 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdio>
 #include <filesystem>
+#include <optional>
 
 extern char** environ;
 
@@ -68,7 +70,12 @@ pid_t WorkerSupervisor::Spawn(int ordinal) {
 
 size_t WorkerSupervisor::started() {
   MutexLock lock(&mu_);
-  return children_.size();
+  return Kept();
+}
+
+size_t WorkerSupervisor::Kept() const {
+  return std::count_if(children_.begin(), children_.end(),
+                       [](const Child& c) { return !c.retired; });
 }
 
 void WorkerSupervisor::Start(int count) {
@@ -133,6 +140,7 @@ void WorkerSupervisor::Start(int count) {
 void WorkerSupervisor::Loop() {
   using namespace std::chrono;
   while (!stop_.load()) {
+    std::optional<size_t> retired;  // started() after a retirement
     {
       MutexLock lock(&mu_);
       const auto now = steady_clock::now();
@@ -147,6 +155,7 @@ void WorkerSupervisor::Loop() {
             spdlog::warn("worker for GPU {} exited: no driver or no such GPU; not restarting",
                          c.ordinal);
             c.retired = true;
+            retired = Kept();
             continue;
           }
           if (now - c.started > seconds(30)) c.backoff = milliseconds(100);
@@ -164,6 +173,7 @@ void WorkerSupervisor::Loop() {
         }
       }
     }
+    if (retired && on_retired_) on_retired_(*retired);
     std::this_thread::sleep_for(milliseconds(20));
   }
 }

@@ -9,6 +9,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <functional>
 #include <string>
 #include <thread>
 #include <vector>
@@ -42,8 +43,12 @@ class WorkerSupervisor {
   void Start(int count);
   // Stops every worker (SIGTERM, then SIGKILL after 2 s) and waits for them.
   void Stop();
-  // Workers started (and kept running) by Start().
+  // Workers started (and kept running) by Start(): those retired (no
+  // driver, no such GPU) no longer count.
   size_t started();
+  // Called on the supervisor's thread with started() each time a worker is
+  // retired (before Start()).
+  void OnRetired(std::function<void(size_t)> f) { on_retired_ = std::move(f); }
   // Restarts so far (for tests and stats).
   int restarts() const { return restarts_.load(); }
 
@@ -57,6 +62,7 @@ class WorkerSupervisor {
   };
   void Loop();
   pid_t Spawn(int ordinal);
+  size_t Kept() const EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   const std::string endpoint_, bin_;
   const int heartbeat_ms_;
@@ -65,6 +71,7 @@ class WorkerSupervisor {
   std::vector<Child> children_ GUARDED_BY(mu_);
   std::atomic<bool> stop_{false};
   std::atomic<int> restarts_{0};
+  std::function<void(size_t)> on_retired_;
   std::thread thread_;
 };
 
