@@ -5,7 +5,9 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
+#include <cstdio>
 #include <cmath>
 #include <cstring>
 #include <fstream>
@@ -115,6 +117,17 @@ const TenantPolicy& TenantPolicies::For(const std::string& tenant) const {
   return it == tenants_.end() ? defaults_ : it->second;
 }
 
+namespace {
+
+// A rate as the tenants file may give it: 2000, 0.5, 2e+09.
+std::string Rate(double r) {
+  char buf[32];
+  snprintf(buf, sizeof buf, "%.15g", r);
+  return buf;
+}
+
+}  // namespace
+
 bool TokenBucket::Take(double rate, double n, MonoTime now, uint64_t* retry_after_ms) {
   const double capacity = rate;  // one second's worth
   if (!used_) {
@@ -132,8 +145,12 @@ bool TokenBucket::Take(double rate, double n, MonoTime now, uint64_t* retry_afte
     return true;
   }
   const double missing = std::min(n, capacity) - tokens_;
-  *retry_after_ms = static_cast<uint64_t>(std::ceil(missing / rate * 1000.0));
-  if (*retry_after_ms == 0) *retry_after_ms = 1;
+  // At most a day: the wait of a tiny rate (1e-20/s) or a deep debt is no
+  // number a client can use, nor one a u64 holds.
+  const double ms = std::ceil(missing / rate * 1000.0);
+  *retry_after_ms = !(ms < static_cast<double>(kMaxRetryAfterMs))
+                        ? kMaxRetryAfterMs
+                        : static_cast<uint64_t>(std::max(1.0, ms));
   return false;
 }
 
@@ -152,15 +169,15 @@ Status TenantLimits::Admit(const std::string& tenant, uint64_t bytes, MonoTime n
   if (p.jobs_per_s > 0 && !jobs.Take(p.jobs_per_s, 1, now, &wait)) {
     *retry_after_ms = wait;
     return Error(Code::kQuotaExceeded,
-                 "tenant '" + tenant + "' is over its rate of " +
-                     std::to_string(static_cast<uint64_t>(p.jobs_per_s)) + " jobs/s");
+                 "tenant '" + tenant + "' is over its rate of " + Rate(p.jobs_per_s) +
+                     " jobs/s");
   }
   if (p.bytes_per_s > 0 && bytes > 0 &&
       !byte_bucket.Take(p.bytes_per_s, static_cast<double>(bytes), now, &wait)) {
     *retry_after_ms = wait;
     return Error(Code::kQuotaExceeded,
-                 "tenant '" + tenant + "' is over its rate of " +
-                     std::to_string(static_cast<uint64_t>(p.bytes_per_s)) + " input bytes/s");
+                 "tenant '" + tenant + "' is over its rate of " + Rate(p.bytes_per_s) +
+                     " input bytes/s");
   }
   b.jobs = jobs;
   b.bytes = byte_bucket;

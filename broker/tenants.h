@@ -60,6 +60,8 @@ class TokenBucket {
   // Takes `n` tokens at `now`; false, with the wait until they are there,
   // when there are not enough.
   bool Take(double rate, double n, MonoTime now, uint64_t* retry_after_ms);
+  // The longest wait it gives (a day).
+  static constexpr uint64_t kMaxRetryAfterMs = 86'400'000;
 
  private:
   bool used_ = false;  // starts full

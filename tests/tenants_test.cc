@@ -71,6 +71,22 @@ TEST(TokenBucketTest, ASecondsWorthThenTheRate) {
   EXPECT_TRUE(big.Take(100, 1, t0 + std::chrono::seconds(2), &wait));
 }
 
+// A rate the file allows (any above 0) waited 1e23 ms at 1e-20/s: past
+// what a u64 holds (undefined; 2^63 on x86). The wait is at most a day, and
+// the refusal names the rate as given, not as 0.
+TEST(TenantLimitsTest, ATinyRateWaitsAtMostADayAndIsNamed) {
+  auto p = TenantPolicies::Parse(R"({"tenants": {"slow": {"jobs_per_s": 1e-20}}})");
+  ASSERT_TRUE(p.ok()) << p.status().ToString();
+  TenantLimits limits(std::move(*p));
+  const MonoTime t0{};
+  uint64_t wait = 0;
+  EXPECT_TRUE(limits.Admit("slow", 0, t0, &wait).ok()) << "a full bucket takes one";
+  Status s = limits.Admit("slow", 0, t0 + std::chrono::seconds(1), &wait);
+  EXPECT_EQ(s.code(), Code::kQuotaExceeded);
+  EXPECT_EQ(wait, TokenBucket::kMaxRetryAfterMs);
+  EXPECT_NE(s.message().find("rate of 1e-20 jobs/s"), std::string::npos) << s.message();
+}
+
 TEST(TenantLimitsTest, RatesAndConcurrency) {
   auto p = TenantPolicies::Parse(
       R"({"tenants": {"r": {"jobs_per_s": 2, "bytes_per_s": 1000, "max_concurrent": 1}}})");
