@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cctype>
 #include <climits>
 #include <ctime>
 #include <map>
@@ -15,6 +16,7 @@
 #include <iostream>
 #include <nlohmann/json.hpp>
 #include <sstream>
+#include <stdexcept>
 
 #include "client/cli.h"
 #include "gpuq/client.h"
@@ -159,15 +161,30 @@ StatusOr<Arg> ParseScalar(const std::string& s) {
       {"i16", ScalarType::kI16}, {"u32", ScalarType::kU32}, {"i32", ScalarType::kI32},
       {"u64", ScalarType::kU64}, {"i64", ScalarType::kI64}, {"f32", ScalarType::kF32},
       {"f64", ScalarType::kF64}};
+  // The whole value, nothing around it: sto*() stop at the first character
+  // they cannot take ("2.5x" was 2.5) and skip leading spaces.
+  auto whole = [&value](auto parse) {
+    size_t used = 0;
+    if (value.empty() || std::isspace(static_cast<unsigned char>(value[0]))) {
+      throw std::invalid_argument(value);
+    }
+    auto v = parse(value, &used);
+    if (used != value.size()) throw std::invalid_argument(value);
+    return v;
+  };
   for (auto [name, t] : kTypes) {
     if (type != name) continue;
     try {
-      if (t == ScalarType::kF32) return Arg::F32(std::stof(value));
-      if (t == ScalarType::kF64) return Arg::F64(std::stod(value));
+      if (t == ScalarType::kF32) {
+        return Arg::F32(whole([](const std::string& v, size_t* n) { return std::stof(v, n); }));
+      }
+      if (t == ScalarType::kF64) {
+        return Arg::F64(whole([](const std::string& v, size_t* n) { return std::stod(v, n); }));
+      }
       const size_t bytes = schema::ScalarSize(t);
       const bool is_signed = name[0] == 'i';
       if (is_signed) {
-        long long v = std::stoll(value);
+        long long v = whole([](const std::string& v, size_t* n) { return std::stoll(v, n); });
         const long long lo = bytes == 8 ? LLONG_MIN : -(1LL << (8 * bytes - 1));
         const long long hi = bytes == 8 ? LLONG_MAX : (1LL << (8 * bytes - 1)) - 1;
         if (v < lo || v > hi) throw std::out_of_range(value);
@@ -175,7 +192,8 @@ StatusOr<Arg> ParseScalar(const std::string& s) {
                                   (bytes == 8 ? ~0ull : (1ull << (8 * bytes)) - 1));
       }
       if (!value.empty() && value[0] == '-') throw std::out_of_range(value);
-      unsigned long long v = std::stoull(value);
+      unsigned long long v =
+          whole([](const std::string& v, size_t* n) { return std::stoull(v, n); });
       if (bytes < 8 && v >= (1ull << (8 * bytes))) throw std::out_of_range(value);
       return Arg::Scalar(t, v);
     } catch (const std::exception&) {
@@ -198,7 +216,10 @@ StatusOr<schema::KernelLaunch> ParseLaunch(const std::string& spec, bool name_ex
   if (const size_t slash = rest.find('/');
       slash != std::string::npos && IsNumber(rest.substr(0, slash))) {
     try {
-      l.source = static_cast<uint32_t>(std::stoul(rest.substr(0, slash)));
+      // At most 2^32 - 1: a wider one wrapped to another source.
+      const unsigned long long source = std::stoull(rest.substr(0, slash));
+      if (slash > 10 || source > UINT32_MAX) return usage;
+      l.source = static_cast<uint32_t>(source);
     } catch (...) {
       return usage;
     }
@@ -358,6 +379,7 @@ int RunSubmit(SubmitArgs& a) {
   s.tenant = a.tenant;
   s.key = a.key;
   s.priority = a.priority;
+  // In range (Seconds(), below): the casts are defined.
   s.deadline_ms = static_cast<uint64_t>(a.deadline_s * 1000);
   s.time_limit_ms = static_cast<uint64_t>(a.limit_s * 1000);
   s.graph = a.graph;
@@ -769,8 +791,29 @@ void AddJobCommands(CLI::App& app, Action* action) {
   s->add_option("--block", sa->block, "X[,Y[,Z]] (default 1)");
   s->add_option("--shared", sa->shared, "Dynamic shared memory in bytes");
   s->add_option("--priority", sa->priority, "0..9, higher first")->capture_default_str();
-  s->add_option("--deadline", sa->deadline_s, "Seconds within which the job must start");
-  s->add_option("--limit", sa->limit_s, "Run-time limit in seconds");
+  // Seconds from 0 to the protocol's bound: a negative, NaN or huge one
+  // was cast to milliseconds out of range (undefined).
+  auto seconds = [](double most) {
+    return CLI::Validator(
+        [most](std::string& v) -> std::string {
+          double x = 0;
+          try {
+            size_t used = 0;
+            x = std::stod(v, &used);
+            if (used != v.size()) return "not a number of seconds: " + v;
+          } catch (...) {
+            return "not a number of seconds: " + v;
+          }
+          if (!(x >= 0 && x <= most)) {
+            return "seconds from 0 to " + std::to_string(static_cast<uint64_t>(most)) + ", not " + v;
+          }
+          return "";
+        },
+        "SECONDS");
+  };
+  s->add_option("--deadline", sa->deadline_s, "Seconds within which the job must start")
+      ->check(seconds(366 * 86400.0));
+  s->add_option("--limit", sa->limit_s, "Run-time limit in seconds")->check(seconds(7 * 86400.0));
   s->add_option("--tenant", sa->tenant, "Tenant (ignored on CURVE connections)");
   s->add_option("--key", sa->key, "Idempotency key");
   auto ordered = [sa](const char* kind) {

@@ -760,6 +760,49 @@ TEST_F(BrokerTest, ASighupDuringTheStartIsAReloadNotAnEnd) {
   EXPECT_TRUE(p.running());
 }
 
+// gpuq submit took "f32:2.5x" as 2.5 and "u32:7 " as 7 (sto* stop where
+// they can), wrapped a --launch source index of 2^32 to 0, and cast a
+// negative, NaN or huge --deadline or --limit to milliseconds (undefined).
+// Each is refused, naming what is wrong; what is right still goes.
+TEST_F(BrokerTest, GpuqSubmitRefusesNumbersItCannotTakeWhole) {
+  testing::TempDir dir;
+  testing::WriteFile(dir.File("k.cu"), testing::kKernels);
+  const std::vector<std::string> base = {testing::BinPath("gpuq"), "submit", dir.File("k.cu"),
+                                         "--broker", broker_->client_endpoint(), "--kernel", "k",
+                                         "--out", "16"};
+  const std::vector<std::pair<std::vector<std::string>, std::string>> bad = {
+      {{"--arg", "f32:2.5x"}, "bad value for f32: 2.5x"},
+      {{"--arg", "f64:1e3 "}, "bad value for f64"},
+      {{"--arg", "i32:12abc"}, "bad value for i32: 12abc"},
+      {{"--arg", "u32: 7"}, "bad value for u32"},
+      {{"--arg", "u64:0x10"}, "bad value for u64: 0x10"},
+      {{"--deadline", "-1"}, "--deadline"},
+      {{"--deadline", "nan"}, "--deadline"},
+      {{"--deadline", "1e30"}, "--deadline"},
+      {{"--limit", "-0.5"}, "--limit"},
+      {{"--limit", "5s"}, "--limit"},
+  };
+  for (const auto& [extra, says] : bad) {
+    std::vector<std::string> argv = base;
+    argv.insert(argv.end(), extra.begin(), extra.end());
+    std::string out;
+    EXPECT_NE(testing::RunProgram(argv, &out, /*with_stderr=*/true), 0) << extra[1];
+    EXPECT_NE(out.find(says), std::string::npos) << extra[1] << ": " << out;
+  }
+  std::string out;
+  EXPECT_NE(testing::RunProgram({testing::BinPath("gpuq"), "submit", dir.File("k.cu"), "--broker",
+                                 broker_->client_endpoint(), "--out", "16", "--launch",
+                                 "4294967296/k:1:1", "--arg", "buf:0"},
+                                &out, /*with_stderr=*/true),
+            0);
+  EXPECT_NE(out.find("--launch is"), std::string::npos) << out;
+  std::vector<std::string> good = base;
+  good.insert(good.end(), {"--arg", "f32:2.5", "--arg", "i32:-12", "--deadline", "2.5",
+                           "--limit", "1e1", "--json"});
+  EXPECT_EQ(testing::RunProgram(good, &out), 0) << out;
+  EXPECT_NE(out.find("\"id\""), std::string::npos) << out;
+}
+
 TEST_F(BrokerTest, DeadlinesAndLimitsAreRangeChecked) {
   auto c = Connect();
   JobRequest j = Job("k", "x");

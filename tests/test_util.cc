@@ -48,12 +48,13 @@ std::string BinPath(const std::string& name) {
   return (exe.parent_path() / name).string();
 }
 
-int RunProgram(const std::vector<std::string>& argv, std::string* out) {
+int RunProgram(const std::vector<std::string>& argv, std::string* out, bool with_stderr) {
   int fds[2];
   if (pipe(fds) != 0) return -1;
   pid_t pid = fork();
   if (pid == 0) {
     dup2(fds[1], 1);
+    if (with_stderr) dup2(fds[1], 2);
     close(fds[0]);
     close(fds[1]);
     std::vector<char*> args;

@@ -32,7 +32,8 @@ std::string BinPath(const std::string& name);
 std::string TestHeartbeatMs();
 
 // Runs argv to completion; returns its exit status (or 128+signal) and what
-// it wrote on stdout.
-int RunProgram(const std::vector<std::string>& argv, std::string* out = nullptr);
+// it wrote on stdout (and on stderr, `with_stderr`).
+int RunProgram(const std::vector<std::string>& argv, std::string* out = nullptr,
+               bool with_stderr = false);
 
 }  // namespace gpuq::testing
