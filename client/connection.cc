@@ -137,7 +137,11 @@ StatusOr<std::vector<std::string>> UseLocalFiles(const std::string& dir, size_t 
       auto it = buffers->live.find(inputs[i].data());
       if (it != buffers->live.end() && it->second.size == inputs[i].size()) {
         spec->files.push_back({it->second.name, inputs[i].size()});
-        buffers->live.erase(it);  // the broker takes the file
+        // The broker takes the file once it accepts the job; until then it
+        // is among those made, which a submit not sent or refused removes
+        // (the buffer no longer does: it may be gone by then).
+        made.push_back(dir + "/" + it->second.name);
+        buffers->live.erase(it);
         continue;
       }
     }

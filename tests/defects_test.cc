@@ -890,6 +890,39 @@ TEST_F(BrokerTest, ErrorCodesAreTheOnesTheSpecificationGives) {
   EXPECT_EQ(answer->header.code, Code::kInvalid);
 }
 
+// A submit that failed after an InputBuffer had let its file go to the
+// broker left that file in the local directory for ever: here the file of
+// another input cannot be written (a file size limit), and the submit is
+// undone. A submit the broker refuses leaves none either.
+TEST_F(BrokerTest, AnInputBufferOfASubmitThatFailsLeavesNoFile) {
+  const std::string local = broker_->store() + ".blobs";
+  auto c = Connect();
+  {
+    auto buf = c->NewInput(2 << 20);
+    ASSERT_TRUE(buf.ok()) << buf.status().ToString();
+    const std::string plain(2 << 20, 'p');  // its own file, made for the submit
+    JobRequest j = Job("k", "x");
+    j.spec.args = {Arg::In(0), Arg::In(1), Arg::Out(16)};
+    j.inputs = {(*buf)->view(), plain};
+    rlimit before{};
+    ASSERT_EQ(getrlimit(RLIMIT_FSIZE, &before), 0);
+    rlimit small = before;
+    small.rlim_cur = 1 << 20;
+    auto xfsz = signal(SIGXFSZ, SIG_IGN);
+    ASSERT_EQ(setrlimit(RLIMIT_FSIZE, &small), 0);
+    auto id = c->Submit(j);
+    setrlimit(RLIMIT_FSIZE, &before);
+    signal(SIGXFSZ, xfsz);
+    EXPECT_FALSE(id.ok());
+    j.inputs = {(*buf)->view(), "x"};
+    j.spec.deadline_ms = ~uint64_t{0} - 5;  // the broker refuses it
+    EXPECT_EQ(c->Submit(j).status().code(), Code::kInvalid);
+  }
+  for (const auto& e : std::filesystem::directory_iterator(local)) {
+    EXPECT_NE(e.path().filename().string().rfind("c-", 0), 0u) << e.path();
+  }
+}
+
 TEST_F(BrokerTest, EveryRefusedSubmitRemovesTheClientsFiles) {
   RawClient raw(broker_->client_endpoint());
   uint64_t rid = 20;
