@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <optional>
 
@@ -46,6 +47,7 @@ pid_t SpawnArgs(const std::vector<std::string>& args) {
   pid_t pid = -1;
   const int rc = posix_spawn(&pid, argv[0], &fa, nullptr, argv.data(), environ);
   posix_spawn_file_actions_destroy(&fa);
+  if (rc != 0) spdlog::warn("cannot start {}: {}", argv[0], strerror(rc));
   return rc == 0 ? pid : -1;
 }
 
