@@ -27,6 +27,11 @@ namespace {
 using schema::ClientOp;
 using Clock_ = std::chrono::steady_clock;
 
+// The metrics and probe server: its threads, and the largest request body
+// it reads (its routes take none).
+constexpr size_t kHttpThreads = 32;
+constexpr size_t kHttpMaxBody = 4096;
+
 std::string_view View(const zmq::message_t& m) {
   return {static_cast<const char*>(m.data()), m.size()};
 }
@@ -250,6 +255,17 @@ Status Broker::Impl::Init() {
     std::string host = opt_.metrics_address.substr(0, colon);
     int port = colon == std::string::npos ? 0 : std::stoi(opt_.metrics_address.substr(colon + 1));
     http_ = std::make_unique<httplib::Server>();
+    // Anyone who reaches the port may connect; a connection holds one of
+    // the server's threads while it says nothing. With the library's
+    // defaults (8 threads on a small host, 5 s to read a request and 5 s
+    // between requests) 8 idle connections held off the probes of
+    // /healthz and /readyz for seconds at a time, long enough for a
+    // liveness probe to restart gpuqd. More threads, and less time each.
+    http_->new_task_queue = [] { return new httplib::ThreadPool(kHttpThreads); };
+    http_->set_read_timeout(std::chrono::seconds(2));
+    http_->set_write_timeout(std::chrono::seconds(2));
+    http_->set_keep_alive_timeout(2);
+    http_->set_payload_max_length(kHttpMaxBody);  // none of these takes a body
     http_->Get("/metrics", [this](const httplib::Request&, httplib::Response& res) {
       MutexLock lock(&render_mu_);
       res.set_content(prometheus_, "text/plain; version=0.0.4; charset=utf-8");

@@ -362,10 +362,10 @@ int main(int argc, char** argv) {
   // /readyz waits for the workers supervised, but not for one retired (no
   // driver, no such GPU): it would wait for ever.
   gpuq::broker::Broker* b = broker->get();
-  supervisor.OnRetired(
+  b->ExpectWorkers(expect_workers);
+  supervisor.OnCount(
       [b, expect_workers](size_t kept) { b->ExpectWorkers(std::max(expect_workers, kept)); });
   if (workers != 0) supervisor.Start(workers);
-  (*broker)->ExpectWorkers(std::max<size_t>(expect_workers, supervisor.started()));
 
   if (!ready_file.empty()) {
     nlohmann::json j = {{"client", (*broker)->client_endpoint()},

@@ -82,8 +82,8 @@ void JobTable::Queue(Job& job) {
 
 void JobTable::Requeue(Job& job) {
   Queue(job);
-  // A second entry for a job whose first is still there changes nothing:
-  // Expired() ends a job once, and CompactDeadlines() drops what is left.
+  // A job whose first entry is still there is named twice by Expired()
+  // (its caller ends it once); CompactDeadlines() drops what is left.
   if (job.deadline_ms) deadlines_.push({job.deadline_ms, job.id});
 }
 

@@ -11,7 +11,8 @@ using schema::JobState;
 
 void BrokerCore::ExpireDeadlines() {
   for (uint64_t id : jobs_.Expired(clock_->UnixMs())) {
-    if (Job* job = jobs_.Find(id)) {
+    // Once: a requeued job may be named twice (JobTable::Requeue).
+    if (Job* job = jobs_.Find(id); job && job->state == JobState::kQueued) {
       Finish(*job, JobState::kExpired, Code::kExpired, "not started by its deadline");
     }
   }

@@ -812,8 +812,9 @@ void AddJobCommands(CLI::App& app, Action* action) {
         "SECONDS");
   };
   s->add_option("--deadline", sa->deadline_s, "Seconds within which the job must start")
-      ->check(seconds(366 * 86400.0));
-  s->add_option("--limit", sa->limit_s, "Run-time limit in seconds")->check(seconds(7 * 86400.0));
+      ->check(seconds(schema::kMaxDeadlineMs / 1000.0));
+  s->add_option("--limit", sa->limit_s, "Run-time limit in seconds")
+      ->check(seconds(schema::kMaxTimeLimitMs / 1000.0));
   s->add_option("--tenant", sa->tenant, "Tenant (ignored on CURVE connections)");
   s->add_option("--key", sa->key, "Idempotency key");
   auto ordered = [sa](const char* kind) {

@@ -6,6 +6,7 @@
 #include <gtest/gtest.h>
 
 #include <map>
+#include <nlohmann/json.hpp>
 
 #include <thread>
 
@@ -214,8 +215,7 @@ TEST_F(ClockBrokerTest, AJobRequeuedPastItsDeadlineExpires) {
   ASSERT_TRUE(id.ok());
   auto job = silent->Receive();
   ASSERT_TRUE(job && job->header.op == BrokerOp::kJob);
-  std::this_thread::sleep_for(std::chrono::milliseconds(100));  // its heartbeat taken
-  Settle();
+  WaitHeard("GPU-silent");  // the heartbeat its Receive sent counts from now
   clock_.Advance(std::chrono::seconds(6));  // past the deadline, dispatched
   Settle();
   EXPECT_EQ(client_->GetStatus(*id)->state, JobState::kDispatched);
@@ -227,6 +227,32 @@ TEST_F(ClockBrokerTest, AJobRequeuedPastItsDeadlineExpires) {
   auto other = Worker("sm_90", "GPU-other");
   Settle();
   EXPECT_FALSE(other->Receive(std::chrono::milliseconds(200))) << "it ran past its deadline";
+}
+
+// A job requeued before its deadline has two entries for it in the
+// deadline heap (Requeue's and its first): it expires once, and is counted
+// once.
+TEST_F(ClockBrokerTest, AJobRequeuedBeforeItsDeadlineExpiresOnce) {
+  Start();
+  auto silent = Worker("sm_90", "GPU-silent");
+  JobRequest j = Job();
+  j.spec.deadline_ms = 60000;
+  auto id = client_->Submit(j);
+  ASSERT_TRUE(id.ok());
+  auto job = silent->Receive();
+  ASSERT_TRUE(job && job->header.op == BrokerOp::kJob);
+  WaitHeard("GPU-silent");
+  clock_.Advance(std::chrono::seconds(31));  // the worker is lost, the job requeued
+  Settle();
+  EXPECT_EQ(client_->GetStatus(*id)->state, JobState::kQueued);
+  clock_.Advance(std::chrono::seconds(30));  // past the deadline, queued
+  JobResult r = WaitEnded(*id);
+  EXPECT_EQ(r.state, JobState::kExpired) << r.error;
+  Settle();
+  auto stats = client_->Stats();
+  ASSERT_TRUE(stats.ok());
+  const auto s = nlohmann::json::from_msgpack(*stats);
+  EXPECT_EQ(s["finished"], nlohmann::json({{"expired", 1}})) << s.dump();
 }
 
 // A job whose worker is lost leaves its tenant charged with what its

@@ -31,6 +31,7 @@
 #include "tests/process_util.h"
 #include "tests/test_util.h"
 #include "util/curve_keys.h"
+#include "util/fd.h"
 
 namespace gpuq {
 namespace {
@@ -846,14 +847,17 @@ class CurveSupervisedTest : public CurveTest {
       std::this_thread::sleep_for(std::chrono::milliseconds(10));
     }
     if (alpha->Devices()->size() != 1) return -1;
-    // gpuqd's children (every thread's): the worker is the only one.
-    pid_t child = -1;
+    // gpuqd's children (every thread's): the worker is the one running
+    // the test double (others are compile helpers).
     for (const auto& task : std::filesystem::directory_iterator(
              "/proc/" + std::to_string(broker_.pid()) + "/task")) {
       std::ifstream children(task.path() / "children");
-      for (pid_t p; children >> p;) child = p;
+      for (pid_t p; children >> p;) {
+        const std::string cmdline = testing::ReadFile("/proc/" + std::to_string(p) + "/cmdline");
+        if (cmdline.find("gpuq-fake-worker") != std::string::npos) return p;
+      }
     }
-    return child;
+    return -1;
   }
 };
 
@@ -1622,6 +1626,33 @@ TEST_F(BrokerTest, HealthAndReadinessEndpoints) {
     if (status != 200) std::this_thread::sleep_for(std::chrono::milliseconds(20));
   }
   EXPECT_EQ(status, 200);
+}
+
+// Connections that say nothing held the metrics server's threads (8 on a
+// small host) for 5 s each: /healthz went unanswered meanwhile, which a
+// liveness probe takes for a dead gpuqd. And a request's body, which no
+// route takes, was read whatever its size.
+TEST_F(BrokerTest, IdleConnectionsHoldOffNoProbe) {
+  ASSERT_TRUE(StartBroker()) << Log();
+  std::vector<UniqueFd> idle;
+  for (int i = 0; i < 16; ++i) {
+    UniqueFd fd(socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_port = htons(static_cast<uint16_t>(broker_->metrics_port()));
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    ASSERT_EQ(connect(fd.get(), reinterpret_cast<sockaddr*>(&a), sizeof a), 0);
+    idle.push_back(std::move(fd));
+  }
+  std::this_thread::sleep_for(std::chrono::milliseconds(200));  // each taken by a thread
+  httplib::Client http("127.0.0.1", broker_->metrics_port());
+  http.set_read_timeout(std::chrono::seconds(3));
+  auto health = http.Get("/healthz");
+  ASSERT_TRUE(health) << "no answer in 3 s: " << httplib::to_string(health.error());
+  EXPECT_EQ(health->status, 200);
+  auto big = http.Post("/healthz", std::string(1 << 20, 'x'), "text/plain");
+  ASSERT_TRUE(big);
+  EXPECT_EQ(big->status, 413);
 }
 
 // A supervised worker that can never run (no driver, no such GPU) is

@@ -914,7 +914,9 @@ TEST_F(BrokerTest, AnInputBufferOfASubmitThatFailsLeavesNoFile) {
     setrlimit(RLIMIT_FSIZE, &before);
     signal(SIGXFSZ, xfsz);
     EXPECT_FALSE(id.ok());
-    j.inputs = {(*buf)->view(), "x"};
+    auto another = c->NewInput(2 << 20);
+    ASSERT_TRUE(another.ok()) << another.status().ToString();
+    j.inputs = {(*another)->view(), "x"};
     j.spec.deadline_ms = ~uint64_t{0} - 5;  // the broker refuses it
     EXPECT_EQ(c->Submit(j).status().code(), Code::kInvalid);
   }

@@ -84,10 +84,17 @@ namespace {
 // secret key is never readable by others, not even between the open and a
 // chmod.
 Status WriteKeyFile(const std::string& path, const std::string& line, mode_t mode) {
-  UniqueFd fd(open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, mode));
+  // A new file, not the old one rewritten: whoever holds the old one open
+  // (readable once, say) does not read the new key through it.
+  if (unlink(path.c_str()) != 0 && errno != ENOENT) {
+    return Error(Code::kIoError, "cannot replace " + path + ": " + strerror(errno));
+  }
+  UniqueFd fd(open(path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, mode));
   if (!fd.valid()) return Error(Code::kIoError, "cannot write " + path + ": " + strerror(errno));
-  // A file that was there before keeps its mode through open(): set it.
-  if (fchmod(fd.get(), mode) != 0) return Error(Code::kIoError, "cannot chmod " + path);
+  // Exactly `mode`, whatever the umask.
+  if (fchmod(fd.get(), mode) != 0) {
+    return Error(Code::kIoError, "cannot chmod " + path + ": " + strerror(errno));
+  }
   return WriteAll(fd.get(), line + "\n", path);
 }
 

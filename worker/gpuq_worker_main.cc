@@ -75,9 +75,15 @@ int main(int argc, char** argv) {
   app.add_option("--key", key, "CURVE: this worker's secret key file (gpuq keygen)");
   pid_t parent = 0;
   app.add_option("--parent-pid", parent,
-                 "End with this process, the supervisor that started this one");
+                 "End with this process, the supervisor that started this one (its parent: "
+                 "a wrapper must exec, not fork)");
   CLI11_PARSE(app, argc, argv);
-  if (parent > 0 && !EndWithParent(parent)) return 1;  // the supervisor has gone
+  if (parent > 0 && !EndWithParent(parent)) {
+    // Gone already, or this is not its child (a wrapper that forks).
+    fprintf(stderr, "gpuq-worker: the supervisor %d is not this process's parent; ending\n",
+            static_cast<int>(parent));
+    return 1;
+  }
   spdlog::set_level(spdlog::level::from_str(log_level));
   spdlog::set_pattern("%Y-%m-%dT%H:%M:%S.%e %^%l%$ gpuq-worker[%P]: %v");
   o.heartbeat = std::chrono::milliseconds(heartbeat_ms);

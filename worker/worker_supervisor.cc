@@ -136,6 +136,7 @@ void WorkerSupervisor::Start(int count) {
     }
   }
   spdlog::info("supervising {} GPU worker(s)", count);
+  if (on_count_) on_count_(static_cast<size_t>(count));  // before any retirement
   thread_ = std::thread([this] { Loop(); });
 }
 
@@ -175,7 +176,7 @@ void WorkerSupervisor::Loop() {
         }
       }
     }
-    if (retired && on_retired_) on_retired_(*retired);
+    if (retired && on_count_) on_count_(*retired);
     std::this_thread::sleep_for(milliseconds(20));
   }
 }

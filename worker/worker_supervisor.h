@@ -46,9 +46,10 @@ class WorkerSupervisor {
   // Workers started (and kept running) by Start(): those retired (no
   // driver, no such GPU) no longer count.
   size_t started();
-  // Called on the supervisor's thread with started() each time a worker is
-  // retired (before Start()).
-  void OnRetired(std::function<void(size_t)> f) { on_retired_ = std::move(f); }
+  // Called with started() once Start() has its workers (on its caller's
+  // thread) and each time one is retired (on the supervisor's): in that
+  // order, so the last call holds the count. Set before Start().
+  void OnCount(std::function<void(size_t)> f) { on_count_ = std::move(f); }
   // Restarts so far (for tests and stats).
   int restarts() const { return restarts_.load(); }
 
@@ -71,7 +72,7 @@ class WorkerSupervisor {
   std::vector<Child> children_ GUARDED_BY(mu_);
   std::atomic<bool> stop_{false};
   std::atomic<int> restarts_{0};
-  std::function<void(size_t)> on_retired_;
+  std::function<void(size_t)> on_count_;  // set before the thread starts
   std::thread thread_;
 };
 

@@ -260,9 +260,9 @@ class Result:
 def _check_outputs(header: Mapping[str, Any], frames: int
                    ) -> Tuple[List[int], List[Tuple[str, int]]]:
     """A reply's `outputs` and `files`, checked as the C++ client checks
-    them: one output, each a distinct argument index, per payload frame and
-    file, and files as [full path, size]; Error "malformed" or "invalid"
-    when they are not."""
+    them (one output per payload frame and file, files as [full path,
+    size]), and each argument index named once, which a dict of outputs
+    needs; Error "malformed" or "invalid" when they are not."""
     def refuse(code: str, what: str) -> Error:
         return Error(code, "reply from the broker: " + what)
 
