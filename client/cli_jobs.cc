@@ -17,6 +17,7 @@
 #include <nlohmann/json.hpp>
 #include <sstream>
 #include <stdexcept>
+#include <tuple>
 
 #include "client/cli.h"
 #include "gpuq/client.h"
@@ -341,6 +342,17 @@ struct SubmitArgs : Common {
 };
 
 int RunSubmit(SubmitArgs& a) {
+  // Seconds from 0 to the protocol's bounds (CLI11 takes "nan", "-1" and
+  // "1e30", which were cast to milliseconds out of range, undefined).
+  for (auto [name, value, most_ms] :
+       {std::tuple{"--deadline", a.deadline_s, schema::kMaxDeadlineMs},
+        std::tuple{"--limit", a.limit_s, schema::kMaxTimeLimitMs}}) {
+    if (!(value >= 0 && value <= most_ms / 1000.0)) {
+      return Fail(a, Error(Code::kInvalid, std::string(name) + " is seconds from 0 to " +
+                                               std::to_string(most_ms / 1000) + ", not " +
+                                               std::to_string(value)));
+    }
+  }
   JobRequest job;
   schema::JobSpec& s = job.spec;
   auto source = ReadWhole(a.file);
@@ -379,7 +391,7 @@ int RunSubmit(SubmitArgs& a) {
   s.tenant = a.tenant;
   s.key = a.key;
   s.priority = a.priority;
-  // In range (Seconds(), below): the casts are defined.
+  // In range (checked above): the casts are defined.
   s.deadline_ms = static_cast<uint64_t>(a.deadline_s * 1000);
   s.time_limit_ms = static_cast<uint64_t>(a.limit_s * 1000);
   s.graph = a.graph;
@@ -791,30 +803,8 @@ void AddJobCommands(CLI::App& app, Action* action) {
   s->add_option("--block", sa->block, "X[,Y[,Z]] (default 1)");
   s->add_option("--shared", sa->shared, "Dynamic shared memory in bytes");
   s->add_option("--priority", sa->priority, "0..9, higher first")->capture_default_str();
-  // Seconds from 0 to the protocol's bound: a negative, NaN or huge one
-  // was cast to milliseconds out of range (undefined).
-  auto seconds = [](double most) {
-    return CLI::Validator(
-        [most](std::string& v) -> std::string {
-          double x = 0;
-          try {
-            size_t used = 0;
-            x = std::stod(v, &used);
-            if (used != v.size()) return "not a number of seconds: " + v;
-          } catch (...) {
-            return "not a number of seconds: " + v;
-          }
-          if (!(x >= 0 && x <= most)) {
-            return "seconds from 0 to " + std::to_string(static_cast<uint64_t>(most)) + ", not " + v;
-          }
-          return "";
-        },
-        "SECONDS");
-  };
-  s->add_option("--deadline", sa->deadline_s, "Seconds within which the job must start")
-      ->check(seconds(schema::kMaxDeadlineMs / 1000.0));
-  s->add_option("--limit", sa->limit_s, "Run-time limit in seconds")
-      ->check(seconds(schema::kMaxTimeLimitMs / 1000.0));
+  s->add_option("--deadline", sa->deadline_s, "Seconds within which the job must start");
+  s->add_option("--limit", sa->limit_s, "Run-time limit in seconds");
   s->add_option("--tenant", sa->tenant, "Tenant (ignored on CURVE connections)");
   s->add_option("--key", sa->key, "Idempotency key");
   auto ordered = [sa](const char* kind) {
